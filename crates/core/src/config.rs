@@ -1,0 +1,224 @@
+//! Typed configuration. Sources, later ones winning: built-in defaults, the
+//! TOML file in the data directory (`weft.toml`), `WEFT_*` environment
+//! variables (`WEFT_REGISTRATION__MODE=open`: double underscore separates
+//! sections), then command-line flags applied by the binary.
+
+use std::path::{Path, PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// The server name: the part after `:` in user IDs. Cannot change later.
+    pub server_name: String,
+    /// Address the Client-Server API listens on.
+    pub listen: String,
+    /// Public base URL advertised in `/.well-known/matrix/client`.
+    pub public_baseurl: Option<String>,
+    pub registration: RegistrationConfig,
+    pub limits: LimitsConfig,
+    pub rate_limit: RateLimitConfig,
+    pub database: DatabaseConfig,
+    pub rooms: RoomsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    /// Only the operator creates accounts (`weft user create`).
+    Disabled,
+    /// Anyone may register (user-interactive auth `m.login.dummy`).
+    Open,
+    /// Registration needs one of `tokens` (`m.login.registration_token`).
+    Token,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegistrationConfig {
+    pub mode: RegistrationMode,
+    /// Tokens accepted when `mode = "token"`.
+    pub tokens: Vec<String>,
+    /// Minimum password length for registration and password changes.
+    pub min_password_length: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted, in bytes; larger gets `M_TOO_LARGE`.
+    pub max_body_bytes: usize,
+    /// Longest `/sync` long-poll a client may ask for, in milliseconds.
+    pub max_sync_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Sustained requests per second allowed per user (or per IP when
+    /// unauthenticated).
+    pub per_second: f64,
+    /// Requests allowed in a burst above the sustained rate.
+    pub burst: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    /// `sqlite` (embedded, default). PostgreSQL comes later.
+    pub backend: String,
+    /// SQLite file, relative to the data directory.
+    pub sqlite_path: String,
+    /// `full` (fsync every commit: an acknowledged event survives power
+    /// loss) or `normal` (survives a process crash, faster).
+    pub synchronous: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoomsConfig {
+    /// Room version used by `/createRoom` when the client names none.
+    pub default_room_version: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost:8008".into(),
+            listen: "127.0.0.1:8008".into(),
+            public_baseurl: None,
+            registration: RegistrationConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            database: DatabaseConfig::default(),
+            rooms: RoomsConfig::default(),
+        }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            mode: RegistrationMode::Disabled,
+            tokens: vec![],
+            min_password_length: 8,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_sync_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            per_second: 50.0,
+            burst: 200.0,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            backend: "sqlite".into(),
+            sqlite_path: "weft.db".into(),
+            synchronous: "full".into(),
+        }
+    }
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            default_room_version: "10".into(),
+        }
+    }
+}
+
+/// The config file written on first run: every key, commented.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# Weft configuration. Every key is optional; shown here with its default.
+# Environment variables override this file: WEFT_<KEY>, and for keys in a
+# section WEFT_<SECTION>__<KEY> (e.g. WEFT_REGISTRATION__MODE=open).
+# Command-line flags override both.
+
+# The server name: the part after ':' in user IDs (@alice:localhost:8008).
+# Choose it before creating users; it cannot be changed later.
+server_name = "localhost:8008"
+
+# Address the Client-Server API (HTTP) listens on.
+listen = "127.0.0.1:8008"
+
+# Base URL clients should use, advertised in /.well-known/matrix/client.
+# Defaults to http://<listen>.
+# public_baseurl = "https://matrix.example.org"
+
+[registration]
+# "disabled": only the operator creates users (weft user create).
+# "open": anyone may register. "token": registration needs one of `tokens`.
+mode = "disabled"
+tokens = []
+min_password_length = 8
+
+[limits]
+# Largest request body in bytes; larger requests get M_TOO_LARGE (413).
+max_body_bytes = 1048576
+# Longest /sync long-poll a client may request, in milliseconds.
+max_sync_timeout_ms = 60000
+
+[rate_limit]
+# Per user (per IP when unauthenticated); appservices are exempt.
+enabled = true
+per_second = 50.0
+burst = 200.0
+
+[database]
+# "sqlite" (embedded). PostgreSQL support is planned.
+backend = "sqlite"
+# Relative to the data directory.
+sqlite_path = "weft.db"
+# "full": every acknowledged write is fsynced (survives power loss).
+# "normal": survives a process crash; faster on slow disks.
+synchronous = "full"
+
+[rooms]
+# Room version for /createRoom when the client names none (10, 11 or 12).
+default_room_version = "10"
+"#;
+
+impl Config {
+    /// Loads defaults, then `config_file` if it exists, then `WEFT_*` env vars.
+    pub fn load(config_file: &Path) -> Result<Self, String> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if config_file.exists() {
+            fig = fig.merge(Toml::file(config_file));
+        }
+        fig = fig.merge(Env::prefixed("WEFT_").split("__").ignore(&["data_dir", "config"]));
+        fig.extract().map_err(|e| format!("invalid configuration: {e}"))
+    }
+
+    /// Path of the SQLite database inside `data_dir`.
+    pub fn sqlite_file(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(&self.database.sqlite_path)
+    }
+
+    /// Base URL advertised to clients.
+    pub fn base_url(&self) -> String {
+        self.public_baseurl
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}

@@ -1,0 +1,157 @@
+//! The one error type of the server. Every layer returns [`Error`]; the HTTP
+//! door turns it into a Matrix error body in one place, and other doors map
+//! [`ErrorKind`] to their own failure codes.
+
+use std::fmt;
+
+/// What went wrong, as the Matrix spec names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    MissingToken,
+    UnknownToken {
+        soft_logout: bool,
+    },
+    Forbidden,
+    NotJson,
+    BadJson,
+    Unrecognized {
+        method_not_allowed: bool,
+    },
+    NotFound,
+    InvalidUsername,
+    UserInUse,
+    Exclusive,
+    InvalidParam,
+    MissingParam,
+    TooLarge,
+    LimitExceeded {
+        retry_after_ms: u64,
+    },
+    RoomInUse,
+    UnsupportedRoomVersion,
+    InvalidRoomState,
+    UserDeactivated,
+    WeakPassword,
+    /// User-interactive auth is needed; carries the 401 UIA body.
+    Uia(serde_json::Value),
+    BadState,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// HTTP status where the spec uses an unusual one (e.g. 409 for an
+    /// existing alias).
+    pub status: Option<u16>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            status: None,
+        }
+    }
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, m)
+    }
+    pub fn bad_json(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadJson, m)
+    }
+    pub fn invalid_param(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidParam, m)
+    }
+    pub fn missing_param(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::MissingParam, m)
+    }
+    /// An internal failure (storage, I/O). The message is logged, not shown
+    /// in detail to clients.
+    pub fn internal(m: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Unknown, m.to_string())
+    }
+
+    /// The Matrix `errcode` for this error.
+    pub fn errcode(&self) -> &'static str {
+        match &self.kind {
+            ErrorKind::MissingToken => "M_MISSING_TOKEN",
+            ErrorKind::UnknownToken { .. } => "M_UNKNOWN_TOKEN",
+            ErrorKind::Forbidden => "M_FORBIDDEN",
+            ErrorKind::NotJson => "M_NOT_JSON",
+            ErrorKind::BadJson => "M_BAD_JSON",
+            ErrorKind::Unrecognized { .. } => "M_UNRECOGNIZED",
+            ErrorKind::NotFound => "M_NOT_FOUND",
+            ErrorKind::InvalidUsername => "M_INVALID_USERNAME",
+            ErrorKind::UserInUse => "M_USER_IN_USE",
+            ErrorKind::Exclusive => "M_EXCLUSIVE",
+            ErrorKind::InvalidParam => "M_INVALID_PARAM",
+            ErrorKind::MissingParam => "M_MISSING_PARAM",
+            ErrorKind::TooLarge => "M_TOO_LARGE",
+            ErrorKind::LimitExceeded { .. } => "M_LIMIT_EXCEEDED",
+            ErrorKind::RoomInUse => "M_ROOM_IN_USE",
+            ErrorKind::UnsupportedRoomVersion => "M_UNSUPPORTED_ROOM_VERSION",
+            ErrorKind::InvalidRoomState => "M_INVALID_ROOM_STATE",
+            ErrorKind::UserDeactivated => "M_USER_DEACTIVATED",
+            ErrorKind::WeakPassword => "M_WEAK_PASSWORD",
+            ErrorKind::Uia(_) => "M_FORBIDDEN",
+            ErrorKind::BadState => "M_BAD_STATE",
+            ErrorKind::Unknown => "M_UNKNOWN",
+        }
+    }
+
+    /// The HTTP status the Client-Server API uses for this error.
+    pub fn http_status(&self) -> u16 {
+        if let Some(s) = self.status {
+            return s;
+        }
+        match &self.kind {
+            ErrorKind::MissingToken | ErrorKind::UnknownToken { .. } | ErrorKind::Uia(_) => 401,
+            ErrorKind::Forbidden | ErrorKind::UserDeactivated => 403,
+            ErrorKind::Unrecognized {
+                method_not_allowed: true,
+            } => 405,
+            ErrorKind::Unrecognized { .. } | ErrorKind::NotFound => 404,
+            ErrorKind::TooLarge => 413,
+            ErrorKind::LimitExceeded { .. } => 429,
+            ErrorKind::Unknown => 500,
+            _ => 400,
+        }
+    }
+
+    /// The JSON body of the Matrix error response.
+    pub fn body(&self) -> serde_json::Value {
+        if let ErrorKind::Uia(body) = &self.kind {
+            return body.clone();
+        }
+        let mut body = serde_json::json!({ "errcode": self.errcode(), "error": self.message });
+        match &self.kind {
+            ErrorKind::UnknownToken { soft_logout } => {
+                body["soft_logout"] = (*soft_logout).into();
+            }
+            ErrorKind::LimitExceeded { retry_after_ms } => {
+                body["retry_after_ms"] = (*retry_after_ms).into();
+            }
+            _ => {}
+        }
+        body
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.errcode(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,404 @@
+//! Accounts: registration (with user-interactive auth), login, logout,
+//! passwords, deactivation, profiles and devices.
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weft_core::config::RegistrationMode;
+use weft_core::{Error, ErrorKind};
+use weft_store::ProfileField;
+
+use crate::extract::{Auth, JsonBody, P, Q};
+use crate::{ApiResult, AppState};
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct AuthData {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    session: Option<String>,
+    token: Option<String>,
+    password: Option<String>,
+    identifier: Option<Identifier>,
+    user: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    kind: String,
+    user: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct RegisterRequest {
+    username: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    inhibit_login: bool,
+    auth: Option<AuthData>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct KindQuery {
+    kind: Option<String>,
+}
+
+pub async fn register(
+    State(s): State<AppState>,
+    Q(q): Q<KindQuery>,
+    JsonBody(req): JsonBody<RegisterRequest>,
+) -> ApiResult {
+    if q.kind.as_deref() == Some("guest") {
+        return Err(Error::forbidden("Guest access is not allowed").into());
+    }
+    let stage = match s.accounts.registration_mode() {
+        RegistrationMode::Disabled => return Err(Error::forbidden("Registration is disabled").into()),
+        RegistrationMode::Open => "m.login.dummy",
+        RegistrationMode::Token => "m.login.registration_token",
+    };
+    // Validate the username before asking for auth, as clients expect.
+    let name = match &req.username {
+        Some(u) => u.to_lowercase().eq(u).then(|| u.clone()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidUsername,
+                "User names may only contain a-z, 0-9, and . _ = - / +",
+            )
+        })?,
+        None => weft_services::accounts::random_string(12).to_lowercase(),
+    };
+    if !s.accounts.is_available(&name).await? {
+        return Err(Error::new(ErrorKind::UserInUse, "User ID already taken").into());
+    }
+    let Some(password) = req.password.clone() else {
+        return Err(Error::missing_param("password is required").into());
+    };
+    let auth = req.auth.unwrap_or_default();
+    let session = auth.session.clone().unwrap_or_else(|| s.accounts.new_uia_session());
+    let done = match auth.kind.as_deref() {
+        Some("m.login.dummy") if stage == "m.login.dummy" => true,
+        Some("m.login.registration_token") if stage == "m.login.registration_token" => {
+            let ok = auth
+                .token
+                .as_deref()
+                .is_some_and(|t| s.accounts.registration_token_valid(t));
+            if !ok {
+                let mut body = s.accounts.uia_body(&session, &[&[stage]], &[]);
+                body["errcode"] = "M_FORBIDDEN".into();
+                body["error"] = "Invalid registration token".into();
+                return Err(Error::new(ErrorKind::Uia(body), "Invalid registration token").into());
+            }
+            true
+        }
+        _ => false,
+    };
+    if !done {
+        let body = s.accounts.uia_body(&session, &[&[stage]], &[]);
+        return Err(Error::new(ErrorKind::Uia(body), "Authentication required").into());
+    }
+    s.accounts.uia_finish(&session);
+    let user_id = s.accounts.create_user(&name, Some(&password), false).await?;
+    if req.inhibit_login {
+        return Ok(Json(json!({ "user_id": user_id })));
+    }
+    let login = s
+        .accounts
+        .new_device(
+            &user_id,
+            req.device_id.as_deref(),
+            req.initial_device_display_name.as_deref(),
+        )
+        .await?;
+    Ok(Json(json!({
+        "user_id": login.user_id,
+        "device_id": login.device_id,
+        "access_token": login.access_token,
+        "home_server": s.server_name,
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct UsernameQuery {
+    username: String,
+}
+
+pub async fn register_available(State(s): State<AppState>, Q(q): Q<UsernameQuery>) -> ApiResult {
+    if s.accounts.is_available(&q.username).await? {
+        Ok(Json(json!({ "available": true })))
+    } else {
+        Err(Error::new(ErrorKind::UserInUse, "User ID already taken").into())
+    }
+}
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    token: String,
+}
+
+pub async fn token_validity(State(s): State<AppState>, Q(q): Q<TokenQuery>) -> ApiResult {
+    if s.accounts.registration_mode() != RegistrationMode::Token {
+        return Err(Error::forbidden("Registration tokens are not in use").into());
+    }
+    Ok(Json(json!({ "valid": s.accounts.registration_token_valid(&q.token) })))
+}
+
+pub async fn login_flows() -> Json<Value> {
+    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    #[serde(rename = "type")]
+    kind: String,
+    identifier: Option<Identifier>,
+    user: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+}
+
+fn user_of(identifier: &Option<Identifier>, user: &Option<String>) -> Result<String, Error> {
+    match (identifier, user) {
+        (Some(id), _) if id.kind == "m.id.user" => id
+            .user
+            .clone()
+            .ok_or_else(|| Error::bad_json("identifier.user is required")),
+        (Some(id), _) => {
+            Err(Error::new(ErrorKind::Unknown, format!("Unsupported identifier type {}", id.kind)).with_status(400))
+        }
+        (None, Some(u)) => Ok(u.clone()),
+        (None, None) => Err(Error::bad_json("identifier is required")),
+    }
+}
+
+pub async fn login(State(s): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> ApiResult {
+    if req.kind != "m.login.password" {
+        return Err(Error::new(ErrorKind::Unknown, "Unsupported login type")
+            .with_status(400)
+            .into());
+    }
+    let user = user_of(&req.identifier, &req.user)?;
+    let password = req.password.ok_or_else(|| Error::bad_json("password is required"))?;
+    let user_id = s.accounts.check_password(&user.to_lowercase(), &password).await?;
+    let login = s
+        .accounts
+        .new_device(
+            &user_id,
+            req.device_id.as_deref(),
+            req.initial_device_display_name.as_deref(),
+        )
+        .await?;
+    Ok(Json(json!({
+        "user_id": login.user_id,
+        "device_id": login.device_id,
+        "access_token": login.access_token,
+        "home_server": s.server_name,
+        "well_known": { "m.homeserver": { "base_url": s.config.base_url() } },
+    })))
+}
+
+pub async fn whoami(Auth(session): Auth) -> ApiResult {
+    Ok(Json(
+        json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }),
+    ))
+}
+
+pub async fn logout(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
+    s.accounts.logout(&session).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn logout_all(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
+    s.accounts.logout_all(&session.user_id).await?;
+    Ok(Json(json!({})))
+}
+
+/// Checks `m.login.password` user-interactive auth for the session's user,
+/// or returns the 401 that asks for it.
+async fn password_uia(s: &AppState, session: &weft_services::Session, auth: Option<AuthData>) -> Result<(), Error> {
+    let auth = auth.unwrap_or_default();
+    let uia_session = auth.session.clone().unwrap_or_else(|| s.accounts.new_uia_session());
+    let ask = |errcode: Option<&str>| {
+        let mut body = s.accounts.uia_body(&uia_session, &[&["m.login.password"]], &[]);
+        if let Some(code) = errcode {
+            body["errcode"] = code.into();
+            body["error"] = "Invalid password".into();
+        }
+        Error::new(ErrorKind::Uia(body), "Authentication required")
+    };
+    if auth.kind.as_deref() != Some("m.login.password") {
+        return Err(ask(None));
+    }
+    let user = user_of(&auth.identifier, &auth.user).unwrap_or_else(|_| session.user_id.to_string());
+    let password = auth.password.unwrap_or_default();
+    match s.accounts.check_password(&user, &password).await {
+        Ok(uid) if uid == session.user_id => {
+            s.accounts.uia_finish(&uia_session);
+            Ok(())
+        }
+        _ => Err(ask(Some("M_FORBIDDEN"))),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PasswordRequest {
+    new_password: String,
+    #[serde(default = "yes")]
+    logout_devices: bool,
+    auth: Option<AuthData>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn change_password(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    JsonBody(req): JsonBody<PasswordRequest>,
+) -> ApiResult {
+    password_uia(&s, &session, req.auth).await?;
+    s.accounts.set_password(&session.user_id, &req.new_password).await?;
+    if req.logout_devices {
+        s.store
+            .delete_devices_except(session.user_id.as_str(), Some(&session.device_id))
+            .await?;
+    }
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeactivateRequest {
+    auth: Option<AuthData>,
+}
+
+pub async fn deactivate(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    JsonBody(req): JsonBody<DeactivateRequest>,
+) -> ApiResult {
+    password_uia(&s, &session, req.auth).await?;
+    // Leave every room first, so other members see the account go.
+    for room in s.joined_rooms(&session.user_id).await? {
+        let _ = s
+            .set_membership(&session.user_id, &room, session.user_id.as_str(), "leave", None)
+            .await;
+    }
+    s.accounts.deactivate(&session.user_id).await?;
+    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
+}
+
+async fn profile_of(s: &AppState, user_id: &str) -> Result<weft_store::UserRecord, Error> {
+    s.store
+        .get_user(user_id)
+        .await?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::not_found("Profile not found"))
+}
+
+pub async fn get_profile(State(s): State<AppState>, P(user_id): P<String>) -> ApiResult {
+    let u = profile_of(&s, &user_id).await?;
+    let mut out = serde_json::Map::new();
+    if let Some(d) = u.displayname {
+        out.insert("displayname".into(), d.into());
+    }
+    if let Some(a) = u.avatar_url {
+        out.insert("avatar_url".into(), a.into());
+    }
+    Ok(Json(Value::Object(out)))
+}
+
+fn field(name: &str) -> Result<ProfileField, Error> {
+    match name {
+        "displayname" => Ok(ProfileField::DisplayName),
+        "avatar_url" => Ok(ProfileField::AvatarUrl),
+        _ => Err(Error::new(
+            ErrorKind::Unrecognized {
+                method_not_allowed: false,
+            },
+            "Unknown profile field",
+        )),
+    }
+}
+
+pub async fn get_profile_field(State(s): State<AppState>, P((user_id, name)): P<(String, String)>) -> ApiResult {
+    let f = field(&name)?;
+    let u = profile_of(&s, &user_id).await?;
+    let v = match f {
+        ProfileField::DisplayName => u.displayname,
+        ProfileField::AvatarUrl => u.avatar_url,
+    };
+    match v {
+        Some(v) => Ok(Json(json!({ name: v }))),
+        None => Err(Error::not_found("Profile field not set").into()),
+    }
+}
+
+pub async fn put_profile_field(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, name)): P<(String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult {
+    let f = field(&name)?;
+    if user_id != session.user_id.as_str() {
+        return Err(Error::forbidden("Cannot set another user's profile").into());
+    }
+    let value = match body.get(&name) {
+        Some(Value::String(v)) => Some(v.clone()),
+        Some(Value::Null) | None => None,
+        Some(_) => return Err(Error::bad_json(format!("{name} must be a string")).into()),
+    };
+    if value.as_ref().is_some_and(|v| v.len() > 256 * 4) {
+        return Err(Error::invalid_param("Value too long").into());
+    }
+    s.store
+        .set_profile_field(session.user_id.as_str(), f, value.clone())
+        .await?;
+    // Update the member event in every joined room, like other homeservers.
+    for room in s.joined_rooms(&session.user_id).await? {
+        let mut content = match s
+            .state_event(&session.user_id, &room, "m.room.member", session.user_id.as_str())
+            .await
+        {
+            Ok(ev) => serde_json::from_str::<Value>(&ev.pdu_json)
+                .ok()
+                .and_then(|v| v.get("content").cloned())
+                .unwrap_or(json!({})),
+            Err(_) => continue,
+        };
+        match &value {
+            Some(v) => content[&name] = json!(v),
+            None => {
+                if let Some(o) = content.as_object_mut() {
+                    o.remove(&name);
+                }
+            }
+        }
+        let _ = s
+            .send_event(
+                &session,
+                &room,
+                "m.room.member",
+                Some(session.user_id.as_str()),
+                None,
+                content,
+            )
+            .await;
+    }
+    Ok(Json(json!({})))
+}
+
+pub async fn list_devices(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
+    let devices = s.store.list_devices(session.user_id.as_str()).await?;
+    let devices: Vec<Value> = devices
+        .into_iter()
+        .map(|d| json!({ "device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ms }))
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
+}

@@ -1,0 +1,127 @@
+//! Request extractors that fail with Matrix errors: the access token,
+//! JSON bodies, path and query parameters.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use weft_core::{Error, ErrorKind};
+use weft_services::Session;
+
+use crate::AppState;
+
+/// An error on its way to becoming a Matrix error response.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+/// The access token of a request: `Authorization: Bearer`, or the
+/// `access_token` query parameter.
+pub fn access_token(parts: &Parts) -> Option<String> {
+    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+        let v = h.to_str().ok()?;
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    let query = parts.uri.query()?;
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("access_token=") {
+            return Some(percent_decode(v));
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An authenticated device. Also applies the per-user rate limit.
+pub struct Auth(pub Session);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
+        let session = s.accounts.authenticate(&token).await?;
+        s.limiter.check(session.user_id.as_str())?;
+        Ok(Auth(session))
+    }
+}
+
+/// A JSON request body. Not JSON: `M_NOT_JSON`; JSON of the wrong shape:
+/// `M_BAD_JSON`; over the size limit: `M_TOO_LARGE`. An empty body reads as `{}`.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, s: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, s).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::new(ErrorKind::TooLarge, "Request body too large")
+            } else {
+                Error::new(ErrorKind::NotJson, format!("Could not read body: {rej}"))
+            }
+        })?;
+        let value: serde_json::Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::new(ErrorKind::NotJson, format!("Body is not valid JSON: {e}")))?
+        };
+        let t = serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))?;
+        Ok(JsonBody(t))
+    }
+}
+
+/// Query parameters; a malformed query is `M_INVALID_PARAM`.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, s)
+            .await
+            .map(|q| Q(q.0))
+            .map_err(|e| ApiError(Error::invalid_param(format!("Invalid query: {e}"))))
+    }
+}
+
+/// Path parameters; a malformed path is `M_INVALID_PARAM`.
+pub struct P<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, s)
+            .await
+            .map(|p| P(p.0))
+            .map_err(|e| ApiError(Error::invalid_param(format!("Invalid path: {e}"))))
+    }
+}

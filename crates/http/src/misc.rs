@@ -1,0 +1,140 @@
+//! Discovery, filters, account data, and the ephemeral endpoints Weft
+//! accepts without storing yet (typing, receipts, presence).
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+use weft_core::Error;
+use weft_services::content::canonical_object;
+use weft_services::sync::SyncFilter;
+
+use crate::extract::{Auth, JsonBody, P};
+use crate::{ApiResult, AppState};
+
+/// Spec versions whose Client-Server API subset Weft serves.
+pub const SPEC_VERSIONS: &[&str] = &[
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+    "v1.11",
+];
+
+pub async fn versions() -> Json<Value> {
+    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+}
+
+pub async fn well_known(State(s): State<AppState>) -> Json<Value> {
+    Json(json!({ "m.homeserver": { "base_url": s.config.base_url() } }))
+}
+
+pub async fn capabilities(State(s): State<AppState>, Auth(_): Auth) -> Json<Value> {
+    let available: serde_json::Map<String, Value> = weft_rooms::SUPPORTED_VERSIONS
+        .iter()
+        .map(|v| (v.to_string(), json!("stable")))
+        .collect();
+    Json(json!({ "capabilities": {
+        "m.change_password": { "enabled": true },
+        "m.room_versions": { "default": s.rooms.default_version().as_str(), "available": available },
+        "m.set_displayname": { "enabled": true },
+        "m.set_avatar_url": { "enabled": true },
+        "m.3pid_changes": { "enabled": false },
+    }}))
+}
+
+/// Typing, receipts, read markers, presence: accepted, not yet relayed.
+pub async fn accept_ephemeral(Auth(_): Auth) -> Json<Value> {
+    Json(json!({}))
+}
+
+fn own(session: &weft_services::Session, user_id: &str) -> Result<(), Error> {
+    if session.user_id.as_str() != user_id {
+        return Err(Error::forbidden("Cannot access another user's data"));
+    }
+    Ok(())
+}
+
+pub async fn put_filter(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P(user_id): P<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    SyncFilter::parse(body.clone())?;
+    let id = s.store.put_filter(&user_id, &body.to_string()).await?;
+    Ok(Json(json!({ "filter_id": id })))
+}
+
+pub async fn get_filter(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, filter_id)): P<(String, String)>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    let f = s
+        .store
+        .get_filter(&user_id, &filter_id)
+        .await?
+        .ok_or_else(|| Error::not_found("Filter not found"))?;
+    Ok(Json(serde_json::from_str(&f).map_err(Error::internal)?))
+}
+
+async fn put_ad(s: &AppState, user_id: &str, room: Option<&str>, data_type: &str, body: Value) -> ApiResult {
+    let content = canonical_object(body)?;
+    let json = serde_json::to_string(&content).map_err(Error::internal)?;
+    s.store
+        .put_account_data(user_id, room, data_type, &json)
+        .await
+        .map_err(|_| Error::internal("account data not stored"))??;
+    Ok(Json(json!({})))
+}
+
+async fn get_ad(s: &AppState, user_id: &str, room: Option<&str>, data_type: &str) -> ApiResult {
+    let v = s
+        .store
+        .get_account_data(user_id, room, data_type)
+        .await?
+        .ok_or_else(|| Error::not_found("Account data not found"))?;
+    Ok(Json(serde_json::from_str(&v).map_err(Error::internal)?))
+}
+
+pub async fn put_account_data(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, data_type)): P<(String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    put_ad(&s, &user_id, None, &data_type, body).await
+}
+
+pub async fn get_account_data(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, data_type)): P<(String, String)>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    get_ad(&s, &user_id, None, &data_type).await
+}
+
+pub async fn put_room_account_data(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, room, data_type)): P<(String, String, String)>,
+    JsonBody(body): JsonBody<Value>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    put_ad(&s, &user_id, Some(&room), &data_type, body).await
+}
+
+pub async fn get_room_account_data(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((user_id, room, data_type)): P<(String, String, String)>,
+) -> ApiResult {
+    own(&session, &user_id)?;
+    get_ad(&s, &user_id, Some(&room), &data_type).await
+}
+
+/// Push rules are not evaluated yet; clients get an empty rule set.
+pub async fn push_rules(Auth(_): Auth) -> Json<Value> {
+    Json(json!({ "global": { "override": [], "content": [], "room": [], "sender": [], "underride": [] } }))
+}

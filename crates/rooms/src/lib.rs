@@ -1,0 +1,470 @@
+//! The event pipeline: every event, from any door, is built, hashed and
+//! signed here, checked against its room version's authorization rules at
+//! the room's current state (ruma `state-res`), persisted through the store
+//! (which gives it its stream position), and only then acknowledged.
+//! Authorization of events is decided here and nowhere else.
+//!
+//! Depends on `weft-store` for persistence; knows nothing of HTTP or other
+//! doors. Rooms are linear (one forward extremity) while Weft has no
+//! federation: each event's `prev_events` is the room's previous event.
+
+mod client_event;
+mod create;
+pub mod keys;
+mod pdu;
+mod visibility;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+    signatures::Ed25519KeyPair,
+};
+use weft_core::{Error, ErrorKind, Result};
+use weft_store::{Direction, NewEvent, NewRoom, Store, StoredEvent};
+
+pub use client_event::{client_event, strip_state};
+pub use create::{CreateRoom, Preset};
+pub use pdu::Pdu;
+pub use visibility::Visibility;
+
+/// What a caller asks to send.
+#[derive(Debug, Clone)]
+pub struct EventSpec {
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub content: CanonicalJsonObject,
+    /// For `m.room.redaction`: the event to redact.
+    pub redacts: Option<OwnedEventId>,
+    /// (device_id, txn_id) for idempotent client sends.
+    pub txn: Option<(String, String)>,
+}
+
+impl EventSpec {
+    pub fn new(event_type: impl Into<String>, state_key: Option<String>, content: CanonicalJsonObject) -> Self {
+        Self {
+            event_type: event_type.into(),
+            state_key,
+            content,
+            redacts: None,
+            txn: None,
+        }
+    }
+}
+
+/// Result of a successful send.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub event_id: OwnedEventId,
+    pub position: i64,
+}
+
+type StateKey = (String, String);
+
+/// In-memory view of a room the pipeline builds on.
+struct RoomCache {
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+    room_id: OwnedRoomId,
+    state: HashMap<StateKey, Arc<Pdu>>,
+    by_id: HashMap<OwnedEventId, Arc<Pdu>>,
+    latest: Option<OwnedEventId>,
+    depth: u64,
+}
+
+impl RoomCache {
+    fn apply(&mut self, pdu: Arc<Pdu>) {
+        if let Some(key) = &pdu.state_key {
+            let k = (pdu.event_type.to_string(), key.clone());
+            if let Some(old) = self.state.insert(k, pdu.clone()) {
+                self.by_id.remove(&old.event_id);
+            }
+            self.by_id.insert(pdu.event_id.clone(), pdu.clone());
+        }
+        self.latest = Some(pdu.event_id.clone());
+        self.depth = self.depth.max(pdu.depth);
+    }
+}
+
+type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomCache>>>;
+
+/// The room service: the one write path for events, and room reads.
+pub struct Rooms {
+    store: Arc<dyn Store>,
+    server_name: OwnedServerName,
+    key: Arc<Ed25519KeyPair>,
+    slots: parking_lot::Mutex<HashMap<OwnedRoomId, RoomSlot>>,
+    default_version: RoomVersionId,
+}
+
+/// Room versions this server creates and serves.
+pub const SUPPORTED_VERSIONS: &[&str] = &["10", "11", "12"];
+
+pub fn parse_room_version(v: &str) -> Result<RoomVersionId> {
+    if !SUPPORTED_VERSIONS.contains(&v) {
+        return Err(Error::new(
+            ErrorKind::UnsupportedRoomVersion,
+            format!("Room version {v} is not supported"),
+        ));
+    }
+    RoomVersionId::try_from(v).map_err(|_| Error::new(ErrorKind::UnsupportedRoomVersion, "bad room version"))
+}
+
+fn rules_of(version: &RoomVersionId) -> Result<RoomVersionRules> {
+    version
+        .rules()
+        .ok_or_else(|| Error::new(ErrorKind::UnsupportedRoomVersion, "unknown room version"))
+}
+
+impl Rooms {
+    pub fn new(
+        store: Arc<dyn Store>,
+        server_name: OwnedServerName,
+        key: Ed25519KeyPair,
+        default_version: &str,
+    ) -> Result<Self> {
+        Ok(Self {
+            store,
+            server_name,
+            key: Arc::new(key),
+            slots: Default::default(),
+            default_version: parse_room_version(default_version)?,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn server_name(&self) -> &ruma::ServerName {
+        &self.server_name
+    }
+
+    fn slot(&self, room_id: &RoomId) -> RoomSlot {
+        self.slots.lock().entry(room_id.to_owned()).or_default().clone()
+    }
+
+    async fn load(&self, room_id: &RoomId) -> Result<RoomCache> {
+        let info = self
+            .store
+            .room_info(room_id.as_str())
+            .await?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
+        let version = RoomVersionId::try_from(info.room_version.as_str()).map_err(Error::internal)?;
+        let rules = rules_of(&version)?;
+        let mut cache = RoomCache {
+            version,
+            rules,
+            room_id: room_id.to_owned(),
+            state: HashMap::new(),
+            by_id: HashMap::new(),
+            latest: None,
+            depth: 0,
+        };
+        for ev in self.store.current_state(room_id.as_str()).await? {
+            let pdu = Arc::new(parse_stored(&ev)?);
+            cache.apply(pdu);
+        }
+        if let Some(last) = self
+            .store
+            .room_events(room_id.as_str(), i64::MAX, 0, Direction::Backward, 1)
+            .await?
+            .pop()
+        {
+            let pdu = parse_stored(&last)?;
+            cache.latest = Some(pdu.event_id);
+            cache.depth = pdu.depth;
+        }
+        Ok(cache)
+    }
+
+    /// The one write path: builds, signs, authorizes and persists an event.
+    pub async fn send(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Sent> {
+        let slot = self.slot(room_id);
+        let (pending, event_id) = {
+            let mut guard = slot.lock().await;
+            if guard.is_none() {
+                *guard = Some(self.load(room_id).await?);
+            }
+            let Some(cache) = guard.as_mut() else {
+                return Err(Error::internal("room cache missing"));
+            };
+            let (new_event, pdu) = self.build(cache, sender, spec).await?;
+            let event_id = pdu.event_id.clone();
+            let pending = self.store.persist_event(new_event);
+            cache.apply(Arc::new(pdu));
+            (pending, event_id)
+        };
+        match pending.await {
+            Ok(Ok(position)) => Ok(Sent { event_id, position }),
+            failed => {
+                // The cache ran ahead of the store: rebuild it from disk.
+                *slot.lock().await = None;
+                match failed {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(Error::internal("event was not persisted")),
+                }
+            }
+        }
+    }
+
+    /// Builds the PDU for `spec` on top of `cache` and checks it against
+    /// the authorization rules at the current state.
+    async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
+        let EventSpec {
+            event_type,
+            state_key,
+            mut content,
+            redacts,
+            txn,
+        } = spec;
+        let rules = &cache.rules;
+        let is_create = event_type == "m.room.create";
+        let timeline_type = TimelineEventType::from(event_type.as_str());
+        let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
+
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &timeline_type,
+            sender,
+            state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let auth_events: Vec<CanonicalJsonValue> = auth_types
+            .iter()
+            .filter_map(|(t, k)| cache.state.get(&(t.to_string(), k.clone())))
+            .map(|p| CanonicalJsonValue::String(p.event_id.to_string()))
+            .collect();
+        let prev_events: Vec<CanonicalJsonValue> = cache
+            .latest
+            .iter()
+            .map(|id| CanonicalJsonValue::String(id.to_string()))
+            .collect();
+
+        let mut redaction = None;
+        if let Some(target) = &redacts {
+            if rules.redaction.keep_room_redaction_redacts {
+                content.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
+            }
+            redaction = Some(target.clone());
+        }
+
+        let mut obj = CanonicalJsonObject::new();
+        obj.insert("auth_events".into(), CanonicalJsonValue::Array(auth_events));
+        obj.insert("content".into(), CanonicalJsonValue::Object(content));
+        obj.insert(
+            "depth".into(),
+            CanonicalJsonValue::Integer((cache.depth + 1).try_into().map_err(Error::internal)?),
+        );
+        obj.insert(
+            "origin_server_ts".into(),
+            CanonicalJsonValue::Integer(ruma::Int::try_from(weft_core::now_ms()).map_err(Error::internal)?),
+        );
+        obj.insert("prev_events".into(), CanonicalJsonValue::Array(prev_events));
+        if !(is_create && rules.authorization.room_create_event_id_as_room_id) {
+            obj.insert("room_id".into(), CanonicalJsonValue::String(cache.room_id.to_string()));
+        }
+        obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
+        if let Some(k) = &state_key {
+            obj.insert("state_key".into(), CanonicalJsonValue::String(k.clone()));
+        }
+        obj.insert("type".into(), CanonicalJsonValue::String(event_type.clone()));
+        if let Some(target) = &redacts
+            && !rules.redaction.keep_room_redaction_redacts
+        {
+            obj.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
+        }
+
+        ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &*self.key, &mut obj, &rules.redaction)
+            .map_err(Error::internal)?;
+        ruma::state_res::check_pdu_format(&obj, &rules.event_format).map_err(|e| {
+            if e.contains("larger than") {
+                Error::new(ErrorKind::TooLarge, "Event is too large")
+            } else {
+                Error::bad_json(e)
+            }
+        })?;
+        let hash = ruma::signatures::reference_hash(&obj, rules).map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
+            other => Error::internal(other),
+        })?;
+        let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
+        let pdu_json = serde_json::to_string(&obj).map_err(Error::internal)?;
+        let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| Error::bad_json(e.to_string()))?;
+
+        self.authorize(cache, &pdu)?;
+
+        let room_id = if is_create && rules.authorization.room_create_event_id_as_room_id {
+            format!("!{hash}")
+        } else {
+            cache.room_id.to_string()
+        };
+        let content_json: serde_json::Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+        let membership = (event_type == "m.room.member")
+            .then(|| {
+                content_json
+                    .get("membership")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .flatten();
+        let history_visibility = (event_type == "m.room.history_visibility")
+            .then(|| {
+                content_json
+                    .get("history_visibility")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .flatten();
+        let redaction = match redaction {
+            Some(target) => self.redacted_target(cache, &target, &obj).await?,
+            None => None,
+        };
+        let new_event = NewEvent {
+            event_id: event_id.to_string(),
+            room_id,
+            event_type,
+            state_key,
+            sender: sender.to_string(),
+            origin_server_ts: pdu.origin_server_ts.get().into(),
+            pdu_json,
+            new_room: is_create.then(|| NewRoom {
+                room_version: cache.version.to_string(),
+                creator: sender.to_string(),
+            }),
+            membership,
+            history_visibility,
+            txn,
+            redaction,
+        };
+        Ok((new_event, pdu))
+    }
+
+    fn authorize(&self, cache: &RoomCache, pdu: &Pdu) -> Result<()> {
+        let rules = &cache.rules.authorization;
+        let forbidden = |e: String| Error::forbidden(format!("Event not allowed: {e}"));
+        ruma::state_res::check_state_independent_auth_rules(rules, pdu, |id| cache.by_id.get(id).cloned().map(ArcPdu))
+            .map_err(forbidden)?;
+        ruma::state_res::check_state_dependent_auth_rules(rules, pdu, |t: &StateEventType, k: &str| {
+            cache.state.get(&(t.to_string(), k.to_owned())).cloned().map(ArcPdu)
+        })
+        .map_err(forbidden)
+    }
+
+    /// For a redaction: the target's redacted JSON, if the target is in this room.
+    async fn redacted_target(
+        &self,
+        cache: &RoomCache,
+        target: &OwnedEventId,
+        redaction: &CanonicalJsonObject,
+    ) -> Result<Option<(String, String)>> {
+        let Some(ev) = self.store.get_event(target.as_str()).await? else {
+            return Ok(None);
+        };
+        if ev.room_id != cache.room_id.as_str() || ev.redacted_by.is_some() {
+            return Ok(None);
+        }
+        let obj: CanonicalJsonObject = serde_json::from_str(&ev.pdu_json).map_err(Error::internal)?;
+        let mut because = redaction.clone();
+        because.remove("signatures");
+        let redacted = ruma::canonical_json::redact(
+            obj,
+            &cache.rules.redaction,
+            Some(ruma::canonical_json::RedactedBecause::from_json(because)),
+        )
+        .map_err(Error::internal)?;
+        Ok(Some((
+            target.to_string(),
+            serde_json::to_string(&redacted).map_err(Error::internal)?,
+        )))
+    }
+
+    /// Current state event of a room, from the pipeline's cache.
+    pub async fn state_event(&self, room_id: &RoomId, event_type: &str, state_key: &str) -> Result<Option<Arc<Pdu>>> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load(room_id).await?);
+        }
+        Ok(guard
+            .as_ref()
+            .and_then(|c| c.state.get(&(event_type.to_owned(), state_key.to_owned())).cloned()))
+    }
+
+    /// Current membership of `user_id` in a room (`None` if never a member).
+    pub async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>> {
+        let ev = self.state_event(room_id, "m.room.member", user_id.as_str()).await?;
+        Ok(ev.and_then(|p| {
+            serde_json::from_str::<serde_json::Value>(p.content.get())
+                .ok()
+                .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned))
+        }))
+    }
+
+    /// The room's version, if the room exists.
+    pub async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load(room_id).await?);
+        }
+        guard
+            .as_ref()
+            .map(|c| c.version.clone())
+            .ok_or_else(|| Error::not_found("Unknown room"))
+    }
+
+    pub fn default_version(&self) -> &RoomVersionId {
+        &self.default_version
+    }
+}
+
+/// `Arc<Pdu>` as a ruma `Event` (ruma wants owned values from its fetchers).
+struct ArcPdu(Arc<Pdu>);
+
+impl ruma::state_res::Event for ArcPdu {
+    type Id = OwnedEventId;
+    fn event_id(&self) -> &Self::Id {
+        &self.0.event_id
+    }
+    fn room_id(&self) -> Option<&RoomId> {
+        self.0.room_id.as_deref()
+    }
+    fn sender(&self) -> &UserId {
+        &self.0.sender
+    }
+    fn origin_server_ts(&self) -> ruma::MilliSecondsSinceUnixEpoch {
+        self.0.origin_server_ts
+    }
+    fn event_type(&self) -> &TimelineEventType {
+        &self.0.event_type
+    }
+    fn content(&self) -> &serde_json::value::RawValue {
+        &self.0.content
+    }
+    fn state_key(&self) -> Option<&str> {
+        self.0.state_key.as_deref()
+    }
+    fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.0.prev_events.iter())
+    }
+    fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.0.auth_events.iter())
+    }
+    fn redacts(&self) -> Option<&Self::Id> {
+        self.0.redacts.as_ref()
+    }
+    fn rejected(&self) -> bool {
+        false
+    }
+}
+
+/// Parses a stored event's PDU.
+pub fn parse_stored(ev: &StoredEvent) -> Result<Pdu> {
+    let id = OwnedEventId::try_from(ev.event_id.as_str()).map_err(Error::internal)?;
+    Pdu::parse(id, &ev.pdu_json).map_err(Error::internal)
+}

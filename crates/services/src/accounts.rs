@@ -1,0 +1,299 @@
+//! Accounts, devices and access tokens. Passwords are hashed with argon2;
+//! tokens are random, stored only as their SHA-256 (so a leaked database
+//! holds no usable token), and looked up by that hash.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier, password_hash::SaltString};
+use base64::Engine;
+use parking_lot::Mutex;
+use rand::Rng;
+use ruma::{OwnedServerName, OwnedUserId, UserId};
+use sha2::{Digest, Sha256};
+use weft_core::config::{RegistrationConfig, RegistrationMode};
+use weft_core::{Error, ErrorKind, Result};
+use weft_store::{NewUser, Store};
+
+/// An authenticated device.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+}
+
+/// What a login or registration hands back.
+#[derive(Debug, Clone)]
+pub struct LoginResult {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub access_token: String,
+}
+
+pub struct Accounts {
+    store: Arc<dyn Store>,
+    server_name: OwnedServerName,
+    registration: RegistrationConfig,
+    /// User-interactive auth sessions: session id -> completed stages.
+    uia: Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>,
+}
+
+pub fn random_string(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(rand::distributions::Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 24] = rand::thread_rng().r#gen();
+    format!("wft_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::internal(format!("password hashing: {e}")))
+    })
+    .await
+    .map_err(Error::internal)?
+}
+
+/// Constant-time (argon2's own comparison) password check.
+async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Localparts the spec allows: `a-z 0-9 . _ = - / +`.
+pub fn valid_localpart(localpart: &str) -> bool {
+    !localpart.is_empty()
+        && localpart
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+}
+
+impl Accounts {
+    pub fn new(store: Arc<dyn Store>, server_name: OwnedServerName, registration: RegistrationConfig) -> Self {
+        Self {
+            store,
+            server_name,
+            registration,
+            uia: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn registration_mode(&self) -> RegistrationMode {
+        self.registration.mode
+    }
+
+    /// The full user ID for a localpart (or an already full ID on this server).
+    pub fn user_id_for(&self, name: &str) -> Result<OwnedUserId> {
+        let localpart = if let Some(rest) = name.strip_prefix('@') {
+            let (local, server) = rest
+                .split_once(':')
+                .ok_or_else(|| Error::new(ErrorKind::InvalidUsername, "User ID must be @localpart:server"))?;
+            if server != self.server_name.as_str() {
+                return Err(Error::new(ErrorKind::InvalidUsername, "User is not on this server"));
+            }
+            local
+        } else {
+            name
+        };
+        if !valid_localpart(localpart) {
+            return Err(Error::new(
+                ErrorKind::InvalidUsername,
+                "User names may only contain a-z, 0-9, and . _ = - / +",
+            ));
+        }
+        let id = format!("@{localpart}:{}", self.server_name);
+        if id.len() > 255 {
+            return Err(Error::new(ErrorKind::InvalidUsername, "User ID is too long"));
+        }
+        OwnedUserId::try_from(id).map_err(|e| Error::new(ErrorKind::InvalidUsername, e.to_string()))
+    }
+
+    fn check_password_strength(&self, password: &str) -> Result<()> {
+        if password.chars().count() < self.registration.min_password_length {
+            return Err(Error::new(
+                ErrorKind::WeakPassword,
+                format!(
+                    "Password must be at least {} characters",
+                    self.registration.min_password_length
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates an account (used by registration and by the admin CLI).
+    pub async fn create_user(&self, name: &str, password: Option<&str>, admin: bool) -> Result<OwnedUserId> {
+        let user_id = self.user_id_for(name)?;
+        let password_hash = match password {
+            Some(p) => {
+                self.check_password_strength(p)?;
+                Some(hash_password(p.to_owned()).await?)
+            }
+            None => None,
+        };
+        self.store
+            .create_user(NewUser {
+                user_id: user_id.to_string(),
+                password_hash,
+                admin,
+                created_ms: weft_core::now_ms(),
+            })
+            .await?;
+        Ok(user_id)
+    }
+
+    pub async fn is_available(&self, name: &str) -> Result<bool> {
+        let user_id = self.user_id_for(name)?;
+        Ok(self.store.get_user(user_id.as_str()).await?.is_none())
+    }
+
+    /// Creates (or reuses, given its ID) a device with a fresh access token.
+    pub async fn new_device(
+        &self,
+        user_id: &UserId,
+        device_id: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<LoginResult> {
+        let device_id = match device_id {
+            Some(d) if !d.is_empty() && d.len() <= 255 => d.to_owned(),
+            Some(_) => return Err(Error::invalid_param("Invalid device_id")),
+            None => random_string(10).to_uppercase(),
+        };
+        let access_token = new_token();
+        self.store
+            .upsert_device(user_id.as_str(), &device_id, display_name, &token_hash(&access_token))
+            .await?;
+        Ok(LoginResult {
+            user_id: user_id.to_owned(),
+            device_id,
+            access_token,
+        })
+    }
+
+    /// Resolves an access token to its device.
+    pub async fn authenticate(&self, token: &str) -> Result<Session> {
+        let owner = self.store.lookup_token(&token_hash(token)).await?;
+        let Some(owner) = owner else {
+            return Err(Error::new(
+                ErrorKind::UnknownToken { soft_logout: false },
+                "Unknown access token",
+            ));
+        };
+        let user_id = OwnedUserId::try_from(owner.user_id).map_err(Error::internal)?;
+        Ok(Session {
+            user_id,
+            device_id: owner.device_id,
+        })
+    }
+
+    /// Checks a password for a user; the error is the same whether the
+    /// user exists or not.
+    pub async fn check_password(&self, user: &str, password: &str) -> Result<OwnedUserId> {
+        let wrong = || Error::forbidden("Invalid username or password");
+        let user_id = self.user_id_for(user).map_err(|_| wrong())?;
+        let Some(record) = self.store.get_user(user_id.as_str()).await? else {
+            // Spend the same time as a real check, so existence does not leak.
+            let _ = verify_password(password.to_owned(), DUMMY_HASH.to_owned()).await;
+            return Err(wrong());
+        };
+        if record.deactivated {
+            return Err(Error::new(
+                ErrorKind::UserDeactivated,
+                "This account has been deactivated",
+            ));
+        }
+        let Some(hash) = record.password_hash else {
+            return Err(wrong());
+        };
+        if verify_password(password.to_owned(), hash).await {
+            Ok(user_id)
+        } else {
+            Err(wrong())
+        }
+    }
+
+    pub async fn set_password(&self, user_id: &UserId, password: &str) -> Result<()> {
+        self.check_password_strength(password)?;
+        let hash = hash_password(password.to_owned()).await?;
+        self.store.set_password_hash(user_id.as_str(), &hash).await
+    }
+
+    pub async fn logout(&self, session: &Session) -> Result<()> {
+        self.store
+            .delete_device(session.user_id.as_str(), &session.device_id)
+            .await
+    }
+
+    pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
+        self.store.delete_devices_except(user_id.as_str(), None).await
+    }
+
+    pub async fn deactivate(&self, user_id: &UserId) -> Result<()> {
+        self.store.deactivate_user(user_id.as_str()).await
+    }
+
+    // ---- user-interactive auth ----
+
+    /// Starts or continues a UIA session; returns the 401 body to send when
+    /// `auth` does not complete `flow`. `check` validates one stage.
+    pub fn uia_body(&self, session: &str, flows: &[&[&str]], completed: &[String]) -> serde_json::Value {
+        let flows: Vec<_> = flows.iter().map(|f| serde_json::json!({ "stages": f })).collect();
+        serde_json::json!({ "flows": flows, "params": {}, "session": session, "completed": completed })
+    }
+
+    pub fn new_uia_session(&self) -> String {
+        let id = random_string(24);
+        let mut uia = self.uia.lock();
+        let now = std::time::Instant::now();
+        uia.retain(|_, (t, _)| now.duration_since(*t).as_secs() < 3600);
+        uia.insert(id.clone(), (now, Vec::new()));
+        id
+    }
+
+    pub fn uia_complete_stage(&self, session: &str, stage: &str) -> Vec<String> {
+        let mut uia = self.uia.lock();
+        let entry = uia
+            .entry(session.to_owned())
+            .or_insert((std::time::Instant::now(), Vec::new()));
+        if !entry.1.iter().any(|s| s == stage) {
+            entry.1.push(stage.to_owned());
+        }
+        entry.1.clone()
+    }
+
+    pub fn uia_finish(&self, session: &str) {
+        self.uia.lock().remove(session);
+    }
+
+    /// Whether `token` is an accepted registration token.
+    pub fn registration_token_valid(&self, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.registration
+            .tokens
+            .iter()
+            .any(|t| t.as_bytes().ct_eq(token.as_bytes()).into())
+    }
+}
+
+/// An argon2 hash of a random password, verified against when the user
+/// does not exist.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$3l3Gd0G+gTrCCUFGJ9Yyj+o8PZ8Dg3w8Bq0l4mRi5Jg";

@@ -1,0 +1,642 @@
+//! Room operations every door shares: creating, joining and leaving rooms,
+//! sending events, and reading rooms with membership and history-visibility
+//! checks. Authorization of writes is left to the event pipeline's auth
+//! rules; this layer adds the read checks and the spec's request semantics.
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weft_core::{Error, ErrorKind, Result};
+use weft_rooms::{CreateRoom, EventSpec, Preset, Sent, Visibility, parse_room_version};
+use weft_store::{Direction, StoredEvent};
+
+use crate::content::canonical_object;
+use crate::sync::EventFilter;
+use crate::{Services, Session};
+
+/// The `/createRoom` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CreateRoomRequest {
+    pub visibility: Option<String>,
+    pub room_alias_name: Option<String>,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub invite: Vec<String>,
+    pub room_version: Option<String>,
+    pub creation_content: Option<Value>,
+    pub initial_state: Vec<InitialState>,
+    pub preset: Option<String>,
+    pub is_direct: bool,
+    pub power_level_content_override: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InitialState {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub state_key: String,
+    pub content: Value,
+}
+
+/// A page of `/messages`.
+pub struct MessagesPage {
+    pub chunk: Vec<StoredEvent>,
+    pub start: String,
+    pub end: Option<String>,
+    pub state: Vec<StoredEvent>,
+}
+
+/// What a user may read of a room: events up to `upto` that `visibility` allows.
+pub struct ReadView {
+    pub visibility: Visibility,
+    pub upto: i64,
+    pub membership: Option<String>,
+}
+
+/// Parses a pagination token: the stream position the token stands after.
+pub fn parse_token(token: &str) -> Result<i64> {
+    token
+        .strip_prefix('s')
+        .or_else(|| token.strip_prefix('t'))
+        .unwrap_or(token)
+        .parse::<i64>()
+        .ok()
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+}
+
+pub fn make_token(pos: i64) -> String {
+    format!("s{pos}")
+}
+
+impl Services {
+    fn room_id(&self, room: &str) -> Result<OwnedRoomId> {
+        OwnedRoomId::try_from(room).map_err(|_| Error::invalid_param("Invalid room ID"))
+    }
+
+    /// Resolves a room ID or alias to a room ID.
+    pub async fn resolve_room(&self, room_or_alias: &str) -> Result<OwnedRoomId> {
+        if room_or_alias.starts_with('#') {
+            let alias = self
+                .store
+                .resolve_alias(room_or_alias)
+                .await?
+                .ok_or_else(|| Error::not_found("Room alias not found"))?;
+            return self.room_id(&alias.room_id);
+        }
+        self.room_id(room_or_alias)
+    }
+
+    async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
+        let mut c = CanonicalJsonObject::new();
+        if let Some(u) = self.store.get_user(user_id.as_str()).await? {
+            if let Some(d) = u.displayname {
+                c.insert("displayname".into(), CanonicalJsonValue::String(d));
+            }
+            if let Some(a) = u.avatar_url {
+                c.insert("avatar_url".into(), CanonicalJsonValue::String(a));
+            }
+        }
+        Ok(c)
+    }
+
+    pub async fn create_room(&self, session: &Session, req: CreateRoomRequest) -> Result<OwnedRoomId> {
+        let version = req.room_version.as_deref().map(parse_room_version).transpose()?;
+        let preset = match req.preset.as_deref() {
+            Some("private_chat") => Preset::PrivateChat,
+            Some("trusted_private_chat") => Preset::TrustedPrivateChat,
+            Some("public_chat") => Preset::PublicChat,
+            Some(other) => return Err(Error::invalid_param(format!("Unknown preset {other:?}"))),
+            None if req.visibility.as_deref() == Some("public") => Preset::PublicChat,
+            None => Preset::PrivateChat,
+        };
+        let public = match req.visibility.as_deref() {
+            None | Some("private") => false,
+            Some("public") => true,
+            Some(_) => return Err(Error::invalid_param("visibility must be public or private")),
+        };
+        let invite = req
+            .invite
+            .iter()
+            .map(|u| {
+                OwnedUserId::try_from(u.as_str()).map_err(|_| Error::invalid_param(format!("Invalid user ID {u:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let alias = match &req.room_alias_name {
+            Some(local) => {
+                if local.is_empty() || local.contains(':') || local.contains('#') || local.contains(char::is_whitespace)
+                {
+                    return Err(Error::invalid_param("Invalid room_alias_name"));
+                }
+                let alias = OwnedRoomAliasId::try_from(format!("#{local}:{}", self.server_name))
+                    .map_err(|_| Error::invalid_param("Invalid room_alias_name"))?;
+                if self.store.resolve_alias(alias.as_str()).await?.is_some() {
+                    return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+        let mut initial_state = Vec::new();
+        for s in req.initial_state {
+            initial_state.push((s.event_type, s.state_key, canonical_object(s.content)?));
+        }
+        let creation_content = req.creation_content.map(canonical_object).transpose()?;
+        let power_level_content_override = req.power_level_content_override.map(canonical_object).transpose()?;
+        let room_id = self
+            .rooms
+            .create_room(
+                &session.user_id,
+                CreateRoom {
+                    version,
+                    preset,
+                    name: req.name,
+                    topic: req.topic,
+                    invite,
+                    is_direct: req.is_direct,
+                    alias: alias.clone(),
+                    initial_state,
+                    creation_content,
+                    power_level_content_override,
+                    creator_profile: self.profile_content(&session.user_id).await?,
+                },
+            )
+            .await?;
+        if let Some(alias) = alias {
+            if !self
+                .store
+                .create_alias(alias.as_str(), room_id.as_str(), session.user_id.as_str())
+                .await?
+            {
+                return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
+            }
+        }
+        if public {
+            self.store.set_room_public(room_id.as_str(), true).await?;
+        }
+        Ok(room_id)
+    }
+
+    /// Joins a room by ID or alias.
+    pub async fn join(&self, user_id: &UserId, room_or_alias: &str) -> Result<OwnedRoomId> {
+        let room_id = self.resolve_room(room_or_alias).await?;
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::not_found("Room not found"));
+        }
+        if self.rooms.membership(&room_id, user_id).await?.as_deref() == Some("join") {
+            return Ok(room_id);
+        }
+        let mut content = self.profile_content(user_id).await?;
+        content.insert("membership".into(), CanonicalJsonValue::String("join".into()));
+        self.rooms
+            .send(
+                &room_id,
+                user_id,
+                EventSpec::new("m.room.member", Some(user_id.to_string()), content),
+            )
+            .await?;
+        Ok(room_id)
+    }
+
+    /// Sends a membership change for `target` (invite, leave, kick, ban, unban).
+    pub async fn set_membership(
+        &self,
+        sender: &UserId,
+        room: &str,
+        target: &str,
+        membership: &str,
+        reason: Option<String>,
+    ) -> Result<Sent> {
+        let room_id = self.room_id(room)?;
+        let target = OwnedUserId::try_from(target).map_err(|_| Error::invalid_param("Invalid user_id"))?;
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::forbidden("You are not in this room"));
+        }
+        if membership == "invite"
+            && target.server_name() == self.server_name
+            && self.store.get_user(target.as_str()).await?.is_none()
+        {
+            return Err(Error::not_found("User does not exist"));
+        }
+        let current = self.rooms.membership(&room_id, &target).await?;
+        if membership == "invite" && current.as_deref() == Some("join") {
+            return Err(Error::forbidden("User is already in the room"));
+        }
+        let mut content = CanonicalJsonObject::new();
+        content.insert("membership".into(), CanonicalJsonValue::String(membership.into()));
+        if let Some(r) = reason {
+            content.insert("reason".into(), CanonicalJsonValue::String(r));
+        }
+        if membership == "leave" && target == sender && current.is_none() {
+            return Err(Error::forbidden("You are not in this room"));
+        }
+        self.rooms
+            .send(
+                &room_id,
+                sender,
+                EventSpec::new("m.room.member", Some(target.to_string()), content),
+            )
+            .await
+    }
+
+    /// Sends a timeline or state event, idempotent per device and `txn_id`.
+    pub async fn send_event(
+        &self,
+        session: &Session,
+        room: &str,
+        event_type: &str,
+        state_key: Option<&str>,
+        txn_id: Option<&str>,
+        content: Value,
+    ) -> Result<OwnedEventId> {
+        let room_id = self.room_id(room)?;
+        if let Some(txn) = txn_id
+            && let Some(id) = self
+                .store
+                .txn_event(session.user_id.as_str(), &session.device_id, txn)
+                .await?
+        {
+            return OwnedEventId::try_from(id).map_err(Error::internal);
+        }
+        if event_type.is_empty() || event_type.len() > 255 {
+            return Err(Error::invalid_param("Invalid event type"));
+        }
+        if matches!(event_type, "m.room.create") {
+            return Err(Error::forbidden("Cannot send m.room.create"));
+        }
+        let mut content = canonical_object(content)?;
+        let mut redacts = None;
+        if event_type == "m.room.redaction" {
+            let target = content.get("redacts").and_then(|v| v.as_str()).map(str::to_owned);
+            redacts = target.map(|t| OwnedEventId::try_from(t).map_err(|_| Error::bad_json("Invalid redacts")));
+            if redacts.is_some() {
+                content.remove("redacts");
+            }
+        }
+        let redacts = redacts.transpose()?;
+        self.check_room_exists_for(&room_id, &session.user_id).await?;
+        let spec = EventSpec {
+            event_type: event_type.to_owned(),
+            state_key: state_key.map(str::to_owned),
+            content,
+            redacts,
+            txn: txn_id.map(|t| (session.device_id.clone(), t.to_owned())),
+        };
+        match self.rooms.send(&room_id, &session.user_id, spec).await {
+            Ok(sent) => Ok(sent.event_id),
+            Err(e) => {
+                // A concurrent request with the same txn may have won.
+                if let Some(txn) = txn_id
+                    && let Some(id) = self
+                        .store
+                        .txn_event(session.user_id.as_str(), &session.device_id, txn)
+                        .await?
+                {
+                    return OwnedEventId::try_from(id).map_err(Error::internal);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn check_room_exists_for(&self, room_id: &RoomId, _user: &UserId) -> Result<()> {
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::forbidden("You are not in this room"));
+        }
+        Ok(())
+    }
+
+    pub async fn redact(
+        &self,
+        session: &Session,
+        room: &str,
+        event_id: &str,
+        txn_id: &str,
+        reason: Option<String>,
+    ) -> Result<OwnedEventId> {
+        let mut content = serde_json::Map::new();
+        content.insert("redacts".into(), json!(event_id));
+        if let Some(r) = reason {
+            content.insert("reason".into(), json!(r));
+        }
+        self.send_event(
+            session,
+            room,
+            "m.room.redaction",
+            None,
+            Some(txn_id),
+            Value::Object(content),
+        )
+        .await
+    }
+
+    /// What `user_id` may read of a room; `M_FORBIDDEN` if nothing.
+    pub async fn read_view(&self, user_id: &UserId, room: &str) -> Result<(OwnedRoomId, ReadView)> {
+        let room_id = self.room_id(room)?;
+        let not_member = || Error::forbidden("You are not allowed to view this room");
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(not_member());
+        }
+        let visibility = Visibility::load(&*self.store, room_id.as_str(), user_id.as_str()).await?;
+        let membership = self.rooms.membership(&room_id, user_id).await?;
+        let upto = match membership.as_deref() {
+            Some("join") => i64::MAX,
+            _ if visibility.world_readable_now() => i64::MAX,
+            Some("leave") | Some("ban") => {
+                // Up to the moment they left, if they were ever joined.
+                let joined_before = self
+                    .store
+                    .membership_history(room_id.as_str(), user_id.as_str())
+                    .await?;
+                if !joined_before.iter().any(|(_, m)| m == "join") {
+                    return Err(not_member());
+                }
+                joined_before.last().map(|(p, _)| *p).unwrap_or(0)
+            }
+            _ => return Err(not_member()),
+        };
+        Ok((
+            room_id,
+            ReadView {
+                visibility,
+                upto,
+                membership,
+            },
+        ))
+    }
+
+    /// State of a room as the user may see it (current, or when they left).
+    pub async fn room_state(&self, user_id: &UserId, room: &str) -> Result<Vec<StoredEvent>> {
+        let (room_id, view) = self.read_view(user_id, room).await?;
+        if view.upto == i64::MAX {
+            self.store.current_state(room_id.as_str()).await
+        } else {
+            self.store.state_at(room_id.as_str(), view.upto).await
+        }
+    }
+
+    pub async fn state_event(
+        &self,
+        user_id: &UserId,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<StoredEvent> {
+        self.room_state(user_id, room)
+            .await?
+            .into_iter()
+            .find(|e| e.event_type == event_type && e.state_key.as_deref() == Some(state_key))
+            .ok_or_else(|| Error::not_found("Event not found"))
+    }
+
+    /// One event, if the user may see it.
+    pub async fn event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
+        let (room_id, view) = self.read_view(user_id, room).await?;
+        let ev = self.store.get_event(event_id).await?;
+        match ev {
+            Some(ev)
+                if ev.room_id == room_id.as_str()
+                    && ev.position <= view.upto
+                    && view.visibility.can_see(ev.position) =>
+            {
+                Ok(ev)
+            }
+            _ => Err(Error::not_found("Event not found")),
+        }
+    }
+
+    /// `/messages`: a page of events from `from` in direction `dir`.
+    pub async fn messages(
+        &self,
+        user_id: &UserId,
+        room: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        dir: Direction,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<MessagesPage> {
+        let (room_id, view) = self.read_view(user_id, room).await?;
+        let limit = limit.clamp(1, 1000);
+        let now = self.store.current_position().min(view.upto);
+        let from_pos = match from {
+            Some(t) => parse_token(t)?,
+            None if dir == Direction::Backward => now,
+            None => 0,
+        };
+        let to_pos = to.map(parse_token).transpose()?;
+        let mut chunk = Vec::new();
+        let mut cursor = from_pos.min(now);
+        let mut end = None;
+        // Keep reading until the page is full or history ends; events the
+        // user may not see or the filter drops do not count.
+        loop {
+            let batch = match dir {
+                Direction::Backward => {
+                    let bound = to_pos.unwrap_or(0);
+                    self.store
+                        .room_events(room_id.as_str(), cursor + 1, bound, dir, limit)
+                        .await?
+                }
+                Direction::Forward => {
+                    let bound = to_pos.map(|t| t + 1).unwrap_or(i64::MAX).min(now + 1);
+                    self.store
+                        .room_events(room_id.as_str(), cursor, bound, dir, limit)
+                        .await?
+                }
+            };
+            let exhausted = batch.len() < limit;
+            for ev in batch {
+                cursor = match dir {
+                    Direction::Backward => ev.position - 1,
+                    Direction::Forward => ev.position,
+                };
+                if view.visibility.can_see(ev.position) && filter.matches(&ev) {
+                    chunk.push(ev);
+                    if chunk.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if chunk.len() == limit {
+                end = Some(make_token(cursor));
+                break;
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let state = if filter.lazy_load_members {
+            let senders: std::collections::HashSet<&str> = chunk.iter().map(|e| e.sender.as_str()).collect();
+            self.store
+                .current_state(room_id.as_str())
+                .await?
+                .into_iter()
+                .filter(|e| {
+                    e.event_type == "m.room.member" && e.state_key.as_deref().is_some_and(|k| senders.contains(k))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(MessagesPage {
+            chunk,
+            start: make_token(from_pos),
+            end,
+            state,
+        })
+    }
+
+    /// `/context`: events around one event, and the state at it.
+    pub async fn context(
+        &self,
+        user_id: &UserId,
+        room: &str,
+        event_id: &str,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Value> {
+        let ev = self.event(user_id, room, event_id).await?;
+        let half = limit.div_ceil(2).max(if limit == 0 { 0 } else { 1 });
+        let before = if limit == 0 {
+            MessagesPage {
+                chunk: vec![],
+                start: make_token(ev.position - 1),
+                end: Some(make_token(ev.position - 1)),
+                state: vec![],
+            }
+        } else {
+            self.messages(
+                user_id,
+                room,
+                Some(&make_token(ev.position - 1)),
+                None,
+                Direction::Backward,
+                half,
+                filter,
+            )
+            .await?
+        };
+        let after = if limit == 0 {
+            MessagesPage {
+                chunk: vec![],
+                start: make_token(ev.position),
+                end: Some(make_token(ev.position)),
+                state: vec![],
+            }
+        } else {
+            self.messages(
+                user_id,
+                room,
+                Some(&make_token(ev.position)),
+                None,
+                Direction::Forward,
+                limit - half.min(limit),
+                filter,
+            )
+            .await?
+        };
+        let state = self.store.state_at(&ev.room_id, ev.position).await?;
+        let now = weft_core::now_ms();
+        let fmt = |e: &StoredEvent| weft_rooms::client_event(e, None, now);
+        Ok(json!({
+            "event": fmt(&ev),
+            "events_before": before.chunk.iter().map(fmt).collect::<Vec<_>>(),
+            "events_after": after.chunk.iter().map(fmt).collect::<Vec<_>>(),
+            "start": before.end.unwrap_or_else(|| make_token(0)),
+            "end": after.end.unwrap_or_else(|| make_token(self.store.current_position())),
+            "state": state.iter().map(fmt).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Member events of a room, optionally filtered by membership.
+    pub async fn members(
+        &self,
+        user_id: &UserId,
+        room: &str,
+        membership: Option<&str>,
+        not_membership: Option<&str>,
+    ) -> Result<Vec<StoredEvent>> {
+        let state = self.room_state(user_id, room).await?;
+        Ok(state
+            .into_iter()
+            .filter(|e| e.event_type == "m.room.member")
+            .filter(|e| {
+                let m = membership_of(e);
+                membership.is_none_or(|want| m.as_deref() == Some(want))
+                    && not_membership.is_none_or(|no| m.as_deref() != Some(no))
+            })
+            .collect())
+    }
+
+    pub async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .user_memberships(user_id.as_str())
+            .await?
+            .into_iter()
+            .filter(|m| m.membership == "join")
+            .map(|m| m.room_id)
+            .collect())
+    }
+
+    pub async fn forget(&self, user_id: &UserId, room: &str) -> Result<()> {
+        let room_id = self.room_id(room)?;
+        match self.rooms.membership(&room_id, user_id).await {
+            Ok(Some(m)) if m == "join" || m == "invite" => {
+                Err(Error::new(ErrorKind::Unknown, "You must leave the room before forgetting it").with_status(400))
+            }
+            Ok(Some(_)) => self.store.forget_room(user_id.as_str(), room_id.as_str()).await,
+            _ => Err(Error::not_found("You are not a member of this room")),
+        }
+    }
+
+    // ---- aliases ----
+
+    pub async fn put_alias(&self, user_id: &UserId, alias: &str, room_id: &str) -> Result<()> {
+        let alias_id = OwnedRoomAliasId::try_from(alias).map_err(|_| Error::invalid_param("Invalid room alias"))?;
+        if alias_id.server_name() != self.server_name {
+            return Err(Error::invalid_param("Alias must be on this server"));
+        }
+        let room_id = self.room_id(room_id)?;
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::not_found("Room not found"));
+        }
+        if self.rooms.membership(&room_id, user_id).await?.as_deref() != Some("join") {
+            return Err(Error::forbidden("You must be in the room to give it an alias"));
+        }
+        if !self
+            .store
+            .create_alias(alias_id.as_str(), room_id.as_str(), user_id.as_str())
+            .await?
+        {
+            return Err(Error::new(ErrorKind::Unknown, "Room alias already exists").with_status(409));
+        }
+        Ok(())
+    }
+
+    pub async fn delete_alias(&self, user_id: &UserId, alias: &str) -> Result<()> {
+        let record = self
+            .store
+            .resolve_alias(alias)
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        let is_admin = self.store.get_user(user_id.as_str()).await?.is_some_and(|u| u.admin);
+        if record.creator != user_id.as_str() && !is_admin {
+            return Err(Error::forbidden("Only the alias creator or an admin may delete it"));
+        }
+        self.store.delete_alias(alias).await?;
+        Ok(())
+    }
+}
+
+/// The `membership` of a member event.
+pub fn membership_of(ev: &StoredEvent) -> Option<String> {
+    serde_json::from_str::<Value>(&ev.pdu_json)
+        .ok()
+        .and_then(|v| v.get("content")?.get("membership")?.as_str().map(str::to_owned))
+}

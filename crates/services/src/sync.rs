@@ -1,0 +1,384 @@
+//! `/sync`: a reader of the one ordered stream. A sync token is a stream
+//! position; an incremental sync returns what changed for the user between
+//! the client's token and the newest durable position, and a long-poll
+//! waits on the store's position watch, checking the in-memory record of
+//! which rooms and users each new position touched before reading anything.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use weft_core::{Error, Result};
+use weft_rooms::{Visibility, client_event, strip_state};
+use weft_store::{Direction, StoredEvent, StreamKey};
+
+use crate::room_ops::{make_token, membership_of, parse_token};
+use crate::{Services, Session};
+
+/// A `RoomEventFilter` (the parts Weft applies).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct EventFilter {
+    pub limit: Option<usize>,
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
+    pub lazy_load_members: bool,
+}
+
+fn glob_match(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+impl EventFilter {
+    pub fn matches(&self, ev: &StoredEvent) -> bool {
+        if let Some(types) = &self.types
+            && !types.iter().any(|t| glob_match(t, &ev.event_type))
+        {
+            return false;
+        }
+        if self.not_types.iter().any(|t| glob_match(t, &ev.event_type)) {
+            return false;
+        }
+        if let Some(s) = &self.senders
+            && !s.iter().any(|s| s == &ev.sender)
+        {
+            return false;
+        }
+        if self.not_senders.iter().any(|s| s == &ev.sender) {
+            return false;
+        }
+        self.room_allowed(&ev.room_id)
+    }
+
+    pub fn room_allowed(&self, room_id: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
+            && !self.not_rooms.iter().any(|x| x == room_id)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RoomFilter {
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
+    pub include_leave: bool,
+    pub timeline: EventFilter,
+    pub state: EventFilter,
+    pub account_data: EventFilter,
+}
+
+/// The sync `Filter` object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SyncFilter {
+    pub room: RoomFilter,
+    pub account_data: EventFilter,
+}
+
+impl SyncFilter {
+    /// Parses a filter body, refusing anything that is not a filter object.
+    pub fn parse(value: Value) -> Result<Self> {
+        serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))
+    }
+
+    fn room_allowed(&self, room_id: &str) -> bool {
+        self.room.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
+            && !self.room.not_rooms.iter().any(|x| x == room_id)
+    }
+}
+
+pub struct SyncRequest {
+    pub since: Option<String>,
+    pub timeout_ms: u64,
+    pub full_state: bool,
+    pub filter: SyncFilter,
+}
+
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+
+impl Services {
+    /// Resolves the `filter` query parameter: inline JSON or a stored ID.
+    pub async fn sync_filter(&self, session: &Session, filter: Option<&str>) -> Result<SyncFilter> {
+        match filter {
+            None => Ok(SyncFilter::default()),
+            Some(f) if f.trim_start().starts_with('{') => {
+                let v: Value = serde_json::from_str(f).map_err(|_| Error::bad_json("filter is not valid JSON"))?;
+                SyncFilter::parse(v)
+            }
+            Some(id) => {
+                let json = self
+                    .store
+                    .get_filter(session.user_id.as_str(), id)
+                    .await?
+                    .ok_or_else(|| Error::invalid_param("Unknown filter"))?;
+                SyncFilter::parse(serde_json::from_str(&json).map_err(Error::internal)?)
+            }
+        }
+    }
+
+    /// Runs a sync, long-polling up to `timeout_ms` when nothing is new.
+    pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
+        let user = session.user_id.as_str();
+        let mut rx = self.store.subscribe_position();
+        let mut since = req.since.as_deref().map(parse_token).transpose()?;
+        let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
+        let my_rooms: HashSet<String> = self
+            .store
+            .user_memberships(user)
+            .await?
+            .into_iter()
+            .map(|m| m.room_id)
+            .collect();
+        loop {
+            let upto = *rx.borrow_and_update();
+            match since {
+                None => return self.build_sync(session, None, upto, &req).await,
+                Some(s) if req.full_state => return self.build_sync(session, Some(s), upto, &req).await,
+                Some(s) if upto > s => {
+                    let relevant = match self.store.changes_since(s) {
+                        None => true,
+                        Some(changes) => changes.iter().any(|(p, k)| {
+                            *p <= upto
+                                && match k {
+                                    StreamKey::Room(r) => my_rooms.contains(r),
+                                    StreamKey::User(u) => u == user,
+                                }
+                        }),
+                    };
+                    if relevant {
+                        let resp = self.build_sync(session, Some(s), upto, &req).await?;
+                        if !is_empty(&resp) {
+                            return Ok(resp);
+                        }
+                    }
+                    // Nothing for this user in (s, upto]: wait from upto.
+                    since = Some(upto);
+                }
+                Some(_) => {}
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::internal("stream closed"));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let upto = *rx.borrow_and_update();
+                    let s = since.unwrap_or(upto);
+                    if upto > s {
+                        return self.build_sync(session, Some(s), upto, &req).await;
+                    }
+                    return Ok(empty_sync(upto));
+                }
+            }
+        }
+    }
+
+    async fn build_sync(&self, session: &Session, since: Option<i64>, upto: i64, req: &SyncRequest) -> Result<Value> {
+        let user = session.user_id.as_str();
+        let now = weft_core::now_ms();
+        let viewer = Some((user, session.device_id.as_str()));
+        let filter = &req.filter;
+        let limit = filter.room.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).min(1000);
+        let changed: HashMap<String, i64> = match since {
+            Some(s) => self.store.rooms_changed(s, upto).await?.into_iter().collect(),
+            None => HashMap::new(),
+        };
+        let memberships = self.store.user_memberships(user).await?;
+        let mut join = Map::new();
+        let mut invite = Map::new();
+        let mut leave = Map::new();
+        for m in memberships {
+            if m.position > upto || !filter.room_allowed(&m.room_id) {
+                continue;
+            }
+            let membership_new = since.is_none_or(|s| m.position > s);
+            let room_changed = since.is_none() || changed.contains_key(&m.room_id);
+            match m.membership.as_str() {
+                "join" if membership_new || room_changed || req.full_state => {
+                    let fresh = membership_new || req.full_state;
+                    let section = self
+                        .room_section(user, viewer, &m.room_id, since, upto, fresh, limit, filter, now)
+                        .await?;
+                    let mut section = section;
+                    let ad = self
+                        .room_account_data(user, &m.room_id, if fresh { None } else { since }, upto)
+                        .await?;
+                    section.insert("account_data".into(), json!({ "events": ad }));
+                    section.insert("ephemeral".into(), json!({ "events": [] }));
+                    section.insert("unread_notifications".into(), json!({}));
+                    join.insert(m.room_id.clone(), Value::Object(section));
+                }
+                "invite" if membership_new => {
+                    let mut events: Vec<Value> = self
+                        .store
+                        .current_state(&m.room_id)
+                        .await?
+                        .iter()
+                        .filter(|e| {
+                            matches!(
+                                e.event_type.as_str(),
+                                "m.room.create"
+                                    | "m.room.join_rules"
+                                    | "m.room.name"
+                                    | "m.room.avatar"
+                                    | "m.room.topic"
+                                    | "m.room.canonical_alias"
+                                    | "m.room.encryption"
+                            )
+                        })
+                        .map(strip_state)
+                        .collect();
+                    if let Some(inv) = self.store.get_event(&m.event_id).await? {
+                        events.push(strip_state(&inv));
+                    }
+                    invite.insert(m.room_id.clone(), json!({ "invite_state": { "events": events } }));
+                }
+                "leave" | "ban"
+                    if (membership_new && since.is_some()) || (since.is_none() && filter.room.include_leave) =>
+                {
+                    if self.store.is_forgotten(user, &m.room_id).await? {
+                        continue;
+                    }
+                    let section = self
+                        .room_section(user, viewer, &m.room_id, since, m.position, true, limit, filter, now)
+                        .await?;
+                    leave.insert(m.room_id.clone(), Value::Object(section));
+                }
+                _ => {}
+            }
+        }
+        let account_data: Vec<Value> = self
+            .store
+            .account_data_since(user, since.unwrap_or(0), upto)
+            .await?
+            .into_iter()
+            .filter(|a| a.room_id.is_none())
+            .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
+            .collect();
+        Ok(json!({
+            "next_batch": make_token(upto),
+            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+            "account_data": { "events": account_data },
+            "presence": { "events": [] },
+            "to_device": { "events": [] },
+            "device_lists": { "changed": [], "left": [] },
+            "device_one_time_keys_count": {},
+        }))
+    }
+
+    async fn room_account_data(&self, user: &str, room_id: &str, since: Option<i64>, upto: i64) -> Result<Vec<Value>> {
+        Ok(self
+            .store
+            .account_data_since(user, since.unwrap_or(0), upto)
+            .await?
+            .into_iter()
+            .filter(|a| a.room_id.as_deref() == Some(room_id))
+            .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
+            .collect())
+    }
+
+    /// Timeline and state of one room for (since, upto]. `fresh` means the
+    /// client knows nothing of this room yet: send the full state.
+    #[allow(clippy::too_many_arguments)]
+    async fn room_section(
+        &self,
+        user: &str,
+        viewer: Option<(&str, &str)>,
+        room_id: &str,
+        since: Option<i64>,
+        upto: i64,
+        fresh: bool,
+        limit: usize,
+        filter: &SyncFilter,
+        now: u64,
+    ) -> Result<Map<String, Value>> {
+        let floor = since.unwrap_or(0);
+        let mut raw = self
+            .store
+            .room_events(room_id, upto + 1, floor, Direction::Backward, limit + 1)
+            .await?;
+        let limited = raw.len() > limit;
+        raw.truncate(limit);
+        raw.reverse();
+        let timeline_start = raw.first().map(|e| e.position).unwrap_or(upto + 1);
+        let visibility = Visibility::load(&*self.store, room_id, user).await?;
+        let timeline: Vec<Value> = raw
+            .iter()
+            .filter(|e| {
+                visibility.can_see(e.position)
+                    || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(user))
+            })
+            .filter(|e| filter.room.timeline.matches(e))
+            .map(|e| client_event(e, viewer, now))
+            .collect();
+        let state_events: Vec<StoredEvent> = if fresh || since.is_none() {
+            self.store.state_at(room_id, timeline_start - 1).await?
+        } else if limited {
+            let mut latest: HashMap<(String, String), StoredEvent> = HashMap::new();
+            for e in self.store.state_changes(room_id, floor, timeline_start - 1).await? {
+                latest.insert((e.event_type.clone(), e.state_key.clone().unwrap_or_default()), e);
+            }
+            let mut v: Vec<_> = latest.into_values().collect();
+            v.sort_by_key(|e| e.position);
+            v
+        } else {
+            Vec::new()
+        };
+        let state: Vec<Value> = state_events
+            .iter()
+            .filter(|e| filter.room.state.matches(e))
+            .map(|e| client_event(e, viewer, now))
+            .collect();
+        let mut section = Map::new();
+        section.insert(
+            "timeline".into(),
+            json!({ "events": timeline, "limited": limited, "prev_batch": make_token(timeline_start - 1) }),
+        );
+        section.insert("state".into(), json!({ "events": state }));
+        if fresh {
+            let state_now = self.store.current_state(room_id).await?;
+            let (mut joined, mut invited) = (0, 0);
+            for e in state_now.iter().filter(|e| e.event_type == "m.room.member") {
+                match membership_of(e).as_deref() {
+                    Some("join") => joined += 1,
+                    Some("invite") => invited += 1,
+                    _ => {}
+                }
+            }
+            section.insert(
+                "summary".into(),
+                json!({ "m.joined_member_count": joined, "m.invited_member_count": invited }),
+            );
+        }
+        Ok(section)
+    }
+}
+
+fn is_empty(resp: &Value) -> bool {
+    let rooms_empty = ["join", "invite", "leave"]
+        .iter()
+        .all(|k| resp["rooms"][k].as_object().is_none_or(|o| o.is_empty()));
+    rooms_empty && resp["account_data"]["events"].as_array().is_none_or(|a| a.is_empty())
+}
+
+fn empty_sync(upto: i64) -> Value {
+    json!({
+        "next_batch": make_token(upto),
+        "rooms": { "join": {}, "invite": {}, "leave": {}, "knock": {} },
+        "account_data": { "events": [] },
+        "presence": { "events": [] },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+    })
+}

@@ -1,0 +1,144 @@
+//! Storage for Weft: the [`Store`] interface every other crate uses, and its
+//! backends (SQLite, embedded, the default). No SQL exists outside this
+//! crate. See `README.md` beside this file for the tables and why.
+//!
+//! Contract of the write path: writes are queued to one writer which commits
+//! them in batches (group commit: many events, one transaction, one fsync).
+//! Writes enqueued in order are committed in that order, and each persisted
+//! event and account-data change gets the next position of one server-wide
+//! stream. A position is only published to readers once every write up to it
+//! is durable.
+
+mod sqlite;
+mod types;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+pub use weft_core::Result;
+
+pub use sqlite::SqliteStore;
+pub use types::*;
+
+/// A queued write, resolved once it is durable.
+pub type Pending<T> = oneshot::Receiver<Result<T>>;
+
+/// The storage interface. Positions (`i64`) are positions in the one
+/// server-wide stream.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- stream ----
+    /// Highest durable stream position.
+    fn current_position(&self) -> i64;
+    /// A receiver that changes whenever the durable stream position advances.
+    fn subscribe_position(&self) -> tokio::sync::watch::Receiver<i64>;
+    /// What the stream carried after `since`, from memory: which rooms and
+    /// users each position touched. `None` when `since` is older than what
+    /// is kept (callers then treat everything as changed).
+    fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>>;
+
+    // ---- accounts ----
+    async fn create_user(&self, user: NewUser) -> Result<()>;
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()>;
+    /// Marks the user deactivated and removes all their devices and tokens.
+    async fn deactivate_user(&self, user_id: &str) -> Result<()>;
+    async fn set_profile_field(&self, user_id: &str, field: ProfileField, value: Option<String>) -> Result<()>;
+
+    // ---- devices and tokens ----
+    /// Creates (or replaces the token of) a device; `token_hash` is the
+    /// SHA-256 of the access token.
+    async fn upsert_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &[u8],
+    ) -> Result<()>;
+    async fn lookup_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>>;
+    async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>>;
+    async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()>;
+    /// Deletes all devices of `user_id` except `keep` (if given).
+    async fn delete_devices_except(&self, user_id: &str, keep: Option<&str>) -> Result<()>;
+
+    // ---- filters ----
+    async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String>;
+    async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>>;
+
+    // ---- account data ----
+    /// Stores account data (global when `room_id` is None). Gets a stream position.
+    fn put_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content_json: &str,
+    ) -> Pending<i64>;
+    async fn get_account_data(&self, user_id: &str, room_id: Option<&str>, data_type: &str) -> Result<Option<String>>;
+    /// Account data of `user_id` changed in (since, upto].
+    async fn account_data_since(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<AccountDataRecord>>;
+
+    // ---- rooms and events ----
+    /// Queues one event to be persisted with its effects on state and
+    /// membership. Returns at once; the receiver resolves when durable.
+    fn persist_event(&self, event: NewEvent) -> Pending<i64>;
+    async fn room_info(&self, room_id: &str) -> Result<Option<RoomRecord>>;
+    async fn get_event(&self, event_id: &str) -> Result<Option<StoredEvent>>;
+    /// Current state of a room.
+    async fn current_state(&self, room_id: &str) -> Result<Vec<StoredEvent>>;
+    /// State of a room after every event at positions <= `pos`.
+    async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>>;
+    /// State events of a room with positions in (after, upto].
+    async fn state_changes(&self, room_id: &str, after: i64, upto: i64) -> Result<Vec<StoredEvent>>;
+    /// Events of a room with positions strictly between `from` and `to`,
+    /// walking forward (oldest first) or backward (newest first), at most `limit`.
+    async fn room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: i64,
+        dir: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>>;
+    /// Rooms with at least one event in (since, upto], with their newest position.
+    async fn rooms_changed(&self, since: i64, upto: i64) -> Result<Vec<(String, i64)>>;
+    /// Memberships of a local user, current.
+    async fn user_memberships(&self, user_id: &str) -> Result<Vec<MembershipRecord>>;
+    /// History of one user's membership in a room: (position, membership), oldest first.
+    async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>>;
+    /// History of `m.room.history_visibility` in a room: (position, visibility), oldest first.
+    async fn visibility_history(&self, room_id: &str) -> Result<Vec<(i64, String)>>;
+    /// The event a (user, device, txn_id) created, if any.
+    async fn txn_event(&self, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>>;
+    async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()>;
+    async fn is_forgotten(&self, user_id: &str, room_id: &str) -> Result<bool>;
+    async fn public_rooms(&self) -> Result<Vec<String>>;
+    async fn set_room_public(&self, room_id: &str, public: bool) -> Result<()>;
+
+    // ---- aliases ----
+    /// Returns false if the alias exists already.
+    async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<bool>;
+    async fn resolve_alias(&self, alias: &str) -> Result<Option<AliasRecord>>;
+    async fn delete_alias(&self, alias: &str) -> Result<bool>;
+    async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>>;
+
+    // ---- server ----
+    /// A key-value slot for server metadata (e.g. the signing key name).
+    async fn get_meta(&self, key: &str) -> Result<Option<String>>;
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+}
+
+/// Opens the store configured in `config` inside `data_dir`.
+pub fn open(config: &weft_core::Config, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
+    match config.database.backend.as_str() {
+        "sqlite" => Ok(Arc::new(SqliteStore::open(
+            &config.sqlite_file(data_dir),
+            config.database.synchronous == "full",
+        )?)),
+        other => Err(weft_core::Error::internal(format!(
+            "unknown database backend {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,937 @@
+//! The SQLite backend: one writer thread doing group commit, and a small
+//! pool of read connections (WAL lets reads run beside the writer).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tokio::sync::{oneshot, watch};
+use weft_core::{Error, ErrorKind, Result};
+
+use crate::*;
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
+const READERS: usize = 4;
+
+/// What a write job leaves for after the commit: whether it succeeded (so
+/// its savepoint is kept) and how to answer its caller once the batch is
+/// durable (or failed to commit, with that error).
+struct Done {
+    ok: bool,
+    answer: Box<dyn FnOnce(Option<Error>) + Send>,
+}
+type WriteFn = Box<dyn FnOnce(&Connection, &mut WriterCtx) -> Done + Send>;
+
+/// The writer's running state handed to each job.
+pub(crate) struct WriterCtx {
+    /// Last stream position assigned.
+    pos: i64,
+    /// Stream entries this batch adds, published after the commit.
+    changes: Vec<(i64, StreamKey)>,
+}
+
+/// Stream entries kept in memory: every entry after `floor` is present.
+pub(crate) struct RecentChanges {
+    floor: i64,
+    entries: std::collections::VecDeque<(i64, StreamKey)>,
+}
+
+/// How many recent stream entries are kept in memory for waiters.
+const RECENT_CHANGES: usize = 65_536;
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<WriteFn>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: std::path::PathBuf,
+    position: watch::Receiver<i64>,
+    recent: Arc<parking_lot::RwLock<RecentChanges>>,
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("database: {e}"))
+}
+
+fn open_conn(path: &Path, full_sync: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if full_sync { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and runs migrations.
+    pub fn open(path: &Path, full_sync: bool) -> Result<Self> {
+        let mut conn = open_conn(path, full_sync).map_err(db_err)?;
+        migrate(&mut conn).map_err(db_err)?;
+        let max_pos: i64 = conn
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),
+                            COALESCE((SELECT MAX(position) FROM account_data), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        let (pos_tx, pos_rx) = watch::channel(max_pos);
+        let (tx, rx) = mpsc::channel::<WriteFn>();
+        let recent = Arc::new(parking_lot::RwLock::new(RecentChanges {
+            floor: max_pos,
+            entries: Default::default(),
+        }));
+        let recent_w = recent.clone();
+        std::thread::Builder::new()
+            .name("weft-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, pos_tx, recent_w, max_pos))
+            .map_err(db_err)?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            readers.push(open_conn(path, full_sync).map_err(db_err)?);
+        }
+        Ok(Self {
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+            path: path.to_owned(),
+            position: pos_rx,
+            recent,
+        })
+    }
+
+    /// Runs `f` on a read connection off the async runtime.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.lock().pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open_conn(&path, false).map_err(db_err)?,
+            };
+            let out = f(&conn).map_err(db_err);
+            let mut pool = readers.lock();
+            if pool.len() < READERS * 2 {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// Queues `f` to run inside the writer's next transaction (in its own
+    /// savepoint). `f` gets the connection and the stream-position counter.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
+    ) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteFn = Box::new(move |conn, pos| {
+            let result = f(conn, pos);
+            Done {
+                ok: result.is_ok(),
+                answer: Box::new(move |commit_err| {
+                    let _ = tx.send(match commit_err {
+                        Some(e) => Err(e),
+                        None => result,
+                    });
+                }),
+            }
+        });
+        // If the writer is gone the job is dropped and the receiver errors.
+        let _ = self.writer.send(job);
+        rx
+    }
+
+    async fn write_wait<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write(f)
+            .await
+            .map_err(|_| Error::internal("database writer stopped"))?
+    }
+}
+
+/// The writer: takes every job waiting, runs them in one transaction, each
+/// in its own savepoint so a failing job does not undo the others, commits
+/// (one fsync for the batch), then answers them and publishes the position.
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<WriteFn>,
+    pos_tx: watch::Sender<i64>,
+    recent: Arc<parking_lot::RwLock<RecentChanges>>,
+    pos: i64,
+) {
+    let mut ctx = WriterCtx {
+        pos,
+        changes: Vec::new(),
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let start_pos = ctx.pos;
+        ctx.changes.clear();
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!("cannot begin write transaction: {e}");
+            continue; // dropping the jobs fails their receivers
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for job in batch {
+            let (before, n_changes) = (ctx.pos, ctx.changes.len());
+            let sp = conn.execute_batch("SAVEPOINT job");
+            let done = job(&conn, &mut ctx);
+            if !done.ok || sp.is_err() {
+                ctx.pos = before;
+                ctx.changes.truncate(n_changes);
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn.execute_batch("RELEASE job");
+            answers.push(done.answer);
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                if ctx.pos != start_pos {
+                    {
+                        let mut r = recent.write();
+                        r.entries.extend(ctx.changes.drain(..));
+                        while r.entries.len() > RECENT_CHANGES {
+                            if let Some((p, _)) = r.entries.pop_front() {
+                                r.floor = p;
+                            }
+                        }
+                    }
+                    pos_tx.send_replace(ctx.pos);
+                }
+                for answer in answers {
+                    answer(None);
+                }
+            }
+            Err(e) => {
+                tracing::error!("write batch failed to commit: {e}");
+                let _ = conn.execute_batch("ROLLBACK");
+                ctx.pos = start_pos;
+                for answer in answers {
+                    answer(Some(db_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+const EVENT_COLS: &str = "e.position, e.event_id, e.room_id, e.event_type, e.state_key, e.sender, \
+     e.origin_server_ts, e.pdu_json, e.redacted_by, e.txn_device, e.txn_id";
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let txn_device: Option<String> = r.get(9)?;
+    let txn_id: Option<String> = r.get(10)?;
+    Ok(StoredEvent {
+        position: r.get(0)?,
+        event_id: r.get(1)?,
+        room_id: r.get(2)?,
+        event_type: r.get(3)?,
+        state_key: r.get(4)?,
+        sender: r.get(5)?,
+        origin_server_ts: r.get::<_, i64>(6)? as u64,
+        pdu_json: r.get(7)?,
+        redacted_by: r.get(8)?,
+        txn: txn_device.zip(txn_id),
+    })
+}
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
+    Ok(UserRecord {
+        user_id: r.get(0)?,
+        password_hash: r.get(1)?,
+        admin: r.get(2)?,
+        deactivated: r.get(3)?,
+        displayname: r.get(4)?,
+        avatar_url: r.get(5)?,
+        created_ms: r.get::<_, i64>(6)? as u64,
+    })
+}
+
+const USER_COLS: &str = "user_id, password_hash, admin, deactivated, displayname, avatar_url, created_ms";
+
+fn collect<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, f)?;
+    rows.collect()
+}
+
+/// Inserts one event and applies its effects; runs inside the writer.
+fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
+    let p = ctx.pos + 1;
+    if let Some(room) = &ev.new_room {
+        conn.prepare_cached("INSERT INTO rooms (room_id, room_version, creator) VALUES (?1, ?2, ?3)")?
+            .execute(params![ev.room_id, room.room_version, room.creator])?;
+    }
+    let (txn_device, txn_id) = match &ev.txn {
+        Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
+         origin_server_ts, pdu_json, txn_device, txn_id) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+    )?
+    .execute(params![
+        p,
+        ev.event_id,
+        ev.room_id,
+        ev.event_type,
+        ev.state_key,
+        ev.sender,
+        ev.origin_server_ts as i64,
+        ev.pdu_json,
+        txn_device,
+        txn_id
+    ])?;
+    if let Some(state_key) = &ev.state_key {
+        let detail = ev.membership.as_deref().or(ev.history_visibility.as_deref());
+        conn.prepare_cached(
+            "INSERT INTO state_events (room_id, event_type, state_key, position, detail) VALUES (?1,?2,?3,?4,?5)",
+        )?
+        .execute(params![ev.room_id, ev.event_type, state_key, p, detail])?;
+        conn.prepare_cached(
+            "INSERT INTO current_state (room_id, event_type, state_key, position) VALUES (?1,?2,?3,?4) \
+             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET position = excluded.position",
+        )?
+        .execute(params![ev.room_id, ev.event_type, state_key, p])?;
+        if let Some(membership) = &ev.membership {
+            conn.prepare_cached(
+                "INSERT INTO memberships (room_id, user_id, membership, event_id, position) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, \
+                 event_id = excluded.event_id, position = excluded.position",
+            )?
+            .execute(params![ev.room_id, state_key, membership, ev.event_id, p])?;
+            if membership == "join" {
+                conn.prepare_cached("DELETE FROM forgotten WHERE user_id = ?1 AND room_id = ?2")?
+                    .execute(params![state_key, ev.room_id])?;
+            }
+        }
+    }
+    if let Some((device, txn)) = &ev.txn {
+        conn.prepare_cached("INSERT INTO txns (user_id, device_id, txn_id, event_id) VALUES (?1,?2,?3,?4)")?
+            .execute(params![ev.sender, device, txn, ev.event_id])?;
+    }
+    if let Some((target, redacted_json)) = &ev.redaction {
+        conn.prepare_cached("UPDATE events SET pdu_json = ?1, redacted_by = ?2 WHERE event_id = ?3")?
+            .execute(params![redacted_json, ev.event_id, target])?;
+    }
+    ctx.pos = p;
+    ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
+    if let (Some(_), Some(target)) = (&ev.membership, &ev.state_key) {
+        ctx.changes.push((p, StreamKey::User(target.clone())));
+    }
+    Ok(p)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn current_position(&self) -> i64 {
+        *self.position.borrow()
+    }
+
+    fn subscribe_position(&self) -> watch::Receiver<i64> {
+        self.position.clone()
+    }
+
+    fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>> {
+        let r = self.recent.read();
+        if since < r.floor {
+            return None;
+        }
+        let start = r.entries.partition_point(|(p, _)| *p <= since);
+        Some(r.entries.range(start..).cloned().collect())
+    }
+
+    async fn create_user(&self, user: NewUser) -> Result<()> {
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "INSERT INTO users (user_id, password_hash, admin, created_ms) VALUES (?1,?2,?3,?4) \
+                     ON CONFLICT (user_id) DO NOTHING",
+                    params![user.user_id, user.password_hash, user.admin, user.created_ms as i64],
+                )
+                .map_err(db_err)?;
+            if n == 0 {
+                return Err(Error::new(ErrorKind::UserInUse, "User ID already taken."));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>> {
+        let user_id = user_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE user_id = ?1"))?
+                .query_row([user_id], user_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.read(|c| {
+            collect(
+                c,
+                &format!("SELECT {USER_COLS} FROM users ORDER BY user_id"),
+                [],
+                user_row,
+            )
+        })
+        .await
+    }
+
+    async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()> {
+        let (u, h) = (user_id.to_owned(), hash.to_owned());
+        self.write_wait(move |c, _| {
+            c.execute("UPDATE users SET password_hash = ?1 WHERE user_id = ?2", params![h, u])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deactivate_user(&self, user_id: &str) -> Result<()> {
+        let u = user_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.execute(
+                "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1",
+                [&u],
+            )
+            .map_err(db_err)?;
+            c.execute("DELETE FROM devices WHERE user_id = ?1", [&u])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_profile_field(&self, user_id: &str, field: ProfileField, value: Option<String>) -> Result<()> {
+        let u = user_id.to_owned();
+        let col = match field {
+            ProfileField::DisplayName => "displayname",
+            ProfileField::AvatarUrl => "avatar_url",
+        };
+        self.write_wait(move |c, _| {
+            c.execute(
+                &format!("UPDATE users SET {col} = ?1 WHERE user_id = ?2"),
+                params![value, u],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upsert_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &[u8],
+    ) -> Result<()> {
+        let (u, d, n, t) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            display_name.map(str::to_owned),
+            token_hash.to_vec(),
+        );
+        self.write_wait(move |c, _| {
+            c.execute(
+                "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET token_hash = excluded.token_hash, \
+                 display_name = COALESCE(excluded.display_name, devices.display_name)",
+                params![u, d, n, t, weft_core::now_ms() as i64],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lookup_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>> {
+        let t = token_hash.to_vec();
+        self.read(move |c| {
+            c.prepare_cached("SELECT user_id, device_id FROM devices WHERE token_hash = ?1")?
+                .query_row([t], |r| {
+                    Ok(TokenOwner {
+                        user_id: r.get(0)?,
+                        device_id: r.get(1)?,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ?1 ORDER BY device_id",
+                [u],
+                |r| {
+                    Ok(DeviceRecord {
+                        device_id: r.get(0)?,
+                        display_name: r.get(1)?,
+                        last_seen_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.write_wait(move |c, _| {
+            c.execute(
+                "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                params![u, d],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_devices_except(&self, user_id: &str, keep: Option<&str>) -> Result<()> {
+        let (u, k) = (user_id.to_owned(), keep.map(str::to_owned));
+        self.write_wait(move |c, _| {
+            c.execute(
+                "DELETE FROM devices WHERE user_id = ?1 AND (?2 IS NULL OR device_id != ?2)",
+                params![u, k],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String> {
+        let (u, f) = (user_id.to_owned(), filter_json.to_owned());
+        self.write_wait(move |c, _| {
+            let id: i64 = c
+                .query_row(
+                    "INSERT INTO filters (user_id, filter_id, filter_json) VALUES (?1, \
+                     (SELECT COALESCE(MAX(filter_id), -1) + 1 FROM filters WHERE user_id = ?1), ?2) RETURNING filter_id",
+                    params![u, f],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            Ok(id.to_string())
+        })
+        .await
+    }
+
+    async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>> {
+        let Ok(id) = filter_id.parse::<i64>() else {
+            return Ok(None);
+        };
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT filter_json FROM filters WHERE user_id = ?1 AND filter_id = ?2")?
+                .query_row(params![u, id], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    fn put_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content_json: &str,
+    ) -> Pending<i64> {
+        let (u, r, t, j) = (
+            user_id.to_owned(),
+            room_id.unwrap_or("").to_owned(),
+            data_type.to_owned(),
+            content_json.to_owned(),
+        );
+        self.write(move |c, ctx| {
+            let p = ctx.pos + 1;
+            c.prepare_cached(
+                "INSERT INTO account_data (user_id, room_id, data_type, content_json, position) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content_json = excluded.content_json, \
+                 position = excluded.position",
+            )
+            .and_then(|mut s| s.execute(params![u, r, t, j, p]))
+            .map_err(db_err)?;
+            ctx.pos = p;
+            ctx.changes.push((p, StreamKey::User(u)));
+            Ok(p)
+        })
+    }
+
+    async fn get_account_data(&self, user_id: &str, room_id: Option<&str>, data_type: &str) -> Result<Option<String>> {
+        let (u, r, t) = (
+            user_id.to_owned(),
+            room_id.unwrap_or("").to_owned(),
+            data_type.to_owned(),
+        );
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT content_json FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND data_type = ?3",
+            )?
+            .query_row(params![u, r, t], |r| r.get(0))
+            .optional()
+        })
+        .await
+    }
+
+    async fn account_data_since(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<AccountDataRecord>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT room_id, data_type, content_json, position FROM account_data \
+                 WHERE user_id = ?1 AND position > ?2 AND position <= ?3 ORDER BY position",
+                params![u, since, upto],
+                |r| {
+                    let room: String = r.get(0)?;
+                    Ok(AccountDataRecord {
+                        room_id: (!room.is_empty()).then_some(room),
+                        data_type: r.get(1)?,
+                        content_json: r.get(2)?,
+                        position: r.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    fn persist_event(&self, event: NewEvent) -> Pending<i64> {
+        self.write(move |c, ctx| insert_event(c, ctx, &event).map_err(db_err))
+    }
+
+    async fn room_info(&self, room_id: &str) -> Result<Option<RoomRecord>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT room_id, room_version, creator FROM rooms WHERE room_id = ?1")?
+                .query_row([r], |r| {
+                    Ok(RoomRecord {
+                        room_id: r.get(0)?,
+                        room_version: r.get(1)?,
+                        creator: r.get(2)?,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn get_event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
+        let id = event_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events e WHERE e.event_id = ?1"))?
+                .query_row([id], event_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn current_state(&self, room_id: &str) -> Result<Vec<StoredEvent>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM current_state s JOIN events e ON e.position = s.position \
+                     WHERE s.room_id = ?1 ORDER BY e.position"
+                ),
+                [r],
+                event_row,
+            )
+        })
+        .await
+    }
+
+    async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM (SELECT MAX(position) AS p FROM state_events \
+                     WHERE room_id = ?1 AND position <= ?2 GROUP BY event_type, state_key) s \
+                     JOIN events e ON e.position = s.p ORDER BY e.position"
+                ),
+                params![r, pos],
+                event_row,
+            )
+        })
+        .await
+    }
+
+    async fn state_changes(&self, room_id: &str, after: i64, upto: i64) -> Result<Vec<StoredEvent>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM state_events s JOIN events e ON e.position = s.position \
+                     WHERE s.room_id = ?1 AND s.position > ?2 AND s.position <= ?3 ORDER BY s.position"
+                ),
+                params![r, after, upto],
+                event_row,
+            )
+        })
+        .await
+    }
+
+    async fn room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: i64,
+        dir: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let r = room_id.to_owned();
+        let limit = limit as i64;
+        self.read(move |c| match dir {
+            Direction::Forward => collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = ?1 AND e.position > ?2 \
+                     AND e.position < ?3 ORDER BY e.position ASC LIMIT ?4"
+                ),
+                params![r, from, to, limit],
+                event_row,
+            ),
+            Direction::Backward => collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = ?1 AND e.position < ?2 \
+                     AND e.position > ?3 ORDER BY e.position DESC LIMIT ?4"
+                ),
+                params![r, from, to, limit],
+                event_row,
+            ),
+        })
+        .await
+    }
+
+    async fn rooms_changed(&self, since: i64, upto: i64) -> Result<Vec<(String, i64)>> {
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT room_id, MAX(position) FROM events WHERE position > ?1 AND position <= ?2 GROUP BY room_id",
+                params![since, upto],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+    }
+
+    async fn user_memberships(&self, user_id: &str) -> Result<Vec<MembershipRecord>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT room_id, membership, event_id, position FROM memberships WHERE user_id = ?1 ORDER BY position",
+                [u],
+                |r| {
+                    Ok(MembershipRecord {
+                        room_id: r.get(0)?,
+                        membership: r.get(1)?,
+                        event_id: r.get(2)?,
+                        position: r.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
+        let (r, u) = (room_id.to_owned(), user_id.to_owned());
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT position, detail FROM state_events WHERE room_id = ?1 AND event_type = 'm.room.member' \
+                 AND state_key = ?2 ORDER BY position",
+                params![r, u],
+                |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())),
+            )
+        })
+        .await
+    }
+
+    async fn visibility_history(&self, room_id: &str) -> Result<Vec<(i64, String)>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT position, detail FROM state_events WHERE room_id = ?1 \
+                 AND event_type = 'm.room.history_visibility' AND state_key = '' ORDER BY position",
+                [r],
+                |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())),
+            )
+        })
+        .await
+    }
+
+    async fn txn_event(&self, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+        let (u, d, t) = (user_id.to_owned(), device_id.to_owned(), txn_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached("SELECT event_id FROM txns WHERE user_id = ?1 AND device_id = ?2 AND txn_id = ?3")?
+                .query_row(params![u, d, t], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()> {
+        let (u, r) = (user_id.to_owned(), room_id.to_owned());
+        self.write_wait(move |c, _| {
+            c.execute(
+                "INSERT OR IGNORE INTO forgotten (user_id, room_id) VALUES (?1, ?2)",
+                params![u, r],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_forgotten(&self, user_id: &str, room_id: &str) -> Result<bool> {
+        let (u, r) = (user_id.to_owned(), room_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM forgotten WHERE user_id = ?1 AND room_id = ?2")?
+                .query_row(params![u, r], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+        })
+        .await
+    }
+
+    async fn public_rooms(&self) -> Result<Vec<String>> {
+        self.read(|c| {
+            collect(
+                c,
+                "SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY room_id",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn set_room_public(&self, room_id: &str, public: bool) -> Result<()> {
+        let r = room_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.execute("UPDATE rooms SET is_public = ?1 WHERE room_id = ?2", params![public, r])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
+        let (a, r, u) = (alias.to_owned(), room_id.to_owned(), creator.to_owned());
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "INSERT INTO aliases (alias, room_id, creator) VALUES (?1,?2,?3) ON CONFLICT (alias) DO NOTHING",
+                    params![a, r, u],
+                )
+                .map_err(db_err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn resolve_alias(&self, alias: &str) -> Result<Option<AliasRecord>> {
+        let a = alias.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT alias, room_id, creator FROM aliases WHERE alias = ?1")?
+                .query_row([a], |r| {
+                    Ok(AliasRecord {
+                        alias: r.get(0)?,
+                        room_id: r.get(1)?,
+                        creator: r.get(2)?,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    async fn delete_alias(&self, alias: &str) -> Result<bool> {
+        let a = alias.to_owned();
+        self.write_wait(move |c, _| Ok(c.execute("DELETE FROM aliases WHERE alias = ?1", [a]).map_err(db_err)? == 1))
+            .await
+    }
+
+    async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT alias FROM aliases WHERE room_id = ?1 ORDER BY alias",
+                [r],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        let k = key.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([k], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.write_wait(move |c, _| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![k, v],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}

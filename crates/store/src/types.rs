@@ -1,0 +1,132 @@
+//! Plain records passed across the storage interface.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub user_id: String,
+    pub password_hash: Option<String>,
+    pub admin: bool,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user_id: String,
+    pub password_hash: Option<String>,
+    pub admin: bool,
+    pub deactivated: bool,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ProfileField {
+    DisplayName,
+    AvatarUrl,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenOwner {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountDataRecord {
+    pub room_id: Option<String>,
+    pub data_type: String,
+    pub content_json: String,
+    pub position: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// An event ready to be stored, with what it changes.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub room_id: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub origin_server_ts: u64,
+    /// The full PDU as canonical JSON.
+    pub pdu_json: String,
+    /// Set on the create event: the room's row.
+    pub new_room: Option<NewRoom>,
+    /// For `m.room.member` events: the membership value.
+    pub membership: Option<String>,
+    /// For `m.room.history_visibility`: the visibility value.
+    pub history_visibility: Option<String>,
+    /// (device_id, txn_id) the sender used, for idempotent sends.
+    pub txn: Option<(String, String)>,
+    /// For redactions: the target event and its redacted PDU JSON.
+    pub redaction: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRoom {
+    pub room_version: String,
+    pub creator: String,
+}
+
+/// A stored event.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub origin_server_ts: u64,
+    pub pdu_json: String,
+    /// Event ID of the redaction that redacted it, if any.
+    pub redacted_by: Option<String>,
+    /// (device_id, txn_id) of the sending device, if sent with one.
+    pub txn: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomRecord {
+    pub room_id: String,
+    pub room_version: String,
+    pub creator: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MembershipRecord {
+    pub room_id: String,
+    pub membership: String,
+    pub event_id: String,
+    pub position: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AliasRecord {
+    pub alias: String,
+    pub room_id: String,
+    pub creator: String,
+}
+
+/// What a stream position touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamKey {
+    /// An event in this room.
+    Room(String),
+    /// Something for this user: account data, or a membership change of them.
+    User(String),
+}

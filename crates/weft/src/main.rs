@@ -1,0 +1,244 @@
+//! `weft`: the Matrix homeserver and IoT platform binary. `weft serve`
+//! runs the server; `weft user …` administers accounts in a data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use weft_core::Config;
+use weft_core::config::DEFAULT_CONFIG_TOML;
+use weft_services::Services;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Weft: a Matrix homeserver and IoT platform")]
+struct Cli {
+    /// Data directory: config (weft.toml), signing key, database.
+    #[arg(long, global = true, env = "WEFT_DATA_DIR", default_value = "./weft-data")]
+    data_dir: PathBuf,
+    /// Config file (default: weft.toml in the data directory).
+    #[arg(long, global = true, env = "WEFT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (creates the data directory on first run).
+    Serve {
+        /// Address to listen on (overrides `listen` in the config).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Server name (overrides `server_name`; choose before making users).
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Manage user accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Create {
+        name: String,
+        #[arg(long)]
+        password: String,
+        /// Make the user a server admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    List,
+    /// Set a new password.
+    ResetPassword {
+        name: String,
+        #[arg(long)]
+        password: String,
+    },
+    /// Deactivate a user: no more logins, all devices logged out.
+    Deactivate { name: String },
+    /// Issue an access token for a new (or named) device of a user, e.g.
+    /// for a sensor that cannot log in itself.
+    Token {
+        name: String,
+        #[arg(long)]
+        device_id: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve { listen, server_name } => {
+                serve(&cli.data_dir, cli.config, listen, server_name, started).await
+            }
+            Command::User(cmd) => user(&cli.data_dir, cli.config, cmd).await,
+        }
+    })
+}
+
+/// Loads the config, creating the data directory and a commented config
+/// file on first run. Returns whether this was the first run.
+fn prepare(
+    data_dir: &Path,
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    server_name: Option<String>,
+    create: bool,
+) -> anyhow::Result<(Config, bool)> {
+    let config_path = config.unwrap_or_else(|| data_dir.join("weft.toml"));
+    let mut first_run = false;
+    if !data_dir.exists() {
+        if !create {
+            bail!(
+                "data directory {} does not exist; start the server once with `weft serve` to create it",
+                data_dir.display()
+            );
+        }
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        first_run = true;
+    }
+    if !config_path.exists() && create {
+        let mut text = DEFAULT_CONFIG_TOML.to_owned();
+        if let Some(name) = &server_name {
+            text = text.replace("server_name = \"localhost:8008\"", &format!("server_name = {name:?}"));
+        }
+        std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
+    }
+    let mut config = Config::load(&config_path).map_err(anyhow::Error::msg)?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    if let Some(n) = server_name {
+        config.server_name = n;
+    }
+    Ok((config, first_run))
+}
+
+fn open_services(data_dir: &Path, config: Config) -> anyhow::Result<Arc<Services>> {
+    let key = weft_rooms::keys::load_or_create(data_dir).map_err(anyhow::Error::msg)?;
+    let store = weft_store::open(&config, data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Services::new(config, store, key).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn serve(
+    data_dir: &Path,
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    server_name: Option<String>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let (config, first_run) = prepare(data_dir, config, listen, server_name, true)?;
+    let listen_addr = config.listen.clone();
+    let server_name = config.server_name.clone();
+    let services = open_services(data_dir, config)?;
+    let listener = tokio::net::TcpListener::bind(&listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {listen_addr}"))?;
+    let addr = listener.local_addr()?;
+    let app = weft_http::router(services.clone());
+    if first_run {
+        println!(
+            "weft: created data directory {} (config weft.toml, signing key, database)",
+            data_dir.display()
+        );
+    }
+    println!("weft: server name {server_name}, data in {}", data_dir.display());
+    println!("weft listening on http://{addr}");
+    println!(
+        "weft: create a user with: weft user create alice --password 'choose-a-password' --data-dir {}",
+        data_dir.display()
+    );
+    println!(
+        "weft: then point any Matrix client at http://{addr} (ready in {} ms)",
+        started.elapsed().as_millis()
+    );
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+    };
+    let server =
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown);
+    server.await?;
+    Ok(())
+}
+
+async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> anyhow::Result<()> {
+    let (config, _) = prepare(data_dir, config, None, None, true)?;
+    let s = open_services(data_dir, config)?;
+    let err = |e: weft_core::Error| anyhow::anyhow!("{}", e.message);
+    match cmd {
+        UserCommand::Create { name, password, admin } => {
+            let user_id = s
+                .accounts
+                .create_user(&name, Some(&password), admin)
+                .await
+                .map_err(err)?;
+            println!("created {user_id}");
+        }
+        UserCommand::List => {
+            for u in s.store.list_users().await.map_err(err)? {
+                let flags = [(u.admin, "admin"), (u.deactivated, "deactivated")]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!("{}\t{}", u.user_id, flags);
+            }
+        }
+        UserCommand::ResetPassword { name, password } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
+                bail!("no such user {user_id}");
+            }
+            s.accounts.set_password(&user_id, &password).await.map_err(err)?;
+            println!("password changed for {user_id}");
+        }
+        UserCommand::Deactivate { name } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
+                bail!("no such user {user_id}");
+            }
+            s.accounts.deactivate(&user_id).await.map_err(err)?;
+            println!("deactivated {user_id}");
+        }
+        UserCommand::Token { name, device_id } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            match s.store.get_user(user_id.as_str()).await.map_err(err)? {
+                Some(u) if !u.deactivated => {}
+                _ => bail!("no such active user {user_id}"),
+            }
+            let login = s
+                .accounts
+                .new_device(&user_id, device_id.as_deref(), Some("weft user token"))
+                .await
+                .map_err(err)?;
+            println!("{}", login.access_token);
+            eprintln!("device {} of {}", login.device_id, login.user_id);
+        }
+    }
+    Ok(())
+}
