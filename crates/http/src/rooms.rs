@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::Error;
-use weft_services::room_ops::CreateRoomRequest;
+use weft_services::room_ops::{CreateRoomRequest, Pagination};
 use weft_services::sync::{EventFilter, SyncRequest};
 use weft_store::{Direction, StoredEvent};
 
@@ -297,10 +297,12 @@ pub async fn messages(
         .messages(
             &session.user_id,
             &room,
-            q.from.as_deref(),
-            q.to.as_deref(),
-            dir,
-            limit,
+            Pagination {
+                from: q.from.as_deref(),
+                to: q.to.as_deref(),
+                dir,
+                limit,
+            },
             &filter,
         )
         .await?;

@@ -11,7 +11,7 @@ pub struct Visibility {
     visibilities: Vec<(i64, String)>,
 }
 
-fn at<'a>(hist: &'a [(i64, String)], pos: i64, inclusive: bool) -> Option<&'a str> {
+fn at(hist: &[(i64, String)], pos: i64, inclusive: bool) -> Option<&str> {
     let idx = hist.partition_point(|(p, _)| if inclusive { *p <= pos } else { *p < pos });
     idx.checked_sub(1).map(|i| hist[i].1.as_str())
 }

@@ -42,6 +42,14 @@ pub struct InitialState {
     pub content: Value,
 }
 
+/// Where a `/messages` page starts and ends, and which way it walks.
+pub struct Pagination<'a> {
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub dir: Direction,
+    pub limit: usize,
+}
+
 /// A page of `/messages`.
 pub struct MessagesPage {
     pub chunk: Vec<StoredEvent>,
@@ -166,14 +174,13 @@ impl Services {
                 },
             )
             .await?;
-        if let Some(alias) = alias {
-            if !self
+        if let Some(alias) = alias
+            && !self
                 .store
                 .create_alias(alias.as_str(), room_id.as_str(), session.user_id.as_str())
                 .await?
-            {
-                return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
-            }
+        {
+            return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
         }
         if public {
             self.store.set_room_public(room_id.as_str(), true).await?;
@@ -414,12 +421,10 @@ impl Services {
         &self,
         user_id: &UserId,
         room: &str,
-        from: Option<&str>,
-        to: Option<&str>,
-        dir: Direction,
-        limit: usize,
+        page: Pagination<'_>,
         filter: &EventFilter,
     ) -> Result<MessagesPage> {
+        let Pagination { from, to, dir, limit } = page;
         let (room_id, view) = self.read_view(user_id, room).await?;
         let limit = limit.clamp(1, 1000);
         let now = self.store.current_position().min(view.upto);
@@ -513,10 +518,12 @@ impl Services {
             self.messages(
                 user_id,
                 room,
-                Some(&make_token(ev.position - 1)),
-                None,
-                Direction::Backward,
-                half,
+                Pagination {
+                    from: Some(&make_token(ev.position - 1)),
+                    to: None,
+                    dir: Direction::Backward,
+                    limit: half,
+                },
                 filter,
             )
             .await?
@@ -532,10 +539,12 @@ impl Services {
             self.messages(
                 user_id,
                 room,
-                Some(&make_token(ev.position)),
-                None,
-                Direction::Forward,
-                limit - half.min(limit),
+                Pagination {
+                    from: Some(&make_token(ev.position)),
+                    to: None,
+                    dir: Direction::Forward,
+                    limit: limit - half.min(limit),
+                },
                 filter,
             )
             .await?
