@@ -24,19 +24,28 @@ pub fn client_event(ev: &StoredEvent, viewer: Option<(&str, &str)>, now_ms: u64)
     }
     obj.insert("event_id".into(), Value::String(ev.event_id.clone()));
     obj.insert("room_id".into(), Value::String(ev.room_id.clone()));
-    if ev.event_type == "m.room.redaction" && !obj.contains_key("redacts")
-        && let Some(r) = obj.get("content").and_then(|c| c.get("redacts")).cloned() {
-            obj.insert("redacts".into(), r);
-        }
+    if ev.event_type == "m.room.redaction"
+        && !obj.contains_key("redacts")
+        && let Some(r) = obj.get("content").and_then(|c| c.get("redacts")).cloned()
+    {
+        obj.insert("redacts".into(), r);
+    }
     let mut unsigned = match obj.remove("unsigned") {
         Some(Value::Object(u)) => u,
         _ => Map::new(),
     };
+    if let Some(Value::Object(because)) = unsigned.get_mut("redacted_because") {
+        for k in ["auth_events", "prev_events", "hashes", "signatures", "depth"] {
+            because.remove(k);
+        }
+    }
     unsigned.insert("age".into(), Value::from(now_ms.saturating_sub(ev.origin_server_ts)));
     if let (Some((user, device)), Some((d, t))) = (viewer, &ev.txn)
-        && user == ev.sender && device == d {
-            unsigned.insert("transaction_id".into(), Value::String(t.clone()));
-        }
+        && user == ev.sender
+        && device == d
+    {
+        unsigned.insert("transaction_id".into(), Value::String(t.clone()));
+    }
     obj.insert("unsigned".into(), Value::Object(unsigned));
     Value::Object(obj)
 }

@@ -264,7 +264,13 @@ impl Services {
         if let Some(txn) = txn_id
             && let Some(id) = self
                 .store
-                .txn_event(session.user_id.as_str(), &session.device_id, txn)
+                .txn_event(
+                    session.user_id.as_str(),
+                    &session.device_id,
+                    room_id.as_str(),
+                    event_type,
+                    txn,
+                )
                 .await?
         {
             return OwnedEventId::try_from(id).map_err(Error::internal);
@@ -300,7 +306,13 @@ impl Services {
                 if let Some(txn) = txn_id
                     && let Some(id) = self
                         .store
-                        .txn_event(session.user_id.as_str(), &session.device_id, txn)
+                        .txn_event(
+                            session.user_id.as_str(),
+                            &session.device_id,
+                            room_id.as_str(),
+                            event_type,
+                            txn,
+                        )
                         .await?
                 {
                     return OwnedEventId::try_from(id).map_err(Error::internal);

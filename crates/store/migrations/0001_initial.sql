@@ -96,9 +96,12 @@ CREATE INDEX memberships_by_user ON memberships (user_id);
 CREATE TABLE txns (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
+    -- Transactions are scoped like request paths: room and event type.
+    room_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
     txn_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    PRIMARY KEY (user_id, device_id, room_id, event_type, txn_id)
 );
 
 CREATE TABLE forgotten (

@@ -110,8 +110,15 @@ pub trait Store: Send + Sync + 'static {
     async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>>;
     /// History of `m.room.history_visibility` in a room: (position, visibility), oldest first.
     async fn visibility_history(&self, room_id: &str) -> Result<Vec<(i64, String)>>;
-    /// The event a (user, device, txn_id) created, if any.
-    async fn txn_event(&self, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>>;
+    /// The event a (user, device, txn_id) created in a room with a type, if any.
+    async fn txn_event(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        room_id: &str,
+        event_type: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>>;
     async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()>;
     async fn is_forgotten(&self, user_id: &str, room_id: &str) -> Result<bool>;
     async fn public_rooms(&self) -> Result<Vec<String>>;

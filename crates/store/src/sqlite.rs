@@ -339,8 +339,10 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         }
     }
     if let Some((device, txn)) = &ev.txn {
-        conn.prepare_cached("INSERT INTO txns (user_id, device_id, txn_id, event_id) VALUES (?1,?2,?3,?4)")?
-            .execute(params![ev.sender, device, txn, ev.event_id])?;
+        conn.prepare_cached(
+            "INSERT INTO txns (user_id, device_id, room_id, event_type, txn_id, event_id) VALUES (?1,?2,?3,?4,?5,?6)",
+        )?
+        .execute(params![ev.sender, device, ev.room_id, ev.event_type, txn, ev.event_id])?;
     }
     if let Some((target, redacted_json)) = &ev.redaction {
         conn.prepare_cached("UPDATE events SET pdu_json = ?1, redacted_by = ?2 WHERE event_id = ?3")?
@@ -807,11 +809,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn txn_event(&self, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+    async fn txn_event(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        room_id: &str,
+        event_type: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>> {
         let (u, d, t) = (user_id.to_owned(), device_id.to_owned(), txn_id.to_owned());
+        let (r, e) = (room_id.to_owned(), event_type.to_owned());
         self.read(move |c| {
-            c.prepare_cached("SELECT event_id FROM txns WHERE user_id = ?1 AND device_id = ?2 AND txn_id = ?3")?
-                .query_row(params![u, d, t], |r| r.get(0))
+            c.prepare_cached("SELECT event_id FROM txns WHERE user_id = ?1 AND device_id = ?2 AND room_id = ?3 AND event_type = ?4 AND txn_id = ?5")?
+                .query_row(params![u, d, r, e, t], |r| r.get(0))
                 .optional()
         })
         .await
