@@ -78,6 +78,13 @@ pub async fn register(
         return Err(Error::missing_param("password is required").into());
     };
     let auth = req.auth.unwrap_or_default();
+    if let Some(id) = &auth.session
+        && !s.accounts.uia_known(id)
+    {
+        return Err(Error::new(ErrorKind::Unknown, "Unknown user-interactive auth session")
+            .with_status(400)
+            .into());
+    }
     let session = auth.session.clone().unwrap_or_else(|| s.accounts.new_uia_session());
     let done = match auth.kind.as_deref() {
         Some("m.login.dummy") if stage == "m.login.dummy" => true,

@@ -72,6 +72,11 @@ fn client_routes() -> Router<AppState> {
             "/rooms/{room}/state/{event_type}",
             get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
         )
+        // The trailing slash is optional for an empty state key; ruma sends it.
+        .route(
+            "/rooms/{room}/state/{event_type}/",
+            get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
+        )
         .route(
             "/rooms/{room}/state/{event_type}/{state_key}",
             get(rooms::get_state).put(rooms::put_state),

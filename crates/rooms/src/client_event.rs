@@ -38,6 +38,10 @@ pub fn client_event(ev: &StoredEvent, viewer: Option<(&str, &str)>, now_ms: u64)
         for k in ["auth_events", "prev_events", "hashes", "signatures", "depth"] {
             because.remove(k);
         }
+        if let Some(id) = &ev.redacted_by {
+            because.entry("event_id").or_insert_with(|| Value::String(id.clone()));
+        }
+        because.entry("unsigned").or_insert_with(|| Value::Object(Map::new()));
     }
     unsigned.insert("age".into(), Value::from(now_ms.saturating_sub(ev.origin_server_ts)));
     if let (Some((user, device)), Some((d, t))) = (viewer, &ev.txn)

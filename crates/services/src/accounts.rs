@@ -279,6 +279,11 @@ impl Accounts {
         entry.1.clone()
     }
 
+    /// Whether `session` is a UIA session this server issued (and has not finished).
+    pub fn uia_known(&self, session: &str) -> bool {
+        self.uia.lock().contains_key(session)
+    }
+
     pub fn uia_finish(&self, session: &str) {
         self.uia.lock().remove(session);
     }

@@ -414,7 +414,14 @@ impl Services {
 
     /// One event, if the user may see it.
     pub async fn event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
-        let (room_id, view) = self.read_view(user_id, room).await?;
+        // The spec answers "not found or not allowed" alike, so nothing leaks.
+        let (room_id, view) = self.read_view(user_id, room).await.map_err(|e| {
+            if e.kind == ErrorKind::Forbidden {
+                Error::not_found("Event not found")
+            } else {
+                e
+            }
+        })?;
         let ev = self.store.get_event(event_id).await?;
         match ev {
             Some(ev)

@@ -303,24 +303,43 @@ impl Services {
         now: u64,
     ) -> Result<Map<String, Value>> {
         let floor = since.unwrap_or(0);
-        let mut raw = self
-            .store
-            .room_events(room_id, upto + 1, floor, Direction::Backward, limit + 1)
-            .await?;
-        let limited = raw.len() > limit;
-        raw.truncate(limit);
-        raw.reverse();
-        let timeline_start = raw.first().map(|e| e.position).unwrap_or(upto + 1);
         let visibility = Visibility::load(&*self.store, room_id, user).await?;
-        let timeline: Vec<Value> = raw
-            .iter()
-            .filter(|e| {
-                visibility.can_see(e.position)
-                    || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(user))
-            })
-            .filter(|e| filter.room.timeline.matches(e))
-            .map(|e| client_event(e, viewer, now))
-            .collect();
+        let keep = |e: &StoredEvent| {
+            (visibility.can_see(e.position)
+                || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(user)))
+                && filter.room.timeline.matches(e)
+        };
+        // Walk back from `upto` until `limit + 1` events pass the filter and
+        // visibility (the extra one tells whether the timeline is limited).
+        let mut picked: Vec<StoredEvent> = Vec::new();
+        let mut cursor = upto + 1;
+        let batch = (limit + 1).max(50);
+        loop {
+            let page = self
+                .store
+                .room_events(room_id, cursor, floor, Direction::Backward, batch)
+                .await?;
+            let exhausted = page.len() < batch;
+            for e in page {
+                cursor = e.position;
+                if keep(&e) {
+                    picked.push(e);
+                    if picked.len() > limit {
+                        break;
+                    }
+                }
+            }
+            if picked.len() > limit || exhausted {
+                break;
+            }
+        }
+        let limited = picked.len() > limit;
+        picked.truncate(limit);
+        picked.reverse();
+        // Events skipped by the filter before the first one returned are
+        // covered by prev_batch, so the timeline starts at the oldest returned.
+        let timeline_start = picked.first().map(|e| e.position).unwrap_or(upto + 1);
+        let timeline: Vec<Value> = picked.iter().map(|e| client_event(e, viewer, now)).collect();
         let state_events: Vec<StoredEvent> = if fresh || since.is_none() {
             self.store.state_at(room_id, timeline_start - 1).await?
         } else if limited {

@@ -142,14 +142,16 @@ async fn serve(
     server_name: Option<String>,
     started: Instant,
 ) -> anyhow::Result<()> {
-    let (config, first_run) = prepare(data_dir, config, listen, server_name, true)?;
+    let (mut config, first_run) = prepare(data_dir, config, listen, server_name, true)?;
     let listen_addr = config.listen.clone();
     let server_name = config.server_name.clone();
-    let services = open_services(data_dir, config)?;
     let listener = tokio::net::TcpListener::bind(&listen_addr)
         .await
         .with_context(|| format!("cannot listen on {listen_addr}"))?;
     let addr = listener.local_addr()?;
+    // Advertise the address actually bound (port 0 picks one).
+    config.listen = addr.to_string();
+    let services = open_services(data_dir, config)?;
     let app = weft_http::router(services.clone());
     if first_run {
         println!(
