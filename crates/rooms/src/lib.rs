@@ -227,13 +227,25 @@ impl Rooms {
         Ok(cache)
     }
 
+    /// Loads a room into its slot; an unknown room's slot is dropped again
+    /// so that probing random room IDs cannot grow memory.
+    async fn load_or_forget(&self, room_id: &RoomId) -> Result<RoomCache> {
+        match self.load(room_id).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.slots.lock().remove(room_id);
+                Err(e)
+            }
+        }
+    }
+
     /// The one write path: builds, signs, authorizes and persists an event.
     pub async fn send(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Sent> {
         let slot = self.slot(room_id);
         let (pending, event_id) = {
             let mut guard = slot.lock().await;
             if guard.is_none() {
-                *guard = Some(self.load(room_id).await?);
+                *guard = Some(self.load_or_forget(room_id).await?);
             }
             let Some(cache) = guard.as_mut() else {
                 return Err(Error::internal("room cache missing"));
@@ -442,7 +454,7 @@ impl Rooms {
         let slot = self.slot(room_id);
         let mut guard = slot.lock().await;
         if guard.is_none() {
-            *guard = Some(self.load(room_id).await?);
+            *guard = Some(self.load_or_forget(room_id).await?);
         }
         Ok(guard
             .as_ref()
@@ -464,7 +476,7 @@ impl Rooms {
         let slot = self.slot(room_id);
         let mut guard = slot.lock().await;
         if guard.is_none() {
-            *guard = Some(self.load(room_id).await?);
+            *guard = Some(self.load_or_forget(room_id).await?);
         }
         guard
             .as_ref()

@@ -3,9 +3,7 @@
 //! checks. Authorization of writes is left to the event pipeline's auth
 //! rules; this layer adds the read checks and the spec's request semantics.
 
-use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId,
-};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
@@ -291,7 +289,6 @@ impl Services {
             }
         }
         let redacts = redacts.transpose()?;
-        self.check_room_exists_for(&room_id, &session.user_id).await?;
         let spec = EventSpec {
             event_type: event_type.to_owned(),
             state_key: state_key.map(str::to_owned),
@@ -301,6 +298,8 @@ impl Services {
         };
         match self.rooms.send(&room_id, &session.user_id, spec).await {
             Ok(sent) => Ok(sent.event_id),
+            // An unknown room reads as one you are not in.
+            Err(e) if e.kind == ErrorKind::NotFound => Err(Error::forbidden("You are not in this room")),
             Err(e) => {
                 // A concurrent request with the same txn may have won.
                 if let Some(txn) = txn_id
@@ -320,13 +319,6 @@ impl Services {
                 Err(e)
             }
         }
-    }
-
-    async fn check_room_exists_for(&self, room_id: &RoomId, _user: &UserId) -> Result<()> {
-        if self.store.room_info(room_id.as_str()).await?.is_none() {
-            return Err(Error::forbidden("You are not in this room"));
-        }
-        Ok(())
     }
 
     pub async fn redact(
