@@ -55,7 +55,14 @@ fn new_token() -> String {
     format!("wft_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// Argon2 takes ~19 MiB per hash: at most this many run at once, so a
+/// burst of logins cannot balloon memory (or starve the other threads).
+static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+});
+
 async fn hash_password(password: String) -> Result<String> {
+    let _permit = HASHING.acquire().await.map_err(Error::internal)?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
         Argon2::default()
@@ -69,6 +76,7 @@ async fn hash_password(password: String) -> Result<String> {
 
 /// Constant-time (argon2's own comparison) password check.
 async fn verify_password(password: String, hash: String) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else { return false };
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
             .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())

@@ -189,9 +189,36 @@ impl Services {
         let viewer = Some((user, session.device_id.as_str()));
         let filter = &req.filter;
         let limit = filter.room.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).min(1000);
-        let changed: HashMap<String, i64> = match since {
-            Some(s) => self.store.rooms_changed(s, upto).await?.into_iter().collect(),
-            None => HashMap::new(),
+        // Which rooms changed, and whether anything keyed to this user did
+        // (account data, own membership): from the in-memory stream record
+        // when it reaches back far enough, else from the database.
+        let (changed, user_touched): (HashSet<String>, bool) = match since {
+            None => (HashSet::new(), true),
+            Some(s) => match self.store.changes_since(s) {
+                Some(changes) => {
+                    let mut rooms = HashSet::new();
+                    let mut touched = false;
+                    for (p, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
+                        let _ = p;
+                        match k {
+                            StreamKey::Room(r) => {
+                                rooms.insert(r);
+                            }
+                            StreamKey::User(u) => touched |= u == user,
+                        }
+                    }
+                    (rooms, touched)
+                }
+                None => (
+                    self.store
+                        .rooms_changed(s, upto)
+                        .await?
+                        .into_iter()
+                        .map(|(r, _)| r)
+                        .collect(),
+                    true,
+                ),
+            },
         };
         let memberships = self.store.user_memberships(user).await?;
         let mut join = Map::new();
@@ -202,17 +229,33 @@ impl Services {
                 continue;
             }
             let membership_new = since.is_none_or(|s| m.position > s);
-            let room_changed = since.is_none() || changed.contains_key(&m.room_id);
+            let room_changed = since.is_none() || changed.contains(&m.room_id);
             match m.membership.as_str() {
                 "join" if membership_new || room_changed || req.full_state => {
                     let fresh = membership_new || req.full_state;
-                    let section = self
-                        .room_section(user, viewer, &m.room_id, since, upto, fresh, limit, filter, now)
+                    // Joined before the window and still joined: every event
+                    // in it is visible, no need to load visibility history.
+                    let all_visible = !fresh && since.is_some_and(|s| m.position <= s);
+                    let mut section = self
+                        .room_section(
+                            user,
+                            viewer,
+                            &m.room_id,
+                            since,
+                            upto,
+                            fresh,
+                            all_visible,
+                            limit,
+                            filter,
+                            now,
+                        )
                         .await?;
-                    let mut section = section;
-                    let ad = self
-                        .room_account_data(user, &m.room_id, if fresh { None } else { since }, upto)
-                        .await?;
+                    let ad = if fresh || user_touched {
+                        self.room_account_data(user, &m.room_id, if fresh { None } else { since }, upto)
+                            .await?
+                    } else {
+                        Vec::new()
+                    };
                     section.insert("account_data".into(), json!({ "events": ad }));
                     section.insert("ephemeral".into(), json!({ "events": [] }));
                     section.insert("unread_notifications".into(), json!({}));
@@ -250,17 +293,20 @@ impl Services {
                         continue;
                     }
                     let section = self
-                        .room_section(user, viewer, &m.room_id, since, m.position, true, limit, filter, now)
+                        .room_section(
+                            user, viewer, &m.room_id, since, m.position, true, false, limit, filter, now,
+                        )
                         .await?;
                     leave.insert(m.room_id.clone(), Value::Object(section));
                 }
                 _ => {}
             }
         }
-        let account_data: Vec<Value> = self
-            .store
-            .account_data_since(user, since.unwrap_or(0), upto)
-            .await?
+        let account_data: Vec<Value> = if user_touched {
+            self.store.account_data_since(user, since.unwrap_or(0), upto).await?
+        } else {
+            Vec::new()
+        }
             .into_iter()
             .filter(|a| a.room_id.is_none())
             .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
@@ -298,14 +344,19 @@ impl Services {
         since: Option<i64>,
         upto: i64,
         fresh: bool,
+        all_visible: bool,
         limit: usize,
         filter: &SyncFilter,
         now: u64,
     ) -> Result<Map<String, Value>> {
         let floor = since.unwrap_or(0);
-        let visibility = Visibility::load(&*self.store, room_id, user).await?;
+        let visibility = if all_visible {
+            None
+        } else {
+            Some(Visibility::load(&*self.store, room_id, user).await?)
+        };
         let keep = |e: &StoredEvent| {
-            (visibility.can_see(e.position)
+            (visibility.as_ref().is_none_or(|v| v.can_see(e.position))
                 || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(user)))
                 && filter.room.timeline.matches(e)
         };
