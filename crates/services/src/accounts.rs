@@ -76,7 +76,9 @@ async fn hash_password(password: String) -> Result<String> {
 
 /// Constant-time (argon2's own comparison) password check.
 async fn verify_password(password: String, hash: String) -> bool {
-    let Ok(_permit) = HASHING.acquire().await else { return false };
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
             .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
