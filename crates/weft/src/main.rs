@@ -174,8 +174,12 @@ async fn serve(
     }
     println!("weft: server name {server_name}, data in {}", data_dir.display());
     println!("weft listening on http://{addr}");
+    // The exact path of this binary, so the hint works under `cargo run` too.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "weft".into());
     println!(
-        "weft: create a user with: weft user create alice --password 'choose-a-password' --data-dir {}",
+        "weft: create a user with: {exe} user create alice --password 'choose-a-password' --data-dir {}",
         data_dir.display()
     );
     println!(
