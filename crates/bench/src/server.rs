@@ -48,6 +48,8 @@ impl Launcher {
             .args(["--listen", "127.0.0.1:0"])
             .env("WEFT_REGISTRATION__MODE", "open")
             .env("WEFT_RATE_LIMIT__ENABLED", "false")
+            .env("WEFT_MQTT__LISTEN", "127.0.0.1:0")
+            .env("WEFT_COAP__LISTEN", "127.0.0.1:0")
             .env("WEFT_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

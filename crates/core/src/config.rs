@@ -25,6 +25,26 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub database: DatabaseConfig,
     pub rooms: RoomsConfig,
+    pub mqtt: DoorConfig,
+    pub coap: DoorConfig,
+}
+
+/// A door (transport) other than HTTP: whether it runs and where it listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DoorConfig {
+    pub enabled: bool,
+    /// `host:port`; port 0 picks a free one (printed at start-up).
+    pub listen: String,
+}
+
+impl Default for DoorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +118,14 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             database: DatabaseConfig::default(),
             rooms: RoomsConfig::default(),
+            mqtt: DoorConfig {
+                enabled: true,
+                listen: "127.0.0.1:1883".into(),
+            },
+            coap: DoorConfig {
+                enabled: true,
+                listen: "127.0.0.1:5683".into(),
+            },
         }
     }
 }
@@ -197,6 +225,16 @@ synchronous = "full"
 [rooms]
 # Room version for /createRoom when the client names none (10, 11 or 12).
 default_room_version = "10"
+
+[mqtt]
+# The MQTT door (3.1.1 and 5, TCP). See docs/mqtt.md.
+enabled = true
+listen = "127.0.0.1:1883"
+
+[coap]
+# The CoAP+CBOR door (UDP). See docs/coap.md.
+enabled = true
+listen = "127.0.0.1:5683"
 "#;
 
 impl Config {

@@ -197,6 +197,8 @@ impl Weft {
             .args(["--listen", "127.0.0.1:0"])
             .env("WEFT_REGISTRATION__MODE", "open")
             .env("WEFT_RATE_LIMIT__ENABLED", "false")
+            .env("WEFT_MQTT__LISTEN", "127.0.0.1:0")
+            .env("WEFT_COAP__LISTEN", "127.0.0.1:0")
             // The server's log filter; its log is printed when a test fails.
             .env(
                 "WEFT_LOG",

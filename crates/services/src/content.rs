@@ -17,3 +17,95 @@ pub fn canonical_object(value: serde_json::Value) -> Result<CanonicalJsonObject>
         ))),
     }
 }
+
+/// Rewrites a JSON text so that every number with a fraction or exponent
+/// (or an integer beyond canonical JSON's ±(2^53−1)) becomes a string
+/// holding exactly the digits the device sent: `{"t": 21.50}` becomes
+/// `{"t": "21.50"}`. Doors (CoAP, MQTT, WebSocket) accept readings this
+/// way; the HTTP Client-Server API keeps refusing floats as the spec says.
+///
+/// Written by hand because a parse-then-print round trip through `f64`
+/// would lose the exact decimal text (`21.50`, `0.1000000000000000055`).
+pub fn quote_non_canonical_numbers(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut i = 0;
+    let mut last = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, honouring escapes.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+                    i += 1;
+                }
+                let token = &text[start..i];
+                let integer_ok = token.parse::<i64>().is_ok_and(|n| n.unsigned_abs() <= (1u64 << 53) - 1);
+                if !integer_ok {
+                    out.push_str(&text[last..start]);
+                    out.push('"');
+                    out.push_str(token);
+                    out.push('"');
+                    last = i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&text[last.min(text.len())..]);
+    out
+}
+
+/// Event content for a payload arriving through a door. A JSON object is
+/// taken as the content (numbers canonicalised by
+/// [`quote_non_canonical_numbers`]); any other payload is wrapped: UTF-8
+/// text as `{"body": text}`, anything else as `{"body_base64": …}`, both
+/// with `"msgtype": "org.weft.raw"`.
+pub fn door_content(payload: &[u8]) -> Result<CanonicalJsonObject> {
+    use base64::Engine;
+    if let Ok(text) = std::str::from_utf8(payload) {
+        if text.trim_start().starts_with('{') {
+            let fixed = quote_non_canonical_numbers(text);
+            let value: serde_json::Value =
+                serde_json::from_str(&fixed).map_err(|e| Error::new(weft_core::ErrorKind::NotJson, e.to_string()))?;
+            return canonical_object(value);
+        }
+        return canonical_object(serde_json::json!({ "msgtype": "org.weft.raw", "body": text }));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(payload);
+    canonical_object(serde_json::json!({ "msgtype": "org.weft.raw", "body_base64": b64 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_become_exact_strings_and_integers_stay() {
+        let t = r#"{"a": 21.50, "b": -3, "c": [1e3, "x\"1.5", 7], "d": 9007199254740993, "e": {"f": -0.0}}"#;
+        let v: serde_json::Value = serde_json::from_str(&quote_non_canonical_numbers(t)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": "21.50", "b": -3, "c": ["1e3", "x\"1.5", 7], "d": "9007199254740993", "e": {"f": "-0.0"}})
+        );
+    }
+
+    #[test]
+    fn door_payloads_are_wrapped_when_not_json_objects() {
+        let c = door_content(b"hello").unwrap();
+        assert_eq!(c.get("body").and_then(|v| v.as_str()), Some("hello"));
+        let c = door_content(&[0xff, 0x00, 0x01]).unwrap();
+        assert_eq!(c.get("body_base64").and_then(|v| v.as_str()), Some("/wAB"));
+        let c = door_content(br#"{"temp": 21.5}"#).unwrap();
+        assert_eq!(c.get("temp").and_then(|v| v.as_str()), Some("21.5"));
+        assert!(door_content(b"{not json").is_err());
+    }
+}

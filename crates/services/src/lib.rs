@@ -6,8 +6,10 @@
 
 pub mod accounts;
 pub mod content;
+pub mod keys;
 pub mod ratelimit;
 pub mod room_ops;
+pub mod stream;
 pub mod sync;
 
 use std::sync::Arc;

@@ -122,6 +122,9 @@ impl TestServer {
             env: vec![
                 ("WEFT_REGISTRATION__MODE".into(), "open".into()),
                 ("WEFT_RATE_LIMIT__ENABLED".into(), "false".into()),
+                // Other doors on free ports, so parallel servers don't collide.
+                ("WEFT_MQTT__LISTEN".into(), "127.0.0.1:0".into()),
+                ("WEFT_COAP__LISTEN".into(), "127.0.0.1:0".into()),
             ],
             server_name: None,
         }
