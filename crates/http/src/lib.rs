@@ -5,6 +5,7 @@
 
 mod accounts;
 mod extract;
+mod keys;
 mod misc;
 mod rooms;
 
@@ -104,6 +105,11 @@ fn client_routes() -> Router<AppState> {
             get(misc::get_room_account_data).put(misc::put_room_account_data),
         )
         .route("/pushrules/", get(misc::push_rules))
+        .route("/keys/upload", post(keys::upload))
+        .route("/keys/query", post(keys::query))
+        .route("/keys/claim", post(keys::claim))
+        .route("/keys/changes", get(keys::changes))
+        .route("/sendToDevice/{event_type}/{txn}", put(keys::send_to_device))
 }
 
 /// The whole HTTP application.

@@ -298,8 +298,7 @@ async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
 // End-to-end encryption. matrix-sdk (feature e2e-encryption) uploads device
 // and one-time keys after login and queries keys of users it tracks; an
 // encrypted room additionally needs /keys/claim, /sendToDevice and
-// `to_device` + `device_lists` in /sync. These pass against a reference
-// homeserver; un-ignore them once weft implements the endpoints.
+// `to_device` + `device_lists` in /sync.
 // ------------------------------------------------------------------------
 
 /// Logs `name` in and runs one sync so the SDK uploads its device keys.
@@ -313,7 +312,6 @@ async fn login_and_upload_keys(server: &Weft, name: &str) -> Result<Client> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(weft): needs POST /keys/upload, /keys/query, /keys/claim"]
 async fn sdk_e2ee_device_keys_are_published() -> Result<()> {
     use std::collections::BTreeMap;
 
@@ -377,7 +375,6 @@ async fn sdk_e2ee_device_keys_are_published() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(weft): needs /keys/*, PUT /sendToDevice, to_device and device_lists in /sync"]
 async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
     use matrix_sdk::ruma::events::InitialStateEvent;
     use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;

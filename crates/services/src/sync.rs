@@ -13,6 +13,7 @@ use weft_core::{Error, Result};
 use weft_rooms::{Visibility, client_event, strip_state};
 use weft_store::{Direction, StoredEvent, StreamKey};
 
+use crate::keys::counts_json;
 use crate::room_ops::{make_token, membership_of, parse_token};
 use crate::{Services, Session};
 
@@ -103,6 +104,8 @@ pub struct SyncRequest {
 }
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// Most to-device messages one sync response carries.
+const TO_DEVICE_LIMIT: usize = 100;
 
 impl Services {
     /// Resolves the `filter` query parameter: inline JSON or a stored ID.
@@ -129,6 +132,11 @@ impl Services {
         let user = session.user_id.as_str();
         let mut rx = self.store.subscribe_position();
         let mut since = req.since.as_deref().map(parse_token).transpose()?;
+        if let Some(s) = since {
+            // Syncing from `s` acknowledges the to-device messages up to it.
+            let acked = s.min(self.store.current_position());
+            self.store.ack_to_device(user, &session.device_id, acked).await?;
+        }
         let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
         let my_rooms: HashSet<String> = self
@@ -151,6 +159,9 @@ impl Services {
                                 && match k {
                                     StreamKey::Room(r) => my_rooms.contains(r),
                                     StreamKey::User(u) => u == user,
+                                    // Whether the user shares a room with
+                                    // them is for the built response to say.
+                                    StreamKey::DeviceKeys(_) => true,
                                 }
                         }),
                     };
@@ -177,10 +188,22 @@ impl Services {
                     if upto > s {
                         return self.build_sync(session, Some(s), upto, &req).await;
                     }
-                    return Ok(empty_sync(upto));
+                    let mut resp = empty_sync(upto);
+                    self.add_device_fields(session, &mut resp).await?;
+                    return Ok(resp);
                 }
             }
         }
+    }
+
+    /// The syncing device's one-time key counts and unused fallback key types.
+    async fn add_device_fields(&self, session: &Session, resp: &mut Value) -> Result<()> {
+        let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
+        let counts = self.store.one_time_key_counts(user, device).await?;
+        let fallback = self.store.unused_fallback_key_types(user, device).await?;
+        resp["device_one_time_keys_count"] = counts_json(counts);
+        resp["device_unused_fallback_key_types"] = json!(fallback);
+        Ok(())
     }
 
     async fn build_sync(&self, session: &Session, since: Option<i64>, upto: i64, req: &SyncRequest) -> Result<Value> {
@@ -189,25 +212,61 @@ impl Services {
         let viewer = Some((user, session.device_id.as_str()));
         let filter = &req.filter;
         let limit = filter.room.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).min(1000);
+        let recent = since.and_then(|s| self.store.changes_since(s));
+        // To-device messages first: when more are pending than one response
+        // carries, the response ends at the last one delivered, so the next
+        // token picks up the rest (and acknowledges only what was sent).
+        let mut upto = upto;
+        let to_device_new = match (&recent, since) {
+            (Some(changes), Some(_)) => changes
+                .iter()
+                .any(|(p, k)| *p <= upto && matches!(k, StreamKey::User(u) if u == user)),
+            _ => true,
+        };
+        let mut to_device = Vec::new();
+        if to_device_new {
+            let mut msgs = self
+                .store
+                .to_device_messages(user, &session.device_id, since.unwrap_or(0), upto, TO_DEVICE_LIMIT + 1)
+                .await?;
+            if msgs.len() > TO_DEVICE_LIMIT {
+                msgs.truncate(TO_DEVICE_LIMIT);
+                if let Some(last) = msgs.last() {
+                    upto = last.position;
+                }
+            }
+            to_device = msgs
+                .into_iter()
+                .map(|m| {
+                    json!({
+                        "sender": m.sender,
+                        "type": m.event_type,
+                        "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or_default(),
+                    })
+                })
+                .collect();
+        }
         // Which rooms changed, and whether anything keyed to this user did
-        // (account data, own membership): from the in-memory stream record
-        // when it reaches back far enough, else from the database.
-        let (changed, user_touched): (HashSet<String>, bool) = match since {
-            None => (HashSet::new(), true),
-            Some(s) => match self.store.changes_since(s) {
+        // (account data, own membership) or any device list did: from the
+        // in-memory stream record when it reaches back far enough, else
+        // from the database.
+        let (changed, user_touched, devices_touched): (HashSet<String>, bool, bool) = match since {
+            None => (HashSet::new(), true, false),
+            Some(s) => match recent {
                 Some(changes) => {
                     let mut rooms = HashSet::new();
                     let mut touched = false;
-                    for (p, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
-                        let _ = p;
+                    let mut devices = false;
+                    for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
                         match k {
                             StreamKey::Room(r) => {
                                 rooms.insert(r);
                             }
                             StreamKey::User(u) => touched |= u == user,
+                            StreamKey::DeviceKeys(_) => devices = true,
                         }
                     }
-                    (rooms, touched)
+                    (rooms, touched, devices)
                 }
                 None => (
                     self.store
@@ -217,10 +276,24 @@ impl Services {
                         .map(|(r, _)| r)
                         .collect(),
                     true,
+                    true,
                 ),
             },
         };
         let memberships = self.store.user_memberships(user).await?;
+        // Device lists: changed keys of users sharing a room, and members
+        // who joined a shared room (their devices are now to be tracked).
+        let device_lists_changed = match since {
+            Some(s)
+                if devices_touched
+                    || memberships
+                        .iter()
+                        .any(|m| m.membership == "join" && changed.contains(&m.room_id)) =>
+            {
+                self.store.device_list_changes(user, s, upto).await?
+            }
+            _ => Vec::new(),
+        };
         let mut join = Map::new();
         let mut invite = Map::new();
         let mut leave = Map::new();
@@ -311,15 +384,16 @@ impl Services {
             .filter(|a| a.room_id.is_none())
             .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
             .collect();
-        Ok(json!({
+        let mut resp = json!({
             "next_batch": make_token(upto),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
             "account_data": { "events": account_data },
             "presence": { "events": [] },
-            "to_device": { "events": [] },
-            "device_lists": { "changed": [], "left": [] },
-            "device_one_time_keys_count": {},
-        }))
+            "to_device": { "events": to_device },
+            "device_lists": { "changed": device_lists_changed, "left": [] },
+        });
+        self.add_device_fields(session, &mut resp).await?;
+        Ok(resp)
     }
 
     async fn room_account_data(&self, user: &str, room_id: &str, since: Option<i64>, upto: i64) -> Result<Vec<Value>> {
@@ -438,7 +512,12 @@ fn is_empty(resp: &Value) -> bool {
     let rooms_empty = ["join", "invite", "leave"]
         .iter()
         .all(|k| resp["rooms"][k].as_object().is_none_or(|o| o.is_empty()));
-    rooms_empty && resp["account_data"]["events"].as_array().is_none_or(|a| a.is_empty())
+    let none = |v: &Value| v.as_array().is_none_or(|a| a.is_empty());
+    rooms_empty
+        && none(&resp["account_data"]["events"])
+        && none(&resp["to_device"]["events"])
+        && none(&resp["device_lists"]["changed"])
+        && none(&resp["device_lists"]["left"])
 }
 
 fn empty_sync(upto: i64) -> Value {
@@ -449,6 +528,5 @@ fn empty_sync(upto: i64) -> Value {
         "presence": { "events": [] },
         "to_device": { "events": [] },
         "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
     })
 }

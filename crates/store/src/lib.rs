@@ -43,7 +43,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>>;
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()>;
-    /// Marks the user deactivated and removes all their devices and tokens.
+    /// Marks the user deactivated and removes all their devices and tokens
+    /// (with their keys and pending to-device messages).
     async fn deactivate_user(&self, user_id: &str) -> Result<()>;
     async fn set_profile_field(&self, user_id: &str, field: ProfileField, value: Option<String>) -> Result<()>;
 
@@ -59,9 +60,74 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn lookup_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>>;
     async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>>;
+    /// Deletes a device with its keys and pending to-device messages. If it
+    /// had device keys, the user's device list change gets a stream position.
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()>;
-    /// Deletes all devices of `user_id` except `keep` (if given).
+    /// Deletes all devices of `user_id` except `keep` (if given), like
+    /// [`Store::delete_device`] for each.
     async fn delete_devices_except(&self, user_id: &str, keep: Option<&str>) -> Result<()>;
+
+    // ---- end-to-end encryption ----
+    /// Stores what one `/keys/upload` carries, in one write. Device keys are
+    /// kept verbatim; when they differ from the stored ones the user's device
+    /// list change gets a stream position (`StreamKey::DeviceKeys`). A
+    /// one-time key ID already stored with other content is refused
+    /// (`M_INVALID_PARAM`), with the same content ignored. A fallback key
+    /// replaces the device's one for its algorithm (unused again unless it is
+    /// the same key). Returns the device's one-time key counts afterwards.
+    async fn upload_keys(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        upload: KeyUpload,
+    ) -> Result<std::collections::BTreeMap<String, u64>>;
+    /// Device keys of `user_id`'s devices, all of them when `device_ids` is
+    /// empty, ordered by device ID.
+    async fn get_device_keys(&self, user_id: &str, device_ids: &[String]) -> Result<Vec<DeviceKeysRecord>>;
+    /// Unclaimed one-time keys of a device per algorithm.
+    async fn one_time_key_counts(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>>;
+    /// Algorithms for which the device has a fallback key not yet handed out.
+    async fn unused_fallback_key_types(&self, user_id: &str, device_id: &str) -> Result<Vec<String>>;
+    /// Claims one key for each (user, device, algorithm), in one write: a
+    /// one-time key is removed and returned; with none left, the fallback
+    /// key is returned, marked used and kept. Devices with neither are left
+    /// out of the result.
+    async fn claim_keys(&self, wanted: Vec<(String, String, String)>) -> Result<Vec<ClaimedKey>>;
+    /// Users whose device list changed in (since, upto] who are `user_id`
+    /// or share a joined room with them, plus users who joined a room
+    /// `user_id` is in (or all members of a room `user_id` joined) in that
+    /// window. Sorted, without duplicates.
+    async fn device_list_changes(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<String>>;
+    /// Stores to-device messages from `sender` (device `sender_device`),
+    /// each recipient device's copy at its own stream position
+    /// (`StreamKey::User(recipient)`). Devices that do not exist get nothing.
+    /// Idempotent per (sender, sender_device, event_type, txn_id): returns
+    /// false, storing nothing, when that transaction was seen before.
+    async fn send_to_device(
+        &self,
+        sender: &str,
+        sender_device: &str,
+        event_type: &str,
+        txn_id: &str,
+        messages: Vec<NewToDevice>,
+    ) -> Result<bool>;
+    /// Pending to-device messages of a device with positions in
+    /// (after, upto], oldest first, at most `limit`.
+    async fn to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        after: i64,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Vec<ToDeviceMessage>>;
+    /// Deletes a device's to-device messages at positions <= `upto` (the
+    /// device has acknowledged them by syncing from `upto`).
+    async fn ack_to_device(&self, user_id: &str, device_id: &str, upto: i64) -> Result<()>;
 
     // ---- filters ----
     async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String>;

@@ -1,6 +1,7 @@
 //! The SQLite backend: one writer thread doing group commit, and a small
 //! pool of read connections (WAL lets reads run beside the writer).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -13,7 +14,13 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_initial.sql"),
+    include_str!("../migrations/0002_e2ee.sql"),
+];
+/// `meta` key holding the highest stream position of a deleted row (acked
+/// to-device messages), so positions never go back across a restart.
+const DELETED_MAX: &str = "deleted_stream_max";
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 4;
@@ -93,8 +100,11 @@ impl SqliteStore {
         let max_pos: i64 = conn
             .query_row(
                 "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),
-                            COALESCE((SELECT MAX(position) FROM account_data), 0))",
-                [],
+                            COALESCE((SELECT MAX(position) FROM account_data), 0),
+                            COALESCE((SELECT MAX(position) FROM device_list_changes), 0),
+                            COALESCE((SELECT MAX(position) FROM to_device), 0),
+                            COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))",
+                [DELETED_MAX],
                 |r| r.get(0),
             )
             .map_err(db_err)?;
@@ -392,6 +402,165 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
     Ok(p)
 }
 
+/// Records that `user`'s device list changed: the next stream position,
+/// kept as the user's newest change and announced as `DeviceKeys`.
+fn device_list_changed(conn: &Connection, ctx: &mut WriterCtx, user: &str) -> rusqlite::Result<i64> {
+    let p = ctx.pos + 1;
+    conn.prepare_cached(
+        "INSERT INTO device_list_changes (user_id, position) VALUES (?1, ?2) \
+         ON CONFLICT (user_id) DO UPDATE SET position = excluded.position",
+    )?
+    .execute(params![user, p])?;
+    ctx.pos = p;
+    ctx.changes.push((p, StreamKey::DeviceKeys(user.to_owned())));
+    Ok(p)
+}
+
+/// Deletes to-device messages matching `filter` (over `?1` user, `?2`
+/// device, `?3` position) and remembers the highest deleted position.
+fn delete_to_device(conn: &Connection, filter: &str, p: impl rusqlite::Params + Clone) -> rusqlite::Result<()> {
+    let max: Option<i64> = conn
+        .prepare_cached(&format!("SELECT MAX(position) FROM to_device WHERE {filter}"))?
+        .query_row(p.clone(), |r| r.get(0))?;
+    if let Some(max) = max {
+        conn.prepare_cached(&format!("DELETE FROM to_device WHERE {filter}"))?
+            .execute(p)?;
+        conn.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE \
+             SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+        )?
+        .execute(params![DELETED_MAX, max])?;
+    }
+    Ok(())
+}
+
+/// Deletes devices of `user` (only `only` if given; all but `keep` if
+/// given) with their tokens, keys, transaction records and pending
+/// to-device messages. A device list that lost keys gets a stream position.
+fn purge_devices(
+    conn: &Connection,
+    ctx: &mut WriterCtx,
+    user: &str,
+    only: Option<&str>,
+    keep: Option<&str>,
+) -> rusqlite::Result<()> {
+    const SEL: &str = "user_id = ?1 AND (?2 IS NULL OR device_id = ?2) AND (?3 IS NULL OR device_id != ?3)";
+    let had_keys = conn
+        .prepare_cached(&format!("DELETE FROM device_keys WHERE {SEL}"))?
+        .execute(params![user, only, keep])?;
+    for table in ["one_time_keys", "fallback_keys", "to_device_txns", "devices"] {
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE {SEL}"))?
+            .execute(params![user, only, keep])?;
+    }
+    delete_to_device(conn, SEL, params![user, only, keep])?;
+    if had_keys > 0 {
+        device_list_changed(conn, ctx, user)?;
+    }
+    Ok(())
+}
+
+fn otk_counts(conn: &Connection, user: &str, device: &str) -> rusqlite::Result<BTreeMap<String, u64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT algorithm, COUNT(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 GROUP BY algorithm",
+    )?;
+    let rows = stmt.query_map(params![user, device], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
+    rows.collect()
+}
+
+/// The algorithm of a key ID "algorithm:id".
+fn key_algorithm(key_id: &str) -> &str {
+    key_id.split_once(':').map_or(key_id, |(alg, _)| alg)
+}
+
+fn store_keys(
+    conn: &Connection,
+    ctx: &mut WriterCtx,
+    user: &str,
+    device: &str,
+    up: KeyUpload,
+) -> Result<BTreeMap<String, u64>> {
+    if let Some(keys) = up.device_keys {
+        let old: Option<String> = conn
+            .prepare_cached("SELECT keys_json FROM device_keys WHERE user_id = ?1 AND device_id = ?2")
+            .and_then(|mut s| s.query_row(params![user, device], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        if old.as_deref() != Some(keys.as_str()) {
+            let p = device_list_changed(conn, ctx, user).map_err(db_err)?;
+            conn.prepare_cached(
+                "INSERT INTO device_keys (user_id, device_id, keys_json, position) VALUES (?1,?2,?3,?4) \
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET keys_json = excluded.keys_json, \
+                 position = excluded.position",
+            )
+            .and_then(|mut s| s.execute(params![user, device, keys, p]))
+            .map_err(db_err)?;
+        }
+    }
+    for (key_id, json) in up.one_time_keys {
+        let alg = key_algorithm(&key_id);
+        let old: Option<String> = conn
+            .prepare_cached(
+                "SELECT key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 \
+                 AND algorithm = ?3 AND key_id = ?4",
+            )
+            .and_then(|mut s| s.query_row(params![user, device, alg, key_id], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        match old {
+            Some(old) if old == json => {}
+            Some(_) => {
+                return Err(Error::invalid_param(format!(
+                    "One-time key {key_id} already exists with other content"
+                )));
+            }
+            None => {
+                conn.prepare_cached(
+                    "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, key_json) VALUES (?1,?2,?3,?4,?5)",
+                )
+                .and_then(|mut s| s.execute(params![user, device, alg, key_id, json]))
+                .map_err(db_err)?;
+            }
+        }
+    }
+    for (key_id, json) in up.fallback_keys {
+        conn.prepare_cached(
+            "INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, key_json, used) \
+             VALUES (?1,?2,?3,?4,?5,0) ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET \
+             used = CASE WHEN fallback_keys.key_id = excluded.key_id AND fallback_keys.key_json = excluded.key_json \
+                    THEN fallback_keys.used ELSE 0 END, \
+             key_id = excluded.key_id, key_json = excluded.key_json",
+        )
+        .and_then(|mut s| s.execute(params![user, device, key_algorithm(&key_id), key_id, json]))
+        .map_err(db_err)?;
+    }
+    otk_counts(conn, user, device).map_err(db_err)
+}
+
+fn claim_one(conn: &Connection, user: &str, device: &str, alg: &str) -> rusqlite::Result<Option<(String, String)>> {
+    let otk: Option<(String, String)> = conn
+        .prepare_cached(
+            "SELECT key_id, key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 \
+             AND algorithm = ?3 ORDER BY key_id LIMIT 1",
+        )?
+        .query_row(params![user, device, alg], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((key_id, json)) = otk {
+        conn.prepare_cached(
+            "DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND key_id = ?4",
+        )?
+        .execute(params![user, device, alg, key_id])?;
+        return Ok(Some((key_id, json)));
+    }
+    let fallback: Option<(String, String)> = conn
+        .prepare_cached(
+            "UPDATE fallback_keys SET used = 1 WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 \
+             RETURNING key_id, key_json",
+        )?
+        .query_row(params![user, device, alg], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(fallback)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn current_position(&self) -> i64 {
@@ -462,15 +631,13 @@ impl Store for SqliteStore {
 
     async fn deactivate_user(&self, user_id: &str) -> Result<()> {
         let u = user_id.to_owned();
-        self.write_wait(move |c, _| {
+        self.write_wait(move |c, ctx| {
             c.execute(
                 "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1",
                 [&u],
             )
             .map_err(db_err)?;
-            c.execute("DELETE FROM devices WHERE user_id = ?1", [&u])
-                .map_err(db_err)?;
-            Ok(())
+            purge_devices(c, ctx, &u, None, None).map_err(db_err)
         })
         .await
     }
@@ -554,28 +721,212 @@ impl Store for SqliteStore {
 
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
         let (u, d) = (user_id.to_owned(), device_id.to_owned());
-        self.write_wait(move |c, _| {
-            c.execute(
-                "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
-                params![u, d],
-            )
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.write_wait(move |c, ctx| purge_devices(c, ctx, &u, Some(&d), None).map_err(db_err))
+            .await
     }
 
     async fn delete_devices_except(&self, user_id: &str, keep: Option<&str>) -> Result<()> {
         let (u, k) = (user_id.to_owned(), keep.map(str::to_owned));
-        self.write_wait(move |c, _| {
-            c.execute(
-                "DELETE FROM devices WHERE user_id = ?1 AND (?2 IS NULL OR device_id != ?2)",
-                params![u, k],
-            )
-            .map_err(db_err)?;
-            Ok(())
+        self.write_wait(move |c, ctx| purge_devices(c, ctx, &u, None, k.as_deref()).map_err(db_err))
+            .await
+    }
+
+    async fn upload_keys(&self, user_id: &str, device_id: &str, upload: KeyUpload) -> Result<BTreeMap<String, u64>> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.write_wait(move |c, ctx| store_keys(c, ctx, &u, &d, upload)).await
+    }
+
+    async fn get_device_keys(&self, user_id: &str, device_ids: &[String]) -> Result<Vec<DeviceKeysRecord>> {
+        let u = user_id.to_owned();
+        let wanted = device_ids.to_vec();
+        self.read(move |c| {
+            let all = collect(
+                c,
+                "SELECT k.device_id, k.keys_json, d.display_name FROM device_keys k \
+                 LEFT JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id \
+                 WHERE k.user_id = ?1 ORDER BY k.device_id",
+                [&u],
+                |r| {
+                    Ok(DeviceKeysRecord {
+                        user_id: u.clone(),
+                        device_id: r.get(0)?,
+                        keys_json: r.get(1)?,
+                        display_name: r.get(2)?,
+                    })
+                },
+            )?;
+            Ok(all
+                .into_iter()
+                .filter(|k| wanted.is_empty() || wanted.contains(&k.device_id))
+                .collect())
         })
         .await
+    }
+
+    async fn one_time_key_counts(&self, user_id: &str, device_id: &str) -> Result<BTreeMap<String, u64>> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.read(move |c| otk_counts(c, &u, &d)).await
+    }
+
+    async fn unused_fallback_key_types(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT algorithm FROM fallback_keys WHERE user_id = ?1 AND device_id = ?2 AND used = 0 \
+                 ORDER BY algorithm",
+                params![u, d],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn claim_keys(&self, wanted: Vec<(String, String, String)>) -> Result<Vec<ClaimedKey>> {
+        self.write_wait(move |c, _| {
+            let mut out = Vec::new();
+            for (user_id, device_id, alg) in wanted {
+                if let Some((key_id, key_json)) = claim_one(c, &user_id, &device_id, &alg).map_err(db_err)? {
+                    out.push(ClaimedKey {
+                        user_id,
+                        device_id,
+                        key_id,
+                        key_json,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn device_list_changes(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<String>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT ch.user_id FROM device_list_changes ch \
+                 WHERE ch.position > ?2 AND ch.position <= ?3 AND (ch.user_id = ?1 OR EXISTS ( \
+                   SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id \
+                   WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id = ch.user_id \
+                   AND b.membership = 'join')) \
+                 UNION \
+                 SELECT b.user_id FROM memberships a JOIN memberships b ON b.room_id = a.room_id \
+                 WHERE a.user_id = ?1 AND a.membership = 'join' AND b.membership = 'join' AND b.user_id != ?1 \
+                 AND ((b.position > ?2 AND b.position <= ?3) OR (a.position > ?2 AND a.position <= ?3)) \
+                 ORDER BY 1",
+                params![u, since, upto],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn send_to_device(
+        &self,
+        sender: &str,
+        sender_device: &str,
+        event_type: &str,
+        txn_id: &str,
+        messages: Vec<NewToDevice>,
+    ) -> Result<bool> {
+        let (s, sd, t, x) = (
+            sender.to_owned(),
+            sender_device.to_owned(),
+            event_type.to_owned(),
+            txn_id.to_owned(),
+        );
+        self.write_wait(move |c, ctx| {
+            let inner = |ctx: &mut WriterCtx| -> rusqlite::Result<bool> {
+                let fresh = c
+                    .prepare_cached(
+                        "INSERT INTO to_device_txns (user_id, device_id, event_type, txn_id) VALUES (?1,?2,?3,?4) \
+                         ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![s, sd, t, x])?;
+                if fresh == 0 {
+                    return Ok(false);
+                }
+                for m in messages {
+                    let devices: Vec<String> = match &m.target {
+                        DeviceTarget::One(d) => collect(
+                            c,
+                            "SELECT device_id FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                            params![m.user_id, d],
+                            |r| r.get(0),
+                        )?,
+                        DeviceTarget::All => collect(
+                            c,
+                            "SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id",
+                            [&m.user_id],
+                            |r| r.get(0),
+                        )?,
+                    };
+                    for d in devices {
+                        let p = ctx.pos + 1;
+                        c.prepare_cached(
+                            "INSERT INTO to_device (position, user_id, device_id, sender, event_type, content_json) \
+                             VALUES (?1,?2,?3,?4,?5,?6)",
+                        )?
+                        .execute(params![p, m.user_id, d, s, t, m.content_json])?;
+                        ctx.pos = p;
+                        ctx.changes.push((p, StreamKey::User(m.user_id.clone())));
+                    }
+                }
+                Ok(true)
+            };
+            inner(ctx).map_err(db_err)
+        })
+        .await
+    }
+
+    async fn to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        after: i64,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Vec<ToDeviceMessage>> {
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        let limit = limit as i64;
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT position, sender, event_type, content_json FROM to_device \
+                 WHERE user_id = ?1 AND device_id = ?2 AND position > ?3 AND position <= ?4 \
+                 ORDER BY position LIMIT ?5",
+                params![u, d, after, upto, limit],
+                |r| {
+                    Ok(ToDeviceMessage {
+                        position: r.get(0)?,
+                        sender: r.get(1)?,
+                        event_type: r.get(2)?,
+                        content_json: r.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn ack_to_device(&self, user_id: &str, device_id: &str, upto: i64) -> Result<()> {
+        const ACKED: &str = "user_id = ?1 AND device_id = ?2 AND position <= ?3";
+        let (u, d) = (user_id.to_owned(), device_id.to_owned());
+        // Most syncs acknowledge nothing: look before queueing a write.
+        let (u2, d2) = (u.clone(), d.clone());
+        let any = self
+            .read(move |c| {
+                c.prepare_cached(&format!("SELECT 1 FROM to_device WHERE {ACKED} LIMIT 1"))?
+                    .query_row(params![u2, d2, upto], |_| Ok(()))
+                    .optional()
+            })
+            .await?;
+        if any.is_none() {
+            return Ok(());
+        }
+        self.write_wait(move |c, _| delete_to_device(c, ACKED, params![u, d, upto]).map_err(db_err))
+            .await
     }
 
     async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String> {

@@ -127,6 +127,66 @@ pub struct AliasRecord {
 pub enum StreamKey {
     /// An event in this room.
     Room(String),
-    /// Something for this user: account data, or a membership change of them.
+    /// Something for this user: account data, a membership change of them,
+    /// or a to-device message for one of their devices.
     User(String),
+    /// This user's device list changed (device keys uploaded or removed).
+    DeviceKeys(String),
+}
+
+/// Keys a device uploads in one `/keys/upload`.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpload {
+    /// The device keys object as JSON, if uploaded.
+    pub device_keys: Option<String>,
+    /// One-time keys: (key ID "algorithm:id", key JSON).
+    pub one_time_keys: Vec<(String, String)>,
+    /// Fallback keys: (key ID "algorithm:id", key JSON).
+    pub fallback_keys: Vec<(String, String)>,
+}
+
+/// The stored device keys of one device.
+#[derive(Debug, Clone)]
+pub struct DeviceKeysRecord {
+    pub user_id: String,
+    pub device_id: String,
+    /// The JSON exactly as uploaded.
+    pub keys_json: String,
+    /// The device's display name (from the devices table), if any.
+    pub display_name: Option<String>,
+}
+
+/// A key handed out by a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKey {
+    pub user_id: String,
+    pub device_id: String,
+    /// "algorithm:id".
+    pub key_id: String,
+    pub key_json: String,
+}
+
+/// Which devices of a user a to-device message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceTarget {
+    One(String),
+    /// Every device the user has when the message is stored (`"*"`).
+    All,
+}
+
+/// One to-device message to store.
+#[derive(Debug, Clone)]
+pub struct NewToDevice {
+    pub user_id: String,
+    pub target: DeviceTarget,
+    pub content_json: String,
+}
+
+/// A pending to-device message for one device.
+#[derive(Debug, Clone)]
+pub struct ToDeviceMessage {
+    pub position: i64,
+    pub sender: String,
+    pub event_type: String,
+    pub content_json: String,
 }
