@@ -1,11 +1,14 @@
 //! The storage contract, run against the SQLite backend (and, once it
 //! exists, the PostgreSQL one): ordered positions, group-committed writes,
 //! state at a position, membership history, idempotency records, and the
-//! in-memory record of what each position touched.
+//! in-memory record of what each position touched, end-to-end-encryption
+//! keys and to-device messages.
 
 use std::sync::Arc;
 
-use weft_store::{Direction, NewEvent, NewRoom, NewUser, SqliteStore, Store, StreamKey};
+use weft_store::{
+    DeviceTarget, Direction, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, SqliteStore, Store, StreamKey,
+};
 
 fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&dir.path().join("weft.db"), true).expect("open store"))
@@ -201,4 +204,278 @@ async fn a_failing_write_does_not_undo_its_batch_neighbours() {
         .await
         .unwrap();
     assert_eq!(evs.len(), 2);
+}
+
+async fn device(store: &Arc<dyn Store>, user: &str, device: &str) {
+    store
+        .upsert_device(user, device, Some("phone"), format!("{user}/{device}").as_bytes())
+        .await
+        .unwrap();
+}
+
+fn otks(ids: &[&str]) -> Vec<(String, String)> {
+    ids.iter()
+        .map(|id| (format!("signed_curve25519:{id}"), format!(r#"{{"key":"{id}"}}"#)))
+        .collect()
+}
+
+#[tokio::test]
+async fn device_keys_one_time_keys_claims_and_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    device(&store, "@a:test", "D1").await;
+    let start = store.current_position();
+    let keys = r#"{"device_id":"D1","keys":{"ed25519:D1":"k"},"signatures":{"@a:test":{"ed25519:D1":"sig"}},"user_id":"@a:test"}"#;
+    let counts = store
+        .upload_keys(
+            "@a:test",
+            "D1",
+            KeyUpload {
+                device_keys: Some(keys.into()),
+                one_time_keys: otks(&["A", "B"]),
+                fallback_keys: vec![("signed_curve25519:F".into(), r#"{"key":"F","fallback":true}"#.into())],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(counts.get("signed_curve25519"), Some(&2));
+    // The device-key upload took a stream position, announced as DeviceKeys.
+    let p1 = store.current_position();
+    assert!(p1 > start);
+    assert_eq!(
+        store.changes_since(start).unwrap(),
+        vec![(p1, StreamKey::DeviceKeys("@a:test".into()))]
+    );
+    // The same keys again change nothing; a one-time key ID reused with
+    // other content is refused, and the whole upload with it.
+    store
+        .upload_keys(
+            "@a:test",
+            "D1",
+            KeyUpload {
+                device_keys: Some(keys.into()),
+                one_time_keys: otks(&["A"]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.current_position(), p1);
+    let clash = store
+        .upload_keys(
+            "@a:test",
+            "D1",
+            KeyUpload {
+                one_time_keys: vec![
+                    ("signed_curve25519:C".into(), "{}".into()),
+                    ("signed_curve25519:A".into(), r#"{"key":"other"}"#.into()),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(clash.unwrap_err().errcode(), "M_INVALID_PARAM");
+    assert_eq!(
+        store
+            .one_time_key_counts("@a:test", "D1")
+            .await
+            .unwrap()
+            .get("signed_curve25519"),
+        Some(&2)
+    );
+
+    let got = store.get_device_keys("@a:test", &[]).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].keys_json, keys, "stored verbatim");
+    assert_eq!(got[0].display_name.as_deref(), Some("phone"));
+    assert!(
+        store
+            .get_device_keys("@a:test", &["NOPE".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Claims take one-time keys (oldest ID first), then the fallback key,
+    // which stays and is marked used.
+    let want = || vec![("@a:test".to_owned(), "D1".to_owned(), "signed_curve25519".to_owned())];
+    assert_eq!(
+        store.unused_fallback_key_types("@a:test", "D1").await.unwrap(),
+        ["signed_curve25519"]
+    );
+    let c1 = store.claim_keys(want()).await.unwrap();
+    let c2 = store.claim_keys(want()).await.unwrap();
+    assert_eq!(c1[0].key_id, "signed_curve25519:A");
+    assert_eq!(c2[0].key_id, "signed_curve25519:B");
+    assert!(store.one_time_key_counts("@a:test", "D1").await.unwrap().is_empty());
+    for _ in 0..2 {
+        let f = store.claim_keys(want()).await.unwrap();
+        assert_eq!(f[0].key_id, "signed_curve25519:F");
+    }
+    assert!(
+        store
+            .unused_fallback_key_types("@a:test", "D1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A new fallback key is unused again; nothing for unknown devices.
+    store
+        .upload_keys(
+            "@a:test",
+            "D1",
+            KeyUpload {
+                fallback_keys: vec![("signed_curve25519:G".into(), "{}".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.unused_fallback_key_types("@a:test", "D1").await.unwrap(),
+        ["signed_curve25519"]
+    );
+    let none = store
+        .claim_keys(vec![("@a:test".into(), "D9".into(), "signed_curve25519".into())])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // Deleting the device deletes its keys and is a device-list change.
+    store.delete_device("@a:test", "D1").await.unwrap();
+    assert!(store.get_device_keys("@a:test", &[]).await.unwrap().is_empty());
+    assert!(
+        store
+            .unused_fallback_key_types("@a:test", "D1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let p2 = store.current_position();
+    assert!(p2 > p1);
+    assert_eq!(store.device_list_changes("@a:test", p1, p2).await.unwrap(), ["@a:test"]);
+}
+
+#[tokio::test]
+async fn device_list_changes_are_scoped_to_shared_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let room = "!k:test";
+    store
+        .persist_event(event(room, 0, Some(("m.room.create", "", None))))
+        .await
+        .unwrap()
+        .unwrap();
+    for (n, u) in [(1, "@a:test"), (2, "@b:test")] {
+        store
+            .persist_event(event(room, n, Some(("m.room.member", u, Some("join")))))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let p0 = store.current_position();
+    for u in ["@a:test", "@b:test", "@c:test"] {
+        device(&store, u, "D").await;
+        store
+            .upload_keys(
+                u,
+                "D",
+                KeyUpload {
+                    device_keys: Some(format!(r#"{{"user_id":"{u}"}}"#)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let p1 = store.current_position();
+    // c shares no room with a: not reported to a.
+    assert_eq!(
+        store.device_list_changes("@a:test", p0, p1).await.unwrap(),
+        ["@a:test", "@b:test"]
+    );
+    assert_eq!(store.device_list_changes("@c:test", p0, p1).await.unwrap(), ["@c:test"]);
+    assert!(store.device_list_changes("@a:test", p1, p1).await.unwrap().is_empty());
+    // c joining the room is a change for a (c's devices are now to be tracked).
+    store
+        .persist_event(event(room, 3, Some(("m.room.member", "@c:test", Some("join")))))
+        .await
+        .unwrap()
+        .unwrap();
+    let p2 = store.current_position();
+    assert_eq!(store.device_list_changes("@a:test", p1, p2).await.unwrap(), ["@c:test"]);
+    // ... and, for c, every member of the room it joined.
+    assert_eq!(
+        store.device_list_changes("@c:test", p1, p2).await.unwrap(),
+        ["@a:test", "@b:test"]
+    );
+}
+
+#[tokio::test]
+async fn to_device_messages_are_positioned_idempotent_and_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for d in ["D1", "D2"] {
+        device(&store, "@b:test", d).await;
+    }
+    let start = store.current_position();
+    let msgs = || {
+        vec![
+            NewToDevice {
+                user_id: "@b:test".into(),
+                target: DeviceTarget::All,
+                content_json: r#"{"n":1}"#.into(),
+            },
+            NewToDevice {
+                user_id: "@b:test".into(),
+                target: DeviceTarget::One("GONE".into()),
+                content_json: r#"{"n":2}"#.into(),
+            },
+        ]
+    };
+    assert!(store.send_to_device("@a:test", "A", "m.x", "t1", msgs()).await.unwrap());
+    // Same transaction again: nothing stored.
+    assert!(!store.send_to_device("@a:test", "A", "m.x", "t1", msgs()).await.unwrap());
+    let p = store.current_position();
+    // One position per recipient device (the unknown device got nothing),
+    // each announced for the recipient user.
+    assert_eq!(p, start + 2);
+    assert_eq!(
+        store.changes_since(start).unwrap(),
+        vec![
+            (start + 1, StreamKey::User("@b:test".into())),
+            (start + 2, StreamKey::User("@b:test".into()))
+        ]
+    );
+    let d1 = store.to_device_messages("@b:test", "D1", 0, p, 10).await.unwrap();
+    assert_eq!(d1.len(), 1);
+    assert_eq!((d1[0].sender.as_str(), d1[0].event_type.as_str()), ("@a:test", "m.x"));
+    assert_eq!(d1[0].content_json, r#"{"n":1}"#);
+    assert!(
+        store
+            .to_device_messages("@b:test", "D1", d1[0].position, p, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Acknowledging deletes only that device's messages up to the position.
+    store.ack_to_device("@b:test", "D1", p).await.unwrap();
+    assert!(
+        store
+            .to_device_messages("@b:test", "D1", 0, p, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.to_device_messages("@b:test", "D2", 0, p, 10).await.unwrap().len(),
+        1
+    );
+
+    // Positions of deleted messages are not reused after a restart.
+    store.delete_device("@b:test", "D2").await.unwrap();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.current_position(), p);
 }
