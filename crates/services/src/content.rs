@@ -48,7 +48,7 @@ pub fn quote_non_canonical_numbers(text: &str) -> String {
                     i += 1;
                 }
                 let token = &text[start..i];
-                let integer_ok = token.parse::<i64>().is_ok_and(|n| n.unsigned_abs() <= (1u64 << 53) - 1);
+                let integer_ok = token.parse::<i64>().is_ok_and(|n| n.unsigned_abs() < (1u64 << 53));
                 if !integer_ok {
                     out.push_str(&text[last..start]);
                     out.push('"');

@@ -166,6 +166,16 @@ async fn serve(
     config.listen = addr.to_string();
     let services = open_services(data_dir, config)?;
     let app = weft_http::router(services.clone());
+    // The CoAP+CBOR door (UDP), sharing the same services.
+    let coap_socket = if services.config.coap.enabled {
+        let coap_listen = services.config.coap.listen.clone();
+        let socket = tokio::net::UdpSocket::bind(&coap_listen).await.with_context(|| {
+            format!("cannot listen for CoAP on {coap_listen} (set [coap] listen or enabled = false)")
+        })?;
+        Some(socket)
+    } else {
+        None
+    };
     if first_run {
         println!(
             "weft: created data directory {} (config weft.toml, signing key, database)",
@@ -174,6 +184,10 @@ async fn serve(
     }
     println!("weft: server name {server_name}, data in {}", data_dir.display());
     println!("weft listening on http://{addr}");
+    if let Some(socket) = coap_socket {
+        println!("weft: coap listening on {}", socket.local_addr()?);
+        tokio::spawn(weft_coap::serve(services.clone(), socket));
+    }
     // The exact path of this binary, so the hint works under `cargo run` too.
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())

@@ -1,0 +1,627 @@
+//! The CoAP+CBOR door: the Matrix Client-Server API over CoAP (RFC 7252)
+//! on UDP, with CBOR bodies (Content-Format 60; JSON, 50, accepted too).
+//!
+//! The door decodes CoAP messages (with `coap-lite`), authenticates, and
+//! calls the same `weft_services::Services` functions the HTTP door calls.
+//! It adds only what CoAP itself needs: piggybacked or separate responses,
+//! duplicate detection, Block-wise transfer (RFC 7959) and Observe on
+//! `/sync` (RFC 7641). See docs/coap.md.
+
+pub mod cbor;
+pub mod routes;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as Method, ResponseType};
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use weft_core::{Error, ErrorKind};
+use weft_services::{Services, Session};
+
+use crate::routes::{CF_CBOR, CF_JSON, Req, error_reply};
+
+/// MSC3079's option number for the access token.
+pub const OPTION_ACCESS_TOKEN: u16 = 256;
+/// RFC 7252 EXCHANGE_LIFETIME: how long a response is kept for duplicates.
+const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+/// Most remembered exchanges (duplicate detection) at once.
+const MAX_EXCHANGES: usize = 20_000;
+/// Most remembered peer tokens / block transfers at once.
+const MAX_PEERS: usize = 10_000;
+/// A handler slower than this gets an empty ACK and a separate response.
+const SEPARATE_AFTER: Duration = Duration::from_millis(1000);
+/// ACK_TIMEOUT and MAX_RETRANSMIT (RFC 7252 §4.8).
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
+/// Block size used for responses: 1024 bytes (SZX 6).
+const BLOCK_SZX: u8 = 6;
+/// How long an observer's long-poll waits before polling again.
+const OBSERVE_POLL_MS: u64 = 30_000;
+
+/// Outcome of a confirmable message we sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Acked,
+    Reset,
+    TimedOut,
+}
+
+enum Exchange {
+    InProgress,
+    Done(Vec<u8>),
+}
+
+#[derive(Default)]
+struct State {
+    exchanges: HashMap<(SocketAddr, u16), (Exchange, Instant)>,
+    exchange_order: VecDeque<((SocketAddr, u16), Instant)>,
+    /// Access token last presented by each peer.
+    peer_tokens: HashMap<SocketAddr, String>,
+    /// Confirmable messages we sent, waiting for ACK/RST.
+    pending: HashMap<(SocketAddr, u16), oneshot::Sender<Delivery>>,
+    /// Large response bodies, served block by block: (peer, uri) → body.
+    blocks: HashMap<(SocketAddr, String), (Vec<u8>, u16, Instant)>,
+    /// Block1 uploads being assembled: (peer, uri) → bytes so far.
+    uploads: HashMap<(SocketAddr, String), (Vec<u8>, Instant)>,
+    /// Observers: (peer, token) → the notifying task.
+    observers: HashMap<(SocketAddr, Vec<u8>), tokio::task::AbortHandle>,
+}
+
+struct Door {
+    services: Arc<Services>,
+    socket: UdpSocket,
+    state: Mutex<State>,
+    next_mid: AtomicU16,
+    observe_seq: AtomicU32,
+}
+
+/// Serves CoAP on `socket` until the task is dropped. Bad datagrams are
+/// ignored (or answered with RST); they never stop the loop.
+pub async fn serve(services: Arc<Services>, socket: UdpSocket) -> std::io::Result<()> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let door = Arc::new(Door {
+        services,
+        socket,
+        state: Mutex::new(State::default()),
+        next_mid: AtomicU16::new(seed as u16),
+        observe_seq: AtomicU32::new(2),
+    });
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, peer) = match door.socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; keep serving.
+                tracing::debug!("coap: recv error: {e}");
+                continue;
+            }
+        };
+        door.clone().on_datagram(&buf[..n], peer).await;
+    }
+}
+
+fn block_value(num: u32, more: bool, szx: u8) -> Vec<u8> {
+    let v = (num << 4) | (u32::from(more) << 3) | u32::from(szx & 7);
+    uint_bytes(v)
+}
+
+fn uint_bytes(v: u32) -> Vec<u8> {
+    let b = v.to_be_bytes();
+    let skip = b.iter().take_while(|x| **x == 0).count();
+    b[skip..].to_vec()
+}
+
+fn parse_uint(b: &[u8]) -> u32 {
+    b.iter().take(4).fold(0u32, |acc, x| (acc << 8) | u32::from(*x))
+}
+
+/// (num, more, szx)
+fn parse_block(b: &[u8]) -> (u32, bool, u8) {
+    let v = parse_uint(b);
+    (v >> 4, v & 0x8 != 0, (v & 7) as u8)
+}
+
+fn opt_str(p: &Packet, o: CoapOption) -> Vec<String> {
+    p.get_option(o)
+        .map(|l| l.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect())
+        .unwrap_or_default()
+}
+
+impl Door {
+    fn mid(&self) -> u16 {
+        self.next_mid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn send(&self, bytes: &[u8], peer: SocketAddr) {
+        if let Err(e) = self.socket.send_to(bytes, peer).await {
+            tracing::debug!("coap: send to {peer} failed: {e}");
+        }
+    }
+
+    async fn reset(&self, mid: u16, peer: SocketAddr) {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Reset);
+        p.header.code = MessageClass::Empty;
+        p.header.message_id = mid;
+        if let Ok(b) = p.to_bytes() {
+            self.send(&b, peer).await;
+        }
+    }
+
+    async fn on_datagram(self: Arc<Self>, data: &[u8], peer: SocketAddr) {
+        let packet = match Packet::from_bytes(data) {
+            Ok(p) if p.header.get_version() == 1 => p,
+            _ => {
+                // A confirmable message we cannot parse is rejected with RST
+                // (RFC 7252 §4.2); anything else is silently ignored.
+                if data.len() >= 4 && data[0] >> 6 == 1 && (data[0] >> 4) & 3 == 0 {
+                    self.reset(u16::from_be_bytes([data[2], data[3]]), peer).await;
+                }
+                return;
+            }
+        };
+        let mid = packet.header.message_id;
+        match packet.header.get_type() {
+            MessageType::Acknowledgement | MessageType::Reset => {
+                let outcome = if packet.header.get_type() == MessageType::Reset {
+                    Delivery::Reset
+                } else {
+                    Delivery::Acked
+                };
+                if let Some(tx) = self.state.lock().pending.remove(&(peer, mid)) {
+                    let _ = tx.send(outcome);
+                }
+                return;
+            }
+            _ => {}
+        }
+        let method = match packet.header.code {
+            MessageClass::Request(m) => m,
+            _ => {
+                // CoAP ping (empty CON) or a response we did not ask for.
+                if packet.header.get_type() == MessageType::Confirmable {
+                    self.reset(mid, peer).await;
+                }
+                return;
+            }
+        };
+        // Duplicate detection: replay the response, or wait for it.
+        let cached = {
+            let mut st = self.state.lock();
+            let now = Instant::now();
+            match st.exchanges.get(&(peer, mid)) {
+                Some((Exchange::Done(b), _)) => Some(Some(b.clone())),
+                Some((Exchange::InProgress, _)) => Some(None),
+                None => {
+                    // Expire old exchanges, then bound the cache.
+                    while let Some((k, t)) = st.exchange_order.front().cloned() {
+                        if now.duration_since(t) > EXCHANGE_LIFETIME || st.exchange_order.len() >= MAX_EXCHANGES {
+                            st.exchange_order.pop_front();
+                            if st.exchanges.get(&k).is_some_and(|(_, t2)| *t2 == t) {
+                                st.exchanges.remove(&k);
+                            }
+                        } else {
+                            break;
+                        }
+                    }
+                    st.exchanges.insert((peer, mid), (Exchange::InProgress, now));
+                    st.exchange_order.push_back(((peer, mid), now));
+                    None
+                }
+            }
+        };
+        match cached {
+            Some(Some(bytes)) => {
+                self.send(&bytes, peer).await;
+                return;
+            }
+            Some(None) => return,
+            None => {}
+        }
+        tokio::spawn(async move { self.exchange(packet, method, peer).await });
+    }
+
+    fn finish_exchange(&self, peer: SocketAddr, mid: u16, bytes: &[u8]) {
+        if let Some(e) = self.state.lock().exchanges.get_mut(&(peer, mid)) {
+            e.0 = Exchange::Done(bytes.to_vec());
+        }
+    }
+
+    /// Answers one request: piggybacked on the ACK if quick, else an empty
+    /// ACK now and a separate confirmable response later.
+    async fn exchange(self: Arc<Self>, req: Packet, method: Method, peer: SocketAddr) {
+        let mid = req.header.message_id;
+        let confirmable = req.header.get_type() == MessageType::Confirmable;
+        let fut = self.clone().respond(req.clone(), method, peer);
+        tokio::pin!(fut);
+        let quick = if confirmable {
+            tokio::select! {
+                r = &mut fut => Some(r),
+                _ = tokio::time::sleep(SEPARATE_AFTER) => None,
+            }
+        } else {
+            Some(fut.as_mut().await)
+        };
+        match quick {
+            Some(mut resp) => {
+                resp.set_token(req.get_token().to_vec());
+                if confirmable {
+                    resp.header.set_type(MessageType::Acknowledgement);
+                    resp.header.message_id = mid;
+                } else {
+                    resp.header.set_type(MessageType::NonConfirmable);
+                    resp.header.message_id = self.mid();
+                }
+                let bytes = encode(&resp);
+                self.finish_exchange(peer, mid, &bytes);
+                self.send(&bytes, peer).await;
+            }
+            None => {
+                let mut ack = Packet::new();
+                ack.header.set_type(MessageType::Acknowledgement);
+                ack.header.code = MessageClass::Empty;
+                ack.header.message_id = mid;
+                let bytes = encode(&ack);
+                self.finish_exchange(peer, mid, &bytes);
+                self.send(&bytes, peer).await;
+                let mut resp = fut.await;
+                resp.set_token(req.get_token().to_vec());
+                let _ = self.send_confirmable(resp, peer).await;
+            }
+        }
+    }
+
+    /// Sends a CON message, retransmitting with exponential back-off until
+    /// it is acknowledged, reset, or MAX_RETRANSMIT is exhausted.
+    async fn send_confirmable(&self, mut p: Packet, peer: SocketAddr) -> Delivery {
+        let mid = self.mid();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.message_id = mid;
+        let bytes = encode(&p);
+        let (tx, mut rx) = oneshot::channel();
+        self.state.lock().pending.insert((peer, mid), tx);
+        let mut wait = ACK_TIMEOUT;
+        for _ in 0..=MAX_RETRANSMIT {
+            self.send(&bytes, peer).await;
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(Ok(d)) => return d,
+                Ok(Err(_)) => break,
+                Err(_) => wait *= 2,
+            }
+        }
+        self.state.lock().pending.remove(&(peer, mid));
+        Delivery::TimedOut
+    }
+
+    /// Builds the response (code, options, payload) for a request.
+    async fn respond(self: Arc<Self>, req: Packet, method: Method, peer: SocketAddr) -> Packet {
+        let path = opt_str(&req, CoapOption::UriPath);
+        let query: Vec<(String, String)> = opt_str(&req, CoapOption::UriQuery)
+            .into_iter()
+            .map(|q| match q.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (q, String::new()),
+            })
+            .collect();
+        let uri_key = {
+            let mut k = format!("{method:?} /{}", path.join("/"));
+            for (a, b) in &query {
+                if a != "a" && a != "access_token" {
+                    k.push_str(&format!("&{a}={b}"));
+                }
+            }
+            k
+        };
+        let accept = req.get_first_option(CoapOption::Accept).map(|v| parse_uint(v) as u16);
+        let out_cf = if accept == Some(CF_JSON) { CF_JSON } else { CF_CBOR };
+        let block2 = req.get_first_option(CoapOption::Block2).map(|v| parse_block(v));
+
+        // A later block of a large response we already produced.
+        if let Some((num, _, szx)) = block2
+            && num > 0
+        {
+            let cached = self
+                .state
+                .lock()
+                .blocks
+                .get(&(peer, uri_key.clone()))
+                .map(|(b, cf, _)| (b.clone(), *cf));
+            if let Some((body, cf)) = cached {
+                let mut resp = Packet::new();
+                resp.header.code = MessageClass::Response(ResponseType::Content);
+                resp.set_content_format_num(cf);
+                put_block(&mut resp, &body, num, szx.min(BLOCK_SZX));
+                return resp;
+            }
+        }
+
+        // Block1: assemble the request body first.
+        let mut payload = req.payload.clone();
+        let max_body = self.services.config.limits.max_body_bytes;
+        if let Some(b1) = req.get_first_option(CoapOption::Block1) {
+            let (num, more, szx) = parse_block(b1);
+            let size = 1usize << (szx.min(6) + 4);
+            let key = (peer, uri_key.clone());
+            let mut st = self.state.lock();
+            let buf = if num == 0 {
+                if st.uploads.len() >= MAX_PEERS {
+                    st.uploads.retain(|_, (_, t)| t.elapsed() < EXCHANGE_LIFETIME);
+                }
+                st.uploads.insert(key.clone(), (Vec::new(), Instant::now()));
+                st.uploads.get_mut(&key)
+            } else {
+                st.uploads.get_mut(&key)
+            };
+            let Some((buf, _)) = buf else {
+                return error_packet(&incomplete(), out_cf);
+            };
+            if buf.len() != num as usize * size {
+                st.uploads.remove(&key);
+                return error_packet(&incomplete(), out_cf);
+            }
+            buf.extend_from_slice(&payload);
+            if buf.len() > max_body {
+                st.uploads.remove(&key);
+                return error_packet(&Error::new(ErrorKind::TooLarge, "Request body too large"), out_cf);
+            }
+            if more {
+                let mut resp = Packet::new();
+                resp.header.code = MessageClass::Response(ResponseType::Continue);
+                resp.add_option(CoapOption::Block1, block_value(num, true, szx));
+                return resp;
+            }
+            payload = st.uploads.remove(&key).map(|(b, _)| b).unwrap_or_default();
+        }
+        if payload.len() > max_body {
+            return error_packet(&Error::new(ErrorKind::TooLarge, "Request body too large"), out_cf);
+        }
+
+        let observe = req.get_first_option(CoapOption::Observe).map(|v| parse_uint(v));
+        let r = Req {
+            method,
+            path,
+            query,
+            payload,
+            content_format: req
+                .get_first_option(CoapOption::ContentFormat)
+                .map(|v| parse_uint(v) as u16),
+            observe,
+        };
+        let option_token = req
+            .get_first_option(CoapOption::Unknown(OPTION_ACCESS_TOKEN))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let result = self.handle(&r, option_token, peer).await;
+        let mut resp = Packet::new();
+        match result {
+            Ok((reply, session)) => {
+                resp.header.code = MessageClass::Response(reply.code);
+                let body = encode_body(&reply.body, out_cf);
+                resp.set_content_format_num(out_cf);
+                // Observe registration on /sync.
+                if r.method == Method::Get
+                    && observe == Some(0)
+                    && let (Some(session), Some(p)) = (session, routes::cs_path(&r.path))
+                    && routes::is_sync(&p)
+                {
+                    let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
+                    let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+                    resp.add_option(CoapOption::Observe, uint_bytes(seq));
+                    self.clone()
+                        .observe(peer, req.get_token().to_vec(), session, r, since, uri_key.clone());
+                } else if observe == Some(1)
+                    && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
+                {
+                    h.abort();
+                }
+                self.attach_body(&mut resp, body, out_cf, peer, uri_key, block2.map(|b| b.2));
+            }
+            Err(e) => {
+                resp = error_packet(&e, out_cf);
+            }
+        }
+        resp
+    }
+
+    /// Puts `body` in the response, or its first block (Block2) when it
+    /// is larger than one block, keeping the rest for later requests.
+    fn attach_body(
+        &self,
+        resp: &mut Packet,
+        body: Vec<u8>,
+        cf: u16,
+        peer: SocketAddr,
+        uri_key: String,
+        szx: Option<u8>,
+    ) {
+        let szx = szx.unwrap_or(BLOCK_SZX).min(BLOCK_SZX);
+        let size = 1usize << (szx + 4);
+        if body.len() <= size && szx == BLOCK_SZX {
+            resp.payload = body;
+            return;
+        }
+        put_block(resp, &body, 0, szx);
+        let mut st = self.state.lock();
+        if st.blocks.len() >= MAX_PEERS {
+            st.blocks.retain(|_, (_, _, t)| t.elapsed() < EXCHANGE_LIFETIME);
+            if st.blocks.len() >= MAX_PEERS {
+                st.blocks.clear();
+            }
+        }
+        st.blocks.insert((peer, uri_key), (body, cf, Instant::now()));
+    }
+
+    /// Authenticates and routes.
+    async fn handle(
+        &self,
+        r: &Req,
+        option_token: Option<String>,
+        peer: SocketAddr,
+    ) -> weft_core::Result<(routes::Reply, Option<Session>)> {
+        let p = routes::cs_path(&r.path).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unrecognized {
+                    method_not_allowed: false,
+                },
+                "Unrecognized request",
+            )
+        })?;
+        if routes::is_public(&p) {
+            return Ok((routes::route(&self.services, None, &p, r).await?, None));
+        }
+        let presented = r.query_token().map(str::to_owned).or(option_token);
+        let token = match &presented {
+            Some(t) => Some(t.clone()),
+            None => self.state.lock().peer_tokens.get(&peer).cloned(),
+        };
+        let Some(token) = token else {
+            self.services.limiter.check(&format!("ip:{}", peer.ip()))?;
+            return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
+        };
+        let session = self.services.accounts.authenticate(&token).await?;
+        self.services.limiter.check(session.user_id.as_str())?;
+        if presented.is_some() {
+            let mut st = self.state.lock();
+            if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {
+                st.peer_tokens.clear();
+            }
+            st.peer_tokens.insert(peer, token);
+        }
+        let reply = routes::route(&self.services, Some(&session), &p, r).await?;
+        Ok((reply, Some(session)))
+    }
+
+    /// Registers an observer of `/sync`: each new sync batch after `since`
+    /// is pushed as a confirmable notification; an observer that resets or
+    /// stops acknowledging is dropped.
+    fn observe(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        token: Vec<u8>,
+        session: Session,
+        r: Req,
+        mut since: Option<String>,
+        uri_key: String,
+    ) {
+        let door = self.clone();
+        let key = (peer, token.clone());
+        let filter = r.q("filter").map(str::to_owned);
+        let task = tokio::spawn(async move {
+            loop {
+                let batch = routes::sync_json(
+                    &door.services,
+                    &session,
+                    since.clone(),
+                    OBSERVE_POLL_MS,
+                    filter.as_deref(),
+                    false,
+                )
+                .await;
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // Tell the observer why, then stop.
+                        let mut p = error_packet(&e, CF_CBOR);
+                        p.set_token(token.clone());
+                        let _ = door.send_confirmable(p, peer).await;
+                        break;
+                    }
+                };
+                let next = batch.get("next_batch").and_then(Value::as_str).map(str::to_owned);
+                if next.is_none() || next == since {
+                    continue;
+                }
+                since = next;
+                let mut p = Packet::new();
+                p.header.code = MessageClass::Response(ResponseType::Content);
+                p.set_token(token.clone());
+                let seq = door.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+                p.add_option(CoapOption::Observe, uint_bytes(seq));
+                p.set_content_format_num(CF_CBOR);
+                door.attach_body(&mut p, cbor::from_json(&batch), CF_CBOR, peer, uri_key.clone(), None);
+                if door.send_confirmable(p, peer).await != Delivery::Acked {
+                    break;
+                }
+            }
+            door.state.lock().observers.remove(&(peer, token));
+        });
+        if let Some(old) = self.state.lock().observers.insert(key, task.abort_handle()) {
+            old.abort();
+        }
+    }
+}
+
+trait ContentFormatNum {
+    fn set_content_format_num(&mut self, cf: u16);
+}
+
+impl ContentFormatNum for Packet {
+    fn set_content_format_num(&mut self, cf: u16) {
+        self.clear_option(CoapOption::ContentFormat);
+        self.add_option(CoapOption::ContentFormat, uint_bytes(u32::from(cf)));
+    }
+}
+
+fn incomplete() -> Error {
+    Error::new(ErrorKind::InvalidParam, "Block1 transfer out of order or unknown").with_status(408)
+}
+
+fn put_block(resp: &mut Packet, body: &[u8], num: u32, szx: u8) {
+    let size = 1usize << (szx + 4);
+    let start = (num as usize).saturating_mul(size).min(body.len());
+    let end = (start + size).min(body.len());
+    resp.payload = body[start..end].to_vec();
+    resp.clear_option(CoapOption::Block2);
+    resp.add_option(CoapOption::Block2, block_value(num, end < body.len(), szx));
+    if num == 0 {
+        resp.add_option(CoapOption::Size2, uint_bytes(body.len() as u32));
+    }
+}
+
+fn encode_body(v: &Value, cf: u16) -> Vec<u8> {
+    if cf == CF_JSON {
+        serde_json::to_vec(v).unwrap_or_default()
+    } else {
+        cbor::from_json(v)
+    }
+}
+
+/// An error response: code from [`routes::error_reply`], Matrix error body.
+fn error_packet(e: &Error, cf: u16) -> Packet {
+    let (code, body, max_age) = error_reply(e);
+    let code = if e.status == Some(408) {
+        ResponseType::RequestEntityIncomplete
+    } else {
+        code
+    };
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Response(code);
+    p.set_content_format_num(cf);
+    if let Some(m) = max_age {
+        p.add_option(CoapOption::MaxAge, uint_bytes(m));
+    }
+    p.payload = encode_body(&body, cf);
+    p
+}
+
+fn encode(p: &Packet) -> Vec<u8> {
+    match p.to_bytes_unlimited() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("coap: cannot encode response: {e:?}");
+            let mut q = Packet::new();
+            q.header = p.header.clone();
+            q.set_token(p.get_token().to_vec());
+            q.header.code = MessageClass::Response(ResponseType::InternalServerError);
+            q.to_bytes_unlimited().unwrap_or_default()
+        }
+    }
+}

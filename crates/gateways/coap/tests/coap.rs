@@ -1,0 +1,406 @@
+//! End-to-end tests of the CoAP door: the real `weft` binary, real UDP.
+
+mod common;
+
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
+use common::{Client, Request, Server, cbor, coap_client, enc, uncbor};
+use serde_json::{Value, json};
+
+fn send_path(room: &str) -> String {
+    format!("/_m/c/a/v1/r/{room}/s/m.room.message")
+}
+
+/// The talk's example, exactly: POST /_m/c/a/v1/r/ROOM/s/m.room.message?a=TOKEN
+/// with a CBOR body, read back over HTTP.
+#[tokio::test]
+async fn talk_compact_post_creates_message() {
+    let s = Server::start().await;
+    let (token, user) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let content = json!({"msgtype": "m.text", "body": "hello"});
+    let path = send_path(&room);
+    let (code, v) = c
+        .call_cbor(Request::new(M::Post, &path).q("a", &token).cbor(&content))
+        .await;
+    assert_eq!(code, R::Created, "{v}");
+    let event_id = v["event_id"].as_str().expect("event_id in CBOR response").to_owned();
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["event_id"], event_id.as_str());
+    assert_eq!(msgs[0]["content"], content);
+    assert_eq!(msgs[0]["sender"], user.as_str());
+}
+
+/// The same with libcoap's `coap-client`, the CBOR piped on stdin.
+#[tokio::test]
+async fn talk_compact_post_with_libcoap_client() {
+    let Some(bin) = coap_client() else {
+        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping");
+        return;
+    };
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let content = json!({"msgtype": "m.text", "body": "hello"});
+    let uri = format!(
+        "coap://{}/_m/c/a/v1/r/{}/s/m.room.message?a={}",
+        s.coap,
+        enc(&room),
+        token
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(bin)
+            .args(["-m", "post", "-t", "60", "-f", "-", "-B", "5", &uri])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run coap-client");
+        child.stdin.take().unwrap().write_all(&cbor(&content)).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "coap-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = uncbor(&out.stdout);
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(
+        msgs.len(),
+        1,
+        "coap-client stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(msgs[0]["content"], json!({"msgtype": "m.text", "body": "hello"}));
+    assert_eq!(reply["event_id"], msgs[0]["event_id"]);
+}
+
+/// 20 telemetry readings with floats via PUT (full path, CBOR), then
+/// `/messages` over HTTP; an HTTP event read back over CoAP `/sync`.
+#[tokio::test]
+async fn telemetry_in_order_with_exact_floats_and_sync_reads_http_event() {
+    let s = Server::start().await;
+    let (token, _) = s.register("sensor").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    // Token by MSC3079 option 256 on the first request; remembered after.
+    let (code, v) = c
+        .call_cbor(
+            Request::new(M::Get, "/_matrix/client/v3/account/whoami")
+                .opt(CoapOption::Unknown(256), token.as_bytes().to_vec()),
+        )
+        .await;
+    assert_eq!(code, R::Content, "{v}");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/org.weft.telemetry/t{i}");
+        let reading = json!({"seq": i, "temp": 20.0 + i as f64 * 0.25 + 0.1});
+        let (code, v) = c.call_cbor(Request::new(M::Put, &path).cbor(&reading)).await;
+        assert_eq!(code, R::Changed, "{v}");
+        ids.push(v["event_id"].as_str().unwrap().to_owned());
+    }
+    let msgs = s.http_messages(&token, &room, "org.weft.telemetry").await;
+    assert_eq!(msgs.len(), 20);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m["event_id"], ids[i].as_str());
+        assert_eq!(m["content"]["seq"], i);
+        let expect = format!("{}", 20.0 + i as f64 * 0.25 + 0.1);
+        assert_eq!(m["content"]["temp"], expect.as_str(), "float kept as exact string");
+    }
+
+    // Sync position now, then an HTTP event, then CoAP /sync since then.
+    let (code, first) = c.call_cbor(Request::new(M::Get, "/_matrix/client/v3/sync")).await;
+    assert_eq!(code, R::Content);
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let (st, sent) = s
+        .http_call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h1", enc(&room)),
+            Some(&token),
+            Some(json!({"msgtype": "m.text", "body": "from http"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (code, v) = c
+        .call_cbor(
+            Request::new(M::Get, "/_matrix/client/v3/sync")
+                .q("since", &since)
+                .q("timeout", "5000"),
+        )
+        .await;
+    assert_eq!(code, R::Content);
+    let tl = v["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline");
+    assert_eq!(tl.len(), 1, "{v}");
+    assert_eq!(tl[0]["event_id"], sent["event_id"]);
+    assert_eq!(tl[0]["content"], json!({"msgtype": "m.text", "body": "from http"}));
+}
+
+/// A resent CON (same message ID) is answered from the cache: one event.
+#[tokio::test]
+async fn duplicate_con_stores_one_event_and_replays_response() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let path = send_path(&room);
+    let p = c.packet(
+        &Request::new(M::Post, &path)
+            .q("a", &token)
+            .cbor(&json!({"msgtype": "m.text", "body": "once"})),
+    );
+    let first = c.send_packet(&p).await;
+    let second = c.send_packet(&p).await;
+    let third = c.send_packet(&p).await;
+    assert_eq!(first.header.code, MessageClass::Response(R::Created));
+    assert_eq!(first, second);
+    assert_eq!(first, third);
+    assert_eq!(first.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(first.header.message_id, p.header.message_id);
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(uncbor(&first.payload)["event_id"], msgs[0]["event_id"]);
+
+    // NON requests get NON responses.
+    let mut q = c.packet(&Request::new(M::Get, "/_matrix/client/versions"));
+    q.header.set_type(MessageType::NonConfirmable);
+    let r = c
+        .raw(&q.to_bytes().unwrap(), Duration::from_secs(5))
+        .await
+        .expect("NON response");
+    assert_eq!(r.header.get_type(), MessageType::NonConfirmable);
+    assert!(uncbor(&r.payload)["versions"].is_array());
+}
+
+/// Errors carry the Matrix body in CBOR; bad datagrams don't hurt.
+#[tokio::test]
+async fn errors_and_garbage() {
+    let s = Server::start_with(&[("WEFT_LIMITS__MAX_BODY_BYTES", "16384")]).await;
+    let (token, _) = s.register("alice").await;
+    let (other, _) = s.register("mallory").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let path = send_path(&room);
+    let body = json!({"msgtype": "m.text", "body": "x"});
+
+    let (code, v) = c.call_cbor(Request::new(M::Post, &path).cbor(&body)).await;
+    assert_eq!(code, R::Unauthorized);
+    assert_eq!(v["errcode"], "M_MISSING_TOKEN");
+
+    let (code, v) = c
+        .call_cbor(Request::new(M::Post, &path).q("a", "nonsense").cbor(&body))
+        .await;
+    assert_eq!(code, R::Unauthorized);
+    assert_eq!(v["errcode"], "M_UNKNOWN_TOKEN");
+
+    let (code, v) = c
+        .call_cbor(Request::new(M::Post, &path).q("a", &other).cbor(&body))
+        .await;
+    assert_eq!(code, R::Forbidden, "{v}");
+    assert_eq!(v["errcode"], "M_FORBIDDEN");
+
+    let (code, v) = c
+        .call_cbor(Request::new(M::Get, &format!("/_matrix/client/v3/rooms/{room}/messages")).q("a", &other))
+        .await;
+    assert_eq!(code, R::Forbidden, "{v}");
+
+    let (code, v) = c
+        .call_cbor(Request::new(M::Get, "/_matrix/client/v3/nope").q("a", &token))
+        .await;
+    assert_eq!(code, R::NotFound);
+    assert_eq!(v["errcode"], "M_UNRECOGNIZED");
+    let (code, _) = c
+        .call_cbor(Request::new(M::Delete, "/_matrix/client/v3/sync").q("a", &token))
+        .await;
+    assert_eq!(code, R::MethodNotAllowed);
+
+    // Bad CBOR body.
+    let mut r = Request::new(M::Post, &path).q("a", &token);
+    r.payload = vec![0xa1, 0x61];
+    r.content_format = Some(60);
+    let (code, v) = c.call_cbor(r).await;
+    assert_eq!(code, R::BadRequest);
+    assert_eq!(v["errcode"], "M_NOT_JSON");
+
+    // Garbage, truncated header, a CON with garbage options, oversized.
+    let quiet = Duration::from_millis(300);
+    assert!(c.raw(b"\xff\xff", quiet).await.is_none());
+    assert!(c.raw(b"hello world, not coap", quiet).await.is_none());
+    assert!(c.raw(&[0x40], quiet).await.is_none());
+    // CON, token length 8 but no token bytes: answered with RST.
+    let rst = c
+        .raw(&[0x48, 0x01, 0x12, 0x34], quiet)
+        .await
+        .expect("RST for a broken CON");
+    assert_eq!(rst.header.get_type(), MessageType::Reset);
+    assert_eq!(rst.header.message_id, 0x1234);
+    // CoAP ping.
+    let rst = c.raw(&[0x40, 0x00, 0x22, 0x22], quiet).await.expect("pong");
+    assert_eq!(rst.header.get_type(), MessageType::Reset);
+    // An oversized request body: 4.13 with M_TOO_LARGE.
+    let mut big = c.packet(&Request::new(M::Post, &path).q("a", &token));
+    big.add_option(CoapOption::ContentFormat, vec![60]);
+    big.payload = vec![0x60; 20_000];
+    let resp = c.send_packet(&big).await;
+    assert_eq!(resp.header.code, MessageClass::Response(R::RequestEntityTooLarge));
+    assert_eq!(uncbor(&resp.payload)["errcode"], "M_TOO_LARGE");
+    // Random junk of every length does not stop the door.
+    for n in 0..64u8 {
+        let junk: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37).wrapping_add(n)).collect();
+        c.sock.send_to(&junk, s.coap).await.unwrap();
+    }
+    // Still serving.
+    let (code, v) = c
+        .call_cbor(Request::new(M::Post, &path).q("a", &token).cbor(&body))
+        .await;
+    assert_eq!(code, R::Created, "{v}");
+    let (code, v) = c.call_cbor(Request::new(M::Get, "/_matrix/client/versions")).await;
+    assert_eq!(code, R::Content);
+    assert!(v["versions"].is_array());
+}
+
+/// The other routes: createRoom, join, state, whoami; JSON accepted (cf 50).
+#[tokio::test]
+async fn rooms_state_and_json_bodies() {
+    let s = Server::start().await;
+    let (alice, alice_id) = s.register("alice").await;
+    let (bob, _) = s.register("bob").await;
+    let mut a = Client::new(s.coap).await;
+    let mut b = Client::new(s.coap).await;
+    let (code, v) = a
+        .call_cbor(
+            Request::new(M::Post, "/_matrix/client/v3/createRoom")
+                .q("a", &alice)
+                .cbor(&json!({"preset": "public_chat", "name": "sensors"})),
+        )
+        .await;
+    assert_eq!(code, R::Created, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let (code, v) = b
+        .call_cbor(Request::new(M::Post, &format!("/_matrix/client/v3/join/{room}")).q("access_token", &bob))
+        .await;
+    assert_eq!(code, R::Changed, "{v}");
+    assert_eq!(v["room_id"], room.as_str());
+    // State with a JSON body (Content-Format 50): floats kept exactly.
+    let state_path = format!("/_matrix/client/v3/rooms/{room}/state/org.weft.device/KITCHEN");
+    let mut r = Request::new(M::Put, &state_path).q("a", &alice);
+    r.payload = br#"{"temp": 21.50, "unit": "C"}"#.to_vec();
+    r.content_format = Some(50);
+    let (code, v) = a.call_cbor(r).await;
+    assert_eq!(code, R::Changed, "{v}");
+    let (code, v) = b
+        .call_cbor(Request::new(
+            M::Get,
+            &format!("/_matrix/client/v3/rooms/{room}/state/org.weft.device/KITCHEN"),
+        ))
+        .await;
+    assert_eq!(code, R::Content, "{v}");
+    assert_eq!(v, json!({"temp": "21.50", "unit": "C"}));
+    let (code, v) = b
+        .call_cbor(Request::new(M::Get, &format!("/_matrix/client/v3/rooms/{room}/state")))
+        .await;
+    assert_eq!(code, R::Content);
+    let state = v.as_array().unwrap();
+    assert!(
+        state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "sensors")
+    );
+    let (code, v) = a
+        .call_cbor(Request::new(M::Get, "/_matrix/client/v3/account/whoami"))
+        .await;
+    assert_eq!(code, R::Content);
+    assert_eq!(v["user_id"], alice_id.as_str());
+    // Accept: JSON.
+    let (code, body) = a
+        .call(Request::new(M::Get, "/_matrix/client/v3/account/whoami").opt(CoapOption::Accept, vec![50]))
+        .await;
+    assert_eq!(code, R::Content);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["user_id"], alice_id.as_str());
+}
+
+/// A sync response larger than one block arrives in 1024-byte Block2 blocks.
+#[tokio::test]
+async fn large_sync_uses_block2() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    for i in 0..8 {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}");
+        let body = json!({"msgtype": "m.text", "body": "x".repeat(300), "i": i});
+        let (code, _) = c
+            .call_cbor(Request::new(M::Put, &path).q("a", &token).cbor(&body))
+            .await;
+        assert_eq!(code, R::Changed);
+    }
+    let p =
+        c.packet(&Request::new(M::Get, "/_matrix/client/v3/sync").q("filter", r#"{"room":{"timeline":{"limit":50}}}"#));
+    let first = c.send_packet(&p).await;
+    assert!(first.payload.len() <= 1024);
+    assert!(
+        first.get_first_option(CoapOption::Block2).is_some(),
+        "first block carries Block2"
+    );
+    let (code, v) = c
+        .call_cbor(Request::new(M::Get, "/_matrix/client/v3/sync").q("filter", r#"{"room":{"timeline":{"limit":50}}}"#))
+        .await;
+    assert_eq!(code, R::Content);
+    let tl = v["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    let mine: Vec<&Value> = tl.iter().filter(|e| e["type"] == "m.room.message").collect();
+    assert_eq!(mine.len(), 8);
+    for (i, e) in mine.iter().enumerate() {
+        assert_eq!(e["content"]["i"], i);
+    }
+}
+
+/// Observe on /sync: a registration, then a notification per new batch.
+#[tokio::test]
+async fn observe_sync_pushes_new_events() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let p = c.packet(
+        &Request::new(M::Get, "/_matrix/client/v3/sync")
+            .q("a", &token)
+            .opt(CoapOption::Observe, vec![]),
+    );
+    let reg = c.send_packet(&p).await;
+    assert_eq!(reg.header.code, MessageClass::Response(R::Content));
+    assert!(
+        reg.get_first_option(CoapOption::Observe).is_some(),
+        "observe registered"
+    );
+    for i in 0..3 {
+        let (st, sent) = s
+            .http_call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/o{i}", enc(&room)),
+                Some(&token),
+                Some(json!({"msgtype": "m.text", "body": format!("n{i}")})),
+            )
+            .await;
+        assert_eq!(st, 200);
+        let n: Packet = c.recv(Duration::from_secs(5)).await.expect("notification");
+        assert_eq!(n.header.get_type(), MessageType::Confirmable);
+        assert_eq!(n.get_token(), p.get_token());
+        assert!(n.get_first_option(CoapOption::Observe).is_some());
+        c.ack(&n).await;
+        let v = uncbor(&n.payload);
+        let tl = v["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .expect("timeline");
+        assert_eq!(tl.len(), 1, "{v}");
+        assert_eq!(tl[0]["event_id"], sent["event_id"]);
+    }
+}

@@ -1,0 +1,403 @@
+//! Harness for the CoAP door tests: runs the real `weft` binary on free
+//! ports (HTTP on TCP, CoAP on UDP), registers users over HTTP, and speaks
+//! CoAP with a small client built on `coap-lite` messages over a real UDP
+//! socket (and with libcoap's `coap-client` where installed).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+
+/// Path of the `weft` binary (next to the test executable, built if missing).
+pub fn weft_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(b) = std::env::var_os("WEFT_BIN") {
+            return PathBuf::from(b);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf();
+        let bin = profile_dir.join(format!("weft{}", std::env::consts::EXE_SUFFIX));
+        if !bin.is_file() {
+            let target = profile_dir.parent().expect("target dir");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "weft", "--bin", "weft"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("CARGO_TARGET_DIR", target);
+            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build -p weft");
+            assert!(st.success(), "cargo build -p weft failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub http_base: String,
+    pub coap: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra environment settings.
+    pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::Builder::new().prefix("weft-coap-test-").tempdir().unwrap();
+        let mut cmd = Command::new(weft_bin());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("WEFT_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("WEFT_REGISTRATION__MODE", "open")
+            .env("WEFT_RATE_LIMIT__ENABLED", "false")
+            .env("WEFT_MQTT__LISTEN", "127.0.0.1:0")
+            .env("WEFT_COAP__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
+            ));
+        let mut child = cmd.spawn().expect("spawn weft");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Option<String>, Option<String>)>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let http = line
+                    .split_once("listening on http://")
+                    .map(|(_, a)| a.trim().to_owned());
+                let coap = line.split_once("coap listening on ").map(|(_, a)| a.trim().to_owned());
+                if (http.is_some() || coap.is_some()) && tx.send((http, coap)).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut http, mut coap) = (None, None);
+        while http.is_none() || coap.is_none() {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some((h, c))) => {
+                    http = http.or(h);
+                    coap = coap.or(c);
+                }
+                e => panic!(
+                    "weft did not print its listening lines ({e:?}); stderr:\n{}",
+                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+                ),
+            }
+        }
+        Server {
+            child,
+            _dir: dir,
+            http_base: format!("http://{}", http.unwrap()),
+            coap: coap.unwrap().parse().expect("coap addr"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn http_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self.http.request(method, format!("{}{path}", self.http_base));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.expect("http request");
+        let status = resp.status().as_u16();
+        let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// Registers `name` and returns (access token, user ID).
+    pub async fn register(&self, name: &str) -> (String, String) {
+        let (st, v) = self
+            .http_call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/register",
+                None,
+                Some(json!({"username": name, "password": "a long password", "auth": {"type": "m.login.dummy"}})),
+            )
+            .await;
+        assert_eq!(st, 200, "register {name}: {v}");
+        (
+            v["access_token"].as_str().unwrap().to_owned(),
+            v["user_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn create_room(&self, token: &str) -> String {
+        let (st, v) = self
+            .http_call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(token),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Events of `event_type` in the room, oldest first, via HTTP `/messages`.
+    pub async fn http_messages(&self, token: &str, room: &str, event_type: &str) -> Vec<Value> {
+        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1000", enc(room));
+        let (st, v) = self.http_call(reqwest::Method::GET, &path, Some(token), None).await;
+        assert_eq!(st, 200, "{v}");
+        v["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == event_type)
+            .cloned()
+            .collect()
+    }
+}
+
+pub fn cbor(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).unwrap();
+    out
+}
+
+pub fn uncbor(b: &[u8]) -> Value {
+    ciborium::from_reader(b).unwrap_or_else(|e| panic!("response is not CBOR ({e}): {b:?}"))
+}
+
+/// A small CoAP client: confirmable requests, separate responses, Block2.
+pub struct Client {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    mid: u16,
+    token: u32,
+}
+
+pub struct Request<'a> {
+    pub method: RequestType,
+    pub path: &'a str,
+    pub query: Vec<String>,
+    pub payload: Vec<u8>,
+    pub content_format: Option<u16>,
+    pub options: Vec<(CoapOption, Vec<u8>)>,
+}
+
+impl<'a> Request<'a> {
+    pub fn new(method: RequestType, path: &'a str) -> Self {
+        Request {
+            method,
+            path,
+            query: vec![],
+            payload: vec![],
+            content_format: None,
+            options: vec![],
+        }
+    }
+    pub fn q(mut self, k: &str, v: &str) -> Self {
+        self.query.push(format!("{k}={v}"));
+        self
+    }
+    pub fn cbor(mut self, v: &Value) -> Self {
+        self.payload = cbor(v);
+        self.content_format = Some(60);
+        self
+    }
+    pub fn opt(mut self, o: CoapOption, v: Vec<u8>) -> Self {
+        self.options.push((o, v));
+        self
+    }
+}
+
+impl Client {
+    pub async fn new(server: SocketAddr) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Client {
+            sock,
+            server,
+            mid: 1000,
+            token: 1,
+        }
+    }
+
+    pub fn packet(&mut self, r: &Request<'_>) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(r.method);
+        self.mid = self.mid.wrapping_add(1);
+        p.header.message_id = self.mid;
+        self.token += 1;
+        p.set_token(self.token.to_be_bytes().to_vec());
+        for seg in r.path.trim_start_matches('/').split('/') {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        if let Some(cf) = r.content_format {
+            p.add_option(CoapOption::ContentFormat, vec![cf as u8]);
+        }
+        for q in &r.query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        for (o, v) in &r.options {
+            p.add_option(*o, v.clone());
+        }
+        p.payload = r.payload.clone();
+        p
+    }
+
+    /// Sends raw bytes and waits for one datagram (or `None` after `wait`).
+    pub async fn raw(&self, bytes: &[u8], wait: Duration) -> Option<Packet> {
+        self.sock.send_to(bytes, self.server).await.unwrap();
+        self.recv(wait).await
+    }
+
+    pub async fn recv(&self, wait: Duration) -> Option<Packet> {
+        let mut buf = vec![0u8; 65_536];
+        match tokio::time::timeout(wait, self.sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => Some(Packet::from_bytes(&buf[..n]).expect("server sent a valid CoAP message")),
+            _ => None,
+        }
+    }
+
+    /// Sends a confirmable request and returns the response, following a
+    /// separate response and Block2 continuation.
+    pub async fn send_packet(&mut self, p: &Packet) -> Packet {
+        let bytes = p.to_bytes_unlimited().unwrap();
+        let mut resp = None;
+        for _ in 0..4 {
+            if let Some(r) = self.raw(&bytes, Duration::from_secs(5)).await {
+                resp = Some(r);
+                break;
+            }
+        }
+        let mut resp = resp.expect("no response from the CoAP door");
+        if resp.header.code == MessageClass::Empty {
+            // Separate response: wait for the CON, then ACK it.
+            assert_eq!(resp.header.get_type(), MessageType::Acknowledgement);
+            resp = self.recv(Duration::from_secs(40)).await.expect("separate response");
+            self.ack(&resp).await;
+        }
+        assert_eq!(resp.get_token(), p.get_token(), "response token matches request");
+        resp
+    }
+
+    pub async fn ack(&self, p: &Packet) {
+        if p.header.get_type() == MessageType::Confirmable {
+            let mut a = Packet::new();
+            a.header.set_type(MessageType::Acknowledgement);
+            a.header.code = MessageClass::Empty;
+            a.header.message_id = p.header.message_id;
+            self.sock.send_to(&a.to_bytes().unwrap(), self.server).await.unwrap();
+        }
+    }
+
+    /// Request → (code, whole payload), fetching further Block2 blocks.
+    pub async fn call(&mut self, r: Request<'_>) -> (ResponseType, Vec<u8>) {
+        let p = self.packet(&r);
+        let resp = self.send_packet(&p).await;
+        let code = match resp.header.code {
+            MessageClass::Response(c) => c,
+            other => panic!("not a response: {other:?}"),
+        };
+        let mut body = resp.payload.clone();
+        let mut block = resp.get_first_option(CoapOption::Block2).cloned();
+        while let Some(b) = block {
+            let v = b.iter().fold(0u32, |a, x| (a << 8) | u32::from(*x));
+            if v & 0x8 == 0 {
+                break;
+            }
+            let num = (v >> 4) + 1;
+            let val = (num << 4) | (v & 7);
+            let mut next = Request::new(r.method, r.path);
+            next.query = r.query.clone();
+            next.options = r
+                .options
+                .iter()
+                .filter(|(o, _)| *o != CoapOption::Observe)
+                .cloned()
+                .collect();
+            let vb = val.to_be_bytes();
+            let skip = vb.iter().take_while(|x| **x == 0).count();
+            next.options.push((CoapOption::Block2, vb[skip..].to_vec()));
+            let np = self.packet(&next);
+            let nr = self.send_packet(&np).await;
+            body.extend_from_slice(&nr.payload);
+            block = nr.get_first_option(CoapOption::Block2).cloned();
+        }
+        (code, body)
+    }
+
+    pub async fn call_cbor(&mut self, r: Request<'_>) -> (ResponseType, Value) {
+        let (code, body) = self.call(r).await;
+        (code, uncbor(&body))
+    }
+}
+
+/// libcoap's client, if installed.
+pub fn coap_client() -> Option<String> {
+    for name in [
+        "coap-client",
+        "coap-client-notls",
+        "coap-client-openssl",
+        "coap-client-gnutls",
+    ] {
+        if Command::new(name)
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+        {
+            return Some(name.to_owned());
+        }
+    }
+    None
+}
