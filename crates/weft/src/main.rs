@@ -200,6 +200,15 @@ async fn serve(
         "weft: then point any Matrix client at http://{addr} (ready in {} ms)",
         started.elapsed().as_millis()
     );
+    // The MQTT door (TCP), sharing the same services.
+    if services.config.mqtt.enabled {
+        let mqtt_listen = services.config.mqtt.listen.clone();
+        let mqtt = tokio::net::TcpListener::bind(&mqtt_listen).await.with_context(|| {
+            format!("cannot listen for MQTT on {mqtt_listen} (set [mqtt] listen or enabled = false)")
+        })?;
+        println!("weft: mqtt listening on {}", mqtt.local_addr()?);
+        tokio::spawn(weft_mqtt::serve(services.clone(), mqtt));
+    }
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]

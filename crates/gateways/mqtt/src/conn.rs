@@ -1,0 +1,615 @@
+//! One MQTT connection: CONNECT and authentication, then a loop over the
+//! socket, the subscription feed and the keepalive timer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ruma::OwnedRoomId;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::{Instant, sleep_until, timeout};
+use weft_core::ErrorKind;
+use weft_services::content::door_content;
+use weft_services::{Services, Session};
+
+use crate::Broker;
+use crate::codec::{self, Connect, Frame, In, Out, ProtocolFailure, Refusal, Version, refusal};
+use crate::feed::{FeedItem, Sub, run_feed, state_publishes};
+use crate::topics::{FilterRoom, parse_filter, parse_publish};
+
+/// Time a client has to send its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a write to a client may take before the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// QoS 1 messages sent and not yet acknowledged, at most.
+const MAX_INFLIGHT: usize = 64;
+/// How often a persistent session's position is saved while connected.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// Time a new connection waits for an older one with its client ID to end.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// A persistent session, stored as account data of the user.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    subscriptions: Vec<SavedSub>,
+    /// Every event up to this stream position has been delivered (and, at
+    /// QoS 1, acknowledged).
+    position: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedSub {
+    filter: String,
+    qos: u8,
+}
+
+fn session_type(client_id: &str) -> String {
+    format!("org.weft.mqtt.session.{client_id}")
+}
+
+/// Reasons a connection ends.
+enum End {
+    /// DISCONNECT from the client.
+    Graceful { send_will: bool },
+    /// Socket closed, I/O error, or a protocol failure already answered.
+    Dropped,
+}
+
+pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+
+    // CONNECT, within CONNECT_TIMEOUT.
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let frame = loop {
+        if buf.first().is_some_and(|b| *b != 0x10) {
+            // Not a CONNECT: not an MQTT client.
+            return;
+        }
+        match codec::frame(&mut buf) {
+            Frame::Packet(p) => break p,
+            Frame::Incomplete => {}
+            Frame::TooLarge | Frame::Malformed => return,
+        }
+        match timeout(deadline - Instant::now(), rd.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    };
+    let mut writer = Writer {
+        wr,
+        version: Version::V311,
+        buf: BytesMut::new(),
+    };
+    let connect = match codec::decode_connect(frame) {
+        Ok(c) => c,
+        Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(_)) => {
+            let _ = writer.send(Out::ConnAckBadVersion).await;
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(?peer, "mqtt: bad CONNECT: {e}");
+            return;
+        }
+    };
+    writer.version = connect.version;
+
+    let refuse = |r: Refusal| Out::ConnAck {
+        session_present: false,
+        result: Err(r),
+        assigned_id: None,
+    };
+    let mut client_id = connect.client_id.clone();
+    let mut assigned_id = None;
+    if client_id.is_empty() {
+        if !connect.clean {
+            let _ = writer.send(refuse(Refusal::ClientIdInvalid)).await;
+            return;
+        }
+        client_id = format!("mqtt-{}", weft_services::accounts::random_string(12));
+        assigned_id = Some(client_id.clone());
+    }
+    if client_id.len() > 200 || client_id.contains(['\0', '/']) {
+        let _ = writer.send(refuse(Refusal::ClientIdInvalid)).await;
+        return;
+    }
+    let session = match authenticate(&broker.services, &connect, &client_id).await {
+        Ok(s) => s,
+        Err(r) => {
+            tracing::debug!(?peer, "mqtt: CONNECT refused: {r:?}");
+            let _ = writer.send(refuse(r)).await;
+            return;
+        }
+    };
+
+    // One connection per (user, client ID): a new one takes over.
+    let key = format!("{}\n{client_id}", session.user_id);
+    let (conn_id, kill, lock) = broker.register(&key);
+    let Ok(_guard) = timeout(TAKEOVER_WAIT, lock.lock_owned()).await else {
+        let _ = writer.send(refuse(Refusal::Unspecified)).await;
+        broker.unregister(&key, conn_id);
+        return;
+    };
+
+    let services = broker.services.clone();
+    let data_type = session_type(&client_id);
+    let user = session.user_id.as_str().to_owned();
+    let mut saved: Option<Saved> = None;
+    if connect.clean {
+        // Forget an earlier persistent session of this client ID.
+        if let Ok(Some(_)) = services.store.get_account_data(&user, None, &data_type).await {
+            let _ = put_saved(&services, &user, &data_type, None).await;
+        }
+    } else if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await {
+        saved = serde_json::from_str::<Saved>(&text).ok().filter(|s| s.position > 0);
+    }
+    let session_present = saved.is_some();
+    let position = saved
+        .as_ref()
+        .map(|s| s.position)
+        .unwrap_or_else(|| services.store.current_position());
+    let mut subs = Vec::new();
+    for s in saved.map(|s| s.subscriptions).unwrap_or_default() {
+        // Re-checked: the user may have left a room since.
+        if let Ok(sub) = make_sub(&services, &session, &s.filter, s.qos, 0).await {
+            subs.push(sub);
+        }
+    }
+    if writer
+        .send(Out::ConnAck {
+            session_present,
+            result: Ok(()),
+            assigned_id,
+        })
+        .await
+        .is_err()
+    {
+        broker.unregister(&key, conn_id);
+        return;
+    }
+
+    let (subs_tx, subs_rx) = watch::channel(Arc::new(subs));
+    let (feed_tx, feed_rx) = mpsc::channel(64);
+    let feed = tokio::spawn(run_feed(services.clone(), session.clone(), subs_rx, position, feed_tx));
+
+    let mut conn = Conn {
+        services: services.clone(),
+        session,
+        persistent: !connect.clean,
+        data_type,
+        writer,
+        subs: subs_tx,
+        inflight: HashMap::new(),
+        pending: BTreeMap::new(),
+        delivered: position,
+        saved_position: position,
+        next_pkid: 0,
+        qos2: HashSet::new(),
+    };
+    let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
+    feed.abort();
+    if conn.persistent {
+        conn.save().await;
+    }
+    let send_will = match end {
+        End::Graceful { send_will } => send_will,
+        End::Dropped => true,
+    };
+    if send_will
+        && let Some(w) = &connect.will
+        && let Err(r) = conn.publish_event(&w.topic, &w.payload).await
+    {
+        tracing::debug!("mqtt: will of {client_id} not published: {r:?}");
+    }
+    let _ = conn.writer.wr.shutdown().await;
+    broker.unregister(&key, conn_id);
+}
+
+async fn put_saved(services: &Services, user: &str, data_type: &str, saved: Option<&Saved>) -> Result<(), ()> {
+    let text = match saved {
+        Some(s) => serde_json::to_string(s).map_err(|_| ())?,
+        None => "{}".to_owned(),
+    };
+    match services.store.put_account_data(user, None, data_type, &text).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Username is a Matrix user ID or localpart; the password is an access
+/// token of that user, or the account password (then a device with the
+/// client ID as device ID is created or reused).
+async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Result<Session, Refusal> {
+    let (Some(user), Some(password)) = (&c.username, &c.password) else {
+        return Err(Refusal::BadCredentials);
+    };
+    let wanted = services
+        .accounts
+        .user_id_for(user)
+        .map_err(|_| Refusal::BadCredentials)?;
+    if let Ok(session) = services.accounts.authenticate(password).await {
+        return if session.user_id == wanted {
+            Ok(session)
+        } else {
+            Err(Refusal::BadCredentials)
+        };
+    }
+    match services.accounts.check_password(user, password).await {
+        Ok(user_id) => {
+            let login = services
+                .accounts
+                .new_device(&user_id, Some(client_id), Some("MQTT"))
+                .await
+                .map_err(|e| refusal(&e))?;
+            Ok(Session {
+                user_id,
+                device_id: login.device_id,
+            })
+        }
+        Err(e) if e.kind == ErrorKind::Forbidden => Err(Refusal::BadCredentials),
+        Err(e) => Err(refusal(&e)),
+    }
+}
+
+/// Checks a subscription filter against the rooms it names.
+async fn make_sub(services: &Services, session: &Session, filter: &str, qos: u8, from: i64) -> Result<Sub, Refusal> {
+    let room = parse_filter(filter).ok_or(Refusal::TopicInvalid)?;
+    let room_id: Option<OwnedRoomId> = match &room {
+        FilterRoom::All => None,
+        FilterRoom::Id(id) => Some(
+            services
+                .read_view(&session.user_id, id)
+                .await
+                .map_err(|e| refusal(&e))?
+                .0,
+        ),
+        FilterRoom::Alias(a) => {
+            let id = services
+                .resolve_room(&format!("#{a}"))
+                .await
+                .map_err(|_| Refusal::NotAuthorized)?;
+            Some(
+                services
+                    .read_view(&session.user_id, id.as_str())
+                    .await
+                    .map_err(|e| refusal(&e))?
+                    .0,
+            )
+        }
+    };
+    Ok(Sub {
+        filter: filter.to_owned(),
+        qos: qos.min(1),
+        room,
+        room_id,
+        from,
+    })
+}
+
+struct Writer {
+    wr: OwnedWriteHalf,
+    version: Version,
+    buf: BytesMut,
+}
+
+impl Writer {
+    fn queue(&mut self, out: Out) {
+        codec::encode(self.version, out, &mut self.buf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = self.buf.split();
+        match timeout(WRITE_TIMEOUT, self.wr.write_all(&data)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    async fn send(&mut self, out: Out) -> std::io::Result<()> {
+        self.queue(out);
+        self.flush().await
+    }
+}
+
+struct Conn {
+    services: Arc<Services>,
+    session: Session,
+    persistent: bool,
+    data_type: String,
+    writer: Writer,
+    subs: watch::Sender<Arc<Vec<Sub>>>,
+    /// QoS 1 messages sent, by packet ID: the stream position they carry
+    /// (None for retained state sent on subscribe).
+    inflight: HashMap<u16, Option<i64>>,
+    /// Unacknowledged QoS 1 messages per stream position.
+    pending: BTreeMap<i64, usize>,
+    /// Stream position up to which the feed has been handed to the client.
+    delivered: i64,
+    saved_position: i64,
+    next_pkid: u16,
+    /// Incoming QoS 2 messages already turned into events, awaiting PUBREL.
+    qos2: HashSet<u16>,
+}
+
+impl Conn {
+    /// Everything up to this position is delivered and acknowledged.
+    fn safe_position(&self) -> i64 {
+        match self.pending.keys().next() {
+            Some(p) => p - 1,
+            None => self.delivered,
+        }
+    }
+
+    async fn save(&mut self) {
+        let subs = self.subs.borrow().clone();
+        let saved = Saved {
+            subscriptions: subs
+                .iter()
+                .map(|s| SavedSub {
+                    filter: s.filter.clone(),
+                    qos: s.qos,
+                })
+                .collect(),
+            position: self.safe_position(),
+        };
+        if put_saved(
+            &self.services,
+            self.session.user_id.as_str(),
+            &self.data_type,
+            Some(&saved),
+        )
+        .await
+        .is_ok()
+        {
+            self.saved_position = saved.position;
+        }
+    }
+
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        mut buf: BytesMut,
+        mut feed: mpsc::Receiver<FeedItem>,
+        keep_alive: u16,
+        kill: &Notify,
+    ) -> End {
+        // Silence for 1.5 × keepalive closes the connection.
+        let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let far = Duration::from_secs(86400 * 365);
+        let mut last_rx = Instant::now();
+        let mut save_tick = tokio::time::interval(SAVE_EVERY);
+        save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Handle every whole packet in the buffer.
+            loop {
+                match codec::frame(&mut buf) {
+                    Frame::Incomplete => break,
+                    Frame::TooLarge => return self.fail(ProtocolFailure::TooLarge).await,
+                    Frame::Malformed => return self.fail(ProtocolFailure::Malformed).await,
+                    Frame::Packet(p) => {
+                        let packet = match codec::decode(self.writer.version, p) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                tracing::debug!("mqtt: malformed packet: {e}");
+                                return self.fail(ProtocolFailure::Malformed).await;
+                            }
+                        };
+                        if let Some(end) = self.handle(packet).await {
+                            let _ = self.writer.flush().await;
+                            return end;
+                        }
+                    }
+                }
+            }
+            if self.writer.flush().await.is_err() {
+                return End::Dropped;
+            }
+            let keepalive_deadline = last_rx + grace.unwrap_or(far);
+            let can_take = self.inflight.len() < MAX_INFLIGHT;
+            tokio::select! {
+                n = rd.read_buf(&mut buf) => match n {
+                    Ok(n) if n > 0 => last_rx = Instant::now(),
+                    _ => return End::Dropped,
+                },
+                item = feed.recv(), if can_take => match item {
+                    Some(item) => self.deliver(item),
+                    None => return End::Dropped,
+                },
+                _ = sleep_until(keepalive_deadline) => return self.fail(ProtocolFailure::KeepAliveTimeout).await,
+                _ = kill.notified() => return self.fail(ProtocolFailure::TakenOver).await,
+                _ = save_tick.tick() => {
+                    if self.persistent && self.safe_position() != self.saved_position {
+                        self.save().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes for a protocol reason (MQTT 5 first says why).
+    async fn fail(&mut self, why: ProtocolFailure) -> End {
+        let _ = self.writer.send(Out::DisconnectProtocol(why)).await;
+        End::Dropped
+    }
+
+    fn deliver(&mut self, item: FeedItem) {
+        match item {
+            FeedItem::Event { position, publishes } => {
+                for (topic, qos, payload) in publishes {
+                    self.send_publish(topic, qos, payload, false, Some(position));
+                }
+                self.delivered = self.delivered.max(position);
+            }
+            FeedItem::Advance(next) => self.delivered = self.delivered.max(next),
+        }
+    }
+
+    fn send_publish(&mut self, topic: String, qos: u8, payload: Bytes, retain: bool, position: Option<i64>) {
+        let pkid = if qos > 0 {
+            let id = self.pkid();
+            self.inflight.insert(id, position);
+            if let Some(p) = position {
+                *self.pending.entry(p).or_default() += 1;
+            }
+            id
+        } else {
+            0
+        };
+        self.writer.queue(Out::Publish {
+            topic,
+            qos,
+            pkid,
+            retain,
+            payload,
+        });
+    }
+
+    /// Handles one packet; `Some` ends the connection.
+    async fn handle(&mut self, packet: In) -> Option<End> {
+        match packet {
+            In::Publish {
+                topic,
+                qos,
+                pkid,
+                payload,
+            } => {
+                if qos == 2 && self.qos2.contains(&pkid) {
+                    // A resend of a message already turned into an event.
+                    self.writer.queue(Out::PubRec(pkid));
+                    return None;
+                }
+                let result = self.publish_event(&topic, &payload).await;
+                match (qos, result) {
+                    (0, Ok(())) => {}
+                    (1, result @ Ok(())) => self.writer.queue(Out::PubAck { pkid, result }),
+                    (1, result @ Err(_)) if self.writer.version == Version::V5 => {
+                        self.writer.queue(Out::PubAck { pkid, result })
+                    }
+                    (2, Ok(())) => {
+                        self.qos2.insert(pkid);
+                        self.writer.queue(Out::PubRec(pkid));
+                    }
+                    (_, Err(r)) => {
+                        // No negative acknowledgement here (3.1.1, or QoS
+                        // 0/2): the connection is closed, never silently.
+                        tracing::debug!("mqtt: publish to {topic} refused: {r:?}");
+                        let _ = self.writer.send(Out::Disconnect(r)).await;
+                        return Some(End::Dropped);
+                    }
+                    _ => {}
+                }
+            }
+            In::PubAck(pkid) => {
+                if let Some(Some(position)) = self.inflight.remove(&pkid)
+                    && let Some(n) = self.pending.get_mut(&position)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.pending.remove(&position);
+                    }
+                }
+            }
+            In::PubRel(pkid) => {
+                self.qos2.remove(&pkid);
+                self.writer.queue(Out::PubComp(pkid));
+            }
+            // We never send at QoS 2.
+            In::PubRec(pkid) => self.writer.queue(Out::PubRel(pkid)),
+            In::PubComp => {}
+            In::Subscribe { pkid, filters } => self.subscribe(pkid, filters).await,
+            In::Unsubscribe { pkid, filters } => {
+                let count = filters.len();
+                self.subs.send_modify(|subs| {
+                    let mut v: Vec<Sub> = subs.as_ref().clone();
+                    v.retain(|s| !filters.contains(&s.filter));
+                    *subs = Arc::new(v);
+                });
+                self.writer.queue(Out::UnsubAck { pkid, count });
+                if self.persistent {
+                    self.save().await;
+                }
+            }
+            In::PingReq => self.writer.queue(Out::PingResp),
+            In::Disconnect { send_will } => return Some(End::Graceful { send_will }),
+            In::Unexpected => return Some(self.fail(ProtocolFailure::ProtocolError).await),
+        }
+        None
+    }
+
+    async fn subscribe(&mut self, pkid: u16, filters: Vec<(String, u8)>) {
+        let mut results = Vec::with_capacity(filters.len());
+        let mut added = Vec::new();
+        for (filter, qos) in filters {
+            let from = self.services.store.current_position();
+            match make_sub(&self.services, &self.session, &filter, qos, from).await {
+                Ok(sub) => {
+                    results.push(Ok(sub.qos));
+                    added.push(sub);
+                }
+                Err(r) => results.push(Err(r)),
+            }
+        }
+        self.writer.queue(Out::SubAck { pkid, results });
+        // Current state first, as retained messages.
+        for sub in &added {
+            for (topic, payload) in state_publishes(&self.services, &self.session, sub).await {
+                self.send_publish(topic, sub.qos, payload, true, None);
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        self.subs.send_modify(|subs| {
+            let mut v: Vec<Sub> = subs.as_ref().clone();
+            v.retain(|s| !added.iter().any(|a| a.filter == s.filter));
+            v.extend(added);
+            *subs = Arc::new(v);
+        });
+        if self.persistent {
+            self.save().await;
+        }
+    }
+
+    /// A PUBLISH (or will) turned into an event through the shared pipeline.
+    async fn publish_event(&self, topic: &str, payload: &[u8]) -> Result<(), Refusal> {
+        let target = parse_publish(topic).ok_or(Refusal::TopicInvalid)?;
+        let room_id = self
+            .services
+            .resolve_room(&target.room)
+            .await
+            .map_err(|e| refusal(&e))?;
+        let content = door_content(payload).map_err(|e| refusal(&e))?;
+        let content = serde_json::to_value(content).map_err(|_| Refusal::PayloadInvalid)?;
+        self.services
+            .send_event(
+                &self.session,
+                room_id.as_str(),
+                &target.event_type,
+                target.state_key.as_deref(),
+                None,
+                content,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| refusal(&e))
+    }
+}

@@ -1,0 +1,627 @@
+//! End-to-end tests of the MQTT door against the real `weft` binary, with
+//! rumqttc (MQTT 3.1.1 and 5), raw sockets, and mosquitto's clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{SERVER_NAME, Server, User};
+use rumqttc::v5;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A rumqttc 3.1.1 client whose event loop runs in a task; incoming packets
+/// (and the first error, which ends the loop) come out of `rx`.
+struct C4 {
+    client: rumqttc::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Result<rumqttc::Packet, rumqttc::ConnectionError>>,
+}
+
+fn c4(srv: &Server, id: &str, user: &str, pass: &str, clean: bool) -> C4 {
+    let mut o = rumqttc::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
+    o.set_credentials(user, pass)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_clean_session(clean);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    C4 { client, rx }
+}
+
+impl C4 {
+    async fn next(&mut self) -> Result<rumqttc::Packet, rumqttc::ConnectionError> {
+        timeout(WAIT, self.rx.recv())
+            .await
+            .expect("no MQTT packet in time")
+            .expect("event loop ended")
+    }
+
+    /// Skips pings; panics on errors.
+    async fn packet(&mut self) -> rumqttc::Packet {
+        loop {
+            match self.next().await {
+                Ok(rumqttc::Packet::PingResp) => {}
+                Ok(p) => return p,
+                Err(e) => panic!("connection error: {e:?}"),
+            }
+        }
+    }
+
+    async fn connack(&mut self) -> rumqttc::ConnAck {
+        match self.packet().await {
+            rumqttc::Packet::ConnAck(c) => c,
+            p => panic!("expected CONNACK, got {p:?}"),
+        }
+    }
+
+    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.packet().await {
+                rumqttc::Packet::Publish(p) => out.push(p),
+                rumqttc::Packet::PubAck(_) | rumqttc::Packet::SubAck(_) => {}
+                p => panic!("unexpected {p:?}"),
+            }
+        }
+        out
+    }
+
+    /// Nothing but pings for `d`.
+    async fn quiet(&mut self, d: Duration) {
+        if let Ok(Some(Ok(p))) = timeout(d, self.rx.recv()).await {
+            assert!(matches!(p, rumqttc::Packet::PingResp), "unexpected extra packet {p:?}");
+        }
+    }
+}
+
+struct C5 {
+    client: v5::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Result<v5::mqttbytes::v5::Packet, v5::ConnectionError>>,
+}
+
+fn c5(srv: &Server, id: &str, user: &str, pass: &str) -> C5 {
+    let mut o = v5::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
+    o.set_credentials(user, pass).set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = v5::AsyncClient::new(o, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(v5::Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    C5 { client, rx }
+}
+
+impl C5 {
+    async fn next(&mut self) -> Result<v5::mqttbytes::v5::Packet, v5::ConnectionError> {
+        timeout(WAIT, self.rx.recv())
+            .await
+            .expect("no MQTT packet in time")
+            .expect("event loop ended")
+    }
+
+    async fn packet(&mut self) -> v5::mqttbytes::v5::Packet {
+        loop {
+            match self.next().await {
+                Ok(v5::mqttbytes::v5::Packet::PingResp(_)) => {}
+                Ok(p) => return p,
+                Err(e) => panic!("connection error: {e:?}"),
+            }
+        }
+    }
+}
+
+fn q1() -> rumqttc::QoS {
+    rumqttc::QoS::AtLeastOnce
+}
+
+fn body(p: &[u8]) -> Value {
+    serde_json::from_slice(p).expect("payload is JSON")
+}
+
+async fn room_for(alice: &User) -> String {
+    alice
+        .create_room(json!({"preset": "private_chat", "name": "Lab"}))
+        .await
+}
+
+#[tokio::test]
+async fn publish_qos1_becomes_event_over_http() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "room_alias_name": "lab"}))
+        .await;
+    // Password login (device = client ID).
+    let mut m = c4(&srv, "sensor-a", "alice", &alice.password, true);
+    assert_eq!(m.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    m.client
+        .publish(
+            format!("weft/r/{room}/e/org.weft.telemetry"),
+            q1(),
+            false,
+            r#"{"temp": 21.50, "n": 3, "big": 0.1000000000000000055}"#,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
+    // PUBACK came after the event was stored: it is there now.
+    let evs = alice.messages(&room, 1).await;
+    assert_eq!(evs[0]["type"], "org.weft.telemetry");
+    assert_eq!(evs[0]["sender"], alice.user_id);
+    assert_eq!(
+        evs[0]["content"],
+        json!({"temp": "21.50", "n": 3, "big": "0.1000000000000000055"})
+    );
+
+    // Alias topic, plain-text payload, token login with the full user ID.
+    let mut t = c4(&srv, "sensor-b", &alice.user_id, &alice.token, true);
+    assert_eq!(t.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    t.client
+        .publish(
+            format!("weft/a/lab:{SERVER_NAME}/e/org.weft.note"),
+            q1(),
+            false,
+            "hello",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(t.packet().await, rumqttc::Packet::PubAck(_)));
+    // State, with the empty state key.
+    t.client
+        .publish(
+            format!("weft/r/{room}/s/m.room.topic/"),
+            q1(),
+            false,
+            r#"{"topic": "bench 3"}"#,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(t.packet().await, rumqttc::Packet::PubAck(_)));
+    let evs = alice.messages(&room, 2).await;
+    assert_eq!(evs[0]["type"], "org.weft.note");
+    assert_eq!(evs[0]["content"], json!({"msgtype": "org.weft.raw", "body": "hello"}));
+    assert_eq!(evs[1]["type"], "m.room.topic");
+    assert_eq!(evs[1]["state_key"], "");
+    let (s, topic) = alice.state(&room, "m.room.topic", "").await;
+    assert_eq!((s, topic), (200, json!({"topic": "bench 3"})));
+}
+
+#[tokio::test]
+async fn http_events_reach_subscribers_once_in_order() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let other = room_for(&alice).await;
+    // 3.1.1 on one room, 5 on all joined rooms.
+    let mut a = c4(&srv, "sub-a", "alice", &alice.token, true);
+    a.connack().await;
+    a.client.subscribe(format!("weft/r/{room}/e/#"), q1()).await.unwrap();
+    match a.packet().await {
+        rumqttc::Packet::SubAck(s) => {
+            assert_eq!(s.return_codes, vec![rumqttc::SubscribeReasonCode::Success(q1())])
+        }
+        p => panic!("{p:?}"),
+    }
+    let mut b = c5(&srv, "sub-b", &alice.user_id, &alice.token);
+    assert!(matches!(b.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
+    b.client
+        .subscribe("weft/r/+/e/#", v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(b.packet().await, v5::mqttbytes::v5::Packet::SubAck(_)));
+
+    for i in 0..50 {
+        alice
+            .send(
+                &room,
+                "m.room.message",
+                &format!("t{i}"),
+                json!({"msgtype": "m.text", "body": format!("m{i}")}),
+            )
+            .await;
+    }
+    alice.send(&other, "org.weft.ping", "o1", json!({"x": 1})).await;
+
+    let got = a.publishes(50).await;
+    for (i, p) in got.iter().enumerate() {
+        assert_eq!(p.topic, format!("weft/r/{room}/e/m.room.message"));
+        let ev = body(&p.payload);
+        assert_eq!(ev["content"]["body"], format!("m{i}"), "order");
+        assert_eq!(ev["room_id"], room);
+        assert!(ev["event_id"].is_string());
+    }
+    a.quiet(Duration::from_millis(400)).await;
+
+    let mut bodies = Vec::new();
+    while bodies.len() < 51 {
+        if let v5::mqttbytes::v5::Packet::Publish(p) = b.packet().await {
+            bodies.push((String::from_utf8(p.topic.to_vec()).unwrap(), body(&p.payload)));
+        }
+    }
+    for (i, (topic, ev)) in bodies.iter().take(50).enumerate() {
+        assert_eq!(topic, &format!("weft/r/{room}/e/m.room.message"));
+        assert_eq!(ev["content"]["body"], format!("m{i}"));
+    }
+    assert_eq!(bodies[50].0, format!("weft/r/{other}/e/org.weft.ping"));
+}
+
+#[tokio::test]
+async fn refusals_wrong_password_foreign_room_publish_and_subscribe() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let bob = srv.register("bob").await;
+    let room = room_for(&alice).await;
+
+    // Wrong password: 3.1.1 and 5.
+    let mut w = c4(&srv, "w4", "alice", "not-the-password", true);
+    match w.next().await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    let mut w5 = c5(&srv, "w5", "alice", "not-the-password");
+    match w5.next().await {
+        Err(v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+
+    // Bob is not in alice's room. MQTT 5: PUBACK 0x87 and SUBACK 0x87.
+    let mut b5 = c5(&srv, "b5", "bob", &bob.token);
+    assert!(matches!(b5.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
+    b5.client
+        .publish(
+            format!("weft/r/{room}/e/org.weft.x"),
+            v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .unwrap();
+    match b5.packet().await {
+        v5::mqttbytes::v5::Packet::PubAck(a) => {
+            assert_eq!(a.reason, v5::mqttbytes::v5::PubAckReason::NotAuthorized)
+        }
+        p => panic!("{p:?}"),
+    }
+    b5.client
+        .subscribe(format!("weft/r/{room}/e/#"), v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    match b5.packet().await {
+        v5::mqttbytes::v5::Packet::SubAck(s) => assert_eq!(
+            s.return_codes,
+            vec![v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized]
+        ),
+        p => panic!("{p:?}"),
+    }
+
+    // MQTT 3.1.1: SUBACK 0x80; a refused PUBLISH closes the connection.
+    let mut b4 = c4(&srv, "b4", "bob", &bob.token, true);
+    b4.connack().await;
+    b4.client.subscribe(format!("weft/r/{room}/s/#"), q1()).await.unwrap();
+    match b4.packet().await {
+        rumqttc::Packet::SubAck(s) => assert_eq!(s.return_codes, vec![rumqttc::SubscribeReasonCode::Failure]),
+        p => panic!("{p:?}"),
+    }
+    b4.client
+        .publish(format!("weft/r/{room}/e/org.weft.x"), q1(), false, "{}")
+        .await
+        .unwrap();
+    loop {
+        match b4.next().await {
+            Ok(rumqttc::Packet::PubAck(_)) => panic!("refused publish was acknowledged"),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // Nothing was written to the room.
+    let evs = alice.messages(&room, 50).await;
+    assert!(evs.iter().all(|e| e["type"] != "org.weft.x"));
+}
+
+#[tokio::test]
+async fn state_is_retained_on_subscribe_then_changes_follow() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let mut m = c4(&srv, "st", "alice", &alice.token, true);
+    m.connack().await;
+    m.client.subscribe(format!("weft/r/{room}/s/#"), q1()).await.unwrap();
+    let mut state = Vec::new();
+    // SUBACK, then the current state as retained messages.
+    match m.packet().await {
+        rumqttc::Packet::SubAck(_) => {}
+        p => panic!("{p:?}"),
+    }
+    while let Ok(Some(Ok(p))) = timeout(Duration::from_millis(500), m.rx.recv()).await {
+        if let rumqttc::Packet::Publish(p) = p {
+            assert!(p.retain, "state on subscribe is retained");
+            state.push(p);
+        }
+    }
+    let name = state
+        .iter()
+        .find(|p| p.topic == format!("weft/r/{room}/s/m.room.name/"))
+        .expect("m.room.name retained");
+    assert_eq!(body(&name.payload)["content"]["name"], "Lab");
+    let member = format!("weft/r/{room}/s/m.room.member/{}", alice.user_id);
+    assert!(state.iter().any(|p| p.topic == member));
+    assert!(
+        state
+            .iter()
+            .any(|p| p.topic == format!("weft/r/{room}/s/m.room.create/"))
+    );
+    let topics: std::collections::HashSet<_> = state.iter().map(|p| p.topic.clone()).collect();
+    assert_eq!(topics.len(), state.len(), "each state event once");
+
+    // A change arrives live, not retained; messages do not.
+    alice
+        .send(&room, "m.room.message", "x", json!({"msgtype": "m.text", "body": "no"}))
+        .await;
+    alice
+        .put_state(&room, "m.room.name", "", json!({"name": "Lab 2"}))
+        .await;
+    let p = &m.publishes(1).await[0];
+    assert_eq!(p.topic, format!("weft/r/{room}/s/m.room.name/"));
+    assert!(!p.retain);
+    assert_eq!(body(&p.payload)["content"]["name"], "Lab 2");
+    m.quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn persistent_session_delivers_missed_events_once_in_order() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let mut m = c4(&srv, "persist-1", "alice", &alice.password, false);
+    assert!(!m.connack().await.session_present);
+    m.client.subscribe(format!("weft/r/{room}/e/+"), q1()).await.unwrap();
+    assert!(matches!(m.packet().await, rumqttc::Packet::SubAck(_)));
+    alice
+        .send(&room, "m.room.message", "before", json!({"body": "before"}))
+        .await;
+    assert_eq!(body(&m.publishes(1).await[0].payload)["content"]["body"], "before");
+    m.client.disconnect().await.unwrap();
+    while let Ok(Some(r)) = timeout(WAIT, m.rx.recv()).await {
+        if r.is_err() {
+            break;
+        }
+    }
+    drop(m);
+
+    for i in 0..10 {
+        alice
+            .send(
+                &room,
+                "m.room.message",
+                &format!("p{i}"),
+                json!({"body": format!("missed {i}")}),
+            )
+            .await;
+    }
+    let mut m = c4(&srv, "persist-1", "alice", &alice.password, false);
+    assert!(m.connack().await.session_present);
+    let got = m.publishes(10).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(bodies, (0..10).map(|i| format!("missed {i}")).collect::<Vec<_>>());
+    m.quiet(Duration::from_millis(500)).await;
+
+    // Clean session forgets it.
+    m.client.disconnect().await.unwrap();
+    drop(m);
+    let mut c = c4(&srv, "persist-1", "alice", &alice.password, true);
+    assert!(!c.connack().await.session_present);
+}
+
+/// A valid 3.1.1 CONNECT, encoded by rumqttc.
+fn raw_connect(id: &str, user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
+    let mut c = rumqttc::Connect::new(id);
+    c.keep_alive = keep_alive;
+    c.set_login(user, pass);
+    let mut buf = bytes::BytesMut::new();
+    rumqttc::Packet::Connect(c).write(&mut buf, 1 << 20).unwrap();
+    buf.to_vec()
+}
+
+/// Reads until the server closes; panics if it does not within 3 s.
+async fn closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    loop {
+        match timeout(Duration::from_secs(3), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&b[..n]),
+            Err(_) => panic!("server did not close the connection"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let addr = srv.mqtt_addr();
+
+    // Garbage instead of CONNECT.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(closed(&mut s).await.is_empty());
+
+    // A CONNECT cut short inside its own length.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[0x10, 0x04, 0x00, 0x04, b'M', b'Q']).await.unwrap();
+    assert!(closed(&mut s).await.is_empty());
+
+    // Half a CONNECT, then the client hangs up.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let connect = raw_connect("raw", "alice", &alice.token, 30);
+    s.write_all(&connect[..connect.len() / 2]).await.unwrap();
+    s.shutdown().await.unwrap();
+    assert!(closed(&mut s).await.is_empty());
+
+    // Oversized PUBLISH after a good CONNECT: the header alone is refused.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw_connect("raw2", "alice", &alice.token, 30))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    // Remaining length 200 MB (varint 0x80 0x80 0xE8 0x5F).
+    s.write_all(&[0x30, 0x80, 0x80, 0xE8, 0x5F, 0x00, 0x01]).await.unwrap();
+    assert!(closed(&mut s).await.is_empty());
+
+    // Malformed packet after CONNECT (reserved packet type 15).
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw_connect("raw3", "alice", &alice.token, 30))
+        .await
+        .unwrap();
+    s.read_exact(&mut connack).await.unwrap();
+    s.write_all(&[0xF0, 0x00]).await.unwrap();
+    closed(&mut s).await;
+
+    // Keepalive 1 s and silence: dropped after 1.5 s.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw_connect("raw4", "alice", &alice.token, 1))
+        .await
+        .unwrap();
+    s.read_exact(&mut connack).await.unwrap();
+    let t0 = std::time::Instant::now();
+    closed(&mut s).await;
+    assert!(t0.elapsed() >= Duration::from_millis(1200), "{:?}", t0.elapsed());
+
+    // The server still serves a well-behaved client.
+    let mut m = c4(&srv, "good", "alice", &alice.token, true);
+    assert_eq!(m.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    m.client
+        .publish(format!("weft/r/{room}/e/org.weft.ok"), q1(), false, "{\"ok\": true}")
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
+    assert_eq!(alice.messages(&room, 1).await[0]["content"], json!({"ok": true}));
+}
+
+#[tokio::test]
+async fn mosquitto_clients_publish_and_subscribe() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    if Command::new("mosquitto_pub").arg("--help").output().is_err()
+        || Command::new("mosquitto_sub").arg("--help").output().is_err()
+    {
+        eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)");
+        return;
+    }
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let port = srv.mqtt_port.to_string();
+    let common = [
+        "-h",
+        srv.mqtt_host.as_str(),
+        "-p",
+        port.as_str(),
+        "-u",
+        alice.user_id.as_str(),
+        "-P",
+        alice.password.as_str(),
+    ];
+    let sub_topic = format!("weft/r/{room}/e/#");
+    // Line-buffered, so its debug lines (SUBACK) come out as they happen.
+    let mut sub = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args(common)
+        .args([
+            "-i", "mosq-sub", "-q", "1", "-v", "-d", "-C", "3", "-W", "9", "-t", &sub_topic,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = sub.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Wait until the subscription stands.
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(5)).expect("mosquitto_sub SUBACK");
+        if line.contains("SUBACK") {
+            break;
+        }
+    }
+    for i in 0..3 {
+        let topic = format!("weft/r/{room}/e/org.weft.telemetry");
+        let msg = format!("{{\"seq\": {i}, \"temp\": 20.{i}5}}");
+        let out = Command::new("mosquitto_pub")
+            .args(common)
+            .args(["-i", &format!("mosq-pub-{i}"), "-q", "1", "-t", &topic, "-m", &msg])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = tokio::task::spawn_blocking(move || sub.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "mosquitto_sub exited with {status}");
+    let messages: Vec<Value> = rx
+        .try_iter()
+        .filter_map(|l| {
+            l.strip_prefix(&format!("weft/r/{room}/e/org.weft.telemetry "))
+                .map(|j| serde_json::from_str(j).unwrap())
+        })
+        .collect();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    for (i, ev) in messages.iter().enumerate() {
+        assert_eq!(ev["content"], json!({"seq": i, "temp": format!("20.{i}5")}));
+        assert_eq!(ev["sender"], alice.user_id);
+    }
+    // And over HTTP, the same three.
+    let evs = alice.messages(&room, 3).await;
+    assert_eq!(
+        evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
+        vec![json!(0), json!(1), json!(2)]
+    );
+}
