@@ -226,7 +226,11 @@ pub async fn logout_all(State(s): State<AppState>, Auth(session): Auth) -> ApiRe
 
 /// Checks `m.login.password` user-interactive auth for the session's user,
 /// or returns the 401 that asks for it.
-async fn password_uia(s: &AppState, session: &weft_services::Session, auth: Option<AuthData>) -> Result<(), Error> {
+pub(crate) async fn password_uia(
+    s: &AppState,
+    session: &weft_services::Session,
+    auth: Option<AuthData>,
+) -> Result<(), Error> {
     let auth = auth.unwrap_or_default();
     let uia_session = auth.session.clone().unwrap_or_else(|| s.accounts.new_uia_session());
     let ask = |errcode: Option<&str>| {

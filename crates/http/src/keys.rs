@@ -1,12 +1,16 @@
 //! End-to-end-encryption endpoints: key upload, query, claim and changes,
-//! and to-device messages. Decoding and encoding only; the work is in
+//! cross-signing keys and signatures, and to-device messages. Decoding and encoding only; the work is in
 //! `weft_services::keys`.
 
 use axum::Json;
 use axum::extract::State;
 use serde::Deserialize;
 use weft_core::Error;
-use weft_services::keys::{ClaimKeysRequest, QueryKeysRequest, SendToDeviceRequest, UploadKeysRequest};
+use weft_services::keys::{
+    ClaimKeysRequest, CrossSigningUpload, QueryKeysRequest, SendToDeviceRequest, SignaturesUpload, UploadKeysRequest,
+};
+
+use crate::accounts::{AuthData, password_uia};
 
 use crate::extract::{Auth, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
@@ -54,4 +58,33 @@ pub async fn send_to_device(
     JsonBody(req): JsonBody<SendToDeviceRequest>,
 ) -> ApiResult {
     Ok(Json(s.send_to_device(&session, &event_type, &txn_id, req).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeviceSigningBody {
+    #[serde(flatten)]
+    keys: CrossSigningUpload,
+    auth: Option<AuthData>,
+}
+
+/// Replacing existing cross-signing keys needs `m.login.password` UIA; the
+/// first upload does not.
+pub async fn device_signing_upload(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    JsonBody(body): JsonBody<DeviceSigningBody>,
+) -> ApiResult {
+    if s.cross_signing_needs_auth(&session, &body.keys).await? {
+        password_uia(&s, &session, body.auth).await?;
+    }
+    Ok(Json(s.upload_cross_signing_keys(&session, body.keys).await?))
+}
+
+pub async fn signatures_upload(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    JsonBody(body): JsonBody<SignaturesUpload>,
+) -> ApiResult {
+    Ok(Json(s.upload_signatures(&session, body).await?))
 }

@@ -109,6 +109,8 @@ fn client_routes() -> Router<AppState> {
         .route("/keys/query", post(keys::query))
         .route("/keys/claim", post(keys::claim))
         .route("/keys/changes", get(keys::changes))
+        .route("/keys/device_signing/upload", post(keys::device_signing_upload))
+        .route("/keys/signatures/upload", post(keys::signatures_upload))
         .route("/sendToDevice/{event_type}/{txn}", put(keys::send_to_device))
 }
 

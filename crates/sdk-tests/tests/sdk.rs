@@ -439,3 +439,110 @@ async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
     assert_eq!(text_rx.recv().await.as_deref(), Some("secret hello"));
     Ok(())
 }
+
+/// Bootstraps cross-signing, completing `m.login.password` UIA if asked.
+/// Returns whether the server asked for UIA.
+async fn bootstrap_cross_signing(client: &Client, name: &str) -> Result<bool> {
+    match client.encryption().bootstrap_cross_signing(None).await {
+        Ok(()) => Ok(false),
+        Err(err) => {
+            let info = err
+                .as_uiaa_response()
+                .ok_or_else(|| anyhow!("cross-signing bootstrap failed without a UIA challenge: {err}"))?;
+            let mut password = uiaa::Password::new(
+                uiaa::UserIdentifier::Matrix(uiaa::MatrixUserIdentifier::new(name.to_owned())),
+                PASSWORD.to_owned(),
+            );
+            password.session = info.session.clone();
+            client
+                .encryption()
+                .bootstrap_cross_signing(Some(uiaa::AuthData::Password(password)))
+                .await
+                .context("cross-signing bootstrap with m.login.password")?;
+            Ok(true)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_e2ee_cross_signing_is_published() -> Result<()> {
+    init_logging();
+    let data = DataDir::new();
+    data.create_user("alice", PASSWORD);
+    data.create_user("bob", PASSWORD);
+    let server = Weft::start_in(data);
+    let alice = login_and_upload_keys(&server, "alice").await?;
+    let bob = login_and_upload_keys(&server, "bob").await?;
+    let alice_id = user_id("alice");
+
+    // The first upload of cross-signing keys needs no re-authentication.
+    let asked = bootstrap_cross_signing(&alice, "alice").await?;
+    assert!(!asked, "first cross-signing upload should not need UIA");
+    let status = alice
+        .encryption()
+        .cross_signing_status()
+        .await
+        .context("cross-signing status")?;
+    assert!(status.is_complete(), "{status:?}");
+
+    // bob fetches alice's identity; her device is signed by it (the
+    // self-signing key's signature was uploaded via /keys/signatures/upload).
+    let identity = bob
+        .encryption()
+        .request_user_identity(&alice_id)
+        .await
+        .context("request alice's identity")?
+        .context("alice has a cross-signing identity")?;
+    let own = alice
+        .encryption()
+        .get_user_identity(&alice_id)
+        .await?
+        .context("alice knows her own identity")?;
+    assert_eq!(
+        identity.master_key().get_first_key(),
+        own.master_key().get_first_key(),
+        "bob sees alice's master key"
+    );
+    let alice_device = alice.device_id().context("alice has a device")?.to_owned();
+    let seen = bob
+        .encryption()
+        .get_device(&alice_id, &alice_device)
+        .await?
+        .context("bob knows alice's device")?;
+    assert!(
+        seen.is_cross_signed_by_owner(),
+        "alice's device should carry her self-signing key's signature"
+    );
+
+    // Replacing the identity needs the password.
+    use matrix_sdk::encryption::CrossSigningResetAuthType;
+    let handle = alice
+        .encryption()
+        .reset_cross_signing()
+        .await
+        .context("reset cross-signing")?
+        .context("replacing cross-signing keys must ask for UIA")?;
+    let CrossSigningResetAuthType::Uiaa(info) = handle.auth_type() else {
+        bail!("expected UIA to reset cross-signing");
+    };
+    let mut password = uiaa::Password::new(
+        uiaa::UserIdentifier::Matrix(uiaa::MatrixUserIdentifier::new("alice".to_owned())),
+        PASSWORD.to_owned(),
+    );
+    password.session = info.session.clone();
+    handle
+        .auth(Some(uiaa::AuthData::Password(password)))
+        .await
+        .context("reset with m.login.password")?;
+    let renewed = bob
+        .encryption()
+        .request_user_identity(&alice_id)
+        .await?
+        .context("alice still has an identity")?;
+    assert_ne!(
+        renewed.master_key().get_first_key(),
+        identity.master_key().get_first_key(),
+        "bob sees alice's new master key"
+    );
+    Ok(())
+}

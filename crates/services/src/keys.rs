@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use weft_core::{Error, Result};
-use weft_store::{DeviceTarget, KeyUpload, NewToDevice};
+use weft_store::{DeviceTarget, KeySignature, KeyUpload, NewToDevice};
 
 use crate::content::canonical_object;
 use crate::room_ops::parse_token;
@@ -48,6 +48,19 @@ pub struct ClaimKeysRequest {
 pub struct SendToDeviceRequest {
     pub messages: BTreeMap<String, BTreeMap<String, Value>>,
 }
+
+/// The `/keys/device_signing/upload` body (`auth` is the door's business).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CrossSigningUpload {
+    pub master_key: Option<Map<String, Value>>,
+    pub self_signing_key: Option<Map<String, Value>>,
+    pub user_signing_key: Option<Map<String, Value>>,
+}
+
+/// The `/keys/signatures/upload` body: user → key ID (device ID or
+/// cross-signing public key) → the signed key object.
+pub type SignaturesUpload = BTreeMap<String, BTreeMap<String, Value>>;
 
 /// The one-time key algorithm clients count on seeing, even at zero.
 const SIGNED_CURVE25519: &str = "signed_curve25519";
@@ -130,29 +143,167 @@ impl Services {
 
     /// `POST /keys/query`: device keys of the users asked for (all their
     /// devices for an empty list).
-    pub async fn query_keys(&self, _session: &Session, req: QueryKeysRequest) -> Result<Value> {
+    pub async fn query_keys(&self, session: &Session, req: QueryKeysRequest) -> Result<Value> {
         let mut out = Map::new();
+        let (mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new());
         for (user, devices) in req.device_keys {
             if !self.is_local_user(&user) {
                 continue; // no federation: remote users have no keys here
             }
+            let signatures = self.store.key_signatures(&user).await?;
             let mut by_device = Map::new();
             for record in self.store.get_device_keys(&user, &devices).await? {
                 let mut keys: Value = serde_json::from_str(&record.keys_json).map_err(Error::internal)?;
+                merge_signatures(&mut keys, &record.device_id, &signatures);
                 if let (Some(name), Some(obj)) = (record.display_name, keys.as_object_mut()) {
                     obj.insert("unsigned".into(), json!({ "device_display_name": name }));
                 }
                 by_device.insert(record.device_id, keys);
             }
-            out.insert(user, Value::Object(by_device));
+            out.insert(user.clone(), Value::Object(by_device));
+            for (key_type, json) in self.store.get_cross_signing_keys(&user).await? {
+                let mut key: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+                if let Some(public) = public_key(&key) {
+                    merge_signatures(&mut key, &public, &signatures);
+                }
+                match key_type.as_str() {
+                    "master" => master.insert(user.clone(), key),
+                    "self_signing" => self_signing.insert(user.clone(), key),
+                    // Only the owner sees their user-signing key.
+                    "user_signing" if user == session.user_id.as_str() => user_signing.insert(user.clone(), key),
+                    _ => None,
+                };
+            }
         }
         Ok(json!({
             "device_keys": out,
             "failures": {},
-            "master_keys": {},
-            "self_signing_keys": {},
-            "user_signing_keys": {},
+            "master_keys": master,
+            "self_signing_keys": self_signing,
+            "user_signing_keys": user_signing,
         }))
+    }
+
+    /// Whether uploading these cross-signing keys needs the user to
+    /// authenticate again: only when it would replace an existing master key.
+    pub async fn cross_signing_needs_auth(&self, session: &Session, req: &CrossSigningUpload) -> Result<bool> {
+        let existing = self.store.get_cross_signing_keys(session.user_id.as_str()).await?;
+        let Some((_, old)) = existing.iter().find(|(t, _)| t == "master") else {
+            return Ok(false);
+        };
+        let old: Value = serde_json::from_str(old).map_err(Error::internal)?;
+        Ok(match &req.master_key {
+            Some(new) => public_key(&old) != public_key(&Value::Object(new.clone())),
+            // Sub-keys replaced under the same master: still a key change.
+            None => req.self_signing_key.is_some() || req.user_signing_key.is_some(),
+        })
+    }
+
+    /// `POST /keys/device_signing/upload`, after any authentication.
+    pub async fn upload_cross_signing_keys(&self, session: &Session, req: CrossSigningUpload) -> Result<Value> {
+        let user = session.user_id.as_str();
+        let mut keys = Vec::new();
+        for (key_type, key) in [
+            ("master", req.master_key),
+            ("self_signing", req.self_signing_key),
+            ("user_signing", req.user_signing_key),
+        ] {
+            let Some(key) = key else { continue };
+            if key.get("user_id").and_then(Value::as_str) != Some(user) {
+                return Err(Error::invalid_param(format!(
+                    "{key_type} key: user_id does not match the access token"
+                )));
+            }
+            let usage_ok = key
+                .get("usage")
+                .and_then(Value::as_array)
+                .is_some_and(|u| u.iter().any(|v| v.as_str() == Some(key_type)));
+            if !usage_ok {
+                return Err(Error::invalid_param(format!(
+                    "{key_type} key: usage must contain {key_type:?}"
+                )));
+            }
+            let key = serde_json::to_value(canonical_object(Value::Object(key))?).map_err(Error::internal)?;
+            if public_key(&key).is_none() {
+                return Err(Error::invalid_param(format!(
+                    "{key_type} key: needs exactly one ed25519 key"
+                )));
+            }
+            keys.push((
+                key_type.to_owned(),
+                serde_json::to_string(&key).map_err(Error::internal)?,
+            ));
+        }
+        if !keys.iter().any(|(t, _)| t == "master")
+            && !self
+                .store
+                .get_cross_signing_keys(user)
+                .await?
+                .iter()
+                .any(|(t, _)| t == "master")
+        {
+            return Err(Error::invalid_param("No master key uploaded"));
+        }
+        self.store.put_cross_signing_keys(user, keys).await?;
+        Ok(json!({}))
+    }
+
+    /// `POST /keys/signatures/upload`: stores the caller's signatures of
+    /// known keys; unknown keys are reported in `failures`. Signatures are
+    /// stored, not verified (the devices that rely on them verify them).
+    pub async fn upload_signatures(&self, session: &Session, req: SignaturesUpload) -> Result<Value> {
+        let signer = session.user_id.as_str();
+        let mut failures: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+        let mut to_store = Vec::new();
+        for (user, keys) in req {
+            let devices: Vec<String> = if self.is_local_user(&user) {
+                self.store
+                    .get_device_keys(&user, &[])
+                    .await?
+                    .into_iter()
+                    .map(|d| d.device_id)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut cross: Vec<String> = Vec::new();
+            if self.is_local_user(&user) {
+                for (_, json) in self.store.get_cross_signing_keys(&user).await? {
+                    let key: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+                    cross.extend(public_key(&key));
+                }
+            }
+            for (key_id, signed) in keys {
+                let known = devices.contains(&key_id) || cross.contains(&key_id);
+                let sigs = signed["signatures"][signer].as_object();
+                let fail = |errcode: &str, error: &str| json!({ "errcode": errcode, "error": error });
+                let entry = match (known, sigs) {
+                    (false, _) => Some(fail("M_NOT_FOUND", "Unknown key")),
+                    (true, None) => Some(fail("M_INVALID_SIGNATURE", "No signature by the uploader")),
+                    (true, Some(sigs)) => {
+                        for (signer_key, sig) in sigs {
+                            if let Some(sig) = sig.as_str() {
+                                to_store.push(KeySignature {
+                                    target_user: user.clone(),
+                                    target_key: key_id.clone(),
+                                    signer_user: signer.to_owned(),
+                                    signer_key: signer_key.clone(),
+                                    signature: sig.to_owned(),
+                                });
+                            }
+                        }
+                        None
+                    }
+                };
+                if let Some(e) = entry {
+                    failures.entry(user.clone()).or_default().insert(key_id, e);
+                }
+            }
+        }
+        if !to_store.is_empty() {
+            self.store.add_key_signatures(to_store).await?;
+        }
+        Ok(json!({ "failures": failures }))
     }
 
     /// `POST /keys/claim`: one key per device asked for.
@@ -232,5 +383,31 @@ impl Services {
             )
             .await?;
         Ok(json!({}))
+    }
+}
+
+/// The public key of a cross-signing key object: the value of its one
+/// `ed25519:` entry in `keys`.
+fn public_key(key: &Value) -> Option<String> {
+    let keys = key.get("keys")?.as_object()?;
+    let mut ed = keys.iter().filter(|(id, _)| id.starts_with("ed25519:"));
+    let (_, public) = ed.next()?;
+    if ed.next().is_some() {
+        return None;
+    }
+    public.as_str().map(str::to_owned)
+}
+
+/// Adds the signatures uploaded later for `target` into `key.signatures`.
+fn merge_signatures(key: &mut Value, target: &str, signatures: &[KeySignature]) {
+    let Some(obj) = key.as_object_mut() else { return };
+    for sig in signatures.iter().filter(|s| s.target_key == target) {
+        let all = obj.entry("signatures").or_insert_with(|| json!({}));
+        if let Some(all) = all.as_object_mut() {
+            let by_signer = all.entry(sig.signer_user.clone()).or_insert_with(|| json!({}));
+            if let Some(by_signer) = by_signer.as_object_mut() {
+                by_signer.insert(sig.signer_key.clone(), json!(sig.signature));
+            }
+        }
     }
 }

@@ -129,6 +129,19 @@ pub trait Store: Send + Sync + 'static {
     /// device has acknowledged them by syncing from `upto`).
     async fn ack_to_device(&self, user_id: &str, device_id: &str, upto: i64) -> Result<()>;
 
+    /// Stores cross-signing keys of `user_id`: (key type "master",
+    /// "self_signing" or "user_signing", key JSON verbatim), replacing the
+    /// ones of those types. A change gets a stream position
+    /// (`StreamKey::DeviceKeys`) like a device-key change.
+    async fn put_cross_signing_keys(&self, user_id: &str, keys: Vec<(String, String)>) -> Result<()>;
+    /// Cross-signing keys of `user_id`: (key type, key JSON).
+    async fn get_cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>>;
+    /// Adds (or replaces) signatures for keys, in one write. Every target
+    /// user's device list change gets a stream position.
+    async fn add_key_signatures(&self, signatures: Vec<KeySignature>) -> Result<()>;
+    /// Signatures uploaded for keys of `user_id`.
+    async fn key_signatures(&self, user_id: &str) -> Result<Vec<KeySignature>>;
+
     // ---- filters ----
     async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String>;
     async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>>;

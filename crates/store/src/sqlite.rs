@@ -17,6 +17,7 @@ use crate::*;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_e2ee.sql"),
+    include_str!("../migrations/0003_cross_signing.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -448,6 +449,13 @@ fn purge_devices(
     let had_keys = conn
         .prepare_cached(&format!("DELETE FROM device_keys WHERE {SEL}"))?
         .execute(params![user, only, keep])?;
+    conn.prepare_cached(
+        "DELETE FROM key_signatures WHERE target_user = ?1 AND (?2 IS NULL OR target_key = ?2) \
+         AND (?3 IS NULL OR target_key != ?3) \
+         AND target_key NOT IN (SELECT value FROM cross_signing_keys c, json_each(c.key_json, '$.keys') \
+                                WHERE c.user_id = ?1)",
+    )?
+    .execute(params![user, only, keep])?;
     for table in ["one_time_keys", "fallback_keys", "to_device_txns", "devices"] {
         conn.prepare_cached(&format!("DELETE FROM {table} WHERE {SEL}"))?
             .execute(params![user, only, keep])?;
@@ -927,6 +935,93 @@ impl Store for SqliteStore {
         }
         self.write_wait(move |c, _| delete_to_device(c, ACKED, params![u, d, upto]).map_err(db_err))
             .await
+    }
+
+    async fn put_cross_signing_keys(&self, user_id: &str, keys: Vec<(String, String)>) -> Result<()> {
+        let u = user_id.to_owned();
+        self.write_wait(move |c, ctx| {
+            let mut changed = false;
+            for (key_type, json) in keys {
+                let n = c
+                    .prepare_cached(
+                        "INSERT INTO cross_signing_keys (user_id, key_type, key_json) VALUES (?1,?2,?3) \
+                         ON CONFLICT (user_id, key_type) DO UPDATE SET key_json = excluded.key_json \
+                         WHERE cross_signing_keys.key_json != excluded.key_json",
+                    )
+                    .and_then(|mut s| s.execute(params![u, key_type, json]))
+                    .map_err(db_err)?;
+                changed |= n > 0;
+            }
+            if changed {
+                device_list_changed(c, ctx, &u).map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT key_type, key_json FROM cross_signing_keys WHERE user_id = ?1 ORDER BY key_type",
+                [u],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+    }
+
+    async fn add_key_signatures(&self, signatures: Vec<KeySignature>) -> Result<()> {
+        self.write_wait(move |c, ctx| {
+            let mut targets = std::collections::BTreeSet::new();
+            for sig in signatures {
+                c.prepare_cached(
+                    "INSERT INTO key_signatures (target_user, target_key, signer_user, signer_key, signature) \
+                     VALUES (?1,?2,?3,?4,?5) ON CONFLICT (target_user, target_key, signer_user, signer_key) \
+                     DO UPDATE SET signature = excluded.signature",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        sig.target_user,
+                        sig.target_key,
+                        sig.signer_user,
+                        sig.signer_key,
+                        sig.signature
+                    ])
+                })
+                .map_err(db_err)?;
+                targets.insert(sig.target_user);
+            }
+            for user in targets {
+                device_list_changed(c, ctx, &user).map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_signatures(&self, user_id: &str) -> Result<Vec<KeySignature>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT target_user, target_key, signer_user, signer_key, signature FROM key_signatures \
+                 WHERE target_user = ?1 ORDER BY target_key, signer_user, signer_key",
+                [u],
+                |r| {
+                    Ok(KeySignature {
+                        target_user: r.get(0)?,
+                        target_key: r.get(1)?,
+                        signer_user: r.get(2)?,
+                        signer_key: r.get(3)?,
+                        signature: r.get(4)?,
+                    })
+                },
+            )
+        })
+        .await
     }
 
     async fn put_filter(&self, user_id: &str, filter_json: &str) -> Result<String> {

@@ -190,3 +190,15 @@ pub struct ToDeviceMessage {
     pub event_type: String,
     pub content_json: String,
 }
+
+/// One signature uploaded for a key: the target key (a device ID, or a
+/// cross-signing key's public key) of `target_user`, signed by
+/// `signer_user`'s key `signer_key` ("ed25519:…").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySignature {
+    pub target_user: String,
+    pub target_key: String,
+    pub signer_user: String,
+    pub signer_key: String,
+    pub signature: String,
+}

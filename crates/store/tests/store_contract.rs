@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use weft_store::{
-    DeviceTarget, Direction, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, SqliteStore, Store, StreamKey,
+    DeviceTarget, Direction, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, SqliteStore, Store,
+    StreamKey,
 };
 
 fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
@@ -478,4 +479,60 @@ async fn to_device_messages_are_positioned_idempotent_and_acked() {
     drop(store);
     let store = open(&dir);
     assert_eq!(store.current_position(), p);
+}
+
+#[tokio::test]
+async fn cross_signing_keys_and_signatures_are_device_list_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let p0 = store.current_position();
+    store
+        .put_cross_signing_keys(
+            "@a:test",
+            vec![
+                ("master".into(), r#"{"k":1}"#.into()),
+                ("self_signing".into(), r#"{"k":2}"#.into()),
+            ],
+        )
+        .await
+        .unwrap();
+    let p1 = store.current_position();
+    assert!(p1 > p0);
+    assert_eq!(store.device_list_changes("@a:test", p0, p1).await.unwrap(), ["@a:test"]);
+    // The same keys again change nothing.
+    store
+        .put_cross_signing_keys("@a:test", vec![("master".into(), r#"{"k":1}"#.into())])
+        .await
+        .unwrap();
+    assert_eq!(store.current_position(), p1);
+    store
+        .put_cross_signing_keys("@a:test", vec![("master".into(), r#"{"k":3}"#.into())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_cross_signing_keys("@a:test").await.unwrap(),
+        vec![
+            ("master".to_owned(), r#"{"k":3}"#.to_owned()),
+            ("self_signing".to_owned(), r#"{"k":2}"#.to_owned())
+        ]
+    );
+    let p2 = store.current_position();
+    assert!(p2 > p1);
+
+    let sig = |s: &str| KeySignature {
+        target_user: "@a:test".into(),
+        target_key: "D1".into(),
+        signer_user: "@a:test".into(),
+        signer_key: "ed25519:SELF".into(),
+        signature: s.into(),
+    };
+    store.add_key_signatures(vec![sig("one")]).await.unwrap();
+    store.add_key_signatures(vec![sig("two")]).await.unwrap();
+    assert_eq!(store.key_signatures("@a:test").await.unwrap(), vec![sig("two")]);
+    let p3 = store.current_position();
+    assert_eq!(store.device_list_changes("@a:test", p2, p3).await.unwrap(), ["@a:test"]);
+    // Deleting the signed device deletes the signatures of it.
+    device(&store, "@a:test", "D1").await;
+    store.delete_device("@a:test", "D1").await.unwrap();
+    assert!(store.key_signatures("@a:test").await.unwrap().is_empty());
 }

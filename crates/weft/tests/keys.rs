@@ -428,3 +428,127 @@ async fn bad_key_requests_are_refused() {
     // A bad sync token for /keys/changes.
     assert_err(&alice.get("keys/changes?from=nope&to=s1").await, 400, "M_INVALID_PARAM");
 }
+
+fn cross_signing_key(c: &Client, usage: &str, public: &str) -> Value {
+    json!({
+        "user_id": c.user_id,
+        "usage": [usage],
+        "keys": { format!("ed25519:{public}"): public },
+        "signatures": { c.user_id.as_str(): { "ed25519:SOMEKEY": "sig" } },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_signing_keys_and_signatures() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    room_with(&alice, &bob, "private_chat").await;
+    upload(&alice, json!({ "device_keys": device_keys(&alice) })).await;
+    let b0 = next_batch(&bob.sync(None, 0).await);
+
+    // First upload: no re-authentication needed.
+    let keys = json!({
+        "master_key": cross_signing_key(&alice, "master", "MASTER1"),
+        "self_signing_key": cross_signing_key(&alice, "self_signing", "SELF1"),
+        "user_signing_key": cross_signing_key(&alice, "user_signing", "USER1"),
+    });
+    let (status, r) = alice.post("keys/device_signing/upload", keys.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    // The same keys again: still fine.
+    let (status, r) = alice.post("keys/device_signing/upload", keys).await;
+    assert_eq!(status, 200, "{r}");
+
+    // alice signs her device with the self-signing key; a key nobody has fails.
+    let mut signed = device_keys(&alice);
+    signed["signatures"] = json!({ alice.user_id.as_str(): { "ed25519:SELF1": "self-signature" } });
+    let (status, r) = alice
+        .post(
+            "keys/signatures/upload",
+            json!({ alice.user_id.as_str(): { alice.device_id.as_str(): signed, "NOKEY": {} } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        r["failures"][alice.user_id.as_str()]["NOKEY"]["errcode"].is_string(),
+        "{r}"
+    );
+    assert!(
+        r["failures"][alice.user_id.as_str()][alice.device_id.as_str()].is_null(),
+        "{r}"
+    );
+
+    // bob sees master and self-signing keys, not alice's user-signing key,
+    // and the device keys with both signatures.
+    let (_, q) = bob
+        .post("keys/query", json!({ "device_keys": { alice.user_id.as_str(): [] } }))
+        .await;
+    let a = alice.user_id.as_str();
+    assert_eq!(q["master_keys"][a]["keys"]["ed25519:MASTER1"], "MASTER1", "{q}");
+    assert_eq!(q["self_signing_keys"][a]["usage"], json!(["self_signing"]), "{q}");
+    assert!(q["user_signing_keys"][a].is_null(), "{q}");
+    let sigs = &q["device_keys"][a][alice.device_id.as_str()]["signatures"][a];
+    assert_eq!(sigs["ed25519:SELF1"], "self-signature", "{q}");
+    assert_eq!(
+        sigs[format!("ed25519:{}", alice.device_id)],
+        "the-device-signature",
+        "{q}"
+    );
+    let (_, own) = alice
+        .post("keys/query", json!({ "device_keys": { alice.user_id.as_str(): [] } }))
+        .await;
+    assert_eq!(own["user_signing_keys"][a]["keys"]["ed25519:USER1"], "USER1", "{own}");
+
+    // The new signature is a device-list change for bob.
+    let s = bob.sync(Some(&b0), 5000).await;
+    assert!(
+        s["device_lists"]["changed"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|u| u == a)),
+        "{s}"
+    );
+
+    // Replacing the master key needs the password.
+    let new_keys = json!({ "master_key": cross_signing_key(&alice, "master", "MASTER2") });
+    let got = alice.post("keys/device_signing/upload", new_keys.clone()).await;
+    assert_eq!(got.0, 401, "{}", got.1);
+    let session = got.1["session"].as_str().expect("UIA session").to_string();
+    let mut with_auth = new_keys;
+    with_auth["auth"] = json!({
+        "type": "m.login.password",
+        "session": session,
+        "identifier": { "type": "m.id.user", "user": alice.user_id },
+        "password": alice.password,
+    });
+    let (status, r) = alice.post("keys/device_signing/upload", with_auth).await;
+    assert_eq!(status, 200, "{r}");
+    let (_, q) = bob
+        .post("keys/query", json!({ "device_keys": { alice.user_id.as_str(): [] } }))
+        .await;
+    assert_eq!(q["master_keys"][a]["keys"]["ed25519:MASTER2"], "MASTER2", "{q}");
+
+    // Keys of someone else, or with the wrong usage, are refused.
+    assert_err(
+        &bob.post(
+            "keys/device_signing/upload",
+            json!({ "master_key": cross_signing_key(&alice, "master", "X") }),
+        )
+        .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &bob.post(
+            "keys/device_signing/upload",
+            json!({ "master_key": cross_signing_key(&bob, "self_signing", "X") }),
+        )
+        .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &bob.post("keys/device_signing/upload", json!({ "master_key": 1 })).await,
+        400,
+        "M_BAD_JSON",
+    );
+}
