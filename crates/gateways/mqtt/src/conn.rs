@@ -106,6 +106,13 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         result: Err(r),
         assigned_id: None,
     };
+    // Connection attempts share the HTTP API's per-address budget.
+    if let Some(p) = peer
+        && let Err(e) = broker.services.limiter.check(&format!("ip:{}", p.ip()))
+    {
+        let _ = writer.send(refuse(refusal(&e))).await;
+        return;
+    }
     let mut client_id = connect.client_id.clone();
     let mut assigned_id = None;
     if client_id.is_empty() {
@@ -144,7 +151,9 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     let mut saved: Option<Saved> = None;
     if connect.clean {
         // Forget an earlier persistent session of this client ID.
-        if let Ok(Some(_)) = services.store.get_account_data(&user, None, &data_type).await {
+        if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await
+            && text != "{}"
+        {
             let _ = put_saved(&services, &user, &data_type, None).await;
         }
     } else if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await {
@@ -592,6 +601,18 @@ impl Conn {
     /// A PUBLISH (or will) turned into an event through the shared pipeline.
     async fn publish_event(&self, topic: &str, payload: &[u8]) -> Result<(), Refusal> {
         let target = parse_publish(topic).ok_or(Refusal::TopicInvalid)?;
+        // The same per-user budget as the HTTP API. Over it, the client is
+        // slowed down first (MQTT's flow control is not reading), and only
+        // refused if it stays over.
+        if let Err(e) = self.services.limiter.check(self.session.user_id.as_str()) {
+            if let ErrorKind::LimitExceeded { retry_after_ms } = e.kind {
+                tokio::time::sleep(Duration::from_millis(retry_after_ms.min(5000))).await;
+            }
+            self.services
+                .limiter
+                .check(self.session.user_id.as_str())
+                .map_err(|e| refusal(&e))?;
+        }
         let room_id = self
             .services
             .resolve_room(&target.room)

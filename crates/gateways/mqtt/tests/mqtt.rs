@@ -20,16 +20,25 @@ const WAIT: Duration = Duration::from_secs(5);
 struct C4 {
     client: rumqttc::AsyncClient,
     rx: mpsc::UnboundedReceiver<Result<rumqttc::Packet, rumqttc::ConnectionError>>,
+    /// The event loop; aborting it drops the socket without DISCONNECT.
+    task: tokio::task::JoinHandle<()>,
 }
 
 fn c4(srv: &Server, id: &str, user: &str, pass: &str, clean: bool) -> C4 {
+    c4_with(srv, id, user, pass, clean, None)
+}
+
+fn c4_with(srv: &Server, id: &str, user: &str, pass: &str, clean: bool, will: Option<rumqttc::LastWill>) -> C4 {
     let mut o = rumqttc::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
     o.set_credentials(user, pass)
         .set_keep_alive(Duration::from_secs(5))
         .set_clean_session(clean);
+    if let Some(w) = will {
+        o.set_last_will(w);
+    }
     let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             match el.poll().await {
                 Ok(rumqttc::Event::Incoming(p)) => {
@@ -45,7 +54,7 @@ fn c4(srv: &Server, id: &str, user: &str, pass: &str, clean: bool) -> C4 {
             }
         }
     });
-    C4 { client, rx }
+    C4 { client, rx, task }
 }
 
 impl C4 {
@@ -624,4 +633,76 @@ async fn mosquitto_clients_publish_and_subscribe() {
         evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
         vec![json!(0), json!(1), json!(2)]
     );
+}
+
+#[tokio::test]
+async fn will_qos2_alias_subscription_and_takeover() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "room_alias_name": "lab"}))
+        .await;
+    let alias_topic = format!("weft/a/lab:{SERVER_NAME}/e");
+
+    // Subscribing by alias: messages come on the alias form of the topic.
+    let mut sub = c4(&srv, "watcher", "alice", &alice.token, true);
+    sub.connack().await;
+    sub.client.subscribe(format!("{alias_topic}/#"), q1()).await.unwrap();
+    assert!(matches!(sub.packet().await, rumqttc::Packet::SubAck(_)));
+
+    // QoS 2 in: PUBREC after storing, PUBCOMP after PUBREL, one event.
+    let mut dev = c4(&srv, "dev-q2", "alice", &alice.token, true);
+    dev.connack().await;
+    dev.client
+        .publish(
+            format!("{alias_topic}/org.weft.q2"),
+            rumqttc::QoS::ExactlyOnce,
+            false,
+            r#"{"n": 1}"#,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(dev.packet().await, rumqttc::Packet::PubRec(_)));
+    assert!(matches!(dev.packet().await, rumqttc::Packet::PubComp(_)));
+    let p = &sub.publishes(1).await[0];
+    assert_eq!(p.topic, format!("{alias_topic}/org.weft.q2"));
+    assert_eq!(body(&p.payload)["content"], json!({"n": 1}));
+
+    // A will, published when the device vanishes without DISCONNECT.
+    let will = rumqttc::LastWill::new(
+        format!("weft/r/{room}/e/org.weft.status"),
+        r#"{"online": false}"#,
+        q1(),
+        false,
+    );
+    let mut w = c4_with(&srv, "dev-will", "alice", &alice.token, true, Some(will));
+    w.connack().await;
+    w.task.abort();
+    let p = &sub.publishes(1).await[0];
+    assert_eq!(p.topic, format!("{alias_topic}/org.weft.status"));
+    assert_eq!(body(&p.payload)["content"], json!({"online": false}));
+
+    // No will after a clean DISCONNECT.
+    let will = rumqttc::LastWill::new(format!("weft/r/{room}/e/org.weft.status"), "{}", q1(), false);
+    let mut w = c4_with(&srv, "dev-will2", "alice", &alice.token, true, Some(will));
+    w.connack().await;
+    w.client.disconnect().await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(WAIT, w.rx.recv()).await {}
+
+    // A second connection with the same client ID takes over.
+    let mut first = c4(&srv, "twin", "alice", &alice.token, true);
+    first.connack().await;
+    let mut second = c4(&srv, "twin", "alice", &alice.token, true);
+    second.connack().await;
+    // The first one is closed.
+    while first.next().await.is_ok() {}
+    second
+        .client
+        .publish(format!("weft/r/{room}/e/org.weft.twin"), q1(), false, "{}")
+        .await
+        .unwrap();
+    assert!(matches!(second.packet().await, rumqttc::Packet::PubAck(_)));
+    let p = &sub.publishes(1).await[0];
+    assert_eq!(p.topic, format!("{alias_topic}/org.weft.twin"));
+    sub.quiet(Duration::from_millis(300)).await;
 }
