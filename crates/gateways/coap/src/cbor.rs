@@ -32,12 +32,23 @@ fn err<T>(m: &str) -> Result<T, CborError> {
 
 /// Decodes one CBOR data item (the whole payload) into JSON.
 pub fn to_json(bytes: &[u8]) -> Result<Value, CborError> {
-    let mut d = Decoder { b: bytes, i: 0 };
+    to_json_with_keys(bytes).map(|(v, _)| v)
+}
+
+/// Like [`to_json`]; integer map keys in MSC3079's table become their
+/// names (a string key wins over the same key as an integer). Also says
+/// whether any such integer key was seen.
+pub fn to_json_with_keys(bytes: &[u8]) -> Result<(Value, bool), CborError> {
+    let mut d = Decoder {
+        b: bytes,
+        i: 0,
+        int_keys: false,
+    };
     let v = d.item(0)?;
     if d.i != bytes.len() {
         return err("trailing bytes after the CBOR item");
     }
-    Ok(v)
+    Ok((v, d.int_keys))
 }
 
 /// Encodes a JSON value as CBOR.
@@ -80,6 +91,7 @@ pub fn float_text(v: f64, width: u8) -> String {
 struct Decoder<'a> {
     b: &'a [u8],
     i: usize,
+    int_keys: bool,
 }
 
 impl Decoder<'_> {
@@ -187,8 +199,14 @@ impl Decoder<'_> {
                 -1 - arg.ok_or_else(|| CborError("indefinite integer".into()))? as i128,
             )),
             2 => {
+                // Byte strings holding UTF-8 are taken as text: encoders such
+                // as Perl's CBOR::XS (the talk's example) emit ASCII strings
+                // as byte strings. Other bytes become base64.
                 let bytes = self.string(2, arg)?;
-                Ok(Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)))
+                Ok(Value::String(match String::from_utf8(bytes) {
+                    Ok(s) => s,
+                    Err(e) => base64::engine::general_purpose::STANDARD.encode(e.into_bytes()),
+                }))
             }
             3 => {
                 let bytes = self.string(3, arg)?;
@@ -215,14 +233,26 @@ impl Decoder<'_> {
             5 => {
                 let mut out = Map::new();
                 let mut entry = |d: &mut Self| -> Result<(), CborError> {
-                    let k = match d.item(depth + 1)? {
-                        Value::String(s) => s,
-                        Value::Number(n) => n.to_string(),
-                        Value::Bool(b) => b.to_string(),
-                        _ => return err("unsupported CBOR map key"),
-                    };
+                    let k = d.item(depth + 1)?;
                     let v = d.item(depth + 1)?;
-                    out.insert(k, v);
+                    match k {
+                        Value::String(s) => {
+                            out.insert(s, v);
+                        }
+                        Value::Number(n) => match n.as_i64().and_then(|i| crate::msc3079::key_name(i.into())) {
+                            Some(name) => {
+                                d.int_keys = true;
+                                out.entry(name.to_owned()).or_insert(v);
+                            }
+                            None => {
+                                out.insert(n.to_string(), v);
+                            }
+                        },
+                        Value::Bool(b) => {
+                            out.insert(b.to_string(), v);
+                        }
+                        _ => return err("unsupported CBOR map key"),
+                    }
                     Ok(())
                 };
                 match arg {
@@ -285,6 +315,12 @@ mod tests {
         assert_eq!(to_json(&enc(&(1u64 << 60))).unwrap(), json!("1152921504606846976"));
         // indefinite map {_ "a": 1}
         assert_eq!(to_json(&[0xbf, 0x61, b'a', 0x01, 0xff]).unwrap(), json!({"a": 1}));
+        // The printf form in docs/coap.md.
+        let b = b"\xa2\x67msgtype\x66m.text\x64body\x65hello";
+        assert_eq!(to_json(b).unwrap(), json!({"msgtype": "m.text", "body": "hello"}));
+        // Byte strings: UTF-8 taken as text (CBOR::XS), others base64.
+        assert_eq!(to_json(&[0x42, b'h', b'i']).unwrap(), json!("hi"));
+        assert_eq!(to_json(&[0x42, 0xff, 0x00]).unwrap(), json!("/wA="));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! `/sync` (RFC 7641). See docs/coap.md.
 
 pub mod cbor;
+pub mod msc3079;
 pub mod routes;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,6 +29,8 @@ use crate::routes::{CF_CBOR, CF_JSON, Req, error_reply};
 
 /// MSC3079's option number for the access token.
 pub const OPTION_ACCESS_TOKEN: u16 = 256;
+/// MSC3079's option number for the CBOR integer-key version (sticky).
+pub const OPTION_CBOR_VERSION: u16 = 257;
 /// RFC 7252 EXCHANGE_LIFETIME: how long a response is kept for duplicates.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// Most remembered exchanges (duplicate detection) at once.
@@ -63,6 +66,8 @@ struct State {
     exchange_order: VecDeque<((SocketAddr, u16), Instant)>,
     /// Access token last presented by each peer.
     peer_tokens: HashMap<SocketAddr, String>,
+    /// MSC3079 CBOR integer-key version each peer asked for (or used).
+    peer_cbor: HashMap<SocketAddr, u32>,
     /// Confirmable messages we sent, waiting for ACK/RST.
     pending: HashMap<(SocketAddr, u16), oneshot::Sender<Delivery>>,
     /// Large response bodies, served block by block: (peer, uri) → body.
@@ -137,6 +142,16 @@ fn opt_str(p: &Packet, o: CoapOption) -> Vec<String> {
 }
 
 impl Door {
+    /// Encodes a response body for `peer`: JSON if it asked for it, else
+    /// CBOR, with MSC3079 integer keys if the peer uses them.
+    fn encode_for(&self, v: &Value, cf: u16, peer: SocketAddr) -> Vec<u8> {
+        if cf == CF_CBOR && self.state.lock().peer_cbor.get(&peer).copied().unwrap_or(0) >= 1 {
+            msc3079::encode(v)
+        } else {
+            encode_body(v, cf)
+        }
+    }
+
     fn mid(&self) -> u16 {
         self.next_mid.fetch_add(1, Ordering::Relaxed)
     }
@@ -305,6 +320,8 @@ impl Door {
     /// Builds the response (code, options, payload) for a request.
     async fn respond(self: Arc<Self>, req: Packet, method: Method, peer: SocketAddr) -> Packet {
         let path = opt_str(&req, CoapOption::UriPath);
+        // MSC3079 path enums (`/7` = sync, `/9/{room}/{type}/{txn}` = send …).
+        let path = msc3079::expand_path(&path).unwrap_or(path);
         let query: Vec<(String, String)> = opt_str(&req, CoapOption::UriQuery)
             .into_iter()
             .map(|q| match q.split_once('=') {
@@ -386,25 +403,45 @@ impl Door {
         }
 
         let observe = req.get_first_option(CoapOption::Observe).map(|v| parse_uint(v));
+        let content_format = req
+            .get_first_option(CoapOption::ContentFormat)
+            .map(|v| parse_uint(v) as u16);
+        // MSC3079: the CBOR key version is sticky per peer; a body using
+        // integer keys implies version 1.
+        let cbor_version = req
+            .get_first_option(CoapOption::Unknown(OPTION_CBOR_VERSION))
+            .map(|v| parse_uint(v))
+            .or_else(|| {
+                (content_format != Some(CF_JSON) && !payload.is_empty())
+                    .then(|| cbor::to_json_with_keys(&payload).ok())
+                    .flatten()
+                    .and_then(|(_, used)| used.then_some(1))
+            });
+        if let Some(v) = cbor_version {
+            let mut st = self.state.lock();
+            if st.peer_cbor.len() >= MAX_PEERS && !st.peer_cbor.contains_key(&peer) {
+                st.peer_cbor.clear();
+            }
+            st.peer_cbor.insert(peer, v);
+        }
         let r = Req {
             method,
             path,
             query,
             payload,
-            content_format: req
-                .get_first_option(CoapOption::ContentFormat)
-                .map(|v| parse_uint(v) as u16),
+            content_format,
             observe,
         };
-        let option_token = req
-            .get_first_option(CoapOption::Unknown(OPTION_ACCESS_TOKEN))
-            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let option_token = req.get_first_option(CoapOption::Unknown(OPTION_ACCESS_TOKEN)).map(|v| {
+            let t = String::from_utf8_lossy(v);
+            t.strip_prefix("Bearer ").unwrap_or(&t).to_owned()
+        });
         let result = self.handle(&r, option_token, peer).await;
         let mut resp = Packet::new();
         match result {
             Ok((reply, session)) => {
                 resp.header.code = MessageClass::Response(reply.code);
-                let body = encode_body(&reply.body, out_cf);
+                let body = self.encode_for(&reply.body, out_cf, peer);
                 resp.set_content_format_num(out_cf);
                 // Observe registration on /sync.
                 if r.method == Method::Get
@@ -546,7 +583,8 @@ impl Door {
                 let seq = door.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                 p.add_option(CoapOption::Observe, uint_bytes(seq));
                 p.set_content_format_num(CF_CBOR);
-                door.attach_body(&mut p, cbor::from_json(&batch), CF_CBOR, peer, uri_key.clone(), None);
+                let body = door.encode_for(&batch, CF_CBOR, peer);
+                door.attach_body(&mut p, body, CF_CBOR, peer, uri_key.clone(), None);
                 if door.send_confirmable(p, peer).await != Delivery::Acked {
                     break;
                 }

@@ -11,6 +11,13 @@ use weft_services::sync::{EventFilter, SyncRequest};
 use weft_services::{Services, Session};
 use weft_store::{Direction, StoredEvent};
 
+/// The spec versions the HTTP door advertises (kept equal to
+/// `weft_http::misc::SPEC_VERSIONS`; a door does not depend on another).
+const SPEC_VERSIONS: &[&str] = &[
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+    "v1.11",
+];
+
 /// Content-Format numbers (RFC 7252 §12.3).
 pub const CF_TEXT: u16 = 0;
 pub const CF_JSON: u16 = 50;
@@ -62,6 +69,9 @@ impl Req {
             None => self.payload.is_empty() || matches!(self.payload[0], 0xa0..=0xbf),
             Some(_) => false,
         };
+        if self.payload.is_empty() {
+            return Err(Error::new(ErrorKind::NotJson, "Empty payload: send the event content"));
+        }
         if cbor {
             return self.json_body();
         }
@@ -156,7 +166,16 @@ pub async fn route(s: &Services, session: Option<&Session>, p: &[&str], req: &Re
         return match req.method {
             Get => ok(
                 Content,
-                json!({ "versions": ["r0.6.1", "v1.1", "v1.11"], "unstable_features": {} }),
+                json!({
+                    "versions": SPEC_VERSIONS,
+                    "unstable_features": {},
+                    // MSC3079 discovery (no DTLS yet, so no "dtls" port).
+                    "org.matrix.msc3079.low_bandwidth": {
+                        "cbor_enum_version": 1,
+                        "coap_enum_version": 1,
+                        "observe": 1,
+                    },
+                }),
             ),
             _ => Err(unrecognized(true)),
         };

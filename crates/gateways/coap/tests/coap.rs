@@ -32,6 +32,21 @@ async fn talk_compact_post_creates_message() {
     assert_eq!(msgs[0]["event_id"], event_id.as_str());
     assert_eq!(msgs[0]["content"], content);
     assert_eq!(msgs[0]["sender"], user.as_str());
+
+    // What the talk's `perl -MCBOR::XS` pipeline sends: byte strings.
+    let mut r = Request::new(M::Post, &path).q("a", &token);
+    r.payload = b"\xa2\x47msgtype\x46m.text\x44body\x45hello".to_vec();
+    let (code, v) = c.call_cbor(r).await;
+    assert_eq!(code, R::Created, "{v}");
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[1]["event_id"], v["event_id"]);
+    assert_eq!(msgs[1]["content"], content);
+
+    // An empty payload is refused, as an empty HTTP body is.
+    let (code, v) = c.call_cbor(Request::new(M::Post, &path).q("a", &token)).await;
+    assert_eq!(code, R::BadRequest);
+    assert_eq!(v["errcode"], "M_NOT_JSON");
 }
 
 /// The same with libcoap's `coap-client`, the CBOR piped on stdin.
@@ -402,5 +417,175 @@ async fn observe_sync_pushes_new_events() {
             .expect("timeline");
         assert_eq!(tl.len(), 1, "{v}");
         assert_eq!(tl[0]["event_id"], sent["event_id"]);
+    }
+}
+
+/// MSC3079 v1: path enums, integer keys (sticky per peer), option 256
+/// with a "Bearer " prefix.
+#[tokio::test]
+async fn msc3079_path_enums_and_integer_keys() {
+    use ciborium::Value as C;
+    let s = Server::start().await;
+    let (token, user) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    // /9/{roomId}/{eventType}/{txnId} with {27: body, 28: msgtype}.
+    let body = C::Map(vec![
+        (C::Integer(27.into()), C::Text("hi".into())),
+        (C::Integer(28.into()), C::Text("m.text".into())),
+    ]);
+    let mut payload = Vec::new();
+    ciborium::into_writer(&body, &mut payload).unwrap();
+    let path = format!("/9/{room}/m.room.message/lb1");
+    let mut r = Request::new(M::Put, &path).opt(CoapOption::Unknown(256), format!("Bearer {token}").into_bytes());
+    r.payload = payload;
+    r.content_format = Some(60);
+    let (code, raw) = c.call(r).await;
+    assert_eq!(code, R::Changed);
+    // The reply uses integer keys: {1: event_id}.
+    let reply: C = ciborium::from_reader(&raw[..]).unwrap();
+    let map = reply.as_map().expect("map");
+    assert_eq!(map[0].0, C::Integer(1.into()));
+    let event_id = map[0].1.as_text().unwrap().to_owned();
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["event_id"], event_id.as_str());
+    assert_eq!(msgs[0]["content"], json!({"body": "hi", "msgtype": "m.text"}));
+    // /7 = sync; token remembered for this peer; integer keys decoded.
+    let (code, raw) = c.call(Request::new(M::Get, "/7")).await;
+    assert_eq!(code, R::Content);
+    let v: C = ciborium::from_reader(&raw[..]).unwrap();
+    let keys: Vec<&C> = v.as_map().unwrap().iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&&C::Integer(19.into())), "next_batch as 19: {keys:?}");
+    // Our own decoder maps them back.
+    let j = weft_coap::cbor::to_json(&raw).unwrap();
+    let tl = j["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    assert!(
+        tl.iter()
+            .any(|e| e["event_id"] == event_id.as_str() && e["sender"] == user.as_str())
+    );
+    // /0 = versions, advertising MSC3079.
+    let mut other = Client::new(s.coap).await;
+    let (code, v) = other.call_cbor(Request::new(M::Get, "/0")).await;
+    assert_eq!(code, R::Content);
+    assert_eq!(v["org.matrix.msc3079.low_bandwidth"]["coap_enum_version"], 1);
+}
+
+/// A long-polling sync gets an empty ACK at once and a separate CON
+/// response later, which the client acknowledges.
+#[tokio::test]
+async fn slow_request_gets_empty_ack_then_separate_response() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let (_, first) = c
+        .call_cbor(Request::new(M::Get, "/_matrix/client/v3/sync").q("a", &token))
+        .await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let p = c.packet(
+        &Request::new(M::Get, "/_matrix/client/v3/sync")
+            .q("since", &since)
+            .q("timeout", "3000"),
+    );
+    let ack = c
+        .raw(&p.to_bytes().unwrap(), Duration::from_secs(3))
+        .await
+        .expect("empty ACK");
+    assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(ack.header.code, MessageClass::Empty);
+    assert_eq!(ack.header.message_id, p.header.message_id);
+    // Meanwhile an event arrives; the separate response carries it.
+    let (st, sent) = s
+        .http_call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/late", enc(&room)),
+            Some(&token),
+            Some(json!({"msgtype": "m.text", "body": "late"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let resp = c.recv(Duration::from_secs(5)).await.expect("separate response");
+    assert_eq!(resp.header.get_type(), MessageType::Confirmable);
+    assert_eq!(resp.get_token(), p.get_token());
+    assert_eq!(resp.header.code, MessageClass::Response(R::Content));
+    c.ack(&resp).await;
+    let v = uncbor(&resp.payload);
+    let tl = v["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline");
+    assert_eq!(tl[0]["event_id"], sent["event_id"]);
+    // The duplicate of the request replays the empty ACK, not a second run.
+    let again = c
+        .raw(&p.to_bytes().unwrap(), Duration::from_secs(2))
+        .await
+        .expect("replayed ACK");
+    assert_eq!(again.header.code, MessageClass::Empty);
+}
+
+/// A request body larger than one block, sent with Block1 (RFC 7959).
+#[tokio::test]
+async fn block1_upload() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let text = "y".repeat(2500);
+    let body = cbor(&json!({"msgtype": "m.text", "body": text}));
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/big1");
+    let chunks: Vec<&[u8]> = body.chunks(1024).collect();
+    let mut last = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let more = i + 1 < chunks.len();
+        let v: u32 = ((i as u32) << 4) | (u32::from(more) << 3) | 6;
+        let vb = v.to_be_bytes();
+        let skip = vb.iter().take_while(|x| **x == 0).count();
+        let mut r = Request::new(M::Put, &path)
+            .q("a", &token)
+            .opt(CoapOption::Block1, vb[skip..].to_vec());
+        r.payload = chunk.to_vec();
+        r.content_format = Some(60);
+        let p = c.packet(&r);
+        let resp = c.send_packet(&p).await;
+        if more {
+            assert_eq!(resp.header.code, MessageClass::Response(R::Continue), "block {i}");
+        }
+        last = Some(resp);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.header.code, MessageClass::Response(R::Changed));
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["content"]["body"], text.as_str());
+    assert_eq!(uncbor(&last.payload)["event_id"], msgs[0]["event_id"]);
+
+    // The same through libcoap's client, which splits the body itself.
+    if let Some(bin) = coap_client() {
+        let uri = format!(
+            "coap://{}/_matrix/client/v3/rooms/{}/send/m.room.message/big2?a={}",
+            s.coap,
+            enc(&room),
+            token
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = std::process::Command::new(bin)
+                .args(["-m", "put", "-t", "60", "-b", "256", "-f", "-", "-B", "5", &uri])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(&body).unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let msgs = s.http_messages(&token, &room, "m.room.message").await;
+        assert_eq!(msgs.len(), 2, "coap-client: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(msgs[1]["content"]["body"], text.as_str());
+    } else {
+        eprintln!("NOTE: libcoap's coap-client is not installed; skipping its Block1 half");
     }
 }
