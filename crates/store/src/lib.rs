@@ -44,7 +44,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()>;
     /// Marks the user deactivated and removes all their devices and tokens
-    /// (with their keys and pending to-device messages).
+    /// (with their keys and pending to-device messages) and their
+    /// cross-signing keys.
     async fn deactivate_user(&self, user_id: &str) -> Result<()>;
     async fn set_profile_field(&self, user_id: &str, field: ProfileField, value: Option<String>) -> Result<()>;
 

@@ -645,7 +645,16 @@ impl Store for SqliteStore {
                 [&u],
             )
             .map_err(db_err)?;
-            purge_devices(c, ctx, &u, None, None).map_err(db_err)
+            purge_devices(c, ctx, &u, None, None).map_err(db_err)?;
+            let crossed = c
+                .execute("DELETE FROM cross_signing_keys WHERE user_id = ?1", [&u])
+                .map_err(db_err)?;
+            c.execute("DELETE FROM key_signatures WHERE target_user = ?1", [&u])
+                .map_err(db_err)?;
+            if crossed > 0 {
+                device_list_changed(c, ctx, &u).map_err(db_err)?;
+            }
+            Ok(())
         })
         .await
     }

@@ -535,4 +535,10 @@ async fn cross_signing_keys_and_signatures_are_device_list_changes() {
     device(&store, "@a:test", "D1").await;
     store.delete_device("@a:test", "D1").await.unwrap();
     assert!(store.key_signatures("@a:test").await.unwrap().is_empty());
+    // Deactivation removes the cross-signing identity, visibly.
+    store.deactivate_user("@a:test").await.unwrap();
+    assert!(store.get_cross_signing_keys("@a:test").await.unwrap().is_empty());
+    let p4 = store.current_position();
+    assert!(p4 > p3);
+    assert_eq!(store.device_list_changes("@a:test", p3, p4).await.unwrap(), ["@a:test"]);
 }
