@@ -491,3 +491,60 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
     };
     packet.write(buf, None).map_err(|_| mb::Error::MalformedPacket)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random and mutated packets never panic the decoders.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut good = BytesMut::new();
+        let mut c = v4::Connect::new("dev");
+        c.set_login("alice", "secret");
+        v4::Packet::Connect(c).write(&mut good, MAX_PACKET).unwrap();
+        for i in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let mut bytes: Vec<u8> = if i % 2 == 0 {
+                (0..len).map(|_| next() as u8).collect()
+            } else {
+                // A valid CONNECT with a few bytes changed or cut.
+                let mut b = good.to_vec();
+                for _ in 0..3 {
+                    let at = (next() as usize) % b.len();
+                    b[at] = next() as u8;
+                }
+                b.truncate(1 + (next() as usize) % b.len());
+                b
+            };
+            // Random packet type with a consistent remaining length.
+            if i % 3 == 0 && bytes.len() >= 2 {
+                bytes[1] = (bytes.len() - 2).min(127) as u8;
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Frame::Packet(p) = frame(&mut buf) {
+                let _ = decode_connect(p.clone());
+                let _ = decode(Version::V311, p.clone());
+                let _ = decode(Version::V5, p);
+            }
+        }
+    }
+
+    #[test]
+    fn connect_level_reads_the_protocol_level() {
+        let mut good = BytesMut::new();
+        v4::Packet::Connect(v4::Connect::new("x"))
+            .write(&mut good, MAX_PACKET)
+            .unwrap();
+        assert_eq!(connect_level(&good), Some(4));
+        assert_eq!(connect_level(b"GET / HTTP/1.1"), None);
+        assert_eq!(connect_level(&[0x10]), None);
+    }
+}
