@@ -335,14 +335,16 @@ impl Services {
     pub async fn key_changes(&self, session: &Session, from: &str, to: &str) -> Result<Value> {
         let from = parse_token(from)?;
         let to = parse_token(to)?.min(self.store.current_position());
-        let changed = if to > from {
-            self.store
-                .device_list_changes(session.user_id.as_str(), from, to)
-                .await?
+        let user = session.user_id.as_str();
+        let (changed, left) = if to > from {
+            (
+                self.store.device_list_changes(user, from, to).await?,
+                self.store.device_list_left(user, from, to).await?,
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
-        Ok(json!({ "changed": changed, "left": [] }))
+        Ok(json!({ "changed": changed, "left": left }))
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`.

@@ -283,15 +283,14 @@ impl Services {
         let memberships = self.store.user_memberships(user).await?;
         // Device lists: changed keys of users sharing a room, and members
         // who joined a shared room (their devices are now to be tracked).
+        let my_room_changed = memberships.iter().any(|m| changed.contains(&m.room_id));
         let device_lists_changed = match since {
-            Some(s)
-                if devices_touched
-                    || memberships
-                        .iter()
-                        .any(|m| m.membership == "join" && changed.contains(&m.room_id)) =>
-            {
-                self.store.device_list_changes(user, s, upto).await?
-            }
+            Some(s) if devices_touched || my_room_changed => self.store.device_list_changes(user, s, upto).await?,
+            _ => Vec::new(),
+        };
+        // ... and users who no longer share any room.
+        let device_lists_left = match since {
+            Some(s) if my_room_changed => self.store.device_list_left(user, s, upto).await?,
             _ => Vec::new(),
         };
         let mut join = Map::new();
@@ -390,7 +389,7 @@ impl Services {
             "account_data": { "events": account_data },
             "presence": { "events": [] },
             "to_device": { "events": to_device },
-            "device_lists": { "changed": device_lists_changed, "left": [] },
+            "device_lists": { "changed": device_lists_changed, "left": device_lists_left },
         });
         self.add_device_fields(session, &mut resp).await?;
         Ok(resp)

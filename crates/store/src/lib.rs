@@ -103,6 +103,10 @@ pub trait Store: Send + Sync + 'static {
     /// `user_id` is in (or all members of a room `user_id` joined) in that
     /// window. Sorted, without duplicates.
     async fn device_list_changes(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<String>>;
+    /// Users who shared a joined room with `user_id` at some point in
+    /// (since, upto] — by a membership change in that window — and share
+    /// none now: their devices need no tracking any more. Sorted.
+    async fn device_list_left(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<String>>;
     /// Stores to-device messages from `sender` (device `sender_device`),
     /// each recipient device's copy at its own stream position
     /// (`StreamKey::User(recipient)`). Devices that do not exist get nothing.

@@ -839,6 +839,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn device_list_left(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<String>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                // Others who left a room I am in, and members of rooms I
+                // left, minus everyone still sharing a joined room with me.
+                "SELECT b.user_id FROM memberships a JOIN memberships b ON b.room_id = a.room_id \
+                 WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id != ?1 \
+                 AND b.membership IN ('leave', 'ban') AND b.position > ?2 AND b.position <= ?3 \
+                 UNION \
+                 SELECT b.user_id FROM memberships a JOIN memberships b ON b.room_id = a.room_id \
+                 WHERE a.user_id = ?1 AND a.membership IN ('leave', 'ban') AND a.position > ?2 \
+                 AND a.position <= ?3 AND b.user_id != ?1 AND b.membership = 'join' \
+                 EXCEPT \
+                 SELECT b.user_id FROM memberships a JOIN memberships b ON b.room_id = a.room_id \
+                 WHERE a.user_id = ?1 AND a.membership = 'join' AND b.membership = 'join' \
+                 ORDER BY 1",
+                params![u, since, upto],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
     async fn send_to_device(
         &self,
         sender: &str,

@@ -410,6 +410,37 @@ async fn device_list_changes_are_scoped_to_shared_rooms() {
         store.device_list_changes("@c:test", p1, p2).await.unwrap(),
         ["@a:test", "@b:test"]
     );
+    assert!(store.device_list_left("@a:test", p0, p2).await.unwrap().is_empty());
+    // b leaves: a and c share no room with b any more, and b none with them.
+    store
+        .persist_event(event(room, 4, Some(("m.room.member", "@b:test", Some("leave")))))
+        .await
+        .unwrap()
+        .unwrap();
+    let p3 = store.current_position();
+    assert_eq!(store.device_list_left("@a:test", p2, p3).await.unwrap(), ["@b:test"]);
+    assert_eq!(
+        store.device_list_left("@b:test", p2, p3).await.unwrap(),
+        ["@a:test", "@c:test"]
+    );
+    assert!(store.device_list_left("@a:test", p3, p3).await.unwrap().is_empty());
+    // A user still sharing another room is not "left".
+    let other = "!k2:test";
+    let mut create = event(other, 0, Some(("m.room.create", "", None)));
+    create.event_id = "$o0".into();
+    store.persist_event(create).await.unwrap().unwrap();
+    for (n, u) in [(1, "@a:test"), (2, "@c:test")] {
+        let mut ev = event(other, n, Some(("m.room.member", u, Some("join"))));
+        ev.event_id = format!("$o{n}");
+        ev.txn = None;
+        store.persist_event(ev).await.unwrap().unwrap();
+    }
+    let p4 = store.current_position();
+    let mut leave = event(room, 5, Some(("m.room.member", "@c:test", Some("leave"))));
+    leave.txn = None;
+    store.persist_event(leave).await.unwrap().unwrap();
+    let p5 = store.current_position();
+    assert!(store.device_list_left("@a:test", p4, p5).await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -552,3 +552,34 @@ async fn cross_signing_keys_and_signatures() {
         "M_BAD_JSON",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_show_in_device_lists() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let a0 = next_batch(&alice.sync(None, 0).await);
+
+    // bob joins: alice should start tracking his devices.
+    bob.join(&room).await;
+    let s = alice.sync(Some(&a0), 5000).await;
+    assert_eq!(s["device_lists"]["changed"], json!([bob.user_id]), "{s}");
+    let a1 = next_batch(&s);
+
+    // bob leaves: no shared room any more.
+    let (status, _) = bob.post(&format!("rooms/{}/leave", enc(&room)), json!({})).await;
+    assert_eq!(status, 200);
+    let s = alice.sync(Some(&a1), 5000).await;
+    assert_eq!(s["device_lists"]["left"], json!([bob.user_id]), "{s}");
+    let a2 = next_batch(&s);
+    let (_, ch) = alice
+        .get(&format!("keys/changes{}", query(&[("from", &a1), ("to", &a2)])))
+        .await;
+    assert_eq!(ch["left"], json!([bob.user_id]), "{ch}");
+
+    // Key changes of users sharing no room are not reported.
+    upload(&bob, json!({ "device_keys": device_keys(&bob) })).await;
+    let s = alice.sync(Some(&a2), 300).await;
+    assert_eq!(s["device_lists"]["changed"], json!([]), "{s}");
+}
