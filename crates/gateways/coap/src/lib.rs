@@ -37,6 +37,13 @@ const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 const MAX_EXCHANGES: usize = 20_000;
 /// Most remembered peer tokens / block transfers at once.
 const MAX_PEERS: usize = 10_000;
+/// Most large bodies kept for Block2 / being assembled from Block1 at once,
+/// and how long they are kept.
+const MAX_BLOCK_BODIES: usize = 256;
+const BLOCK_KEEP: Duration = Duration::from_secs(60);
+/// Most observers of one peer, and in all.
+const MAX_OBSERVERS_PER_PEER: usize = 8;
+const MAX_OBSERVERS: usize = 10_000;
 /// A handler slower than this gets an empty ACK and a separate response.
 const SEPARATE_AFTER: Duration = Duration::from_millis(1000);
 /// ACK_TIMEOUT and MAX_RETRANSMIT (RFC 7252 §4.8).
@@ -370,8 +377,13 @@ impl Door {
             let key = (peer, uri_key.clone());
             let mut st = self.state.lock();
             let buf = if num == 0 {
-                if st.uploads.len() >= MAX_PEERS {
-                    st.uploads.retain(|_, (_, t)| t.elapsed() < EXCHANGE_LIFETIME);
+                st.uploads.retain(|_, (_, t)| t.elapsed() < BLOCK_KEEP);
+                if st.uploads.len() >= MAX_BLOCK_BODIES {
+                    drop(st);
+                    return error_packet(
+                        &Error::new(ErrorKind::LimitExceeded { retry_after_ms: 5_000 }, "Too many uploads"),
+                        out_cf,
+                    );
                 }
                 st.uploads.insert(key.clone(), (Vec::new(), Instant::now()));
                 st.uploads.get_mut(&key)
@@ -448,6 +460,7 @@ impl Door {
                     && observe == Some(0)
                     && let (Some(session), Some(p)) = (session, routes::cs_path(&r.path))
                     && routes::is_sync(&p)
+                    && self.observer_room(peer, req.get_token())
                 {
                     let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
                     let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
@@ -487,13 +500,24 @@ impl Door {
         }
         put_block(resp, &body, 0, szx);
         let mut st = self.state.lock();
-        if st.blocks.len() >= MAX_PEERS {
-            st.blocks.retain(|_, (_, _, t)| t.elapsed() < EXCHANGE_LIFETIME);
-            if st.blocks.len() >= MAX_PEERS {
-                st.blocks.clear();
-            }
+        st.blocks.retain(|_, (_, _, t)| t.elapsed() < BLOCK_KEEP);
+        while st.blocks.len() >= MAX_BLOCK_BODIES {
+            let oldest = st.blocks.iter().min_by_key(|(_, (_, _, t))| *t).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => st.blocks.remove(&k),
+                None => break,
+            };
         }
         st.blocks.insert((peer, uri_key), (body, cf, Instant::now()));
+    }
+
+    /// Whether one more observer fits (a re-registration always does). If
+    /// not, the response goes out without Observe: not registered.
+    fn observer_room(&self, peer: SocketAddr, token: &[u8]) -> bool {
+        let st = self.state.lock();
+        st.observers.contains_key(&(peer, token.to_vec()))
+            || (st.observers.len() < MAX_OBSERVERS
+                && st.observers.keys().filter(|(p, _)| *p == peer).count() < MAX_OBSERVERS_PER_PEER)
     }
 
     /// Authenticates and routes.
@@ -551,6 +575,9 @@ impl Door {
         let door = self.clone();
         let key = (peer, token.clone());
         let filter = r.q("filter").map(str::to_owned);
+        // Spawned under the lock, so the task cannot look itself up before
+        // it is registered.
+        let mut st = self.state.lock();
         let task = tokio::spawn(async move {
             loop {
                 let batch = routes::sync_json(
@@ -589,9 +616,14 @@ impl Door {
                     break;
                 }
             }
-            door.state.lock().observers.remove(&(peer, token));
+            // Deregister, unless a newer registration took this slot.
+            let me = tokio::task::id();
+            let mut st = door.state.lock();
+            if st.observers.get(&(peer, token.clone())).is_some_and(|h| h.id() == me) {
+                st.observers.remove(&(peer, token));
+            }
         });
-        if let Some(old) = self.state.lock().observers.insert(key, task.abort_handle()) {
+        if let Some(old) = st.observers.insert(key, task.abort_handle()) {
             old.abort();
         }
     }
