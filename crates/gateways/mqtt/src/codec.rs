@@ -56,8 +56,12 @@ pub struct Connect {
     pub version: Version,
     pub client_id: String,
     pub keep_alive: u16,
-    /// 3.1.1 clean session / 5 clean start.
+    /// 3.1.1 clean session / 5 clean start: start without an earlier session.
     pub clean: bool,
+    /// Whether the session outlives the connection: 3.1.1 without clean
+    /// session; 5 with a session expiry interval above 0 (any such
+    /// interval is taken as "until a clean start").
+    pub keep_session: bool,
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Will>,
@@ -219,6 +223,7 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                 client_id: c.client_id,
                 keep_alive: c.keep_alive,
                 clean: c.clean_session,
+                keep_session: !c.clean_session,
                 username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                 password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
                 will: c.last_will.map(|w| Will {
@@ -235,6 +240,11 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                     client_id: c.client_id,
                     keep_alive: c.keep_alive,
                     clean: c.clean_start,
+                    keep_session: c
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.session_expiry_interval)
+                        .is_some_and(|e| e > 0),
                     username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     will: match will {

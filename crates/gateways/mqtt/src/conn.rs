@@ -88,6 +88,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         version: Version::V311,
         buf: BytesMut::new(),
     };
+    let level = codec::connect_level(&frame);
     let connect = match codec::decode_connect(frame) {
         Ok(c) => c,
         Err(rumqttc::mqttbytes::Error::InvalidProtocolLevel(_)) => {
@@ -96,6 +97,17 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         }
         Err(e) => {
             tracing::debug!(?peer, "mqtt: bad CONNECT: {e}");
+            if level == Some(5) {
+                // MQTT 5 can say why: CONNACK 0x81 malformed packet.
+                writer.version = Version::V5;
+                let _ = writer
+                    .send(Out::ConnAck {
+                        session_present: false,
+                        result: Err(Refusal::PayloadInvalid),
+                        assigned_id: None,
+                    })
+                    .await;
+            }
             return;
         }
     };
@@ -116,7 +128,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     let mut client_id = connect.client_id.clone();
     let mut assigned_id = None;
     if client_id.is_empty() {
-        if !connect.clean {
+        if !connect.clean || connect.keep_session {
             let _ = writer.send(refuse(Refusal::ClientIdInvalid)).await;
             return;
         }
@@ -191,7 +203,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     let mut conn = Conn {
         services: services.clone(),
         session,
-        persistent: !connect.clean,
+        persistent: connect.keep_session,
         data_type,
         writer,
         subs: subs_tx,
@@ -206,6 +218,9 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     feed.abort();
     if conn.persistent {
         conn.save().await;
+    } else if session_present {
+        // MQTT 5 resumed a session without expiry: it ends here.
+        let _ = put_saved(&services, &user, &conn.data_type, None).await;
     }
     let send_will = match end {
         End::Graceful { send_will } => send_will,

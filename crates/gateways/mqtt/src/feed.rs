@@ -106,6 +106,10 @@ pub async fn state_publishes(services: &Services, session: &Session, sub: &Sub) 
             continue;
         };
         for ev in state {
+            // Newer than the subscription: the feed delivers it (once).
+            if ev.position > sub.from {
+                continue;
+            }
             let Some(key) = &ev.state_key else { continue };
             let topic = format!("{}/s/{}/{key}", prefix(&sub.room, room.as_str()), ev.event_type);
             if matches(&sub.filter, &topic) {

@@ -109,8 +109,13 @@ struct C5 {
 }
 
 fn c5(srv: &Server, id: &str, user: &str, pass: &str) -> C5 {
+    c5_with(srv, id, user, pass, |_| {})
+}
+
+fn c5_with(srv: &Server, id: &str, user: &str, pass: &str, f: impl FnOnce(&mut v5::MqttOptions)) -> C5 {
     let mut o = v5::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
     o.set_credentials(user, pass).set_keep_alive(Duration::from_secs(5));
+    f(&mut o);
     let (client, mut el) = v5::AsyncClient::new(o, 100);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -705,4 +710,66 @@ async fn will_qos2_alias_subscription_and_takeover() {
     let p = &sub.publishes(1).await[0];
     assert_eq!(p.topic, format!("{alias_topic}/org.weft.twin"));
     sub.quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn mqtt5_session_persists_only_with_an_expiry_interval() {
+    use v5::mqttbytes::v5::Packet as P5;
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let keep = |o: &mut v5::MqttOptions| {
+        o.set_clean_start(false).set_session_expiry_interval(Some(3600));
+    };
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, keep);
+    match m.packet().await {
+        P5::ConnAck(c) => assert!(!c.session_present),
+        p => panic!("{p:?}"),
+    }
+    m.client
+        .subscribe(
+            format!("weft/r/{room}/e/m.room.message"),
+            v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, P5::SubAck(_)));
+    m.client.disconnect().await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(WAIT, m.rx.recv()).await {}
+    drop(m);
+
+    for i in 0..5 {
+        alice
+            .send(
+                &room,
+                "m.room.message",
+                &format!("k{i}"),
+                json!({"body": format!("k{i}")}),
+            )
+            .await;
+    }
+    // Resumed without expiry: the missed events come, but the session ends
+    // with this connection.
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, |o| {
+        o.set_clean_start(false);
+    });
+    match m.packet().await {
+        P5::ConnAck(c) => assert!(c.session_present),
+        p => panic!("{p:?}"),
+    }
+    let mut bodies = Vec::new();
+    while bodies.len() < 5 {
+        if let P5::Publish(p) = m.packet().await {
+            bodies.push(body(&p.payload)["content"]["body"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(bodies, (0..5).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    m.client.disconnect().await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(WAIT, m.rx.recv()).await {}
+    drop(m);
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, keep);
+    match m.packet().await {
+        P5::ConnAck(c) => assert!(!c.session_present),
+        p => panic!("{p:?}"),
+    }
 }
