@@ -418,6 +418,36 @@ async fn observe_sync_pushes_new_events() {
         assert_eq!(tl.len(), 1, "{v}");
         assert_eq!(tl[0]["event_id"], sent["event_id"]);
     }
+    // Answering a notification with RST ends the observation.
+    let send = |i: u32| {
+        let s = &s;
+        let room = room.clone();
+        let token = token.clone();
+        async move {
+            let (st, _) = s
+                .http_call(
+                    reqwest::Method::PUT,
+                    &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/r{i}", enc(&room)),
+                    Some(&token),
+                    Some(json!({"msgtype": "m.text", "body": "after"})),
+                )
+                .await;
+            assert_eq!(st, 200);
+        }
+    };
+    send(1).await;
+    let n = c.recv(Duration::from_secs(5)).await.expect("notification");
+    let mut rst = Packet::new();
+    rst.header.set_type(MessageType::Reset);
+    rst.header.code = MessageClass::Empty;
+    rst.header.message_id = n.header.message_id;
+    c.sock.send_to(&rst.to_bytes().unwrap(), s.coap).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(2).await;
+    assert!(
+        c.recv(Duration::from_millis(1500)).await.is_none(),
+        "no notification after RST"
+    );
 }
 
 /// MSC3079 v1: path enums, integer keys (sticky per peer), option 256
@@ -588,4 +618,34 @@ async fn block1_upload() {
     } else {
         eprintln!("NOTE: libcoap's coap-client is not installed; skipping its Block1 half");
     }
+}
+
+/// Over the rate limit: 4.29 with Max-Age and M_LIMIT_EXCEEDED.
+#[tokio::test]
+async fn rate_limited_gets_4_29_with_max_age() {
+    let s = Server::start_with(&[
+        ("WEFT_RATE_LIMIT__ENABLED", "true"),
+        ("WEFT_RATE_LIMIT__PER_SECOND", "0.1"),
+        ("WEFT_RATE_LIMIT__BURST", "5"),
+    ])
+    .await;
+    let (token, _) = s.register("alice").await;
+    let mut c = Client::new(s.coap).await;
+    let mut limited = None;
+    for _ in 0..20 {
+        let p = c.packet(&Request::new(M::Get, "/_matrix/client/v3/account/whoami").q("a", &token));
+        let r = c.send_packet(&p).await;
+        if r.header.code == MessageClass::Response(R::TooManyRequests) {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.header.code, MessageClass::Response(R::Content));
+    }
+    let r = limited.expect("rate limit reached");
+    let max_age = r.get_first_option(CoapOption::MaxAge).expect("Max-Age");
+    let secs = max_age.iter().fold(0u32, |a, x| (a << 8) | u32::from(*x));
+    assert!((1..=20).contains(&secs), "Max-Age {secs}");
+    let v = uncbor(&r.payload);
+    assert_eq!(v["errcode"], "M_LIMIT_EXCEEDED");
+    assert!(v["retry_after_ms"].as_u64().unwrap() > 0);
 }
