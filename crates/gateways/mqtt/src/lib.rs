@@ -22,6 +22,9 @@ use weft_services::Services;
 
 pub use codec::MAX_PACKET;
 
+/// Open MQTT connections at most; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
 /// Shared by all connections of one listener.
 pub(crate) struct Broker {
     pub(crate) services: Arc<Services>,
@@ -76,10 +79,19 @@ pub async fn serve(services: Arc<Services>, listener: TcpListener) {
         live: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(conn::run(broker.clone(), stream));
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
+                    continue;
+                };
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    conn::run(broker, stream).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // E.g. out of file descriptors: wait rather than spin.
