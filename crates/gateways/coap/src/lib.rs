@@ -455,18 +455,40 @@ impl Door {
                 resp.header.code = MessageClass::Response(reply.code);
                 let body = self.encode_for(&reply.body, out_cf, peer);
                 resp.set_content_format_num(out_cf);
-                // Observe registration on /sync.
-                if r.method == Method::Get
-                    && observe == Some(0)
-                    && let (Some(session), Some(p)) = (session, routes::cs_path(&r.path))
-                    && routes::is_sync(&p)
+                // Observe registration on /sync or a room's /messages.
+                let what = match (r.method, observe, &session, routes::cs_path(&r.path)) {
+                    (Method::Get, Some(0), Some(_), Some(p)) if routes::is_sync(&p) => {
+                        let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
+                        Some(Watch::Sync {
+                            since,
+                            filter: r.q("filter").map(str::to_owned),
+                        })
+                    }
+                    (Method::Get, Some(0), Some(_), Some(p))
+                        if matches!(p.as_slice(), ["rooms", _, "messages"])
+                            && r.q("from").is_none()
+                            && r.q("dir").is_none_or(|d| d == "b") =>
+                    {
+                        // A backwards page without `from` starts at "now".
+                        let since = reply
+                            .body
+                            .get("start")
+                            .and_then(Value::as_str)
+                            .and_then(|t| weft_services::room_ops::parse_token(t).ok());
+                        match (since, self.services.resolve_room(p[1]).await) {
+                            (Some(since), Ok(room)) => Some(Watch::Room { room, since }),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                if let (Some(what), Some(session)) = (what, session)
                     && self.observer_room(peer, req.get_token())
                 {
-                    let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
                     let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                     resp.add_option(CoapOption::Observe, uint_bytes(seq));
                     self.clone()
-                        .observe(peer, req.get_token().to_vec(), session, r, since, uri_key.clone());
+                        .observe(peer, req.get_token().to_vec(), session, what, uri_key.clone());
                 } else if observe == Some(1)
                     && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
                 {
@@ -509,6 +531,55 @@ impl Door {
             };
         }
         st.blocks.insert((peer, uri_key), (body, cf, Instant::now()));
+    }
+
+    /// Waits for what an observer should be told next: a sync batch with
+    /// news, or new events of the room (as a forward `/messages` page).
+    /// `None` when the wait ended with nothing to tell.
+    async fn next_batch(&self, session: &Session, what: &mut Watch) -> weft_core::Result<Option<Value>> {
+        match what {
+            Watch::Sync { since, filter } => {
+                let batch = routes::sync_json(
+                    &self.services,
+                    session,
+                    since.clone(),
+                    OBSERVE_POLL_MS,
+                    filter.as_deref(),
+                    false,
+                )
+                .await?;
+                let next = batch.get("next_batch").and_then(Value::as_str).map(str::to_owned);
+                if next.is_none() || next == *since {
+                    return Ok(None);
+                }
+                *since = next;
+                Ok(sync_has_news(&batch).then_some(batch))
+            }
+            Watch::Room { room, since } => {
+                let feed = self
+                    .services
+                    .wait_room_events(
+                        &session.user_id,
+                        std::slice::from_ref(room),
+                        *since,
+                        100,
+                        Duration::from_millis(OBSERVE_POLL_MS),
+                    )
+                    .await?;
+                let start = *since;
+                *since = feed.next.max(*since);
+                if feed.events.is_empty() {
+                    return Ok(None);
+                }
+                let now = weft_core::now_ms();
+                let viewer = Some((session.user_id.as_str(), session.device_id.as_str()));
+                Ok(Some(serde_json::json!({
+                    "chunk": feed.events.iter().map(|e| weft_rooms::client_event(e, viewer, now)).collect::<Vec<_>>(),
+                    "start": weft_services::room_ops::make_token(start),
+                    "end": weft_services::room_ops::make_token(*since),
+                })))
+            }
+        }
     }
 
     /// Whether one more observer fits (a re-registration always does). If
@@ -563,34 +634,17 @@ impl Door {
     /// Registers an observer of `/sync`: each new sync batch after `since`
     /// is pushed as a confirmable notification; an observer that resets or
     /// stops acknowledging is dropped.
-    fn observe(
-        self: Arc<Self>,
-        peer: SocketAddr,
-        token: Vec<u8>,
-        session: Session,
-        r: Req,
-        mut since: Option<String>,
-        uri_key: String,
-    ) {
+    fn observe(self: Arc<Self>, peer: SocketAddr, token: Vec<u8>, session: Session, mut what: Watch, uri_key: String) {
         let door = self.clone();
         let key = (peer, token.clone());
-        let filter = r.q("filter").map(str::to_owned);
         // Spawned under the lock, so the task cannot look itself up before
         // it is registered.
         let mut st = self.state.lock();
         let task = tokio::spawn(async move {
             loop {
-                let batch = routes::sync_json(
-                    &door.services,
-                    &session,
-                    since.clone(),
-                    OBSERVE_POLL_MS,
-                    filter.as_deref(),
-                    false,
-                )
-                .await;
-                let batch = match batch {
-                    Ok(b) => b,
+                let batch = match door.next_batch(&session, &mut what).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => continue,
                     Err(e) => {
                         // Tell the observer why, then stop.
                         let mut p = error_packet(&e, CF_CBOR);
@@ -599,11 +653,6 @@ impl Door {
                         break;
                     }
                 };
-                let next = batch.get("next_batch").and_then(Value::as_str).map(str::to_owned);
-                if next.is_none() || next == since {
-                    continue;
-                }
-                since = next;
                 let mut p = Packet::new();
                 p.header.code = MessageClass::Response(ResponseType::Content);
                 p.set_token(token.clone());
@@ -627,6 +676,39 @@ impl Door {
             old.abort();
         }
     }
+}
+
+/// What an observer watches.
+enum Watch {
+    /// `/sync` from this `next_batch`.
+    Sync {
+        since: Option<String>,
+        filter: Option<String>,
+    },
+    /// A room's new events after this stream position.
+    Room { room: ruma::OwnedRoomId, since: i64 },
+}
+
+/// Whether a sync batch carries anything for the client (a long-poll that
+/// timed out, or woke for another user's change, does not).
+fn sync_has_news(v: &Value) -> bool {
+    [
+        "/rooms/join",
+        "/rooms/invite",
+        "/rooms/leave",
+        "/rooms/knock",
+        "/account_data/events",
+        "/to_device/events",
+        "/presence/events",
+        "/device_lists/changed",
+        "/device_lists/left",
+    ]
+    .iter()
+    .any(|p| match v.pointer(p) {
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        _ => false,
+    })
 }
 
 trait ContentFormatNum {

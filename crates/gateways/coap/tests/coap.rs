@@ -649,3 +649,55 @@ async fn rate_limited_gets_4_29_with_max_age() {
     assert_eq!(v["errcode"], "M_LIMIT_EXCEEDED");
     assert!(v["retry_after_ms"].as_u64().unwrap() > 0);
 }
+
+/// Observe on a room's /messages: each new event of that room (and only
+/// that room) is pushed as a forward page.
+#[tokio::test]
+async fn observe_room_messages() {
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let other = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/messages");
+    let p = c.packet(
+        &Request::new(M::Get, &path)
+            .q("a", &token)
+            .opt(CoapOption::Observe, vec![]),
+    );
+    let reg = c.send_packet(&p).await;
+    assert_eq!(reg.header.code, MessageClass::Response(R::Content));
+    assert!(
+        reg.get_first_option(CoapOption::Observe).is_some(),
+        "observe registered"
+    );
+    let put = |r: String, txn: &'static str| {
+        let s = &s;
+        let token = token.clone();
+        async move {
+            let (st, v) = s
+                .http_call(
+                    reqwest::Method::PUT,
+                    &format!("/_matrix/client/v3/rooms/{}/send/org.weft.telemetry/{txn}", enc(&r)),
+                    Some(&token),
+                    Some(json!({"seq": txn})),
+                )
+                .await;
+            assert_eq!(st, 200);
+            v["event_id"].as_str().unwrap().to_owned()
+        }
+    };
+    put(other.clone(), "elsewhere").await;
+    for txn in ["m1", "m2", "m3"] {
+        let id = put(room.clone(), txn).await;
+        let n = c.recv(Duration::from_secs(5)).await.expect("notification");
+        c.ack(&n).await;
+        assert_eq!(n.get_token(), p.get_token());
+        let v = uncbor(&n.payload);
+        let chunk = v["chunk"].as_array().unwrap();
+        assert_eq!(chunk.len(), 1, "{v}");
+        assert_eq!(chunk[0]["event_id"], id.as_str());
+        assert_eq!(chunk[0]["content"]["seq"], txn);
+        assert_eq!(chunk[0]["room_id"], room.as_str());
+    }
+}
