@@ -488,7 +488,7 @@ impl Door {
                     let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                     resp.add_option(CoapOption::Observe, uint_bytes(seq));
                     self.clone()
-                        .observe(peer, req.get_token().to_vec(), session, what, uri_key.clone());
+                        .observe(peer, req.get_token().to_vec(), session, what, uri_key.clone(), out_cf);
                 } else if observe == Some(1)
                     && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
                 {
@@ -634,7 +634,16 @@ impl Door {
     /// Registers an observer of `/sync`: each new sync batch after `since`
     /// is pushed as a confirmable notification; an observer that resets or
     /// stops acknowledging is dropped.
-    fn observe(self: Arc<Self>, peer: SocketAddr, token: Vec<u8>, session: Session, mut what: Watch, uri_key: String) {
+    /// Notifications use `cf`, the Content-Format the registration asked for.
+    fn observe(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        token: Vec<u8>,
+        session: Session,
+        mut what: Watch,
+        uri_key: String,
+        cf: u16,
+    ) {
         let door = self.clone();
         let key = (peer, token.clone());
         // Spawned under the lock, so the task cannot look itself up before
@@ -647,7 +656,7 @@ impl Door {
                     Ok(None) => continue,
                     Err(e) => {
                         // Tell the observer why, then stop.
-                        let mut p = error_packet(&e, CF_CBOR);
+                        let mut p = error_packet(&e, cf);
                         p.set_token(token.clone());
                         let _ = door.send_confirmable(p, peer).await;
                         break;
@@ -658,9 +667,9 @@ impl Door {
                 p.set_token(token.clone());
                 let seq = door.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                 p.add_option(CoapOption::Observe, uint_bytes(seq));
-                p.set_content_format_num(CF_CBOR);
-                let body = door.encode_for(&batch, CF_CBOR, peer);
-                door.attach_body(&mut p, body, CF_CBOR, peer, uri_key.clone(), None);
+                p.set_content_format_num(cf);
+                let body = door.encode_for(&batch, cf, peer);
+                door.attach_body(&mut p, body, cf, peer, uri_key.clone(), None);
                 if door.send_confirmable(p, peer).await != Delivery::Acked {
                     break;
                 }

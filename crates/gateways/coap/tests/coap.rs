@@ -701,3 +701,68 @@ async fn observe_room_messages() {
         assert_eq!(chunk[0]["room_id"], room.as_str());
     }
 }
+
+/// libcoap's client observing /sync (Block2 for the big first response,
+/// then a notification for an event sent over HTTP).
+#[tokio::test]
+async fn libcoap_observes_sync() {
+    let Some(bin) = coap_client() else {
+        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping");
+        return;
+    };
+    let s = Server::start().await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    // Enough history that the first sync needs several blocks.
+    for i in 0..6 {
+        let (st, _) = s
+            .http_call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h{i}", enc(&room)),
+                Some(&token),
+                Some(json!({"msgtype": "m.text", "body": "z".repeat(400)})),
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let uri = format!("coap://{}/_matrix/client/v3/sync?a={}", s.coap, token);
+    let child = std::process::Command::new(bin)
+        .args(["-s", "4", "-B", "6", "-A", "50", "-w", &uri])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run coap-client");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (st, sent) = s
+        .http_call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/live", enc(&room)),
+            Some(&token),
+            Some(json!({"msgtype": "m.text", "body": "pushed to the observer"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The whole first sync arrived (block-wise), then the notification.
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lines[0]["next_batch"].is_string());
+    let tl = lines[1]["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap();
+    assert_eq!(tl.len(), 1);
+    assert_eq!(tl[0]["event_id"], sent["event_id"]);
+    assert_eq!(tl[0]["content"]["body"], "pushed to the observer");
+}
