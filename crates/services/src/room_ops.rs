@@ -259,19 +259,8 @@ impl Services {
         content: Value,
     ) -> Result<OwnedEventId> {
         let room_id = self.room_id(room)?;
-        if let Some(txn) = txn_id
-            && let Some(id) = self
-                .store
-                .txn_event(
-                    session.user_id.as_str(),
-                    &session.device_id,
-                    room_id.as_str(),
-                    event_type,
-                    txn,
-                )
-                .await?
-        {
-            return OwnedEventId::try_from(id).map_err(Error::internal);
+        if let Some(id) = self.txn_event(session, &room_id, event_type, txn_id).await? {
+            return Ok(id);
         }
         if event_type.is_empty() || event_type.len() > 255 {
             return Err(Error::invalid_param("Invalid event type"));
@@ -302,23 +291,36 @@ impl Services {
             Err(e) if e.kind == ErrorKind::NotFound => Err(Error::forbidden("You are not in this room")),
             Err(e) => {
                 // A concurrent request with the same txn may have won.
-                if let Some(txn) = txn_id
-                    && let Some(id) = self
-                        .store
-                        .txn_event(
-                            session.user_id.as_str(),
-                            &session.device_id,
-                            room_id.as_str(),
-                            event_type,
-                            txn,
-                        )
-                        .await?
-                {
-                    return OwnedEventId::try_from(id).map_err(Error::internal);
+                match self.txn_event(session, &room_id, event_type, txn_id).await? {
+                    Some(id) => Ok(id),
+                    None => Err(e),
                 }
-                Err(e)
             }
         }
+    }
+
+    /// The event an earlier request with this transaction ID created, if any.
+    async fn txn_event(
+        &self,
+        session: &Session,
+        room_id: &OwnedRoomId,
+        event_type: &str,
+        txn_id: Option<&str>,
+    ) -> Result<Option<OwnedEventId>> {
+        let Some(txn) = txn_id else { return Ok(None) };
+        let found = self
+            .store
+            .txn_event(
+                session.user_id.as_str(),
+                &session.device_id,
+                room_id.as_str(),
+                event_type,
+                txn,
+            )
+            .await?;
+        found
+            .map(|id| OwnedEventId::try_from(id).map_err(Error::internal))
+            .transpose()
     }
 
     pub async fn redact(
