@@ -22,17 +22,7 @@ pub struct Api {
 }
 
 /// Percent-encodes a path segment (room IDs contain `!` and `:`).
-pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use weft_testkit::enc as encode_segment;
 
 impl Api {
     /// A client with its own connection pool. `max_idle` bounds the idle

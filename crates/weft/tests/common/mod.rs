@@ -7,14 +7,15 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
+pub use weft_testkit::enc;
+use weft_testkit::{ServeSpec, ServerProcess};
 
 /// Server name used when the test does not pick one (the binary's default).
 pub const DEFAULT_SERVER_NAME: &str = "localhost:8008";
@@ -22,20 +23,6 @@ pub const DEFAULT_SERVER_NAME: &str = "localhost:8008";
 /// A sync filter whose timeline limit is far above what any test sends
 /// between two syncs, so a `limited: true` timeline means events were lost.
 pub const BIG_TIMELINE_FILTER: &str = r#"{"room":{"timeline":{"limit":500}}}"#;
-
-/// Percent-encodes one path segment or query value (everything but RFC 3986
-/// unreserved characters).
-pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// Builds a query string `?k=v&...` with encoded values.
 pub fn query(params: &[(&str, &str)]) -> String {
@@ -72,23 +59,27 @@ impl TestServerBuilder {
             .expect("tempdir");
         let data_dir = root.path().join("data");
         std::fs::create_dir_all(&data_dir).expect("create data dir");
-        let mut server = TestServer {
-            child: None,
+        let server_name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_string());
+        let mut spec = ServeSpec::new(env!("CARGO_BIN_EXE_weft"), &data_dir, root.path().join("server.log"));
+        if let Some(name) = &self.server_name {
+            spec = spec.arg("--server-name").arg(name);
+        }
+        for (k, v) in &self.env {
+            spec = spec.env(k, v);
+        }
+        let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
+        TestServer {
+            base: Arc::new(Mutex::new(process.addrs.http.clone())),
+            process,
             root,
             data_dir,
             env: self.env,
-            server_name: self
-                .server_name
-                .clone()
-                .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_string()),
-            explicit_server_name: self.server_name,
-            base: Arc::new(Mutex::new(String::new())),
+            server_name,
             http: http_client(),
-            generation: 0,
-            stdout_lines: Arc::new(Mutex::new(Vec::new())),
-        };
-        server.spawn().await;
-        server
+        }
     }
 }
 
@@ -101,18 +92,15 @@ fn http_client() -> reqwest::Client {
 }
 
 pub struct TestServer {
-    child: Option<Child>,
+    process: ServerProcess,
     root: tempfile::TempDir,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
     pub server_name: String,
-    explicit_server_name: Option<String>,
     /// Shared with every [`Client`] so clients follow the server across
     /// restarts (each start gets a new ephemeral port).
     base: Arc<Mutex<String>>,
     pub http: reqwest::Client,
-    generation: u32,
-    stdout_lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -139,8 +127,9 @@ impl TestServer {
         self.base.lock().unwrap().clone()
     }
 
+    /// stdout and stderr of every run of the server.
     pub fn stderr_log_path(&self) -> PathBuf {
-        self.root.path().join(format!("server-{}.stderr.log", self.generation))
+        self.process.spec().log.clone()
     }
 
     fn apply_env(&self, cmd: &mut Command) {
@@ -155,109 +144,26 @@ impl TestServer {
         }
     }
 
-    async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "spawn while a child is running");
-        self.generation += 1;
-        let log_path = self.stderr_log_path();
-        let stderr_file = std::fs::File::create(&log_path).expect("create stderr log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weft"));
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0");
-        if let Some(name) = &self.explicit_server_name {
-            cmd.arg("--server-name").arg(name);
-        }
-        self.apply_env(&mut cmd);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr_file));
-        let mut child = cmd.spawn().expect("spawn weft binary");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let lines = self.stdout_lines.clone();
-        // Reads stdout for the whole life of the child so it never blocks on
-        // a full pipe.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            let reader = BufReader::new(stdout);
-            for line in reader.split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).into_owned();
-                if let Some(t) = &tx
-                    && let Some(addr) = parse_listen_line(&line)
-                {
-                    let _ = t.send(addr);
-                    tx = None;
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        self.child = Some(child);
-        let got = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .expect("join");
-        match got {
-            Ok(addr) => {
-                *self.base.lock().unwrap() = format!("http://{addr}");
-            }
-            Err(e) => {
-                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                if let Some(mut c) = self.child.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                panic!(
-                    "weft did not print `listening on http://ADDR` ({e:?}); exit status {status:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    self.stdout_lines.lock().unwrap().join("\n"),
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-        }
-    }
-
     /// Sends SIGTERM and waits up to `timeout` for the process to exit.
     /// Returns its exit status, or `None` if it had to be SIGKILLed.
     pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take().expect("server not running");
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.process.terminate(timeout).await
     }
 
     /// SIGKILL, no chance to flush anything.
     pub fn kill(&mut self) {
-        let mut child = self.child.take().expect("server not running");
-        child.kill().expect("SIGKILL");
-        let _ = child.wait();
+        self.process.kill();
     }
 
     /// Starts a new child on the same data dir (new ephemeral port). The
     /// previous child must have been stopped.
     pub async fn restart(&mut self) {
-        self.spawn().await;
+        self.process.restart().await.unwrap_or_else(|e| panic!("{e}"));
+        *self.base.lock().unwrap() = self.process.addrs.http.clone();
     }
 
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().ok().flatten().is_none(),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// Runs `weft <group> <cmd> --data-dir DIR <rest...>` (admin CLI) and
@@ -365,45 +271,20 @@ impl TestServer {
     }
 
     fn dump_logs(&self) {
-        let stdout = self.stdout_lines.lock().map(|l| l.join("\n")).unwrap_or_default();
-        let mut stderr = String::new();
-        for g in 1..=self.generation {
-            let p = self.root.path().join(format!("server-{g}.stderr.log"));
-            if let Ok(s) = std::fs::read_to_string(&p) {
-                stderr.push_str(&format!("--- run {g} ---\n"));
-                // Keep the tail; logs of a busy test can be long.
-                let tail: Vec<&str> = s.lines().rev().take(80).collect();
-                for l in tail.into_iter().rev() {
-                    stderr.push_str(l);
-                    stderr.push('\n');
-                }
-            }
-        }
-        eprintln!("===== weft stdout =====\n{stdout}\n===== weft stderr (tail) =====\n{stderr}");
+        // Keep the tail; logs of a busy test can be long.
+        eprintln!("===== weft log (tail) =====\n{}", self.process.log_tail(200));
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if self.process.is_running() {
+            self.process.kill();
         }
         if std::thread::panicking() {
             self.dump_logs();
         }
     }
-}
-
-/// Finds `listening on http://ADDR` in a stdout line and returns ADDR.
-fn parse_listen_line(line: &str) -> Option<String> {
-    const MARK: &str = "listening on http://";
-    let idx = line.find(MARK)?;
-    let addr: String = line[idx + MARK.len()..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']' | '-'))
-        .collect();
-    if addr.is_empty() { None } else { Some(addr) }
 }
 
 /// A (possibly logged-in) Matrix client.

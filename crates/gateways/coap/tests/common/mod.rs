@@ -5,70 +5,22 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
-
-/// Path of the `weft` binary (next to the test executable, built if missing).
-pub fn weft_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(b) = std::env::var_os("WEFT_BIN") {
-            return PathBuf::from(b);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf();
-        let bin = profile_dir.join(format!("weft{}", std::env::consts::EXE_SUFFIX));
-        if !bin.is_file() {
-            let target = profile_dir.parent().expect("target dir");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "weft", "--bin", "weft"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .env("CARGO_TARGET_DIR", target);
-            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-                cmd.arg("--release");
-            }
-            let st = cmd.status().expect("run cargo build -p weft");
-            assert!(st.success(), "cargo build -p weft failed");
-        }
-        bin
-    })
-    .clone()
-}
-
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use weft_testkit::{ServeSpec, ServerProcess};
+pub use weft_testkit::{enc, weft_bin};
 
 pub struct Server {
-    child: Child,
+    _process: ServerProcess,
     _dir: tempfile::TempDir,
     pub http_base: String,
     pub coap: SocketAddr,
     pub http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -79,60 +31,17 @@ impl Server {
     /// Starts with extra environment settings.
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::Builder::new().prefix("weft-coap-test-").tempdir().unwrap();
-        let mut cmd = Command::new(weft_bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("WEFT_") {
-                cmd.env_remove(&k);
-            }
+        let mut spec = ServeSpec::new(weft_bin(), dir.path().join("data"), dir.path().join("server.log"));
+        for (k, v) in env {
+            spec = spec.env(k, v);
         }
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .env("WEFT_REGISTRATION__MODE", "open")
-            .env("WEFT_RATE_LIMIT__ENABLED", "false")
-            .env("WEFT_MQTT__LISTEN", "127.0.0.1:0")
-            .env("WEFT_COAP__LISTEN", "127.0.0.1:0")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
-            ));
-        let mut child = cmd.spawn().expect("spawn weft");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Option<String>, Option<String>)>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let http = line
-                    .split_once("listening on http://")
-                    .map(|(_, a)| a.trim().to_owned());
-                let coap = line.split_once("coap listening on ").map(|(_, a)| a.trim().to_owned());
-                if (http.is_some() || coap.is_some()) && tx.send((http, coap)).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut http, mut coap) = (None, None);
-        while http.is_none() || coap.is_none() {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some((h, c))) => {
-                    http = http.or(h);
-                    coap = coap.or(c);
-                }
-                e => panic!(
-                    "weft did not print its listening lines ({e:?}); stderr:\n{}",
-                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-                ),
-            }
-        }
+        spec.wait_coap = true;
+        let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
         Server {
-            child,
+            http_base: process.addrs.http.clone(),
+            coap: process.addrs.coap.expect("coap addr"),
+            _process: process,
             _dir: dir,
-            http_base: format!("http://{}", http.unwrap()),
-            coap: coap.unwrap().parse().expect("coap addr"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()

@@ -8,68 +8,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-
-pub fn weft_bin() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BIN.get_or_init(locate_or_build) {
-        Ok(p) => p.clone(),
-        Err(m) => panic!("{m}"),
-    }
-}
-
-fn locate_or_build() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("WEFT_BIN") {
-        let bin = PathBuf::from(bin);
-        return if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!("WEFT_BIN={} does not exist", bin.display()))
-        };
-    }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected test executable location {}", exe.display()))?;
-    let bin = profile_dir.join(format!("weft{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    // Serialise builds between test processes of one run as far as cargo's
-    // own lock does; cargo waits for the target directory lock itself.
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _g = BUILD.lock().unwrap();
-    let target_dir = profile_dir.parent().ok_or("no target dir")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "weft", "--bin", "weft"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-        cmd.arg("--release");
-    }
-    eprintln!("weft binary not found; running {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("running {cmd:?}: {e}"))?;
-    if status.success() && bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{cmd:?} failed; build with `cargo build -p weft` or set WEFT_BIN"
-        ))
-    }
-}
+use weft_testkit::{ServeSpec, ServerProcess};
+pub use weft_testkit::{enc, weft_bin};
 
 pub const SERVER_NAME: &str = "localhost:8008";
 
 pub struct Server {
-    child: Child,
+    _process: ServerProcess,
     _dir: tempfile::TempDir,
     pub http: String,
     pub mqtt_host: String,
@@ -77,73 +25,18 @@ pub struct Server {
     client: reqwest::Client,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Server {
     pub async fn start() -> Server {
         let dir = tempfile::Builder::new().prefix("weft-mqtt-test-").tempdir().unwrap();
-        let mut cmd = Command::new(weft_bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("WEFT_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .env("WEFT_MQTT__LISTEN", "127.0.0.1:0")
-            .env("WEFT_COAP__LISTEN", "127.0.0.1:0")
-            .env("WEFT_REGISTRATION__MODE", "open")
-            .env("WEFT_RATE_LIMIT__ENABLED", "false")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
-            ));
-        let mut child = cmd.spawn().expect("spawn weft");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
-        std::thread::spawn(move || {
-            let mut http = None;
-            let mut mqtt = None;
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.split("listening on http://").nth(1) {
-                    http = Some(a.trim().to_owned());
-                }
-                if let Some(a) = line.split("weft: mqtt listening on ").nth(1) {
-                    mqtt = Some(a.trim().to_owned());
-                }
-                if let (Some(h), Some(m)) = (&http, &mqtt)
-                    && let Some(t) = tx.take()
-                {
-                    let _ = t.send((h.clone(), m.clone()));
-                }
-            }
-        });
-        let (http, mqtt) = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .unwrap_or_else(|_| {
-                panic!(
-                    "weft did not print its http and mqtt addresses; stderr:\n{}",
-                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-                )
-            });
-        let (host, port) = mqtt.rsplit_once(':').unwrap();
+        let mut spec = ServeSpec::new(weft_bin(), dir.path().join("data"), dir.path().join("server.log"));
+        spec.wait_mqtt = true;
+        let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
+        let mqtt = process.addrs.mqtt.expect("mqtt address");
         Server {
-            child,
-            http: format!("http://{http}"),
-            mqtt_host: host.to_owned(),
-            mqtt_port: port.parse().unwrap(),
+            http: process.addrs.http.clone(),
+            mqtt_host: mqtt.ip().to_string(),
+            mqtt_port: mqtt.port(),
+            _process: process,
             _dir: dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
@@ -186,18 +79,6 @@ impl Server {
             localpart: localpart.to_owned(),
         }
     }
-}
-
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[derive(Clone)]
