@@ -8,6 +8,7 @@ mod extract;
 mod keys;
 mod misc;
 mod rooms;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::Services;
 
 pub use extract::ApiError;
+pub use ws::WS_PATH;
 
 pub type AppState = Arc<Services>;
 pub type ApiResult<T = Json<serde_json::Value>> = Result<T, ApiError>;
@@ -114,8 +116,8 @@ fn client_routes() -> Router<AppState> {
         .route("/sendToDevice/{event_type}/{txn}", put(keys::send_to_device))
 }
 
-/// The whole HTTP application.
-pub fn router(services: AppState) -> Router {
+/// The Client-Server API routes, their fallbacks, rate limit and body limit.
+fn api(services: &AppState, extra: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router<AppState> {
     let limit = services.config.limits.max_body_bytes;
     let mut app = Router::new()
         .route("/_matrix/client/versions", get(misc::versions))
@@ -123,18 +125,31 @@ pub fn router(services: AppState) -> Router {
     for prefix in ["/_matrix/client/v3", "/_matrix/client/r0", "/_matrix/client/api/v1"] {
         app = app.nest(prefix, client_routes());
     }
-    app.fallback(unrecognized)
+    extra(app)
+        .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(services.clone(), rate_limit_by_ip))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(
-            tower_http::cors::CorsLayer::new()
-                .allow_origin(tower_http::cors::Any)
-                .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-                .allow_headers(tower_http::cors::Any),
+}
+
+/// The whole HTTP application.
+pub fn router(services: AppState) -> Router {
+    // What WebSocket request frames are dispatched to, in process.
+    let dispatch: Router = api(&services, |r| r).with_state(services.clone());
+    api(&services, move |r| {
+        r.route(
+            ws::WS_PATH,
+            get(move |State(s): State<AppState>, req: Request| ws::upgrade(s, dispatch.clone(), req)),
         )
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(services)
+    })
+    .layer(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(tower_http::cors::Any)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+            .allow_headers(tower_http::cors::Any),
+    )
+    .layer(tower_http::trace::TraceLayer::new_for_http())
+    .with_state(services)
 }
 
 async fn unrecognized() -> ApiError {

@@ -507,7 +507,9 @@ impl Services {
     }
 }
 
-fn is_empty(resp: &Value) -> bool {
+/// Whether a sync response carries nothing for the client (a long-poll
+/// that timed out, or woke for another user's change).
+pub fn is_empty(resp: &Value) -> bool {
     let rooms_empty = ["join", "invite", "leave"]
         .iter()
         .all(|k| resp["rooms"][k].as_object().is_none_or(|o| o.is_empty()));
