@@ -250,23 +250,30 @@ impl Services {
         // (account data, own membership) or any device list did: from the
         // in-memory stream record when it reaches back far enough, else
         // from the database.
-        let (changed, user_touched, devices_touched): (HashSet<String>, bool, bool) = match since {
-            None => (HashSet::new(), true, false),
+        // `members_touched`: some user-keyed entry (every membership change
+        // makes one) is in the window, so room membership may have changed.
+        let (changed, user_touched, devices_touched, members_touched): (HashSet<String>, bool, bool, bool) = match since
+        {
+            None => (HashSet::new(), true, false, true),
             Some(s) => match recent {
                 Some(changes) => {
                     let mut rooms = HashSet::new();
                     let mut touched = false;
                     let mut devices = false;
+                    let mut members = false;
                     for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
                         match k {
                             StreamKey::Room(r) => {
                                 rooms.insert(r);
                             }
-                            StreamKey::User(u) => touched |= u == user,
+                            StreamKey::User(u) => {
+                                members = true;
+                                touched |= u == user;
+                            }
                             StreamKey::DeviceKeys(_) => devices = true,
                         }
                     }
-                    (rooms, touched, devices)
+                    (rooms, touched, devices, members)
                 }
                 None => (
                     self.store
@@ -277,13 +284,14 @@ impl Services {
                         .collect(),
                     true,
                     true,
+                    true,
                 ),
             },
         };
         let memberships = self.store.user_memberships(user).await?;
         // Device lists: changed keys of users sharing a room, and members
         // who joined a shared room (their devices are now to be tracked).
-        let my_room_changed = memberships.iter().any(|m| changed.contains(&m.room_id));
+        let my_room_changed = members_touched && memberships.iter().any(|m| changed.contains(&m.room_id));
         let device_lists_changed = match since {
             Some(s) if devices_touched || my_room_changed => self.store.device_list_changes(user, s, upto).await?,
             _ => Vec::new(),
