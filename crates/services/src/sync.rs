@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use weft_core::{Error, Result};
 use weft_rooms::{Visibility, client_event, strip_state};
-use weft_store::{Direction, StoredEvent, StreamKey};
+use weft_store::{Direction, MembershipRecord, StoredEvent, StreamKey};
 
 use crate::keys::counts_json;
 use crate::room_ops::{make_token, membership_of, parse_token};
@@ -139,18 +139,13 @@ impl Services {
         }
         let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
-        let my_rooms: HashSet<String> = self
-            .store
-            .user_memberships(user)
-            .await?
-            .into_iter()
-            .map(|m| m.room_id)
-            .collect();
+        let memberships = self.store.user_memberships(user).await?;
+        let my_rooms: HashSet<String> = memberships.iter().map(|m| m.room_id.clone()).collect();
         loop {
             let upto = *rx.borrow_and_update();
             match since {
-                None => return self.build_sync(session, None, upto, &req).await,
-                Some(s) if req.full_state => return self.build_sync(session, Some(s), upto, &req).await,
+                None => return self.build_sync(session, None, upto, &req, None).await,
+                Some(s) if req.full_state => return self.build_sync(session, Some(s), upto, &req, None).await,
                 Some(s) if upto > s => {
                     let relevant = match self.store.changes_since(s) {
                         None => true,
@@ -166,7 +161,9 @@ impl Services {
                         }),
                     };
                     if relevant {
-                        let resp = self.build_sync(session, Some(s), upto, &req).await?;
+                        let resp = self
+                            .build_sync(session, Some(s), upto, &req, Some(&memberships))
+                            .await?;
                         if !is_empty(&resp) {
                             return Ok(resp);
                         }
@@ -186,7 +183,7 @@ impl Services {
                     let upto = *rx.borrow_and_update();
                     let s = since.unwrap_or(upto);
                     if upto > s {
-                        return self.build_sync(session, Some(s), upto, &req).await;
+                        return self.build_sync(session, Some(s), upto, &req, Some(&memberships)).await;
                     }
                     let mut resp = empty_sync(upto);
                     self.add_device_fields(session, &mut resp).await?;
@@ -206,7 +203,17 @@ impl Services {
         Ok(())
     }
 
-    async fn build_sync(&self, session: &Session, since: Option<i64>, upto: i64, req: &SyncRequest) -> Result<Value> {
+    /// Builds the response for (since, upto]. `known` are the user's
+    /// memberships if already read; they are re-read when the window holds
+    /// a change keyed to the user (their own membership among them).
+    async fn build_sync(
+        &self,
+        session: &Session,
+        since: Option<i64>,
+        upto: i64,
+        req: &SyncRequest,
+        known: Option<&[MembershipRecord]>,
+    ) -> Result<Value> {
         let user = session.user_id.as_str();
         let now = weft_core::now_ms();
         let viewer = Some((user, session.device_id.as_str()));
@@ -288,7 +295,10 @@ impl Services {
                 ),
             },
         };
-        let memberships = self.store.user_memberships(user).await?;
+        let memberships = match known {
+            Some(m) if !user_touched => m.to_vec(),
+            _ => self.store.user_memberships(user).await?,
+        };
         // Device lists: changed keys of users sharing a room, and members
         // who joined a shared room (their devices are now to be tracked).
         let my_room_changed = members_touched && memberships.iter().any(|m| changed.contains(&m.room_id));
