@@ -111,13 +111,20 @@ impl Decoder<'_> {
         Ok(s)
     }
 
+    /// The next `N` bytes as an array (fixed-width numbers).
+    fn take_array<const N: usize>(&mut self) -> Result<[u8; N], CborError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N as u64)?);
+        Ok(out)
+    }
+
     fn uint(&mut self, info: u8) -> Result<Option<u64>, CborError> {
         Ok(Some(match info {
             0..=23 => info as u64,
             24 => self.byte()? as u64,
-            25 => u16::from_be_bytes(self.take(2)?.try_into().unwrap()) as u64,
-            26 => u32::from_be_bytes(self.take(4)?.try_into().unwrap()) as u64,
-            27 => u64::from_be_bytes(self.take(8)?.try_into().unwrap()),
+            25 => u16::from_be_bytes(self.take_array::<2>()?) as u64,
+            26 => u32::from_be_bytes(self.take_array::<4>()?) as u64,
+            27 => u64::from_be_bytes(self.take_array::<8>()?),
             31 => return Ok(None),
             _ => return err("invalid CBOR additional information"),
         }))
@@ -175,15 +182,15 @@ impl Decoder<'_> {
                     Ok(Value::Null)
                 }
                 25 => {
-                    let h = half::f16::from_bits(u16::from_be_bytes(self.take(2)?.try_into().unwrap()));
+                    let h = half::f16::from_bits(u16::from_be_bytes(self.take_array::<2>()?));
                     Ok(Value::String(float_text(h.to_f64(), 2)))
                 }
                 26 => {
-                    let f = f32::from_be_bytes(self.take(4)?.try_into().unwrap());
+                    let f = f32::from_be_bytes(self.take_array::<4>()?);
                     Ok(Value::String(float_text(f as f64, 4)))
                 }
                 27 => {
-                    let f = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    let f = f64::from_be_bytes(self.take_array::<8>()?);
                     Ok(Value::String(float_text(f, 8)))
                 }
                 0..=19 => Ok(Value::Null),
