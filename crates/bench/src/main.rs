@@ -8,6 +8,7 @@
 //! 127.0.0.1 (or the given URL), and every loop is bounded in count and time.
 
 mod api;
+mod doors;
 mod scenarios;
 mod server;
 mod stats;
@@ -34,13 +35,18 @@ pub enum Scenario {
     Rss,
     /// Time from spawn to first successful GET /versions.
     ColdStart,
+    /// Bytes on the wire for one telemetry send: HTTP+JSON vs CoAP+CBOR.
+    Wire,
+    /// MQTT QoS 1 publishes/s and publish-to-subscriber latency, weft's
+    /// MQTT door vs Mosquitto.
+    Mqtt,
 }
 
 #[derive(Parser, Debug, Clone)]
 #[command(version, about = "Benchmark a weft server and print JSON figures")]
 pub struct Opts {
     /// Scenarios to run (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "send,latency,rss,cold-start")]
+    #[arg(long, value_delimiter = ',', default_value = "send,latency,rss,cold-start,wire")]
     pub scenarios: Vec<Scenario>,
 
     /// Drive an already running server at this URL (loopback) instead of
@@ -116,6 +122,27 @@ pub struct Opts {
     /// cold-start: runs (each: fresh data dir, then restart on it).
     #[arg(long, default_value_t = 3)]
     pub cold_runs: usize,
+
+    /// mqtt: publishing connections (each its own user and room on weft).
+    #[arg(long, default_value_t = 8)]
+    pub mqtt_publishers: usize,
+    /// mqtt: unacknowledged QoS 1 publishes each publisher keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    pub mqtt_inflight: usize,
+    /// mqtt: publishes per run (all publishers together).
+    #[arg(long, default_value_t = 20_000)]
+    pub mqtt_messages: u64,
+    /// mqtt: publishing time limit per run, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub mqtt_max_secs: u64,
+    /// mqtt: how long the subscriber may keep receiving after publishing
+    /// ends, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub mqtt_grace_secs: u64,
+    /// mqtt: the Mosquitto binary (skipped, reported as not installed, if
+    /// it does not exist).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    pub mosquitto_bin: PathBuf,
 }
 
 /// Microseconds since the benchmark started (the clock carried in events).
@@ -139,6 +166,8 @@ pub struct Target {
     pub sessions: Vec<Session>,
     /// RSS (KiB) of a spawned server once ready, before any user existed.
     pub rss_fresh_kib: Option<u64>,
+    pub mqtt: Option<std::net::SocketAddr>,
+    pub coap: Option<std::net::SocketAddr>,
     server: Option<Server>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -168,6 +197,12 @@ impl Bench {
     /// A fresh spawned server with `users` registered users, or the --url
     /// server with `users` sessions.
     pub async fn target(&self, users: usize, label: &str) -> Result<Target> {
+        self.target_with(users, label, false).await
+    }
+
+    /// [`Bench::target`]; with `doors`, a spawned server's MQTT and CoAP
+    /// addresses are known too (an external server has none).
+    pub async fn target_with(&self, users: usize, label: &str, doors: bool) -> Result<Target> {
         let users = users.max(1);
         let n = self.targets_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let label = format!("{label}{n}x");
@@ -190,6 +225,8 @@ impl Bench {
                 pid: self.opts.server_pid,
                 sessions,
                 rss_fresh_kib: None,
+                mqtt: None,
+                coap: None,
                 server: None,
                 _dir: None,
             });
@@ -197,10 +234,11 @@ impl Bench {
         let launcher = self.launcher.as_ref().context("no weft binary")?;
         let dir = tempfile::Builder::new().prefix("weft-bench-").tempdir()?;
         let server = launcher
-            .spawn(
+            .spawn_with(
                 &dir.path().join("data"),
                 &dir.path().join("server.log"),
                 STARTUP_TIMEOUT,
+                doors,
             )
             .await?;
         server.wait_ready(STARTUP_TIMEOUT).await?;
@@ -212,6 +250,8 @@ impl Bench {
             pid: Some(server.pid),
             sessions,
             rss_fresh_kib,
+            mqtt: server.mqtt,
+            coap: server.coap,
             server: Some(server),
             _dir: Some(dir),
         })
@@ -340,6 +380,8 @@ async fn run(opts: Opts) -> (Value, bool) {
             Scenario::Latency => ("publish_to_receive", scenarios::latency(&bench).await),
             Scenario::Rss => ("rss", scenarios::rss(&bench).await),
             Scenario::ColdStart => ("cold_start", scenarios::cold_start(&bench).await),
+            Scenario::Wire => ("wire", doors::wire(&bench).await),
+            Scenario::Mqtt => ("mqtt", doors::mqtt(&bench).await),
         };
         let value = match result {
             Ok(v) => v,

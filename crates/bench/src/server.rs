@@ -16,6 +16,9 @@ pub struct Server {
     process: ServerProcess,
     pub pid: u32,
     pub url: String,
+    /// MQTT and CoAP door addresses (only when spawned with `doors`).
+    pub mqtt: Option<std::net::SocketAddr>,
+    pub coap: Option<std::net::SocketAddr>,
     /// From spawn to the `listening on` line.
     pub listen_line_after: Duration,
     pub log: PathBuf,
@@ -34,13 +37,23 @@ impl Launcher {
     /// registration and no rate limits, and waits for its `listening on` line
     /// (at most `timeout`). `spawned_at` is taken just before the spawn.
     pub async fn spawn(&self, data_dir: &Path, log: &Path, timeout: Duration) -> Result<Server> {
+        self.spawn_with(data_dir, log, timeout, false).await
+    }
+
+    /// [`Launcher::spawn`], also waiting for the MQTT and CoAP `listening
+    /// on` lines when `doors` is set.
+    pub async fn spawn_with(&self, data_dir: &Path, log: &Path, timeout: Duration, doors: bool) -> Result<Server> {
         let mut spec = ServeSpec::new(&self.bin, data_dir, log).env("WEFT_LOG", &self.log_filter);
         spec.clean_env = false;
         spec.timeout = timeout;
+        spec.wait_mqtt = doors;
+        spec.wait_coap = doors;
         let process = ServerProcess::start(spec).await.map_err(|e| anyhow!(e))?;
         Ok(Server {
             pid: process.pid().context("child has no pid")?,
             url: process.addrs.http.clone(),
+            mqtt: process.addrs.mqtt,
+            coap: process.addrs.coap,
             listen_line_after: process.listening_after,
             log: log.to_owned(),
             process,
