@@ -1,0 +1,652 @@
+//! Interop across the four doors: one room, a subscriber on every door (MQTT,
+//! CoAP `/sync`, the WebSocket sync loop, HTTP long-poll `/sync`) plus a
+//! matrix-sdk client, then one `org.weft.telemetry` reading published through
+//! each door in turn. Every subscriber must see all four readings, once each,
+//! with the same event IDs and contents, in the server's stream order.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use futures_util::{SinkExt, StreamExt};
+use matrix_sdk::Client;
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::ruma::RoomId;
+use sdk_tests::DataDir;
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use weft_testkit::{ServeSpec, ServerProcess, enc, weft_bin};
+
+const PASSWORD: &str = "correct horse battery staple";
+const TYPE: &str = "org.weft.telemetry";
+/// Long-poll timeout of the `/sync` readers.
+const POLL_MS: u64 = 1000;
+/// How long all subscribers together may take to see the four readings.
+const WAIT: Duration = Duration::from_secs(8);
+
+/// What one subscriber has seen: the telemetry events of the room, in order
+/// of arrival.
+type Seen = Arc<Mutex<Vec<Value>>>;
+
+/// The running server; its log is printed when the test fails.
+struct Server {
+    process: ServerProcess,
+    http: String,
+    mqtt: SocketAddr,
+    coap: SocketAddr,
+    _data: DataDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- weft server log ----\n{}", self.process.log_tail(200));
+        }
+    }
+}
+
+async fn start() -> Server {
+    let data = DataDir::new();
+    data.create_user("alice", PASSWORD);
+    data.create_user("bob", PASSWORD);
+    let log = data.path().parent().expect("temp dir").join("server.log");
+    let mut spec = ServeSpec::new(weft_bin(), data.path(), log).env(
+        "WEFT_LOG",
+        &std::env::var("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into()),
+    );
+    spec.wait_mqtt = true;
+    spec.wait_coap = true;
+    let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
+    Server {
+        http: process.addrs.http.clone(),
+        mqtt: process.addrs.mqtt.expect("mqtt address"),
+        coap: process.addrs.coap.expect("coap address"),
+        process,
+        _data: data,
+    }
+}
+
+/// Plain HTTP call → (status, JSON body).
+async fn http(
+    c: &reqwest::Client,
+    srv: &Server,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = c.request(method, format!("{}{path}", srv.http));
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await.expect("http request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn login(c: &reqwest::Client, srv: &Server, user: &str, device: &str) -> String {
+    let (st, v) = http(
+        c,
+        srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        Some(json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": PASSWORD,
+            "device_id": device,
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "login {user}: {v}");
+    v["access_token"].as_str().expect("access_token").to_owned()
+}
+
+/// The room's telemetry events in a `/sync` response.
+fn telemetry_in_sync(sync: &Value, room: &str) -> Vec<Value> {
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .map(|evs| evs.iter().filter(|e| e["type"] == TYPE).cloned().collect())
+        .unwrap_or_default()
+}
+
+fn push(seen: &Seen, evs: impl IntoIterator<Item = Value>) {
+    seen.lock().unwrap().extend(evs);
+}
+
+// ---- CoAP: a minimal confirmable client over UDP (separate responses, Block2).
+
+struct Coap {
+    sock: UdpSocket,
+    server: SocketAddr,
+    mid: u16,
+    token: u32,
+}
+
+impl Coap {
+    async fn new(server: SocketAddr, first_token: u32) -> Coap {
+        Coap {
+            sock: UdpSocket::bind("127.0.0.1:0").await.expect("bind udp"),
+            server,
+            mid: (first_token as u16).wrapping_mul(1000),
+            token: first_token,
+        }
+    }
+
+    fn packet(&mut self, method: RequestType, path: &str, query: &[String], payload: Option<Vec<u8>>) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(method);
+        self.mid = self.mid.wrapping_add(1);
+        p.header.message_id = self.mid;
+        self.token += 1;
+        p.set_token(self.token.to_be_bytes().to_vec());
+        for seg in path.trim_start_matches('/').split('/') {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        if payload.is_some() {
+            p.add_option(CoapOption::ContentFormat, vec![60]); // application/cbor
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p.payload = payload.unwrap_or_default();
+        p
+    }
+
+    async fn recv(&self, wait: Duration) -> Option<Packet> {
+        let mut buf = vec![0u8; 65_536];
+        match tokio::time::timeout(wait, self.sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => Some(Packet::from_bytes(&buf[..n]).expect("valid CoAP message")),
+            _ => None,
+        }
+    }
+
+    async fn ack(&self, p: &Packet) {
+        if p.header.get_type() == MessageType::Confirmable {
+            let mut a = Packet::new();
+            a.header.set_type(MessageType::Acknowledgement);
+            a.header.code = MessageClass::Empty;
+            a.header.message_id = p.header.message_id;
+            self.sock.send_to(&a.to_bytes().unwrap(), self.server).await.unwrap();
+        }
+    }
+
+    /// One confirmable exchange, following a separate response.
+    async fn exchange(&self, p: &Packet) -> Packet {
+        let bytes = p.to_bytes_unlimited().unwrap();
+        let mut resp = None;
+        for _ in 0..4 {
+            self.sock.send_to(&bytes, self.server).await.unwrap();
+            if let Some(r) = self.recv(Duration::from_secs(2)).await {
+                resp = Some(r);
+                break;
+            }
+        }
+        let mut resp = resp.expect("no response from the CoAP door");
+        if resp.header.code == MessageClass::Empty {
+            resp = self.recv(Duration::from_secs(10)).await.expect("separate response");
+            self.ack(&resp).await;
+        }
+        assert_eq!(resp.get_token(), p.get_token(), "response token matches request");
+        resp
+    }
+
+    /// Request → (code, whole body as JSON), fetching further Block2 blocks.
+    async fn call(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        query: &[String],
+        body: Option<&Value>,
+    ) -> (ResponseType, Value) {
+        let payload = body.map(|b| {
+            let mut out = Vec::new();
+            ciborium::into_writer(b, &mut out).unwrap();
+            out
+        });
+        let p = self.packet(method, path, query, payload);
+        let resp = self.exchange(&p).await;
+        let MessageClass::Response(code) = resp.header.code else {
+            panic!("not a response: {:?}", resp.header.code);
+        };
+        let mut bytes = resp.payload.clone();
+        let mut block = resp.get_first_option(CoapOption::Block2).cloned();
+        while let Some(b) = block {
+            let v = b.iter().fold(0u32, |a, x| (a << 8) | u32::from(*x));
+            if v & 0x8 == 0 {
+                break;
+            }
+            let val = (((v >> 4) + 1) << 4) | (v & 7);
+            let mut next = self.packet(method, path, query, None);
+            let vb = val.to_be_bytes();
+            let skip = vb.iter().take_while(|x| **x == 0).count();
+            next.add_option(CoapOption::Block2, vb[skip..].to_vec());
+            let nr = self.exchange(&next).await;
+            bytes.extend_from_slice(&nr.payload);
+            block = nr.get_first_option(CoapOption::Block2).cloned();
+        }
+        let v: Value = ciborium::from_reader(&bytes[..]).unwrap_or_else(|e| panic!("not CBOR ({e}): {bytes:?}"));
+        (code, v)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reading_published_through_each_door_reaches_every_other_door_and_matrix_sdk() {
+    let started = Instant::now();
+    let srv = start().await;
+    let hc = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    // ---- One room, alice and bob joined.
+    let alice = login(&hc, &srv, "alice", "ALICE_HTTP").await;
+    let bob = login(&hc, &srv, "bob", "BOB_HTTP").await;
+    let (st, v) = http(
+        &hc,
+        &srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/createRoom",
+        Some(&alice),
+        Some(json!({"preset": "private_chat", "name": "cross-door", "invite": ["@bob:localhost:8008"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "createRoom: {v}");
+    let room = v["room_id"].as_str().expect("room_id").to_owned();
+    let (st, v) = http(
+        &hc,
+        &srv,
+        reqwest::Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
+        Some(&bob),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, 200, "bob joins: {v}");
+
+    let mut tasks = Vec::new();
+
+    // ---- Subscriber 1: MQTT (alice), QoS 1 on every event of the room.
+    let mqtt_seen = Seen::default();
+    {
+        let mut o = rumqttc::MqttOptions::new("mqtt-sub", srv.mqtt.ip().to_string(), srv.mqtt.port());
+        o.set_credentials("alice", PASSWORD)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(true);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+        let (subacked_tx, mut subacked) = mpsc::unbounded_channel();
+        let seen = mqtt_seen.clone();
+        // The event loop ends once every client handle is gone: keep one in the task.
+        let keep = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let _keep = keep;
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) => {
+                        let _ = subacked_tx.send(a);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let ev: Value = serde_json::from_slice(&p.payload).expect("MQTT payload is JSON");
+                        assert_eq!(
+                            p.topic,
+                            format!(
+                                "weft/r/{}/e/{}",
+                                ev["room_id"].as_str().unwrap(),
+                                ev["type"].as_str().unwrap()
+                            )
+                        );
+                        if ev["type"] == TYPE {
+                            push(&seen, [ev]);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("MQTT subscriber: {e:?}"),
+                }
+            }
+        }));
+        client
+            .subscribe(format!("weft/r/{room}/e/#"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), subacked.recv())
+            .await
+            .expect("SUBACK in time")
+            .expect("SUBACK");
+        assert_eq!(
+            ack.return_codes,
+            vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)]
+        );
+    }
+
+    // ---- Subscriber 2: CoAP GET /sync long-poll loop (bob).
+    let coap_seen = Seen::default();
+    {
+        let mut c = Coap::new(srv.coap, 1).await;
+        let auth = format!("a={bob}");
+        let filter = r#"filter={"room":{"timeline":{"limit":1}}}"#.to_owned();
+        let (code, first) = c
+            .call(
+                RequestType::Get,
+                "/_matrix/client/v3/sync",
+                &[auth.clone(), filter.clone()],
+                None,
+            )
+            .await;
+        assert_eq!(code, ResponseType::Content, "CoAP initial sync: {first}");
+        let mut since = first["next_batch"].as_str().expect("next_batch").to_owned();
+        let seen = coap_seen.clone();
+        let room = room.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let q = [
+                    auth.clone(),
+                    format!("since={since}"),
+                    format!("timeout={POLL_MS}"),
+                    filter.clone(),
+                ];
+                let (code, v) = c.call(RequestType::Get, "/_matrix/client/v3/sync", &q, None).await;
+                assert_eq!(code, ResponseType::Content, "CoAP sync: {v}");
+                push(&seen, telemetry_in_sync(&v, &room));
+                since = v["next_batch"].as_str().expect("next_batch").to_owned();
+            }
+        }));
+    }
+
+    // ---- Subscriber 3 (and the WebSocket publisher): a socket with a sync loop (bob).
+    let ws_seen = Seen::default();
+    let (ws_responses_tx, mut ws_responses) = mpsc::unbounded_channel::<Value>();
+    let mut ws_sink = {
+        let url = format!(
+            "{}/_matrix/client/unstable/org.weft.ws?access_token={}",
+            srv.http.replacen("http://", "ws://", 1),
+            enc(&bob)
+        );
+        let (ws, resp) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        assert_eq!(resp.status().as_u16(), 101);
+        let (mut sink, mut stream) = ws.split();
+        let (first_tx, mut first) = mpsc::unbounded_channel::<()>();
+        let seen = ws_seen.clone();
+        let room = room.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let msg = msg.expect("ws error");
+                let Message::Text(t) = msg else { continue };
+                let frame: Value = serde_json::from_str(t.as_str()).expect("frame is JSON");
+                if frame["type"] == "sync" {
+                    assert!(frame.get("status").is_none(), "sync loop failed: {frame}");
+                    push(&seen, telemetry_in_sync(&frame["body"], &room));
+                    let _ = first_tx.send(());
+                } else {
+                    let _ = ws_responses_tx.send(frame);
+                }
+            }
+        }));
+        sink.send(Message::Text(
+            json!({"type": "sync", "filter": {"room": {"timeline": {"limit": 1}}}})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("ws send");
+        tokio::time::timeout(Duration::from_secs(5), first.recv())
+            .await
+            .expect("first ws sync frame in time")
+            .expect("ws sync frame");
+        sink
+    };
+
+    // ---- Subscriber 4: HTTP long-poll /sync (alice).
+    let http_seen = Seen::default();
+    {
+        let (st, first) = http(
+            &hc,
+            &srv,
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/sync?filter={}",
+                enc(r#"{"room":{"timeline":{"limit":1}}}"#)
+            ),
+            Some(&alice),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "initial sync: {first}");
+        let mut since = first["next_batch"].as_str().expect("next_batch").to_owned();
+        let seen = http_seen.clone();
+        let room = room.clone();
+        let alice = alice.clone();
+        let url = srv.http.clone();
+        let hc = hc.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let resp = hc
+                    .get(format!(
+                        "{url}/_matrix/client/v3/sync?since={}&timeout={POLL_MS}",
+                        enc(&since)
+                    ))
+                    .bearer_auth(&alice)
+                    .send()
+                    .await
+                    .expect("sync request");
+                assert_eq!(resp.status().as_u16(), 200);
+                let v: Value = resp.json().await.expect("sync JSON");
+                push(&seen, telemetry_in_sync(&v, &room));
+                since = v["next_batch"].as_str().expect("next_batch").to_owned();
+            }
+        }));
+    }
+
+    // ---- Subscriber 5: matrix-sdk (bob, its own device), syncing.
+    let sdk_seen = Seen::default();
+    {
+        let client = Client::builder()
+            .homeserver_url(&srv.http)
+            .build()
+            .await
+            .expect("matrix-sdk client");
+        client
+            .matrix_auth()
+            .login_username("bob", PASSWORD)
+            .initial_device_display_name("cross-door sdk")
+            .send()
+            .await
+            .expect("sdk login");
+        client
+            .sync_once(SyncSettings::default())
+            .await
+            .expect("sdk initial sync");
+        let room_id = RoomId::parse(&room).expect("room id");
+        let seen = sdk_seen.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let resp = client
+                    .sync_once(SyncSettings::default().timeout(Duration::from_millis(POLL_MS)))
+                    .await
+                    .expect("sdk sync");
+                if let Some(update) = resp.rooms.joined.get(&room_id) {
+                    push(
+                        &seen,
+                        update
+                            .timeline
+                            .events
+                            .iter()
+                            .map(|ev| serde_json::from_str::<Value>(ev.raw().json().get()).expect("event is JSON"))
+                            .filter(|ev| ev["type"] == TYPE),
+                    );
+                }
+            }
+        }));
+    }
+
+    // ---- Publish one reading through each door in turn, each acknowledged
+    // (stored) before the next.
+    let readings: Vec<Value> = ["http", "mqtt", "coap", "websocket"]
+        .iter()
+        .enumerate()
+        .map(|(i, door)| json!({"door": door, "seq": i + 1, "value": format!("2{i}.5")}))
+        .collect();
+    let mut sent_ids: Vec<Option<String>> = Vec::new();
+
+    // 1. HTTP PUT (alice).
+    let (st, v) = http(
+        &hc,
+        &srv,
+        reqwest::Method::PUT,
+        &format!("/_matrix/client/v3/rooms/{}/send/{TYPE}/xd-http-1", enc(&room)),
+        Some(&alice),
+        Some(readings[0].clone()),
+    )
+    .await;
+    assert_eq!(st, 200, "HTTP send: {v}");
+    sent_ids.push(Some(v["event_id"].as_str().expect("event_id").to_owned()));
+
+    // 2. MQTT QoS 1 PUBLISH (bob): PUBACK once stored (no event ID in it).
+    {
+        let mut o = rumqttc::MqttOptions::new("mqtt-pub", srv.mqtt.ip().to_string(), srv.mqtt.port());
+        o.set_credentials("bob", PASSWORD)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(true);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+        client
+            .publish(
+                format!("weft/r/{room}/e/{TYPE}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                readings[1].to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match el.poll().await.expect("MQTT publisher") {
+                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => break,
+                    rumqttc::Event::Incoming(p @ rumqttc::Packet::Disconnect) => panic!("publish refused: {p:?}"),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("PUBACK in time");
+        client.disconnect().await.unwrap();
+        sent_ids.push(None);
+    }
+
+    // 3. CoAP PUT with a CBOR body (alice).
+    {
+        let mut c = Coap::new(srv.coap, 5000).await;
+        let (code, v) = c
+            .call(
+                RequestType::Put,
+                &format!("/_matrix/client/v3/rooms/{room}/send/{TYPE}/xd-coap-1"),
+                &[format!("a={alice}")],
+                Some(&readings[2]),
+            )
+            .await;
+        assert_eq!(code, ResponseType::Changed, "CoAP send: {v}");
+        sent_ids.push(Some(v["event_id"].as_str().expect("event_id").to_owned()));
+    }
+
+    // 4. WebSocket request frame (bob), on the socket that also runs the sync loop.
+    {
+        let frame = json!({
+            "id": "xd-ws-1",
+            "method": "PUT",
+            "path": format!("/_matrix/client/v3/rooms/{}/send/{TYPE}/xd-ws-1", enc(&room)),
+            "body": readings[3],
+        });
+        ws_sink
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("ws send");
+        let r = tokio::time::timeout(Duration::from_secs(5), ws_responses.recv())
+            .await
+            .expect("ws response in time")
+            .expect("ws response");
+        assert_eq!(r["id"], "xd-ws-1", "{r}");
+        assert_eq!(r["status"], 200, "WebSocket send: {r}");
+        sent_ids.push(Some(r["body"]["event_id"].as_str().expect("event_id").to_owned()));
+    }
+
+    // ---- The server's stream order, from /messages.
+    let (st, v) = http(
+        &hc,
+        &srv,
+        reqwest::Method::GET,
+        &format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100", enc(&room)),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "/messages: {v}");
+    let stored: Vec<Value> = v["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .filter(|e| e["type"] == TYPE)
+        .cloned()
+        .collect();
+    assert_eq!(stored.len(), 4, "four readings stored: {stored:#?}");
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("event_id").to_owned())
+        .collect();
+    for (i, (ev, reading)) in stored.iter().zip(&readings).enumerate() {
+        assert_eq!(
+            &ev["content"], reading,
+            "reading {i} stored in publish order with its content"
+        );
+        if let Some(id) = &sent_ids[i] {
+            assert_eq!(&ids[i], id, "event ID acknowledged to the publisher of reading {i}");
+        }
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 4, "four distinct event IDs");
+
+    // ---- Every subscriber sees the four, once each, same IDs and content, same order.
+    let subscribers = [
+        ("mqtt", &mqtt_seen),
+        ("coap", &coap_seen),
+        ("websocket", &ws_seen),
+        ("http", &http_seen),
+        ("matrix-sdk", &sdk_seen),
+    ];
+    let deadline = Instant::now() + WAIT;
+    while subscribers.iter().any(|(_, s)| s.lock().unwrap().len() < 4) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Room for a duplicate to show up.
+    tokio::time::sleep(Duration::from_millis(POLL_MS + 300)).await;
+    for task in &tasks {
+        assert!(!task.is_finished(), "a subscriber task ended early");
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    for (door, seen) in subscribers {
+        let seen = seen.lock().unwrap().clone();
+        let got: Vec<&str> = seen.iter().map(|e| e["event_id"].as_str().unwrap_or("?")).collect();
+        assert_eq!(got, ids, "{door}: the four readings, once each, in stream order");
+        for (ev, want) in seen.iter().zip(&stored) {
+            assert_eq!(
+                ev["content"], want["content"],
+                "{door}: content of {}",
+                want["event_id"]
+            );
+            assert_eq!(ev["type"], TYPE, "{door}");
+            assert_eq!(ev["sender"], want["sender"], "{door}: sender of {}", want["event_id"]);
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
