@@ -3,7 +3,6 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use weft_core::{Error, ErrorKind};
@@ -80,13 +79,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, s).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Error::new(ErrorKind::TooLarge, "Request body too large")
-            } else {
-                Error::new(ErrorKind::NotJson, format!("Could not read body: {rej}"))
-            }
-        })?;
+        let bytes = read_limited(req, s.config.limits.max_body_bytes).await?;
         let value: serde_json::Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             serde_json::Value::Object(Default::default())
         } else {
@@ -96,6 +89,34 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let t = serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))?;
         Ok(JsonBody(t))
     }
+}
+
+/// Reads a request body of at most `limit` bytes. A larger body is still
+/// read (and dropped) up to a bound before answering `M_TOO_LARGE`, so the
+/// client has finished sending and reliably reads the 413, instead of
+/// seeing its upload cut off by a reset.
+async fn read_limited(req: Request, limit: usize) -> Result<Bytes, Error> {
+    use http_body_util::BodyExt;
+    let drain_cap = limit.saturating_mul(4).max(1 << 20);
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::new(ErrorKind::NotJson, format!("Could not read body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            if total > drain_cap {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if total > limit {
+        return Err(Error::new(ErrorKind::TooLarge, "Request body too large"));
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Query parameters; a malformed query is `M_INVALID_PARAM`.
