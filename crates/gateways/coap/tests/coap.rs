@@ -52,13 +52,8 @@ async fn talk_compact_post_creates_message() {
 /// The same with libcoap's `coap-client`, the CBOR piped on stdin.
 #[tokio::test]
 async fn talk_compact_post_with_libcoap_client() {
-    let Some(bin) = coap_client() else {
-        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping");
-        return;
-    };
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let Some(bin) = coap_client() else { return };
+    let (s, token, room) = Server::with_alice_and_room().await;
     let content = json!({"msgtype": "m.text", "body": "hello"});
     let uri = format!(
         "coap://{}/_m/c/a/v1/r/{}/s/m.room.message?a={}",
@@ -162,9 +157,7 @@ async fn telemetry_in_order_with_exact_floats_and_sync_reads_http_event() {
 /// A resent CON (same message ID) is answered from the cache: one event.
 #[tokio::test]
 async fn duplicate_con_stores_one_event_and_replays_response() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let mut c = Client::new(s.coap).await;
     let path = send_path(&room);
     let p = c.packet(
@@ -346,9 +339,7 @@ async fn rooms_state_and_json_bodies() {
 /// A sync response larger than one block arrives in 1024-byte Block2 blocks.
 #[tokio::test]
 async fn large_sync_uses_block2() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let mut c = Client::new(s.coap).await;
     for i in 0..8 {
         let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}");
@@ -381,9 +372,7 @@ async fn large_sync_uses_block2() {
 /// Observe on /sync: a registration, then a notification per new batch.
 #[tokio::test]
 async fn observe_sync_pushes_new_events() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let mut c = Client::new(s.coap).await;
     let p = c.packet(
         &Request::new(M::Get, "/_matrix/client/v3/sync")
@@ -505,9 +494,7 @@ async fn msc3079_path_enums_and_integer_keys() {
 /// response later, which the client acknowledges.
 #[tokio::test]
 async fn slow_request_gets_empty_ack_then_separate_response() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let mut c = Client::new(s.coap).await;
     let (_, first) = c
         .call_cbor(Request::new(M::Get, "/_matrix/client/v3/sync").q("a", &token))
@@ -556,9 +543,7 @@ async fn slow_request_gets_empty_ack_then_separate_response() {
 /// A request body larger than one block, sent with Block1 (RFC 7959).
 #[tokio::test]
 async fn block1_upload() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let mut c = Client::new(s.coap).await;
     let text = "y".repeat(2500);
     let body = cbor(&json!({"msgtype": "m.text", "body": text}));
@@ -654,9 +639,7 @@ async fn rate_limited_gets_4_29_with_max_age() {
 /// that room) is pushed as a forward page.
 #[tokio::test]
 async fn observe_room_messages() {
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (s, token, room) = Server::with_alice_and_room().await;
     let other = s.create_room(&token).await;
     let mut c = Client::new(s.coap).await;
     let path = format!("/_matrix/client/v3/rooms/{room}/messages");
@@ -706,13 +689,8 @@ async fn observe_room_messages() {
 /// then a notification for an event sent over HTTP).
 #[tokio::test]
 async fn libcoap_observes_sync() {
-    let Some(bin) = coap_client() else {
-        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping");
-        return;
-    };
-    let s = Server::start().await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let Some(bin) = coap_client() else { return };
+    let (s, token, room) = Server::with_alice_and_room().await;
     // Enough history that the first sync needs several blocks.
     for i in 0..6 {
         let (st, _) = s

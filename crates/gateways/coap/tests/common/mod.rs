@@ -86,6 +86,14 @@ impl Server {
         )
     }
 
+    /// A fresh server with user `alice` (her access token) and a room she made.
+    pub async fn with_alice_and_room() -> (Server, String, String) {
+        let s = Server::start().await;
+        let (token, _) = s.register("alice").await;
+        let room = s.create_room(&token).await;
+        (s, token, room)
+    }
+
     pub async fn create_room(&self, token: &str) -> String {
         let (st, v) = self
             .http_call(
@@ -308,5 +316,6 @@ pub fn coap_client() -> Option<String> {
             return Some(name.to_owned());
         }
     }
+    eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping that part");
     None
 }
