@@ -137,6 +137,34 @@ impl RoomCache {
 
 type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomCache>>>;
 
+/// An event accepted by [`Rooms::submit`] and queued for the store.
+#[must_use = "an event is only acknowledged once `durable` returns"]
+pub struct Submitted {
+    pub event_id: OwnedEventId,
+    pending: weft_store::Pending<i64>,
+    slot: RoomSlot,
+}
+
+impl Submitted {
+    /// Waits until the event is committed and returns its stream position.
+    pub async fn durable(self) -> Result<Sent> {
+        match self.pending.await {
+            Ok(Ok(position)) => Ok(Sent {
+                event_id: self.event_id,
+                position,
+            }),
+            failed => {
+                // The cache ran ahead of the store: rebuild it from disk.
+                *self.slot.lock().await = None;
+                match failed {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(Error::internal("event was not persisted")),
+                }
+            }
+        }
+    }
+}
+
 /// The room service: the one write path for events, and room reads.
 pub struct Rooms {
     store: Arc<dyn Store>,
@@ -239,34 +267,36 @@ impl Rooms {
         }
     }
 
-    /// The one write path: builds, signs, authorizes and persists an event.
+    /// The one write path: builds, signs, authorizes and persists an event,
+    /// returning once it is durable.
     pub async fn send(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Sent> {
+        self.submit(room_id, sender, spec).await?.durable().await
+    }
+
+    /// The first half of [`Rooms::send`]: builds, signs and authorizes the
+    /// event and hands it to the store's writer, returning as soon as it is
+    /// queued. The room's next event may then be built on top of it while
+    /// this one is being committed, so a door can pipeline many sends per
+    /// connection; [`Submitted::durable`] waits for the commit.
+    pub async fn submit(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Submitted> {
         let slot = self.slot(room_id);
-        let (pending, event_id) = {
-            let mut guard = slot.lock().await;
-            if guard.is_none() {
-                *guard = Some(self.load_or_forget(room_id).await?);
-            }
-            let Some(cache) = guard.as_mut() else {
-                return Err(Error::internal("room cache missing"));
-            };
-            let (new_event, pdu) = self.build(cache, sender, spec).await?;
-            let event_id = pdu.event_id.clone();
-            let pending = self.store.persist_event(new_event);
-            cache.apply(Arc::new(pdu));
-            (pending, event_id)
-        };
-        match pending.await {
-            Ok(Ok(position)) => Ok(Sent { event_id, position }),
-            failed => {
-                // The cache ran ahead of the store: rebuild it from disk.
-                *slot.lock().await = None;
-                match failed {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(Error::internal("event was not persisted")),
-                }
-            }
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load_or_forget(room_id).await?);
         }
+        let Some(cache) = guard.as_mut() else {
+            return Err(Error::internal("room cache missing"));
+        };
+        let (new_event, pdu) = self.build(cache, sender, spec).await?;
+        let event_id = pdu.event_id.clone();
+        let pending = self.store.persist_event(new_event);
+        cache.apply(Arc::new(pdu));
+        drop(guard);
+        Ok(Submitted {
+            event_id,
+            pending,
+            slot,
+        })
     }
 
     /// Builds the PDU for `spec` on top of `cache` and checks it against

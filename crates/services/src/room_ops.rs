@@ -3,7 +3,9 @@
 //! checks. Authorization of writes is left to the event pipeline's auth
 //! rules; this layer adds the read checks and the spec's request semantics.
 
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, UserId};
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
@@ -262,30 +264,12 @@ impl Services {
         if let Some(id) = self.txn_event(session, &room_id, event_type, txn_id).await? {
             return Ok(id);
         }
-        if event_type.is_empty() || event_type.len() > 255 {
-            return Err(Error::invalid_param("Invalid event type"));
-        }
-        if matches!(event_type, "m.room.create") {
-            return Err(Error::forbidden("Cannot send m.room.create"));
-        }
-        let mut content = canonical_object(content)?;
-        let mut redacts = None;
-        if event_type == "m.room.redaction" {
-            let target = content.get("redacts").and_then(|v| v.as_str()).map(str::to_owned);
-            redacts = target.map(|t| OwnedEventId::try_from(t).map_err(|_| Error::bad_json("Invalid redacts")));
-            if redacts.is_some() {
-                content.remove("redacts");
-            }
-        }
-        let redacts = redacts.transpose()?;
-        let spec = EventSpec {
-            event_type: event_type.to_owned(),
-            state_key: state_key.map(str::to_owned),
-            content,
-            redacts,
-            txn: txn_id.map(|t| (session.device_id.clone(), t.to_owned())),
+        let spec = event_spec(session, event_type, state_key, txn_id, content)?;
+        let sent = match self.rooms.submit(&room_id, &session.user_id, spec).await {
+            Ok(submitted) => submitted.durable().await,
+            Err(e) => Err(e),
         };
-        match self.rooms.send(&room_id, &session.user_id, spec).await {
+        match sent {
             Ok(sent) => Ok(sent.event_id),
             // An unknown room reads as one you are not in.
             Err(e) if e.kind == ErrorKind::NotFound => Err(Error::forbidden("You are not in this room")),
@@ -297,6 +281,28 @@ impl Services {
                 }
             }
         }
+    }
+
+    /// Like [`Services::send_event`] without a transaction ID, but returns
+    /// once the event is authorized and queued for the store, so a door can
+    /// accept its client's next message while this one commits. Await
+    /// [`weft_rooms::Submitted::durable`] before acknowledging it.
+    pub async fn submit_event(
+        &self,
+        session: &Session,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> Result<weft_rooms::Submitted> {
+        let spec = event_spec(session, event_type, state_key, None, content)?;
+        self.rooms
+            .submit(room_id, &session.user_id, spec)
+            .await
+            .map_err(|e| match e.kind {
+                ErrorKind::NotFound => Error::forbidden("You are not in this room"),
+                _ => e,
+            })
     }
 
     /// The event an earlier request with this transaction ID created, if any.
@@ -661,4 +667,37 @@ pub fn membership_of(ev: &StoredEvent) -> Option<String> {
     serde_json::from_str::<Value>(&ev.pdu_json)
         .ok()
         .and_then(|v| v.get("content")?.get("membership")?.as_str().map(str::to_owned))
+}
+
+/// Checks what a client may send and turns it into the pipeline's request.
+fn event_spec(
+    session: &Session,
+    event_type: &str,
+    state_key: Option<&str>,
+    txn_id: Option<&str>,
+    content: Value,
+) -> Result<EventSpec> {
+    if event_type.is_empty() || event_type.len() > 255 {
+        return Err(Error::invalid_param("Invalid event type"));
+    }
+    if matches!(event_type, "m.room.create") {
+        return Err(Error::forbidden("Cannot send m.room.create"));
+    }
+    let mut content = canonical_object(content)?;
+    let mut redacts = None;
+    if event_type == "m.room.redaction" {
+        let target = content.get("redacts").and_then(|v| v.as_str()).map(str::to_owned);
+        redacts = target.map(|t| OwnedEventId::try_from(t).map_err(|_| Error::bad_json("Invalid redacts")));
+        if redacts.is_some() {
+            content.remove("redacts");
+        }
+    }
+    let redacts = redacts.transpose()?;
+    Ok(EventSpec {
+        event_type: event_type.to_owned(),
+        state_key: state_key.map(str::to_owned),
+        content,
+        redacts,
+        txn: txn_id.map(|t| (session.device_id.clone(), t.to_owned())),
+    })
 }

@@ -32,7 +32,19 @@ impl Services {
         since: i64,
         limit: usize,
     ) -> Result<Feed> {
-        let upto = self.store.current_position();
+        self.room_events_between(user, rooms, since, self.store.current_position(), limit)
+            .await
+    }
+
+    /// [`Services::room_events_after`] up to the stream position `upto`.
+    async fn room_events_between(
+        &self,
+        user: &UserId,
+        rooms: &[OwnedRoomId],
+        since: i64,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Feed> {
         let limit = limit.max(1);
         let mut merged: Vec<StoredEvent> = Vec::new();
         for room in rooms {
@@ -76,20 +88,28 @@ impl Services {
         loop {
             let upto = *rx.borrow_and_update();
             if upto > since {
-                let relevant = match self.store.changes_since(since) {
-                    None => true,
-                    Some(changes) => changes.iter().any(|(p, k)| {
-                        *p <= upto && matches!(k, StreamKey::Room(r) if rooms.iter().any(|x| x.as_str() == r))
-                    }),
+                // Only the rooms that changed are read (all of them if the
+                // store no longer remembers what changed since `since`).
+                let changed: Vec<OwnedRoomId> = match self.store.changes_since(since) {
+                    None => rooms.to_vec(),
+                    Some(changes) => rooms
+                        .iter()
+                        .filter(|x| {
+                            changes
+                                .iter()
+                                .any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(r) if x.as_str() == r))
+                        })
+                        .cloned()
+                        .collect(),
                 };
-                if relevant {
-                    let feed = self.room_events_after(user, rooms, since, limit).await?;
+                if changed.is_empty() {
+                    since = upto;
+                } else {
+                    let feed = self.room_events_between(user, &changed, since, upto, limit).await?;
                     if !feed.events.is_empty() {
                         return Ok(feed);
                     }
                     since = feed.next;
-                } else {
-                    since = upto;
                 }
             }
             tokio::select! {

@@ -65,6 +65,9 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Will>,
+    /// MQTT 5 Receive Maximum: QoS 1/2 publishes the client accepts
+    /// unacknowledged at once (3.1.1 has no such limit).
+    pub receive_max: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +233,7 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                     topic: w.topic,
                     payload: w.message,
                 }),
+                receive_max: None,
             }),
             _ => Err(mb::Error::MalformedPacket),
         },
@@ -245,6 +249,7 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                         .as_ref()
                         .and_then(|p| p.session_expiry_interval)
                         .is_some_and(|e| e > 0),
+                    receive_max: c.properties.as_ref().and_then(|p| p.receive_maximum),
                     username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     will: match will {

@@ -2,10 +2,14 @@
 //! socket, the subscription feed and the keepalive timer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use ruma::OwnedRoomId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,12 +30,25 @@ use crate::topics::{FilterRoom, parse_filter, parse_publish};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a write to a client may take before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// QoS 1 messages sent and not yet acknowledged, at most.
-const MAX_INFLIGHT: usize = 64;
+/// QoS 1 messages sent and not yet acknowledged, at most (less if an
+/// MQTT 5 client asks for less with its Receive Maximum).
+const MAX_INFLIGHT: usize = 256;
 /// How often a persistent session's position is saved while connected.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Time a new connection waits for an older one with its client ID to end.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// Incoming publishes accepted and still being committed, at most; beyond
+/// this the connection stops reading until the oldest is durable.
+const MAX_PIPELINE: usize = 256;
+
+/// The outcome of one incoming publish, once durable (or refused).
+struct Ack {
+    qos: u8,
+    pkid: u16,
+    result: Result<(), Refusal>,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Ack> + Send + Sync>>;
 
 /// A persistent session, stored as account data of the user.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -213,6 +230,10 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         saved_position: position,
         next_pkid: 0,
         qos2: HashSet::new(),
+        acks: FuturesOrdered::new(),
+        max_inflight: connect
+            .receive_max
+            .map_or(MAX_INFLIGHT, |m| usize::from(m).clamp(1, MAX_INFLIGHT)),
     };
     let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
     feed.abort();
@@ -363,6 +384,11 @@ struct Conn {
     next_pkid: u16,
     /// Incoming QoS 2 messages already turned into events, awaiting PUBREL.
     qos2: HashSet<u16>,
+    /// Incoming publishes being committed, in the order they arrived: their
+    /// PUBACKs (PUBRECs) go out in that order once each is durable.
+    acks: FuturesOrdered<AckFuture>,
+    /// QoS 1 messages this client takes unacknowledged at once.
+    max_inflight: usize,
 }
 
 impl Conn {
@@ -423,8 +449,9 @@ impl Conn {
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Handle every whole packet in the buffer.
-            loop {
+            // Handle every whole packet in the buffer, while the pipeline
+            // of publishes being committed has room.
+            while self.acks.len() < MAX_PIPELINE {
                 match codec::frame(&mut buf) {
                     Frame::Incomplete => break,
                     Frame::TooLarge => return self.fail(ProtocolFailure::TooLarge).await,
@@ -447,15 +474,44 @@ impl Conn {
             if self.writer.flush().await.is_err() {
                 return End::Dropped;
             }
-            let keepalive_deadline = last_rx + grace.unwrap_or(far);
-            let can_take = self.inflight.len() < MAX_INFLIGHT;
+            // While the pipeline is full the client is not read, so its
+            // silence says nothing about its liveness.
+            let can_read = self.acks.len() < MAX_PIPELINE;
+            let keepalive_deadline = if can_read {
+                last_rx + grace.unwrap_or(far)
+            } else {
+                Instant::now() + far
+            };
+            let can_take = self.inflight.len() < self.max_inflight;
             tokio::select! {
-                n = rd.read_buf(&mut buf) => match n {
+                n = rd.read_buf(&mut buf), if can_read => match n {
                     Ok(n) if n > 0 => last_rx = Instant::now(),
                     _ => return End::Dropped,
                 },
+                Some(ack) = self.acks.next(), if !self.acks.is_empty() => {
+                    if let Some(end) = self.acknowledge(ack).await {
+                        return end;
+                    }
+                    // Publishes committed together are acknowledged in one write.
+                    while let Some(Some(ack)) = self.acks.next().now_or_never() {
+                        if let Some(end) = self.acknowledge(ack).await {
+                            return end;
+                        }
+                    }
+                    if !can_read {
+                        last_rx = Instant::now();
+                    }
+                }
                 item = feed.recv(), if can_take => match item {
-                    Some(item) => self.deliver(item),
+                    Some(item) => {
+                        self.deliver(item);
+                        // What else the feed has ready goes out in the same write.
+                        while self.inflight.len() < self.max_inflight
+                            && let Ok(item) = feed.try_recv()
+                        {
+                            self.deliver(item);
+                        }
+                    }
                     None => return End::Dropped,
                 },
                 _ = sleep_until(keepalive_deadline) => return self.fail(ProtocolFailure::KeepAliveTimeout).await,
@@ -521,25 +577,31 @@ impl Conn {
                     self.writer.queue(Out::PubRec(pkid));
                     return None;
                 }
-                let result = self.publish_event(&topic, &payload).await;
-                match (qos, result) {
-                    (0, Ok(())) => {}
-                    (1, result @ Ok(())) => self.writer.queue(Out::PubAck { pkid, result }),
-                    (1, result @ Err(_)) if self.writer.version == Version::V5 => {
-                        self.writer.queue(Out::PubAck { pkid, result })
+                match self.submit_publish(&topic, &payload).await {
+                    Ok(submitted) => {
+                        if qos == 2 {
+                            self.qos2.insert(pkid);
+                        }
+                        self.acks.push_back(Box::pin(async move {
+                            let result = submitted.durable().await.map(|_| ()).map_err(|e| refusal(&e));
+                            Ack { qos, pkid, result }
+                        }));
                     }
-                    (2, Ok(())) => {
-                        self.qos2.insert(pkid);
-                        self.writer.queue(Out::PubRec(pkid));
+                    // MQTT 5 refuses a QoS 1 publish in its PUBACK, in turn.
+                    Err(r) if qos == 1 && self.writer.version == Version::V5 => {
+                        self.acks.push_back(Box::pin(std::future::ready(Ack {
+                            qos,
+                            pkid,
+                            result: Err(r),
+                        })));
                     }
-                    (_, Err(r)) => {
+                    Err(r) => {
                         // No negative acknowledgement here (3.1.1, or QoS
-                        // 0/2): the connection is closed, never silently.
+                        // 0/2): the connection is closed, never silently,
+                        // after acknowledging what was accepted before.
                         tracing::debug!("mqtt: publish to {topic} refused: {r:?}");
-                        let _ = self.writer.send(Out::Disconnect(r)).await;
-                        return Some(End::Dropped);
+                        return Some(self.refuse_publish(r).await);
                     }
-                    _ => {}
                 }
             }
             In::PubAck(pkid) => {
@@ -613,8 +675,55 @@ impl Conn {
         }
     }
 
-    /// A PUBLISH (or will) turned into an event through the shared pipeline.
+    /// Sends the acknowledgement of an incoming publish that is now durable
+    /// (or failed to be); `Some` ends the connection.
+    async fn acknowledge(&mut self, ack: Ack) -> Option<End> {
+        match (ack.qos, ack.result) {
+            (0, Ok(())) => {}
+            (1, result @ Ok(())) => self.writer.queue(Out::PubAck { pkid: ack.pkid, result }),
+            (1, result @ Err(_)) if self.writer.version == Version::V5 => {
+                self.writer.queue(Out::PubAck { pkid: ack.pkid, result })
+            }
+            (2, Ok(())) => self.writer.queue(Out::PubRec(ack.pkid)),
+            (_, Err(r)) => {
+                tracing::warn!("mqtt: a publish of {} was not stored: {r:?}", self.session.user_id);
+                self.qos2.remove(&ack.pkid);
+                return Some(self.refuse_publish(r).await);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Acknowledges the publishes still in the pipeline, then closes the
+    /// connection with `why`.
+    async fn refuse_publish(&mut self, why: Refusal) -> End {
+        while let Some(ack) = self.acks.next().await {
+            match (ack.qos, ack.result) {
+                (1, result) if result.is_ok() || self.writer.version == Version::V5 => {
+                    self.writer.queue(Out::PubAck { pkid: ack.pkid, result })
+                }
+                (2, Ok(())) => self.writer.queue(Out::PubRec(ack.pkid)),
+                _ => break,
+            }
+        }
+        let _ = self.writer.send(Out::Disconnect(why)).await;
+        End::Dropped
+    }
+
+    /// A PUBLISH (or will) turned into an event, once durable.
     async fn publish_event(&self, topic: &str, payload: &[u8]) -> Result<(), Refusal> {
+        self.submit_publish(topic, payload)
+            .await?
+            .durable()
+            .await
+            .map(|_| ())
+            .map_err(|e| refusal(&e))
+    }
+
+    /// A PUBLISH checked, built into an event and queued for the store
+    /// through the shared pipeline.
+    async fn submit_publish(&self, topic: &str, payload: &[u8]) -> Result<weft_rooms::Submitted, Refusal> {
         let target = parse_publish(topic).ok_or(Refusal::TopicInvalid)?;
         // The same per-user budget as the HTTP API. Over it, the client is
         // slowed down first (MQTT's flow control is not reading), and only
@@ -636,16 +745,14 @@ impl Conn {
         let content = door_content(payload).map_err(|e| refusal(&e))?;
         let content = serde_json::to_value(content).map_err(|_| Refusal::PayloadInvalid)?;
         self.services
-            .send_event(
+            .submit_event(
                 &self.session,
-                room_id.as_str(),
+                &room_id,
                 &target.event_type,
                 target.state_key.as_deref(),
-                None,
                 content,
             )
             .await
-            .map(|_| ())
             .map_err(|e| refusal(&e))
     }
 }

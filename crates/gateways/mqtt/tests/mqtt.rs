@@ -773,3 +773,66 @@ async fn mqtt5_session_persists_only_with_an_expiry_interval() {
         p => panic!("{p:?}"),
     }
 }
+
+/// Many QoS 1 publishes written at once are pipelined: each PUBACK comes
+/// after its event is stored, in the order the publishes arrived; a refused
+/// publish after them closes the connection only once those are answered.
+#[tokio::test]
+async fn pipelined_publishes_are_acknowledged_in_order_after_storing() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let bob = srv.register("bob").await;
+    let room = room_for(&alice).await;
+    let foreign = room_for(&bob).await;
+    const N: u16 = 300;
+
+    let mut s = TcpStream::connect(srv.mqtt_addr()).await.unwrap();
+    s.write_all(&raw_connect("pipe", "alice", &alice.token, 30))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+
+    let mut burst = bytes::BytesMut::new();
+    for seq in 1..=N {
+        let mut p = rumqttc::Publish::new(
+            format!("weft/r/{room}/e/org.weft.seq"),
+            q1(),
+            format!("{{\"seq\": {seq}}}"),
+        );
+        p.pkid = seq;
+        rumqttc::Packet::Publish(p).write(&mut burst, 1 << 20).unwrap();
+    }
+    // Then one the room's power levels refuse (alice is not in bob's room).
+    let mut p = rumqttc::Publish::new(format!("weft/r/{foreign}/e/org.weft.seq"), q1(), "{}");
+    p.pkid = N + 1;
+    rumqttc::Packet::Publish(p).write(&mut burst, 1 << 20).unwrap();
+    s.write_all(&burst).await.unwrap();
+
+    let got = closed(&mut s).await;
+    let expected: Vec<u8> = (1..=N).flat_map(|i| [0x40, 0x02, (i >> 8) as u8, i as u8]).collect();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "PUBACKs for the {N} accepted publishes, then close"
+    );
+    assert_eq!(got, expected, "PUBACKs in publish order");
+
+    let evs = alice.messages(&room, 1000).await;
+    let seqs: Vec<u64> = evs
+        .iter()
+        .filter(|e| e["type"] == "org.weft.seq")
+        .map(|e| e["content"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=u64::from(N)).collect::<Vec<_>>(),
+        "stored once each, in order"
+    );
+    let evs = bob.messages(&foreign, 1000).await;
+    assert!(
+        evs.iter().all(|e| e["type"] != "org.weft.seq"),
+        "nothing stored in the foreign room"
+    );
+}
