@@ -11,14 +11,8 @@ use weft_services::sync::SyncFilter;
 use crate::extract::{Auth, JsonBody, P};
 use crate::{ApiResult, AppState};
 
-/// Spec versions whose Client-Server API subset Weft serves.
-pub const SPEC_VERSIONS: &[&str] = &[
-    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
-    "v1.11",
-];
-
-pub async fn versions() -> Json<Value> {
-    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+pub async fn versions(State(s): State<AppState>) -> Json<Value> {
+    Json(s.versions())
 }
 
 pub async fn well_known(State(s): State<AppState>) -> Json<Value> {

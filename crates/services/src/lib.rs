@@ -22,6 +22,12 @@ use weft_store::Store;
 pub use accounts::{Accounts, Session};
 pub use ratelimit::RateLimiter;
 
+/// Spec versions whose Client-Server API subset Weft serves.
+pub const SPEC_VERSIONS: &[&str] = &[
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+    "v1.11",
+];
+
 /// Everything a door needs, built once at start-up.
 pub struct Services {
     pub config: Config,
@@ -56,5 +62,26 @@ impl Services {
             accounts,
             limiter,
         }))
+    }
+}
+
+impl Services {
+    /// The body of `GET /_matrix/client/versions`, the same through every
+    /// door. With the CoAP door on, it advertises MSC3079 (low-bandwidth
+    /// CS API, version 1 of its tables, Observe on `/sync`) under the key
+    /// the MSC names, `m.low_bandwidth`, and its unstable-prefixed twin.
+    pub fn versions(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "versions": SPEC_VERSIONS, "unstable_features": {} });
+        if self.config.coap.enabled {
+            let low_bandwidth = serde_json::json!({
+                "cbor_enum_version": 1,
+                "coap_enum_version": 1,
+                "observe": 1,
+            });
+            v["unstable_features"]["org.matrix.msc3079"] = true.into();
+            v["org.matrix.msc3079.low_bandwidth"] = low_bandwidth.clone();
+            v["m.low_bandwidth"] = low_bandwidth;
+        }
+        v
     }
 }

@@ -287,6 +287,11 @@ async fn discovery_endpoints() {
         "{v}"
     );
     assert!(versions.iter().all(|x| x.is_string()), "{v}");
+    // The CoAP door is on: MSC3079 is advertised as that MSC describes.
+    let low_bandwidth = json!({"cbor_enum_version": 1, "coap_enum_version": 1, "observe": 1});
+    assert_eq!(v["m.low_bandwidth"], low_bandwidth, "{v}");
+    assert_eq!(v["org.matrix.msc3079.low_bandwidth"], low_bandwidth, "{v}");
+    assert_eq!(v["unstable_features"]["org.matrix.msc3079"], true, "{v}");
 
     let got = server.anon().get("capabilities").await;
     assert_err(&got, 401, "M_MISSING_TOKEN");

@@ -11,13 +11,6 @@ use weft_services::sync::{EventFilter, SyncRequest};
 use weft_services::{Services, Session};
 use weft_store::{Direction, StoredEvent};
 
-/// The spec versions the HTTP door advertises (kept equal to
-/// `weft_http::misc::SPEC_VERSIONS`; a door does not depend on another).
-const SPEC_VERSIONS: &[&str] = &[
-    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
-    "v1.11",
-];
-
 /// Content-Format numbers (RFC 7252 §12.3).
 pub const CF_TEXT: u16 = 0;
 pub const CF_JSON: u16 = 50;
@@ -164,19 +157,7 @@ pub async fn route(s: &Services, session: Option<&Session>, p: &[&str], req: &Re
     use ResponseType::*;
     if let ["versions"] = p {
         return match req.method {
-            Get => ok(
-                Content,
-                json!({
-                    "versions": SPEC_VERSIONS,
-                    "unstable_features": {},
-                    // MSC3079 discovery (no DTLS yet, so no "dtls" port).
-                    "org.matrix.msc3079.low_bandwidth": {
-                        "cbor_enum_version": 1,
-                        "coap_enum_version": 1,
-                        "observe": 1,
-                    },
-                }),
-            ),
+            Get => ok(Content, s.versions()),
             _ => Err(unrecognized(true)),
         };
     }
