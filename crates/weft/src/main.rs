@@ -63,12 +63,18 @@ enum UserCommand {
     /// Deactivate a user: no more logins, all devices logged out.
     Deactivate { name: String },
     /// Issue an access token for a new (or named) device of a user, e.g.
-    /// for a sensor that cannot log in itself.
+    /// for a sensor that cannot log in itself. The token belongs to that
+    /// device alone; naming an existing device replaces its token.
     Token {
         name: String,
         #[arg(long)]
         device_id: Option<String>,
     },
+    /// List a user's devices (device ID, display name, last seen).
+    Devices { name: String },
+    /// Revoke one device: its access token stops working at once, and its
+    /// end-to-end keys and pending to-device messages are deleted.
+    Revoke { name: String, device_id: String },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -280,6 +286,25 @@ async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> any
                 .map_err(err)?;
             println!("{}", login.access_token);
             eprintln!("device {} of {}", login.device_id, login.user_id);
+        }
+        UserCommand::Devices { name } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
+                bail!("no such user {user_id}");
+            }
+            for d in s.store.list_devices(user_id.as_str()).await.map_err(err)? {
+                let seen = d.last_seen_ms.map(|ms| ms.to_string()).unwrap_or_else(|| "-".into());
+                println!("{}\t{}\t{}", d.device_id, d.display_name.unwrap_or_default(), seen);
+            }
+        }
+        UserCommand::Revoke { name, device_id } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            let devices = s.store.list_devices(user_id.as_str()).await.map_err(err)?;
+            if !devices.iter().any(|d| d.device_id == device_id) {
+                bail!("{user_id} has no device {device_id}");
+            }
+            s.store.delete_device(user_id.as_str(), &device_id).await.map_err(err)?;
+            println!("revoked device {device_id} of {user_id}");
         }
     }
     Ok(())

@@ -382,10 +382,34 @@ async fn admin_cli_user_management() {
     assert_eq!(who["user_id"], carol.user_id.as_str());
     let (ok, out, err) = server.cli("user", "token", &["carol", "--device-id", "CLIDEV"]);
     assert!(ok, "{err}");
-    let (_, who) = server.with_token(&token_from_stdout(&out)).whoami().await;
+    let cli_dev = token_from_stdout(&out);
+    let (_, who) = server.with_token(&cli_dev).whoami().await;
     assert_eq!(who["device_id"], "CLIDEV");
     let (ok, _, _) = server.cli("user", "token", &["nobody"]);
     assert!(!ok, "token for a nonexistent user must fail");
+
+    // Each device has its own token: revoking one leaves the others.
+    let (ok, out, err) = server.cli("user", "token", &["carol", "--device-id", "SENSOR2"]);
+    assert!(ok, "{err}");
+    let sensor2 = token_from_stdout(&out);
+    assert!(
+        sensor2.len() <= 40,
+        "tokens stay short for constrained devices: {sensor2}"
+    );
+    let (ok, out, err) = server.cli("user", "devices", &["carol"]);
+    assert!(ok, "{err}");
+    let listed: Vec<&str> = out.lines().filter_map(|l| l.split('\t').next()).collect();
+    assert!(listed.contains(&"CLIDEV") && listed.contains(&"SENSOR2"), "{out}");
+    let (ok, out, err) = server.cli("user", "revoke", &["carol", "CLIDEV"]);
+    assert!(ok, "{out}{err}");
+    let got = server.with_token(&cli_dev).whoami().await;
+    assert_err(&got, 401, "M_UNKNOWN_TOKEN");
+    let (st, who) = server.with_token(&sensor2).whoami().await;
+    assert_eq!((st, who["device_id"].as_str()), (200, Some("SENSOR2")), "{who}");
+    let (ok, out, _) = server.cli("user", "devices", &["carol"]);
+    assert!(ok && !out.contains("CLIDEV"), "{out}");
+    let (ok, _, _) = server.cli("user", "revoke", &["carol", "CLIDEV"]);
+    assert!(!ok, "revoking an unknown device must fail");
 
     // Password reset.
     let (ok, _, err) = server.cli("user", "reset-password", &["carol", "--password", "carol-password-2"]);
