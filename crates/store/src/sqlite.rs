@@ -41,16 +41,99 @@ pub(crate) struct WriterCtx {
     pos: i64,
     /// Stream entries this batch adds, published after the commit.
     changes: Vec<(i64, StreamKey)>,
+    /// Events this batch adds, for the in-memory tail after the commit.
+    events: Vec<StoredEvent>,
+    /// Redactions this batch applies: (target event ID, its redacted PDU
+    /// JSON, the redaction's event ID).
+    redactions: Vec<(String, String, String)>,
 }
 
-/// Stream entries kept in memory: every entry after `floor` is present.
+/// The newest part of the stream, kept in memory: every entry after
+/// `floor` is in `entries`, and every event after `event_floor` is in
+/// `events`. Readers that follow the stream (subscriptions, observers,
+/// sync) mostly ask for just these, and get them without a query.
 pub(crate) struct RecentChanges {
     floor: i64,
     entries: std::collections::VecDeque<(i64, StreamKey)>,
+    event_floor: i64,
+    /// Oldest first, as committed (redactions applied).
+    events: std::collections::VecDeque<Arc<StoredEvent>>,
+    /// Rough memory held by `events`.
+    event_bytes: usize,
+}
+
+impl RecentChanges {
+    fn new(position: i64) -> Self {
+        Self {
+            floor: position,
+            entries: Default::default(),
+            event_floor: position,
+            events: Default::default(),
+            event_bytes: 0,
+        }
+    }
+
+    /// Takes in a committed batch, then forgets what exceeds the bounds.
+    fn add(&mut self, ctx: &mut WriterCtx) {
+        self.entries.extend(ctx.changes.drain(..));
+        while self.entries.len() > RECENT_CHANGES {
+            if let Some((p, _)) = self.entries.pop_front() {
+                self.floor = p;
+            }
+        }
+        for ev in ctx.events.drain(..) {
+            self.event_bytes += event_size(&ev);
+            self.events.push_back(Arc::new(ev));
+        }
+        for (target, json, by) in ctx.redactions.drain(..) {
+            if let Some(slot) = self.events.iter_mut().rev().find(|e| e.event_id == target) {
+                let mut redacted = StoredEvent::clone(slot);
+                self.event_bytes = self.event_bytes + json.len() - redacted.pdu_json.len();
+                redacted.pdu_json = json;
+                redacted.redacted_by = Some(by);
+                *slot = Arc::new(redacted);
+            }
+        }
+        while self.events.len() > TAIL_EVENTS || self.event_bytes > TAIL_BYTES {
+            let Some(ev) = self.events.pop_front() else { break };
+            self.event_bytes -= event_size(&ev);
+            self.event_floor = ev.position;
+        }
+    }
+
+    /// The room's events strictly between positions `lo` and `hi`, in
+    /// `dir` order, at most `limit`; `None` if the tail does not hold all
+    /// of them (`lo` is below its floor).
+    fn room_events(&self, room: &str, lo: i64, hi: i64, dir: Direction, limit: usize) -> Option<Vec<StoredEvent>> {
+        if lo < self.event_floor {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.position <= lo);
+        let end = self.events.partition_point(|e| e.position < hi);
+        let range = self.events.range(start..end.max(start));
+        let pick = |e: &&Arc<StoredEvent>| e.room_id == room;
+        Some(match dir {
+            Direction::Forward => range.filter(pick).take(limit).map(|e| StoredEvent::clone(e)).collect(),
+            Direction::Backward => range
+                .rev()
+                .filter(pick)
+                .take(limit)
+                .map(|e| StoredEvent::clone(e))
+                .collect(),
+        })
+    }
+}
+
+fn event_size(ev: &StoredEvent) -> usize {
+    std::mem::size_of::<StoredEvent>() + ev.pdu_json.len() + ev.event_id.len() + ev.room_id.len() + 64
 }
 
 /// How many recent stream entries are kept in memory for waiters.
 const RECENT_CHANGES: usize = 65_536;
+/// How many recent events are kept in memory for stream readers, and in
+/// how many bytes at most.
+const TAIL_EVENTS: usize = 4_096;
+const TAIL_BYTES: usize = 4 << 20;
 
 pub struct SqliteStore {
     writer: mpsc::Sender<WriteFn>,
@@ -111,10 +194,7 @@ impl SqliteStore {
             .map_err(db_err)?;
         let (pos_tx, pos_rx) = watch::channel(max_pos);
         let (tx, rx) = mpsc::channel::<WriteFn>();
-        let recent = Arc::new(parking_lot::RwLock::new(RecentChanges {
-            floor: max_pos,
-            entries: Default::default(),
-        }));
+        let recent = Arc::new(parking_lot::RwLock::new(RecentChanges::new(max_pos)));
         let recent_w = recent.clone();
         std::thread::Builder::new()
             .name("weft-sqlite-writer".into())
@@ -231,6 +311,8 @@ fn writer_loop(
     let mut ctx = WriterCtx {
         pos,
         changes: Vec::new(),
+        events: Vec::new(),
+        redactions: Vec::new(),
     };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -242,6 +324,8 @@ fn writer_loop(
         }
         let start_pos = ctx.pos;
         ctx.changes.clear();
+        ctx.events.clear();
+        ctx.redactions.clear();
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
             tracing::error!("cannot begin write transaction: {e}");
             continue; // dropping the jobs fails their receivers
@@ -249,11 +333,14 @@ fn writer_loop(
         let mut answers = Vec::with_capacity(batch.len());
         for job in batch {
             let (before, n_changes) = (ctx.pos, ctx.changes.len());
+            let (n_events, n_redactions) = (ctx.events.len(), ctx.redactions.len());
             let sp = exec(&conn, "SAVEPOINT job");
             let done = job(&conn, &mut ctx);
             if !done.ok || sp.is_err() {
                 ctx.pos = before;
                 ctx.changes.truncate(n_changes);
+                ctx.events.truncate(n_events);
+                ctx.redactions.truncate(n_redactions);
                 let _ = exec(&conn, "ROLLBACK TO job");
             }
             let _ = exec(&conn, "RELEASE job");
@@ -262,15 +349,9 @@ fn writer_loop(
         match exec(&conn, "COMMIT") {
             Ok(()) => {
                 if ctx.pos != start_pos {
-                    {
-                        let mut r = recent.write();
-                        r.entries.extend(ctx.changes.drain(..));
-                        while r.entries.len() > RECENT_CHANGES {
-                            if let Some((p, _)) = r.entries.pop_front() {
-                                r.floor = p;
-                            }
-                        }
-                    }
+                    // In memory before the position is published, so a
+                    // reader woken by it finds every event up to it.
+                    recent.write().add(&mut ctx);
                     pos_tx.send_replace(ctx.pos);
                 }
                 for answer in answers {
@@ -397,6 +478,22 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
     }
     ctx.pos = p;
     ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
+    ctx.events.push(StoredEvent {
+        position: p,
+        event_id: ev.event_id.clone(),
+        room_id: ev.room_id.clone(),
+        event_type: ev.event_type.clone(),
+        state_key: ev.state_key.clone(),
+        sender: ev.sender.clone(),
+        origin_server_ts: ev.origin_server_ts,
+        pdu_json: ev.pdu_json.clone(),
+        redacted_by: None,
+        txn: ev.txn.clone(),
+    });
+    if let Some((target, redacted_json)) = &ev.redaction {
+        ctx.redactions
+            .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
+    }
     if let (Some(_), Some(target)) = (&ev.membership, &ev.state_key) {
         ctx.changes.push((p, StreamKey::User(target.clone())));
     }
@@ -1240,6 +1337,14 @@ impl Store for SqliteStore {
         dir: Direction,
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
+        // The newest events come from memory.
+        let (lo, hi) = match dir {
+            Direction::Forward => (from, to),
+            Direction::Backward => (to, from),
+        };
+        if let Some(events) = self.recent.read().room_events(room_id, lo, hi, dir, limit) {
+            return Ok(events);
+        }
         let r = room_id.to_owned();
         let limit = limit as i64;
         self.read(move |c| match dir {

@@ -573,3 +573,90 @@ async fn cross_signing_keys_and_signatures_are_device_list_changes() {
     assert!(p4 > p3);
     assert_eq!(store.device_list_changes("@a:test", p3, p4).await.unwrap(), ["@a:test"]);
 }
+
+/// Reads of the newest events (served from memory by SQLite's store) and of
+/// older ones (from the database) give the same answers, across two rooms,
+/// in both directions, with a redaction applied to both.
+#[tokio::test]
+async fn recent_and_old_event_reads_agree_including_redactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut pending = vec![
+        store.persist_event(event("!a:test", 0, Some(("m.room.create", "", None)))),
+        store.persist_event({
+            let mut e = event("!b:test", 0, Some(("m.room.create", "", None)));
+            e.event_id = "$b0".into();
+            e.txn = None;
+            e
+        }),
+    ];
+    // More events than the in-memory tail holds, interleaved over two rooms.
+    for n in 1..6000u32 {
+        let room = if n % 3 == 0 { "!b:test" } else { "!a:test" };
+        let mut e = event(room, n, None);
+        e.txn = None;
+        pending.push(store.persist_event(e));
+    }
+    let mut positions = Vec::new();
+    for p in pending {
+        positions.push(p.await.unwrap().unwrap());
+    }
+    // Redact a recent event of room a.
+    let mut red = event("!a:test", 6000, None);
+    red.event_type = "m.room.redaction".into();
+    red.txn = None;
+    red.redaction = Some(("$e5998".into(), r#"{"redacted":true}"#.into()));
+    let red_pos = store.persist_event(red).await.unwrap().unwrap();
+
+    // From memory (recent) and from a reopened store (database only).
+    let check = |evs: &[weft_store::StoredEvent]| {
+        evs.iter()
+            .map(|e| {
+                (
+                    e.position,
+                    e.event_id.clone(),
+                    e.pdu_json.clone(),
+                    e.redacted_by.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let since = positions[5900];
+    let fresh = store
+        .room_events("!a:test", since, red_pos + 1, Direction::Forward, 50)
+        .await
+        .unwrap();
+    let fresh_back = store
+        .room_events("!b:test", i64::MAX, since, Direction::Backward, 20)
+        .await
+        .unwrap();
+    let old = store
+        .room_events("!a:test", positions[10], i64::MAX, Direction::Forward, 5)
+        .await
+        .unwrap();
+    drop(store);
+    let store = open(&dir);
+    let disk = store
+        .room_events("!a:test", since, red_pos + 1, Direction::Forward, 50)
+        .await
+        .unwrap();
+    let disk_back = store
+        .room_events("!b:test", i64::MAX, since, Direction::Backward, 20)
+        .await
+        .unwrap();
+    assert_eq!(check(&fresh), check(&disk));
+    assert_eq!(check(&fresh_back), check(&disk_back));
+    assert_eq!(fresh.len(), 50);
+    assert!(fresh.iter().all(|e| e.room_id == "!a:test" && e.position > since));
+    assert!(fresh.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(fresh_back.len(), 20);
+    assert_eq!(fresh_back[0].event_id, "$e5997", "newest of room b first");
+    assert!(fresh_back.windows(2).all(|w| w[0].position > w[1].position));
+    let redacted = fresh.iter().chain(disk.iter()).filter(|e| e.event_id == "$e5998");
+    for e in redacted {
+        assert_eq!(e.pdu_json, r#"{"redacted":true}"#);
+        assert_eq!(e.redacted_by.as_deref(), Some("$e6000"));
+    }
+    let old_ids: Vec<_> = old.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(old_ids, ["$e10", "$e11", "$e13", "$e14", "$e16"]);
+}
