@@ -1,0 +1,46 @@
+//! The fuzz targets (crates/fuzz/src/targets.rs), one test each.
+//!
+//! Under `cargo test` / `cargo nextest` each runs its seeds, then random
+//! inputs for `BOLERO_RANDOM_TEST_TIME_MS` (default here: 2 s) or
+//! `BOLERO_RANDOM_ITERATIONS`; a failure prints `BOLERO_RANDOM_SEED=…` to
+//! replay it. `cargo bolero test -p weft-fuzz --test doors <name>` runs the
+//! same target coverage-guided (nightly; see docs/fuzzing.md).
+
+use std::time::Duration;
+
+/// Time each target gets per run unless the environment says otherwise.
+const DEFAULT_TIME: Duration = Duration::from_secs(2);
+
+/// Every seed, unchanged (edit count 0 and nothing to edit with), before
+/// the random part: the targets' invariants hold on real packets.
+fn seeds_pass(count: usize, target: fn(&[u8])) {
+    for i in 0..count {
+        target(&[i as u8]);
+    }
+}
+
+#[test]
+fn mqtt_packets() {
+    seeds_pass(weft_fuzz::seeds::mqtt().len(), weft_fuzz::mqtt);
+    bolero::check!().with_test_time(DEFAULT_TIME).for_each(weft_fuzz::mqtt);
+}
+
+#[test]
+fn coap_datagrams() {
+    seeds_pass(weft_fuzz::seeds::coap().len(), weft_fuzz::coap);
+    bolero::check!().with_test_time(DEFAULT_TIME).for_each(weft_fuzz::coap);
+}
+
+#[test]
+fn cbor_items() {
+    seeds_pass(weft_fuzz::seeds::cbor().len(), weft_fuzz::cbor);
+    bolero::check!().with_test_time(DEFAULT_TIME).for_each(weft_fuzz::cbor);
+}
+
+#[test]
+fn door_payloads() {
+    seeds_pass(weft_fuzz::seeds::door_content().len(), weft_fuzz::door_content);
+    bolero::check!()
+        .with_test_time(DEFAULT_TIME)
+        .for_each(weft_fuzz::door_content);
+}
