@@ -13,7 +13,7 @@
 pub mod seeds;
 pub mod targets;
 
-pub use targets::{cbor, coap, door_content, mqtt};
+pub use targets::{Server, cbor, coap, coap_requests, door_content, mqtt};
 
 /// Bytes with a meaning in the formats fuzzed here (CBOR initial bytes,
 /// MQTT packet types, CoAP header bytes, varint edges, JSON syntax).

@@ -184,6 +184,11 @@ fn coap_request(
 
 /// CoAP datagrams: the request forms docs/coap.md shows, and the odd ones.
 pub fn coap() -> Vec<Vec<u8>> {
+    coap_for(ROOM)
+}
+
+/// [`coap`] with the requests naming `room`.
+pub fn coap_for(room: &str) -> Vec<Vec<u8>> {
     use CoapOption as O;
     use MessageType::{Acknowledgement, Confirmable as Con, NonConfirmable as Non, Reset};
     use RequestType::{Get, Post, Put};
@@ -195,14 +200,14 @@ pub fn coap() -> Vec<Vec<u8>> {
         coap_request(
             Con,
             Post,
-            &format!("/_m/c/a/v1/r/{ROOM}/s/m.room.message?a=syt_token"),
+            &format!("/_m/c/a/v1/r/{room}/s/m.room.message?a=syt_token"),
             &[cf(60)],
             message.clone(),
         ),
         coap_request(
             Con,
             Put,
-            &format!("/9/{ROOM}/org.weft.telemetry/txn1"),
+            &format!("/9/{room}/org.weft.telemetry/txn1"),
             &[
                 (O::Unknown(256), b"Bearer syt_token".to_vec()),
                 (O::Unknown(257), vec![1]),
@@ -210,7 +215,7 @@ pub fn coap() -> Vec<Vec<u8>> {
             ],
             telemetry,
         ),
-        coap_request(Non, Put, &format!("/9/{ROOM}/m.room.message/t2"), &[], int_keys),
+        coap_request(Non, Put, &format!("/9/{room}/m.room.message/t2"), &[], int_keys),
         coap_request(
             Con,
             Get,
@@ -228,7 +233,7 @@ pub fn coap() -> Vec<Vec<u8>> {
         coap_request(
             Con,
             Put,
-            &format!("/_matrix/client/v3/rooms/{ROOM}/state/m.room.topic/"),
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/"),
             &[cf(50), (O::Block1, vec![0x1e]), (O::Accept, vec![50])],
             br#"{"topic":"greenhouse \u00e9 21.50","n":-0,"big":9007199254740993}"#.to_vec(),
         ),
@@ -243,21 +248,44 @@ pub fn coap() -> Vec<Vec<u8>> {
         coap_request(
             Con,
             Get,
-            &format!("/E/{ROOM}?dir=b&limit=10"),
+            &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=5"),
+            &[],
+            vec![],
+        ),
+        coap_request(Con, Get, &format!("/_matrix/client/v3/rooms/{room}/state"), &[], vec![]),
+        coap_request(Con, Get, "/_matrix/client/v3/joined_rooms", &[], vec![]),
+        coap_request(
+            Con,
+            Put,
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"),
+            &[],
+            crate::seeds::cbor_of(&json!({"name": "greenhouse"})),
+        ),
+        coap_request(
+            Con,
+            Post,
+            "/G",
+            &[],
+            crate::seeds::cbor_of(&json!({"name": "r", "preset": "private_chat", "topic": "t"})),
+        ),
+        coap_request(
+            Con,
+            Get,
+            &format!("/E/{room}?dir=b&limit=10"),
             &[(O::Observe, vec![0]), (O::Unknown(256), b"tok".to_vec())],
             vec![],
         ),
         coap_request(
             Con,
             Post,
-            &format!("/_m/c/a/v1/r/{ROOM}/s/org.weft.raw"),
+            &format!("/_m/c/a/v1/r/{room}/s/org.weft.raw"),
             &[cf(0)],
             b"plain text 21.5".to_vec(),
         ),
         coap_request(
             Con,
             Post,
-            &format!("/_m/c/a/v1/r/{ROOM}/s/org.weft.raw"),
+            &format!("/_m/c/a/v1/r/{room}/s/org.weft.raw"),
             &[cf(42)],
             vec![0xff, 0, 1, 2],
         ),

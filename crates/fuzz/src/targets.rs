@@ -258,3 +258,123 @@ pub fn door_content(input: &[u8]) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// CoAP requests through the services
+
+/// Path segments whose requests [`coap_requests`] does not make: they end
+/// the session or the membership every other request needs.
+const SKIP: &[&str] = &[
+    "logout",
+    "deactivate",
+    "password",
+    "leave",
+    "forget",
+    "kick",
+    "ban",
+    "devices",
+    "delete_devices",
+];
+
+/// What [`coap_requests`] runs against: the shared services on a fresh
+/// data directory (no listener, no network), one user with a session and
+/// one room the seeds name.
+pub struct Server {
+    rt: tokio::runtime::Runtime,
+    services: std::sync::Arc<weft_services::Services>,
+    session: weft_services::Session,
+    seeds: Vec<Vec<u8>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        use weft_coap::routes::{CF_CBOR, Req, route};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = weft_core::Config::default();
+        config.rate_limit.enabled = false;
+        config.limits.max_sync_timeout_ms = 0;
+        config.database.synchronous = "normal".into();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _rt = rt.enter();
+        let key = weft_rooms::keys::load_or_create(dir.path()).expect("signing key");
+        let store = weft_store::open(&config, dir.path()).expect("store");
+        let services = weft_services::Services::new(config, store, key).expect("services");
+        let (session, room) = rt.block_on(async {
+            let user = services.accounts.create_user("fuzz", None, false).await.expect("user");
+            let login = services
+                .accounts
+                .new_device(&user, Some("FUZZ"), None)
+                .await
+                .expect("device");
+            let session = services
+                .accounts
+                .authenticate(&login.access_token)
+                .await
+                .expect("session");
+            let req = Req {
+                method: coap_lite::RequestType::Post,
+                path: ["_matrix", "client", "v3", "createRoom"].map(str::to_owned).to_vec(),
+                query: vec![],
+                payload: crate::seeds::cbor_of(&serde_json::json!({"name": "fuzz"})),
+                content_format: Some(CF_CBOR),
+                observe: None,
+            };
+            let reply = route(&services, Some(&session), &["createRoom"], &req)
+                .await
+                .unwrap_or_else(|e| panic!("createRoom: {e:?}"));
+            let room = reply.body["room_id"].as_str().expect("room_id").to_owned();
+            (session, room)
+        });
+        drop(_rt);
+        Server {
+            rt,
+            services,
+            session,
+            seeds: crate::seeds::coap_for(&room),
+            _dir: dir,
+        }
+    }
+}
+
+/// One datagram through the door's parsing and on into the route it names
+/// (the same `routes::route` the door calls, with the server's session):
+/// bad input gives an error, never a panic, a hang, or an internal error
+/// (`M_UNKNOWN`, 500), and a reply encodes into a response.
+pub fn coap_requests(server: &Server, input: &[u8]) {
+    use weft_coap::routes;
+    let data = crate::mutate(&server.seeds, input);
+    let Datagram::Request(parsed) = coap_door::request(&data) else {
+        return;
+    };
+    let r = &parsed.req;
+    let Some(p) = routes::cs_path(&r.path) else {
+        return;
+    };
+    if p.iter().any(|s| SKIP.contains(s)) {
+        return;
+    }
+    let session = (!routes::is_public(&p)).then_some(&server.session);
+    let what = || format!("{:?} /{}", r.method, r.path.join("/"));
+    let result = server.rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            routes::route(&server.services, session, &p, r),
+        )
+        .await
+    });
+    match result {
+        Err(_) => panic!("request hung: {}", what()),
+        Ok(Err(e)) => assert!(
+            e.kind != weft_core::ErrorKind::Unknown,
+            "bad input became an internal error: {}: {e:?}",
+            what()
+        ),
+        Ok(Ok(reply)) => {
+            let _ = coap_door::response(&parsed, &reply.body, false);
+        }
+    }
+}

@@ -13,7 +13,7 @@ const DEFAULT_TIME: Duration = Duration::from_secs(2);
 
 /// Every seed, unchanged (edit count 0 and nothing to edit with), before
 /// the random part: the targets' invariants hold on real packets.
-fn seeds_pass(count: usize, target: fn(&[u8])) {
+fn seeds_pass(count: usize, target: impl Fn(&[u8])) {
     for i in 0..count {
         target(&[i as u8]);
     }
@@ -29,6 +29,19 @@ fn mqtt_packets() {
 fn coap_datagrams() {
     seeds_pass(weft_fuzz::seeds::coap().len(), weft_fuzz::coap);
     bolero::check!().with_test_time(DEFAULT_TIME).for_each(weft_fuzz::coap);
+}
+
+#[test]
+fn coap_requests() {
+    let server = weft_fuzz::Server::start();
+    // A panic ends the test; nothing observes the server after one.
+    let server = std::panic::AssertUnwindSafe(&server);
+    let target = move |input: &[u8]| {
+        let server = &server; // the whole wrapper, not just its field
+        weft_fuzz::coap_requests(server.0, input)
+    };
+    seeds_pass(weft_fuzz::seeds::coap().len(), &target);
+    bolero::check!().with_test_time(DEFAULT_TIME).for_each(target);
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub fn canonical_object(value: serde_json::Value) -> Result<CanonicalJsonObject>
 }
 
 /// Rewrites a JSON text so that every number with a fraction or exponent
-/// (or an integer beyond canonical JSON's ±(2^53−1)) becomes a string
+/// (or an integer beyond canonical JSON's ±(2^53−1), or `-0`) becomes a string
 /// holding exactly the digits the device sent: `{"t": 21.50}` becomes
 /// `{"t": "21.50"}`. Doors (CoAP, MQTT, WebSocket) accept readings this
 /// way; the HTTP Client-Server API keeps refusing floats as the spec says.
