@@ -3,16 +3,16 @@
 //! Under `cargo test` / `cargo nextest` each runs its seeds, then random
 //! inputs for `BOLERO_RANDOM_TEST_TIME_MS` (default here: 2 s) or
 //! `BOLERO_RANDOM_ITERATIONS`; a failure prints `BOLERO_RANDOM_SEED=…` to
-//! replay it. `cargo bolero test -p weft-fuzz --test doors <name>` runs the
-//! same target coverage-guided (nightly; see docs/fuzzing.md).
+//! replay it. `cargo bolero test <name> -p weft-fuzz --toolchain nightly`
+//! runs the same target coverage-guided (see docs/fuzzing.md).
 
 use std::time::Duration;
 
 /// Time each target gets per run unless the environment says otherwise.
 const DEFAULT_TIME: Duration = Duration::from_secs(2);
 
-/// Every seed, unchanged (edit count 0 and nothing to edit with), before
-/// the random part: the targets' invariants hold on real packets.
+/// Every seed unchanged (a one-byte input picks a seed and edits nothing),
+/// before the random part: the invariants hold on real packets.
 fn seeds_pass(count: usize, target: impl Fn(&[u8])) {
     for i in 0..count {
         target(&[i as u8]);
