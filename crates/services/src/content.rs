@@ -19,7 +19,7 @@ pub fn canonical_object(value: serde_json::Value) -> Result<CanonicalJsonObject>
 }
 
 /// Rewrites a JSON text so that every number with a fraction or exponent
-/// (or an integer beyond canonical JSON's ±(2^53−1)) becomes a string
+/// (or an integer beyond canonical JSON's ±(2^53−1), or `-0`) becomes a string
 /// holding exactly the digits the device sent: `{"t": 21.50}` becomes
 /// `{"t": "21.50"}`. Doors (CoAP, MQTT, WebSocket) accept readings this
 /// way; the HTTP Client-Server API keeps refusing floats as the spec says.
@@ -48,7 +48,10 @@ pub fn quote_non_canonical_numbers(text: &str) -> String {
                     i += 1;
                 }
                 let token = &text[start..i];
-                let integer_ok = token.parse::<i64>().is_ok_and(|n| n.unsigned_abs() < (1u64 << 53));
+                // `-0` is quoted too: serde_json reads it as the float -0.0.
+                let integer_ok = token
+                    .parse::<i64>()
+                    .is_ok_and(|n| n.unsigned_abs() < (1u64 << 53) && !(n == 0 && token.starts_with('-')));
                 if !integer_ok {
                     out.push_str(&text[last..start]);
                     out.push('"');
@@ -107,5 +110,14 @@ mod tests {
         let c = door_content(br#"{"temp": 21.5}"#).unwrap();
         assert_eq!(c.get("temp").and_then(|v| v.as_str()), Some("21.5"));
         assert!(door_content(b"{not json").is_err());
+    }
+
+    /// Found by the door_payloads fuzz target: `-0` is valid JSON but
+    /// serde_json reads it as a float, so it was refused as non-canonical.
+    #[test]
+    fn negative_zero_is_quoted_not_refused() {
+        let c = door_content(br#"{"a": -0, "b": [-0], "c": 0}"#).unwrap();
+        assert_eq!(c.get("a").and_then(|v| v.as_str()), Some("-0"));
+        assert_eq!(c.get("c").and_then(|v| v.as_integer()).map(i64::from), Some(0));
     }
 }

@@ -8,6 +8,8 @@
 //! `/sync` (RFC 7641). See docs/coap.md.
 
 pub mod cbor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod msc3079;
 pub mod routes;
 

@@ -8,6 +8,8 @@
 mod codec;
 mod conn;
 mod feed;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod topics;
 
 use std::collections::HashMap;
