@@ -69,6 +69,15 @@ enum UserCommand {
         #[arg(long)]
         device_id: Option<String>,
     },
+    /// Mint a DTLS pre-shared key for a new (or named) device of a user,
+    /// for the CoAP door's DTLS listener (`coap-client -u IDENTITY -k KEY
+    /// coaps://…`). Prints the identity and the key; minting again for the
+    /// same device replaces its key. Deleting the device revokes it.
+    Psk {
+        name: String,
+        #[arg(long)]
+        device_id: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -176,6 +185,18 @@ async fn serve(
     } else {
         None
     };
+    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`).
+    let coaps_socket = if services.config.coap.enabled && services.config.coap.dtls_enabled {
+        let dtls_listen = services.config.coap.dtls_listen.clone();
+        let socket = tokio::net::UdpSocket::bind(&dtls_listen).await.with_context(|| {
+            format!(
+                "cannot listen for CoAP over DTLS on {dtls_listen} (set [coap] dtls_listen or dtls_enabled = false)"
+            )
+        })?;
+        Some(socket)
+    } else {
+        None
+    };
     if first_run {
         println!(
             "weft: created data directory {} (config weft.toml, signing key, database)",
@@ -187,6 +208,10 @@ async fn serve(
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));
+    }
+    if let Some(socket) = coaps_socket {
+        println!("weft: coap dtls listening on {}", socket.local_addr()?);
+        tokio::spawn(weft_coap::dtls::serve_dtls(services.clone(), socket));
     }
     // The exact path of this binary, so the hint works under `cargo run` too.
     let exe = std::env::current_exe()
@@ -280,6 +305,17 @@ async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> any
                 .map_err(err)?;
             println!("{}", login.access_token);
             eprintln!("device {} of {}", login.device_id, login.user_id);
+        }
+        UserCommand::Psk { name, device_id } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            match s.store.get_user(user_id.as_str()).await.map_err(err)? {
+                Some(u) if !u.deactivated => {}
+                _ => bail!("no such active user {user_id}"),
+            }
+            let grant = s.accounts.mint_psk(&user_id, device_id.as_deref()).await.map_err(err)?;
+            println!("identity {}", grant.identity);
+            println!("key {}", grant.key);
+            eprintln!("device {} of {}", grant.device_id, grant.user_id);
         }
     }
     Ok(())
