@@ -457,7 +457,13 @@ fn purge_devices(
                                 WHERE c.user_id = ?1)",
     )?
     .execute(params![user, only, keep])?;
-    for table in ["one_time_keys", "fallback_keys", "to_device_txns", "device_psks", "devices"] {
+    for table in [
+        "one_time_keys",
+        "fallback_keys",
+        "to_device_txns",
+        "device_psks",
+        "devices",
+    ] {
         conn.prepare_cached(&format!("DELETE FROM {table} WHERE {SEL}"))?
             .execute(params![user, only, keep])?;
     }
@@ -750,7 +756,12 @@ impl Store for SqliteStore {
     }
 
     async fn set_device_psk(&self, user_id: &str, device_id: &str, identity: &str, psk: &[u8]) -> Result<()> {
-        let (u, d, i, k) = (user_id.to_owned(), device_id.to_owned(), identity.to_owned(), psk.to_vec());
+        let (u, d, i, k) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            identity.to_owned(),
+            psk.to_vec(),
+        );
         self.write_wait(move |c, _| {
             let active: Option<bool> = c
                 .query_row("SELECT deactivated FROM users WHERE user_id = ?1", [&u], |r| r.get(0))

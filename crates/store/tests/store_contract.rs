@@ -592,7 +592,10 @@ async fn device_psks_are_found_by_identity_and_die_with_their_device() {
     assert!(store.lookup_psk("id-1").await.unwrap().is_none());
 
     // A new device is created for the key (without an access token).
-    store.set_device_psk("@a:test", "SENSOR", "id-1", b"key-one").await.unwrap();
+    store
+        .set_device_psk("@a:test", "SENSOR", "id-1", b"key-one")
+        .await
+        .unwrap();
     let devices = store.list_devices("@a:test").await.unwrap();
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].device_id, "SENSOR");
@@ -605,8 +608,14 @@ async fn device_psks_are_found_by_identity_and_die_with_their_device() {
 
     // An existing device keeps its token; minting again replaces the key.
     device(&store, "@a:test", "PHONE").await;
-    store.set_device_psk("@a:test", "PHONE", "id-2", b"key-two").await.unwrap();
-    store.set_device_psk("@a:test", "PHONE", "id-3", b"key-three").await.unwrap();
+    store
+        .set_device_psk("@a:test", "PHONE", "id-2", b"key-two")
+        .await
+        .unwrap();
+    store
+        .set_device_psk("@a:test", "PHONE", "id-3", b"key-three")
+        .await
+        .unwrap();
     assert!(store.lookup_psk("id-2").await.unwrap().is_none());
     assert_eq!(store.lookup_psk("id-3").await.unwrap().unwrap().psk, b"key-three");
     assert!(store.lookup_token(b"@a:test/PHONE").await.unwrap().is_some());
