@@ -173,6 +173,20 @@ async fn serve(
     let addr = listener.local_addr()?;
     // Advertise the address actually bound (port 0 picks one).
     config.listen = addr.to_string();
+    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`). The
+    // address actually bound is advertised in the CoAP `/versions` (MSC3079).
+    let coaps_socket = if config.coap.enabled && config.coap.dtls_enabled {
+        let dtls_listen = config.coap.dtls_listen.clone();
+        let socket = tokio::net::UdpSocket::bind(&dtls_listen).await.with_context(|| {
+            format!(
+                "cannot listen for CoAP over DTLS on {dtls_listen} (set [coap] dtls_listen or dtls_enabled = false)"
+            )
+        })?;
+        config.coap.dtls_listen = socket.local_addr()?.to_string();
+        Some(socket)
+    } else {
+        None
+    };
     let services = open_services(data_dir, config)?;
     let app = weft_http::router(services.clone());
     // The CoAP+CBOR door (UDP), sharing the same services.
@@ -180,18 +194,6 @@ async fn serve(
         let coap_listen = services.config.coap.listen.clone();
         let socket = tokio::net::UdpSocket::bind(&coap_listen).await.with_context(|| {
             format!("cannot listen for CoAP on {coap_listen} (set [coap] listen or enabled = false)")
-        })?;
-        Some(socket)
-    } else {
-        None
-    };
-    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`).
-    let coaps_socket = if services.config.coap.enabled && services.config.coap.dtls_enabled {
-        let dtls_listen = services.config.coap.dtls_listen.clone();
-        let socket = tokio::net::UdpSocket::bind(&dtls_listen).await.with_context(|| {
-            format!(
-                "cannot listen for CoAP over DTLS on {dtls_listen} (set [coap] dtls_listen or dtls_enabled = false)"
-            )
         })?;
         Some(socket)
     } else {

@@ -163,18 +163,26 @@ pub async fn route(s: &Services, session: Option<&Session>, p: &[&str], req: &Re
     use Method::*;
     use ResponseType::*;
     if let ["versions"] = p {
+        // MSC3079 discovery, with the DTLS listener's port when it runs.
+        let mut low_bandwidth = json!({
+            "cbor_enum_version": 1,
+            "coap_enum_version": 1,
+            "observe": 1,
+        });
+        let coap = &s.config.coap;
+        if coap.enabled
+            && coap.dtls_enabled
+            && let Ok(addr) = coap.dtls_listen.parse::<std::net::SocketAddr>()
+        {
+            low_bandwidth["dtls"] = json!(addr.port());
+        }
         return match req.method {
             Get => ok(
                 Content,
                 json!({
                     "versions": SPEC_VERSIONS,
                     "unstable_features": {},
-                    // MSC3079 discovery (no DTLS yet, so no "dtls" port).
-                    "org.matrix.msc3079.low_bandwidth": {
-                        "cbor_enum_version": 1,
-                        "coap_enum_version": 1,
-                        "observe": 1,
-                    },
+                    "org.matrix.msc3079.low_bandwidth": low_bandwidth,
                 }),
             ),
             _ => Err(unrecognized(true)),

@@ -326,9 +326,10 @@ async fn rust_dtls_client_round_trip_and_garbage() {
     let (code, v) = plain.call_cbor(Request::new(M::Get, "/_matrix/client/versions")).await;
     assert_eq!(code, R::Content);
     assert!(v["versions"].as_array().is_some_and(|a| !a.is_empty()));
-    // Over DTLS, without a token or PSK device, nothing but a session works.
-    let (code, _) = c.call(Request::new(M::Get, "/_matrix/client/versions")).await;
+    // /versions over DTLS advertises the DTLS port (MSC3079).
+    let (code, v) = c.call(Request::new(M::Get, "/_matrix/client/versions")).await;
     assert_eq!(code, R::Content);
+    assert_eq!(v["org.matrix.msc3079.low_bandwidth"]["dtls"], s.coaps.port());
 }
 
 /// At most `dtls_max_sessions` sessions: a further handshake is ignored
