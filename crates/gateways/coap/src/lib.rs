@@ -537,13 +537,13 @@ impl<T: Transport> Door<T> {
                     }
                     _ => None,
                 };
-                if let (Some(what), Some(session)) = (what, session)
+                if let (Some(what), Some(auth)) = (what, session)
                     && self.observer_room(peer, req.get_token())
                 {
                     let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                     resp.add_option(CoapOption::Observe, uint_bytes(seq));
                     self.clone()
-                        .observe(peer, req.get_token().to_vec(), session, what, uri_key.clone(), out_cf);
+                        .observe(peer, req.get_token().to_vec(), auth, what, uri_key.clone(), out_cf);
                 } else if observe == Some(1)
                     && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
                 {
@@ -646,13 +646,29 @@ impl<T: Transport> Door<T> {
                 && st.observers.keys().filter(|(p, _)| *p == peer).count() < MAX_OBSERVERS_PER_PEER)
     }
 
+    /// Whether the credential an observer registered with still names
+    /// the same device.
+    async fn still_valid(&self, session: &Session, credential: &Credential) -> weft_core::Result<()> {
+        let now = match credential {
+            Credential::Token(t) => Some(self.services.accounts.authenticate(t).await?),
+            Credential::Psk(identity) => self.services.accounts.psk_owner(identity).await?.map(|(s, _)| s),
+        };
+        match now {
+            Some(s) if s.user_id == session.user_id && s.device_id == session.device_id => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::UnknownToken { soft_logout: false },
+                "The credential of this observer was revoked",
+            )),
+        }
+    }
+
     /// Authenticates and routes.
     async fn handle(
         &self,
         r: &Req,
         option_token: Option<String>,
         peer: SocketAddr,
-    ) -> weft_core::Result<(routes::Reply, Option<Session>)> {
+    ) -> weft_core::Result<(routes::Reply, Option<(Session, Credential)>)> {
         let p = routes::cs_path(&r.path).ok_or_else(|| {
             Error::new(
                 ErrorKind::Unrecognized {
@@ -679,7 +695,7 @@ impl<T: Transport> Door<T> {
             };
             self.services.limiter.check(session.user_id.as_str())?;
             let reply = routes::route(&self.services, Some(&session), &p, r).await?;
-            return Ok((reply, Some(session)));
+            return Ok((reply, Some((session, Credential::Psk(identity)))));
         }
         let token = match &presented {
             Some(t) => Some(t.clone()),
@@ -696,10 +712,10 @@ impl<T: Transport> Door<T> {
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {
                 st.peer_tokens.clear();
             }
-            st.peer_tokens.insert(peer, token);
+            st.peer_tokens.insert(peer, token.clone());
         }
         let reply = routes::route(&self.services, Some(&session), &p, r).await?;
-        Ok((reply, Some(session)))
+        Ok((reply, Some((session, Credential::Token(token)))))
     }
 
     /// Registers an observer of `/sync`: each new sync batch after `since`
@@ -710,7 +726,7 @@ impl<T: Transport> Door<T> {
         self: Arc<Self>,
         peer: SocketAddr,
         token: Vec<u8>,
-        session: Session,
+        (session, credential): (Session, Credential),
         mut what: Watch,
         uri_key: String,
         cf: u16,
@@ -722,8 +738,18 @@ impl<T: Transport> Door<T> {
         let mut st = self.state.lock();
         let task = tokio::spawn(async move {
             loop {
+                // The credential is checked again before every notification:
+                // a logged-out token or revoked key stops the observer.
                 let batch = match door.next_batch(&session, &mut what).await {
-                    Ok(Some(b)) => b,
+                    Ok(Some(b)) => match door.still_valid(&session, &credential).await {
+                        Ok(()) => b,
+                        Err(e) => {
+                            let mut p = error_packet(&e, cf);
+                            p.set_token(token.clone());
+                            let _ = door.send_confirmable(p, peer).await;
+                            break;
+                        }
+                    },
                     Ok(None) => continue,
                     Err(e) => {
                         // Tell the observer why, then stop.
@@ -756,6 +782,13 @@ impl<T: Transport> Door<T> {
             old.abort();
         }
     }
+}
+
+/// What authenticated a request: kept by observers to check it again.
+enum Credential {
+    Token(String),
+    /// The DTLS session's pre-shared key identity.
+    Psk(String),
 }
 
 /// What an observer watches.

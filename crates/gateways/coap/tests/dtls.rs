@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coap_lite::{MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
 use common::{Client, Request, Server, cbor, coap_client_dtls, enc, uncbor};
 use dimpl::{Config, Dtls, PskResolver};
 use serde_json::{Value, json};
@@ -58,6 +58,30 @@ async fn coaps_client(bin: &str, addr: SocketAddr, path: &str, psk: (&str, &str)
     })
     .await
     .unwrap()
+}
+
+/// Registers bob and has him join alice's room: (token, user ID).
+async fn join_bob(s: &Server, alice_token: &str, room: &str) -> (String, String) {
+    let (bob_token, bob) = s.register("bob").await;
+    let (st, v) = s
+        .http_call(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+            Some(alice_token),
+            Some(json!({"user_id": bob})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .http_call(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/join", enc(room)),
+            Some(&bob_token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    (bob_token, bob)
 }
 
 /// No CoAP answer came back (libcoap logs its failure on stdout).
@@ -174,19 +198,39 @@ async fn wrong_key_or_unknown_identity_fails_the_handshake() {
 }
 
 /// Logging the device out (here: `/logout/all`) revokes its key: new
-/// handshakes fail, and an established session gets 4.01 at once.
+/// handshakes fail, an established session gets 4.01 at once, and an
+/// observer on another session is told 4.01 instead of the next event.
 #[tokio::test]
 async fn revoked_psk_stops_working() {
     let (s, token, room) = Server::with_alice_and_room().await;
+    let (bob_token, _) = join_bob(&s, &token, &room).await;
     let (identity, key) = s.mint_psk("alice", "SENSOR1").await;
     let mut c = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
         .await
         .expect("handshake");
+    let mut watcher = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
+        .await
+        .expect("handshake");
+    let mpath = format!("/_matrix/client/v3/rooms/{room}/messages");
+    let (code, first) = watcher
+        .exchange(&Request::new(M::Get, &mpath).opt(CoapOption::Observe, vec![]), None)
+        .await;
+    assert_eq!(code, R::Content);
+    assert!(
+        first.get_first_option(CoapOption::Observe).is_some(),
+        "observer registered"
+    );
     let path = send_path(&room);
     let content = json!({"msgtype": "m.text", "body": "before"});
     let (code, v) = c.call(Request::new(M::Post, &path).cbor(&content)).await;
     assert_eq!(code, R::Created, "{v}");
     assert_eq!(s.http_messages(&token, &room, "m.room.message").await.len(), 1);
+
+    // The observer saw that one.
+    let note = watcher.recv(Duration::from_secs(10)).await.expect("notification");
+    watcher.ack(&note).await;
+    assert_eq!(note.header.code, MessageClass::Response(R::Content));
+    assert_eq!(uncbor(&note.payload)["chunk"][0]["content"], content);
 
     let (st, v) = s
         .http_call(
@@ -197,6 +241,21 @@ async fn revoked_psk_stops_working() {
         )
         .await;
     assert_eq!(st, 200, "{v}");
+
+    // Bob's next message is not shown to the revoked observer.
+    let (st, v) = s
+        .http_call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/b1", enc(&room)),
+            Some(&bob_token),
+            Some(json!({"msgtype": "m.text", "body": "secret"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let note = watcher.recv(Duration::from_secs(10)).await.expect("notification");
+    watcher.ack(&note).await;
+    assert_eq!(note.header.code, MessageClass::Response(R::Unauthorized));
+    assert_eq!(uncbor(&note.payload)["errcode"], "M_UNKNOWN_TOKEN");
 
     // The open session: refused, like an unknown token.
     let (code, v) = c
@@ -226,8 +285,9 @@ async fn revoked_psk_stops_working() {
     assert_eq!(st, 200, "{v}");
     let token = v["access_token"].as_str().unwrap();
     let msgs = s.http_messages(token, &room, "m.room.message").await;
-    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["content"]["body"], "before");
+    assert_eq!(msgs[1]["content"]["body"], "secret");
 }
 
 /// A Rust DTLS client: sends over the session without a token, reads the
@@ -237,25 +297,7 @@ async fn revoked_psk_stops_working() {
 #[tokio::test]
 async fn rust_dtls_client_round_trip_and_garbage() {
     let (s, token, room) = Server::with_alice_and_room().await;
-    let (bob_token, bob) = s.register("bob").await;
-    let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
-            Some(&token),
-            Some(json!({"user_id": bob})),
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
-    let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
-            Some(&bob_token),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
+    let (bob_token, bob) = join_bob(&s, &token, &room).await;
 
     let (identity, key) = s.mint_psk("alice", "SENSOR2").await;
     let mut c = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
@@ -464,6 +506,18 @@ impl DtlsClient {
         }
     }
 
+    /// Acknowledges a confirmable message (a separate response or a
+    /// notification).
+    async fn ack(&mut self, p: &Packet) {
+        if p.header.get_type() == MessageType::Confirmable {
+            let mut a = Packet::new();
+            a.header.set_type(MessageType::Acknowledgement);
+            a.header.code = MessageClass::Empty;
+            a.header.message_id = p.header.message_id;
+            self.send(&a.to_bytes().unwrap()).await;
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) {
         self.dtls.handle_timeout(Instant::now()).unwrap();
         self.dtls.send_application_data(bytes).unwrap();
@@ -489,7 +543,7 @@ impl DtlsClient {
     async fn call(&mut self, r: Request<'_>) -> (R, Value) {
         let (code, first) = self.exchange(&r, None).await;
         let mut body = first.payload.clone();
-        let mut block = first.get_first_option(coap_lite::CoapOption::Block2).cloned();
+        let mut block = first.get_first_option(CoapOption::Block2).cloned();
         while let Some(b) = block {
             let v = b.iter().fold(0u32, |a, x| (a << 8) | u32::from(*x));
             if v & 0x8 == 0 {
@@ -498,7 +552,7 @@ impl DtlsClient {
             let next = (((v >> 4) + 1) << 4) | (v & 7);
             let (_, resp) = self.exchange(&r, Some(next)).await;
             body.extend_from_slice(&resp.payload);
-            block = resp.get_first_option(coap_lite::CoapOption::Block2).cloned();
+            block = resp.get_first_option(CoapOption::Block2).cloned();
         }
         (code, uncbor(&body))
     }
@@ -512,18 +566,21 @@ impl DtlsClient {
         self.token += 1;
         p.set_token(self.token.to_be_bytes().to_vec());
         for seg in r.path.trim_start_matches('/').split('/') {
-            p.add_option(coap_lite::CoapOption::UriPath, seg.as_bytes().to_vec());
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
         }
         if let Some(cf) = r.content_format {
-            p.add_option(coap_lite::CoapOption::ContentFormat, vec![cf as u8]);
+            p.add_option(CoapOption::ContentFormat, vec![cf as u8]);
         }
         for q in &r.query {
-            p.add_option(coap_lite::CoapOption::UriQuery, q.as_bytes().to_vec());
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        for (o, v) in &r.options {
+            p.add_option(*o, v.clone());
         }
         if let Some(b) = block2 {
             let vb = b.to_be_bytes();
             let skip = vb.iter().take_while(|x| **x == 0).count();
-            p.add_option(coap_lite::CoapOption::Block2, vb[skip..].to_vec());
+            p.add_option(CoapOption::Block2, vb[skip..].to_vec());
         }
         p.payload = r.payload.clone();
         let bytes = p.to_bytes().unwrap();
@@ -538,13 +595,7 @@ impl DtlsClient {
         let mut resp = resp.expect("no response over DTLS");
         if resp.header.code == MessageClass::Empty {
             resp = self.recv(Duration::from_secs(40)).await.expect("separate response");
-            if resp.header.get_type() == MessageType::Confirmable {
-                let mut a = Packet::new();
-                a.header.set_type(MessageType::Acknowledgement);
-                a.header.code = MessageClass::Empty;
-                a.header.message_id = resp.header.message_id;
-                self.send(&a.to_bytes().unwrap()).await;
-            }
+            self.ack(&resp).await;
         }
         assert_eq!(resp.get_token(), p.get_token());
         let code = match resp.header.code {
