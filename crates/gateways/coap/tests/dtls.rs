@@ -166,7 +166,10 @@ async fn wrong_key_or_unknown_identity_fails_the_handshake() {
     let (s, token, room) = Server::with_alice_and_room().await;
     let (identity, key) = s.mint_psk("alice", "SENSOR1").await;
     let content = json!({"msgtype": "m.text", "body": "must not arrive"});
-    let wrong_key = format!("{}x", &key[..key.len() - 1]);
+    // The same key with its last character changed.
+    let last = if key.ends_with('x') { 'y' } else { 'x' };
+    let wrong_key = format!("{}{last}", &key[..key.len() - 1]);
+    assert_ne!(wrong_key, key);
     for psk in [
         (identity.as_str(), wrong_key.as_str()),
         ("wpsk_nosuchidentity", key.as_str()),
