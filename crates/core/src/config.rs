@@ -26,7 +26,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub rooms: RoomsConfig,
     pub mqtt: DoorConfig,
-    pub coap: DoorConfig,
+    pub coap: CoapConfig,
 }
 
 /// A door (transport) other than HTTP: whether it runs and where it listens.
@@ -43,6 +43,39 @@ impl Default for DoorConfig {
         Self {
             enabled: true,
             listen: String::new(),
+        }
+    }
+}
+
+/// The CoAP door: plain CoAP on UDP, and CoAP over DTLS 1.2 with
+/// per-device pre-shared keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CoapConfig {
+    pub enabled: bool,
+    /// `host:port` of plain CoAP; port 0 picks a free one.
+    pub listen: String,
+    /// Whether the DTLS (`coaps://`) listener runs.
+    pub dtls_enabled: bool,
+    /// `host:port` of the DTLS listener; port 0 picks a free one.
+    pub dtls_listen: String,
+    /// Most DTLS sessions (and handshakes) at once; past it, a new
+    /// handshake replaces the longest-idle session if that has been idle
+    /// for a minute, and is ignored otherwise.
+    pub dtls_max_sessions: usize,
+    /// A DTLS session that receives nothing for this long is dropped.
+    pub dtls_idle_timeout_secs: u64,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:5683".into(),
+            dtls_enabled: true,
+            dtls_listen: "127.0.0.1:5684".into(),
+            dtls_max_sessions: 1000,
+            dtls_idle_timeout_secs: 600,
         }
     }
 }
@@ -122,10 +155,7 @@ impl Default for Config {
                 enabled: true,
                 listen: "127.0.0.1:1883".into(),
             },
-            coap: DoorConfig {
-                enabled: true,
-                listen: "127.0.0.1:5683".into(),
-            },
+            coap: CoapConfig::default(),
         }
     }
 }
@@ -235,6 +265,15 @@ listen = "127.0.0.1:1883"
 # The CoAP+CBOR door (UDP). See docs/coap.md.
 enabled = true
 listen = "127.0.0.1:5683"
+# CoAP over DTLS 1.2 (coaps://) with per-device pre-shared keys minted by
+# `weft user psk NAME [--device-id ID]`. Runs when `enabled` is true too.
+dtls_enabled = true
+dtls_listen = "127.0.0.1:5684"
+# Most DTLS sessions at once; past it a new handshake replaces the
+# longest-idle session (if idle for a minute) or is ignored.
+dtls_max_sessions = 1000
+# Drop a DTLS session that has received nothing for this many seconds.
+dtls_idle_timeout_secs = 600
 "#;
 
 impl Config {

@@ -30,6 +30,15 @@ pub struct LoginResult {
     pub access_token: String,
 }
 
+/// A freshly minted DTLS pre-shared key.
+#[derive(Debug, Clone)]
+pub struct PskGrant {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub identity: String,
+    pub key: String,
+}
+
 pub struct Accounts {
     store: Arc<dyn Store>,
     server_name: OwnedServerName,
@@ -196,6 +205,45 @@ impl Accounts {
             device_id,
             access_token,
         })
+    }
+
+    /// Mints a DTLS pre-shared key for a device of `user_id` (a new device,
+    /// or the named one, created if needed), replacing the device's old
+    /// key. Identity and key are printable, so they can be typed into
+    /// `coap-client -u IDENTITY -k KEY`; the key has about 190 bits.
+    pub async fn mint_psk(&self, user_id: &UserId, device_id: Option<&str>) -> Result<PskGrant> {
+        let device_id = match device_id {
+            Some(d) if !d.is_empty() && d.len() <= 255 => d.to_owned(),
+            Some(_) => return Err(Error::invalid_param("Invalid device_id")),
+            None => random_string(10).to_uppercase(),
+        };
+        let identity = format!("wpsk_{}", random_string(20));
+        let key = random_string(32);
+        self.store
+            .set_device_psk(user_id.as_str(), &device_id, &identity, key.as_bytes())
+            .await?;
+        Ok(PskGrant {
+            user_id: user_id.to_owned(),
+            device_id,
+            identity,
+            key,
+        })
+    }
+
+    /// The device a DTLS pre-shared key identity belongs to, with the key;
+    /// `None` if the identity is unknown or revoked.
+    pub async fn psk_owner(&self, identity: &str) -> Result<Option<(Session, Vec<u8>)>> {
+        let Some(owner) = self.store.lookup_psk(identity).await? else {
+            return Ok(None);
+        };
+        let user_id = OwnedUserId::try_from(owner.user_id).map_err(Error::internal)?;
+        Ok(Some((
+            Session {
+                user_id,
+                device_id: owner.device_id,
+            },
+            owner.psk,
+        )))
     }
 
     /// Resolves an access token to its device.

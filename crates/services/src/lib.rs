@@ -68,16 +68,24 @@ impl Services {
 impl Services {
     /// The body of `GET /_matrix/client/versions`, the same through every
     /// door. With the CoAP door on, it advertises MSC3079 (low-bandwidth
-    /// CS API, version 1 of its tables, Observe on `/sync`) under the key
+    /// CS API, version 1 of its tables, Observe on `/sync`, the DTLS port
+    /// when that listener runs) under the key
     /// the MSC names, `m.low_bandwidth`, and its unstable-prefixed twin.
     pub fn versions(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "versions": SPEC_VERSIONS, "unstable_features": {} });
         if self.config.coap.enabled {
-            let low_bandwidth = serde_json::json!({
+            let mut low_bandwidth = serde_json::json!({
                 "cbor_enum_version": 1,
                 "coap_enum_version": 1,
                 "observe": 1,
             });
+            // The DTLS listener's port (its bound address, once it runs).
+            let coap = &self.config.coap;
+            if coap.dtls_enabled
+                && let Ok(addr) = coap.dtls_listen.parse::<std::net::SocketAddr>()
+            {
+                low_bandwidth["dtls"] = addr.port().into();
+            }
             v["unstable_features"]["org.matrix.msc3079"] = true.into();
             v["org.matrix.msc3079.low_bandwidth"] = low_bandwidth.clone();
             v["m.low_bandwidth"] = low_bandwidth;

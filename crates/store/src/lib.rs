@@ -67,6 +67,14 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes all devices of `user_id` except `keep` (if given), like
     /// [`Store::delete_device`] for each.
     async fn delete_devices_except(&self, user_id: &str, keep: Option<&str>) -> Result<()>;
+    /// Gives a device a DTLS pre-shared key (replacing its previous one),
+    /// creating the device (without an access token) if it does not exist.
+    /// `identity` is unique server-wide. Fails with `M_NOT_FOUND` unless the
+    /// user exists and is active. Deleting the device deletes the key.
+    async fn set_device_psk(&self, user_id: &str, device_id: &str, identity: &str, psk: &[u8]) -> Result<()>;
+    /// The device holding the pre-shared key named `identity`, with the
+    /// key; `None` if there is none, or its user is deactivated.
+    async fn lookup_psk(&self, identity: &str) -> Result<Option<PskOwner>>;
 
     // ---- end-to-end encryption ----
     /// Stores what one `/keys/upload` carries, in one write. Device keys are

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_e2ee.sql"),
     include_str!("../migrations/0003_cross_signing.sql"),
+    include_str!("../migrations/0004_device_psks.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -553,7 +554,13 @@ fn purge_devices(
                                 WHERE c.user_id = ?1)",
     )?
     .execute(params![user, only, keep])?;
-    for table in ["one_time_keys", "fallback_keys", "to_device_txns", "devices"] {
+    for table in [
+        "one_time_keys",
+        "fallback_keys",
+        "to_device_txns",
+        "device_psks",
+        "devices",
+    ] {
         conn.prepare_cached(&format!("DELETE FROM {table} WHERE {SEL}"))?
             .execute(params![user, only, keep])?;
     }
@@ -843,6 +850,60 @@ impl Store for SqliteStore {
         let (u, k) = (user_id.to_owned(), keep.map(str::to_owned));
         self.write_wait(move |c, ctx| purge_devices(c, ctx, &u, None, k.as_deref()).map_err(db_err))
             .await
+    }
+
+    async fn set_device_psk(&self, user_id: &str, device_id: &str, identity: &str, psk: &[u8]) -> Result<()> {
+        let (u, d, i, k) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            identity.to_owned(),
+            psk.to_vec(),
+        );
+        self.write_wait(move |c, _| {
+            let active: Option<bool> = c
+                .query_row("SELECT deactivated FROM users WHERE user_id = ?1", [&u], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            if active != Some(false) {
+                return Err(Error::new(ErrorKind::NotFound, "No such active user"));
+            }
+            c.execute(
+                "INSERT INTO devices (user_id, device_id, last_seen_ms) VALUES (?1,?2,?3) \
+                 ON CONFLICT (user_id, device_id) DO NOTHING",
+                params![u, d, weft_core::now_ms() as i64],
+            )
+            .map_err(db_err)?;
+            c.execute(
+                "INSERT INTO device_psks (identity, user_id, device_id, psk, created_ms) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET identity = excluded.identity, psk = excluded.psk, \
+                 created_ms = excluded.created_ms",
+                params![i, u, d, k, weft_core::now_ms() as i64],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lookup_psk(&self, identity: &str) -> Result<Option<PskOwner>> {
+        let i = identity.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT p.user_id, p.device_id, p.psk FROM device_psks p \
+                 JOIN devices d ON d.user_id = p.user_id AND d.device_id = p.device_id \
+                 JOIN users u ON u.user_id = p.user_id \
+                 WHERE p.identity = ?1 AND u.deactivated = 0",
+            )?
+            .query_row([i], |r| {
+                Ok(PskOwner {
+                    user_id: r.get(0)?,
+                    device_id: r.get(1)?,
+                    psk: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .await
     }
 
     async fn upload_keys(&self, user_id: &str, device_id: &str, upload: KeyUpload) -> Result<BTreeMap<String, u64>> {

@@ -33,6 +33,23 @@ pub struct TokenOwner {
     pub device_id: String,
 }
 
+/// A device's DTLS pre-shared key, found by its identity.
+#[derive(Clone)]
+pub struct PskOwner {
+    pub user_id: String,
+    pub device_id: String,
+    pub psk: Vec<u8>,
+}
+
+impl std::fmt::Debug for PskOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PskOwner")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceRecord {
     pub device_id: String,

@@ -660,3 +660,76 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
     let old_ids: Vec<_> = old.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(old_ids, ["$e10", "$e11", "$e13", "$e14", "$e16"]);
 }
+
+#[tokio::test]
+async fn device_psks_are_found_by_identity_and_die_with_their_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for u in ["@a:test", "@b:test"] {
+        store
+            .create_user(NewUser {
+                user_id: u.into(),
+                password_hash: None,
+                admin: false,
+                created_ms: 1,
+            })
+            .await
+            .unwrap();
+    }
+    assert!(store.lookup_psk("id-1").await.unwrap().is_none());
+
+    // A new device is created for the key (without an access token).
+    store
+        .set_device_psk("@a:test", "SENSOR", "id-1", b"key-one")
+        .await
+        .unwrap();
+    let devices = store.list_devices("@a:test").await.unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].device_id, "SENSOR");
+    let owner = store.lookup_psk("id-1").await.unwrap().expect("psk found");
+    assert_eq!(
+        (owner.user_id.as_str(), owner.device_id.as_str(), owner.psk.as_slice()),
+        ("@a:test", "SENSOR", b"key-one".as_slice())
+    );
+    assert!(!format!("{owner:?}").contains("key-one"), "Debug hides the key");
+
+    // An existing device keeps its token; minting again replaces the key.
+    device(&store, "@a:test", "PHONE").await;
+    store
+        .set_device_psk("@a:test", "PHONE", "id-2", b"key-two")
+        .await
+        .unwrap();
+    store
+        .set_device_psk("@a:test", "PHONE", "id-3", b"key-three")
+        .await
+        .unwrap();
+    assert!(store.lookup_psk("id-2").await.unwrap().is_none());
+    assert_eq!(store.lookup_psk("id-3").await.unwrap().unwrap().psk, b"key-three");
+    assert!(store.lookup_token(b"@a:test/PHONE").await.unwrap().is_some());
+    assert_eq!(store.list_devices("@a:test").await.unwrap().len(), 2);
+
+    // Identities are unique server-wide.
+    assert!(store.set_device_psk("@b:test", "X", "id-1", b"other").await.is_err());
+    assert_eq!(store.lookup_psk("id-1").await.unwrap().unwrap().user_id, "@a:test");
+    // No key for an unknown user.
+    assert!(store.set_device_psk("@nobody:test", "X", "id-9", b"k").await.is_err());
+
+    // Deleting a device deletes its key; deactivating deletes them all.
+    store.set_device_psk("@b:test", "B1", "id-b1", b"kb1").await.unwrap();
+    store.set_device_psk("@b:test", "B2", "id-b2", b"kb2").await.unwrap();
+    store.delete_device("@a:test", "SENSOR").await.unwrap();
+    assert!(store.lookup_psk("id-1").await.unwrap().is_none());
+    assert!(store.lookup_psk("id-3").await.unwrap().is_some());
+    store.delete_devices_except("@a:test", None).await.unwrap();
+    assert!(store.lookup_psk("id-3").await.unwrap().is_none());
+    store.deactivate_user("@b:test").await.unwrap();
+    assert!(store.lookup_psk("id-b1").await.unwrap().is_none());
+    assert!(store.lookup_psk("id-b2").await.unwrap().is_none());
+    assert!(store.set_device_psk("@b:test", "B3", "id-b3", b"kb3").await.is_err());
+
+    // Keys survive a restart.
+    store.set_device_psk("@a:test", "S2", "id-s2", b"ks2").await.unwrap();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.lookup_psk("id-s2").await.unwrap().unwrap().device_id, "S2");
+}

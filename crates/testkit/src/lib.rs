@@ -118,6 +118,8 @@ pub struct ServeSpec {
     pub wait_mqtt: bool,
     /// Also wait for the `weft: coap listening on ADDR` line.
     pub wait_coap: bool,
+    /// Also wait for the `weft: coap dtls listening on ADDR` line.
+    pub wait_coaps: bool,
     /// How long the `listening on` lines may take.
     pub timeout: Duration,
 }
@@ -137,6 +139,7 @@ impl ServeSpec {
                 // Other doors on free ports, so parallel servers don't collide.
                 ("WEFT_MQTT__LISTEN", "127.0.0.1:0"),
                 ("WEFT_COAP__LISTEN", "127.0.0.1:0"),
+                ("WEFT_COAP__DTLS_LISTEN", "127.0.0.1:0"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -144,6 +147,7 @@ impl ServeSpec {
             clean_env: true,
             wait_mqtt: false,
             wait_coap: false,
+            wait_coaps: false,
             timeout: Duration::from_secs(60),
         }
     }
@@ -190,6 +194,8 @@ pub struct Addrs {
     pub http: String,
     pub mqtt: Option<SocketAddr>,
     pub coap: Option<SocketAddr>,
+    /// The CoAP door's DTLS listener (`coaps://`).
+    pub coaps: Option<SocketAddr>,
 }
 
 /// A running (or stopped) `weft serve` child; killed when dropped.
@@ -299,6 +305,7 @@ enum Seen {
     Http(String, Instant),
     Mqtt(SocketAddr),
     Coap(SocketAddr),
+    Coaps(SocketAddr),
 }
 
 fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
@@ -316,7 +323,11 @@ fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
     let deadline = spawned_at + spec.timeout;
     let mut addrs = Addrs::default();
     let mut after = None;
-    while after.is_none() || (spec.wait_mqtt && addrs.mqtt.is_none()) || (spec.wait_coap && addrs.coap.is_none()) {
+    while after.is_none()
+        || (spec.wait_mqtt && addrs.mqtt.is_none())
+        || (spec.wait_coap && addrs.coap.is_none())
+        || (spec.wait_coaps && addrs.coaps.is_none())
+    {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Seen::Http(url, at)) => {
                 addrs.http = url;
@@ -324,6 +335,7 @@ fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
             }
             Ok(Seen::Mqtt(a)) => addrs.mqtt = Some(a),
             Ok(Seen::Coap(a)) => addrs.coap = Some(a),
+            Ok(Seen::Coaps(a)) => addrs.coaps = Some(a),
             Err(e) => {
                 let status = child.try_wait().ok().flatten();
                 let _ = child.kill();
@@ -357,6 +369,8 @@ fn pump<R: Read + Send + 'static>(pipe: R, log: &Path, lock: &Arc<Mutex<()>>, tx
                     Some(Seen::Http(url, Instant::now()))
                 } else if let Some(a) = parse_door_line(&line, "weft: mqtt listening on ") {
                     Some(Seen::Mqtt(a))
+                } else if let Some(a) = parse_door_line(&line, "weft: coap dtls listening on ") {
+                    Some(Seen::Coaps(a))
                 } else {
                     parse_door_line(&line, "weft: coap listening on ").map(Seen::Coap)
                 };

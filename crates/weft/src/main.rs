@@ -75,6 +75,15 @@ enum UserCommand {
     /// Revoke one device: its access token stops working at once, and its
     /// end-to-end keys and pending to-device messages are deleted.
     Revoke { name: String, device_id: String },
+    /// Mint a DTLS pre-shared key for a new (or named) device of a user,
+    /// for the CoAP door's DTLS listener (`coap-client -u IDENTITY -k KEY
+    /// coaps://…`). Prints the identity and the key; minting again for the
+    /// same device replaces its key. Deleting the device revokes it.
+    Psk {
+        name: String,
+        #[arg(long)]
+        device_id: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,6 +179,20 @@ async fn serve(
     let addr = listener.local_addr()?;
     // Advertise the address actually bound (port 0 picks one).
     config.listen = addr.to_string();
+    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`). The
+    // address actually bound is advertised in the CoAP `/versions` (MSC3079).
+    let coaps_socket = if config.coap.enabled && config.coap.dtls_enabled {
+        let dtls_listen = config.coap.dtls_listen.clone();
+        let socket = tokio::net::UdpSocket::bind(&dtls_listen).await.with_context(|| {
+            format!(
+                "cannot listen for CoAP over DTLS on {dtls_listen} (set [coap] dtls_listen or dtls_enabled = false)"
+            )
+        })?;
+        config.coap.dtls_listen = socket.local_addr()?.to_string();
+        Some(socket)
+    } else {
+        None
+    };
     let services = open_services(data_dir, config)?;
     let app = weft_http::router(services.clone());
     // The CoAP+CBOR door (UDP), sharing the same services.
@@ -193,6 +216,10 @@ async fn serve(
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));
+    }
+    if let Some(socket) = coaps_socket {
+        println!("weft: coap dtls listening on {}", socket.local_addr()?);
+        tokio::spawn(weft_coap::dtls::serve_dtls(services.clone(), socket));
     }
     // The exact path of this binary, so the hint works under `cargo run` too.
     let exe = std::env::current_exe()
@@ -305,6 +332,17 @@ async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> any
             }
             s.store.delete_device(user_id.as_str(), &device_id).await.map_err(err)?;
             println!("revoked device {device_id} of {user_id}");
+        }
+        UserCommand::Psk { name, device_id } => {
+            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
+            match s.store.get_user(user_id.as_str()).await.map_err(err)? {
+                Some(u) if !u.deactivated => {}
+                _ => bail!("no such active user {user_id}"),
+            }
+            let grant = s.accounts.mint_psk(&user_id, device_id.as_deref()).await.map_err(err)?;
+            println!("identity {}", grant.identity);
+            println!("key {}", grant.key);
+            eprintln!("device {} of {}", grant.device_id, grant.user_id);
         }
     }
     Ok(())

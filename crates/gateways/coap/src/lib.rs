@@ -6,8 +6,14 @@
 //! It adds only what CoAP itself needs: piggybacked or separate responses,
 //! duplicate detection, Block-wise transfer (RFC 7959) and Observe on
 //! `/sync` (RFC 7641). See docs/coap.md.
+//!
+//! The engine ([`Door`]) is generic over a [`Transport`]: plain UDP
+//! ([`serve`]) or DTLS 1.2 with per-device pre-shared keys
+//! ([`dtls::serve_dtls`]), which hands the engine the same CoAP messages
+//! after decryption and tells it which device a peer authenticated as.
 
 pub mod cbor;
+pub mod dtls;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod msc3079;
@@ -87,9 +93,34 @@ struct State {
     observers: HashMap<(SocketAddr, Vec<u8>), tokio::task::AbortHandle>,
 }
 
-struct Door {
+/// Where the CoAP engine's messages go: a datagram transport that knows
+/// its peers by socket address.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends one CoAP message to `peer` (errors are logged, not returned:
+    /// CoAP has its own retransmission).
+    fn send(&self, bytes: &[u8], peer: SocketAddr) -> impl std::future::Future<Output = ()> + Send;
+    /// The pre-shared key identity `peer` authenticated with below CoAP
+    /// (DTLS), if any. Requests from such a peer need no access token.
+    fn peer_identity(&self, peer: SocketAddr) -> Option<String>;
+}
+
+/// Plain CoAP over UDP.
+impl Transport for UdpSocket {
+    async fn send(&self, bytes: &[u8], peer: SocketAddr) {
+        if let Err(e) = self.send_to(bytes, peer).await {
+            tracing::debug!("coap: send to {peer} failed: {e}");
+        }
+    }
+
+    fn peer_identity(&self, _peer: SocketAddr) -> Option<String> {
+        None
+    }
+}
+
+/// The CoAP engine: one per listener, over its transport.
+pub struct Door<T: Transport> {
     services: Arc<Services>,
-    socket: UdpSocket,
+    transport: Arc<T>,
     state: Mutex<State>,
     next_mid: AtomicU16,
     observe_seq: AtomicU32,
@@ -98,20 +129,11 @@ struct Door {
 /// Serves CoAP on `socket` until the task is dropped. Bad datagrams are
 /// ignored (or answered with RST); they never stop the loop.
 pub async fn serve(services: Arc<Services>, socket: UdpSocket) -> std::io::Result<()> {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let door = Arc::new(Door {
-        services,
-        socket,
-        state: Mutex::new(State::default()),
-        next_mid: AtomicU16::new(seed as u16),
-        observe_seq: AtomicU32::new(2),
-    });
+    let socket = Arc::new(socket);
+    let door = Door::new(services, socket.clone());
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, peer) = match door.socket.recv_from(&mut buf).await {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
                 // ICMP errors from earlier sends surface here; keep serving.
@@ -150,7 +172,40 @@ fn opt_str(p: &Packet, o: CoapOption) -> Vec<String> {
         .unwrap_or_default()
 }
 
-impl Door {
+impl<T: Transport> Door<T> {
+    pub fn new(services: Arc<Services>, transport: Arc<T>) -> Arc<Self> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Arc::new(Door {
+            services,
+            transport,
+            state: Mutex::new(State::default()),
+            next_mid: AtomicU16::new(seed as u16),
+            observe_seq: AtomicU32::new(2),
+        })
+    }
+
+    /// Forgets everything kept for `peer` (remembered token, CBOR version,
+    /// block transfers, exchanges, observers): its transport session ended
+    /// or a new one began at the same address.
+    pub fn forget_peer(&self, peer: SocketAddr) {
+        let mut st = self.state.lock();
+        st.peer_tokens.remove(&peer);
+        st.peer_cbor.remove(&peer);
+        st.exchanges.retain(|(p, _), _| *p != peer);
+        st.pending.retain(|(p, _), _| *p != peer);
+        st.blocks.retain(|(p, _), _| *p != peer);
+        st.uploads.retain(|(p, _), _| *p != peer);
+        st.observers.retain(|(p, _), h| {
+            if *p == peer {
+                h.abort();
+            }
+            *p != peer
+        });
+    }
+
     /// Encodes a response body for `peer`: JSON if it asked for it, else
     /// CBOR, with MSC3079 integer keys if the peer uses them.
     fn encode_for(&self, v: &Value, cf: u16, peer: SocketAddr) -> Vec<u8> {
@@ -166,9 +221,7 @@ impl Door {
     }
 
     async fn send(&self, bytes: &[u8], peer: SocketAddr) {
-        if let Err(e) = self.socket.send_to(bytes, peer).await {
-            tracing::debug!("coap: send to {peer} failed: {e}");
-        }
+        self.transport.send(bytes, peer).await;
     }
 
     async fn reset(&self, mid: u16, peer: SocketAddr) {
@@ -181,7 +234,9 @@ impl Door {
         }
     }
 
-    async fn on_datagram(self: Arc<Self>, data: &[u8], peer: SocketAddr) {
+    /// Handles one CoAP message from `peer` (plaintext, whatever the
+    /// transport). Never fails: bad messages are answered with RST or dropped.
+    pub async fn on_datagram(self: Arc<Self>, data: &[u8], peer: SocketAddr) {
         let packet = match Packet::from_bytes(data) {
             Ok(p) if p.header.get_version() == 1 => p,
             _ => {
@@ -484,13 +539,13 @@ impl Door {
                     }
                     _ => None,
                 };
-                if let (Some(what), Some(session)) = (what, session)
+                if let (Some(what), Some(auth)) = (what, session)
                     && self.observer_room(peer, req.get_token())
                 {
                     let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                     resp.add_option(CoapOption::Observe, uint_bytes(seq));
                     self.clone()
-                        .observe(peer, req.get_token().to_vec(), session, what, uri_key.clone(), out_cf);
+                        .observe(peer, req.get_token().to_vec(), auth, what, uri_key.clone(), out_cf);
                 } else if observe == Some(1)
                     && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
                 {
@@ -593,13 +648,29 @@ impl Door {
                 && st.observers.keys().filter(|(p, _)| *p == peer).count() < MAX_OBSERVERS_PER_PEER)
     }
 
+    /// Whether the credential an observer registered with still names
+    /// the same device.
+    async fn still_valid(&self, session: &Session, credential: &Credential) -> weft_core::Result<()> {
+        let now = match credential {
+            Credential::Token(t) => Some(self.services.accounts.authenticate(t).await?),
+            Credential::Psk(identity) => self.services.accounts.psk_owner(identity).await?.map(|(s, _)| s),
+        };
+        match now {
+            Some(s) if s.user_id == session.user_id && s.device_id == session.device_id => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::UnknownToken { soft_logout: false },
+                "The credential of this observer was revoked",
+            )),
+        }
+    }
+
     /// Authenticates and routes.
     async fn handle(
         &self,
         r: &Req,
         option_token: Option<String>,
         peer: SocketAddr,
-    ) -> weft_core::Result<(routes::Reply, Option<Session>)> {
+    ) -> weft_core::Result<(routes::Reply, Option<(Session, Credential)>)> {
         let p = routes::cs_path(&r.path).ok_or_else(|| {
             Error::new(
                 ErrorKind::Unrecognized {
@@ -612,6 +683,22 @@ impl Door {
             return Ok((routes::route(&self.services, None, &p, r).await?, None));
         }
         let presented = r.query_token().map(str::to_owned).or(option_token);
+        // A DTLS session set up with a device's pre-shared key is that
+        // device; an explicit token still wins. The key is looked up again
+        // for every request, so revoking it takes effect at once.
+        if presented.is_none()
+            && let Some(identity) = self.transport.peer_identity(peer)
+        {
+            let Some((session, _)) = self.services.accounts.psk_owner(&identity).await? else {
+                return Err(Error::new(
+                    ErrorKind::UnknownToken { soft_logout: false },
+                    "The pre-shared key of this DTLS session was revoked",
+                ));
+            };
+            self.services.limiter.check(session.user_id.as_str())?;
+            let reply = routes::route(&self.services, Some(&session), &p, r).await?;
+            return Ok((reply, Some((session, Credential::Psk(identity)))));
+        }
         let token = match &presented {
             Some(t) => Some(t.clone()),
             None => self.state.lock().peer_tokens.get(&peer).cloned(),
@@ -627,10 +714,10 @@ impl Door {
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {
                 st.peer_tokens.clear();
             }
-            st.peer_tokens.insert(peer, token);
+            st.peer_tokens.insert(peer, token.clone());
         }
         let reply = routes::route(&self.services, Some(&session), &p, r).await?;
-        Ok((reply, Some(session)))
+        Ok((reply, Some((session, Credential::Token(token)))))
     }
 
     /// Registers an observer of `/sync`: each new sync batch after `since`
@@ -641,7 +728,7 @@ impl Door {
         self: Arc<Self>,
         peer: SocketAddr,
         token: Vec<u8>,
-        session: Session,
+        (session, credential): (Session, Credential),
         mut what: Watch,
         uri_key: String,
         cf: u16,
@@ -653,8 +740,18 @@ impl Door {
         let mut st = self.state.lock();
         let task = tokio::spawn(async move {
             loop {
+                // The credential is checked again before every notification:
+                // a logged-out token or revoked key stops the observer.
                 let batch = match door.next_batch(&session, &mut what).await {
-                    Ok(Some(b)) => b,
+                    Ok(Some(b)) => match door.still_valid(&session, &credential).await {
+                        Ok(()) => b,
+                        Err(e) => {
+                            let mut p = error_packet(&e, cf);
+                            p.set_token(token.clone());
+                            let _ = door.send_confirmable(p, peer).await;
+                            break;
+                        }
+                    },
                     Ok(None) => continue,
                     Err(e) => {
                         // Tell the observer why, then stop.
@@ -687,6 +784,13 @@ impl Door {
             old.abort();
         }
     }
+}
+
+/// What authenticated a request: kept by observers to check it again.
+enum Credential {
+    Token(String),
+    /// The DTLS session's pre-shared key identity.
+    Psk(String),
 }
 
 /// What an observer watches.

@@ -113,6 +113,7 @@ impl TestServer {
                 // Other doors on free ports, so parallel servers don't collide.
                 ("WEFT_MQTT__LISTEN".into(), "127.0.0.1:0".into()),
                 ("WEFT_COAP__LISTEN".into(), "127.0.0.1:0".into()),
+                ("WEFT_COAP__DTLS_LISTEN".into(), "127.0.0.1:0".into()),
             ],
             server_name: None,
         }

@@ -18,8 +18,11 @@ pub use weft_testkit::{enc, weft_bin};
 pub struct Server {
     _process: ServerProcess,
     _dir: tempfile::TempDir,
+    pub data_dir: std::path::PathBuf,
     pub http_base: String,
     pub coap: SocketAddr,
+    /// The DTLS listener (`coaps://`).
+    pub coaps: SocketAddr,
     pub http: reqwest::Client,
 }
 
@@ -36,10 +39,13 @@ impl Server {
             spec = spec.env(k, v);
         }
         spec.wait_coap = true;
+        spec.wait_coaps = true;
         let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
         Server {
+            data_dir: dir.path().join("data"),
             http_base: process.addrs.http.clone(),
             coap: process.addrs.coap.expect("coap addr"),
+            coaps: process.addrs.coaps.expect("coaps addr"),
             _process: process,
             _dir: dir,
             http: reqwest::Client::builder()
@@ -92,6 +98,43 @@ impl Server {
         let (token, _) = s.register("alice").await;
         let room = s.create_room(&token).await;
         (s, token, room)
+    }
+
+    /// Runs `weft user psk NAME --device-id DEVICE` on the server's data
+    /// directory (as an operator would, with the server running) and
+    /// returns the (identity, key) it prints.
+    pub async fn mint_psk(&self, name: &str, device: &str) -> (String, String) {
+        let data_dir = self.data_dir.clone();
+        let (name, device) = (name.to_owned(), device.to_owned());
+        let out = tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(weft_bin());
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("WEFT_") {
+                    cmd.env_remove(&k);
+                }
+            }
+            cmd.args(["user", "psk", &name, "--device-id", &device, "--data-dir"])
+                .arg(&data_dir)
+                .output()
+                .expect("run weft user psk")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "weft user psk: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let field = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name:?} line in {stdout:?}"))
+                .trim()
+                .to_owned()
+        };
+        (field("identity "), field("key "))
     }
 
     pub async fn create_room(&self, token: &str) -> String {
@@ -296,6 +339,26 @@ impl Client {
         let (code, body) = self.call(r).await;
         (code, uncbor(&body))
     }
+}
+
+/// A libcoap client built with DTLS (`coap-client-openssl`, or
+/// `coap-client-gnutls`), if installed; `prefer` first.
+pub fn coap_client_dtls(prefer: &str) -> Option<String> {
+    for name in [prefer, "coap-client-openssl", "coap-client-gnutls"] {
+        if Command::new(name)
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+        {
+            return Some(name.to_owned());
+        }
+    }
+    eprintln!(
+        "NOTE: libcoap's coap-client-openssl is not installed (apt-get install libcoap3-bin); skipping that part"
+    );
+    None
 }
 
 /// libcoap's client, if installed.
