@@ -16,6 +16,7 @@ pub mod cbor;
 pub mod dtls;
 #[doc(hidden)]
 pub mod fuzzing;
+mod message;
 pub mod msc3079;
 pub mod routes;
 
@@ -237,42 +238,24 @@ impl<T: Transport> Door<T> {
     /// Handles one CoAP message from `peer` (plaintext, whatever the
     /// transport). Never fails: bad messages are answered with RST or dropped.
     pub async fn on_datagram(self: Arc<Self>, data: &[u8], peer: SocketAddr) {
-        let packet = match Packet::from_bytes(data) {
-            Ok(p) if p.header.get_version() == 1 => p,
-            _ => {
-                // A confirmable message we cannot parse is rejected with RST
-                // (RFC 7252 §4.2); anything else is silently ignored.
-                if data.len() >= 4 && data[0] >> 6 == 1 && (data[0] >> 4) & 3 == 0 {
-                    self.reset(u16::from_be_bytes([data[2], data[3]]), peer).await;
-                }
+        let (packet, method) = match message::classify(data) {
+            message::Datagram::Request(packet, method) => (*packet, method),
+            // A confirmable message we cannot parse, a ping, a stray
+            // response: RST (RFC 7252 §4.2); anything else is ignored.
+            message::Datagram::Bad(Some(mid)) | message::Datagram::NotRequest { mid, reset: true } => {
+                self.reset(mid, peer).await;
                 return;
             }
-        };
-        let mid = packet.header.message_id;
-        match packet.header.get_type() {
-            MessageType::Acknowledgement | MessageType::Reset => {
-                let outcome = if packet.header.get_type() == MessageType::Reset {
-                    Delivery::Reset
-                } else {
-                    Delivery::Acked
-                };
+            message::Datagram::Bad(None) | message::Datagram::NotRequest { .. } => return,
+            message::Datagram::Answer { mid, reset } => {
+                let outcome = if reset { Delivery::Reset } else { Delivery::Acked };
                 if let Some(tx) = self.state.lock().pending.remove(&(peer, mid)) {
                     let _ = tx.send(outcome);
                 }
                 return;
             }
-            _ => {}
-        }
-        let method = match packet.header.code {
-            MessageClass::Request(m) => m,
-            _ => {
-                // CoAP ping (empty CON) or a response we did not ask for.
-                if packet.header.get_type() == MessageType::Confirmable {
-                    self.reset(mid, peer).await;
-                }
-                return;
-            }
         };
+        let mid = packet.header.message_id;
         // Duplicate detection: replay the response, or wait for it.
         let cached = {
             let mut st = self.state.lock();
@@ -383,28 +366,10 @@ impl<T: Transport> Door<T> {
 
     /// Builds the response (code, options, payload) for a request.
     async fn respond(self: Arc<Self>, req: Packet, method: Method, peer: SocketAddr) -> Packet {
-        let path = opt_str(&req, CoapOption::UriPath);
-        // MSC3079 path enums (`/7` = sync, `/9/{room}/{type}/{txn}` = send …).
-        let path = msc3079::expand_path(&path).unwrap_or(path);
-        let query: Vec<(String, String)> = opt_str(&req, CoapOption::UriQuery)
-            .into_iter()
-            .map(|q| match q.split_once('=') {
-                Some((k, v)) => (k.to_owned(), v.to_owned()),
-                None => (q, String::new()),
-            })
-            .collect();
-        let uri_key = {
-            let mut k = format!("{method:?} /{}", path.join("/"));
-            for (a, b) in &query {
-                if a != "a" && a != "access_token" {
-                    k.push_str(&format!("&{a}={b}"));
-                }
-            }
-            k
-        };
-        let accept = req.get_first_option(CoapOption::Accept).map(|v| parse_uint(v) as u16);
-        let out_cf = if accept == Some(CF_JSON) { CF_JSON } else { CF_CBOR };
-        let block2 = req.get_first_option(CoapOption::Block2).map(|v| parse_block(v));
+        let parts = message::Parts::of(&req, method);
+        let uri_key = parts.uri_key.clone();
+        let out_cf = parts.out_cf();
+        let block2 = parts.block2;
 
         // A later block of a large response we already produced.
         if let Some((num, _, szx)) = block2
@@ -428,9 +393,8 @@ impl<T: Transport> Door<T> {
         // Block1: assemble the request body first.
         let mut payload = req.payload.clone();
         let max_body = self.services.config.limits.max_body_bytes;
-        if let Some(b1) = req.get_first_option(CoapOption::Block1) {
-            let (num, more, szx) = parse_block(b1);
-            let size = 1usize << (szx.min(6) + 4);
+        if let Some((num, more, szx)) = parts.block1 {
+            let (_, offset) = message::block1_layout(num, szx);
             let key = (peer, uri_key.clone());
             let mut st = self.state.lock();
             let buf = if num == 0 {
@@ -450,7 +414,7 @@ impl<T: Transport> Door<T> {
             let Some((buf, _)) = buf else {
                 return error_packet(&incomplete(), out_cf);
             };
-            if buf.len() != num as usize * size {
+            if buf.len() != offset {
                 st.uploads.remove(&key);
                 return error_packet(&incomplete(), out_cf);
             }
@@ -471,21 +435,10 @@ impl<T: Transport> Door<T> {
             return error_packet(&Error::new(ErrorKind::TooLarge, "Request body too large"), out_cf);
         }
 
-        let observe = req.get_first_option(CoapOption::Observe).map(|v| parse_uint(v));
-        let content_format = req
-            .get_first_option(CoapOption::ContentFormat)
-            .map(|v| parse_uint(v) as u16);
-        // MSC3079: the CBOR key version is sticky per peer; a body using
-        // integer keys implies version 1.
-        let cbor_version = req
-            .get_first_option(CoapOption::Unknown(OPTION_CBOR_VERSION))
-            .map(|v| parse_uint(v))
-            .or_else(|| {
-                (content_format != Some(CF_JSON) && !payload.is_empty())
-                    .then(|| cbor::to_json_with_keys(&payload).ok())
-                    .flatten()
-                    .and_then(|(_, used)| used.then_some(1))
-            });
+        let observe = parts.observe;
+        let content_format = parts.content_format;
+        // MSC3079: the CBOR key version is sticky per peer.
+        let cbor_version = parts.cbor_version(&payload);
         if let Some(v) = cbor_version {
             let mut st = self.state.lock();
             if st.peer_cbor.len() >= MAX_PEERS && !st.peer_cbor.contains_key(&peer) {
@@ -493,18 +446,15 @@ impl<T: Transport> Door<T> {
             }
             st.peer_cbor.insert(peer, v);
         }
+        let option_token = parts.option_token;
         let r = Req {
             method,
-            path,
-            query,
+            path: parts.path,
+            query: parts.query,
             payload,
             content_format,
             observe,
         };
-        let option_token = req.get_first_option(CoapOption::Unknown(OPTION_ACCESS_TOKEN)).map(|v| {
-            let t = String::from_utf8_lossy(v);
-            t.strip_prefix("Bearer ").unwrap_or(&t).to_owned()
-        });
         let result = self.handle(&r, option_token, peer).await;
         let mut resp = Packet::new();
         match result {
@@ -571,12 +521,10 @@ impl<T: Transport> Door<T> {
         uri_key: String,
         szx: Option<u8>,
     ) {
-        let szx = szx.unwrap_or(BLOCK_SZX).min(BLOCK_SZX);
-        let size = 1usize << (szx + 4);
-        if body.len() <= size && szx == BLOCK_SZX {
+        let Some(szx) = message::first_block(body.len(), szx) else {
             resp.payload = body;
             return;
-        }
+        };
         put_block(resp, &body, 0, szx);
         let mut st = self.state.lock();
         st.blocks.retain(|_, (_, _, t)| t.elapsed() < BLOCK_KEEP);
