@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
-use common::{Client, Request, Server, cbor, coap_client_dtls, enc, uncbor};
+use common::{Client, Request, Server, cbor, coap_client_dtls, enc, request_packet, uncbor};
 use dimpl::{Config, Dtls, PskResolver};
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
@@ -561,31 +561,14 @@ impl DtlsClient {
     }
 
     async fn exchange(&mut self, r: &Request<'_>, block2: Option<u32>) -> (R, Packet) {
-        let mut p = Packet::new();
-        p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(r.method);
         self.mid = self.mid.wrapping_add(1);
-        p.header.message_id = self.mid;
         self.token += 1;
-        p.set_token(self.token.to_be_bytes().to_vec());
-        for seg in r.path.trim_start_matches('/').split('/') {
-            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
-        }
-        if let Some(cf) = r.content_format {
-            p.add_option(CoapOption::ContentFormat, vec![cf as u8]);
-        }
-        for q in &r.query {
-            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
-        }
-        for (o, v) in &r.options {
-            p.add_option(*o, v.clone());
-        }
+        let mut p = request_packet(r, self.mid, self.token);
         if let Some(b) = block2 {
             let vb = b.to_be_bytes();
             let skip = vb.iter().take_while(|x| **x == 0).count();
             p.add_option(CoapOption::Block2, vb[skip..].to_vec());
         }
-        p.payload = r.payload.clone();
         let bytes = p.to_bytes().unwrap();
         let mut resp = None;
         for _ in 0..3 {

@@ -175,6 +175,29 @@ pub fn uncbor(b: &[u8]) -> Value {
     ciborium::from_reader(b).unwrap_or_else(|e| panic!("response is not CBOR ({e}): {b:?}"))
 }
 
+/// A confirmable request packet with message ID `mid` and token `token`.
+pub fn request_packet(r: &Request<'_>, mid: u16, token: u32) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(r.method);
+    p.header.message_id = mid;
+    p.set_token(token.to_be_bytes().to_vec());
+    for seg in r.path.trim_start_matches('/').split('/') {
+        p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+    }
+    if let Some(cf) = r.content_format {
+        p.add_option(CoapOption::ContentFormat, vec![cf as u8]);
+    }
+    for q in &r.query {
+        p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+    }
+    for (o, v) in &r.options {
+        p.add_option(*o, v.clone());
+    }
+    p.payload = r.payload.clone();
+    p
+}
+
 /// A small CoAP client: confirmable requests, separate responses, Block2.
 pub struct Client {
     pub sock: UdpSocket,
@@ -230,27 +253,9 @@ impl Client {
     }
 
     pub fn packet(&mut self, r: &Request<'_>) -> Packet {
-        let mut p = Packet::new();
-        p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(r.method);
         self.mid = self.mid.wrapping_add(1);
-        p.header.message_id = self.mid;
         self.token += 1;
-        p.set_token(self.token.to_be_bytes().to_vec());
-        for seg in r.path.trim_start_matches('/').split('/') {
-            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
-        }
-        if let Some(cf) = r.content_format {
-            p.add_option(CoapOption::ContentFormat, vec![cf as u8]);
-        }
-        for q in &r.query {
-            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
-        }
-        for (o, v) in &r.options {
-            p.add_option(*o, v.clone());
-        }
-        p.payload = r.payload.clone();
-        p
+        request_packet(r, self.mid, self.token)
     }
 
     /// Sends raw bytes and waits for one datagram (or `None` after `wait`).
@@ -341,44 +346,43 @@ impl Client {
     }
 }
 
+/// The first of `names` that runs, if any.
+fn first_installed(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find(|name| {
+            Command::new(name)
+                .arg("-h")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok()
+        })
+        .map(|n| (*n).to_owned())
+}
+
 /// A libcoap client built with DTLS (`coap-client-openssl`, or
 /// `coap-client-gnutls`), if installed; `prefer` first.
 pub fn coap_client_dtls(prefer: &str) -> Option<String> {
-    for name in [prefer, "coap-client-openssl", "coap-client-gnutls"] {
-        if Command::new(name)
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
-            return Some(name.to_owned());
-        }
+    let found = first_installed(&[prefer, "coap-client-openssl", "coap-client-gnutls"]);
+    if found.is_none() {
+        eprintln!(
+            "NOTE: libcoap's coap-client-openssl is not installed (apt-get install libcoap3-bin); skipping that part"
+        );
     }
-    eprintln!(
-        "NOTE: libcoap's coap-client-openssl is not installed (apt-get install libcoap3-bin); skipping that part"
-    );
-    None
+    found
 }
 
 /// libcoap's client, if installed.
 pub fn coap_client() -> Option<String> {
-    for name in [
+    let found = first_installed(&[
         "coap-client",
         "coap-client-notls",
         "coap-client-openssl",
         "coap-client-gnutls",
-    ] {
-        if Command::new(name)
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
-            return Some(name.to_owned());
-        }
+    ]);
+    if found.is_none() {
+        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping that part");
     }
-    eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping that part");
-    None
+    found
 }
