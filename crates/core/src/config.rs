@@ -65,6 +65,13 @@ pub struct CoapConfig {
     pub dtls_max_sessions: usize,
     /// A DTLS session that receives nothing for this long is dropped.
     pub dtls_idle_timeout_secs: u64,
+    /// RFC 7252 §4.8 transmission parameters for the confirmable messages
+    /// the door sends (notifications, separate responses): the first wait
+    /// for an ACK (times a random factor of 1 to 1.5, then doubling), and
+    /// how many times a message is resent before the peer is given up on
+    /// (an observer is then dropped).
+    pub ack_timeout_ms: u64,
+    pub max_retransmit: u32,
 }
 
 impl Default for CoapConfig {
@@ -76,6 +83,8 @@ impl Default for CoapConfig {
             dtls_listen: "127.0.0.1:5684".into(),
             dtls_max_sessions: 1000,
             dtls_idle_timeout_secs: 600,
+            ack_timeout_ms: 2000,
+            max_retransmit: 4,
         }
     }
 }
@@ -274,6 +283,12 @@ dtls_listen = "127.0.0.1:5684"
 dtls_max_sessions = 1000
 # Drop a DTLS session that has received nothing for this many seconds.
 dtls_idle_timeout_secs = 600
+# Confirmable messages the door sends (Observe notifications, separate
+# responses) wait ack_timeout_ms (x 1..1.5, doubling each time) for an ACK
+# and are resent up to max_retransmit times; then the observer is dropped.
+# RFC 7252's defaults; raise them for slow radio links.
+ack_timeout_ms = 2000
+max_retransmit = 4
 "#;
 
 impl Config {

@@ -55,9 +55,9 @@ const MAX_OBSERVERS_PER_PEER: usize = 8;
 const MAX_OBSERVERS: usize = 10_000;
 /// A handler slower than this gets an empty ACK and a separate response.
 const SEPARATE_AFTER: Duration = Duration::from_millis(1000);
-/// ACK_TIMEOUT and MAX_RETRANSMIT (RFC 7252 §4.8).
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_RETRANSMIT: u32 = 4;
+/// ACK_RANDOM_FACTOR (RFC 7252 §4.8), in thousandths; ACK_TIMEOUT and
+/// MAX_RETRANSMIT are `[coap] ack_timeout_ms` and `max_retransmit`.
+const ACK_RANDOM_FACTOR_MILLI: u64 = 1500;
 /// Block size used for responses: 1024 bytes (SZX 6).
 const BLOCK_SZX: u8 = 6;
 /// How long an observer's long-poll waits before polling again.
@@ -343,7 +343,9 @@ impl<T: Transport> Door<T> {
     }
 
     /// Sends a CON message, retransmitting with exponential back-off until
-    /// it is acknowledged, reset, or MAX_RETRANSMIT is exhausted.
+    /// it is acknowledged, reset, or MAX_RETRANSMIT is exhausted. The first
+    /// wait is ACK_TIMEOUT times a random factor in [1, ACK_RANDOM_FACTOR)
+    /// so that many peers' retransmissions do not fall into step.
     async fn send_confirmable(&self, mut p: Packet, peer: SocketAddr) -> Delivery {
         let mid = self.mid();
         p.header.set_type(MessageType::Confirmable);
@@ -351,8 +353,11 @@ impl<T: Transport> Door<T> {
         let bytes = encode(&p);
         let (tx, mut rx) = oneshot::channel();
         self.state.lock().pending.insert((peer, mid), tx);
-        let mut wait = ACK_TIMEOUT;
-        for _ in 0..=MAX_RETRANSMIT {
+        let coap = &self.services.config.coap;
+        let base = coap.ack_timeout_ms.max(1);
+        let spread = base * (ACK_RANDOM_FACTOR_MILLI - 1000) / 1000;
+        let mut wait = Duration::from_millis(base + rand::random::<u64>() % spread.max(1));
+        for _ in 0..=coap.max_retransmit.min(10) {
             self.send(&bytes, peer).await;
             match tokio::time::timeout(wait, &mut rx).await {
                 Ok(Ok(d)) => return d,

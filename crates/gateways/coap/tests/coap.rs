@@ -439,6 +439,67 @@ async fn observe_sync_pushes_new_events() {
     );
 }
 
+/// An observer that never acknowledges gets each confirmable notification
+/// retransmitted (same message ID, the waits roughly doubling) and is then
+/// dropped: later events notify nobody.
+#[tokio::test]
+async fn unacknowledged_notifications_are_retransmitted_then_the_observer_dropped() {
+    let s = Server::start_with(&[("WEFT_COAP__ACK_TIMEOUT_MS", "200"), ("WEFT_COAP__MAX_RETRANSMIT", "2")]).await;
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let mut c = Client::new(s.coap).await;
+    let p = c.packet(
+        &Request::new(M::Get, "/_matrix/client/v3/sync")
+            .q("a", &token)
+            .opt(CoapOption::Observe, vec![]),
+    );
+    let reg = c.send_packet(&p).await;
+    assert!(
+        reg.get_first_option(CoapOption::Observe).is_some(),
+        "observe registered"
+    );
+    let send = |txn: &'static str| {
+        let (s, room, token) = (&s, room.clone(), token.clone());
+        async move {
+            let (st, v) = s
+                .http_call(
+                    reqwest::Method::PUT,
+                    &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)),
+                    Some(&token),
+                    Some(json!({"msgtype": "m.text", "body": txn})),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    send("first").await;
+    let mut arrivals = Vec::new();
+    while let Some(n) = c.recv(Duration::from_secs(3)).await {
+        assert_eq!(n.header.get_type(), MessageType::Confirmable);
+        assert_eq!(n.get_token(), p.get_token());
+        arrivals.push((std::time::Instant::now(), n.header.message_id, n.payload.clone()));
+    }
+    // The first transmission and max_retransmit = 2 resends, all the same message.
+    assert_eq!(arrivals.len(), 3, "one notification, resent twice");
+    assert!(arrivals.iter().all(|a| a.1 == arrivals[0].1 && a.2 == arrivals[0].2));
+    let gap1 = arrivals[1].0 - arrivals[0].0;
+    let gap2 = arrivals[2].0 - arrivals[1].0;
+    assert!(
+        gap1 >= Duration::from_millis(180) && gap1 < Duration::from_millis(800),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= gap1 + Duration::from_millis(100),
+        "back-off doubles: {gap1:?} then {gap2:?}"
+    );
+    // Given up on: the next event is not pushed.
+    send("second").await;
+    assert!(
+        c.recv(Duration::from_millis(1500)).await.is_none(),
+        "dropped observer notified"
+    );
+}
+
 /// MSC3079 v1: path enums, integer keys (sticky per peer), option 256
 /// with a "Bearer " prefix.
 #[tokio::test]
