@@ -166,7 +166,12 @@ async fn wrong_key_or_unknown_identity_fails_the_handshake() {
         let out = coaps_client(&bin, s.coaps, &send_path(&enc(&room)), psk, Some(cbor(&content))).await;
         assert_unanswered(&out);
     }
-    // The Rust client sees the handshake fail too.
+    // The Rust client sees the handshake fail too, both ways.
+    assert!(
+        DtlsClient::connect(s.coaps, "wpsk_nosuchidentity", key.as_bytes())
+            .await
+            .is_err()
+    );
     assert!(
         DtlsClient::connect(s.coaps, &identity, wrong_key.as_bytes())
             .await
