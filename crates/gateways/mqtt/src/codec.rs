@@ -84,8 +84,10 @@ pub enum In {
     },
     PubAck(u16),
     PubRec(u16),
+    /// MQTT 5: a PUBREC with a failure reason code; the flow ends there.
+    PubRecFailed(u16),
     PubRel(u16),
-    PubComp,
+    PubComp(u16),
     Subscribe {
         pkid: u16,
         filters: Vec<(String, u8)>,
@@ -134,6 +136,8 @@ pub enum Out {
         qos: u8,
         pkid: u16,
         retain: bool,
+        /// A resend of a message with the same packet ID (after a reconnect).
+        dup: bool,
         payload: Bytes,
     },
     /// MQTT 5 only (3.1.1 servers just close the connection).
@@ -276,7 +280,7 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
             v4::Packet::PubAck(p) => In::PubAck(p.pkid),
             v4::Packet::PubRec(p) => In::PubRec(p.pkid),
             v4::Packet::PubRel(p) => In::PubRel(p.pkid),
-            v4::Packet::PubComp(_) => In::PubComp,
+            v4::Packet::PubComp(p) => In::PubComp(p.pkid),
             v4::Packet::Subscribe(s) => In::Subscribe {
                 pkid: s.pkid,
                 filters: s.filters.into_iter().map(|f| (f.path, qos_num(f.qos))).collect(),
@@ -305,9 +309,12 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                     payload: p.payload,
                 },
                 v5::Packet::PubAck(p) => In::PubAck(p.pkid),
-                v5::Packet::PubRec(p) => In::PubRec(p.pkid),
+                v5::Packet::PubRec(p) => match p.reason {
+                    v5::PubRecReason::Success | v5::PubRecReason::NoMatchingSubscribers => In::PubRec(p.pkid),
+                    _ => In::PubRecFailed(p.pkid),
+                },
                 v5::Packet::PubRel(p) => In::PubRel(p.pkid),
-                v5::Packet::PubComp(_) => In::PubComp,
+                v5::Packet::PubComp(p) => In::PubComp(p.pkid),
                 v5::Packet::Subscribe(s) => In::Subscribe {
                     pkid: s.pkid,
                     filters: s.filters.into_iter().map(|f| (f.path, qos5_num(f.qos))).collect(),
@@ -379,11 +386,13 @@ fn encode_v4(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
             qos,
             pkid,
             retain,
+            dup,
             payload,
         } => {
             let mut p = v4::Publish::from_bytes(topic, qos_of(qos), payload);
             p.pkid = pkid;
             p.retain = retain;
+            p.dup = dup;
             v4::Packet::Publish(p)
         }
     };
@@ -477,11 +486,13 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
             qos,
             pkid,
             retain,
+            dup,
             payload,
         } => {
             let mut p = v5::Publish::new(topic, qos5_of(qos), payload, None);
             p.pkid = pkid;
             p.retain = retain;
+            p.dup = dup;
             v5::Packet::Publish(p)
         }
         Out::Disconnect(r) => v5::Packet::Disconnect(v5::Disconnect::new(match r {

@@ -1,16 +1,17 @@
-//! One MQTT connection: CONNECT and authentication, then a loop over the
-//! socket, the subscription feed and the keepalive timer.
+//! One MQTT connection, over any byte stream (TCP, TLS, WebSocket):
+//! CONNECT and authentication, then a loop over the stream, the
+//! subscription feed and the keepalive timer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ruma::OwnedRoomId;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use sync_wrapper::SyncWrapper;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use weft_core::ErrorKind;
@@ -26,20 +27,42 @@ use crate::topics::{FilterRoom, parse_filter, parse_publish};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a write to a client may take before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// QoS 1 messages sent and not yet acknowledged, at most.
+/// QoS 1 and 2 messages sent and not yet completely acknowledged (PUBACK,
+/// PUBCOMP), at most.
 const MAX_INFLIGHT: usize = 64;
 /// How often a persistent session's position is saved while connected.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Time a new connection waits for an older one with its client ID to end.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
+/// The reading half of a connection's byte stream.
+pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half of a connection's byte stream.
+pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
 /// A persistent session, stored as account data of the user.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Saved {
     subscriptions: Vec<SavedSub>,
     /// Every event up to this stream position has been delivered (and, at
-    /// QoS 1, acknowledged).
+    /// QoS 1, acknowledged; at QoS 2, PUBREC'd).
     position: i64,
+    /// QoS 2 messages to the client not yet complete (MQTT 4.4): on
+    /// reconnect, a released one gets its PUBREL again (and is not sent
+    /// again); an unreleased one is sent again with the same packet ID and
+    /// the DUP flag when the replay reaches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    qos2: Vec<SavedFlight>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedFlight {
+    pkid: u16,
+    /// `None` for retained state sent on subscribe (not replayed).
+    position: Option<i64>,
+    topic: String,
+    /// PUBREC received, PUBREL sent, PUBCOMP awaited.
+    released: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -60,10 +83,7 @@ enum End {
     Dropped,
 }
 
-pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Option<SocketAddr>) {
     let mut buf = BytesMut::with_capacity(4096);
 
     // CONNECT, within CONNECT_TIMEOUT.
@@ -84,7 +104,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         }
     };
     let mut writer = Writer {
-        wr,
+        wr: SyncWrapper::new(wr),
         version: Version::V311,
         buf: BytesMut::new(),
     };
@@ -176,8 +196,9 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         .as_ref()
         .map(|s| s.position)
         .unwrap_or_else(|| services.store.current_position());
+    let (saved_subs, saved_qos2) = saved.map(|s| (s.subscriptions, s.qos2)).unwrap_or_default();
     let mut subs = Vec::new();
-    for s in saved.map(|s| s.subscriptions).unwrap_or_default() {
+    for s in saved_subs {
         // Re-checked: the user may have left a room since.
         if let Ok(sub) = make_sub(&services, &session, &s.filter, s.qos, 0).await {
             subs.push(sub);
@@ -213,7 +234,9 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         saved_position: position,
         next_pkid: 0,
         qos2: HashSet::new(),
+        replay: HashMap::new(),
     };
+    conn.resume_qos2(saved_qos2);
     let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
     feed.abort();
     if conn.persistent {
@@ -232,7 +255,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     {
         tracing::debug!("mqtt: will of {client_id} not published: {r:?}");
     }
-    let _ = conn.writer.wr.shutdown().await;
+    let _ = conn.writer.wr.get_mut().shutdown().await;
     broker.unregister(&key, conn_id);
 }
 
@@ -310,7 +333,7 @@ async fn make_sub(services: &Services, session: &Session, filter: &str, qos: u8,
     };
     Ok(Sub {
         filter: filter.to_owned(),
-        qos: qos.min(1),
+        qos: qos.min(2),
         room,
         room_id,
         from,
@@ -318,7 +341,9 @@ async fn make_sub(services: &Services, session: &Session, filter: &str, qos: u8,
 }
 
 struct Writer {
-    wr: OwnedWriteHalf,
+    /// Only ever used through `&mut`; the wrapper makes `Conn` `Sync`
+    /// (its futures borrow it across awaits) for streams that are not.
+    wr: SyncWrapper<WriteHalf>,
     version: Version,
     buf: BytesMut,
 }
@@ -333,7 +358,13 @@ impl Writer {
             return Ok(());
         }
         let data = self.buf.split();
-        match timeout(WRITE_TIMEOUT, self.wr.write_all(&data)).await {
+        // TLS and WebSocket buffer inside the stream: flush pushes it out.
+        let wr = self.wr.get_mut();
+        let write = async {
+            wr.write_all(&data).await?;
+            wr.flush().await
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
@@ -352,10 +383,9 @@ struct Conn {
     data_type: String,
     writer: Writer,
     subs: watch::Sender<Arc<Vec<Sub>>>,
-    /// QoS 1 messages sent, by packet ID: the stream position they carry
-    /// (None for retained state sent on subscribe).
-    inflight: HashMap<u16, Option<i64>>,
-    /// Unacknowledged QoS 1 messages per stream position.
+    /// QoS 1 and 2 messages sent and not complete, by packet ID.
+    inflight: HashMap<u16, Flight>,
+    /// Unacknowledged (no PUBACK / PUBREC yet) messages per stream position.
     pending: BTreeMap<i64, usize>,
     /// Stream position up to which the feed has been handed to the client.
     delivered: i64,
@@ -363,6 +393,21 @@ struct Conn {
     next_pkid: u16,
     /// Incoming QoS 2 messages already turned into events, awaiting PUBREL.
     qos2: HashSet<u16>,
+    /// From a resumed session: QoS 2 messages (stream position, topic)
+    /// that the replay of the stream meets again. `Some(pkid)`: sent
+    /// before, never PUBREC'd: send again with that packet ID and DUP.
+    /// `None`: PUBREC'd already: not again.
+    replay: HashMap<(i64, String), Option<u16>>,
+}
+
+/// A message to the client awaiting its acknowledgement.
+struct Flight {
+    /// Stream position of its event (`None`: retained state on subscribe).
+    position: Option<i64>,
+    topic: String,
+    qos: u8,
+    /// QoS 2: PUBREC came and PUBREL went; PUBCOMP awaited.
+    released: bool,
 }
 
 impl Conn {
@@ -385,6 +430,26 @@ impl Conn {
                 })
                 .collect(),
             position: self.safe_position(),
+            qos2: self
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.qos == 2)
+                .map(|(pkid, f)| SavedFlight {
+                    pkid: *pkid,
+                    position: f.position,
+                    topic: f.topic.clone(),
+                    released: f.released,
+                })
+                .chain(self.replay.iter().filter_map(|((position, topic), pkid)| {
+                    // Met by no replay yet (the session ended first): still owed.
+                    Some(SavedFlight {
+                        pkid: (*pkid)?,
+                        position: Some(*position),
+                        topic: topic.clone(),
+                        released: false,
+                    })
+                }))
+                .collect(),
         };
         if put_saved(
             &self.services,
@@ -402,15 +467,57 @@ impl Conn {
     fn pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
+            let id = self.next_pkid;
+            // Packet IDs owed to a resumed session's QoS 2 messages stay reserved.
+            if !self.inflight.contains_key(&id) && !self.replay.values().any(|p| *p == Some(id)) {
+                return id;
+            }
+        }
+    }
+
+    /// Takes over a resumed session's unfinished QoS 2 messages: PUBRELs
+    /// go out again at once (MQTT 4.4); the others wait for the replay.
+    fn resume_qos2(&mut self, flights: Vec<SavedFlight>) {
+        for f in flights {
+            if f.released {
+                self.writer.queue(Out::PubRel(f.pkid));
+                if let Some(p) = f.position
+                    && p > self.delivered
+                {
+                    self.replay.insert((p, f.topic.clone()), None);
+                }
+                self.inflight.insert(
+                    f.pkid,
+                    Flight {
+                        position: f.position,
+                        topic: f.topic,
+                        qos: 2,
+                        released: true,
+                    },
+                );
+            } else if let Some(p) = f.position
+                && p > self.delivered
+            {
+                self.replay.insert((p, f.topic), Some(f.pkid));
+            }
+        }
+    }
+
+    /// A PUBACK or PUBREC: the message's event counts as delivered.
+    fn acknowledged(&mut self, position: Option<i64>) {
+        if let Some(position) = position
+            && let Some(n) = self.pending.get_mut(&position)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&position);
             }
         }
     }
 
     async fn serve(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut Reader,
         mut buf: BytesMut,
         mut feed: mpsc::Receiver<FeedItem>,
         keep_alive: u16,
@@ -479,30 +586,67 @@ impl Conn {
         match item {
             FeedItem::Event { position, publishes } => {
                 for (topic, qos, payload) in publishes {
-                    self.send_publish(topic, qos, payload, false, Some(position));
+                    let again = if qos == 2 && !self.replay.is_empty() {
+                        self.replay.remove(&(position, topic.clone()))
+                    } else {
+                        None
+                    };
+                    match again {
+                        // PUBREC'd before the reconnect: delivered already.
+                        Some(None) => {}
+                        Some(Some(pkid)) => {
+                            self.send_publish_as(topic, qos, payload, false, Some(position), pkid, true)
+                        }
+                        None => self.send_publish(topic, qos, payload, false, Some(position)),
+                    }
                 }
                 self.delivered = self.delivered.max(position);
             }
             FeedItem::Advance(next) => self.delivered = self.delivered.max(next),
         }
+        if !self.replay.is_empty() {
+            // Owed messages the replay has passed (a subscription or room gone).
+            let delivered = self.delivered;
+            self.replay.retain(|(p, _), _| *p > delivered);
+        }
     }
 
     fn send_publish(&mut self, topic: String, qos: u8, payload: Bytes, retain: bool, position: Option<i64>) {
-        let pkid = if qos > 0 {
-            let id = self.pkid();
-            self.inflight.insert(id, position);
+        let pkid = if qos > 0 { self.pkid() } else { 0 };
+        self.send_publish_as(topic, qos, payload, retain, position, pkid, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_publish_as(
+        &mut self,
+        topic: String,
+        qos: u8,
+        payload: Bytes,
+        retain: bool,
+        position: Option<i64>,
+        pkid: u16,
+        dup: bool,
+    ) {
+        if qos > 0 {
+            self.inflight.insert(
+                pkid,
+                Flight {
+                    position,
+                    topic: topic.clone(),
+                    qos,
+                    released: false,
+                },
+            );
             if let Some(p) = position {
                 *self.pending.entry(p).or_default() += 1;
             }
-            id
-        } else {
-            0
-        };
+        }
         self.writer.queue(Out::Publish {
             topic,
             qos,
             pkid,
             retain,
+            dup,
             payload,
         });
     }
@@ -543,22 +687,45 @@ impl Conn {
                 }
             }
             In::PubAck(pkid) => {
-                if let Some(Some(position)) = self.inflight.remove(&pkid)
-                    && let Some(n) = self.pending.get_mut(&position)
+                if self.inflight.get(&pkid).is_some_and(|f| f.qos == 1)
+                    && let Some(f) = self.inflight.remove(&pkid)
                 {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.pending.remove(&position);
-                    }
+                    self.acknowledged(f.position);
                 }
             }
             In::PubRel(pkid) => {
                 self.qos2.remove(&pkid);
                 self.writer.queue(Out::PubComp(pkid));
             }
-            // We never send at QoS 2.
-            In::PubRec(pkid) => self.writer.queue(Out::PubRel(pkid)),
-            In::PubComp => {}
+            In::PubRec(pkid) => {
+                // Delivered now (MQTT 4.3.3, method B): the event counts
+                // as acknowledged; the PUBREL is kept until PUBCOMP.
+                let first = match self.inflight.get_mut(&pkid) {
+                    Some(f) if f.qos == 2 && !f.released => {
+                        f.released = true;
+                        Some(f.position)
+                    }
+                    _ => None,
+                };
+                if let Some(position) = first {
+                    self.acknowledged(position);
+                }
+                // Also for a repeated or unknown PUBREC, so the client can finish.
+                self.writer.queue(Out::PubRel(pkid));
+            }
+            In::PubRecFailed(pkid) => {
+                // The client refused it (MQTT 5): no PUBREL, the flow ends.
+                if self.inflight.get(&pkid).is_some_and(|f| f.qos == 2 && !f.released)
+                    && let Some(f) = self.inflight.remove(&pkid)
+                {
+                    self.acknowledged(f.position);
+                }
+            }
+            In::PubComp(pkid) => {
+                if self.inflight.get(&pkid).is_some_and(|f| f.released) {
+                    self.inflight.remove(&pkid);
+                }
+            }
             In::Subscribe { pkid, filters } => self.subscribe(pkid, filters).await,
             In::Unsubscribe { pkid, filters } => {
                 let count = filters.len();
