@@ -1,5 +1,6 @@
-//! Test harness: runs the real `weft` binary on free ports (HTTP and MQTT)
-//! with its own data directory, and a small Matrix HTTP client.
+//! Test harness: runs the real `weft` binary on free ports (HTTP, MQTT
+//! over TCP and TLS) with its own data directory, and a small Matrix HTTP
+//! client.
 //!
 //! The binary is found next to the test executable
 //! (`<target>/<profile>/deps/<test>` → `<target>/<profile>/weft`, as
@@ -8,6 +9,8 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -22,6 +25,10 @@ pub struct Server {
     pub http: String,
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// MQTT over TLS.
+    pub mqtt_tls: SocketAddr,
+    /// The self-signed certificate the server generated: the CA file.
+    pub tls_cert: PathBuf,
     client: reqwest::Client,
 }
 
@@ -30,9 +37,12 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("weft-mqtt-test-").tempdir().unwrap();
         let mut spec = ServeSpec::new(weft_bin(), dir.path().join("data"), dir.path().join("server.log"));
         spec.wait_mqtt = true;
+        spec.wait_mqtt_tls = true;
         let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
         let mqtt = process.addrs.mqtt.expect("mqtt address");
         Server {
+            mqtt_tls: process.addrs.mqtt_tls.expect("mqtt tls address"),
+            tls_cert: process.addrs.mqtt_tls_cert.clone().expect("mqtt tls certificate"),
             http: process.addrs.http.clone(),
             mqtt_host: mqtt.ip().to_string(),
             mqtt_port: mqtt.port(),
@@ -47,6 +57,11 @@ impl Server {
 
     pub fn mqtt_addr(&self) -> String {
         format!("{}:{}", self.mqtt_host, self.mqtt_port)
+    }
+
+    /// `host:port` of the HTTP listener (which also serves MQTT over WebSocket).
+    pub fn http_addr(&self) -> &str {
+        self.http.trim_start_matches("http://")
     }
 
     /// Registers a user (open registration, `m.login.dummy`).
