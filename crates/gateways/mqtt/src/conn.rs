@@ -2,7 +2,7 @@
 //! CONNECT and authentication, then a loop over the stream, the
 //! subscription feed and the keepalive timer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,11 +48,16 @@ struct Saved {
     /// QoS 1, acknowledged; at QoS 2, PUBREC'd).
     position: i64,
     /// QoS 2 messages to the client not yet complete (MQTT 4.4): on
-    /// reconnect, a released one gets its PUBREL again (and is not sent
-    /// again); an unreleased one is sent again with the same packet ID and
-    /// the DUP flag when the replay reaches it.
+    /// reconnect, a released one gets its PUBREL again; an unreleased one
+    /// is sent again with the same packet ID and the DUP flag when the
+    /// replay of the stream from `position` reaches it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     qos2: Vec<SavedFlight>,
+    /// QoS 2 messages (stream position, topic) after `position` that were
+    /// PUBREC'd already (an earlier message was still unacknowledged): the
+    /// replay does not send them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    received: Vec<(i64, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,7 +201,8 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         .as_ref()
         .map(|s| s.position)
         .unwrap_or_else(|| services.store.current_position());
-    let (saved_subs, saved_qos2) = saved.map(|s| (s.subscriptions, s.qos2)).unwrap_or_default();
+    let (saved_subs, saved_qos2, saved_received) =
+        saved.map(|s| (s.subscriptions, s.qos2, s.received)).unwrap_or_default();
     let mut subs = Vec::new();
     for s in saved_subs {
         // Re-checked: the user may have left a room since.
@@ -234,9 +240,10 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         saved_position: position,
         next_pkid: 0,
         qos2: HashSet::new(),
-        replay: HashMap::new(),
+        owed: HashMap::new(),
+        received: BTreeSet::new(),
     };
-    conn.resume_qos2(saved_qos2);
+    conn.resume_qos2(saved_qos2, saved_received);
     let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
     feed.abort();
     if conn.persistent {
@@ -394,11 +401,17 @@ struct Conn {
     /// Incoming QoS 2 messages already turned into events, awaiting PUBREL.
     qos2: HashSet<u16>,
     /// From a resumed session: QoS 2 messages (stream position, topic)
-    /// that the replay of the stream meets again. `Some(pkid)`: sent
-    /// before, never PUBREC'd: send again with that packet ID and DUP.
-    /// `None`: PUBREC'd already: not again.
-    replay: HashMap<(i64, String), Option<u16>>,
+    /// sent before and never PUBREC'd, to send again with the same packet
+    /// ID and DUP when the replay of the stream meets them.
+    owed: HashMap<(i64, String), u16>,
+    /// QoS 2 messages PUBREC'd at a position the safe position has not
+    /// reached (so a replay would meet them again): not to be sent again.
+    received: BTreeSet<(i64, String)>,
 }
+
+/// At most this many entries in `Conn::received` (only a client leaving
+/// an earlier message unacknowledged for long makes it grow).
+const MAX_RECEIVED: usize = 4096;
 
 /// A message to the client awaiting its acknowledgement.
 struct Flight {
@@ -430,6 +443,7 @@ impl Conn {
                 })
                 .collect(),
             position: self.safe_position(),
+            received: Vec::new(),
             qos2: self
                 .inflight
                 .iter()
@@ -440,16 +454,19 @@ impl Conn {
                     topic: f.topic.clone(),
                     released: f.released,
                 })
-                .chain(self.replay.iter().filter_map(|((position, topic), pkid)| {
-                    // Met by no replay yet (the session ended first): still owed.
-                    Some(SavedFlight {
-                        pkid: (*pkid)?,
-                        position: Some(*position),
-                        topic: topic.clone(),
-                        released: false,
-                    })
+                // Not met by the replay yet (the session ended first): still owed.
+                .chain(self.owed.iter().map(|((position, topic), pkid)| SavedFlight {
+                    pkid: *pkid,
+                    position: Some(*position),
+                    topic: topic.clone(),
+                    released: false,
                 }))
                 .collect(),
+        };
+        self.prune_received(saved.position);
+        let saved = Saved {
+            received: self.received.iter().cloned().collect(),
+            ..saved
         };
         if put_saved(
             &self.services,
@@ -469,7 +486,7 @@ impl Conn {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             let id = self.next_pkid;
             // Packet IDs owed to a resumed session's QoS 2 messages stay reserved.
-            if !self.inflight.contains_key(&id) && !self.replay.values().any(|p| *p == Some(id)) {
+            if !self.inflight.contains_key(&id) && !self.owed.values().any(|p| *p == id) {
                 return id;
             }
         }
@@ -477,14 +494,15 @@ impl Conn {
 
     /// Takes over a resumed session's unfinished QoS 2 messages: PUBRELs
     /// go out again at once (MQTT 4.4); the others wait for the replay.
-    fn resume_qos2(&mut self, flights: Vec<SavedFlight>) {
+    fn resume_qos2(&mut self, flights: Vec<SavedFlight>, received: Vec<(i64, String)>) {
+        self.received = received.into_iter().filter(|(p, _)| *p > self.delivered).collect();
         for f in flights {
             if f.released {
                 self.writer.queue(Out::PubRel(f.pkid));
                 if let Some(p) = f.position
                     && p > self.delivered
                 {
-                    self.replay.insert((p, f.topic.clone()), None);
+                    self.received.insert((p, f.topic.clone()));
                 }
                 self.inflight.insert(
                     f.pkid,
@@ -498,8 +516,18 @@ impl Conn {
             } else if let Some(p) = f.position
                 && p > self.delivered
             {
-                self.replay.insert((p, f.topic), Some(f.pkid));
+                self.owed.insert((p, f.topic), f.pkid);
             }
+        }
+    }
+
+    /// Forgets received QoS 2 messages at or below `safe`: a replay starts after it.
+    fn prune_received(&mut self, safe: i64) {
+        if self.received.first().is_some_and(|(p, _)| *p <= safe) {
+            self.received = self.received.split_off(&(safe + 1, String::new()));
+        }
+        while self.received.len() > MAX_RECEIVED {
+            self.received.pop_first();
         }
     }
 
@@ -586,28 +614,25 @@ impl Conn {
         match item {
             FeedItem::Event { position, publishes } => {
                 for (topic, qos, payload) in publishes {
-                    let again = if qos == 2 && !self.replay.is_empty() {
-                        self.replay.remove(&(position, topic.clone()))
-                    } else {
-                        None
-                    };
-                    match again {
+                    if qos == 2 && !self.received.is_empty() && self.received.contains(&(position, topic.clone())) {
                         // PUBREC'd before the reconnect: delivered already.
-                        Some(None) => {}
-                        Some(Some(pkid)) => {
+                        continue;
+                    }
+                    match self.owed.remove(&(position, topic.clone())) {
+                        Some(pkid) if qos == 2 => {
                             self.send_publish_as(topic, qos, payload, false, Some(position), pkid, true)
                         }
-                        None => self.send_publish(topic, qos, payload, false, Some(position)),
+                        _ => self.send_publish(topic, qos, payload, false, Some(position)),
                     }
                 }
                 self.delivered = self.delivered.max(position);
             }
             FeedItem::Advance(next) => self.delivered = self.delivered.max(next),
         }
-        if !self.replay.is_empty() {
+        if !self.owed.is_empty() {
             // Owed messages the replay has passed (a subscription or room gone).
             let delivered = self.delivered;
-            self.replay.retain(|(p, _), _| *p > delivered);
+            self.owed.retain(|(p, _), _| *p > delivered);
         }
     }
 
@@ -703,12 +728,22 @@ impl Conn {
                 let first = match self.inflight.get_mut(&pkid) {
                     Some(f) if f.qos == 2 && !f.released => {
                         f.released = true;
-                        Some(f.position)
+                        Some((f.position, f.topic.clone()))
                     }
                     _ => None,
                 };
-                if let Some(position) = first {
+                if let Some((position, topic)) = first {
                     self.acknowledged(position);
+                    if let Some(p) = position
+                        && p > self.safe_position()
+                    {
+                        // An earlier message is still unacknowledged.
+                        self.received.insert((p, topic));
+                        if self.received.len() > MAX_RECEIVED {
+                            let safe = self.safe_position();
+                            self.prune_received(safe);
+                        }
+                    }
                 }
                 // Also for a repeated or unknown PUBREC, so the client can finish.
                 self.writer.queue(Out::PubRel(pkid));

@@ -896,3 +896,80 @@ async fn qos2_outstanding_pubrel_and_unacknowledged_publishes_are_resent_on_reco
         p => panic!("expected only the new event, got {p:?}"),
     }
 }
+
+#[tokio::test]
+async fn qos2_message_pubrecd_out_of_order_is_not_resent_after_reconnect() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let addr = srv.mqtt_addr();
+
+    let mut buf = BytesMut::new();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    raw_session(&mut s, &mut buf, "raw-q2-ooo", &alice).await;
+    s.write_all(&encode(v4::Packet::Subscribe(v4::Subscribe::new(
+        format!("weft/r/{room}/e/#"),
+        QoS::ExactlyOnce,
+    ))))
+    .await
+    .unwrap();
+    assert!(matches!(read_packet(&mut s, &mut buf).await, v4::Packet::SubAck(_)));
+    for i in 0..3 {
+        alice.send(&room, "org.weft.n", &format!("n{i}"), json!({"n": i})).await;
+    }
+    let mut pkids = Vec::new();
+    while pkids.len() < 3 {
+        if let v4::Packet::Publish(p) = read_packet(&mut s, &mut buf).await {
+            pkids.push(p.pkid);
+        }
+    }
+    // Only the last one is received and completed; the first two are not.
+    let last = pkids[2];
+    s.write_all(&encode(v4::Packet::PubRec(v4::PubRec::new(last))))
+        .await
+        .unwrap();
+    assert!(matches!(read_packet(&mut s, &mut buf).await, v4::Packet::PubRel(r) if r.pkid == last));
+    s.write_all(&encode(v4::Packet::PubComp(v4::PubComp::new(last))))
+        .await
+        .unwrap();
+    // DISCONNECT after the PUBCOMP: the server has read it when the session is saved.
+    s.write_all(&encode(v4::Packet::Disconnect)).await.unwrap();
+    closed(&mut s).await;
+
+    // Reconnect: the first two again (same IDs, DUP), the third not.
+    let mut buf = BytesMut::new();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    assert!(raw_session(&mut s, &mut buf, "raw-q2-ooo", &alice).await);
+    for (i, pkid) in pkids[..2].iter().enumerate() {
+        match read_packet(&mut s, &mut buf).await {
+            v4::Packet::Publish(p) => {
+                assert_eq!((p.pkid, p.dup), (*pkid, true));
+                assert_eq!(body(&p.payload)["content"]["n"], json!(i));
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    for pkid in &pkids[..2] {
+        s.write_all(&encode(v4::Packet::PubRec(v4::PubRec::new(*pkid))))
+            .await
+            .unwrap();
+    }
+    // Their PUBRELs, then a new event: the third old one never comes back.
+    alice.send(&room, "org.weft.n", "n3", json!({"n": 3})).await;
+    let mut rest = Vec::new();
+    while rest.len() < 3 {
+        match read_packet(&mut s, &mut buf).await {
+            v4::Packet::PubRel(r) => rest.push(format!("pubrel {}", r.pkid)),
+            v4::Packet::Publish(p) => rest.push(format!("n{}", body(&p.payload)["content"]["n"])),
+            p => panic!("{p:?}"),
+        }
+    }
+    assert_eq!(
+        rest,
+        vec![
+            format!("pubrel {}", pkids[0]),
+            format!("pubrel {}", pkids[1]),
+            "n3".into()
+        ]
+    );
+}
