@@ -59,9 +59,11 @@ pub struct Connect {
     /// 3.1.1 clean session / 5 clean start: start without an earlier session.
     pub clean: bool,
     /// Whether the session outlives the connection: 3.1.1 without clean
-    /// session; 5 with a session expiry interval above 0 (any such
-    /// interval is taken as "until a clean start").
+    /// session; 5 with a session expiry interval above 0.
     pub keep_session: bool,
+    /// How long a kept session outlives the connection, in seconds; `None`:
+    /// until a clean start (3.1.1, or MQTT 5's 0xFFFFFFFF).
+    pub session_expiry: Option<u32>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Will>,
@@ -100,6 +102,8 @@ pub enum In {
     Disconnect {
         /// MQTT 5 "disconnect with will message".
         send_will: bool,
+        /// MQTT 5: a new session expiry interval (0: the session ends now).
+        session_expiry: Option<u32>,
     },
     /// A packet a server never receives (CONNACK, SUBACK, a second CONNECT…).
     Unexpected,
@@ -228,6 +232,7 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                 keep_alive: c.keep_alive,
                 clean: c.clean_session,
                 keep_session: !c.clean_session,
+                session_expiry: None,
                 username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                 password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
                 will: c.last_will.map(|w| Will {
@@ -249,6 +254,11 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                         .as_ref()
                         .and_then(|p| p.session_expiry_interval)
                         .is_some_and(|e| e > 0),
+                    session_expiry: c
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.session_expiry_interval)
+                        .filter(|e| *e != u32::MAX),
                     username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     will: match will {
@@ -290,14 +300,20 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                 filters: u.topics,
             },
             v4::Packet::PingReq => In::PingReq,
-            v4::Packet::Disconnect => In::Disconnect { send_will: false },
+            v4::Packet::Disconnect => In::Disconnect {
+                send_will: false,
+                session_expiry: None,
+            },
             _ => In::Unexpected,
         }),
         Version::V5 => {
             // rumqttc refuses a DISCONNECT without reason code, which MQTT 5
             // allows (it means "normal disconnection").
             if frame[..] == [0xE0, 0x00] {
-                return Ok(In::Disconnect { send_will: false });
+                return Ok(In::Disconnect {
+                    send_will: false,
+                    session_expiry: None,
+                });
             }
             let packet =
                 v5::Packet::read(&mut frame, Some(MAX_PACKET as u32)).map_err(|_| mb::Error::MalformedPacket)?;
@@ -326,6 +342,7 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                 v5::Packet::PingReq(_) => In::PingReq,
                 v5::Packet::Disconnect(d) => In::Disconnect {
                     send_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+                    session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
                 },
                 _ => In::Unexpected,
             })

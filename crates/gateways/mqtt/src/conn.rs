@@ -58,6 +58,21 @@ struct Saved {
     /// replay does not send them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     received: Vec<(i64, String)>,
+    /// MQTT 5: seconds the session outlives its connection (`None`: until
+    /// a clean start), counted from `saved_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expiry: Option<u32>,
+    /// When this was stored (ms since the epoch); the last store is at the
+    /// end of the connection.
+    #[serde(default)]
+    saved_ms: i64,
+}
+
+impl Saved {
+    fn expired(&self, now_ms: i64) -> bool {
+        self.expiry
+            .is_some_and(|e| self.saved_ms > 0 && now_ms.saturating_sub(self.saved_ms) > i64::from(e) * 1000)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,7 +98,11 @@ fn session_type(client_id: &str) -> String {
 /// Reasons a connection ends.
 enum End {
     /// DISCONNECT from the client.
-    Graceful { send_will: bool },
+    Graceful {
+        send_will: bool,
+        /// MQTT 5: a new session expiry interval.
+        session_expiry: Option<u32>,
+    },
     /// Socket closed, I/O error, or a protocol failure already answered.
     Dropped,
 }
@@ -195,6 +214,11 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         }
     } else if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await {
         saved = serde_json::from_str::<Saved>(&text).ok().filter(|s| s.position > 0);
+        if saved.as_ref().is_some_and(|s| s.expired(weft_core::now_ms() as i64)) {
+            // Its session expiry interval has passed since it ended.
+            saved = None;
+            let _ = put_saved(&services, &user, &data_type, None).await;
+        }
     }
     let session_present = saved.is_some();
     let position = saved
@@ -231,6 +255,8 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         services: services.clone(),
         session,
         persistent: connect.keep_session,
+        expiry: connect.session_expiry,
+        stored: false,
         data_type,
         writer,
         subs: subs_tx,
@@ -244,16 +270,34 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         received: BTreeSet::new(),
     };
     conn.resume_qos2(saved_qos2, saved_received);
-    let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
+    let mut end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
     feed.abort();
+    if let End::Graceful {
+        session_expiry: Some(e),
+        ..
+    } = end
+    {
+        if e > 0 && !connect.keep_session {
+            // MQTT 5 3.14.2.2.2: no expiry at CONNECT, none at DISCONNECT.
+            let _ = conn
+                .writer
+                .send(Out::DisconnectProtocol(ProtocolFailure::ProtocolError))
+                .await;
+            end = End::Dropped;
+        } else {
+            conn.persistent = e > 0;
+            conn.expiry = (e != u32::MAX).then_some(e);
+        }
+    }
     if conn.persistent {
         conn.save().await;
-    } else if session_present {
-        // MQTT 5 resumed a session without expiry: it ends here.
+    } else if session_present || conn.stored {
+        // MQTT 5 without (or with a DISCONNECT ending its) expiry interval:
+        // the session ends here.
         let _ = put_saved(&services, &user, &conn.data_type, None).await;
     }
     let send_will = match end {
-        End::Graceful { send_will } => send_will,
+        End::Graceful { send_will, .. } => send_will,
         End::Dropped => true,
     };
     if send_will
@@ -387,6 +431,10 @@ struct Conn {
     services: Arc<Services>,
     session: Session,
     persistent: bool,
+    /// See [`Saved::expiry`].
+    expiry: Option<u32>,
+    /// Whether this connection has stored its session.
+    stored: bool,
     data_type: String,
     writer: Writer,
     subs: watch::Sender<Arc<Vec<Sub>>>,
@@ -434,6 +482,8 @@ impl Conn {
 
     async fn save(&mut self) {
         let subs = self.subs.borrow().clone();
+        let position = self.safe_position();
+        self.prune_received(position);
         let saved = Saved {
             subscriptions: subs
                 .iter()
@@ -442,8 +492,7 @@ impl Conn {
                     qos: s.qos,
                 })
                 .collect(),
-            position: self.safe_position(),
-            received: Vec::new(),
+            position,
             qos2: self
                 .inflight
                 .iter()
@@ -462,11 +511,9 @@ impl Conn {
                     released: false,
                 }))
                 .collect(),
-        };
-        self.prune_received(saved.position);
-        let saved = Saved {
             received: self.received.iter().cloned().collect(),
-            ..saved
+            expiry: self.expiry,
+            saved_ms: weft_core::now_ms() as i64,
         };
         if put_saved(
             &self.services,
@@ -478,6 +525,7 @@ impl Conn {
         .is_ok()
         {
             self.saved_position = saved.position;
+            self.stored = true;
         }
     }
 
@@ -775,7 +823,15 @@ impl Conn {
                 }
             }
             In::PingReq => self.writer.queue(Out::PingResp),
-            In::Disconnect { send_will } => return Some(End::Graceful { send_will }),
+            In::Disconnect {
+                send_will,
+                session_expiry,
+            } => {
+                return Some(End::Graceful {
+                    send_will,
+                    session_expiry,
+                });
+            }
             In::Unexpected => return Some(self.fail(ProtocolFailure::ProtocolError).await),
         }
         None

@@ -310,8 +310,9 @@ async fn tls_rumqttc_and_mosquitto_publish_and_subscribe() {
             .unwrap()
             .status;
         assert!(status.success(), "mosquitto_sub over TLS exited with {status}");
+        // All of its output: the reader thread ends at EOF, dropping the sender.
         let seqs: Vec<Value> = lines
-            .try_iter()
+            .iter()
             .filter_map(|l| {
                 l.strip_prefix(&format!("{topic} "))
                     .map(|j| body(j.as_bytes())["content"]["seq"].clone())
