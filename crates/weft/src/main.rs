@@ -210,10 +210,11 @@ async fn serve(
         "weft: then point any Matrix client at http://{addr} (ready in {} ms)",
         started.elapsed().as_millis()
     );
-    if let Some(mqtt) = mqtt {
-        serve_mqtt(mqtt, &mqtt_config, data_dir, &server_name, addr).await?;
+    if let Some(mqtt) = &mqtt {
+        serve_mqtt(mqtt.clone(), &mqtt_config, data_dir, &server_name, addr).await?;
     }
-    let shutdown = async {
+    let mqtt_on_signal = mqtt.clone();
+    let shutdown = async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
@@ -224,10 +225,19 @@ async fn serve(
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
         tracing::info!("shutting down");
+        // MQTT connections end (storing their sessions) while HTTP drains.
+        if let Some(mqtt) = mqtt_on_signal {
+            mqtt.begin_shutdown();
+        }
     };
     let server =
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown);
-    server.await?;
+    let served = server.await;
+    // MQTT connections store their sessions before the process ends.
+    if let Some(mqtt) = &mqtt {
+        mqtt.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+    served?;
     Ok(())
 }
 

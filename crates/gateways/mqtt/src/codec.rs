@@ -157,6 +157,7 @@ pub enum ProtocolFailure {
     ProtocolError,
     KeepAliveTimeout,
     TakenOver,
+    ServerShuttingDown,
 }
 
 /// What came out of the read buffer.
@@ -416,6 +417,14 @@ fn encode_v4(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
     packet.write(buf, usize::MAX)
 }
 
+/// Writes a DISCONNECT with its reason code and an empty property length.
+/// MQTT 5 lets the property length be left out, but rumqttc cannot read
+/// that form (nor write this one: it shortens it to `E0 00`).
+fn write_disconnect5(reason: v5::DisconnectReasonCode, buf: &mut BytesMut) -> Result<usize, mb::Error> {
+    buf.extend_from_slice(&[0xE0, 0x02, reason as u8, 0x00]);
+    Ok(4)
+}
+
 fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
     use v5::ConnectReturnCode as C;
     let packet = match out {
@@ -512,20 +521,31 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
             p.dup = dup;
             v5::Packet::Publish(p)
         }
-        Out::Disconnect(r) => v5::Packet::Disconnect(v5::Disconnect::new(match r {
-            Refusal::NotAuthorized | Refusal::BadCredentials => v5::DisconnectReasonCode::NotAuthorized,
-            Refusal::TopicInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
-            Refusal::PayloadInvalid => v5::DisconnectReasonCode::PayloadFormatInvalid,
-            Refusal::Quota => v5::DisconnectReasonCode::QuotaExceeded,
-            Refusal::Unspecified | Refusal::ClientIdInvalid => v5::DisconnectReasonCode::UnspecifiedError,
-        })),
-        Out::DisconnectProtocol(f) => v5::Packet::Disconnect(v5::Disconnect::new(match f {
-            ProtocolFailure::Malformed => v5::DisconnectReasonCode::MalformedPacket,
-            ProtocolFailure::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
-            ProtocolFailure::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-            ProtocolFailure::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
-            ProtocolFailure::TakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-        })),
+        Out::Disconnect(r) => {
+            return write_disconnect5(
+                match r {
+                    Refusal::NotAuthorized | Refusal::BadCredentials => v5::DisconnectReasonCode::NotAuthorized,
+                    Refusal::TopicInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
+                    Refusal::PayloadInvalid => v5::DisconnectReasonCode::PayloadFormatInvalid,
+                    Refusal::Quota => v5::DisconnectReasonCode::QuotaExceeded,
+                    Refusal::Unspecified | Refusal::ClientIdInvalid => v5::DisconnectReasonCode::UnspecifiedError,
+                },
+                buf,
+            );
+        }
+        Out::DisconnectProtocol(f) => {
+            return write_disconnect5(
+                match f {
+                    ProtocolFailure::Malformed => v5::DisconnectReasonCode::MalformedPacket,
+                    ProtocolFailure::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                    ProtocolFailure::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                    ProtocolFailure::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
+                    ProtocolFailure::TakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                    ProtocolFailure::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
+                },
+                buf,
+            );
+        }
     };
     packet.write(buf, None).map_err(|_| mb::Error::MalformedPacket)
 }
@@ -572,6 +592,24 @@ mod tests {
                 let _ = decode(Version::V311, p.clone());
                 let _ = decode(Version::V5, p);
             }
+        }
+    }
+
+    /// rumqttc's MQTT 5 reader takes our DISCONNECT, reason code and all.
+    #[test]
+    fn disconnect5_is_readable() {
+        let mut buf = BytesMut::new();
+        encode(
+            Version::V5,
+            Out::DisconnectProtocol(ProtocolFailure::ServerShuttingDown),
+            &mut buf,
+        );
+        assert_eq!(&buf[..], &[0xE0, 0x02, 0x8B, 0x00]);
+        match v5::Packet::read(&mut buf, None) {
+            Ok(v5::Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -95,6 +95,15 @@ fn session_type(client_id: &str) -> String {
     format!("org.weft.mqtt.session.{client_id}")
 }
 
+/// Resolves once the server shuts down.
+async fn shutting_down(stop: &mut watch::Receiver<bool>) {
+    // (The guard `wait_for` returns is dropped here: it is not `Send`.)
+    if stop.wait_for(|s| *s).await.is_err() {
+        // The broker is gone: nobody will ever say so.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Reasons a connection ends.
 enum End {
     /// DISCONNECT from the client.
@@ -105,6 +114,8 @@ enum End {
     },
     /// Socket closed, I/O error, or a protocol failure already answered.
     Dropped,
+    /// The server shuts down.
+    Shutdown,
 }
 
 pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Option<SocketAddr>) {
@@ -270,7 +281,10 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         received: BTreeSet::new(),
     };
     conn.resume_qos2(saved_qos2, saved_received);
-    let mut end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
+    let mut stop = broker.shutdown.subscribe();
+    let mut end = conn
+        .serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill, &mut stop)
+        .await;
     feed.abort();
     if let End::Graceful {
         session_expiry: Some(e),
@@ -299,6 +313,8 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     let send_will = match end {
         End::Graceful { send_will, .. } => send_will,
         End::Dropped => true,
+        // The client is not gone; the server is.
+        End::Shutdown => false,
     };
     if send_will
         && let Some(w) = &connect.will
@@ -598,6 +614,7 @@ impl Conn {
         mut feed: mpsc::Receiver<FeedItem>,
         keep_alive: u16,
         kill: &Notify,
+        stop: &mut watch::Receiver<bool>,
     ) -> End {
         // Silence for 1.5 × keepalive closes the connection.
         let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -643,6 +660,10 @@ impl Conn {
                 },
                 _ = sleep_until(keepalive_deadline) => return self.fail(ProtocolFailure::KeepAliveTimeout).await,
                 _ = kill.notified() => return self.fail(ProtocolFailure::TakenOver).await,
+                _ = shutting_down(stop) => {
+                    let _ = self.writer.send(Out::DisconnectProtocol(ProtocolFailure::ServerShuttingDown)).await;
+                    return End::Shutdown;
+                }
                 _ = save_tick.tick() => {
                     if self.persistent && self.safe_position() != self.saved_position {
                         self.save().await;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use weft_services::Services;
 
@@ -48,6 +48,8 @@ pub(crate) struct Broker {
     next_id: AtomicU64,
     /// One permit per open connection, whatever its transport.
     slots: Arc<Semaphore>,
+    /// Set when the server shuts down: connections save their sessions and end.
+    shutdown: watch::Sender<bool>,
 }
 
 struct Live {
@@ -102,13 +104,37 @@ impl Mqtt {
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+                shutdown: watch::Sender::new(false),
             }),
         }
     }
 
-    /// A connection slot, if fewer than [`MAX_CONNECTIONS`] are open.
+    /// A connection slot, if fewer than [`MAX_CONNECTIONS`] are open (and
+    /// the server is not shutting down).
     fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if *self.broker.shutdown.borrow() {
+            return None;
+        }
         self.broker.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Starts [`Mqtt::shutdown`] without waiting.
+    pub fn begin_shutdown(&self) {
+        self.broker.shutdown.send_replace(true);
+    }
+
+    /// Shuts the door: no new connections; open ones end (MQTT 5 with
+    /// DISCONNECT `0x8B` server shutting down, no will) after storing
+    /// their persistent sessions. Waits for them at most `wait`.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.begin_shutdown();
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        if tokio::time::timeout(wait, self.broker.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("mqtt: connections still open after {wait:?} of shutting down");
+        }
     }
 
     /// Serves plain MQTT on `listener` until the task is dropped: one task

@@ -974,3 +974,89 @@ async fn qos2_message_pubrecd_out_of_order_is_not_resent_after_reconnect() {
         ]
     );
 }
+
+#[tokio::test]
+async fn graceful_restart_stores_sessions_so_qos2_stays_exactly_once() {
+    use rumqttc::v5;
+    let mut srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let mut m = spawn(options("restart-q2", &srv.mqtt_host, srv.mqtt_port, &alice, false));
+    assert!(!m.connack().await.session_present);
+    let filter = format!("weft/r/{room}/e/#");
+    m.client.subscribe(&filter, QoS::ExactlyOnce).await.unwrap();
+    m.suback().await;
+    for i in 0..5 {
+        alice
+            .send(
+                &room,
+                "m.room.message",
+                &format!("r{i}"),
+                json!({"body": format!("e{i}")}),
+            )
+            .await;
+    }
+    m.qos2_publishes(5).await;
+    // A round trip after the PUBCOMPs: the server has read them.
+    m.client.subscribe(&filter, QoS::ExactlyOnce).await.unwrap();
+    m.suback().await;
+    // An MQTT 5 client is told why the connection ends.
+    let mut o = v5::MqttOptions::new("restart-v5", &srv.mqtt_host, srv.mqtt_port);
+    o.set_credentials(alice.user_id.as_str(), alice.token.as_str());
+    let (_c5, mut el5) = v5::AsyncClient::new(o, 10);
+    let (tx5, mut rx5) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el5.poll().await {
+                Ok(v5::Event::Incoming(p)) => {
+                    if tx5.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx5.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let first = timeout(WAIT, rx5.recv()).await.unwrap().unwrap();
+    assert!(matches!(first, Ok(v5::mqttbytes::v5::Packet::ConnAck(_))), "{first:?}");
+
+    // SIGTERM: well within the 5 s between periodic saves.
+    srv.restart().await;
+    // (rumqttc reports a server's DISCONNECT as the error ending its loop.)
+    loop {
+        match timeout(WAIT, rx5.recv()).await.expect("no DISCONNECT from the server") {
+            Some(Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect { reason_code, .. }))) => {
+                assert_eq!(reason_code, v5::mqttbytes::v5::DisconnectReasonCode::ServerShuttingDown);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended without DISCONNECT: {other:?}"),
+        }
+    }
+    m.task.abort();
+
+    let alice = alice.on(&srv);
+    for i in 5..8 {
+        alice
+            .send(
+                &room,
+                "m.room.message",
+                &format!("r{i}"),
+                json!({"body": format!("e{i}")}),
+            )
+            .await;
+    }
+    let mut m = spawn(options("restart-q2", &srv.mqtt_host, srv.mqtt_port, &alice, false));
+    assert!(m.connack().await.session_present);
+    let got = m.qos2_publishes(3).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(bodies, vec!["e5", "e6", "e7"], "only what was missed, once");
+    m.quiet(Duration::from_millis(500)).await;
+}

@@ -20,7 +20,7 @@ pub use weft_testkit::{enc, weft_bin};
 pub const SERVER_NAME: &str = "localhost:8008";
 
 pub struct Server {
-    _process: ServerProcess,
+    process: ServerProcess,
     _dir: tempfile::TempDir,
     pub http: String,
     pub mqtt_host: String,
@@ -46,7 +46,7 @@ impl Server {
             http: process.addrs.http.clone(),
             mqtt_host: mqtt.ip().to_string(),
             mqtt_port: mqtt.port(),
-            _process: process,
+            process,
             _dir: dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
@@ -57,6 +57,24 @@ impl Server {
 
     pub fn mqtt_addr(&self) -> String {
         format!("{}:{}", self.mqtt_host, self.mqtt_port)
+    }
+
+    /// Stops the server with SIGTERM (asserting a clean exit) and starts it
+    /// again on the same data directory; the ports change.
+    pub async fn restart(&mut self) {
+        let status = self.process.terminate(Duration::from_secs(15)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "no clean exit on SIGTERM: {status:?}\n{}",
+            self.process.log_tail(30)
+        );
+        self.process.restart().await.unwrap_or_else(|e| panic!("{e}"));
+        let addrs = &self.process.addrs;
+        let mqtt = addrs.mqtt.expect("mqtt address");
+        self.http = addrs.http.clone();
+        self.mqtt_host = mqtt.ip().to_string();
+        self.mqtt_port = mqtt.port();
+        self.mqtt_tls = addrs.mqtt_tls.expect("mqtt tls address");
     }
 
     /// `host:port` of the HTTP listener (which also serves MQTT over WebSocket).
@@ -107,6 +125,14 @@ pub struct User {
 }
 
 impl User {
+    /// The same user, talking to `srv` (after a restart, say).
+    pub fn on(&self, srv: &Server) -> User {
+        User {
+            base: srv.http.clone(),
+            ..self.clone()
+        }
+    }
+
     pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut r = self
             .client
