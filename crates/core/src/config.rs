@@ -25,24 +25,44 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub database: DatabaseConfig,
     pub rooms: RoomsConfig,
-    pub mqtt: DoorConfig,
+    pub mqtt: MqttConfig,
     pub coap: CoapConfig,
 }
 
-/// A door (transport) other than HTTP: whether it runs and where it listens.
+/// The MQTT door: plain TCP, TLS, and WebSocket on the HTTP port.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct DoorConfig {
+pub struct MqttConfig {
+    /// Off: no MQTT at all (no TCP, TLS or WebSocket).
     pub enabled: bool,
-    /// `host:port`; port 0 picks a free one (printed at start-up).
+    /// Plain TCP, `host:port`; port 0 picks a free one (printed at
+    /// start-up); empty: no plain-TCP listener.
     pub listen: String,
+    /// MQTT over TLS (`mqtts`) on `tls_listen`.
+    pub tls_enabled: bool,
+    /// `host:port` of the TLS listener; port 0 picks a free one.
+    pub tls_listen: String,
+    /// PEM certificate chain; relative paths are in the data directory.
+    /// With neither `tls_cert` nor `tls_key` set, a self-signed
+    /// certificate is generated on first start (`tls/mqtt.crt`,
+    /// `tls/mqtt.key` in the data directory) and reused afterwards.
+    pub tls_cert: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<String>,
+    /// MQTT over WebSocket on the HTTP listener, path `/mqtt`.
+    pub ws_enabled: bool,
 }
 
-impl Default for DoorConfig {
+impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen: String::new(),
+            listen: "127.0.0.1:1883".into(),
+            tls_enabled: true,
+            tls_listen: "127.0.0.1:8883".into(),
+            tls_cert: None,
+            tls_key: None,
+            ws_enabled: true,
         }
     }
 }
@@ -160,10 +180,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             database: DatabaseConfig::default(),
             rooms: RoomsConfig::default(),
-            mqtt: DoorConfig {
-                enabled: true,
-                listen: "127.0.0.1:1883".into(),
-            },
+            mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
         }
     }
@@ -266,9 +283,22 @@ synchronous = "full"
 default_room_version = "10"
 
 [mqtt]
-# The MQTT door (3.1.1 and 5, TCP). See docs/mqtt.md.
+# The MQTT door (3.1.1 and 5). See docs/mqtt.md. enabled = false turns off
+# every MQTT transport (TCP, TLS, WebSocket).
 enabled = true
+# Plain TCP; "" for none (e.g. TLS only).
 listen = "127.0.0.1:1883"
+# MQTT over TLS (mqtts).
+tls_enabled = true
+tls_listen = "127.0.0.1:8883"
+# PEM certificate chain and private key; relative paths are in the data
+# directory. Unset: a self-signed certificate for the server name,
+# localhost and 127.0.0.1 is generated on first start into tls/mqtt.crt
+# and tls/mqtt.key (give clients tls/mqtt.crt as their CA file).
+# tls_cert = "tls/mqtt.crt"
+# tls_key = "tls/mqtt.key"
+# MQTT over WebSocket on the HTTP listener, path /mqtt (subprotocol mqtt).
+ws_enabled = true
 
 [coap]
 # The CoAP+CBOR door (UDP). See docs/coap.md.

@@ -116,6 +116,7 @@ pub fn mqtt(input: &[u8]) {
                     qos,
                     pkid,
                     retain: false,
+                    dup: false,
                     payload: payload.clone(),
                 };
                 mq::encode(v, out, &mut buf);

@@ -1,6 +1,6 @@
 //! Runs the real `weft` binary for tests (and the benchmark): finds (or
-//! builds) it, spawns `weft serve` on a data directory with HTTP, MQTT and
-//! CoAP on free ports, reads the addresses from its `listening on` lines,
+//! builds) it, spawns `weft serve` on a data directory with HTTP, MQTT
+//! (plain and TLS) and CoAP on free ports, reads the addresses from its `listening on` lines,
 //! copies its stdout and stderr into a log file, and stops, kills or
 //! restarts it.
 //!
@@ -116,6 +116,9 @@ pub struct ServeSpec {
     pub clean_env: bool,
     /// Also wait for the `weft: mqtt listening on ADDR` line.
     pub wait_mqtt: bool,
+    /// Also wait for the `weft: mqtt tls listening on ADDR` and
+    /// `weft: mqtt tls certificate PATH` lines.
+    pub wait_mqtt_tls: bool,
     /// Also wait for the `weft: coap listening on ADDR` line.
     pub wait_coap: bool,
     /// Also wait for the `weft: coap dtls listening on ADDR` line.
@@ -138,6 +141,7 @@ impl ServeSpec {
                 ("WEFT_RATE_LIMIT__ENABLED", "false"),
                 // Other doors on free ports, so parallel servers don't collide.
                 ("WEFT_MQTT__LISTEN", "127.0.0.1:0"),
+                ("WEFT_MQTT__TLS_LISTEN", "127.0.0.1:0"),
                 ("WEFT_COAP__LISTEN", "127.0.0.1:0"),
                 ("WEFT_COAP__DTLS_LISTEN", "127.0.0.1:0"),
             ]
@@ -146,6 +150,7 @@ impl ServeSpec {
             .collect(),
             clean_env: true,
             wait_mqtt: false,
+            wait_mqtt_tls: false,
             wait_coap: false,
             wait_coaps: false,
             timeout: Duration::from_secs(60),
@@ -193,6 +198,11 @@ pub struct Addrs {
     /// `http://127.0.0.1:PORT`
     pub http: String,
     pub mqtt: Option<SocketAddr>,
+    /// MQTT over TLS.
+    pub mqtt_tls: Option<SocketAddr>,
+    /// The certificate the TLS listener presents (PEM; self-signed unless
+    /// configured, so it is the clients' CA file).
+    pub mqtt_tls_cert: Option<PathBuf>,
     pub coap: Option<SocketAddr>,
     /// The CoAP door's DTLS listener (`coaps://`).
     pub coaps: Option<SocketAddr>,
@@ -304,6 +314,8 @@ impl Drop for ServerProcess {
 enum Seen {
     Http(String, Instant),
     Mqtt(SocketAddr),
+    MqttTls(SocketAddr),
+    MqttTlsCert(PathBuf),
     Coap(SocketAddr),
     Coaps(SocketAddr),
 }
@@ -325,6 +337,7 @@ fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
     let mut after = None;
     while after.is_none()
         || (spec.wait_mqtt && addrs.mqtt.is_none())
+        || (spec.wait_mqtt_tls && (addrs.mqtt_tls.is_none() || addrs.mqtt_tls_cert.is_none()))
         || (spec.wait_coap && addrs.coap.is_none())
         || (spec.wait_coaps && addrs.coaps.is_none())
     {
@@ -334,6 +347,8 @@ fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
                 after = Some(at.duration_since(spawned_at));
             }
             Ok(Seen::Mqtt(a)) => addrs.mqtt = Some(a),
+            Ok(Seen::MqttTls(a)) => addrs.mqtt_tls = Some(a),
+            Ok(Seen::MqttTlsCert(p)) => addrs.mqtt_tls_cert = Some(p),
             Ok(Seen::Coap(a)) => addrs.coap = Some(a),
             Ok(Seen::Coaps(a)) => addrs.coaps = Some(a),
             Err(e) => {
@@ -371,6 +386,10 @@ fn pump<R: Read + Send + 'static>(pipe: R, log: &Path, lock: &Arc<Mutex<()>>, tx
                     Some(Seen::Mqtt(a))
                 } else if let Some(a) = parse_door_line(&line, "weft: coap dtls listening on ") {
                     Some(Seen::Coaps(a))
+                } else if let Some(a) = parse_door_line(&line, "weft: mqtt tls listening on ") {
+                    Some(Seen::MqttTls(a))
+                } else if let Some(p) = parse_cert_line(&line) {
+                    Some(Seen::MqttTlsCert(p))
                 } else {
                     parse_door_line(&line, "weft: coap listening on ").map(Seen::Coap)
                 };
@@ -415,6 +434,13 @@ fn parse_door_line(line: &str, mark: &str) -> Option<SocketAddr> {
     line.split_once(mark)?.1.trim().parse().ok()
 }
 
+/// `weft: mqtt tls certificate PATH[ (note)]`
+fn parse_cert_line(line: &str) -> Option<PathBuf> {
+    let rest = line.split_once("weft: mqtt tls certificate ")?.1.trim();
+    let path = rest.split_once(" (").map_or(rest, |(p, _)| p);
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
 /// The last `n` lines of a log file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -424,7 +450,31 @@ pub fn tail(path: &Path, n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_listen_url;
+    use super::{parse_cert_line, parse_door_line, parse_listen_url};
+
+    #[test]
+    fn mqtt_tls_lines() {
+        assert_eq!(
+            parse_door_line(
+                "weft: mqtt tls listening on 127.0.0.1:8883",
+                "weft: mqtt tls listening on "
+            ),
+            Some("127.0.0.1:8883".parse().unwrap())
+        );
+        // The plain line's mark does not match the TLS line.
+        assert_eq!(
+            parse_door_line("weft: mqtt tls listening on 127.0.0.1:8883", "weft: mqtt listening on "),
+            None
+        );
+        assert_eq!(
+            parse_cert_line("weft: mqtt tls certificate /d/tls/mqtt.crt (self-signed: …)"),
+            Some("/d/tls/mqtt.crt".into())
+        );
+        assert_eq!(
+            parse_cert_line("weft: mqtt tls certificate /etc/c.pem"),
+            Some("/etc/c.pem".into())
+        );
+    }
 
     #[test]
     fn parses_listen_line() {

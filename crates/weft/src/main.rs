@@ -92,7 +92,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+                .unwrap_or_else(|_| "weft=info,rustls=error,warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -194,7 +195,16 @@ async fn serve(
         None
     };
     let services = open_services(data_dir, config)?;
-    let app = weft_http::router(services.clone());
+    let mut app = weft_http::router(services.clone());
+    // The MQTT door (TCP, TLS, and WebSocket on this HTTP listener), one
+    // broker for all three, sharing the same services.
+    let mqtt_config = services.config.mqtt.clone();
+    let mqtt = mqtt_config.enabled.then(|| weft_mqtt::Mqtt::new(services.clone()));
+    if let Some(mqtt) = &mqtt
+        && mqtt_config.ws_enabled
+    {
+        app = app.merge(mqtt.ws_router());
+    }
     // The CoAP+CBOR door (UDP), sharing the same services.
     let coap_socket = if services.config.coap.enabled {
         let coap_listen = services.config.coap.listen.clone();
@@ -233,16 +243,11 @@ async fn serve(
         "weft: then point any Matrix client at http://{addr} (ready in {} ms)",
         started.elapsed().as_millis()
     );
-    // The MQTT door (TCP), sharing the same services.
-    if services.config.mqtt.enabled {
-        let mqtt_listen = services.config.mqtt.listen.clone();
-        let mqtt = tokio::net::TcpListener::bind(&mqtt_listen).await.with_context(|| {
-            format!("cannot listen for MQTT on {mqtt_listen} (set [mqtt] listen or enabled = false)")
-        })?;
-        println!("weft: mqtt listening on {}", mqtt.local_addr()?);
-        tokio::spawn(weft_mqtt::serve(services.clone(), mqtt));
+    if let Some(mqtt) = &mqtt {
+        serve_mqtt(mqtt.clone(), &mqtt_config, data_dir, &server_name, addr).await?;
     }
-    let shutdown = async {
+    let mqtt_on_signal = mqtt.clone();
+    let shutdown = async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
@@ -253,10 +258,69 @@ async fn serve(
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
         tracing::info!("shutting down");
+        // MQTT connections end (storing their sessions) while HTTP drains.
+        if let Some(mqtt) = mqtt_on_signal {
+            mqtt.begin_shutdown();
+        }
     };
     let server =
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown);
-    server.await?;
+    let served = server.await;
+    // MQTT connections store their sessions before the process ends.
+    if let Some(mqtt) = &mqtt {
+        mqtt.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+    served?;
+    Ok(())
+}
+
+/// Starts the MQTT door's TCP and TLS listeners and prints where they (and
+/// MQTT over WebSocket) are.
+async fn serve_mqtt(
+    mqtt: weft_mqtt::Mqtt,
+    c: &weft_core::config::MqttConfig,
+    data_dir: &Path,
+    server_name: &str,
+    http: SocketAddr,
+) -> anyhow::Result<()> {
+    if !c.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&c.listen).await.with_context(|| {
+            format!(
+                "cannot listen for MQTT on {} (set [mqtt] listen, \"\" for no plain TCP, or enabled = false)",
+                c.listen
+            )
+        })?;
+        println!("weft: mqtt listening on {}", listener.local_addr()?);
+        tokio::spawn(mqtt.clone().serve_tcp(listener));
+    }
+    if c.tls_enabled {
+        let hosts = [
+            weft_mqtt::tls::host_of(server_name),
+            weft_mqtt::tls::host_of(&c.tls_listen),
+        ];
+        let tls = weft_mqtt::tls::load_or_generate(data_dir, c.tls_cert.as_deref(), c.tls_key.as_deref(), &hosts)
+            .map_err(|e| anyhow::anyhow!("MQTT over TLS: {e} (set [mqtt] tls_cert/tls_key or tls_enabled = false)"))?;
+        let listener = tokio::net::TcpListener::bind(&c.tls_listen).await.with_context(|| {
+            format!(
+                "cannot listen for MQTT over TLS on {} (set [mqtt] tls_listen or tls_enabled = false)",
+                c.tls_listen
+            )
+        })?;
+        println!("weft: mqtt tls listening on {}", listener.local_addr()?);
+        println!(
+            "weft: mqtt tls certificate {}{}",
+            tls.cert_path.display(),
+            if c.tls_cert.is_none() {
+                " (self-signed: clients take it as their CA file, e.g. mosquitto_sub --cafile)"
+            } else {
+                ""
+            }
+        );
+        tokio::spawn(mqtt.clone().serve_tls(listener, tls.acceptor));
+    }
+    if c.ws_enabled {
+        println!("weft: mqtt websocket on ws://{http}{}", weft_mqtt::WS_PATH);
+    }
     Ok(())
 }
 

@@ -59,9 +59,11 @@ pub struct Connect {
     /// 3.1.1 clean session / 5 clean start: start without an earlier session.
     pub clean: bool,
     /// Whether the session outlives the connection: 3.1.1 without clean
-    /// session; 5 with a session expiry interval above 0 (any such
-    /// interval is taken as "until a clean start").
+    /// session; 5 with a session expiry interval above 0.
     pub keep_session: bool,
+    /// How long a kept session outlives the connection, in seconds; `None`:
+    /// until a clean start (3.1.1, or MQTT 5's 0xFFFFFFFF).
+    pub session_expiry: Option<u32>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Will>,
@@ -87,8 +89,10 @@ pub enum In {
     },
     PubAck(u16),
     PubRec(u16),
+    /// MQTT 5: a PUBREC with a failure reason code; the flow ends there.
+    PubRecFailed(u16),
     PubRel(u16),
-    PubComp,
+    PubComp(u16),
     Subscribe {
         pkid: u16,
         filters: Vec<(String, u8)>,
@@ -101,6 +105,8 @@ pub enum In {
     Disconnect {
         /// MQTT 5 "disconnect with will message".
         send_will: bool,
+        /// MQTT 5: a new session expiry interval (0: the session ends now).
+        session_expiry: Option<u32>,
     },
     /// A packet a server never receives (CONNACK, SUBACK, a second CONNECT…).
     Unexpected,
@@ -137,6 +143,8 @@ pub enum Out {
         qos: u8,
         pkid: u16,
         retain: bool,
+        /// A resend of a message with the same packet ID (after a reconnect).
+        dup: bool,
         payload: Bytes,
     },
     /// MQTT 5 only (3.1.1 servers just close the connection).
@@ -152,6 +160,7 @@ pub enum ProtocolFailure {
     ProtocolError,
     KeepAliveTimeout,
     TakenOver,
+    ServerShuttingDown,
 }
 
 /// What came out of the read buffer.
@@ -227,6 +236,7 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                 keep_alive: c.keep_alive,
                 clean: c.clean_session,
                 keep_session: !c.clean_session,
+                session_expiry: None,
                 username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                 password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
                 will: c.last_will.map(|w| Will {
@@ -250,6 +260,11 @@ pub fn decode_connect(mut frame: BytesMut) -> Result<Connect, mb::Error> {
                         .and_then(|p| p.session_expiry_interval)
                         .is_some_and(|e| e > 0),
                     receive_max: c.properties.as_ref().and_then(|p| p.receive_maximum),
+                    session_expiry: c
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.session_expiry_interval)
+                        .filter(|e| *e != u32::MAX),
                     username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     will: match will {
@@ -281,7 +296,7 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
             v4::Packet::PubAck(p) => In::PubAck(p.pkid),
             v4::Packet::PubRec(p) => In::PubRec(p.pkid),
             v4::Packet::PubRel(p) => In::PubRel(p.pkid),
-            v4::Packet::PubComp(_) => In::PubComp,
+            v4::Packet::PubComp(p) => In::PubComp(p.pkid),
             v4::Packet::Subscribe(s) => In::Subscribe {
                 pkid: s.pkid,
                 filters: s.filters.into_iter().map(|f| (f.path, qos_num(f.qos))).collect(),
@@ -291,14 +306,20 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                 filters: u.topics,
             },
             v4::Packet::PingReq => In::PingReq,
-            v4::Packet::Disconnect => In::Disconnect { send_will: false },
+            v4::Packet::Disconnect => In::Disconnect {
+                send_will: false,
+                session_expiry: None,
+            },
             _ => In::Unexpected,
         }),
         Version::V5 => {
             // rumqttc refuses a DISCONNECT without reason code, which MQTT 5
             // allows (it means "normal disconnection").
             if frame[..] == [0xE0, 0x00] {
-                return Ok(In::Disconnect { send_will: false });
+                return Ok(In::Disconnect {
+                    send_will: false,
+                    session_expiry: None,
+                });
             }
             let packet =
                 v5::Packet::read(&mut frame, Some(MAX_PACKET as u32)).map_err(|_| mb::Error::MalformedPacket)?;
@@ -310,9 +331,12 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                     payload: p.payload,
                 },
                 v5::Packet::PubAck(p) => In::PubAck(p.pkid),
-                v5::Packet::PubRec(p) => In::PubRec(p.pkid),
+                v5::Packet::PubRec(p) => match p.reason {
+                    v5::PubRecReason::Success | v5::PubRecReason::NoMatchingSubscribers => In::PubRec(p.pkid),
+                    _ => In::PubRecFailed(p.pkid),
+                },
                 v5::Packet::PubRel(p) => In::PubRel(p.pkid),
-                v5::Packet::PubComp(_) => In::PubComp,
+                v5::Packet::PubComp(p) => In::PubComp(p.pkid),
                 v5::Packet::Subscribe(s) => In::Subscribe {
                     pkid: s.pkid,
                     filters: s.filters.into_iter().map(|f| (f.path, qos5_num(f.qos))).collect(),
@@ -324,6 +348,7 @@ pub fn decode(version: Version, mut frame: BytesMut) -> Result<In, mb::Error> {
                 v5::Packet::PingReq(_) => In::PingReq,
                 v5::Packet::Disconnect(d) => In::Disconnect {
                     send_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+                    session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
                 },
                 _ => In::Unexpected,
             })
@@ -384,15 +409,25 @@ fn encode_v4(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
             qos,
             pkid,
             retain,
+            dup,
             payload,
         } => {
             let mut p = v4::Publish::from_bytes(topic, qos_of(qos), payload);
             p.pkid = pkid;
             p.retain = retain;
+            p.dup = dup;
             v4::Packet::Publish(p)
         }
     };
     packet.write(buf, usize::MAX)
+}
+
+/// Writes a DISCONNECT with its reason code and an empty property length.
+/// MQTT 5 lets the property length be left out, but rumqttc cannot read
+/// that form (nor write this one: it shortens it to `E0 00`).
+fn write_disconnect5(reason: v5::DisconnectReasonCode, buf: &mut BytesMut) -> Result<usize, mb::Error> {
+    buf.extend_from_slice(&[0xE0, 0x02, reason as u8, 0x00]);
+    Ok(4)
 }
 
 fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
@@ -482,27 +517,40 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
             qos,
             pkid,
             retain,
+            dup,
             payload,
         } => {
             let mut p = v5::Publish::new(topic, qos5_of(qos), payload, None);
             p.pkid = pkid;
             p.retain = retain;
+            p.dup = dup;
             v5::Packet::Publish(p)
         }
-        Out::Disconnect(r) => v5::Packet::Disconnect(v5::Disconnect::new(match r {
-            Refusal::NotAuthorized | Refusal::BadCredentials => v5::DisconnectReasonCode::NotAuthorized,
-            Refusal::TopicInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
-            Refusal::PayloadInvalid => v5::DisconnectReasonCode::PayloadFormatInvalid,
-            Refusal::Quota => v5::DisconnectReasonCode::QuotaExceeded,
-            Refusal::Unspecified | Refusal::ClientIdInvalid => v5::DisconnectReasonCode::UnspecifiedError,
-        })),
-        Out::DisconnectProtocol(f) => v5::Packet::Disconnect(v5::Disconnect::new(match f {
-            ProtocolFailure::Malformed => v5::DisconnectReasonCode::MalformedPacket,
-            ProtocolFailure::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
-            ProtocolFailure::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-            ProtocolFailure::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
-            ProtocolFailure::TakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-        })),
+        Out::Disconnect(r) => {
+            return write_disconnect5(
+                match r {
+                    Refusal::NotAuthorized | Refusal::BadCredentials => v5::DisconnectReasonCode::NotAuthorized,
+                    Refusal::TopicInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
+                    Refusal::PayloadInvalid => v5::DisconnectReasonCode::PayloadFormatInvalid,
+                    Refusal::Quota => v5::DisconnectReasonCode::QuotaExceeded,
+                    Refusal::Unspecified | Refusal::ClientIdInvalid => v5::DisconnectReasonCode::UnspecifiedError,
+                },
+                buf,
+            );
+        }
+        Out::DisconnectProtocol(f) => {
+            return write_disconnect5(
+                match f {
+                    ProtocolFailure::Malformed => v5::DisconnectReasonCode::MalformedPacket,
+                    ProtocolFailure::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                    ProtocolFailure::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                    ProtocolFailure::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
+                    ProtocolFailure::TakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                    ProtocolFailure::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
+                },
+                buf,
+            );
+        }
     };
     packet.write(buf, None).map_err(|_| mb::Error::MalformedPacket)
 }
@@ -549,6 +597,24 @@ mod tests {
                 let _ = decode(Version::V311, p.clone());
                 let _ = decode(Version::V5, p);
             }
+        }
+    }
+
+    /// rumqttc's MQTT 5 reader takes our DISCONNECT, reason code and all.
+    #[test]
+    fn disconnect5_is_readable() {
+        let mut buf = BytesMut::new();
+        encode(
+            Version::V5,
+            Out::DisconnectProtocol(ProtocolFailure::ServerShuttingDown),
+            &mut buf,
+        );
+        assert_eq!(&buf[..], &[0xE0, 0x02, 0x8B, 0x00]);
+        match v5::Packet::read(&mut buf, None) {
+            Ok(v5::Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -1,8 +1,10 @@
-//! One MQTT connection: CONNECT and authentication, then a loop over the
-//! socket, the subscription feed and the keepalive timer.
+//! One MQTT connection, over any byte stream (TCP, TLS, WebSocket):
+//! CONNECT and authentication, then a loop over the stream, the
+//! subscription feed and the keepalive timer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +14,8 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use ruma::OwnedRoomId;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use sync_wrapper::SyncWrapper;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use weft_core::ErrorKind;
@@ -30,8 +31,9 @@ use crate::topics::{FilterRoom, parse_filter, parse_publish};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a write to a client may take before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// QoS 1 messages sent and not yet acknowledged, at most (less if an
-/// MQTT 5 client asks for less with its Receive Maximum).
+/// QoS 1 and 2 messages sent and not yet completely acknowledged (PUBACK,
+/// PUBCOMP), at most (less if an MQTT 5 client asks for less with its
+/// Receive Maximum).
 const MAX_INFLIGHT: usize = 256;
 /// How often a persistent session's position is saved while connected.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
@@ -50,13 +52,54 @@ struct Ack {
 
 type AckFuture = Pin<Box<dyn Future<Output = Ack> + Send + Sync>>;
 
+/// The reading half of a connection's byte stream.
+pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half of a connection's byte stream.
+pub type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
 /// A persistent session, stored as account data of the user.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Saved {
     subscriptions: Vec<SavedSub>,
     /// Every event up to this stream position has been delivered (and, at
-    /// QoS 1, acknowledged).
+    /// QoS 1, acknowledged; at QoS 2, PUBREC'd).
     position: i64,
+    /// QoS 2 messages to the client not yet complete (MQTT 4.4): on
+    /// reconnect, a released one gets its PUBREL again; an unreleased one
+    /// is sent again with the same packet ID and the DUP flag when the
+    /// replay of the stream from `position` reaches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    qos2: Vec<SavedFlight>,
+    /// QoS 2 messages (stream position, topic) after `position` that were
+    /// PUBREC'd already (an earlier message was still unacknowledged): the
+    /// replay does not send them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    received: Vec<(i64, String)>,
+    /// MQTT 5: seconds the session outlives its connection (`None`: until
+    /// a clean start), counted from `saved_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expiry: Option<u32>,
+    /// When this was stored (ms since the epoch); the last store is at the
+    /// end of the connection.
+    #[serde(default)]
+    saved_ms: i64,
+}
+
+impl Saved {
+    fn expired(&self, now_ms: i64) -> bool {
+        self.expiry
+            .is_some_and(|e| self.saved_ms > 0 && now_ms.saturating_sub(self.saved_ms) > i64::from(e) * 1000)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedFlight {
+    pkid: u16,
+    /// `None` for retained state sent on subscribe (not replayed).
+    position: Option<i64>,
+    topic: String,
+    /// PUBREC received, PUBREL sent, PUBCOMP awaited.
+    released: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,18 +112,30 @@ fn session_type(client_id: &str) -> String {
     format!("org.weft.mqtt.session.{client_id}")
 }
 
+/// Resolves once the server shuts down.
+async fn shutting_down(stop: &mut watch::Receiver<bool>) {
+    // (The guard `wait_for` returns is dropped here: it is not `Send`.)
+    if stop.wait_for(|s| *s).await.is_err() {
+        // The broker is gone: nobody will ever say so.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Reasons a connection ends.
 enum End {
     /// DISCONNECT from the client.
-    Graceful { send_will: bool },
+    Graceful {
+        send_will: bool,
+        /// MQTT 5: a new session expiry interval.
+        session_expiry: Option<u32>,
+    },
     /// Socket closed, I/O error, or a protocol failure already answered.
     Dropped,
+    /// The server shuts down.
+    Shutdown,
 }
 
-pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Option<SocketAddr>) {
     let mut buf = BytesMut::with_capacity(4096);
 
     // CONNECT, within CONNECT_TIMEOUT.
@@ -101,7 +156,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         }
     };
     let mut writer = Writer {
-        wr,
+        wr: SyncWrapper::new(wr),
         version: Version::V311,
         buf: BytesMut::new(),
     };
@@ -187,14 +242,21 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         }
     } else if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await {
         saved = serde_json::from_str::<Saved>(&text).ok().filter(|s| s.position > 0);
+        if saved.as_ref().is_some_and(|s| s.expired(weft_core::now_ms() as i64)) {
+            // Its session expiry interval has passed since it ended.
+            saved = None;
+            let _ = put_saved(&services, &user, &data_type, None).await;
+        }
     }
     let session_present = saved.is_some();
     let position = saved
         .as_ref()
         .map(|s| s.position)
         .unwrap_or_else(|| services.store.current_position());
+    let (saved_subs, saved_qos2, saved_received) =
+        saved.map(|s| (s.subscriptions, s.qos2, s.received)).unwrap_or_default();
     let mut subs = Vec::new();
-    for s in saved.map(|s| s.subscriptions).unwrap_or_default() {
+    for s in saved_subs {
         // Re-checked: the user may have left a room since.
         if let Ok(sub) = make_sub(&services, &session, &s.filter, s.qos, 0).await {
             subs.push(sub);
@@ -221,6 +283,8 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         services: services.clone(),
         session,
         persistent: connect.keep_session,
+        expiry: connect.session_expiry,
+        stored: false,
         data_type,
         writer,
         subs: subs_tx,
@@ -234,18 +298,44 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
         max_inflight: connect
             .receive_max
             .map_or(MAX_INFLIGHT, |m| usize::from(m).clamp(1, MAX_INFLIGHT)),
+        owed: HashMap::new(),
+        received: BTreeSet::new(),
     };
-    let end = conn.serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill).await;
+    conn.resume_qos2(saved_qos2, saved_received);
+    let mut stop = broker.shutdown.subscribe();
+    let mut end = conn
+        .serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill, &mut stop)
+        .await;
     feed.abort();
+    if let End::Graceful {
+        session_expiry: Some(e),
+        ..
+    } = end
+    {
+        if e > 0 && !connect.keep_session {
+            // MQTT 5 3.14.2.2.2: no expiry at CONNECT, none at DISCONNECT.
+            let _ = conn
+                .writer
+                .send(Out::DisconnectProtocol(ProtocolFailure::ProtocolError))
+                .await;
+            end = End::Dropped;
+        } else {
+            conn.persistent = e > 0;
+            conn.expiry = (e != u32::MAX).then_some(e);
+        }
+    }
     if conn.persistent {
         conn.save().await;
-    } else if session_present {
-        // MQTT 5 resumed a session without expiry: it ends here.
+    } else if session_present || conn.stored {
+        // MQTT 5 without (or with a DISCONNECT ending its) expiry interval:
+        // the session ends here.
         let _ = put_saved(&services, &user, &conn.data_type, None).await;
     }
     let send_will = match end {
-        End::Graceful { send_will } => send_will,
+        End::Graceful { send_will, .. } => send_will,
         End::Dropped => true,
+        // The client is not gone; the server is.
+        End::Shutdown => false,
     };
     if send_will
         && let Some(w) = &connect.will
@@ -253,7 +343,7 @@ pub async fn run(broker: Arc<Broker>, stream: TcpStream) {
     {
         tracing::debug!("mqtt: will of {client_id} not published: {r:?}");
     }
-    let _ = conn.writer.wr.shutdown().await;
+    let _ = conn.writer.wr.get_mut().shutdown().await;
     broker.unregister(&key, conn_id);
 }
 
@@ -331,7 +421,7 @@ async fn make_sub(services: &Services, session: &Session, filter: &str, qos: u8,
     };
     Ok(Sub {
         filter: filter.to_owned(),
-        qos: qos.min(1),
+        qos: qos.min(2),
         room,
         room_id,
         from,
@@ -339,7 +429,9 @@ async fn make_sub(services: &Services, session: &Session, filter: &str, qos: u8,
 }
 
 struct Writer {
-    wr: OwnedWriteHalf,
+    /// Only ever used through `&mut`; the wrapper makes `Conn` `Sync`
+    /// (its futures borrow it across awaits) for streams that are not.
+    wr: SyncWrapper<WriteHalf>,
     version: Version,
     buf: BytesMut,
 }
@@ -354,7 +446,13 @@ impl Writer {
             return Ok(());
         }
         let data = self.buf.split();
-        match timeout(WRITE_TIMEOUT, self.wr.write_all(&data)).await {
+        // TLS and WebSocket buffer inside the stream: flush pushes it out.
+        let wr = self.wr.get_mut();
+        let write = async {
+            wr.write_all(&data).await?;
+            wr.flush().await
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
@@ -370,13 +468,16 @@ struct Conn {
     services: Arc<Services>,
     session: Session,
     persistent: bool,
+    /// See [`Saved::expiry`].
+    expiry: Option<u32>,
+    /// Whether this connection has stored its session.
+    stored: bool,
     data_type: String,
     writer: Writer,
     subs: watch::Sender<Arc<Vec<Sub>>>,
-    /// QoS 1 messages sent, by packet ID: the stream position they carry
-    /// (None for retained state sent on subscribe).
-    inflight: HashMap<u16, Option<i64>>,
-    /// Unacknowledged QoS 1 messages per stream position.
+    /// QoS 1 and 2 messages sent and not complete, by packet ID.
+    inflight: HashMap<u16, Flight>,
+    /// Unacknowledged (no PUBACK / PUBREC yet) messages per stream position.
     pending: BTreeMap<i64, usize>,
     /// Stream position up to which the feed has been handed to the client.
     delivered: i64,
@@ -389,6 +490,27 @@ struct Conn {
     acks: FuturesOrdered<AckFuture>,
     /// QoS 1 messages this client takes unacknowledged at once.
     max_inflight: usize,
+    /// From a resumed session: QoS 2 messages (stream position, topic)
+    /// sent before and never PUBREC'd, to send again with the same packet
+    /// ID and DUP when the replay of the stream meets them.
+    owed: HashMap<(i64, String), u16>,
+    /// QoS 2 messages PUBREC'd at a position the safe position has not
+    /// reached (so a replay would meet them again): not to be sent again.
+    received: BTreeSet<(i64, String)>,
+}
+
+/// At most this many entries in `Conn::received` (only a client leaving
+/// an earlier message unacknowledged for long makes it grow).
+const MAX_RECEIVED: usize = 4096;
+
+/// A message to the client awaiting its acknowledgement.
+struct Flight {
+    /// Stream position of its event (`None`: retained state on subscribe).
+    position: Option<i64>,
+    topic: String,
+    qos: u8,
+    /// QoS 2: PUBREC came and PUBREL went; PUBCOMP awaited.
+    released: bool,
 }
 
 impl Conn {
@@ -402,6 +524,8 @@ impl Conn {
 
     async fn save(&mut self) {
         let subs = self.subs.borrow().clone();
+        let position = self.safe_position();
+        self.prune_received(position);
         let saved = Saved {
             subscriptions: subs
                 .iter()
@@ -410,7 +534,28 @@ impl Conn {
                     qos: s.qos,
                 })
                 .collect(),
-            position: self.safe_position(),
+            position,
+            qos2: self
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.qos == 2)
+                .map(|(pkid, f)| SavedFlight {
+                    pkid: *pkid,
+                    position: f.position,
+                    topic: f.topic.clone(),
+                    released: f.released,
+                })
+                // Not met by the replay yet (the session ended first): still owed.
+                .chain(self.owed.iter().map(|((position, topic), pkid)| SavedFlight {
+                    pkid: *pkid,
+                    position: Some(*position),
+                    topic: topic.clone(),
+                    released: false,
+                }))
+                .collect(),
+            received: self.received.iter().cloned().collect(),
+            expiry: self.expiry,
+            saved_ms: weft_core::now_ms() as i64,
         };
         if put_saved(
             &self.services,
@@ -422,25 +567,80 @@ impl Conn {
         .is_ok()
         {
             self.saved_position = saved.position;
+            self.stored = true;
         }
     }
 
     fn pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
+            let id = self.next_pkid;
+            // Packet IDs owed to a resumed session's QoS 2 messages stay reserved.
+            if !self.inflight.contains_key(&id) && !self.owed.values().any(|p| *p == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Takes over a resumed session's unfinished QoS 2 messages: PUBRELs
+    /// go out again at once (MQTT 4.4); the others wait for the replay.
+    fn resume_qos2(&mut self, flights: Vec<SavedFlight>, received: Vec<(i64, String)>) {
+        self.received = received.into_iter().filter(|(p, _)| *p > self.delivered).collect();
+        for f in flights {
+            if f.released {
+                self.writer.queue(Out::PubRel(f.pkid));
+                if let Some(p) = f.position
+                    && p > self.delivered
+                {
+                    self.received.insert((p, f.topic.clone()));
+                }
+                self.inflight.insert(
+                    f.pkid,
+                    Flight {
+                        position: f.position,
+                        topic: f.topic,
+                        qos: 2,
+                        released: true,
+                    },
+                );
+            } else if let Some(p) = f.position
+                && p > self.delivered
+            {
+                self.owed.insert((p, f.topic), f.pkid);
+            }
+        }
+    }
+
+    /// Forgets received QoS 2 messages at or below `safe`: a replay starts after it.
+    fn prune_received(&mut self, safe: i64) {
+        if self.received.first().is_some_and(|(p, _)| *p <= safe) {
+            self.received = self.received.split_off(&(safe + 1, String::new()));
+        }
+        while self.received.len() > MAX_RECEIVED {
+            self.received.pop_first();
+        }
+    }
+
+    /// A PUBACK or PUBREC: the message's event counts as delivered.
+    fn acknowledged(&mut self, position: Option<i64>) {
+        if let Some(position) = position
+            && let Some(n) = self.pending.get_mut(&position)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&position);
             }
         }
     }
 
     async fn serve(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut Reader,
         mut buf: BytesMut,
         mut feed: mpsc::Receiver<FeedItem>,
         keep_alive: u16,
         kill: &Notify,
+        stop: &mut watch::Receiver<bool>,
     ) -> End {
         // Silence for 1.5 × keepalive closes the connection.
         let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -516,6 +716,10 @@ impl Conn {
                 },
                 _ = sleep_until(keepalive_deadline) => return self.fail(ProtocolFailure::KeepAliveTimeout).await,
                 _ = kill.notified() => return self.fail(ProtocolFailure::TakenOver).await,
+                _ = shutting_down(stop) => {
+                    let _ = self.writer.send(Out::DisconnectProtocol(ProtocolFailure::ServerShuttingDown)).await;
+                    return End::Shutdown;
+                }
                 _ = save_tick.tick() => {
                     if self.persistent && self.safe_position() != self.saved_position {
                         self.save().await;
@@ -535,30 +739,64 @@ impl Conn {
         match item {
             FeedItem::Event { position, publishes } => {
                 for (topic, qos, payload) in publishes {
-                    self.send_publish(topic, qos, payload, false, Some(position));
+                    if qos == 2 && !self.received.is_empty() && self.received.contains(&(position, topic.clone())) {
+                        // PUBREC'd before the reconnect: delivered already.
+                        continue;
+                    }
+                    match self.owed.remove(&(position, topic.clone())) {
+                        Some(pkid) if qos == 2 => {
+                            self.send_publish_as(topic, qos, payload, false, Some(position), pkid, true)
+                        }
+                        _ => self.send_publish(topic, qos, payload, false, Some(position)),
+                    }
                 }
                 self.delivered = self.delivered.max(position);
             }
             FeedItem::Advance(next) => self.delivered = self.delivered.max(next),
         }
+        if !self.owed.is_empty() {
+            // Owed messages the replay has passed (a subscription or room gone).
+            let delivered = self.delivered;
+            self.owed.retain(|(p, _), _| *p > delivered);
+        }
     }
 
     fn send_publish(&mut self, topic: String, qos: u8, payload: Bytes, retain: bool, position: Option<i64>) {
-        let pkid = if qos > 0 {
-            let id = self.pkid();
-            self.inflight.insert(id, position);
+        let pkid = if qos > 0 { self.pkid() } else { 0 };
+        self.send_publish_as(topic, qos, payload, retain, position, pkid, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_publish_as(
+        &mut self,
+        topic: String,
+        qos: u8,
+        payload: Bytes,
+        retain: bool,
+        position: Option<i64>,
+        pkid: u16,
+        dup: bool,
+    ) {
+        if qos > 0 {
+            self.inflight.insert(
+                pkid,
+                Flight {
+                    position,
+                    topic: topic.clone(),
+                    qos,
+                    released: false,
+                },
+            );
             if let Some(p) = position {
                 *self.pending.entry(p).or_default() += 1;
             }
-            id
-        } else {
-            0
-        };
+        }
         self.writer.queue(Out::Publish {
             topic,
             qos,
             pkid,
             retain,
+            dup,
             payload,
         });
     }
@@ -605,22 +843,55 @@ impl Conn {
                 }
             }
             In::PubAck(pkid) => {
-                if let Some(Some(position)) = self.inflight.remove(&pkid)
-                    && let Some(n) = self.pending.get_mut(&position)
+                if self.inflight.get(&pkid).is_some_and(|f| f.qos == 1)
+                    && let Some(f) = self.inflight.remove(&pkid)
                 {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.pending.remove(&position);
-                    }
+                    self.acknowledged(f.position);
                 }
             }
             In::PubRel(pkid) => {
                 self.qos2.remove(&pkid);
                 self.writer.queue(Out::PubComp(pkid));
             }
-            // We never send at QoS 2.
-            In::PubRec(pkid) => self.writer.queue(Out::PubRel(pkid)),
-            In::PubComp => {}
+            In::PubRec(pkid) => {
+                // Delivered now (MQTT 4.3.3, method B): the event counts
+                // as acknowledged; the PUBREL is kept until PUBCOMP.
+                let first = match self.inflight.get_mut(&pkid) {
+                    Some(f) if f.qos == 2 && !f.released => {
+                        f.released = true;
+                        Some((f.position, f.topic.clone()))
+                    }
+                    _ => None,
+                };
+                if let Some((position, topic)) = first {
+                    self.acknowledged(position);
+                    if let Some(p) = position
+                        && p > self.safe_position()
+                    {
+                        // An earlier message is still unacknowledged.
+                        self.received.insert((p, topic));
+                        if self.received.len() > MAX_RECEIVED {
+                            let safe = self.safe_position();
+                            self.prune_received(safe);
+                        }
+                    }
+                }
+                // Also for a repeated or unknown PUBREC, so the client can finish.
+                self.writer.queue(Out::PubRel(pkid));
+            }
+            In::PubRecFailed(pkid) => {
+                // The client refused it (MQTT 5): no PUBREL, the flow ends.
+                if self.inflight.get(&pkid).is_some_and(|f| f.qos == 2 && !f.released)
+                    && let Some(f) = self.inflight.remove(&pkid)
+                {
+                    self.acknowledged(f.position);
+                }
+            }
+            In::PubComp(pkid) => {
+                if self.inflight.get(&pkid).is_some_and(|f| f.released) {
+                    self.inflight.remove(&pkid);
+                }
+            }
             In::Subscribe { pkid, filters } => self.subscribe(pkid, filters).await,
             In::Unsubscribe { pkid, filters } => {
                 let count = filters.len();
@@ -635,7 +906,15 @@ impl Conn {
                 }
             }
             In::PingReq => self.writer.queue(Out::PingResp),
-            In::Disconnect { send_will } => return Some(End::Graceful { send_will }),
+            In::Disconnect {
+                send_will,
+                session_expiry,
+            } => {
+                return Some(End::Graceful {
+                    send_will,
+                    session_expiry,
+                });
+            }
             In::Unexpected => return Some(self.fail(ProtocolFailure::ProtocolError).await),
         }
         None

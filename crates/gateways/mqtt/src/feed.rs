@@ -20,7 +20,7 @@ const BATCH: usize = 100;
 #[derive(Debug, Clone)]
 pub struct Sub {
     pub filter: String,
-    /// Granted QoS (0 or 1).
+    /// Granted QoS (0, 1 or 2).
     pub qos: u8,
     pub room: FilterRoom,
     /// The room of a filter naming one (`None` for all joined rooms).

@@ -1,28 +1,43 @@
-//! The MQTT door: MQTT 3.1.1 and 5 over TCP, a thin adapter onto
-//! `weft_services::Services`. Devices publish events and state to rooms
-//! and subscribe to rooms' events; the topic scheme is in docs/mqtt.md and
-//! [`topics`]. Authentication, authorization and event building are the
-//! shared services'; this crate decodes MQTT (with rumqttc's codecs, see
-//! [`codec`]), tracks MQTT sessions, and reads the server's stream.
+//! The MQTT door: MQTT 3.1.1 and 5 over TCP, TLS and WebSocket, a thin
+//! adapter onto `weft_services::Services`. Devices publish events and
+//! state to rooms and subscribe to rooms' events; the topic scheme is in
+//! docs/mqtt.md and [`topics`]. Authentication, authorization and event
+//! building are the shared services'; this crate decodes MQTT (with
+//! rumqttc's codecs, see [`codec`]), tracks MQTT sessions, and reads the
+//! server's stream.
+//!
+//! One [`Mqtt`] serves every transport: the connection code is generic
+//! over the byte stream, so TCP ([`Mqtt::serve_tcp`]), TLS
+//! ([`Mqtt::serve_tls`]) and WebSocket ([`Mqtt::ws_router`]) share one
+//! code path, one connection cap and one table of live sessions.
 
 mod codec;
 mod conn;
 mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod tls;
 pub mod topics;
+mod ws;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 use weft_services::Services;
 
 pub use codec::MAX_PACKET;
+pub use ws::WS_PATH;
+
+/// Time a TLS client has to complete its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Open MQTT connections at most; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
@@ -33,6 +48,10 @@ pub(crate) struct Broker {
     /// Live connections by user and client ID.
     live: Mutex<HashMap<String, Live>>,
     next_id: AtomicU64,
+    /// One permit per open connection, whatever its transport.
+    slots: Arc<Semaphore>,
+    /// Set when the server shuts down: connections save their sessions and end.
+    shutdown: watch::Sender<bool>,
 }
 
 struct Live {
@@ -73,33 +92,142 @@ impl Broker {
     }
 }
 
-/// Serves MQTT on `listener` until the task is dropped: one task per
-/// connection; a failing connection never affects the others.
-pub async fn serve(services: Arc<Services>, listener: TcpListener) {
-    let broker = Arc::new(Broker {
-        services,
-        live: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
-    });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
-                    continue;
-                };
-                let broker = broker.clone();
-                tokio::spawn(async move {
-                    conn::run(broker, stream).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                // E.g. out of file descriptors: wait rather than spin.
-                tracing::warn!("mqtt: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+/// The MQTT door, shared by its transports. Cheap to clone.
+#[derive(Clone)]
+pub struct Mqtt {
+    broker: Arc<Broker>,
+}
+
+impl Mqtt {
+    pub fn new(services: Arc<Services>) -> Self {
+        Mqtt {
+            broker: Arc::new(Broker {
+                services,
+                live: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+                shutdown: watch::Sender::new(false),
+            }),
         }
     }
+
+    /// A connection slot, if fewer than [`MAX_CONNECTIONS`] are open (and
+    /// the server is not shutting down).
+    fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if *self.broker.shutdown.borrow() {
+            return None;
+        }
+        self.broker.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Starts [`Mqtt::shutdown`] without waiting.
+    pub fn begin_shutdown(&self) {
+        self.broker.shutdown.send_replace(true);
+    }
+
+    /// Shuts the door: no new connections; open ones end (MQTT 5 with
+    /// DISCONNECT `0x8B` server shutting down, no will) after storing
+    /// their persistent sessions. Waits for them at most `wait`.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.begin_shutdown();
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        if tokio::time::timeout(wait, self.broker.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("mqtt: connections still open after {wait:?} of shutting down");
+        }
+    }
+
+    /// Serves plain MQTT on `listener` until the task is dropped: one task
+    /// per connection; a failing connection never affects the others.
+    pub async fn serve_tcp(self, listener: TcpListener) {
+        loop {
+            let Some((stream, peer)) = accept(&listener).await else {
+                continue;
+            };
+            let Some(slot) = self.slot() else {
+                tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
+                continue;
+            };
+            let broker = self.broker.clone();
+            tokio::spawn(async move {
+                let (rd, wr) = stream.into_split();
+                conn::run(broker, Box::new(rd), Box::new(wr), Some(peer)).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Serves MQTT over TLS on `listener`. Each handshake runs in the
+    /// connection's own task, within [`TLS_HANDSHAKE_TIMEOUT`]: a failing
+    /// or stalled one affects no other connection.
+    pub async fn serve_tls(self, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let Some((stream, peer)) = accept(&listener).await else {
+                continue;
+            };
+            let Some(slot) = self.slot() else {
+                tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
+                continue;
+            };
+            let broker = self.broker.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let (rd, wr) = tokio::io::split(tls);
+                        conn::run(broker, Box::new(rd), Box::new(wr), Some(peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("mqtt: TLS handshake with {peer} failed: {e}"),
+                    Err(_) => tracing::debug!("mqtt: TLS handshake with {peer} timed out"),
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    /// Serves one MQTT connection over any byte stream (TLS, WebSocket,
+    /// in-memory…) until it ends. `peer` is the client's address, used for
+    /// the per-address connection budget. Counts against
+    /// [`MAX_CONNECTIONS`]; over it the stream is closed at once.
+    pub async fn serve_connection<S>(&self, stream: S, peer: Option<SocketAddr>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(slot) = self.slot() else {
+            tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer:?}");
+            return;
+        };
+        self.serve_in_slot(stream, peer, slot).await;
+    }
+
+    async fn serve_in_slot<S>(&self, stream: S, peer: Option<SocketAddr>, slot: OwnedSemaphorePermit)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        conn::run(self.broker.clone(), Box::new(rd), Box::new(wr), peer).await;
+        drop(slot);
+    }
+}
+
+async fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer))
+        }
+        Err(e) => {
+            // E.g. out of file descriptors: wait rather than spin.
+            tracing::warn!("mqtt: accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
+/// Serves plain MQTT on `listener` (see [`Mqtt::serve_tcp`]).
+pub async fn serve(services: Arc<Services>, listener: TcpListener) {
+    Mqtt::new(services).serve_tcp(listener).await
 }

@@ -620,8 +620,9 @@ async fn mosquitto_clients_publish_and_subscribe() {
     }
     let status = tokio::task::spawn_blocking(move || sub.wait()).await.unwrap().unwrap();
     assert!(status.success(), "mosquitto_sub exited with {status}");
+    // All of its output: the reader thread ends at EOF, dropping the sender.
     let messages: Vec<Value> = rx
-        .try_iter()
+        .iter()
         .filter_map(|l| {
             l.strip_prefix(&format!("weft/r/{room}/e/org.weft.telemetry "))
                 .map(|j| serde_json::from_str(j).unwrap())
@@ -835,4 +836,112 @@ async fn pipelined_publishes_are_acknowledged_in_order_after_storing() {
         evs.iter().all(|e| e["type"] != "org.weft.seq"),
         "nothing stored in the foreign room"
     );
+}
+
+/// A raw MQTT 5 connection: CONNECT with a session expiry interval, then
+/// the CONNACK's session-present flag.
+async fn raw5_connect(srv: &Server, id: &str, user: &User, expiry: u32) -> (TcpStream, bool) {
+    use v5::mqttbytes::v5 as m5;
+    let mut props = m5::ConnectProperties::new();
+    props.session_expiry_interval = Some(expiry);
+    let connect = m5::Connect {
+        keep_alive: 30,
+        client_id: id.to_owned(),
+        clean_start: false,
+        properties: Some(props),
+    };
+    let mut buf = bytes::BytesMut::new();
+    m5::Packet::Connect(
+        connect,
+        None,
+        Some(m5::Login::new(user.user_id.as_str(), user.token.as_str())),
+    )
+    .write(&mut buf, None)
+    .unwrap();
+    let mut s = TcpStream::connect(srv.mqtt_addr()).await.unwrap();
+    s.write_all(&buf).await.unwrap();
+    let mut rd = bytes::BytesMut::new();
+    loop {
+        match m5::Packet::read(&mut rd, None) {
+            Ok(m5::Packet::ConnAck(c)) => {
+                assert_eq!(c.code, m5::ConnectReturnCode::Success);
+                return (s, c.session_present);
+            }
+            Ok(p) => panic!("expected CONNACK, got {p:?}"),
+            Err(_) => {
+                let n = timeout(WAIT, s.read_buf(&mut rd)).await.unwrap().unwrap();
+                assert!(n > 0, "closed before CONNACK");
+            }
+        }
+    }
+}
+
+/// DISCONNECT, optionally with a new session expiry interval; waits for
+/// the server to close the connection.
+async fn raw5_disconnect(mut s: TcpStream, expiry: Option<u32>) -> Vec<u8> {
+    use v5::mqttbytes::v5 as m5;
+    let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
+    d.properties = expiry.map(|e| m5::DisconnectProperties {
+        session_expiry_interval: Some(e),
+        reason_string: None,
+        user_properties: vec![],
+        server_reference: None,
+    });
+    let mut buf = bytes::BytesMut::new();
+    m5::Packet::Disconnect(d).write(&mut buf, None).unwrap();
+    s.write_all(&buf).await.unwrap();
+    closed(&mut s).await
+}
+
+#[tokio::test]
+async fn mqtt5_session_expiry_interval_is_enforced() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let subscribe = |id: &'static str, expiry: u32| {
+        let srv = &srv;
+        let alice = &alice;
+        let room = &room;
+        async move {
+            let mut m = c5_with(srv, id, "alice", &alice.token, |o| {
+                o.set_clean_start(false).set_session_expiry_interval(Some(expiry));
+            });
+            assert!(matches!(m.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
+            m.client
+                .subscribe(format!("weft/r/{room}/e/#"), v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            assert!(matches!(m.packet().await, v5::mqttbytes::v5::Packet::SubAck(_)));
+            m.client.disconnect().await.unwrap();
+            while let Ok(Some(Ok(_))) = timeout(WAIT, m.rx.recv()).await {}
+        }
+    };
+    // One session that expires 1 s after its connection ends, one that lasts.
+    subscribe("short", 1).await;
+    subscribe("long", 3600).await;
+    // Expiry is about time passing: nothing to await but the clock.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (s, present) = raw5_connect(&srv, "short", &alice, 60).await;
+    assert!(!present, "the 1 s session outlived its interval");
+    raw5_disconnect(s, None).await;
+    let (s, present) = raw5_connect(&srv, "long", &alice, 3600).await;
+    assert!(present, "the 3600 s session expired early");
+
+    // DISCONNECT with expiry 0 ends the session at once.
+    raw5_disconnect(s, Some(0)).await;
+    let (s, present) = raw5_connect(&srv, "long", &alice, 3600).await;
+    assert!(!present, "DISCONNECT with session expiry 0 kept the session");
+    raw5_disconnect(s, None).await;
+
+    // No expiry at CONNECT, then one at DISCONNECT: a protocol error
+    // (DISCONNECT 0x82), and no session is kept.
+    let (s, _) = raw5_connect(&srv, "none", &alice, 0).await;
+    let reply = raw5_disconnect(s, Some(60)).await;
+    assert_eq!(reply.first(), Some(&0xE0), "expected a DISCONNECT, got {reply:?}");
+    assert!(
+        reply.contains(&0x82),
+        "expected reason 0x82 protocol error, got {reply:?}"
+    );
+    let (_s, present) = raw5_connect(&srv, "none", &alice, 60).await;
+    assert!(!present);
 }

@@ -1,5 +1,6 @@
-//! Test harness: runs the real `weft` binary on free ports (HTTP and MQTT)
-//! with its own data directory, and a small Matrix HTTP client.
+//! Test harness: runs the real `weft` binary on free ports (HTTP, MQTT
+//! over TCP and TLS) with its own data directory, and a small Matrix HTTP
+//! client.
 //!
 //! The binary is found next to the test executable
 //! (`<target>/<profile>/deps/<test>` → `<target>/<profile>/weft`, as
@@ -8,6 +9,8 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -17,11 +20,15 @@ pub use weft_testkit::{enc, weft_bin};
 pub const SERVER_NAME: &str = "localhost:8008";
 
 pub struct Server {
-    _process: ServerProcess,
+    process: ServerProcess,
     _dir: tempfile::TempDir,
     pub http: String,
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// MQTT over TLS.
+    pub mqtt_tls: SocketAddr,
+    /// The self-signed certificate the server generated: the CA file.
+    pub tls_cert: PathBuf,
     client: reqwest::Client,
 }
 
@@ -30,13 +37,16 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("weft-mqtt-test-").tempdir().unwrap();
         let mut spec = ServeSpec::new(weft_bin(), dir.path().join("data"), dir.path().join("server.log"));
         spec.wait_mqtt = true;
+        spec.wait_mqtt_tls = true;
         let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
         let mqtt = process.addrs.mqtt.expect("mqtt address");
         Server {
+            mqtt_tls: process.addrs.mqtt_tls.expect("mqtt tls address"),
+            tls_cert: process.addrs.mqtt_tls_cert.clone().expect("mqtt tls certificate"),
             http: process.addrs.http.clone(),
             mqtt_host: mqtt.ip().to_string(),
             mqtt_port: mqtt.port(),
-            _process: process,
+            process,
             _dir: dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
@@ -47,6 +57,29 @@ impl Server {
 
     pub fn mqtt_addr(&self) -> String {
         format!("{}:{}", self.mqtt_host, self.mqtt_port)
+    }
+
+    /// Stops the server with SIGTERM (asserting a clean exit) and starts it
+    /// again on the same data directory; the ports change.
+    pub async fn restart(&mut self) {
+        let status = self.process.terminate(Duration::from_secs(15)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "no clean exit on SIGTERM: {status:?}\n{}",
+            self.process.log_tail(30)
+        );
+        self.process.restart().await.unwrap_or_else(|e| panic!("{e}"));
+        let addrs = &self.process.addrs;
+        let mqtt = addrs.mqtt.expect("mqtt address");
+        self.http = addrs.http.clone();
+        self.mqtt_host = mqtt.ip().to_string();
+        self.mqtt_port = mqtt.port();
+        self.mqtt_tls = addrs.mqtt_tls.expect("mqtt tls address");
+    }
+
+    /// `host:port` of the HTTP listener (which also serves MQTT over WebSocket).
+    pub fn http_addr(&self) -> &str {
+        self.http.trim_start_matches("http://")
     }
 
     /// Registers a user (open registration, `m.login.dummy`).
@@ -92,6 +125,14 @@ pub struct User {
 }
 
 impl User {
+    /// The same user, talking to `srv` (after a restart, say).
+    pub fn on(&self, srv: &Server) -> User {
+        User {
+            base: srv.http.clone(),
+            ..self.clone()
+        }
+    }
+
     pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut r = self
             .client
