@@ -297,13 +297,16 @@ pub async fn mqtt(bench: &Bench) -> Result<Value> {
     target.stop().await;
     let weft = weft?;
 
-    let mosquitto = if o.mosquitto_bin.is_file() {
-        match mosquitto(bench, pubs).await {
-            Ok(v) => v,
-            Err(e) => json!({ "error": format!("{e:#}") }),
-        }
+    let (mosquitto, mosquitto_lossless) = if o.mosquitto_bin.is_file() {
+        let run = |lossless| async move {
+            match mosquitto(bench, pubs, lossless).await {
+                Ok(v) => v,
+                Err(e) => json!({ "error": format!("{e:#}") }),
+            }
+        };
+        (run(false).await, run(true).await)
     } else {
-        json!("not installed")
+        (json!("not installed"), json!("not installed"))
     };
     Ok(json!({
         "publishers": pubs,
@@ -314,16 +317,23 @@ pub async fn mqtt(bench: &Bench) -> Result<Value> {
         "durability": "weft stores each QoS 1 publish durably (SQLite, synchronous = full, fsync) as a Matrix event before its PUBACK; Mosquitto acknowledges from memory (persistence off by default)",
         "weft": weft,
         "mosquitto": mosquitto,
+        "mosquitto_lossless": mosquitto_lossless,
     }))
 }
 
 /// Starts Mosquitto on a free loopback port (config: that listener only,
 /// anonymous clients, defaults otherwise) and runs the same load on it.
-async fn mosquitto(bench: &Bench, pubs: usize) -> Result<Value> {
+/// `lossless` lifts its per-client queue limit (`max_queued_messages 0`),
+/// so that, like weft, it drops nothing for a subscriber that falls behind.
+async fn mosquitto(bench: &Bench, pubs: usize, lossless: bool) -> Result<Value> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let dir = tempfile::Builder::new().prefix("weft-bench-mosquitto-").tempdir()?;
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))?;
+    let mut config = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
+    if lossless {
+        config.push_str("max_queued_messages 0\n");
+    }
+    std::fs::write(&conf, config)?;
     let log = std::fs::File::create(dir.path().join("mosquitto.log"))?;
     let mut child = tokio::process::Command::new(&bench.opts.mosquitto_bin)
         .arg("-c")
@@ -360,6 +370,7 @@ async fn mosquitto(bench: &Bench, pubs: usize) -> Result<Value> {
     let mut v = res?;
     v["version"] = json!(version);
     v["persistence"] = json!("off (default)");
+    v["max_queued_messages"] = json!(if lossless { "0 (unlimited)" } else { "1000 (default)" });
     Ok(v)
 }
 
@@ -385,6 +396,8 @@ async fn mqtt_run(bench: &Bench, setup: &MqttSetup) -> Result<Value> {
     let (sub, mut sub_loop) = AsyncClient::new(mqtt_options(&format!("sub{tag}"), setup.addr, suser, spass, 64), 64);
     sub.subscribe(filter.clone(), QoS::AtLeastOnce).await?;
     let received = Arc::new(Mutex::new(Vec::<u64>::new()));
+    // When the subscriber got its last message (µs since bench start).
+    let last_received_us = Arc::new(AtomicU64::new(0));
     let sub_errors = Arc::new(Mutex::new(None::<String>));
     // Errors after our own DISCONNECT (the peer closing) are not failures.
     let stopping = Arc::new(AtomicBool::new(false));
@@ -392,6 +405,7 @@ async fn mqtt_run(bench: &Bench, setup: &MqttSetup) -> Result<Value> {
     let matrix = setup.matrix_events;
     let sub_task = {
         let (received, sub_errors) = (received.clone(), sub_errors.clone());
+        let last_received_us = last_received_us.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
             let mut subacked = Some(subacked_tx);
@@ -410,6 +424,7 @@ async fn mqtt_run(bench: &Bench, setup: &MqttSetup) -> Result<Value> {
                         let content = if matrix { &v["content"] } else { &v };
                         if let Some(sent) = content["sent_us"].as_u64() {
                             received.lock().await.push(at.saturating_sub(sent));
+                            last_received_us.store(at, Ordering::Relaxed);
                         }
                     }
                     Ok(_) => {}
@@ -432,6 +447,7 @@ async fn mqtt_run(bench: &Bench, setup: &MqttSetup) -> Result<Value> {
     // Publishers: each keeps up to `inflight` unacknowledged QoS 1 publishes.
     let remaining = Arc::new(std::sync::atomic::AtomicI64::new(o.mqtt_messages as i64));
     let started = Instant::now();
+    let started_us = now_us();
     let deadline = started + Duration::from_secs(o.mqtt_max_secs);
     let mut workers = Vec::new();
     for (p, (user, pass, topic)) in setup.publishers.iter().enumerate() {
@@ -535,6 +551,9 @@ async fn mqtt_run(bench: &Bench, setup: &MqttSetup) -> Result<Value> {
         "elapsed_s": r2(elapsed),
         "acked_publishes_per_s": r2(acked as f64 / elapsed),
         "subscriber_received": got,
+        // Messages the subscriber got per second, from the first publish to
+        // the last message it received.
+        "delivered_per_s": r2(got as f64 / ((last_received_us.load(Ordering::Relaxed).saturating_sub(started_us)).max(1) as f64 / 1e6)),
         "subscriber_missing": acked.saturating_sub(got),
         "subscriber_error": sub_errors.lock().await.clone(),
         "publish_to_subscriber_ms": summarize(lat),
