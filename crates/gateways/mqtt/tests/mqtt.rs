@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::client::{Mqtt as C4, WAIT, body, closed, room_for, spawn};
 use common::{SERVER_NAME, Server, User};
 use rumqttc::v5;
 use serde_json::{Value, json};
@@ -12,17 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(5);
-
-/// A rumqttc 3.1.1 client whose event loop runs in a task; incoming packets
-/// (and the first error, which ends the loop) come out of `rx`.
-struct C4 {
-    client: rumqttc::AsyncClient,
-    rx: mpsc::UnboundedReceiver<Result<rumqttc::Packet, rumqttc::ConnectionError>>,
-    /// The event loop; aborting it drops the socket without DISCONNECT.
-    task: tokio::task::JoinHandle<()>,
-}
 
 fn c4(srv: &Server, id: &str, user: &str, pass: &str, clean: bool) -> C4 {
     c4_with(srv, id, user, pass, clean, None)
@@ -36,71 +26,7 @@ fn c4_with(srv: &Server, id: &str, user: &str, pass: &str, clean: bool, will: Op
     if let Some(w) = will {
         o.set_last_will(w);
     }
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(rumqttc::Event::Incoming(p)) => {
-                    if tx.send(Ok(p)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    C4 { client, rx, task }
-}
-
-impl C4 {
-    async fn next(&mut self) -> Result<rumqttc::Packet, rumqttc::ConnectionError> {
-        timeout(WAIT, self.rx.recv())
-            .await
-            .expect("no MQTT packet in time")
-            .expect("event loop ended")
-    }
-
-    /// Skips pings; panics on errors.
-    async fn packet(&mut self) -> rumqttc::Packet {
-        loop {
-            match self.next().await {
-                Ok(rumqttc::Packet::PingResp) => {}
-                Ok(p) => return p,
-                Err(e) => panic!("connection error: {e:?}"),
-            }
-        }
-    }
-
-    async fn connack(&mut self) -> rumqttc::ConnAck {
-        match self.packet().await {
-            rumqttc::Packet::ConnAck(c) => c,
-            p => panic!("expected CONNACK, got {p:?}"),
-        }
-    }
-
-    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            match self.packet().await {
-                rumqttc::Packet::Publish(p) => out.push(p),
-                rumqttc::Packet::PubAck(_) | rumqttc::Packet::SubAck(_) => {}
-                p => panic!("unexpected {p:?}"),
-            }
-        }
-        out
-    }
-
-    /// Nothing but pings for `d`.
-    async fn quiet(&mut self, d: Duration) {
-        if let Ok(Some(Ok(p))) = timeout(d, self.rx.recv()).await {
-            assert!(matches!(p, rumqttc::Packet::PingResp), "unexpected extra packet {p:?}");
-        }
-    }
+    spawn(o)
 }
 
 struct C5 {
@@ -158,16 +84,6 @@ impl C5 {
 
 fn q1() -> rumqttc::QoS {
     rumqttc::QoS::AtLeastOnce
-}
-
-fn body(p: &[u8]) -> Value {
-    serde_json::from_slice(p).expect("payload is JSON")
-}
-
-async fn room_for(alice: &User) -> String {
-    alice
-        .create_room(json!({"preset": "private_chat", "name": "Lab"}))
-        .await
 }
 
 #[tokio::test]
@@ -473,19 +389,6 @@ fn raw_connect(id: &str, user: &str, pass: &str, keep_alive: u16) -> Vec<u8> {
     let mut buf = bytes::BytesMut::new();
     rumqttc::Packet::Connect(c).write(&mut buf, 1 << 20).unwrap();
     buf.to_vec()
-}
-
-/// Reads until the server closes; panics if it does not within 3 s.
-async fn closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1024];
-    loop {
-        match timeout(Duration::from_secs(3), s.read(&mut b)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return got,
-            Ok(Ok(n)) => got.extend_from_slice(&b[..n]),
-            Err(_) => panic!("server did not close the connection"),
-        }
-    }
 }
 
 #[tokio::test]

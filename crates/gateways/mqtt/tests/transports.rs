@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use common::client::{WAIT, body, closed, room_for, spawn};
 use common::{Server, User};
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4;
@@ -23,116 +24,6 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_tungstenite::tungstenite;
-
-const WAIT: Duration = Duration::from_secs(5);
-
-/// A rumqttc 3.1.1 client whose event loop runs in a task; incoming packets
-/// (and the first error, which ends the loop) come out of `rx`.
-struct C {
-    client: rumqttc::AsyncClient,
-    rx: mpsc::UnboundedReceiver<Result<Packet, rumqttc::ConnectionError>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn spawn(o: MqttOptions) -> C {
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(rumqttc::Event::Incoming(p)) => {
-                    if tx.send(Ok(p)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    C { client, rx, task }
-}
-
-impl C {
-    async fn next(&mut self) -> Result<Packet, rumqttc::ConnectionError> {
-        timeout(WAIT, self.rx.recv())
-            .await
-            .expect("no MQTT packet in time")
-            .expect("event loop ended")
-    }
-
-    /// Skips pings; panics on errors.
-    async fn packet(&mut self) -> Packet {
-        loop {
-            match self.next().await {
-                Ok(Packet::PingResp) => {}
-                Ok(p) => return p,
-                Err(e) => panic!("connection error: {e:?}"),
-            }
-        }
-    }
-
-    async fn connack(&mut self) -> rumqttc::ConnAck {
-        match self.packet().await {
-            Packet::ConnAck(c) => c,
-            p => panic!("expected CONNACK, got {p:?}"),
-        }
-    }
-
-    async fn suback(&mut self) -> Vec<rumqttc::SubscribeReasonCode> {
-        match self.packet().await {
-            Packet::SubAck(s) => s.return_codes,
-            p => panic!("expected SUBACK, got {p:?}"),
-        }
-    }
-
-    /// The next `n` PUBLISHes, skipping acknowledgements.
-    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            match self.packet().await {
-                Packet::Publish(p) => out.push(p),
-                Packet::PubAck(_) | Packet::SubAck(_) | Packet::PubRel(_) | Packet::PubComp(_) | Packet::PubRec(_) => {}
-                p => panic!("unexpected {p:?}"),
-            }
-        }
-        out
-    }
-
-    /// The next `n` QoS 2 PUBLISHes, and the `n` PUBRELs completing them.
-    async fn qos2_publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
-        let (mut out, mut pubrels) = (Vec::new(), 0);
-        while out.len() < n || pubrels < n {
-            match self.packet().await {
-                Packet::Publish(p) => {
-                    assert_eq!(p.qos, QoS::ExactlyOnce);
-                    out.push(p)
-                }
-                Packet::PubRel(_) => pubrels += 1,
-                p => panic!("unexpected {p:?}"),
-            }
-        }
-        assert_eq!(pubrels, n);
-        out
-    }
-
-    /// Nothing but pings for `d`.
-    async fn quiet(&mut self, d: Duration) {
-        if let Ok(Some(Ok(p))) = timeout(d, self.rx.recv()).await {
-            assert!(matches!(p, Packet::PingResp), "unexpected extra packet {p:?}");
-        }
-    }
-
-    /// DISCONNECT, then waits for the event loop to end.
-    async fn disconnect(mut self) {
-        self.client.disconnect().await.unwrap();
-        while let Ok(Some(Ok(_))) = timeout(WAIT, self.rx.recv()).await {}
-        self.task.abort();
-    }
-}
 
 fn options(id: &str, host: &str, port: u16, user: &User, clean: bool) -> MqttOptions {
     let mut o = MqttOptions::new(id, host, port);
@@ -171,16 +62,6 @@ fn ws_options(srv: &Server, id: &str, user: &User) -> MqttOptions {
     let mut o = options(id, &format!("ws://{}/mqtt", srv.http_addr()), 0, user, true);
     o.set_transport(Transport::Ws);
     o
-}
-
-fn body(p: &[u8]) -> Value {
-    serde_json::from_slice(p).expect("payload is JSON")
-}
-
-async fn room_for(alice: &User) -> String {
-    alice
-        .create_room(json!({"preset": "private_chat", "name": "Lab"}))
-        .await
 }
 
 fn mosquitto_installed() -> bool {
@@ -326,19 +207,6 @@ async fn tls_rumqttc_and_mosquitto_publish_and_subscribe() {
         evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
         vec![json!(0), json!(1), json!(2), json!(3)]
     );
-}
-
-/// Reads until the server closes; panics if it does not within 3 s.
-async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1024];
-    loop {
-        match timeout(Duration::from_secs(3), s.read(&mut b)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return got,
-            Ok(Ok(n)) => got.extend_from_slice(&b[..n]),
-            Err(_) => panic!("server did not close the connection"),
-        }
-    }
 }
 
 /// A valid 3.1.1 CONNECT, encoded by rumqttc.

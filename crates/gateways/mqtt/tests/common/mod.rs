@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
