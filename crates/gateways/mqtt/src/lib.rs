@@ -120,6 +120,20 @@ impl Mqtt {
         self.broker.slots.clone().try_acquire_owned().ok()
     }
 
+    /// The next accepted connection that gets a slot (one over the cap is
+    /// closed at once).
+    async fn admit(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+        loop {
+            let Some((stream, peer)) = accept(listener).await else {
+                continue;
+            };
+            match self.slot() {
+                Some(slot) => return (stream, peer, slot),
+                None => tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}"),
+            }
+        }
+    }
+
     /// Starts [`Mqtt::shutdown`] without waiting.
     pub fn begin_shutdown(&self) {
         self.broker.shutdown.send_replace(true);
@@ -143,13 +157,7 @@ impl Mqtt {
     /// per connection; a failing connection never affects the others.
     pub async fn serve_tcp(self, listener: TcpListener) {
         loop {
-            let Some((stream, peer)) = accept(&listener).await else {
-                continue;
-            };
-            let Some(slot) = self.slot() else {
-                tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
-                continue;
-            };
+            let (stream, peer, slot) = self.admit(&listener).await;
             let broker = self.broker.clone();
             tokio::spawn(async move {
                 let (rd, wr) = stream.into_split();
@@ -164,13 +172,7 @@ impl Mqtt {
     /// or stalled one affects no other connection.
     pub async fn serve_tls(self, listener: TcpListener, acceptor: TlsAcceptor) {
         loop {
-            let Some((stream, peer)) = accept(&listener).await else {
-                continue;
-            };
-            let Some(slot) = self.slot() else {
-                tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
-                continue;
-            };
+            let (stream, peer, slot) = self.admit(&listener).await;
             let broker = self.broker.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {

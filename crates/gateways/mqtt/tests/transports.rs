@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::client::{WAIT, body, closed, room_for, spawn};
+use common::client::{WAIT, bodies_of, body, closed, room_for, spawn};
 use common::{Server, User};
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4;
@@ -529,10 +529,7 @@ async fn qos2_subscribers_get_each_event_exactly_once_in_order() {
     // Each event once, in order, at QoS 2, and each flow completed by a PUBREL.
     let got = a.qos2_publishes(N).await;
     assert!(got.iter().all(|p| !p.dup));
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
-        .collect();
+    let bodies = bodies_of(&got);
     assert_eq!(bodies, (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>());
     a.quiet(Duration::from_millis(400)).await;
 
@@ -569,16 +566,7 @@ async fn qos2_persistent_subscriber_gets_the_rest_after_reconnecting_without_dup
         .await
         .unwrap();
     m.suback().await;
-    for i in 0..20 {
-        alice
-            .send(
-                &room,
-                "m.room.message",
-                &format!("a{i}"),
-                json!({"body": format!("e{i}")}),
-            )
-            .await;
-    }
+    send_bodies(&alice, &room, "a", 0..20).await;
     // Process the first 8, mid-flow: the server has sent more.
     let first = m.publishes(12).await;
     for p in &first[..8] {
@@ -602,23 +590,11 @@ async fn qos2_persistent_subscriber_gets_the_rest_after_reconnecting_without_dup
     }
     m.disconnect().await;
 
-    for i in 20..25 {
-        alice
-            .send(
-                &room,
-                "m.room.message",
-                &format!("a{i}"),
-                json!({"body": format!("e{i}")}),
-            )
-            .await;
-    }
+    send_bodies(&alice, &room, "a", 20..25).await;
     let mut m = spawn(options("q2-persist", &srv.mqtt_host, srv.mqtt_port, &alice, false));
     assert!(m.connack().await.session_present);
     let rest = m.qos2_publishes(17).await;
-    let bodies: Vec<String> = rest
-        .iter()
-        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
-        .collect();
+    let bodies = bodies_of(&rest);
     assert_eq!(bodies, (8..25).map(|i| format!("e{i}")).collect::<Vec<_>>());
     for (p, b) in rest.iter().zip(&bodies) {
         assert_eq!(p.qos, QoS::ExactlyOnce);
@@ -854,16 +830,7 @@ async fn graceful_restart_stores_sessions_so_qos2_stays_exactly_once() {
     let filter = format!("weft/r/{room}/e/#");
     m.client.subscribe(&filter, QoS::ExactlyOnce).await.unwrap();
     m.suback().await;
-    for i in 0..5 {
-        alice
-            .send(
-                &room,
-                "m.room.message",
-                &format!("r{i}"),
-                json!({"body": format!("e{i}")}),
-            )
-            .await;
-    }
+    send_bodies(&alice, &room, "r", 0..5).await;
     m.qos2_publishes(5).await;
     // A round trip after the PUBCOMPs: the server has read them.
     m.client.subscribe(&filter, QoS::ExactlyOnce).await.unwrap();
@@ -908,23 +875,25 @@ async fn graceful_restart_stores_sessions_so_qos2_stays_exactly_once() {
     m.task.abort();
 
     let alice = alice.on(&srv);
-    for i in 5..8 {
+    send_bodies(&alice, &room, "r", 5..8).await;
+    let mut m = spawn(options("restart-q2", &srv.mqtt_host, srv.mqtt_port, &alice, false));
+    assert!(m.connack().await.session_present);
+    let got = m.qos2_publishes(3).await;
+    let bodies = bodies_of(&got);
+    assert_eq!(bodies, vec!["e5", "e6", "e7"], "only what was missed, once");
+    m.quiet(Duration::from_millis(500)).await;
+}
+
+/// Sends `m.room.message` events with bodies `e{i}` (txn `{txn}{i}`) for `range`.
+async fn send_bodies(alice: &User, room: &str, txn: &str, range: std::ops::Range<i32>) {
+    for i in range {
         alice
             .send(
-                &room,
+                room,
                 "m.room.message",
-                &format!("r{i}"),
+                &format!("{txn}{i}"),
                 json!({"body": format!("e{i}")}),
             )
             .await;
     }
-    let mut m = spawn(options("restart-q2", &srv.mqtt_host, srv.mqtt_port, &alice, false));
-    assert!(m.connack().await.session_present);
-    let got = m.qos2_publishes(3).await;
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(bodies, vec!["e5", "e6", "e7"], "only what was missed, once");
-    m.quiet(Duration::from_millis(500)).await;
 }

@@ -126,6 +126,13 @@ pub fn body(p: &[u8]) -> Value {
     serde_json::from_slice(p).expect("payload is JSON")
 }
 
+/// The `content.body` of each published event.
+pub fn bodies_of(ps: &[rumqttc::Publish]) -> Vec<String> {
+    ps.iter()
+        .map(|p| body(&p.payload)["content"]["body"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 pub async fn room_for(alice: &User) -> String {
     alice
         .create_room(json!({"preset": "private_chat", "name": "Lab"}))
