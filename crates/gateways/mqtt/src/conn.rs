@@ -957,33 +957,41 @@ impl Conn {
     /// Sends the acknowledgement of an incoming publish that is now durable
     /// (or failed to be); `Some` ends the connection.
     async fn acknowledge(&mut self, ack: Ack) -> Option<End> {
-        match (ack.qos, ack.result) {
-            (0, Ok(())) => {}
-            (1, result @ Ok(())) => self.writer.queue(Out::PubAck { pkid: ack.pkid, result }),
-            (1, result @ Err(_)) if self.writer.version == Version::V5 => {
-                self.writer.queue(Out::PubAck { pkid: ack.pkid, result })
-            }
-            (2, Ok(())) => self.writer.queue(Out::PubRec(ack.pkid)),
-            (_, Err(r)) => {
+        match self.ack_packet(ack) {
+            Ok(Some(out)) => self.writer.queue(out),
+            Ok(None) => {}
+            Err((pkid, r)) => {
                 tracing::warn!("mqtt: a publish of {} was not stored: {r:?}", self.session.user_id);
-                self.qos2.remove(&ack.pkid);
+                self.qos2.remove(&pkid);
                 return Some(self.refuse_publish(r).await);
             }
-            _ => {}
         }
         None
     }
 
-    /// Acknowledges the publishes still in the pipeline, then closes the
-    /// connection with `why`.
+    /// What answers a publish's outcome: the packet to send (none for QoS
+    /// 0), or the refusal that must close the connection (3.1.1 has no
+    /// negative PUBACK; a failed QoS 0 or 2 publish has none either).
+    fn ack_packet(&self, ack: Ack) -> Result<Option<Out>, (u16, Refusal)> {
+        let pkid = ack.pkid;
+        match (ack.qos, ack.result) {
+            (0, Ok(())) => Ok(None),
+            (1, result @ Ok(())) => Ok(Some(Out::PubAck { pkid, result })),
+            (1, result @ Err(_)) if self.writer.version == Version::V5 => Ok(Some(Out::PubAck { pkid, result })),
+            (2, Ok(())) => Ok(Some(Out::PubRec(pkid))),
+            (_, Err(r)) => Err((pkid, r)),
+            (_, Ok(())) => Ok(None),
+        }
+    }
+
+    /// Acknowledges the publishes still in the pipeline (up to the next
+    /// that failed), then closes the connection with `why`.
     async fn refuse_publish(&mut self, why: Refusal) -> End {
         while let Some(ack) = self.acks.next().await {
-            match (ack.qos, ack.result) {
-                (1, result) if result.is_ok() || self.writer.version == Version::V5 => {
-                    self.writer.queue(Out::PubAck { pkid: ack.pkid, result })
-                }
-                (2, Ok(())) => self.writer.queue(Out::PubRec(ack.pkid)),
-                _ => break,
+            match self.ack_packet(ack) {
+                Ok(Some(out)) => self.writer.queue(out),
+                Ok(None) => {}
+                Err(_) => break,
             }
         }
         let _ = self.writer.send(Out::Disconnect(why)).await;
