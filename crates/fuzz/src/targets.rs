@@ -282,7 +282,8 @@ const SKIP: &[&str] = &[
 /// one room the seeds name.
 pub struct Server {
     rt: tokio::runtime::Runtime,
-    services: std::sync::Arc<weft_services::Services>,
+    /// The endpoint layer the door dispatches to.
+    api: axum::Router,
     session: weft_services::Session,
     seeds: Vec<Vec<u8>>,
     _dir: tempfile::TempDir,
@@ -290,7 +291,7 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
-        use weft_coap::routes::{CF_CBOR, Req, route};
+        use weft_coap::routes::{CF_CBOR, Req, dispatch};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = weft_core::Config::default();
         config.rate_limit.enabled = false;
@@ -304,6 +305,7 @@ impl Server {
         let key = weft_rooms::keys::load_or_create(dir.path()).expect("signing key");
         let store = weft_store::open(&config, dir.path()).expect("store");
         let services = weft_services::Services::new(config, store, key).expect("services");
+        let api = weft_api::dispatcher(&services);
         let (session, room) = rt.block_on(async {
             let user = services.accounts.create_user("fuzz", None, false).await.expect("user");
             let login = services
@@ -324,16 +326,17 @@ impl Server {
                 content_format: Some(CF_CBOR),
                 observe: None,
             };
-            let reply = route(&services, Some(&session), &["createRoom"], &req)
+            let reply = dispatch(&api, Some(&session), None, &["createRoom"], &req)
                 .await
                 .unwrap_or_else(|e| panic!("createRoom: {e:?}"));
+            assert!(reply.is_success(), "createRoom: {}", reply.body);
             let room = reply.body["room_id"].as_str().expect("room_id").to_owned();
             (session, room)
         });
         drop(_rt);
         Server {
             rt,
-            services,
+            api,
             session,
             seeds: crate::seeds::coap_for(&room),
             _dir: dir,
@@ -342,9 +345,9 @@ impl Server {
 }
 
 /// One datagram through the door's parsing and on into the route it names
-/// (the same `routes::route` the door calls, with the server's session):
-/// bad input gives an error, never a panic, a hang, or an internal error
-/// (`M_UNKNOWN`, 500), and a reply encodes into a response.
+/// through the endpoint layer, as the door dispatches it, with the server's
+/// session): bad input gives an error, never a panic, a hang, or an
+/// internal error (`M_UNKNOWN`, 5.00), and a reply encodes into a response.
 pub fn coap_requests(server: &Server, input: &[u8]) {
     use weft_coap::routes;
     let data = crate::mutate(&server.seeds, input);
@@ -363,7 +366,7 @@ pub fn coap_requests(server: &Server, input: &[u8]) {
     let result = server.rt.block_on(async {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            routes::route(&server.services, session, &p, r),
+            routes::dispatch(&server.api, session, None, &p, r),
         )
         .await
     });
@@ -375,6 +378,12 @@ pub fn coap_requests(server: &Server, input: &[u8]) {
             what()
         ),
         Ok(Ok(reply)) => {
+            assert!(
+                reply.code != coap_lite::ResponseType::InternalServerError,
+                "bad input became an internal error: {}: {}",
+                what(),
+                reply.body
+            );
             let _ = coap_door::response(&parsed, &reply.body, false);
         }
     }

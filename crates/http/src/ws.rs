@@ -27,7 +27,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
 
-use crate::extract::{ApiError, access_token};
+use weft_api::{ApiError, access_token};
 
 pub const WS_PATH: &str = "/_matrix/client/unstable/org.weft.ws";
 

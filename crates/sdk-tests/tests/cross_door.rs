@@ -49,14 +49,16 @@ impl Drop for Server {
 }
 
 async fn start() -> Server {
+    start_logging(&std::env::var("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into())).await
+}
+
+/// A server whose log has this `WEFT_LOG` filter.
+async fn start_logging(filter: &str) -> Server {
     let data = DataDir::new();
     data.create_user("alice", PASSWORD);
     data.create_user("bob", PASSWORD);
     let log = data.path().parent().expect("temp dir").join("server.log");
-    let mut spec = ServeSpec::new(weft_bin(), data.path(), log).env(
-        "WEFT_LOG",
-        &std::env::var("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into()),
-    );
+    let mut spec = ServeSpec::new(weft_bin(), data.path(), log).env("WEFT_LOG", filter);
     spec.wait_mqtt = true;
     spec.wait_coap = true;
     let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
@@ -649,4 +651,410 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
         "took {:?}",
         started.elapsed()
     );
+}
+
+// ---- One endpoint layer: the same request through HTTP, CoAP and the
+// WebSocket door gets the same answer, for endpoints the CoAP door had no
+// route of its own for (end-to-end-encryption keys, to-device messages).
+
+/// A WebSocket door connection used for request frames only.
+struct WsRequests {
+    sink: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+        Message,
+    >,
+    stream: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    >,
+    next_id: u64,
+}
+
+impl WsRequests {
+    async fn connect(srv: &Server, token: &str) -> WsRequests {
+        let url = format!(
+            "{}/_matrix/client/unstable/org.weft.ws?access_token={token}",
+            srv.http.replacen("http://", "ws://", 1)
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        let (sink, stream) = ws.split();
+        WsRequests {
+            sink,
+            stream,
+            next_id: 0,
+        }
+    }
+
+    /// One request frame → (status, body).
+    async fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        self.next_id += 1;
+        let mut frame = json!({ "id": self.next_id, "method": method, "path": path });
+        if let Some(b) = body {
+            frame["body"] = b.clone();
+        }
+        self.sink.send(Message::text(frame.to_string())).await.expect("ws send");
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("ws answer in time")
+                .expect("ws open")
+                .expect("ws frame");
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(&t).expect("ws frame is JSON");
+            if v["id"] == json!(self.next_id) {
+                return (v["status"].as_u64().expect("status") as u16, v["body"].clone());
+            }
+        }
+    }
+}
+
+/// The HTTP status a CoAP response code stands for.
+fn http_status_of(code: ResponseType) -> u16 {
+    match code {
+        ResponseType::Content | ResponseType::Changed | ResponseType::Created => 200,
+        ResponseType::BadRequest => 400,
+        ResponseType::Unauthorized => 401,
+        ResponseType::Forbidden => 403,
+        ResponseType::NotFound => 404,
+        ResponseType::MethodNotAllowed => 405,
+        ResponseType::RequestEntityTooLarge => 413,
+        ResponseType::TooManyRequests => 429,
+        other => panic!("unexpected CoAP code {other:?}"),
+    }
+}
+
+/// A device's keys as a client uploads them (not really signed: the server
+/// never checks device signatures, it hands keys on as uploaded).
+fn device_keys(user: &str, device: &str) -> Value {
+    json!({
+        "user_id": user,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): format!("curve-{device}"),
+            format!("ed25519:{device}"): format!("ed-{device}"),
+        },
+        "signatures": { user: { format!("ed25519:{device}"): format!("sig-{device}") } },
+    })
+}
+
+fn one_time_keys(device: &str, n: usize) -> Value {
+    let mut keys = serde_json::Map::new();
+    for i in 0..n {
+        keys.insert(
+            format!("signed_curve25519:{device}{i}"),
+            json!({ "key": format!("otk-{device}-{i}"), "signatures": {} }),
+        );
+    }
+    Value::Object(keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
+    let srv = start().await;
+    let c = reqwest::Client::new();
+    // Alice has one device per door; bob one, on HTTP.
+    let alice_http = login(&c, &srv, "alice", "AHTTP").await;
+    let alice_coap = login(&c, &srv, "alice", "ACOAP").await;
+    let alice_ws = login(&c, &srv, "alice", "AWS").await;
+    let bob = login(&c, &srv, "bob", "BHTTP").await;
+    let (_, who) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        "/_matrix/client/v3/account/whoami",
+        Some(&alice_http),
+        None,
+    )
+    .await;
+    let alice_id = who["user_id"].as_str().expect("user_id").to_owned();
+    let (_, who) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        "/_matrix/client/v3/account/whoami",
+        Some(&bob),
+        None,
+    )
+    .await;
+    let bob_id = who["user_id"].as_str().expect("user_id").to_owned();
+    let mut coap = Coap::new(srv.coap, 7000).await;
+    let coap_auth = vec![format!("a={alice_coap}")];
+    let mut ws = WsRequests::connect(&srv, &alice_ws).await;
+
+    // keys/upload: each device through its own door, the same answer.
+    let upload = |device: &str| json!({ "device_keys": device_keys(&alice_id, device), "one_time_keys": one_time_keys(device, 3) });
+    let (st, via_http) = http(
+        &c,
+        &srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/keys/upload",
+        Some(&alice_http),
+        Some(upload("AHTTP")),
+    )
+    .await;
+    assert_eq!(st, 200, "{via_http}");
+    let (code, via_coap) = coap
+        .call(
+            RequestType::Post,
+            "/_matrix/client/v3/keys/upload",
+            &coap_auth,
+            Some(&upload("ACOAP")),
+        )
+        .await;
+    assert_eq!(http_status_of(code), 200, "{via_coap}");
+    let (st, via_ws) = ws
+        .call("POST", "/_matrix/client/v3/keys/upload", Some(&upload("AWS")))
+        .await;
+    assert_eq!(st, 200, "{via_ws}");
+    assert_eq!(via_http, json!({ "one_time_key_counts": { "signed_curve25519": 3 } }));
+    assert_eq!(via_coap, via_http);
+    assert_eq!(via_ws, via_http);
+
+    // keys/query: all three devices, the same answer through every door.
+    let query = json!({ "device_keys": { alice_id.clone(): [] } });
+    let (st, via_http) = http(
+        &c,
+        &srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/keys/query",
+        Some(&bob),
+        Some(query.clone()),
+    )
+    .await;
+    assert_eq!(st, 200, "{via_http}");
+    let devices = via_http["device_keys"][&alice_id].as_object().expect("alice's devices");
+    assert_eq!(devices.len(), 3, "{via_http}");
+    for d in ["AHTTP", "ACOAP", "AWS"] {
+        assert_eq!(
+            devices[d]["keys"][format!("curve25519:{d}")],
+            json!(format!("curve-{d}"))
+        );
+    }
+    let (code, via_coap) = coap
+        .call(
+            RequestType::Post,
+            "/_matrix/client/v3/keys/query",
+            &coap_auth,
+            Some(&query),
+        )
+        .await;
+    assert_eq!(http_status_of(code), 200, "{via_coap}");
+    let (st, via_ws) = ws.call("POST", "/_matrix/client/v3/keys/query", Some(&query)).await;
+    assert_eq!(st, 200);
+    assert_eq!(via_coap["device_keys"], via_http["device_keys"]);
+    assert_eq!(via_ws["device_keys"], via_http["device_keys"]);
+
+    // keys/claim: one key of each device, claimed through each door; each
+    // answer has exactly the claimed device's next key, then the counts drop.
+    let claim = |device: &str| json!({ "one_time_keys": { alice_id.clone(): { device: "signed_curve25519" } } });
+    let (st, via_http) = http(
+        &c,
+        &srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/keys/claim",
+        Some(&bob),
+        Some(claim("AHTTP")),
+    )
+    .await;
+    assert_eq!(st, 200, "{via_http}");
+    let (code, via_coap) = coap
+        .call(
+            RequestType::Post,
+            "/_matrix/client/v3/keys/claim",
+            &coap_auth,
+            Some(&claim("ACOAP")),
+        )
+        .await;
+    assert_eq!(http_status_of(code), 200, "{via_coap}");
+    let (st, via_ws) = ws
+        .call("POST", "/_matrix/client/v3/keys/claim", Some(&claim("AWS")))
+        .await;
+    assert_eq!(st, 200, "{via_ws}");
+    for (device, answer) in [("AHTTP", &via_http), ("ACOAP", &via_coap), ("AWS", &via_ws)] {
+        let keys = answer["one_time_keys"][&alice_id][device]
+            .as_object()
+            .unwrap_or_else(|| panic!("{answer}"));
+        assert_eq!(keys.len(), 1, "{answer}");
+        let (id, key) = keys.iter().next().expect("one key");
+        assert!(id.starts_with(&format!("signed_curve25519:{device}")), "{id}");
+        assert!(
+            key["key"].as_str().expect("key").starts_with(&format!("otk-{device}-")),
+            "{key}"
+        );
+        assert_eq!(
+            answer["one_time_keys"][&alice_id].as_object().map(|o| o.len()),
+            Some(1),
+            "{answer}"
+        );
+    }
+
+    // sendToDevice: through each door to bob's device; each answers {} and
+    // bob's device receives each message once, with sender and content.
+    let msg = |n: u64| json!({ "messages": { bob_id.clone(): { "BHTTP": { "door": n } } } });
+    let (st, via_http) = http(
+        &c,
+        &srv,
+        reqwest::Method::PUT,
+        "/_matrix/client/v3/sendToDevice/org.weft.test/t1",
+        Some(&alice_http),
+        Some(msg(1)),
+    )
+    .await;
+    assert_eq!((st, &via_http), (200, &json!({})));
+    let (code, via_coap) = coap
+        .call(
+            RequestType::Put,
+            "/_matrix/client/v3/sendToDevice/org.weft.test/t2",
+            &coap_auth,
+            Some(&msg(2)),
+        )
+        .await;
+    assert_eq!((http_status_of(code), &via_coap), (200, &json!({})));
+    // The same transaction again is not delivered twice.
+    let (code, again) = coap
+        .call(
+            RequestType::Put,
+            "/_matrix/client/v3/sendToDevice/org.weft.test/t2",
+            &coap_auth,
+            Some(&msg(2)),
+        )
+        .await;
+    assert_eq!((http_status_of(code), &again), (200, &json!({})));
+    let (st, via_ws) = ws
+        .call("PUT", "/_matrix/client/v3/sendToDevice/org.weft.test/t3", Some(&msg(3)))
+        .await;
+    assert_eq!((st, &via_ws), (200, &json!({})));
+    let (st, sync) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        "/_matrix/client/v3/sync?timeout=0",
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{sync}");
+    let got: Vec<(Value, Value, Value)> = sync["to_device"]["events"]
+        .as_array()
+        .expect("to_device events")
+        .iter()
+        .filter(|e| e["type"] == "org.weft.test")
+        .map(|e| (e["sender"].clone(), e["content"]["door"].clone(), e["type"].clone()))
+        .collect();
+    let want: Vec<(Value, Value, Value)> = (1..=3)
+        .map(|n| (json!(alice_id), json!(n), json!("org.weft.test")))
+        .collect();
+    assert_eq!(got, want, "{sync}");
+
+    // Errors are the same Matrix errors through every door.
+    let bad = json!({ "one_time_keys": "not an object" });
+    let (st, via_http) = http(
+        &c,
+        &srv,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/keys/claim",
+        Some(&bob),
+        Some(bad.clone()),
+    )
+    .await;
+    let (code, via_coap) = coap
+        .call(
+            RequestType::Post,
+            "/_matrix/client/v3/keys/claim",
+            &coap_auth,
+            Some(&bad),
+        )
+        .await;
+    let (ws_st, via_ws) = ws.call("POST", "/_matrix/client/v3/keys/claim", Some(&bad)).await;
+    assert_eq!(st, 400, "{via_http}");
+    assert_eq!(via_http["errcode"], "M_BAD_JSON", "{via_http}");
+    assert_eq!(
+        (http_status_of(code), &via_coap["errcode"]),
+        (400, &via_http["errcode"])
+    );
+    assert_eq!((ws_st, &via_ws["errcode"]), (400, &via_http["errcode"]));
+    let (code, unknown) = coap
+        .call(
+            RequestType::Get,
+            "/_matrix/client/v3/no/such/endpoint",
+            &coap_auth,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (http_status_of(code), &unknown["errcode"]),
+        (404, &json!("M_UNRECOGNIZED"))
+    );
+}
+
+/// Access tokens never reach the log, at any level: not in the query of an
+/// HTTP request, of a WebSocket upgrade, or of a CoAP request (`?a=`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_tokens_never_appear_in_the_log_even_at_trace_level() {
+    let srv = start_logging("trace").await;
+    let c = reqwest::Client::new();
+    let token = login(&c, &srv, "alice", "LOGS").await;
+    // HTTP, token in the query (deprecated, still served) and in the header.
+    let (st, v) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        &format!("/_matrix/client/v3/account/whoami?access_token={token}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        "/_matrix/client/v3/joined_rooms",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    // A wrong token in the query is not logged either.
+    let (st, _) = http(
+        &c,
+        &srv,
+        reqwest::Method::GET,
+        "/_matrix/client/v3/account/whoami?access_token=WRONGSECRETTOKEN",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 401);
+    // The WebSocket door, token in the upgrade's query.
+    let mut ws = WsRequests::connect(&srv, &token).await;
+    let (st, v) = ws.call("GET", "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!(st, 200, "{v}");
+    // CoAP, the talk's `?a=TOKEN`.
+    let mut coap = Coap::new(srv.coap, 9000).await;
+    let (code, v) = coap
+        .call(
+            RequestType::Get,
+            "/_matrix/client/v3/account/whoami",
+            &[format!("a={token}")],
+            None,
+        )
+        .await;
+    assert_eq!(code, ResponseType::Content, "{v}");
+    // Give the writer a moment to flush the last lines.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = srv.process.log_tail(1_000_000);
+    assert!(
+        log.contains("whoami"),
+        "the trace log records requests:\n{}",
+        &log[..log.len().min(2000)]
+    );
+    for secret in [token.as_str(), "WRONGSECRETTOKEN"] {
+        let at = log.find(secret);
+        assert!(
+            at.is_none(),
+            "a token is in the log: ...{}...",
+            &log[at.unwrap_or(0).saturating_sub(300)..(at.unwrap_or(0) + 100).min(log.len())]
+        );
+    }
 }

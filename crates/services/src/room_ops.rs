@@ -625,6 +625,22 @@ impl Services {
 
     // ---- aliases ----
 
+    /// The room an alias of this server names.
+    pub async fn alias_room(&self, alias: &str) -> Result<OwnedRoomId> {
+        let record = self
+            .store
+            .resolve_alias(alias)
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        self.room_id(&record.room_id)
+    }
+
+    /// The local aliases of a room the user may read.
+    pub async fn room_aliases(&self, user_id: &UserId, room: &str) -> Result<Vec<String>> {
+        let (room_id, _) = self.read_view(user_id, room).await?;
+        self.store.room_aliases(room_id.as_str()).await
+    }
+
     pub async fn put_alias(&self, user_id: &UserId, alias: &str, room_id: &str) -> Result<()> {
         let alias_id = OwnedRoomAliasId::try_from(alias).map_err(|_| Error::invalid_param("Invalid room alias"))?;
         if alias_id.server_name() != self.server_name {

@@ -121,6 +121,8 @@ impl Transport for UdpSocket {
 /// The CoAP engine: one per listener, over its transport.
 pub struct Door<T: Transport> {
     services: Arc<Services>,
+    /// The endpoint layer every request is dispatched through.
+    api: axum::Router,
     transport: Arc<T>,
     state: Mutex<State>,
     next_mid: AtomicU16,
@@ -180,6 +182,7 @@ impl<T: Transport> Door<T> {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         Arc::new(Door {
+            api: weft_api::dispatcher(&services),
             services,
             transport,
             state: Mutex::new(State::default()),
@@ -460,58 +463,58 @@ impl<T: Transport> Door<T> {
             content_format,
             observe,
         };
-        let result = self.handle(&r, option_token, peer).await;
+        let (reply, session) = match self.handle(&r, option_token, peer).await {
+            Ok(answer) => answer,
+            Err(e) => return error_packet(&e, out_cf),
+        };
         let mut resp = Packet::new();
-        match result {
-            Ok((reply, session)) => {
-                resp.header.code = MessageClass::Response(reply.code);
-                let body = self.encode_for(&reply.body, out_cf, peer);
-                resp.set_content_format_num(out_cf);
-                // Observe registration on /sync or a room's /messages.
-                let what = match (r.method, observe, &session, routes::cs_path(&r.path)) {
-                    (Method::Get, Some(0), Some(_), Some(p)) if routes::is_sync(&p) => {
-                        let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
-                        Some(Watch::Sync {
-                            since,
-                            filter: r.q("filter").map(str::to_owned),
-                        })
-                    }
-                    (Method::Get, Some(0), Some(_), Some(p))
-                        if matches!(p.as_slice(), ["rooms", _, "messages"])
-                            && r.q("from").is_none()
-                            && r.q("dir").is_none_or(|d| d == "b") =>
-                    {
-                        // A backwards page without `from` starts at "now".
-                        let since = reply
-                            .body
-                            .get("start")
-                            .and_then(Value::as_str)
-                            .and_then(|t| weft_services::room_ops::parse_token(t).ok());
-                        match (since, self.services.resolve_room(p[1]).await) {
-                            (Some(since), Ok(room)) => Some(Watch::Room { room, since }),
-                            _ => None,
-                        }
-                    }
-                    _ => None,
-                };
-                if let (Some(what), Some(auth)) = (what, session)
-                    && self.observer_room(peer, req.get_token())
-                {
-                    let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
-                    resp.add_option(CoapOption::Observe, uint_bytes(seq));
-                    self.clone()
-                        .observe(peer, req.get_token().to_vec(), auth, what, uri_key.clone(), out_cf);
-                } else if observe == Some(1)
-                    && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
-                {
-                    h.abort();
-                }
-                self.attach_body(&mut resp, body, out_cf, peer, uri_key, block2.map(|b| b.2));
-            }
-            Err(e) => {
-                resp = error_packet(&e, out_cf);
-            }
+        resp.header.code = MessageClass::Response(reply.code);
+        resp.set_content_format_num(out_cf);
+        if let Some(m) = reply.max_age {
+            resp.add_option(CoapOption::MaxAge, uint_bytes(m));
         }
+        let body = self.encode_for(&reply.body, out_cf, peer);
+        // Observe registration on /sync or a room's /messages.
+        let what = match (r.method, observe, &session, routes::cs_path(&r.path)) {
+            _ if !reply.is_success() => None,
+            (Method::Get, Some(0), Some(_), Some(p)) if routes::is_sync(&p) => {
+                let since = reply.body.get("next_batch").and_then(Value::as_str).map(str::to_owned);
+                Some(Watch::Sync {
+                    since,
+                    filter: r.q("filter").map(str::to_owned),
+                })
+            }
+            (Method::Get, Some(0), Some(_), Some(p))
+                if matches!(p.as_slice(), ["rooms", _, "messages"])
+                    && r.q("from").is_none()
+                    && r.q("dir").is_none_or(|d| d == "b") =>
+            {
+                // A backwards page without `from` starts at "now".
+                let since = reply
+                    .body
+                    .get("start")
+                    .and_then(Value::as_str)
+                    .and_then(|t| weft_services::room_ops::parse_token(t).ok());
+                match (since, self.services.resolve_room(p[1]).await) {
+                    (Some(since), Ok(room)) => Some(Watch::Room { room, since }),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if let (Some(what), Some(auth)) = (what, session)
+            && self.observer_room(peer, req.get_token())
+        {
+            let seq = self.observe_seq.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+            resp.add_option(CoapOption::Observe, uint_bytes(seq));
+            self.clone()
+                .observe(peer, req.get_token().to_vec(), auth, what, uri_key.clone(), out_cf);
+        } else if observe == Some(1)
+            && let Some(h) = self.state.lock().observers.remove(&(peer, req.get_token().to_vec()))
+        {
+            h.abort();
+        }
+        self.attach_body(&mut resp, body, out_cf, peer, uri_key, block2.map(|b| b.2));
         resp
     }
 
@@ -617,7 +620,8 @@ impl<T: Transport> Door<T> {
         }
     }
 
-    /// Authenticates and routes.
+    /// Authenticates (a token presented or remembered for the peer, or
+    /// the DTLS session's pre-shared key) and dispatches to the endpoint.
     async fn handle(
         &self,
         r: &Req,
@@ -633,7 +637,7 @@ impl<T: Transport> Door<T> {
             )
         })?;
         if routes::is_public(&p) {
-            return Ok((routes::route(&self.services, None, &p, r).await?, None));
+            return Ok((routes::dispatch(&self.api, None, Some(peer), &p, r).await?, None));
         }
         let presented = r.query_token().map(str::to_owned).or(option_token);
         // A DTLS session set up with a device's pre-shared key is that
@@ -648,8 +652,7 @@ impl<T: Transport> Door<T> {
                     "The pre-shared key of this DTLS session was revoked",
                 ));
             };
-            self.services.limiter.check(session.user_id.as_str())?;
-            let reply = routes::route(&self.services, Some(&session), &p, r).await?;
+            let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
             return Ok((reply, Some((session, Credential::Psk(identity)))));
         }
         let token = match &presented {
@@ -657,11 +660,11 @@ impl<T: Transport> Door<T> {
             None => self.state.lock().peer_tokens.get(&peer).cloned(),
         };
         let Some(token) = token else {
-            self.services.limiter.check(&format!("ip:{}", peer.ip()))?;
-            return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
+            // The endpoint decides whether it needs a caller; the request
+            // is charged to the peer's IP.
+            return Ok((routes::dispatch(&self.api, None, Some(peer), &p, r).await?, None));
         };
         let session = self.services.accounts.authenticate(&token).await?;
-        self.services.limiter.check(session.user_id.as_str())?;
         if presented.is_some() {
             let mut st = self.state.lock();
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {
@@ -669,7 +672,7 @@ impl<T: Transport> Door<T> {
             }
             st.peer_tokens.insert(peer, token.clone());
         }
-        let reply = routes::route(&self.services, Some(&session), &p, r).await?;
+        let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
         Ok((reply, Some((session, Credential::Token(token)))))
     }
 
@@ -816,7 +819,7 @@ fn encode_body(v: &Value, cf: u16) -> Vec<u8> {
 
 /// An error response: code from [`routes::error_reply`], Matrix error body.
 fn error_packet(e: &Error, cf: u16) -> Packet {
-    let (code, body, max_age) = error_reply(e);
+    let routes::Reply { code, body, max_age } = error_reply(e);
     let code = if e.status == Some(408) {
         ResponseType::RequestEntityIncomplete
     } else {

@@ -5,11 +5,11 @@
 
 use coap_lite::{RequestType as Method, ResponseType};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use weft_core::{Error, ErrorKind, Result};
-use weft_services::room_ops::{CreateRoomRequest, Pagination};
-use weft_services::sync::{EventFilter, SyncRequest};
+
+use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
-use weft_store::{Direction, StoredEvent};
 
 /// Content-Format numbers (RFC 7252 §12.3).
 pub const CF_TEXT: u16 = 0;
@@ -73,36 +73,25 @@ impl Req {
     }
 }
 
-/// What a route answers.
+/// What a request is answered with: the CoAP code, the body (a Matrix
+/// error body for errors), and Max-Age (seconds) for 4.29.
 pub struct Reply {
     pub code: ResponseType,
     pub body: Value,
+    pub max_age: Option<u32>,
 }
 
-fn ok(code: ResponseType, body: Value) -> Result<Reply> {
-    Ok(Reply { code, body })
-}
-
-fn unrecognized(method_not_allowed: bool) -> Error {
-    Error::new(
-        ErrorKind::Unrecognized { method_not_allowed },
-        if method_not_allowed {
-            "Method not allowed on this endpoint"
-        } else {
-            "Unrecognized request"
-        },
-    )
-}
-
-fn fmt(e: &StoredEvent, s: &Session) -> Value {
-    weft_rooms::client_event(e, Some((s.user_id.as_str(), s.device_id.as_str())), weft_core::now_ms())
-}
-
-fn content_of(e: &StoredEvent) -> Value {
-    serde_json::from_str::<Value>(&e.pdu_json)
-        .ok()
-        .and_then(|v| v.get("content").cloned())
-        .unwrap_or(json!({}))
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self.code,
+            ResponseType::Created
+                | ResponseType::Deleted
+                | ResponseType::Valid
+                | ResponseType::Changed
+                | ResponseType::Content
+        )
+    }
 }
 
 /// The Client-Server path below the version prefix, or `None` when the
@@ -151,143 +140,137 @@ pub async fn sync_json(
     .await
 }
 
-/// Runs one authenticated (or public) request.
-pub async fn route(s: &Services, session: Option<&Session>, p: &[&str], req: &Req) -> Result<Reply> {
-    use Method::*;
-    use ResponseType::*;
-    if let ["versions"] = p {
-        return match req.method {
-            Get => ok(Content, s.versions()),
-            _ => Err(unrecognized(true)),
-        };
-    }
-    let session = session.ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
-    match (p, req.method) {
-        (["account", "whoami"], Get) => ok(
-            Content,
-            json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }),
-        ),
-        (["rooms", room, "send", ty], Post) => {
-            let id = s.send_event(session, room, ty, None, None, req.content()?).await?;
-            ok(Created, json!({ "event_id": id }))
-        }
-        (["rooms", room, "send", ty, txn], Put) => {
-            let id = s.send_event(session, room, ty, None, Some(txn), req.content()?).await?;
-            ok(Changed, json!({ "event_id": id }))
-        }
-        (["rooms", room, "state", ty, rest @ ..], Put) if rest.len() <= 1 => {
-            let key = rest.first().copied().unwrap_or("");
-            let id = s.send_event(session, room, ty, Some(key), None, req.content()?).await?;
-            ok(Changed, json!({ "event_id": id }))
-        }
-        (["rooms", room, "state", ty, rest @ ..], Get) if rest.len() <= 1 => {
-            let key = rest.first().copied().unwrap_or("");
-            let ev = s.state_event(&session.user_id, room, ty, key).await?;
-            if req.q("format") == Some("event") {
-                ok(Content, fmt(&ev, session))
-            } else {
-                ok(Content, content_of(&ev))
-            }
-        }
-        (["rooms", room, "state"], Get) => {
-            let state = s.room_state(&session.user_id, room).await?;
-            ok(Content, Value::Array(state.iter().map(|e| fmt(e, session)).collect()))
-        }
-        (["rooms", room, "messages"], Get) => {
-            let dir = match req.q("dir") {
-                Some("b") | None => Direction::Backward,
-                Some("f") => Direction::Forward,
-                Some(_) => return Err(Error::invalid_param("dir must be b or f")),
-            };
-            let filter: EventFilter = match req.q("filter") {
-                None => EventFilter::default(),
-                Some(f) => serde_json::from_str(f).map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))?,
-            };
-            let limit = match req.q("limit") {
-                Some(l) => l.parse().map_err(|_| Error::invalid_param("Invalid limit"))?,
-                None => filter.limit.unwrap_or(10),
-            };
-            let page = s
-                .messages(
-                    &session.user_id,
-                    room,
-                    Pagination {
-                        from: req.q("from"),
-                        to: req.q("to"),
-                        dir,
-                        limit,
-                    },
-                    &filter,
-                )
-                .await?;
-            let mut out = json!({
-                "chunk": page.chunk.iter().map(|e| fmt(e, session)).collect::<Vec<_>>(),
-                "start": page.start,
-                "state": page.state.iter().map(|e| fmt(e, session)).collect::<Vec<_>>(),
-            });
-            if let Some(end) = page.end {
-                out["end"] = end.into();
-            }
-            ok(Content, out)
-        }
-        (["sync"], Get) => {
-            let timeout = match req.q("timeout") {
-                Some(t) => t.parse().map_err(|_| Error::invalid_param("Invalid timeout"))?,
-                None => 0,
-            };
-            // An observe registration answers at once; changes are pushed.
-            let timeout = if req.observe == Some(0) { 0 } else { timeout };
-            let full_state = req.q("full_state") == Some("true");
-            let v = sync_json(
-                s,
-                session,
-                req.q("since").map(str::to_owned),
-                timeout,
-                req.q("filter"),
-                full_state,
-            )
-            .await?;
-            ok(Content, v)
-        }
-        (["createRoom"], Post) => {
-            let body: CreateRoomRequest = serde_json::from_value(req.json_body()?)
-                .map_err(|e| Error::bad_json(format!("Invalid createRoom body: {e}")))?;
-            let room_id = s.create_room(session, body).await?;
-            ok(Created, json!({ "room_id": room_id }))
-        }
-        (["join", room], Post) | (["rooms", room, "join"], Post) => {
-            let room_id = s.join(&session.user_id, room).await?;
-            ok(Changed, json!({ "room_id": room_id }))
-        }
-        (["joined_rooms"], Get) => ok(
-            Content,
-            json!({ "joined_rooms": s.joined_rooms(&session.user_id).await? }),
-        ),
-        (
-            ["account", "whoami"]
-            | ["rooms", _, "send", _]
-            | ["rooms", _, "send", _, _]
-            | ["rooms", _, "state", ..]
-            | ["rooms", _, "messages"]
-            | ["sync"]
-            | ["createRoom"]
-            | ["join", _]
-            | ["rooms", _, "join"]
-            | ["joined_rooms"],
-            _,
-        ) => Err(unrecognized(true)),
-        _ => Err(unrecognized(false)),
-    }
+/// Characters escaped in a path segment or query part handed on to the
+/// endpoint layer: everything but RFC 3986's unreserved characters.
+const ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Whether the body of a request to `p` is event content (a send or a
+/// state event), which devices may send as any payload (`Req::content`),
+/// rather than a JSON object in CBOR or JSON.
+fn takes_content(p: &[&str], method: Method) -> bool {
+    matches!(
+        (p, method),
+        (["rooms", _, "send", ..], Method::Put | Method::Post) | (["rooms", _, "state", ..], Method::Put)
+    )
 }
 
-/// The one place a [`weft_core::Error`] becomes a CoAP response: the code,
-/// the Matrix error body, and Max-Age (seconds) for 4.29.
-pub fn error_reply(e: &Error) -> (ResponseType, Value, Option<u32>) {
-    use ResponseType::*;
-    if e.kind == ErrorKind::Unknown {
-        tracing::error!("coap: internal error: {}", e.message);
+/// Runs one request through the endpoint layer (`weft_api`), the same one
+/// HTTP and the WebSocket door reach: `p` is the Client-Server path below
+/// the version prefix ([`cs_path`]), `session` the device the door
+/// authenticated, if any. Tokens go no further than the door: the session
+/// goes along as [`weft_api::Authenticated`].
+pub async fn dispatch(
+    api: &axum::Router,
+    session: Option<&Session>,
+    peer: Option<SocketAddr>,
+    p: &[&str],
+    req: &Req,
+) -> Result<Reply> {
+    use tower::ServiceExt;
+    let method = match req.method {
+        Method::Get => axum::http::Method::GET,
+        Method::Post => axum::http::Method::POST,
+        Method::Put => axum::http::Method::PUT,
+        Method::Delete => axum::http::Method::DELETE,
+        _ => {
+            return Err(Error::new(
+                ErrorKind::Unrecognized {
+                    method_not_allowed: true,
+                },
+                "Method not allowed on this endpoint",
+            ));
+        }
+    };
+    let mut uri = match p {
+        ["versions"] => "/_matrix/client/versions".to_owned(),
+        _ => {
+            let mut uri = "/_matrix/client/v3".to_owned();
+            for seg in p {
+                uri.push('/');
+                uri.extend(percent_encoding::utf8_percent_encode(seg, ESCAPE));
+            }
+            uri
+        }
+    };
+    let mut sep = '?';
+    for (k, v) in &req.query {
+        if k == "a" || k == "access_token" {
+            continue;
+        }
+        // An Observe registration answers at once; changes are pushed.
+        let v = if k == "timeout" && req.observe == Some(0) && is_sync(p) {
+            "0"
+        } else {
+            v
+        };
+        uri.push(sep);
+        uri.extend(percent_encoding::utf8_percent_encode(k, ESCAPE));
+        uri.push('=');
+        uri.extend(percent_encoding::utf8_percent_encode(v, ESCAPE));
+        sep = '&';
     }
-    let code = match e.http_status() {
+    let body = if matches!(req.method, Method::Get | Method::Delete) {
+        Vec::new()
+    } else {
+        let v = if takes_content(p, req.method) {
+            req.content()?
+        } else {
+            req.json_body()?
+        };
+        serde_json::to_vec(&v).map_err(Error::internal)?
+    };
+    let mut http = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(body))
+        .map_err(|e| Error::invalid_param(format!("Invalid request: {e}")))?;
+    if let Some(s) = session {
+        http.extensions_mut().insert(weft_api::Authenticated(s.clone()));
+    }
+    if let Some(peer) = peer {
+        http.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+    }
+    let resp = match api.clone().oneshot(http).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    };
+    let status = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(Error::internal)?
+        .to_bytes();
+    let body: Value = if bytes.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&bytes).map_err(Error::internal)?
+    };
+    let max_age = body
+        .get("retry_after_ms")
+        .and_then(Value::as_u64)
+        .filter(|_| status == 429)
+        .map(|ms| ms.div_ceil(1000).max(1) as u32);
+    let code = match status {
+        200..=299 => match req.method {
+            Method::Get => ResponseType::Content,
+            Method::Delete => ResponseType::Deleted,
+            // A new resource: an event sent without a transaction ID, a room.
+            Method::Post if matches!(p, ["rooms", _, "send", _] | ["createRoom"]) => ResponseType::Created,
+            _ => ResponseType::Changed,
+        },
+        _ => code_for_status(status),
+    };
+    Ok(Reply { code, body, max_age })
+}
+
+/// The CoAP code for an HTTP error status.
+fn code_for_status(status: u16) -> ResponseType {
+    use ResponseType::*;
+    match status {
         401 => Unauthorized,
         403 => Forbidden,
         404 => NotFound,
@@ -297,7 +280,16 @@ pub fn error_reply(e: &Error) -> (ResponseType, Value, Option<u32>) {
         429 => TooManyRequests,
         400..=499 => BadRequest,
         _ => InternalServerError,
-    };
+    }
+}
+
+/// The one place a [`weft_core::Error`] of the door itself becomes a CoAP
+/// response: the code, the Matrix error body, and Max-Age (seconds) for
+/// 4.29. Errors of endpoints come back from [`dispatch`] already encoded.
+pub fn error_reply(e: &Error) -> Reply {
+    if e.kind == ErrorKind::Unknown {
+        tracing::error!("coap: internal error: {}", e.message);
+    }
     let mut body = e.body();
     if e.kind == ErrorKind::Unknown && e.status.is_none() {
         body["error"] = "Internal server error".into();
@@ -306,5 +298,9 @@ pub fn error_reply(e: &Error) -> (ResponseType, Value, Option<u32>) {
         ErrorKind::LimitExceeded { retry_after_ms } => Some(retry_after_ms.div_ceil(1000).max(1) as u32),
         _ => None,
     };
-    (code, body, max_age)
+    Reply {
+        code: code_for_status(e.http_status()),
+        body,
+        max_age,
+    }
 }

@@ -64,8 +64,9 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
-        let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
-        let session = s.accounts.authenticate(&token).await?;
+        let session = crate::endpoint::session_of(parts, s)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
         s.limiter.check(session.user_id.as_str())?;
         Ok(Auth(session))
     }
@@ -79,7 +80,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = read_limited(req, s.config.limits.max_body_bytes).await?;
+        let bytes = read_limited(req.into_body(), s.config.limits.max_body_bytes).await?;
         let value: serde_json::Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             serde_json::Value::Object(Default::default())
         } else {
@@ -95,10 +96,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// read (and dropped) up to a bound before answering `M_TOO_LARGE`, so the
 /// client has finished sending and reliably reads the 413, instead of
 /// seeing its upload cut off by a reset.
-async fn read_limited(req: Request, limit: usize) -> Result<Bytes, Error> {
+pub(crate) async fn read_limited(mut body: axum::body::Body, limit: usize) -> Result<Bytes, Error> {
     use http_body_util::BodyExt;
     let drain_cap = limit.saturating_mul(4).max(1 << 20);
-    let mut body = req.into_body();
     let mut buf = Vec::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
@@ -144,5 +144,43 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for P<T> {
             .await
             .map(|p| P(p.0))
             .map_err(|e| ApiError(Error::invalid_param(format!("Invalid path: {e}"))))
+    }
+}
+
+/// Query parameters that carry secrets: access tokens (`access_token`,
+/// and `a` of the talk's CoAP form), registration and login tokens.
+const SECRET_PARAMS: [&str; 4] = ["access_token", "a", "token", "loginToken"];
+
+/// A request target fit for logs: the values of secret query parameters
+/// replaced with `<redacted>`.
+pub fn redacted_uri(uri: &axum::http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.contains(&k) => format!("{k}=<redacted>"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", uri.path(), query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_uri;
+
+    #[test]
+    fn secret_query_parameters_are_redacted() {
+        let uri = "/_matrix/client/v3/sync?since=s1&access_token=SECRET&timeout=0&a=CoapSecret&token=reg"
+            .parse()
+            .expect("uri");
+        let got = redacted_uri(&uri);
+        assert_eq!(
+            got,
+            "/_matrix/client/v3/sync?since=s1&access_token=<redacted>&timeout=0&a=<redacted>&token=<redacted>"
+        );
+        assert_eq!(redacted_uri(&"/x".parse().expect("uri")), "/x");
     }
 }

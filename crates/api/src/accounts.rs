@@ -9,6 +9,10 @@ use weft_core::config::RegistrationMode;
 use weft_core::{Error, ErrorKind};
 use weft_store::ProfileField;
 
+use ruma::api::client::account::whoami;
+use ruma::api::client::session::{logout, logout_all};
+
+use crate::endpoint::Ruma;
 use crate::extract::{Auth, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
 
@@ -208,20 +212,20 @@ pub async fn login(State(s): State<AppState>, JsonBody(req): JsonBody<LoginReque
     })))
 }
 
-pub async fn whoami(Auth(session): Auth) -> ApiResult {
-    Ok(Json(
-        json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }),
-    ))
+pub async fn whoami(_: AppState, req: Ruma<whoami::v3::Request>) -> Result<whoami::v3::Response, Error> {
+    let mut resp = whoami::v3::Response::new(req.caller.user_id, false);
+    resp.device_id = Some(req.caller.device_id.into());
+    Ok(resp)
 }
 
-pub async fn logout(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
-    s.accounts.logout(&session).await?;
-    Ok(Json(json!({})))
+pub async fn logout(s: AppState, req: Ruma<logout::v3::Request>) -> Result<logout::v3::Response, Error> {
+    s.accounts.logout(&req.caller).await?;
+    Ok(logout::v3::Response::new())
 }
 
-pub async fn logout_all(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
-    s.accounts.logout_all(&session.user_id).await?;
-    Ok(Json(json!({})))
+pub async fn logout_all(s: AppState, req: Ruma<logout_all::v3::Request>) -> Result<logout_all::v3::Response, Error> {
+    s.accounts.logout_all(&req.caller.user_id).await?;
+    Ok(logout_all::v3::Response::new())
 }
 
 /// Checks `m.login.password` user-interactive auth for the session's user,

@@ -4,11 +4,24 @@ use axum::Json;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use weft_core::Error;
+use weft_core::{Error, ErrorKind};
 use weft_services::room_ops::{CreateRoomRequest, Pagination};
 use weft_services::sync::{EventFilter, SyncRequest};
 use weft_store::{Direction, StoredEvent};
 
+use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
+use ruma::api::client::membership::invite_user::v3::InvitationRecipient;
+use ruma::api::client::membership::{
+    ban_user, forget_room, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_rooms, kick_user, leave_room,
+    unban_user,
+};
+use ruma::api::client::message::send_message_event;
+use ruma::api::client::redact::redact_event;
+use ruma::api::client::room::{aliases, get_room_event};
+use ruma::api::client::state::get_state_events;
+use ruma::serde::Raw;
+
+use crate::endpoint::{Ruma, bad_json, convert};
 use crate::extract::{Auth, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
 
@@ -18,6 +31,11 @@ fn fmt(e: &StoredEvent, session: &weft_services::Session) -> Value {
         Some((session.user_id.as_str(), session.device_id.as_str())),
         weft_core::now_ms(),
     )
+}
+
+/// A client-formatted event as the raw JSON a typed response carries.
+fn raw<T>(v: Value) -> Result<Raw<T>, Error> {
+    Raw::from_json_string(v.to_string()).map_err(Error::internal)
 }
 
 fn content_of(e: &StoredEvent) -> Value {
@@ -36,85 +54,107 @@ pub async fn create_room(
     Ok(Json(json!({ "room_id": room_id })))
 }
 
-pub async fn join(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
-    let room_id = s.join(&session.user_id, &room).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+pub async fn join(
+    s: AppState,
+    req: Ruma<join_room_by_id::v3::Request>,
+) -> Result<join_room_by_id::v3::Response, Error> {
+    let room_id = s.join(&req.caller.user_id, req.body.room_id.as_str()).await?;
+    Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
-#[derive(Deserialize)]
-pub struct TargetRequest {
-    user_id: String,
-    reason: Option<String>,
+pub async fn join_by_id_or_alias(
+    s: AppState,
+    req: Ruma<join_room_by_id_or_alias::v3::Request>,
+) -> Result<join_room_by_id_or_alias::v3::Response, Error> {
+    let room_id = s.join(&req.caller.user_id, req.body.room_id_or_alias.as_str()).await?;
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct ReasonRequest {
-    reason: Option<String>,
+pub async fn invite(s: AppState, req: Ruma<invite_user::v3::Request>) -> Result<invite_user::v3::Response, Error> {
+    let body = req.body;
+    let InvitationRecipient::UserId(recipient) = body.recipient else {
+        return Err(Error::new(
+            ErrorKind::Unrecognized {
+                method_not_allowed: false,
+            },
+            "Third-party invites are not supported",
+        ));
+    };
+    s.set_membership(
+        &req.caller.user_id,
+        body.room_id.as_str(),
+        recipient.user_id.as_str(),
+        "invite",
+        recipient.reason,
+    )
+    .await?;
+    Ok(invite_user::v3::Response::new())
 }
 
-pub async fn invite(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    JsonBody(r): JsonBody<TargetRequest>,
-) -> ApiResult {
-    s.set_membership(&session.user_id, &room, &r.user_id, "invite", r.reason)
-        .await?;
-    Ok(Json(json!({})))
+pub async fn leave(s: AppState, req: Ruma<leave_room::v3::Request>) -> Result<leave_room::v3::Response, Error> {
+    let user = req.caller.user_id;
+    s.set_membership(
+        &user,
+        req.body.room_id.as_str(),
+        user.as_str(),
+        "leave",
+        req.body.reason,
+    )
+    .await?;
+    Ok(leave_room::v3::Response::new())
 }
 
-pub async fn leave(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    JsonBody(r): JsonBody<ReasonRequest>,
-) -> ApiResult {
-    s.set_membership(&session.user_id, &room, session.user_id.as_str(), "leave", r.reason)
-        .await?;
-    Ok(Json(json!({})))
+pub async fn kick(s: AppState, req: Ruma<kick_user::v3::Request>) -> Result<kick_user::v3::Response, Error> {
+    let b = req.body;
+    s.set_membership(
+        &req.caller.user_id,
+        b.room_id.as_str(),
+        b.user_id.as_str(),
+        "leave",
+        b.reason,
+    )
+    .await?;
+    Ok(kick_user::v3::Response::new())
 }
 
-pub async fn kick(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    JsonBody(r): JsonBody<TargetRequest>,
-) -> ApiResult {
-    s.set_membership(&session.user_id, &room, &r.user_id, "leave", r.reason)
-        .await?;
-    Ok(Json(json!({})))
+pub async fn ban(s: AppState, req: Ruma<ban_user::v3::Request>) -> Result<ban_user::v3::Response, Error> {
+    let b = req.body;
+    s.set_membership(
+        &req.caller.user_id,
+        b.room_id.as_str(),
+        b.user_id.as_str(),
+        "ban",
+        b.reason,
+    )
+    .await?;
+    Ok(ban_user::v3::Response::new())
 }
 
-pub async fn ban(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    JsonBody(r): JsonBody<TargetRequest>,
-) -> ApiResult {
-    s.set_membership(&session.user_id, &room, &r.user_id, "ban", r.reason)
-        .await?;
-    Ok(Json(json!({})))
+pub async fn unban(s: AppState, req: Ruma<unban_user::v3::Request>) -> Result<unban_user::v3::Response, Error> {
+    let b = req.body;
+    s.set_membership(
+        &req.caller.user_id,
+        b.room_id.as_str(),
+        b.user_id.as_str(),
+        "leave",
+        b.reason,
+    )
+    .await?;
+    Ok(unban_user::v3::Response::new())
 }
 
-pub async fn unban(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    JsonBody(r): JsonBody<TargetRequest>,
-) -> ApiResult {
-    s.set_membership(&session.user_id, &room, &r.user_id, "leave", r.reason)
-        .await?;
-    Ok(Json(json!({})))
+pub async fn forget(s: AppState, req: Ruma<forget_room::v3::Request>) -> Result<forget_room::v3::Response, Error> {
+    s.forget(&req.caller.user_id, req.body.room_id.as_str()).await?;
+    Ok(forget_room::v3::Response::new())
 }
 
-pub async fn forget(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
-    s.forget(&session.user_id, &room).await?;
-    Ok(Json(json!({})))
-}
-
-pub async fn joined_rooms(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
-    Ok(Json(json!({ "joined_rooms": s.joined_rooms(&session.user_id).await? })))
+pub async fn joined_rooms(
+    s: AppState,
+    req: Ruma<joined_rooms::v3::Request>,
+) -> Result<joined_rooms::v3::Response, Error> {
+    Ok(joined_rooms::v3::Response::new(convert(
+        &s.joined_rooms(&req.caller.user_id).await?,
+    )?))
 }
 
 #[derive(Deserialize, Default)]
@@ -157,15 +197,22 @@ pub async fn joined_members(State(s): State<AppState>, Auth(session): Auth, P(ro
 }
 
 pub async fn send(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, event_type, txn)): P<(String, String, String)>,
-    JsonBody(content): JsonBody<Value>,
-) -> ApiResult {
+    s: AppState,
+    req: Ruma<send_message_event::v3::Request>,
+) -> Result<send_message_event::v3::Response, Error> {
+    let body = req.body;
+    let content = serde_json::from_str(body.body.json().get()).map_err(bad_json)?;
     let event_id = s
-        .send_event(&session, &room, &event_type, None, Some(&txn), content)
+        .send_event(
+            &req.caller,
+            body.room_id.as_str(),
+            &body.event_type.to_string(),
+            None,
+            Some(body.txn_id.as_str()),
+            content,
+        )
         .await?;
-    Ok(Json(json!({ "event_id": event_id })))
+    Ok(send_message_event::v3::Response::new(event_id))
 }
 
 /// `POST .../send/{type}` without a transaction ID, as the original
@@ -180,9 +227,17 @@ pub async fn send_no_txn(
     Ok(Json(json!({ "event_id": event_id })))
 }
 
-pub async fn state(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
-    let state = s.room_state(&session.user_id, &room).await?;
-    Ok(Json(Value::Array(state.iter().map(|e| fmt(e, &session)).collect())))
+pub async fn state(
+    s: AppState,
+    req: Ruma<get_state_events::v3::Request>,
+) -> Result<get_state_events::v3::Response, Error> {
+    let state = s.room_state(&req.caller.user_id, req.body.room_id.as_str()).await?;
+    Ok(get_state_events::v3::Response::new(
+        state
+            .iter()
+            .map(|e| raw(fmt(e, &req.caller)))
+            .collect::<Result<_, _>>()?,
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -244,23 +299,26 @@ pub async fn put_state_empty_key(
     Ok(Json(json!({ "event_id": event_id })))
 }
 
-pub async fn event(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, event_id)): P<(String, String)>,
-) -> ApiResult {
-    let ev = s.event(&session.user_id, &room, &event_id).await?;
-    Ok(Json(fmt(&ev, &session)))
+pub async fn event(s: AppState, req: Ruma<get_room_event::v3::Request>) -> Result<get_room_event::v3::Response, Error> {
+    let b = &req.body;
+    let ev = s
+        .event(&req.caller.user_id, b.room_id.as_str(), b.event_id.as_str())
+        .await?;
+    Ok(get_room_event::v3::Response::new(raw(fmt(&ev, &req.caller))?))
 }
 
-pub async fn redact(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, event_id, txn)): P<(String, String, String)>,
-    JsonBody(r): JsonBody<ReasonRequest>,
-) -> ApiResult {
-    let event_id = s.redact(&session, &room, &event_id, &txn, r.reason).await?;
-    Ok(Json(json!({ "event_id": event_id })))
+pub async fn redact(s: AppState, req: Ruma<redact_event::v3::Request>) -> Result<redact_event::v3::Response, Error> {
+    let b = req.body;
+    let event_id = s
+        .redact(
+            &req.caller,
+            b.room_id.as_str(),
+            b.event_id.as_str(),
+            b.txn_id.as_str(),
+            b.reason,
+        )
+        .await?;
+    Ok(redact_event::v3::Response::new(event_id))
 }
 
 #[derive(Deserialize, Default)]
@@ -370,40 +428,30 @@ pub async fn sync(State(s): State<AppState>, Auth(session): Auth, Q(q): Q<SyncQu
     Ok(Json(resp))
 }
 
-pub async fn get_alias(State(s): State<AppState>, P(alias): P<String>) -> ApiResult {
-    let record = s
-        .store
-        .resolve_alias(&alias)
-        .await?
-        .ok_or_else(|| Error::not_found("Room alias not found"))?;
-    Ok(Json(json!({ "room_id": record.room_id, "servers": [s.server_name] })))
+pub async fn get_alias(s: AppState, req: Ruma<get_alias::v3::Request>) -> Result<get_alias::v3::Response, Error> {
+    let room_id = s.alias_room(req.body.room_alias.as_str()).await?;
+    Ok(get_alias::v3::Response::new(room_id, vec![s.server_name.clone()]))
 }
 
-#[derive(Deserialize)]
-pub struct PutAlias {
-    room_id: String,
+pub async fn put_alias(s: AppState, req: Ruma<create_alias::v3::Request>) -> Result<create_alias::v3::Response, Error> {
+    let b = req.body;
+    s.put_alias(&req.caller.user_id, b.room_alias.as_str(), b.room_id.as_str())
+        .await?;
+    Ok(create_alias::v3::Response::new())
 }
 
-pub async fn put_alias(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(alias): P<String>,
-    JsonBody(b): JsonBody<PutAlias>,
-) -> ApiResult {
-    s.put_alias(&session.user_id, &alias, &b.room_id).await?;
-    Ok(Json(json!({})))
+pub async fn delete_alias(
+    s: AppState,
+    req: Ruma<delete_alias::v3::Request>,
+) -> Result<delete_alias::v3::Response, Error> {
+    s.delete_alias(&req.caller.user_id, req.body.room_alias.as_str())
+        .await?;
+    Ok(delete_alias::v3::Response::new())
 }
 
-pub async fn delete_alias(State(s): State<AppState>, Auth(session): Auth, P(alias): P<String>) -> ApiResult {
-    s.delete_alias(&session.user_id, &alias).await?;
-    Ok(Json(json!({})))
-}
-
-pub async fn room_aliases(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
-    let (room_id, _) = s.read_view(&session.user_id, &room).await?;
-    Ok(Json(
-        json!({ "aliases": s.store.room_aliases(room_id.as_str()).await? }),
-    ))
+pub async fn room_aliases(s: AppState, req: Ruma<aliases::v3::Request>) -> Result<aliases::v3::Response, Error> {
+    let aliases = s.room_aliases(&req.caller.user_id, req.body.room_id.as_str()).await?;
+    Ok(aliases::v3::Response::new(convert(&aliases)?))
 }
 
 pub async fn public_rooms(State(s): State<AppState>) -> ApiResult {

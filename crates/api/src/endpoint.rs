@@ -1,0 +1,282 @@
+//! Declaring an endpoint, and the one extractor every endpoint is reached
+//! through.
+//!
+//! An endpoint is declared by one line in `typed_routes` (crate root):
+//! `routes.add::<R>(RateClass::…, handler)`. Its method, its paths under
+//! every version prefix and who may call it come from the request type's
+//! ruma [`Metadata`]; the rate-limit class is the line's own. The handler
+//! gets a [`Ruma<R>`] (the typed request and the caller) and returns the
+//! typed response or an [`Error`].
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request, State};
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, on};
+use bytes::BytesMut;
+use ruma::api::auth_scheme::{AccessToken, AccessTokenOptional, AuthScheme, NoAccessToken, NoAuthentication};
+use ruma::api::error::{DeserializationError, FromHttpRequestError};
+use ruma::api::path_builder::PathBuilder;
+use ruma::api::{IncomingRequest, Metadata, OutgoingResponse};
+use weft_core::{Error, ErrorKind};
+use weft_services::Session;
+
+use crate::AppState;
+use crate::extract::{ApiError, access_token, read_limited};
+
+/// The prefixes every Client-Server endpoint is served under: the current
+/// one, the pre-1.1 one, and the original `api/v1` of the talk's CoAP form.
+pub const CLIENT_PREFIXES: [&str; 3] = ["/_matrix/client/v3", "/_matrix/client/r0", "/_matrix/client/api/v1"];
+
+/// A session a door authenticated itself (a CoAP device on a DTLS session
+/// with its pre-shared key), handed to the layer as a request extension.
+/// Only in-process callers can set extensions, so no client can forge it.
+#[derive(Clone)]
+pub struct Authenticated(pub Session);
+
+/// How an endpoint's calls are rate-limited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateClass {
+    /// Each call takes one token from the caller's bucket: the user's once
+    /// authenticated, the client IP's before (taken by the IP layer).
+    Caller,
+}
+
+/// What the server needs of a caller, for each of ruma's authentication
+/// schemes: the session for endpoints that need an access token, maybe one
+/// where it is optional, nothing where there is none.
+pub trait CallerAuth: AuthScheme {
+    type Caller: Send + Sync + 'static;
+
+    fn caller(parts: &Parts, s: &AppState) -> impl Future<Output = Result<Self::Caller, Error>> + Send;
+
+    /// The user to charge a call to, if authenticated.
+    fn user(caller: &Self::Caller) -> Option<&Session>;
+}
+
+/// The session of a request: one a door authenticated itself, or the one
+/// its access token (header or query) names.
+pub(crate) async fn session_of(parts: &Parts, s: &AppState) -> Result<Option<Session>, Error> {
+    if let Some(Authenticated(session)) = parts.extensions.get::<Authenticated>() {
+        return Ok(Some(session.clone()));
+    }
+    match access_token(parts) {
+        Some(token) => Ok(Some(s.accounts.authenticate(&token).await?)),
+        None => Ok(None),
+    }
+}
+
+impl CallerAuth for AccessToken {
+    type Caller = Session;
+
+    async fn caller(parts: &Parts, s: &AppState) -> Result<Session, Error> {
+        session_of(parts, s)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))
+    }
+
+    fn user(caller: &Session) -> Option<&Session> {
+        Some(caller)
+    }
+}
+
+impl CallerAuth for AccessTokenOptional {
+    type Caller = Option<Session>;
+
+    async fn caller(parts: &Parts, s: &AppState) -> Result<Option<Session>, Error> {
+        session_of(parts, s).await
+    }
+
+    fn user(caller: &Option<Session>) -> Option<&Session> {
+        caller.as_ref()
+    }
+}
+
+/// Endpoints anyone may call; a token sent along is ignored.
+macro_rules! no_caller {
+    ($($scheme:ty),*) => {$(
+        impl CallerAuth for $scheme {
+            type Caller = ();
+
+            async fn caller(_: &Parts, _: &AppState) -> Result<(), Error> {
+                Ok(())
+            }
+
+            fn user(_: &()) -> Option<&Session> {
+                None
+            }
+        }
+    )*};
+}
+no_caller!(NoAuthentication, NoAccessToken);
+
+/// A typed request and who sent it: the one extractor of the layer.
+pub struct Ruma<R: Metadata>
+where
+    R::Authentication: CallerAuth,
+{
+    pub body: R,
+    pub caller: <R::Authentication as CallerAuth>::Caller,
+    /// The client's address, when the door knows it.
+    pub peer: Option<SocketAddr>,
+}
+
+impl<R> FromRequest<AppState> for Ruma<R>
+where
+    R: IncomingRequest + Send + 'static,
+    R::Authentication: CallerAuth,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, s: &AppState) -> Result<Self, ApiError> {
+        let (mut parts, body) = req.into_parts();
+        let caller = <R::Authentication as CallerAuth>::caller(&parts, s).await?;
+        let args: Vec<String> = RawPathParams::from_request_parts(&mut parts, s)
+            .await
+            .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?
+            .iter()
+            .map(|(_, v)| v.to_owned())
+            .collect();
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let bytes = read_limited(Body::new(body), s.config.limits.max_body_bytes).await?;
+        let body =
+            R::try_from_http_request(axum::http::Request::from_parts(parts, bytes), &args).map_err(request_error)?;
+        Ok(Self { body, caller, peer })
+    }
+}
+
+/// The Matrix error for a request ruma could not read.
+fn request_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => Error::new(
+            ErrorKind::Unrecognized {
+                method_not_allowed: true,
+            },
+            "Method not allowed on this endpoint",
+        ),
+        FromHttpRequestError::Deserialization(DeserializationError::Json(e)) if e.is_syntax() || e.is_eof() => {
+            Error::new(ErrorKind::NotJson, format!("Body is not valid JSON: {e}"))
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
+            Error::bad_json(format!("Invalid request body: {e}"))
+        }
+        FromHttpRequestError::Deserialization(e) => Error::invalid_param(format!("Invalid request: {e}")),
+        e => Error::bad_json(format!("Invalid request: {e}")),
+    }
+}
+
+/// A typed response on its way out.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(resp) => resp.map(|b| Body::from(b.freeze())).into_response(),
+            Err(e) => ApiError(Error::internal(format!("could not encode a response: {e}"))).into_response(),
+        }
+    }
+}
+
+/// The paths an endpoint is served at: each Client-Server path under every
+/// prefix of [`CLIENT_PREFIXES`], other paths as ruma names them.
+fn paths_of<R: Metadata>() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for path in R::PATH_BUILDER.all_paths() {
+        let rest = ["/_matrix/client/v3", "/_matrix/client/r0"]
+            .iter()
+            .find_map(|p| path.strip_prefix(p).filter(|r| r.starts_with('/')));
+        match rest {
+            Some(rest) => out.extend(CLIENT_PREFIXES.iter().map(|p| format!("{p}{rest}"))),
+            None => {
+                out.insert(path.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The router being declared, endpoint by endpoint.
+pub struct Routes {
+    router: Router<AppState>,
+}
+
+impl Routes {
+    pub fn new(router: Router<AppState>) -> Self {
+        Self { router }
+    }
+
+    /// Declares one endpoint: `R` says its method, paths and caller;
+    /// `class` how it is rate-limited; `handler` what it does.
+    pub fn add<R, F, Fut>(mut self, class: RateClass, handler: F) -> Self
+    where
+        R: IncomingRequest + Send + 'static,
+        R::Authentication: CallerAuth,
+        R::OutgoingResponse: Send + 'static,
+        F: Fn(AppState, Ruma<R>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<R::OutgoingResponse, Error>> + Send + 'static,
+    {
+        let Ok(method) = MethodFilter::try_from(R::METHOD) else {
+            // The method is a constant of the request type, not client input.
+            panic!(
+                "endpoint {} has an unroutable method {}",
+                std::any::type_name::<R>(),
+                R::METHOD
+            );
+        };
+        let endpoint = move |State(s): State<AppState>, req: Ruma<R>| {
+            let handler = handler.clone();
+            async move {
+                charge(&s, class, <R::Authentication as CallerAuth>::user(&req.caller))?;
+                handler(s, req).await.map(RumaResponse).map_err(ApiError)
+            }
+        };
+        for path in paths_of::<R>() {
+            self.router = self.router.route(&path, on(method, endpoint.clone()));
+        }
+        self
+    }
+
+    pub fn into_router(self) -> Router<AppState> {
+        self.router
+    }
+}
+
+/// Takes a call from the caller's bucket. Calls without a session were
+/// charged to their IP by the IP layer already.
+fn charge(s: &AppState, class: RateClass, session: Option<&Session>) -> Result<(), Error> {
+    match (class, session) {
+        (RateClass::Caller, Some(session)) => s.limiter.check(session.user_id.as_str()),
+        (RateClass::Caller, None) => Ok(()),
+    }
+}
+
+// Bridges between typed requests and responses and the services' JSON
+// values, until the services take and return the typed values themselves.
+
+/// A typed value as another type with the same JSON form.
+pub(crate) fn convert<T: serde::Serialize, U: serde::de::DeserializeOwned>(t: &T) -> Result<U, Error> {
+    serde_json::to_value(t)
+        .and_then(serde_json::from_value)
+        .map_err(bad_json)
+}
+
+/// Takes `key` out of a service's JSON answer as a typed value; absent or
+/// null is the type's default.
+pub(crate) fn field<U: serde::de::DeserializeOwned + Default>(
+    v: &mut serde_json::Value,
+    key: &str,
+) -> Result<U, Error> {
+    match v.get_mut(key).map(serde_json::Value::take) {
+        None | Some(serde_json::Value::Null) => Ok(U::default()),
+        Some(x) => serde_json::from_value(x).map_err(|e| Error::internal(format!("{key}: {e}"))),
+    }
+}
+
+pub(crate) fn bad_json(e: serde_json::Error) -> Error {
+    Error::bad_json(format!("Invalid request body: {e}"))
+}
