@@ -29,6 +29,9 @@ use crate::server::{Launcher, Server};
 pub enum Scenario {
     /// Durable send throughput (PUT /send) with concurrent clients.
     Send,
+    /// Send latency tail: a few clients, one request in flight each, many
+    /// events (p99.9, max, the slowest requests, WAL size).
+    SendTail,
     /// Publish-to-receive latency through long-polling /sync.
     Latency,
     /// Server RSS idle and with many open long-poll /sync requests.
@@ -46,7 +49,11 @@ pub enum Scenario {
 #[command(version, about = "Benchmark a weft server and print JSON figures")]
 pub struct Opts {
     /// Scenarios to run (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "send,latency,rss,cold-start,wire")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "send,send-tail,latency,rss,cold-start,wire"
+    )]
     pub scenarios: Vec<Scenario>,
 
     /// Drive an already running server at this URL (loopback) instead of
@@ -84,6 +91,16 @@ pub struct Opts {
     /// send: all clients send to one shared room instead of one room each.
     #[arg(long)]
     pub send_shared_room: bool,
+
+    /// send-tail: clients, each with one request in flight.
+    #[arg(long, default_value_t = 4)]
+    pub tail_clients: usize,
+    /// send-tail: events (all clients together).
+    #[arg(long, default_value_t = 20_000)]
+    pub tail_events: u64,
+    /// send-tail: time limit, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub tail_max_secs: u64,
 
     /// latency: subscriber users long-polling /sync.
     #[arg(long, default_value_t = 10)]
@@ -168,6 +185,8 @@ pub struct Target {
     pub rss_fresh_kib: Option<u64>,
     pub mqtt: Option<std::net::SocketAddr>,
     pub coap: Option<std::net::SocketAddr>,
+    /// A spawned server's data directory.
+    pub data_dir: Option<PathBuf>,
     server: Option<Server>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -227,6 +246,7 @@ impl Bench {
                 rss_fresh_kib: None,
                 mqtt: None,
                 coap: None,
+                data_dir: None,
                 server: None,
                 _dir: None,
             });
@@ -252,6 +272,7 @@ impl Bench {
             rss_fresh_kib,
             mqtt: server.mqtt,
             coap: server.coap,
+            data_dir: Some(dir.path().join("data")),
             server: Some(server),
             _dir: Some(dir),
         })
@@ -377,6 +398,7 @@ async fn run(opts: Opts) -> (Value, bool) {
         eprintln!("weft-bench: running {scenario:?}");
         let (key, result) = match scenario {
             Scenario::Send => ("send", scenarios::send(&bench).await),
+            Scenario::SendTail => ("send_tail", scenarios::send_tail(&bench).await),
             Scenario::Latency => ("publish_to_receive", scenarios::latency(&bench).await),
             Scenario::Rss => ("rss", scenarios::rss(&bench).await),
             Scenario::ColdStart => ("cold_start", scenarios::cold_start(&bench).await),

@@ -27,22 +27,74 @@ pub async fn send(bench: &Bench) -> Result<Value> {
     }
     let mut runs = Vec::new();
     for &inflight in &o.send_inflight {
-        let inflight = inflight.clamp(1, 1024);
-        let target = bench.target(o.send_clients, "s").await?;
-        let run = send_run(bench, &target, inflight).await;
+        let shape = SendShape {
+            clients: o.send_clients,
+            inflight: inflight.clamp(1, 1024),
+            events: o.send_events,
+            max_secs: o.send_max_secs,
+            shared_room: o.send_shared_room,
+        };
+        let target = bench.target(shape.clients, "s").await?;
+        let run = send_run(&target, &shape).await;
         target.stop().await;
         runs.push(run?);
     }
     Ok(Value::Array(runs))
 }
 
-async fn send_run(bench: &Bench, target: &Target, inflight: usize) -> Result<Value> {
+/// Send latency tail: a few clients with one request in flight each (a
+/// request/response device), long enough to cross many group commits and
+/// WAL checkpoints, so periodic stalls show in p99.9 and max.
+pub async fn send_tail(bench: &Bench) -> Result<Value> {
     let o = &bench.opts;
-    let clients = o.send_clients;
+    if o.tail_clients == 0 || o.tail_events == 0 {
+        bail!("--tail-clients and --tail-events must be positive");
+    }
+    let shape = SendShape {
+        clients: o.tail_clients,
+        inflight: 1,
+        events: o.tail_events,
+        max_secs: o.tail_max_secs,
+        shared_room: false,
+    };
+    let target = bench.target(shape.clients, "t").await?;
+    let run = send_run(&target, &shape).await;
+    target.stop().await;
+    run
+}
+
+/// The shape of one send run.
+struct SendShape {
+    clients: usize,
+    inflight: usize,
+    events: u64,
+    max_secs: u64,
+    shared_room: bool,
+}
+
+/// The largest size the server's WAL file reached while `stop` was unset,
+/// sampled every 50 ms (`None` for a server this run did not spawn).
+fn sample_wal(target: &Target, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<Option<u64>> {
+    let wal = target.data_dir.as_ref().map(|d| d.join("weft.db-wal"));
+    tokio::spawn(async move {
+        let wal = wal?;
+        let mut max = 0u64;
+        while !*stop.borrow() {
+            if let Ok(m) = tokio::fs::metadata(&wal).await {
+                max = max.max(m.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(max)
+    })
+}
+
+async fn send_run(target: &Target, shape: &SendShape) -> Result<Value> {
+    let (clients, inflight) = (shape.clients, shape.inflight);
     // Rooms: one per client, or one shared room everyone joins.
     let setup = Api::new(&target.url, 4)?;
     let mut rooms = Vec::with_capacity(clients);
-    if o.send_shared_room {
+    if shape.shared_room {
         let owner = target.session(0);
         let room = setup
             .create_room(&owner.token, &json!({ "preset": "public_chat", "name": "bench send" }))
@@ -89,11 +141,13 @@ async fn send_run(bench: &Bench, target: &Target, inflight: usize) -> Result<Val
         }
     }
 
-    let remaining = Arc::new(AtomicI64::new(o.send_events as i64));
+    let remaining = Arc::new(AtomicI64::new(shape.events as i64));
     let errors = Arc::new(AtomicI64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let deadline = Instant::now() + Duration::from_secs(o.send_max_secs);
+    let deadline = Instant::now() + Duration::from_secs(shape.max_secs);
     let cpu_before = target.pid.and_then(cpu_seconds);
+    let (stop_wal, wal_stopped) = watch::channel(false);
+    let wal = sample_wal(target, wal_stopped);
     let started = Instant::now();
     let mut workers = Vec::new();
     for c in 0..clients {
@@ -120,7 +174,7 @@ async fn send_run(bench: &Bench, target: &Target, inflight: usize) -> Result<Val
                     let res = api.send(&token, &room, EVENT_TYPE, &txn, body).await;
                     let us = t.elapsed().as_micros() as u64;
                     match res {
-                        Ok(s) if s.is_success() => lat.push(us),
+                        Ok(s) if s.is_success() => lat.push((us, (t - started).as_micros() as u64)),
                         other => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             let mut fe = first_error.lock().await;
@@ -146,20 +200,36 @@ async fn send_run(bench: &Bench, target: &Target, inflight: usize) -> Result<Val
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let _ = stop_wal.send(true);
+    let wal_max = wal.await.ok().flatten();
     let ok = lat.len() as u64;
     let errors = errors.load(Ordering::Relaxed);
+    let over = |ms: u64| lat.iter().filter(|(us, _)| *us > ms * 1000).count();
+    let (over_10, over_50) = (over(10), over(50));
+    // The slowest requests and when they started, to tell periodic stalls
+    // (a checkpoint, a timer) from random ones.
+    lat.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let slowest: Vec<Value> = lat
+        .iter()
+        .take(10)
+        .map(|&(us, at)| json!({ "ms": r2(us as f64 / 1000.0), "at_s": r2(at as f64 / 1e6) }))
+        .collect();
     Ok(json!({
         "clients": clients,
         "inflight_per_client": inflight,
-        "rooms": if o.send_shared_room { "shared" } else { "one per client" },
-        "events_requested": o.send_events,
+        "rooms": if shape.shared_room { "shared" } else { "one per client" },
+        "events_requested": shape.events,
         "ok": ok,
         "errors": errors,
         "first_error": *first_error.lock().await,
-        "timed_out": ok + (errors as u64) < o.send_events,
+        "timed_out": ok + (errors as u64) < shape.events,
         "elapsed_s": r2(elapsed),
         "requests_per_s": r2(ok as f64 / elapsed),
-        "latency_ms": summarize(lat),
+        "latency_ms": summarize(lat.iter().map(|l| l.0).collect()),
+        "over_10ms": over_10,
+        "over_50ms": over_50,
+        "slowest": slowest,
+        "wal_max_bytes": wal_max,
         "server_cpu_s": cpu.map(r2),
         "server_cpu_us_per_event": cpu.filter(|_| ok > 0).map(|c| r2(c * 1e6 / ok as f64)),
     }))

@@ -9,6 +9,8 @@ pub struct Summary {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    #[serde(rename = "p99_9")]
+    pub p999: f64,
     pub max: f64,
     pub mean: f64,
 }
@@ -41,6 +43,7 @@ pub fn summarize(mut samples_us: Vec<u64>) -> Summary {
         p50: pct(&samples_us, 0.50),
         p90: pct(&samples_us, 0.90),
         p99: pct(&samples_us, 0.99),
+        p999: pct(&samples_us, 0.999),
         max: samples_us.last().map_or(0.0, |&v| round3(v as f64 / 1000.0)),
         mean,
     }
@@ -61,7 +64,10 @@ mod tests {
         assert_eq!(s.count, 100);
         assert_eq!(s.p50, 50.0);
         assert_eq!(s.p99, 99.0);
+        assert_eq!(s.p999, 100.0);
         assert_eq!(s.max, 100.0);
+        let s = summarize((1..=2000).map(|ms| ms * 1000).collect());
+        assert_eq!(s.p999, 1998.0);
         assert_eq!(s.mean, 50.5);
         let empty = summarize(vec![]);
         assert_eq!(empty.count, 0);

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -182,6 +184,8 @@ impl SqliteStore {
         // The writer touches index pages all over (event IDs are hashes):
         // a larger cache saves re-reading them each batch. Grows only as used.
         conn.pragma_update(None, "cache_size", -32_768i64).map_err(db_err)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(db_err)?;
         let max_pos: i64 = conn
             .query_row(
                 "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),
@@ -197,14 +201,21 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<WriteFn>();
         let recent = Arc::new(parking_lot::RwLock::new(RecentChanges::new(max_pos)));
         let recent_w = recent.clone();
-        std::thread::Builder::new()
-            .name("weft-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, pos_tx, recent_w, max_pos))
-            .map_err(db_err)?;
         let checkpoint_conn = open_conn(path, full_sync).map_err(db_err)?;
+        let (wake_tx, wake_rx) = mpsc::sync_channel(1);
+        let restart = Arc::new(AtomicBool::new(false));
+        let restart_c = restart.clone();
         std::thread::Builder::new()
             .name("weft-sqlite-checkpoint".into())
-            .spawn(move || checkpointer(checkpoint_conn))
+            .spawn(move || checkpointer(checkpoint_conn, wake_rx, restart_c))
+            .map_err(db_err)?;
+        let wal = WalControl {
+            restart,
+            _checkpointer: wake_tx,
+        };
+        std::thread::Builder::new()
+            .name("weft-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, pos_tx, recent_w, max_pos, wal))
             .map_err(db_err)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
@@ -275,23 +286,61 @@ impl SqliteStore {
     }
 }
 
-/// Copies the WAL back into the database every second without blocking
-/// the writer (PASSIVE), and truncates it when it grew large and a moment
-/// is quiet, so the WAL file does not grow without bound.
-fn checkpointer(conn: Connection) {
+/// WAL pages (4 KiB each) above which the writer starts the WAL over from
+/// its beginning once the checkpointer has copied it back.
+const WAL_RESTART_PAGES: i64 = 4_096;
+/// The WAL file is cut back to this size when it starts over (SQLite's
+/// `journal_size_limit`), so a burst does not leave a huge file behind.
+const WAL_SIZE_LIMIT: i64 = 32 << 20;
+
+/// Runs a PASSIVE checkpoint: copies WAL pages back into the database
+/// without taking the write lock and without waiting for anyone (a busy
+/// checkpoint lock or a reader on an old snapshot just leaves pages for
+/// the next one). Returns (pages in the WAL, pages copied back so far);
+/// both are -1 when another checkpoint was running.
+fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let busy: i64 = r.get(0)?;
+        Ok(if busy != 0 { (-1, -1) } else { (r.get(1)?, r.get(2)?) })
+    })
+}
+
+/// Copies the WAL back into the database on its own connection, never
+/// blocking the writer: only PASSIVE checkpoints, never RESTART or
+/// TRUNCATE (those take the write lock and hold it while they wait for
+/// readers, and the writer waiting for it sleeps in SQLite's busy handler
+/// in steps of 1, 2, 5, 10, … 100 ms: that was the send latency tail).
+/// When the WAL has grown past [`WAL_RESTART_PAGES`] it asks the writer
+/// (`restart`) to start it over, see [`writer_loop`]. Runs every second,
+/// every 100 ms while the WAL is large, and stops with the writer.
+fn checkpointer(conn: Connection, wake: mpsc::Receiver<()>, restart: Arc<AtomicBool>) {
+    let mut wait = Duration::from_secs(1);
     loop {
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        let res: rusqlite::Result<(i64, i64, i64)> = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        });
-        match res {
-            Ok((_, log, done)) if log > 4_096 && log == done => {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = wake.recv_timeout(wait) {
+            return;
+        }
+        match passive_checkpoint(&conn) {
+            Ok((log, done)) => {
+                if log >= WAL_RESTART_PAGES {
+                    restart.store(true, Ordering::Relaxed);
+                }
+                wait = Duration::from_millis(if log >= WAL_RESTART_PAGES / 4 { 100 } else { 1_000 });
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
+            Err(e) => {
+                tracing::warn!("WAL checkpoint failed: {e}");
+                wait = Duration::from_secs(1);
+            }
         }
     }
+}
+
+/// What the writer shares with the checkpointer thread.
+struct WalControl {
+    /// Set by the checkpointer when the WAL has grown past
+    /// [`WAL_RESTART_PAGES`].
+    restart: Arc<AtomicBool>,
+    /// Dropped with the writer, which stops the checkpointer.
+    _checkpointer: mpsc::SyncSender<()>,
 }
 
 /// Runs one of the writer's fixed statements (cached, not re-parsed).
@@ -308,6 +357,7 @@ fn writer_loop(
     pos_tx: watch::Sender<i64>,
     recent: Arc<parking_lot::RwLock<RecentChanges>>,
     pos: i64,
+    wal: WalControl,
 ) {
     let mut ctx = WriterCtx {
         pos,
@@ -321,6 +371,20 @@ fn writer_loop(
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        if wal.restart.load(Ordering::Relaxed) {
+            // The WAL only starts over from its beginning when a write
+            // transaction begins with every page of it copied back, which
+            // a checkpointer on another thread never sees while writes
+            // keep coming. So the writer copies back the little that came
+            // after the checkpointer's last pass (between batches, never
+            // waiting for a lock): the BEGIN below then reuses the file.
+            if let Ok((log, done)) = passive_checkpoint(&conn)
+                && log >= 0
+                && log == done
+            {
+                wal.restart.store(false, Ordering::Relaxed);
             }
         }
         let start_pos = ctx.pos;
