@@ -67,8 +67,9 @@ impl Default for MqttConfig {
     }
 }
 
-/// The CoAP door: plain CoAP on UDP, and CoAP over DTLS 1.2 with
-/// per-device pre-shared keys.
+/// The CoAP door: plain CoAP on UDP, and CoAP over DTLS 1.2 with a
+/// certificate (requests carry an access token) or per-device pre-shared
+/// keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CoapConfig {
@@ -85,6 +86,13 @@ pub struct CoapConfig {
     pub dtls_max_sessions: usize,
     /// A DTLS session that receives nothing for this long is dropped.
     pub dtls_idle_timeout_secs: u64,
+    /// PEM certificate (only the first one, the leaf, is sent) and private
+    /// key (ECDSA P-256 or P-384) for DTLS clients without a pre-shared
+    /// key; relative paths are in the data directory. Unset: the MQTT
+    /// door's pair (`mqtt.tls_cert`/`tls_key`, or the generated one), or
+    /// the generated one if that key is not ECDSA.
+    pub dtls_cert: Option<String>,
+    pub dtls_key: Option<String>,
     /// RFC 7252 §4.8 transmission parameters for the confirmable messages
     /// the door sends (notifications, separate responses): the first wait
     /// for an ACK (times a random factor of 1 to 1.5, then doubling), and
@@ -103,6 +111,8 @@ impl Default for CoapConfig {
             dtls_listen: "127.0.0.1:5684".into(),
             dtls_max_sessions: 1000,
             dtls_idle_timeout_secs: 600,
+            dtls_cert: None,
+            dtls_key: None,
             ack_timeout_ms: 2000,
             max_retransmit: 4,
         }
@@ -304,10 +314,17 @@ ws_enabled = true
 # The CoAP+CBOR door (UDP). See docs/coap.md.
 enabled = true
 listen = "127.0.0.1:5683"
-# CoAP over DTLS 1.2 (coaps://) with per-device pre-shared keys minted by
-# `weft user psk NAME [--device-id ID]`. Runs when `enabled` is true too.
+# CoAP over DTLS 1.2 (coaps://). Runs when `enabled` is true too. A client
+# with a pre-shared key minted by `weft user psk NAME [--device-id ID]` needs
+# no access token; any other client gets the certificate below and sends
+# its access token (?a=TOKEN) as on plain CoAP.
 dtls_enabled = true
 dtls_listen = "127.0.0.1:5684"
+# PEM certificate and private key (ECDSA P-256 or P-384); relative paths
+# are in the data directory. Unset: MQTT's tls_cert/tls_key, or the
+# generated tls/mqtt.crt and tls/mqtt.key (also if MQTT's key is not ECDSA).
+# dtls_cert = "tls/mqtt.crt"
+# dtls_key = "tls/mqtt.key"
 # Most DTLS sessions at once; past it a new handshake replaces the
 # longest-idle session (if idle for a minute) or is ignored.
 dtls_max_sessions = 1000

@@ -11,6 +11,7 @@ pub mod ratelimit;
 pub mod room_ops;
 pub mod stream;
 pub mod sync;
+pub mod tls;
 
 use std::sync::Arc;
 

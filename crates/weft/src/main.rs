@@ -180,8 +180,9 @@ async fn serve(
     let addr = listener.local_addr()?;
     // Advertise the address actually bound (port 0 picks one).
     config.listen = addr.to_string();
-    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`). The
-    // address actually bound is advertised in the CoAP `/versions` (MSC3079).
+    // CoAP over DTLS with per-device pre-shared keys (`weft user psk`) or a
+    // certificate. The address actually bound is advertised in the CoAP
+    // `/versions` (MSC3079).
     let coaps_socket = if config.coap.enabled && config.coap.dtls_enabled {
         let dtls_listen = config.coap.dtls_listen.clone();
         let socket = tokio::net::UdpSocket::bind(&dtls_listen).await.with_context(|| {
@@ -190,7 +191,11 @@ async fn serve(
             )
         })?;
         config.coap.dtls_listen = socket.local_addr()?.to_string();
-        Some(socket)
+        // The certificate for clients without a pre-shared key.
+        let cert = weft_coap::dtls::load_certificate(data_dir, &config).map_err(|e| {
+            anyhow::anyhow!("CoAP over DTLS: {e} (set [coap] dtls_cert/dtls_key or dtls_enabled = false)")
+        })?;
+        Some((socket, cert))
     } else {
         None
     };
@@ -227,9 +232,17 @@ async fn serve(
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));
     }
-    if let Some(socket) = coaps_socket {
+    if let Some((socket, cert)) = coaps_socket {
         println!("weft: coap dtls listening on {}", socket.local_addr()?);
-        tokio::spawn(weft_coap::dtls::serve_dtls(services.clone(), socket));
+        if let Some(why) = &cert.fallback {
+            println!("weft: coap dtls: {why}; using the generated certificate");
+        }
+        println!(
+            "weft: coap dtls certificate {}{}",
+            cert.cert_path.display(),
+            if cert.self_signed { " (self-signed)" } else { "" }
+        );
+        tokio::spawn(weft_coap::dtls::serve_dtls(services.clone(), socket, cert));
     }
     // The exact path of this binary, so the hint works under `cargo run` too.
     let exe = std::env::current_exe()
@@ -244,7 +257,8 @@ async fn serve(
         started.elapsed().as_millis()
     );
     if let Some(mqtt) = &mqtt {
-        serve_mqtt(mqtt.clone(), &mqtt_config, data_dir, &server_name, addr).await?;
+        let hosts = weft_services::tls::certificate_hosts(&services.config);
+        serve_mqtt(mqtt.clone(), &mqtt_config, data_dir, &hosts, addr).await?;
     }
     let mqtt_on_signal = mqtt.clone();
     let shutdown = async move {
@@ -280,7 +294,8 @@ async fn serve_mqtt(
     mqtt: weft_mqtt::Mqtt,
     c: &weft_core::config::MqttConfig,
     data_dir: &Path,
-    server_name: &str,
+    // The names a generated certificate is made for.
+    hosts: &[String],
     http: SocketAddr,
 ) -> anyhow::Result<()> {
     if !c.listen.is_empty() {
@@ -294,11 +309,7 @@ async fn serve_mqtt(
         tokio::spawn(mqtt.clone().serve_tcp(listener));
     }
     if c.tls_enabled {
-        let hosts = [
-            weft_mqtt::tls::host_of(server_name),
-            weft_mqtt::tls::host_of(&c.tls_listen),
-        ];
-        let tls = weft_mqtt::tls::load_or_generate(data_dir, c.tls_cert.as_deref(), c.tls_key.as_deref(), &hosts)
+        let tls = weft_mqtt::tls::load_or_generate(data_dir, c.tls_cert.as_deref(), c.tls_key.as_deref(), hosts)
             .map_err(|e| anyhow::anyhow!("MQTT over TLS: {e} (set [mqtt] tls_cert/tls_key or tls_enabled = false)"))?;
         let listener = tokio::net::TcpListener::bind(&c.tls_listen).await.with_context(|| {
             format!(

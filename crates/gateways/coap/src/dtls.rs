@@ -1,10 +1,16 @@
-//! CoAP over DTLS 1.2 (`coaps://`) with per-device pre-shared keys.
+//! CoAP over DTLS (`coaps://`): per-device pre-shared keys, or a
+//! certificate for clients without one.
 //!
 //! One UDP socket serves many peers: datagrams are demultiplexed by source
-//! address to one DTLS session each (the sans-IO `dimpl` engine, suite
-//! `TLS_PSK_WITH_AES_128_CCM_8`), and the plaintext goes to the same CoAP
-//! engine ([`Door`]) as on the plain door. A session's PSK identity names a
-//! device (`weft user psk`), so its requests need no access token.
+//! address to one DTLS session each (the sans-IO `dimpl` engine), and the
+//! plaintext goes to the same CoAP engine ([`Door`]) as on the plain door.
+//! Each session's ClientHello picks how it is authenticated (`dimpl`'s
+//! auto-sensing server): a client offering the PSK suite
+//! (`TLS_PSK_WITH_AES_128_CCM_8`) gets a PSK session, whose identity names
+//! a device (`weft user psk`), so its requests need no access token; any
+//! other client gets the server certificate (ECDHE-ECDSA suites, DTLS 1.2
+//! or 1.3) and authenticates its requests with an access token (`?a=`,
+//! option 256) exactly as on plain CoAP.
 //!
 //! Bounds: at most `[coap] dtls_max_sessions` sessions (handshakes
 //! included), 32 queued datagrams per session, a 30 s handshake deadline,
@@ -16,15 +22,18 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dimpl::{Config, Dtls, Output, PskResolver};
+use dimpl::crypto::Dtls12CipherSuite;
+use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use weft_services::Services;
+use weft_services::tls::{CertFiles, cert_files, certificate_hosts, generated_pair, read_pem};
 
 use crate::{Door, Transport};
 
@@ -153,6 +162,83 @@ fn is_client_hello(d: &[u8]) -> bool {
     d.len() >= 25 && d[0] == 22 && d[1] == 0xfe && d[3] == 0 && d[4] == 0 && d[13] == 1
 }
 
+/// The certificate DTLS clients without a pre-shared key are served.
+#[derive(Clone)]
+pub struct DtlsCert {
+    certificate: DtlsCertificate,
+    /// The PEM file it came from.
+    pub cert_path: PathBuf,
+    /// Whether it is the generated self-signed one.
+    pub self_signed: bool,
+    /// Why the generated pair serves instead of MQTT's, when it does.
+    pub fallback: Option<String>,
+}
+
+impl std::fmt::Debug for DtlsCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsCert")
+            .field("cert_path", &self.cert_path)
+            .field("self_signed", &self.self_signed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds the DTLS certificate: `[coap] dtls_cert`/`dtls_key` if set;
+/// else MQTT's `tls_cert`/`tls_key` if set and usable for DTLS (an ECDSA
+/// key); else the generated self-signed pair shared with MQTT over TLS
+/// (created first if missing). Relative paths are in `data_dir`.
+pub fn load_certificate(data_dir: &Path, config: &weft_core::Config) -> Result<DtlsCert, String> {
+    let c = &config.coap;
+    let hosts = certificate_hosts(config);
+    if c.dtls_cert.is_some() || c.dtls_key.is_some() {
+        if c.dtls_cert.is_none() || c.dtls_key.is_none() {
+            return Err("[coap] needs both dtls_cert and dtls_key, or neither".into());
+        }
+        let files = cert_files(data_dir, c.dtls_cert.as_deref(), c.dtls_key.as_deref(), &hosts)?;
+        return dtls_cert(&files, None);
+    }
+    let m = &config.mqtt;
+    let mut fallback = None;
+    if let (Some(cert), Some(key)) = (&m.tls_cert, &m.tls_key) {
+        let files = cert_files(data_dir, Some(cert), Some(key), &hosts)?;
+        match dtls_cert(&files, None) {
+            Ok(found) => return Ok(found),
+            Err(e) => fallback = Some(format!("MQTT's certificate does not serve DTLS ({e})")),
+        }
+    }
+    dtls_cert(&generated_pair(data_dir, &hosts)?, fallback)
+}
+
+/// Reads a PEM pair and checks the DTLS engine can sign with its key.
+fn dtls_cert(files: &CertFiles, fallback: Option<String>) -> Result<DtlsCert, String> {
+    let (certs, key) = read_pem(&files.cert_path, &files.key_path)?;
+    let private_key = key.secret_der().to_vec();
+    // The engine panics on a key it cannot load; find out now, once.
+    let loads = catch_unwind(|| {
+        Config::default()
+            .crypto_provider()
+            .key_provider
+            .load_private_key(&private_key)
+            .is_ok()
+    });
+    if !matches!(loads, Ok(true)) {
+        return Err(format!(
+            "the private key {} is not an ECDSA P-256 or P-384 key, which DTLS needs",
+            files.key_path.display()
+        ));
+    }
+    Ok(DtlsCert {
+        // The engine sends one certificate: the leaf.
+        certificate: DtlsCertificate {
+            certificate: certs[0].to_vec(),
+            private_key,
+        },
+        cert_path: files.cert_path.clone(),
+        self_signed: files.self_signed,
+        fallback,
+    })
+}
+
 /// The DTLS side of the door: the socket and its sessions.
 pub struct DtlsTransport {
     socket: Arc<UdpSocket>,
@@ -161,6 +247,7 @@ pub struct DtlsTransport {
     max_sessions: usize,
     idle_timeout: Duration,
     next_generation: AtomicU64,
+    certificate: DtlsCert,
 }
 
 impl Transport for DtlsTransport {
@@ -220,9 +307,16 @@ impl DtlsTransport {
             runtime: tokio::runtime::Handle::current(),
             accepted: Mutex::new(None),
         });
+        // PSK and certificate suites: the engine picks the session's kind
+        // from its ClientHello.
+        let mut suites = vec![Dtls12CipherSuite::PSK_AES128_CCM_8];
+        suites.extend(Config::default().dtls12_cipher_suites().map(|s| s.suite()));
         let config = Config::builder()
             .with_psk_server(None, Arc::new(Resolver(AssertUnwindSafe(keys.clone()))))
-            .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls12_cipher_suites(&suites)
+            // Clients authenticate with a token in the request, not a
+            // certificate.
+            .require_client_certificate(false)
             .mtu(MTU)
             .max_queue_rx(PEER_QUEUE)
             .max_queue_tx(PEER_QUEUE)
@@ -235,7 +329,8 @@ impl DtlsTransport {
                 return None;
             }
         };
-        let dtls = catch_unwind(AssertUnwindSafe(|| Dtls::new_12_psk(config, Instant::now()))).ok()?;
+        let certificate = self.certificate.certificate.clone();
+        let dtls = catch_unwind(AssertUnwindSafe(|| Dtls::new_auto(config, certificate, Instant::now()))).ok()?;
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let peer = Arc::new(Peer {
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
@@ -375,8 +470,10 @@ async fn run_session(
     }
 }
 
-/// Serves CoAP over DTLS on `socket` until the task is dropped.
-pub async fn serve_dtls(services: Arc<Services>, socket: UdpSocket) -> std::io::Result<()> {
+/// Serves CoAP over DTLS on `socket` until the task is dropped, with
+/// `certificate` (see [`load_certificate`]) for clients without a
+/// pre-shared key.
+pub async fn serve_dtls(services: Arc<Services>, socket: UdpSocket, certificate: DtlsCert) -> std::io::Result<()> {
     let socket = Arc::new(socket);
     let cfg = &services.config.coap;
     let transport = Arc::new(DtlsTransport {
@@ -386,6 +483,7 @@ pub async fn serve_dtls(services: Arc<Services>, socket: UdpSocket) -> std::io::
         max_sessions: cfg.dtls_max_sessions.max(1),
         idle_timeout: Duration::from_secs(cfg.dtls_idle_timeout_secs.max(1)),
         next_generation: AtomicU64::new(0),
+        certificate,
     });
     let door = Door::new(services.clone(), transport.clone());
     let mut buf = vec![0u8; 65_536];

@@ -8,9 +8,10 @@
 //! `/sync` (RFC 7641). See docs/coap.md.
 //!
 //! The engine ([`Door`]) is generic over a [`Transport`]: plain UDP
-//! ([`serve`]) or DTLS 1.2 with per-device pre-shared keys
+//! ([`serve`]) or DTLS with a certificate or per-device pre-shared keys
 //! ([`dtls::serve_dtls`]), which hands the engine the same CoAP messages
-//! after decryption and tells it which device a peer authenticated as.
+//! after decryption and, for a PSK session, tells it which device a peer
+//! authenticated as.
 
 pub mod cbor;
 pub mod dtls;

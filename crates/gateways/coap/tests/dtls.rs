@@ -7,15 +7,17 @@ mod common;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
-use common::{Client, Request, Server, cbor, coap_client_dtls, enc, request_packet, uncbor};
+use common::{Client, Request, Server, cbor, coap_client_dtls, coap_client_named, enc, request_packet, uncbor};
 use dimpl::{Config, Dtls, PskResolver};
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
+use weft_testkit::{ServeSpec, ServerProcess, weft_bin};
 
 fn send_path(room: &str) -> String {
     format!("/_m/c/a/v1/r/{room}/s/m.room.message")
@@ -128,8 +130,8 @@ async fn libcoap_posts_over_dtls_with_a_psk() {
 
     // The session is the PSK's device, with OpenSSL's client and, when
     // installed, GnuTLS's too.
-    let gnutls = Command::new("coap-client-gnutls").arg("-h").output().is_ok();
-    for client in std::iter::once(bin.as_str()).chain(gnutls.then_some("coap-client-gnutls")) {
+    let gnutls = coap_client_named("coap-client-gnutls");
+    for client in std::iter::once(bin.as_str()).chain(gnutls.as_deref()) {
         let out = coaps_client(
             client,
             s.coaps,
@@ -143,6 +145,205 @@ async fn libcoap_posts_over_dtls_with_a_psk() {
         assert_eq!(who["user_id"], "@alice:localhost:8008");
         assert_eq!(who["device_id"], "SENSOR1");
     }
+}
+
+/// Runs `bin ARGS` in `dir` (so `-f body.cbor` is a relative path, as a
+/// user types it), killed if it has not finished within 30 s.
+async fn run_in(dir: &Path, bin: &str, args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{bin} {args:?}: not done within 30 s"))
+        .expect("coap-client's output")
+}
+
+/// The DER of the first certificate in a PEM file.
+fn pem_der(path: &Path) -> Vec<u8> {
+    use base64::Engine;
+    let pem = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let b64: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+/// The talk's example exactly as printed: `coap-client-openssl -m post -f
+/// body.cbor "coaps://HOST:PORT/_m/c/a/v1/r/ROOM/s/m.room.message?a=TOKEN"`.
+/// No pre-shared key, so the session uses the server's certificate, and
+/// the token in `?a=` authenticates the request; the event is alice's and
+/// HTTP reads it back. The same with libcoap's GnuTLS client.
+#[tokio::test]
+async fn talk_example_posts_over_dtls_with_a_token() {
+    let (s, token, room) = Server::with_alice_and_room().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sent: Vec<(String, Value)> = Vec::new();
+    for name in ["coap-client-openssl", "coap-client-gnutls"] {
+        let Some(bin) = coap_client_named(name) else {
+            continue;
+        };
+        let content = json!({"msgtype": "m.text", "body": format!("hello from {name}")});
+        std::fs::write(dir.path().join("body.cbor"), cbor(&content)).unwrap();
+        let uri = format!("coaps://{}/_m/c/a/v1/r/{room}/s/m.room.message?a={token}", s.coaps);
+        let out = run_in(dir.path(), &bin, &["-m", "post", "-f", "body.cbor", &uri]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        let v: Value = ciborium::from_reader(out.stdout.as_slice())
+            .unwrap_or_else(|e| panic!("{name}: answer not CBOR ({e}): {:?} {stderr}", out.stdout));
+        let event_id = v["event_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no event_id in {v}"));
+        sent.push((event_id.to_owned(), content));
+
+        let msgs = s.http_messages(&token, &room, "m.room.message").await;
+        assert_eq!(msgs.len(), sent.len(), "{name}: {msgs:?}");
+        for (m, (id, content)) in msgs.iter().zip(&sent) {
+            assert_eq!(m["event_id"], id.as_str());
+            assert_eq!(m["content"], *content);
+            assert_eq!(m["sender"], "@alice:localhost:8008");
+        }
+    }
+    assert!(!sent.is_empty(), "no libcoap DTLS client ran");
+}
+
+/// A certificate session (a client without a pre-shared key) is
+/// authenticated per request, as on plain CoAP: without a token 4.01
+/// `M_MISSING_TOKEN` and nothing stored; with `?a=` or option 256 the
+/// token's user. DTLS 1.2 and 1.3; the certificate served is the one
+/// generated for MQTT over TLS.
+#[tokio::test]
+async fn certificate_session_needs_a_token() {
+    let (s, token, room) = Server::with_alice_and_room().await;
+    let (bob_token, bob) = join_bob(&s, &token, &room).await;
+    let generated = pem_der(&s.data_dir.join("tls/mqtt.crt"));
+    let path = send_path(&room);
+    for version in [Version::Dtls12, Version::Dtls13] {
+        let mut c = DtlsClient::connect_cert(s.coaps, version)
+            .await
+            .unwrap_or_else(|e| panic!("{version:?} handshake: {e}"));
+        assert_eq!(c.peer_cert.as_ref(), Some(&generated), "{version:?}");
+        let (code, v) = c
+            .call(Request::new(M::Post, &path).cbor(&json!({"msgtype": "m.text", "body": "no token"})))
+            .await;
+        assert_eq!(code, R::Unauthorized, "{version:?}: {v}");
+        assert_eq!(v["errcode"], "M_MISSING_TOKEN");
+        let (code, v) = c.call(Request::new(M::Get, "/_matrix/client/v3/account/whoami")).await;
+        assert_eq!(code, R::Unauthorized, "{version:?}: {v}");
+
+        let body = json!({"msgtype": "m.text", "body": format!("{version:?}")});
+        let (code, v) = c.call(Request::new(M::Post, &path).q("a", &token).cbor(&body)).await;
+        assert_eq!(code, R::Created, "{version:?}: {v}");
+        let (code, v) = c
+            .call(
+                Request::new(M::Get, "/_matrix/client/v3/account/whoami")
+                    .opt(CoapOption::Unknown(256), bob_token.as_bytes().to_vec()),
+            )
+            .await;
+        assert_eq!(code, R::Content, "{version:?}: {v}");
+        assert_eq!(v["user_id"], bob.as_str());
+    }
+    let msgs = s.http_messages(&token, &room, "m.room.message").await;
+    let bodies: Vec<&Value> = msgs.iter().map(|m| &m["content"]["body"]).collect();
+    assert_eq!(bodies, ["Dtls12", "Dtls13"]);
+    assert!(msgs.iter().all(|m| m["sender"] == "@alice:localhost:8008"));
+
+    // libcoap without a token: 4.01, nothing stored.
+    if let Some(bin) = coap_client_dtls("coap-client-openssl") {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("body.cbor"), cbor(&json!({"body": "no token"}))).unwrap();
+        let uri = format!("coaps://{}{path}", s.coaps);
+        let out = run_in(dir.path(), &bin, &["-m", "post", "-f", "body.cbor", &uri]).await;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("4.01"), "{text}");
+        assert!(text.contains("M_MISSING_TOKEN"), "{text}");
+        assert_eq!(s.http_messages(&token, &room, "m.room.message").await.len(), 2);
+    }
+}
+
+/// `[coap] dtls_cert`/`dtls_key` serve the operator's pair; an MQTT pair
+/// DTLS cannot use (an Ed25519 key) gives way to the generated one; an
+/// explicit pair DTLS cannot use stops the start with a message.
+#[tokio::test]
+async fn operator_certificate_and_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_pair = |name: &str, alg: &'static rcgen::SignatureAlgorithm| {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![format!("{name}.example.org")])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string(), cert.der().to_vec())
+    };
+    let (ecdsa_cert, ecdsa_key, ecdsa_der) = write_pair("ecdsa", &rcgen::PKCS_ECDSA_P384_SHA384);
+    let (ed_cert, ed_key, _) = write_pair("ed25519", &rcgen::PKCS_ED25519);
+
+    // The operator's ECDSA pair.
+    let s = Server::start_with(&[
+        ("WEFT_COAP__DTLS_CERT", &ecdsa_cert),
+        ("WEFT_COAP__DTLS_KEY", &ecdsa_key),
+    ])
+    .await;
+    let c = DtlsClient::connect_cert(s.coaps, Version::Dtls12)
+        .await
+        .expect("handshake");
+    assert_eq!(c.peer_cert, Some(ecdsa_der));
+    drop(s);
+
+    // MQTT's pair is Ed25519: DTLS serves the generated pair instead, and
+    // PSK sessions are unaffected.
+    let s = Server::start_with(&[("WEFT_MQTT__TLS_CERT", &ed_cert), ("WEFT_MQTT__TLS_KEY", &ed_key)]).await;
+    let mut c = DtlsClient::connect_cert(s.coaps, Version::Dtls12)
+        .await
+        .expect("handshake");
+    assert_eq!(c.peer_cert, Some(pem_der(&s.data_dir.join("tls/mqtt.crt"))));
+    let (code, _) = c.call(Request::new(M::Get, "/_matrix/client/versions")).await;
+    assert_eq!(code, R::Content);
+    let (token, _) = s.register("alice").await;
+    let room = s.create_room(&token).await;
+    let (identity, key) = s.mint_psk("alice", "SENSOR1").await;
+    let mut p = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
+        .await
+        .expect("PSK handshake");
+    assert_eq!(p.peer_cert, None);
+    let (code, v) = p
+        .call(Request::new(M::Post, &send_path(&room)).cbor(&json!({"msgtype": "m.text", "body": "psk"})))
+        .await;
+    assert_eq!(code, R::Created, "{v}");
+    drop(s);
+
+    // An explicit Ed25519 pair: no start, and the reason.
+    let data = dir.path().join("data");
+    let spec = ServeSpec::new(weft_bin(), &data, dir.path().join("server.log"))
+        .env("WEFT_COAP__DTLS_CERT", &ed_cert)
+        .env("WEFT_COAP__DTLS_KEY", &ed_key);
+    let mut spec = spec;
+    spec.wait_coaps = true;
+    spec.timeout = Duration::from_secs(20);
+    let err = match ServerProcess::start(spec).await {
+        Ok(_) => panic!("started with an Ed25519 DTLS key"),
+        Err(e) => e,
+    };
+    assert!(err.contains("CoAP over DTLS") && err.contains("ECDSA"), "{err}");
 }
 
 /// A wrong key or an unknown identity fails the handshake: nothing is
@@ -415,20 +616,54 @@ struct DtlsClient {
     timer: Option<Instant>,
     inbox: VecDeque<Vec<u8>>,
     connected: bool,
+    /// The server's certificate (DER), on a certificate session.
+    peer_cert: Option<Vec<u8>>,
     mid: u16,
     token: u32,
 }
 
+/// Which DTLS a certificate-mode client speaks.
+#[derive(Clone, Copy, Debug)]
+enum Version {
+    Dtls12,
+    Dtls13,
+}
+
 impl DtlsClient {
-    /// Handshakes with `server`; `Err` if it does not complete within 4 s.
+    /// Handshakes with `server` with a pre-shared key; `Err` if it does
+    /// not complete within 4 s.
     async fn connect(server: SocketAddr, identity: &str, key: &[u8]) -> Result<DtlsClient, String> {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        sock.connect(server).await.unwrap();
         let config = Config::builder()
             .with_psk_client(identity.as_bytes().to_vec(), Arc::new(FixedKey(key.to_vec())))
             .build()
             .map_err(|e| e.to_string())?;
-        let mut dtls = Dtls::new_12_psk(Arc::new(config), Instant::now());
+        Self::handshake(server, Dtls::new_12_psk(Arc::new(config), Instant::now())).await
+    }
+
+    /// Handshakes with `server` without a pre-shared key: the server's
+    /// certificate suites. The client has a throwaway certificate of its
+    /// own (the engine wants one; the server does not ask for it).
+    async fn connect_cert(server: SocketAddr, version: Version) -> Result<DtlsClient, String> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let own = dimpl::DtlsCertificate {
+            certificate: cert.der().to_vec(),
+            private_key: key.serialize_der(),
+        };
+        let config = Arc::new(Config::default());
+        let dtls = match version {
+            Version::Dtls12 => Dtls::new_12(config, own, Instant::now()),
+            Version::Dtls13 => Dtls::new_13(config, own, Instant::now()),
+        };
+        Self::handshake(server, dtls).await
+    }
+
+    async fn handshake(server: SocketAddr, mut dtls: Dtls) -> Result<DtlsClient, String> {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(server).await.unwrap();
         dtls.set_active(true);
         let mut c = DtlsClient {
             sock,
@@ -436,6 +671,7 @@ impl DtlsClient {
             timer: None,
             inbox: VecDeque::new(),
             connected: false,
+            peer_cert: None,
             mid: 7000,
             token: 1,
         };
@@ -465,6 +701,7 @@ impl DtlsClient {
                     break;
                 }
                 dimpl::Output::Connected => self.connected = true,
+                dimpl::Output::PeerCert(d) => self.peer_cert = Some(d.to_vec()),
                 dimpl::Output::ApplicationData(d) => self.inbox.push_back(d.to_vec()),
                 dimpl::Output::CloseNotify => return Err("closed".into()),
                 _ => {}

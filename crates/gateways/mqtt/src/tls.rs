@@ -1,21 +1,15 @@
-//! TLS for MQTT (`mqtts`): the certificate and key from the config, or a
+//! TLS for MQTT (`mqtts`): the certificate and key from the config, or the
 //! self-signed pair generated on first start into the data directory and
-//! reused afterwards. rustls with the ring provider, chosen explicitly.
+//! reused afterwards (shared with CoAP over DTLS: `weft_services::tls`).
+//! rustls with the ring provider, chosen explicitly.
 
-use std::io::Write;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-/// Where the generated certificate and key go, in the data directory.
-pub const GENERATED_CERT: &str = "tls/mqtt.crt";
-pub const GENERATED_KEY: &str = "tls/mqtt.key";
+pub use weft_services::tls::{GENERATED_CERT, GENERATED_KEY, host_of};
 
 /// A ready TLS acceptor and where its certificate came from.
 pub struct Tls {
@@ -37,39 +31,21 @@ pub fn load_or_generate(
     key: Option<&str>,
     hosts: &[String],
 ) -> Result<Tls, String> {
-    let (cert_path, key_path, generated) = match (cert, key) {
-        (Some(c), Some(k)) => (data_dir.join(c), data_dir.join(k), false),
-        (None, None) => {
-            let c = data_dir.join(GENERATED_CERT);
-            let k = data_dir.join(GENERATED_KEY);
-            let generated = if c.exists() && k.exists() {
-                false
-            } else {
-                generate(&c, &k, hosts)?;
-                true
-            };
-            (c, k, generated)
-        }
-        _ => return Err("[mqtt] needs both tls_cert and tls_key, or neither (then one is generated)".into()),
-    };
-    let acceptor = acceptor(&cert_path, &key_path)?;
+    if cert.is_some() != key.is_some() {
+        return Err("[mqtt] needs both tls_cert and tls_key, or neither (then one is generated)".into());
+    }
+    let files = weft_services::tls::cert_files(data_dir, cert, key, hosts)?;
+    let acceptor = acceptor(&files.cert_path, &files.key_path)?;
     Ok(Tls {
         acceptor,
-        cert_path,
-        generated,
+        cert_path: files.cert_path,
+        generated: files.generated,
     })
 }
 
 /// A TLS acceptor for a PEM certificate chain and private key.
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, String> {
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading the certificate {}: {e}", cert_path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("no certificate in {}", cert_path.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("reading the private key {}: {e}", key_path.display()))?;
+    let (certs, key) = weft_services::tls::read_pem(cert_path, key_path)?;
     let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
@@ -85,77 +61,9 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, String
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The host part of a `host[:port]` server name or listen address.
-pub fn host_of(name: &str) -> String {
-    if let Some(rest) = name.strip_prefix('[') {
-        // [v6]:port
-        return rest.split(']').next().unwrap_or(rest).to_owned();
-    }
-    match name.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => host.to_owned(),
-        _ => name.to_owned(),
-    }
-}
-
-/// Writes a new self-signed certificate and its key (mode 0600).
-fn generate(cert_path: &Path, key_path: &Path, hosts: &[String]) -> Result<(), String> {
-    let mut names: Vec<String> = Vec::new();
-    for h in hosts.iter().map(String::as_str).chain(["localhost", "127.0.0.1"]) {
-        // Wildcard listen addresses name no host.
-        let unspecified = h.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
-        if !h.is_empty() && !unspecified && !names.iter().any(|n| n == h) {
-            names.push(h.to_owned());
-        }
-    }
-    let mut params = rcgen::CertificateParams::new(names).map_err(|e| format!("certificate names: {e}"))?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "weft MQTT (self-signed)");
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| format!("generating a certificate: {e}"))?;
-    if let Some(dir) = cert_path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    write_file(key_path, key.serialize_pem().as_bytes(), true)?;
-    write_file(cert_path, cert.pem().as_bytes(), false)?;
-    Ok(())
-}
-
-/// Writes via a temporary file and a rename, so a crash leaves no half file.
-fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut f = opts.open(&tmp).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_of_strips_ports() {
-        assert_eq!(host_of("localhost:8008"), "localhost");
-        assert_eq!(host_of("example.org"), "example.org");
-        assert_eq!(host_of("127.0.0.1:8883"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:8883"), "::1");
-        assert_eq!(host_of("::1"), "::1");
-    }
 
     #[test]
     fn generates_once_then_reuses() {

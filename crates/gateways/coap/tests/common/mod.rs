@@ -361,28 +361,36 @@ fn first_installed(names: &[&str]) -> Option<String> {
         .map(|n| (*n).to_owned())
 }
 
+/// A missing external tool: a note and `None` locally, a failure under CI
+/// (env `CI` set), where `.ci/run` installs it.
+fn missing(what: &str) -> Option<String> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is not installed, and CI is set: .ci/run installs it (apt-get install libcoap3-bin)");
+    }
+    eprintln!("NOTE: {what} is not installed (apt-get install libcoap3-bin); skipping that part");
+    None
+}
+
 /// A libcoap client built with DTLS (`coap-client-openssl`, or
 /// `coap-client-gnutls`), if installed; `prefer` first.
 pub fn coap_client_dtls(prefer: &str) -> Option<String> {
-    let found = first_installed(&[prefer, "coap-client-openssl", "coap-client-gnutls"]);
-    if found.is_none() {
-        eprintln!(
-            "NOTE: libcoap's coap-client-openssl is not installed (apt-get install libcoap3-bin); skipping that part"
-        );
-    }
-    found
+    first_installed(&[prefer, "coap-client-openssl", "coap-client-gnutls"])
+        .or_else(|| missing("libcoap's coap-client-openssl"))
+}
+
+/// Exactly the libcoap client `name` (e.g. `coap-client-gnutls`), if
+/// installed.
+pub fn coap_client_named(name: &str) -> Option<String> {
+    first_installed(&[name]).or_else(|| missing(&format!("libcoap's {name}")))
 }
 
 /// libcoap's client, if installed.
 pub fn coap_client() -> Option<String> {
-    let found = first_installed(&[
+    first_installed(&[
         "coap-client",
         "coap-client-notls",
         "coap-client-openssl",
         "coap-client-gnutls",
-    ]);
-    if found.is_none() {
-        eprintln!("NOTE: libcoap's coap-client is not installed (apt-get install libcoap3-bin); skipping that part");
-    }
-    found
+    ])
+    .or_else(|| missing("libcoap's coap-client"))
 }
