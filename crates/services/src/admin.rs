@@ -14,7 +14,11 @@ use crate::Services;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminCommand {
     /// Creates a user with a password (and optionally the admin flag).
-    CreateUser { name: String, password: String, admin: bool },
+    CreateUser {
+        name: String,
+        password: String,
+        admin: bool,
+    },
     /// Every user with its flags.
     ListUsers,
     /// Sets a new password.

@@ -146,7 +146,10 @@ impl AdminSocket {
         let path = socket_path(data_dir);
         if std::fs::symlink_metadata(&path).is_ok() {
             if UnixStream::connect(&path).await.is_ok() {
-                bail!("{} answers: another server is running on this data directory", path.display());
+                bail!(
+                    "{} answers: another server is running on this data directory",
+                    path.display()
+                );
             }
             std::fs::remove_file(&path).with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
@@ -183,7 +186,11 @@ async fn accept_loop(listener: UnixListener, services: Arc<Services>, owner: u32
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == owner || cred.uid() == 0 => {}
             Ok(cred) => {
-                tracing::warn!("admin socket {}: refused a peer with uid {}", path.display(), cred.uid());
+                tracing::warn!(
+                    "admin socket {}: refused a peer with uid {}",
+                    path.display(),
+                    cred.uid()
+                );
                 continue;
             }
             Err(e) => {
@@ -296,7 +303,10 @@ async fn via_server(data_dir: &Path, command: &AdminCommand) -> anyhow::Result<O
         .await
         .with_context(|| format!("reading from {}", path.display()))?;
     if line.is_empty() {
-        bail!("the server closed the admin socket {} without an answer", path.display());
+        bail!(
+            "the server closed the admin socket {} without an answer",
+            path.display()
+        );
     }
     let response: AdminResponse =
         serde_json::from_str(&line).with_context(|| format!("bad answer on {}: {line}", path.display()))?;
@@ -339,9 +349,16 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    tracing::debug!("no server running: running {} on the database in {}", command.op(), data_dir.display());
+    tracing::debug!(
+        "no server running: running {} on the database in {}",
+        command.op(),
+        data_dir.display()
+    );
     let services = open()?;
-    services.admin(command).await.map_err(|e| anyhow::anyhow!("{}", e.message))
+    services
+        .admin(command)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
 }
 
 /// Prints an outcome as `weft user …` always has: results on stdout,

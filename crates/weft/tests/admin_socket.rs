@@ -157,7 +157,10 @@ async fn create_token_revoke_psk_go_through_the_socket() {
     assert!(ok, "{out}\n{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].starts_with("identity wpsk_") && lines[1].starts_with("key "), "{out}");
+    assert!(
+        lines[0].starts_with("identity wpsk_") && lines[1].starts_with("key "),
+        "{out}"
+    );
     assert_eq!(socket_runs(&server, "psk"), 1);
 
     let (ok, out, err) = cli(&server, "revoke", &["carol", "PLUG"]).await;
@@ -242,6 +245,8 @@ async fn second_serve_on_the_same_data_dir_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_server_the_cli_opens_the_database_itself() {
     let mut server = TestServer::start().await;
+    // Served a request: its SIGTERM handler is in place.
+    assert_eq!(server.anon().get("/_matrix/client/versions").await.0, 200);
     server.terminate(Duration::from_secs(20)).await.expect("clean exit");
     assert!(!socket_of(&server).exists(), "a clean shutdown removes admin.sock");
 
