@@ -24,10 +24,19 @@ fn server_log(server: &TestServer) -> String {
     std::fs::read_to_string(server.stderr_log_path()).unwrap_or_default()
 }
 
-/// How many times the server logged running `op` over its admin socket.
-fn socket_runs(server: &TestServer, op: &str) -> usize {
+/// How many times the server logged running `op` over its admin socket,
+/// once that count reaches `expected` (the log is copied to its file by
+/// another thread, so the last line may come a moment late) or after 5 s.
+fn socket_runs(server: &TestServer, op: &str, expected: usize) -> usize {
     let needle = format!("admin command {op} over {}", socket_of(server).display());
-    server_log(server).matches(&needle).count()
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = server_log(server).matches(&needle).count();
+        if n >= expected || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs `weft user …` on the server's data directory (off the async runtime).
@@ -106,7 +115,12 @@ async fn deactivate_via_running_server_wakes_sync_of_other_members() {
         waited < Duration::from_secs(10),
         "the long poll ended only after {waited:?}: the server did not publish the new positions"
     );
-    assert_eq!(socket_runs(&server, "deactivate"), 1, "log:\n{}", server_log(&server));
+    assert_eq!(
+        socket_runs(&server, "deactivate", 1),
+        1,
+        "log:\n{}",
+        server_log(&server)
+    );
 
     // Her token is gone and she cannot log in.
     assert_err(&alice.whoami().await, 401, "M_UNKNOWN_TOKEN");
@@ -130,19 +144,19 @@ async fn create_token_revoke_psk_go_through_the_socket() {
     let (ok, out, err) = cli(&server, "create", &["carol", "--password", "carol-password-1"]).await;
     assert!(ok, "{out}\n{err}");
     assert_eq!(out, format!("created {}\n", server.user_id("carol")));
-    assert_eq!(socket_runs(&server, "create_user"), 1);
+    assert_eq!(socket_runs(&server, "create_user", 1), 1);
     // Refusals come back as errors, printed as before.
     let (ok, _, err) = cli(&server, "create", &["carol", "--password", "carol-password-1"]).await;
     assert!(!ok, "a second create of carol must fail");
     assert!(!err.is_empty());
-    assert_eq!(socket_runs(&server, "create_user"), 2);
+    assert_eq!(socket_runs(&server, "create_user", 2), 2);
     assert_eq!(server.login_raw("carol", "carol-password-1").await.0, 200);
 
     let (ok, out, err) = cli(&server, "token", &["carol", "--device-id", "PLUG"]).await;
     assert!(ok, "{out}\n{err}");
     assert_eq!(err.trim(), format!("device PLUG of {}", server.user_id("carol")));
     let token = out.trim().to_owned();
-    assert_eq!(socket_runs(&server, "token"), 1);
+    assert_eq!(socket_runs(&server, "token", 1), 1);
     let plug = server.with_token(&token);
     let (st, who) = plug.whoami().await;
     assert_eq!(st, 200, "{who}");
@@ -151,7 +165,7 @@ async fn create_token_revoke_psk_go_through_the_socket() {
     let (ok, out, _) = cli(&server, "devices", &["carol"]).await;
     assert!(ok);
     assert!(out.lines().any(|l| l.starts_with("PLUG\tweft user token\t")), "{out}");
-    assert_eq!(socket_runs(&server, "devices"), 1);
+    assert_eq!(socket_runs(&server, "devices", 1), 1);
 
     let (ok, out, err) = cli(&server, "psk", &["carol", "--device-id", "PLUG"]).await;
     assert!(ok, "{out}\n{err}");
@@ -161,12 +175,12 @@ async fn create_token_revoke_psk_go_through_the_socket() {
         lines[0].starts_with("identity wpsk_") && lines[1].starts_with("key "),
         "{out}"
     );
-    assert_eq!(socket_runs(&server, "psk"), 1);
+    assert_eq!(socket_runs(&server, "psk", 1), 1);
 
     let (ok, out, err) = cli(&server, "revoke", &["carol", "PLUG"]).await;
     assert!(ok, "{out}\n{err}");
     assert_eq!(out, format!("revoked device PLUG of {}\n", server.user_id("carol")));
-    assert_eq!(socket_runs(&server, "revoke"), 1);
+    assert_eq!(socket_runs(&server, "revoke", 1), 1);
     // Refused at once.
     assert_err(&plug.whoami().await, 401, "M_UNKNOWN_TOKEN");
     let (ok, _, err) = cli(&server, "revoke", &["carol", "PLUG"]).await;
@@ -175,7 +189,7 @@ async fn create_token_revoke_psk_go_through_the_socket() {
 
     let (ok, out, err) = cli(&server, "reset-password", &["carol", "--password", "carol-password-2"]).await;
     assert!(ok, "{out}\n{err}");
-    assert_eq!(socket_runs(&server, "reset_password"), 1);
+    assert_eq!(socket_runs(&server, "reset_password", 1), 1);
     assert_eq!(server.login_raw("carol", "carol-password-2").await.0, 200);
     assert_eq!(server.login_raw("carol", "carol-password-1").await.0, 403);
 }
@@ -222,7 +236,14 @@ async fn second_serve_on_the_same_data_dir_fails_clearly() {
     let alice = server.register("alice").await;
     let data_dir = server.data_dir.clone();
     let out = tokio::task::spawn_blocking(move || {
-        let child = serve_command(&data_dir).spawn().expect("spawn second weft serve");
+        let mut child = serve_command(&data_dir).spawn().expect("spawn second weft serve");
+        // It must give up by itself; one that runs is stopped (and fails
+        // the test below).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
         child.wait_with_output().expect("wait")
     })
     .await
@@ -239,7 +260,7 @@ async fn second_serve_on_the_same_data_dir_fails_clearly() {
     assert!(socket_of(&server).exists());
     let (ok, _, err) = cli(&server, "list", &[]).await;
     assert!(ok, "{err}");
-    assert_eq!(socket_runs(&server, "list_users"), 1);
+    assert_eq!(socket_runs(&server, "list_users", 1), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +277,7 @@ async fn without_a_server_the_cli_opens_the_database_itself() {
     let (ok, out, err) = cli(&server, "token", &["erin", "--device-id", "LAMP"]).await;
     assert!(ok, "{out}\n{err}");
     let token = out.trim().to_owned();
-    assert_eq!(socket_runs(&server, "create_user"), 0);
+    assert_eq!(socket_runs(&server, "create_user", 0), 0);
 
     server.restart().await;
     let (st, who) = server.with_token(&token).whoami().await;
@@ -264,7 +285,7 @@ async fn without_a_server_the_cli_opens_the_database_itself() {
     assert_eq!(server.login_raw("erin", "erin-password-1").await.0, 200);
     let (ok, _, _) = cli(&server, "revoke", &["erin", "LAMP"]).await;
     assert!(ok);
-    assert_eq!(socket_runs(&server, "revoke"), 1);
+    assert_eq!(socket_runs(&server, "revoke", 1), 1);
     assert_err(&server.with_token(&token).whoami().await, 401, "M_UNKNOWN_TOKEN");
 }
 
@@ -281,7 +302,7 @@ async fn a_crashed_servers_socket_is_replaced() {
     let (ok, out, err) = cli(&server, "list", &[]).await;
     assert!(ok, "{err}");
     assert_eq!(out, format!("{}\t\n", server.user_id("fred")));
-    assert_eq!(socket_runs(&server, "list_users"), 1);
+    assert_eq!(socket_runs(&server, "list_users", 1), 1);
     assert_eq!(server.login_raw("fred", "fred-password-1").await.0, 200);
 }
 
