@@ -298,13 +298,7 @@ pub async fn deactivate(
     JsonBody(req): JsonBody<DeactivateRequest>,
 ) -> ApiResult {
     password_uia(&s, &session, req.auth).await?;
-    // Leave every room first, so other members see the account go.
-    for room in s.joined_rooms(&session.user_id).await? {
-        let _ = s
-            .set_membership(&session.user_id, &room, session.user_id.as_str(), "leave", None)
-            .await;
-    }
-    s.accounts.deactivate(&session.user_id).await?;
+    s.deactivate_account(&session.user_id).await?;
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }
 

@@ -5,6 +5,7 @@
 //! Events are written only through `weft-rooms`.
 
 pub mod accounts;
+pub mod admin;
 pub mod content;
 pub mod keys;
 pub mod ratelimit;

@@ -1,5 +1,8 @@
 //! `weft`: the Matrix homeserver and IoT platform binary. `weft serve`
-//! runs the server; `weft user …` administers accounts in a data directory.
+//! runs the server; `weft user …` administers accounts in a data directory
+//! (through the running server's admin socket when there is one).
+
+mod admin;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,6 +175,8 @@ async fn serve(
     started: Instant,
 ) -> anyhow::Result<()> {
     let (mut config, first_run) = prepare(data_dir, config, listen, server_name, true)?;
+    // One server per data directory, for its whole life (see admin.rs).
+    let _lock = admin::lock_for_serve(data_dir).await?;
     let listen_addr = config.listen.clone();
     let server_name = config.server_name.clone();
     let listener = tokio::net::TcpListener::bind(&listen_addr)
@@ -200,6 +205,7 @@ async fn serve(
         None
     };
     let services = open_services(data_dir, config)?;
+    let admin_socket = admin::AdminSocket::start(data_dir, services.clone()).await?;
     let mut app = weft_http::router(services.clone());
     // The MQTT door (TCP, TLS, and WebSocket on this HTTP listener), one
     // broker for all three, sharing the same services.
@@ -228,6 +234,7 @@ async fn serve(
     }
     println!("weft: server name {server_name}, data in {}", data_dir.display());
     println!("weft listening on http://{addr}");
+    println!("weft: admin socket {}", admin_socket.path().display());
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));
@@ -284,6 +291,8 @@ async fn serve(
     if let Some(mqtt) = &mqtt {
         mqtt.shutdown(std::time::Duration::from_secs(5)).await;
     }
+    // Removes the socket file; the lock goes with the process.
+    drop(admin_socket);
     served?;
     Ok(())
 }
@@ -336,89 +345,22 @@ async fn serve_mqtt(
 }
 
 async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> anyhow::Result<()> {
-    let (config, _) = prepare(data_dir, config, None, None, true)?;
-    let s = open_services(data_dir, config)?;
-    let err = |e: weft_core::Error| anyhow::anyhow!("{}", e.message);
-    match cmd {
-        UserCommand::Create { name, password, admin } => {
-            let user_id = s
-                .accounts
-                .create_user(&name, Some(&password), admin)
-                .await
-                .map_err(err)?;
-            println!("created {user_id}");
-        }
-        UserCommand::List => {
-            for u in s.store.list_users().await.map_err(err)? {
-                let flags = [(u.admin, "admin"), (u.deactivated, "deactivated")]
-                    .iter()
-                    .filter(|(on, _)| *on)
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                println!("{}\t{}", u.user_id, flags);
-            }
-        }
-        UserCommand::ResetPassword { name, password } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
-                bail!("no such user {user_id}");
-            }
-            s.accounts.set_password(&user_id, &password).await.map_err(err)?;
-            println!("password changed for {user_id}");
-        }
-        UserCommand::Deactivate { name } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
-                bail!("no such user {user_id}");
-            }
-            s.accounts.deactivate(&user_id).await.map_err(err)?;
-            println!("deactivated {user_id}");
-        }
-        UserCommand::Token { name, device_id } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            match s.store.get_user(user_id.as_str()).await.map_err(err)? {
-                Some(u) if !u.deactivated => {}
-                _ => bail!("no such active user {user_id}"),
-            }
-            let login = s
-                .accounts
-                .new_device(&user_id, device_id.as_deref(), Some("weft user token"))
-                .await
-                .map_err(err)?;
-            println!("{}", login.access_token);
-            eprintln!("device {} of {}", login.device_id, login.user_id);
-        }
-        UserCommand::Devices { name } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            if s.store.get_user(user_id.as_str()).await.map_err(err)?.is_none() {
-                bail!("no such user {user_id}");
-            }
-            for d in s.store.list_devices(user_id.as_str()).await.map_err(err)? {
-                let seen = d.last_seen_ms.map(|ms| ms.to_string()).unwrap_or_else(|| "-".into());
-                println!("{}\t{}\t{}", d.device_id, d.display_name.unwrap_or_default(), seen);
-            }
-        }
-        UserCommand::Revoke { name, device_id } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            let devices = s.store.list_devices(user_id.as_str()).await.map_err(err)?;
-            if !devices.iter().any(|d| d.device_id == device_id) {
-                bail!("{user_id} has no device {device_id}");
-            }
-            s.store.delete_device(user_id.as_str(), &device_id).await.map_err(err)?;
-            println!("revoked device {device_id} of {user_id}");
-        }
-        UserCommand::Psk { name, device_id } => {
-            let user_id = s.accounts.user_id_for(&name).map_err(err)?;
-            match s.store.get_user(user_id.as_str()).await.map_err(err)? {
-                Some(u) if !u.deactivated => {}
-                _ => bail!("no such active user {user_id}"),
-            }
-            let grant = s.accounts.mint_psk(&user_id, device_id.as_deref()).await.map_err(err)?;
-            println!("identity {}", grant.identity);
-            println!("key {}", grant.key);
-            eprintln!("device {} of {}", grant.device_id, grant.user_id);
-        }
-    }
+    use weft_services::admin::AdminCommand;
+    let command = match cmd {
+        UserCommand::Create { name, password, admin } => AdminCommand::CreateUser { name, password, admin },
+        UserCommand::List => AdminCommand::ListUsers,
+        UserCommand::ResetPassword { name, password } => AdminCommand::ResetPassword { name, password },
+        UserCommand::Deactivate { name } => AdminCommand::Deactivate { name },
+        UserCommand::Token { name, device_id } => AdminCommand::Token { name, device_id },
+        UserCommand::Devices { name } => AdminCommand::Devices { name },
+        UserCommand::Revoke { name, device_id } => AdminCommand::Revoke { name, device_id },
+        UserCommand::Psk { name, device_id } => AdminCommand::Psk { name, device_id },
+    };
+    let outcome = admin::run(data_dir, command, || {
+        let (config, _) = prepare(data_dir, config, None, None, true)?;
+        open_services(data_dir, config)
+    })
+    .await?;
+    admin::print(&outcome);
     Ok(())
 }

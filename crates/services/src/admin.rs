@@ -1,0 +1,228 @@
+//! The operator's account administration (`weft user …`): one function per
+//! command, called both by the running server's admin socket and, when no
+//! server runs, by the CLI on the database directly, so both behave alike.
+//! The commands and their outcomes are serde types: the admin socket sends
+//! them as they are.
+
+use serde::{Deserialize, Serialize};
+use weft_core::{Error, Result};
+
+use crate::Services;
+
+/// One admin command. `name` is a localpart or a full user ID on this server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminCommand {
+    /// Creates a user with a password (and optionally the admin flag).
+    CreateUser {
+        name: String,
+        password: String,
+        admin: bool,
+    },
+    /// Every user with its flags.
+    ListUsers,
+    /// Sets a new password.
+    ResetPassword { name: String, password: String },
+    /// Leaves every room (so other members see the account go), then
+    /// deactivates: no more logins, every device logged out.
+    Deactivate { name: String },
+    /// A fresh access token for a new (or the named) device.
+    Token { name: String, device_id: Option<String> },
+    /// A user's devices.
+    Devices { name: String },
+    /// Deletes one device: its token and key stop working at once.
+    Revoke { name: String, device_id: String },
+    /// A fresh DTLS pre-shared key for a new (or the named) device.
+    Psk { name: String, device_id: Option<String> },
+}
+
+/// A user as `weft user list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminUser {
+    pub user_id: String,
+    pub admin: bool,
+    pub deactivated: bool,
+}
+
+/// A device as `weft user devices` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminDevice {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ms: Option<u64>,
+}
+
+/// What an [`AdminCommand`] did, one variant per command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AdminOutcome {
+    Created {
+        user_id: String,
+    },
+    Users {
+        users: Vec<AdminUser>,
+    },
+    PasswordChanged {
+        user_id: String,
+    },
+    Deactivated {
+        user_id: String,
+    },
+    Token {
+        user_id: String,
+        device_id: String,
+        access_token: String,
+    },
+    Devices {
+        user_id: String,
+        devices: Vec<AdminDevice>,
+    },
+    Revoked {
+        user_id: String,
+        device_id: String,
+    },
+    Psk {
+        user_id: String,
+        device_id: String,
+        identity: String,
+        key: String,
+    },
+}
+
+impl AdminCommand {
+    /// The command's name (for logs: never its arguments, which may hold a
+    /// password).
+    pub fn op(&self) -> &'static str {
+        match self {
+            AdminCommand::CreateUser { .. } => "create_user",
+            AdminCommand::ListUsers => "list_users",
+            AdminCommand::ResetPassword { .. } => "reset_password",
+            AdminCommand::Deactivate { .. } => "deactivate",
+            AdminCommand::Token { .. } => "token",
+            AdminCommand::Devices { .. } => "devices",
+            AdminCommand::Revoke { .. } => "revoke",
+            AdminCommand::Psk { .. } => "psk",
+        }
+    }
+}
+
+impl Services {
+    /// Runs one admin command. The caller is the operator (authorized by
+    /// access to the data directory), so there is no further check.
+    pub async fn admin(&self, command: AdminCommand) -> Result<AdminOutcome> {
+        match command {
+            AdminCommand::CreateUser { name, password, admin } => {
+                let user_id = self.accounts.create_user(&name, Some(&password), admin).await?;
+                Ok(AdminOutcome::Created {
+                    user_id: user_id.to_string(),
+                })
+            }
+            AdminCommand::ListUsers => {
+                let users = self
+                    .store
+                    .list_users()
+                    .await?
+                    .into_iter()
+                    .map(|u| AdminUser {
+                        user_id: u.user_id,
+                        admin: u.admin,
+                        deactivated: u.deactivated,
+                    })
+                    .collect();
+                Ok(AdminOutcome::Users { users })
+            }
+            AdminCommand::ResetPassword { name, password } => {
+                let user_id = self.existing_user(&name, false).await?;
+                self.accounts.set_password(&user_id, &password).await?;
+                Ok(AdminOutcome::PasswordChanged {
+                    user_id: user_id.to_string(),
+                })
+            }
+            AdminCommand::Deactivate { name } => {
+                let user_id = self.existing_user(&name, false).await?;
+                self.deactivate_account(&user_id).await?;
+                Ok(AdminOutcome::Deactivated {
+                    user_id: user_id.to_string(),
+                })
+            }
+            AdminCommand::Token { name, device_id } => {
+                let user_id = self.existing_user(&name, true).await?;
+                let login = self
+                    .accounts
+                    .new_device(&user_id, device_id.as_deref(), Some("weft user token"))
+                    .await?;
+                Ok(AdminOutcome::Token {
+                    user_id: login.user_id.to_string(),
+                    device_id: login.device_id,
+                    access_token: login.access_token,
+                })
+            }
+            AdminCommand::Devices { name } => {
+                let user_id = self.existing_user(&name, false).await?;
+                let devices = self
+                    .store
+                    .list_devices(user_id.as_str())
+                    .await?
+                    .into_iter()
+                    .map(|d| AdminDevice {
+                        device_id: d.device_id,
+                        display_name: d.display_name,
+                        last_seen_ms: d.last_seen_ms,
+                    })
+                    .collect();
+                Ok(AdminOutcome::Devices {
+                    user_id: user_id.to_string(),
+                    devices,
+                })
+            }
+            AdminCommand::Revoke { name, device_id } => {
+                let user_id = self.accounts.user_id_for(&name)?;
+                let devices = self.store.list_devices(user_id.as_str()).await?;
+                if !devices.iter().any(|d| d.device_id == device_id) {
+                    return Err(Error::not_found(format!("{user_id} has no device {device_id}")));
+                }
+                self.store.delete_device(user_id.as_str(), &device_id).await?;
+                Ok(AdminOutcome::Revoked {
+                    user_id: user_id.to_string(),
+                    device_id,
+                })
+            }
+            AdminCommand::Psk { name, device_id } => {
+                let user_id = self.existing_user(&name, true).await?;
+                let grant = self.accounts.mint_psk(&user_id, device_id.as_deref()).await?;
+                Ok(AdminOutcome::Psk {
+                    user_id: grant.user_id.to_string(),
+                    device_id: grant.device_id,
+                    identity: grant.identity,
+                    key: grant.key,
+                })
+            }
+        }
+    }
+
+    /// The user ID for `name` if that user exists (and, with `active`, is
+    /// not deactivated).
+    async fn existing_user(&self, name: &str, active: bool) -> Result<ruma::OwnedUserId> {
+        let user_id = self.accounts.user_id_for(name)?;
+        match self.store.get_user(user_id.as_str()).await? {
+            Some(u) if !(active && u.deactivated) => Ok(user_id),
+            _ if active => Err(Error::not_found(format!("no such active user {user_id}"))),
+            _ => Err(Error::not_found(format!("no such user {user_id}"))),
+        }
+    }
+
+    /// Deactivates an account: leaves every room first, so other members
+    /// see the account go, then logs out every device and refuses logins.
+    /// The same for `POST /account/deactivate` and `weft user deactivate`.
+    pub async fn deactivate_account(&self, user_id: &ruma::UserId) -> Result<()> {
+        for room in self.joined_rooms(user_id).await? {
+            if let Err(e) = self
+                .set_membership(user_id, &room, user_id.as_str(), "leave", None)
+                .await
+            {
+                tracing::warn!(%user_id, %room, "deactivation could not leave the room: {}", e.message);
+            }
+        }
+        self.accounts.deactivate(user_id).await
+    }
+}
