@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod content;
 pub mod keys;
 pub mod ratelimit;
+pub mod revocation;
 pub mod room_ops;
 pub mod stream;
 pub mod sync;

@@ -394,7 +394,7 @@ async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> any
             if !devices.iter().any(|d| d.device_id == device_id) {
                 bail!("{user_id} has no device {device_id}");
             }
-            s.store.delete_device(user_id.as_str(), &device_id).await.map_err(err)?;
+            s.accounts.revoke_device(&user_id, &device_id).await.map_err(err)?;
             println!("revoked device {device_id} of {user_id}");
         }
         UserCommand::Psk { name, device_id } => {

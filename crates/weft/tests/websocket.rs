@@ -342,3 +342,101 @@ async fn ws_oversized_frame_ends_the_connection() {
     let r = call(&mut ws, json!(2), "GET", "/_matrix/client/v3/joined_rooms", None).await;
     assert_eq!(r["body"]["joined_rooms"], json!([]), "{r}");
 }
+
+/// Reads until a close frame; panics on an end without one, and (if
+/// `strict`) on a sync frame with content. Returns the close code.
+async fn close_code(ws: &mut Ws, strict: bool) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert!(
+                    !strict || v["body"]["rooms"].is_null(),
+                    "delivered after revocation: {v}"
+                );
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A socket whose token is revoked by this server (logout, a password
+/// change logging out the other devices, deactivation) is closed at once
+/// with 1008, its sync loop delivering nothing more; one revoked by
+/// another process (`weft user revoke`) gets nothing more either: its sync
+/// loop ends with M_UNKNOWN_TOKEN and the socket is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_revoked_token_closes_the_socket_and_stops_sync() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+
+    // Logout (token given on the upgrade), sync loop running.
+    let dev = server.login("alice", &alice.password).await;
+    let mut ws = connect(&server, Some(&dev.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 1})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (st, v) = dev.post("logout", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    alice.send_text(&room, "t1", "after logout").await;
+    assert_eq!(close_code(&mut ws, true).await, 1008);
+
+    // Password change with logout (token given in an auth frame).
+    let dev = server.login("alice", &alice.password).await;
+    let mut ws = connect(&server, None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "auth", "id": 1, "access_token": dev.access_token}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["status"], 200);
+    let new_password = "another-long-password-for-alice";
+    let (st, v) = alice
+        .post(
+            "account/password",
+            json!({
+                "new_password": new_password,
+                "logout_devices": true,
+                "auth": {"type": "m.login.password", "user": "alice", "password": alice.password},
+            }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(close_code(&mut ws, true).await, 1008);
+
+    // Another process revokes the device: nothing more is delivered.
+    let dev = server.login("alice", new_password).await;
+    let mut ws = connect(&server, Some(&dev.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 2})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (ok, out, err) = server.cli("user", "revoke", &["alice", &dev.device_id]);
+    assert!(ok, "{out}{err}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    alice.send_text(&room, "t2", "after revoke").await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["status"].as_u64()),
+        (Some("sync"), Some(401)),
+        "{f}"
+    );
+    assert_eq!(f["body"]["errcode"], "M_UNKNOWN_TOKEN", "{f}");
+    // Finding out there closes the socket too.
+    assert_eq!(close_code(&mut ws, true).await, 1008);
+
+    // Deactivation.
+    let alice2 = server.login("alice", new_password).await;
+    let mut ws = connect(&server, Some(&alice2.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 4})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (st, v) = alice2
+        .post(
+            "account/deactivate",
+            json!({"auth": {"type": "m.login.password", "user": "alice", "password": new_password}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // (Leaving its rooms comes first, and may be delivered.)
+    assert_eq!(close_code(&mut ws, false).await, 1008);
+}
