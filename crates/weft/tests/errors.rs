@@ -711,7 +711,7 @@ async fn bad_event_types_and_state_keys_are_refused() {
     alice.send(&room, "org.x+y#z/w", "ok", json!({})).await;
     let (st, body) = alice
         .put(
-            &format!("rooms/{}/state/org.weft.ok/{}", enc(&room), enc("@a:b/+#")),
+            &format!("rooms/{}/state/org.weft.ok/{}", enc(&room), enc("k:1/+#")),
             json!({"v": 1}),
         )
         .await;

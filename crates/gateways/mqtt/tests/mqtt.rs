@@ -996,11 +996,11 @@ async fn odd_types_and_state_keys_get_legal_topics() {
 
     // Allowed, and escaped on the way out.
     alice.send(&room, "org.x+y#z/w", "t2", json!({"n": 1})).await;
-    alice.put_state(&room, "org.weft.k", "@a:b/+#%", json!({"n": 2})).await;
+    alice.put_state(&room, "org.weft.k", "k:1/+#%", json!({"n": 2})).await;
     // Published back to the escaped topic: the same state key.
     m.client
         .publish(
-            format!("weft/r/{room}/s/org.weft.k/@a:b/%2B%23%25"),
+            format!("weft/r/{room}/s/org.weft.k/k:1/%2B%23%25"),
             v5::mqttbytes::QoS::AtLeastOnce,
             false,
             "{\"n\": 3}",
@@ -1025,13 +1025,13 @@ async fn odd_types_and_state_keys_get_legal_topics() {
         vec![
             (format!("{r}/e/org.x%2By%23z%2Fw"), json!(1)),
             (format!("{r}/e/org.weft.k"), json!(2)),
-            (format!("{r}/s/org.weft.k/@a:b/%2B%23%25"), json!(2)),
+            (format!("{r}/s/org.weft.k/k:1/%2B%23%25"), json!(2)),
             (format!("{r}/e/org.weft.k"), json!(3)),
-            (format!("{r}/s/org.weft.k/@a:b/%2B%23%25"), json!(3)),
+            (format!("{r}/s/org.weft.k/k:1/%2B%23%25"), json!(3)),
             (format!("{r}/e/org.weft.after"), json!(4)),
         ]
     );
-    let (st, v) = alice.state(&room, "org.weft.k", "@a:b/+#%").await;
+    let (st, v) = alice.state(&room, "org.weft.k", "k:1/+#%").await;
     assert_eq!((st, v), (200, json!({"n": 3})));
 }
 
@@ -1069,7 +1069,7 @@ async fn mosquitto_sub_survives_odd_types_and_state_keys() {
     // Let it subscribe (nothing retained on e/ topics to wait for).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     alice.send(&room, "org.x+y#z/w", "t1", json!({"n": 1})).await;
-    alice.put_state(&room, "org.x+#", "@a:b/+#", json!({"n": 2})).await;
+    alice.put_state(&room, "org.x+#", "k:1/+#", json!({"n": 2})).await;
     alice.send(&room, "org.weft.after", "t3", json!({"n": 3})).await;
     let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
         .await
