@@ -132,18 +132,31 @@ impl Conn {
             let mut close_rx = close_rx;
             loop {
                 tokio::select! {
+                    // Frames queued before the close go out first (say, a
+                    // sync loop's error frame saying why).
+                    biased;
+                    sent = async {
+                        match rx.recv().await {
+                            Some(m) => Some(sink.send(m).await.is_ok()),
+                            None => None,
+                        }
+                    } => match sent {
+                        Some(true) => {}
+                        Some(false) => break,
+                        // Every sender gone: the close frame, if one comes.
+                        None => {
+                            if let Ok(frame) = (&mut close_rx).await {
+                                let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
+                            }
+                            break;
+                        }
+                    },
                     frame = &mut close_rx => {
                         if let Ok(frame) = frame {
                             let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
                         }
                         break;
                     }
-                    sent = async {
-                        match rx.recv().await {
-                            Some(m) => sink.send(m).await.is_ok(),
-                            None => false,
-                        }
-                    } => if !sent { break },
                 }
             }
         });
