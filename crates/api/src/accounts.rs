@@ -279,8 +279,8 @@ pub async fn change_password(
     password_uia(&s, &session, req.auth).await?;
     s.accounts.set_password(&session.user_id, &req.new_password).await?;
     if req.logout_devices {
-        s.store
-            .delete_devices_except(session.user_id.as_str(), Some(&session.device_id))
+        s.accounts
+            .logout_all_except(&session.user_id, Some(&session.device_id))
             .await?;
     }
     Ok(Json(json!({})))

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use weft_core::{Error, ErrorKind};
+use weft_services::revocation::SessionWatch;
 use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
 
@@ -61,11 +62,14 @@ pub async fn upgrade(services: Arc<Services>, dispatch: Router, req: Request) ->
     }
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let limit = services.config.limits.max_body_bytes;
+    let auth = session.zip(token);
+    let watch = auth.as_ref().map(|(s, t)| services.watch_session(s, t));
     let conn = Conn {
         services,
         dispatch,
         peer,
-        auth: session.zip(token),
+        auth,
+        watch,
     };
     ws.max_message_size(limit)
         .max_frame_size(limit)
@@ -78,6 +82,9 @@ struct Conn {
     peer: Option<ConnectInfo<SocketAddr>>,
     /// The authenticated session and its access token.
     auth: Option<(Session, String)>,
+    /// Whether that token still holds: once revoked the connection closes
+    /// (1008) and its sync loop stops.
+    watch: Option<Arc<SessionWatch>>,
 }
 
 /// The sending half shared by the request tasks and the sync loop.
@@ -125,18 +132,31 @@ impl Conn {
             let mut close_rx = close_rx;
             loop {
                 tokio::select! {
+                    // Frames queued before the close go out first (say, a
+                    // sync loop's error frame saying why).
+                    biased;
+                    sent = async {
+                        match rx.recv().await {
+                            Some(m) => Some(sink.send(m).await.is_ok()),
+                            None => None,
+                        }
+                    } => match sent {
+                        Some(true) => {}
+                        Some(false) => break,
+                        // Every sender gone: the close frame, if one comes.
+                        None => {
+                            if let Ok(frame) = (&mut close_rx).await {
+                                let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
+                            }
+                            break;
+                        }
+                    },
                     frame = &mut close_rx => {
                         if let Ok(frame) = frame {
                             let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
                         }
                         break;
                     }
-                    sent = async {
-                        match rx.recv().await {
-                            Some(m) => sink.send(m).await.is_ok(),
-                            None => false,
-                        }
-                    } => if !sent { break },
                 }
             }
         });
@@ -145,7 +165,17 @@ impl Conn {
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         let mut last_seen = Instant::now();
         let close: Option<CloseFrame> = loop {
+            let watch = self.watch.clone();
+            let revoked = async {
+                match &watch {
+                    Some(w) => w.revoked().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = revoked => {
+                    break Some(CloseFrame { code: 1008, reason: "access token revoked".into() });
+                }
                 _ = overflow.notified() => {
                     break Some(CloseFrame { code: 1008, reason: "slow consumer: outgoing queue full".into() });
                 }
@@ -278,6 +308,7 @@ impl Conn {
         match self.services.accounts.authenticate(token).await {
             Ok(session) => {
                 let body = json!({ "user_id": session.user_id, "device_id": session.device_id });
+                self.watch = Some(self.services.watch_session(&session, token));
                 self.auth = Some((session, token.to_owned()));
                 out.send(json!({ "type": "auth", "id": id, "status": 200, "body": body }));
             }
@@ -296,7 +327,7 @@ impl Conn {
             f["type"] = "sync".into();
             out.send(f);
         };
-        let Some((session, _)) = self.auth.clone() else {
+        let (Some((session, _)), Some(watch)) = (self.auth.clone(), self.watch.clone()) else {
             return fail(Error::new(ErrorKind::MissingToken, "Missing access token"));
         };
         if sync_loop.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -329,6 +360,11 @@ impl Conn {
                     filter: filter.clone(),
                 };
                 let resp = match services.sync(&session, req).await {
+                    // Nothing more reaches a revoked token.
+                    Ok(r) => watch.check().await.map(|()| r),
+                    Err(e) => Err(e),
+                };
+                let resp = match resp {
                     Ok(r) => r,
                     Err(e) => {
                         let mut f = error_frame(id.clone(), e);

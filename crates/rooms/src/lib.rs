@@ -368,7 +368,11 @@ impl Rooms {
         }
 
         ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &*self.key, &mut obj, &rules.redaction)
-            .map_err(Error::internal)?;
+            .map_err(|e| match e {
+                // Content that fits on its own, but not with the envelope.
+                ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
+                other => Error::internal(other),
+            })?;
         ruma::state_res::check_pdu_format(&obj, &rules.event_format).map_err(|e| {
             if e.contains("larger than") {
                 Error::new(ErrorKind::TooLarge, "Event is too large")

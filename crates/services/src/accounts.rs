@@ -45,6 +45,10 @@ pub struct Accounts {
     registration: RegistrationConfig,
     /// User-interactive auth sessions: session id -> completed stages.
     uia: Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>,
+    /// Bumped by every revocation this process makes (logout, device
+    /// deletion, deactivation), so open connections re-check at once
+    /// (see [`crate::revocation::SessionWatch`]).
+    pub(crate) revocations: tokio::sync::watch::Sender<u64>,
 }
 
 pub fn random_string(len: usize) -> String {
@@ -112,7 +116,13 @@ impl Accounts {
             server_name,
             registration,
             uia: Mutex::new(HashMap::new()),
+            revocations: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Tells open connections that credentials may have been revoked.
+    fn revoked(&self) {
+        self.revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn registration_mode(&self) -> RegistrationMode {
@@ -295,17 +305,32 @@ impl Accounts {
     }
 
     pub async fn logout(&self, session: &Session) -> Result<()> {
-        self.store
-            .delete_device(session.user_id.as_str(), &session.device_id)
-            .await
+        self.revoke_device(&session.user_id, &session.device_id).await
+    }
+
+    /// Deletes a device: its token, keys and queued messages. Open
+    /// connections of it end.
+    pub async fn revoke_device(&self, user_id: &UserId, device_id: &str) -> Result<()> {
+        let r = self.store.delete_device(user_id.as_str(), device_id).await;
+        self.revoked();
+        r
     }
 
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
-        self.store.delete_devices_except(user_id.as_str(), None).await
+        self.logout_all_except(user_id, None).await
+    }
+
+    /// Deletes every device of the user but `keep` (if given).
+    pub async fn logout_all_except(&self, user_id: &UserId, keep: Option<&str>) -> Result<()> {
+        let r = self.store.delete_devices_except(user_id.as_str(), keep).await;
+        self.revoked();
+        r
     }
 
     pub async fn deactivate(&self, user_id: &UserId) -> Result<()> {
-        self.store.deactivate_user(user_id.as_str()).await
+        let r = self.store.deactivate_user(user_id.as_str()).await;
+        self.revoked();
+        r
     }
 
     // ---- user-interactive auth ----

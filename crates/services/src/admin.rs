@@ -181,7 +181,7 @@ impl Services {
                 if !devices.iter().any(|d| d.device_id == device_id) {
                     return Err(Error::not_found(format!("{user_id} has no device {device_id}")));
                 }
-                self.store.delete_device(user_id.as_str(), &device_id).await?;
+                self.accounts.revoke_device(&user_id, &device_id).await?;
                 Ok(AdminOutcome::Revoked {
                     user_id: user_id.to_string(),
                     device_id,

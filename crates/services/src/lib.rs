@@ -9,6 +9,7 @@ pub mod admin;
 pub mod content;
 pub mod keys;
 pub mod ratelimit;
+pub mod revocation;
 pub mod room_ops;
 pub mod stream;
 pub mod sync;

@@ -693,13 +693,15 @@ fn event_spec(
     txn_id: Option<&str>,
     content: Value,
 ) -> Result<EventSpec> {
-    if event_type.is_empty() || event_type.len() > 255 {
-        return Err(Error::invalid_param("Invalid event type"));
+    check_event_type(event_type)?;
+    if let Some(key) = state_key {
+        check_state_key(key)?;
     }
     if matches!(event_type, "m.room.create") {
         return Err(Error::forbidden("Cannot send m.room.create"));
     }
     let mut content = canonical_object(content)?;
+    check_content_size(&content)?;
     let mut redacts = None;
     if event_type == "m.room.redaction" {
         let target = content.get("redacts").and_then(|v| v.as_str()).map(str::to_owned);
@@ -716,4 +718,59 @@ fn event_spec(
         redacts,
         txn: txn_id.map(|t| (session.device_id.clone(), t.to_owned())),
     })
+}
+
+/// Largest event the spec allows, as a PDU (signatures and all).
+pub const MAX_PDU_BYTES: usize = 65_535;
+/// Longest event type and state key the spec allows, in bytes.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// An event type a client may send: 1 to 255 bytes (the spec's size
+/// limit) without control characters (U+0000 to U+001F, U+007F to U+009F).
+/// The spec gives event types no stricter grammar (its namespaced
+/// identifier grammar is for new identifiers only, and existing types use
+/// capitals, `-` and more), so nothing else is refused; the doors that put
+/// types into names of their own (MQTT topics) escape the rest.
+pub fn check_event_type(event_type: &str) -> Result<()> {
+    if event_type.is_empty() || event_type.len() > MAX_ID_BYTES {
+        return Err(Error::invalid_param("Event type must be 1 to 255 bytes"));
+    }
+    if event_type.chars().any(char::is_control) {
+        return Err(Error::invalid_param("Event type must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A state key a client may send: at most 255 bytes (the spec's size
+/// limit), without control characters.
+pub fn check_state_key(state_key: &str) -> Result<()> {
+    if state_key.len() > MAX_ID_BYTES {
+        return Err(Error::invalid_param("State key must be at most 255 bytes"));
+    }
+    if state_key.chars().any(char::is_control) {
+        return Err(Error::invalid_param("State key must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Content that alone exceeds the PDU size limit is refused before it
+/// reaches the room (`M_TOO_LARGE`); content that fits alone but not in
+/// the whole event is refused the same way when the event is built.
+fn check_content_size(content: &CanonicalJsonObject) -> Result<()> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, content).map_err(Error::internal)?;
+    if n.0 > MAX_PDU_BYTES {
+        return Err(Error::new(ErrorKind::TooLarge, "Event is too large"));
+    }
+    Ok(())
 }

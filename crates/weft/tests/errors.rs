@@ -643,3 +643,77 @@ async fn registration_token_mode() {
     let (st, r) = server.login_raw("alice", "a-good-long-password").await;
     assert_eq!(st, 200, "{r}");
 }
+
+/// An event over the spec's 64 KiB PDU limit is `413 M_TOO_LARGE`, not a
+/// 500, whether its content alone is too large or only the whole PDU is;
+/// as a message and as state; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_64k_are_413_too_large() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let before = alice.all_messages(&room).await.len();
+    // 65 KiB of content; and content of 65 300 bytes, under the limit
+    // alone but over it once the envelope and signature are added.
+    for (i, n) in [65 * 1024, 65_300].into_iter().enumerate() {
+        let content = json!({"msgtype": "m.text", "body": "x".repeat(n)});
+        let got = alice
+            .send_raw(&room, "m.room.message", &format!("big{i}"), content.clone())
+            .await;
+        assert_err(&got, 413, "M_TOO_LARGE");
+        let got = alice
+            .put(&format!("rooms/{}/state/org.weft.big/k{i}", enc(&room)), content)
+            .await;
+        assert_err(&got, 413, "M_TOO_LARGE");
+        let got = alice
+            .get(&format!("rooms/{}/state/org.weft.big/k{i}", enc(&room)))
+            .await;
+        assert_err(&got, 404, "M_NOT_FOUND");
+    }
+    assert_eq!(alice.all_messages(&room).await.len(), before, "nothing stored");
+    // Just under the limit still goes through.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            "fits",
+            json!({"msgtype": "m.text", "body": "y".repeat(60_000)}),
+        )
+        .await;
+}
+
+/// Event types and state keys the spec's size limits or common sense
+/// forbid (control characters, NUL) are refused with 400 M_INVALID_PARAM;
+/// `+`, `#` and `/` are allowed (the spec does not forbid them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_event_types_and_state_keys_are_refused() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let before = alice.all_messages(&room).await.len();
+    let long = "t".repeat(256);
+    for (i, t) in ["org.x\u{0}y", "org.x\ny", "a\u{7f}", "b\u{85}", long.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let got = alice.send_raw(&room, t, &format!("bad{i}"), json!({})).await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+        let got = alice
+            .put(&format!("rooms/{}/state/{}/k", enc(&room), enc(t)), json!({}))
+            .await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+        let got = alice
+            .put(&format!("rooms/{}/state/org.weft.ok/{}", enc(&room), enc(t)), json!({}))
+            .await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+    }
+    assert_eq!(alice.all_messages(&room).await.len(), before, "nothing stored");
+    alice.send(&room, "org.x+y#z/w", "ok", json!({})).await;
+    let (st, body) = alice
+        .put(
+            &format!("rooms/{}/state/org.weft.ok/{}", enc(&room), enc("k:1/+#")),
+            json!({"v": 1}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+}

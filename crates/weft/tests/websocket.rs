@@ -189,13 +189,11 @@ async fn ws_auth_header_query_and_frame() {
         other => panic!("expected HTTP 401, got {other:?}"),
     }
 
-    // Logging out the token makes later requests on the socket fail.
+    // Logging out the token closes the socket (1008).
     let mut ws = connect(&server, Some(&alice.access_token)).await;
     let (status, _) = alice.post("logout", json!({})).await;
     assert_eq!(status, 200);
-    let r = call(&mut ws, json!(1), "GET", "/_matrix/client/v3/account/whoami", None).await;
-    assert_eq!(r["status"], 401, "{r}");
-    assert_eq!(r["body"]["errcode"], "M_UNKNOWN_TOKEN");
+    assert_eq!(close_code(&mut ws, true).await, 1008);
 }
 
 #[tokio::test]
@@ -341,4 +339,121 @@ async fn ws_oversized_frame_ends_the_connection() {
     let mut ws = connect(&server, Some(&alice.access_token)).await;
     let r = call(&mut ws, json!(2), "GET", "/_matrix/client/v3/joined_rooms", None).await;
     assert_eq!(r["body"]["joined_rooms"], json!([]), "{r}");
+}
+
+/// Reads until a close frame; panics on an end without one, and (if
+/// `strict`) on a sync frame with content. Returns the close code.
+async fn close_code(ws: &mut Ws, strict: bool) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => return u16::from(f.code),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert!(
+                    !strict || v["body"]["rooms"].is_null(),
+                    "delivered after revocation: {v}"
+                );
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A socket whose token is revoked by this server (logout, a password
+/// change logging out the other devices, deactivation) is closed at once
+/// with 1008, its sync loop delivering nothing more; one revoked by
+/// another process (`weft user revoke`) gets nothing more either: its sync
+/// loop ends with M_UNKNOWN_TOKEN and the socket is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_revoked_token_closes_the_socket_and_stops_sync() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+
+    // Logout (token given on the upgrade), sync loop running.
+    let dev = server.login("alice", &alice.password).await;
+    let mut ws = connect(&server, Some(&dev.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 1})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (st, v) = dev.post("logout", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    alice.send_text(&room, "t1", "after logout").await;
+    assert_eq!(close_code(&mut ws, true).await, 1008);
+
+    // Password change with logout (token given in an auth frame).
+    let dev = server.login("alice", &alice.password).await;
+    let mut ws = connect(&server, None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "auth", "id": 1, "access_token": dev.access_token}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["status"], 200);
+    let new_password = "another-long-password-for-alice";
+    let (st, v) = alice
+        .post(
+            "account/password",
+            json!({
+                "new_password": new_password,
+                "logout_devices": true,
+                "auth": {"type": "m.login.password", "user": "alice", "password": alice.password},
+            }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(close_code(&mut ws, true).await, 1008);
+
+    // Another process revokes the device: nothing more is delivered.
+    let dev = server.login("alice", new_password).await;
+    let mut ws = connect(&server, Some(&dev.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 2})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (ok, out, err) = server.cli("user", "revoke", &["alice", &dev.device_id]);
+    assert!(ok, "{out}{err}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    alice.send_text(&room, "t2", "after revoke").await;
+    // The sync loop finds out: its error frame (401 M_UNKNOWN_TOKEN), and
+    // the socket is closed (1008); the event is never delivered.
+    let mut saw = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!(
+                    (f["type"].as_str(), f["status"].as_u64()),
+                    (Some("sync"), Some(401)),
+                    "{f}"
+                );
+                assert_eq!(f["body"]["errcode"], "M_UNKNOWN_TOKEN", "{f}");
+                saw.push("error frame".to_owned());
+            }
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                saw.push(format!("close {}", u16::from(f.code)));
+                break;
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(None | Some(Err(_))) => break,
+            other => panic!("expected the socket to close, got {other:?}"),
+        }
+    }
+    assert!(
+        saw.iter().any(|s| s == "error frame" || s == "close 1008"),
+        "neither an error frame nor a close: {saw:?}"
+    );
+
+    // Deactivation.
+    let alice2 = server.login("alice", new_password).await;
+    let mut ws = connect(&server, Some(&alice2.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync", "id": 4})).await;
+    assert!(next_json(&mut ws).await["body"]["next_batch"].is_string());
+    let (st, v) = alice2
+        .post(
+            "account/deactivate",
+            json!({"auth": {"type": "m.login.password", "user": "alice", "password": new_password}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // (Leaving its rooms comes first, and may be delivered.)
+    assert_eq!(close_code(&mut ws, false).await, 1008);
 }

@@ -31,6 +31,8 @@ pub enum Refusal {
     NotAuthorized,
     TopicInvalid,
     PayloadInvalid,
+    /// The event would be over the spec's 64 KiB limit.
+    TooLarge,
     Quota,
     Unspecified,
 }
@@ -44,7 +46,8 @@ pub fn refusal(e: &Error) -> Refusal {
         | ErrorKind::UserDeactivated
         | ErrorKind::Exclusive => Refusal::NotAuthorized,
         ErrorKind::NotFound | ErrorKind::InvalidParam | ErrorKind::MissingParam => Refusal::TopicInvalid,
-        ErrorKind::NotJson | ErrorKind::BadJson | ErrorKind::TooLarge => Refusal::PayloadInvalid,
+        ErrorKind::NotJson | ErrorKind::BadJson => Refusal::PayloadInvalid,
+        ErrorKind::TooLarge => Refusal::TooLarge,
         ErrorKind::LimitExceeded { .. } => Refusal::Quota,
         _ => Refusal::Unspecified,
     }
@@ -466,6 +469,7 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
                     Err(Refusal::ClientIdInvalid) => C::ClientIdentifierNotValid,
                     Err(Refusal::TopicInvalid) => C::UnspecifiedError,
                     Err(Refusal::PayloadInvalid) => C::MalformedPacket,
+                    Err(Refusal::TooLarge) => C::PacketTooLarge,
                     Err(Refusal::Quota) => C::QuotaExceeded,
                     Err(Refusal::Unspecified) => C::UnspecifiedError,
                 },
@@ -484,6 +488,11 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
                 Err(Refusal::NotAuthorized | Refusal::BadCredentials) => v5::PubAckReason::NotAuthorized,
                 Err(Refusal::TopicInvalid) => v5::PubAckReason::TopicNameInvalid,
                 Err(Refusal::PayloadInvalid) => v5::PubAckReason::PayloadFormatInvalid,
+                // PUBACK has no "packet too large" (0x95 is for CONNACK and
+                // DISCONNECT only; clients cannot even decode it here):
+                // 0x83, "valid, but not accepted", documented as meaning an
+                // event over 64 KiB.
+                Err(Refusal::TooLarge) => v5::PubAckReason::ImplementationSpecificError,
                 Err(Refusal::Quota) => v5::PubAckReason::QuotaExceeded,
                 Err(Refusal::Unspecified | Refusal::ClientIdInvalid) => v5::PubAckReason::UnspecifiedError,
             },
@@ -532,6 +541,7 @@ fn encode_v5(out: Out, buf: &mut BytesMut) -> Result<usize, mb::Error> {
                     Refusal::NotAuthorized | Refusal::BadCredentials => v5::DisconnectReasonCode::NotAuthorized,
                     Refusal::TopicInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
                     Refusal::PayloadInvalid => v5::DisconnectReasonCode::PayloadFormatInvalid,
+                    Refusal::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
                     Refusal::Quota => v5::DisconnectReasonCode::QuotaExceeded,
                     Refusal::Unspecified | Refusal::ClientIdInvalid => v5::DisconnectReasonCode::UnspecifiedError,
                 },

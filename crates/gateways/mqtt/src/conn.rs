@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use weft_core::ErrorKind;
 use weft_services::content::door_content;
+use weft_services::revocation::SessionWatch;
 use weft_services::{Services, Session};
 
 use crate::Broker;
@@ -64,15 +65,16 @@ struct Saved {
     /// Every event up to this stream position has been delivered (and, at
     /// QoS 1, acknowledged; at QoS 2, PUBREC'd).
     position: i64,
-    /// QoS 2 messages to the client not yet complete (MQTT 4.4): on
-    /// reconnect, a released one gets its PUBREL again; an unreleased one
-    /// is sent again with the same packet ID and the DUP flag when the
-    /// replay of the stream from `position` reaches it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    qos2: Vec<SavedFlight>,
-    /// QoS 2 messages (stream position, topic) after `position` that were
-    /// PUBREC'd already (an earlier message was still unacknowledged): the
-    /// replay does not send them again.
+    /// QoS 1 and 2 messages to the client not yet complete (MQTT 4.4): on
+    /// reconnect, a released QoS 2 one gets its PUBREL again; an
+    /// unacknowledged one is sent again with the same packet ID and the
+    /// DUP flag when the replay of the stream from `position` reaches it.
+    /// (Named `qos2` from when only QoS 2 was kept.)
+    #[serde(rename = "qos2", default, skip_serializing_if = "Vec::is_empty")]
+    flights: Vec<SavedFlight>,
+    /// QoS 1 and 2 messages (stream position, topic) after `position` that
+    /// were PUBACK'd / PUBREC'd already (an earlier message was still
+    /// unacknowledged): the replay does not send them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     received: Vec<(i64, String)>,
     /// MQTT 5: seconds the session outlives its connection (`None`: until
@@ -95,11 +97,18 @@ impl Saved {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedFlight {
     pkid: u16,
+    /// 1 or 2 (sessions stored before QoS 1 was kept have only QoS 2).
+    #[serde(default = "qos_two")]
+    qos: u8,
     /// `None` for retained state sent on subscribe (not replayed).
     position: Option<i64>,
     topic: String,
     /// PUBREC received, PUBREL sent, PUBCOMP awaited.
     released: bool,
+}
+
+fn qos_two() -> u8 {
+    2
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -133,6 +142,9 @@ enum End {
     Dropped,
     /// The server shuts down.
     Shutdown,
+    /// The credential was revoked (logout, device deleted, user
+    /// deactivated): no will, it would be published with it.
+    Revoked,
 }
 
 pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Option<SocketAddr>) {
@@ -211,7 +223,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         let _ = writer.send(refuse(Refusal::ClientIdInvalid)).await;
         return;
     }
-    let session = match authenticate(&broker.services, &connect, &client_id).await {
+    let (session, token) = match authenticate(&broker.services, &connect, &client_id).await {
         Ok(s) => s,
         Err(r) => {
             tracing::debug!(?peer, "mqtt: CONNECT refused: {r:?}");
@@ -253,8 +265,9 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         .as_ref()
         .map(|s| s.position)
         .unwrap_or_else(|| services.store.current_position());
-    let (saved_subs, saved_qos2, saved_received) =
-        saved.map(|s| (s.subscriptions, s.qos2, s.received)).unwrap_or_default();
+    let (saved_subs, saved_flights, saved_received) = saved
+        .map(|s| (s.subscriptions, s.flights, s.received))
+        .unwrap_or_default();
     let mut subs = Vec::new();
     for s in saved_subs {
         // Re-checked: the user may have left a room since.
@@ -281,6 +294,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
 
     let mut conn = Conn {
         services: services.clone(),
+        watch: services.watch_session(&session, &token),
         session,
         persistent: connect.keep_session,
         expiry: connect.session_expiry,
@@ -301,7 +315,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         owed: HashMap::new(),
         received: BTreeSet::new(),
     };
-    conn.resume_qos2(saved_qos2, saved_received);
+    conn.resume_flights(saved_flights, saved_received);
     let mut stop = broker.shutdown.subscribe();
     let mut end = conn
         .serve(&mut rd, buf, feed_rx, connect.keep_alive, &kill, &mut stop)
@@ -336,6 +350,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         End::Dropped => true,
         // The client is not gone; the server is.
         End::Shutdown => false,
+        End::Revoked => false,
     };
     if send_will
         && let Some(w) = &connect.will
@@ -360,8 +375,9 @@ async fn put_saved(services: &Services, user: &str, data_type: &str, saved: Opti
 
 /// Username is a Matrix user ID or localpart; the password is an access
 /// token of that user, or the account password (then a device with the
-/// client ID as device ID is created or reused).
-async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Result<Session, Refusal> {
+/// client ID as device ID is created or reused). Returns the session and
+/// its access token (which revocation is checked by).
+async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Result<(Session, String), Refusal> {
     let (Some(user), Some(password)) = (&c.username, &c.password) else {
         return Err(Refusal::BadCredentials);
     };
@@ -371,7 +387,7 @@ async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Resu
         .map_err(|_| Refusal::BadCredentials)?;
     if let Ok(session) = services.accounts.authenticate(password).await {
         return if session.user_id == wanted {
-            Ok(session)
+            Ok((session, password.clone()))
         } else {
             Err(Refusal::BadCredentials)
         };
@@ -383,10 +399,13 @@ async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Resu
                 .new_device(&user_id, Some(client_id), Some("MQTT"))
                 .await
                 .map_err(|e| refusal(&e))?;
-            Ok(Session {
-                user_id,
-                device_id: login.device_id,
-            })
+            Ok((
+                Session {
+                    user_id,
+                    device_id: login.device_id,
+                },
+                login.access_token,
+            ))
         }
         Err(e) if e.kind == ErrorKind::Forbidden => Err(Refusal::BadCredentials),
         Err(e) => Err(refusal(&e)),
@@ -466,6 +485,9 @@ impl Writer {
 
 struct Conn {
     services: Arc<Services>,
+    /// Whether the credential still holds (checked before accepting or
+    /// delivering anything).
+    watch: Arc<SessionWatch>,
     session: Session,
     persistent: bool,
     /// See [`Saved::expiry`].
@@ -490,12 +512,13 @@ struct Conn {
     acks: FuturesOrdered<AckFuture>,
     /// QoS 1 messages this client takes unacknowledged at once.
     max_inflight: usize,
-    /// From a resumed session: QoS 2 messages (stream position, topic)
-    /// sent before and never PUBREC'd, to send again with the same packet
-    /// ID and DUP when the replay of the stream meets them.
+    /// From a resumed session: QoS 1 and 2 messages (stream position,
+    /// topic) sent before and never PUBACK'd / PUBREC'd, to send again with
+    /// the same packet ID and DUP when the replay of the stream meets them.
     owed: HashMap<(i64, String), u16>,
-    /// QoS 2 messages PUBREC'd at a position the safe position has not
-    /// reached (so a replay would meet them again): not to be sent again.
+    /// QoS 1 and 2 messages PUBACK'd / PUBREC'd at a position the safe
+    /// position has not reached (so a replay would meet them again): not
+    /// to be sent again.
     received: BTreeSet<(i64, String)>,
 }
 
@@ -535,12 +558,12 @@ impl Conn {
                 })
                 .collect(),
             position,
-            qos2: self
+            flights: self
                 .inflight
                 .iter()
-                .filter(|(_, f)| f.qos == 2)
                 .map(|(pkid, f)| SavedFlight {
                     pkid: *pkid,
+                    qos: f.qos,
                     position: f.position,
                     topic: f.topic.clone(),
                     released: f.released,
@@ -548,6 +571,8 @@ impl Conn {
                 // Not met by the replay yet (the session ended first): still owed.
                 .chain(self.owed.iter().map(|((position, topic), pkid)| SavedFlight {
                     pkid: *pkid,
+                    // (Re-sent at the subscription's QoS, whatever this says.)
+                    qos: 1,
                     position: Some(*position),
                     topic: topic.clone(),
                     released: false,
@@ -575,19 +600,20 @@ impl Conn {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             let id = self.next_pkid;
-            // Packet IDs owed to a resumed session's QoS 2 messages stay reserved.
+            // Packet IDs owed to a resumed session's messages stay reserved.
             if !self.inflight.contains_key(&id) && !self.owed.values().any(|p| *p == id) {
                 return id;
             }
         }
     }
 
-    /// Takes over a resumed session's unfinished QoS 2 messages: PUBRELs
-    /// go out again at once (MQTT 4.4); the others wait for the replay.
-    fn resume_qos2(&mut self, flights: Vec<SavedFlight>, received: Vec<(i64, String)>) {
+    /// Takes over a resumed session's unfinished QoS 1 and 2 messages:
+    /// PUBRELs go out again at once (MQTT 4.4); the others wait for the
+    /// replay, to go out with their packet IDs and DUP.
+    fn resume_flights(&mut self, flights: Vec<SavedFlight>, received: Vec<(i64, String)>) {
         self.received = received.into_iter().filter(|(p, _)| *p > self.delivered).collect();
         for f in flights {
-            if f.released {
+            if f.released && f.qos == 2 {
                 self.writer.queue(Out::PubRel(f.pkid));
                 if let Some(p) = f.position
                     && p > self.delivered
@@ -621,6 +647,20 @@ impl Conn {
         }
     }
 
+    /// Remembers a message acknowledged out of order (an earlier one is
+    /// still unacknowledged), so a replay from the safe position skips it.
+    fn note_received(&mut self, position: Option<i64>, topic: String) {
+        if let Some(p) = position
+            && p > self.safe_position()
+        {
+            self.received.insert((p, topic));
+            if self.received.len() > MAX_RECEIVED {
+                let safe = self.safe_position();
+                self.prune_received(safe);
+            }
+        }
+    }
+
     /// A PUBACK or PUBREC: the message's event counts as delivered.
     fn acknowledged(&mut self, position: Option<i64>) {
         if let Some(position) = position
@@ -646,6 +686,7 @@ impl Conn {
         let grace = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let far = Duration::from_secs(86400 * 365);
         let mut last_rx = Instant::now();
+        let watch = self.watch.clone();
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -704,6 +745,10 @@ impl Conn {
                 }
                 item = feed.recv(), if can_take => match item {
                     Some(item) => {
+                        // Nothing more reaches a revoked credential.
+                        if self.watch.check().await.is_err() {
+                            return self.revoke().await;
+                        }
                         self.deliver(item);
                         // What else the feed has ready goes out in the same write.
                         while self.inflight.len() < self.max_inflight
@@ -716,6 +761,7 @@ impl Conn {
                 },
                 _ = sleep_until(keepalive_deadline) => return self.fail(ProtocolFailure::KeepAliveTimeout).await,
                 _ = kill.notified() => return self.fail(ProtocolFailure::TakenOver).await,
+                _ = watch.revoked() => return self.revoke().await,
                 _ = shutting_down(stop) => {
                     let _ = self.writer.send(Out::DisconnectProtocol(ProtocolFailure::ServerShuttingDown)).await;
                     return End::Shutdown;
@@ -735,16 +781,28 @@ impl Conn {
         End::Dropped
     }
 
+    /// Closes because the credential was revoked (MQTT 5: DISCONNECT
+    /// `0x87` not authorized; 3.1.1 has no DISCONNECT from the server).
+    async fn revoke(&mut self) -> End {
+        tracing::info!(
+            "mqtt: the credential of {} (device {}) was revoked; closing",
+            self.session.user_id,
+            self.session.device_id
+        );
+        let _ = self.writer.send(Out::Disconnect(Refusal::NotAuthorized)).await;
+        End::Revoked
+    }
+
     fn deliver(&mut self, item: FeedItem) {
         match item {
             FeedItem::Event { position, publishes } => {
                 for (topic, qos, payload) in publishes {
-                    if qos == 2 && !self.received.is_empty() && self.received.contains(&(position, topic.clone())) {
-                        // PUBREC'd before the reconnect: delivered already.
+                    if qos > 0 && !self.received.is_empty() && self.received.contains(&(position, topic.clone())) {
+                        // PUBACK'd / PUBREC'd before the reconnect: delivered already.
                         continue;
                     }
                     match self.owed.remove(&(position, topic.clone())) {
-                        Some(pkid) if qos == 2 => {
+                        Some(pkid) if qos > 0 => {
                             self.send_publish_as(topic, qos, payload, false, Some(position), pkid, true)
                         }
                         _ => self.send_publish(topic, qos, payload, false, Some(position)),
@@ -803,6 +861,9 @@ impl Conn {
 
     /// Handles one packet; `Some` ends the connection.
     async fn handle(&mut self, packet: In) -> Option<End> {
+        if matches!(packet, In::Publish { .. } | In::Subscribe { .. }) && self.watch.check().await.is_err() {
+            return Some(self.revoke().await);
+        }
         match packet {
             In::Publish {
                 topic,
@@ -847,6 +908,7 @@ impl Conn {
                     && let Some(f) = self.inflight.remove(&pkid)
                 {
                     self.acknowledged(f.position);
+                    self.note_received(f.position, f.topic);
                 }
             }
             In::PubRel(pkid) => {
@@ -865,16 +927,7 @@ impl Conn {
                 };
                 if let Some((position, topic)) = first {
                     self.acknowledged(position);
-                    if let Some(p) = position
-                        && p > self.safe_position()
-                    {
-                        // An earlier message is still unacknowledged.
-                        self.received.insert((p, topic));
-                        if self.received.len() > MAX_RECEIVED {
-                            let safe = self.safe_position();
-                            self.prune_received(safe);
-                        }
-                    }
+                    self.note_received(position, topic);
                 }
                 // Also for a repeated or unknown PUBREC, so the client can finish.
                 self.writer.queue(Out::PubRel(pkid));

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use weft_services::{Services, Session};
 use weft_store::StoredEvent;
 
-use crate::topics::{FilterRoom, matches, prefix};
+use crate::topics::{FilterRoom, event_topic, matches, prefix, state_topic};
 
 /// Events read per call.
 const BATCH: usize = 100;
@@ -66,9 +66,9 @@ fn payload(ev: &StoredEvent, session: &Session) -> Bytes {
 /// topic, and for state events the state topic too.
 fn topics_for(sub: &Sub, ev: &StoredEvent) -> Vec<String> {
     let p = prefix(&sub.room, &ev.room_id);
-    let mut out = vec![format!("{p}/e/{}", ev.event_type)];
+    let mut out = vec![event_topic(&p, &ev.event_type)];
     if let Some(key) = &ev.state_key {
-        out.push(format!("{p}/s/{}/{key}", ev.event_type));
+        out.push(state_topic(&p, &ev.event_type, key));
     }
     out.retain(|t| matches(&sub.filter, t));
     out
@@ -111,7 +111,7 @@ pub async fn state_publishes(services: &Services, session: &Session, sub: &Sub) 
                 continue;
             }
             let Some(key) = &ev.state_key else { continue };
-            let topic = format!("{}/s/{}/{key}", prefix(&sub.room, room.as_str()), ev.event_type);
+            let topic = state_topic(&prefix(&sub.room, room.as_str()), &ev.event_type, key);
             if matches(&sub.filter, &topic) {
                 out.push((topic, payload(&ev, session)));
             }

@@ -3,6 +3,85 @@
 //! - `weft/r/{room_id}/e/{event_type}`: events of a room;
 //! - `weft/r/{room_id}/s/{event_type}/{state_key}`: state of a room;
 //! - `weft/a/{alias without #}/…`: the same, naming the room by an alias.
+//!
+//! Event types and state keys are any strings a room holds (events stored
+//! before the services refused control characters included), but a topic
+//! name must not hold U+0000 or the wildcards, and a type must stay one
+//! level: [`escape`] writes those characters as `%XX` (their UTF-8 bytes,
+//! upper-case hex), and [`unescape`] reads them back in a PUBLISH topic.
+//! Escaped: `%` itself, `+`, `#`, control characters (U+0000–U+001F,
+//! U+007F–U+009F) and Unicode noncharacters (which MQTT allows but clients
+//! such as libmosquitto refuse), and in an event type `/` too. A state key
+//! keeps its `/`: it is the rest of the topic, however many levels.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+/// Whether `c` must be escaped in a topic level.
+fn needs_escape(c: char, keep_slash: bool) -> bool {
+    let n = u32::from(c);
+    matches!(c, '%' | '+' | '#')
+        || (c == '/' && !keep_slash)
+        || c.is_control()
+        || (0xFDD0..=0xFDEF).contains(&n)
+        || (n & 0xFFFE) == 0xFFFE
+}
+
+/// An event type (`keep_slash` false) or a state key (true) as it goes
+/// into a topic name (see the module documentation).
+pub fn escape(s: &str, keep_slash: bool) -> Cow<'_, str> {
+    if !s.chars().any(|c| needs_escape(c, keep_slash)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs_escape(c, keep_slash) {
+            let mut b = [0u8; 4];
+            for byte in c.encode_utf8(&mut b).bytes() {
+                let _ = write!(out, "%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Reads `%XX` escapes back; a `%` not followed by two hex digits stays as
+/// it is. `None` if the bytes escaped are not UTF-8.
+pub fn unescape(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(hex) = b.get(i + 1..i + 3)
+            && let Ok(hex) = std::str::from_utf8(hex)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+            && hex.bytes().all(|h| h.is_ascii_hexdigit())
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// The topic of a room's event: `{prefix}/e/{event_type}`.
+pub fn event_topic(prefix: &str, event_type: &str) -> String {
+    format!("{prefix}/e/{}", escape(event_type, false))
+}
+
+/// The topic of a room's state: `{prefix}/s/{event_type}/{state_key}`.
+pub fn state_topic(prefix: &str, event_type: &str, state_key: &str) -> String {
+    format!("{prefix}/s/{}/{}", escape(event_type, false), escape(state_key, true))
+}
 
 /// Where a PUBLISH goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,16 +112,19 @@ pub fn parse_publish(topic: &str) -> Option<Target> {
     match class {
         "e" if !rest.is_empty() && !rest.contains('/') => Some(Target {
             room,
-            event_type: rest.to_owned(),
+            event_type: unescape(rest)?.into_owned(),
             state_key: None,
         }),
         "s" => {
             // The state key is everything after the type (it may hold `/`).
             let (event_type, state_key) = rest.split_once('/')?;
-            (!event_type.is_empty()).then(|| Target {
+            if event_type.is_empty() {
+                return None;
+            }
+            Some(Target {
                 room,
-                event_type: event_type.to_owned(),
-                state_key: Some(state_key.to_owned()),
+                event_type: unescape(event_type)?.into_owned(),
+                state_key: Some(unescape(state_key)?.into_owned()),
             })
         }
         _ => None,
@@ -149,6 +231,31 @@ mod tests {
         ] {
             assert_eq!(parse_publish(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape("m.room.name", false), "m.room.name");
+        assert_eq!(escape("@alice:h/x", true), "@alice:h/x");
+        assert_eq!(escape("a/b+c#d%e\0f", false), "a%2Fb%2Bc%23d%25e%00f");
+        assert_eq!(escape("a/b+c", true), "a/b%2Bc");
+        assert_eq!(escape("x\u{85}y\u{FFFF}\u{FDD0}", false), "x%C2%85y%EF%BF%BF%EF%B7%90");
+        for s in ["org.x\0y", "a/+#", "%", "%zz", "100%25", "é\u{7f}", "\u{1FFFE}"] {
+            for keep in [false, true] {
+                let e = escape(s, keep);
+                assert!(!e.contains(['+', '#', '\0']), "{e}");
+                assert!(keep || !e.contains('/'), "{e}");
+                assert_eq!(unescape(&e).as_deref(), Some(s), "{s:?}");
+            }
+        }
+        assert_eq!(unescape("50%"), Some("50%".into()));
+        assert_eq!(unescape("%4"), Some("%4".into()));
+        assert_eq!(unescape("%FF"), None);
+        let t = parse_publish("weft/r/!a:h/s/org.x%2Fy/%40bob%3Ah%2B").unwrap();
+        assert_eq!(t.event_type, "org.x/y");
+        assert_eq!(t.state_key.as_deref(), Some("@bob:h+"));
+        assert_eq!(state_topic("weft/r/!a:h", "t/+", "k/#"), "weft/r/!a:h/s/t%2F%2B/k/%23");
+        assert_eq!(event_topic("weft/r/!a:h", "x\0"), "weft/r/!a:h/e/x%00");
     }
 
     #[test]

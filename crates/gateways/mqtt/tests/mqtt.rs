@@ -855,3 +855,527 @@ async fn mqtt5_session_expiry_interval_is_enforced() {
     let (_s, present) = raw5_connect(&srv, "none", &alice, 60).await;
     assert!(!present);
 }
+
+/// An event over the spec's 64 KiB limit is refused with a reason, never
+/// as an unspecified (internal) error: MQTT 5 PUBACK `0x83` (PUBACK has
+/// no "packet too large"), MQTT 5 QoS 0 DISCONNECT `0x95`; MQTT 3.1.1
+/// closes the connection after acknowledging what came before. Nothing
+/// is stored.
+#[tokio::test]
+async fn events_over_64k_are_refused_as_too_large() {
+    use v5::mqttbytes::v5 as m5;
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let topic = format!("weft/r/{room}/e/org.weft.big");
+    let big = json!({"body": "x".repeat(65 * 1024)}).to_string();
+    let fits = json!({"body": "x".repeat(65_300)}).to_string();
+
+    let mut m = c5_with(&srv, "big5", "alice", &alice.token, |o| {
+        o.set_max_packet_size(Some(256 * 1024));
+    });
+    assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
+    // 65 KiB of content; and content under 64 KiB whose event is not.
+    for payload in [&big, &fits] {
+        m.client
+            .publish(&topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        match m.packet().await {
+            m5::Packet::PubAck(a) => assert_eq!(a.reason, m5::PubAckReason::ImplementationSpecificError),
+            p => panic!("expected PUBACK, got {p:?}"),
+        }
+    }
+    // The connection goes on.
+    m.client
+        .publish(&topic, v5::mqttbytes::QoS::AtLeastOnce, false, "{\"small\": 1}")
+        .await
+        .unwrap();
+    match m.packet().await {
+        m5::Packet::PubAck(a) => assert_eq!(a.reason, m5::PubAckReason::Success),
+        p => panic!("expected PUBACK, got {p:?}"),
+    }
+    // QoS 0 has no PUBACK: DISCONNECT 0x95.
+    m.client
+        .publish(&topic, v5::mqttbytes::QoS::AtMostOnce, false, big.clone())
+        .await
+        .unwrap();
+    loop {
+        match m.next().await {
+            Ok(m5::Packet::PingResp(_)) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect { reason_code, .. })) => {
+                assert_eq!(reason_code, m5::DisconnectReasonCode::PacketTooLarge);
+                break;
+            }
+            other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+        }
+    }
+
+    // MQTT 3.1.1: the publish before is acknowledged, then the connection closes.
+    let mut o = rumqttc::MqttOptions::new("big4", &srv.mqtt_host, srv.mqtt_port);
+    o.set_credentials("alice", &alice.token)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(256 * 1024, 256 * 1024);
+    let mut c = spawn(o);
+    c.connack().await;
+    c.client.publish(&topic, q1(), false, "{\"small\": 2}").await.unwrap();
+    c.client.publish(&topic, q1(), false, big.clone()).await.unwrap();
+    assert!(matches!(c.packet().await, rumqttc::Packet::PubAck(_)));
+    loop {
+        match c.next().await {
+            Ok(rumqttc::Packet::PingResp) => {}
+            Ok(p) => panic!("expected the connection to close, got {p:?}"),
+            Err(_) => break,
+        }
+    }
+    c.task.abort();
+
+    let stored: Vec<Value> = alice
+        .messages(&room, 50)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "org.weft.big")
+        .map(|e| e["content"].clone())
+        .collect();
+    assert_eq!(stored, vec![json!({"small": 1}), json!({"small": 2})]);
+}
+
+/// Event types and state keys holding `+`, `#`, `/` (allowed by the spec)
+/// reach subscribers on legal topics, escaped (`%XX`); types with control
+/// characters are refused at the API (HTTP and MQTT); and the subscriber
+/// keeps receiving what follows. rumqttc here; mosquitto_sub below.
+#[tokio::test]
+async fn odd_types_and_state_keys_get_legal_topics() {
+    use v5::mqttbytes::v5 as m5;
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let mut sub = c4(&srv, "odd-sub", "alice", &alice.token, true);
+    sub.connack().await;
+    sub.client.subscribe(format!("weft/r/{room}/#"), q1()).await.unwrap();
+    sub.suback().await;
+    // Current state first (retained).
+    let n_state = alice
+        .req(
+            reqwest::Method::GET,
+            &format!("rooms/{}/state", common::enc(&room)),
+            None,
+        )
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .len();
+    let retained = sub.publishes(n_state).await;
+    assert!(retained.iter().all(|p| p.retain));
+
+    // Refused at the API: NUL and other control characters.
+    let (st, v) = alice
+        .req(
+            reqwest::Method::PUT,
+            &format!("rooms/{}/send/{}/t1", common::enc(&room), common::enc("org.x\u{0}y")),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((st, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
+    let mut m = c5(&srv, "odd-pub", "alice", &alice.token);
+    assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
+    m.client
+        .publish(
+            format!("weft/r/{room}/e/org.x%00y"),
+            v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await
+        .unwrap();
+    match m.packet().await {
+        m5::Packet::PubAck(a) => assert_eq!(a.reason, m5::PubAckReason::TopicNameInvalid),
+        p => panic!("expected PUBACK, got {p:?}"),
+    }
+
+    // Allowed, and escaped on the way out.
+    alice.send(&room, "org.x+y#z/w", "t2", json!({"n": 1})).await;
+    alice.put_state(&room, "org.weft.k", "k:1/+#%", json!({"n": 2})).await;
+    // Published back to the escaped topic: the same state key.
+    m.client
+        .publish(
+            format!("weft/r/{room}/s/org.weft.k/k:1/%2B%23%25"),
+            v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "{\"n\": 3}",
+        )
+        .await
+        .unwrap();
+    match m.packet().await {
+        m5::Packet::PubAck(a) => assert_eq!(a.reason, m5::PubAckReason::Success),
+        p => panic!("expected PUBACK, got {p:?}"),
+    }
+    alice.send(&room, "org.weft.after", "t3", json!({"n": 4})).await;
+
+    let got: Vec<(String, Value)> = sub
+        .publishes(6)
+        .await
+        .iter()
+        .map(|p| (p.topic.clone(), body(&p.payload)["content"]["n"].clone()))
+        .collect();
+    let r = format!("weft/r/{room}");
+    assert_eq!(
+        got,
+        vec![
+            (format!("{r}/e/org.x%2By%23z%2Fw"), json!(1)),
+            (format!("{r}/e/org.weft.k"), json!(2)),
+            (format!("{r}/s/org.weft.k/k:1/%2B%23%25"), json!(2)),
+            (format!("{r}/e/org.weft.k"), json!(3)),
+            (format!("{r}/s/org.weft.k/k:1/%2B%23%25"), json!(3)),
+            (format!("{r}/e/org.weft.after"), json!(4)),
+        ]
+    );
+    let (st, v) = alice.state(&room, "org.weft.k", "k:1/+#%").await;
+    assert_eq!((st, v), (200, json!({"n": 3})));
+}
+
+/// libmosquitto refuses a PUBLISH whose topic MQTT forbids (and then
+/// reconnects forever): after events with `+`, `#` and `/` in their type
+/// and state key, mosquitto_sub still gets every event, on legal topics.
+#[tokio::test]
+async fn mosquitto_sub_survives_odd_types_and_state_keys() {
+    use std::process::{Command, Stdio};
+    if Command::new("mosquitto_sub").arg("--help").output().is_err() {
+        eprintln!("SKIPPED: mosquitto_sub not installed (apt-get install mosquitto-clients)");
+        return;
+    }
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let port = srv.mqtt_port.to_string();
+    let topic = format!("weft/r/{room}/e/#");
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            srv.mqtt_host.as_str(),
+            "-p",
+            port.as_str(),
+            "-u",
+            "alice",
+            "-P",
+            alice.token.as_str(),
+        ])
+        .args(["-i", "mosq-odd", "-q", "1", "-v", "-C", "3", "-W", "15", "-t", &topic])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it subscribe (nothing retained on e/ topics to wait for).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    alice.send(&room, "org.x+y#z/w", "t1", json!({"n": 1})).await;
+    alice.put_state(&room, "org.x+#", "k:1/+#", json!({"n": 2})).await;
+    alice.send(&room, "org.weft.after", "t3", json!({"n": 3})).await;
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<(&str, Value)> = stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(t, j)| (t, serde_json::from_str::<Value>(j).unwrap()["content"]["n"].clone()))
+        .collect();
+    let r = format!("weft/r/{room}");
+    assert_eq!(
+        got,
+        vec![
+            (format!("{r}/e/org.x%2By%23z%2Fw").as_str(), json!(1)),
+            (format!("{r}/e/org.x%2B%23").as_str(), json!(2)),
+            (format!("{r}/e/org.weft.after").as_str(), json!(3)),
+        ]
+    );
+}
+
+/// MQTT 3.1.1 and 5: an unacknowledged QoS 1 message is sent again after a
+/// reconnect of the persistent session with its packet ID and DUP set
+/// (MQTT 4.4); a message PUBACK'd out of order is not sent again.
+#[tokio::test]
+async fn unacked_qos1_is_resent_with_its_packet_id_and_dup() {
+    use v5::mqttbytes::v5 as m5;
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let room = room_for(&alice).await;
+    let topic = format!("weft/r/{room}/e/org.weft.seq");
+
+    // MQTT 3.1.1.
+    let c4m = |id: &str| {
+        let mut o = rumqttc::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
+        o.set_credentials("alice", &alice.token)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(false)
+            .set_manual_acks(true);
+        spawn(o)
+    };
+    let mut c = c4m("dup4");
+    c.connack().await;
+    c.client.subscribe(&topic, q1()).await.unwrap();
+    c.suback().await;
+    for i in 0..3 {
+        alice
+            .send(&room, "org.weft.seq", &format!("a{i}"), json!({"i": i}))
+            .await;
+    }
+    let first = c.publishes(3).await;
+    assert!(first.iter().all(|p| !p.dup && p.qos == q1()));
+    // Only the last is acknowledged (out of order); the connection drops.
+    c.client.ack(&first[2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.task.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = c4m("dup4");
+    assert!(c.connack().await.session_present);
+    let again = c.publishes(2).await;
+    let ids = |ps: &[rumqttc::Publish]| ps.iter().map(|p| p.pkid).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&first[..2]), "same packet IDs");
+    assert!(again.iter().all(|p| p.dup), "DUP set: {again:?}");
+    assert_eq!(
+        again
+            .iter()
+            .map(|p| body(&p.payload)["content"]["i"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(0), json!(1)]
+    );
+    for p in &again {
+        c.client.ack(p).await.unwrap();
+    }
+    c.quiet(Duration::from_millis(800)).await;
+    // A new event gets a new packet ID, without DUP.
+    alice.send(&room, "org.weft.seq", "a3", json!({"i": 3})).await;
+    let next = c.publishes(1).await;
+    assert!(!next[0].dup);
+    assert_eq!(body(&next[0].payload)["content"]["i"], 3);
+    c.client.ack(&next[0]).await.unwrap();
+    c.disconnect().await;
+
+    // MQTT 5, the same.
+    let c5m = |srv: &Server, alice: &User| {
+        c5_with(srv, "dup5", "alice", &alice.token, |o| {
+            o.set_clean_start(false)
+                .set_session_expiry_interval(Some(3600))
+                .set_manual_acks(true);
+        })
+    };
+    let mut m = c5m(&srv, &alice);
+    assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
+    m.client
+        .subscribe(&topic, v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, m5::Packet::SubAck(_)));
+    for i in 10..12 {
+        alice
+            .send(&room, "org.weft.seq", &format!("b{i}"), json!({"i": i}))
+            .await;
+    }
+    let mut first = Vec::new();
+    while first.len() < 2 {
+        if let m5::Packet::Publish(p) = m.packet().await {
+            assert!(!p.dup);
+            first.push(p);
+        }
+    }
+    drop(m);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut m = c5m(&srv, &alice);
+    match m.packet().await {
+        m5::Packet::ConnAck(a) => assert!(a.session_present),
+        p => panic!("expected CONNACK, got {p:?}"),
+    }
+    let mut again = Vec::new();
+    while again.len() < 2 {
+        if let m5::Packet::Publish(p) = m.packet().await {
+            again.push(p);
+        }
+    }
+    assert_eq!(
+        again.iter().map(|p| (p.pkid, p.dup)).collect::<Vec<_>>(),
+        first.iter().map(|p| (p.pkid, true)).collect::<Vec<_>>()
+    );
+}
+
+/// A second access token of `user`, for device `device`.
+async fn login(srv: &Server, user: &User, device: &str) -> String {
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{}/_matrix/client/v3/login", srv.http))
+        .json(&json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user.localpart},
+            "password": user.password,
+            "device_id": device,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("login: {resp}"))
+        .to_owned()
+}
+
+/// Waits for an MQTT 5 connection to be closed with DISCONNECT `reason`
+/// (skipping PUBLISHes if `publishes`).
+async fn disconnected5(m: &mut C5, reason: v5::mqttbytes::v5::DisconnectReasonCode, publishes: bool) {
+    loop {
+        match m.next().await {
+            Ok(v5::mqttbytes::v5::Packet::PingResp(_)) => {}
+            Ok(v5::mqttbytes::v5::Packet::Publish(_)) if publishes => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect { reason_code, .. })) => {
+                assert_eq!(reason_code, reason);
+                return;
+            }
+            other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+        }
+    }
+}
+
+/// Waits for a 3.1.1 connection to be closed; no PUBLISH or PUBACK first.
+async fn closed4(c: &mut C4) {
+    loop {
+        match c.next().await {
+            Ok(rumqttc::Packet::PingResp) => {}
+            Ok(p) => panic!("expected the connection to close, got {p:?}"),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Revoking a credential ends the open MQTT connections made with it, at
+/// once when this server revokes it (logout, password change with logout,
+/// deactivation), and before anything more is delivered or accepted when
+/// another process does (`weft user revoke`). MQTT 5 is told why
+/// (DISCONNECT `0x87` not authorized); 3.1.1 is closed.
+#[tokio::test]
+async fn revoked_credentials_end_open_connections() {
+    use v5::mqttbytes::v5 as m5;
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let bob = srv.register("bob").await;
+    let room = room_for(&alice).await;
+    alice.invite(&room, &bob.user_id).await;
+    bob.join(&room).await;
+    let topic = format!("weft/r/{room}/e/#");
+    let sub5 = |id: &'static str, user: &'static str, token: String| {
+        let (srv, topic) = (&srv, topic.clone());
+        async move {
+            let mut m = c5(srv, id, user, &token);
+            assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
+            m.client
+                .subscribe(topic, v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            assert!(matches!(m.packet().await, m5::Packet::SubAck(_)));
+            m
+        }
+    };
+
+    // Logout of the token it connected with.
+    let token = login(&srv, &alice, "TOKDEV").await;
+    let mut m = sub5("rev-token", "alice", token.clone()).await;
+    let (st, _) = reqwest::Client::new()
+        .post(format!("{}/_matrix/client/v3/logout", srv.http))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(st, 200);
+    disconnected5(&mut m, m5::DisconnectReasonCode::NotAuthorized, false).await;
+
+    // A password change that logs out the other devices (a password login:
+    // the client ID is the device).
+    let mut m = sub5("PWDEV", "alice", alice.password.clone()).await;
+    let new_password = "a-new-long-password-for-alice";
+    let (st, v) = alice
+        .req(
+            reqwest::Method::POST,
+            "account/password",
+            Some(json!({
+                "new_password": new_password,
+                "logout_devices": true,
+                "auth": {"type": "m.login.password", "user": "alice", "password": alice.password},
+            })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    disconnected5(&mut m, m5::DisconnectReasonCode::NotAuthorized, false).await;
+    let mut alice = alice.clone();
+    alice.password = new_password.to_owned();
+
+    // `weft user revoke`, another process: the next event is not
+    // delivered; the connection closes instead.
+    let mut c = c4(&srv, "CLIDEV", "alice", &alice.password, true);
+    c.connack().await;
+    c.client.subscribe(&topic, q1()).await.unwrap();
+    c.suback().await;
+    let (ok, out) = srv.cli(&["user", "revoke", "alice", "CLIDEV"]);
+    assert!(ok, "{out}");
+    // A connection in use re-checks at most 1 s after its last check.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    bob.send(&room, "org.weft.after", "b1", json!({"n": 1})).await;
+    closed4(&mut c).await;
+
+    // The same for publishing: not stored, closed without PUBACK.
+    let mut c = c4(&srv, "CLIPUB", "alice", &alice.password, true);
+    c.connack().await;
+    let (ok, out) = srv.cli(&["user", "revoke", "alice", "CLIPUB"]);
+    assert!(ok, "{out}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.client
+        .publish(format!("weft/r/{room}/e/org.weft.revoked"), q1(), false, "{}")
+        .await
+        .unwrap();
+    closed4(&mut c).await;
+
+    // Deactivation.
+    let mut m = sub5("rev-deact", "bob", bob.token.clone()).await;
+    let (st, v) = bob
+        .req(
+            reqwest::Method::POST,
+            "account/deactivate",
+            Some(json!({"auth": {"type": "m.login.password", "user": "bob", "password": bob.password}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // (Leaving the room comes first, and is delivered.)
+    disconnected5(&mut m, m5::DisconnectReasonCode::NotAuthorized, true).await;
+
+    let alice = alice.clone();
+    let (st, v) = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+            srv.http,
+            common::enc(&room)
+        ))
+        .bearer_auth(login(&srv, &alice, "CHECK").await)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .map(|v| (200, v))
+        .unwrap();
+    assert_eq!(st, 200);
+    assert!(
+        v["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["type"] != "org.weft.revoked"),
+        "a publish after revocation was stored: {v}"
+    );
+}

@@ -79,6 +79,29 @@ impl Server {
         self.mqtt_tls = addrs.mqtt_tls.expect("mqtt tls address");
     }
 
+    /// Runs `weft <args> --data-dir <its data dir>` (the admin CLI, as
+    /// another process on the same database); its success and output.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let spec = self.process.spec();
+        let out = std::process::Command::new(&spec.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("WEFT_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the weft CLI");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     /// `host:port` of the HTTP listener (which also serves MQTT over WebSocket).
     pub fn http_addr(&self) -> &str {
         self.http.trim_start_matches("http://")

@@ -1,0 +1,169 @@
+//! Revocation of long-lived connections. A request is authenticated when
+//! it comes; a connection that stays open (an MQTT session, a WebSocket
+//! sync loop) holds a [`SessionWatch`] and asks it before it accepts or
+//! delivers anything, and waits on [`SessionWatch::revoked`] to end at once
+//! when its access token is logged out, its device deleted (`weft user
+//! revoke`) or its user deactivated or logged out by a password change.
+//!
+//! The check is one indexed read of the token. It is made again when this
+//! process revoked anything since (every revocation through
+//! [`crate::Accounts`] bumps a counter the watches follow), before
+//! accepting or delivering if the last check is older than [`RECHECK`], and
+//! by an idle connection every [`IDLE_RECHECK`]. A revocation another
+//! process writes to the database is thus seen within [`RECHECK`] by a
+//! connection in use, and within [`IDLE_RECHECK`] by an idle one. The
+//! counter is in this process's memory only (docs/operations.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use weft_core::{Error, ErrorKind, Result};
+use weft_store::Store;
+
+use crate::Session;
+use crate::accounts::token_hash;
+
+/// A check younger than this is trusted before delivering or accepting,
+/// unless this process revoked something since.
+pub const RECHECK: Duration = Duration::from_secs(1);
+/// An idle connection checks this often.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Whether one connection's credential still holds.
+pub struct SessionWatch {
+    store: Arc<dyn Store>,
+    session: Session,
+    token_hash: Vec<u8>,
+    revocations: watch::Receiver<u64>,
+    state: Mutex<State>,
+    /// Set once a check finds the credential revoked, so every waiter on
+    /// [`SessionWatch::revoked`] learns of it, whoever checked.
+    gone: watch::Sender<bool>,
+}
+
+struct State {
+    /// The revocation counter at the last check.
+    seen: u64,
+    /// When the store was last asked (`None`: not yet).
+    checked: Option<Instant>,
+}
+
+fn revoked_error() -> Error {
+    Error::new(
+        ErrorKind::UnknownToken { soft_logout: false },
+        "The access token of this connection was revoked",
+    )
+}
+
+impl crate::Services {
+    /// A watch over `session`, authenticated with the access token `token`.
+    pub fn watch_session(&self, session: &Session, token: &str) -> Arc<SessionWatch> {
+        let revocations = self.accounts.revocations.subscribe();
+        let seen = *revocations.borrow();
+        Arc::new(SessionWatch {
+            store: self.store.clone(),
+            session: session.clone(),
+            token_hash: token_hash(token),
+            state: Mutex::new(State {
+                seen,
+                // The first check asks the store: the session may have been
+                // revoked between its authentication and now.
+                checked: None,
+            }),
+            gone: watch::Sender::new(false),
+            revocations,
+        })
+    }
+}
+
+impl SessionWatch {
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// `Err(M_UNKNOWN_TOKEN)` once the credential is revoked. Cheap: asks
+    /// the store only if this process revoked something since the last
+    /// check or that is older than [`RECHECK`].
+    pub async fn check(&self) -> Result<()> {
+        let now = *self.revocations.borrow();
+        if *self.gone.borrow() {
+            return Err(revoked_error());
+        }
+        {
+            let st = self.state.lock();
+            if st.seen == now && st.checked.is_some_and(|t| t.elapsed() < RECHECK) {
+                return Ok(());
+            }
+        }
+        self.check_store(now).await
+    }
+
+    async fn check_store(&self, counter: u64) -> Result<()> {
+        let owner = match self.store.lookup_token(&self.token_hash).await {
+            Ok(o) => o,
+            Err(e) => {
+                // The store failing is no revocation: check again later.
+                tracing::warn!("checking a session failed: {}", e.message);
+                let mut st = self.state.lock();
+                st.seen = counter;
+                st.checked = Some(Instant::now());
+                return Ok(());
+            }
+        };
+        let valid =
+            owner.is_some_and(|o| o.user_id == self.session.user_id.as_str() && o.device_id == self.session.device_id);
+        {
+            let mut st = self.state.lock();
+            st.seen = counter;
+            st.checked = Some(Instant::now());
+        }
+        if !valid {
+            self.gone.send_replace(true);
+            return Err(revoked_error());
+        }
+        Ok(())
+    }
+
+    /// Resolves (with the error to report) once the credential is revoked:
+    /// checks whenever this process revokes something and every
+    /// [`IDLE_RECHECK`]. Dropping and re-creating the future loses nothing.
+    pub async fn revoked(&self) -> Error {
+        let mut rx = self.revocations.clone();
+        let mut gone = self.gone.subscribe();
+        loop {
+            let now = *rx.borrow_and_update();
+            if *gone.borrow_and_update() {
+                return revoked_error();
+            }
+            let next = {
+                let st = self.state.lock();
+                match st.checked {
+                    Some(t) if st.seen == now => Some(t + IDLE_RECHECK),
+                    _ => None,
+                }
+            };
+            match next {
+                Some(at) if at > Instant::now() => {
+                    tokio::select! {
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                // No more revocations can come from this process.
+                                sleep_until(at).await;
+                            }
+                        }
+                        _ = sleep_until(at) => {}
+                        _ = gone.changed() => {}
+                    }
+                }
+                _ => {
+                    if let Err(e) = self.check_store(now).await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+}
