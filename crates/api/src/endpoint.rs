@@ -170,15 +170,38 @@ fn request_error(e: FromHttpRequestError) -> Error {
     }
 }
 
-/// A typed response on its way out.
-pub struct RumaResponse<T>(pub T);
+/// What an endpoint answers with: ruma's typed response, or one of ours
+/// ([`Full`]) where ruma's leaves out what clients need.
+pub trait ApiResponse: Send + 'static {
+    fn into_http(self) -> Response;
+}
 
-impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
-    fn into_response(self) -> Response {
-        match self.0.try_into_http_response::<BytesMut>() {
+impl<T: OutgoingResponse + Send + 'static> ApiResponse for T {
+    fn into_http(self) -> Response {
+        match self.try_into_http_response::<BytesMut>() {
             Ok(resp) => resp.map(|b| Body::from(b.freeze())).into_response(),
             Err(e) => ApiError(Error::internal(format!("could not encode a response: {e}"))).into_response(),
         }
+    }
+}
+
+/// A typed response body serialized as it is, empty fields included: ruma
+/// leaves empty maps out of some responses (`failures` of `/keys/query`
+/// and `/keys/claim`) that clients such as matrix-nio require.
+pub struct Full<T>(pub T);
+
+impl<T: serde::Serialize + Send + 'static> ApiResponse for Full<T> {
+    fn into_http(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// A typed response on its way out.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: ApiResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        self.0.into_http()
     }
 }
 
@@ -212,13 +235,13 @@ impl Routes {
 
     /// Declares one endpoint: `R` says its method, paths and caller;
     /// `class` how it is rate-limited; `handler` what it does.
-    pub fn add<R, F, Fut>(mut self, class: RateClass, handler: F) -> Self
+    pub fn add<R, T, F, Fut>(mut self, class: RateClass, handler: F) -> Self
     where
         R: IncomingRequest + Send + 'static,
         R::Authentication: CallerAuth,
-        R::OutgoingResponse: Send + 'static,
+        T: ApiResponse,
         F: Fn(AppState, Ruma<R>) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = Result<R::OutgoingResponse, Error>> + Send + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
         let Ok(method) = MethodFilter::try_from(R::METHOD) else {
             // The method is a constant of the request type, not client input.

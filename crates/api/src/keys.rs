@@ -10,11 +10,16 @@ use weft_services::keys::{
     ClaimKeysRequest, CrossSigningUpload, QueryKeysRequest, SendToDeviceRequest, SignaturesUpload, UploadKeysRequest,
 };
 
+use ruma::api::client::keys::claim_keys::v3::OneTimeKeys;
 use ruma::api::client::keys::{claim_keys, get_key_changes, get_keys, upload_keys};
 use ruma::api::client::to_device::send_event_to_device;
+use ruma::encryption::{CrossSigningKey, DeviceKeys};
+use ruma::serde::Raw;
+use ruma::{OwnedDeviceId, OwnedUserId};
+use std::collections::BTreeMap;
 
 use crate::accounts::{AuthData, password_uia};
-use crate::endpoint::{Ruma, bad_json, convert, field};
+use crate::endpoint::{Full, Ruma, bad_json, convert, field};
 use crate::extract::{Auth, JsonBody};
 use crate::{ApiResult, AppState};
 
@@ -34,30 +39,48 @@ pub async fn upload(s: AppState, req: Ruma<upload_keys::v3::Request>) -> Result<
     Ok(upload_keys::v3::Response::new(field(&mut out, "one_time_key_counts")?))
 }
 
-pub async fn query(s: AppState, req: Ruma<get_keys::v3::Request>) -> Result<get_keys::v3::Response, Error> {
+/// The `/keys/query` answer with every field, empty ones included.
+#[derive(serde::Serialize)]
+pub struct QueryKeysAnswer {
+    failures: BTreeMap<String, serde_json::Value>,
+    device_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>>,
+    master_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+    self_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+    user_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+}
+
+pub async fn query(s: AppState, req: Ruma<get_keys::v3::Request>) -> Result<Full<QueryKeysAnswer>, Error> {
     let query = QueryKeysRequest {
         device_keys: convert(&req.body.device_keys)?,
         timeout: req.body.timeout.map(|t| t.as_millis() as u64),
     };
     let mut out = s.query_keys(&req.caller, query).await?;
-    let mut resp = get_keys::v3::Response::new();
-    resp.failures = field(&mut out, "failures")?;
-    resp.device_keys = field(&mut out, "device_keys")?;
-    resp.master_keys = field(&mut out, "master_keys")?;
-    resp.self_signing_keys = field(&mut out, "self_signing_keys")?;
-    resp.user_signing_keys = field(&mut out, "user_signing_keys")?;
-    Ok(resp)
+    Ok(Full(QueryKeysAnswer {
+        failures: field(&mut out, "failures")?,
+        device_keys: field(&mut out, "device_keys")?,
+        master_keys: field(&mut out, "master_keys")?,
+        self_signing_keys: field(&mut out, "self_signing_keys")?,
+        user_signing_keys: field(&mut out, "user_signing_keys")?,
+    }))
 }
 
-pub async fn claim(s: AppState, req: Ruma<claim_keys::v3::Request>) -> Result<claim_keys::v3::Response, Error> {
+/// The `/keys/claim` answer with every field, empty ones included.
+#[derive(serde::Serialize)]
+pub struct ClaimKeysAnswer {
+    failures: BTreeMap<String, serde_json::Value>,
+    one_time_keys: BTreeMap<OwnedUserId, OneTimeKeys>,
+}
+
+pub async fn claim(s: AppState, req: Ruma<claim_keys::v3::Request>) -> Result<Full<ClaimKeysAnswer>, Error> {
     let claim = ClaimKeysRequest {
         one_time_keys: convert(&req.body.one_time_keys)?,
         timeout: req.body.timeout.map(|t| t.as_millis() as u64),
     };
     let mut out = s.claim_keys(&req.caller, claim).await?;
-    let mut resp = claim_keys::v3::Response::new(field(&mut out, "one_time_keys")?);
-    resp.failures = field(&mut out, "failures")?;
-    Ok(resp)
+    Ok(Full(ClaimKeysAnswer {
+        failures: field(&mut out, "failures")?,
+        one_time_keys: field(&mut out, "one_time_keys")?,
+    }))
 }
 
 pub async fn changes(

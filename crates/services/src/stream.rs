@@ -20,6 +20,19 @@ pub struct Feed {
     pub next: i64,
 }
 
+impl Feed {
+    /// The events as `session`'s device sees them: the client format, with
+    /// its own transaction IDs.
+    pub fn client_events(&self, session: &crate::Session) -> Vec<serde_json::Value> {
+        let now = weft_core::now_ms();
+        let viewer = Some((session.user_id.as_str(), session.device_id.as_str()));
+        self.events
+            .iter()
+            .map(|e| weft_rooms::client_event(e, viewer, now))
+            .collect()
+    }
+}
+
 impl Services {
     /// Events after `since` in `rooms` that `user` may see, oldest first,
     /// at most `limit`. Rooms the user may not read are skipped (a door

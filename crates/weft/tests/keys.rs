@@ -360,13 +360,14 @@ async fn bad_key_requests_are_refused() {
         .await;
     assert_eq!(q["device_keys"][alice.user_id.as_str()], json!({}), "{q}");
 
-    // A one-time key ID without an algorithm.
+    // A one-time key ID without an algorithm: the body does not have the
+    // shape of the typed request.
     assert_err(
         &alice
             .post("keys/upload", json!({ "one_time_keys": { "nocolon": {} } }))
             .await,
         400,
-        "M_INVALID_PARAM",
+        "M_BAD_JSON",
     );
     // Wrong shapes: M_BAD_JSON. Not JSON: M_NOT_JSON.
     assert_err(

@@ -585,10 +585,8 @@ impl<T: Transport> Door<T> {
                 if feed.events.is_empty() {
                     return Ok(None);
                 }
-                let now = weft_core::now_ms();
-                let viewer = Some((session.user_id.as_str(), session.device_id.as_str()));
                 Ok(Some(serde_json::json!({
-                    "chunk": feed.events.iter().map(|e| weft_rooms::client_event(e, viewer, now)).collect::<Vec<_>>(),
+                    "chunk": feed.client_events(session),
                     "start": weft_services::room_ops::make_token(start),
                     "end": weft_services::room_ops::make_token(*since),
                 })))
