@@ -2,7 +2,9 @@
 //! JSON bodies, path and query parameters.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use weft_core::{Error, ErrorKind};
@@ -67,6 +69,8 @@ impl FromRequestParts<AppState> for Auth {
         let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
         let session = s.accounts.authenticate(&token).await?;
         s.limiter.check(session.user_id.as_str())?;
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        s.accounts.touch_device(&session, ip).await?;
         Ok(Auth(session))
     }
 }
