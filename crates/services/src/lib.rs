@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod content;
+pub mod ephemeral;
 pub mod keys;
 pub mod ratelimit;
 pub mod room_ops;
