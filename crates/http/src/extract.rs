@@ -70,7 +70,7 @@ impl FromRequestParts<AppState> for Auth {
         let session = s.accounts.authenticate(&token).await?;
         s.limiter.check(session.user_id.as_str())?;
         let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        s.accounts.touch_device(&session, ip).await?;
+        s.accounts.touch_device(&session, ip).await;
         Ok(Auth(session))
     }
 }

@@ -296,7 +296,7 @@ impl Accounts {
     /// seen by this process or changes address (and then awaited, so the
     /// answer to this very request already shows it), and otherwise at most
     /// once per [`LAST_SEEN_INTERVAL_MS`], in the background.
-    pub async fn touch_device(&self, session: &Session, ip: Option<IpAddr>) -> Result<()> {
+    pub async fn touch_device(&self, session: &Session, ip: Option<IpAddr>) {
         let now = weft_core::now_ms();
         let key = (session.user_id.as_str().to_owned(), session.device_id.clone());
         let wait = {
@@ -305,7 +305,7 @@ impl Accounts {
                 None => true,
                 Some((prev_ip, _)) if ip.is_some() && *prev_ip != ip => true,
                 Some((_, at)) if now.saturating_sub(*at) >= LAST_SEEN_INTERVAL_MS => false,
-                Some(_) => return Ok(()),
+                Some(_) => return,
             };
             if seen.len() >= LAST_SEEN_MAX_ENTRIES {
                 seen.retain(|_, (_, at)| now.saturating_sub(*at) < LAST_SEEN_INTERVAL_MS);
@@ -316,16 +316,16 @@ impl Accounts {
         };
         let ip = ip.map(|i| i.to_canonical().to_string());
         let store = self.store.clone();
-        let write = async move { store.touch_device(&key.0, &key.1, ip.as_deref(), now).await };
+        // Bookkeeping only: a failed write is logged, never fails the request.
+        let write = async move {
+            if let Err(e) = store.touch_device(&key.0, &key.1, ip.as_deref(), now).await {
+                tracing::warn!("recording a device's last-seen time: {}", e.message);
+            }
+        };
         if wait {
-            write.await
+            write.await;
         } else {
-            tokio::spawn(async move {
-                if let Err(e) = write.await {
-                    tracing::warn!("recording a device's last-seen time: {}", e.message);
-                }
-            });
-            Ok(())
+            tokio::spawn(write);
         }
     }
 

@@ -649,7 +649,7 @@ impl<T: Transport> Door<T> {
                 ));
             };
             self.services.limiter.check(session.user_id.as_str())?;
-            self.services.accounts.touch_device(&session, Some(peer.ip())).await?;
+            self.services.accounts.touch_device(&session, Some(peer.ip())).await;
             let reply = routes::route(&self.services, Some(&session), &p, r).await?;
             return Ok((reply, Some((session, Credential::Psk(identity)))));
         }
@@ -663,7 +663,7 @@ impl<T: Transport> Door<T> {
         };
         let session = self.services.accounts.authenticate(&token).await?;
         self.services.limiter.check(session.user_id.as_str())?;
-        self.services.accounts.touch_device(&session, Some(peer.ip())).await?;
+        self.services.accounts.touch_device(&session, Some(peer.ip())).await;
         if presented.is_some() {
             let mut st = self.state.lock();
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {
