@@ -50,8 +50,11 @@ pub struct Accounts {
     /// the address written: (user, device) -> (address, when). Kept in this
     /// process's memory only, to write at most once per
     /// [`LAST_SEEN_INTERVAL_MS`] per device unless its address changes.
-    last_seen: Mutex<HashMap<(String, String), (Option<IpAddr>, u64)>>,
+    last_seen: Mutex<HashMap<DeviceKey, (Option<IpAddr>, u64)>>,
 }
+
+/// (user ID, device ID).
+type DeviceKey = (String, String);
 
 /// How often a device's `last_seen_ts` is refreshed while it stays at the
 /// same address.
