@@ -404,10 +404,9 @@ pub async fn put_profile_field(
 }
 
 pub async fn list_devices(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
-    let devices = s.store.list_devices(session.user_id.as_str()).await?;
-    let devices: Vec<Value> = devices
-        .into_iter()
-        .map(|d| json!({ "device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ms }))
-        .collect();
-    Ok(Json(json!({ "devices": devices })))
+    Ok(Json(json!({ "devices": s.accounts.devices(&session).await? })))
+}
+
+pub async fn get_device(State(s): State<AppState>, Auth(session): Auth, P(device_id): P<String>) -> ApiResult {
+    Ok(Json(s.accounts.device(&session, &device_id).await?))
 }

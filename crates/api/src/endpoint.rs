@@ -60,15 +60,20 @@ pub trait CallerAuth: AuthScheme {
 }
 
 /// The session of a request: one a door authenticated itself, or the one
-/// its access token (header or query) names.
+/// its access token (header or query) names. Records the device as seen
+/// (time and client address) either way.
 pub(crate) async fn session_of(parts: &Parts, s: &AppState) -> Result<Option<Session>, Error> {
-    if let Some(Authenticated(session)) = parts.extensions.get::<Authenticated>() {
-        return Ok(Some(session.clone()));
-    }
-    match access_token(parts) {
-        Some(token) => Ok(Some(s.accounts.authenticate(&token).await?)),
-        None => Ok(None),
-    }
+    let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let session = if let Some(Authenticated(session)) = parts.extensions.get::<Authenticated>() {
+        session.clone()
+    } else {
+        match access_token(parts) {
+            Some(token) => s.accounts.authenticate(&token).await?,
+            None => return Ok(None),
+        }
+    };
+    s.accounts.touch_device(&session, ip).await;
+    Ok(Some(session))
 }
 
 impl CallerAuth for AccessToken {

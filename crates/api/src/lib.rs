@@ -86,6 +86,7 @@ fn client_routes() -> Router<AppState> {
             get(accounts::get_profile_field).put(accounts::put_profile_field),
         )
         .route("/devices", get(accounts::list_devices))
+        .route("/devices/{device_id}", get(accounts::get_device))
         .route("/capabilities", get(misc::capabilities))
         .route("/createRoom", post(rooms::create_room))
         .route("/publicRooms", get(rooms::public_rooms))
@@ -107,13 +108,10 @@ fn client_routes() -> Router<AppState> {
         )
         .route("/rooms/{room}/messages", get(rooms::messages))
         .route("/rooms/{room}/context/{event_id}", get(rooms::context))
-        .route("/rooms/{room}/typing/{user_id}", put(misc::accept_ephemeral))
-        .route(
-            "/rooms/{room}/receipt/{receipt_type}/{event_id}",
-            post(misc::accept_ephemeral),
-        )
-        .route("/rooms/{room}/read_markers", post(misc::accept_ephemeral))
-        .route("/presence/{user_id}/status", put(misc::accept_ephemeral))
+        .route("/rooms/{room}/typing/{user_id}", put(misc::typing))
+        .route("/rooms/{room}/receipt/{receipt_type}/{event_id}", post(misc::receipt))
+        .route("/rooms/{room}/read_markers", post(misc::read_markers))
+        .route("/presence/{user_id}/status", put(misc::presence))
         .route("/sync", get(rooms::sync))
         .route("/user/{user_id}/filter", post(misc::put_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(misc::get_filter))

@@ -33,9 +33,29 @@ pub async fn capabilities(State(s): State<AppState>, Auth(_): Auth) -> Json<Valu
     }}))
 }
 
-/// Typing, receipts, read markers, presence: accepted, not yet relayed.
-pub async fn accept_ephemeral(Auth(_): Auth) -> Json<Value> {
-    Json(json!({}))
+/// Typing, receipts, read markers, presence: checked, accepted, not yet relayed.
+pub async fn typing(State(s): State<AppState>, Auth(session): Auth, P((room, user)): P<(String, String)>) -> ApiResult {
+    s.set_typing(&session, &room, &user).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn presence(State(s): State<AppState>, Auth(session): Auth, P(user): P<String>) -> ApiResult {
+    s.set_presence(&session, &user).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn receipt(
+    State(s): State<AppState>,
+    Auth(session): Auth,
+    P((room, _, _)): P<(String, String, String)>,
+) -> ApiResult {
+    s.set_read_marker(&session, &room).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn read_markers(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
+    s.set_read_marker(&session, &room).await?;
+    Ok(Json(json!({})))
 }
 
 fn own(session: &weft_services::Session, user_id: &str) -> Result<(), Error> {

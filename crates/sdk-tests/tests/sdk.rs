@@ -546,3 +546,56 @@ async fn sdk_e2ee_cross_signing_is_published() -> Result<()> {
     );
     Ok(())
 }
+
+// An unnamed room of two: matrix-sdk names it after the other member, from
+// the room summary (`m.heroes`, member counts) that the incremental sync
+// carrying bob's join updates, not "Empty Room".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_names_an_unnamed_two_member_room_after_the_other_member() -> Result<()> {
+    init_logging();
+    let data = DataDir::new();
+    data.create_user("alice", PASSWORD);
+    data.create_user("bob", PASSWORD);
+    let server = Weft::start_in(data);
+    let alice = login(&server, "alice").await?;
+    let bob = login(&server, "bob").await?;
+    alice
+        .sync_once(SyncSettings::default())
+        .await
+        .context("alice initial sync")?;
+    bob.sync_once(SyncSettings::default())
+        .await
+        .context("bob initial sync")?;
+
+    let room = alice
+        .create_room(create_room::v3::Request::new())
+        .await
+        .context("createRoom")?;
+    let room_id: OwnedRoomId = room.room_id().to_owned();
+    // Synced while alice is alone in it: the summary says one member.
+    sync_until(&alice, "alice's new room", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
+    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    let bob_id = user_id("bob");
+    sync_until(&alice, "bob's join in alice's timeline", |r| {
+        timeline_json(r, &room_id).iter().any(|ev| {
+            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
+        })
+    })
+    .await?;
+
+    let name = room.display_name().await.context("alice's display name of the room")?;
+    match &name {
+        matrix_sdk::RoomDisplayName::Calculated(n) => {
+            ensure!(n.contains("bob"), "room named {n:?}, not after bob")
+        }
+        other => bail!("unnamed room of alice and bob shown as {other:?}"),
+    }
+    ensure!(
+        room.joined_members_count() == 2,
+        "alice's client counts {} joined members",
+        room.joined_members_count()
+    );
+    Ok(())
+}

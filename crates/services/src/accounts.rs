@@ -3,6 +3,7 @@
 //! holds no usable token), and looked up by that hash.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier, password_hash::SaltString};
@@ -49,7 +50,21 @@ pub struct Accounts {
     /// deletion, deactivation), so open connections re-check at once
     /// (see [`crate::revocation::SessionWatch`]).
     pub(crate) revocations: tokio::sync::watch::Sender<u64>,
+    /// When each device's last-seen time and address were last written, and
+    /// the address written: (user, device) -> (address, when). Kept in this
+    /// process's memory only, to write at most once per
+    /// [`LAST_SEEN_INTERVAL_MS`] per device unless its address changes.
+    last_seen: Mutex<HashMap<DeviceKey, (Option<IpAddr>, u64)>>,
 }
+
+/// (user ID, device ID).
+type DeviceKey = (String, String);
+
+/// How often a device's `last_seen_ts` is refreshed while it stays at the
+/// same address.
+pub const LAST_SEEN_INTERVAL_MS: u64 = 60_000;
+/// Entries of the last-seen record beyond which old ones are dropped.
+const LAST_SEEN_MAX_ENTRIES: usize = 100_000;
 
 pub fn random_string(len: usize) -> String {
     rand::thread_rng()
@@ -61,6 +76,17 @@ pub fn random_string(len: usize) -> String {
 
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn device_json(d: weft_store::DeviceRecord) -> serde_json::Value {
+    let mut v = serde_json::json!({ "device_id": d.device_id, "display_name": d.display_name });
+    if let Some(ts) = d.last_seen_ms {
+        v["last_seen_ts"] = ts.into();
+    }
+    if let Some(ip) = d.last_seen_ip {
+        v["last_seen_ip"] = ip.into();
+    }
+    v
 }
 
 fn new_token() -> String {
@@ -117,6 +143,7 @@ impl Accounts {
             registration,
             uia: Mutex::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
+            last_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -210,6 +237,10 @@ impl Accounts {
         self.store
             .upsert_device(user_id.as_str(), &device_id, display_name, &token_hash(&access_token))
             .await?;
+        // A re-created device has no address recorded yet.
+        self.last_seen
+            .lock()
+            .remove(&(user_id.as_str().to_owned(), device_id.clone()));
         Ok(LoginResult {
             user_id: user_id.to_owned(),
             device_id,
@@ -270,6 +301,62 @@ impl Accounts {
             user_id,
             device_id: owner.device_id,
         })
+    }
+
+    /// Records that a session's device made a request, from `ip` if the door
+    /// knows the client's address: its `last_seen_ts` and `last_seen_ip`
+    /// (`GET /devices`). The database is written when the device is first
+    /// seen by this process or changes address (and then awaited, so the
+    /// answer to this very request already shows it), and otherwise at most
+    /// once per [`LAST_SEEN_INTERVAL_MS`], in the background.
+    pub async fn touch_device(&self, session: &Session, ip: Option<IpAddr>) {
+        let now = weft_core::now_ms();
+        let key = (session.user_id.as_str().to_owned(), session.device_id.clone());
+        let wait = {
+            let mut seen = self.last_seen.lock();
+            let wait = match seen.get(&key) {
+                None => true,
+                Some((prev_ip, _)) if ip.is_some() && *prev_ip != ip => true,
+                Some((_, at)) if now.saturating_sub(*at) >= LAST_SEEN_INTERVAL_MS => false,
+                Some(_) => return,
+            };
+            if seen.len() >= LAST_SEEN_MAX_ENTRIES {
+                seen.retain(|_, (_, at)| now.saturating_sub(*at) < LAST_SEEN_INTERVAL_MS);
+            }
+            let ip = ip.or_else(|| seen.get(&key).and_then(|(i, _)| *i));
+            seen.insert(key.clone(), (ip, now));
+            wait
+        };
+        let ip = ip.map(|i| i.to_canonical().to_string());
+        let store = self.store.clone();
+        // Bookkeeping only: a failed write is logged, never fails the request.
+        let write = async move {
+            if let Err(e) = store.touch_device(&key.0, &key.1, ip.as_deref(), now).await {
+                tracing::warn!("recording a device's last-seen time: {}", e.message);
+            }
+        };
+        if wait {
+            write.await;
+        } else {
+            tokio::spawn(write);
+        }
+    }
+
+    /// The session's user's devices as `GET /devices` lists them.
+    pub async fn devices(&self, session: &Session) -> Result<Vec<serde_json::Value>> {
+        let devices = self.store.list_devices(session.user_id.as_str()).await?;
+        Ok(devices.into_iter().map(device_json).collect())
+    }
+
+    /// One of the session's user's devices (`GET /devices/{deviceId}`);
+    /// another user's device, like a missing one, is `404 M_NOT_FOUND`.
+    pub async fn device(&self, session: &Session, device_id: &str) -> Result<serde_json::Value> {
+        let devices = self.store.list_devices(session.user_id.as_str()).await?;
+        devices
+            .into_iter()
+            .find(|d| d.device_id == device_id)
+            .map(device_json)
+            .ok_or_else(|| Error::not_found("Device not found"))
     }
 
     /// Checks a password for a user; the error is the same whether the

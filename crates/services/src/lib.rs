@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod content;
+pub mod ephemeral;
 pub mod keys;
 pub mod ratelimit;
 pub mod revocation;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use weft_core::{Error, Result};
 use weft_rooms::{Visibility, client_event, strip_state};
-use weft_store::{Direction, MembershipRecord, StoredEvent, StreamKey};
+use weft_store::{AccountDataRecord, Direction, MembershipRecord, StoredEvent, StreamKey};
 
 use crate::keys::counts_json;
 use crate::room_ops::{make_token, membership_of, parse_token};
@@ -104,6 +104,10 @@ pub struct SyncRequest {
 }
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// How many members `m.heroes` names at most.
+const MAX_HEROES: usize = 5;
+/// State event types the room summary depends on.
+const SUMMARY_TYPES: &[&str] = &["m.room.member", "m.room.name", "m.room.canonical_alias"];
 /// Most to-device messages one sync response carries.
 const TO_DEVICE_LIMIT: usize = 100;
 
@@ -311,6 +315,19 @@ impl Services {
             Some(s) if my_room_changed => self.store.device_list_left(user, s, upto).await?,
             _ => Vec::new(),
         };
+        // Account data changed in the window (all of it for an initial
+        // sync): the global kind, and per room.
+        let mut account_data: Vec<Value> = Vec::new();
+        let mut room_ad: HashMap<String, Vec<Value>> = HashMap::new();
+        if user_touched {
+            for a in self.store.account_data_since(user, since.unwrap_or(0), upto).await? {
+                let ev = account_data_json(&a);
+                match a.room_id {
+                    Some(r) => room_ad.entry(r).or_default().push(ev),
+                    None => account_data.push(ev),
+                }
+            }
+        }
         let mut join = Map::new();
         let mut invite = Map::new();
         let mut leave = Map::new();
@@ -321,7 +338,7 @@ impl Services {
             let membership_new = since.is_none_or(|s| m.position > s);
             let room_changed = since.is_none() || changed.contains(&m.room_id);
             match m.membership.as_str() {
-                "join" if membership_new || room_changed || req.full_state => {
+                "join" if membership_new || room_changed || req.full_state || room_ad.contains_key(&m.room_id) => {
                     let fresh = membership_new || req.full_state;
                     // Joined before the window and still joined: every event
                     // in it is visible, no need to load visibility history.
@@ -340,13 +357,21 @@ impl Services {
                             now,
                         )
                         .await?;
-                    let ad = if fresh || user_touched {
-                        self.room_account_data(user, &m.room_id, if fresh { None } else { since }, upto)
-                            .await?
+                    // A room new to the client gets all its account data;
+                    // otherwise what changed in the window.
+                    let ad = if fresh && since.is_some() {
+                        self.room_account_data(user, &m.room_id, upto).await?
                     } else {
-                        Vec::new()
+                        room_ad.remove(&m.room_id).unwrap_or_default()
                     };
                     section.insert("account_data".into(), json!({ "events": ad }));
+                    let summary_due = match since {
+                        Some(s) if !fresh => room_changed && self.summary_changed(&m.room_id, s, upto).await?,
+                        _ => true,
+                    };
+                    if summary_due {
+                        section.insert("summary".into(), self.room_summary(user, &m.room_id).await?);
+                    }
                     section.insert("ephemeral".into(), json!({ "events": [] }));
                     section.insert("unread_notifications".into(), json!({}));
                     join.insert(m.room_id.clone(), Value::Object(section));
@@ -376,9 +401,14 @@ impl Services {
                     }
                     invite.insert(m.room_id.clone(), json!({ "invite_state": { "events": events } }));
                 }
-                "leave" | "ban"
-                    if (membership_new && since.is_some()) || (since.is_none() && filter.room.include_leave) =>
-                {
+                "leave" | "ban" if membership_new => {
+                    // An initial sync lists left rooms only when the filter
+                    // asks (`include_leave`), except rooms the user was
+                    // banned or kicked from: those are always sent, so the
+                    // client learns it is out.
+                    if since.is_none() && !filter.room.include_leave && !self.removed_by_other(user, &m).await? {
+                        continue;
+                    }
                     if self.store.is_forgotten(user, &m.room_id).await? {
                         continue;
                     }
@@ -392,15 +422,6 @@ impl Services {
                 _ => {}
             }
         }
-        let account_data: Vec<Value> = if user_touched {
-            self.store.account_data_since(user, since.unwrap_or(0), upto).await?
-        } else {
-            Vec::new()
-        }
-            .into_iter()
-            .filter(|a| a.room_id.is_none())
-            .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
-            .collect();
         let mut resp = json!({
             "next_batch": make_token(upto),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
@@ -413,15 +434,86 @@ impl Services {
         Ok(resp)
     }
 
-    async fn room_account_data(&self, user: &str, room_id: &str, since: Option<i64>, upto: i64) -> Result<Vec<Value>> {
+    /// All of a user's account data for one room, up to `upto`.
+    async fn room_account_data(&self, user: &str, room_id: &str, upto: i64) -> Result<Vec<Value>> {
         Ok(self
             .store
-            .account_data_since(user, since.unwrap_or(0), upto)
+            .account_data_since(user, 0, upto)
             .await?
-            .into_iter()
+            .iter()
             .filter(|a| a.room_id.as_deref() == Some(room_id))
-            .map(|a| json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() }))
+            .map(account_data_json)
             .collect())
+    }
+
+    /// Whether a user's `leave` or `ban` membership was set by someone else
+    /// (a kick or a ban) rather than by leaving.
+    async fn removed_by_other(&self, user: &str, m: &MembershipRecord) -> Result<bool> {
+        if m.membership == "ban" {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .get_event(&m.event_id)
+            .await?
+            .is_some_and(|e| e.sender != user))
+    }
+
+    /// Whether anything the room summary is made of (memberships, the
+    /// room's name or canonical alias, which decide whether heroes are
+    /// needed) changed in (since, upto].
+    async fn summary_changed(&self, room_id: &str, since: i64, upto: i64) -> Result<bool> {
+        Ok(self
+            .store
+            .state_changes(room_id, since, upto)
+            .await?
+            .iter()
+            .any(|e| SUMMARY_TYPES.contains(&e.event_type.as_str())))
+    }
+
+    /// The room `summary` of a joined room as `user` sees it: joined and
+    /// invited member counts and, when the room has neither a name nor a
+    /// canonical alias, `m.heroes`: up to five other members, joined or
+    /// invited, in the order they became so (stream order); when there are
+    /// none, those who left or were banned.
+    async fn room_summary(&self, user: &str, room_id: &str) -> Result<Value> {
+        let state = self.store.current_state(room_id).await?;
+        let (mut joined, mut invited) = (0u64, 0u64);
+        let mut present: Vec<(i64, &str)> = Vec::new();
+        let mut gone: Vec<(i64, &str)> = Vec::new();
+        let mut named = false;
+        for e in &state {
+            match e.event_type.as_str() {
+                "m.room.member" => {
+                    let Some(member) = e.state_key.as_deref() else { continue };
+                    let m = membership_of(e);
+                    match m.as_deref() {
+                        Some("join") => joined += 1,
+                        Some("invite") => invited += 1,
+                        _ => {}
+                    }
+                    if member == user {
+                        continue;
+                    }
+                    match m.as_deref() {
+                        Some("join" | "invite") => present.push((e.position, member)),
+                        Some("leave" | "ban") => gone.push((e.position, member)),
+                        _ => {}
+                    }
+                }
+                "m.room.name" => named |= content_str(e, "name").is_some_and(|n| !n.is_empty()),
+                "m.room.canonical_alias" => named |= content_str(e, "alias").is_some_and(|a| !a.is_empty()),
+                _ => {}
+            }
+        }
+        let mut summary = json!({ "m.joined_member_count": joined, "m.invited_member_count": invited });
+        if !named {
+            let mut heroes = if present.is_empty() { gone } else { present };
+            heroes.sort_unstable();
+            let heroes: Vec<&str> = heroes.into_iter().take(MAX_HEROES).map(|(_, u)| u).collect();
+            summary["m.heroes"] = json!(heroes);
+        }
+        Ok(summary)
     }
 
     /// Timeline and state of one room for (since, upto]. `fresh` means the
@@ -506,23 +598,18 @@ impl Services {
             json!({ "events": timeline, "limited": limited, "prev_batch": make_token(timeline_start - 1) }),
         );
         section.insert("state".into(), json!({ "events": state }));
-        if fresh {
-            let state_now = self.store.current_state(room_id).await?;
-            let (mut joined, mut invited) = (0, 0);
-            for e in state_now.iter().filter(|e| e.event_type == "m.room.member") {
-                match membership_of(e).as_deref() {
-                    Some("join") => joined += 1,
-                    Some("invite") => invited += 1,
-                    _ => {}
-                }
-            }
-            section.insert(
-                "summary".into(),
-                json!({ "m.joined_member_count": joined, "m.invited_member_count": invited }),
-            );
-        }
         Ok(section)
     }
+}
+
+fn account_data_json(a: &AccountDataRecord) -> Value {
+    json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() })
+}
+
+/// A string field of a state event's content.
+fn content_str(e: &StoredEvent, field: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(&e.pdu_json).ok()?;
+    v.get("content")?.get(field)?.as_str().map(str::to_owned)
 }
 
 /// Whether a sync response carries nothing for the client (a long-poll

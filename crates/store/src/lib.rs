@@ -61,6 +61,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn lookup_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>>;
     async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>>;
+    /// Records when (and, if known, from which address) a device was last
+    /// seen. Does nothing for a device that does not exist.
+    async fn touch_device(&self, user_id: &str, device_id: &str, ip: Option<&str>, ts_ms: u64) -> Result<()>;
     /// Deletes a device with its keys and pending to-device messages. If it
     /// had device keys, the user's device list change gets a stream position.
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()>;

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_e2ee.sql"),
     include_str!("../migrations/0003_cross_signing.sql"),
     include_str!("../migrations/0004_device_psks.sql"),
+    include_str!("../migrations/0005_device_last_seen_ip.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -890,16 +891,32 @@ impl Store for SqliteStore {
         self.read(move |c| {
             collect(
                 c,
-                "SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ?1 ORDER BY device_id",
+                "SELECT device_id, display_name, last_seen_ms, last_seen_ip FROM devices WHERE user_id = ?1 \
+                 ORDER BY device_id",
                 [u],
                 |r| {
                     Ok(DeviceRecord {
                         device_id: r.get(0)?,
                         display_name: r.get(1)?,
                         last_seen_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                        last_seen_ip: r.get(3)?,
                     })
                 },
             )
+        })
+        .await
+    }
+
+    async fn touch_device(&self, user_id: &str, device_id: &str, ip: Option<&str>, ts_ms: u64) -> Result<()> {
+        let (u, d, i) = (user_id.to_owned(), device_id.to_owned(), ip.map(str::to_owned));
+        self.write_wait(move |c, _| {
+            c.execute(
+                "UPDATE devices SET last_seen_ms = ?3, last_seen_ip = COALESCE(?4, last_seen_ip) \
+                 WHERE user_id = ?1 AND device_id = ?2",
+                params![u, d, ts_ms as i64, i],
+            )
+            .map_err(db_err)?;
+            Ok(())
         })
         .await
     }

@@ -55,6 +55,8 @@ pub struct DeviceRecord {
     pub device_id: String,
     pub display_name: Option<String>,
     pub last_seen_ms: Option<u64>,
+    /// The address the device last made an authenticated request from.
+    pub last_seen_ip: Option<String>,
 }
 
 #[derive(Debug, Clone)]
