@@ -57,6 +57,29 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The client's address, when the request came over a socket.
+pub fn client_ip(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The client's address (see [`client_ip`]), as an extractor.
+pub struct ClientIp(pub Option<std::net::IpAddr>);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(parts)))
+    }
+}
+
+/// What the rate-limit layer found the request's access token to be.
+#[derive(Clone)]
+pub(crate) struct TokenChecked(pub(crate) weft_core::Result<Session>);
+
 /// An authenticated device. Also applies the per-user rate limit.
 pub struct Auth(pub Session);
 
@@ -65,7 +88,11 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
-        let session = s.accounts.authenticate(&token).await?;
+        // Resolved (once) by the rate-limit layer.
+        let session = match parts.extensions.get::<TokenChecked>() {
+            Some(TokenChecked(checked)) => checked.clone()?,
+            None => s.accounts.authenticate(&token, client_ip(parts)).await?,
+        };
         s.limiter.check(session.user_id.as_str())?;
         Ok(Auth(session))
     }

@@ -171,21 +171,31 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Requests without an access token are rate-limited by client IP here;
-/// authenticated ones by user, in the auth extractor.
+/// ones with an unknown token too (the services charge the IP when
+/// resolving it); authenticated ones by user, in the auth extractor,
+/// which reuses the session resolved here.
 async fn rate_limit_by_ip(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let has_token = req.headers().contains_key(axum::http::header::AUTHORIZATION)
-        || req.uri().query().is_some_and(|q| q.contains("access_token="));
-    if !has_token && req.method() != Method::OPTIONS {
-        let ip = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_default();
-        if let Err(e) = s.limiter.check(&format!("ip:{ip}")) {
-            return ApiError(e).into_response();
+    if req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let (mut parts, body) = req.into_parts();
+    match extract::access_token(&parts) {
+        Some(token) => match s.accounts.authenticate(&token, ip).await {
+            Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => return ApiError(e).into_response(),
+            // An unknown token: the endpoint answers (401 where it needs one).
+            checked => {
+                parts.extensions.insert(extract::TokenChecked(checked));
+            }
+        },
+        None => {
+            let key = ip.map(|ip| format!("ip:{ip}")).unwrap_or_else(|| "ip:".to_owned());
+            if let Err(e) = s.limiter.check(&key) {
+                return ApiError(e).into_response();
+            }
         }
     }
-    next.run(req).await
+    next.run(Request::from_parts(parts, body)).await
 }
 
 impl IntoResponse for ApiError {

@@ -52,14 +52,14 @@ pub async fn upgrade(services: Arc<Services>, dispatch: Router, req: Request) ->
         Err(rej) => return rej.into_response(),
     };
     let mut session = None;
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let token = access_token(&parts);
     if let Some(t) = &token {
-        match services.accounts.authenticate(t).await {
+        match services.accounts.authenticate(t, peer.map(|p| p.0.ip())).await {
             Ok(s) => session = Some(s),
             Err(e) => return ApiError(e).into_response(),
         }
     }
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let limit = services.config.limits.max_body_bytes;
     let conn = Conn {
         services,
@@ -275,7 +275,12 @@ impl Conn {
             ));
             return;
         };
-        match self.services.accounts.authenticate(token).await {
+        match self
+            .services
+            .accounts
+            .authenticate(token, self.peer.map(|p| p.0.ip()))
+            .await
+        {
             Ok(session) => {
                 let body = json!({ "user_id": session.user_id, "device_id": session.device_id });
                 self.auth = Some((session, token.to_owned()));

@@ -605,7 +605,7 @@ impl<T: Transport> Door<T> {
     /// the same device.
     async fn still_valid(&self, session: &Session, credential: &Credential) -> weft_core::Result<()> {
         let now = match credential {
-            Credential::Token(t) => Some(self.services.accounts.authenticate(t).await?),
+            Credential::Token(t) => Some(self.services.accounts.authenticate(t, None).await?),
             Credential::Psk(identity) => self.services.accounts.psk_owner(identity).await?.map(|(s, _)| s),
         };
         match now {
@@ -660,7 +660,7 @@ impl<T: Transport> Door<T> {
             self.services.limiter.check(&format!("ip:{}", peer.ip()))?;
             return Err(Error::new(ErrorKind::MissingToken, "Missing access token"));
         };
-        let session = self.services.accounts.authenticate(&token).await?;
+        let session = self.services.accounts.authenticate(&token, Some(peer.ip())).await?;
         self.services.limiter.check(session.user_id.as_str())?;
         if presented.is_some() {
             let mut st = self.state.lock();
