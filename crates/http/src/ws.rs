@@ -27,7 +27,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
 
-use crate::extract::{ApiError, access_token};
+use crate::extract::{ApiError, TokenChecked, access_token};
 
 pub const WS_PATH: &str = "/_matrix/client/unstable/org.weft.ws";
 
@@ -55,7 +55,12 @@ pub async fn upgrade(services: Arc<Services>, dispatch: Router, req: Request) ->
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let token = access_token(&parts);
     if let Some(t) = &token {
-        match services.accounts.authenticate(t, peer.map(|p| p.0.ip())).await {
+        // Resolved (once) by the rate-limit layer.
+        let checked = match parts.extensions.get::<TokenChecked>() {
+            Some(TokenChecked(checked)) => checked.clone(),
+            None => services.accounts.authenticate(t, peer.map(|p| p.0.ip())).await,
+        };
+        match checked {
             Ok(s) => session = Some(s),
             Err(e) => return ApiError(e).into_response(),
         }
