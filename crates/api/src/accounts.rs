@@ -13,7 +13,7 @@ use ruma::api::client::account::whoami;
 use ruma::api::client::session::{logout, logout_all};
 
 use crate::endpoint::Ruma;
-use crate::extract::{Auth, JsonBody, P, Q};
+use crate::extract::{Auth, ClientIp, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
 
 #[derive(Deserialize, Default)]
@@ -186,7 +186,11 @@ fn user_of(identifier: &Option<Identifier>, user: &Option<String>) -> Result<Str
     }
 }
 
-pub async fn login(State(s): State<AppState>, JsonBody(req): JsonBody<LoginRequest>) -> ApiResult {
+pub async fn login(
+    State(s): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> ApiResult {
     if req.kind != "m.login.password" {
         return Err(Error::new(ErrorKind::Unknown, "Unsupported login type")
             .with_status(400)
@@ -194,7 +198,7 @@ pub async fn login(State(s): State<AppState>, JsonBody(req): JsonBody<LoginReque
     }
     let user = user_of(&req.identifier, &req.user)?;
     let password = req.password.ok_or_else(|| Error::bad_json("password is required"))?;
-    let user_id = s.accounts.check_password(&user.to_lowercase(), &password).await?;
+    let user_id = s.accounts.check_password(&user.to_lowercase(), &password, ip).await?;
     let login = s
         .accounts
         .new_device(
@@ -250,11 +254,14 @@ pub(crate) async fn password_uia(
     }
     let user = user_of(&auth.identifier, &auth.user).unwrap_or_else(|_| session.user_id.to_string());
     let password = auth.password.unwrap_or_default();
-    match s.accounts.check_password(&user, &password).await {
+    // Guesses here are counted against the account (the address is not
+    // known in this helper).
+    match s.accounts.check_password(&user, &password, None).await {
         Ok(uid) if uid == session.user_id => {
             s.accounts.uia_finish(&uia_session);
             Ok(())
         }
+        Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => Err(e),
         _ => Err(ask(Some("M_FORBIDDEN"))),
     }
 }

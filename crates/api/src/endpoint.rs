@@ -27,7 +27,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::Session;
 
 use crate::AppState;
-use crate::extract::{ApiError, access_token, read_limited};
+use crate::extract::{ApiError, TokenChecked, access_token, read_limited};
 
 /// The prefixes every Client-Server endpoint is served under: the current
 /// one, the pre-1.1 one, and the original `api/v1` of the talk's CoAP form.
@@ -66,9 +66,12 @@ pub(crate) async fn session_of(parts: &Parts, s: &AppState) -> Result<Option<Ses
     let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let session = if let Some(Authenticated(session)) = parts.extensions.get::<Authenticated>() {
         session.clone()
+    } else if let Some(TokenChecked(checked)) = parts.extensions.get::<TokenChecked>() {
+        // Resolved (once) by the rate-limit layer.
+        checked.clone()?
     } else {
         match access_token(parts) {
-            Some(token) => s.accounts.authenticate(&token).await?,
+            Some(token) => s.accounts.authenticate(&token, ip).await?,
             None => return Ok(None),
         }
     };

@@ -29,7 +29,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::Services;
 
 pub use endpoint::Authenticated;
-pub use extract::{ApiError, access_token, redacted_uri};
+pub use extract::{ApiError, TokenChecked, access_token, redacted_uri};
 
 pub type AppState = Arc<Services>;
 pub type ApiResult<T = Json<serde_json::Value>> = Result<T, ApiError>;
@@ -173,22 +173,32 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Requests without an access token are rate-limited by client IP here;
-/// authenticated ones by user, in the auth extractor.
+/// ones with an unknown token too (the services charge the IP when
+/// resolving it); authenticated ones by user, in the endpoint's extractor,
+/// which reuses the session resolved here. A request a door authenticated
+/// itself ([`Authenticated`]) is charged to its user there.
 async fn rate_limit_by_ip(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let has_token = req.headers().contains_key(axum::http::header::AUTHORIZATION)
-        || req.uri().query().is_some_and(|q| q.contains("access_token="))
-        || req.extensions().get::<Authenticated>().is_some();
-    if !has_token && req.method() != Method::OPTIONS {
-        let ip = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_default();
-        if let Err(e) = s.limiter.check(&format!("ip:{ip}")) {
-            return ApiError(e).into_response();
+    if req.method() == Method::OPTIONS || req.extensions().get::<Authenticated>().is_some() {
+        return next.run(req).await;
+    }
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let (mut parts, body) = req.into_parts();
+    match extract::access_token(&parts) {
+        Some(token) => match s.accounts.authenticate(&token, ip).await {
+            Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => return ApiError(e).into_response(),
+            // An unknown token: the endpoint answers (401 where it needs one).
+            checked => {
+                parts.extensions.insert(extract::TokenChecked(checked));
+            }
+        },
+        None => {
+            let key = ip.map(|ip| format!("ip:{ip}")).unwrap_or_else(|| "ip:".to_owned());
+            if let Err(e) = s.limiter.check(&key) {
+                return ApiError(e).into_response();
+            }
         }
     }
-    next.run(req).await
+    next.run(Request::from_parts(parts, body)).await
 }
 
 impl IntoResponse for ApiError {

@@ -43,7 +43,11 @@ impl Launcher {
     /// [`Launcher::spawn`], also waiting for the MQTT and CoAP `listening
     /// on` lines when `doors` is set.
     pub async fn spawn_with(&self, data_dir: &Path, log: &Path, timeout: Duration, doors: bool) -> Result<Server> {
-        let mut spec = ServeSpec::new(&self.bin, data_dir, log).env("WEFT_LOG", &self.log_filter);
+        // Every bench client connects from 127.0.0.1: no per-address cap
+        // (`--rss-syncs` and `--subscribers` can go past the default).
+        let mut spec = ServeSpec::new(&self.bin, data_dir, log)
+            .env("WEFT_LOG", &self.log_filter)
+            .env("WEFT_LIMITS__MAX_CONNECTIONS_PER_IP", "0");
         spec.clean_env = false;
         spec.timeout = timeout;
         spec.wait_mqtt = doors;

@@ -147,6 +147,14 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// Longest `/sync` long-poll a client may ask for, in milliseconds.
     pub max_sync_timeout_ms: u64,
+    /// Open TCP connections one client address may have on the HTTP
+    /// listener and the MQTT TCP and TLS listeners together; one more is
+    /// closed at once. 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Seconds an HTTP client has to send a request's headers; a
+    /// keep-alive connection waiting this long for its next request is
+    /// closed too.
+    pub header_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +166,11 @@ pub struct RateLimitConfig {
     pub per_second: f64,
     /// Requests allowed in a burst above the sustained rate.
     pub burst: f64,
+    /// Failed password logins allowed per second, per client address
+    /// and per account (each has its own bucket), through every door.
+    pub failed_login_per_second: f64,
+    /// Failed password logins allowed in a burst (per address, per account).
+    pub failed_login_burst: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +224,8 @@ impl Default for LimitsConfig {
         Self {
             max_body_bytes: 1024 * 1024,
             max_sync_timeout_ms: 60_000,
+            max_connections_per_ip: 2000,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -221,6 +236,8 @@ impl Default for RateLimitConfig {
             enabled: true,
             per_second: 50.0,
             burst: 200.0,
+            failed_login_per_second: 0.1,
+            failed_login_burst: 5.0,
         }
     }
 }
@@ -272,12 +289,25 @@ min_password_length = 8
 max_body_bytes = 1048576
 # Longest /sync long-poll a client may request, in milliseconds.
 max_sync_timeout_ms = 60000
+# Open TCP connections per client address, HTTP and MQTT (TCP, TLS)
+# together; more are closed at once. 0: no limit.
+max_connections_per_ip = 2000
+# Seconds an HTTP client has to send its request headers; an idle
+# keep-alive connection is closed after this long too.
+header_timeout_secs = 10
 
 [rate_limit]
-# Per user (per IP when unauthenticated); appservices are exempt.
+# Per user (per IP when unauthenticated, or when the access token is
+# unknown); appservices are exempt.
 enabled = true
 per_second = 50.0
 burst = 200.0
+# Failed password logins (HTTP /login and user-interactive auth, MQTT
+# CONNECT): a bucket per client address and one per account. When either
+# is empty, logins get 429 M_LIMIT_EXCEEDED (MQTT: CONNACK quota exceeded)
+# without the password being checked. Successful logins are not counted.
+failed_login_per_second = 0.1
+failed_login_burst = 5.0
 
 [database]
 # "sqlite" (embedded). PostgreSQL support is planned.

@@ -315,7 +315,7 @@ impl Server {
                 .expect("device");
             let session = services
                 .accounts
-                .authenticate(&login.access_token)
+                .authenticate(&login.access_token, None)
                 .await
                 .expect("session");
             let req = Req {

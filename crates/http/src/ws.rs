@@ -28,7 +28,7 @@ use weft_services::revocation::SessionWatch;
 use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
 
-use weft_api::{ApiError, access_token};
+use weft_api::{ApiError, TokenChecked, access_token};
 
 pub const WS_PATH: &str = "/_matrix/client/unstable/org.weft.ws";
 
@@ -53,14 +53,19 @@ pub async fn upgrade(services: Arc<Services>, dispatch: Router, req: Request) ->
         Err(rej) => return rej.into_response(),
     };
     let mut session = None;
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let token = access_token(&parts);
     if let Some(t) = &token {
-        match services.accounts.authenticate(t).await {
+        // Resolved (once) by the rate-limit layer.
+        let checked = match parts.extensions.get::<TokenChecked>() {
+            Some(TokenChecked(checked)) => checked.clone(),
+            None => services.accounts.authenticate(t, peer.map(|p| p.0.ip())).await,
+        };
+        match checked {
             Ok(s) => session = Some(s),
             Err(e) => return ApiError(e).into_response(),
         }
     }
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().copied();
     let limit = services.config.limits.max_body_bytes;
     let auth = session.zip(token);
     let watch = auth.as_ref().map(|(s, t)| services.watch_session(s, t));
@@ -305,7 +310,12 @@ impl Conn {
             ));
             return;
         };
-        match self.services.accounts.authenticate(token).await {
+        match self
+            .services
+            .accounts
+            .authenticate(token, self.peer.map(|p| p.0.ip()))
+            .await
+        {
             Ok(session) => {
                 let body = json!({ "user_id": session.user_id, "device_id": session.device_id });
                 self.watch = Some(self.services.watch_session(&session, token));

@@ -12,9 +12,11 @@ use parking_lot::Mutex;
 use rand::Rng;
 use ruma::{OwnedServerName, OwnedUserId, UserId};
 use sha2::{Digest, Sha256};
-use weft_core::config::{RegistrationConfig, RegistrationMode};
+use weft_core::config::{RateLimitConfig, RegistrationConfig, RegistrationMode};
 use weft_core::{Error, ErrorKind, Result};
 use weft_store::{NewUser, Store};
+
+use crate::RateLimiter;
 
 /// An authenticated device.
 #[derive(Debug, Clone)]
@@ -55,6 +57,12 @@ pub struct Accounts {
     /// process's memory only, to write at most once per
     /// [`LAST_SEEN_INTERVAL_MS`] per device unless its address changes.
     last_seen: Mutex<HashMap<DeviceKey, (Option<IpAddr>, u64)>>,
+    /// The general limiter (shared with the doors): unknown access tokens
+    /// are charged to the client address's bucket.
+    requests: Arc<RateLimiter>,
+    /// Failed password logins, a bucket per address (`ip:…`) and per
+    /// account (`user:…`).
+    failed_logins: RateLimiter,
 }
 
 /// (user ID, device ID).
@@ -136,7 +144,13 @@ pub fn valid_localpart(localpart: &str) -> bool {
 }
 
 impl Accounts {
-    pub fn new(store: Arc<dyn Store>, server_name: OwnedServerName, registration: RegistrationConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        server_name: OwnedServerName,
+        registration: RegistrationConfig,
+        requests: Arc<RateLimiter>,
+        rate_limit: &RateLimitConfig,
+    ) -> Self {
         Self {
             store,
             server_name,
@@ -144,6 +158,8 @@ impl Accounts {
             uia: Mutex::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
             last_seen: Mutex::new(HashMap::new()),
+            requests,
+            failed_logins: RateLimiter::failed_logins(rate_limit),
         }
     }
 
@@ -287,10 +303,16 @@ impl Accounts {
         )))
     }
 
-    /// Resolves an access token to its device.
-    pub async fn authenticate(&self, token: &str) -> Result<Session> {
+    /// Resolves an access token to its device. An unknown token costs the
+    /// client address `ip` one request of the general rate limit, so a
+    /// flood of made-up tokens gets `M_LIMIT_EXCEEDED` like anonymous
+    /// requests do.
+    pub async fn authenticate(&self, token: &str, ip: Option<IpAddr>) -> Result<Session> {
         let owner = self.store.lookup_token(&token_hash(token)).await?;
         let Some(owner) = owner else {
+            if let Some(ip) = ip {
+                self.requests.check(&format!("ip:{ip}"))?;
+            }
             return Err(Error::new(
                 ErrorKind::UnknownToken { soft_logout: false },
                 "Unknown access token",
@@ -360,8 +382,38 @@ impl Accounts {
     }
 
     /// Checks a password for a user; the error is the same whether the
-    /// user exists or not.
-    pub async fn check_password(&self, user: &str, password: &str) -> Result<OwnedUserId> {
+    /// user exists or not. Every door's password login comes here, with
+    /// the client's address when it has one: each attempt takes one from
+    /// the address's and the account's failed-login buckets (given back
+    /// if the password is right), and when either is empty the answer is
+    /// `M_LIMIT_EXCEEDED` without checking the password.
+    pub async fn check_password(&self, user: &str, password: &str, ip: Option<IpAddr>) -> Result<OwnedUserId> {
+        let account = match self.user_id_for(user) {
+            Ok(id) => format!("user:{id}"),
+            // Not a user name here: still one bucket per name tried.
+            Err(_) => format!("user:{}", user.chars().take(255).collect::<String>().to_lowercase()),
+        };
+        let address = ip.map(|ip| format!("ip:{ip}"));
+        if let Some(a) = &address {
+            self.failed_logins.check(a)?;
+        }
+        if let Err(e) = self.failed_logins.check(&account) {
+            if let Some(a) = &address {
+                self.failed_logins.refund(a);
+            }
+            return Err(e);
+        }
+        let checked = self.verify_login(user, password).await;
+        if checked.is_ok() {
+            if let Some(a) = &address {
+                self.failed_logins.refund(a);
+            }
+            self.failed_logins.refund(&account);
+        }
+        checked
+    }
+
+    async fn verify_login(&self, user: &str, password: &str) -> Result<OwnedUserId> {
         let wrong = || Error::forbidden("Invalid username or password");
         let user_id = self.user_id_for(user).map_err(|_| wrong())?;
         let Some(record) = self.store.get_user(user_id.as_str()).await? else {

@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod connections;
 pub mod content;
 pub mod ephemeral;
 pub mod keys;
@@ -24,6 +25,7 @@ use weft_rooms::Rooms;
 use weft_store::Store;
 
 pub use accounts::{Accounts, Session};
+pub use connections::{ConnectionLimiter, ConnectionPermit};
 pub use ratelimit::RateLimiter;
 
 /// Spec versions whose Client-Server API subset Weft serves.
@@ -39,7 +41,12 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub rooms: Arc<Rooms>,
     pub accounts: Accounts,
-    pub limiter: RateLimiter,
+    /// The general rate limit (`[rate_limit]` per_second/burst): keys
+    /// `ip:ADDRESS` and user IDs.
+    pub limiter: Arc<RateLimiter>,
+    /// Open TCP connections per client address (`[limits]
+    /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
+    pub connections: Arc<ConnectionLimiter>,
 }
 
 impl Services {
@@ -56,8 +63,15 @@ impl Services {
             signing_key,
             &config.rooms.default_room_version,
         )?);
-        let accounts = Accounts::new(store.clone(), server_name.clone(), config.registration.clone());
-        let limiter = RateLimiter::new(&config.rate_limit);
+        let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
+        let accounts = Accounts::new(
+            store.clone(),
+            server_name.clone(),
+            config.registration.clone(),
+            limiter.clone(),
+            &config.rate_limit,
+        );
+        let connections = Arc::new(ConnectionLimiter::new(config.limits.max_connections_per_ip));
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -65,6 +79,7 @@ impl Services {
             rooms,
             accounts,
             limiter,
+            connections,
         }))
     }
 }

@@ -4,6 +4,8 @@
 
 mod admin;
 
+mod listener;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,6 +94,7 @@ enum UserCommand {
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     tune_malloc();
+    private_files();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,6 +124,58 @@ fn tune_malloc() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+}
+
+/// Everything this process creates (data directory, database and its WAL,
+/// keys, certificates) is readable by its owner only: the umask is 077.
+fn private_files() {
+    #[cfg(unix)]
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Takes away group and other access from a data directory and the
+/// secrets in it that an older version created readable by all: the
+/// directory, the database with its WAL and shared-memory files, the
+/// signing key, the `tls/` directory and the private keys in it.
+fn tighten_permissions(data_dir: &Path, config: &Config) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let tighten = |path: &Path, mode: u32| -> anyhow::Result<()> {
+            match std::fs::metadata(path) {
+                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                        .with_context(|| format!("restricting access to {}", path.display()))?;
+                    tracing::info!("restricted {} to mode {mode:o}", path.display());
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        tighten(data_dir, 0o700)?;
+        let db = config.sqlite_file(data_dir);
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut name = db.clone().into_os_string();
+            name.push(suffix);
+            tighten(Path::new(&name), 0o600)?;
+        }
+        tighten(&data_dir.join("signing.key"), 0o600)?;
+        let tls = data_dir.join("tls");
+        tighten(&tls, 0o700)?;
+        if let Ok(entries) = std::fs::read_dir(&tls) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "key") {
+                    tighten(&entry.path(), 0o600)?;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (data_dir, config);
+    Ok(())
 }
 
 /// Loads the config, creating the data directory and a commented config
@@ -158,6 +213,7 @@ fn prepare(
     if let Some(n) = server_name {
         config.server_name = n;
     }
+    tighten_permissions(data_dir, &config)?;
     Ok((config, first_run))
 }
 
@@ -177,6 +233,15 @@ async fn serve(
     let (mut config, first_run) = prepare(data_dir, config, listen, server_name, true)?;
     // One server per data directory, for its whole life (see admin.rs).
     let _lock = admin::lock_for_serve(data_dir).await?;
+    let open_files = listener::raise_open_file_limit();
+    if let Some(n) = open_files
+        && config.limits.max_connections_per_ip as u64 > n / 2
+    {
+        tracing::warn!(
+            "the open-file limit is {n}: one address may hold {} connections ([limits] max_connections_per_ip)",
+            config.limits.max_connections_per_ip
+        );
+    }
     let listen_addr = config.listen.clone();
     let server_name = config.server_name.clone();
     let listener = tokio::net::TcpListener::bind(&listen_addr)
@@ -284,16 +349,13 @@ async fn serve(
             mqtt.begin_shutdown();
         }
     };
-    let server =
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown);
-    let served = server.await;
+    listener::serve(listener, app, services.clone(), shutdown).await;
     // MQTT connections store their sessions before the process ends.
     if let Some(mqtt) = &mqtt {
         mqtt.shutdown(std::time::Duration::from_secs(5)).await;
     }
     // Removes the socket file; the lock goes with the process.
     drop(admin_socket);
-    served?;
     Ok(())
 }
 

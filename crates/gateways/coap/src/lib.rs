@@ -607,7 +607,7 @@ impl<T: Transport> Door<T> {
     /// the same device.
     async fn still_valid(&self, session: &Session, credential: &Credential) -> weft_core::Result<()> {
         let now = match credential {
-            Credential::Token(t) => Some(self.services.accounts.authenticate(t).await?),
+            Credential::Token(t) => Some(self.services.accounts.authenticate(t, None).await?),
             Credential::Psk(identity) => self.services.accounts.psk_owner(identity).await?.map(|(s, _)| s),
         };
         match now {
@@ -663,7 +663,7 @@ impl<T: Transport> Door<T> {
             // is charged to the peer's IP.
             return Ok((routes::dispatch(&self.api, None, Some(peer), &p, r).await?, None));
         };
-        let session = self.services.accounts.authenticate(&token).await?;
+        let session = self.services.accounts.authenticate(&token, Some(peer.ip())).await?;
         if presented.is_some() {
             let mut st = self.state.lock();
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {

@@ -223,7 +223,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         let _ = writer.send(refuse(Refusal::ClientIdInvalid)).await;
         return;
     }
-    let (session, token) = match authenticate(&broker.services, &connect, &client_id).await {
+    let (session, token) = match authenticate(&broker.services, &connect, &client_id, peer.map(|p| p.ip())).await {
         Ok(s) => s,
         Err(r) => {
             tracing::debug!(?peer, "mqtt: CONNECT refused: {r:?}");
@@ -377,7 +377,12 @@ async fn put_saved(services: &Services, user: &str, data_type: &str, saved: Opti
 /// token of that user, or the account password (then a device with the
 /// client ID as device ID is created or reused). Returns the session and
 /// its access token (which revocation is checked by).
-async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Result<(Session, String), Refusal> {
+async fn authenticate(
+    services: &Services,
+    c: &Connect,
+    client_id: &str,
+    ip: Option<std::net::IpAddr>,
+) -> Result<(Session, String), Refusal> {
     let (Some(user), Some(password)) = (&c.username, &c.password) else {
         return Err(Refusal::BadCredentials);
     };
@@ -385,14 +390,14 @@ async fn authenticate(services: &Services, c: &Connect, client_id: &str) -> Resu
         .accounts
         .user_id_for(user)
         .map_err(|_| Refusal::BadCredentials)?;
-    if let Ok(session) = services.accounts.authenticate(password).await {
+    if let Ok(session) = services.accounts.authenticate(password, ip).await {
         return if session.user_id == wanted {
             Ok((session, password.clone()))
         } else {
             Err(Refusal::BadCredentials)
         };
     }
-    match services.accounts.check_password(user, password).await {
+    match services.accounts.check_password(user, password, ip).await {
         Ok(user_id) => {
             let login = services
                 .accounts

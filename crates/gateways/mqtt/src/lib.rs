@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use weft_services::Services;
+use weft_services::{ConnectionPermit, Services};
 
 pub use codec::MAX_PACKET;
 pub use ws::WS_PATH;
@@ -120,16 +120,21 @@ impl Mqtt {
         self.broker.slots.clone().try_acquire_owned().ok()
     }
 
-    /// The next accepted connection that gets a slot (one over the cap is
-    /// closed at once).
-    async fn admit(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    /// The next accepted connection that gets a slot, and one of its
+    /// address's (`[limits] max_connections_per_ip`, shared with the HTTP
+    /// listener). One over either cap is closed at once.
+    async fn admit(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, (OwnedSemaphorePermit, ConnectionPermit)) {
         loop {
             let Some((stream, peer)) = accept(listener).await else {
                 continue;
             };
-            match self.slot() {
-                Some(slot) => return (stream, peer, slot),
-                None => tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}"),
+            let Some(slot) = self.slot() else {
+                tracing::warn!("mqtt: {MAX_CONNECTIONS} connections open; closing the one from {peer}");
+                continue;
+            };
+            match self.broker.services.connections.try_open(peer.ip()) {
+                Some(per_ip) => return (stream, peer, (slot, per_ip)),
+                None => tracing::debug!("mqtt: too many connections from {}; closing a new one", peer.ip()),
             }
         }
     }

@@ -163,6 +163,11 @@ impl TestServer {
         *self.base.lock().unwrap() = self.process.addrs.http.clone();
     }
 
+    /// The process ID of the running child.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }

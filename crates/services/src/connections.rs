@@ -1,0 +1,95 @@
+//! Open connections per client address, for the listeners of every
+//! TCP door (HTTP, MQTT over TCP and TLS): one address cannot take all
+//! of the process's file descriptors.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub struct ConnectionLimiter {
+    /// Most connections per address; 0: no limit.
+    max_per_ip: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection of an address; dropping it closes the slot.
+pub struct ConnectionPermit {
+    limiter: Arc<ConnectionLimiter>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    pub fn new(max_per_ip: usize) -> Self {
+        Self {
+            max_per_ip,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` if it has
+    /// [`max_per_ip`](Self::new) open already.
+    pub fn try_open(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionPermit> {
+        let ip = canonical(ip);
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if self.max_per_ip > 0 && *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionPermit {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open from `ip` now.
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        self.open.lock().get(&canonical(ip)).copied().unwrap_or(0)
+    }
+
+    pub fn max_per_ip(&self) -> usize {
+        self.max_per_ip
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An IPv4 address seen through an IPv6 socket counts as itself.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_each_address_and_frees_on_drop() {
+        let l = Arc::new(ConnectionLimiter::new(2));
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let p1 = l.try_open(a).unwrap();
+        let _p2 = l.try_open(a).unwrap();
+        assert!(l.try_open(a).is_none());
+        assert!(l.try_open("::ffff:127.0.0.1".parse().unwrap()).is_none());
+        let _q = l.try_open(b).unwrap();
+        drop(p1);
+        assert_eq!(l.open_from(a), 1);
+        assert!(l.try_open(a).is_some());
+    }
+}
