@@ -208,7 +208,7 @@ async fn send_run(target: &Target, shape: &SendShape) -> Result<Value> {
     let (over_10, over_50) = (over(10), over(50));
     // The slowest requests and when they started, to tell periodic stalls
     // (a checkpoint, a timer) from random ones.
-    lat.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    lat.sort_unstable_by_key(|l| std::cmp::Reverse(l.0));
     let slowest: Vec<Value> = lat
         .iter()
         .take(10)

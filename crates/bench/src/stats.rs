@@ -66,8 +66,8 @@ mod tests {
         assert_eq!(s.p99, 99.0);
         assert_eq!(s.p999, 100.0);
         assert_eq!(s.max, 100.0);
-        let s = summarize((1..=2000).map(|ms| ms * 1000).collect());
-        assert_eq!(s.p999, 1998.0);
+        let long = summarize((1..=2000).map(|ms| ms * 1000).collect());
+        assert_eq!(long.p999, 1998.0);
         assert_eq!(s.mean, 50.5);
         let empty = summarize(vec![]);
         assert_eq!(empty.count, 0);

@@ -321,7 +321,7 @@ fn checkpointer(conn: Connection, wake: mpsc::Receiver<()>, restart: Arc<AtomicB
             return;
         }
         match passive_checkpoint(&conn) {
-            Ok((log, done)) => {
+            Ok((log, _)) => {
                 if log >= WAL_RESTART_PAGES {
                     restart.store(true, Ordering::Relaxed);
                 }
