@@ -1316,8 +1316,8 @@ async fn revoked_credentials_end_open_connections() {
     let mut alice = alice.clone();
     alice.password = new_password.to_owned();
 
-    // `weft user revoke`, another process: the next event is not
-    // delivered; the connection closes instead.
+    // `weft user revoke` (it goes through the running server's admin
+    // socket): the next event is not delivered; the connection closes.
     let mut c = c4(&srv, "CLIDEV", "alice", &alice.password, true);
     c.connack().await;
     c.client.subscribe(&topic, q1()).await.unwrap();
@@ -1335,10 +1335,12 @@ async fn revoked_credentials_end_open_connections() {
     let (ok, out) = srv.cli(&["user", "revoke", "alice", "CLIPUB"]);
     assert!(ok, "{out}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    c.client
+    // The revocation went through the running server, so the connection
+    // may be gone already and the client refuse to queue the publish.
+    let _ = c
+        .client
         .publish(format!("weft/r/{room}/e/org.weft.revoked"), q1(), false, "{}")
-        .await
-        .unwrap();
+        .await;
     closed4(&mut c).await;
 
     // Deactivation.
