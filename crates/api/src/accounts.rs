@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::config::RegistrationMode;
 use weft_core::{Error, ErrorKind};
-use weft_store::ProfileField;
 
 use ruma::api::client::account::whoami;
 use ruma::api::client::session::{logout, logout_all};
@@ -309,50 +308,12 @@ pub async fn deactivate(
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }
 
-async fn profile_of(s: &AppState, user_id: &str) -> Result<weft_store::UserRecord, Error> {
-    s.store
-        .get_user(user_id)
-        .await?
-        .filter(|u| !u.deactivated)
-        .ok_or_else(|| Error::not_found("Profile not found"))
-}
-
 pub async fn get_profile(State(s): State<AppState>, P(user_id): P<String>) -> ApiResult {
-    let u = profile_of(&s, &user_id).await?;
-    let mut out = serde_json::Map::new();
-    if let Some(d) = u.displayname {
-        out.insert("displayname".into(), d.into());
-    }
-    if let Some(a) = u.avatar_url {
-        out.insert("avatar_url".into(), a.into());
-    }
-    Ok(Json(Value::Object(out)))
-}
-
-fn field(name: &str) -> Result<ProfileField, Error> {
-    match name {
-        "displayname" => Ok(ProfileField::DisplayName),
-        "avatar_url" => Ok(ProfileField::AvatarUrl),
-        _ => Err(Error::new(
-            ErrorKind::Unrecognized {
-                method_not_allowed: false,
-            },
-            "Unknown profile field",
-        )),
-    }
+    Ok(Json(Value::Object(s.profile(&user_id).await?)))
 }
 
 pub async fn get_profile_field(State(s): State<AppState>, P((user_id, name)): P<(String, String)>) -> ApiResult {
-    let f = field(&name)?;
-    let u = profile_of(&s, &user_id).await?;
-    let v = match f {
-        ProfileField::DisplayName => u.displayname,
-        ProfileField::AvatarUrl => u.avatar_url,
-    };
-    match v {
-        Some(v) => Ok(Json(json!({ name: v }))),
-        None => Err(Error::not_found("Profile field not set").into()),
-    }
+    Ok(Json(s.profile_field(&user_id, &name).await?))
 }
 
 pub async fn put_profile_field(
@@ -361,52 +322,12 @@ pub async fn put_profile_field(
     P((user_id, name)): P<(String, String)>,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult {
-    let f = field(&name)?;
-    if user_id != session.user_id.as_str() {
-        return Err(Error::forbidden("Cannot set another user's profile").into());
-    }
     let value = match body.get(&name) {
         Some(Value::String(v)) => Some(v.clone()),
         Some(Value::Null) | None => None,
         Some(_) => return Err(Error::bad_json(format!("{name} must be a string")).into()),
     };
-    if value.as_ref().is_some_and(|v| v.len() > 256 * 4) {
-        return Err(Error::invalid_param("Value too long").into());
-    }
-    s.store
-        .set_profile_field(session.user_id.as_str(), f, value.clone())
-        .await?;
-    // Update the member event in every joined room, like other homeservers.
-    for room in s.joined_rooms(&session.user_id).await? {
-        let mut content = match s
-            .state_event(&session.user_id, &room, "m.room.member", session.user_id.as_str())
-            .await
-        {
-            Ok(ev) => serde_json::from_str::<Value>(&ev.pdu_json)
-                .ok()
-                .and_then(|v| v.get("content").cloned())
-                .unwrap_or(json!({})),
-            Err(_) => continue,
-        };
-        match &value {
-            Some(v) => content[&name] = json!(v),
-            None => {
-                if let Some(o) = content.as_object_mut() {
-                    o.remove(&name);
-                }
-            }
-        }
-        let _ = s
-            .send_event(
-                &session,
-                &room,
-                "m.room.member",
-                Some(session.user_id.as_str()),
-                None,
-                content,
-            )
-            .await;
-    }
+    s.set_profile_field(&session, &user_id, &name, value).await?;
     Ok(Json(json!({})))
 }
 

@@ -4,9 +4,6 @@
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
-use weft_core::Error;
-use weft_services::content::canonical_object;
-use weft_services::sync::SyncFilter;
 
 use crate::extract::{Auth, JsonBody, P};
 use crate::{ApiResult, AppState};
@@ -58,22 +55,13 @@ pub async fn read_markers(State(s): State<AppState>, Auth(session): Auth, P(room
     Ok(Json(json!({})))
 }
 
-fn own(session: &weft_services::Session, user_id: &str) -> Result<(), Error> {
-    if session.user_id.as_str() != user_id {
-        return Err(Error::forbidden("Cannot access another user's data"));
-    }
-    Ok(())
-}
-
 pub async fn put_filter(
     State(s): State<AppState>,
     Auth(session): Auth,
     P(user_id): P<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    SyncFilter::parse(body.clone())?;
-    let id = s.store.put_filter(&user_id, &body.to_string()).await?;
+    let id = s.put_filter(&session, &user_id, body).await?;
     Ok(Json(json!({ "filter_id": id })))
 }
 
@@ -82,32 +70,7 @@ pub async fn get_filter(
     Auth(session): Auth,
     P((user_id, filter_id)): P<(String, String)>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    let f = s
-        .store
-        .get_filter(&user_id, &filter_id)
-        .await?
-        .ok_or_else(|| Error::not_found("Filter not found"))?;
-    Ok(Json(serde_json::from_str(&f).map_err(Error::internal)?))
-}
-
-async fn put_ad(s: &AppState, user_id: &str, room: Option<&str>, data_type: &str, body: Value) -> ApiResult {
-    let content = canonical_object(body)?;
-    let json = serde_json::to_string(&content).map_err(Error::internal)?;
-    s.store
-        .put_account_data(user_id, room, data_type, &json)
-        .await
-        .map_err(|_| Error::internal("account data not stored"))??;
-    Ok(Json(json!({})))
-}
-
-async fn get_ad(s: &AppState, user_id: &str, room: Option<&str>, data_type: &str) -> ApiResult {
-    let v = s
-        .store
-        .get_account_data(user_id, room, data_type)
-        .await?
-        .ok_or_else(|| Error::not_found("Account data not found"))?;
-    Ok(Json(serde_json::from_str(&v).map_err(Error::internal)?))
+    Ok(Json(s.get_filter(&session, &user_id, &filter_id).await?))
 }
 
 pub async fn put_account_data(
@@ -116,8 +79,8 @@ pub async fn put_account_data(
     P((user_id, data_type)): P<(String, String)>,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    put_ad(&s, &user_id, None, &data_type, body).await
+    s.put_account_data(&session, &user_id, None, &data_type, body).await?;
+    Ok(Json(json!({})))
 }
 
 pub async fn get_account_data(
@@ -125,8 +88,7 @@ pub async fn get_account_data(
     Auth(session): Auth,
     P((user_id, data_type)): P<(String, String)>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    get_ad(&s, &user_id, None, &data_type).await
+    Ok(Json(s.account_data(&session, &user_id, None, &data_type).await?))
 }
 
 pub async fn put_room_account_data(
@@ -135,8 +97,9 @@ pub async fn put_room_account_data(
     P((user_id, room, data_type)): P<(String, String, String)>,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    put_ad(&s, &user_id, Some(&room), &data_type, body).await
+    s.put_account_data(&session, &user_id, Some(&room), &data_type, body)
+        .await?;
+    Ok(Json(json!({})))
 }
 
 pub async fn get_room_account_data(
@@ -144,8 +107,7 @@ pub async fn get_room_account_data(
     Auth(session): Auth,
     P((user_id, room, data_type)): P<(String, String, String)>,
 ) -> ApiResult {
-    own(&session, &user_id)?;
-    get_ad(&s, &user_id, Some(&room), &data_type).await
+    Ok(Json(s.account_data(&session, &user_id, Some(&room), &data_type).await?))
 }
 
 /// Push rules are not evaluated yet; clients get an empty rule set.

@@ -455,33 +455,5 @@ pub async fn room_aliases(s: AppState, req: Ruma<aliases::v3::Request>) -> Resul
 }
 
 pub async fn public_rooms(State(s): State<AppState>) -> ApiResult {
-    let mut chunk = Vec::new();
-    for room_id in s.store.public_rooms().await? {
-        let state = s.store.current_state(&room_id).await?;
-        let get = |t: &str, k: &str| {
-            state
-                .iter()
-                .find(|e| e.event_type == t)
-                .map(|e| content_of(e).get(k).cloned())
-        };
-        let joined = state
-            .iter()
-            .filter(|e| {
-                e.event_type == "m.room.member" && weft_services::room_ops::membership_of(e).as_deref() == Some("join")
-            })
-            .count();
-        chunk.push(json!({
-            "room_id": room_id,
-            "name": get("m.room.name", "name").flatten(),
-            "topic": get("m.room.topic", "topic").flatten(),
-            "canonical_alias": get("m.room.canonical_alias", "alias").flatten(),
-            "num_joined_members": joined,
-            "world_readable": get("m.room.history_visibility", "history_visibility").flatten() == Some(json!("world_readable")),
-            "guest_can_join": get("m.room.guest_access", "guest_access").flatten() == Some(json!("can_join")),
-            "join_rule": get("m.room.join_rules", "join_rule").flatten(),
-        }));
-    }
-    Ok(Json(
-        json!({ "chunk": chunk, "total_room_count_estimate": chunk.len() }),
-    ))
+    Ok(Json(s.public_rooms().await?))
 }

@@ -16,6 +16,7 @@ pub mod room_ops;
 pub mod stream;
 pub mod sync;
 pub mod tls;
+pub mod user_data;
 
 use std::sync::Arc;
 
@@ -27,6 +28,9 @@ use weft_store::Store;
 pub use accounts::{Accounts, Session};
 pub use connections::{ConnectionLimiter, ConnectionPermit};
 pub use ratelimit::RateLimiter;
+/// An event on its way to the store, for a door that acknowledges it once
+/// it is durable.
+pub use weft_rooms::Submitted;
 
 /// Spec versions whose Client-Server API subset Weft serves.
 pub const SPEC_VERSIONS: &[&str] = &[
@@ -38,7 +42,7 @@ pub const SPEC_VERSIONS: &[&str] = &[
 pub struct Services {
     pub config: Config,
     pub server_name: OwnedServerName,
-    pub store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     pub rooms: Arc<Rooms>,
     pub accounts: Accounts,
     /// The general rate limit (`[rate_limit]` per_second/burst): keys

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use ruma::{OwnedRoomId, UserId};
 use weft_core::Result;
-use weft_store::{Direction, StoredEvent, StreamKey};
+/// A persisted event, as stream readers get it.
+pub use weft_store::StoredEvent;
+use weft_store::{Direction, StreamKey};
 
 use crate::Services;
 
@@ -25,12 +27,18 @@ impl Feed {
     /// its own transaction IDs.
     pub fn client_events(&self, session: &crate::Session) -> Vec<serde_json::Value> {
         let now = weft_core::now_ms();
-        let viewer = Some((session.user_id.as_str(), session.device_id.as_str()));
-        self.events
-            .iter()
-            .map(|e| weft_rooms::client_event(e, viewer, now))
-            .collect()
+        self.events.iter().map(|e| client_event_at(e, session, now)).collect()
     }
+}
+
+/// An event as `session`'s device sees it: the client format, with its own
+/// transaction ID.
+pub fn client_event(event: &StoredEvent, session: &crate::Session) -> serde_json::Value {
+    client_event_at(event, session, weft_core::now_ms())
+}
+
+fn client_event_at(event: &StoredEvent, session: &crate::Session, now: u64) -> serde_json::Value {
+    weft_rooms::client_event(event, Some((session.user_id.as_str(), session.device_id.as_str())), now)
 }
 
 impl Services {

@@ -247,24 +247,24 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     let mut saved: Option<Saved> = None;
     if connect.clean {
         // Forget an earlier persistent session of this client ID.
-        if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await
-            && text != "{}"
+        if let Ok(stored) = services.account_data(&session, &user, None, &data_type).await
+            && stored != serde_json::json!({})
         {
-            let _ = put_saved(&services, &user, &data_type, None).await;
+            let _ = put_saved(&services, &session, &data_type, None).await;
         }
-    } else if let Ok(Some(text)) = services.store.get_account_data(&user, None, &data_type).await {
-        saved = serde_json::from_str::<Saved>(&text).ok().filter(|s| s.position > 0);
+    } else if let Ok(stored) = services.account_data(&session, &user, None, &data_type).await {
+        saved = serde_json::from_value::<Saved>(stored).ok().filter(|s| s.position > 0);
         if saved.as_ref().is_some_and(|s| s.expired(weft_core::now_ms() as i64)) {
             // Its session expiry interval has passed since it ended.
             saved = None;
-            let _ = put_saved(&services, &user, &data_type, None).await;
+            let _ = put_saved(&services, &session, &data_type, None).await;
         }
     }
     let session_present = saved.is_some();
     let position = saved
         .as_ref()
         .map(|s| s.position)
-        .unwrap_or_else(|| services.store.current_position());
+        .unwrap_or_else(|| services.stream_position());
     let (saved_subs, saved_flights, saved_received) = saved
         .map(|s| (s.subscriptions, s.flights, s.received))
         .unwrap_or_default();
@@ -343,7 +343,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     } else if session_present || conn.stored {
         // MQTT 5 without (or with a DISCONNECT ending its) expiry interval:
         // the session ends here.
-        let _ = put_saved(&services, &user, &conn.data_type, None).await;
+        let _ = put_saved(&services, &conn.session, &conn.data_type, None).await;
     }
     let send_will = match end {
         End::Graceful { send_will, .. } => send_will,
@@ -362,15 +362,17 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     broker.unregister(&key, conn_id);
 }
 
-async fn put_saved(services: &Services, user: &str, data_type: &str, saved: Option<&Saved>) -> Result<(), ()> {
-    let text = match saved {
-        Some(s) => serde_json::to_string(s).map_err(|_| ())?,
-        None => "{}".to_owned(),
+/// Stores (or, with `None`, clears) a persistent session, as the user's
+/// account data.
+async fn put_saved(services: &Services, session: &Session, data_type: &str, saved: Option<&Saved>) -> Result<(), ()> {
+    let value = match saved {
+        Some(s) => serde_json::to_value(s).map_err(|_| ())?,
+        None => serde_json::json!({}),
     };
-    match services.store.put_account_data(user, None, data_type, &text).await {
-        Ok(Ok(_)) => Ok(()),
-        _ => Err(()),
-    }
+    services
+        .put_account_data(session, session.user_id.as_str(), None, data_type, value)
+        .await
+        .map_err(|_| ())
 }
 
 /// Username is a Matrix user ID or localpart; the password is an access
@@ -587,14 +589,9 @@ impl Conn {
             expiry: self.expiry,
             saved_ms: weft_core::now_ms() as i64,
         };
-        if put_saved(
-            &self.services,
-            self.session.user_id.as_str(),
-            &self.data_type,
-            Some(&saved),
-        )
-        .await
-        .is_ok()
+        if put_saved(&self.services, &self.session, &self.data_type, Some(&saved))
+            .await
+            .is_ok()
         {
             self.saved_position = saved.position;
             self.stored = true;
@@ -982,7 +979,7 @@ impl Conn {
         let mut results = Vec::with_capacity(filters.len());
         let mut added = Vec::new();
         for (filter, qos) in filters {
-            let from = self.services.store.current_position();
+            let from = self.services.stream_position();
             match make_sub(&self.services, &self.session, &filter, qos, from).await {
                 Ok(sub) => {
                     results.push(Ok(sub.qos));
@@ -1068,7 +1065,7 @@ impl Conn {
 
     /// A PUBLISH checked, built into an event and queued for the store
     /// through the shared pipeline.
-    async fn submit_publish(&self, topic: &str, payload: &[u8]) -> Result<weft_rooms::Submitted, Refusal> {
+    async fn submit_publish(&self, topic: &str, payload: &[u8]) -> Result<weft_services::Submitted, Refusal> {
         let target = parse_publish(topic).ok_or(Refusal::TopicInvalid)?;
         // The same per-user budget as the HTTP API. Over it, the client is
         // slowed down first (MQTT's flow control is not reading), and only

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ruma::OwnedRoomId;
 use tokio::sync::{mpsc, watch};
+use weft_services::stream::{StoredEvent, client_event};
 use weft_services::{Services, Session};
-use weft_store::StoredEvent;
 
 use crate::topics::{FilterRoom, event_topic, matches, prefix, state_topic};
 
@@ -54,11 +54,7 @@ async fn rooms_of(services: &Services, session: &Session, subs: &[Sub]) -> Vec<O
 }
 
 fn payload(ev: &StoredEvent, session: &Session) -> Bytes {
-    let json = weft_rooms::client_event(
-        ev,
-        Some((session.user_id.as_str(), session.device_id.as_str())),
-        weft_core::now_ms(),
-    );
+    let json = client_event(ev, session);
     Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
 }
 
