@@ -18,10 +18,10 @@ use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedUserId};
 use std::collections::BTreeMap;
 
-use crate::accounts::{AuthData, password_uia};
 use crate::endpoint::{Full, Ruma, bad_json, convert, field};
 use crate::extract::{Auth, JsonBody};
 use crate::{ApiResult, AppState};
+use weft_services::sign_in::AuthData;
 
 pub async fn upload(s: AppState, req: Ruma<upload_keys::v3::Request>) -> Result<upload_keys::v3::Response, Error> {
     let body = req.body;
@@ -128,7 +128,7 @@ pub async fn device_signing_upload(
     JsonBody(body): JsonBody<DeviceSigningBody>,
 ) -> ApiResult {
     if s.cross_signing_needs_auth(&session, &body.keys).await? {
-        password_uia(&s, &session, body.auth).await?;
+        s.password_uia(&session, body.auth).await?;
     }
     Ok(Json(s.upload_cross_signing_keys(&session, body.keys).await?))
 }

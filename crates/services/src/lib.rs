@@ -13,6 +13,7 @@ pub mod keys;
 pub mod ratelimit;
 pub mod revocation;
 pub mod room_ops;
+pub mod sign_in;
 pub mod stream;
 pub mod sync;
 pub mod tls;
