@@ -5,8 +5,9 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind};
+use weft_services::filter::EventFilter;
 use weft_services::room_ops::{CreateRoomRequest, Pagination};
-use weft_services::sync::{EventFilter, SyncRequest};
+use weft_services::sync::SyncRequest;
 use weft_store::{Direction, StoredEvent};
 
 use ruma::api::client::alias::{create_alias, delete_alias, get_alias};

@@ -11,7 +11,7 @@ use weft_core::{Error, Result};
 use weft_store::{DeviceTarget, KeySignature, KeyUpload, NewToDevice};
 
 use crate::content::canonical_object;
-use crate::room_ops::parse_token;
+use crate::tokens::parse_token;
 use crate::{Services, Session};
 
 /// The `/keys/upload` body.

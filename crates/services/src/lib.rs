@@ -9,6 +9,8 @@ pub mod admin;
 pub mod connections;
 pub mod content;
 pub mod ephemeral;
+pub mod events;
+pub mod filter;
 pub mod keys;
 pub mod ratelimit;
 pub mod revocation;
@@ -17,6 +19,7 @@ pub mod sign_in;
 pub mod stream;
 pub mod sync;
 pub mod tls;
+pub mod tokens;
 pub mod user_data;
 
 use std::sync::Arc;

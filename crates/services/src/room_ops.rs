@@ -13,7 +13,9 @@ use weft_rooms::{CreateRoom, EventSpec, Preset, Sent, Visibility, parse_room_ver
 use weft_store::{Direction, StoredEvent};
 
 use crate::content::canonical_object;
-use crate::sync::EventFilter;
+use crate::events::membership_of;
+use crate::filter::EventFilter;
+use crate::tokens::{make_token, parse_token};
 use crate::{Services, Session};
 
 /// The `/createRoom` body.
@@ -63,22 +65,6 @@ pub struct ReadView {
     pub visibility: Visibility,
     pub upto: i64,
     pub membership: Option<String>,
-}
-
-/// Parses a pagination token: the stream position the token stands after.
-pub fn parse_token(token: &str) -> Result<i64> {
-    token
-        .strip_prefix('s')
-        .or_else(|| token.strip_prefix('t'))
-        .unwrap_or(token)
-        .parse::<i64>()
-        .ok()
-        .filter(|p| *p >= 0)
-        .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
-}
-
-pub fn make_token(pos: i64) -> String {
-    format!("s{pos}")
 }
 
 impl Services {
@@ -676,13 +662,6 @@ impl Services {
         self.store.delete_alias(alias).await?;
         Ok(())
     }
-}
-
-/// The `membership` of a member event.
-pub fn membership_of(ev: &StoredEvent) -> Option<String> {
-    serde_json::from_str::<Value>(&ev.pdu_json)
-        .ok()
-        .and_then(|v| v.get("content")?.get("membership")?.as_str().map(str::to_owned))
 }
 
 /// Checks what a client may send and turns it into the pipeline's request.

@@ -8,7 +8,7 @@ use weft_core::{Error, ErrorKind, Result};
 use weft_store::ProfileField;
 
 use crate::content::canonical_object;
-use crate::sync::SyncFilter;
+use crate::filter::SyncFilter;
 use crate::{Services, Session};
 
 /// The longest display name or avatar URL, in bytes.
@@ -189,7 +189,7 @@ impl Services {
             let joined = state
                 .iter()
                 .filter(|e| {
-                    e.event_type == "m.room.member" && crate::room_ops::membership_of(e).as_deref() == Some("join")
+                    e.event_type == "m.room.member" && crate::events::membership_of(e).as_deref() == Some("join")
                 })
                 .count();
             chunk.push(json!({

@@ -495,7 +495,7 @@ impl<T: Transport> Door<T> {
                     .body
                     .get("start")
                     .and_then(Value::as_str)
-                    .and_then(|t| weft_services::room_ops::parse_token(t).ok());
+                    .and_then(|t| weft_services::tokens::parse_token(t).ok());
                 match (since, self.services.resolve_room(p[1]).await) {
                     (Some(since), Ok(room)) => Some(Watch::Room { room, since }),
                     _ => None,
@@ -587,8 +587,8 @@ impl<T: Transport> Door<T> {
                 }
                 Ok(Some(serde_json::json!({
                     "chunk": feed.client_events(session),
-                    "start": weft_services::room_ops::make_token(start),
-                    "end": weft_services::room_ops::make_token(*since),
+                    "start": weft_services::tokens::make_token(start),
+                    "end": weft_services::tokens::make_token(*since),
                 })))
             }
         }
