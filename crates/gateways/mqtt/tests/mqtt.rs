@@ -461,10 +461,7 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
 async fn mosquitto_clients_publish_and_subscribe() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
-    if Command::new("mosquitto_pub").arg("--help").output().is_err()
-        || Command::new("mosquitto_sub").arg("--help").output().is_err()
-    {
-        eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)");
+    if !weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients") {
         return;
     }
     let srv = Server::start().await;
@@ -1041,8 +1038,7 @@ async fn odd_types_and_state_keys_get_legal_topics() {
 #[tokio::test]
 async fn mosquitto_sub_survives_odd_types_and_state_keys() {
     use std::process::{Command, Stdio};
-    if Command::new("mosquitto_sub").arg("--help").output().is_err() {
-        eprintln!("SKIPPED: mosquitto_sub not installed (apt-get install mosquitto-clients)");
+    if !weft_testkit::tools_installed(&["mosquitto_sub"], "apt-get install mosquitto-clients") {
         return;
     }
     let srv = Server::start().await;

@@ -65,9 +65,7 @@ fn ws_options(srv: &Server, id: &str, user: &User) -> MqttOptions {
 }
 
 fn mosquitto_installed() -> bool {
-    use std::process::Command;
-    Command::new("mosquitto_pub").arg("--help").output().is_ok()
-        && Command::new("mosquitto_sub").arg("--help").output().is_ok()
+    weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients")
 }
 
 #[tokio::test]
@@ -158,8 +156,6 @@ async fn tls_rumqttc_and_mosquitto_publish_and_subscribe() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-    } else {
-        eprintln!("SKIPPED the mosquitto part: mosquitto_pub/mosquitto_sub not installed");
     }
     // The rest by rumqttc over TLS.
     let first = if mosquitto { 2 } else { 0 };

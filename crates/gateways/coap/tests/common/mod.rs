@@ -364,10 +364,7 @@ fn first_installed(names: &[&str]) -> Option<String> {
 /// A missing external tool: a note and `None` locally, a failure under CI
 /// (env `CI` set), where `.ci/run` installs it.
 fn missing(what: &str) -> Option<String> {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not installed, and CI is set: .ci/run installs it (apt-get install libcoap3-bin)");
-    }
-    eprintln!("NOTE: {what} is not installed (apt-get install libcoap3-bin); skipping that part");
+    weft_testkit::tool_missing(what, "apt-get install libcoap3-bin");
     None
 }
 
