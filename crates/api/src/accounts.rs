@@ -13,7 +13,9 @@ use ruma::api::client::session::{logout, logout_all};
 
 use weft_services::sign_in::{AuthData, Login, Registration};
 
-use crate::endpoint::Ruma;
+use ruma::api::client::device::{get_device, get_devices};
+
+use crate::endpoint::{Ruma, convert};
 use crate::extract::{Auth, ClientIp, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
 
@@ -140,10 +142,16 @@ pub async fn put_profile_field(
     Ok(Json(json!({})))
 }
 
-pub async fn list_devices(State(s): State<AppState>, Auth(session): Auth) -> ApiResult {
-    Ok(Json(json!({ "devices": s.accounts.devices(&session).await? })))
+pub async fn list_devices(
+    s: AppState,
+    req: Ruma<get_devices::v3::Request>,
+) -> Result<get_devices::v3::Response, Error> {
+    Ok(get_devices::v3::Response::new(convert(
+        &s.accounts.devices(&req.caller).await?,
+    )?))
 }
 
-pub async fn get_device(State(s): State<AppState>, Auth(session): Auth, P(device_id): P<String>) -> ApiResult {
-    Ok(Json(s.accounts.device(&session, &device_id).await?))
+pub async fn get_device(s: AppState, req: Ruma<get_device::v3::Request>) -> Result<get_device::v3::Response, Error> {
+    let device = s.accounts.device(&req.caller, req.body.device_id.as_str()).await?;
+    Ok(get_device::v3::Response::new(convert(&device)?))
 }

@@ -311,3 +311,8 @@ pub(crate) fn field<U: serde::de::DeserializeOwned + Default>(
 pub(crate) fn bad_json(e: serde_json::Error) -> Error {
     Error::bad_json(format!("Invalid request body: {e}"))
 }
+
+/// A JSON value as the raw JSON a typed response carries.
+pub(crate) fn raw<T>(v: serde_json::Value) -> Result<ruma::serde::Raw<T>, Error> {
+    ruma::serde::Raw::from_json_string(v.to_string()).map_err(Error::internal)
+}

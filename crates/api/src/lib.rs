@@ -64,6 +64,12 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, rooms::put_alias)
         .add(Caller, rooms::delete_alias)
         .add(Caller, rooms::room_aliases)
+        .add(Caller, accounts::list_devices)
+        .add(Caller, accounts::get_device)
+        .add(Caller, misc::put_account_data)
+        .add(Caller, misc::get_account_data)
+        .add(Caller, misc::put_room_account_data)
+        .add(Caller, misc::get_room_account_data)
 }
 
 /// Routes not yet declared with typed requests, served under each client
@@ -85,8 +91,6 @@ fn client_routes() -> Router<AppState> {
             "/profile/{user_id}/{field}",
             get(accounts::get_profile_field).put(accounts::put_profile_field),
         )
-        .route("/devices", get(accounts::list_devices))
-        .route("/devices/{device_id}", get(accounts::get_device))
         .route("/capabilities", get(misc::capabilities))
         .route("/createRoom", post(rooms::create_room))
         .route("/publicRooms", get(rooms::public_rooms))
@@ -115,14 +119,6 @@ fn client_routes() -> Router<AppState> {
         .route("/sync", get(rooms::sync))
         .route("/user/{user_id}/filter", post(misc::put_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(misc::get_filter))
-        .route(
-            "/user/{user_id}/account_data/{data_type}",
-            get(misc::get_account_data).put(misc::put_account_data),
-        )
-        .route(
-            "/user/{user_id}/rooms/{room}/account_data/{data_type}",
-            get(misc::get_room_account_data).put(misc::put_room_account_data),
-        )
         .route("/pushrules/", get(misc::push_rules))
         .route("/keys/device_signing/upload", post(keys::device_signing_upload))
         .route("/keys/signatures/upload", post(keys::signatures_upload))

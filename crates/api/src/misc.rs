@@ -5,6 +5,12 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 
+use ruma::api::client::config::{
+    get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
+};
+use weft_core::Error;
+
+use crate::endpoint::{Ruma, bad_json, raw};
 use crate::extract::{Auth, JsonBody, P};
 use crate::{ApiResult, AppState};
 
@@ -74,40 +80,64 @@ pub async fn get_filter(
 }
 
 pub async fn put_account_data(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((user_id, data_type)): P<(String, String)>,
-    JsonBody(body): JsonBody<Value>,
-) -> ApiResult {
-    s.put_account_data(&session, &user_id, None, &data_type, body).await?;
-    Ok(Json(json!({})))
+    s: AppState,
+    req: Ruma<set_global_account_data::v3::Request>,
+) -> Result<set_global_account_data::v3::Response, Error> {
+    let b = req.body;
+    let content = serde_json::from_str(b.data.json().get()).map_err(bad_json)?;
+    s.put_account_data(
+        &req.caller,
+        b.user_id.as_str(),
+        None,
+        &b.event_type.to_string(),
+        content,
+    )
+    .await?;
+    Ok(set_global_account_data::v3::Response::new())
 }
 
 pub async fn get_account_data(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((user_id, data_type)): P<(String, String)>,
-) -> ApiResult {
-    Ok(Json(s.account_data(&session, &user_id, None, &data_type).await?))
+    s: AppState,
+    req: Ruma<get_global_account_data::v3::Request>,
+) -> Result<get_global_account_data::v3::Response, Error> {
+    let b = &req.body;
+    let content = s
+        .account_data(&req.caller, b.user_id.as_str(), None, &b.event_type.to_string())
+        .await?;
+    Ok(get_global_account_data::v3::Response::new(raw(content)?))
 }
 
 pub async fn put_room_account_data(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((user_id, room, data_type)): P<(String, String, String)>,
-    JsonBody(body): JsonBody<Value>,
-) -> ApiResult {
-    s.put_account_data(&session, &user_id, Some(&room), &data_type, body)
-        .await?;
-    Ok(Json(json!({})))
+    s: AppState,
+    req: Ruma<set_room_account_data::v3::Request>,
+) -> Result<set_room_account_data::v3::Response, Error> {
+    let b = req.body;
+    let content = serde_json::from_str(b.data.json().get()).map_err(bad_json)?;
+    s.put_account_data(
+        &req.caller,
+        b.user_id.as_str(),
+        Some(b.room_id.as_str()),
+        &b.event_type.to_string(),
+        content,
+    )
+    .await?;
+    Ok(set_room_account_data::v3::Response::new())
 }
 
 pub async fn get_room_account_data(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((user_id, room, data_type)): P<(String, String, String)>,
-) -> ApiResult {
-    Ok(Json(s.account_data(&session, &user_id, Some(&room), &data_type).await?))
+    s: AppState,
+    req: Ruma<get_room_account_data::v3::Request>,
+) -> Result<get_room_account_data::v3::Response, Error> {
+    let b = &req.body;
+    let content = s
+        .account_data(
+            &req.caller,
+            b.user_id.as_str(),
+            Some(b.room_id.as_str()),
+            &b.event_type.to_string(),
+        )
+        .await?;
+    Ok(get_room_account_data::v3::Response::new(raw(content)?))
 }
 
 /// Push rules are not evaluated yet; clients get an empty rule set.

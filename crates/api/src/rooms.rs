@@ -20,9 +20,8 @@ use ruma::api::client::message::send_message_event;
 use ruma::api::client::redact::redact_event;
 use ruma::api::client::room::{aliases, get_room_event};
 use ruma::api::client::state::get_state_events;
-use ruma::serde::Raw;
 
-use crate::endpoint::{Ruma, bad_json, convert};
+use crate::endpoint::{Ruma, bad_json, convert, raw};
 use crate::extract::{Auth, JsonBody, P, Q};
 use crate::{ApiResult, AppState};
 
@@ -32,11 +31,6 @@ fn fmt(e: &StoredEvent, session: &weft_services::Session) -> Value {
         Some((session.user_id.as_str(), session.device_id.as_str())),
         weft_core::now_ms(),
     )
-}
-
-/// A client-formatted event as the raw JSON a typed response carries.
-fn raw<T>(v: Value) -> Result<Raw<T>, Error> {
-    Raw::from_json_string(v.to_string()).map_err(Error::internal)
 }
 
 fn content_of(e: &StoredEvent) -> Value {
