@@ -64,6 +64,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, rooms::put_alias)
         .add(Caller, rooms::delete_alias)
         .add(Caller, rooms::room_aliases)
+        .add(Caller, rooms::members)
+        .add(Caller, rooms::room_joined_members)
         .add(Caller, accounts::list_devices)
         .add(Caller, accounts::get_device)
         .add(Caller, misc::put_account_data)
@@ -94,8 +96,6 @@ fn client_routes() -> Router<AppState> {
         .route("/capabilities", get(misc::capabilities))
         .route("/createRoom", post(rooms::create_room))
         .route("/publicRooms", get(rooms::public_rooms))
-        .route("/rooms/{room}/members", get(rooms::members))
-        .route("/rooms/{room}/joined_members", get(rooms::joined_members))
         .route("/rooms/{room}/send/{event_type}", post(rooms::send_no_txn))
         .route(
             "/rooms/{room}/state/{event_type}",

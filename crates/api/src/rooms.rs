@@ -13,8 +13,8 @@ use weft_store::{Direction, StoredEvent};
 use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
 use ruma::api::client::membership::invite_user::v3::InvitationRecipient;
 use ruma::api::client::membership::{
-    ban_user, forget_room, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_rooms, kick_user, leave_room,
-    unban_user,
+    ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members,
+    joined_rooms, kick_user, leave_room, unban_user,
 };
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::redact::redact_event;
@@ -152,43 +152,46 @@ pub async fn joined_rooms(
     )?))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct MembersQuery {
-    membership: Option<String>,
-    not_membership: Option<String>,
-}
-
 pub async fn members(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    Q(q): Q<MembersQuery>,
-) -> ApiResult {
+    s: AppState,
+    req: Ruma<get_member_events::v3::Request>,
+) -> Result<get_member_events::v3::Response, Error> {
+    let b = &req.body;
     let members = s
         .members(
-            &session.user_id,
-            &room,
-            q.membership.as_deref(),
-            q.not_membership.as_deref(),
+            &req.caller.user_id,
+            b.room_id.as_str(),
+            b.membership.as_ref().map(|m| m.as_str()),
+            b.not_membership.as_ref().map(|m| m.as_str()),
         )
         .await?;
-    Ok(Json(
-        json!({ "chunk": members.iter().map(|e| fmt(e, &session)).collect::<Vec<_>>() }),
+    Ok(get_member_events::v3::Response::new(
+        members
+            .iter()
+            .map(|e| raw(fmt(e, &req.caller)))
+            .collect::<Result<_, _>>()?,
     ))
 }
 
-pub async fn joined_members(State(s): State<AppState>, Auth(session): Auth, P(room): P<String>) -> ApiResult {
-    let members = s.members(&session.user_id, &room, Some("join"), None).await?;
-    let mut joined = serde_json::Map::new();
+pub async fn room_joined_members(
+    s: AppState,
+    req: Ruma<joined_members::v3::Request>,
+) -> Result<joined_members::v3::Response, Error> {
+    let members = s
+        .members(&req.caller.user_id, req.body.room_id.as_str(), Some("join"), None)
+        .await?;
+    let mut joined = std::collections::BTreeMap::new();
     for e in members {
+        let Some(user_id) = e.state_key.as_deref().and_then(|k| ruma::OwnedUserId::try_from(k).ok()) else {
+            continue;
+        };
         let c = content_of(&e);
-        joined.insert(
-            e.state_key.clone().unwrap_or_default(),
-            json!({ "display_name": c.get("displayname"), "avatar_url": c.get("avatar_url") }),
-        );
+        let mut member = joined_members::v3::RoomMember::new();
+        member.display_name = c.get("displayname").and_then(Value::as_str).map(str::to_owned);
+        member.avatar_url = c.get("avatar_url").and_then(Value::as_str).map(Into::into);
+        joined.insert(user_id, member);
     }
-    Ok(Json(json!({ "joined": joined })))
+    Ok(joined_members::v3::Response::new(joined))
 }
 
 pub async fn send(
