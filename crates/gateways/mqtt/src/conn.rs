@@ -360,6 +360,28 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     }
     let _ = conn.writer.wr.get_mut().shutdown().await;
     broker.unregister(&key, conn_id);
+    // The session is stored: a reconnect of this client ID need not wait.
+    drop(_guard);
+    linger(&mut rd).await;
+}
+
+/// After the server half-closed a connection, reads (and drops) what the
+/// client still sends, until it closes too, for a second at most. Closing a
+/// socket with unread input makes the kernel reset the connection, and a
+/// reset can discard the last acknowledgements or DISCONNECT on their way
+/// to the client (a refused MQTT 3.1.1 publish after pipelined ones).
+async fn linger(rd: &mut Reader) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut left: usize = 1 << 20;
+    let _ = timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Stores (or, with `None`, clears) a persistent session, as the user's
