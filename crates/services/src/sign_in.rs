@@ -135,14 +135,23 @@ impl Services {
         if req.inhibit_login {
             return Ok(json!({ "user_id": user_id }));
         }
-        let login = self
-            .accounts
-            .new_device(
-                &user_id,
-                req.device_id.as_deref(),
-                req.initial_device_display_name.as_deref(),
-            )
-            .await?;
+        self.sign_in(
+            &user_id,
+            req.device_id.as_deref(),
+            req.initial_device_display_name.as_deref(),
+        )
+        .await
+    }
+
+    /// A new (or named) device of the user and the answer that hands the
+    /// client its access token.
+    async fn sign_in(
+        &self,
+        user_id: &ruma::UserId,
+        device_id: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<Value> {
+        let login = self.accounts.new_device(user_id, device_id, display_name).await?;
         Ok(json!({
             "user_id": login.user_id,
             "device_id": login.device_id,
@@ -163,21 +172,15 @@ impl Services {
             .accounts
             .check_password(&user.to_lowercase(), &password, ip)
             .await?;
-        let login = self
-            .accounts
-            .new_device(
+        let mut answer = self
+            .sign_in(
                 &user_id,
                 req.device_id.as_deref(),
                 req.initial_device_display_name.as_deref(),
             )
             .await?;
-        Ok(json!({
-            "user_id": login.user_id,
-            "device_id": login.device_id,
-            "access_token": login.access_token,
-            "home_server": self.server_name,
-            "well_known": { "m.homeserver": { "base_url": self.config.base_url() } },
-        }))
+        answer["well_known"] = json!({ "m.homeserver": { "base_url": self.config.base_url() } });
+        Ok(answer)
     }
 
     /// Checks `m.login.password` user-interactive auth for the session's
