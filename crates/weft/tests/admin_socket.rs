@@ -318,15 +318,21 @@ fn hold_lock(data_dir: &Path) -> File {
     file
 }
 
+/// Takes the data directory's lock now and releases it after 2 s, as a
+/// direct command (or another process) would.
+fn hold_lock_for_two_seconds(data_dir: &Path) -> std::thread::JoinHandle<()> {
+    let lock = hold_lock(data_dir);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        drop(lock);
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_server_waits_for_a_direct_command() {
     let mut server = TestServer::start().await;
     server.terminate(Duration::from_secs(20)).await.expect("clean exit");
-    let lock = hold_lock(&server.data_dir);
-    let released = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        drop(lock);
-    });
+    let released = hold_lock_for_two_seconds(&server.data_dir);
     let started = Instant::now();
     server.restart().await;
     assert!(
@@ -340,11 +346,7 @@ async fn a_starting_server_waits_for_a_direct_command() {
     // A direct command waits likewise while the lock is held by someone
     // without a socket (here: the test), then runs.
     server.terminate(Duration::from_secs(20)).await.expect("clean exit");
-    let lock = hold_lock(&server.data_dir);
-    let released = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        drop(lock);
-    });
+    let released = hold_lock_for_two_seconds(&server.data_dir);
     let started = Instant::now();
     let (ok, out, err) = cli(&server, "list", &[]).await;
     assert!(ok, "{err}");
