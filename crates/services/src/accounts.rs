@@ -279,6 +279,8 @@ impl Accounts {
         self.store
             .set_device_psk(user_id.as_str(), &device_id, &identity, key.as_bytes())
             .await?;
+        // The device's old key, if any, no longer holds.
+        self.revoked();
         Ok(PskGrant {
             user_id: user_id.to_owned(),
             device_id,

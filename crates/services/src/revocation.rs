@@ -36,7 +36,7 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
 pub struct SessionWatch {
     store: Arc<dyn Store>,
     session: Session,
-    token_hash: Vec<u8>,
+    credential: Held,
     revocations: watch::Receiver<u64>,
     state: Mutex<State>,
     /// Set once a check finds the credential revoked, so every waiter on
@@ -58,15 +58,33 @@ fn revoked_error() -> Error {
     )
 }
 
+/// What a connection authenticated with, as it is looked up again.
+enum Held {
+    /// The hash of an access token.
+    TokenHash(Vec<u8>),
+    /// The identity of a device's pre-shared key (a CoAP DTLS session).
+    Psk(String),
+}
+
 impl crate::Services {
     /// A watch over `session`, authenticated with the access token `token`.
     pub fn watch_session(&self, session: &Session, token: &str) -> Arc<SessionWatch> {
+        self.watch(session, Held::TokenHash(token_hash(token)))
+    }
+
+    /// A watch over `session`, authenticated with the pre-shared key
+    /// `identity` (revoked when the key is replaced or the device deleted).
+    pub fn watch_psk_session(&self, session: &Session, identity: &str) -> Arc<SessionWatch> {
+        self.watch(session, Held::Psk(identity.to_owned()))
+    }
+
+    fn watch(&self, session: &Session, credential: Held) -> Arc<SessionWatch> {
         let revocations = self.accounts.revocations.subscribe();
         let seen = *revocations.borrow();
         Arc::new(SessionWatch {
             store: self.store.clone(),
             session: session.clone(),
-            token_hash: token_hash(token),
+            credential,
             state: Mutex::new(State {
                 seen,
                 // The first check asks the store: the session may have been
@@ -102,7 +120,19 @@ impl SessionWatch {
     }
 
     async fn check_store(&self, counter: u64) -> Result<()> {
-        let owner = match self.store.lookup_token(&self.token_hash).await {
+        let owner = match &self.credential {
+            Held::TokenHash(hash) => self
+                .store
+                .lookup_token(hash)
+                .await
+                .map(|o| o.map(|o| (o.user_id, o.device_id))),
+            Held::Psk(identity) => self
+                .store
+                .lookup_psk(identity)
+                .await
+                .map(|o| o.map(|o| (o.user_id, o.device_id))),
+        };
+        let owner = match owner {
             Ok(o) => o,
             Err(e) => {
                 // The store failing is no revocation: check again later.
@@ -113,8 +143,8 @@ impl SessionWatch {
                 return Ok(());
             }
         };
-        let valid =
-            owner.is_some_and(|o| o.user_id == self.session.user_id.as_str() && o.device_id == self.session.device_id);
+        let valid = owner
+            .is_some_and(|(user, device)| user == self.session.user_id.as_str() && device == self.session.device_id);
         {
             let mut st = self.state.lock();
             st.seen = counter;

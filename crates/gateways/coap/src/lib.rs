@@ -33,6 +33,7 @@ use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use weft_core::{Error, ErrorKind};
+use weft_services::revocation::SessionWatch;
 use weft_services::{Services, Session};
 
 use crate::routes::{CF_CBOR, CF_JSON, Req, error_reply};
@@ -603,22 +604,6 @@ impl<T: Transport> Door<T> {
                 && st.observers.keys().filter(|(p, _)| *p == peer).count() < MAX_OBSERVERS_PER_PEER)
     }
 
-    /// Whether the credential an observer registered with still names
-    /// the same device.
-    async fn still_valid(&self, session: &Session, credential: &Credential) -> weft_core::Result<()> {
-        let now = match credential {
-            Credential::Token(t) => Some(self.services.accounts.authenticate(t, None).await?),
-            Credential::Psk(identity) => self.services.accounts.psk_owner(identity).await?.map(|(s, _)| s),
-        };
-        match now {
-            Some(s) if s.user_id == session.user_id && s.device_id == session.device_id => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::UnknownToken { soft_logout: false },
-                "The credential of this observer was revoked",
-            )),
-        }
-    }
-
     /// Authenticates (a token presented or remembered for the peer, or
     /// the DTLS session's pre-shared key) and dispatches to the endpoint.
     async fn handle(
@@ -626,7 +611,7 @@ impl<T: Transport> Door<T> {
         r: &Req,
         option_token: Option<String>,
         peer: SocketAddr,
-    ) -> weft_core::Result<(routes::Reply, Option<(Session, Credential)>)> {
+    ) -> weft_core::Result<(routes::Reply, Option<Arc<SessionWatch>>)> {
         let p = routes::cs_path(&r.path).ok_or_else(|| {
             Error::new(
                 ErrorKind::Unrecognized {
@@ -652,7 +637,7 @@ impl<T: Transport> Door<T> {
                 ));
             };
             let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
-            return Ok((reply, Some((session, Credential::Psk(identity)))));
+            return Ok((reply, Some(self.services.watch_psk_session(&session, &identity))));
         }
         let token = match &presented {
             Some(t) => Some(t.clone()),
@@ -672,7 +657,7 @@ impl<T: Transport> Door<T> {
             st.peer_tokens.insert(peer, token.clone());
         }
         let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
-        Ok((reply, Some((session, Credential::Token(token)))))
+        Ok((reply, Some(self.services.watch_session(&session, &token))))
     }
 
     /// Registers an observer of `/sync`: each new sync batch after `since`
@@ -683,7 +668,7 @@ impl<T: Transport> Door<T> {
         self: Arc<Self>,
         peer: SocketAddr,
         token: Vec<u8>,
-        (session, credential): (Session, Credential),
+        watch: Arc<SessionWatch>,
         mut what: Watch,
         uri_key: String,
         cf: u16,
@@ -694,19 +679,20 @@ impl<T: Transport> Door<T> {
         // it is registered.
         let mut st = self.state.lock();
         let task = tokio::spawn(async move {
+            let session = watch.session().clone();
             loop {
-                // The credential is checked again before every notification:
-                // a logged-out token or revoked key stops the observer.
-                let batch = match door.next_batch(&session, &mut what).await {
-                    Ok(Some(b)) => match door.still_valid(&session, &credential).await {
-                        Ok(()) => b,
-                        Err(e) => {
-                            let mut p = error_packet(&e, cf);
-                            p.set_token(token.clone());
-                            let _ = door.send_confirmable(p, peer).await;
-                            break;
-                        }
+                // The credential is checked again before every notification,
+                // and a revocation ends a waiting observer at once: a
+                // logged-out token or revoked key stops it.
+                let next = tokio::select! {
+                    next = door.next_batch(&session, &mut what) => match next {
+                        Ok(b) => watch.check().await.map(|()| b),
+                        Err(e) => Err(e),
                     },
+                    e = watch.revoked() => Err(e),
+                };
+                let batch = match next {
+                    Ok(Some(b)) => b,
                     Ok(None) => continue,
                     Err(e) => {
                         // Tell the observer why, then stop.
@@ -739,13 +725,6 @@ impl<T: Transport> Door<T> {
             old.abort();
         }
     }
-}
-
-/// What authenticated a request: kept by observers to check it again.
-enum Credential {
-    Token(String),
-    /// The DTLS session's pre-shared key identity.
-    Psk(String),
 }
 
 /// What an observer watches.

@@ -439,6 +439,47 @@ async fn observe_sync_pushes_new_events() {
     );
 }
 
+/// Logging out the token an observer registered with ends the observation
+/// at once, with nothing new to deliver: the observer gets `4.01
+/// M_UNKNOWN_TOKEN` without waiting for the next batch.
+#[tokio::test]
+async fn logout_ends_a_waiting_observer_at_once() {
+    let (s, token, _room) = Server::with_alice_and_room().await;
+    let mut c = Client::new(s.coap).await;
+    let p = c.packet(
+        &Request::new(M::Get, "/_matrix/client/v3/sync")
+            .q("a", &token)
+            .opt(CoapOption::Observe, vec![]),
+    );
+    let reg = c.send_packet(&p).await;
+    assert_eq!(reg.header.code, MessageClass::Response(R::Content));
+    assert!(
+        reg.get_first_option(CoapOption::Observe).is_some(),
+        "observe registered"
+    );
+    let (st, _) = s
+        .http_call(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/logout",
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let n = c
+        .recv(Duration::from_secs(3))
+        .await
+        .expect("a notification of the revocation");
+    assert_eq!(n.get_token(), p.get_token());
+    assert_eq!(n.header.code, MessageClass::Response(R::Unauthorized));
+    assert_eq!(uncbor(&n.payload)["errcode"], "M_UNKNOWN_TOKEN");
+    c.ack(&n).await;
+    assert!(
+        c.recv(Duration::from_millis(1500)).await.is_none(),
+        "nothing after the end"
+    );
+}
+
 /// An observer that never acknowledges gets each confirmable notification
 /// retransmitted (same message ID, the waits roughly doubling) and is then
 /// dropped: later events notify nobody.

@@ -242,6 +242,9 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
     };
 
     let services = broker.services.clone();
+    // The device is seen now (and again with each PUBLISH), as `GET /devices`
+    // shows for every door.
+    services.accounts.touch_device(&session, peer.map(|p| p.ip())).await;
     let data_type = session_type(&client_id);
     let user = session.user_id.as_str().to_owned();
     let mut saved: Option<Saved> = None;
@@ -296,6 +299,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         services: services.clone(),
         watch: services.watch_session(&session, &token),
         session,
+        ip: peer.map(|p| p.ip()),
         persistent: connect.keep_session,
         expiry: connect.session_expiry,
         stored: false,
@@ -518,6 +522,8 @@ struct Conn {
     /// delivering anything).
     watch: Arc<SessionWatch>,
     session: Session,
+    /// The client's address, recorded as the device's last-seen one.
+    ip: Option<std::net::IpAddr>,
     persistent: bool,
     /// See [`Saved::expiry`].
     expiry: Option<u32>,
@@ -1089,6 +1095,7 @@ impl Conn {
     /// through the shared pipeline.
     async fn submit_publish(&self, topic: &str, payload: &[u8]) -> Result<weft_services::Submitted, Refusal> {
         let target = parse_publish(topic).ok_or(Refusal::TopicInvalid)?;
+        self.services.accounts.touch_device(&self.session, self.ip).await;
         // The same per-user budget as the HTTP API. Over it, the client is
         // slowed down first (MQTT's flow control is not reading), and only
         // refused if it stays over.
