@@ -10,6 +10,7 @@
 //! ([`ApiError`]).
 
 mod accounts;
+mod backup;
 pub mod endpoint;
 mod extract;
 mod keys;
@@ -72,6 +73,21 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::get_account_data)
         .add(Caller, misc::put_room_account_data)
         .add(Caller, misc::get_room_account_data)
+        // key backup
+        .add(Caller, backup::create_version)
+        .add(Caller, backup::latest_version)
+        .add(Caller, backup::get_version)
+        .add(Caller, backup::update_version)
+        .add(Caller, backup::delete_version)
+        .add(Caller, backup::put_keys)
+        .add(Caller, backup::put_room_keys)
+        .add(Caller, backup::put_session_key)
+        .add(Caller, backup::get_keys)
+        .add(Caller, backup::get_room_keys)
+        .add(Caller, backup::get_session_key)
+        .add(Caller, backup::delete_keys)
+        .add(Caller, backup::delete_room_keys)
+        .add(Caller, backup::delete_session_key)
 }
 
 /// Routes not yet declared with typed requests, served under each client

@@ -35,6 +35,11 @@ pub enum ErrorKind {
     /// User-interactive auth is needed; carries the 401 UIA body.
     Uia(serde_json::Value),
     BadState,
+    /// A key-backup request named a version that is not the current one
+    /// (`None`: there is no backup).
+    WrongRoomKeysVersion {
+        current_version: Option<String>,
+    },
     Unknown,
 }
 
@@ -106,6 +111,7 @@ impl Error {
             ErrorKind::WeakPassword => "M_WEAK_PASSWORD",
             ErrorKind::Uia(_) => "M_FORBIDDEN",
             ErrorKind::BadState => "M_BAD_STATE",
+            ErrorKind::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -117,7 +123,7 @@ impl Error {
         }
         match &self.kind {
             ErrorKind::MissingToken | ErrorKind::UnknownToken { .. } | ErrorKind::Uia(_) => 401,
-            ErrorKind::Forbidden | ErrorKind::UserDeactivated => 403,
+            ErrorKind::Forbidden | ErrorKind::UserDeactivated | ErrorKind::WrongRoomKeysVersion { .. } => 403,
             ErrorKind::Unrecognized {
                 method_not_allowed: true,
             } => 405,
@@ -141,6 +147,11 @@ impl Error {
             }
             ErrorKind::LimitExceeded { retry_after_ms } => {
                 body["retry_after_ms"] = (*retry_after_ms).into();
+            }
+            ErrorKind::WrongRoomKeysVersion {
+                current_version: Some(v),
+            } => {
+                body["current_version"] = v.as_str().into();
             }
             _ => {}
         }

@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod backup;
 pub mod connections;
 pub mod content;
 pub mod ephemeral;

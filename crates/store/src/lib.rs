@@ -79,6 +79,38 @@ pub trait Store: Send + Sync + 'static {
     /// key; `None` if there is none, or its user is deactivated.
     async fn lookup_psk(&self, identity: &str) -> Result<Option<PskOwner>>;
 
+    // ---- key backup ----
+    /// Makes a new backup version, which becomes the current one.
+    async fn create_backup_version(&self, user_id: &str, algorithm_json: &str) -> Result<i64>;
+    /// The version named, or the current one; `None` if it does not exist
+    /// or was deleted.
+    async fn backup_version(&self, user_id: &str, version: Option<i64>) -> Result<Option<BackupVersion>>;
+    /// Replaces a version's algorithm data; `false` if it does not exist.
+    async fn update_backup_version(&self, user_id: &str, version: i64, algorithm_json: &str) -> Result<bool>;
+    /// Deletes a version with its keys; `false` if it does not exist.
+    async fn delete_backup_version(&self, user_id: &str, version: i64) -> Result<bool>;
+    /// Stores keys in the current version `version`, each replacing the
+    /// stored copy of its session only if it is better (verified, then a
+    /// lower first message index, then fewer forwards).
+    async fn put_backup_keys(&self, user_id: &str, version: i64, keys: Vec<BackupKey>) -> Result<BackupWrite>;
+    /// The keys of a version, all or one room's or one session's.
+    async fn backup_keys(
+        &self,
+        user_id: &str,
+        version: i64,
+        room_id: Option<&str>,
+        session_id: Option<&str>,
+    ) -> Result<Vec<BackupKey>>;
+    /// Deletes keys of the current version `version`, all or one room's
+    /// or one session's.
+    async fn delete_backup_keys(
+        &self,
+        user_id: &str,
+        version: i64,
+        room_id: Option<&str>,
+        session_id: Option<&str>,
+    ) -> Result<BackupWrite>;
+
     // ---- end-to-end encryption ----
     /// Stores what one `/keys/upload` carries, in one write. Device keys are
     /// kept verbatim; when they differ from the stored ones the user's device

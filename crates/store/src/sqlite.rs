@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_cross_signing.sql"),
     include_str!("../migrations/0004_device_psks.sql"),
     include_str!("../migrations/0005_device_last_seen_ip.sql"),
+    include_str!("../migrations/0006_key_backup.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -481,6 +482,32 @@ fn collect<T>(
     rows.collect()
 }
 
+/// The current (highest, not deleted) backup version of a user: version,
+/// algorithm JSON, etag.
+fn current_backup(c: &Connection, user_id: &str) -> rusqlite::Result<Option<(i64, String, i64)>> {
+    c.prepare_cached(
+        "SELECT version, algorithm_json, etag FROM backup_versions \
+         WHERE user_id = ?1 AND deleted = 0 ORDER BY version DESC LIMIT 1",
+    )?
+    .query_row([user_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .optional()
+}
+
+fn backup_count(c: &Connection, user_id: &str, version: i64) -> rusqlite::Result<u64> {
+    c.prepare_cached("SELECT COUNT(*) FROM backup_keys WHERE user_id = ?1 AND version = ?2")?
+        .query_row(params![user_id, version], |r| r.get(0))
+}
+
+/// A new etag for a version whose keys changed.
+fn bump_backup_etag(c: &Connection, user_id: &str, version: i64) -> Result<i64> {
+    c.query_row(
+        "UPDATE backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2 RETURNING etag",
+        params![user_id, version],
+        |r| r.get(0),
+    )
+    .map_err(db_err)
+}
+
 /// Inserts one event and applies its effects; runs inside the writer.
 fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
     let p = ctx.pos + 1;
@@ -820,6 +847,10 @@ impl Store for SqliteStore {
                 .map_err(db_err)?;
             c.execute("DELETE FROM key_signatures WHERE target_user = ?1", [&u])
                 .map_err(db_err)?;
+            c.execute("DELETE FROM backup_keys WHERE user_id = ?1", [&u])
+                .map_err(db_err)?;
+            c.execute("UPDATE backup_versions SET deleted = 1 WHERE user_id = ?1", [&u])
+                .map_err(db_err)?;
             if crossed > 0 {
                 device_list_changed(c, ctx, &u).map_err(db_err)?;
             }
@@ -962,6 +993,212 @@ impl Store for SqliteStore {
             )
             .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn create_backup_version(&self, user_id: &str, algorithm_json: &str) -> Result<i64> {
+        let (u, a) = (user_id.to_owned(), algorithm_json.to_owned());
+        self.write_wait(move |c, _| {
+            // Versions are never reused, deleted ones included.
+            let next: i64 = c
+                .query_row(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM backup_versions WHERE user_id = ?1",
+                    [&u],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            c.execute(
+                "INSERT INTO backup_versions (user_id, version, algorithm_json) VALUES (?1,?2,?3)",
+                params![u, next, a],
+            )
+            .map_err(db_err)?;
+            Ok(next)
+        })
+        .await
+    }
+
+    async fn backup_version(&self, user_id: &str, version: Option<i64>) -> Result<Option<BackupVersion>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            let row = match version {
+                Some(v) => c
+                    .prepare_cached(
+                        "SELECT version, algorithm_json, etag FROM backup_versions \
+                         WHERE user_id = ?1 AND version = ?2 AND deleted = 0",
+                    )?
+                    .query_row(params![u, v], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?,
+                None => current_backup(c, &u)?,
+            };
+            let Some((version, algorithm_json, etag)) = row else {
+                return Ok(None);
+            };
+            let count = backup_count(c, &u, version)?;
+            Ok(Some(BackupVersion {
+                version,
+                algorithm_json,
+                etag,
+                count,
+            }))
+        })
+        .await
+    }
+
+    async fn update_backup_version(&self, user_id: &str, version: i64, algorithm_json: &str) -> Result<bool> {
+        let (u, a) = (user_id.to_owned(), algorithm_json.to_owned());
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "UPDATE backup_versions SET algorithm_json = ?3 \
+                     WHERE user_id = ?1 AND version = ?2 AND deleted = 0",
+                    params![u, version, a],
+                )
+                .map_err(db_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn delete_backup_version(&self, user_id: &str, version: i64) -> Result<bool> {
+        let u = user_id.to_owned();
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "UPDATE backup_versions SET deleted = 1 WHERE user_id = ?1 AND version = ?2 AND deleted = 0",
+                    params![u, version],
+                )
+                .map_err(db_err)?;
+            c.execute(
+                "DELETE FROM backup_keys WHERE user_id = ?1 AND version = ?2",
+                params![u, version],
+            )
+            .map_err(db_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_backup_keys(&self, user_id: &str, version: i64, keys: Vec<BackupKey>) -> Result<BackupWrite> {
+        let u = user_id.to_owned();
+        self.write_wait(move |c, _| {
+            let current = current_backup(c, &u).map_err(db_err)?;
+            let etag = match current {
+                Some((v, _, etag)) if v == version => etag,
+                other => {
+                    return Ok(BackupWrite::WrongVersion {
+                        current: other.map(|(v, _, _)| v),
+                    });
+                }
+            };
+            let mut changed = false;
+            for k in &keys {
+                // Kept only if better than the stored copy: verified first,
+                // then the lower first message index, then fewer forwards.
+                let n = c
+                    .prepare_cached(
+                        "INSERT INTO backup_keys (user_id, version, room_id, session_id, first_message_index, \
+                         forwarded_count, is_verified, key_json) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                         ON CONFLICT (user_id, version, room_id, session_id) DO UPDATE SET \
+                         first_message_index = excluded.first_message_index, \
+                         forwarded_count = excluded.forwarded_count, \
+                         is_verified = excluded.is_verified, key_json = excluded.key_json \
+                         WHERE (excluded.is_verified, -excluded.first_message_index, -excluded.forwarded_count) \
+                         > (backup_keys.is_verified, -backup_keys.first_message_index, -backup_keys.forwarded_count)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            u,
+                            version,
+                            k.room_id,
+                            k.session_id,
+                            k.first_message_index,
+                            k.forwarded_count,
+                            k.is_verified,
+                            k.key_json
+                        ])
+                    })
+                    .map_err(db_err)?;
+                changed |= n > 0;
+            }
+            let etag = if changed {
+                bump_backup_etag(c, &u, version)?
+            } else {
+                etag
+            };
+            let count = backup_count(c, &u, version).map_err(db_err)?;
+            Ok(BackupWrite::Done { etag, count })
+        })
+        .await
+    }
+
+    async fn backup_keys(
+        &self,
+        user_id: &str,
+        version: i64,
+        room_id: Option<&str>,
+        session_id: Option<&str>,
+    ) -> Result<Vec<BackupKey>> {
+        let (u, r, sid) = (
+            user_id.to_owned(),
+            room_id.map(str::to_owned),
+            session_id.map(str::to_owned),
+        );
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT room_id, session_id, first_message_index, forwarded_count, is_verified, key_json \
+                 FROM backup_keys WHERE user_id = ?1 AND version = ?2 \
+                 AND (?3 IS NULL OR room_id = ?3) AND (?4 IS NULL OR session_id = ?4) \
+                 ORDER BY room_id, session_id",
+                params![u, version, r, sid],
+                |row| {
+                    Ok(BackupKey {
+                        room_id: row.get(0)?,
+                        session_id: row.get(1)?,
+                        first_message_index: row.get(2)?,
+                        forwarded_count: row.get(3)?,
+                        is_verified: row.get(4)?,
+                        key_json: row.get(5)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn delete_backup_keys(
+        &self,
+        user_id: &str,
+        version: i64,
+        room_id: Option<&str>,
+        session_id: Option<&str>,
+    ) -> Result<BackupWrite> {
+        let (u, r, sid) = (
+            user_id.to_owned(),
+            room_id.map(str::to_owned),
+            session_id.map(str::to_owned),
+        );
+        self.write_wait(move |c, _| {
+            let current = current_backup(c, &u).map_err(db_err)?;
+            let etag = match current {
+                Some((v, _, etag)) if v == version => etag,
+                other => {
+                    return Ok(BackupWrite::WrongVersion {
+                        current: other.map(|(v, _, _)| v),
+                    });
+                }
+            };
+            let n = c
+                .execute(
+                    "DELETE FROM backup_keys WHERE user_id = ?1 AND version = ?2 \
+                     AND (?3 IS NULL OR room_id = ?3) AND (?4 IS NULL OR session_id = ?4)",
+                    params![u, version, r, sid],
+                )
+                .map_err(db_err)?;
+            let etag = if n > 0 { bump_backup_etag(c, &u, version)? } else { etag };
+            let count = backup_count(c, &u, version).map_err(db_err)?;
+            Ok(BackupWrite::Done { etag, count })
         })
         .await
     }

@@ -221,3 +221,35 @@ pub struct KeySignature {
     pub signer_key: String,
     pub signature: String,
 }
+
+/// One key-backup version of a user.
+#[derive(Clone, Debug)]
+pub struct BackupVersion {
+    pub version: i64,
+    /// `{"algorithm": …, "auth_data": …}` as the client sent it.
+    pub algorithm_json: String,
+    pub etag: i64,
+    /// How many keys the version holds.
+    pub count: u64,
+}
+
+/// One backed-up Megolm session.
+#[derive(Clone, Debug)]
+pub struct BackupKey {
+    pub room_id: String,
+    pub session_id: String,
+    pub first_message_index: i64,
+    pub forwarded_count: i64,
+    pub is_verified: bool,
+    /// The client's `KeyBackupData` verbatim.
+    pub key_json: String,
+}
+
+/// The answer to a write of backup keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackupWrite {
+    /// Written (or nothing to change): the version's etag and key count.
+    Done { etag: i64, count: u64 },
+    /// The version named is not the current one (`None`: there is none).
+    WrongVersion { current: Option<i64> },
+}
