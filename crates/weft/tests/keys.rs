@@ -584,3 +584,67 @@ async fn joins_and_leaves_show_in_device_lists() {
     let s = alice.sync(Some(&a2), 300).await;
     assert_eq!(s["device_lists"]["changed"], json!([]), "{s}");
 }
+
+/// Many concurrent claims of one device's keys, from several users and
+/// devices at once, never hand out the same one-time key twice: each of
+/// the 40 keys goes to exactly one claim, and the claims past them get the
+/// fallback key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_never_share_a_one_time_key() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let keys: serde_json::Map<String, Value> = (0..40).map(|i| otk(&format!("K{i:03}"))).collect();
+    upload(
+        &alice,
+        json!({
+            "device_keys": device_keys(&alice),
+            "one_time_keys": keys,
+            "fallback_keys": { "signed_curve25519:FALLBACK": { "key": "fb", "fallback": true } },
+        }),
+    )
+    .await;
+    let mut claimers = Vec::new();
+    for name in ["bob", "carol", "dave", "erin"] {
+        let c = server.register(name).await;
+        claimers.push(c.clone());
+        claimers.push(server.login(name, &TestServer::default_password(name)).await);
+    }
+    let claim =
+        json!({ "one_time_keys": { alice.user_id.as_str(): { alice.device_id.as_str(): "signed_curve25519" } } });
+    let mut tasks = Vec::new();
+    for c in &claimers {
+        for _ in 0..6 {
+            let (c, claim, user, device) = (c.clone(), claim.clone(), alice.user_id.clone(), alice.device_id.clone());
+            tasks.push(tokio::spawn(async move {
+                let (status, r) = c.post("keys/claim", claim).await;
+                assert_eq!(status, 200, "{r}");
+                let got = r["one_time_keys"][user.as_str()][device.as_str()]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("no key claimed: {r}"))
+                    .clone();
+                assert_eq!(got.len(), 1, "{r}");
+                got.into_iter().next().expect("one key").0
+            }));
+        }
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("claim task"));
+    }
+    assert_eq!(ids.len(), 48);
+    let fallbacks = ids
+        .iter()
+        .filter(|id| id.as_str() == "signed_curve25519:FALLBACK")
+        .count();
+    let mut otks: Vec<&String> = ids
+        .iter()
+        .filter(|id| id.as_str() != "signed_curve25519:FALLBACK")
+        .collect();
+    otks.sort();
+    let before = otks.len();
+    otks.dedup();
+    assert_eq!(otks.len(), before, "a one-time key was handed out twice: {ids:?}");
+    assert_eq!((otks.len(), fallbacks), (40, 8), "{ids:?}");
+    let s = alice.sync(None, 0).await;
+    assert_eq!(s["device_one_time_keys_count"]["signed_curve25519"], 0, "{s}");
+}
