@@ -11,6 +11,7 @@
 
 mod accounts;
 mod backup;
+mod directory;
 pub mod endpoint;
 mod extract;
 mod keys;
@@ -88,6 +89,12 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, backup::delete_keys)
         .add(Caller, backup::delete_room_keys)
         .add(Caller, backup::delete_session_key)
+        // directory, calls, reports, third-party IDs
+        .add(Caller, directory::search)
+        .add(Caller, directory::turn_server)
+        .add(Caller, directory::three_pids)
+        .add(Caller, directory::report_event)
+        .add(Caller, directory::report_user)
 }
 
 /// Routes not yet declared with typed requests, served under each client

@@ -27,6 +27,30 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
+    pub voip: VoipConfig,
+}
+
+/// TURN servers handed to clients for calls (`GET /voip/turnServer`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VoipConfig {
+    /// `turn:`/`turns:` URIs; none: clients are told there is no TURN server.
+    pub turn_uris: Vec<String>,
+    /// The secret shared with the TURN server (coturn's
+    /// `static-auth-secret`), from which time-limited credentials are made.
+    pub turn_shared_secret: Option<String>,
+    /// How long the credentials hold.
+    pub turn_ttl_secs: u64,
+}
+
+impl Default for VoipConfig {
+    fn default() -> Self {
+        Self {
+            turn_uris: vec![],
+            turn_shared_secret: None,
+            turn_ttl_secs: 86_400,
+        }
+    }
 }
 
 /// The MQTT door: plain TCP, TLS, and WebSocket on the HTTP port.
@@ -205,6 +229,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
+            voip: VoipConfig::default(),
         }
     }
 }
@@ -366,6 +391,15 @@ dtls_idle_timeout_secs = 600
 # RFC 7252's defaults; raise them for slow radio links.
 ack_timeout_ms = 2000
 max_retransmit = 4
+
+[voip]
+# TURN servers for calls, handed out by GET /voip/turnServer with
+# time-limited credentials made from the secret shared with the TURN
+# server (coturn: use-auth-secret, static-auth-secret). No URIs: clients
+# are told there is no TURN server.
+turn_uris = []
+# turn_shared_secret = "a long random string"
+turn_ttl_secs = 86400
 "#;
 
 impl Config {

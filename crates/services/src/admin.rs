@@ -34,6 +34,8 @@ pub enum AdminCommand {
     Revoke { name: String, device_id: String },
     /// A fresh DTLS pre-shared key for a new (or the named) device.
     Psk { name: String, device_id: Option<String> },
+    /// The newest reports of events and users.
+    Reports { limit: usize },
 }
 
 /// A user as `weft user list` shows it.
@@ -87,6 +89,9 @@ pub enum AdminOutcome {
         identity: String,
         key: String,
     },
+    Reports {
+        reports: Vec<weft_store::Report>,
+    },
 }
 
 impl AdminCommand {
@@ -102,6 +107,7 @@ impl AdminCommand {
             AdminCommand::Devices { .. } => "devices",
             AdminCommand::Revoke { .. } => "revoke",
             AdminCommand::Psk { .. } => "psk",
+            AdminCommand::Reports { .. } => "reports",
         }
     }
 }
@@ -197,6 +203,9 @@ impl Services {
                     key: grant.key,
                 })
             }
+            AdminCommand::Reports { limit } => Ok(AdminOutcome::Reports {
+                reports: self.store.reports(limit).await?,
+            }),
         }
     }
 

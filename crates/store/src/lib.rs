@@ -42,6 +42,14 @@ pub trait Store: Send + Sync + 'static {
     async fn create_user(&self, user: NewUser) -> Result<()>;
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>>;
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// Active users whose ID or display name contains `term` (any case)
+    /// and who share a room with `requester` (both joined) or are joined to
+    /// a room published in the directory; at most `limit`, by user ID.
+    async fn search_users(&self, requester: &str, term: &str, limit: usize) -> Result<Vec<UserRecord>>;
+    /// Stores a report of an event or a user; answers its ID.
+    async fn add_report(&self, report: Report) -> Result<i64>;
+    /// The newest reports first, at most `limit`.
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>>;
     async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()>;
     /// Marks the user deactivated and removes all their devices and tokens
     /// (with their keys and pending to-device messages) and their

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_device_psks.sql"),
     include_str!("../migrations/0005_device_last_seen_ip.sql"),
     include_str!("../migrations/0006_key_backup.sql"),
+    include_str!("../migrations/0007_reports.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -1847,6 +1848,92 @@ impl Store for SqliteStore {
                 .query_row(params![u, r], |_| Ok(()))
                 .optional()
                 .map(|o| o.is_some())
+        })
+        .await
+    }
+
+    async fn search_users(&self, requester: &str, term: &str, limit: usize) -> Result<Vec<UserRecord>> {
+        let me = requester.to_owned();
+        // LIKE's own wildcards in the term match themselves.
+        let pattern = format!(
+            "%{}%",
+            term.to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT u.user_id, u.admin, u.displayname, u.avatar_url, u.created_ms FROM users u \
+                 WHERE u.deactivated = 0 \
+                 AND (lower(u.user_id) LIKE ?2 ESCAPE '\\' OR lower(COALESCE(u.displayname, '')) LIKE ?2 ESCAPE '\\') \
+                 AND (u.user_id = ?1 OR EXISTS ( \
+                   SELECT 1 FROM memberships m JOIN memberships mine ON mine.room_id = m.room_id \
+                   WHERE m.user_id = u.user_id AND m.membership = 'join' \
+                   AND mine.user_id = ?1 AND mine.membership = 'join') \
+                 OR EXISTS ( \
+                   SELECT 1 FROM memberships m JOIN rooms r ON r.room_id = m.room_id \
+                   WHERE m.user_id = u.user_id AND m.membership = 'join' AND r.is_public = 1)) \
+                 ORDER BY u.user_id LIMIT ?3",
+                params![me, pattern, limit],
+                |r| {
+                    Ok(UserRecord {
+                        user_id: r.get(0)?,
+                        password_hash: None,
+                        admin: r.get(1)?,
+                        deactivated: false,
+                        displayname: r.get(2)?,
+                        avatar_url: r.get(3)?,
+                        created_ms: r.get::<_, i64>(4)? as u64,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn add_report(&self, report: Report) -> Result<i64> {
+        self.write_wait(move |c, _| {
+            c.execute(
+                "INSERT INTO reports (reporter, room_id, event_id, target_user, reason, received_ms) \
+                 VALUES (?1,?2,?3,?4,?5,?6)",
+                params![
+                    report.reporter,
+                    report.room_id,
+                    report.event_id,
+                    report.target_user,
+                    report.reason,
+                    report.received_ms as i64
+                ],
+            )
+            .map_err(db_err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn reports(&self, limit: usize) -> Result<Vec<Report>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT id, reporter, room_id, event_id, target_user, reason, received_ms FROM reports \
+                 ORDER BY id DESC LIMIT ?1",
+                [limit],
+                |r| {
+                    Ok(Report {
+                        id: r.get(0)?,
+                        reporter: r.get(1)?,
+                        room_id: r.get(2)?,
+                        event_id: r.get(3)?,
+                        target_user: r.get(4)?,
+                        reason: r.get(5)?,
+                        received_ms: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            )
         })
         .await
     }

@@ -253,3 +253,16 @@ pub enum BackupWrite {
     /// The version named is not the current one (`None`: there is none).
     WrongVersion { current: Option<i64> },
 }
+
+/// A report of an event (`room_id` and `event_id`) or of a user
+/// (`target_user`). `id` is set by the store.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub id: i64,
+    pub reporter: String,
+    pub room_id: Option<String>,
+    pub event_id: Option<String>,
+    pub target_user: Option<String>,
+    pub reason: Option<String>,
+    pub received_ms: u64,
+}

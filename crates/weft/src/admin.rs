@@ -399,6 +399,23 @@ pub fn print(outcome: &AdminOutcome) {
             }
         }
         AdminOutcome::Revoked { user_id, device_id } => println!("revoked device {device_id} of {user_id}"),
+        AdminOutcome::Reports { reports } => {
+            for r in reports {
+                let what = match (&r.room_id, &r.event_id, &r.target_user) {
+                    (Some(room), Some(event), _) => format!("{room} {event}"),
+                    (_, _, Some(user)) => user.clone(),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    r.id,
+                    r.received_ms,
+                    r.reporter,
+                    what,
+                    r.reason.as_deref().unwrap_or_default().replace(['\n', '\t'], " ")
+                );
+            }
+        }
         AdminOutcome::Psk {
             user_id,
             device_id,

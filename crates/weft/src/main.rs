@@ -44,6 +44,19 @@ enum Command {
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Reports of events and users sent by clients.
+    #[command(subcommand)]
+    Report(ReportCommand),
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// List reports, newest first: id, time (ms), reporter, what is
+    /// reported (room and event, or user), reason.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +123,14 @@ fn main() -> anyhow::Result<()> {
                 serve(&cli.data_dir, cli.config, listen, server_name, started).await
             }
             Command::User(cmd) => user(&cli.data_dir, cli.config, cmd).await,
+            Command::Report(ReportCommand::List { limit }) => {
+                admin_command(
+                    &cli.data_dir,
+                    cli.config,
+                    weft_services::admin::AdminCommand::Reports { limit },
+                )
+                .await
+            }
         }
     })
 }
@@ -418,6 +439,16 @@ async fn user(data_dir: &Path, config: Option<PathBuf>, cmd: UserCommand) -> any
         UserCommand::Revoke { name, device_id } => AdminCommand::Revoke { name, device_id },
         UserCommand::Psk { name, device_id } => AdminCommand::Psk { name, device_id },
     };
+    admin_command(data_dir, config, command).await
+}
+
+/// Runs an admin command through the running server, or on the database
+/// when none runs.
+async fn admin_command(
+    data_dir: &Path,
+    config: Option<PathBuf>,
+    command: weft_services::admin::AdminCommand,
+) -> anyhow::Result<()> {
     let outcome = admin::run(data_dir, command, || {
         let (config, _) = prepare(data_dir, config, None, None, true)?;
         open_services(data_dir, config)
