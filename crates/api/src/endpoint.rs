@@ -316,3 +316,65 @@ pub(crate) fn bad_json(e: serde_json::Error) -> Error {
 pub(crate) fn raw<T>(v: serde_json::Value) -> Result<ruma::serde::Raw<T>, Error> {
     ruma::serde::Raw::from_json_string(v.to_string()).map_err(Error::internal)
 }
+
+/// Query parameters the spec makes optional but a ruma request type
+/// requires, with the spec's defaults.
+pub trait QueryDefaults: Send + Sync + 'static {
+    const DEFAULTS: &'static [(&'static str, &'static str)];
+}
+
+/// `R`, read after the query parameters of `D` that the request leaves out
+/// are filled in with their defaults: the endpoint is declared with this
+/// type where ruma's reads the spec too strictly.
+pub struct WithDefaults<R, D> {
+    pub request: R,
+    defaults: std::marker::PhantomData<D>,
+}
+
+impl<R: Metadata, D> Metadata for WithDefaults<R, D> {
+    const METHOD: axum::http::Method = R::METHOD;
+    const RATE_LIMITED: bool = R::RATE_LIMITED;
+    type Authentication = R::Authentication;
+    type PathBuilder = R::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = R::PATH_BUILDER;
+}
+
+impl<R: IncomingRequest, D: QueryDefaults> IncomingRequest for WithDefaults<R, D> {
+    type EndpointError = R::EndpointError;
+    type OutgoingResponse = R::OutgoingResponse;
+
+    fn try_from_http_request<B, S>(req: axum::http::Request<B>, path_args: &[S]) -> Result<Self, FromHttpRequestError>
+    where
+        B: AsRef<[u8]>,
+        S: AsRef<str>,
+    {
+        let (mut parts, body) = req.into_parts();
+        let query = parts.uri.query().unwrap_or_default();
+        let present: Vec<&str> = query
+            .split('&')
+            .filter_map(|kv| kv.split('=').next())
+            .filter(|k| !k.is_empty())
+            .collect();
+        let missing: Vec<String> = D::DEFAULTS
+            .iter()
+            .filter(|(k, _)| !present.contains(k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !missing.is_empty() {
+            let query = if query.is_empty() {
+                missing.join("&")
+            } else {
+                format!("{query}&{}", missing.join("&"))
+            };
+            let uri = format!("{}?{query}", parts.uri.path());
+            // The path came from a valid URI and the defaults are constants.
+            if let Ok(uri) = uri.parse() {
+                parts.uri = uri;
+            }
+        }
+        R::try_from_http_request(axum::http::Request::from_parts(parts, body), path_args).map(|request| Self {
+            request,
+            defaults: std::marker::PhantomData,
+        })
+    }
+}

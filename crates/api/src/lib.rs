@@ -16,6 +16,7 @@ pub mod endpoint;
 mod extract;
 mod keys;
 mod misc;
+mod relations;
 mod rooms;
 
 use std::net::SocketAddr;
@@ -95,6 +96,11 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, directory::three_pids)
         .add(Caller, directory::report_event)
         .add(Caller, directory::report_user)
+        // relations and threads
+        .add(Caller, relations::relating)
+        .add(Caller, relations::relating_with_rel_type)
+        .add(Caller, relations::relating_with_rel_type_and_event_type)
+        .add(Caller, relations::threads)
 }
 
 /// Routes not yet declared with typed requests, served under each client

@@ -416,6 +416,12 @@ impl Rooms {
             Some(target) => self.redacted_target(cache, &target, &obj).await?,
             None => None,
         };
+        let relation = content_json.get("m.relates_to").and_then(|r| {
+            Some(weft_store::Relation {
+                rel_type: r.get("rel_type")?.as_str()?.to_owned(),
+                parent_event_id: r.get("event_id")?.as_str()?.to_owned(),
+            })
+        });
         let new_event = NewEvent {
             event_id: event_id.to_string(),
             room_id,
@@ -432,6 +438,7 @@ impl Rooms {
             history_visibility,
             txn,
             redaction,
+            relation,
         };
         Ok((new_event, pdu))
     }

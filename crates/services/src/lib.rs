@@ -15,6 +15,7 @@ pub mod events;
 pub mod filter;
 pub mod keys;
 pub mod ratelimit;
+pub mod relations;
 pub mod reports;
 pub mod revocation;
 pub mod room_ops;

@@ -237,6 +237,32 @@ pub trait Store: Send + Sync + 'static {
         dir: Direction,
         limit: usize,
     ) -> Result<Vec<StoredEvent>>;
+    /// Events of `room_id` relating to `parent` (with that `rel_type` and
+    /// event type where given) with positions strictly between `from` and
+    /// `to`, walking as `dir` says, at most `limit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn relations(
+        &self,
+        room_id: &str,
+        parent: &str,
+        rel_type: Option<&str>,
+        event_type: Option<&str>,
+        from: i64,
+        to: i64,
+        dir: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>>;
+    /// The threads of a room whose newest reply is before position
+    /// `before`, newest reply first, at most `limit`; only those `user`
+    /// wrote the root of or replied to when `only_participated`.
+    async fn threads(
+        &self,
+        room_id: &str,
+        user: &str,
+        only_participated: bool,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<ThreadRecord>>;
     /// Rooms with at least one event in (since, upto], with their newest position.
     async fn rooms_changed(&self, since: i64, upto: i64) -> Result<Vec<(String, i64)>>;
     /// Memberships of a local user, current.

@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_device_last_seen_ip.sql"),
     include_str!("../migrations/0006_key_backup.sql"),
     include_str!("../migrations/0007_reports.sql"),
+    include_str!("../migrations/0008_relations.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -566,9 +567,28 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         )?
         .execute(params![ev.sender, device, ev.room_id, ev.event_type, txn, ev.event_id])?;
     }
+    if let Some(rel) = &ev.relation {
+        conn.prepare_cached(
+            "INSERT INTO relations (position, room_id, parent_event_id, rel_type, event_type, sender) \
+             VALUES (?1,?2,?3,?4,?5,?6)",
+        )?
+        .execute(params![
+            p,
+            ev.room_id,
+            rel.parent_event_id,
+            rel.rel_type,
+            ev.event_type,
+            ev.sender
+        ])?;
+    }
     if let Some((target, redacted_json)) = &ev.redaction {
         conn.prepare_cached("UPDATE events SET pdu_json = ?1, redacted_by = ?2 WHERE event_id = ?3")?
             .execute(params![redacted_json, ev.event_id, target])?;
+        // A redacted event's content, and so its relation, is gone.
+        conn.prepare_cached(
+            "DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = ?1)",
+        )?
+        .execute([target])?;
     }
     ctx.pos = p;
     ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
@@ -1746,6 +1766,88 @@ impl Store for SqliteStore {
                 params![r, from, to, limit],
                 event_row,
             ),
+        })
+        .await
+    }
+
+    async fn relations(
+        &self,
+        room_id: &str,
+        parent: &str,
+        rel_type: Option<&str>,
+        event_type: Option<&str>,
+        from: i64,
+        to: i64,
+        dir: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let (room, parent) = (room_id.to_owned(), parent.to_owned());
+        let (rel, ty) = (rel_type.map(str::to_owned), event_type.map(str::to_owned));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (lo, hi, order) = match dir {
+            Direction::Forward => (from, to, "ASC"),
+            Direction::Backward => (to, from, "DESC"),
+        };
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM relations r JOIN events e ON e.position = r.position \
+                     WHERE r.parent_event_id = ?1 AND r.room_id = ?2 \
+                     AND (?3 IS NULL OR r.rel_type = ?3) AND (?4 IS NULL OR r.event_type = ?4) \
+                     AND r.position > ?5 AND r.position < ?6 ORDER BY r.position {order} LIMIT ?7"
+                ),
+                params![parent, room, rel, ty, lo, hi, limit],
+                event_row,
+            )
+        })
+        .await
+    }
+
+    async fn threads(
+        &self,
+        room_id: &str,
+        user: &str,
+        only_participated: bool,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<ThreadRecord>> {
+        let (room, user) = (room_id.to_owned(), user.to_owned());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let threads: Vec<(String, u64, i64, bool)> = collect(
+                c,
+                "SELECT parent_event_id, COUNT(*), MAX(position), MAX(sender = ?2) FROM relations \
+                 WHERE room_id = ?1 AND rel_type = 'm.thread' GROUP BY parent_event_id \
+                 HAVING MAX(position) < ?4 ORDER BY MAX(position) DESC",
+                params![room, user, only_participated, before],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+            let mut out = Vec::new();
+            for (root_id, count, latest_position, replied) in threads {
+                if out.len() as i64 >= limit {
+                    break;
+                }
+                let root = c
+                    .prepare_cached(&format!(
+                        "SELECT {EVENT_COLS} FROM events e WHERE e.event_id = ?1 AND e.room_id = ?2"
+                    ))?
+                    .query_row(params![root_id, room], event_row)
+                    .optional()?;
+                // A reply to an event that is not here is no thread.
+                let Some(root) = root else { continue };
+                let participated = replied || root.sender == user;
+                if only_participated && !participated {
+                    continue;
+                }
+                out.push(ThreadRecord {
+                    root,
+                    count,
+                    latest_position,
+                    participated,
+                });
+            }
+            Ok(out)
         })
         .await
     }

@@ -94,6 +94,8 @@ pub struct NewEvent {
     pub txn: Option<(String, String)>,
     /// For redactions: the target event and its redacted PDU JSON.
     pub redaction: Option<(String, String)>,
+    /// What `content.m.relates_to` names, if anything.
+    pub relation: Option<Relation>,
 }
 
 #[derive(Debug, Clone)]
@@ -265,4 +267,21 @@ pub struct Report {
     pub target_user: Option<String>,
     pub reason: Option<String>,
     pub received_ms: u64,
+}
+
+/// What an event's `m.relates_to` says: how it relates to which event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relation {
+    pub rel_type: String,
+    pub parent_event_id: String,
+}
+
+/// A thread: its root event, its replies' count, the newest reply's
+/// position, and whether a given user wrote the root or a reply.
+#[derive(Clone, Debug)]
+pub struct ThreadRecord {
+    pub root: StoredEvent,
+    pub count: u64,
+    pub latest_position: i64,
+    pub participated: bool,
 }

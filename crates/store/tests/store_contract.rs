@@ -36,6 +36,7 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         history_visibility: None,
         txn: Some(("DEV".into(), format!("t{n}"))),
         redaction: None,
+        relation: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn event(n: u32, body_bytes: usize) -> NewEvent {
         history_visibility: None,
         txn: None,
         redaction: None,
+        relation: None,
     }
 }
 
