@@ -18,6 +18,7 @@ mod keys;
 mod misc;
 mod relations;
 mod rooms;
+mod search;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +102,7 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, relations::relating_with_rel_type)
         .add(Caller, relations::relating_with_rel_type_and_event_type)
         .add(Caller, relations::threads)
+        .add(Caller, search::search)
 }
 
 /// Routes not yet declared with typed requests, served under each client

@@ -422,6 +422,17 @@ impl Rooms {
                 parent_event_id: r.get("event_id")?.as_str()?.to_owned(),
             })
         });
+        let search_key = match event_type.as_str() {
+            "m.room.message" => Some("body"),
+            "m.room.name" => Some("name"),
+            "m.room.topic" => Some("topic"),
+            _ => None,
+        };
+        let search_text = search_key
+            .and_then(|k| content_json.get(k))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
         let new_event = NewEvent {
             event_id: event_id.to_string(),
             room_id,
@@ -439,6 +450,7 @@ impl Rooms {
             txn,
             redaction,
             relation,
+            search_text,
         };
         Ok((new_event, pdu))
     }

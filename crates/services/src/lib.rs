@@ -19,6 +19,7 @@ pub mod relations;
 pub mod reports;
 pub mod revocation;
 pub mod room_ops;
+pub mod search;
 pub mod sign_in;
 pub mod stream;
 pub mod sync;

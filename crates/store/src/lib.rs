@@ -263,6 +263,20 @@ pub trait Store: Send + Sync + 'static {
         before: i64,
         limit: usize,
     ) -> Result<Vec<ThreadRecord>>;
+    /// Events of `rooms` whose text under `keys` matches the FTS5 `query`
+    /// (built by the caller from the user's words), best first (`by_rank`)
+    /// or newest first, skipping `offset`, at most `limit`; with the number
+    /// of all matches. The rank is FTS5's (lower is better).
+    #[allow(clippy::too_many_arguments)]
+    async fn search_events(
+        &self,
+        rooms: &[String],
+        query: &str,
+        keys: &[SearchKey],
+        by_rank: bool,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<(StoredEvent, f64)>, u64)>;
     /// Rooms with at least one event in (since, upto], with their newest position.
     async fn rooms_changed(&self, since: i64, upto: i64) -> Result<Vec<(String, i64)>>;
     /// Memberships of a local user, current.

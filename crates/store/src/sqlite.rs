@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_key_backup.sql"),
     include_str!("../migrations/0007_reports.sql"),
     include_str!("../migrations/0008_relations.sql"),
+    include_str!("../migrations/0009_search.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -581,7 +582,19 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
             ev.sender
         ])?;
     }
+    if let Some(text) = &ev.search_text {
+        let sql = match ev.event_type.as_str() {
+            "m.room.name" => "INSERT INTO event_search (rowid, name) VALUES (?1, ?2)",
+            "m.room.topic" => "INSERT INTO event_search (rowid, topic) VALUES (?1, ?2)",
+            _ => "INSERT INTO event_search (rowid, body) VALUES (?1, ?2)",
+        };
+        conn.prepare_cached(sql)?.execute(params![p, text])?;
+    }
     if let Some((target, redacted_json)) = &ev.redaction {
+        conn.prepare_cached(
+            "DELETE FROM event_search WHERE rowid = (SELECT position FROM events WHERE event_id = ?1)",
+        )?
+        .execute([target])?;
         conn.prepare_cached("UPDATE events SET pdu_json = ?1, redacted_by = ?2 WHERE event_id = ?3")?
             .execute(params![redacted_json, ev.event_id, target])?;
         // A redacted event's content, and so its relation, is gone.
@@ -1848,6 +1861,59 @@ impl Store for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn search_events(
+        &self,
+        rooms: &[String],
+        query: &str,
+        keys: &[SearchKey],
+        by_rank: bool,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<(StoredEvent, f64)>, u64)> {
+        if rooms.is_empty() || keys.is_empty() {
+            return Ok((vec![], 0));
+        }
+        let columns: Vec<&str> = keys
+            .iter()
+            .map(|k| match k {
+                SearchKey::Body => "body",
+                SearchKey::Name => "name",
+                SearchKey::Topic => "topic",
+            })
+            .collect();
+        let fts = format!("{{{}}} : ({query})", columns.join(" "));
+        let rooms_json = serde_json::to_string(rooms).map_err(Error::internal)?;
+        let (offset, limit) = (
+            i64::try_from(offset).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        );
+        let order = if by_rank {
+            "s.rank, e.position DESC"
+        } else {
+            "e.position DESC"
+        };
+        self.read(move |c| {
+            let count: u64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM event_search s JOIN events e ON e.position = s.rowid \
+                     WHERE event_search MATCH ?1 AND e.room_id IN (SELECT value FROM json_each(?2))",
+                )?
+                .query_row(params![fts, rooms_json], |r| r.get(0))?;
+            let found = collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS}, s.rank FROM event_search s JOIN events e ON e.position = s.rowid \
+                     WHERE event_search MATCH ?1 AND e.room_id IN (SELECT value FROM json_each(?2)) \
+                     ORDER BY {order} LIMIT ?3 OFFSET ?4"
+                ),
+                params![fts, rooms_json, limit, offset],
+                |r| Ok((event_row(r)?, r.get::<_, f64>(11)?)),
+            )?;
+            Ok((found, count))
         })
         .await
     }

@@ -96,6 +96,10 @@ pub struct NewEvent {
     pub redaction: Option<(String, String)>,
     /// What `content.m.relates_to` names, if anything.
     pub relation: Option<Relation>,
+    /// The text `/search` finds the event by: `content.body` of an
+    /// `m.room.message`, `content.name` of `m.room.name`, `content.topic`
+    /// of `m.room.topic`.
+    pub search_text: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -284,4 +288,12 @@ pub struct ThreadRecord {
     pub count: u64,
     pub latest_position: i64,
     pub participated: bool,
+}
+
+/// Where `/search` looks (`keys`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchKey {
+    Body,
+    Name,
+    Topic,
 }

@@ -37,6 +37,7 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         txn: Some(("DEV".into(), format!("t{n}"))),
         redaction: None,
         relation: None,
+        search_text: None,
     }
 }
 

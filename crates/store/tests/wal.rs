@@ -28,6 +28,7 @@ fn event(n: u32, body_bytes: usize) -> NewEvent {
         txn: None,
         redaction: None,
         relation: None,
+        search_text: None,
     }
 }
 
