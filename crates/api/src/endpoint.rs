@@ -4,7 +4,11 @@
 //! An endpoint is declared by one line in `typed_routes` (crate root):
 //! `routes.add::<R>(RateClass::…, handler)`. Its method, its paths under
 //! every version prefix and who may call it come from the request type's
-//! ruma [`Metadata`]; the rate-limit class is the line's own. The handler
+//! ruma [`Metadata`]; the rate-limit class is the line's own. Paths the
+//! metadata lacks (the empty-state-key forms of the state endpoints) are
+//! named on the line: `routes.add_at(&[path, …], …)`. Endpoints ruma has
+//! no request type for get one of ours (module `own`), declared the same
+//! way. The handler
 //! gets a [`Ruma<R>`] (the typed request and the caller) and returns the
 //! typed response or an [`Error`].
 
@@ -243,7 +247,24 @@ impl Routes {
 
     /// Declares one endpoint: `R` says its method, paths and caller;
     /// `class` how it is rate-limited; `handler` what it does.
-    pub fn add<R, T, F, Fut>(mut self, class: RateClass, handler: F) -> Self
+    pub fn add<R, T, F, Fut>(self, class: RateClass, handler: F) -> Self
+    where
+        R: IncomingRequest + Send + 'static,
+        R::Authentication: CallerAuth,
+        T: ApiResponse,
+        F: Fn(AppState, Ruma<R>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        self.add_at(&[], class, handler)
+    }
+
+    /// Declares one endpoint as [`Routes::add`] does, served also at
+    /// `variants`: paths ruma's metadata lacks, written below the version
+    /// prefix (`/rooms/{room_id}/state/{event_type}`) and served under
+    /// every prefix of [`CLIENT_PREFIXES`]. `R` must read a variant's path
+    /// arguments: ruma's state requests, for one, read a missing last
+    /// argument as the empty state key.
+    pub fn add_at<R, T, F, Fut>(mut self, variants: &[&str], class: RateClass, handler: F) -> Self
     where
         R: IncomingRequest + Send + 'static,
         R::Authentication: CallerAuth,
@@ -266,7 +287,11 @@ impl Routes {
                 handler(s, req).await.map(RumaResponse).map_err(ApiError)
             }
         };
-        for path in paths_of::<R>() {
+        let mut paths = paths_of::<R>();
+        for rest in variants {
+            paths.extend(CLIENT_PREFIXES.iter().map(|p| format!("{p}{rest}")));
+        }
+        for path in paths {
             self.router = self.router.route(&path, on(method, endpoint.clone()));
         }
         self

@@ -2,25 +2,23 @@
 //! cross-signing keys and signatures, and to-device messages. Decoding and encoding only; the work is in
 //! `weft_services::keys`.
 
-use axum::Json;
-use axum::extract::State;
-use serde::Deserialize;
 use weft_core::Error;
 use weft_services::keys::{
     ClaimKeysRequest, CrossSigningUpload, QueryKeysRequest, SendToDeviceRequest, SignaturesUpload, UploadKeysRequest,
 };
 
 use ruma::api::client::keys::claim_keys::v3::OneTimeKeys;
-use ruma::api::client::keys::{claim_keys, get_key_changes, get_keys, upload_keys};
+use ruma::api::client::keys::{
+    claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
+};
 use ruma::api::client::to_device::send_event_to_device;
 use ruma::encryption::{CrossSigningKey, DeviceKeys};
 use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedUserId};
 use std::collections::BTreeMap;
 
+use crate::AppState;
 use crate::endpoint::{Full, Ruma, bad_json, convert, field};
-use crate::extract::{Auth, JsonBody};
-use crate::{ApiResult, AppState};
 use weft_services::sign_in::AuthData;
 
 pub async fn upload(s: AppState, req: Ruma<upload_keys::v3::Request>) -> Result<upload_keys::v3::Response, Error> {
@@ -112,31 +110,46 @@ pub async fn send_to_device(
     Ok(send_event_to_device::v3::Response::new())
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct DeviceSigningBody {
-    #[serde(flatten)]
-    keys: CrossSigningUpload,
-    auth: Option<AuthData>,
-}
-
 /// Replacing existing cross-signing keys needs `m.login.password` UIA; the
 /// first upload does not.
 pub async fn device_signing_upload(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    JsonBody(body): JsonBody<DeviceSigningBody>,
-) -> ApiResult {
-    if s.cross_signing_needs_auth(&session, &body.keys).await? {
-        s.password_uia(&session, body.auth).await?;
+    s: AppState,
+    req: Ruma<upload_signing_keys::v3::Request>,
+) -> Result<upload_signing_keys::v3::Response, Error> {
+    let b = req.body;
+    let keys = CrossSigningUpload {
+        master_key: object(b.master_key.as_ref())?,
+        self_signing_key: object(b.self_signing_key.as_ref())?,
+        user_signing_key: object(b.user_signing_key.as_ref())?,
+    };
+    if s.cross_signing_needs_auth(&req.caller, &keys).await? {
+        let auth: Option<AuthData> = b.auth.as_ref().map(convert).transpose()?;
+        s.password_uia(&req.caller, auth).await?;
     }
-    Ok(Json(s.upload_cross_signing_keys(&session, body.keys).await?))
+    s.upload_cross_signing_keys(&req.caller, keys).await?;
+    Ok(upload_signing_keys::v3::Response::new())
+}
+
+/// A key ruma keeps as raw JSON, as the JSON object the services take.
+fn object<T>(key: Option<&Raw<T>>) -> Result<Option<serde_json::Map<String, serde_json::Value>>, Error> {
+    key.map(|k| serde_json::from_str(k.json().get()).map_err(bad_json))
+        .transpose()
+}
+
+/// The `/keys/signatures/upload` answer with `failures` always present
+/// (ruma leaves it out when empty).
+#[derive(serde::Serialize)]
+pub struct SignaturesAnswer {
+    failures: BTreeMap<OwnedUserId, BTreeMap<String, upload_signatures::v3::Failure>>,
 }
 
 pub async fn signatures_upload(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    JsonBody(body): JsonBody<SignaturesUpload>,
-) -> ApiResult {
-    Ok(Json(s.upload_signatures(&session, body).await?))
+    s: AppState,
+    req: Ruma<upload_signatures::v3::Request>,
+) -> Result<Full<SignaturesAnswer>, Error> {
+    let signed: SignaturesUpload = convert(&req.body.signed_keys)?;
+    let mut out = s.upload_signatures(&req.caller, signed).await?;
+    Ok(Full(SignaturesAnswer {
+        failures: field(&mut out, "failures")?,
+    }))
 }

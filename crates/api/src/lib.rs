@@ -16,6 +16,7 @@ pub mod endpoint;
 mod extract;
 mod keys;
 mod misc;
+mod own;
 mod relations;
 mod rooms;
 mod search;
@@ -27,7 +28,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use weft_core::{Error, ErrorKind};
 use weft_services::Services;
@@ -76,6 +77,21 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::get_account_data)
         .add(Caller, misc::put_room_account_data)
         .add(Caller, misc::get_room_account_data)
+        // rooms (create, directory, send without txn, state), ephemeral, filters, push rules, cross-signing
+        .add(Caller, rooms::create_room)
+        .add(Caller, rooms::public_rooms)
+        .add(Caller, rooms::send_without_txn)
+        .add_at(&rooms::EMPTY_STATE_KEY, Caller, rooms::get_state)
+        .add_at(&rooms::EMPTY_STATE_KEY, Caller, rooms::put_state)
+        .add(Caller, misc::typing)
+        .add(Caller, misc::receipt)
+        .add(Caller, misc::read_markers)
+        .add(Caller, misc::presence)
+        .add(Caller, misc::put_filter)
+        .add(Caller, misc::get_filter)
+        .add(Caller, misc::push_rules)
+        .add(Caller, keys::device_signing_upload)
+        .add(Caller, keys::signatures_upload)
         // key backup
         .add(Caller, backup::create_version)
         .add(Caller, backup::latest_version)
@@ -125,34 +141,9 @@ fn client_routes() -> Router<AppState> {
             get(accounts::get_profile_field).put(accounts::put_profile_field),
         )
         .route("/capabilities", get(misc::capabilities))
-        .route("/createRoom", post(rooms::create_room))
-        .route("/publicRooms", get(rooms::public_rooms))
-        .route("/rooms/{room}/send/{event_type}", post(rooms::send_no_txn))
-        .route(
-            "/rooms/{room}/state/{event_type}",
-            get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
-        )
-        // The trailing slash is optional for an empty state key; ruma sends it.
-        .route(
-            "/rooms/{room}/state/{event_type}/",
-            get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
-        )
-        .route(
-            "/rooms/{room}/state/{event_type}/{state_key}",
-            get(rooms::get_state).put(rooms::put_state),
-        )
         .route("/rooms/{room}/messages", get(rooms::messages))
         .route("/rooms/{room}/context/{event_id}", get(rooms::context))
-        .route("/rooms/{room}/typing/{user_id}", put(misc::typing))
-        .route("/rooms/{room}/receipt/{receipt_type}/{event_id}", post(misc::receipt))
-        .route("/rooms/{room}/read_markers", post(misc::read_markers))
-        .route("/presence/{user_id}/status", put(misc::presence))
         .route("/sync", get(rooms::sync))
-        .route("/user/{user_id}/filter", post(misc::put_filter))
-        .route("/user/{user_id}/filter/{filter_id}", get(misc::get_filter))
-        .route("/pushrules/", get(misc::push_rules))
-        .route("/keys/device_signing/upload", post(keys::device_signing_upload))
-        .route("/keys/signatures/upload", post(keys::signatures_upload))
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

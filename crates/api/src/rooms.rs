@@ -6,11 +6,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind};
 use weft_services::filter::EventFilter;
-use weft_services::room_ops::{CreateRoomRequest, Pagination};
+use weft_services::room_ops::Pagination;
 use weft_services::sync::SyncRequest;
 use weft_store::{Direction, StoredEvent};
 
 use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
+use ruma::api::client::directory::get_public_rooms;
 use ruma::api::client::membership::invite_user::v3::InvitationRecipient;
 use ruma::api::client::membership::{
     ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members,
@@ -18,11 +19,14 @@ use ruma::api::client::membership::{
 };
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::redact::redact_event;
+use ruma::api::client::room::create_room;
 use ruma::api::client::room::{aliases, get_room_event};
-use ruma::api::client::state::get_state_events;
+use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
+use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 
 use crate::endpoint::{Ruma, bad_json, convert, raw};
-use crate::extract::{Auth, JsonBody, P, Q};
+use crate::extract::{Auth, P, Q};
+use crate::own::send_without_txn;
 use crate::{ApiResult, AppState};
 
 fn fmt(e: &StoredEvent, session: &weft_services::Session) -> Value {
@@ -40,13 +44,9 @@ fn content_of(e: &StoredEvent) -> Value {
         .unwrap_or(json!({}))
 }
 
-pub async fn create_room(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    JsonBody(req): JsonBody<CreateRoomRequest>,
-) -> ApiResult {
-    let room_id = s.create_room(&session, req).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+pub async fn create_room(s: AppState, req: Ruma<create_room::v3::Request>) -> Result<create_room::v3::Response, Error> {
+    let room_id = s.create_room(&req.caller, req.body).await?;
+    Ok(create_room::v3::Response::new(room_id))
 }
 
 pub async fn join(
@@ -215,14 +215,23 @@ pub async fn send(
 
 /// `POST .../send/{type}` without a transaction ID, as the original
 /// `api/v1` path (and the CoAP form in the talk) sends it.
-pub async fn send_no_txn(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, event_type)): P<(String, String)>,
-    JsonBody(content): JsonBody<Value>,
-) -> ApiResult {
-    let event_id = s.send_event(&session, &room, &event_type, None, None, content).await?;
-    Ok(Json(json!({ "event_id": event_id })))
+pub async fn send_without_txn(
+    s: AppState,
+    req: Ruma<send_without_txn::Request>,
+) -> Result<send_without_txn::Response, Error> {
+    let body = req.body;
+    let content = serde_json::from_str(body.body.json().get()).map_err(bad_json)?;
+    let event_id = s
+        .send_event(
+            &req.caller,
+            body.room_id.as_str(),
+            &body.event_type.to_string(),
+            None,
+            None,
+            content,
+        )
+        .await?;
+    Ok(send_without_txn::Response::new(event_id))
 }
 
 pub async fn state(
@@ -238,63 +247,53 @@ pub async fn state(
     ))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct FormatQuery {
-    format: Option<String>,
-}
+/// The paths of the state endpoints for the empty state key that ruma's
+/// metadata lacks: without the key, with or without the trailing slash
+/// (ruma's own client sends it).
+pub const EMPTY_STATE_KEY: [&str; 2] = [
+    "/rooms/{room_id}/state/{event_type}",
+    "/rooms/{room_id}/state/{event_type}/",
+];
 
-async fn get_state_inner(
-    s: &AppState,
-    session: &weft_services::Session,
-    room: &str,
-    t: &str,
-    k: &str,
-    format: Option<String>,
-) -> ApiResult {
-    let ev = s.state_event(&session.user_id, room, t, k).await?;
-    if format.as_deref() == Some("event") {
-        return Ok(Json(fmt(&ev, session)));
-    }
-    Ok(Json(content_of(&ev)))
-}
-
+/// One state event's content, or (`?format=event`) the whole event.
 pub async fn get_state(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, t, k)): P<(String, String, String)>,
-    Q(q): Q<FormatQuery>,
-) -> ApiResult {
-    get_state_inner(&s, &session, &room, &t, &k, q.format).await
-}
-
-pub async fn get_state_empty_key(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, t)): P<(String, String)>,
-    Q(q): Q<FormatQuery>,
-) -> ApiResult {
-    get_state_inner(&s, &session, &room, &t, "", q.format).await
+    s: AppState,
+    req: Ruma<get_state_event_for_key::v3::Request>,
+) -> Result<get_state_event_for_key::v3::Response, Error> {
+    let b = &req.body;
+    let (room, event_type) = (b.room_id.as_str(), b.event_type.to_string());
+    let v = match b.format {
+        StateEventFormat::Event => {
+            s.state_client_event(&req.caller, room, &event_type, &b.state_key)
+                .await?
+        }
+        _ => {
+            s.state_content(&req.caller.user_id, room, &event_type, &b.state_key)
+                .await?
+        }
+    };
+    Ok(get_state_event_for_key::v3::Response::new(
+        serde_json::value::to_raw_value(&v).map_err(Error::internal)?,
+    ))
 }
 
 pub async fn put_state(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, t, k)): P<(String, String, String)>,
-    JsonBody(content): JsonBody<Value>,
-) -> ApiResult {
-    let event_id = s.send_event(&session, &room, &t, Some(&k), None, content).await?;
-    Ok(Json(json!({ "event_id": event_id })))
-}
-
-pub async fn put_state_empty_key(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, t)): P<(String, String)>,
-    JsonBody(content): JsonBody<Value>,
-) -> ApiResult {
-    let event_id = s.send_event(&session, &room, &t, Some(""), None, content).await?;
-    Ok(Json(json!({ "event_id": event_id })))
+    s: AppState,
+    req: Ruma<send_state_event::v3::Request>,
+) -> Result<send_state_event::v3::Response, Error> {
+    let b = req.body;
+    let content = serde_json::from_str(b.body.json().get()).map_err(bad_json)?;
+    let event_id = s
+        .send_event(
+            &req.caller,
+            b.room_id.as_str(),
+            &b.event_type.to_string(),
+            Some(&b.state_key),
+            None,
+            content,
+        )
+        .await?;
+    Ok(send_state_event::v3::Response::new(event_id))
 }
 
 pub async fn event(s: AppState, req: Ruma<get_room_event::v3::Request>) -> Result<get_room_event::v3::Response, Error> {
@@ -452,6 +451,13 @@ pub async fn room_aliases(s: AppState, req: Ruma<aliases::v3::Request>) -> Resul
     Ok(aliases::v3::Response::new(convert(&aliases)?))
 }
 
-pub async fn public_rooms(State(s): State<AppState>) -> ApiResult {
-    Ok(Json(s.public_rooms().await?))
+pub async fn public_rooms(
+    s: AppState,
+    _req: Ruma<get_public_rooms::v3::Request>,
+) -> Result<get_public_rooms::v3::Response, Error> {
+    let chunk = s.public_rooms().await?;
+    let total = ruma::UInt::new_saturating(chunk.len() as u64);
+    let mut resp = get_public_rooms::v3::Response::new(chunk);
+    resp.total_room_count_estimate = Some(total);
+    Ok(resp)
 }

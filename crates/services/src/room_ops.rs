@@ -3,6 +3,8 @@
 //! checks. Authorization of writes is left to the event pipeline's auth
 //! rules; this layer adds the read checks and the spec's request semantics.
 
+use ruma::api::client::room::Visibility as RoomVisibility;
+use ruma::api::client::room::create_room::{self, v3::RoomPreset};
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId,
 };
@@ -18,30 +20,14 @@ use crate::filter::EventFilter;
 use crate::tokens::{make_token, parse_token};
 use crate::{Services, Session};
 
-/// The `/createRoom` body.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct CreateRoomRequest {
-    pub visibility: Option<String>,
-    pub room_alias_name: Option<String>,
-    pub name: Option<String>,
-    pub topic: Option<String>,
-    pub invite: Vec<String>,
-    pub room_version: Option<String>,
-    pub creation_content: Option<Value>,
-    pub initial_state: Vec<InitialState>,
-    pub preset: Option<String>,
-    pub is_direct: bool,
-    pub power_level_content_override: Option<Value>,
-}
-
+/// An `initial_state` entry of `/createRoom`.
 #[derive(Debug, Deserialize)]
-pub struct InitialState {
+struct InitialState {
     #[serde(rename = "type")]
-    pub event_type: String,
+    event_type: String,
     #[serde(default)]
-    pub state_key: String,
-    pub content: Value,
+    state_key: String,
+    content: Value,
 }
 
 /// Where a `/messages` page starts and ends, and which way it walks.
@@ -98,28 +84,31 @@ impl Services {
         Ok(c)
     }
 
-    pub async fn create_room(&self, session: &Session, req: CreateRoomRequest) -> Result<OwnedRoomId> {
-        let version = req.room_version.as_deref().map(parse_room_version).transpose()?;
-        let preset = match req.preset.as_deref() {
-            Some("private_chat") => Preset::PrivateChat,
-            Some("trusted_private_chat") => Preset::TrustedPrivateChat,
-            Some("public_chat") => Preset::PublicChat,
-            Some(other) => return Err(Error::invalid_param(format!("Unknown preset {other:?}"))),
-            None if req.visibility.as_deref() == Some("public") => Preset::PublicChat,
+    /// `POST /createRoom`: every option of the spec's request but
+    /// third-party invites (refused with `M_INVALID_PARAM`).
+    pub async fn create_room(&self, session: &Session, req: create_room::v3::Request) -> Result<OwnedRoomId> {
+        let version = req
+            .room_version
+            .as_ref()
+            .map(|v| parse_room_version(v.as_str()))
+            .transpose()?;
+        let public = match req.visibility {
+            RoomVisibility::Private => false,
+            RoomVisibility::Public => true,
+            _ => return Err(Error::invalid_param("visibility must be public or private")),
+        };
+        let preset = match &req.preset {
+            Some(RoomPreset::PrivateChat) => Preset::PrivateChat,
+            Some(RoomPreset::TrustedPrivateChat) => Preset::TrustedPrivateChat,
+            Some(RoomPreset::PublicChat) => Preset::PublicChat,
+            Some(other) => return Err(Error::invalid_param(format!("Unknown preset {:?}", other.as_str()))),
+            None if public => Preset::PublicChat,
             None => Preset::PrivateChat,
         };
-        let public = match req.visibility.as_deref() {
-            None | Some("private") => false,
-            Some("public") => true,
-            Some(_) => return Err(Error::invalid_param("visibility must be public or private")),
-        };
-        let invite = req
-            .invite
-            .iter()
-            .map(|u| {
-                OwnedUserId::try_from(u.as_str()).map_err(|_| Error::invalid_param(format!("Invalid user ID {u:?}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        if !req.invite_3pid.is_empty() {
+            return Err(Error::invalid_param("Third-party invites are not supported"));
+        }
+        let invite = req.invite;
         let alias = match &req.room_alias_name {
             Some(local) => {
                 if local.is_empty() || local.contains(':') || local.contains('#') || local.contains(char::is_whitespace)
@@ -136,11 +125,20 @@ impl Services {
             None => None,
         };
         let mut initial_state = Vec::new();
-        for s in req.initial_state {
+        for s in &req.initial_state {
+            let s: InitialState = raw_json(s)?;
             initial_state.push((s.event_type, s.state_key, canonical_object(s.content)?));
         }
-        let creation_content = req.creation_content.map(canonical_object).transpose()?;
-        let power_level_content_override = req.power_level_content_override.map(canonical_object).transpose()?;
+        let creation_content = req
+            .creation_content
+            .as_ref()
+            .map(|c| raw_json(c).and_then(canonical_object))
+            .transpose()?;
+        let power_level_content_override = req
+            .power_level_content_override
+            .as_ref()
+            .map(|c| raw_json(c).and_then(canonical_object))
+            .transpose()?;
         let room_id = self
             .rooms
             .create_room(
@@ -609,6 +607,34 @@ impl Services {
         }
     }
 
+    /// The content of a state event, for `GET /rooms/{room}/state/{type}/{key}`.
+    pub async fn state_content(
+        &self,
+        user_id: &UserId,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Value> {
+        let ev = self.state_event(user_id, room, event_type, state_key).await?;
+        Ok(serde_json::from_str::<Value>(&ev.pdu_json)
+            .ok()
+            .and_then(|mut v| v.get_mut("content").map(Value::take))
+            .unwrap_or_else(|| json!({})))
+    }
+
+    /// A state event in the client format as `session`'s device sees it,
+    /// for `GET /rooms/{room}/state/{type}/{key}?format=event`.
+    pub async fn state_client_event(
+        &self,
+        session: &Session,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Value> {
+        let ev = self.state_event(&session.user_id, room, event_type, state_key).await?;
+        Ok(crate::stream::client_event(&ev, session))
+    }
+
     // ---- aliases ----
 
     /// The room an alias of this server names.
@@ -662,6 +688,12 @@ impl Services {
         self.store.delete_alias(alias).await?;
         Ok(())
     }
+}
+
+/// A part of a typed request that ruma keeps as raw JSON, read as `T`;
+/// `M_BAD_JSON` if it is not one.
+fn raw_json<T: serde::de::DeserializeOwned, R>(raw: &ruma::serde::Raw<R>) -> Result<T> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))
 }
 
 /// Checks what a client may send and turns it into the pipeline's request.

@@ -3,6 +3,9 @@
 //! directory. Every door reaches these through here, never through the
 //! store.
 
+use ruma::directory::{PublicRoomsChunk, PublicRoomsChunkInit};
+use ruma::room::{JoinRuleKind, RoomType};
+use ruma::{OwnedRoomId, UInt};
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind, Result};
 use weft_store::ProfileField;
@@ -174,17 +177,20 @@ impl Services {
     }
 
     /// The public room directory: each published room's name, topic,
-    /// alias, joined members and access settings.
-    pub async fn public_rooms(&self) -> Result<Value> {
+    /// alias, avatar, type, joined members and access settings.
+    pub async fn public_rooms(&self) -> Result<Vec<PublicRoomsChunk>> {
         let mut chunk = Vec::new();
         for room_id in self.store.public_rooms().await? {
+            let Ok(id) = OwnedRoomId::try_from(room_id.as_str()) else {
+                continue;
+            };
             let state = self.store.current_state(&room_id).await?;
-            let get = |t: &str, k: &str| {
-                state.iter().find(|e| e.event_type == t).and_then(|e| {
-                    serde_json::from_str::<Value>(&e.pdu_json)
-                        .ok()
-                        .and_then(|v| v.get("content")?.get(k).cloned())
-                })
+            let get = |t: &str, k: &str| -> Option<String> {
+                let e = state
+                    .iter()
+                    .find(|e| e.event_type == t && e.state_key.as_deref() == Some(""))?;
+                let v = serde_json::from_str::<Value>(&e.pdu_json).ok()?;
+                v.get("content")?.get(k)?.as_str().map(str::to_owned)
             };
             let joined = state
                 .iter()
@@ -192,19 +198,24 @@ impl Services {
                     e.event_type == "m.room.member" && crate::events::membership_of(e).as_deref() == Some("join")
                 })
                 .count();
-            chunk.push(json!({
-                "room_id": room_id,
-                "name": get("m.room.name", "name"),
-                "topic": get("m.room.topic", "topic"),
-                "canonical_alias": get("m.room.canonical_alias", "alias"),
-                "num_joined_members": joined,
-                "world_readable": get("m.room.history_visibility", "history_visibility") == Some(json!("world_readable")),
-                "guest_can_join": get("m.room.guest_access", "guest_access") == Some(json!("can_join")),
-                "join_rule": get("m.room.join_rules", "join_rule"),
-            }));
+            let mut room = PublicRoomsChunk::from(PublicRoomsChunkInit {
+                num_joined_members: UInt::new_saturating(joined as u64),
+                room_id: id,
+                world_readable: get("m.room.history_visibility", "history_visibility").as_deref()
+                    == Some("world_readable"),
+                guest_can_join: get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
+            });
+            room.name = get("m.room.name", "name");
+            room.topic = get("m.room.topic", "topic");
+            room.canonical_alias = get("m.room.canonical_alias", "alias").and_then(|a| a.try_into().ok());
+            room.avatar_url = get("m.room.avatar", "url").map(Into::into);
+            room.join_rule = get("m.room.join_rules", "join_rule")
+                .map(|r| JoinRuleKind::from(r.as_str()))
+                .unwrap_or(JoinRuleKind::Invite);
+            room.room_type = get("m.room.create", "type").map(|t| RoomType::from(t.as_str()));
+            chunk.push(room);
         }
-        let total = chunk.len();
-        Ok(json!({ "chunk": chunk, "total_room_count_estimate": total }))
+        Ok(chunk)
     }
 
     /// The current position of the one ordered stream.

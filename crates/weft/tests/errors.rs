@@ -717,3 +717,39 @@ async fn bad_event_types_and_state_keys_are_refused() {
         .await;
     assert_eq!(st, 200, "{body}");
 }
+
+/// A /createRoom body of the wrong shape is `M_BAD_JSON`; well-formed but
+/// unknown options are `M_INVALID_PARAM` (or the room version's own
+/// error); none of them creates a room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_room_bad_bodies() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    for body in [
+        json!({"name": 5}),
+        json!({"invite": "@bob:x"}),
+        json!({"invite": ["not a user id"]}),
+        json!({"initial_state": [{"state_key": "", "content": {}}]}),
+        json!({"initial_state": [{"type": "org.weft.x", "content": {"f": 1.5}}]}),
+        json!({"creation_content": [1]}),
+        json!({"power_level_content_override": "all"}),
+        json!({"is_direct": "yes"}),
+        json!([]),
+    ] {
+        let got = alice.post("createRoom", body.clone()).await;
+        assert_err(&got, 400, "M_BAD_JSON");
+        assert!(got.1["error"].is_string(), "{body}: {}", got.1);
+    }
+    for body in [
+        json!({"preset": "secret_chat"}),
+        json!({"visibility": "hidden"}),
+        json!({"room_alias_name": "has space"}),
+    ] {
+        let got = alice.post("createRoom", body.clone()).await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+    }
+    let got = alice.post("createRoom", json!({"room_version": "999"})).await;
+    assert_err(&got, 400, "M_UNSUPPORTED_ROOM_VERSION");
+    let (st, rooms) = alice.get("joined_rooms").await;
+    assert_eq!((st, rooms), (200, json!({"joined_rooms": []})));
+}

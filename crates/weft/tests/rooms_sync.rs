@@ -786,3 +786,159 @@ async fn concurrent_senders_no_event_skipped_by_sync() {
     let hist: Vec<String> = event_ids(&of_type(&bob.all_messages(&room).await, TELEMETRY));
     assert_eq!(event_ids(&got), hist, "sync order and /messages order disagree");
 }
+
+// 8. State with the empty state key at both path forms (with and without
+// the trailing slash), `?format=event`, every version prefix; and the
+// `api/v1` send without a transaction ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_state_key_paths_and_send_without_txn() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let r = enc(&room);
+    let bare = format!("rooms/{r}/state/org.weft.config");
+    let slash = format!("{bare}/");
+
+    let (st, first) = alice.put(&bare, json!({"v": 1})).await;
+    assert_eq!(st, 200, "PUT without the trailing slash: {first}");
+    let (st, got) = alice.get(&slash).await;
+    assert_eq!((st, got), (200, json!({"v": 1})));
+    let (st, second) = alice.put(&slash, json!({"v": 2})).await;
+    assert_eq!(st, 200, "PUT with the trailing slash: {second}");
+    assert_ne!(first["event_id"], second["event_id"]);
+    // A non-empty key is another state entry.
+    let (st, r3) = alice.put(&format!("{bare}/k"), json!({"v": 3})).await;
+    assert_eq!(st, 200, "{r3}");
+    for path in [&bare, &slash] {
+        let (st, got) = alice.get(path).await;
+        assert_eq!((st, got), (200, json!({"v": 2})), "{path}");
+        let (st, ev) = alice.get(&format!("{path}?format=event")).await;
+        assert_eq!(st, 200, "{ev}");
+        assert_eq!(ev["type"], "org.weft.config", "{ev}");
+        assert_eq!(ev["state_key"], "", "{ev}");
+        assert_eq!(ev["event_id"], second["event_id"], "{ev}");
+        assert_eq!(ev["sender"], alice.user_id.as_str(), "{ev}");
+        assert_eq!(ev["room_id"], room.as_str(), "{ev}");
+        assert_eq!(ev["content"], json!({"v": 2}), "{ev}");
+        assert!(ev.get("signatures").is_none() && ev.get("hashes").is_none(), "{ev}");
+    }
+    let (st, got) = alice.get(&format!("{bare}/k")).await;
+    assert_eq!((st, got), (200, json!({"v": 3})));
+    // Under the r0 and api/v1 prefixes too.
+    for prefix in ["/_matrix/client/r0", "/_matrix/client/api/v1"] {
+        let (st, got) = alice.get(&format!("{prefix}/{bare}")).await;
+        assert_eq!((st, got), (200, json!({"v": 2})), "{prefix}");
+        let (st, got) = alice.get(&format!("{prefix}/{slash}")).await;
+        assert_eq!((st, got), (200, json!({"v": 2})), "{prefix} with slash");
+    }
+    // Not in the room: no state.
+    assert_err(&bob.get(&bare).await, 403, "M_FORBIDDEN");
+    assert_err(&bob.put(&slash, json!({"v": 9})).await, 403, "M_FORBIDDEN");
+    // Bad content.
+    let got = alice
+        .request_raw(reqwest::Method::PUT, &bare, "application/json", b"[1]".to_vec())
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
+
+    // The send without a transaction ID: each request is a new event.
+    let send = format!("/_matrix/client/api/v1/rooms/{r}/send/{TELEMETRY}");
+    let (st, a) = alice.post(&send, json!({"seq": 1})).await;
+    assert_eq!(st, 200, "{a}");
+    let (st, b) = alice.post(&send, json!({"seq": 1})).await;
+    assert_eq!(st, 200, "{b}");
+    assert_ne!(a["event_id"], b["event_id"]);
+    let (st, c) = alice
+        .post(&format!("rooms/{r}/send/{TELEMETRY}"), json!({"seq": 2}))
+        .await;
+    assert_eq!(st, 200, "the same under v3: {c}");
+    let sent = of_type(&alice.all_messages(&room).await, TELEMETRY);
+    assert_eq!(seqs(&sent), vec![1, 1, 2]);
+    assert_eq!(
+        event_ids(&sent),
+        vec![
+            a["event_id"].as_str().unwrap(),
+            b["event_id"].as_str().unwrap(),
+            c["event_id"].as_str().unwrap()
+        ]
+    );
+    assert_err(&bob.post(&send, json!({"seq": 3})).await, 403, "M_FORBIDDEN");
+    assert_err(
+        &server.anon().post(&send, json!({"seq": 3})).await,
+        401,
+        "M_MISSING_TOKEN",
+    );
+    let got = alice
+        .request_raw(reqwest::Method::POST, &send, "application/json", b"\"text\"".to_vec())
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
+    assert_err(&alice.get(&send).await, 405, "M_UNRECOGNIZED");
+}
+
+// 9. Every /createRoom option, and the public room directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_room_options_and_public_rooms() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = alice
+        .create_room(json!({
+            "visibility": "public",
+            "name": "Lab",
+            "topic": "Sensors",
+            "room_alias_name": "lab",
+            "room_version": "11",
+            "invite": [bob.user_id],
+            "is_direct": true,
+            "creation_content": {"org.weft.kind": "lab"},
+            "power_level_content_override": {"events_default": 50},
+            "initial_state": [{"type": "org.weft.config", "content": {"x": 1}}],
+        }))
+        .await;
+    let r = enc(&room);
+    let state = |t: &str, k: &str| format!("rooms/{r}/state/{t}/{}", enc(k));
+    let (_, create) = alice.get(&state("m.room.create", "")).await;
+    assert_eq!(create["room_version"], "11", "{create}");
+    assert_eq!(create["org.weft.kind"], "lab", "{create}");
+    let (_, name) = alice.get(&state("m.room.name", "")).await;
+    assert_eq!(name, json!({"name": "Lab"}));
+    let (_, topic) = alice.get(&state("m.room.topic", "")).await;
+    assert_eq!(topic["topic"], "Sensors", "{topic}");
+    let alias = format!("#lab:{}", server.server_name);
+    let (_, ca) = alice.get(&state("m.room.canonical_alias", "")).await;
+    assert_eq!(ca["alias"], alias.as_str(), "{ca}");
+    let (_, pl) = alice.get(&state("m.room.power_levels", "")).await;
+    assert_eq!(pl["events_default"], 50, "{pl}");
+    assert_eq!(pl["users"][&alice.user_id], 100, "{pl}");
+    // No preset: a public room gets public_chat's join rule.
+    let (_, jr) = alice.get(&state("m.room.join_rules", "")).await;
+    assert_eq!(jr["join_rule"], "public", "{jr}");
+    let (_, cfg) = alice.get(&state("org.weft.config", "")).await;
+    assert_eq!(cfg, json!({"x": 1}));
+    let (_, member) = alice.get(&state("m.room.member", &bob.user_id)).await;
+    assert_eq!(member["membership"], "invite", "{member}");
+    assert_eq!(member["is_direct"], true, "{member}");
+
+    // Only the public room is in the directory; anyone may read it.
+    alice
+        .create_room(json!({"preset": "private_chat", "name": "Hidden"}))
+        .await;
+    let (st, dir) = server.anon().get("publicRooms").await;
+    assert_eq!(st, 200, "{dir}");
+    let chunk = dir["chunk"].as_array().unwrap_or_else(|| panic!("{dir}"));
+    assert_eq!(chunk.len(), 1, "{dir}");
+    assert_eq!(dir["total_room_count_estimate"], 1, "{dir}");
+    let entry = &chunk[0];
+    assert_eq!(entry["room_id"], room.as_str(), "{dir}");
+    assert_eq!(entry["name"], "Lab", "{dir}");
+    assert_eq!(entry["topic"], "Sensors", "{dir}");
+    assert_eq!(entry["canonical_alias"], alias.as_str(), "{dir}");
+    assert_eq!(entry["num_joined_members"], 1, "{dir}");
+    assert_eq!(entry["world_readable"], false, "{dir}");
+    assert_eq!(entry["guest_can_join"], false, "{dir}");
+    // "public" is the default the spec lets servers leave out.
+    assert!(entry["join_rule"].is_null() || entry["join_rule"] == "public", "{dir}");
+    bob.join(&room).await;
+    let (_, dir) = alice.get("/_matrix/client/r0/publicRooms").await;
+    assert_eq!(dir["chunk"][0]["num_joined_members"], 2, "{dir}");
+}

@@ -333,6 +333,14 @@ async fn uploaded_filter_is_used_by_sync() {
     );
     let got = alice.get(&format!("{path}/does-not-exist")).await;
     assert_err(&got, 404, "M_NOT_FOUND");
+    // Not a filter; someone else's user ID.
+    let got = alice
+        .post(&path, json!({"room": {"timeline": {"limit": "three"}}}))
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
+    let got = alice.post(&path, json!({"event_fields": "content"})).await;
+    assert_err(&got, 400, "M_BAD_JSON");
+    assert_err(&bob.post(&path, filter.clone()).await, 403, "M_FORBIDDEN");
 
     for f in [fid.clone(), filter.to_string()] {
         let (st, s) = alice.sync_params(&[("timeout", "0"), ("filter", &f)]).await;

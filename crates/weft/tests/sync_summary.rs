@@ -280,3 +280,51 @@ async fn ephemeral_endpoints_refuse_other_users_and_rooms() {
     let (st, got) = bob.post(&markers, body).await;
     assert_eq!(st, 200, "{got}");
 }
+
+// Push rules: the spec's server-default rule set for the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_rules_are_the_server_defaults() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let (st, rules) = alice.get("pushrules/").await;
+    assert_eq!(st, 200, "{rules}");
+    let global = &rules["global"];
+    let ids = |kind: &str| -> Vec<String> {
+        global[kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {kind} rules: {rules}"))
+            .iter()
+            .map(|r| r["rule_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let over = ids("override");
+    assert_eq!(over.first().map(String::as_str), Some(".m.rule.master"), "{rules}");
+    for id in [
+        ".m.rule.suppress_notices",
+        ".m.rule.invite_for_me",
+        ".m.rule.is_user_mention",
+    ] {
+        assert!(over.iter().any(|r| r == id), "{id} missing: {rules}");
+    }
+    let under = ids("underride");
+    for id in [
+        ".m.rule.call",
+        ".m.rule.room_one_to_one",
+        ".m.rule.message",
+        ".m.rule.encrypted",
+    ] {
+        assert!(under.iter().any(|r| r == id), "{id} missing: {rules}");
+    }
+    let master = &global["override"][0];
+    assert_eq!(master["enabled"], false, "{master}");
+    assert_eq!(master["default"], true, "{master}");
+    // The rules that name the user name this one.
+    let invite = global["override"]
+        .as_array()
+        .and_then(|o| o.iter().find(|r| r["rule_id"] == ".m.rule.invite_for_me"))
+        .unwrap_or_else(|| panic!("{rules}"));
+    assert!(invite.to_string().contains(&alice.user_id), "{invite}");
+    let (st, r0) = alice.get("/_matrix/client/r0/pushrules/").await;
+    assert_eq!((st, &r0), (200, &rules));
+    assert_err(&server.anon().get("pushrules/").await, 401, "M_MISSING_TOKEN");
+}
