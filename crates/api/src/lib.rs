@@ -20,6 +20,7 @@ mod own;
 mod relations;
 mod rooms;
 mod search;
+mod spaces;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,6 +120,7 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, relations::relating_with_rel_type_and_event_type)
         .add(Caller, relations::threads)
         .add(Caller, search::search)
+        .add(Caller, spaces::hierarchy)
 }
 
 /// Routes not yet declared with typed requests, served under each client

@@ -21,6 +21,7 @@ pub mod revocation;
 pub mod room_ops;
 pub mod search;
 pub mod sign_in;
+pub mod spaces;
 pub mod stream;
 pub mod sync;
 pub mod tls;

@@ -185,34 +185,7 @@ impl Services {
                 continue;
             };
             let state = self.store.current_state(&room_id).await?;
-            let get = |t: &str, k: &str| -> Option<String> {
-                let e = state
-                    .iter()
-                    .find(|e| e.event_type == t && e.state_key.as_deref() == Some(""))?;
-                let v = serde_json::from_str::<Value>(&e.pdu_json).ok()?;
-                v.get("content")?.get(k)?.as_str().map(str::to_owned)
-            };
-            let joined = state
-                .iter()
-                .filter(|e| {
-                    e.event_type == "m.room.member" && crate::events::membership_of(e).as_deref() == Some("join")
-                })
-                .count();
-            let mut room = PublicRoomsChunk::from(PublicRoomsChunkInit {
-                num_joined_members: UInt::new_saturating(joined as u64),
-                room_id: id,
-                world_readable: get("m.room.history_visibility", "history_visibility").as_deref()
-                    == Some("world_readable"),
-                guest_can_join: get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
-            });
-            room.name = get("m.room.name", "name");
-            room.topic = get("m.room.topic", "topic");
-            room.canonical_alias = get("m.room.canonical_alias", "alias").and_then(|a| a.try_into().ok());
-            room.avatar_url = get("m.room.avatar", "url").map(Into::into);
-            room.join_rule = get("m.room.join_rules", "join_rule")
-                .map(|r| JoinRuleKind::from(r.as_str()))
-                .unwrap_or(JoinRuleKind::Invite);
-            room.room_type = get("m.room.create", "type").map(|t| RoomType::from(t.as_str()));
+            let room = room_chunk(id, &state);
             chunk.push(room);
         }
         Ok(chunk)
@@ -222,4 +195,35 @@ impl Services {
     pub fn stream_position(&self) -> i64 {
         self.store.current_position()
     }
+}
+
+/// What the room directory (and the space hierarchy) shows of a room, from
+/// its current state.
+pub(crate) fn room_chunk(id: OwnedRoomId, state: &[weft_store::StoredEvent]) -> PublicRoomsChunk {
+    let get = |t: &str, k: &str| -> Option<String> {
+        let e = state
+            .iter()
+            .find(|e| e.event_type == t && e.state_key.as_deref() == Some(""))?;
+        let v = serde_json::from_str::<Value>(&e.pdu_json).ok()?;
+        v.get("content")?.get(k)?.as_str().map(str::to_owned)
+    };
+    let joined = state
+        .iter()
+        .filter(|e| e.event_type == "m.room.member" && crate::events::membership_of(e).as_deref() == Some("join"))
+        .count();
+    let mut room = PublicRoomsChunk::from(PublicRoomsChunkInit {
+        num_joined_members: UInt::new_saturating(joined as u64),
+        room_id: id,
+        world_readable: get("m.room.history_visibility", "history_visibility").as_deref() == Some("world_readable"),
+        guest_can_join: get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
+    });
+    room.name = get("m.room.name", "name");
+    room.topic = get("m.room.topic", "topic");
+    room.canonical_alias = get("m.room.canonical_alias", "alias").and_then(|a| a.try_into().ok());
+    room.avatar_url = get("m.room.avatar", "url").map(Into::into);
+    room.join_rule = get("m.room.join_rules", "join_rule")
+        .map(|r| JoinRuleKind::from(r.as_str()))
+        .unwrap_or(JoinRuleKind::Invite);
+    room.room_type = get("m.room.create", "type").map(|t| RoomType::from(t.as_str()));
+    room
 }
