@@ -27,6 +27,44 @@ fn auth_data(auth: Option<&ruma::api::client::uiaa::AuthData>) -> Result<Option<
     auth.map(convert).transpose()
 }
 
+/// Ruma's request `R` with its user-interactive `auth` object read by the
+/// services' reader instead of ruma's: ruma requires `identifier` in an
+/// `m.login.password` stage, while clients (and Weft before) also send the
+/// legacy `user` or name no user at all (then the session's user is meant).
+pub struct Uia<R> {
+    pub request: R,
+    pub auth: Option<AuthData>,
+}
+
+impl<R: Metadata> Metadata for Uia<R> {
+    const METHOD: axum::http::Method = R::METHOD;
+    const RATE_LIMITED: bool = R::RATE_LIMITED;
+    type Authentication = R::Authentication;
+    type PathBuilder = R::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = R::PATH_BUILDER;
+}
+
+impl<R: IncomingRequest> IncomingRequest for Uia<R> {
+    type EndpointError = R::EndpointError;
+    type OutgoingResponse = R::OutgoingResponse;
+
+    fn try_from_http_request<B: AsRef<[u8]>, S: AsRef<str>>(
+        req: axum::http::Request<B>,
+        path_args: &[S],
+    ) -> Result<Self, FromHttpRequestError> {
+        Self::check_request_method(req.method())?;
+        let (parts, body) = req.into_parts();
+        let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body.as_ref())?;
+        let auth = match fields.remove("auth") {
+            None | Some(Value::Null) => None,
+            Some(auth) => Some(serde_json::from_value::<AuthData>(auth)?),
+        };
+        let rest = serde_json::to_vec(&fields)?;
+        let request = R::try_from_http_request(axum::http::Request::from_parts(parts, rest), path_args)?;
+        Ok(Self { request, auth })
+    }
+}
+
 pub async fn register(s: AppState, req: Ruma<register::v3::Request>) -> Result<register::v3::Response, Error> {
     let b = req.body;
     let guest = b.kind == register::RegistrationKind::Guest;
@@ -159,26 +197,20 @@ pub async fn logout_all(s: AppState, req: Ruma<logout_all::v3::Request>) -> Resu
 
 pub async fn change_password(
     s: AppState,
-    req: Ruma<WithAuth<AccessToken, change_password::v3::Request>>,
+    req: Ruma<WithAuth<AccessToken, Uia<change_password::v3::Request>>>,
 ) -> Result<change_password::v3::Response, Error> {
-    let b = req.body.request;
-    s.change_password(
-        &req.caller,
-        &b.new_password,
-        b.logout_devices,
-        auth_data(b.auth.as_ref())?,
-    )
-    .await?;
+    let Uia { request: b, auth } = req.body.request;
+    s.change_password(&req.caller, &b.new_password, b.logout_devices, auth)
+        .await?;
     Ok(change_password::v3::Response::new())
 }
 
 pub async fn deactivate(
     s: AppState,
-    req: Ruma<WithAuth<AccessToken, deactivate::v3::Request>>,
+    req: Ruma<WithAuth<AccessToken, Uia<deactivate::v3::Request>>>,
 ) -> Result<deactivate::v3::Response, Error> {
     let session = req.caller;
-    s.password_uia(&session, auth_data(req.body.request.auth.as_ref())?)
-        .await?;
+    s.password_uia(&session, req.body.request.auth).await?;
     s.deactivate_account(&session.user_id).await?;
     Ok(deactivate::v3::Response::new(
         ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport,

@@ -283,6 +283,32 @@ async fn password_change_via_uia() {
     .await;
     assert_err(&(st, r), 400, "M_WEAK_PASSWORD");
     assert_eq!(server.login_raw("alice", "third-password-xyz").await.0, 200);
+
+    // The password stage naming the user by the legacy `user`, or not at
+    // all (the session's user is meant).
+    let mut password = "third-password-xyz".to_owned();
+    for (i, who) in [json!({"user": "alice"}), json!({})].into_iter().enumerate() {
+        let next = format!("password-number-{i}-xyz");
+        let body = json!({"new_password": next, "logout_devices": false});
+        let (st, first) = keep.post("account/password", body.clone()).await;
+        assert_eq!(st, 401, "{first}");
+        let mut auth = json!({"type": "m.login.password", "password": password, "session": first["session"]});
+        auth.as_object_mut().unwrap().extend(who.as_object().unwrap().clone());
+        let mut b = body;
+        b["auth"] = auth;
+        let (st, r) = keep.post("account/password", b).await;
+        assert_eq!(st, 200, "{who}: {r}");
+        assert_eq!(server.login_raw("alice", &next).await.0, 200, "{who}");
+        password = next;
+    }
+    // An `auth` object of the wrong shape.
+    let got = keep
+        .post(
+            "account/password",
+            json!({"new_password": "whatever-password", "auth": {"type": "m.login.password", "identifier": "alice"}}),
+        )
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
