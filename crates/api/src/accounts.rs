@@ -22,15 +22,11 @@ use weft_services::sign_in::{AuthData, Login, Registration};
 use crate::AppState;
 use crate::endpoint::{Ruma, WithAuth, convert, field};
 
-/// A UIA `auth` object in the form the services read.
-fn auth_data(auth: Option<&ruma::api::client::uiaa::AuthData>) -> Result<Option<AuthData>, Error> {
-    auth.map(convert).transpose()
-}
-
 /// Ruma's request `R` with its user-interactive `auth` object read by the
 /// services' reader instead of ruma's: ruma requires `identifier` in an
 /// `m.login.password` stage, while clients (and Weft before) also send the
-/// legacy `user` or name no user at all (then the session's user is meant).
+/// legacy `user` or name no user at all (then the session's user is meant),
+/// and a registration-token stage without its token gets the UIA 401 again.
 pub struct Uia<R> {
     pub request: R,
     pub auth: Option<AuthData>,
@@ -65,8 +61,8 @@ impl<R: IncomingRequest> IncomingRequest for Uia<R> {
     }
 }
 
-pub async fn register(s: AppState, req: Ruma<register::v3::Request>) -> Result<register::v3::Response, Error> {
-    let b = req.body;
+pub async fn register(s: AppState, req: Ruma<Uia<register::v3::Request>>) -> Result<register::v3::Response, Error> {
+    let Uia { request: b, auth } = req.body;
     let guest = b.kind == register::RegistrationKind::Guest;
     let registration = Registration {
         username: b.username,
@@ -74,7 +70,7 @@ pub async fn register(s: AppState, req: Ruma<register::v3::Request>) -> Result<r
         device_id: b.device_id.map(String::from),
         initial_device_display_name: b.initial_device_display_name,
         inhibit_login: b.inhibit_login,
-        auth: auth_data(b.auth.as_ref())?,
+        auth,
     };
     let mut answer = s.register(guest, registration).await?;
     let mut resp = register::v3::Response::new(

@@ -624,6 +624,14 @@ async fn registration_token_mode() {
     assert!(st == 401 || st == 403, "dummy auth in token mode: {st} {r}");
     assert!(r["access_token"].is_null(), "registered without a token: {r}");
 
+    // A token stage without its token: the UIA 401 again, flows included.
+    let mut b = body.clone();
+    b["auth"] = json!({"type": "m.login.registration_token", "session": session});
+    let (st, r) = anon.post("register", b).await;
+    assert_eq!(st, 401, "token stage without a token: {r}");
+    assert!(r["flows"].is_array() && r["session"].is_string(), "{r}");
+    assert!(r["access_token"].is_null(), "{r}");
+
     // Wrong token refused.
     let mut b = body.clone();
     b["auth"] = json!({"type": "m.login.registration_token", "token": "wrong", "session": session});
