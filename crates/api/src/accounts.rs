@@ -1,68 +1,178 @@
 //! Accounts: registration (with user-interactive auth), login, logout,
 //! passwords, deactivation, profiles and devices.
 
-use axum::Json;
-use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use ruma::api::auth_scheme::AccessToken;
+use ruma::api::client::account::{
+    change_password, check_registration_token_validity, deactivate, get_username_availability, register, whoami,
+};
+use ruma::api::client::device::{get_device, get_devices};
+use ruma::api::client::profile::{get_profile, get_profile_field, set_profile_field};
+use ruma::api::client::session::{get_login_types, login, logout, logout_all};
+use ruma::api::error::FromHttpRequestError;
+use ruma::api::{IncomingRequest, Metadata};
+use ruma::profile::ProfileFieldValue;
+use ruma::{OwnedDeviceId, OwnedUserId};
+use serde_json::Value;
 use weft_core::config::RegistrationMode;
 use weft_core::{Error, ErrorKind};
-
-use ruma::api::client::account::whoami;
-use ruma::api::client::session::{logout, logout_all};
-
 use weft_services::sign_in::{AuthData, Login, Registration};
 
-use ruma::api::client::device::{get_device, get_devices};
+use crate::AppState;
+use crate::endpoint::{Ruma, WithAuth, convert, field};
 
-use crate::endpoint::{Ruma, convert};
-use crate::extract::{Auth, ClientIp, JsonBody, P, Q};
-use crate::{ApiResult, AppState};
-
-#[derive(Deserialize, Default)]
-pub struct KindQuery {
-    kind: Option<String>,
+/// Ruma's request `R` with its user-interactive `auth` object read by the
+/// services' reader instead of ruma's: ruma requires `identifier` in an
+/// `m.login.password` stage, while clients (and Weft before) also send the
+/// legacy `user` or name no user at all (then the session's user is meant),
+/// and a registration-token stage without its token gets the UIA 401 again.
+pub struct Uia<R> {
+    pub request: R,
+    pub auth: Option<AuthData>,
 }
 
-pub async fn register(
-    State(s): State<AppState>,
-    Q(q): Q<KindQuery>,
-    JsonBody(req): JsonBody<Registration>,
-) -> ApiResult {
-    Ok(Json(s.register(q.kind.as_deref() == Some("guest"), req).await?))
+impl<R: Metadata> Metadata for Uia<R> {
+    const METHOD: axum::http::Method = R::METHOD;
+    const RATE_LIMITED: bool = R::RATE_LIMITED;
+    type Authentication = R::Authentication;
+    type PathBuilder = R::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = R::PATH_BUILDER;
 }
 
-#[derive(Deserialize)]
-pub struct UsernameQuery {
-    username: String,
+impl<R: IncomingRequest> IncomingRequest for Uia<R> {
+    type EndpointError = R::EndpointError;
+    type OutgoingResponse = R::OutgoingResponse;
+
+    fn try_from_http_request<B: AsRef<[u8]>, S: AsRef<str>>(
+        req: axum::http::Request<B>,
+        path_args: &[S],
+    ) -> Result<Self, FromHttpRequestError> {
+        Self::check_request_method(req.method())?;
+        let (parts, body) = req.into_parts();
+        let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body.as_ref())?;
+        let auth = match fields.remove("auth") {
+            None | Some(Value::Null) => None,
+            Some(auth) => Some(serde_json::from_value::<AuthData>(auth)?),
+        };
+        let rest = serde_json::to_vec(&fields)?;
+        let request = R::try_from_http_request(axum::http::Request::from_parts(parts, rest), path_args)?;
+        Ok(Self { request, auth })
+    }
 }
 
-pub async fn register_available(State(s): State<AppState>, Q(q): Q<UsernameQuery>) -> ApiResult {
-    if s.accounts.is_available(&q.username).await? {
-        Ok(Json(json!({ "available": true })))
+pub async fn register(s: AppState, req: Ruma<Uia<register::v3::Request>>) -> Result<register::v3::Response, Error> {
+    let Uia { request: b, auth } = req.body;
+    let guest = b.kind == register::RegistrationKind::Guest;
+    let registration = Registration {
+        username: b.username,
+        password: b.password,
+        device_id: b.device_id.map(String::from),
+        initial_device_display_name: b.initial_device_display_name,
+        inhibit_login: b.inhibit_login,
+        auth,
+    };
+    let mut answer = s.register(guest, registration).await?;
+    let mut resp = register::v3::Response::new(
+        field::<Option<OwnedUserId>>(&mut answer, "user_id")?
+            .ok_or_else(|| Error::internal("registration without a user ID"))?,
+    );
+    resp.access_token = field(&mut answer, "access_token")?;
+    resp.device_id = field::<Option<OwnedDeviceId>>(&mut answer, "device_id")?;
+    Ok(resp)
+}
+
+pub async fn register_available(
+    s: AppState,
+    req: Ruma<get_username_availability::v3::Request>,
+) -> Result<get_username_availability::v3::Response, Error> {
+    if s.accounts.is_available(&req.body.username).await? {
+        Ok(get_username_availability::v3::Response::new(true))
     } else {
-        Err(Error::new(ErrorKind::UserInUse, "User ID already taken").into())
+        Err(Error::new(ErrorKind::UserInUse, "User ID already taken"))
     }
 }
 
-#[derive(Deserialize)]
-pub struct TokenQuery {
-    token: String,
-}
-
-pub async fn token_validity(State(s): State<AppState>, Q(q): Q<TokenQuery>) -> ApiResult {
+pub async fn token_validity(
+    s: AppState,
+    req: Ruma<check_registration_token_validity::v1::Request>,
+) -> Result<check_registration_token_validity::v1::Response, Error> {
     if s.accounts.registration_mode() != RegistrationMode::Token {
-        return Err(Error::forbidden("Registration tokens are not in use").into());
+        return Err(Error::forbidden("Registration tokens are not in use"));
     }
-    Ok(Json(json!({ "valid": s.accounts.registration_token_valid(&q.token) })))
+    Ok(check_registration_token_validity::v1::Response::new(
+        s.accounts.registration_token_valid(&req.body.token),
+    ))
 }
 
-pub async fn login_flows() -> Json<Value> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+pub async fn login_flows(
+    _: AppState,
+    _: Ruma<get_login_types::v3::Request>,
+) -> Result<get_login_types::v3::Response, Error> {
+    use get_login_types::v3::{LoginType, PasswordLoginType};
+    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(
+        PasswordLoginType::new(),
+    )]))
 }
 
-pub async fn login(State(s): State<AppState>, ClientIp(ip): ClientIp, JsonBody(req): JsonBody<Login>) -> ApiResult {
-    Ok(Json(s.login(req, ip).await?))
+/// ruma's `POST /login` request, read only once the body is known to be
+/// an object with a string `type`: ruma's reader panics on an object
+/// without one.
+pub struct LoginRequest(login::v3::Request);
+
+impl Metadata for LoginRequest {
+    const METHOD: axum::http::Method = login::v3::Request::METHOD;
+    const RATE_LIMITED: bool = login::v3::Request::RATE_LIMITED;
+    type Authentication = <login::v3::Request as Metadata>::Authentication;
+    type PathBuilder = <login::v3::Request as Metadata>::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = login::v3::Request::PATH_BUILDER;
+}
+
+impl IncomingRequest for LoginRequest {
+    type EndpointError = <login::v3::Request as IncomingRequest>::EndpointError;
+    type OutgoingResponse = login::v3::Response;
+
+    fn try_from_http_request<B: AsRef<[u8]>, S: AsRef<str>>(
+        req: axum::http::Request<B>,
+        path_args: &[S],
+    ) -> Result<Self, FromHttpRequestError> {
+        #[derive(serde::Deserialize)]
+        struct Typed {
+            #[serde(rename = "type")]
+            _kind: String,
+        }
+        Self::check_request_method(req.method())?;
+        serde_json::from_slice::<Typed>(req.body().as_ref())?;
+        Ok(Self(login::v3::Request::try_from_http_request(req, path_args)?))
+    }
+}
+
+/// `POST /login`: the login type, user (`identifier` or the legacy `user`)
+/// and password are checked by the services, from the client's address
+/// (for the failed-login limits).
+#[allow(deprecated)] // `home_server`: still sent, older clients read it
+pub async fn login(s: AppState, req: Ruma<LoginRequest>) -> Result<login::v3::Response, Error> {
+    let b = req.body.0;
+    let mut info: serde_json::Map<String, Value> = convert(&b.login_info)?;
+    info.insert(
+        "device_id".into(),
+        serde_json::to_value(&b.device_id).map_err(Error::internal)?,
+    );
+    info.insert(
+        "initial_device_display_name".into(),
+        b.initial_device_display_name.into(),
+    );
+    let login: Login = convert(&info)?;
+    let mut answer = s.login(login, req.peer.map(|p| p.ip())).await?;
+    let user_id: Option<OwnedUserId> = field(&mut answer, "user_id")?;
+    let device_id: Option<OwnedDeviceId> = field(&mut answer, "device_id")?;
+    let (Some(user_id), Some(device_id)) = (user_id, device_id) else {
+        return Err(Error::internal("login without a user or device ID"));
+    };
+    let mut resp = login::v3::Response::new(user_id, field(&mut answer, "access_token")?, device_id);
+    resp.home_server = field(&mut answer, "home_server")?;
+    resp.well_known = field(&mut answer, "well_known")?;
+    Ok(resp)
 }
 
 pub async fn whoami(_: AppState, req: Ruma<whoami::v3::Request>) -> Result<whoami::v3::Response, Error> {
@@ -81,65 +191,98 @@ pub async fn logout_all(s: AppState, req: Ruma<logout_all::v3::Request>) -> Resu
     Ok(logout_all::v3::Response::new())
 }
 
-#[derive(Deserialize)]
-pub struct PasswordRequest {
-    new_password: String,
-    #[serde(default = "yes")]
-    logout_devices: bool,
-    auth: Option<AuthData>,
-}
-
-fn yes() -> bool {
-    true
-}
-
 pub async fn change_password(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    JsonBody(req): JsonBody<PasswordRequest>,
-) -> ApiResult {
-    s.change_password(&session, &req.new_password, req.logout_devices, req.auth)
+    s: AppState,
+    req: Ruma<WithAuth<AccessToken, Uia<change_password::v3::Request>>>,
+) -> Result<change_password::v3::Response, Error> {
+    let Uia { request: b, auth } = req.body.request;
+    s.change_password(&req.caller, &b.new_password, b.logout_devices, auth)
         .await?;
-    Ok(Json(json!({})))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct DeactivateRequest {
-    auth: Option<AuthData>,
+    Ok(change_password::v3::Response::new())
 }
 
 pub async fn deactivate(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    JsonBody(req): JsonBody<DeactivateRequest>,
-) -> ApiResult {
-    s.password_uia(&session, req.auth).await?;
+    s: AppState,
+    req: Ruma<WithAuth<AccessToken, Uia<deactivate::v3::Request>>>,
+) -> Result<deactivate::v3::Response, Error> {
+    let session = req.caller;
+    s.password_uia(&session, req.body.request.auth).await?;
     s.deactivate_account(&session.user_id).await?;
-    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
+    Ok(deactivate::v3::Response::new(
+        ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport,
+    ))
 }
 
-pub async fn get_profile(State(s): State<AppState>, P(user_id): P<String>) -> ApiResult {
-    Ok(Json(Value::Object(s.profile(&user_id).await?)))
+pub async fn get_profile(s: AppState, req: Ruma<get_profile::v3::Request>) -> Result<get_profile::v3::Response, Error> {
+    Ok(s.profile(req.body.user_id.as_str()).await?.into_iter().collect())
 }
 
-pub async fn get_profile_field(State(s): State<AppState>, P((user_id, name)): P<(String, String)>) -> ApiResult {
-    Ok(Json(s.profile_field(&user_id, &name).await?))
+pub async fn get_profile_field(
+    s: AppState,
+    req: Ruma<get_profile_field::v3::Request>,
+) -> Result<get_profile_field::v3::Response, Error> {
+    let name = req.body.field.as_str();
+    let mut answer = s.profile_field(req.body.user_id.as_str(), name).await?;
+    let value = answer.get_mut(name).map(Value::take).unwrap_or_default();
+    Ok(get_profile_field::v3::Response::new(
+        ProfileFieldValue::new(name, value).map_err(Error::internal)?,
+    ))
+}
+
+/// `PUT /profile/{user_id}/{field}`: ruma's endpoint, with the body read
+/// by Weft, as ruma's request cannot express clearing a field (the field
+/// `null` or left out).
+pub struct SetProfileField {
+    user_id: OwnedUserId,
+    field: String,
+    /// The field's new value; `None` clears it.
+    value: Option<String>,
+}
+
+impl Metadata for SetProfileField {
+    const METHOD: axum::http::Method = set_profile_field::v3::Request::METHOD;
+    const RATE_LIMITED: bool = set_profile_field::v3::Request::RATE_LIMITED;
+    type Authentication = <set_profile_field::v3::Request as Metadata>::Authentication;
+    type PathBuilder = <set_profile_field::v3::Request as Metadata>::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = set_profile_field::v3::Request::PATH_BUILDER;
+}
+
+impl IncomingRequest for SetProfileField {
+    type EndpointError = <set_profile_field::v3::Request as IncomingRequest>::EndpointError;
+    type OutgoingResponse = set_profile_field::v3::Response;
+
+    fn try_from_http_request<B: AsRef<[u8]>, S: AsRef<str>>(
+        req: axum::http::Request<B>,
+        path_args: &[S],
+    ) -> Result<Self, FromHttpRequestError> {
+        Self::check_request_method(req.method())?;
+        let [user_id, field] = path_args else {
+            return Err(serde_json::Error::io(std::io::Error::other("expected two path parameters")).into());
+        };
+        let user_id = OwnedUserId::try_from(user_id.as_ref())?;
+        let field = field.as_ref().to_owned();
+        let mut body: BTreeMap<String, Value> = serde_json::from_slice(req.body().as_ref())?;
+        let value = match body.remove(&field) {
+            Some(Value::String(v)) => Some(v),
+            Some(Value::Null) | None => None,
+            Some(_) => {
+                return Err(
+                    <serde_json::Error as serde::de::Error>::custom(format!("{field} must be a string")).into(),
+                );
+            }
+        };
+        Ok(Self { user_id, field, value })
+    }
 }
 
 pub async fn put_profile_field(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((user_id, name)): P<(String, String)>,
-    JsonBody(body): JsonBody<Value>,
-) -> ApiResult {
-    let value = match body.get(&name) {
-        Some(Value::String(v)) => Some(v.clone()),
-        Some(Value::Null) | None => None,
-        Some(_) => return Err(Error::bad_json(format!("{name} must be a string")).into()),
-    };
-    s.set_profile_field(&session, &user_id, &name, value).await?;
-    Ok(Json(json!({})))
+    s: AppState,
+    req: Ruma<SetProfileField>,
+) -> Result<set_profile_field::v3::Response, Error> {
+    let b = req.body;
+    s.set_profile_field(&req.caller, b.user_id.as_str(), &b.field, b.value)
+        .await?;
+    Ok(set_profile_field::v3::Response::new())
 }
 
 pub async fn list_devices(

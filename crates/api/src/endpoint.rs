@@ -14,6 +14,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 
 use axum::Router;
@@ -23,7 +24,9 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use bytes::BytesMut;
-use ruma::api::auth_scheme::{AccessToken, AccessTokenOptional, AuthScheme, NoAccessToken, NoAuthentication};
+use ruma::api::auth_scheme::{
+    AccessToken, AccessTokenOptional, AppserviceTokenOptional, AuthScheme, NoAccessToken, NoAuthentication,
+};
 use ruma::api::error::{DeserializationError, FromHttpRequestError};
 use ruma::api::path_builder::PathBuilder;
 use ruma::api::{IncomingRequest, Metadata, OutgoingResponse};
@@ -43,12 +46,21 @@ pub const CLIENT_PREFIXES: [&str; 3] = ["/_matrix/client/v3", "/_matrix/client/r
 #[derive(Clone)]
 pub struct Authenticated(pub Session);
 
-/// How an endpoint's calls are rate-limited.
+/// How an endpoint's calls are rate-limited (docs/client-server-api.md,
+/// "Rate limits").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RateClass {
     /// Each call takes one token from the caller's bucket: the user's once
     /// authenticated, the client IP's before (taken by the IP layer).
     Caller,
+    /// Signing in (`/login`, `/register` and its checks): as [`Caller`],
+    /// and each call also takes one token from the client address's
+    /// sign-in bucket (`[rate_limit]` login_per_second/login_burst), with
+    /// or without a session. Failed password checks are limited further,
+    /// per address and per account, by the services.
+    ///
+    /// [`Caller`]: RateClass::Caller
+    Login,
 }
 
 /// What the server needs of a caller, for each of ruma's authentication
@@ -125,7 +137,42 @@ macro_rules! no_caller {
         }
     )*};
 }
-no_caller!(NoAuthentication, NoAccessToken);
+// Weft has no application services: an appservice token is not looked at.
+no_caller!(NoAuthentication, NoAccessToken, AppserviceTokenOptional);
+
+/// Ruma's request `R` declared with another authentication scheme `A`:
+/// an endpoint ruma lets be called without an access token only for forms
+/// Weft does not offer (password change by e-mail token) needs one here,
+/// so the 401 comes before the body is read, as everywhere else; one that
+/// takes an optional token (`/versions`) takes none, so a stale token
+/// does not make it fail.
+pub struct WithAuth<A, R> {
+    pub request: R,
+    scheme: PhantomData<fn() -> A>,
+}
+
+impl<A: AuthScheme, R: Metadata> Metadata for WithAuth<A, R> {
+    const METHOD: axum::http::Method = R::METHOD;
+    const RATE_LIMITED: bool = R::RATE_LIMITED;
+    type Authentication = A;
+    type PathBuilder = R::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = R::PATH_BUILDER;
+}
+
+impl<A: AuthScheme, R: IncomingRequest> IncomingRequest for WithAuth<A, R> {
+    type EndpointError = R::EndpointError;
+    type OutgoingResponse = R::OutgoingResponse;
+
+    fn try_from_http_request<B: AsRef<[u8]>, S: AsRef<str>>(
+        req: axum::http::Request<B>,
+        path_args: &[S],
+    ) -> Result<Self, FromHttpRequestError> {
+        Ok(Self {
+            request: R::try_from_http_request(req, path_args)?,
+            scheme: PhantomData,
+        })
+    }
+}
 
 /// A typed request and who sent it: the one extractor of the layer.
 pub struct Ruma<R: Metadata>
@@ -217,19 +264,22 @@ impl<T: ApiResponse> IntoResponse for RumaResponse<T> {
     }
 }
 
-/// The paths an endpoint is served at: each Client-Server path under every
-/// prefix of [`CLIENT_PREFIXES`], other paths as ruma names them.
+/// The paths an endpoint is served at: each Client-Server path (ruma's
+/// `v3`, `r0` or `v1` one) under every prefix of [`CLIENT_PREFIXES`], a
+/// `v1` one at `v1` too; other paths as ruma names them. (Endpoints the
+/// spec added under `v1`, such as the registration-token check, were
+/// served under the other prefixes before and stay there.)
 fn paths_of<R: Metadata>() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for path in R::PATH_BUILDER.all_paths() {
-        let rest = ["/_matrix/client/v3", "/_matrix/client/r0"]
+        let rest = ["/_matrix/client/v3", "/_matrix/client/r0", "/_matrix/client/v1"]
             .iter()
             .find_map(|p| path.strip_prefix(p).filter(|r| r.starts_with('/')));
-        match rest {
-            Some(rest) => out.extend(CLIENT_PREFIXES.iter().map(|p| format!("{p}{rest}"))),
-            None => {
-                out.insert(path.to_owned());
-            }
+        if let Some(rest) = rest {
+            out.extend(CLIENT_PREFIXES.iter().map(|p| format!("{p}{rest}")));
+        }
+        if rest.is_none() || path.starts_with("/_matrix/client/v1/") {
+            out.insert(path.to_owned());
         }
     }
     out
@@ -283,7 +333,12 @@ impl Routes {
         let endpoint = move |State(s): State<AppState>, req: Ruma<R>| {
             let handler = handler.clone();
             async move {
-                charge(&s, class, <R::Authentication as CallerAuth>::user(&req.caller))?;
+                charge(
+                    &s,
+                    class,
+                    <R::Authentication as CallerAuth>::user(&req.caller),
+                    req.peer,
+                )?;
                 handler(s, req).await.map(RumaResponse).map_err(ApiError)
             }
         };
@@ -302,12 +357,16 @@ impl Routes {
     }
 }
 
-/// Takes a call from the caller's bucket. Calls without a session were
-/// charged to their IP by the IP layer already.
-fn charge(s: &AppState, class: RateClass, session: Option<&Session>) -> Result<(), Error> {
-    match (class, session) {
-        (RateClass::Caller, Some(session)) => s.limiter.check(session.user_id.as_str()),
-        (RateClass::Caller, None) => Ok(()),
+/// Takes a call from the caller's bucket (calls without a session were
+/// charged to their IP by the IP layer already), and from the class's own
+/// buckets.
+fn charge(s: &AppState, class: RateClass, session: Option<&Session>, peer: Option<SocketAddr>) -> Result<(), Error> {
+    if let Some(session) = session {
+        s.limiter.check(session.user_id.as_str())?;
+    }
+    match class {
+        RateClass::Caller => Ok(()),
+        RateClass::Login => s.charge_sign_in(peer.map(|p| p.ip())),
     }
 }
 

@@ -57,25 +57,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The client's address, when the request came over a socket.
-pub fn client_ip(parts: &Parts) -> Option<std::net::IpAddr> {
-    parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip())
-}
-
-/// The client's address (see [`client_ip`]), as an extractor.
-pub struct ClientIp(pub Option<std::net::IpAddr>);
-
-impl FromRequestParts<AppState> for ClientIp {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(client_ip(parts)))
-    }
-}
-
 /// What the rate-limit layer found the request's access token to be.
 #[derive(Clone)]
 pub struct TokenChecked(pub weft_core::Result<Session>);

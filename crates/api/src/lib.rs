@@ -44,7 +44,7 @@ pub type ApiResult<T = Json<serde_json::Value>> = Result<T, ApiError>;
 /// method, paths (every version prefix) and authentication come from its
 /// request type.
 fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
-    use endpoint::RateClass::Caller;
+    use endpoint::RateClass::{Caller, Login};
     r.add(Caller, accounts::whoami)
         .add(Caller, accounts::logout)
         .add(Caller, accounts::logout_all)
@@ -121,6 +121,20 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, relations::threads)
         .add(Caller, search::search)
         .add(Caller, spaces::hierarchy)
+        // accounts: sign-in, registration, passwords, profiles, discovery
+        .add(Caller, accounts::login_flows)
+        .add(Login, accounts::login)
+        .add(Login, accounts::register)
+        .add(Login, accounts::register_available)
+        .add(Login, accounts::token_validity)
+        .add(Caller, accounts::change_password)
+        .add(Caller, accounts::deactivate)
+        .add(Caller, accounts::get_profile)
+        .add(Caller, accounts::get_profile_field)
+        .add(Caller, accounts::put_profile_field)
+        .add(Caller, misc::capabilities)
+        .add(Caller, misc::versions)
+        .add(Caller, misc::well_known)
 }
 
 /// Routes not yet declared with typed requests, served under each client
@@ -128,21 +142,6 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
 /// [`typed_routes`] one by one.
 fn client_routes() -> Router<AppState> {
     Router::new()
-        .route("/login", get(accounts::login_flows).post(accounts::login))
-        .route("/register", post(accounts::register))
-        .route("/register/available", get(accounts::register_available))
-        .route(
-            "/register/m.login.registration_token/validity",
-            get(accounts::token_validity),
-        )
-        .route("/account/password", post(accounts::change_password))
-        .route("/account/deactivate", post(accounts::deactivate))
-        .route("/profile/{user_id}", get(accounts::get_profile))
-        .route(
-            "/profile/{user_id}/{field}",
-            get(accounts::get_profile_field).put(accounts::put_profile_field),
-        )
-        .route("/capabilities", get(misc::capabilities))
         .route("/rooms/{room}/messages", get(rooms::messages))
         .route("/rooms/{room}/context/{event_id}", get(rooms::context))
         .route("/sync", get(rooms::sync))
@@ -153,12 +152,7 @@ fn client_routes() -> Router<AppState> {
 /// body limit. `extra` adds a door's own routes (the WebSocket upgrade).
 pub fn router(services: &AppState, extra: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router<AppState> {
     let limit = services.config.limits.max_body_bytes;
-    let mut app = typed_routes(endpoint::Routes::new(
-        Router::new()
-            .route("/_matrix/client/versions", get(misc::versions))
-            .route("/.well-known/matrix/client", get(misc::well_known)),
-    ))
-    .into_router();
+    let mut app = typed_routes(endpoint::Routes::new(Router::new())).into_router();
     for prefix in endpoint::CLIENT_PREFIXES {
         app = app.nest(prefix, client_routes());
     }

@@ -1,13 +1,19 @@
 //! Discovery, filters, account data, and the ephemeral endpoints Weft
 //! accepts without storing yet (typing, receipts, presence).
 
-use axum::Json;
-use axum::extract::State;
 use serde_json::{Value, json};
 
+use ruma::api::auth_scheme::NoAuthentication;
 use ruma::api::client::config::{
     get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
 };
+use ruma::api::client::discovery::discover_homeserver::{self, HomeserverInfo};
+#[allow(deprecated)] // m.set_displayname and m.set_avatar_url: clients still read them
+use ruma::api::client::discovery::get_capabilities::v3::{
+    ChangePasswordCapability, RoomVersionStability, RoomVersionsCapability, SetAvatarUrlCapability,
+    SetDisplayNameCapability, ThirdPartyIdChangesCapability,
+};
+use ruma::api::client::discovery::{get_capabilities, get_supported_versions};
 use ruma::api::client::filter::{create_filter, get_filter};
 use ruma::api::client::presence::set_presence;
 use ruma::api::client::push::get_pushrules_all;
@@ -16,31 +22,73 @@ use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::typing::create_typing_event;
 use ruma::push::Ruleset;
 use weft_core::Error;
+use weft_services::Versions;
 
 use crate::AppState;
-use crate::endpoint::{Ruma, bad_json, raw};
-use crate::extract::Auth;
+use crate::endpoint::{Full, Ruma, WithAuth, bad_json, raw};
 
-pub async fn versions(State(s): State<AppState>) -> Json<Value> {
-    Json(s.versions())
+/// `GET /_matrix/client/versions`, callable without any authentication
+/// (ruma's takes an optional access token, so an unknown one would be
+/// refused). The answer is [`Full`]: ruma's response has no place for
+/// MSC3079's top-level keys and leaves out empty `unstable_features`.
+pub async fn versions(
+    s: AppState,
+    _: Ruma<WithAuth<NoAuthentication, get_supported_versions::Request>>,
+) -> Result<Full<Versions>, Error> {
+    Ok(Full(s.versions()))
 }
 
-pub async fn well_known(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({ "m.homeserver": { "base_url": s.config.base_url() } }))
+pub async fn well_known(
+    s: AppState,
+    _: Ruma<discover_homeserver::Request>,
+) -> Result<discover_homeserver::Response, Error> {
+    Ok(discover_homeserver::Response::new(HomeserverInfo::new(
+        s.config.base_url(),
+    )))
 }
 
-pub async fn capabilities(State(s): State<AppState>, Auth(_): Auth) -> Json<Value> {
-    let available: serde_json::Map<String, Value> = weft_rooms::SUPPORTED_VERSIONS
-        .iter()
-        .map(|v| (v.to_string(), json!("stable")))
+/// The capabilities Weft states, each one even where it has the spec's
+/// default value: ruma's `Capabilities` leaves those out, and clients
+/// (and the tests) read `m.change_password` and the others explicitly.
+#[derive(serde::Serialize)]
+pub struct CapabilitiesBody {
+    capabilities: StatedCapabilities,
+}
+
+#[allow(deprecated)]
+#[derive(serde::Serialize)]
+struct StatedCapabilities {
+    #[serde(rename = "m.change_password")]
+    change_password: ChangePasswordCapability,
+    #[serde(rename = "m.room_versions")]
+    room_versions: RoomVersionsCapability,
+    #[serde(rename = "m.set_displayname")]
+    set_displayname: SetDisplayNameCapability,
+    #[serde(rename = "m.set_avatar_url")]
+    set_avatar_url: SetAvatarUrlCapability,
+    #[serde(rename = "m.3pid_changes")]
+    thirdparty_id_changes: ThirdPartyIdChangesCapability,
+}
+
+#[allow(deprecated)]
+pub async fn capabilities(
+    s: AppState,
+    _: Ruma<get_capabilities::v3::Request>,
+) -> Result<Full<CapabilitiesBody>, Error> {
+    let (default, supported) = s.room_versions();
+    let available = supported
+        .into_iter()
+        .map(|v| (v, RoomVersionStability::Stable))
         .collect();
-    Json(json!({ "capabilities": {
-        "m.change_password": { "enabled": true },
-        "m.room_versions": { "default": s.rooms.default_version().as_str(), "available": available },
-        "m.set_displayname": { "enabled": true },
-        "m.set_avatar_url": { "enabled": true },
-        "m.3pid_changes": { "enabled": false },
-    }}))
+    Ok(Full(CapabilitiesBody {
+        capabilities: StatedCapabilities {
+            change_password: ChangePasswordCapability::new(true),
+            room_versions: RoomVersionsCapability::new(default, available),
+            set_displayname: SetDisplayNameCapability::new(true),
+            set_avatar_url: SetAvatarUrlCapability::new(true),
+            thirdparty_id_changes: ThirdPartyIdChangesCapability::new(false),
+        },
+    }))
 }
 
 /// Typing, receipts, read markers, presence: checked, accepted, not yet relayed.

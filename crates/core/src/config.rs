@@ -195,6 +195,12 @@ pub struct RateLimitConfig {
     pub failed_login_per_second: f64,
     /// Failed password logins allowed in a burst (per address, per account).
     pub failed_login_burst: f64,
+    /// Sign-in requests (`/login`, `/register`, the username and
+    /// registration-token checks) allowed per second per client address,
+    /// on top of the general limit and whether they succeed or not.
+    pub login_per_second: f64,
+    /// Sign-in requests allowed in a burst, per client address.
+    pub login_burst: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +269,8 @@ impl Default for RateLimitConfig {
             burst: 200.0,
             failed_login_per_second: 0.1,
             failed_login_burst: 5.0,
+            login_per_second: 1.0,
+            login_burst: 30.0,
         }
     }
 }
@@ -333,6 +341,11 @@ burst = 200.0
 # without the password being checked. Successful logins are not counted.
 failed_login_per_second = 0.1
 failed_login_burst = 5.0
+# Sign-in requests (/login, /register, /register/available, the
+# registration-token check): a bucket per client address, whether the
+# request has an access token or not and whether it succeeds or not.
+login_per_second = 1.0
+login_burst = 30.0
 
 [database]
 # "sqlite" (embedded). PostgreSQL support is planned.

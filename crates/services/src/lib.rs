@@ -28,6 +28,7 @@ pub mod tls;
 pub mod tokens;
 pub mod user_data;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ruma::OwnedServerName;
@@ -58,6 +59,10 @@ pub struct Services {
     /// The general rate limit (`[rate_limit]` per_second/burst): keys
     /// `ip:ADDRESS` and user IDs.
     pub limiter: Arc<RateLimiter>,
+    /// Sign-in attempts (`/login`, `/register` and its checks) per client
+    /// address (`[rate_limit]` login_per_second/login_burst): keys
+    /// `login:ADDRESS`, whether or not the caller has a session.
+    pub login_limiter: RateLimiter,
     /// Open TCP connections per client address (`[limits]
     /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
     pub connections: Arc<ConnectionLimiter>,
@@ -78,6 +83,7 @@ impl Services {
             &config.rooms.default_room_version,
         )?);
         let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
+        let login_limiter = RateLimiter::logins(&config.rate_limit);
         let accounts = Accounts::new(
             store.clone(),
             server_name.clone(),
@@ -93,6 +99,7 @@ impl Services {
             rooms,
             accounts,
             limiter,
+            login_limiter,
             connections,
         }))
     }
@@ -104,25 +111,75 @@ impl Services {
     /// CS API, version 1 of its tables, Observe on `/sync`, the DTLS port
     /// when that listener runs) under the key
     /// the MSC names, `m.low_bandwidth`, and its unstable-prefixed twin.
-    pub fn versions(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({ "versions": SPEC_VERSIONS, "unstable_features": {} });
+    pub fn versions(&self) -> Versions {
+        let mut v = Versions {
+            versions: SPEC_VERSIONS.iter().map(|v| v.to_string()).collect(),
+            unstable_features: BTreeMap::new(),
+            low_bandwidth_unstable: None,
+            low_bandwidth: None,
+        };
         if self.config.coap.enabled {
-            let mut low_bandwidth = serde_json::json!({
-                "cbor_enum_version": 1,
-                "coap_enum_version": 1,
-                "observe": 1,
-            });
             // The DTLS listener's port (its bound address, once it runs).
             let coap = &self.config.coap;
-            if coap.dtls_enabled
-                && let Ok(addr) = coap.dtls_listen.parse::<std::net::SocketAddr>()
-            {
-                low_bandwidth["dtls"] = addr.port().into();
-            }
-            v["unstable_features"]["org.matrix.msc3079"] = true.into();
-            v["org.matrix.msc3079.low_bandwidth"] = low_bandwidth.clone();
-            v["m.low_bandwidth"] = low_bandwidth;
+            let dtls = coap
+                .dtls_enabled
+                .then(|| coap.dtls_listen.parse::<std::net::SocketAddr>().ok())
+                .flatten()
+                .map(|addr| addr.port());
+            let low_bandwidth = LowBandwidth {
+                cbor_enum_version: 1,
+                coap_enum_version: 1,
+                observe: 1,
+                dtls,
+            };
+            v.unstable_features.insert("org.matrix.msc3079".into(), true);
+            v.low_bandwidth_unstable = Some(low_bandwidth.clone());
+            v.low_bandwidth = Some(low_bandwidth);
         }
         v
     }
+
+    /// The room versions rooms can be created in, and the one
+    /// `/createRoom` uses when the client names none.
+    pub fn room_versions(&self) -> (ruma::RoomVersionId, Vec<ruma::RoomVersionId>) {
+        let supported = weft_rooms::SUPPORTED_VERSIONS
+            .iter()
+            .filter_map(|v| ruma::RoomVersionId::try_from(*v).ok())
+            .collect();
+        (self.rooms.default_version().clone(), supported)
+    }
+
+    /// Takes one sign-in attempt from the client address's bucket
+    /// (`login_limiter`); callers without a known address share one.
+    pub fn charge_sign_in(&self, ip: Option<std::net::IpAddr>) -> Result<()> {
+        let key = ip
+            .map(|ip| format!("login:{ip}"))
+            .unwrap_or_else(|| "login:".to_owned());
+        self.login_limiter.check(&key)
+    }
+}
+
+/// The body of `GET /_matrix/client/versions`. Besides the spec's fields it
+/// carries MSC3079's top-level `m.low_bandwidth` (and its unstable twin),
+/// which ruma's typed response has no place for.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Versions {
+    pub versions: Vec<String>,
+    /// Always present, `{}` when empty.
+    pub unstable_features: BTreeMap<String, bool>,
+    #[serde(rename = "org.matrix.msc3079.low_bandwidth", skip_serializing_if = "Option::is_none")]
+    pub low_bandwidth_unstable: Option<LowBandwidth>,
+    #[serde(rename = "m.low_bandwidth", skip_serializing_if = "Option::is_none")]
+    pub low_bandwidth: Option<LowBandwidth>,
+}
+
+/// MSC3079's description of the low-bandwidth (CoAP + CBOR) door.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LowBandwidth {
+    pub cbor_enum_version: u32,
+    pub coap_enum_version: u32,
+    pub observe: u32,
+    /// The DTLS listener's port, when it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtls: Option<u16>,
 }

@@ -31,6 +31,12 @@ impl RateLimiter {
         Self::with(cfg.enabled, cfg.failed_login_per_second, cfg.failed_login_burst)
     }
 
+    /// The sign-in limiter: `login_per_second` and `login_burst` of
+    /// `[rate_limit]`, one bucket per client address.
+    pub fn logins(cfg: &RateLimitConfig) -> Self {
+        Self::with(cfg.enabled, cfg.login_per_second, cfg.login_burst)
+    }
+
     pub fn with(enabled: bool, per_second: f64, burst: f64) -> Self {
         Self {
             enabled: enabled && per_second > 0.0,

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use reqwest::Method;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +92,78 @@ async fn whoami_login_and_logout() {
     // Logging in again works.
     let again = server.login("alice", &alice.password).await;
     assert_eq!(again.whoami().await.0, 200);
+}
+
+/// The forms `POST /login` accepts (`identifier` with a localpart or a
+/// full user ID, the legacy `user`), what it answers, and the errors for
+/// bodies it cannot use: never a 500, the server keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_forms_and_bad_login_bodies() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let anon = server.anon();
+
+    // Legacy `user`, and a full user ID in `identifier`.
+    let (st, r) = anon
+        .post(
+            "login",
+            json!({"type": "m.login.password", "user": "alice", "password": alice.password}),
+        )
+        .await;
+    assert_eq!(st, 200, "legacy user form: {r}");
+    assert_eq!(r["user_id"], alice.user_id.as_str());
+    assert_eq!(r["home_server"], server.server_name.as_str(), "{r}");
+    assert!(r["well_known"]["m.homeserver"]["base_url"].is_string(), "{r}");
+    let (st, who) = server.with_token(r["access_token"].as_str().unwrap()).whoami().await;
+    assert_eq!((st, who["user_id"].clone()), (200, json!(alice.user_id)));
+    let (st, r) = anon
+        .post(
+            "login",
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id},
+                   "password": alice.password}),
+        )
+        .await;
+    assert_eq!(st, 200, "full user ID: {r}");
+    assert_eq!(r["user_id"], alice.user_id.as_str());
+
+    // Bodies without a usable type, user or password.
+    for body in [
+        json!({}),
+        json!({"type": 5, "user": "alice", "password": alice.password}),
+        json!([1, 2]),
+        json!("m.login.password"),
+        json!({"type": "m.login.password", "user": "alice"}),
+        json!({"type": "m.login.password", "password": alice.password}),
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user"}, "password": alice.password}),
+    ] {
+        let got = anon.post("login", body.clone()).await;
+        assert_err(&got, 400, "M_BAD_JSON");
+        assert!(got.1["access_token"].is_null(), "{body}: {}", got.1);
+    }
+    let got = anon
+        .request_raw(Method::POST, "login", "application/json", b"{\"type\": ".to_vec())
+        .await;
+    assert_err(&got, 400, "M_NOT_JSON");
+    // Login types and identifiers Weft does not offer.
+    let got = anon
+        .post("login", json!({"type": "m.login.token", "token": "abc"}))
+        .await;
+    assert_err(&got, 400, "M_UNKNOWN");
+    let got = anon
+        .post(
+            "login",
+            json!({"type": "m.login.password", "password": alice.password,
+                   "identifier": {"type": "m.id.thirdparty", "medium": "email", "address": "a@example.org"}}),
+        )
+        .await;
+    assert_err(&got, 400, "M_UNKNOWN");
+    // Still answering.
+    let (st, r) = server.login_raw("alice", &alice.password).await;
+    assert_eq!(st, 200, "{r}");
+
+    // The username check needs its parameter.
+    let got = anon.get("register/available").await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,6 +283,32 @@ async fn password_change_via_uia() {
     .await;
     assert_err(&(st, r), 400, "M_WEAK_PASSWORD");
     assert_eq!(server.login_raw("alice", "third-password-xyz").await.0, 200);
+
+    // The password stage naming the user by the legacy `user`, or not at
+    // all (the session's user is meant).
+    let mut password = "third-password-xyz".to_owned();
+    for (i, who) in [json!({"user": "alice"}), json!({})].into_iter().enumerate() {
+        let next = format!("password-number-{i}-xyz");
+        let body = json!({"new_password": next, "logout_devices": false});
+        let (st, first) = keep.post("account/password", body.clone()).await;
+        assert_eq!(st, 401, "{first}");
+        let mut auth = json!({"type": "m.login.password", "password": password, "session": first["session"]});
+        auth.as_object_mut().unwrap().extend(who.as_object().unwrap().clone());
+        let mut b = body;
+        b["auth"] = auth;
+        let (st, r) = keep.post("account/password", b).await;
+        assert_eq!(st, 200, "{who}: {r}");
+        assert_eq!(server.login_raw("alice", &next).await.0, 200, "{who}");
+        password = next;
+    }
+    // An `auth` object of the wrong shape.
+    let got = keep
+        .post(
+            "account/password",
+            json!({"new_password": "whatever-password", "auth": {"type": "m.login.password", "identifier": "alice"}}),
+        )
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,6 +369,42 @@ async fn profile_displayname_and_avatar() {
     // Unknown user.
     let got = alice.get(&format!("profile/{}", enc(&server.user_id("ghost")))).await;
     assert_err(&got, 404, "M_NOT_FOUND");
+
+    // Not a user ID at all.
+    let got = alice.get("profile/not-a-user-id").await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = alice.get("profile/not-a-user-id/displayname").await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+
+    // Fields Weft does not keep, read or written, and a value that is not a string.
+    let tz_path = format!("profile/{}/m.tz", enc(&alice.user_id));
+    assert_err(&alice.get(&tz_path).await, 404, "M_UNRECOGNIZED");
+    assert_err(
+        &alice.put(&tz_path, json!({"m.tz": "Europe/Berlin"})).await,
+        404,
+        "M_UNRECOGNIZED",
+    );
+    let other_path = format!("profile/{}/org.example.mood", enc(&alice.user_id));
+    assert_err(&alice.get(&other_path).await, 404, "M_UNRECOGNIZED");
+    assert_err(
+        &alice.put(&other_path, json!({"org.example.mood": "sunny"})).await,
+        404,
+        "M_UNRECOGNIZED",
+    );
+    assert_err(&alice.put(&dn_path, json!({"displayname": 5})).await, 400, "M_BAD_JSON");
+    assert_err(&alice.put(&dn_path, json!(["Alice"])).await, 400, "M_BAD_JSON");
+    let (_, dn) = alice.get(&dn_path).await;
+    assert_eq!(dn["displayname"], "Alice 🌡");
+
+    // `null`, or leaving the field out, clears it.
+    let (st, r) = alice.put(&dn_path, json!({"displayname": null})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_err(&alice.get(&dn_path).await, 404, "M_NOT_FOUND");
+    let (st, r) = alice.put(&av_path, json!({})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_err(&alice.get(&av_path).await, 404, "M_NOT_FOUND");
+    let (st, prof) = bob.get(&format!("profile/{}", enc(&alice.user_id))).await;
+    assert_eq!((st, prof.clone()), (200, json!({})), "{prof}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,6 +449,27 @@ async fn discovery_endpoints() {
         cp.is_null() || cp["enabled"].is_boolean(),
         "m.change_password.enabled must be a boolean: {caps}"
     );
+    // Every capability is stated, even at the spec's default value.
+    let c = &caps["capabilities"];
+    assert_eq!(c["m.change_password"], json!({"enabled": true}), "{caps}");
+    assert_eq!(c["m.set_displayname"], json!({"enabled": true}), "{caps}");
+    assert_eq!(c["m.set_avatar_url"], json!({"enabled": true}), "{caps}");
+    assert_eq!(c["m.3pid_changes"], json!({"enabled": false}), "{caps}");
+    assert_eq!(
+        rv["available"],
+        json!({"10": "stable", "11": "stable", "12": "stable"}),
+        "{caps}"
+    );
+
+    // /versions needs no token, and a stale one sent along is not looked at.
+    let (st, v2) = server
+        .with_token("not-a-real-token")
+        .get("/_matrix/client/versions")
+        .await;
+    assert_eq!((st, &v2), (200, &v), "{v2}");
+    // Served at that one path, not under the version prefixes.
+    let got = server.anon().get("versions").await;
+    assert_err(&got, 404, "M_UNRECOGNIZED");
 
     // A room created without a version uses the advertised default.
     let room = alice.create_room(json!({})).await;
@@ -324,6 +480,11 @@ async fn discovery_endpoints() {
 
     let (st, wk) = server.anon().get("/.well-known/matrix/client").await;
     assert_eq!(st, 200, "{wk}");
+    assert_eq!(
+        wk.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["m.homeserver".to_owned()]),
+        "{wk}"
+    );
     let base = wk["m.homeserver"]["base_url"]
         .as_str()
         .unwrap_or_else(|| panic!("no m.homeserver.base_url: {wk}"));

@@ -216,6 +216,12 @@ async fn registration_errors_and_availability() {
 
     let (st, avail) = server.anon().get("register/available?username=alice").await;
     assert_eq!((st, avail.clone()), (200, json!({"available": true})), "{avail}");
+    // Registration tokens are not in use with open registration.
+    let got = server
+        .anon()
+        .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=x")
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
 
     let alice = server.register("alice").await;
     assert_eq!(alice.user_id, server.user_id("alice"));
@@ -584,6 +590,17 @@ async fn registration_token_mode() {
         .start()
         .await;
     let anon = server.anon();
+
+    // The token check, where the spec puts it (v1) and under the other prefixes.
+    for prefix in ["/_matrix/client/v1", "/_matrix/client/v3", "/_matrix/client/r0"] {
+        let path = format!("{prefix}/register/m.login.registration_token/validity");
+        let (st, r) = anon.get(&format!("{path}?token=tok1")).await;
+        assert_eq!((st, r.clone()), (200, json!({"valid": true})), "{path}: {r}");
+        let (st, r) = anon.get(&format!("{path}?token=tok2")).await;
+        assert_eq!((st, r.clone()), (200, json!({"valid": false})), "{path}: {r}");
+        assert_err(&anon.get(&path).await, 400, "M_INVALID_PARAM");
+    }
+
     let body = json!({"username": "alice", "password": "a-good-long-password"});
     let (st, uia) = anon.post("register", body.clone()).await;
     assert_eq!(st, 401, "{uia}");
@@ -606,6 +623,14 @@ async fn registration_token_mode() {
     let (st, r) = anon.post("register", b).await;
     assert!(st == 401 || st == 403, "dummy auth in token mode: {st} {r}");
     assert!(r["access_token"].is_null(), "registered without a token: {r}");
+
+    // A token stage without its token: the UIA 401 again, flows included.
+    let mut b = body.clone();
+    b["auth"] = json!({"type": "m.login.registration_token", "session": session});
+    let (st, r) = anon.post("register", b).await;
+    assert_eq!(st, 401, "token stage without a token: {r}");
+    assert!(r["flows"].is_array() && r["session"].is_string(), "{r}");
+    assert!(r["access_token"].is_null(), "{r}");
 
     // Wrong token refused.
     let mut b = body.clone();

@@ -214,6 +214,67 @@ async fn unknown_tokens_are_charged_to_the_address() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Sign-in requests (`/login`, `/register`, `/register/available`) take
+/// one from a bucket per client address besides the general limit, with
+/// or without an access token and whether they succeed or not; other
+/// requests and other addresses are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_requests_are_limited_per_address() {
+    let server = TestServer::builder()
+        .env("WEFT_RATE_LIMIT__ENABLED", "true")
+        .env("WEFT_RATE_LIMIT__LOGIN_PER_SECOND", "0.01")
+        .env("WEFT_RATE_LIMIT__LOGIN_BURST", "4")
+        .start()
+        .await;
+    let base = server.base_url();
+    let walker = server.register("walker").await;
+    let password = TestServer::default_password("walker");
+    let http = client_from(loopback(60));
+
+    let (st, body) = login_from(&http, &base, "walker", &password, None).await;
+    assert_eq!(st, 200, "{body}");
+    let resp = http
+        .get(format!("{base}/_matrix/client/v3/register/available?username=free"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // With a valid access token the address's bucket pays all the same.
+    let (st, body) = login_from(&http, &base, "walker", &password, Some(&walker.access_token)).await;
+    assert_eq!(st, 200, "{body}");
+    // A registration's first step (the UIA 401) counts too.
+    let resp = http
+        .post(format!("{base}/_matrix/client/v3/register"))
+        .json(&json!({"username": "newbie", "password": "a-good-long-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // The bucket is empty: refused before the password is looked at.
+    let (st, body) = login_from(&http, &base, "walker", &password, None).await;
+    assert_limited(st, &body);
+    let (st, body) = login_from(&http, &base, "walker", &password, Some(&walker.access_token)).await;
+    assert_limited(st, &body);
+    let resp = http
+        .get(format!("{base}/_matrix/client/v3/register/available?username=free"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+
+    // Other requests from that address, and sign-ins from another, go on.
+    let resp = http
+        .get(format!("{base}/_matrix/client/v3/account/whoami"))
+        .bearer_auth(&walker.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (st, body) = login_from(&client_from(loopback(61)), &base, "walker", &password, None).await;
+    assert_eq!(st, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_series_on_one_account_is_limited_across_addresses() {
     let server = TestServer::builder()
