@@ -36,7 +36,7 @@ pub fn access_token(parts: &Parts) -> Option<String> {
     None
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -72,6 +72,10 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::get_account_data)
         .add(Caller, misc::put_room_account_data)
         .add(Caller, misc::get_room_account_data)
+        // Reading rooms: sync, messages, context.
+        .add(Caller, rooms::sync)
+        .add(Caller, rooms::messages)
+        .add(Caller, rooms::context)
 }
 
 /// Routes not yet declared with typed requests, served under each client
@@ -110,13 +114,10 @@ fn client_routes() -> Router<AppState> {
             "/rooms/{room}/state/{event_type}/{state_key}",
             get(rooms::get_state).put(rooms::put_state),
         )
-        .route("/rooms/{room}/messages", get(rooms::messages))
-        .route("/rooms/{room}/context/{event_id}", get(rooms::context))
         .route("/rooms/{room}/typing/{user_id}", put(misc::typing))
         .route("/rooms/{room}/receipt/{receipt_type}/{event_id}", post(misc::receipt))
         .route("/rooms/{room}/read_markers", post(misc::read_markers))
         .route("/presence/{user_id}/status", put(misc::presence))
-        .route("/sync", get(rooms::sync))
         .route("/user/{user_id}/filter", post(misc::put_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(misc::get_filter))
         .route("/pushrules/", get(misc::push_rules))
