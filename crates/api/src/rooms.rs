@@ -484,6 +484,9 @@ pub async fn sync(s: AppState, req: Ruma<sync_events::v3::Request>) -> Result<Fu
     use sync_events::v3::Filter;
     let b = req.body;
     // The service reads a filter as the query has it: inline JSON or an ID.
+    // An inline filter ruma cannot read arrives as a `FilterId` holding the
+    // text (ruma's `Filter` is untagged), and the service answers it as a
+    // bad inline filter, not as an unknown ID.
     let filter = match &b.filter {
         None => None,
         Some(Filter::FilterId(id)) => Some(id.clone()),
