@@ -34,7 +34,7 @@ use weft_core::{Error, ErrorKind};
 use weft_services::Session;
 
 use crate::AppState;
-use crate::extract::{ApiError, TokenChecked, access_token, read_limited};
+use crate::extract::{ApiError, TokenChecked, access_token, percent_decode, read_limited};
 
 /// The prefixes every Client-Server endpoint is served under: the current
 /// one, the pre-1.1 one, and the original `api/v1` of the talk's CoAP form.
@@ -396,9 +396,42 @@ pub(crate) fn bad_json(e: serde_json::Error) -> Error {
     Error::bad_json(format!("Invalid request body: {e}"))
 }
 
-/// A JSON value as the raw JSON a typed response carries.
+/// A JSON value as the raw JSON a typed response carries (written out
+/// once, not parsed again).
 pub(crate) fn raw<T>(v: serde_json::Value) -> Result<ruma::serde::Raw<T>, Error> {
-    ruma::serde::Raw::from_json_string(v.to_string()).map_err(Error::internal)
+    serde_json::value::to_raw_value(&v)
+        .map(ruma::serde::Raw::from_json)
+        .map_err(Error::internal)
+}
+
+// Query parameters ruma requires but Weft lets clients leave out (see
+// `rooms::MessagesRequest`): the request gets the default before ruma
+// reads it, so everything else about the parameter stays ruma's.
+
+/// Whether the query of `uri` has the parameter `key` (percent-decoded).
+pub(crate) fn query_has(uri: &axum::http::Uri, key: &str) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| percent_decode(pair.split('=').next().unwrap_or("")) == key)
+    })
+}
+
+/// `req` with `key=value` added to its query, unless the query has `key`.
+/// `key` and `value` must not need escaping.
+pub(crate) fn with_query_default<B>(req: axum::http::Request<B>, key: &str, value: &str) -> axum::http::Request<B> {
+    if query_has(req.uri(), key) {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    let target = match parts.uri.query() {
+        Some(q) if !q.is_empty() => format!("{}?{q}&{key}={value}", parts.uri.path()),
+        _ => format!("{}?{key}={value}", parts.uri.path()),
+    };
+    // Appending a plain `key=value` to a valid target keeps it valid.
+    if let Ok(uri) = target.parse() {
+        parts.uri = uri;
+    }
+    axum::http::Request::from_parts(parts, body)
 }
 
 /// Query parameters the spec makes optional but a ruma request type
@@ -432,31 +465,10 @@ impl<R: IncomingRequest, D: QueryDefaults> IncomingRequest for WithDefaults<R, D
         B: AsRef<[u8]>,
         S: AsRef<str>,
     {
-        let (mut parts, body) = req.into_parts();
-        let query = parts.uri.query().unwrap_or_default();
-        let present: Vec<&str> = query
-            .split('&')
-            .filter_map(|kv| kv.split('=').next())
-            .filter(|k| !k.is_empty())
-            .collect();
-        let missing: Vec<String> = D::DEFAULTS
+        let req = D::DEFAULTS
             .iter()
-            .filter(|(k, _)| !present.contains(k))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if !missing.is_empty() {
-            let query = if query.is_empty() {
-                missing.join("&")
-            } else {
-                format!("{query}&{}", missing.join("&"))
-            };
-            let uri = format!("{}?{query}", parts.uri.path());
-            // The path came from a valid URI and the defaults are constants.
-            if let Ok(uri) = uri.parse() {
-                parts.uri = uri;
-            }
-        }
-        R::try_from_http_request(axum::http::Request::from_parts(parts, body), path_args).map(|request| Self {
+            .fold(req, |req, (key, value)| with_query_default(req, key, value));
+        R::try_from_http_request(req, path_args).map(|request| Self {
             request,
             defaults: std::marker::PhantomData,
         })

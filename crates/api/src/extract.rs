@@ -1,14 +1,11 @@
-//! Request extractors that fail with Matrix errors: the access token,
-//! JSON bodies, path and query parameters.
+//! What requests and responses share beneath the endpoint layer: the
+//! Matrix error response, the access token, bounded body reading, and
+//! token redaction for logs.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use serde::de::DeserializeOwned;
 use weft_core::{Error, ErrorKind};
 use weft_services::Session;
-
-use crate::AppState;
 
 /// An error on its way to becoming a Matrix error response.
 #[derive(Debug)]
@@ -36,7 +33,7 @@ pub fn access_token(parts: &Parts) -> Option<String> {
     None
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -60,41 +57,6 @@ fn percent_decode(s: &str) -> String {
 /// What the rate-limit layer found the request's access token to be.
 #[derive(Clone)]
 pub struct TokenChecked(pub weft_core::Result<Session>);
-
-/// An authenticated device. Also applies the per-user rate limit.
-pub struct Auth(pub Session);
-
-impl FromRequestParts<AppState> for Auth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
-        let session = crate::endpoint::session_of(parts, s)
-            .await?
-            .ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
-        s.limiter.check(session.user_id.as_str())?;
-        Ok(Auth(session))
-    }
-}
-
-/// A JSON request body. Not JSON: `M_NOT_JSON`; JSON of the wrong shape:
-/// `M_BAD_JSON`; over the size limit: `M_TOO_LARGE`. An empty body reads as `{}`.
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, s: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = read_limited(req.into_body(), s.config.limits.max_body_bytes).await?;
-        let value: serde_json::Value = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            serde_json::Value::Object(Default::default())
-        } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| Error::new(ErrorKind::NotJson, format!("Body is not valid JSON: {e}")))?
-        };
-        let t = serde_json::from_value(value).map_err(|e| Error::bad_json(format!("Invalid request body: {e}")))?;
-        Ok(JsonBody(t))
-    }
-}
 
 /// Reads a request body of at most `limit` bytes. A larger body is still
 /// read (and dropped) up to a bound before answering `M_TOO_LARGE`, so the
@@ -121,34 +83,6 @@ pub(crate) async fn read_limited(mut body: axum::body::Body, limit: usize) -> Re
         return Err(Error::new(ErrorKind::TooLarge, "Request body too large"));
     }
     Ok(Bytes::from(buf))
-}
-
-/// Query parameters; a malformed query is `M_INVALID_PARAM`.
-pub struct Q<T>(pub T);
-
-impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Q<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
-        Query::<T>::from_request_parts(parts, s)
-            .await
-            .map(|q| Q(q.0))
-            .map_err(|e| ApiError(Error::invalid_param(format!("Invalid query: {e}"))))
-    }
-}
-
-/// Path parameters; a malformed path is `M_INVALID_PARAM`.
-pub struct P<T>(pub T);
-
-impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for P<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
-        Path::<T>::from_request_parts(parts, s)
-            .await
-            .map(|p| P(p.0))
-            .map_err(|e| ApiError(Error::invalid_param(format!("Invalid path: {e}"))))
-    }
 }
 
 /// Query parameters that carry secrets: access tokens (`access_token`,

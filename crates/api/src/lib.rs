@@ -29,7 +29,6 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use weft_core::{Error, ErrorKind};
 use weft_services::Services;
@@ -135,16 +134,10 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::capabilities)
         .add(Caller, misc::versions)
         .add(Caller, misc::well_known)
-}
-
-/// Routes not yet declared with typed requests, served under each client
-/// API prefix (v3, r0, and the talk's api/v1). They move to
-/// [`typed_routes`] one by one.
-fn client_routes() -> Router<AppState> {
-    Router::new()
-        .route("/rooms/{room}/messages", get(rooms::messages))
-        .route("/rooms/{room}/context/{event_id}", get(rooms::context))
-        .route("/sync", get(rooms::sync))
+        // Reading rooms: sync, messages, context.
+        .add(Caller, rooms::sync)
+        .add(Caller, rooms::messages)
+        .add(Caller, rooms::context)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown
@@ -152,10 +145,7 @@ fn client_routes() -> Router<AppState> {
 /// body limit. `extra` adds a door's own routes (the WebSocket upgrade).
 pub fn router(services: &AppState, extra: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router<AppState> {
     let limit = services.config.limits.max_body_bytes;
-    let mut app = typed_routes(endpoint::Routes::new(Router::new())).into_router();
-    for prefix in endpoint::CLIENT_PREFIXES {
-        app = app.nest(prefix, client_routes());
-    }
+    let app = typed_routes(endpoint::Routes::new(Router::new())).into_router();
     extra(app)
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)

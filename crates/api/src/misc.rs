@@ -1,8 +1,6 @@
 //! Discovery, filters, account data, and the ephemeral endpoints Weft
 //! accepts without storing yet (typing, receipts, presence).
 
-use serde_json::{Value, json};
-
 use ruma::api::auth_scheme::NoAuthentication;
 use ruma::api::client::config::{
     get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,

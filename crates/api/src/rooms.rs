@@ -1,33 +1,35 @@
 //! Rooms: creation, membership, sending, state, reading and sync.
 
-use axum::Json;
-use axum::extract::State;
-use serde::Deserialize;
+use axum::http::Method;
+use ruma::api::error::FromHttpRequestError;
+use ruma::api::{IncomingRequest, Metadata};
+use serde::Serialize;
 use serde_json::{Value, json};
 use weft_core::{Error, ErrorKind};
 use weft_services::filter::EventFilter;
 use weft_services::room_ops::Pagination;
 use weft_services::sync::SyncRequest;
-use weft_store::{Direction, StoredEvent};
+use weft_store::StoredEvent;
 
 use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
+use ruma::api::client::context::get_context;
 use ruma::api::client::directory::get_public_rooms;
 use ruma::api::client::membership::invite_user::v3::InvitationRecipient;
 use ruma::api::client::membership::{
     ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members,
     joined_rooms, kick_user, leave_room, unban_user,
 };
-use ruma::api::client::message::send_message_event;
+use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::redact::redact_event;
 use ruma::api::client::room::create_room;
 use ruma::api::client::room::{aliases, get_room_event};
 use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
 use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
+use ruma::api::client::sync::sync_events;
 
-use crate::endpoint::{Ruma, bad_json, convert, raw};
-use crate::extract::{Auth, P, Q};
+use crate::AppState;
+use crate::endpoint::{Full, Ruma, bad_json, convert, query_has, raw, with_query_default};
 use crate::own::send_without_txn;
-use crate::{ApiResult, AppState};
 
 fn fmt(e: &StoredEvent, session: &weft_services::Session) -> Value {
     weft_rooms::client_event(
@@ -298,10 +300,8 @@ pub async fn put_state(
 
 pub async fn event(s: AppState, req: Ruma<get_room_event::v3::Request>) -> Result<get_room_event::v3::Response, Error> {
     let b = &req.body;
-    let ev = s
-        .event(&req.caller.user_id, b.room_id.as_str(), b.event_id.as_str())
-        .await?;
-    Ok(get_room_event::v3::Response::new(raw(fmt(&ev, &req.caller))?))
+    let ev = s.event(&req.caller, b.room_id.as_str(), b.event_id.as_str()).await?;
+    Ok(get_room_event::v3::Response::new(raw(ev)?))
 }
 
 pub async fn redact(s: AppState, req: Ruma<redact_event::v3::Request>) -> Result<redact_event::v3::Response, Error> {
@@ -318,111 +318,193 @@ pub async fn redact(s: AppState, req: Ruma<redact_event::v3::Request>) -> Result
     Ok(redact_event::v3::Response::new(event_id))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct MessagesQuery {
-    from: Option<String>,
-    to: Option<String>,
-    dir: Option<String>,
-    limit: Option<usize>,
-    filter: Option<String>,
+/// `GET /rooms/{room}/messages`: ruma's request, except that `dir` may be
+/// left out and then means backwards (`b`). The spec requires `dir`, but
+/// the talk's CoAP examples and CoAP Observe on `/messages` send none, and
+/// Weft has always read a missing `dir` as `b`. The default is put into the
+/// query before ruma reads it, so paths, authentication, the other
+/// parameters and the errors for bad values are all ruma's.
+pub struct MessagesRequest {
+    pub inner: get_message_events::v3::Request,
+    /// Whether the query set `limit`; without it the filter's `limit`
+    /// applies (10 when neither does).
+    pub limit_given: bool,
 }
 
-fn event_filter(filter: Option<&str>) -> Result<EventFilter, Error> {
-    match filter {
-        None => Ok(EventFilter::default()),
-        Some(f) => serde_json::from_str(f).map_err(|e| Error::bad_json(format!("Invalid filter: {e}"))),
+type MessagesV3 = get_message_events::v3::Request;
+
+impl Metadata for MessagesRequest {
+    const METHOD: Method = <MessagesV3 as Metadata>::METHOD;
+    const RATE_LIMITED: bool = <MessagesV3 as Metadata>::RATE_LIMITED;
+    type Authentication = <MessagesV3 as Metadata>::Authentication;
+    type PathBuilder = <MessagesV3 as Metadata>::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = <MessagesV3 as Metadata>::PATH_BUILDER;
+}
+
+impl IncomingRequest for MessagesRequest {
+    type EndpointError = <MessagesV3 as IncomingRequest>::EndpointError;
+    type OutgoingResponse = <MessagesV3 as IncomingRequest>::OutgoingResponse;
+
+    fn try_from_http_request<B, S>(req: axum::http::Request<B>, path_args: &[S]) -> Result<Self, FromHttpRequestError>
+    where
+        B: AsRef<[u8]>,
+        S: AsRef<str>,
+    {
+        let limit_given = query_has(req.uri(), "limit");
+        let req = with_query_default(req, "dir", "b");
+        MessagesV3::try_from_http_request(req, path_args).map(|inner| Self { inner, limit_given })
     }
 }
 
-pub async fn messages(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P(room): P<String>,
-    Q(q): Q<MessagesQuery>,
-) -> ApiResult {
-    let dir = match q.dir.as_deref() {
-        Some("b") | None => Direction::Backward,
-        Some("f") => Direction::Forward,
-        Some(_) => return Err(Error::invalid_param("dir must be b or f").into()),
+fn usize_of(n: ruma::UInt) -> usize {
+    usize::try_from(u64::from(n)).unwrap_or(usize::MAX)
+}
+
+pub async fn messages(s: AppState, req: Ruma<MessagesRequest>) -> Result<get_message_events::v3::Response, Error> {
+    let MessagesRequest { inner: b, limit_given } = req.body;
+    let filter: EventFilter = convert(&b.filter)?;
+    let limit = if limit_given {
+        usize_of(b.limit)
+    } else {
+        filter.limit.unwrap_or(10)
     };
-    let filter = event_filter(q.filter.as_deref())?;
-    let limit = q.limit.or(filter.limit).unwrap_or(10);
     let page = s
         .messages(
-            &session.user_id,
-            &room,
+            &req.caller,
+            b.room_id.as_str(),
             Pagination {
-                from: q.from.as_deref(),
-                to: q.to.as_deref(),
-                dir,
+                from: b.from.as_deref(),
+                to: b.to.as_deref(),
+                dir: b.dir,
                 limit,
             },
             &filter,
         )
         .await?;
-    let mut out = json!({
-        "chunk": page.chunk.iter().map(|e| fmt(e, &session)).collect::<Vec<_>>(),
-        "start": page.start,
-        "state": page.state.iter().map(|e| fmt(e, &session)).collect::<Vec<_>>(),
-    });
-    if let Some(end) = page.end {
-        out["end"] = end.into();
-    }
-    Ok(Json(out))
+    let mut out = get_message_events::v3::Response::new();
+    out.start = page.start;
+    out.end = page.end;
+    out.chunk = page.chunk.into_iter().map(raw).collect::<Result<_, _>>()?;
+    out.state = page.state.into_iter().map(raw).collect::<Result<_, _>>()?;
+    Ok(out)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct ContextQuery {
-    limit: Option<usize>,
-    filter: Option<String>,
+/// The `/context` answer with every field, empty lists included: ruma's
+/// response leaves out an empty `events_before`, `events_after` or
+/// `state`, which Weft has always sent and clients may read as lists.
+#[derive(Serialize)]
+pub struct ContextAnswer {
+    start: String,
+    end: String,
+    event: Value,
+    events_before: Vec<Value>,
+    events_after: Vec<Value>,
+    state: Vec<Value>,
 }
 
-pub async fn context(
-    State(s): State<AppState>,
-    Auth(session): Auth,
-    P((room, event_id)): P<(String, String)>,
-    Q(q): Q<ContextQuery>,
-) -> ApiResult {
-    let filter = event_filter(q.filter.as_deref())?;
-    Ok(Json(
-        s.context(
-            &session.user_id,
-            &room,
-            &event_id,
-            q.limit.unwrap_or(10).min(100),
+pub async fn context(s: AppState, req: Ruma<get_context::v3::Request>) -> Result<Full<ContextAnswer>, Error> {
+    let b = &req.body;
+    let filter: EventFilter = convert(&b.filter)?;
+    let c = s
+        .context(
+            &req.caller.user_id,
+            b.room_id.as_str(),
+            b.event_id.as_str(),
+            usize_of(b.limit).min(100),
             &filter,
         )
-        .await?,
-    ))
+        .await?;
+    Ok(Full(ContextAnswer {
+        start: c.start,
+        end: c.end,
+        event: c.event,
+        events_before: c.events_before,
+        events_after: c.events_after,
+        state: c.state,
+    }))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct SyncQuery {
-    since: Option<String>,
-    timeout: Option<u64>,
-    full_state: Option<bool>,
-    filter: Option<String>,
-    set_presence: Option<String>,
+/// The `/sync` answer: the JSON the sync service builds, passed on as it
+/// is. `/sync` is the hottest read path: ruma's typed response would parse
+/// the whole answer into ruma's event types only to write it out again
+/// (and would leave out the empty sections Weft sends). The fields name
+/// the parts of the answer; each stays the service's JSON, and anything
+/// else the service adds is passed on too.
+#[derive(Serialize)]
+pub struct SyncAnswer {
+    next_batch: String,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    rooms: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    presence: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    account_data: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    to_device: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    device_lists: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    device_one_time_keys_count: Value,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    device_unused_fallback_key_types: Value,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
 }
 
-pub async fn sync(State(s): State<AppState>, Auth(session): Auth, Q(q): Q<SyncQuery>) -> ApiResult {
-    let _ = q.set_presence;
-    let filter = s.sync_filter(&session, q.filter.as_deref()).await?;
+impl SyncAnswer {
+    /// Takes the parts out of the service's answer (moves, no copies).
+    fn of(v: Value) -> Result<Self, Error> {
+        let Value::Object(mut m) = v else {
+            return Err(Error::internal("sync answer is not an object"));
+        };
+        let mut take = |k: &str| m.remove(k).unwrap_or(Value::Null);
+        let next_batch = match take("next_batch") {
+            Value::String(t) => t,
+            _ => return Err(Error::internal("sync answer without next_batch")),
+        };
+        Ok(Self {
+            next_batch,
+            rooms: take("rooms"),
+            presence: take("presence"),
+            account_data: take("account_data"),
+            to_device: take("to_device"),
+            device_lists: take("device_lists"),
+            device_one_time_keys_count: take("device_one_time_keys_count"),
+            device_unused_fallback_key_types: take("device_unused_fallback_key_types"),
+            other: m,
+        })
+    }
+}
+
+pub async fn sync(s: AppState, req: Ruma<sync_events::v3::Request>) -> Result<Full<SyncAnswer>, Error> {
+    use sync_events::v3::Filter;
+    let b = req.body;
+    // The service reads a filter as the query has it: inline JSON or an ID.
+    // An inline filter ruma cannot read arrives as a `FilterId` holding the
+    // text (ruma's `Filter` is untagged), and the service answers it as a
+    // bad inline filter, not as an unknown ID.
+    let filter = match &b.filter {
+        None => None,
+        Some(Filter::FilterId(id)) => Some(id.clone()),
+        Some(Filter::FilterDefinition(def)) => Some(serde_json::to_string(def).map_err(Error::internal)?),
+        Some(_) => return Err(Error::invalid_param("Unsupported filter")),
+    };
+    let filter = s.sync_filter(&req.caller, filter.as_deref()).await?;
     let resp = s
         .sync(
-            &session,
+            &req.caller,
             SyncRequest {
-                since: q.since,
-                timeout_ms: q.timeout.unwrap_or(0),
-                full_state: q.full_state.unwrap_or(false),
+                since: b.since,
+                timeout_ms: b
+                    .timeout
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+                    .unwrap_or(0),
+                full_state: b.full_state,
                 filter,
             },
         )
         .await?;
-    Ok(Json(resp))
+    Ok(Full(SyncAnswer::of(resp)?))
 }
 
 pub async fn get_alias(s: AppState, req: Ruma<get_alias::v3::Request>) -> Result<get_alias::v3::Response, Error> {

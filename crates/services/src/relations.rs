@@ -51,7 +51,7 @@ impl Services {
     ) -> Result<RelationsPage> {
         // The parent must be visible; the answer is the same whether it
         // does not exist or is hidden.
-        self.event(&session.user_id, room, event_id).await?;
+        self.event(session, room, event_id).await?;
         let (room_id, view) = self.read_view(&session.user_id, room).await?;
         let limit = page_size(q.limit);
         let dir = if q.forward {

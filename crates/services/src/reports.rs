@@ -32,7 +32,7 @@ impl Services {
         reason: Option<String>,
     ) -> Result<()> {
         let reason = reason_of(reason)?;
-        self.event(&session.user_id, room, event_id).await?;
+        self.event(session, room, event_id).await?;
         self.store
             .add_report(Report {
                 id: 0,

@@ -17,6 +17,7 @@ use weft_store::{Direction, StoredEvent};
 use crate::content::canonical_object;
 use crate::events::membership_of;
 use crate::filter::EventFilter;
+use crate::stream::{client_event, client_event_at};
 use crate::tokens::{make_token, parse_token};
 use crate::{Services, Session};
 
@@ -34,16 +35,37 @@ struct InitialState {
 pub struct Pagination<'a> {
     pub from: Option<&'a str>,
     pub to: Option<&'a str>,
-    pub dir: Direction,
+    pub dir: ruma::api::Direction,
     pub limit: usize,
 }
 
-/// A page of `/messages`.
+/// A page of `/messages`, its events in the client format the reading
+/// device sees (its own transaction IDs included).
 pub struct MessagesPage {
-    pub chunk: Vec<StoredEvent>,
+    pub chunk: Vec<Value>,
     pub start: String,
     pub end: Option<String>,
-    pub state: Vec<StoredEvent>,
+    pub state: Vec<Value>,
+}
+
+/// A page of `/messages` as stored.
+struct StoredPage {
+    chunk: Vec<StoredEvent>,
+    start: String,
+    end: Option<String>,
+    state: Vec<StoredEvent>,
+}
+
+/// `/context`: an event, the events before it (newest first) and after it
+/// (oldest first), tokens to paginate on from either end, and the room
+/// state at the event; events in the client format.
+pub struct EventContext {
+    pub event: Value,
+    pub events_before: Vec<Value>,
+    pub events_after: Vec<Value>,
+    pub start: String,
+    pub end: String,
+    pub state: Vec<Value>,
 }
 
 /// What a user may read of a room: events up to `upto` that `visibility` allows.
@@ -396,8 +418,15 @@ impl Services {
             .ok_or_else(|| Error::not_found("Event not found"))
     }
 
+    /// One event as `session`'s device sees it (the client format), if
+    /// the user may see it.
+    pub async fn event(&self, session: &Session, room: &str, event_id: &str) -> Result<Value> {
+        let ev = self.visible_event(&session.user_id, room, event_id).await?;
+        Ok(client_event(&ev, session))
+    }
+
     /// One event, if the user may see it.
-    pub async fn event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
+    async fn visible_event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
         // The spec answers "not found or not allowed" alike, so nothing leaks.
         let (room_id, view) = self.read_view(user_id, room).await.map_err(|e| {
             if e.kind == ErrorKind::Forbidden {
@@ -419,15 +448,39 @@ impl Services {
         }
     }
 
-    /// `/messages`: a page of events from `from` in direction `dir`.
+    /// `/messages`: a page of events from `from` in direction `dir`, as
+    /// `session`'s device sees them.
     pub async fn messages(
+        &self,
+        session: &Session,
+        room: &str,
+        page: Pagination<'_>,
+        filter: &EventFilter,
+    ) -> Result<MessagesPage> {
+        let page = self.stored_messages(&session.user_id, room, page, filter).await?;
+        let now = weft_core::now_ms();
+        let fmt = |e: &StoredEvent| client_event_at(e, session, now);
+        Ok(MessagesPage {
+            chunk: page.chunk.iter().map(fmt).collect(),
+            start: page.start,
+            end: page.end,
+            state: page.state.iter().map(fmt).collect(),
+        })
+    }
+
+    /// [`Services::messages`], the events as stored.
+    async fn stored_messages(
         &self,
         user_id: &UserId,
         room: &str,
         page: Pagination<'_>,
         filter: &EventFilter,
-    ) -> Result<MessagesPage> {
+    ) -> Result<StoredPage> {
         let Pagination { from, to, dir, limit } = page;
+        let dir = match dir {
+            ruma::api::Direction::Backward => Direction::Backward,
+            ruma::api::Direction::Forward => Direction::Forward,
+        };
         let (room_id, view) = self.read_view(user_id, room).await?;
         let limit = limit.clamp(1, 1000);
         let now = self.store.current_position().min(view.upto);
@@ -491,7 +544,7 @@ impl Services {
         } else {
             Vec::new()
         };
-        Ok(MessagesPage {
+        Ok(StoredPage {
             chunk,
             start: make_token(from_pos),
             end,
@@ -499,7 +552,8 @@ impl Services {
         })
     }
 
-    /// `/context`: events around one event, and the state at it.
+    /// `/context`: events around one event, and the state at it. Events
+    /// are in the client format without transaction IDs.
     pub async fn context(
         &self,
         user_id: &UserId,
@@ -507,24 +561,24 @@ impl Services {
         event_id: &str,
         limit: usize,
         filter: &EventFilter,
-    ) -> Result<Value> {
-        let ev = self.event(user_id, room, event_id).await?;
+    ) -> Result<EventContext> {
+        let ev = self.visible_event(user_id, room, event_id).await?;
         let half = limit.div_ceil(2).max(if limit == 0 { 0 } else { 1 });
         let before = if limit == 0 {
-            MessagesPage {
+            StoredPage {
                 chunk: vec![],
                 start: make_token(ev.position - 1),
                 end: Some(make_token(ev.position - 1)),
                 state: vec![],
             }
         } else {
-            self.messages(
+            self.stored_messages(
                 user_id,
                 room,
                 Pagination {
                     from: Some(&make_token(ev.position - 1)),
                     to: None,
-                    dir: Direction::Backward,
+                    dir: ruma::api::Direction::Backward,
                     limit: half,
                 },
                 filter,
@@ -532,20 +586,20 @@ impl Services {
             .await?
         };
         let after = if limit == 0 {
-            MessagesPage {
+            StoredPage {
                 chunk: vec![],
                 start: make_token(ev.position),
                 end: Some(make_token(ev.position)),
                 state: vec![],
             }
         } else {
-            self.messages(
+            self.stored_messages(
                 user_id,
                 room,
                 Pagination {
                     from: Some(&make_token(ev.position)),
                     to: None,
-                    dir: Direction::Forward,
+                    dir: ruma::api::Direction::Forward,
                     limit: limit - half.min(limit),
                 },
                 filter,
@@ -555,14 +609,14 @@ impl Services {
         let state = self.store.state_at(&ev.room_id, ev.position).await?;
         let now = weft_core::now_ms();
         let fmt = |e: &StoredEvent| weft_rooms::client_event(e, None, now);
-        Ok(json!({
-            "event": fmt(&ev),
-            "events_before": before.chunk.iter().map(fmt).collect::<Vec<_>>(),
-            "events_after": after.chunk.iter().map(fmt).collect::<Vec<_>>(),
-            "start": before.end.unwrap_or_else(|| make_token(0)),
-            "end": after.end.unwrap_or_else(|| make_token(self.store.current_position())),
-            "state": state.iter().map(fmt).collect::<Vec<_>>(),
-        }))
+        Ok(EventContext {
+            event: fmt(&ev),
+            events_before: before.chunk.iter().map(fmt).collect(),
+            events_after: after.chunk.iter().map(fmt).collect(),
+            start: before.end.unwrap_or_else(|| make_token(0)),
+            end: after.end.unwrap_or_else(|| make_token(self.store.current_position())),
+            state: state.iter().map(fmt).collect(),
+        })
     }
 
     /// Member events of a room, optionally filtered by membership.

@@ -37,7 +37,7 @@ pub fn client_event(event: &StoredEvent, session: &crate::Session) -> serde_json
     client_event_at(event, session, weft_core::now_ms())
 }
 
-fn client_event_at(event: &StoredEvent, session: &crate::Session, now: u64) -> serde_json::Value {
+pub(crate) fn client_event_at(event: &StoredEvent, session: &crate::Session, now: u64) -> serde_json::Value {
     weft_rooms::client_event(event, Some((session.user_id.as_str(), session.device_id.as_str())), now)
 }
 

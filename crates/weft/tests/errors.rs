@@ -778,3 +778,66 @@ async fn create_room_bad_bodies() {
     let (st, rooms) = alice.get("joined_rooms").await;
     assert_eq!((st, rooms), (200, json!({"joined_rooms": []})));
 }
+
+/// Bad query parameters of the read endpoints are 400 `M_INVALID_PARAM`
+/// (never a 500); a bad `/sync` filter is `M_BAD_JSON` (inline filter that
+/// is not JSON or not a filter) or `M_INVALID_PARAM` (unknown filter ID).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_parameter_errors() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let eid = alice.send_text(&room, "t1", "hello").await;
+    let r = enc(&room);
+    let e = enc(&eid);
+
+    for q in [
+        "limit=abc",
+        "limit=-1",
+        "limit=1.5",
+        "dir=x",
+        "dir=backwards",
+        "dir=b&from=garbage",
+        "from=s-5",
+        "dir=f&to=nope",
+        "filter=%7Bnot-json",
+        "filter=%5B1%2C2%5D",
+    ] {
+        let got = alice.get(&format!("rooms/{r}/messages?{q}")).await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+        assert!(
+            got.1["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "/messages?{q}: error without a message: {}",
+            got.1
+        );
+    }
+    for q in ["limit=abc", "limit=-3", "filter=%7Bnot-json"] {
+        let got = alice.get(&format!("rooms/{r}/context/{e}?{q}")).await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+    }
+    let got = alice.get(&format!("rooms/{r}/context/not-an-event-id")).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+
+    for param in [("timeout", "abc"), ("timeout", "-1"), ("full_state", "maybe")] {
+        let got = alice.sync_params(&[param]).await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+    }
+    // Inline filters: not JSON, JSON but not a filter.
+    for f in [
+        "{not json",
+        r#"{"room":{"timeline":{"limit":"many"}}}"#,
+        r#"{"room": 7}"#,
+    ] {
+        let got = alice.sync_params(&[("timeout", "0"), ("filter", f)]).await;
+        assert_err(&got, 400, "M_BAD_JSON");
+    }
+    // A filter ID nobody uploaded.
+    let got = alice.sync_params(&[("timeout", "0"), ("filter", "12345")]).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    // And a good inline filter still works.
+    let (st, s) = alice
+        .sync_params(&[("timeout", "0"), ("filter", r#"{"room":{"timeline":{"limit":1}}}"#)])
+        .await;
+    assert_eq!(st, 200, "{s}");
+    assert_eq!(timeline(&s, &room).len(), 1, "{s}");
+}

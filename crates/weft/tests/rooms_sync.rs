@@ -544,6 +544,74 @@ async fn event_and_context_endpoints() {
     );
 }
 
+// 3c. `dir` may be left out of /messages and means backwards (the talk's
+// CoAP examples and CoAP Observe on /messages send none); without `limit`
+// the filter's limit applies; /context at the newest event still lists
+// `events_after` (empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_without_dir_reads_backwards() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let ids = send_telemetry(&alice, &room, "nd", 6).await;
+    let r = enc(&room);
+
+    let (st, page) = alice.get(&format!("rooms/{r}/messages?limit=3")).await;
+    assert_eq!(st, 200, "{page}");
+    let chunk = page["chunk"].as_array().unwrap_or_else(|| panic!("no chunk: {page}"));
+    assert_eq!(
+        event_ids(chunk),
+        vec![ids[5].clone(), ids[4].clone(), ids[3].clone()],
+        "no dir: the newest events, newest first: {page}"
+    );
+    assert_eq!(seqs(chunk), vec![5, 4, 3]);
+    assert!(page["start"].is_string() && page["end"].is_string(), "{page}");
+    // The next page without `dir` continues backwards from `end`.
+    let end = page["end"].as_str().unwrap_or_default();
+    let (st, next) = alice
+        .get(&format!("rooms/{r}/messages?limit=2&from={}", enc(end)))
+        .await;
+    assert_eq!(st, 200, "{next}");
+    assert_eq!(
+        event_ids(next["chunk"].as_array().unwrap_or(&vec![])),
+        vec![ids[2].clone(), ids[1].clone()],
+        "{next}"
+    );
+    // Explicit `dir=b` answers the same as none.
+    let (_, explicit) = alice.get(&format!("rooms/{r}/messages?limit=3&dir=b")).await;
+    assert_eq!(
+        event_ids(explicit["chunk"].as_array().unwrap_or(&vec![])),
+        event_ids(chunk),
+        "{explicit}"
+    );
+
+    // No `limit`: the filter's limit (2) applies; its types too.
+    let filter = enc(&json!({"limit": 2, "types": [TELEMETRY]}).to_string());
+    let (st, page) = alice.get(&format!("rooms/{r}/messages?filter={filter}")).await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(seqs(page["chunk"].as_array().unwrap_or(&vec![])), vec![5, 4], "{page}");
+    // A `limit` in the query wins over the filter's.
+    let (st, page) = alice.get(&format!("rooms/{r}/messages?filter={filter}&limit=4")).await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(
+        seqs(page["chunk"].as_array().unwrap_or(&vec![])),
+        vec![5, 4, 3, 2],
+        "{page}"
+    );
+
+    // /context at the newest event: `events_after` is there, empty.
+    let (st, ctx) = alice.get(&format!("rooms/{r}/context/{}?limit=2", enc(&ids[5]))).await;
+    assert_eq!(st, 200, "{ctx}");
+    assert_eq!(ctx["event"]["event_id"], ids[5].as_str(), "{ctx}");
+    assert_eq!(ctx["events_after"], json!([]), "{ctx}");
+    assert_eq!(
+        event_ids(ctx["events_before"].as_array().unwrap_or(&vec![])),
+        vec![ids[4].clone()],
+        "{ctx}"
+    );
+    assert!(ctx["state"].as_array().is_some_and(|s| !s.is_empty()), "{ctx}");
+}
+
 // 5. Power levels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_levels_gate_state_changes() {
