@@ -1,14 +1,32 @@
-//! Runs the real `weft` binary for tests (and the benchmark): finds (or
-//! builds) it, spawns `weft serve` on a data directory with HTTP, MQTT
-//! (plain and TLS) and CoAP on free ports, reads the addresses from its `listening on` lines,
-//! copies its stdout and stderr into a log file, and stops, kills or
-//! restarts it.
+//! The test harness of the whole workspace: runs the real `weft` binary
+//! and talks to it.
+//!
+//! - [`server::TestServer`]: one `weft serve` per test on free ports with a
+//!   temporary data directory (builder for environment, server name, door
+//!   listeners, users made with the admin CLI first), the admin CLI, restarts.
+//! - [`client::Client`]: a JSON Matrix Client-Server API client (register,
+//!   login, rooms, send, sync, messages, ...) and helpers such as
+//!   [`client::assert_err`] and [`client::timeline`].
+//! - [`ServeSpec`] / [`ServerProcess`]: the launcher underneath, for tests
+//!   and the benchmark that need the raw process: finds (or builds) the
+//!   binary, spawns `weft serve` on a data directory with HTTP, MQTT
+//!   (plain and TLS) and CoAP on free ports, reads the addresses from its
+//!   `listening on` lines, copies its stdout and stderr into a log file,
+//!   and stops, kills or restarts it.
+//! - [`tools_installed`] / [`tool_missing`]: external programs a test needs
+//!   (fail under `CI`, skip with a note elsewhere).
 //!
 //! `CARGO_BIN_EXE_weft` is only set for the `weft` package's own tests, so
 //! [`weft_bin`] locates the binary next to the test executable instead:
 //! `<target>/<profile>/deps/<test>` → `<target>/<profile>/weft`. `WEFT_BIN`
 //! overrides the location. If the binary is missing it is built with
 //! `cargo build -p weft` into the same target directory (once per process).
+
+pub mod client;
+pub mod server;
+
+pub use client::{BIG_TIMELINE_FILTER, Client, assert_err, event_ids, of_type, query, room_with, timeline};
+pub use server::{DEFAULT_SERVER_NAME, TestServer, TestServerBuilder, data_dir_of};
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
