@@ -471,23 +471,24 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// `.ci/run` installs them) the test fails; elsewhere a note is printed
 /// and the caller skips that part.
 pub fn tools_installed(programs: &[&str], install: &str) -> bool {
-    let missing: Vec<&str> = programs
-        .iter()
-        .copied()
-        .filter(|p| {
-            std::process::Command::new(p)
-                .arg("--help")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_err()
-        })
-        .collect();
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return true;
     }
     tool_missing(&missing.join(", "), install);
     false
+}
+
+/// Whether `program` can be run (it is started with `--help`, output
+/// discarded; only a failure to start it counts). No CI check: see
+/// [`tools_installed`] and [`tool_missing`].
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 /// Reports a missing external tool: fails the test under CI (env `CI`

@@ -461,7 +461,10 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
 async fn mosquitto_clients_publish_and_subscribe() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
-    if !weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients") {
+    if !weft_testkit::tools_installed(
+        &["mosquitto_pub", "mosquitto_sub", "stdbuf"],
+        "apt-get install mosquitto-clients (stdbuf: coreutils)",
+    ) {
         return;
     }
     let srv = Server::start().await;

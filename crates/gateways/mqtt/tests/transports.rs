@@ -65,7 +65,10 @@ fn ws_options(srv: &Server, id: &str, user: &User) -> MqttOptions {
 }
 
 fn mosquitto_installed() -> bool {
-    weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients")
+    weft_testkit::tools_installed(
+        &["mosquitto_pub", "mosquitto_sub", "stdbuf"],
+        "apt-get install mosquitto-clients (stdbuf: coreutils)",
+    )
 }
 
 #[tokio::test]

@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
@@ -279,14 +278,7 @@ impl Client {
 fn first_installed(names: &[&str]) -> Option<String> {
     names
         .iter()
-        .find(|name| {
-            Command::new(name)
-                .arg("-h")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok()
-        })
+        .find(|name| weft_testkit::installed(name))
         .map(|n| (*n).to_owned())
 }
 
