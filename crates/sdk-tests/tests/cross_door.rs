@@ -346,14 +346,7 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
     let http_seen = Seen::default();
     {
         let (st, first) = alice
-            .request(
-                reqwest::Method::GET,
-                &format!(
-                    "/_matrix/client/v3/sync?filter={}",
-                    enc(r#"{"room":{"timeline":{"limit":1}}}"#)
-                ),
-                None,
-            )
+            .get(&format!("sync?filter={}", enc(r#"{"room":{"timeline":{"limit":1}}}"#)))
             .await;
         assert_eq!(st, 200, "initial sync: {first}");
         let mut since = first["next_batch"].as_str().expect("next_batch").to_owned();
@@ -425,10 +418,9 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
 
     // 1. HTTP PUT (alice).
     let (st, v) = alice
-        .request(
-            reqwest::Method::PUT,
-            &format!("/_matrix/client/v3/rooms/{}/send/{TYPE}/xd-http-1", enc(&room)),
-            Some(readings[0].clone()),
+        .put(
+            &format!("rooms/{}/send/{TYPE}/xd-http-1", enc(&room)),
+            readings[0].clone(),
         )
         .await;
     assert_eq!(st, 200, "HTTP send: {v}");
@@ -503,11 +495,7 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
 
     // ---- The server's stream order, from /messages.
     let (st, v) = alice
-        .request(
-            reqwest::Method::GET,
-            &format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100", enc(&room)),
-            None,
-        )
+        .get(&format!("rooms/{}/messages?dir=f&limit=100", enc(&room)))
         .await;
     assert_eq!(st, 200, "/messages: {v}");
     let stored: Vec<Value> = v["chunk"]
@@ -678,13 +666,9 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     let alice_coap = login(&srv, "alice", "ACOAP").await;
     let alice_ws = login(&srv, "alice", "AWS").await;
     let bob = login(&srv, "bob", "BHTTP").await;
-    let (_, who) = alice_http
-        .request(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", None)
-        .await;
+    let (_, who) = alice_http.get("account/whoami").await;
     let alice_id = who["user_id"].as_str().expect("user_id").to_owned();
-    let (_, who) = bob
-        .request(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", None)
-        .await;
+    let (_, who) = bob.get("account/whoami").await;
     let bob_id = who["user_id"].as_str().expect("user_id").to_owned();
     let mut coap = Coap::new(srv.coap, 7000).await;
     let coap_auth = vec![format!("a={}", alice_coap.access_token)];
@@ -692,13 +676,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 
     // keys/upload: each device through its own door, the same answer.
     let upload = |device: &str| json!({ "device_keys": device_keys(&alice_id, device), "one_time_keys": one_time_keys(device, 3) });
-    let (st, via_http) = alice_http
-        .request(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/keys/upload",
-            Some(upload("AHTTP")),
-        )
-        .await;
+    let (st, via_http) = alice_http.post("keys/upload", upload("AHTTP")).await;
     assert_eq!(st, 200, "{via_http}");
     let (code, via_coap) = coap
         .call(
@@ -719,13 +697,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 
     // keys/query: all three devices, the same answer through every door.
     let query = json!({ "device_keys": { alice_id.clone(): [] } });
-    let (st, via_http) = bob
-        .request(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/keys/query",
-            Some(query.clone()),
-        )
-        .await;
+    let (st, via_http) = bob.post("keys/query", query.clone()).await;
     assert_eq!(st, 200, "{via_http}");
     let devices = via_http["device_keys"][&alice_id].as_object().expect("alice's devices");
     assert_eq!(devices.len(), 3, "{via_http}");
@@ -752,13 +724,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     // keys/claim: one key of each device, claimed through each door; each
     // answer has exactly the claimed device's next key, then the counts drop.
     let claim = |device: &str| json!({ "one_time_keys": { alice_id.clone(): { device: "signed_curve25519" } } });
-    let (st, via_http) = bob
-        .request(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/keys/claim",
-            Some(claim("AHTTP")),
-        )
-        .await;
+    let (st, via_http) = bob.post("keys/claim", claim("AHTTP")).await;
     assert_eq!(st, 200, "{via_http}");
     let (code, via_coap) = coap
         .call(
@@ -794,13 +760,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     // sendToDevice: through each door to bob's device; each answers {} and
     // bob's device receives each message once, with sender and content.
     let msg = |n: u64| json!({ "messages": { bob_id.clone(): { "BHTTP": { "door": n } } } });
-    let (st, via_http) = alice_http
-        .request(
-            reqwest::Method::PUT,
-            "/_matrix/client/v3/sendToDevice/org.weft.test/t1",
-            Some(msg(1)),
-        )
-        .await;
+    let (st, via_http) = alice_http.put("sendToDevice/org.weft.test/t1", msg(1)).await;
     assert_eq!((st, &via_http), (200, &json!({})));
     let (code, via_coap) = coap
         .call(
@@ -825,9 +785,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
         .call("PUT", "/_matrix/client/v3/sendToDevice/org.weft.test/t3", Some(&msg(3)))
         .await;
     assert_eq!((st, &via_ws), (200, &json!({})));
-    let (st, sync) = bob
-        .request(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None)
-        .await;
+    let (st, sync) = bob.get("sync?timeout=0").await;
     assert_eq!(st, 200, "{sync}");
     let got: Vec<(Value, Value, Value)> = sync["to_device"]["events"]
         .as_array()
@@ -843,13 +801,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 
     // Errors are the same Matrix errors through every door.
     let bad = json!({ "one_time_keys": "not an object" });
-    let (st, via_http) = bob
-        .request(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/keys/claim",
-            Some(bad.clone()),
-        )
-        .await;
+    let (st, via_http) = bob.post("keys/claim", bad.clone()).await;
     let (code, via_coap) = coap
         .call(
             RequestType::Post,
@@ -887,29 +839,12 @@ async fn access_tokens_never_appear_in_the_log_even_at_trace_level() {
     let srv = start_logging("trace").await;
     let token = login(&srv, "alice", "LOGS").await.access_token;
     // HTTP, token in the query (deprecated, still served) and in the header.
-    let (st, v) = srv
-        .anon()
-        .request(
-            reqwest::Method::GET,
-            &format!("/_matrix/client/v3/account/whoami?access_token={token}"),
-            None,
-        )
-        .await;
+    let (st, v) = srv.anon().get(&format!("account/whoami?access_token={token}")).await;
     assert_eq!(st, 200, "{v}");
-    let (st, _) = srv
-        .with_token(&token)
-        .request(reqwest::Method::GET, "/_matrix/client/v3/joined_rooms", None)
-        .await;
+    let (st, _) = srv.with_token(&token).get("joined_rooms").await;
     assert_eq!(st, 200);
     // A wrong token in the query is not logged either.
-    let (st, _) = srv
-        .anon()
-        .request(
-            reqwest::Method::GET,
-            "/_matrix/client/v3/account/whoami?access_token=WRONGSECRETTOKEN",
-            None,
-        )
-        .await;
+    let (st, _) = srv.anon().get("account/whoami?access_token=WRONGSECRETTOKEN").await;
     assert_eq!(st, 401);
     // The WebSocket door, token in the upgrade's query.
     let mut ws = WsRequests::connect(&srv, &token).await;

@@ -131,10 +131,9 @@ async fn telemetry_in_order_with_exact_floats_and_sync_reads_http_event() {
     let since = first["next_batch"].as_str().unwrap().to_owned();
     let (st, sent) = s
         .with_token(&token)
-        .request(
-            reqwest::Method::PUT,
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h1", enc(&room)),
-            Some(json!({"msgtype": "m.text", "body": "from http"})),
+            json!({"msgtype": "m.text", "body": "from http"}),
         )
         .await;
     assert_eq!(st, 200);
@@ -388,10 +387,9 @@ async fn observe_sync_pushes_new_events() {
     for i in 0..3 {
         let (st, sent) = s
             .with_token(&token)
-            .request(
-                reqwest::Method::PUT,
+            .put(
                 &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/o{i}", enc(&room)),
-                Some(json!({"msgtype": "m.text", "body": format!("n{i}")})),
+                json!({"msgtype": "m.text", "body": format!("n{i}")}),
             )
             .await;
         assert_eq!(st, 200);
@@ -415,10 +413,9 @@ async fn observe_sync_pushes_new_events() {
         async move {
             let (st, _) = s
                 .with_token(&token)
-                .request(
-                    reqwest::Method::PUT,
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/r{i}", enc(&room)),
-                    Some(json!({"msgtype": "m.text", "body": "after"})),
+                    json!({"msgtype": "m.text", "body": "after"}),
                 )
                 .await;
             assert_eq!(st, 200);
@@ -463,10 +460,9 @@ async fn unacknowledged_notifications_are_retransmitted_then_the_observer_droppe
         async move {
             let (st, v) = s
                 .with_token(&token)
-                .request(
-                    reqwest::Method::PUT,
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)),
-                    Some(json!({"msgtype": "m.text", "body": txn})),
+                    json!({"msgtype": "m.text", "body": txn}),
                 )
                 .await;
             assert_eq!(st, 200, "{v}");
@@ -576,10 +572,9 @@ async fn slow_request_gets_empty_ack_then_separate_response() {
     // Meanwhile an event arrives; the separate response carries it.
     let (st, sent) = s
         .with_token(&token)
-        .request(
-            reqwest::Method::PUT,
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/late", enc(&room)),
-            Some(json!({"msgtype": "m.text", "body": "late"})),
+            json!({"msgtype": "m.text", "body": "late"}),
         )
         .await;
     assert_eq!(st, 200);
@@ -721,10 +716,9 @@ async fn observe_room_messages() {
         async move {
             let (st, v) = s
                 .with_token(&token)
-                .request(
-                    reqwest::Method::PUT,
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/org.weft.telemetry/{txn}", enc(&r)),
-                    Some(json!({"seq": txn})),
+                    json!({"seq": txn}),
                 )
                 .await;
             assert_eq!(st, 200);
@@ -756,10 +750,9 @@ async fn libcoap_observes_sync() {
     for i in 0..6 {
         let (st, _) = s
             .with_token(&token)
-            .request(
-                reqwest::Method::PUT,
+            .put(
                 &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h{i}", enc(&room)),
-                Some(json!({"msgtype": "m.text", "body": "z".repeat(400)})),
+                json!({"msgtype": "m.text", "body": "z".repeat(400)}),
             )
             .await;
         assert_eq!(st, 200);
@@ -774,10 +767,9 @@ async fn libcoap_observes_sync() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (st, sent) = s
         .with_token(&token)
-        .request(
-            reqwest::Method::PUT,
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/live", enc(&room)),
-            Some(json!({"msgtype": "m.text", "body": "pushed to the observer"})),
+            json!({"msgtype": "m.text", "body": "pushed to the observer"}),
         )
         .await;
     assert_eq!(st, 200);

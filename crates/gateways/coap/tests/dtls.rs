@@ -419,17 +419,16 @@ async fn revoked_psk_stops_working() {
 
     let (st, v) = s
         .with_token(&token)
-        .request(reqwest::Method::POST, "/_matrix/client/v3/logout/all", Some(json!({})))
+        .post("/_matrix/client/v3/logout/all", json!({}))
         .await;
     assert_eq!(st, 200, "{v}");
 
     // Bob's next message is not shown to the revoked observer.
     let (st, v) = s
         .with_token(&bob_token)
-        .request(
-            reqwest::Method::PUT,
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/b1", enc(&room)),
-            Some(json!({"msgtype": "m.text", "body": "secret"})),
+            json!({"msgtype": "m.text", "body": "secret"}),
         )
         .await;
     assert_eq!(st, 200, "{v}");

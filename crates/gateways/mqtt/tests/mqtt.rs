@@ -958,11 +958,7 @@ async fn odd_types_and_state_keys_get_legal_topics() {
     sub.suback().await;
     // Current state first (retained).
     let n_state = alice
-        .request(
-            reqwest::Method::GET,
-            &format!("rooms/{}/state", common::enc(&room)),
-            None,
-        )
+        .get(&format!("rooms/{}/state", common::enc(&room)))
         .await
         .1
         .as_array()
@@ -973,10 +969,9 @@ async fn odd_types_and_state_keys_get_legal_topics() {
 
     // Refused at the API: NUL and other control characters.
     let (st, v) = alice
-        .request(
-            reqwest::Method::PUT,
+        .put(
             &format!("rooms/{}/send/{}/t1", common::enc(&room), common::enc("org.x\u{0}y")),
-            Some(json!({})),
+            json!({}),
         )
         .await;
     assert_eq!((st, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
@@ -1280,14 +1275,13 @@ async fn revoked_credentials_end_open_connections() {
     let mut m = sub5("PWDEV", "alice", alice.password.clone()).await;
     let new_password = "a-new-long-password-for-alice";
     let (st, v) = alice
-        .request(
-            reqwest::Method::POST,
+        .post(
             "account/password",
-            Some(json!({
+            json!({
                 "new_password": new_password,
                 "logout_devices": true,
                 "auth": {"type": "m.login.password", "user": "alice", "password": alice.password},
-            })),
+            }),
         )
         .await;
     assert_eq!(st, 200, "{v}");
@@ -1325,10 +1319,9 @@ async fn revoked_credentials_end_open_connections() {
     // Deactivation.
     let mut m = sub5("rev-deact", "bob", bob.access_token.clone()).await;
     let (st, v) = bob
-        .request(
-            reqwest::Method::POST,
+        .post(
             "account/deactivate",
-            Some(json!({"auth": {"type": "m.login.password", "user": "bob", "password": bob.password}})),
+            json!({"auth": {"type": "m.login.password", "user": "bob", "password": bob.password}}),
         )
         .await;
     assert_eq!(st, 200, "{v}");
