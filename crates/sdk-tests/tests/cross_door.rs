@@ -13,14 +13,13 @@ use futures_util::{SinkExt, StreamExt};
 use matrix_sdk::Client;
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::RoomId;
-use sdk_tests::DataDir;
+use sdk_tests::PASSWORD;
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use weft_testkit::{ServeSpec, ServerProcess, enc, weft_bin};
+use weft_testkit::{Client as MatrixClient, TestServer, enc, of_type, timeline};
 
-const PASSWORD: &str = "correct horse battery staple";
 const TYPE: &str = "org.weft.telemetry";
 /// Long-poll timeout of the `/sync` readers.
 const POLL_MS: u64 = 1000;
@@ -31,92 +30,51 @@ const WAIT: Duration = Duration::from_secs(8);
 /// of arrival.
 type Seen = Arc<Mutex<Vec<Value>>>;
 
-/// The running server; its log is printed when the test fails.
+/// The running server (the workspace's [`TestServer`], which it
+/// dereferences to) with its MQTT and CoAP addresses.
 struct Server {
-    process: ServerProcess,
+    tk: TestServer,
     http: String,
     mqtt: SocketAddr,
     coap: SocketAddr,
-    _data: DataDir,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- weft server log ----\n{}", self.process.log_tail(200));
-        }
+impl std::ops::Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.tk
     }
 }
 
 async fn start() -> Server {
-    start_logging(&std::env::var("WEFT_LOG").unwrap_or_else(|_| "weft=info,warn".into())).await
+    start_logging(&sdk_tests::log_filter()).await
 }
 
-/// A server whose log has this `WEFT_LOG` filter.
+/// A server with alice and bob (made with the admin CLI) whose log has
+/// this `WEFT_LOG` filter.
 async fn start_logging(filter: &str) -> Server {
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let log = data.path().parent().expect("temp dir").join("server.log");
-    let mut spec = ServeSpec::new(weft_bin(), data.path(), log).env("WEFT_LOG", filter);
-    spec.wait_mqtt = true;
-    spec.wait_coap = true;
-    let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
+    let tk = sdk_tests::weft_with_alice_and_bob()
+        .env("WEFT_LOG", filter)
+        .with_mqtt()
+        .with_coap()
+        .start()
+        .await;
     Server {
-        http: process.addrs.http.clone(),
-        mqtt: process.addrs.mqtt.expect("mqtt address"),
-        coap: process.addrs.coap.expect("coap address"),
-        process,
-        _data: data,
+        http: tk.base_url(),
+        mqtt: tk.addrs().mqtt.expect("mqtt address"),
+        coap: tk.addrs().coap.expect("coap address"),
+        tk,
     }
 }
 
-/// Plain HTTP call → (status, JSON body).
-async fn http(
-    c: &reqwest::Client,
-    srv: &Server,
-    method: reqwest::Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut rb = c.request(method, format!("{}{path}", srv.http));
-    if let Some(t) = token {
-        rb = rb.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = rb.send().await.expect("http request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-async fn login(c: &reqwest::Client, srv: &Server, user: &str, device: &str) -> String {
-    let (st, v) = http(
-        c,
-        srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/login",
-        None,
-        Some(json!({
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": user},
-            "password": PASSWORD,
-            "device_id": device,
-        })),
-    )
-    .await;
-    assert_eq!(st, 200, "login {user}: {v}");
-    v["access_token"].as_str().expect("access_token").to_owned()
+/// `user` logged in as device `device`, over HTTP.
+async fn login(srv: &Server, user: &str, device: &str) -> MatrixClient {
+    srv.login_device(user, PASSWORD, device).await
 }
 
 /// The room's telemetry events in a `/sync` response.
 fn telemetry_in_sync(sync: &Value, room: &str) -> Vec<Value> {
-    sync["rooms"]["join"][room]["timeline"]["events"]
-        .as_array()
-        .map(|evs| evs.iter().filter(|e| e["type"] == TYPE).cloned().collect())
-        .unwrap_or_default()
+    of_type(&timeline(sync, room), TYPE)
 }
 
 fn push(seen: &Seen, evs: impl IntoIterator<Item = Value>) {
@@ -244,35 +202,14 @@ impl Coap {
 async fn a_reading_published_through_each_door_reaches_every_other_door_and_matrix_sdk() {
     let started = Instant::now();
     let srv = start().await;
-    let hc = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
 
     // ---- One room, alice and bob joined.
-    let alice = login(&hc, &srv, "alice", "ALICE_HTTP").await;
-    let bob = login(&hc, &srv, "bob", "BOB_HTTP").await;
-    let (st, v) = http(
-        &hc,
-        &srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/createRoom",
-        Some(&alice),
-        Some(json!({"preset": "private_chat", "name": "cross-door", "invite": ["@bob:localhost:8008"]})),
-    )
-    .await;
-    assert_eq!(st, 200, "createRoom: {v}");
-    let room = v["room_id"].as_str().expect("room_id").to_owned();
-    let (st, v) = http(
-        &hc,
-        &srv,
-        reqwest::Method::POST,
-        &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
-        Some(&bob),
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(st, 200, "bob joins: {v}");
+    let alice = login(&srv, "alice", "ALICE_HTTP").await;
+    let bob = login(&srv, "bob", "BOB_HTTP").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "name": "cross-door", "invite": [bob.user_id]}))
+        .await;
+    bob.join(&room).await;
 
     let mut tasks = Vec::new();
 
@@ -332,7 +269,7 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
     let coap_seen = Seen::default();
     {
         let mut c = Coap::new(srv.coap, 1).await;
-        let auth = format!("a={bob}");
+        let auth = format!("a={}", bob.access_token);
         let filter = r#"filter={"room":{"timeline":{"limit":1}}}"#.to_owned();
         let (code, first) = c
             .call(
@@ -369,7 +306,7 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
         let url = format!(
             "{}/_matrix/client/unstable/org.weft.ws?access_token={}",
             srv.http.replacen("http://", "ws://", 1),
-            enc(&bob)
+            enc(&bob.access_token)
         );
         let (ws, resp) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
         assert_eq!(resp.status().as_u16(), 101);
@@ -408,38 +345,20 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
     // ---- Subscriber 4: HTTP long-poll /sync (alice).
     let http_seen = Seen::default();
     {
-        let (st, first) = http(
-            &hc,
-            &srv,
-            reqwest::Method::GET,
-            &format!(
-                "/_matrix/client/v3/sync?filter={}",
-                enc(r#"{"room":{"timeline":{"limit":1}}}"#)
-            ),
-            Some(&alice),
-            None,
-        )
-        .await;
+        let (st, first) = alice
+            .get(&format!("sync?filter={}", enc(r#"{"room":{"timeline":{"limit":1}}}"#)))
+            .await;
         assert_eq!(st, 200, "initial sync: {first}");
         let mut since = first["next_batch"].as_str().expect("next_batch").to_owned();
         let seen = http_seen.clone();
         let room = room.clone();
         let alice = alice.clone();
-        let url = srv.http.clone();
-        let hc = hc.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let resp = hc
-                    .get(format!(
-                        "{url}/_matrix/client/v3/sync?since={}&timeout={POLL_MS}",
-                        enc(&since)
-                    ))
-                    .bearer_auth(&alice)
-                    .send()
-                    .await
-                    .expect("sync request");
-                assert_eq!(resp.status().as_u16(), 200);
-                let v: Value = resp.json().await.expect("sync JSON");
+                let (st, v) = alice
+                    .get(&format!("sync?since={}&timeout={POLL_MS}", enc(&since)))
+                    .await;
+                assert_eq!(st, 200, "{v}");
                 push(&seen, telemetry_in_sync(&v, &room));
                 since = v["next_batch"].as_str().expect("next_batch").to_owned();
             }
@@ -498,15 +417,12 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
     let mut sent_ids: Vec<Option<String>> = Vec::new();
 
     // 1. HTTP PUT (alice).
-    let (st, v) = http(
-        &hc,
-        &srv,
-        reqwest::Method::PUT,
-        &format!("/_matrix/client/v3/rooms/{}/send/{TYPE}/xd-http-1", enc(&room)),
-        Some(&alice),
-        Some(readings[0].clone()),
-    )
-    .await;
+    let (st, v) = alice
+        .put(
+            &format!("rooms/{}/send/{TYPE}/xd-http-1", enc(&room)),
+            readings[0].clone(),
+        )
+        .await;
     assert_eq!(st, 200, "HTTP send: {v}");
     sent_ids.push(Some(v["event_id"].as_str().expect("event_id").to_owned()));
 
@@ -548,7 +464,7 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
             .call(
                 RequestType::Put,
                 &format!("/_matrix/client/v3/rooms/{room}/send/{TYPE}/xd-coap-1"),
-                &[format!("a={alice}")],
+                &[format!("a={}", alice.access_token)],
                 Some(&readings[2]),
             )
             .await;
@@ -578,15 +494,9 @@ async fn a_reading_published_through_each_door_reaches_every_other_door_and_matr
     }
 
     // ---- The server's stream order, from /messages.
-    let (st, v) = http(
-        &hc,
-        &srv,
-        reqwest::Method::GET,
-        &format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100", enc(&room)),
-        Some(&alice),
-        None,
-    )
-    .await;
+    let (st, v) = alice
+        .get(&format!("rooms/{}/messages?dir=f&limit=100", enc(&room)))
+        .await;
     assert_eq!(st, 200, "/messages: {v}");
     let stored: Vec<Value> = v["chunk"]
         .as_array()
@@ -751,47 +661,22 @@ fn one_time_keys(device: &str, n: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     let srv = start().await;
-    let c = reqwest::Client::new();
     // Alice has one device per door; bob one, on HTTP.
-    let alice_http = login(&c, &srv, "alice", "AHTTP").await;
-    let alice_coap = login(&c, &srv, "alice", "ACOAP").await;
-    let alice_ws = login(&c, &srv, "alice", "AWS").await;
-    let bob = login(&c, &srv, "bob", "BHTTP").await;
-    let (_, who) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        "/_matrix/client/v3/account/whoami",
-        Some(&alice_http),
-        None,
-    )
-    .await;
+    let alice_http = login(&srv, "alice", "AHTTP").await;
+    let alice_coap = login(&srv, "alice", "ACOAP").await;
+    let alice_ws = login(&srv, "alice", "AWS").await;
+    let bob = login(&srv, "bob", "BHTTP").await;
+    let (_, who) = alice_http.get("account/whoami").await;
     let alice_id = who["user_id"].as_str().expect("user_id").to_owned();
-    let (_, who) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        "/_matrix/client/v3/account/whoami",
-        Some(&bob),
-        None,
-    )
-    .await;
+    let (_, who) = bob.get("account/whoami").await;
     let bob_id = who["user_id"].as_str().expect("user_id").to_owned();
     let mut coap = Coap::new(srv.coap, 7000).await;
-    let coap_auth = vec![format!("a={alice_coap}")];
-    let mut ws = WsRequests::connect(&srv, &alice_ws).await;
+    let coap_auth = vec![format!("a={}", alice_coap.access_token)];
+    let mut ws = WsRequests::connect(&srv, &alice_ws.access_token).await;
 
     // keys/upload: each device through its own door, the same answer.
     let upload = |device: &str| json!({ "device_keys": device_keys(&alice_id, device), "one_time_keys": one_time_keys(device, 3) });
-    let (st, via_http) = http(
-        &c,
-        &srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/keys/upload",
-        Some(&alice_http),
-        Some(upload("AHTTP")),
-    )
-    .await;
+    let (st, via_http) = alice_http.post("keys/upload", upload("AHTTP")).await;
     assert_eq!(st, 200, "{via_http}");
     let (code, via_coap) = coap
         .call(
@@ -812,15 +697,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 
     // keys/query: all three devices, the same answer through every door.
     let query = json!({ "device_keys": { alice_id.clone(): [] } });
-    let (st, via_http) = http(
-        &c,
-        &srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/keys/query",
-        Some(&bob),
-        Some(query.clone()),
-    )
-    .await;
+    let (st, via_http) = bob.post("keys/query", query.clone()).await;
     assert_eq!(st, 200, "{via_http}");
     let devices = via_http["device_keys"][&alice_id].as_object().expect("alice's devices");
     assert_eq!(devices.len(), 3, "{via_http}");
@@ -847,15 +724,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     // keys/claim: one key of each device, claimed through each door; each
     // answer has exactly the claimed device's next key, then the counts drop.
     let claim = |device: &str| json!({ "one_time_keys": { alice_id.clone(): { device: "signed_curve25519" } } });
-    let (st, via_http) = http(
-        &c,
-        &srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/keys/claim",
-        Some(&bob),
-        Some(claim("AHTTP")),
-    )
-    .await;
+    let (st, via_http) = bob.post("keys/claim", claim("AHTTP")).await;
     assert_eq!(st, 200, "{via_http}");
     let (code, via_coap) = coap
         .call(
@@ -891,15 +760,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
     // sendToDevice: through each door to bob's device; each answers {} and
     // bob's device receives each message once, with sender and content.
     let msg = |n: u64| json!({ "messages": { bob_id.clone(): { "BHTTP": { "door": n } } } });
-    let (st, via_http) = http(
-        &c,
-        &srv,
-        reqwest::Method::PUT,
-        "/_matrix/client/v3/sendToDevice/org.weft.test/t1",
-        Some(&alice_http),
-        Some(msg(1)),
-    )
-    .await;
+    let (st, via_http) = alice_http.put("sendToDevice/org.weft.test/t1", msg(1)).await;
     assert_eq!((st, &via_http), (200, &json!({})));
     let (code, via_coap) = coap
         .call(
@@ -924,15 +785,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
         .call("PUT", "/_matrix/client/v3/sendToDevice/org.weft.test/t3", Some(&msg(3)))
         .await;
     assert_eq!((st, &via_ws), (200, &json!({})));
-    let (st, sync) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        "/_matrix/client/v3/sync?timeout=0",
-        Some(&bob),
-        None,
-    )
-    .await;
+    let (st, sync) = bob.get("sync?timeout=0").await;
     assert_eq!(st, 200, "{sync}");
     let got: Vec<(Value, Value, Value)> = sync["to_device"]["events"]
         .as_array()
@@ -948,15 +801,7 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 
     // Errors are the same Matrix errors through every door.
     let bad = json!({ "one_time_keys": "not an object" });
-    let (st, via_http) = http(
-        &c,
-        &srv,
-        reqwest::Method::POST,
-        "/_matrix/client/v3/keys/claim",
-        Some(&bob),
-        Some(bad.clone()),
-    )
-    .await;
+    let (st, via_http) = bob.post("keys/claim", bad.clone()).await;
     let (code, via_coap) = coap
         .call(
             RequestType::Post,
@@ -992,39 +837,14 @@ async fn e2ee_endpoints_answer_the_same_through_http_coap_and_websocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_tokens_never_appear_in_the_log_even_at_trace_level() {
     let srv = start_logging("trace").await;
-    let c = reqwest::Client::new();
-    let token = login(&c, &srv, "alice", "LOGS").await;
+    let token = login(&srv, "alice", "LOGS").await.access_token;
     // HTTP, token in the query (deprecated, still served) and in the header.
-    let (st, v) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        &format!("/_matrix/client/v3/account/whoami?access_token={token}"),
-        None,
-        None,
-    )
-    .await;
+    let (st, v) = srv.anon().get(&format!("account/whoami?access_token={token}")).await;
     assert_eq!(st, 200, "{v}");
-    let (st, _) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        "/_matrix/client/v3/joined_rooms",
-        Some(&token),
-        None,
-    )
-    .await;
+    let (st, _) = srv.with_token(&token).get("joined_rooms").await;
     assert_eq!(st, 200);
     // A wrong token in the query is not logged either.
-    let (st, _) = http(
-        &c,
-        &srv,
-        reqwest::Method::GET,
-        "/_matrix/client/v3/account/whoami?access_token=WRONGSECRETTOKEN",
-        None,
-        None,
-    )
-    .await;
+    let (st, _) = srv.anon().get("account/whoami?access_token=WRONGSECRETTOKEN").await;
     assert_eq!(st, 401);
     // The WebSocket door, token in the upgrade's query.
     let mut ws = WsRequests::connect(&srv, &token).await;
@@ -1043,7 +863,7 @@ async fn access_tokens_never_appear_in_the_log_even_at_trace_level() {
     assert_eq!(code, ResponseType::Content, "{v}");
     // Give the writer a moment to flush the last lines.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = srv.process.log_tail(1_000_000);
+    let log = srv.log_tail(1_000_000);
     assert!(
         log.contains("whoami"),
         "the trace log records requests:\n{}",

@@ -11,12 +11,12 @@ use matrix_sdk::ruma::api::client::uiaa;
 use matrix_sdk::ruma::events::room::message::{MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent};
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room, RoomState};
-use sdk_tests::{DataDir, Weft};
+use sdk_tests::PASSWORD;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use weft_testkit::TestServer;
 
 const SERVER_NAME: &str = "localhost:8008";
-const PASSWORD: &str = "correct horse battery staple";
 /// Upper bound on any wait for an event to show up in a sync.
 const WAIT: Duration = Duration::from_secs(30);
 /// Long-poll timeout of each `/sync` while waiting.
@@ -40,15 +40,15 @@ fn user_id(local: &str) -> OwnedUserId {
     UserId::parse(format!("@{local}:{SERVER_NAME}")).expect("valid user id")
 }
 
-async fn new_client(server: &Weft) -> Result<Client> {
+async fn new_client(server: &TestServer) -> Result<Client> {
     Client::builder()
-        .homeserver_url(&server.url)
+        .homeserver_url(server.base_url())
         .build()
         .await
         .context("building matrix-sdk client")
 }
 
-async fn login(server: &Weft, name: &str) -> Result<Client> {
+async fn login(server: &TestServer, name: &str) -> Result<Client> {
     let client = new_client(server).await?;
     let resp = client
         .matrix_auth()
@@ -139,7 +139,7 @@ fn timeline_json(resp: &matrix_sdk::sync::SyncResponse, room: &RoomId) -> Vec<Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_registers_logs_in_and_whoami() -> Result<()> {
     init_logging();
-    let server = Weft::start();
+    let server = sdk_tests::weft().start().await;
 
     // Registration through the SDK logs the client in.
     let client = new_client(&server).await?;
@@ -179,10 +179,7 @@ async fn sdk_registers_logs_in_and_whoami() -> Result<()> {
 async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
     init_logging();
     // Users made with the admin CLI before the server starts.
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let server = Weft::start_in(data);
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
 
     let alice = login(&server, "alice").await?;
     let bob = login(&server, "bob").await?;
@@ -302,7 +299,7 @@ async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
 // ------------------------------------------------------------------------
 
 /// Logs `name` in and runs one sync so the SDK uploads its device keys.
-async fn login_and_upload_keys(server: &Weft, name: &str) -> Result<Client> {
+async fn login_and_upload_keys(server: &TestServer, name: &str) -> Result<Client> {
     let client = login(server, name).await?;
     client
         .sync_once(SyncSettings::default())
@@ -319,10 +316,7 @@ async fn sdk_e2ee_device_keys_are_published() -> Result<()> {
     use matrix_sdk::ruma::api::client::keys::{claim_keys, get_keys};
 
     init_logging();
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let server = Weft::start_in(data);
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login_and_upload_keys(&server, "alice").await?;
     let bob = login_and_upload_keys(&server, "bob").await?;
 
@@ -380,10 +374,7 @@ async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
     use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 
     init_logging();
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let server = Weft::start_in(data);
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login_and_upload_keys(&server, "alice").await?;
     let bob = login_and_upload_keys(&server, "bob").await?;
 
@@ -467,10 +458,7 @@ async fn bootstrap_cross_signing(client: &Client, name: &str) -> Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_e2ee_cross_signing_is_published() -> Result<()> {
     init_logging();
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let server = Weft::start_in(data);
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login_and_upload_keys(&server, "alice").await?;
     let bob = login_and_upload_keys(&server, "bob").await?;
     let alice_id = user_id("alice");
@@ -553,10 +541,7 @@ async fn sdk_e2ee_cross_signing_is_published() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_names_an_unnamed_two_member_room_after_the_other_member() -> Result<()> {
     init_logging();
-    let data = DataDir::new();
-    data.create_user("alice", PASSWORD);
-    data.create_user("bob", PASSWORD);
-    let server = Weft::start_in(data);
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login(&server, "alice").await?;
     let bob = login(&server, "bob").await?;
     alice

@@ -1,14 +1,32 @@
-//! Runs the real `weft` binary for tests (and the benchmark): finds (or
-//! builds) it, spawns `weft serve` on a data directory with HTTP, MQTT
-//! (plain and TLS) and CoAP on free ports, reads the addresses from its `listening on` lines,
-//! copies its stdout and stderr into a log file, and stops, kills or
-//! restarts it.
+//! The test harness of the whole workspace: runs the real `weft` binary
+//! and talks to it.
+//!
+//! - [`server::TestServer`]: one `weft serve` per test on free ports with a
+//!   temporary data directory (builder for environment, server name, door
+//!   listeners, users made with the admin CLI first), the admin CLI, restarts.
+//! - [`client::Client`]: a JSON Matrix Client-Server API client (register,
+//!   login, rooms, send, sync, messages, ...) and helpers such as
+//!   [`client::assert_err`] and [`client::timeline`].
+//! - [`ServeSpec`] / [`ServerProcess`]: the launcher underneath, for tests
+//!   and the benchmark that need the raw process: finds (or builds) the
+//!   binary, spawns `weft serve` on a data directory with HTTP, MQTT
+//!   (plain and TLS) and CoAP on free ports, reads the addresses from its
+//!   `listening on` lines, copies its stdout and stderr into a log file,
+//!   and stops, kills or restarts it.
+//! - [`tools_installed`] / [`tool_missing`]: external programs a test needs
+//!   (fail under `CI`, skip with a note elsewhere).
 //!
 //! `CARGO_BIN_EXE_weft` is only set for the `weft` package's own tests, so
 //! [`weft_bin`] locates the binary next to the test executable instead:
 //! `<target>/<profile>/deps/<test>` → `<target>/<profile>/weft`. `WEFT_BIN`
 //! overrides the location. If the binary is missing it is built with
 //! `cargo build -p weft` into the same target directory (once per process).
+
+pub mod client;
+pub mod server;
+
+pub use client::{BIG_TIMELINE_FILTER, Client, assert_err, event_ids, of_type, query, room_with, timeline};
+pub use server::{DEFAULT_SERVER_NAME, TestServer, TestServerBuilder, data_dir_of};
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -453,23 +471,24 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// `.ci/run` installs them) the test fails; elsewhere a note is printed
 /// and the caller skips that part.
 pub fn tools_installed(programs: &[&str], install: &str) -> bool {
-    let missing: Vec<&str> = programs
-        .iter()
-        .copied()
-        .filter(|p| {
-            std::process::Command::new(p)
-                .arg("--help")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_err()
-        })
-        .collect();
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return true;
     }
     tool_missing(&missing.join(", "), install);
     false
+}
+
+/// Whether `program` can be run (it is started with `--help`, output
+/// discarded; only a failure to start it counts). No CI check: see
+/// [`tools_installed`] and [`tool_missing`].
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 /// Reports a missing external tool: fails the test under CI (env `CI`

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
-use common::{Client, Request, Server, cbor, coap_client, enc, uncbor};
+use common::{Client, Request, Server, cbor, coap_client, create_room, enc, register, uncbor};
 use serde_json::{Value, json};
 
 fn send_path(room: &str) -> String {
@@ -17,8 +17,8 @@ fn send_path(room: &str) -> String {
 #[tokio::test]
 async fn talk_compact_post_creates_message() {
     let s = Server::start().await;
-    let (token, user) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (token, user) = register(&s, "alice").await;
+    let room = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     let content = json!({"msgtype": "m.text", "body": "hello"});
     let path = send_path(&room);
@@ -97,8 +97,8 @@ async fn talk_compact_post_with_libcoap_client() {
 #[tokio::test]
 async fn telemetry_in_order_with_exact_floats_and_sync_reads_http_event() {
     let s = Server::start().await;
-    let (token, _) = s.register("sensor").await;
-    let room = s.create_room(&token).await;
+    let (token, _) = register(&s, "sensor").await;
+    let room = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     // Token by MSC3079 option 256 on the first request; remembered after.
     let (code, v) = c
@@ -130,11 +130,10 @@ async fn telemetry_in_order_with_exact_floats_and_sync_reads_http_event() {
     assert_eq!(code, R::Content);
     let since = first["next_batch"].as_str().unwrap().to_owned();
     let (st, sent) = s
-        .http_call(
-            reqwest::Method::PUT,
+        .with_token(&token)
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h1", enc(&room)),
-            Some(&token),
-            Some(json!({"msgtype": "m.text", "body": "from http"})),
+            json!({"msgtype": "m.text", "body": "from http"}),
         )
         .await;
     assert_eq!(st, 200);
@@ -192,9 +191,9 @@ async fn duplicate_con_stores_one_event_and_replays_response() {
 #[tokio::test]
 async fn errors_and_garbage() {
     let s = Server::start_with(&[("WEFT_LIMITS__MAX_BODY_BYTES", "16384")]).await;
-    let (token, _) = s.register("alice").await;
-    let (other, _) = s.register("mallory").await;
-    let room = s.create_room(&token).await;
+    let (token, _) = register(&s, "alice").await;
+    let (other, _) = register(&s, "mallory").await;
+    let room = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     let path = send_path(&room);
     let body = json!({"msgtype": "m.text", "body": "x"});
@@ -279,8 +278,8 @@ async fn errors_and_garbage() {
 #[tokio::test]
 async fn rooms_state_and_json_bodies() {
     let s = Server::start().await;
-    let (alice, alice_id) = s.register("alice").await;
-    let (bob, _) = s.register("bob").await;
+    let (alice, alice_id) = register(&s, "alice").await;
+    let (bob, _) = register(&s, "bob").await;
     let mut a = Client::new(s.coap).await;
     let mut b = Client::new(s.coap).await;
     let (code, v) = a
@@ -387,11 +386,10 @@ async fn observe_sync_pushes_new_events() {
     );
     for i in 0..3 {
         let (st, sent) = s
-            .http_call(
-                reqwest::Method::PUT,
+            .with_token(&token)
+            .put(
                 &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/o{i}", enc(&room)),
-                Some(&token),
-                Some(json!({"msgtype": "m.text", "body": format!("n{i}")})),
+                json!({"msgtype": "m.text", "body": format!("n{i}")}),
             )
             .await;
         assert_eq!(st, 200);
@@ -414,11 +412,10 @@ async fn observe_sync_pushes_new_events() {
         let token = token.clone();
         async move {
             let (st, _) = s
-                .http_call(
-                    reqwest::Method::PUT,
+                .with_token(&token)
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/r{i}", enc(&room)),
-                    Some(&token),
-                    Some(json!({"msgtype": "m.text", "body": "after"})),
+                    json!({"msgtype": "m.text", "body": "after"}),
                 )
                 .await;
             assert_eq!(st, 200);
@@ -486,8 +483,8 @@ async fn logout_ends_a_waiting_observer_at_once() {
 #[tokio::test]
 async fn unacknowledged_notifications_are_retransmitted_then_the_observer_dropped() {
     let s = Server::start_with(&[("WEFT_COAP__ACK_TIMEOUT_MS", "200"), ("WEFT_COAP__MAX_RETRANSMIT", "2")]).await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (token, _) = register(&s, "alice").await;
+    let room = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     let p = c.packet(
         &Request::new(M::Get, "/_matrix/client/v3/sync")
@@ -503,11 +500,10 @@ async fn unacknowledged_notifications_are_retransmitted_then_the_observer_droppe
         let (s, room, token) = (&s, room.clone(), token.clone());
         async move {
             let (st, v) = s
-                .http_call(
-                    reqwest::Method::PUT,
+                .with_token(&token)
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)),
-                    Some(&token),
-                    Some(json!({"msgtype": "m.text", "body": txn})),
+                    json!({"msgtype": "m.text", "body": txn}),
                 )
                 .await;
             assert_eq!(st, 200, "{v}");
@@ -547,8 +543,8 @@ async fn unacknowledged_notifications_are_retransmitted_then_the_observer_droppe
 async fn msc3079_path_enums_and_integer_keys() {
     use ciborium::Value as C;
     let s = Server::start().await;
-    let (token, user) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (token, user) = register(&s, "alice").await;
+    let room = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     // /9/{roomId}/{eventType}/{txnId} with {27: body, 28: msgtype}.
     let body = C::Map(vec![
@@ -616,11 +612,10 @@ async fn slow_request_gets_empty_ack_then_separate_response() {
     assert_eq!(ack.header.message_id, p.header.message_id);
     // Meanwhile an event arrives; the separate response carries it.
     let (st, sent) = s
-        .http_call(
-            reqwest::Method::PUT,
+        .with_token(&token)
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/late", enc(&room)),
-            Some(&token),
-            Some(json!({"msgtype": "m.text", "body": "late"})),
+            json!({"msgtype": "m.text", "body": "late"}),
         )
         .await;
     assert_eq!(st, 200);
@@ -716,7 +711,7 @@ async fn rate_limited_gets_4_29_with_max_age() {
         ("WEFT_RATE_LIMIT__BURST", "5"),
     ])
     .await;
-    let (token, _) = s.register("alice").await;
+    let (token, _) = register(&s, "alice").await;
     let mut c = Client::new(s.coap).await;
     let mut limited = None;
     for _ in 0..20 {
@@ -742,7 +737,7 @@ async fn rate_limited_gets_4_29_with_max_age() {
 #[tokio::test]
 async fn observe_room_messages() {
     let (s, token, room) = Server::with_alice_and_room().await;
-    let other = s.create_room(&token).await;
+    let other = create_room(&s, &token).await;
     let mut c = Client::new(s.coap).await;
     let path = format!("/_matrix/client/v3/rooms/{room}/messages");
     let p = c.packet(
@@ -761,11 +756,10 @@ async fn observe_room_messages() {
         let token = token.clone();
         async move {
             let (st, v) = s
-                .http_call(
-                    reqwest::Method::PUT,
+                .with_token(&token)
+                .put(
                     &format!("/_matrix/client/v3/rooms/{}/send/org.weft.telemetry/{txn}", enc(&r)),
-                    Some(&token),
-                    Some(json!({"seq": txn})),
+                    json!({"seq": txn}),
                 )
                 .await;
             assert_eq!(st, 200);
@@ -796,11 +790,10 @@ async fn libcoap_observes_sync() {
     // Enough history that the first sync needs several blocks.
     for i in 0..6 {
         let (st, _) = s
-            .http_call(
-                reqwest::Method::PUT,
+            .with_token(&token)
+            .put(
                 &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h{i}", enc(&room)),
-                Some(&token),
-                Some(json!({"msgtype": "m.text", "body": "z".repeat(400)})),
+                json!({"msgtype": "m.text", "body": "z".repeat(400)}),
             )
             .await;
         assert_eq!(st, 200);
@@ -814,11 +807,10 @@ async fn libcoap_observes_sync() {
         .expect("run coap-client");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (st, sent) = s
-        .http_call(
-            reqwest::Method::PUT,
+        .with_token(&token)
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/live", enc(&room)),
-            Some(&token),
-            Some(json!({"msgtype": "m.text", "body": "pushed to the observer"})),
+            json!({"msgtype": "m.text", "body": "pushed to the observer"}),
         )
         .await;
     assert_eq!(st, 200);

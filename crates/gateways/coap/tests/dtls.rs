@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
-use common::{Client, Request, Server, cbor, coap_client_dtls, coap_client_named, enc, request_packet, uncbor};
+use common::{
+    Client, Request, Server, TestServer, cbor, coap_client_dtls, coap_client_named, create_room, enc, register,
+    request_packet, uncbor,
+};
 use dimpl::{Config, Dtls, PskResolver};
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
@@ -64,26 +67,10 @@ async fn coaps_client(bin: &str, addr: SocketAddr, path: &str, psk: (&str, &str)
 
 /// Registers bob and has him join alice's room: (token, user ID).
 async fn join_bob(s: &Server, alice_token: &str, room: &str) -> (String, String) {
-    let (bob_token, bob) = s.register("bob").await;
-    let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
-            Some(alice_token),
-            Some(json!({"user_id": bob})),
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
-    let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            &format!("/_matrix/client/v3/rooms/{}/join", enc(room)),
-            Some(&bob_token),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
-    (bob_token, bob)
+    let bob = s.register("bob").await;
+    s.with_token(alice_token).invite(room, &bob.user_id).await;
+    bob.join(room).await;
+    (bob.access_token, bob.user_id)
 }
 
 /// No CoAP answer came back (libcoap logs its failure on stdout).
@@ -318,8 +305,8 @@ async fn operator_certificate_and_fallback() {
     assert_eq!(c.peer_cert, Some(pem_der(&s.data_dir.join("tls/mqtt.crt"))));
     let (code, _) = c.call(Request::new(M::Get, "/_matrix/client/versions")).await;
     assert_eq!(code, R::Content);
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (token, _) = register(&s, "alice").await;
+    let room = create_room(&s, &token).await;
     let (identity, key) = s.mint_psk("alice", "SENSOR1").await;
     let mut p = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
         .await
@@ -431,22 +418,17 @@ async fn revoked_psk_stops_working() {
     assert_eq!(uncbor(&note.payload)["chunk"][0]["content"], content);
 
     let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/logout/all",
-            Some(&token),
-            Some(json!({})),
-        )
+        .with_token(&token)
+        .post("/_matrix/client/v3/logout/all", json!({}))
         .await;
     assert_eq!(st, 200, "{v}");
 
     // Bob's next message is not shown to the revoked observer.
     let (st, v) = s
-        .http_call(
-            reqwest::Method::PUT,
+        .with_token(&bob_token)
+        .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/b1", enc(&room)),
-            Some(&bob_token),
-            Some(json!({"msgtype": "m.text", "body": "secret"})),
+            json!({"msgtype": "m.text", "body": "secret"}),
         )
         .await;
     assert_eq!(st, 200, "{v}");
@@ -469,20 +451,8 @@ async fn revoked_psk_stops_working() {
     }
 
     // Only the first message exists (read with a fresh login).
-    let (st, v) = s
-        .http_call(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/login",
-            None,
-            Some(
-                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
-                        "password": "a long password"}),
-            ),
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
-    let token = v["access_token"].as_str().unwrap();
-    let msgs = s.http_messages(token, &room, "m.room.message").await;
+    let fresh = s.login("alice", &TestServer::default_password("alice")).await;
+    let msgs = s.http_messages(&fresh.access_token, &room, "m.room.message").await;
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["content"]["body"], "before");
     assert_eq!(msgs[1]["content"]["body"], "secret");
@@ -577,8 +547,8 @@ async fn rust_dtls_client_round_trip_and_garbage() {
 #[tokio::test]
 async fn session_cap_holds() {
     let s = Server::start_with(&[("WEFT_COAP__DTLS_MAX_SESSIONS", "2")]).await;
-    let (token, _) = s.register("alice").await;
-    let room = s.create_room(&token).await;
+    let (token, _) = register(&s, "alice").await;
+    let room = create_room(&s, &token).await;
     let (identity, key) = s.mint_psk("alice", "CAP").await;
     let mut a = DtlsClient::connect(s.coaps, &identity, key.as_bytes())
         .await

@@ -107,7 +107,7 @@ async fn publish_qos1_becomes_event_over_http() {
         .unwrap();
     assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
     // PUBACK came after the event was stored: it is there now.
-    let evs = alice.messages(&room, 1).await;
+    let evs = alice.last_events(&room, 1).await;
     assert_eq!(evs[0]["type"], "org.weft.telemetry");
     assert_eq!(evs[0]["sender"], alice.user_id);
     assert_eq!(
@@ -121,7 +121,7 @@ async fn publish_qos1_becomes_event_over_http() {
     assert!(dev["last_seen_ts"].as_u64().is_some_and(|t| t > 0), "{dev}");
 
     // Alias topic, plain-text payload, token login with the full user ID.
-    let mut t = c4(&srv, "sensor-b", &alice.user_id, &alice.token, true);
+    let mut t = c4(&srv, "sensor-b", &alice.user_id, &alice.access_token, true);
     assert_eq!(t.connack().await.code, rumqttc::ConnectReturnCode::Success);
     t.client
         .publish(
@@ -144,7 +144,7 @@ async fn publish_qos1_becomes_event_over_http() {
         .await
         .unwrap();
     assert!(matches!(t.packet().await, rumqttc::Packet::PubAck(_)));
-    let evs = alice.messages(&room, 2).await;
+    let evs = alice.last_events(&room, 2).await;
     assert_eq!(evs[0]["type"], "org.weft.note");
     assert_eq!(evs[0]["content"], json!({"msgtype": "org.weft.raw", "body": "hello"}));
     assert_eq!(evs[1]["type"], "m.room.topic");
@@ -160,7 +160,7 @@ async fn http_events_reach_subscribers_once_in_order() {
     let room = room_for(&alice).await;
     let other = room_for(&alice).await;
     // 3.1.1 on one room, 5 on all joined rooms.
-    let mut a = c4(&srv, "sub-a", "alice", &alice.token, true);
+    let mut a = c4(&srv, "sub-a", "alice", &alice.access_token, true);
     a.connack().await;
     a.client.subscribe(format!("weft/r/{room}/e/#"), q1()).await.unwrap();
     match a.packet().await {
@@ -169,7 +169,7 @@ async fn http_events_reach_subscribers_once_in_order() {
         }
         p => panic!("{p:?}"),
     }
-    let mut b = c5(&srv, "sub-b", &alice.user_id, &alice.token);
+    let mut b = c5(&srv, "sub-b", &alice.user_id, &alice.access_token);
     assert!(matches!(b.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
     b.client
         .subscribe("weft/r/+/e/#", v5::mqttbytes::QoS::AtLeastOnce)
@@ -236,7 +236,7 @@ async fn refusals_wrong_password_foreign_room_publish_and_subscribe() {
     }
 
     // Bob is not in alice's room. MQTT 5: PUBACK 0x87 and SUBACK 0x87.
-    let mut b5 = c5(&srv, "b5", "bob", &bob.token);
+    let mut b5 = c5(&srv, "b5", "bob", &bob.access_token);
     assert!(matches!(b5.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
     b5.client
         .publish(
@@ -266,7 +266,7 @@ async fn refusals_wrong_password_foreign_room_publish_and_subscribe() {
     }
 
     // MQTT 3.1.1: SUBACK 0x80; a refused PUBLISH closes the connection.
-    let mut b4 = c4(&srv, "b4", "bob", &bob.token, true);
+    let mut b4 = c4(&srv, "b4", "bob", &bob.access_token, true);
     b4.connack().await;
     b4.client.subscribe(format!("weft/r/{room}/s/#"), q1()).await.unwrap();
     match b4.packet().await {
@@ -285,7 +285,7 @@ async fn refusals_wrong_password_foreign_room_publish_and_subscribe() {
         }
     }
     // Nothing was written to the room.
-    let evs = alice.messages(&room, 50).await;
+    let evs = alice.last_events(&room, 50).await;
     assert!(evs.iter().all(|e| e["type"] != "org.weft.x"));
 }
 
@@ -294,7 +294,7 @@ async fn state_is_retained_on_subscribe_then_changes_follow() {
     let srv = Server::start().await;
     let alice = srv.register("alice").await;
     let room = room_for(&alice).await;
-    let mut m = c4(&srv, "st", "alice", &alice.token, true);
+    let mut m = c4(&srv, "st", "alice", &alice.access_token, true);
     m.connack().await;
     m.client.subscribe(format!("weft/r/{room}/s/#"), q1()).await.unwrap();
     let mut state = Vec::new();
@@ -415,14 +415,14 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
 
     // Half a CONNECT, then the client hangs up.
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    let connect = raw_connect("raw", "alice", &alice.token, 30);
+    let connect = raw_connect("raw", "alice", &alice.access_token, 30);
     s.write_all(&connect[..connect.len() / 2]).await.unwrap();
     s.shutdown().await.unwrap();
     assert!(closed(&mut s).await.is_empty());
 
     // Oversized PUBLISH after a good CONNECT: the header alone is refused.
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&raw_connect("raw2", "alice", &alice.token, 30))
+    s.write_all(&raw_connect("raw2", "alice", &alice.access_token, 30))
         .await
         .unwrap();
     let mut connack = [0u8; 4];
@@ -434,7 +434,7 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
 
     // Malformed packet after CONNECT (reserved packet type 15).
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&raw_connect("raw3", "alice", &alice.token, 30))
+    s.write_all(&raw_connect("raw3", "alice", &alice.access_token, 30))
         .await
         .unwrap();
     s.read_exact(&mut connack).await.unwrap();
@@ -443,7 +443,7 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
 
     // Keepalive 1 s and silence: dropped after 1.5 s.
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&raw_connect("raw4", "alice", &alice.token, 1))
+    s.write_all(&raw_connect("raw4", "alice", &alice.access_token, 1))
         .await
         .unwrap();
     s.read_exact(&mut connack).await.unwrap();
@@ -452,21 +452,24 @@ async fn garbage_truncated_oversized_and_silent_clients_are_dropped() {
     assert!(t0.elapsed() >= Duration::from_millis(1200), "{:?}", t0.elapsed());
 
     // The server still serves a well-behaved client.
-    let mut m = c4(&srv, "good", "alice", &alice.token, true);
+    let mut m = c4(&srv, "good", "alice", &alice.access_token, true);
     assert_eq!(m.connack().await.code, rumqttc::ConnectReturnCode::Success);
     m.client
         .publish(format!("weft/r/{room}/e/org.weft.ok"), q1(), false, "{\"ok\": true}")
         .await
         .unwrap();
     assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
-    assert_eq!(alice.messages(&room, 1).await[0]["content"], json!({"ok": true}));
+    assert_eq!(alice.last_events(&room, 1).await[0]["content"], json!({"ok": true}));
 }
 
 #[tokio::test]
 async fn mosquitto_clients_publish_and_subscribe() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
-    if !weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients") {
+    if !weft_testkit::tools_installed(
+        &["mosquitto_pub", "mosquitto_sub", "stdbuf"],
+        "apt-get install mosquitto-clients (stdbuf: coreutils)",
+    ) {
         return;
     }
     let srv = Server::start().await;
@@ -539,7 +542,7 @@ async fn mosquitto_clients_publish_and_subscribe() {
         assert_eq!(ev["sender"], alice.user_id);
     }
     // And over HTTP, the same three.
-    let evs = alice.messages(&room, 3).await;
+    let evs = alice.last_events(&room, 3).await;
     assert_eq!(
         evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
         vec![json!(0), json!(1), json!(2)]
@@ -556,13 +559,13 @@ async fn will_qos2_alias_subscription_and_takeover() {
     let alias_topic = format!("weft/a/lab:{SERVER_NAME}/e");
 
     // Subscribing by alias: messages come on the alias form of the topic.
-    let mut sub = c4(&srv, "watcher", "alice", &alice.token, true);
+    let mut sub = c4(&srv, "watcher", "alice", &alice.access_token, true);
     sub.connack().await;
     sub.client.subscribe(format!("{alias_topic}/#"), q1()).await.unwrap();
     assert!(matches!(sub.packet().await, rumqttc::Packet::SubAck(_)));
 
     // QoS 2 in: PUBREC after storing, PUBCOMP after PUBREL, one event.
-    let mut dev = c4(&srv, "dev-q2", "alice", &alice.token, true);
+    let mut dev = c4(&srv, "dev-q2", "alice", &alice.access_token, true);
     dev.connack().await;
     dev.client
         .publish(
@@ -586,7 +589,7 @@ async fn will_qos2_alias_subscription_and_takeover() {
         q1(),
         false,
     );
-    let mut w = c4_with(&srv, "dev-will", "alice", &alice.token, true, Some(will));
+    let mut w = c4_with(&srv, "dev-will", "alice", &alice.access_token, true, Some(will));
     w.connack().await;
     w.task.abort();
     let p = &sub.publishes(1).await[0];
@@ -595,15 +598,15 @@ async fn will_qos2_alias_subscription_and_takeover() {
 
     // No will after a clean DISCONNECT.
     let will = rumqttc::LastWill::new(format!("weft/r/{room}/e/org.weft.status"), "{}", q1(), false);
-    let mut w = c4_with(&srv, "dev-will2", "alice", &alice.token, true, Some(will));
+    let mut w = c4_with(&srv, "dev-will2", "alice", &alice.access_token, true, Some(will));
     w.connack().await;
     w.client.disconnect().await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(WAIT, w.rx.recv()).await {}
 
     // A second connection with the same client ID takes over.
-    let mut first = c4(&srv, "twin", "alice", &alice.token, true);
+    let mut first = c4(&srv, "twin", "alice", &alice.access_token, true);
     first.connack().await;
-    let mut second = c4(&srv, "twin", "alice", &alice.token, true);
+    let mut second = c4(&srv, "twin", "alice", &alice.access_token, true);
     second.connack().await;
     // The first one is closed.
     while first.next().await.is_ok() {}
@@ -627,7 +630,7 @@ async fn mqtt5_session_persists_only_with_an_expiry_interval() {
     let keep = |o: &mut v5::MqttOptions| {
         o.set_clean_start(false).set_session_expiry_interval(Some(3600));
     };
-    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, keep);
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.access_token, keep);
     match m.packet().await {
         P5::ConnAck(c) => assert!(!c.session_present),
         p => panic!("{p:?}"),
@@ -656,7 +659,7 @@ async fn mqtt5_session_persists_only_with_an_expiry_interval() {
     }
     // Resumed without expiry: the missed events come, but the session ends
     // with this connection.
-    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, |o| {
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.access_token, |o| {
         o.set_clean_start(false);
     });
     match m.packet().await {
@@ -673,7 +676,7 @@ async fn mqtt5_session_persists_only_with_an_expiry_interval() {
     m.client.disconnect().await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(WAIT, m.rx.recv()).await {}
     drop(m);
-    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.token, keep);
+    let mut m = c5_with(&srv, "v5-keep", "alice", &alice.access_token, keep);
     match m.packet().await {
         P5::ConnAck(c) => assert!(!c.session_present),
         p => panic!("{p:?}"),
@@ -693,7 +696,7 @@ async fn pipelined_publishes_are_acknowledged_in_order_after_storing() {
     const N: u16 = 300;
 
     let mut s = TcpStream::connect(srv.mqtt_addr()).await.unwrap();
-    s.write_all(&raw_connect("pipe", "alice", &alice.token, 30))
+    s.write_all(&raw_connect("pipe", "alice", &alice.access_token, 30))
         .await
         .unwrap();
     let mut connack = [0u8; 4];
@@ -732,7 +735,7 @@ async fn pipelined_publishes_are_acknowledged_in_order_after_storing() {
     );
     assert_eq!(got, expected, "PUBACKs in publish order");
 
-    let evs = alice.messages(&room, 1000).await;
+    let evs = alice.last_events(&room, 1000).await;
     let seqs: Vec<u64> = evs
         .iter()
         .filter(|e| e["type"] == "org.weft.seq")
@@ -743,7 +746,7 @@ async fn pipelined_publishes_are_acknowledged_in_order_after_storing() {
         (1..=u64::from(N) + 1).collect::<Vec<_>>(),
         "stored once each, in order"
     );
-    let evs = bob.messages(&foreign, 1000).await;
+    let evs = bob.last_events(&foreign, 1000).await;
     assert!(
         evs.iter().all(|e| e["type"] != "org.weft.seq"),
         "nothing stored in the foreign room"
@@ -766,7 +769,7 @@ async fn raw5_connect(srv: &Server, id: &str, user: &User, expiry: u32) -> (TcpS
     m5::Packet::Connect(
         connect,
         None,
-        Some(m5::Login::new(user.user_id.as_str(), user.token.as_str())),
+        Some(m5::Login::new(user.user_id.as_str(), user.access_token.as_str())),
     )
     .write(&mut buf, None)
     .unwrap();
@@ -815,7 +818,7 @@ async fn mqtt5_session_expiry_interval_is_enforced() {
         let alice = &alice;
         let room = &room;
         async move {
-            let mut m = c5_with(srv, id, "alice", &alice.token, |o| {
+            let mut m = c5_with(srv, id, "alice", &alice.access_token, |o| {
                 o.set_clean_start(false).set_session_expiry_interval(Some(expiry));
             });
             assert!(matches!(m.packet().await, v5::mqttbytes::v5::Packet::ConnAck(_)));
@@ -873,7 +876,7 @@ async fn events_over_64k_are_refused_as_too_large() {
     let big = json!({"body": "x".repeat(65 * 1024)}).to_string();
     let fits = json!({"body": "x".repeat(65_300)}).to_string();
 
-    let mut m = c5_with(&srv, "big5", "alice", &alice.token, |o| {
+    let mut m = c5_with(&srv, "big5", "alice", &alice.access_token, |o| {
         o.set_max_packet_size(Some(256 * 1024));
     });
     assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
@@ -917,7 +920,7 @@ async fn events_over_64k_are_refused_as_too_large() {
     // closes. Read as raw bytes: rumqttc drops packets that arrive in the
     // same read as the end of the connection.
     let mut stream = TcpStream::connect(srv.mqtt_addr()).await.unwrap();
-    let mut out = raw_connect("big4", "alice", &alice.token, 5);
+    let mut out = raw_connect("big4", "alice", &alice.access_token, 5);
     for (pkid, payload) in [(1u16, "{\"small\": 2}".to_owned()), (2, big.clone())] {
         let mut p = rumqttc::Publish::new(&topic, q1(), payload);
         p.pkid = pkid;
@@ -935,7 +938,7 @@ async fn events_over_64k_are_refused_as_too_large() {
     assert_eq!(got, vec![0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x01], "{got:02x?}");
 
     let stored: Vec<Value> = alice
-        .messages(&room, 50)
+        .last_events(&room, 50)
         .await
         .into_iter()
         .filter(|e| e["type"] == "org.weft.big")
@@ -954,17 +957,13 @@ async fn odd_types_and_state_keys_get_legal_topics() {
     let srv = Server::start().await;
     let alice = srv.register("alice").await;
     let room = room_for(&alice).await;
-    let mut sub = c4(&srv, "odd-sub", "alice", &alice.token, true);
+    let mut sub = c4(&srv, "odd-sub", "alice", &alice.access_token, true);
     sub.connack().await;
     sub.client.subscribe(format!("weft/r/{room}/#"), q1()).await.unwrap();
     sub.suback().await;
     // Current state first (retained).
     let n_state = alice
-        .req(
-            reqwest::Method::GET,
-            &format!("rooms/{}/state", common::enc(&room)),
-            None,
-        )
+        .get(&format!("rooms/{}/state", common::enc(&room)))
         .await
         .1
         .as_array()
@@ -975,14 +974,13 @@ async fn odd_types_and_state_keys_get_legal_topics() {
 
     // Refused at the API: NUL and other control characters.
     let (st, v) = alice
-        .req(
-            reqwest::Method::PUT,
+        .put(
             &format!("rooms/{}/send/{}/t1", common::enc(&room), common::enc("org.x\u{0}y")),
-            Some(json!({})),
+            json!({}),
         )
         .await;
     assert_eq!((st, v["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{v}");
-    let mut m = c5(&srv, "odd-pub", "alice", &alice.token);
+    let mut m = c5(&srv, "odd-pub", "alice", &alice.access_token);
     assert!(matches!(m.packet().await, m5::Packet::ConnAck(_)));
     m.client
         .publish(
@@ -1062,7 +1060,7 @@ async fn mosquitto_sub_survives_odd_types_and_state_keys() {
             "-u",
             "alice",
             "-P",
-            alice.token.as_str(),
+            alice.access_token.as_str(),
         ])
         .args(["-i", "mosq-odd", "-q", "1", "-v", "-C", "3", "-W", "15", "-t", &topic])
         .stdout(Stdio::piped())
@@ -1114,7 +1112,7 @@ async fn unacked_qos1_is_resent_with_its_packet_id_and_dup() {
     // MQTT 3.1.1.
     let c4m = |id: &str| {
         let mut o = rumqttc::MqttOptions::new(id, &srv.mqtt_host, srv.mqtt_port);
-        o.set_credentials("alice", &alice.token)
+        o.set_credentials("alice", &alice.access_token)
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(false)
             .set_manual_acks(true);
@@ -1163,7 +1161,7 @@ async fn unacked_qos1_is_resent_with_its_packet_id_and_dup() {
 
     // MQTT 5, the same.
     let c5m = |srv: &Server, alice: &User| {
-        c5_with(srv, "dup5", "alice", &alice.token, |o| {
+        c5_with(srv, "dup5", "alice", &alice.access_token, |o| {
             o.set_clean_start(false)
                 .set_session_expiry_interval(Some(3600))
                 .set_manual_acks(true);
@@ -1209,24 +1207,9 @@ async fn unacked_qos1_is_resent_with_its_packet_id_and_dup() {
 
 /// A second access token of `user`, for device `device`.
 async fn login(srv: &Server, user: &User, device: &str) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{}/_matrix/client/v3/login", srv.http))
-        .json(&json!({
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": user.localpart},
-            "password": user.password,
-            "device_id": device,
-        }))
-        .send()
+    srv.login_device(&user.localpart, &user.password, device)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("login: {resp}"))
-        .to_owned()
+        .access_token
 }
 
 /// Waits for an MQTT 5 connection to be closed with DISCONNECT `reason`
@@ -1288,15 +1271,8 @@ async fn revoked_credentials_end_open_connections() {
     // Logout of the token it connected with.
     let token = login(&srv, &alice, "TOKDEV").await;
     let mut m = sub5("rev-token", "alice", token.clone()).await;
-    let (st, _) = reqwest::Client::new()
-        .post(format!("{}/_matrix/client/v3/logout", srv.http))
-        .bearer_auth(&token)
-        .json(&json!({}))
-        .send()
-        .await
-        .map(|r| (r.status().as_u16(), ()))
-        .unwrap();
-    assert_eq!(st, 200);
+    let (st, v) = srv.with_token(&token).post("logout", json!({})).await;
+    assert_eq!(st, 200, "{v}");
     disconnected5(&mut m, m5::DisconnectReasonCode::NotAuthorized, false).await;
 
     // A password change that logs out the other devices (a password login:
@@ -1304,14 +1280,13 @@ async fn revoked_credentials_end_open_connections() {
     let mut m = sub5("PWDEV", "alice", alice.password.clone()).await;
     let new_password = "a-new-long-password-for-alice";
     let (st, v) = alice
-        .req(
-            reqwest::Method::POST,
+        .post(
             "account/password",
-            Some(json!({
+            json!({
                 "new_password": new_password,
                 "logout_devices": true,
                 "auth": {"type": "m.login.password", "user": "alice", "password": alice.password},
-            })),
+            }),
         )
         .await;
     assert_eq!(st, 200, "{v}");
@@ -1325,8 +1300,8 @@ async fn revoked_credentials_end_open_connections() {
     c.connack().await;
     c.client.subscribe(&topic, q1()).await.unwrap();
     c.suback().await;
-    let (ok, out) = srv.cli(&["user", "revoke", "alice", "CLIDEV"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = srv.cli("user", "revoke", &["alice", "CLIDEV"]);
+    assert!(ok, "{out}{err}");
     // A connection in use re-checks at most 1 s after its last check.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     bob.send(&room, "org.weft.after", "b1", json!({"n": 1})).await;
@@ -1335,8 +1310,8 @@ async fn revoked_credentials_end_open_connections() {
     // The same for publishing: not stored, closed without PUBACK.
     let mut c = c4(&srv, "CLIPUB", "alice", &alice.password, true);
     c.connack().await;
-    let (ok, out) = srv.cli(&["user", "revoke", "alice", "CLIPUB"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = srv.cli("user", "revoke", &["alice", "CLIPUB"]);
+    assert!(ok, "{out}{err}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The revocation went through the running server, so the connection
     // may be gone already and the client refuse to queue the publish.
@@ -1347,34 +1322,21 @@ async fn revoked_credentials_end_open_connections() {
     closed4(&mut c).await;
 
     // Deactivation.
-    let mut m = sub5("rev-deact", "bob", bob.token.clone()).await;
+    let mut m = sub5("rev-deact", "bob", bob.access_token.clone()).await;
     let (st, v) = bob
-        .req(
-            reqwest::Method::POST,
+        .post(
             "account/deactivate",
-            Some(json!({"auth": {"type": "m.login.password", "user": "bob", "password": bob.password}})),
+            json!({"auth": {"type": "m.login.password", "user": "bob", "password": bob.password}}),
         )
         .await;
     assert_eq!(st, 200, "{v}");
     // (Leaving the room comes first, and is delivered.)
     disconnected5(&mut m, m5::DisconnectReasonCode::NotAuthorized, true).await;
 
-    let alice = alice.clone();
-    let (st, v) = reqwest::Client::new()
-        .get(format!(
-            "{}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
-            srv.http,
-            common::enc(&room)
-        ))
-        .bearer_auth(login(&srv, &alice, "CHECK").await)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .map(|v| (200, v))
-        .unwrap();
-    assert_eq!(st, 200);
+    let v = srv
+        .with_token(&login(&srv, &alice, "CHECK").await)
+        .messages(&room, None, "b", 50)
+        .await;
     assert!(
         v["chunk"]
             .as_array()

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite;
 
 fn options(id: &str, host: &str, port: u16, user: &User, clean: bool) -> MqttOptions {
     let mut o = MqttOptions::new(id, host, port);
-    o.set_credentials(user.user_id.as_str(), user.token.as_str())
+    o.set_credentials(user.user_id.as_str(), user.access_token.as_str())
         .set_keep_alive(Duration::from_secs(5))
         .set_clean_session(clean);
     o
@@ -65,7 +65,10 @@ fn ws_options(srv: &Server, id: &str, user: &User) -> MqttOptions {
 }
 
 fn mosquitto_installed() -> bool {
-    weft_testkit::tools_installed(&["mosquitto_pub", "mosquitto_sub"], "apt-get install mosquitto-clients")
+    weft_testkit::tools_installed(
+        &["mosquitto_pub", "mosquitto_sub", "stdbuf"],
+        "apt-get install mosquitto-clients (stdbuf: coreutils)",
+    )
 }
 
 #[tokio::test]
@@ -198,7 +201,7 @@ async fn tls_rumqttc_and_mosquitto_publish_and_subscribe() {
         assert_eq!(seqs, vec![json!(0), json!(1), json!(2), json!(3)]);
     }
     // And HTTP sees the same four.
-    let evs = alice.messages(&room, 4).await;
+    let evs = alice.last_events(&room, 4).await;
     assert_eq!(
         evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
         vec![json!(0), json!(1), json!(2), json!(3)]
@@ -210,7 +213,7 @@ fn raw_connect(id: &str, user: &User, clean: bool) -> Vec<u8> {
     let mut c = v4::Connect::new(id);
     c.keep_alive = 30;
     c.clean_session = clean;
-    c.set_login(user.user_id.as_str(), user.token.as_str());
+    c.set_login(user.user_id.as_str(), user.access_token.as_str());
     encode(v4::Packet::Connect(c))
 }
 
@@ -285,7 +288,7 @@ async fn tls_port_refuses_plain_clients_cleanly_and_keeps_serving() {
         .await
         .unwrap();
     assert!(matches!(tcp.packet().await, Packet::PubAck(_)));
-    let evs = alice.messages(&room, 2).await;
+    let evs = alice.last_events(&room, 2).await;
     assert_eq!(evs[0]["content"], json!({"ok": 1}));
     assert_eq!(evs[1]["content"], json!({"ok": 2}));
 }
@@ -328,7 +331,7 @@ async fn websocket_publish_subscribe_and_http_sees_the_events() {
         assert_eq!(body(&p.payload)["content"], json!({"seq": i}));
     }
     sub.quiet(Duration::from_millis(300)).await;
-    let evs = alice.messages(&room, 5).await;
+    let evs = alice.last_events(&room, 5).await;
     assert_eq!(
         evs.iter().map(|e| e["content"]["seq"].clone()).collect::<Vec<_>>(),
         (0..5).map(|i| json!(i)).collect::<Vec<_>>()
@@ -441,7 +444,7 @@ async fn websocket_needs_the_mqtt_subprotocol_and_reframes_packets() {
     }
     seen.sort();
     assert_eq!(seen, vec!["pingresp", "puback", "suback"]);
-    assert_eq!(alice.messages(&room, 1).await[0]["content"], json!({"n": 1}));
+    assert_eq!(alice.last_events(&room, 1).await[0]["content"], json!({"n": 1}));
 
     // A text message is a protocol error: the connection is closed.
     ws.send(tungstenite::Message::text("hello")).await.unwrap();
@@ -474,7 +477,7 @@ async fn qos2_subscribers_get_each_event_exactly_once_in_order() {
     );
     // MQTT 5 subscriber over TLS, granted QoS 2.
     let mut o = v5::MqttOptions::new("q2-b", "127.0.0.1", srv.mqtt_tls.port());
-    o.set_credentials(alice.user_id.as_str(), alice.token.as_str())
+    o.set_credentials(alice.user_id.as_str(), alice.access_token.as_str())
         .set_keep_alive(Duration::from_secs(5))
         .set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
             client_config(&srv.tls_cert),
@@ -837,7 +840,7 @@ async fn graceful_restart_stores_sessions_so_qos2_stays_exactly_once() {
     m.suback().await;
     // An MQTT 5 client is told why the connection ends.
     let mut o = v5::MqttOptions::new("restart-v5", &srv.mqtt_host, srv.mqtt_port);
-    o.set_credentials(alice.user_id.as_str(), alice.token.as_str());
+    o.set_credentials(alice.user_id.as_str(), alice.access_token.as_str());
     let (_c5, mut el5) = v5::AsyncClient::new(o, 10);
     let (tx5, mut rx5) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -874,7 +877,6 @@ async fn graceful_restart_stores_sessions_so_qos2_stays_exactly_once() {
     }
     m.task.abort();
 
-    let alice = alice.on(&srv);
     send_bodies(&alice, &room, "r", 5..8).await;
     let mut m = spawn(options("restart-q2", &srv.mqtt_host, srv.mqtt_port, &alice, false));
     assert!(m.connack().await.session_present);

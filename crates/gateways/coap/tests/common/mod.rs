@@ -1,29 +1,26 @@
-//! Harness for the CoAP door tests: runs the real `weft` binary on free
-//! ports (HTTP on TCP, CoAP on UDP), registers users over HTTP, and speaks
-//! CoAP with a small client built on `coap-lite` messages over a real UDP
-//! socket (and with libcoap's `coap-client` where installed).
+//! Harness for the CoAP door tests: the workspace's [`TestServer`]
+//! (weft-testkit: the real `weft` binary on free ports, HTTP on TCP, CoAP
+//! on UDP, and its Matrix HTTP client for registering users and reading
+//! rooms back), and a small CoAP client built on `coap-lite` messages over
+//! a real UDP socket (and libcoap's `coap-client` where installed).
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::ops::Deref;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
-use weft_testkit::{ServeSpec, ServerProcess};
-pub use weft_testkit::{enc, weft_bin};
+pub use weft_testkit::{TestServer, enc, of_type};
 
+/// A [`TestServer`] (which it dereferences to) with the CoAP listeners.
 pub struct Server {
-    _process: ServerProcess,
-    _dir: tempfile::TempDir,
-    pub data_dir: std::path::PathBuf,
-    pub http_base: String,
+    inner: TestServer,
     pub coap: SocketAddr,
     /// The DTLS listener (`coaps://`).
     pub coaps: SocketAddr,
-    pub http: reqwest::Client,
 }
 
 impl Server {
@@ -33,70 +30,23 @@ impl Server {
 
     /// Starts with extra environment settings.
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::Builder::new().prefix("weft-coap-test-").tempdir().unwrap();
-        let mut spec = ServeSpec::new(weft_bin(), dir.path().join("data"), dir.path().join("server.log"));
+        let mut builder = TestServer::builder().with_coap();
         for (k, v) in env {
-            spec = spec.env(k, v);
+            builder = builder.env(k, v);
         }
-        spec.wait_coap = true;
-        spec.wait_coaps = true;
-        let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
+        let inner = builder.start().await;
         Server {
-            data_dir: dir.path().join("data"),
-            http_base: process.addrs.http.clone(),
-            coap: process.addrs.coap.expect("coap addr"),
-            coaps: process.addrs.coaps.expect("coaps addr"),
-            _process: process,
-            _dir: dir,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
+            coap: inner.addrs().coap.expect("coap addr"),
+            coaps: inner.addrs().coaps.expect("coaps addr"),
+            inner,
         }
-    }
-
-    pub async fn http_call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut rb = self.http.request(method, format!("{}{path}", self.http_base));
-        if let Some(t) = token {
-            rb = rb.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("http request");
-        let status = resp.status().as_u16();
-        let v = resp.json::<Value>().await.unwrap_or(Value::Null);
-        (status, v)
-    }
-
-    /// Registers `name` and returns (access token, user ID).
-    pub async fn register(&self, name: &str) -> (String, String) {
-        let (st, v) = self
-            .http_call(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/register",
-                None,
-                Some(json!({"username": name, "password": "a long password", "auth": {"type": "m.login.dummy"}})),
-            )
-            .await;
-        assert_eq!(st, 200, "register {name}: {v}");
-        (
-            v["access_token"].as_str().unwrap().to_owned(),
-            v["user_id"].as_str().unwrap().to_owned(),
-        )
     }
 
     /// A fresh server with user `alice` (her access token) and a room she made.
     pub async fn with_alice_and_room() -> (Server, String, String) {
         let s = Server::start().await;
-        let (token, _) = s.register("alice").await;
-        let room = s.create_room(&token).await;
+        let (token, _) = register(&s, "alice").await;
+        let room = create_room(&s, &token).await;
         (s, token, room)
     }
 
@@ -104,28 +54,8 @@ impl Server {
     /// directory (as an operator would, with the server running) and
     /// returns the (identity, key) it prints.
     pub async fn mint_psk(&self, name: &str, device: &str) -> (String, String) {
-        let data_dir = self.data_dir.clone();
-        let (name, device) = (name.to_owned(), device.to_owned());
-        let out = tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(weft_bin());
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("WEFT_") {
-                    cmd.env_remove(&k);
-                }
-            }
-            cmd.args(["user", "psk", &name, "--device-id", &device, "--data-dir"])
-                .arg(&data_dir)
-                .output()
-                .expect("run weft user psk")
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "weft user psk: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, stdout, stderr) = self.cli("user", "psk", &[name, "--device-id", device]);
+        assert!(ok, "weft user psk: {stdout}{stderr}");
         let field = |name: &str| {
             stdout
                 .lines()
@@ -137,32 +67,30 @@ impl Server {
         (field("identity "), field("key "))
     }
 
-    pub async fn create_room(&self, token: &str) -> String {
-        let (st, v) = self
-            .http_call(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/createRoom",
-                Some(token),
-                Some(json!({})),
-            )
-            .await;
-        assert_eq!(st, 200, "{v}");
-        v["room_id"].as_str().unwrap().to_owned()
-    }
-
     /// Events of `event_type` in the room, oldest first, via HTTP `/messages`.
     pub async fn http_messages(&self, token: &str, room: &str, event_type: &str) -> Vec<Value> {
-        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1000", enc(room));
-        let (st, v) = self.http_call(reqwest::Method::GET, &path, Some(token), None).await;
-        assert_eq!(st, 200, "{v}");
-        v["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["type"] == event_type)
-            .cloned()
-            .collect()
+        let page = self.with_token(token).messages(room, None, "f", 1000).await;
+        of_type(page["chunk"].as_array().expect("chunk"), event_type)
     }
+}
+
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.inner
+    }
+}
+
+/// Registers `name` over HTTP; (access token, user ID), the strings the
+/// CoAP requests carry.
+pub async fn register(s: &TestServer, name: &str) -> (String, String) {
+    let c = s.register(name).await;
+    (c.access_token, c.user_id)
+}
+
+/// A room made over HTTP by the holder of `token`.
+pub async fn create_room(s: &TestServer, token: &str) -> String {
+    s.with_token(token).create_room(json!({})).await
 }
 
 pub fn cbor(v: &Value) -> Vec<u8> {
@@ -350,14 +278,7 @@ impl Client {
 fn first_installed(names: &[&str]) -> Option<String> {
     names
         .iter()
-        .find(|name| {
-            Command::new(name)
-                .arg("-h")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok()
-        })
+        .find(|name| weft_testkit::installed(name))
         .map(|n| (*n).to_owned())
 }
 
