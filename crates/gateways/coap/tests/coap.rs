@@ -454,14 +454,7 @@ async fn logout_ends_a_waiting_observer_at_once() {
         reg.get_first_option(CoapOption::Observe).is_some(),
         "observe registered"
     );
-    let (st, _) = s
-        .http_call(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/logout",
-            Some(&token),
-            Some(json!({})),
-        )
-        .await;
+    let (st, _) = s.with_token(&token).post("logout", json!({})).await;
     assert_eq!(st, 200);
     let n = c
         .recv(Duration::from_secs(3))

@@ -115,7 +115,7 @@ async fn publish_qos1_becomes_event_over_http() {
         json!({"temp": "21.50", "n": 3, "big": "0.1000000000000000055"})
     );
     // The MQTT device is seen, as a device over HTTP is.
-    let (st, dev) = alice.req(reqwest::Method::GET, "devices/sensor-a", None).await;
+    let (st, dev) = alice.get("devices/sensor-a").await;
     assert_eq!(st, 200, "{dev}");
     assert_eq!(dev["last_seen_ip"], "127.0.0.1", "{dev}");
     assert!(dev["last_seen_ts"].as_u64().is_some_and(|t| t > 0), "{dev}");
