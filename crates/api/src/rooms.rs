@@ -4,12 +4,11 @@ use axum::http::Method;
 use ruma::api::error::FromHttpRequestError;
 use ruma::api::{IncomingRequest, Metadata};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use weft_core::{Error, ErrorKind};
 use weft_services::filter::EventFilter;
 use weft_services::room_ops::Pagination;
 use weft_services::sync::SyncRequest;
-use weft_store::StoredEvent;
 
 use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
 use ruma::api::client::context::get_context;
@@ -30,21 +29,6 @@ use ruma::api::client::sync::sync_events;
 use crate::AppState;
 use crate::endpoint::{Full, Ruma, bad_json, convert, query_has, raw, with_query_default};
 use crate::own::send_without_txn;
-
-fn fmt(e: &StoredEvent, session: &weft_services::Session) -> Value {
-    weft_rooms::client_event(
-        e,
-        Some((session.user_id.as_str(), session.device_id.as_str())),
-        weft_core::now_ms(),
-    )
-}
-
-fn content_of(e: &StoredEvent) -> Value {
-    serde_json::from_str::<Value>(&e.pdu_json)
-        .ok()
-        .and_then(|v| v.get("content").cloned())
-        .unwrap_or(json!({}))
-}
 
 pub async fn create_room(s: AppState, req: Ruma<create_room::v3::Request>) -> Result<create_room::v3::Response, Error> {
     let room_id = s.create_room(&req.caller, req.body).await?;
@@ -160,18 +144,15 @@ pub async fn members(
 ) -> Result<get_member_events::v3::Response, Error> {
     let b = &req.body;
     let members = s
-        .members(
-            &req.caller.user_id,
+        .member_events(
+            &req.caller,
             b.room_id.as_str(),
             b.membership.as_ref().map(|m| m.as_str()),
             b.not_membership.as_ref().map(|m| m.as_str()),
         )
         .await?;
     Ok(get_member_events::v3::Response::new(
-        members
-            .iter()
-            .map(|e| raw(fmt(e, &req.caller)))
-            .collect::<Result<_, _>>()?,
+        members.into_iter().map(raw).collect::<Result<_, _>>()?,
     ))
 }
 
@@ -179,15 +160,12 @@ pub async fn room_joined_members(
     s: AppState,
     req: Ruma<joined_members::v3::Request>,
 ) -> Result<joined_members::v3::Response, Error> {
-    let members = s
-        .members(&req.caller.user_id, req.body.room_id.as_str(), Some("join"), None)
-        .await?;
+    let members = s.joined_member_contents(&req.caller, req.body.room_id.as_str()).await?;
     let mut joined = std::collections::BTreeMap::new();
-    for e in members {
-        let Some(user_id) = e.state_key.as_deref().and_then(|k| ruma::OwnedUserId::try_from(k).ok()) else {
+    for (user, c) in members {
+        let Ok(user_id) = ruma::OwnedUserId::try_from(user) else {
             continue;
         };
-        let c = content_of(&e);
         let mut member = joined_members::v3::RoomMember::new();
         member.display_name = c.get("displayname").and_then(Value::as_str).map(str::to_owned);
         member.avatar_url = c.get("avatar_url").and_then(Value::as_str).map(Into::into);
@@ -240,12 +218,9 @@ pub async fn state(
     s: AppState,
     req: Ruma<get_state_events::v3::Request>,
 ) -> Result<get_state_events::v3::Response, Error> {
-    let state = s.room_state(&req.caller.user_id, req.body.room_id.as_str()).await?;
+    let state = s.state_events(&req.caller, req.body.room_id.as_str()).await?;
     Ok(get_state_events::v3::Response::new(
-        state
-            .iter()
-            .map(|e| raw(fmt(e, &req.caller)))
-            .collect::<Result<_, _>>()?,
+        state.into_iter().map(raw).collect::<Result<_, _>>()?,
     ))
 }
 

@@ -620,7 +620,7 @@ impl Services {
     }
 
     /// Member events of a room, optionally filtered by membership.
-    pub async fn members(
+    async fn members(
         &self,
         user_id: &UserId,
         room: &str,
@@ -637,6 +637,43 @@ impl Services {
                     && not_membership.is_none_or(|no| m.as_deref() != Some(no))
             })
             .collect())
+    }
+
+    /// `GET /rooms/{id}/members`: the member events the caller may see, in
+    /// the client format.
+    pub async fn member_events(
+        &self,
+        session: &Session,
+        room: &str,
+        membership: Option<&str>,
+        not_membership: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let members = self.members(&session.user_id, room, membership, not_membership).await?;
+        Ok(members.iter().map(|e| client_event(e, session)).collect())
+    }
+
+    /// `GET /rooms/{id}/joined_members`: each joined user's member-event
+    /// content (display name, avatar).
+    pub async fn joined_member_contents(&self, session: &Session, room: &str) -> Result<Vec<(String, Value)>> {
+        let members = self.members(&session.user_id, room, Some("join"), None).await?;
+        Ok(members
+            .iter()
+            .filter_map(|e| {
+                let user = e.state_key.clone()?;
+                let content = serde_json::from_str::<Value>(&e.pdu_json)
+                    .ok()
+                    .and_then(|v| v.get("content").cloned())
+                    .unwrap_or_else(|| json!({}));
+                Some((user, content))
+            })
+            .collect())
+    }
+
+    /// `GET /rooms/{id}/state`: the state the caller may see, in the
+    /// client format.
+    pub async fn state_events(&self, session: &Session, room: &str) -> Result<Vec<Value>> {
+        let state = self.room_state(&session.user_id, room).await?;
+        Ok(state.iter().map(|e| client_event(e, session)).collect())
     }
 
     pub async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<String>> {

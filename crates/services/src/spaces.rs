@@ -63,11 +63,7 @@ impl Services {
                 };
                 let content = pdu.get("content").cloned().unwrap_or_else(|| json!({}));
                 // A child without `via` is no child (the spec's removal).
-                if !content
-                    .get("via")
-                    .and_then(Value::as_array)
-                    .is_some_and(|v| !v.is_empty())
-                {
+                if content.get("via").and_then(Value::as_array).is_none_or(Vec::is_empty) {
                     continue;
                 }
                 if suggested_only && content.get("suggested").and_then(Value::as_bool) != Some(true) {
