@@ -17,11 +17,48 @@ fn limit_of(limit: Option<ruma::UInt>) -> Option<usize> {
     limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX))
 }
 
-/// The parts every relations response has.
-type Page<T> = (Vec<T>, Option<String>, Option<String>);
+/// What every relations request carries besides the relation filters.
+struct Paging<'a> {
+    room_id: &'a ruma::RoomId,
+    event_id: &'a ruma::EventId,
+    from: Option<&'a str>,
+    to: Option<&'a str>,
+    dir: Direction,
+    limit: Option<ruma::UInt>,
+}
 
-fn page<T: serde::de::DeserializeOwned>(p: RelationsPage) -> Result<Page<T>, Error> {
-    Ok((convert(&p.chunk)?, p.next_batch, p.prev_batch))
+/// One page of the events relating to an event, with the relation and
+/// event type filters given: the chunk, `next_batch`, `prev_batch`.
+async fn page<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    session: &weft_services::Session,
+    p: Paging<'_>,
+    rel_type: Option<&str>,
+    event_type: Option<&str>,
+) -> Result<(Vec<T>, Option<String>, Option<String>), Error> {
+    let q = RelationsQuery {
+        rel_type,
+        event_type,
+        from: p.from,
+        to: p.to,
+        forward: p.dir == Direction::Forward,
+        limit: limit_of(p.limit),
+    };
+    let found: RelationsPage = s.relations(session, p.room_id.as_str(), p.event_id.as_str(), q).await?;
+    Ok((convert(&found.chunk)?, found.next_batch, found.prev_batch))
+}
+
+macro_rules! paging {
+    ($b:expr) => {
+        Paging {
+            room_id: &$b.room_id,
+            event_id: &$b.event_id,
+            from: $b.from.as_deref(),
+            to: $b.to.as_deref(),
+            dir: $b.dir,
+            limit: $b.limit,
+        }
+    };
 }
 
 pub async fn relating(
@@ -29,17 +66,7 @@ pub async fn relating(
     req: Ruma<get_relating_events::v1::Request>,
 ) -> Result<get_relating_events::v1::Response, Error> {
     let b = &req.body;
-    let q = RelationsQuery {
-        from: b.from.as_deref(),
-        to: b.to.as_deref(),
-        forward: b.dir == Direction::Forward,
-        limit: limit_of(b.limit),
-        ..Default::default()
-    };
-    let (chunk, next, prev) = page(
-        s.relations(&req.caller, b.room_id.as_str(), b.event_id.as_str(), q)
-            .await?,
-    )?;
+    let (chunk, next, prev) = page(&s, &req.caller, paging!(b), None, None).await?;
     let mut r = get_relating_events::v1::Response::new(chunk);
     r.next_batch = next;
     r.prev_batch = prev;
@@ -52,18 +79,7 @@ pub async fn relating_with_rel_type(
 ) -> Result<get_relating_events_with_rel_type::v1::Response, Error> {
     let b = &req.body;
     let rel_type = b.rel_type.to_string();
-    let q = RelationsQuery {
-        rel_type: Some(&rel_type),
-        from: b.from.as_deref(),
-        to: b.to.as_deref(),
-        forward: b.dir == Direction::Forward,
-        limit: limit_of(b.limit),
-        ..Default::default()
-    };
-    let (chunk, next, prev) = page(
-        s.relations(&req.caller, b.room_id.as_str(), b.event_id.as_str(), q)
-            .await?,
-    )?;
+    let (chunk, next, prev) = page(&s, &req.caller, paging!(b), Some(&rel_type), None).await?;
     let mut r = get_relating_events_with_rel_type::v1::Response::new(chunk);
     r.next_batch = next;
     r.prev_batch = prev;
@@ -76,18 +92,7 @@ pub async fn relating_with_rel_type_and_event_type(
 ) -> Result<get_relating_events_with_rel_type_and_event_type::v1::Response, Error> {
     let b = &req.body;
     let (rel_type, event_type) = (b.rel_type.to_string(), b.event_type.to_string());
-    let q = RelationsQuery {
-        rel_type: Some(&rel_type),
-        event_type: Some(&event_type),
-        from: b.from.as_deref(),
-        to: b.to.as_deref(),
-        forward: b.dir == Direction::Forward,
-        limit: limit_of(b.limit),
-    };
-    let (chunk, next, prev) = page(
-        s.relations(&req.caller, b.room_id.as_str(), b.event_id.as_str(), q)
-            .await?,
-    )?;
+    let (chunk, next, prev) = page(&s, &req.caller, paging!(b), Some(&rel_type), Some(&event_type)).await?;
     let mut r = get_relating_events_with_rel_type_and_event_type::v1::Response::new(chunk);
     r.next_batch = next;
     r.prev_batch = prev;
