@@ -34,9 +34,17 @@ pub const WS_PATH: &str = "/_matrix/client/unstable/org.weft.ws";
 
 /// Outgoing frames queued per connection; a client that lets more pile up
 /// is closed with 1008 rather than buffered without bound.
+///
+/// The close frame goes out behind what the socket already holds, so it
+/// reaches a slow consumer only once that consumer reads again: it gets
+/// [`CLOSE_GRACE`] to do so (a shorter bound dropped the connection without
+/// a close frame when the consumer paused longer than that).
 const OUT_QUEUE: usize = 64;
 /// Requests of one connection being handled at once; more get 429.
 const MAX_IN_FLIGHT: usize = 32;
+/// How long a closing connection's close frame may wait for the client to
+/// read what was sent before it.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(30);
 const PONG_TIMEOUT: Duration = Duration::from_secs(60);
 /// Long-poll timeout of each round of the sync loop.
@@ -151,14 +159,14 @@ impl Conn {
                         // Every sender gone: the close frame, if one comes.
                         None => {
                             if let Ok(frame) = (&mut close_rx).await {
-                                let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
+                                let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
                             }
                             break;
                         }
                     },
                     frame = &mut close_rx => {
                         if let Ok(frame) = frame {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(Message::Close(Some(frame)))).await;
+                            let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
                         }
                         break;
                     }
