@@ -20,8 +20,8 @@ use ruma::api::client::membership::{
 };
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::redact::redact_event;
-use ruma::api::client::room::{create_room, upgrade_room};
 use ruma::api::client::room::{aliases, get_room_event};
+use ruma::api::client::room::{create_room, upgrade_room};
 use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
 use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 use ruma::api::client::sync::sync_events;

@@ -992,7 +992,11 @@ impl Store for SqliteStore {
         device_id: &str,
         display_name: Option<&str>,
     ) -> Result<bool> {
-        let (u, d, n) = (user_id.to_owned(), device_id.to_owned(), display_name.map(str::to_owned));
+        let (u, d, n) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            display_name.map(str::to_owned),
+        );
         self.write_wait(move |c, ctx| {
             let changed = c
                 .execute(

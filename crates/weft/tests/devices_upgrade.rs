@@ -44,7 +44,9 @@ fn password_auth(c: &Client, password: &str, session: &Value) -> Value {
 #[track_caller]
 fn asks_for_password(got: &(u16, Value)) -> Value {
     assert_eq!(got.0, 401, "expected the UIA 401: {}", got.1);
-    let flows = got.1["flows"].as_array().unwrap_or_else(|| panic!("no flows: {}", got.1));
+    let flows = got.1["flows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no flows: {}", got.1));
     assert!(
         flows.iter().any(|f| f["stages"] == json!(["m.login.password"])),
         "m.login.password not offered: {}",
@@ -78,8 +80,16 @@ async fn rename_device_shows_in_device_list_and_only_for_own_devices() {
 
     // Another user's device, like a missing one, is not found, and keeps its name.
     let bobs = format!("devices/{}", enc(&bob.device_id));
-    assert_err(&alice.put(&bobs, json!({ "display_name": "mine now" })).await, 404, "M_NOT_FOUND");
-    assert_err(&alice.put("devices/NOSUCHDEVICE", json!({ "display_name": "x" })).await, 404, "M_NOT_FOUND");
+    assert_err(
+        &alice.put(&bobs, json!({ "display_name": "mine now" })).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    assert_err(
+        &alice.put("devices/NOSUCHDEVICE", json!({ "display_name": "x" })).await,
+        404,
+        "M_NOT_FOUND",
+    );
     assert_ne!(bob.get(&bobs).await.1["display_name"], "mine now");
 }
 
@@ -90,9 +100,14 @@ async fn delete_device_needs_the_password_and_revokes_and_announces_it() {
     let bob = server.register("bob").await;
     let _room = room_with(&alice, &bob, "private_chat").await;
     let phone = server.login("alice", &alice.password).await;
-    let (st, r) = phone.post("keys/upload", json!({ "device_keys": device_keys(&phone) })).await;
+    let (st, r) = phone
+        .post("keys/upload", json!({ "device_keys": device_keys(&phone) }))
+        .await;
     assert_eq!(st, 200, "{r}");
-    let since = bob.sync(None, 0).await["next_batch"].as_str().unwrap_or_default().to_owned();
+    let since = bob.sync(None, 0).await["next_batch"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let path = format!("devices/{}", enc(&phone.device_id));
 
     // No auth: the UIA 401 (a DELETE without any body too).
@@ -130,7 +145,9 @@ async fn delete_device_needs_the_password_and_revokes_and_announces_it() {
     let s = bob.sync(Some(&since), 0).await;
     assert_eq!(s["device_lists"]["changed"], json!([alice.user_id]), "{s}");
     let to = s["next_batch"].as_str().unwrap_or_default().to_owned();
-    let (st, ch) = bob.get(&format!("keys/changes{}", query(&[("from", &since), ("to", &to)]))).await;
+    let (st, ch) = bob
+        .get(&format!("keys/changes{}", query(&[("from", &since), ("to", &to)])))
+        .await;
     assert_eq!(st, 200, "{ch}");
     assert_eq!(ch["changed"], json!([alice.user_id]), "{ch}");
     let (_, q) = bob
@@ -165,8 +182,11 @@ async fn delete_devices_deletes_every_listed_device() {
 }
 
 async fn upgrade(c: &Client, room: &str, version: &str) -> (u16, Value) {
-    c.post(&format!("rooms/{}/upgrade", enc(room)), json!({ "new_version": version }))
-        .await
+    c.post(
+        &format!("rooms/{}/upgrade", enc(room)),
+        json!({ "new_version": version }),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +204,12 @@ async fn upgrade_room_replaces_it_and_tombstones_the_old_one() {
         .await;
     bob.join(&old).await;
     alice
-        .put_state(&old, "m.room.encryption", "", json!({ "algorithm": "m.megolm.v1.aes-sha2" }))
+        .put_state(
+            &old,
+            "m.room.encryption",
+            "",
+            json!({ "algorithm": "m.megolm.v1.aes-sha2" }),
+        )
         .await;
 
     // A member without the power to send the tombstone may not.
@@ -197,15 +222,24 @@ async fn upgrade_room_replaces_it_and_tombstones_the_old_one() {
 
     let (st, r) = upgrade(&alice, &old, "11").await;
     assert_eq!(st, 200, "{r}");
-    let new = r["replacement_room"].as_str().unwrap_or_else(|| panic!("no replacement_room: {r}")).to_owned();
+    let new = r["replacement_room"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no replacement_room: {r}"))
+        .to_owned();
     assert_ne!(new, old);
 
     let (_, create) = alice.state(&new, "m.room.create", "").await;
     assert_eq!(create["room_version"], "11", "{create}");
     assert_eq!(create["predecessor"]["room_id"], old.as_str(), "{create}");
     assert_eq!(alice.state(&new, "m.room.name", "").await.1["name"], "Greenhouse");
-    assert_eq!(alice.state(&new, "m.room.topic", "").await.1["topic"], "Humidity and such");
-    assert_eq!(alice.state(&new, "m.room.join_rules", "").await.1["join_rule"], "public");
+    assert_eq!(
+        alice.state(&new, "m.room.topic", "").await.1["topic"],
+        "Humidity and such"
+    );
+    assert_eq!(
+        alice.state(&new, "m.room.join_rules", "").await.1["join_rule"],
+        "public"
+    );
     assert_eq!(
         alice.state(&new, "m.room.encryption", "").await.1["algorithm"],
         "m.megolm.v1.aes-sha2"
@@ -219,8 +253,13 @@ async fn upgrade_room_replaces_it_and_tombstones_the_old_one() {
     assert!(pl["invite"].as_i64().unwrap_or(0) >= 50, "{pl}");
     // Ordinary members can no longer talk in the old room.
     assert_err(
-        &bob.send_raw(&old, "m.room.message", "t1", json!({ "msgtype": "m.text", "body": "hi" }))
-            .await,
+        &bob.send_raw(
+            &old,
+            "m.room.message",
+            "t1",
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
+        .await,
         403,
         "M_FORBIDDEN",
     );
@@ -236,5 +275,66 @@ async fn upgrade_room_replaces_it_and_tombstones_the_old_one() {
     assert_eq!(create["room_version"], "12", "{create}");
     assert_eq!(create["predecessor"]["room_id"], new.as_str(), "{create}");
     assert_eq!(alice.state(&newest, "m.room.name", "").await.1["name"], "Greenhouse");
-    assert_eq!(alice.state(&new, "m.room.tombstone", "").await.1["replacement_room"], newest.as_str());
+    assert_eq!(
+        alice.state(&new, "m.room.tombstone", "").await.1["replacement_room"],
+        newest.as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_by_a_moderator_keeps_the_power_levels_and_copies_all_state() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let old = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "room_version": "11",
+            "invite": [bob.user_id],
+            "power_level_content_override": {
+                "users": { alice.user_id.as_str(): 100, bob.user_id.as_str(): 50 },
+                "events": {
+                    "m.room.tombstone": 50,
+                    "m.room.history_visibility": 100,
+                    "m.room.power_levels": 100,
+                },
+            },
+        }))
+        .await;
+    bob.join(&old).await;
+    alice
+        .put_state(
+            &old,
+            "m.room.history_visibility",
+            "",
+            json!({ "history_visibility": "joined" }),
+        )
+        .await;
+
+    // Bob (50) may send the tombstone, so he may upgrade; the copied state
+    // needs 100, which he holds only while it is sent.
+    let (st, r) = upgrade(&bob, &old, "10").await;
+    assert_eq!(st, 200, "{r}");
+    let new = r["replacement_room"].as_str().unwrap_or_default().to_owned();
+    let (_, create) = bob.state(&new, "m.room.create", "").await;
+    assert_eq!(create["room_version"], "10", "{create}");
+    assert_eq!(create["creator"], bob.user_id.as_str(), "{create}");
+    assert_eq!(
+        bob.state(&new, "m.room.history_visibility", "").await.1["history_visibility"],
+        "joined"
+    );
+    assert_eq!(bob.state(&new, "m.room.join_rules", "").await.1["join_rule"], "invite");
+    let (_, pl) = bob.state(&new, "m.room.power_levels", "").await;
+    assert_eq!(pl["users"][bob.user_id.as_str()], 50, "{pl}");
+    assert_eq!(pl["users"][alice.user_id.as_str()], 100, "{pl}");
+    assert_eq!(pl["events"]["m.room.tombstone"], 50, "{pl}");
+
+    // Bob may not change power levels in the old room: the tombstone is
+    // there, the levels stay as they were.
+    assert_eq!(
+        alice.state(&old, "m.room.tombstone", "").await.1["replacement_room"],
+        new.as_str()
+    );
+    let (_, old_pl) = alice.state(&old, "m.room.power_levels", "").await;
+    assert_eq!(old_pl["events_default"], 0, "{old_pl}");
 }
