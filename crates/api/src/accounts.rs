@@ -7,7 +7,7 @@ use ruma::api::auth_scheme::AccessToken;
 use ruma::api::client::account::{
     change_password, check_registration_token_validity, deactivate, get_username_availability, register, whoami,
 };
-use ruma::api::client::device::{get_device, get_devices};
+use ruma::api::client::device::{delete_device, delete_devices, get_device, get_devices, update_device};
 use ruma::api::client::profile::{get_profile, get_profile_field, set_profile_field};
 use ruma::api::client::session::{get_login_types, login, logout, logout_all};
 use ruma::api::error::FromHttpRequestError;
@@ -50,7 +50,11 @@ impl<R: IncomingRequest> IncomingRequest for Uia<R> {
     ) -> Result<Self, FromHttpRequestError> {
         Self::check_request_method(req.method())?;
         let (parts, body) = req.into_parts();
-        let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body.as_ref())?;
+        // No body at all reads as `{}`, as ruma's own readers take it (a
+        // client's first `DELETE /devices/{id}` often has none).
+        let body = body.as_ref();
+        let mut fields: serde_json::Map<String, Value> =
+            serde_json::from_slice(if body.is_empty() { b"{}" } else { body })?;
         let auth = match fields.remove("auth") {
             None | Some(Value::Null) => None,
             Some(auth) => Some(serde_json::from_value::<AuthData>(auth)?),
@@ -297,4 +301,33 @@ pub async fn list_devices(
 pub async fn get_device(s: AppState, req: Ruma<get_device::v3::Request>) -> Result<get_device::v3::Response, Error> {
     let device = s.accounts.device(&req.caller, req.body.device_id.as_str()).await?;
     Ok(get_device::v3::Response::new(convert(&device)?))
+}
+
+pub async fn update_device(
+    s: AppState,
+    req: Ruma<update_device::v3::Request>,
+) -> Result<update_device::v3::Response, Error> {
+    let b = req.body;
+    s.rename_device(&req.caller, b.device_id.as_str(), b.display_name.as_deref())
+        .await?;
+    Ok(update_device::v3::Response::new())
+}
+
+pub async fn delete_device(
+    s: AppState,
+    req: Ruma<Uia<delete_device::v3::Request>>,
+) -> Result<delete_device::v3::Response, Error> {
+    let Uia { request: b, auth } = req.body;
+    s.delete_devices(&req.caller, &[b.device_id.to_string()], auth).await?;
+    Ok(delete_device::v3::Response::new())
+}
+
+pub async fn delete_devices(
+    s: AppState,
+    req: Ruma<Uia<delete_devices::v3::Request>>,
+) -> Result<delete_devices::v3::Response, Error> {
+    let Uia { request: b, auth } = req.body;
+    let devices: Vec<String> = b.devices.iter().map(ToString::to_string).collect();
+    s.delete_devices(&req.caller, &devices, auth).await?;
+    Ok(delete_devices::v3::Response::new())
 }

@@ -138,6 +138,11 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, rooms::sync)
         .add(Caller, rooms::messages)
         .add(Caller, rooms::context)
+        // Device management and room upgrades.
+        .add(Caller, accounts::update_device)
+        .add(Caller, accounts::delete_device)
+        .add(Caller, accounts::delete_devices)
+        .add(Caller, rooms::upgrade)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

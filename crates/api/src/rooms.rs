@@ -20,8 +20,8 @@ use ruma::api::client::membership::{
 };
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::redact::redact_event;
-use ruma::api::client::room::create_room;
 use ruma::api::client::room::{aliases, get_room_event};
+use ruma::api::client::room::{create_room, upgrade_room};
 use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
 use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 use ruma::api::client::sync::sync_events;
@@ -517,4 +517,17 @@ pub async fn public_rooms(
     let mut resp = get_public_rooms::v3::Response::new(chunk);
     resp.total_room_count_estimate = Some(total);
     Ok(resp)
+}
+
+pub async fn upgrade(s: AppState, req: Ruma<upgrade_room::v3::Request>) -> Result<upgrade_room::v3::Response, Error> {
+    let b = req.body;
+    let room = s
+        .upgrade_room(
+            &req.caller,
+            b.room_id.as_str(),
+            b.new_version.as_str(),
+            b.additional_creators,
+        )
+        .await?;
+    Ok(upgrade_room::v3::Response::new(room))
 }

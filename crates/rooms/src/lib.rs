@@ -537,6 +537,32 @@ impl Rooms {
             .ok_or_else(|| Error::not_found("Unknown room"))
     }
 
+    /// Whether `user` currently has the power to send a state event of
+    /// `event_type` in the room (its level from `events`, else
+    /// `state_default`); the room's latest event ID too, for an upgrade's
+    /// `predecessor`. `M_NOT_FOUND` for an unknown room.
+    pub async fn state_power(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_type: &str,
+    ) -> Result<(bool, Option<OwnedEventId>)> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load_or_forget(room_id).await?);
+        }
+        let c = guard.as_ref().ok_or_else(|| Error::not_found("Unknown room"))?;
+        let needed = match c.power_levels() {
+            Some(pl) => pl["events"][event_type]
+                .as_i64()
+                .or_else(|| pl["state_default"].as_i64())
+                .unwrap_or(50),
+            None => 0,
+        };
+        Ok((c.power_of(user.as_str()) >= needed, c.latest.clone()))
+    }
+
     pub fn default_version(&self) -> &RoomVersionId {
         &self.default_version
     }

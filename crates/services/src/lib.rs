@@ -9,6 +9,7 @@ pub mod admin;
 pub mod backup;
 pub mod connections;
 pub mod content;
+pub mod devices;
 pub mod directory;
 pub mod ephemeral;
 pub mod events;
@@ -26,6 +27,7 @@ pub mod stream;
 pub mod sync;
 pub mod tls;
 pub mod tokens;
+pub mod upgrade;
 pub mod user_data;
 
 use std::collections::BTreeMap;

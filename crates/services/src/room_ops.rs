@@ -93,7 +93,7 @@ impl Services {
         self.room_id(room_or_alias)
     }
 
-    async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
+    pub(crate) async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
         let mut c = CanonicalJsonObject::new();
         if let Some(u) = self.store.get_user(user_id.as_str()).await? {
             if let Some(d) = u.displayname {

@@ -72,6 +72,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records when (and, if known, from which address) a device was last
     /// seen. Does nothing for a device that does not exist.
     async fn touch_device(&self, user_id: &str, device_id: &str, ip: Option<&str>, ts_ms: u64) -> Result<()>;
+    /// Sets a device's display name (`None` clears it); `false` if the user
+    /// has no such device. If the device has keys, the user's device list
+    /// change gets a stream position (others see the name in `/keys/query`).
+    async fn set_device_display_name(&self, user_id: &str, device_id: &str, display_name: Option<&str>)
+    -> Result<bool>;
     /// Deletes a device with its keys and pending to-device messages. If it
     /// had device keys, the user's device list change gets a stream position.
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()>;

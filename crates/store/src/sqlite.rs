@@ -986,6 +986,42 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_device_display_name(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+    ) -> Result<bool> {
+        let (u, d, n) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            display_name.map(str::to_owned),
+        );
+        self.write_wait(move |c, ctx| {
+            let changed = c
+                .execute(
+                    "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
+                    params![u, d, n],
+                )
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            let has_keys: bool = c
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM device_keys WHERE user_id = ?1 AND device_id = ?2)",
+                    params![u, d],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            if has_keys {
+                device_list_changed(c, ctx, &u).map_err(db_err)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
     async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
         let (u, d) = (user_id.to_owned(), device_id.to_owned());
         self.write_wait(move |c, ctx| purge_devices(c, ctx, &u, Some(&d), None).map_err(db_err))

@@ -735,3 +735,68 @@ async fn device_psks_are_found_by_identity_and_die_with_their_device() {
     let store = open(&dir);
     assert_eq!(store.lookup_psk("id-s2").await.unwrap().unwrap().device_id, "S2");
 }
+
+#[tokio::test]
+async fn renaming_a_device_is_a_device_list_change_only_with_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    device(&store, "@a:test", "D1").await;
+    device(&store, "@a:test", "D2").await;
+    let keys = r#"{"device_id":"D1","keys":{"ed25519:D1":"k"},"user_id":"@a:test"}"#;
+    store
+        .upload_keys(
+            "@a:test",
+            "D1",
+            KeyUpload {
+                device_keys: Some(keys.into()),
+                one_time_keys: Vec::new(),
+                fallback_keys: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+
+    // A device without keys: renamed, no stream position.
+    let p0 = store.current_position();
+    assert!(
+        store
+            .set_device_display_name("@a:test", "D2", Some("lamp"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.current_position(), p0);
+    // A device with keys: renamed, and a device-list change.
+    assert!(
+        store
+            .set_device_display_name("@a:test", "D1", Some("sensor"))
+            .await
+            .unwrap()
+    );
+    let p1 = store.current_position();
+    assert!(p1 > p0);
+    assert_eq!(store.device_list_changes("@a:test", p0, p1).await.unwrap(), ["@a:test"]);
+    let names: Vec<_> = store
+        .list_devices("@a:test")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.device_id, d.display_name))
+        .collect();
+    assert_eq!(
+        names,
+        [("D1".into(), Some("sensor".into())), ("D2".into(), Some("lamp".into()))]
+    );
+    // Another user's device, or a missing one: not found, nothing changed.
+    assert!(!store.set_device_display_name("@b:test", "D1", Some("x")).await.unwrap());
+    assert!(!store.set_device_display_name("@a:test", "D9", Some("x")).await.unwrap());
+    assert_eq!(store.current_position(), p1);
+    // Cleared.
+    assert!(store.set_device_display_name("@a:test", "D2", None).await.unwrap());
+    let d2 = store
+        .list_devices("@a:test")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.device_id == "D2");
+    assert_eq!(d2.and_then(|d| d.display_name), None);
+}
