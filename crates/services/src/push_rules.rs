@@ -42,7 +42,8 @@ impl Services {
     /// rule `after` or right before `before` (both of the user's own, of
     /// the same kind), else, when new, first of its kind (after
     /// `.m.rule.master` for `override`). A replaced rule keeps its
-    /// `enabled`. Server-default rules cannot be replaced.
+    /// `enabled` (and its place, unless `before` or `after` move it).
+    /// Server-default rules cannot be replaced.
     pub async fn set_push_rule(
         &self,
         session: &Session,
@@ -50,7 +51,23 @@ impl Services {
         before: Option<String>,
         after: Option<String>,
     ) -> Result<()> {
+        let (kind, id) = (rule.kind(), rule.rule_id().to_owned());
+        if before.as_deref() == Some(&id) || after.as_deref() == Some(&id) {
+            return Err(Error::invalid_param("A rule cannot be placed relative to itself"));
+        }
         self.edit_push_rules(session, move |rules| {
+            // A rule being moved is taken out first, keeping its
+            // `enabled`: ruma moves a replaced rule after the last one of
+            // its kind out of bounds.
+            let moved = (before.is_some() || after.is_some()) && !id.starts_with('.');
+            let enabled = match rules.get(kind.clone(), &id) {
+                Some(old) if moved => {
+                    let enabled = old.enabled();
+                    let _ = rules.remove(kind.clone(), &id);
+                    Some(enabled)
+                }
+                _ => None,
+            };
             rules
                 .insert(rule, after.as_deref(), before.as_deref())
                 .map_err(|e| match e {
@@ -61,7 +78,11 @@ impl Services {
                         Error::invalid_param("Rule IDs starting with '.' are reserved for server-default rules")
                     }
                     e => Error::invalid_param(e.to_string()),
-                })
+                })?;
+            if let Some(enabled) = enabled {
+                rules.set_enabled(kind, &id, enabled).map_err(|_| not_found())?;
+            }
+            Ok(())
         })
         .await
     }

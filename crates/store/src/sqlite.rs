@@ -1656,7 +1656,10 @@ impl Store for SqliteStore {
                 )
                 .and_then(|mut s| s.query_row(params![u, r, t], |row| row.get(0)).optional())
                 .map_err(db_err)?;
-            let new = edit(old)?;
+            // A panicking edit must not take the writer (and every later
+            // write) down with it.
+            let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || edit(old)))
+                .map_err(|_| Error::internal("account data edit panicked"))??;
             upsert_account_data(c, ctx, u, &r, &t, &new)
         })
     }

@@ -792,3 +792,26 @@ async fn account_data_edits_read_and_write_in_one_write() {
         .unwrap();
     assert_eq!(got.as_deref(), Some("1"));
 }
+
+// An edit that panics is an error of its own; the writer goes on.
+#[tokio::test]
+async fn a_panicking_account_data_edit_does_not_stop_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let got = store
+        .edit_account_data(
+            "@dan:test",
+            None,
+            "org.weft.x",
+            Box::new(|_| panic!("an edit with a bug")),
+        )
+        .await
+        .expect("answered");
+    assert!(got.is_err());
+    let p = store
+        .put_account_data("@dan:test", None, "org.weft.x", "{}")
+        .await
+        .expect("answered")
+        .expect("stored");
+    assert_eq!(store.current_position(), p);
+}

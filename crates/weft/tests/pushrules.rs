@@ -204,7 +204,7 @@ async fn own_rules_are_placed_by_before_and_after() {
 
     // They survive a restart.
     let before = all_rules(&alice).await;
-    assert_eq!(ids(&before, "room"), [room.clone()], "{before}");
+    assert_eq!(ids(&before, "room"), [room], "{before}");
     assert_eq!(ids(&before, "sender"), ["@bob:elsewhere"], "{before}");
     server.terminate(std::time::Duration::from_secs(10)).await;
     server.restart().await;
@@ -511,4 +511,51 @@ async fn concurrent_edits_are_all_kept() {
     }
     assert_eq!(content.iter().filter(|id| id.starts_with("rule")).count(), 24);
     assert_eq!(rule(&rules, "override", ".m.rule.master")["enabled"], true, "{rules}");
+}
+
+// Moving a rule after the last rule of its kind (or after itself) is
+// answered, and the server goes on storing edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_rule_to_the_end_works() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    for id in ["a", "b", "c"] {
+        let (st, _) = alice
+            .put(&format!("pushrules/global/content/{id}"), content_rule(id))
+            .await;
+        assert_eq!(st, 200);
+    }
+    let rules = all_rules(&alice).await;
+    assert_eq!(ids(&rules, "content"), ["c", "b", "a"], "{rules}");
+    // c, now first, goes after the last one; its `enabled` stays.
+    let (st, _) = alice
+        .put("pushrules/global/content/c/enabled", json!({"enabled": false}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, got) = alice
+        .put("pushrules/global/content/c?after=a", content_rule("c2"))
+        .await;
+    assert_eq!(st, 200, "{got}");
+    let rules = all_rules(&alice).await;
+    assert_eq!(ids(&rules, "content"), ["b", "a", "c"], "{rules}");
+    let c = rule(&rules, "content", "c");
+    assert_eq!((&c["pattern"], &c["enabled"]), (&json!("c2"), &json!(false)), "{c}");
+    // And back to the front with `before`.
+    let (st, got) = alice
+        .put("pushrules/global/content/c?before=b", content_rule("c3"))
+        .await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(ids(&all_rules(&alice).await, "content"), ["c", "b", "a"]);
+    // A rule placed against itself.
+    let (st, got) = alice.put("pushrules/global/content/a?after=a", content_rule("a")).await;
+    assert_eq!(st, 400, "{got}");
+    assert_eq!(got["errcode"], "M_INVALID_PARAM", "{got}");
+    let (st, got) = alice
+        .put("pushrules/global/content/a?before=a", content_rule("a"))
+        .await;
+    assert_eq!(st, 400, "{got}");
+    // Edits still work.
+    let (st, got) = alice.put("pushrules/global/content/d", content_rule("d")).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(ids(&all_rules(&alice).await, "content"), ["d", "c", "b", "a"]);
 }
