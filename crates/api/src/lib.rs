@@ -17,6 +17,7 @@ mod extract;
 mod keys;
 mod misc;
 mod own;
+mod push;
 mod relations;
 mod rooms;
 mod search;
@@ -89,7 +90,7 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::presence)
         .add(Caller, misc::put_filter)
         .add(Caller, misc::get_filter)
-        .add(Caller, misc::push_rules)
+        .add(Caller, push::all)
         .add(Caller, keys::device_signing_upload)
         .add(Caller, keys::signatures_upload)
         // key backup
@@ -143,6 +144,15 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, accounts::delete_device)
         .add(Caller, accounts::delete_devices)
         .add(Caller, rooms::upgrade)
+        // Push rules (stored per user; all of them is `push::all` above).
+        .add(Caller, push::global)
+        .add(Caller, push::get)
+        .add(Caller, push::set)
+        .add(Caller, push::delete)
+        .add(Caller, push::get_enabled)
+        .add(Caller, push::set_enabled)
+        .add(Caller, push::get_actions)
+        .add(Caller, push::set_actions)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

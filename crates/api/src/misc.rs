@@ -14,11 +14,9 @@ use ruma::api::client::discovery::get_capabilities::v3::{
 use ruma::api::client::discovery::{get_capabilities, get_supported_versions};
 use ruma::api::client::filter::{create_filter, get_filter};
 use ruma::api::client::presence::set_presence;
-use ruma::api::client::push::get_pushrules_all;
 use ruma::api::client::read_marker::set_read_marker;
 use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::typing::create_typing_event;
-use ruma::push::Ruleset;
 use weft_core::Error;
 use weft_services::Versions;
 
@@ -204,16 +202,4 @@ pub async fn get_room_account_data(
         )
         .await?;
     Ok(get_room_account_data::v3::Response::new(raw(content)?))
-}
-
-/// Push rules are not evaluated or stored yet; clients get the spec's
-/// server-default rule set for the caller (what they expect to find, e.g.
-/// to show notification settings).
-pub async fn push_rules(
-    _: AppState,
-    req: Ruma<get_pushrules_all::v3::Request>,
-) -> Result<get_pushrules_all::v3::Response, Error> {
-    Ok(get_pushrules_all::v3::Response::new(Ruleset::server_default(
-        &req.caller.user_id,
-    )))
 }

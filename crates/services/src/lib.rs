@@ -15,6 +15,7 @@ pub mod ephemeral;
 pub mod events;
 pub mod filter;
 pub mod keys;
+pub mod push_rules;
 pub mod ratelimit;
 pub mod relations;
 pub mod reports;

@@ -140,7 +140,8 @@ impl Services {
     }
 
     /// Sets global (`room` `None`) or per-room account data of the
-    /// session's user.
+    /// session's user; not `m.push_rules` (405 `M_BAD_JSON`), which only
+    /// the push rule endpoints change.
     pub async fn put_account_data(
         &self,
         session: &Session,
@@ -150,6 +151,13 @@ impl Services {
         content: Value,
     ) -> Result<()> {
         own(session, user_id)?;
+        if data_type == crate::push_rules::PUSH_RULES {
+            // The spec's answer for account data the server manages: it
+            // changes only through the push rule endpoints.
+            return Err(
+                Error::bad_json("m.push_rules is managed by the server: use the /pushrules endpoints").with_status(405),
+            );
+        }
         let content = canonical_object(content)?;
         let json = serde_json::to_string(&content).map_err(Error::internal)?;
         self.store

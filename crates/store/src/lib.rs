@@ -24,6 +24,11 @@ pub use types::*;
 /// A queued write, resolved once it is durable.
 pub type Pending<T> = oneshot::Receiver<Result<T>>;
 
+/// What [`Store::edit_account_data`] makes of stored account data: the new
+/// content (JSON text) from the old one. It runs on the writer, so it must
+/// be quick and must not wait for anything.
+pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Send>;
+
 /// The storage interface. Positions (`i64`) are positions in the one
 /// server-wide stream.
 #[async_trait]
@@ -215,6 +220,18 @@ pub trait Store: Send + Sync + 'static {
         room_id: Option<&str>,
         data_type: &str,
         content_json: &str,
+    ) -> Pending<i64>;
+    /// Replaces account data with what `edit` makes of the stored content
+    /// (`None`: none stored yet). The read and the write are one write of
+    /// the writer, so edits of the same data never overlap and none is
+    /// lost, whichever process makes them. When `edit` fails nothing is
+    /// stored and its error is the answer. Gets a stream position.
+    fn edit_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        edit: AccountDataEdit,
     ) -> Pending<i64>;
     async fn get_account_data(&self, user_id: &str, room_id: Option<&str>, data_type: &str) -> Result<Option<String>>;
     /// Account data of `user_id` changed in (since, upto].

@@ -348,6 +348,28 @@ struct WalControl {
     _checkpointer: mpsc::SyncSender<()>,
 }
 
+/// Stores account data (`room` empty: global) at the next stream position.
+fn upsert_account_data(
+    c: &Connection,
+    ctx: &mut WriterCtx,
+    user: String,
+    room: &str,
+    data_type: &str,
+    json: &str,
+) -> Result<i64> {
+    let p = ctx.pos + 1;
+    c.prepare_cached(
+        "INSERT INTO account_data (user_id, room_id, data_type, content_json, position) VALUES (?1,?2,?3,?4,?5) \
+         ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content_json = excluded.content_json, \
+         position = excluded.position",
+    )
+    .and_then(|mut s| s.execute(params![user, room, data_type, json, p]))
+    .map_err(db_err)?;
+    ctx.pos = p;
+    ctx.changes.push((p, StreamKey::User(user)));
+    Ok(p)
+}
+
 /// Runs one of the writer's fixed statements (cached, not re-parsed).
 fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -1646,18 +1668,35 @@ impl Store for SqliteStore {
             data_type.to_owned(),
             content_json.to_owned(),
         );
+        self.write(move |c, ctx| upsert_account_data(c, ctx, u, &r, &t, &j))
+    }
+
+    fn edit_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        edit: AccountDataEdit,
+    ) -> Pending<i64> {
+        let (u, r, t) = (
+            user_id.to_owned(),
+            room_id.unwrap_or("").to_owned(),
+            data_type.to_owned(),
+        );
         self.write(move |c, ctx| {
-            let p = ctx.pos + 1;
-            c.prepare_cached(
-                "INSERT INTO account_data (user_id, room_id, data_type, content_json, position) VALUES (?1,?2,?3,?4,?5) \
-                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content_json = excluded.content_json, \
-                 position = excluded.position",
-            )
-            .and_then(|mut s| s.execute(params![u, r, t, j, p]))
-            .map_err(db_err)?;
-            ctx.pos = p;
-            ctx.changes.push((p, StreamKey::User(u)));
-            Ok(p)
+            // Read on the writer's connection, inside its transaction: no
+            // other write (of this process or another) comes in between.
+            let old: Option<String> = c
+                .prepare_cached(
+                    "SELECT content_json FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND data_type = ?3",
+                )
+                .and_then(|mut s| s.query_row(params![u, r, t], |row| row.get(0)).optional())
+                .map_err(db_err)?;
+            // A panicking edit must not take the writer (and every later
+            // write) down with it.
+            let new = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || edit(old)))
+                .map_err(|_| Error::internal("account data edit panicked"))??;
+            upsert_account_data(c, ctx, u, &r, &t, &new)
         })
     }
 

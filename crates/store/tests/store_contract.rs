@@ -800,3 +800,83 @@ async fn renaming_a_device_is_a_device_list_change_only_with_keys() {
         .find(|d| d.device_id == "D2");
     assert_eq!(d2.and_then(|d| d.display_name), None);
 }
+
+// An edit of account data sees what the last one stored: many racing
+// edits are all applied; a failing one stores nothing and takes no
+// position.
+#[tokio::test]
+async fn account_data_edits_read_and_write_in_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let count = |old: Option<String>| -> weft_core::Result<String> {
+        let n: u64 = old.map_or(0, |s| s.parse().unwrap_or(0));
+        Ok((n + 1).to_string())
+    };
+    let pending: Vec<_> = (0..50)
+        .map(|_| store.edit_account_data("@dan:test", None, "org.weft.count", Box::new(count)))
+        .collect();
+    let mut positions = Vec::new();
+    for p in pending {
+        positions.push(p.await.unwrap().unwrap());
+    }
+    positions.dedup();
+    assert_eq!(positions.len(), 50, "one position each: {positions:?}");
+    let got = store
+        .get_account_data("@dan:test", None, "org.weft.count")
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some("50"));
+
+    let before = store.current_position();
+    let failed = store
+        .edit_account_data(
+            "@dan:test",
+            None,
+            "org.weft.count",
+            Box::new(|_| Err(weft_core::Error::not_found("no"))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.map_err(|e| e.kind), Err(weft_core::ErrorKind::NotFound));
+    assert_eq!(store.current_position(), before);
+    let got = store
+        .get_account_data("@dan:test", None, "org.weft.count")
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some("50"));
+    // Per room too: another key.
+    let p = store
+        .edit_account_data("@dan:test", Some("!r:test"), "org.weft.count", Box::new(count))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(p > before);
+    let got = store
+        .get_account_data("@dan:test", Some("!r:test"), "org.weft.count")
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some("1"));
+}
+
+// An edit that panics is an error of its own; the writer goes on.
+#[tokio::test]
+async fn a_panicking_account_data_edit_does_not_stop_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let got = store
+        .edit_account_data(
+            "@dan:test",
+            None,
+            "org.weft.x",
+            Box::new(|_| panic!("an edit with a bug")),
+        )
+        .await
+        .expect("answered");
+    assert!(got.is_err());
+    let p = store
+        .put_account_data("@dan:test", None, "org.weft.x", "{}")
+        .await
+        .expect("answered")
+        .expect("stored");
+    assert_eq!(store.current_position(), p);
+}
