@@ -174,22 +174,37 @@ pub async fn room_joined_members(
     Ok(joined_members::v3::Response::new(joined))
 }
 
+/// Sends an event whose content came as raw JSON (every send and state
+/// endpoint).
+async fn send_raw<T>(
+    s: &AppState,
+    session: &weft_services::Session,
+    room_id: &ruma::RoomId,
+    event_type: &str,
+    state_key: Option<&str>,
+    txn_id: Option<&str>,
+    content: &ruma::serde::Raw<T>,
+) -> Result<ruma::OwnedEventId, Error> {
+    let content = serde_json::from_str(content.json().get()).map_err(bad_json)?;
+    s.send_event(session, room_id.as_str(), event_type, state_key, txn_id, content)
+        .await
+}
+
 pub async fn send(
     s: AppState,
     req: Ruma<send_message_event::v3::Request>,
 ) -> Result<send_message_event::v3::Response, Error> {
     let body = req.body;
-    let content = serde_json::from_str(body.body.json().get()).map_err(bad_json)?;
-    let event_id = s
-        .send_event(
-            &req.caller,
-            body.room_id.as_str(),
-            &body.event_type.to_string(),
-            None,
-            Some(body.txn_id.as_str()),
-            content,
-        )
-        .await?;
+    let event_id = send_raw(
+        &s,
+        &req.caller,
+        &body.room_id,
+        &body.event_type.to_string(),
+        None,
+        Some(body.txn_id.as_str()),
+        &body.body,
+    )
+    .await?;
     Ok(send_message_event::v3::Response::new(event_id))
 }
 
@@ -200,17 +215,16 @@ pub async fn send_without_txn(
     req: Ruma<send_without_txn::Request>,
 ) -> Result<send_without_txn::Response, Error> {
     let body = req.body;
-    let content = serde_json::from_str(body.body.json().get()).map_err(bad_json)?;
-    let event_id = s
-        .send_event(
-            &req.caller,
-            body.room_id.as_str(),
-            &body.event_type.to_string(),
-            None,
-            None,
-            content,
-        )
-        .await?;
+    let event_id = send_raw(
+        &s,
+        &req.caller,
+        &body.room_id,
+        &body.event_type.to_string(),
+        None,
+        None,
+        &body.body,
+    )
+    .await?;
     Ok(send_without_txn::Response::new(event_id))
 }
 
@@ -259,17 +273,16 @@ pub async fn put_state(
     req: Ruma<send_state_event::v3::Request>,
 ) -> Result<send_state_event::v3::Response, Error> {
     let b = req.body;
-    let content = serde_json::from_str(b.body.json().get()).map_err(bad_json)?;
-    let event_id = s
-        .send_event(
-            &req.caller,
-            b.room_id.as_str(),
-            &b.event_type.to_string(),
-            Some(&b.state_key),
-            None,
-            content,
-        )
-        .await?;
+    let event_id = send_raw(
+        &s,
+        &req.caller,
+        &b.room_id,
+        &b.event_type.to_string(),
+        Some(&b.state_key),
+        None,
+        &b.body,
+    )
+    .await?;
     Ok(send_state_event::v3::Response::new(event_id))
 }
 
