@@ -584,3 +584,144 @@ async fn sdk_names_an_unnamed_two_member_room_after_the_other_member() -> Result
     );
     Ok(())
 }
+
+// Server-side key backup (`/room_keys/*`): alice's first device backs up the
+// room key of bob's encrypted message and sets up recovery (secret storage
+// in account data); a fresh login of alice with an empty store recovers with
+// the recovery key, downloads the room's keys from the backup and decrypts
+// bob's message, which no device of hers shared a key for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
+    use matrix_sdk::encryption::backups::BackupState;
+    use matrix_sdk::encryption::recovery::RecoveryState;
+    use matrix_sdk::ruma::events::InitialStateEvent;
+    use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login_and_upload_keys(&server, "alice").await?;
+    let bob = login_and_upload_keys(&server, "bob").await?;
+
+    let mut req = create_room::v3::Request::new();
+    req.invite = vec![user_id("bob")];
+    req.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+    ];
+    let room = alice.create_room(req).await.context("create encrypted room")?;
+    let room_id = room.room_id().to_owned();
+    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    let bob_id = user_id("bob");
+    sync_until(&alice, "bob's join", |r| {
+        timeline_json(r, &room_id).iter().any(|ev| {
+            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
+        })
+    })
+    .await?;
+    sync_until(&bob, "the room's encryption state", |_| true).await?;
+    ensure!(
+        bob_room.latest_encryption_state().await?.is_encrypted(),
+        "bob should see the room as encrypted"
+    );
+
+    // bob sends; alice's first device gets the room key over to-device and
+    // decrypts the message.
+    const BODY: &str = "backed-up secret from bob";
+    let event_id = bob_room
+        .send(RoomMessageEventContent::text_plain(BODY))
+        .await
+        .context("bob sends an encrypted message")?
+        .response
+        .event_id;
+    let mut seen: Option<Value> = None;
+    sync_until(&alice, "bob's encrypted message", |r| {
+        if let Some(update) = r.rooms.joined.get(&room_id) {
+            for ev in &update.timeline.events {
+                let json: Value = serde_json::from_str(ev.raw().json().get()).expect("event is JSON");
+                if json["event_id"] == event_id.as_str() && ev.encryption_info().is_some() {
+                    seen = Some(json);
+                }
+            }
+        }
+        seen.is_some()
+    })
+    .await?;
+    let seen = seen.expect("set by sync_until");
+    assert_eq!(seen["type"], "m.room.message", "alice's first device decrypts: {seen}");
+    assert_eq!(seen["content"]["body"], BODY);
+
+    // Cross-signing (its private keys go into secret storage too), backup
+    // + secret storage; then wait until the room key is uploaded.
+    bootstrap_cross_signing(&alice, "alice").await?;
+    let recovery_key = alice
+        .encryption()
+        .recovery()
+        .enable()
+        .await
+        .context("enable recovery (creates the backup)")?;
+    alice
+        .encryption()
+        .backups()
+        .wait_for_steady_state()
+        .await
+        .context("room keys uploaded to the backup")?;
+    assert_eq!(alice.encryption().backups().state(), BackupState::Enabled);
+    assert_eq!(alice.encryption().recovery().state(), RecoveryState::Enabled);
+
+    // Over plain HTTP: the server holds the backup and at least that key.
+    let http = server.with_token(&alice.access_token().context("alice's token")?);
+    let (st, version) = http.get("room_keys/version").await;
+    assert_eq!(st, 200, "{version}");
+    assert_eq!(version["algorithm"], "m.megolm_backup.v1.curve25519-aes-sha2");
+    let count = version["count"].as_u64().context("count is a number")?;
+    assert!(count >= 1, "the room key should be backed up: {version}");
+    let backup_version = version["version"].as_str().context("version string")?.to_owned();
+    let (st, keys) = http
+        .get(&format!("room_keys/keys/{room_id}?version={backup_version}"))
+        .await;
+    assert_eq!(st, 200, "{keys}");
+    assert!(
+        keys["sessions"].as_object().is_some_and(|s| !s.is_empty()),
+        "the room's sessions should be in the backup: {keys}"
+    );
+
+    // A new device of alice (fresh in-memory store): not able to decrypt
+    // until it recovers.
+    let fresh = login_and_upload_keys(&server, "alice").await?;
+    ensure!(fresh.device_id() != alice.device_id(), "a new login is a new device");
+    let fresh_room = fresh.get_room(&room_id).context("the new device knows the room")?;
+    let before = fresh_room.event(&event_id, None).await.context("fetch bob's event")?;
+    let before_json: Value = serde_json::from_str(before.raw().json().get())?;
+    assert_eq!(
+        before_json["type"], "m.room.encrypted",
+        "without the backup the new device cannot decrypt: {before_json}"
+    );
+
+    fresh
+        .encryption()
+        .recovery()
+        .recover(&recovery_key)
+        .await
+        .context("recover with the recovery key")?;
+    assert_eq!(fresh.encryption().recovery().state(), RecoveryState::Enabled);
+    fresh
+        .encryption()
+        .backups()
+        .download_room_keys_for_room(&room_id)
+        .await
+        .context("download the room's keys from the backup")?;
+
+    let after = fresh_room
+        .event(&event_id, None)
+        .await
+        .context("fetch bob's event again")?;
+    let after_json: Value = serde_json::from_str(after.raw().json().get())?;
+    assert!(
+        after.encryption_info().is_some(),
+        "decrypted with a backed-up key: {after_json}"
+    );
+    assert_eq!(after_json["type"], "m.room.message", "{after_json}");
+    assert_eq!(after_json["content"]["body"], BODY);
+    assert_eq!(after_json["sender"], bob_id.as_str());
+    Ok(())
+}
