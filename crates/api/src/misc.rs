@@ -1,5 +1,5 @@
 //! Discovery, filters, account data, and the ephemeral endpoints Weft
-//! accepts without storing yet (typing, receipts, presence).
+//! accepts without storing yet (typing, presence), and receipts.
 
 use ruma::api::auth_scheme::NoAuthentication;
 use ruma::api::client::config::{
@@ -17,6 +17,7 @@ use ruma::api::client::presence::set_presence;
 use ruma::api::client::read_marker::set_read_marker;
 use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::typing::create_typing_event;
+use ruma::events::receipt::ReceiptThread;
 use weft_core::Error;
 use weft_services::Versions;
 
@@ -87,7 +88,7 @@ pub async fn capabilities(
     }))
 }
 
-/// Typing, receipts, read markers, presence: checked, accepted, not yet relayed.
+/// Typing and presence: checked, accepted, not yet relayed.
 pub async fn typing(
     s: AppState,
     req: Ruma<create_typing_event::v3::Request>,
@@ -103,19 +104,45 @@ pub async fn presence(s: AppState, req: Ruma<set_presence::v3::Request>) -> Resu
     Ok(set_presence::v3::Response::new())
 }
 
+/// A receipt (`m.read`, `m.read.private`, optionally threaded) or the
+/// read marker (`m.fully_read`): stored, sent to the room in `/sync`.
 pub async fn receipt(
     s: AppState,
     req: Ruma<create_receipt::v3::Request>,
 ) -> Result<create_receipt::v3::Response, Error> {
-    s.set_read_marker(&req.caller, req.body.room_id.as_str()).await?;
+    let b = &req.body;
+    let thread = match &b.thread {
+        ReceiptThread::Unthreaded => None,
+        ReceiptThread::Main => Some("main"),
+        ReceiptThread::Thread(root) => Some(root.as_str()),
+        _ => return Err(Error::invalid_param("Unknown thread_id")),
+    };
+    s.set_receipt(
+        &req.caller,
+        b.room_id.as_str(),
+        b.receipt_type.as_str(),
+        b.event_id.as_str(),
+        thread,
+    )
+    .await?;
     Ok(create_receipt::v3::Response::new())
 }
 
+/// The read marker (room account data `m.fully_read`) and unthreaded
+/// receipts in one request.
 pub async fn read_markers(
     s: AppState,
     req: Ruma<set_read_marker::v3::Request>,
 ) -> Result<set_read_marker::v3::Response, Error> {
-    s.set_read_marker(&req.caller, req.body.room_id.as_str()).await?;
+    let b = &req.body;
+    s.set_read_markers(
+        &req.caller,
+        b.room_id.as_str(),
+        b.fully_read.as_deref().map(|e| e.as_str()),
+        b.read_receipt.as_deref().map(|e| e.as_str()),
+        b.private_read_receipt.as_deref().map(|e| e.as_str()),
+    )
+    .await?;
     Ok(set_read_marker::v3::Response::new())
 }
 

@@ -426,7 +426,7 @@ impl Services {
     }
 
     /// One event, if the user may see it.
-    async fn visible_event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
+    pub(crate) async fn visible_event(&self, user_id: &UserId, room: &str, event_id: &str) -> Result<StoredEvent> {
         // The spec answers "not found or not allowed" alike, so nothing leaks.
         let (room_id, view) = self.read_view(user_id, room).await.map_err(|e| {
             if e.kind == ErrorKind::Forbidden {

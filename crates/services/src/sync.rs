@@ -12,6 +12,7 @@ use weft_core::{Error, Result};
 use weft_rooms::{Visibility, client_event, strip_state};
 use weft_store::{AccountDataRecord, Direction, MembershipRecord, StoredEvent, StreamKey};
 
+use crate::ephemeral::RECEIPT_READ_PRIVATE;
 use crate::events::membership_of;
 use crate::filter::SyncFilter;
 use crate::keys::counts_json;
@@ -83,6 +84,7 @@ impl Services {
                                     // Whether the user shares a room with
                                     // them is for the built response to say.
                                     StreamKey::DeviceKeys(_) => true,
+                                    StreamKey::Receipt(r) => my_rooms.contains(r),
                                 }
                         }),
                     };
@@ -185,12 +187,15 @@ impl Services {
         // from the database.
         // `members_touched`: some user-keyed entry (every membership change
         // makes one) is in the window, so room membership may have changed.
-        let (changed, user_touched, devices_touched, members_touched): (HashSet<String>, bool, bool, bool) = match since
-        {
-            None => (HashSet::new(), true, false, true),
+        // `receipt_rooms`: rooms with a receipt set in the window (`None`:
+        // not known, look at every joined room).
+        type Window = (HashSet<String>, bool, bool, bool, Option<HashSet<String>>);
+        let (changed, user_touched, devices_touched, members_touched, receipt_rooms): Window = match since {
+            None => (HashSet::new(), true, false, true, None),
             Some(s) => match recent {
                 Some(changes) => {
                     let mut rooms = HashSet::new();
+                    let mut receipts = HashSet::new();
                     let mut touched = false;
                     let mut devices = false;
                     let mut members = false;
@@ -204,9 +209,12 @@ impl Services {
                                 touched |= u == user;
                             }
                             StreamKey::DeviceKeys(_) => devices = true,
+                            StreamKey::Receipt(r) => {
+                                receipts.insert(r);
+                            }
                         }
                     }
-                    (rooms, touched, devices, members)
+                    (rooms, touched, devices, members, Some(receipts))
                 }
                 None => (
                     self.store
@@ -218,6 +226,7 @@ impl Services {
                     true,
                     true,
                     true,
+                    None,
                 ),
             },
         };
@@ -260,8 +269,25 @@ impl Services {
             let membership_new = since.is_none_or(|s| m.position > s);
             let room_changed = since.is_none() || changed.contains(&m.room_id);
             match m.membership.as_str() {
-                "join" if membership_new || room_changed || req.full_state || room_ad.contains_key(&m.room_id) => {
+                "join" => {
                     let fresh = membership_new || req.full_state;
+                    // Receipts set in the window (all current ones for a
+                    // room new to the client).
+                    let receipts_due = fresh || receipt_rooms.as_ref().is_none_or(|r| r.contains(&m.room_id));
+                    let receipts = if receipts_due {
+                        let from = if fresh { 0 } else { since.unwrap_or(0) };
+                        self.receipt_event(user, &m.room_id, from, upto).await?
+                    } else {
+                        None
+                    };
+                    if !(membership_new
+                        || room_changed
+                        || req.full_state
+                        || room_ad.contains_key(&m.room_id)
+                        || receipts.is_some())
+                    {
+                        continue;
+                    }
                     // Joined before the window and still joined: every event
                     // in it is visible, no need to load visibility history.
                     let all_visible = !fresh && since.is_some_and(|s| m.position <= s);
@@ -294,7 +320,8 @@ impl Services {
                     if summary_due {
                         section.insert("summary".into(), self.room_summary(user, &m.room_id).await?);
                     }
-                    section.insert("ephemeral".into(), json!({ "events": [] }));
+                    let ephemeral: Vec<Value> = receipts.into_iter().collect();
+                    section.insert("ephemeral".into(), json!({ "events": ephemeral }));
                     section.insert("unread_notifications".into(), json!({}));
                     join.insert(m.room_id.clone(), Value::Object(section));
                 }
@@ -354,6 +381,25 @@ impl Services {
         });
         self.add_device_fields(session, &mut resp).await?;
         Ok(resp)
+    }
+
+    /// One `m.receipt` event with the receipts of `room_id` set in
+    /// (since, upto] that `user` may see (private ones only their own);
+    /// `None` when there are none.
+    async fn receipt_event(&self, user: &str, room_id: &str, since: i64, upto: i64) -> Result<Option<Value>> {
+        let mut content = Map::new();
+        for r in self.store.receipts_since(room_id, since, upto).await? {
+            if r.receipt_type == RECEIPT_READ_PRIVATE && r.user_id != user {
+                continue;
+            }
+            let mut receipt = json!({ "ts": r.ts });
+            if !r.thread_id.is_empty() {
+                receipt["thread_id"] = json!(r.thread_id);
+            }
+            let by_type = content.entry(r.event_id).or_insert_with(|| json!({}));
+            by_type[r.receipt_type.as_str()][r.user_id.as_str()] = receipt;
+        }
+        Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
     }
 
     /// All of a user's account data for one room, up to `upto`.

@@ -237,6 +237,13 @@ pub trait Store: Send + Sync + 'static {
     /// Account data of `user_id` changed in (since, upto].
     async fn account_data_since(&self, user_id: &str, since: i64, upto: i64) -> Result<Vec<AccountDataRecord>>;
 
+    // ---- receipts ----
+    /// Stores a receipt, replacing the one of the same (room, type, user,
+    /// thread), at the next stream position (`StreamKey::Receipt(room)`).
+    fn put_receipt(&self, receipt: ReceiptRecord) -> Pending<i64>;
+    /// Receipts in `room_id` set in (since, upto], oldest first.
+    async fn receipts_since(&self, room_id: &str, since: i64, upto: i64) -> Result<Vec<ReceiptRecord>>;
+
     // ---- rooms and events ----
     /// Queues one event to be persisted with its effects on state and
     /// membership. Returns at once; the receiver resolves when durable.

@@ -26,6 +26,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_reports.sql"),
     include_str!("../migrations/0008_relations.sql"),
     include_str!("../migrations/0009_search.sql"),
+    include_str!("../migrations/0010_receipts.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
@@ -197,6 +198,7 @@ impl SqliteStore {
                             COALESCE((SELECT MAX(position) FROM account_data), 0),
                             COALESCE((SELECT MAX(position) FROM device_list_changes), 0),
                             COALESCE((SELECT MAX(position) FROM to_device), 0),
+                            COALESCE((SELECT MAX(position) FROM receipts), 0),
                             COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))",
                 [DELETED_MAX],
                 |r| r.get(0),
@@ -1731,6 +1733,57 @@ impl Store for SqliteStore {
                         data_type: r.get(1)?,
                         content_json: r.get(2)?,
                         position: r.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    fn put_receipt(&self, r: ReceiptRecord) -> Pending<i64> {
+        self.write(move |c, ctx| {
+            let p = ctx.pos + 1;
+            c.prepare_cached(
+                "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, position) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7) \
+                 ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET \
+                 event_id = excluded.event_id, ts = excluded.ts, position = excluded.position",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.room_id,
+                    r.receipt_type,
+                    r.user_id,
+                    r.thread_id,
+                    r.event_id,
+                    r.ts as i64,
+                    p
+                ])
+            })
+            .map_err(db_err)?;
+            ctx.pos = p;
+            ctx.changes.push((p, StreamKey::Receipt(r.room_id)));
+            Ok(p)
+        })
+    }
+
+    async fn receipts_since(&self, room_id: &str, since: i64, upto: i64) -> Result<Vec<ReceiptRecord>> {
+        let room = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, position FROM receipts \
+                 WHERE room_id = ?1 AND position > ?2 AND position <= ?3 ORDER BY position",
+                params![room, since, upto],
+                |r| {
+                    Ok(ReceiptRecord {
+                        room_id: r.get(0)?,
+                        receipt_type: r.get(1)?,
+                        user_id: r.get(2)?,
+                        thread_id: r.get(3)?,
+                        event_id: r.get(4)?,
+                        ts: r.get::<_, i64>(5)?.max(0) as u64,
+                        position: r.get(6)?,
                     })
                 },
             )

@@ -67,6 +67,22 @@ pub struct AccountDataRecord {
     pub position: i64,
 }
 
+/// One read receipt: `user_id` read up to `event_id` in `room_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    pub room_id: String,
+    /// `m.read` or `m.read.private`.
+    pub receipt_type: String,
+    pub user_id: String,
+    /// `""` for an unthreaded receipt, else `main` or a thread root's ID.
+    pub thread_id: String,
+    pub event_id: String,
+    /// When it was sent (ms since the epoch).
+    pub ts: u64,
+    /// Its stream position (ignored when storing one).
+    pub position: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Forward,
@@ -157,6 +173,8 @@ pub enum StreamKey {
     User(String),
     /// This user's device list changed (device keys uploaded or removed).
     DeviceKeys(String),
+    /// A read receipt in this room was set (no new event).
+    Receipt(String),
 }
 
 /// Keys a device uploads in one `/keys/upload`.

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use weft_store::{
-    DeviceTarget, Direction, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, SqliteStore, Store,
-    StreamKey,
+    DeviceTarget, Direction, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, ReceiptRecord,
+    SqliteStore, Store, StreamKey,
 };
 
 fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
@@ -879,4 +879,72 @@ async fn a_panicking_account_data_edit_does_not_stop_the_writer() {
         .expect("answered")
         .expect("stored");
     assert_eq!(store.current_position(), p);
+}
+
+fn receipt(user: &str, receipt_type: &str, thread: &str, event_id: &str, ts: u64) -> ReceiptRecord {
+    ReceiptRecord {
+        room_id: "!r:test".into(),
+        receipt_type: receipt_type.into(),
+        user_id: user.into(),
+        thread_id: thread.into(),
+        event_id: event_id.into(),
+        ts,
+        position: 0,
+    }
+}
+
+// A receipt replaces the one of the same (room, type, user, thread), takes
+// a new position keyed to its room, and survives a restart (which also
+// keeps positions from going back).
+#[tokio::test]
+async fn receipts_replace_per_key_and_take_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let start = store.current_position();
+    let put = |r: ReceiptRecord| store.put_receipt(r);
+    let p1 = put(receipt("@a:test", "m.read", "", "$1", 10)).await.unwrap().unwrap();
+    let p2 = put(receipt("@a:test", "m.read", "main", "$1", 11))
+        .await
+        .unwrap()
+        .unwrap();
+    let p3 = put(receipt("@a:test", "m.read.private", "", "$1", 12))
+        .await
+        .unwrap()
+        .unwrap();
+    let p4 = put(receipt("@a:test", "m.read", "", "$2", 13)).await.unwrap().unwrap();
+    assert!(start < p1 && p1 < p2 && p2 < p3 && p3 < p4);
+    let changes = store.changes_since(start).expect("in memory");
+    assert_eq!(
+        changes,
+        [p1, p2, p3, p4]
+            .map(|p| (p, StreamKey::Receipt("!r:test".into())))
+            .to_vec()
+    );
+    let all = store.receipts_since("!r:test", 0, p4).await.unwrap();
+    let got: Vec<_> = all
+        .iter()
+        .map(|r| {
+            (
+                r.receipt_type.as_str(),
+                r.thread_id.as_str(),
+                r.event_id.as_str(),
+                r.ts,
+                r.position,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("m.read", "main", "$1", 11, p2),
+            ("m.read.private", "", "$1", 12, p3),
+            ("m.read", "", "$2", 13, p4),
+        ]
+    );
+    assert_eq!(store.receipts_since("!r:test", p3, p4).await.unwrap().len(), 1);
+    assert!(store.receipts_since("!other:test", 0, p4).await.unwrap().is_empty());
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.current_position(), p4);
+    assert_eq!(store.receipts_since("!r:test", 0, p4).await.unwrap(), all);
 }
