@@ -140,8 +140,9 @@ impl Services {
     }
 
     /// Sets global (`room` `None`) or per-room account data of the
-    /// session's user; not `m.push_rules` (405 `M_BAD_JSON`), which only
-    /// the push rule endpoints change.
+    /// session's user; not `m.push_rules` or `m.fully_read` (405
+    /// `M_BAD_JSON`), which only the push rule endpoints and
+    /// `/read_markers` change.
     pub async fn put_account_data(
         &self,
         session: &Session,
@@ -151,12 +152,14 @@ impl Services {
         content: Value,
     ) -> Result<()> {
         own(session, user_id)?;
+        // The spec's answer for account data the server manages.
         if data_type == crate::push_rules::PUSH_RULES {
-            // The spec's answer for account data the server manages: it
-            // changes only through the push rule endpoints.
             return Err(
                 Error::bad_json("m.push_rules is managed by the server: use the /pushrules endpoints").with_status(405),
             );
+        }
+        if data_type == crate::ephemeral::FULLY_READ {
+            return Err(Error::bad_json("m.fully_read is managed by the server: use /read_markers").with_status(405));
         }
         let content = canonical_object(content)?;
         let json = serde_json::to_string(&content).map_err(Error::internal)?;

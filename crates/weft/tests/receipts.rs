@@ -194,6 +194,14 @@ async fn read_markers_set_fully_read_and_receipt() {
         .await;
     assert_eq!(st, 200, "{fr}");
     assert_eq!(fr, json!({"event_id": e1}));
+    // Only /read_markers moves it (the spec's 405 on the account-data path).
+    let fr_path = format!(
+        "user/{}/rooms/{}/account_data/m.fully_read",
+        enc(&alice.user_id),
+        enc(&room)
+    );
+    assert_err(&alice.put(&fr_path, json!({"event_id": e2})).await, 405, "M_BAD_JSON");
+    assert_eq!(alice.get(&fr_path).await.1, json!({"event_id": e1}));
 
     let a1 = alice.sync(Some(&next_batch(&a0)), 1000).await;
     let ad = &a1["rooms"]["join"][&room]["account_data"]["events"];
