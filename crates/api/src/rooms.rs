@@ -85,44 +85,28 @@ pub async fn leave(s: AppState, req: Ruma<leave_room::v3::Request>) -> Result<le
     Ok(leave_room::v3::Response::new())
 }
 
-pub async fn kick(s: AppState, req: Ruma<kick_user::v3::Request>) -> Result<kick_user::v3::Response, Error> {
-    let b = req.body;
-    s.set_membership(
-        &req.caller.user_id,
-        b.room_id.as_str(),
-        b.user_id.as_str(),
-        "leave",
-        b.reason,
-    )
-    .await?;
-    Ok(kick_user::v3::Response::new())
+/// Kick, ban and unban: one membership change of another user, with a
+/// reason; the services check the caller's power.
+macro_rules! membership_of_other {
+    ($name:ident, $endpoint:ident, $membership:literal) => {
+        pub async fn $name(s: AppState, req: Ruma<$endpoint::v3::Request>) -> Result<$endpoint::v3::Response, Error> {
+            let b = req.body;
+            s.set_membership(
+                &req.caller.user_id,
+                b.room_id.as_str(),
+                b.user_id.as_str(),
+                $membership,
+                b.reason,
+            )
+            .await?;
+            Ok($endpoint::v3::Response::new())
+        }
+    };
 }
 
-pub async fn ban(s: AppState, req: Ruma<ban_user::v3::Request>) -> Result<ban_user::v3::Response, Error> {
-    let b = req.body;
-    s.set_membership(
-        &req.caller.user_id,
-        b.room_id.as_str(),
-        b.user_id.as_str(),
-        "ban",
-        b.reason,
-    )
-    .await?;
-    Ok(ban_user::v3::Response::new())
-}
-
-pub async fn unban(s: AppState, req: Ruma<unban_user::v3::Request>) -> Result<unban_user::v3::Response, Error> {
-    let b = req.body;
-    s.set_membership(
-        &req.caller.user_id,
-        b.room_id.as_str(),
-        b.user_id.as_str(),
-        "leave",
-        b.reason,
-    )
-    .await?;
-    Ok(unban_user::v3::Response::new())
-}
+membership_of_other!(kick, kick_user, "leave");
+membership_of_other!(ban, ban_user, "ban");
+membership_of_other!(unban, unban_user, "leave");
 
 pub async fn forget(s: AppState, req: Ruma<forget_room::v3::Request>) -> Result<forget_room::v3::Response, Error> {
     s.forget(&req.caller.user_id, req.body.room_id.as_str()).await?;
