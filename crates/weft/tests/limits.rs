@@ -589,3 +589,37 @@ async fn mqtt_password_guesses_share_the_failed_login_limit() {
         "the right password works again after retry_after_ms"
     );
 }
+
+/// A password CONNECT takes from the address's sign-in bucket, as `/login`
+/// does (a token CONNECT does not): the right password from one address
+/// is refused with 0x03 once the bucket is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_password_connects_share_the_sign_in_limit() {
+    let root = tempfile::tempdir().unwrap();
+    let mut spec = weft_testkit::ServeSpec::new(
+        env!("CARGO_BIN_EXE_weft"),
+        root.path().join("data"),
+        root.path().join("log"),
+    )
+    .env("WEFT_RATE_LIMIT__ENABLED", "true")
+    .env("WEFT_RATE_LIMIT__LOGIN_PER_SECOND", "0.01")
+    .env("WEFT_RATE_LIMIT__LOGIN_BURST", "3");
+    spec.wait_mqtt = true;
+    let server = weft_testkit::ServerProcess::start(spec).await.unwrap();
+    let mqtt = server.addrs.mqtt.expect("mqtt address");
+    let base = server.addrs.http.clone();
+    register(&base, "sensor", "the-right-password").await;
+    // A token got from another address (each has its own bucket).
+    let (st, body) = login_from(&client_from(loopback(62)), &base, "sensor", "the-right-password", None).await;
+    assert_eq!(st, 200, "{body}");
+    let token = body["access_token"].as_str().expect("access_token").to_owned();
+    let mut codes = Vec::new();
+    for i in 0..4u8 {
+        codes.push(mqtt_connect(loopback(61), mqtt, &format!("c{i}"), "sensor", "the-right-password").await);
+    }
+    assert_eq!(codes, [0, 0, 0, 3]);
+    // HTTP /login from that address is limited too; a token CONNECT is not.
+    let (st, body) = login_from(&client_from(loopback(61)), &base, "sensor", "the-right-password", None).await;
+    assert_limited(st, &body);
+    assert_eq!(mqtt_connect(loopback(61), mqtt, "c-token", "sensor", &token).await, 0);
+}

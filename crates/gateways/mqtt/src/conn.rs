@@ -425,6 +425,8 @@ async fn authenticate(
             Err(Refusal::BadCredentials)
         };
     }
+    // A password CONNECT is a sign-in, limited per address as `/login` is.
+    services.charge_sign_in(ip).map_err(|e| refusal(&e))?;
     match services.accounts.check_password(user, password, ip).await {
         Ok(user_id) => {
             let login = services
