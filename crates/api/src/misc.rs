@@ -8,8 +8,8 @@ use ruma::api::client::config::{
 use ruma::api::client::discovery::discover_homeserver::{self, HomeserverInfo};
 #[allow(deprecated)] // m.set_displayname and m.set_avatar_url: clients still read them
 use ruma::api::client::discovery::get_capabilities::v3::{
-    ChangePasswordCapability, RoomVersionStability, RoomVersionsCapability, SetAvatarUrlCapability,
-    SetDisplayNameCapability, ThirdPartyIdChangesCapability,
+    ChangePasswordCapability, GetLoginTokenCapability, ProfileFieldsCapability, RoomVersionStability,
+    RoomVersionsCapability, SetAvatarUrlCapability, SetDisplayNameCapability, ThirdPartyIdChangesCapability,
 };
 use ruma::api::client::discovery::{get_capabilities, get_supported_versions};
 use ruma::api::client::filter::{create_filter, get_filter};
@@ -18,6 +18,7 @@ use ruma::api::client::read_marker::set_read_marker;
 use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::typing::create_typing_event;
 use ruma::events::receipt::ReceiptThread;
+use ruma::profile::ProfileFieldName;
 use weft_core::Error;
 use weft_services::Versions;
 
@@ -65,6 +66,13 @@ struct StatedCapabilities {
     set_avatar_url: SetAvatarUrlCapability,
     #[serde(rename = "m.3pid_changes")]
     thirdparty_id_changes: ThirdPartyIdChangesCapability,
+    /// Off: `POST /login/get_token` (QR sign-in of a new device) is not
+    /// served, so its route is unknown (`404 M_UNRECOGNIZED`).
+    #[serde(rename = "m.get_login_token")]
+    get_login_token: GetLoginTokenCapability,
+    /// Only `displayname` and `avatar_url` can be set.
+    #[serde(rename = "m.profile_fields")]
+    profile_fields: ProfileFieldsCapability,
 }
 
 #[allow(deprecated)]
@@ -84,8 +92,16 @@ pub async fn capabilities(
             set_displayname: SetDisplayNameCapability::new(true),
             set_avatar_url: SetAvatarUrlCapability::new(true),
             thirdparty_id_changes: ThirdPartyIdChangesCapability::new(false),
+            get_login_token: GetLoginTokenCapability::new(false),
+            profile_fields: profile_fields(),
         },
     }))
+}
+
+fn profile_fields() -> ProfileFieldsCapability {
+    let mut c = ProfileFieldsCapability::new(true);
+    c.allowed = Some(vec![ProfileFieldName::DisplayName, ProfileFieldName::AvatarUrl]);
+    c
 }
 
 /// Typing and presence: checked, accepted, not yet relayed.

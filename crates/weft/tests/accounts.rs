@@ -455,6 +455,15 @@ async fn discovery_endpoints() {
     assert_eq!(c["m.set_displayname"], json!({"enabled": true}), "{caps}");
     assert_eq!(c["m.set_avatar_url"], json!({"enabled": true}), "{caps}");
     assert_eq!(c["m.3pid_changes"], json!({"enabled": false}), "{caps}");
+    assert_eq!(c["m.get_login_token"], json!({"enabled": false}), "{caps}");
+    assert_eq!(
+        c["m.profile_fields"],
+        json!({"enabled": true, "allowed": ["displayname", "avatar_url"]}),
+        "{caps}"
+    );
+    // The capability tells the truth: no login-token route.
+    let got = alice.post("/_matrix/client/v1/login/get_token", json!({})).await;
+    assert_err(&got, 404, "M_UNRECOGNIZED");
     assert_eq!(
         rv["available"],
         json!({"10": "stable", "11": "stable", "12": "stable"}),
