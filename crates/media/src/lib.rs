@@ -1,0 +1,13 @@
+//! The bytes of the media repository: where uploads are kept
+//! ([`BlobStore`], content-addressed, with the data directory's
+//! [`FsBlobStore`] as the embedded default) and how thumbnails are made
+//! ([`thumbnail`]). Which media ID names which blob, who uploaded it and
+//! its tags are rows of the store, kept by the services; this crate knows
+//! only bytes.
+
+mod blob;
+mod fs;
+pub mod thumbnail;
+
+pub use blob::{Blob, BlobRead, BlobStore, PutError};
+pub use fs::FsBlobStore;
