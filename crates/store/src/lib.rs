@@ -9,6 +9,7 @@
 //! stream. A position is only published to readers once every write up to it
 //! is durable.
 
+mod media;
 mod sqlite;
 mod types;
 
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 pub use weft_core::Result;
 
+pub use media::*;
 pub use sqlite::SqliteStore;
 pub use types::*;
 
@@ -32,7 +34,7 @@ pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Se
 /// The storage interface. Positions (`i64`) are positions in the one
 /// server-wide stream.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: MediaStore + Send + Sync + 'static {
     // ---- stream ----
     /// Highest durable stream position.
     fn current_position(&self) -> i64;

@@ -16,6 +16,8 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod media;
+
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_e2ee.sql"),
@@ -27,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_relations.sql"),
     include_str!("../migrations/0009_search.sql"),
     include_str!("../migrations/0010_receipts.sql"),
+    include_str!("../migrations/0014_media.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.

@@ -1,0 +1,82 @@
+//! Rows of the media repository: which media ID names which blob, who
+//! uploaded it, and its thumbnails. The bytes themselves are the media
+//! crate's (`weft-media`).
+
+use async_trait::async_trait;
+
+use crate::Result;
+
+/// One media item (`mxc://{server}/{media_id}`), local to this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRecord {
+    pub media_id: String,
+    pub uploader: String,
+    pub created_ms: u64,
+    /// `None` while an asynchronous upload (`/media/v1/create`) waits for
+    /// its bytes.
+    pub content: Option<MediaContent>,
+    /// Until when a pending item may receive its bytes.
+    pub pending_until_ms: Option<u64>,
+    pub quarantined: bool,
+}
+
+/// What an uploaded item holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaContent {
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+}
+
+/// A stored thumbnail of a media item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThumbnailRecord {
+    pub media_id: String,
+    pub width: u32,
+    pub height: u32,
+    /// `scale` or `crop`.
+    pub method: String,
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: String,
+}
+
+/// Which media items to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct MediaQuery {
+    pub uploader: Option<String>,
+    /// Only items created before this time.
+    pub before_ms: Option<u64>,
+    pub limit: usize,
+}
+
+/// What one user keeps in the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaUsage {
+    /// Uploaded items.
+    pub items: u64,
+    /// Their bytes (each item counted, even when its blob is shared).
+    pub bytes: u64,
+    /// Items created but not uploaded yet, within their time.
+    pub pending: u64,
+}
+
+#[async_trait]
+pub trait MediaStore: Send + Sync + 'static {
+    /// Records a new item (uploaded or pending).
+    async fn create_media(&self, media: MediaRecord) -> Result<()>;
+    async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>>;
+    /// Gives a pending item its bytes, if it is `uploader`'s, still pending
+    /// and within its time at `now_ms`: answers whether it did.
+    async fn complete_media(&self, media_id: &str, uploader: &str, content: MediaContent, now_ms: u64) -> Result<bool>;
+    async fn media_usage(&self, uploader: &str, now_ms: u64) -> Result<MediaUsage>;
+    async fn list_media(&self, query: MediaQuery) -> Result<Vec<MediaRecord>>;
+    async fn set_quarantined(&self, media_id: &str, quarantined: bool) -> Result<bool>;
+    /// Deletes items and their thumbnails; answers the blobs no row names
+    /// any longer (the caller deletes those from the blob store).
+    async fn delete_media(&self, media_ids: Vec<String>) -> Result<Vec<String>>;
+    async fn thumbnail(&self, media_id: &str, width: u32, height: u32, method: &str)
+    -> Result<Option<ThumbnailRecord>>;
+    async fn put_thumbnail(&self, thumbnail: ThumbnailRecord) -> Result<()>;
+}
