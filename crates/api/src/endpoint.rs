@@ -193,7 +193,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &AppState) -> Result<Self, ApiError> {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
+        let head = Head::<R>::read(parts, s).await?;
+        let bytes = read_limited(Body::new(body), s.config.limits.max_body_bytes).await?;
+        Ok(head.with_body(bytes)?)
+    }
+}
+
+/// A request's head, its caller checked (so a 401 comes before the body
+/// is read), waiting for its body.
+pub(crate) struct Head<R: Metadata>
+where
+    R::Authentication: CallerAuth,
+{
+    parts: Parts,
+    args: Vec<String>,
+    caller: <R::Authentication as CallerAuth>::Caller,
+    peer: Option<SocketAddr>,
+}
+
+impl<R> Head<R>
+where
+    R: IncomingRequest,
+    R::Authentication: CallerAuth,
+{
+    pub(crate) async fn read(mut parts: Parts, s: &AppState) -> Result<Self, Error> {
         let caller = <R::Authentication as CallerAuth>::caller(&parts, s).await?;
         let args: Vec<String> = RawPathParams::from_request_parts(&mut parts, s)
             .await
@@ -202,10 +226,23 @@ where
             .map(|(_, v)| v.to_owned())
             .collect();
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let bytes = read_limited(Body::new(body), s.config.limits.max_body_bytes).await?;
-        let body =
-            R::try_from_http_request(axum::http::Request::from_parts(parts, bytes), &args).map_err(request_error)?;
-        Ok(Self { body, caller, peer })
+        Ok(Self {
+            parts,
+            args,
+            caller,
+            peer,
+        })
+    }
+
+    /// The typed request, read from the head and `body`.
+    pub(crate) fn with_body(self, body: bytes::Bytes) -> Result<Ruma<R>, Error> {
+        let body = R::try_from_http_request(axum::http::Request::from_parts(self.parts, body), &self.args)
+            .map_err(request_error)?;
+        Ok(Ruma {
+            body,
+            caller: self.caller,
+            peer: self.peer,
+        })
     }
 }
 
@@ -269,7 +306,7 @@ impl<T: ApiResponse> IntoResponse for RumaResponse<T> {
 /// `v1` one at `v1` too; other paths as ruma names them. (Endpoints the
 /// spec added under `v1`, such as the registration-token check, were
 /// served under the other prefixes before and stay there.)
-fn paths_of<R: Metadata>() -> BTreeSet<String> {
+pub(crate) fn paths_of<R: Metadata>() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for path in R::PATH_BUILDER.all_paths() {
         let rest = ["/_matrix/client/v3", "/_matrix/client/r0", "/_matrix/client/v1"]
@@ -287,7 +324,7 @@ fn paths_of<R: Metadata>() -> BTreeSet<String> {
 
 /// The router being declared, endpoint by endpoint.
 pub struct Routes {
-    router: Router<AppState>,
+    pub(crate) router: Router<AppState>,
 }
 
 impl Routes {
@@ -360,7 +397,12 @@ impl Routes {
 /// Takes a call from the caller's bucket (calls without a session were
 /// charged to their IP by the IP layer already), and from the class's own
 /// buckets.
-fn charge(s: &AppState, class: RateClass, session: Option<&Session>, peer: Option<SocketAddr>) -> Result<(), Error> {
+pub(crate) fn charge(
+    s: &AppState,
+    class: RateClass,
+    session: Option<&Session>,
+    peer: Option<SocketAddr>,
+) -> Result<(), Error> {
     if let Some(session) = session {
         s.limiter.check(session.user_id.as_str())?;
     }

@@ -15,6 +15,7 @@ mod directory;
 pub mod endpoint;
 mod extract;
 mod keys;
+mod media;
 mod misc;
 mod own;
 mod push;
@@ -22,6 +23,7 @@ mod relations;
 mod rooms;
 mod search;
 mod spaces;
+mod streaming;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -153,6 +155,18 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::set_enabled)
         .add(Caller, push::get_actions)
         .add(Caller, push::set_actions)
+        // Media repository (uploads stream: `add_upload`).
+        .add_upload(Caller, media::upload)
+        .add_upload(Caller, media::upload_to)
+        .add(Caller, media::create)
+        .add(Caller, media::download)
+        .add(Caller, media::download_as)
+        .add(Caller, media::thumbnail)
+        .add(Caller, media::config)
+        .add(Caller, media::legacy_download)
+        .add(Caller, media::legacy_download_as)
+        .add(Caller, media::legacy_thumbnail)
+        .add(Caller, media::legacy_config)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown
@@ -223,7 +237,7 @@ async fn rate_limit_by_ip(State(s): State<AppState>, req: Request, next: Next) -
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = self.0;
-        if e.kind == ErrorKind::Unknown {
+        if e.kind == ErrorKind::Unknown && e.status.is_none() {
             tracing::error!("internal error: {}", e.message);
         }
         let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -28,6 +28,44 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
     pub voip: VoipConfig,
+    pub media: MediaConfig,
+}
+
+/// The media repository (docs/media.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MediaConfig {
+    /// Largest upload; over it `413 M_TOO_LARGE` and nothing is kept.
+    /// Uploads stream to disk: this is not held in memory.
+    pub max_upload_bytes: u64,
+    /// Bytes each user may keep uploaded; 0: no quota.
+    pub quota_bytes_per_user: u64,
+    /// Asynchronous uploads (`/media/v1/create`) a user may have waiting.
+    pub max_pending_uploads: u64,
+    /// How long a created media ID waits for its bytes.
+    pub pending_ttl_secs: u64,
+    /// Also serve the unauthenticated `/_matrix/media/v3/download` and
+    /// `/thumbnail` (deprecated by spec v1.11; Synapse's
+    /// `enable_authenticated_media` turns them off).
+    pub legacy_unauthenticated: bool,
+    /// Images larger than this are not thumbnailed (`400 M_UNKNOWN`).
+    pub max_thumbnail_source_bytes: u64,
+    /// Thumbnails generated at once; more wait.
+    pub thumbnail_concurrency: usize,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 100 * 1024 * 1024,
+            quota_bytes_per_user: 0,
+            max_pending_uploads: 5,
+            pending_ttl_secs: 24 * 3600,
+            legacy_unauthenticated: true,
+            max_thumbnail_source_bytes: 32 * 1024 * 1024,
+            thumbnail_concurrency: 2,
+        }
+    }
 }
 
 /// TURN servers handed to clients for calls (`GET /voip/turnServer`).
@@ -236,6 +274,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
             voip: VoipConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }

@@ -40,6 +40,10 @@ pub enum ErrorKind {
     WrongRoomKeysVersion {
         current_version: Option<String>,
     },
+    /// The media ID already has its bytes (`409`).
+    CannotOverwriteMedia,
+    /// The media ID has no bytes yet and the wait ran out (`504`).
+    NotYetUploaded,
     Unknown,
 }
 
@@ -112,6 +116,8 @@ impl Error {
             ErrorKind::Uia(_) => "M_FORBIDDEN",
             ErrorKind::BadState => "M_BAD_STATE",
             ErrorKind::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
+            ErrorKind::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
+            ErrorKind::NotYetUploaded => "M_NOT_YET_UPLOADED",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -130,6 +136,8 @@ impl Error {
             ErrorKind::Unrecognized { .. } | ErrorKind::NotFound => 404,
             ErrorKind::TooLarge => 413,
             ErrorKind::LimitExceeded { .. } => 429,
+            ErrorKind::CannotOverwriteMedia => 409,
+            ErrorKind::NotYetUploaded => 504,
             ErrorKind::Unknown => 500,
             _ => 400,
         }

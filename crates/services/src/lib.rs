@@ -15,6 +15,7 @@ pub mod ephemeral;
 pub mod events;
 pub mod filter;
 pub mod keys;
+pub mod media;
 pub mod push_rules;
 pub mod ratelimit;
 pub mod relations;
@@ -69,6 +70,8 @@ pub struct Services {
     /// Open TCP connections per client address (`[limits]
     /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
     pub connections: Arc<ConnectionLimiter>,
+    /// The media repository's blobs and thumbnailing slots.
+    pub media: media::Media,
 }
 
 impl Services {
@@ -76,6 +79,7 @@ impl Services {
         config: Config,
         store: Arc<dyn Store>,
         signing_key: ruma::signatures::Ed25519KeyPair,
+        blobs: Arc<dyn weft_media::BlobStore>,
     ) -> Result<Arc<Self>> {
         let server_name = OwnedServerName::try_from(config.server_name.as_str())
             .map_err(|e| Error::internal(format!("invalid server_name {:?}: {e}", config.server_name)))?;
@@ -95,6 +99,7 @@ impl Services {
             &config.rate_limit,
         );
         let connections = Arc::new(ConnectionLimiter::new(config.limits.max_connections_per_ip));
+        let media = media::Media::new(blobs, config.media.thumbnail_concurrency);
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -104,6 +109,7 @@ impl Services {
             limiter,
             login_limiter,
             connections,
+            media,
         }))
     }
 }

@@ -1,0 +1,636 @@
+//! The media repository over HTTP: uploads (plain, asynchronous, over the
+//! limit), downloads (authenticated and legacy, ranges, names and types),
+//! thumbnails of real images, quotas, and what is left on disk.
+
+mod common;
+
+use std::io::Cursor;
+use std::path::Path;
+
+use common::*;
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
+use reqwest::header;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+struct Got {
+    status: u16,
+    headers: header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+async fn call(
+    server: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Got {
+    let mut req = server.http.request(method, format!("{}{path}", server.base_url()));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.expect("body").to_vec();
+    Got { status, headers, body }
+}
+
+/// Uploads `bytes`; answers the media ID (the part after the server name).
+async fn upload(server: &TestServer, c: &Client, bytes: Vec<u8>, content_type: &str, name: Option<&str>) -> String {
+    let path = match name {
+        Some(n) => format!("/_matrix/media/v3/upload?filename={n}"),
+        None => "/_matrix/media/v3/upload".to_owned(),
+    };
+    let got = call(
+        server,
+        reqwest::Method::POST,
+        &path,
+        Some(&c.access_token),
+        &[("content-type", content_type)],
+        Some(bytes),
+    )
+    .await;
+    assert_eq!(got.status, 200, "upload: {}", got.json());
+    let uri = got.json()["content_uri"].as_str().expect("content_uri").to_owned();
+    let prefix = format!("mxc://{}/", server.server_name);
+    uri.strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{uri} is not on {prefix}"))
+        .to_owned()
+}
+
+fn download_path(server: &TestServer, id: &str) -> String {
+    format!("/_matrix/client/v1/media/download/{}/{id}", server.server_name)
+}
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+        .collect()
+}
+
+#[tokio::test]
+async fn uploads_round_trip_byte_identical_with_type_and_name() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    for (len, ty, name) in [
+        (1usize, "application/octet-stream", "one.bin"),
+        (5 << 20, "image/png", "five.png"),
+        (50 << 20, "video/mp4", "fifty%20mib.mp4"),
+    ] {
+        let data = pattern(len, len as u8);
+        let id = upload(&server, &alice, data.clone(), ty, Some(name)).await;
+        let got = call(
+            &server,
+            reqwest::Method::GET,
+            &download_path(&server, &id),
+            Some(&alice.access_token),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(got.status, 200, "{len}: {}", got.json());
+        assert_eq!(got.body.len(), len);
+        assert!(got.body == data, "{len} bytes came back different");
+        assert_eq!(got.header("content-type"), ty);
+        assert_eq!(got.header("content-length"), len.to_string());
+        // The name went up percent-encoded in the query and comes back in
+        // RFC 6266's encoding: the same text here.
+        assert!(
+            got.header("content-disposition")
+                .ends_with(&format!("filename*=utf-8''{name}")),
+            "{}",
+            got.header("content-disposition")
+        );
+    }
+    // Inline only for safe types: HTML is an attachment.
+    let id = upload(
+        &server,
+        &alice,
+        b"<script>alert(1)</script>".to_vec(),
+        "text/html",
+        Some("x.html"),
+    )
+    .await;
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &download_path(&server, &id),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert!(
+        got.header("content-disposition").starts_with("attachment"),
+        "{}",
+        got.header("content-disposition")
+    );
+    assert!(got.header("content-security-policy").contains("sandbox"));
+    // A name given in the download path wins.
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &format!("{}/other.txt", download_path(&server, &id)),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert!(
+        got.header("content-disposition")
+            .ends_with("filename*=utf-8''other.txt"),
+        "{}",
+        got.header("content-disposition")
+    );
+}
+
+#[tokio::test]
+async fn downloads_need_a_token_unknown_ids_are_404_and_ranges_work() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let data = pattern(100_000, 7);
+    let id = upload(&server, &alice, data.clone(), "application/octet-stream", None).await;
+    let path = download_path(&server, &id);
+
+    let got = call(&server, reqwest::Method::GET, &path, None, &[], None).await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (401, json!("M_MISSING_TOKEN"))
+    );
+    // Any user of the server may download (media is not per room).
+    let got = call(&server, reqwest::Method::GET, &path, Some(&bob.access_token), &[], None).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == data);
+
+    for missing in [
+        download_path(&server, "NoSuchMediaId"),
+        format!("/_matrix/client/v1/media/download/elsewhere.example/{id}"),
+    ] {
+        let got = call(
+            &server,
+            reqwest::Method::GET,
+            &missing,
+            Some(&bob.access_token),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (got.status, got.json()["errcode"].clone()),
+            (404, json!("M_NOT_FOUND")),
+            "{missing}"
+        );
+    }
+
+    let ranged = |r: &'static str| {
+        let (server, path, token) = (&server, path.clone(), bob.access_token.clone());
+        async move { call(server, reqwest::Method::GET, &path, Some(&token), &[("range", r)], None).await }
+    };
+    let got = ranged("bytes=10-19").await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.body, &data[10..20]);
+    assert_eq!(got.header("content-range"), "bytes 10-19/100000");
+    let got = ranged("bytes=-5").await;
+    assert_eq!((got.status, &got.body[..]), (206, &data[99_995..]));
+    let got = ranged("bytes=100000-").await;
+    assert_eq!(got.status, 416);
+    assert_eq!(got.header("content-range"), "bytes */100000");
+
+    // The legacy unauthenticated download serves the same bytes.
+    let legacy = format!("/_matrix/media/v3/download/{}/{id}", server.server_name);
+    let got = call(&server, reqwest::Method::GET, &legacy, None, &[], None).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == data);
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        "/_matrix/client/v1/media/config",
+        Some(&bob.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.json()["m.upload.size"], json!(100 * 1024 * 1024));
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_is_413_and_leaves_nothing_on_disk() {
+    let server = TestServer::builder()
+        .env("WEFT_MEDIA__MAX_UPLOAD_BYTES", "1000000")
+        .env("WEFT_MEDIA__LEGACY_UNAUTHENTICATED", "false")
+        .start()
+        .await;
+    let alice = server.register("alice").await;
+    let got = call(
+        &server,
+        reqwest::Method::POST,
+        "/_matrix/media/v3/upload",
+        Some(&alice.access_token),
+        &[("content-type", "application/octet-stream")],
+        Some(pattern(1_000_001, 1)),
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (413, json!("M_TOO_LARGE")),
+        "{}",
+        got.json()
+    );
+    let media = server.data_dir.join("media");
+    assert!(
+        media.join("blobs").is_dir(),
+        "no media directory at {}",
+        media.display()
+    );
+    assert_eq!(files_under(&media), Vec::<std::path::PathBuf>::new());
+    // Exactly the limit is fine, and is the one file there.
+    let id = upload(&server, &alice, pattern(1_000_000, 1), "application/octet-stream", None).await;
+    let files = files_under(&media);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        "/_matrix/client/v1/media/config",
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.json()["m.upload.size"], json!(1_000_000));
+    // Files are the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Legacy unauthenticated media switched off.
+    let legacy = format!("/_matrix/media/v3/download/{}/{id}", server.server_name);
+    let got = call(&server, reqwest::Method::GET, &legacy, None, &[], None).await;
+    assert_eq!((got.status, got.json()["errcode"].clone()), (404, json!("M_NOT_FOUND")));
+}
+
+#[tokio::test]
+async fn equal_bytes_are_stored_once() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let data = pattern(300_000, 3);
+    let a = upload(&server, &alice, data.clone(), "application/octet-stream", None).await;
+    let b = upload(&server, &bob, data.clone(), "application/octet-stream", None).await;
+    assert_ne!(a, b);
+    let files = files_under(&server.data_dir.join("media"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let hex: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(files[0].ends_with(&hex), "{files:?}");
+}
+
+#[tokio::test]
+async fn asynchronous_upload_create_then_put() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let got = call(
+        &server,
+        reqwest::Method::POST,
+        "/_matrix/media/v1/create",
+        Some(&alice.access_token),
+        &[],
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.json());
+    let uri = got.json()["content_uri"].as_str().expect("content_uri").to_owned();
+    assert!(got.json()["unused_expires_at"].as_u64().is_some_and(|t| t > 0));
+    let id = uri.rsplit('/').next().unwrap().to_owned();
+    let put_path = format!("/_matrix/media/v3/upload/{}/{id}?filename=late.txt", server.server_name);
+
+    // Not yet uploaded: a short wait ends in 504 M_NOT_YET_UPLOADED.
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &format!("{}?timeout_ms=300", download_path(&server, &id)),
+        Some(&bob.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (504, json!("M_NOT_YET_UPLOADED")),
+        "{}",
+        got.json()
+    );
+
+    // Only the creator may upload.
+    let put = |token: String, body: &'static [u8]| {
+        let server = &server;
+        let put_path = put_path.clone();
+        async move {
+            call(
+                server,
+                reqwest::Method::PUT,
+                &put_path,
+                Some(&token),
+                &[("content-type", "text/plain")],
+                Some(body.to_vec()),
+            )
+            .await
+        }
+    };
+    let got = put(bob.access_token.clone(), b"bob's").await;
+    assert_eq!((got.status, got.json()["errcode"].clone()), (403, json!("M_FORBIDDEN")));
+
+    // A download waiting for the bytes gets them when they come.
+    let waiting = {
+        let path = format!("{}?timeout_ms=10000", download_path(&server, &id));
+        let http = server.http.clone();
+        let url = format!("{}{path}", server.base_url());
+        let token = bob.access_token.clone();
+        tokio::spawn(async move {
+            let r = http.get(url).bearer_auth(token).send().await.expect("waiting download");
+            (r.status().as_u16(), r.bytes().await.expect("body").to_vec())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let got = put(alice.access_token.clone(), b"hello later").await;
+    assert_eq!(got.status, 200, "{}", got.json());
+    assert_eq!(waiting.await.unwrap(), (200, b"hello later".to_vec()));
+
+    // Not twice.
+    let got = put(alice.access_token.clone(), b"again").await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (409, json!("M_CANNOT_OVERWRITE_MEDIA"))
+    );
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &download_path(&server, &id),
+        Some(&bob.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.body, b"hello later");
+    assert_eq!(got.header("content-type"), "text/plain");
+    assert!(got.header("content-disposition").ends_with("late.txt"));
+}
+
+#[tokio::test]
+async fn quota_and_pending_limits() {
+    let server = TestServer::builder()
+        .env("WEFT_MEDIA__QUOTA_BYTES_PER_USER", "250000")
+        .env("WEFT_MEDIA__MAX_PENDING_UPLOADS", "2")
+        .start()
+        .await;
+    let alice = server.register("alice").await;
+    upload(&server, &alice, pattern(200_000, 1), "application/octet-stream", None).await;
+    let got = call(
+        &server,
+        reqwest::Method::POST,
+        "/_matrix/media/v3/upload",
+        Some(&alice.access_token),
+        &[("content-type", "application/octet-stream")],
+        Some(pattern(60_000, 2)),
+    )
+    .await;
+    assert_eq!((got.status, got.json()["errcode"].clone()), (413, json!("M_TOO_LARGE")));
+    assert!(
+        got.json()["error"].as_str().unwrap_or("").contains("quota"),
+        "{}",
+        got.json()
+    );
+    // What is left still fits.
+    upload(&server, &alice, pattern(50_000, 3), "application/octet-stream", None).await;
+
+    for _ in 0..2 {
+        let got = call(
+            &server,
+            reqwest::Method::POST,
+            "/_matrix/media/v1/create",
+            Some(&alice.access_token),
+            &[],
+            Some(b"{}".to_vec()),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+    }
+    let got = call(
+        &server,
+        reqwest::Method::POST,
+        "/_matrix/media/v1/create",
+        Some(&alice.access_token),
+        &[],
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (429, json!("M_LIMIT_EXCEEDED"))
+    );
+}
+
+fn photo(w: u32, h: u32, format: ImageFormat) -> Vec<u8> {
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, ((x + y) % 256) as u8])
+    });
+    let mut out = Vec::new();
+    DynamicImage::ImageRgb8(img)
+        .write_to(&mut Cursor::new(&mut out), format)
+        .expect("encode");
+    out
+}
+
+fn dims_and_format(bytes: &[u8]) -> (u32, u32, Option<ImageFormat>) {
+    let r = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .expect("format");
+    let f = r.format();
+    let (w, h) = r.into_dimensions().expect("a decodable image");
+    (w, h, f)
+}
+
+#[tokio::test]
+async fn thumbnails_of_real_images_scale_and_crop() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let jpeg = upload(
+        &server,
+        &alice,
+        photo(1200, 800, ImageFormat::Jpeg),
+        "image/jpeg",
+        Some("p.jpg"),
+    )
+    .await;
+    let png = upload(
+        &server,
+        &alice,
+        photo(640, 480, ImageFormat::Png),
+        "image/png",
+        Some("p.png"),
+    )
+    .await;
+    let thumb = |id: &str, w: u32, h: u32, method: &str| {
+        format!(
+            "/_matrix/client/v1/media/thumbnail/{}/{id}?width={w}&height={h}&method={method}",
+            server.server_name
+        )
+    };
+    let cases = [
+        (&jpeg, 320, 240, "scale", (320, 213), ImageFormat::Jpeg, "image/jpeg"),
+        (&jpeg, 96, 96, "crop", (96, 96), ImageFormat::Jpeg, "image/jpeg"),
+        (&png, 100, 100, "scale", (100, 75), ImageFormat::Png, "image/png"),
+        (&png, 64, 32, "crop", (64, 32), ImageFormat::Png, "image/png"),
+    ];
+    for (id, w, h, method, expect, format, ty) in cases {
+        for round in 0..2 {
+            let got = call(
+                &server,
+                reqwest::Method::GET,
+                &thumb(id, w, h, method),
+                Some(&alice.access_token),
+                &[],
+                None,
+            )
+            .await;
+            assert_eq!(got.status, 200, "{w}x{h} {method}: {}", got.json());
+            assert_eq!(got.header("content-type"), ty);
+            let (tw, th, f) = dims_and_format(&got.body);
+            assert_eq!((tw, th), expect, "{w}x{h} {method}, round {round}");
+            assert_eq!(f, Some(format));
+        }
+    }
+    // Generated once: a second request is served from the store (one
+    // thumbnail blob per size, plus the two originals).
+    let files = files_under(&server.data_dir.join("media/blobs"));
+    assert_eq!(files.len(), 2 + cases.len(), "{files:?}");
+
+    // Not an image: 400.
+    let text = upload(&server, &alice, b"plain".to_vec(), "text/plain", None).await;
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &thumb(&text, 32, 32, "scale"),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 400, "{}", got.json());
+    // A bad size: 400 M_INVALID_PARAM.
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &thumb(&png, 0, 32, "scale"),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (400, json!("M_INVALID_PARAM"))
+    );
+}
+
+/// A PNG a few hundred bytes long that declares 60 000 × 60 000 pixels:
+/// refused quickly, the server alive and well after.
+#[tokio::test]
+async fn a_decompression_bomb_is_refused_quickly() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    // Real compressed pixel data: rows of zeros, the first 64 KiB of them.
+    let mut bomb = Vec::new();
+    {
+        let img = image::GrayImage::new(1, 1);
+        DynamicImage::ImageLuma8(img)
+            .write_to(&mut Cursor::new(&mut bomb), ImageFormat::Png)
+            .unwrap();
+    }
+    // Patch the IHDR's width and height (bytes 16..24) and its CRC.
+    bomb[16..20].copy_from_slice(&60_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&60_000u32.to_be_bytes());
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    let id = upload(&server, &alice, bomb, "image/png", None).await;
+    let started = std::time::Instant::now();
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &format!(
+            "/_matrix/client/v1/media/thumbnail/{}/{id}?width=64&height=64",
+            server.server_name
+        ),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 400, "{}", got.json());
+    assert!(
+        got.json()["error"].as_str().unwrap_or("").contains("too large"),
+        "{}",
+        got.json()
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (st, _) = alice.whoami().await;
+    assert_eq!(st, 200);
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
