@@ -36,6 +36,32 @@ pub enum AdminCommand {
     Psk { name: String, device_id: Option<String> },
     /// The newest reports of events and users.
     Reports { limit: usize },
+    /// Media items, newest first, of one user or everyone.
+    MediaList { user: Option<String>, limit: usize },
+    /// The media repository in numbers.
+    MediaStats,
+    /// Deletes media items created more than `older_than_ms` ago, or all
+    /// of one user's (on their request), or both conditions together.
+    MediaPurge {
+        older_than_ms: Option<u64>,
+        user: Option<String>,
+    },
+    /// Quarantines a media item (`mxc://…` or its ID): served to no one;
+    /// `release` undoes it.
+    MediaQuarantine { media: String, release: bool },
+}
+
+/// A media item as `weft media list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminMedia {
+    pub mxc: String,
+    pub uploader: String,
+    pub created_ms: u64,
+    /// `None` while waiting for its bytes.
+    pub size: Option<u64>,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    pub quarantined: bool,
 }
 
 /// A user as `weft user list` shows it.
@@ -92,6 +118,19 @@ pub enum AdminOutcome {
     Reports {
         reports: Vec<weft_store::Report>,
     },
+    Media {
+        media: Vec<AdminMedia>,
+    },
+    MediaStats {
+        stats: weft_store::MediaStats,
+    },
+    MediaPurged {
+        deleted: usize,
+    },
+    MediaQuarantined {
+        mxc: String,
+        quarantined: bool,
+    },
 }
 
 impl AdminCommand {
@@ -108,6 +147,10 @@ impl AdminCommand {
             AdminCommand::Revoke { .. } => "revoke",
             AdminCommand::Psk { .. } => "psk",
             AdminCommand::Reports { .. } => "reports",
+            AdminCommand::MediaList { .. } => "media_list",
+            AdminCommand::MediaStats => "media_stats",
+            AdminCommand::MediaPurge { .. } => "media_purge",
+            AdminCommand::MediaQuarantine { .. } => "media_quarantine",
         }
     }
 }
@@ -206,6 +249,53 @@ impl Services {
             AdminCommand::Reports { limit } => Ok(AdminOutcome::Reports {
                 reports: self.store.reports(limit).await?,
             }),
+            AdminCommand::MediaList { user, limit } => {
+                let uploader = match user {
+                    Some(name) => Some(self.accounts.user_id_for(&name)?.to_string()),
+                    None => None,
+                };
+                let media = self
+                    .list_media(weft_store::MediaQuery {
+                        uploader,
+                        before_ms: None,
+                        limit,
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|m| AdminMedia {
+                        mxc: self.mxc(&m.media_id),
+                        uploader: m.uploader,
+                        created_ms: m.created_ms,
+                        size: m.content.as_ref().map(|c| c.size),
+                        content_type: m.content.as_ref().and_then(|c| c.content_type.clone()),
+                        filename: m.content.and_then(|c| c.filename),
+                        quarantined: m.quarantined,
+                    })
+                    .collect();
+                Ok(AdminOutcome::Media { media })
+            }
+            AdminCommand::MediaStats => Ok(AdminOutcome::MediaStats {
+                stats: self.store.media_stats().await?,
+            }),
+            AdminCommand::MediaPurge { older_than_ms, user } => {
+                let user = match user {
+                    Some(name) => Some(self.accounts.user_id_for(&name)?.to_string()),
+                    None => None,
+                };
+                Ok(AdminOutcome::MediaPurged {
+                    deleted: self.purge_media(older_than_ms, user).await?,
+                })
+            }
+            AdminCommand::MediaQuarantine { media, release } => {
+                let id = self.local_media_id(&media)?;
+                if !self.quarantine_media(&id, !release).await? {
+                    return Err(Error::not_found(format!("no media {media}")));
+                }
+                Ok(AdminOutcome::MediaQuarantined {
+                    mxc: self.mxc(&id),
+                    quarantined: !release,
+                })
+            }
         }
     }
 

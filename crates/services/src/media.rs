@@ -412,4 +412,51 @@ impl Services {
         }
         Ok(n)
     }
+
+    /// Deletes the items created more than `older_than_ms` ago and/or
+    /// uploaded by `uploader` (at least one of the two must be given).
+    pub async fn purge_media(&self, older_than_ms: Option<u64>, uploader: Option<String>) -> Result<usize> {
+        if older_than_ms.is_none() && uploader.is_none() {
+            return Err(Error::invalid_param("Say which media: --older-than, --user, or both"));
+        }
+        let before_ms = older_than_ms.map(|age| now_ms().saturating_sub(age));
+        let mut deleted = 0;
+        loop {
+            let batch = self
+                .store
+                .list_media(MediaQuery {
+                    uploader: uploader.clone(),
+                    // With only a user, everything of theirs (up to now).
+                    before_ms: Some(before_ms.unwrap_or(u64::MAX)),
+                    limit: 500,
+                })
+                .await?;
+            if batch.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += self
+                .delete_media(batch.into_iter().map(|m| m.media_id).collect())
+                .await?;
+        }
+    }
+
+    /// The media ID of `mxc://{this server}/{id}`, or of a bare ID.
+    pub fn local_media_id(&self, media: &str) -> Result<String> {
+        let id = match media.strip_prefix("mxc://") {
+            Some(rest) => {
+                let (server, id) = rest
+                    .split_once('/')
+                    .ok_or_else(|| Error::invalid_param(format!("{media} is not an mxc:// URI")))?;
+                if server != self.server_name.as_str() {
+                    return Err(Error::invalid_param(format!("{media} is not media of this server")));
+                }
+                id
+            }
+            None => media,
+        };
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(Error::invalid_param(format!("{media} is not a media ID")));
+        }
+        Ok(id.to_owned())
+    }
 }

@@ -62,6 +62,23 @@ pub struct MediaUsage {
     pub pending: u64,
 }
 
+/// The whole repository in numbers (`weft media stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MediaStats {
+    /// Uploaded items and their bytes (each item counted).
+    pub items: u64,
+    pub bytes: u64,
+    /// Distinct blobs of items and their bytes (what the disk holds,
+    /// thumbnails aside).
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub thumbnails: u64,
+    pub thumbnail_bytes: u64,
+    pub quarantined: u64,
+    /// Created items still waiting for their bytes (expired ones too).
+    pub pending: u64,
+}
+
 #[async_trait]
 pub trait MediaStore: Send + Sync + 'static {
     /// Records a new item (uploaded or pending).
@@ -79,4 +96,5 @@ pub trait MediaStore: Send + Sync + 'static {
     async fn thumbnail(&self, media_id: &str, width: u32, height: u32, method: &str)
     -> Result<Option<ThumbnailRecord>>;
     async fn put_thumbnail(&self, thumbnail: ThumbnailRecord) -> Result<()>;
+    async fn media_stats(&self) -> Result<MediaStats>;
 }

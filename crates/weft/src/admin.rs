@@ -416,6 +416,32 @@ pub fn print(outcome: &AdminOutcome) {
                 );
             }
         }
+        AdminOutcome::Media { media } => {
+            for m in media {
+                let size = m.size.map(|s| s.to_string()).unwrap_or_else(|| "pending".into());
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}{}",
+                    m.mxc,
+                    m.uploader,
+                    m.created_ms,
+                    size,
+                    m.content_type.as_deref().unwrap_or("-"),
+                    m.filename.as_deref().unwrap_or("-").replace(['\n', '\t'], " "),
+                    if m.quarantined { "\tquarantined" } else { "" }
+                );
+            }
+        }
+        AdminOutcome::MediaStats { stats } => {
+            println!("items\t{}\t{} bytes", stats.items, stats.bytes);
+            println!("files\t{}\t{} bytes", stats.blobs, stats.blob_bytes);
+            println!("thumbnails\t{}\t{} bytes", stats.thumbnails, stats.thumbnail_bytes);
+            println!("quarantined\t{}", stats.quarantined);
+            println!("pending\t{}", stats.pending);
+        }
+        AdminOutcome::MediaPurged { deleted } => println!("deleted {deleted} media items"),
+        AdminOutcome::MediaQuarantined { mxc, quarantined } => {
+            println!("{mxc} {}", if *quarantined { "quarantined" } else { "released" })
+        }
         AdminOutcome::Psk {
             user_id,
             device_id,

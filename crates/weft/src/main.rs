@@ -47,6 +47,60 @@ enum Command {
     /// Reports of events and users sent by clients.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// The media repository (docs/media.md).
+    #[command(subcommand)]
+    Media(MediaCommand),
+}
+
+#[derive(Subcommand)]
+enum MediaCommand {
+    /// List media items, newest first: mxc URI, uploader, time (ms), size,
+    /// type, name, and `quarantined` when so.
+    List {
+        /// Only this user's uploads.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Items, bytes, distinct files on disk, thumbnails.
+    Stats,
+    /// Delete media items (and their thumbnails and files) created more
+    /// than a time ago (`30d`, `12h`, `90m`, `45s`), or all of one user's
+    /// uploads, or one user's older ones.
+    Purge {
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<u64>,
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Quarantine a media item (`mxc://server/id` or its ID): no one can
+    /// download it any more; `--release` undoes it.
+    Quarantine {
+        media: String,
+        #[arg(long)]
+        release: bool,
+    },
+}
+
+/// `30d`, `12h`, `90m`, `45s` (or plain seconds) as milliseconds.
+fn parse_age(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30d, 12h, 90m or 45s"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} (use d, h, m or s)")),
+    };
+    Ok(n.saturating_mul(secs).saturating_mul(1000))
 }
 
 #[derive(Subcommand)]
@@ -123,6 +177,19 @@ fn main() -> anyhow::Result<()> {
                 serve(&cli.data_dir, cli.config, listen, server_name, started).await
             }
             Command::User(cmd) => user(&cli.data_dir, cli.config, cmd).await,
+            Command::Media(cmd) => {
+                use weft_services::admin::AdminCommand as A;
+                let command = match cmd {
+                    MediaCommand::List { user, limit } => A::MediaList { user, limit },
+                    MediaCommand::Stats => A::MediaStats,
+                    MediaCommand::Purge { older_than, user } => A::MediaPurge {
+                        older_than_ms: older_than,
+                        user,
+                    },
+                    MediaCommand::Quarantine { media, release } => A::MediaQuarantine { media, release },
+                };
+                admin_command(&cli.data_dir, cli.config, command).await
+            }
             Command::Report(ReportCommand::List { limit }) => {
                 admin_command(
                     &cli.data_dir,

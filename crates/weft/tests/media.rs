@@ -634,3 +634,82 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// `weft media list|stats|quarantine|purge` on a live server (through its
+/// admin socket: the CLI never opens a second writer).
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_list_count_quarantine_and_purge_media() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let shared = pattern(10_000, 9);
+    let a1 = upload(&server, &alice, shared.clone(), "image/png", Some("a1.png")).await;
+    let a2 = upload(&server, &alice, pattern(2_000, 1), "text/plain", Some("a2.txt")).await;
+    let b1 = upload(&server, &bob, shared, "image/png", Some("b1.png")).await;
+    let cli = |cmd: &'static str, rest: Vec<String>| {
+        let server = &server;
+        tokio::task::block_in_place(move || {
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            server.cli("media", cmd, &rest)
+        })
+    };
+
+    let (ok, out, err) = cli("list", vec![]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    // Newest first.
+    assert!(
+        lines[0].contains(&b1) && lines[0].contains("@bob:") && lines[0].contains("b1.png"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains(&a1) && lines[2].contains("10000\timage/png\ta1.png"),
+        "{out}"
+    );
+    let (ok, out, _) = cli("list", vec!["--user".into(), "alice".into()]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    let (ok, out, err) = cli("stats", vec![]);
+    assert!(ok, "{err}");
+    assert!(out.contains("items\t3\t22000 bytes"), "{out}");
+    assert!(out.contains("files\t2\t12000 bytes"), "{out}");
+
+    let dl = |id: String| {
+        let path = download_path(&server, &id);
+        let token = bob.access_token.clone();
+        let server = &server;
+        async move {
+            call(server, reqwest::Method::GET, &path, Some(&token), &[], None)
+                .await
+                .status
+        }
+    };
+    let (ok, out, err) = cli("quarantine", vec![format!("mxc://{}/{a2}", server.server_name)]);
+    assert!(ok && out.contains("quarantined"), "{out}{err}");
+    assert_eq!(dl(a2.clone()).await, 404);
+    let (ok, _, _) = cli("quarantine", vec![a2.clone(), "--release".into()]);
+    assert!(ok);
+    assert_eq!(dl(a2.clone()).await, 200);
+    let (ok, _, err) = cli("quarantine", vec!["NoSuchThing".into()]);
+    assert!(!ok && err.contains("no media"), "{err}");
+
+    // Nothing is older than a day; a purge needs a condition.
+    let (ok, out, _) = cli("purge", vec!["--older-than".into(), "1d".into()]);
+    assert!(ok && out.contains("deleted 0"), "{out}");
+    let (ok, _, err) = cli("purge", vec![]);
+    assert!(!ok, "{err}");
+    // All of alice's media, on her request: bob's copy of the shared bytes stays.
+    let (ok, out, err) = cli("purge", vec!["--user".into(), "alice".into()]);
+    assert!(ok && out.contains("deleted 2"), "{out}{err}");
+    assert_eq!(dl(a1).await, 404);
+    assert_eq!(dl(a2).await, 404);
+    assert_eq!(dl(b1.clone()).await, 200);
+    assert_eq!(files_under(&server.data_dir.join("media/blobs")).len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (ok, out, _) = cli("purge", vec!["--older-than".into(), "1s".into()]);
+    assert!(ok && out.contains("deleted 1"), "{out}");
+    assert_eq!(dl(b1).await, 404);
+    assert_eq!(files_under(&server.data_dir.join("media/blobs")).len(), 0);
+}

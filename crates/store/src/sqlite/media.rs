@@ -232,4 +232,43 @@ impl MediaStore for SqliteStore {
         })
         .await
     }
+
+    async fn media_stats(&self) -> Result<MediaStats> {
+        self.read(|c| {
+            let (items, bytes, quarantined, pending) = c
+                .prepare_cached(
+                    "SELECT COUNT(sha256), COALESCE(SUM(size), 0), \
+                     COUNT(*) FILTER (WHERE quarantined != 0), COUNT(*) FILTER (WHERE sha256 IS NULL) FROM media",
+                )?
+                .query_row([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?;
+            let (blobs, blob_bytes) = c
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM \
+                     (SELECT sha256, MAX(size) AS size FROM media WHERE sha256 IS NOT NULL GROUP BY sha256)",
+                )?
+                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            let (thumbnails, thumbnail_bytes) = c
+                .prepare_cached("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM media_thumbnails")?
+                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            let u = |n: i64| n.max(0) as u64;
+            Ok(MediaStats {
+                items: u(items),
+                bytes: u(bytes),
+                blobs: u(blobs),
+                blob_bytes: u(blob_bytes),
+                thumbnails: u(thumbnails),
+                thumbnail_bytes: u(thumbnail_bytes),
+                quarantined: u(quarantined),
+                pending: u(pending),
+            })
+        })
+        .await
+    }
 }
