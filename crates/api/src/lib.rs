@@ -167,6 +167,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, media::legacy_download_as)
         .add(Caller, media::legacy_thumbnail)
         .add(Caller, media::legacy_config)
+        .add(Caller, media::room_files)
+        .add(Caller, media::my_uploads)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

@@ -208,3 +208,31 @@ pub async fn legacy_config(
 ) -> Result<get_media_config::v3::Response, Error> {
     Ok(get_media_config::v3::Response::new(upload_size(&s)))
 }
+
+fn file_filter(q: crate::own::FileListQuery) -> weft_services::files::FileFilter {
+    weft_services::files::FileFilter {
+        tag: q.tag,
+        mimetype: q.mimetype,
+        since_ms: q.since,
+        until_ms: q.until,
+        search: q.q,
+        from: q.from,
+        limit: q.limit,
+    }
+}
+
+pub async fn room_files(
+    s: AppState,
+    req: Ruma<crate::own::room_files::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    let b = req.body;
+    let room = b.room_id.to_string();
+    Ok(Full(s.room_files(&req.caller, &room, &file_filter(b.query)).await?))
+}
+
+pub async fn my_uploads(
+    s: AppState,
+    req: Ruma<crate::own::my_uploads::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.my_uploads(&req.caller, &file_filter(req.body.query)).await?))
+}

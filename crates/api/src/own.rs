@@ -67,3 +67,122 @@ pub mod send_without_txn {
         }
     }
 }
+
+/// The query of the file listings (`org.weft.files`): every parameter
+/// optional.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct FileListQuery {
+    pub tag: Option<String>,
+    /// A type or type prefix: `image/`, `application/pdf`.
+    #[serde(rename = "type")]
+    pub mimetype: Option<String>,
+    /// Milliseconds since the epoch.
+    pub since: Option<u64>,
+    pub until: Option<u64>,
+    /// Words to find in names and tags.
+    pub q: Option<String>,
+    pub from: Option<String>,
+    pub limit: Option<usize>,
+}
+
+fn file_query<B: AsRef<[u8]>>(
+    request: &axum::http::Request<B>,
+) -> Result<FileListQuery, ruma::api::error::FromHttpRequestError> {
+    let q = request.uri().query().unwrap_or("");
+    serde_html_form::from_str(q).map_err(|e| ruma::api::error::DeserializationError::Query(e).into())
+}
+
+/// `GET /_matrix/client/unstable/org.weft.files/rooms/{roomId}/files`:
+/// the files shared in a room (docs/media.md, "Files").
+pub mod room_files {
+    use ruma::OwnedRoomId;
+    use ruma::api::auth_scheme::AccessToken;
+    use ruma::api::error::FromHttpRequestError;
+    use ruma::api::{IncomingRequest, metadata};
+    use serde::de::value::{Error as PathError, SeqDeserializer};
+
+    use super::FileListQuery;
+
+    metadata! {
+        method: GET,
+        rate_limited: false,
+        authentication: AccessToken,
+        history: {
+            unstable => "/_matrix/client/unstable/org.weft.files/rooms/{room_id}/files",
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    pub struct Request {
+        pub room_id: OwnedRoomId,
+        pub query: FileListQuery,
+    }
+
+    impl IncomingRequest for Request {
+        type EndpointError = ruma::api::error::Error;
+        // Not used: the handler answers with `Full` (a JSON listing).
+        type OutgoingResponse = ruma::api::client::account::whoami::v3::Response;
+
+        fn try_from_http_request<B, S>(
+            request: axum::http::Request<B>,
+            path_args: &[S],
+        ) -> Result<Self, FromHttpRequestError>
+        where
+            B: AsRef<[u8]>,
+            S: AsRef<str>,
+        {
+            Self::check_request_method(request.method())?;
+            let (room_id,): (OwnedRoomId,) = serde::Deserialize::deserialize(SeqDeserializer::<_, PathError>::new(
+                path_args.iter().map(AsRef::as_ref),
+            ))?;
+            Ok(Self {
+                room_id,
+                query: super::file_query(&request)?,
+            })
+        }
+    }
+}
+
+/// `GET /_matrix/client/unstable/org.weft.files/uploads`: the caller's own
+/// uploads (docs/media.md, "Files").
+pub mod my_uploads {
+    use ruma::api::auth_scheme::AccessToken;
+    use ruma::api::error::FromHttpRequestError;
+    use ruma::api::{IncomingRequest, metadata};
+
+    use super::FileListQuery;
+
+    metadata! {
+        method: GET,
+        rate_limited: false,
+        authentication: AccessToken,
+        history: {
+            unstable => "/_matrix/client/unstable/org.weft.files/uploads",
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    pub struct Request {
+        pub query: FileListQuery,
+    }
+
+    impl IncomingRequest for Request {
+        type EndpointError = ruma::api::error::Error;
+        // Not used: the handler answers with `Full` (a JSON listing).
+        type OutgoingResponse = ruma::api::client::account::whoami::v3::Response;
+
+        fn try_from_http_request<B, S>(
+            request: axum::http::Request<B>,
+            _path_args: &[S],
+        ) -> Result<Self, FromHttpRequestError>
+        where
+            B: AsRef<[u8]>,
+            S: AsRef<str>,
+        {
+            Self::check_request_method(request.method())?;
+            Ok(Self {
+                query: super::file_query(&request)?,
+            })
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod directory;
 pub mod ephemeral;
 pub mod events;
+pub mod files;
 pub mod filter;
 pub mod keys;
 pub mod media;

@@ -271,6 +271,10 @@ impl Services {
             return Ok(id);
         }
         let spec = event_spec(session, event_type, state_key, txn_id, content)?;
+        if event_type == crate::files::FILE_TAGS {
+            self.check_tags_target(&session.user_id, room_id.as_str(), state_key)
+                .await?;
+        }
         let sent = match self.rooms.submit(&room_id, &session.user_id, spec).await {
             Ok(submitted) => submitted.durable().await,
             Err(e) => Err(e),
@@ -302,6 +306,10 @@ impl Services {
         content: Value,
     ) -> Result<weft_rooms::Submitted> {
         let spec = event_spec(session, event_type, state_key, None, content)?;
+        if event_type == crate::files::FILE_TAGS {
+            self.check_tags_target(&session.user_id, room_id.as_str(), state_key)
+                .await?;
+        }
         self.rooms
             .submit(room_id, &session.user_id, spec)
             .await
@@ -801,6 +809,12 @@ fn event_spec(
     }
     if matches!(event_type, "m.room.create") {
         return Err(Error::forbidden("Cannot send m.room.create"));
+    }
+    if event_type == crate::files::FILE_TAGS {
+        match &content {
+            Value::Object(m) => crate::files::check_tags_content(m)?,
+            _ => return Err(Error::bad_json("Content must be a JSON object")),
+        }
     }
     let mut content = canonical_object(content)?;
     check_content_size(&content)?;

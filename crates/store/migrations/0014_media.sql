@@ -30,3 +30,10 @@ CREATE TABLE media_thumbnails (
     PRIMARY KEY (media_id, width, height, method)
 );
 CREATE INDEX media_thumbnails_by_sha256 ON media_thumbnails (sha256);
+
+-- Files shared in rooms: message events naming an mxc:// URL. A partial
+-- index on an expression of the stored event, so listing a room's files
+-- reads only them (not the room's telemetry) and the write path stays as
+-- it was.
+CREATE INDEX events_files ON events (room_id, position)
+    WHERE event_type = 'm.room.message' AND json_extract(pdu_json, '$.content.url') IS NOT NULL;

@@ -79,6 +79,19 @@ pub struct MediaStats {
     pub pending: u64,
 }
 
+/// Which of a room's files to read, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RoomFilesQuery {
+    /// Only events before this stream position.
+    pub before_position: i64,
+    /// Only files whose `info.mimetype` starts with this (`image/`).
+    pub mimetype_prefix: Option<String>,
+    /// Only events sent at or after / before these times (ms).
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    pub limit: usize,
+}
+
 #[async_trait]
 pub trait MediaStore: Send + Sync + 'static {
     /// Records a new item (uploaded or pending).
@@ -97,4 +110,7 @@ pub trait MediaStore: Send + Sync + 'static {
     -> Result<Option<ThumbnailRecord>>;
     async fn put_thumbnail(&self, thumbnail: ThumbnailRecord) -> Result<()>;
     async fn media_stats(&self) -> Result<MediaStats>;
+    /// Message events of a room that carry a file (`content.url`), not
+    /// redacted, newest first.
+    async fn room_files(&self, room_id: &str, query: RoomFilesQuery) -> Result<Vec<crate::StoredEvent>>;
 }

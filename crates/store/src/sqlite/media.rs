@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{SqliteStore, collect, db_err};
+use super::{EVENT_COLS, SqliteStore, collect, db_err, event_row};
 use crate::Result;
 use crate::media::*;
 
@@ -268,6 +268,33 @@ impl MediaStore for SqliteStore {
                 quarantined: u(quarantined),
                 pending: u(pending),
             })
+        })
+        .await
+    }
+
+    async fn room_files(&self, room_id: &str, q: RoomFilesQuery) -> Result<Vec<crate::StoredEvent>> {
+        let room = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = ?1 AND e.position < ?2 \
+                     AND e.event_type = 'm.room.message' AND json_extract(e.pdu_json, '$.content.url') IS NOT NULL \
+                     AND e.redacted_by IS NULL \
+                     AND (?3 IS NULL OR json_extract(e.pdu_json, '$.content.info.mimetype') LIKE ?3 || '%') \
+                     AND (?4 IS NULL OR e.origin_server_ts >= ?4) AND (?5 IS NULL OR e.origin_server_ts < ?5) \
+                     ORDER BY e.position DESC LIMIT ?6"
+                ),
+                params![
+                    room,
+                    q.before_position,
+                    q.mimetype_prefix.map(|p| p.replace(['%', '_'], "")),
+                    q.since_ms.map(to_i64),
+                    q.until_ms.map(to_i64),
+                    i64::try_from(q.limit).unwrap_or(i64::MAX)
+                ],
+                event_row,
+            )
         })
         .await
     }
