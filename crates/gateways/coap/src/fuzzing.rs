@@ -66,6 +66,7 @@ pub fn request(data: &[u8]) -> Datagram {
         payload,
         content_format: parts.content_format,
         observe: parts.observe,
+        block2: parts.block2,
     };
     let cs_path = routes::cs_path(&r.path).map(|p| p.into_iter().map(str::to_owned).collect());
     Datagram::Request(Box::new(Parsed {

@@ -62,6 +62,8 @@ const SEPARATE_AFTER: Duration = Duration::from_millis(1000);
 const ACK_RANDOM_FACTOR_MILLI: u64 = 1500;
 /// Block size used for responses: 1024 bytes (SZX 6).
 const BLOCK_SZX: u8 = 6;
+/// Largest media upload over CoAP: Block1 bodies are assembled in memory.
+const MAX_COAP_UPLOAD: usize = 16 * 1024 * 1024;
 /// How long an observer's long-poll waits before polling again.
 const OBSERVE_POLL_MS: u64 = 30_000;
 
@@ -402,7 +404,15 @@ impl<T: Transport> Door<T> {
 
         // Block1: assemble the request body first.
         let mut payload = req.payload.clone();
-        let max_body = self.services.config.limits.max_body_bytes;
+        // Media uploads are files, bounded by the media repository's limit
+        // (and, as the door assembles Block1 bodies in memory, by its own).
+        let max_body = if routes::media_path(&parts.path).is_some() {
+            usize::try_from(self.services.config.media.max_upload_bytes)
+                .unwrap_or(usize::MAX)
+                .min(MAX_COAP_UPLOAD)
+        } else {
+            self.services.config.limits.max_body_bytes
+        };
         if let Some((num, more, szx)) = parts.block1 {
             let (_, offset) = message::block1_layout(num, szx);
             let key = (peer, uri_key.clone());
@@ -464,11 +474,31 @@ impl<T: Transport> Door<T> {
             payload,
             content_format,
             observe,
+            block2,
         };
         let (reply, session) = match self.handle(&r, option_token, peer).await {
             Ok(answer) => answer,
             Err(e) => return error_packet(&e, out_cf),
         };
+        if let Some(file) = reply.file {
+            // A media file, one block per request (docs/coap.md, "Files").
+            let mut resp = Packet::new();
+            resp.header.code = MessageClass::Response(reply.code);
+            resp.set_content_format_num(file.cf);
+            let size = 1u64 << (file.szx + 4);
+            let end = u64::from(file.num) * size + file.bytes.len() as u64;
+            if block2.is_some() || file.total > size {
+                resp.add_option(CoapOption::Block2, block_value(file.num, end < file.total, file.szx));
+                if file.num == 0 {
+                    resp.add_option(
+                        CoapOption::Size2,
+                        uint_bytes(u32::try_from(file.total).unwrap_or(u32::MAX)),
+                    );
+                }
+            }
+            resp.payload = file.bytes;
+            return resp;
+        }
         let mut resp = Packet::new();
         resp.header.code = MessageClass::Response(reply.code);
         resp.set_content_format_num(out_cf);
@@ -612,16 +642,30 @@ impl<T: Transport> Door<T> {
         option_token: Option<String>,
         peer: SocketAddr,
     ) -> weft_core::Result<(routes::Reply, Option<Arc<SessionWatch>>)> {
-        let p = routes::cs_path(&r.path).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unrecognized {
-                    method_not_allowed: false,
-                },
-                "Unrecognized request",
-            )
-        })?;
-        if routes::is_public(&p) {
-            return Ok((routes::dispatch(&self.api, None, Some(peer), &p, r).await?, None));
+        let media = routes::media_path(&r.path);
+        let p = match &media {
+            Some(_) => Vec::new(),
+            None => routes::cs_path(&r.path).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unrecognized {
+                        method_not_allowed: false,
+                    },
+                    "Unrecognized request",
+                )
+            })?,
+        };
+        let run = |session: Option<Session>| {
+            let media = media.clone();
+            let p = p.clone();
+            async move {
+                match &media {
+                    Some(path) => routes::dispatch_media(&self.api, session.as_ref(), Some(peer), path, r).await,
+                    None => routes::dispatch(&self.api, session.as_ref(), Some(peer), &p, r).await,
+                }
+            }
+        };
+        if media.is_none() && routes::is_public(&p) {
+            return Ok((run(None).await?, None));
         }
         let presented = r.query_token().map(str::to_owned).or(option_token);
         // A DTLS session set up with a device's pre-shared key is that
@@ -636,7 +680,7 @@ impl<T: Transport> Door<T> {
                     "The pre-shared key of this DTLS session was revoked",
                 ));
             };
-            let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
+            let reply = run(Some(session.clone())).await?;
             return Ok((reply, Some(self.services.watch_psk_session(&session, &identity))));
         }
         let token = match &presented {
@@ -646,7 +690,7 @@ impl<T: Transport> Door<T> {
         let Some(token) = token else {
             // The endpoint decides whether it needs a caller; the request
             // is charged to the peer's IP.
-            return Ok((routes::dispatch(&self.api, None, Some(peer), &p, r).await?, None));
+            return Ok((run(None).await?, None));
         };
         let session = self.services.accounts.authenticate(&token, Some(peer.ip())).await?;
         if presented.is_some() {
@@ -656,7 +700,7 @@ impl<T: Transport> Door<T> {
             }
             st.peer_tokens.insert(peer, token.clone());
         }
-        let reply = routes::dispatch(&self.api, Some(&session), Some(peer), &p, r).await?;
+        let reply = run(Some(session.clone())).await?;
         Ok((reply, Some(self.services.watch_session(&session, &token))))
     }
 
@@ -797,7 +841,9 @@ fn encode_body(v: &Value, cf: u16) -> Vec<u8> {
 
 /// An error response: code from [`routes::error_reply`], Matrix error body.
 fn error_packet(e: &Error, cf: u16) -> Packet {
-    let routes::Reply { code, body, max_age } = error_reply(e);
+    let routes::Reply {
+        code, body, max_age, ..
+    } = error_reply(e);
     let code = if e.status == Some(408) {
         ResponseType::RequestEntityIncomplete
     } else {

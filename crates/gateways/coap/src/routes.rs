@@ -25,6 +25,8 @@ pub struct Req {
     pub content_format: Option<u16>,
     /// Observe option value on a GET (0 = register).
     pub observe: Option<u32>,
+    /// Block2 option (num, more, szx): which block of a file to answer.
+    pub block2: Option<(u32, bool, u8)>,
 }
 
 impl Req {
@@ -79,6 +81,19 @@ pub struct Reply {
     pub code: ResponseType,
     pub body: Value,
     pub max_age: Option<u32>,
+    /// A file (or one block of it) from the media repository, sent as
+    /// it is instead of `body`.
+    pub file: Option<FileBlock>,
+}
+
+/// One block of a media file: its bytes, Content-Format, which block of
+/// which size it is, and the whole file's length.
+pub struct FileBlock {
+    pub bytes: Vec<u8>,
+    pub cf: u16,
+    pub num: u32,
+    pub szx: u8,
+    pub total: u64,
 }
 
 impl Reply {
@@ -264,7 +279,12 @@ pub async fn dispatch(
         },
         _ => code_for_status(status),
     };
-    Ok(Reply { code, body, max_age })
+    Ok(Reply {
+        code,
+        body,
+        max_age,
+        file: None,
+    })
 }
 
 /// The CoAP code for an HTTP error status.
@@ -302,5 +322,189 @@ pub fn error_reply(e: &Error) -> Reply {
         code: code_for_status(e.http_status()),
         body,
         max_age,
+        file: None,
     }
+}
+
+/// The HTTP path of a media repository request (`/_matrix/media/…`,
+/// `/_matrix/client/v1/media/…`), which the door hands on with its
+/// payload as it is (docs/coap.md, "Files").
+pub fn media_path(path: &[String]) -> Option<String> {
+    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+    if !matches!(
+        p.as_slice(),
+        ["_matrix", "media", _, ..] | ["_matrix", "client", "v1", "media", _, ..]
+    ) {
+        return None;
+    }
+    let mut uri = String::new();
+    for seg in p {
+        uri.push('/');
+        uri.extend(percent_encoding::utf8_percent_encode(seg, ESCAPE));
+    }
+    Some(uri)
+}
+
+/// Content-Formats (RFC 7252 §12.3 and its registry) and their types.
+const MEDIA_FORMATS: [(u16, &str); 8] = [
+    (0, "text/plain"),
+    (21, "image/gif"),
+    (22, "image/jpeg"),
+    (23, "image/png"),
+    (41, "application/xml"),
+    (42, "application/octet-stream"),
+    (50, "application/json"),
+    (60, "application/cbor"),
+];
+
+/// The Content-Type of an upload with this Content-Format (none, or one
+/// without a type of its own: `application/octet-stream`).
+pub fn content_type_of(cf: Option<u16>) -> &'static str {
+    match cf {
+        Some(0) => "text/plain; charset=utf-8",
+        Some(cf) => MEDIA_FORMATS
+            .iter()
+            .find(|(n, _)| *n == cf)
+            .map_or("application/octet-stream", |(_, t)| t),
+        None => "application/octet-stream",
+    }
+}
+
+/// The Content-Format for a file of this Content-Type (42, octet-stream,
+/// for types CoAP has no number for).
+pub fn format_of(content_type: &str) -> u16 {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    MEDIA_FORMATS
+        .iter()
+        .find(|(_, t)| t.eq_ignore_ascii_case(essence))
+        .map_or(42, |(n, _)| *n)
+}
+
+/// Runs a media repository request through the endpoint layer: the
+/// payload goes up as the file (its Content-Format as Content-Type); a
+/// download asks for the one block the request's Block2 names (as an HTTP
+/// range), so a large file is never held whole in memory.
+pub async fn dispatch_media(
+    api: &axum::Router,
+    session: Option<&Session>,
+    peer: Option<SocketAddr>,
+    path: &str,
+    req: &Req,
+) -> Result<Reply> {
+    use tower::ServiceExt;
+    let method = match req.method {
+        Method::Get => axum::http::Method::GET,
+        Method::Post => axum::http::Method::POST,
+        Method::Put => axum::http::Method::PUT,
+        _ => {
+            return Err(Error::new(
+                ErrorKind::Unrecognized {
+                    method_not_allowed: true,
+                },
+                "Method not allowed on this endpoint",
+            ));
+        }
+    };
+    let mut uri = path.to_owned();
+    let mut sep = '?';
+    for (k, v) in &req.query {
+        if k == "a" || k == "access_token" {
+            continue;
+        }
+        uri.push(sep);
+        uri.extend(percent_encoding::utf8_percent_encode(k, ESCAPE));
+        uri.push('=');
+        uri.extend(percent_encoding::utf8_percent_encode(v, ESCAPE));
+        sep = '&';
+    }
+    let (num, szx) = match req.block2 {
+        Some((num, _, szx)) => (num, szx.min(crate::BLOCK_SZX)),
+        None => (0, crate::BLOCK_SZX),
+    };
+    let size = 1u64 << (szx + 4);
+    let start = u64::from(num) * size;
+    let request = |range: bool| {
+        let mut b = axum::http::Request::builder()
+            .method(method.clone())
+            .uri(uri.clone())
+            .header(axum::http::header::CONTENT_TYPE, content_type_of(req.content_format));
+        if method == axum::http::Method::GET && range {
+            b = b.header(axum::http::header::RANGE, format!("bytes={start}-{}", start + size - 1));
+        }
+        let body = if method == axum::http::Method::GET {
+            Vec::new()
+        } else {
+            req.payload.clone()
+        };
+        let mut http = b
+            .body(axum::body::Body::from(body))
+            .map_err(|e| Error::invalid_param(format!("Invalid request: {e}")))?;
+        if let Some(s) = session {
+            http.extensions_mut().insert(weft_api::Authenticated(s.clone()));
+        }
+        if let Some(peer) = peer {
+            http.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        }
+        Ok::<_, Error>(http)
+    };
+    let mut resp = match api.clone().oneshot(request(true)?).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    };
+    // An empty file has no first block: ask again for all of it.
+    if resp.status() == axum::http::StatusCode::RANGE_NOT_SATISFIABLE
+        && num == 0
+        && resp
+            .headers()
+            .get(axum::http::header::CONTENT_RANGE)
+            .is_some_and(|v| v.as_bytes() == b"bytes */0")
+    {
+        resp = match api.clone().oneshot(request(false)?).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+    }
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let header = |n: axum::http::header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_type = header(axum::http::header::CONTENT_TYPE).unwrap_or_default();
+    let total = header(axum::http::header::CONTENT_RANGE)
+        .and_then(|r| r.rsplit('/').next().and_then(|t| t.parse::<u64>().ok()));
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(Error::internal)?
+        .to_bytes();
+    let is_file = method == axum::http::Method::GET && (path.contains("/download/") || path.contains("/thumbnail/"));
+    if !(200..=299).contains(&status) || !is_file {
+        let body: Value = if bytes.is_empty() {
+            json!({})
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({}))
+        };
+        let code = match status {
+            200..=299 if req.method == Method::Post => ResponseType::Created,
+            200..=299 if req.method == Method::Get => ResponseType::Content,
+            200..=299 => ResponseType::Changed,
+            416 => ResponseType::BadOption,
+            _ => code_for_status(status),
+        };
+        return Ok(Reply {
+            code,
+            body,
+            max_age: None,
+            file: None,
+        });
+    }
+    Ok(Reply {
+        code: ResponseType::Content,
+        body: Value::Null,
+        max_age: None,
+        file: Some(FileBlock {
+            total: total.unwrap_or(bytes.len() as u64),
+            bytes: bytes.to_vec(),
+            cf: format_of(&content_type),
+            num,
+            szx,
+        }),
+    })
 }
