@@ -124,7 +124,75 @@ fn file_of(ev: &StoredEvent) -> Option<FileFields> {
     Some((url, name, mimetype, size, msgtype))
 }
 
+/// The type of a file from its name's extension, for doors whose
+/// messages carry no type (MQTT 3.1.1).
+pub fn type_from_name(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "txt" | "log" => "text/plain",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "cbor" => "application/cbor",
+        "pdf" => "application/pdf",
+        "mp4" => "video/mp4",
+        "ogg" | "oga" => "audio/ogg",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
 impl Services {
+    /// Stores `bytes` as media and shares them in the room as a file
+    /// message (`m.image`, `m.video`, `m.audio` or `m.file` by type) named
+    /// `name`: what an MQTT device's `weft/r/{room}/f/{name}` publish
+    /// does. Only a member may (`403`, and nothing stored); the message
+    /// is queued as [`Services::submit_event`] queues one.
+    pub async fn share_file(
+        &self,
+        session: &Session,
+        room_id: &ruma::RoomId,
+        name: &str,
+        content_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<crate::Submitted> {
+        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+            return Err(Error::invalid_param("A file name is 1 to 255 bytes of text"));
+        }
+        match self.rooms.membership(room_id, &session.user_id).await {
+            Ok(Some(m)) if m == "join" => {}
+            _ => return Err(Error::forbidden("You are not in this room")),
+        }
+        let mimetype = content_type.unwrap_or_else(|| type_from_name(name));
+        let media_id = self
+            .upload_media(session, Some(mimetype), Some(name), &mut &bytes[..])
+            .await?;
+        let msgtype = match mimetype.split('/').next() {
+            Some("image") => "m.image",
+            Some("video") => "m.video",
+            Some("audio") => "m.audio",
+            _ => "m.file",
+        };
+        let content = json!({
+            "msgtype": msgtype,
+            "body": name,
+            "filename": name,
+            "url": self.mxc(&media_id),
+            "info": {"mimetype": mimetype, "size": bytes.len()},
+        });
+        self.submit_event(session, room_id, "m.room.message", None, content)
+            .await
+    }
+
     /// Before an `org.weft.file.tags` event is sent: its state key must be
     /// a file event of the room the sender may see.
     pub(crate) async fn check_tags_target(&self, user_id: &UserId, room: &str, state_key: Option<&str>) -> Result<()> {

@@ -1115,6 +1115,13 @@ impl Conn {
             .resolve_room(&target.room)
             .await
             .map_err(|e| refusal(&e))?;
+        if let Some(name) = &target.file {
+            return self
+                .services
+                .share_file(&self.session, &room_id, name, None, payload)
+                .await
+                .map_err(|e| refusal(&e));
+        }
         let content = door_content(payload).map_err(|e| refusal(&e))?;
         let content = serde_json::to_value(content).map_err(|_| Refusal::PayloadInvalid)?;
         self.services

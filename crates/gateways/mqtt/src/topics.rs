@@ -90,6 +90,9 @@ pub struct Target {
     pub room: String,
     pub event_type: String,
     pub state_key: Option<String>,
+    /// `f/{name}`: the payload is a file to store as media and share as
+    /// an `m.file` (or `m.image`, …) message of that name.
+    pub file: Option<String>,
 }
 
 /// Parses a PUBLISH topic; `None` if it is not one of ours.
@@ -114,6 +117,13 @@ pub fn parse_publish(topic: &str) -> Option<Target> {
             room,
             event_type: unescape(rest)?.into_owned(),
             state_key: None,
+            file: None,
+        }),
+        "f" if !rest.is_empty() && !rest.contains('/') => Some(Target {
+            room,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            file: Some(unescape(rest)?.into_owned()),
         }),
         "s" => {
             // The state key is everything after the type (it may hold `/`).
@@ -125,6 +135,7 @@ pub fn parse_publish(topic: &str) -> Option<Target> {
                 room,
                 event_type: unescape(event_type)?.into_owned(),
                 state_key: Some(unescape(state_key)?.into_owned()),
+                file: None,
             })
         }
         _ => None,
@@ -206,7 +217,17 @@ mod tests {
             Some(Target {
                 room: "!a:h".into(),
                 event_type: "org.weft.telemetry".into(),
-                state_key: None
+                state_key: None,
+                file: None,
+            })
+        );
+        assert_eq!(
+            parse_publish("weft/r/!a:h/f/snap%20shot.jpg"),
+            Some(Target {
+                room: "!a:h".into(),
+                event_type: "m.room.message".into(),
+                state_key: None,
+                file: Some("snap shot.jpg".into()),
             })
         );
         assert_eq!(
@@ -214,7 +235,8 @@ mod tests {
             Some(Target {
                 room: "#lab:localhost:8008".into(),
                 event_type: "m.room.name".into(),
-                state_key: Some(String::new())
+                state_key: Some(String::new()),
+                file: None,
             })
         );
         assert_eq!(
@@ -228,6 +250,8 @@ mod tests {
             "weft/r/!a:h/s/x",
             "foo",
             "weft/r/!a:h/e/a/b",
+            "weft/r/!a:h/f/",
+            "weft/r/!a:h/f/a/b",
         ] {
             assert_eq!(parse_publish(bad), None, "{bad}");
         }

@@ -1346,3 +1346,70 @@ async fn revoked_credentials_end_open_connections() {
         "a publish after revocation was stored: {v}"
     );
 }
+
+/// A device publishes a binary file to `weft/r/{room}/f/{name}`: it is
+/// stored as media and shared as an `m.image` message, which HTTP
+/// downloads byte-identical; a non-member's file is refused and nothing
+/// is kept.
+#[tokio::test]
+async fn a_file_published_over_mqtt_becomes_media_and_an_m_file_message() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let mallory = srv.register("mallory").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+
+    // A client allowed packets up to the door's own limit (128 KiB).
+    let mut o = rumqttc::MqttOptions::new("camera-1", &srv.mqtt_host, srv.mqtt_port);
+    o.set_credentials("alice", &alice.password)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(128 * 1024, 128 * 1024);
+    let mut m = spawn(o);
+    assert_eq!(m.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    m.client
+        .publish(format!("weft/r/{room}/f/snap%20001.jpg"), q1(), false, data.clone())
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
+    let ev = &alice.last_events(&room, 1).await[0];
+    assert_eq!(ev["type"], "m.room.message");
+    assert_eq!(ev["sender"], alice.user_id);
+    let c = &ev["content"];
+    assert_eq!(c["msgtype"], "m.image", "{ev}");
+    assert_eq!(c["body"], "snap 001.jpg");
+    assert_eq!(c["info"], json!({"mimetype": "image/jpeg", "size": 100_000}));
+    let mxc = c["url"].as_str().expect("url").to_owned();
+    let id = mxc.strip_prefix("mxc://").expect("mxc");
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "http://{}/_matrix/client/v1/media/download/{id}",
+            srv.http_addr()
+        ))
+        .bearer_auth(&alice.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/jpeg");
+    assert!(resp.bytes().await.unwrap().as_ref() == data.as_slice());
+
+    // Not a member: refused, and no media kept for it.
+    let mut x = c4(&srv, "intruder", "mallory", &mallory.password, true);
+    assert_eq!(x.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    x.client
+        .publish(format!("weft/r/{room}/f/x.bin"), q1(), false, vec![1u8; 10])
+        .await
+        .unwrap();
+    // MQTT 3.1.1 has no negative PUBACK: the connection is closed.
+    loop {
+        match x.next().await {
+            Ok(rumqttc::Packet::PubAck(_)) => panic!("a non-member's file was acknowledged"),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let (st, v) = mallory.get("/_matrix/client/unstable/org.weft.files/uploads").await;
+    assert_eq!((st, v["chunk"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
+}
