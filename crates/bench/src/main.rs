@@ -9,6 +9,7 @@
 
 mod api;
 mod doors;
+mod media;
 mod scenarios;
 mod server;
 mod stats;
@@ -43,6 +44,9 @@ pub enum Scenario {
     /// MQTT QoS 1 publishes/s and publish-to-subscriber latency, weft's
     /// MQTT door vs Mosquitto.
     Mqtt,
+    /// Media upload and download MB/s beside raw disk writes, and
+    /// thumbnail generation time.
+    Media,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -160,6 +164,13 @@ pub struct Opts {
     /// it does not exist).
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     pub mosquitto_bin: PathBuf,
+
+    /// media: files uploaded and downloaded.
+    #[arg(long, default_value_t = 4)]
+    pub media_files: u64,
+    /// media: size of each, MiB (at most 90, under the upload limit).
+    #[arg(long, default_value_t = 32)]
+    pub media_file_mib: u64,
 }
 
 /// Microseconds since the benchmark started (the clock carried in events).
@@ -404,6 +415,7 @@ async fn run(opts: Opts) -> (Value, bool) {
             Scenario::ColdStart => ("cold_start", scenarios::cold_start(&bench).await),
             Scenario::Wire => ("wire", doors::wire(&bench).await),
             Scenario::Mqtt => ("mqtt", doors::mqtt(&bench).await),
+            Scenario::Media => ("media", media::media(&bench).await),
         };
         let value = match result {
             Ok(v) => v,
