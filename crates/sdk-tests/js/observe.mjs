@@ -17,7 +17,7 @@
 // state seen so far, so the Rust side reports what the client showed.
 // The SDK's own logging goes to stderr.
 
-import { createClient, ClientEvent, RoomEvent, RoomMemberEvent, RoomStateEvent } from "matrix-js-sdk";
+import { createClient, ClientEvent, RoomMemberEvent } from "matrix-js-sdk";
 import { logger } from "matrix-js-sdk/lib/logger.js";
 import { createInterface } from "node:readline";
 
@@ -50,8 +50,12 @@ client.on(RoomMemberEvent.Typing, (_event, member) => {
   typingEvents.push([member.roomId, member.userId, member.typing]);
 });
 
-/** Waits until `check()` is truthy, re-checking on the client's events. */
-function waitFor(check, events) {
+/**
+ * Waits until `check()` is truthy, re-checking after each sync response is
+ * processed (so counts, names and receipts are those of a whole response).
+ */
+function waitFor(check) {
+  const events = [ClientEvent.Sync];
   return new Promise((resolve) => {
     const recheck = () => {
       if (check()) done(true);
@@ -104,21 +108,18 @@ async function handle(cmd) {
     case "wait_member": {
       const ok = await waitFor(
         () => client.getRoom(cmd.room_id)?.getMember(cmd.user_id)?.membership === cmd.membership,
-        [ClientEvent.Room, RoomStateEvent.Members, RoomStateEvent.NewMember, RoomEvent.Timeline],
       );
       return { op: "wait_member", timeout: !ok, ...roomView(cmd.room_id) };
     }
     case "wait_read": {
       const ok = await waitFor(
         () => client.getRoom(cmd.room_id)?.getEventReadUpTo(cmd.user_id) === cmd.event_id,
-        [RoomEvent.Receipt, RoomEvent.Timeline],
       );
       return { op: "wait_read", timeout: !ok, ...readView(cmd.room_id, cmd.user_id, cmd.event_id) };
     }
     case "wait_typing": {
       const ok = await waitFor(
         () => client.getRoom(cmd.room_id)?.getMember(cmd.user_id)?.typing === cmd.typing,
-        [RoomMemberEvent.Typing],
       );
       const member = client.getRoom(cmd.room_id)?.getMember(cmd.user_id);
       return {
@@ -158,9 +159,12 @@ client.once(ClientEvent.Sync, (state) => {
       if (answer.op === "quit") process.exit(0);
     });
   });
+  // End of input: answer what is queued, then stop.
   lines.on("close", () => {
-    client.stopClient();
-    process.exit(0);
+    queue = queue.then(() => {
+      client.stopClient();
+      process.exit(0);
+    });
   });
 });
 
