@@ -82,7 +82,12 @@ impl JsClient {
             .expect("start node");
         let stdin = child.stdin.take().expect("piped stdin");
         let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut js = JsClient { child, stdin, lines, log };
+        let mut js = JsClient {
+            child,
+            stdin,
+            lines,
+            log,
+        };
         let ready = js.answer().await;
         assert_eq!(ready["op"], "ready", "{ready}");
         assert!(ready.get("error").is_none(), "first sync of matrix-js-sdk: {ready}");
@@ -111,7 +116,10 @@ impl JsClient {
         self.stdin.flush().await.expect("flush to node");
         let answer = self.answer().await;
         assert_eq!(answer["op"], cmd["op"], "answer to {cmd}: {answer}");
-        assert_ne!(answer["timeout"], true, "matrix-js-sdk never showed {cmd}; it shows {answer}");
+        assert_ne!(
+            answer["timeout"], true,
+            "matrix-js-sdk never showed {cmd}; it shows {answer}"
+        );
         assert_ne!(answer["known"], false, "matrix-js-sdk does not know the room of {cmd}");
         answer
     }
@@ -140,7 +148,11 @@ async fn set_displayname(user: &Client, name: &str) {
 async fn receipt(user: &Client, room: &str, kind: &str, event_id: &str) {
     let (st, body) = user
         .post(
-            &format!("rooms/{}/receipt/{kind}/{}", weft_testkit::enc(room), weft_testkit::enc(event_id)),
+            &format!(
+                "rooms/{}/receipt/{kind}/{}",
+                weft_testkit::enc(room),
+                weft_testkit::enc(event_id)
+            ),
             json!({}),
         )
         .await;
@@ -237,9 +249,13 @@ async fn js_sdk_shows_member_counts_and_a_name_from_heroes() {
     assert_eq!(view["name"], "Bob Builder and 2 others", "{view}");
 
     // bob leaves, dave declines: alice and carol are left.
-    let (st, body) = bob.post(&format!("rooms/{}/leave", weft_testkit::enc(&room)), json!({})).await;
+    let (st, body) = bob
+        .post(&format!("rooms/{}/leave", weft_testkit::enc(&room)), json!({}))
+        .await;
     assert_eq!(st, 200, "{body}");
-    let (st, body) = dave.post(&format!("rooms/{}/leave", weft_testkit::enc(&room)), json!({})).await;
+    let (st, body) = dave
+        .post(&format!("rooms/{}/leave", weft_testkit::enc(&room)), json!({}))
+        .await;
     assert_eq!(st, 200, "{body}");
     let view = js
         .ask(json!({"op": "wait_member", "room_id": room, "user_id": dave.user_id, "membership": "leave"}))
@@ -311,7 +327,11 @@ async fn js_sdk_shows_the_other_user_typing() {
     let room = weft_testkit::client::room_with(&alice, &bob, "private_chat").await;
 
     let mut js = JsClient::start(&server, &alice).await;
-    let typing_path = format!("rooms/{}/typing/{}", weft_testkit::enc(&room), weft_testkit::enc(&bob.user_id));
+    let typing_path = format!(
+        "rooms/{}/typing/{}",
+        weft_testkit::enc(&room),
+        weft_testkit::enc(&bob.user_id)
+    );
     let (st, body) = bob.put(&typing_path, json!({"typing": true, "timeout": 30000})).await;
     assert_eq!(st, 200, "{body}");
     let seen = js

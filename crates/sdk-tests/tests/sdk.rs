@@ -833,7 +833,11 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     let mut expected = vec![first_id.to_string(), second_id.to_string()];
     expected.sort();
     assert_eq!(listed, expected, "bob lists both of alice's devices");
-    let unverified = bob.encryption().get_device(&alice_id, &second_id).await?.context("new device")?;
+    let unverified = bob
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("new device")?;
     assert!(
         !unverified.is_cross_signed_by_owner(),
         "the new device is not cross-signed before verification"
@@ -856,7 +860,10 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
         .await
         .context("request verification")?;
     let flow_id = request.flow_id().to_owned();
-    ensure!(request.is_self_verification(), "a verification between alice's own devices");
+    ensure!(
+        request.is_self_verification(),
+        "a verification between alice's own devices"
+    );
 
     // The first device receives it over to-device and accepts (ready).
     sync_all_until(&[&alice], "the verification request on the first device", || async {
@@ -903,7 +910,9 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     })
     .await?;
     let symbols = |sas: &matrix_sdk::encryption::verification::SasVerification| -> Vec<&'static str> {
-        sas.emoji().map(|e| e.iter().map(|e| e.symbol).collect()).unwrap_or_default()
+        sas.emoji()
+            .map(|e| e.iter().map(|e| e.symbol).collect())
+            .unwrap_or_default()
     };
     let shown = symbols(&first_sas);
     assert_eq!(shown.len(), 7, "seven emoji: {shown:?}");
@@ -917,8 +926,16 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     })
     .await?;
     ensure!(!first_sas.is_cancelled() && !second_sas.is_cancelled());
-    let on_first = alice.encryption().get_device(&alice_id, &second_id).await?.context("new device")?;
-    let on_second = second.encryption().get_device(&alice_id, &first_id).await?.context("first device")?;
+    let on_first = alice
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("new device")?;
+    let on_second = second
+        .encryption()
+        .get_device(&alice_id, &first_id)
+        .await?
+        .context("first device")?;
     assert!(on_first.is_verified(), "the first device trusts the new one");
     assert!(on_second.is_verified(), "the new device trusts the first one");
 
@@ -931,7 +948,11 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
             && by_second.is_some_and(|d| d.is_cross_signed_by_owner()))
     })
     .await?;
-    let own = second.encryption().get_device(&alice_id, &second_id).await?.context("own device")?;
+    let own = second
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("own device")?;
     assert!(
         own.is_verified(),
         "the new device trusts itself through alice's verified identity"
