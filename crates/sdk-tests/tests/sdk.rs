@@ -726,15 +726,6 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     Ok(())
 }
 
-/// One `/sync` of each client at the same time (long polls of [`POLL`]).
-async fn sync_both(a: &Client, b: &Client) -> Result<()> {
-    let settings = || SyncSettings::default().timeout(POLL);
-    let (ra, rb) = tokio::join!(a.sync_once(settings()), b.sync_once(settings()));
-    ra.context("sync of the first client")?;
-    rb.context("sync of the second client")?;
-    Ok(())
-}
-
 /// Syncs `clients` (all at once) until the async check `done` holds,
 /// bounded by [`WAIT`].
 async fn sync_all_until<F, Fut>(clients: &[&Client], what: &str, mut done: F) -> Result<()>
