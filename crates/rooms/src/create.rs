@@ -27,6 +27,9 @@ pub struct CreateRoom {
     pub name: Option<String>,
     pub topic: Option<String>,
     pub invite: Vec<OwnedUserId>,
+    /// Profile fields (`displayname`, `avatar_url`) of invitees for their
+    /// invite events, as clients name invited members (and rooms) by them.
+    pub invite_profiles: std::collections::BTreeMap<OwnedUserId, CanonicalJsonObject>,
     pub is_direct: bool,
     pub alias: Option<OwnedRoomAliasId>,
     /// (type, state_key, content) from `initial_state`.
@@ -168,7 +171,8 @@ impl Rooms {
             ));
         }
         for u in &req.invite {
-            let mut c = obj(json!({ "membership": "invite" }))?;
+            let mut c = req.invite_profiles.get(u).cloned().unwrap_or_default();
+            c.insert("membership".into(), CanonicalJsonValue::String("invite".into()));
             if req.is_direct {
                 c.insert("is_direct".into(), CanonicalJsonValue::Bool(true));
             }

@@ -725,3 +725,261 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     assert_eq!(after_json["sender"], bob_id.as_str());
     Ok(())
 }
+
+/// Syncs `clients` (all at once) until the async check `done` holds,
+/// bounded by [`WAIT`].
+async fn sync_all_until<F, Fut>(clients: &[&Client], what: &str, mut done: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if done().await? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {WAIT:?} waiting for {what}");
+        }
+        let syncs = clients
+            .iter()
+            .map(|c| c.sync_once(SyncSettings::default().timeout(POLL)));
+        for r in futures_util::future::join_all(syncs).await {
+            r.with_context(|| format!("sync while waiting for {what}"))?;
+        }
+    }
+}
+
+/// The number of signed_curve25519 one-time keys the server holds for the
+/// device of `client` (an empty `/keys/upload`, over plain HTTP).
+async fn otk_count(server: &TestServer, client: &Client) -> Result<u64> {
+    let http = server.with_token(&client.access_token().context("token")?);
+    let (st, body) = http.post("keys/upload", json!({})).await;
+    ensure!(st == 200, "empty /keys/upload: {st} {body}");
+    Ok(body["one_time_key_counts"]["signed_curve25519"].as_u64().unwrap_or(0))
+}
+
+// A second device of alice joins an encrypted room's conversation: bob's
+// client sees alice's device list change and lists the new device; alice's
+// first device (which bootstrapped cross-signing) and the new one verify
+// each other by interactive SAS over to-device messages (same emoji on both
+// sides, both confirm), which cross-signs the new device; bob and the new
+// device then see it signed by alice's identity; bob's next message claims
+// one of the new device's one-time keys and the new device decrypts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> {
+    use matrix_sdk::encryption::verification::Verification;
+    use matrix_sdk::ruma::events::InitialStateEvent;
+    use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login_and_upload_keys(&server, "alice").await?;
+    let bob = login_and_upload_keys(&server, "bob").await?;
+    let alice_id = user_id("alice");
+    let bob_id = user_id("bob");
+    bootstrap_cross_signing(&alice, "alice").await?;
+
+    // The encrypted room of alice and bob.
+    let mut req = create_room::v3::Request::new();
+    req.invite = vec![bob_id.clone()];
+    req.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+    ];
+    let room = alice.create_room(req).await.context("create encrypted room")?;
+    let room_id = room.room_id().to_owned();
+    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    sync_until(&alice, "bob's join", |r| {
+        timeline_json(r, &room_id).iter().any(|ev| {
+            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
+        })
+    })
+    .await?;
+    sync_until(&bob, "the room's encryption state", |_| true).await?;
+    ensure!(bob_room.latest_encryption_state().await?.is_encrypted());
+    let first_id = alice.device_id().context("alice's first device")?.to_owned();
+    let bob_devices = bob.encryption().get_user_devices(&alice_id).await?;
+    let listed: Vec<String> = bob_devices.keys().map(|d| d.to_string()).collect();
+    assert_eq!(listed, vec![first_id.to_string()], "bob knows alice's one device");
+
+    // alice logs in a second device.
+    let second = login_and_upload_keys(&server, "alice").await?;
+    let second_id = second.device_id().context("alice's second device")?.to_owned();
+    ensure!(second_id != first_id, "a new login is a new device");
+
+    // bob's client hears of alice's device list change and lists it.
+    sync_all_until(&[&bob], "bob's client to list alice's new device", || async {
+        Ok(bob.encryption().get_device(&alice_id, &second_id).await?.is_some())
+    })
+    .await?;
+    let mut listed: Vec<String> = bob
+        .encryption()
+        .get_user_devices(&alice_id)
+        .await?
+        .keys()
+        .map(|d| d.to_string())
+        .collect();
+    listed.sort();
+    let mut expected = vec![first_id.to_string(), second_id.to_string()];
+    expected.sort();
+    assert_eq!(listed, expected, "bob lists both of alice's devices");
+    let unverified = bob
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("new device")?;
+    assert!(
+        !unverified.is_cross_signed_by_owner(),
+        "the new device is not cross-signed before verification"
+    );
+
+    // Both of alice's devices know each other.
+    sync_all_until(&[&alice, &second], "alice's devices to know each other", || async {
+        Ok(alice.encryption().get_device(&alice_id, &second_id).await?.is_some()
+            && second.encryption().get_device(&alice_id, &first_id).await?.is_some())
+    })
+    .await?;
+
+    // The new device asks the first one to verify it (m.key.verification.request).
+    let request = second
+        .encryption()
+        .get_device(&alice_id, &first_id)
+        .await?
+        .context("the first device, seen by the second")?
+        .request_verification()
+        .await
+        .context("request verification")?;
+    let flow_id = request.flow_id().to_owned();
+    ensure!(
+        request.is_self_verification(),
+        "a verification between alice's own devices"
+    );
+
+    // The first device receives it over to-device and accepts (ready).
+    sync_all_until(&[&alice], "the verification request on the first device", || async {
+        Ok(alice
+            .encryption()
+            .get_verification_request(&alice_id, &flow_id)
+            .await
+            .is_some())
+    })
+    .await?;
+    let incoming = alice
+        .encryption()
+        .get_verification_request(&alice_id, &flow_id)
+        .await
+        .context("the request on the first device")?;
+    ensure!(!incoming.we_started());
+    incoming.accept().await.context("accept the request")?;
+
+    // The new device sees it ready and starts SAS.
+    sync_all_until(&[&second], "the request to be ready on the new device", || async {
+        Ok(request.is_ready())
+    })
+    .await?;
+    let second_sas = request
+        .start_sas()
+        .await
+        .context("start SAS")?
+        .context("SAS should start on a ready request")?;
+
+    // The first device accepts the SAS start.
+    sync_all_until(&[&alice], "the SAS start on the first device", || async {
+        Ok(alice.encryption().get_verification(&alice_id, &flow_id).await.is_some())
+    })
+    .await?;
+    let first_sas = match alice.encryption().get_verification(&alice_id, &flow_id).await {
+        Some(Verification::SasV1(sas)) => sas,
+        _ => bail!("the first device's verification is not SAS"),
+    };
+    first_sas.accept().await.context("accept SAS")?;
+
+    // Keys are exchanged: both sides show the same emoji.
+    sync_all_until(&[&alice, &second], "both sides to show the emoji", || async {
+        Ok(first_sas.can_be_presented() && second_sas.can_be_presented())
+    })
+    .await?;
+    let symbols = |sas: &matrix_sdk::encryption::verification::SasVerification| -> Vec<&'static str> {
+        sas.emoji()
+            .map(|e| e.iter().map(|e| e.symbol).collect())
+            .unwrap_or_default()
+    };
+    let shown = symbols(&first_sas);
+    assert_eq!(shown.len(), 7, "seven emoji: {shown:?}");
+    assert_eq!(shown, symbols(&second_sas), "both devices show the same emoji");
+
+    // Both confirm; the MACs and done go over to-device.
+    first_sas.confirm().await.context("first device confirms")?;
+    second_sas.confirm().await.context("second device confirms")?;
+    sync_all_until(&[&alice, &second], "both sides to finish SAS", || async {
+        Ok(first_sas.is_done() && second_sas.is_done())
+    })
+    .await?;
+    ensure!(!first_sas.is_cancelled() && !second_sas.is_cancelled());
+    let on_first = alice
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("new device")?;
+    let on_second = second
+        .encryption()
+        .get_device(&alice_id, &first_id)
+        .await?
+        .context("first device")?;
+    assert!(on_first.is_verified(), "the first device trusts the new one");
+    assert!(on_second.is_verified(), "the new device trusts the first one");
+
+    // The first device signed the new one with its self-signing key: bob and
+    // the new device see it cross-signed by alice's identity.
+    sync_all_until(&[&bob, &second], "the new device's cross-signature", || async {
+        let by_bob = bob.encryption().get_device(&alice_id, &second_id).await?;
+        let by_second = second.encryption().get_device(&alice_id, &second_id).await?;
+        Ok(by_bob.is_some_and(|d| d.is_cross_signed_by_owner())
+            && by_second.is_some_and(|d| d.is_cross_signed_by_owner()))
+    })
+    .await?;
+    let own = second
+        .encryption()
+        .get_device(&alice_id, &second_id)
+        .await?
+        .context("own device")?;
+    assert!(
+        own.is_verified(),
+        "the new device trusts itself through alice's verified identity"
+    );
+
+    // bob's message: his client claims one of the new device's one-time
+    // keys (the new device does not sync meanwhile, so it uploads none)
+    // and shares the room key with it.
+    let before = otk_count(&server, &second).await?;
+    ensure!(before > 0, "the new device uploaded one-time keys");
+    const BODY: &str = "for both of alice's devices";
+    let event_id = bob_room
+        .send(RoomMessageEventContent::text_plain(BODY))
+        .await
+        .context("bob sends an encrypted message")?
+        .response
+        .event_id;
+    let after = otk_count(&server, &second).await?;
+    assert_eq!(after, before - 1, "bob's client claimed one key of the new device");
+
+    let mut seen: Option<Value> = None;
+    sync_until(&second, "bob's message on the new device", |r| {
+        if let Some(update) = r.rooms.joined.get(&room_id) {
+            for ev in &update.timeline.events {
+                let json: Value = serde_json::from_str(ev.raw().json().get()).expect("event is JSON");
+                if json["event_id"] == event_id.as_str() && ev.encryption_info().is_some() {
+                    seen = Some(json);
+                }
+            }
+        }
+        seen.is_some()
+    })
+    .await?;
+    let seen = seen.expect("set by sync_until");
+    assert_eq!(seen["type"], "m.room.message", "the new device decrypts: {seen}");
+    assert_eq!(seen["content"]["body"], BODY);
+    assert_eq!(seen["sender"], bob_id.as_str());
+    Ok(())
+}

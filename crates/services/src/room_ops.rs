@@ -131,6 +131,12 @@ impl Services {
             return Err(Error::invalid_param("Third-party invites are not supported"));
         }
         let invite = req.invite;
+        let mut invite_profiles = std::collections::BTreeMap::new();
+        for u in &invite {
+            if u.server_name() == self.server_name {
+                invite_profiles.insert(u.clone(), self.profile_content(u).await?);
+            }
+        }
         let alias = match &req.room_alias_name {
             Some(local) => {
                 if local.is_empty() || local.contains(':') || local.contains('#') || local.contains(char::is_whitespace)
@@ -171,6 +177,7 @@ impl Services {
                     name: req.name,
                     topic: req.topic,
                     invite,
+                    invite_profiles,
                     is_direct: req.is_direct,
                     alias: alias.clone(),
                     initial_state,
@@ -239,7 +246,13 @@ impl Services {
         if membership == "invite" && current.as_deref() == Some("join") {
             return Err(Error::forbidden("User is already in the room"));
         }
-        let mut content = CanonicalJsonObject::new();
+        // An invite carries the invitee's display name and avatar (when
+        // they are ours), as clients name invited members and rooms by them.
+        let mut content = if membership == "invite" && target.server_name() == self.server_name {
+            self.profile_content(&target).await?
+        } else {
+            CanonicalJsonObject::new()
+        };
         content.insert("membership".into(), CanonicalJsonValue::String(membership.into()));
         if let Some(r) = reason {
             content.insert("reason".into(), CanonicalJsonValue::String(r));

@@ -161,6 +161,7 @@ impl Services {
                     name: None,
                     topic: None,
                     invite: Vec::new(),
+                    invite_profiles: Default::default(),
                     is_direct: false,
                     alias: None,
                     initial_state,

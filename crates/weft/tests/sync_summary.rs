@@ -1,7 +1,7 @@
 //! The room `summary` in `/sync` (member counts, `m.heroes`), rooms a user
 //! was kicked or banned from in an initial sync, per-room account data in
 //! `/sync`, the devices' `last_seen_ip`, and who may set typing, presence,
-//! receipts and read markers.
+//! receipts and read markers; invite events carry the invitee's profile.
 
 mod common;
 
@@ -327,4 +327,64 @@ async fn push_rules_are_the_server_defaults() {
     let (st, r0) = alice.get("/_matrix/client/r0/pushrules/").await;
     assert_eq!((st, &r0), (200, &rules));
     assert_err(&server.anon().get("pushrules/").await, 401, "M_MISSING_TOKEN");
+}
+
+// An invite event carries the invitee's display name and avatar (from
+// /invite and from createRoom's `invite`), so clients can name invited
+// members, and unnamed rooms after them, before they join (matrix-js-sdk
+// showed an invited hero by user ID before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_events_carry_the_invitees_profile() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    let dave = server.register("dave").await;
+    for (user, name) in [(&bob, "Bob Builder"), (&carol, "Carol Singer")] {
+        let (st, body) = user
+            .put(
+                &format!("profile/{}/displayname", enc(&user.user_id)),
+                json!({"displayname": name}),
+            )
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let (st, body) = bob
+        .put(
+            &format!("profile/{}/avatar_url", enc(&bob.user_id)),
+            json!({"avatar_url": "mxc://localhost/bob"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+
+    // By /invite.
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    alice.invite(&room, &bob.user_id).await;
+    let (st, member) = alice.state(&room, "m.room.member", &bob.user_id).await;
+    assert_eq!(st, 200, "{member}");
+    assert_eq!(
+        member,
+        json!({"membership": "invite", "displayname": "Bob Builder", "avatar_url": "mxc://localhost/bob"})
+    );
+    // No profile: only the membership.
+    alice.invite(&room, &dave.user_id).await;
+    let (_, member) = alice.state(&room, "m.room.member", &dave.user_id).await;
+    assert_eq!(member, json!({"membership": "invite"}));
+
+    // By createRoom; the invitee's own sync shows it too.
+    let room2 = alice
+        .create_room(json!({"preset": "private_chat", "invite": [carol.user_id]}))
+        .await;
+    let (_, member) = alice.state(&room2, "m.room.member", &carol.user_id).await;
+    assert_eq!(member, json!({"membership": "invite", "displayname": "Carol Singer"}));
+    let sync = carol.sync(None, 0).await;
+    let invite_state = sync["rooms"]["invite"][room2.as_str()]["invite_state"]["events"]
+        .as_array()
+        .expect("invite_state events")
+        .clone();
+    let own = invite_state
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == carol.user_id.as_str())
+        .unwrap_or_else(|| panic!("carol's invite in her invite_state: {invite_state:?}"));
+    assert_eq!(own["content"]["displayname"], "Carol Singer");
 }
