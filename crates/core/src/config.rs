@@ -28,6 +28,32 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
     pub voip: VoipConfig,
+    pub push: PushConfig,
+}
+
+/// Delivery of push notifications to HTTP pushers (push gateways).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PushConfig {
+    /// Requests to push gateways in flight at once, over all pushers.
+    pub max_concurrent_requests: usize,
+    /// How long one request to a push gateway may take.
+    pub request_timeout_secs: u64,
+    /// First wait before retrying a gateway that is down or answered 5xx;
+    /// doubles with each failure up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 16,
+            request_timeout_secs: 10,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 600_000,
+        }
+    }
 }
 
 /// TURN servers handed to clients for calls (`GET /voip/turnServer`).
@@ -236,6 +262,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
             voip: VoipConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -413,6 +440,16 @@ max_retransmit = 4
 turn_uris = []
 # turn_shared_secret = "a long random string"
 turn_ttl_secs = 86400
+
+[push]
+# Push notifications to HTTP pushers (push gateways such as Sygnal).
+# Requests in flight at once, over all pushers, and how long one may take.
+max_concurrent_requests = 16
+request_timeout_secs = 10
+# A gateway that is down or answers 5xx is retried after retry_initial_ms,
+# doubling with each failure up to retry_max_ms; notifications wait, in order.
+retry_initial_ms = 1000
+retry_max_ms = 600000
 "#;
 
 impl Config {

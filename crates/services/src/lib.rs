@@ -15,6 +15,7 @@ pub mod ephemeral;
 pub mod events;
 pub mod filter;
 pub mod keys;
+pub mod push;
 pub mod push_rules;
 pub mod ratelimit;
 pub mod relations;
@@ -69,6 +70,8 @@ pub struct Services {
     /// Open TCP connections per client address (`[limits]
     /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
     pub connections: Arc<ConnectionLimiter>,
+    /// Push delivery: HTTP client, request limit, pusher tasks.
+    pub(crate) push: push::PushRuntime,
 }
 
 impl Services {
@@ -95,6 +98,7 @@ impl Services {
             &config.rate_limit,
         );
         let connections = Arc::new(ConnectionLimiter::new(config.limits.max_connections_per_ip));
+        let push = push::PushRuntime::new(&config.push)?;
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -104,6 +108,7 @@ impl Services {
             limiter,
             login_limiter,
             connections,
+            push,
         }))
     }
 }
