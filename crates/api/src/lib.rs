@@ -153,6 +153,10 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::set_enabled)
         .add(Caller, push::get_actions)
         .add(Caller, push::set_actions)
+        // Push: notifications and pushers.
+        .add(Caller, push::notifications)
+        .add(Caller, push::pushers)
+        .add(Caller, push::set_pusher)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

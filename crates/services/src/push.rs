@@ -315,6 +315,7 @@ impl Services {
                     pusher_json: serde_json::to_string(&pusher).map_err(Error::internal)?,
                     pushkey_ts: weft_core::now_ms(),
                     last_sent: 0,
+                    from_event: 0,
                 };
                 self.store.set_pusher(record, post.append).await?;
                 let _ = self.push.wake_tx.send(user.to_owned());
@@ -420,6 +421,10 @@ impl Services {
 
     /// Sends one notification row to an HTTP pusher.
     async fn deliver(&self, pusher: &PusherRecord, n: &NotificationRecord) -> Outcome {
+        if n.event_position <= pusher.from_event {
+            // The event predates the pusher (evaluated after it was set).
+            return Outcome::Dropped;
+        }
         let body = match self.notify_body(pusher, n).await {
             Ok(Some(b)) => b,
             Ok(None) => return Outcome::Dropped,

@@ -34,6 +34,9 @@ CREATE TABLE pushers (
     -- When the pushkey was set (ms since the epoch).
     pushkey_ts  INTEGER NOT NULL,
     last_sent   INTEGER NOT NULL,
+    -- The stream position when the pusher was added: notifications of
+    -- events up to it are not sent (they predate the pusher).
+    from_event  INTEGER NOT NULL,
     PRIMARY KEY (app_id, pushkey, user_id)
 );
 CREATE INDEX pushers_user ON pushers (user_id);

@@ -523,6 +523,7 @@ fn pusher_row(r: &Row<'_>) -> rusqlite::Result<PusherRecord> {
         pusher_json: r.get(3)?,
         pushkey_ts: r.get::<_, i64>(4)?.max(0) as u64,
         last_sent: r.get(5)?,
+        from_event: r.get(6)?,
     })
 }
 
@@ -1981,7 +1982,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_pusher(&self, p: PusherRecord, append: bool) -> Result<()> {
-        self.write_wait(move |c, _| {
+        self.write_wait(move |c, ctx| {
             if !append {
                 c.execute(
                     "DELETE FROM pushers WHERE app_id = ?1 AND pushkey = ?2 AND user_id != ?3",
@@ -1992,11 +1993,11 @@ impl Store for SqliteStore {
             // A new pusher starts after the newest notification; a
             // replaced one keeps its place.
             c.execute(
-                "INSERT INTO pushers (user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(position), 0) FROM notifications)) \
+                "INSERT INTO pushers (user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent, from_event) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(position), 0) FROM notifications), ?6) \
                  ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET pusher_json = excluded.pusher_json, \
                  pushkey_ts = excluded.pushkey_ts",
-                params![p.user_id, p.app_id, p.pushkey, p.pusher_json, p.pushkey_ts as i64],
+                params![p.user_id, p.app_id, p.pushkey, p.pusher_json, p.pushkey_ts as i64, ctx.pos],
             )
             .map_err(db_err)?;
             Ok(())
@@ -2023,7 +2024,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             collect(
                 c,
-                "SELECT user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent FROM pushers \
+                "SELECT user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent, from_event FROM pushers \
                  WHERE ?1 IS NULL OR user_id = ?1 ORDER BY user_id, app_id, pushkey",
                 params![u],
                 pusher_row,

@@ -378,4 +378,7 @@ pub struct PusherRecord {
     pub pushkey_ts: u64,
     /// The last notification row position delivered (or given up on).
     pub last_sent: i64,
+    /// The stream position when the pusher was added (set by the store):
+    /// notifications of events up to it are not for this pusher.
+    pub from_event: i64,
 }
