@@ -381,6 +381,13 @@ impl Services {
                 let thread = thread_of(content);
                 targets.sort();
                 for target in targets {
+                    // An invite of the target is outside the timelines they
+                    // read: it is pushed and listed, not counted as unread.
+                    let thread = if ev.state_key.as_deref() == Some(target.as_str()) && content["membership"] == "invite" {
+                        String::new()
+                    } else {
+                        thread.clone()
+                    };
                     let Ok(user_id) = OwnedUserId::try_from(target.as_str()) else { continue };
                     if !rulesets.contains_key(&target) {
                         let stored = self.store.get_account_data(&target, None, PUSH_RULES).await?;
@@ -403,7 +410,7 @@ impl Services {
                         room_id: ev.room_id.clone(),
                         event_id: ev.event_id.clone(),
                         event_position: ev.position,
-                        thread_id: thread.clone(),
+                        thread_id: thread,
                         actions_json: serde_json::to_string(actions).map_err(Error::internal)?,
                         highlight: actions.iter().any(Action::is_highlight),
                         ts: ev.origin_server_ts,

@@ -13,7 +13,8 @@ CREATE TABLE notifications (
     event_id       TEXT NOT NULL,
     -- The event's stream position (receipts compare against it).
     event_position INTEGER NOT NULL,
-    -- 'main' for the main timeline, else the thread root's event ID.
+    -- 'main' for the main timeline, else the thread root's event ID; ''
+    -- for an invite of the user (pushed and listed, never counted unread).
     thread_id      TEXT NOT NULL,
     actions_json   TEXT NOT NULL,
     highlight      INTEGER NOT NULL,

@@ -1909,7 +1909,7 @@ impl Store for SqliteStore {
                 let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
                 let mut st = c.prepare_cached(
                     "SELECT thread_id, event_position, highlight FROM notifications \
-                     WHERE user_id = ?1 AND room_id = ?2 AND event_position > ?3",
+                     WHERE user_id = ?1 AND room_id = ?2 AND event_position > ?3 AND thread_id != ''",
                 )?;
                 let rows = st.query_map(params![u, room, read.0], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? != 0))

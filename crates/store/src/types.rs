@@ -328,7 +328,8 @@ pub struct NewNotification {
     pub event_id: String,
     /// The event's stream position.
     pub event_position: i64,
-    /// `main`, or the thread root's event ID.
+    /// `main`, or the thread root's event ID; `""` for an invite of the
+    /// user (not counted as unread).
     pub thread_id: String,
     /// The push rule's actions, as JSON.
     pub actions_json: String,
