@@ -398,7 +398,11 @@ impl Services {
                         .members
                         .get(&target)
                         .and_then(|(_, n)| n.clone())
-                        .unwrap_or_else(|| user_id.localpart().to_owned());
+                        .filter(|n| !n.is_empty())
+                        // Without a display name `contains_display_name`
+                        // must not match anything (ruma would match an
+                        // empty name everywhere): the full ID stands in.
+                        .unwrap_or_else(|| user_id.to_string());
                     let pctx = PushConditionRoomCtx::new(room_id.clone(), member_count, user_id, name)
                         .with_power_levels(power.clone());
                     let actions = rules.get_actions(&raw, &pctx).await;
@@ -586,21 +590,26 @@ async fn evaluator(s: Arc<Services>) {
         }
     };
     let mut rooms: HashMap<String, RoomCtx> = HashMap::new();
+    // Whether the last batch was full (more events are waiting).
+    let mut behind = false;
     loop {
         let upto = *rx.borrow_and_update();
         if upto > pos {
             // Positions that carried no event (receipts, account data,
             // notification rows) need no reading.
-            let has_events = s
-                .store
-                .changes_since(pos)
-                .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
+            let has_events = behind
+                || s.store
+                    .changes_since(pos)
+                    .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
             if !has_events {
                 pos = upto;
                 continue;
             }
             match s.evaluate_batch(&mut rooms, pos, upto).await {
-                Ok(next) => pos = next,
+                Ok(next) => {
+                    behind = next < upto;
+                    pos = next;
+                }
                 Err(e) => {
                     tracing::warn!("push: evaluation failed, retrying: {}", e.message);
                     rooms.clear();
