@@ -108,10 +108,7 @@ pub async fn pushers(s: AppState, req: Ruma<get_pushers::v3::Request>) -> Result
     Ok(get_pushers::v3::Response::new(s.pushers(&req.caller).await?))
 }
 
-pub async fn set_pusher(
-    s: AppState,
-    req: Ruma<set_pusher::v3::Request>,
-) -> Result<set_pusher::v3::Response, Error> {
+pub async fn set_pusher(s: AppState, req: Ruma<set_pusher::v3::Request>) -> Result<set_pusher::v3::Response, Error> {
     s.set_pusher(&req.caller, req.body.action).await?;
     Ok(set_pusher::v3::Response::new())
 }

@@ -126,7 +126,8 @@ impl RoomCtx {
             }
             "m.room.power_levels" if key.is_empty() => self.power_levels = Some(content.clone()),
             "m.room.create" if key.is_empty() => {
-                let mut creators: Vec<OwnedUserId> = OwnedUserId::try_from(ev.sender.as_str()).ok().into_iter().collect();
+                let mut creators: Vec<OwnedUserId> =
+                    OwnedUserId::try_from(ev.sender.as_str()).ok().into_iter().collect();
                 if let Some(extra) = content["additional_creators"].as_array() {
                     creators.extend(extra.iter().filter_map(|u| u.as_str()?.try_into().ok()));
                 }
@@ -215,7 +216,12 @@ impl Services {
     /// A joined room's `unread_notifications` and, when `by_thread`, its
     /// `unread_thread_notifications` (then the first counts the main
     /// timeline only).
-    pub(crate) async fn unread_sections(&self, user: &str, room_id: &str, by_thread: bool) -> Result<(Value, Option<Value>)> {
+    pub(crate) async fn unread_sections(
+        &self,
+        user: &str,
+        room_id: &str,
+        by_thread: bool,
+    ) -> Result<(Value, Option<Value>)> {
         let counts = self.store.unread_counts(user, Some(room_id)).await?;
         let (mut n, mut h) = (0u64, 0u64);
         let mut threads = Map::new();
@@ -250,7 +256,10 @@ impl Services {
         only: Option<&str>,
     ) -> Result<(Vec<Notification>, Option<String>)> {
         let before = from
-            .map(|f| f.parse::<i64>().map_err(|_| Error::invalid_param("Invalid `from` token")))
+            .map(|f| {
+                f.parse::<i64>()
+                    .map_err(|_| Error::invalid_param("Invalid `from` token"))
+            })
             .transpose()?;
         let limit = limit.unwrap_or(20).clamp(1, MAX_NOTIFICATIONS_PAGE) as usize;
         let only_highlight = only.is_some_and(|o| o.contains("highlight"));
@@ -262,10 +271,16 @@ impl Services {
         let now = weft_core::now_ms();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let Some(ev) = self.store.get_event(&r.event_id).await? else { continue };
+            let Some(ev) = self.store.get_event(&r.event_id).await? else {
+                continue;
+            };
             let event = weft_rooms::client_event(&ev, Some((user, session.device_id.as_str())), now);
-            let Ok(raw) = serde_json::value::to_raw_value(&event) else { continue };
-            let Ok(room_id) = OwnedRoomId::try_from(r.room_id.as_str()) else { continue };
+            let Ok(raw) = serde_json::value::to_raw_value(&event) else {
+                continue;
+            };
+            let Ok(room_id) = OwnedRoomId::try_from(r.room_id.as_str()) else {
+                continue;
+            };
             let actions: Vec<Action> = serde_json::from_str(&r.actions_json).unwrap_or_default();
             let ts = MilliSecondsSinceUnixEpoch(UInt::new_saturating(r.ts));
             out.push(Notification::new(actions, Raw::from_json(raw), r.read, room_id, ts));
@@ -354,7 +369,9 @@ impl Services {
                 }
                 rooms.insert(ev.room_id.clone(), ctx);
             }
-            let Some(ctx) = rooms.get_mut(&ev.room_id) else { continue };
+            let Some(ctx) = rooms.get_mut(&ev.room_id) else {
+                continue;
+            };
             let mut targets: Vec<String> = ctx
                 .joined()
                 .filter(|u| *u != ev.sender && u.ends_with(&suffix))
@@ -383,12 +400,15 @@ impl Services {
                 for target in targets {
                     // An invite of the target is outside the timelines they
                     // read: it is pushed and listed, not counted as unread.
-                    let thread = if ev.state_key.as_deref() == Some(target.as_str()) && content["membership"] == "invite" {
-                        String::new()
-                    } else {
-                        thread.clone()
+                    let thread =
+                        if ev.state_key.as_deref() == Some(target.as_str()) && content["membership"] == "invite" {
+                            String::new()
+                        } else {
+                            thread.clone()
+                        };
+                    let Ok(user_id) = OwnedUserId::try_from(target.as_str()) else {
+                        continue;
                     };
-                    let Ok(user_id) = OwnedUserId::try_from(target.as_str()) else { continue };
                     if !rulesets.contains_key(&target) {
                         let stored = self.store.get_account_data(&target, None, PUSH_RULES).await?;
                         rulesets.insert(target.clone(), ruleset_of(&user_id, stored.as_deref()));
@@ -444,7 +464,9 @@ impl Services {
                 return Outcome::Retry;
             }
         };
-        let Some(url) = pusher_url(pusher) else { return Outcome::Dropped };
+        let Some(url) = pusher_url(pusher) else {
+            return Outcome::Dropped;
+        };
         let Ok(_permit) = self.push.permits.clone().acquire_owned().await else {
             return Outcome::Retry;
         };
@@ -471,17 +493,25 @@ impl Services {
         let rejected = answer["rejected"]
             .as_array()
             .is_some_and(|r| r.iter().any(|k| k.as_str() == Some(pusher.pushkey.as_str())));
-        if rejected { Outcome::Rejected } else { Outcome::Delivered }
+        if rejected {
+            Outcome::Rejected
+        } else {
+            Outcome::Delivered
+        }
     }
 
     /// The push gateway API body for one notification, as Sygnal takes it;
     /// `None` when the event is gone or the pusher unreadable.
     async fn notify_body(&self, pusher: &PusherRecord, n: &NotificationRecord) -> Result<Option<Value>> {
-        let Ok(p) = serde_json::from_str::<Value>(&pusher.pusher_json) else { return Ok(None) };
+        let Ok(p) = serde_json::from_str::<Value>(&pusher.pusher_json) else {
+            return Ok(None);
+        };
         let mut data = p["data"].as_object().cloned().unwrap_or_default();
         data.remove("url");
         let event_id_only = data.get("format").and_then(|f| f.as_str()) == Some(PushFormat::EventIdOnly.as_str());
-        let Some(ev) = self.store.get_event(&n.event_id).await? else { return Ok(None) };
+        let Some(ev) = self.store.get_event(&n.event_id).await? else {
+            return Ok(None);
+        };
         let pdu: Value = serde_json::from_str(&ev.pdu_json).unwrap_or_default();
         let actions: Value = serde_json::from_str(&n.actions_json).unwrap_or_default();
         let mut tweaks = Map::new();
@@ -567,7 +597,9 @@ fn check_push_url(url: &str) -> Result<()> {
         return Err(Error::invalid_param("data.url must be an http or https URL"));
     }
     if parsed.path() != NOTIFY_PATH {
-        return Err(Error::invalid_param(format!("data.url must have the path {NOTIFY_PATH}")));
+        return Err(Error::invalid_param(format!(
+            "data.url must have the path {NOTIFY_PATH}"
+        )));
     }
     Ok(())
 }
@@ -715,7 +747,11 @@ async fn pusher_task(s: Arc<Services>, key: PusherKey, notify: Arc<Notify>) {
             s.push.tasks.lock().remove(&key);
             return;
         };
-        let rows = match s.store.notifications_after(user, pusher.last_sent, DELIVERY_BATCH).await {
+        let rows = match s
+            .store
+            .notifications_after(user, pusher.last_sent, DELIVERY_BATCH)
+            .await
+        {
             Ok(r) => r,
             Err(_) => {
                 tokio::time::sleep(initial).await;

@@ -191,54 +191,62 @@ impl Services {
         // `receipt_rooms`: rooms with a receipt set in the window (`None`:
         // not known, look at every joined room). `notified_rooms`: rooms
         // where the user got a notification row (unread counts changed).
-        type Window = (HashSet<String>, bool, bool, bool, Option<HashSet<String>>, HashSet<String>);
-        let (changed, user_touched, devices_touched, members_touched, receipt_rooms, notified_rooms): Window = match since {
-            None => (HashSet::new(), true, false, true, None, HashSet::new()),
-            Some(s) => match recent {
-                Some(changes) => {
-                    let mut rooms = HashSet::new();
-                    let mut receipts = HashSet::new();
-                    let mut notified = HashSet::new();
-                    let mut touched = false;
-                    let mut devices = false;
-                    let mut members = false;
-                    for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
-                        match k {
-                            StreamKey::Room(r) => {
-                                rooms.insert(r);
-                            }
-                            StreamKey::User(u) => {
-                                members = true;
-                                touched |= u == user;
-                            }
-                            StreamKey::DeviceKeys(_) => devices = true,
-                            StreamKey::Receipt(r) => {
-                                receipts.insert(r);
-                            }
-                            StreamKey::Notification(u, r) => {
-                                if u == user {
-                                    notified.insert(r);
+        type Window = (
+            HashSet<String>,
+            bool,
+            bool,
+            bool,
+            Option<HashSet<String>>,
+            HashSet<String>,
+        );
+        let (changed, user_touched, devices_touched, members_touched, receipt_rooms, notified_rooms): Window =
+            match since {
+                None => (HashSet::new(), true, false, true, None, HashSet::new()),
+                Some(s) => match recent {
+                    Some(changes) => {
+                        let mut rooms = HashSet::new();
+                        let mut receipts = HashSet::new();
+                        let mut notified = HashSet::new();
+                        let mut touched = false;
+                        let mut devices = false;
+                        let mut members = false;
+                        for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
+                            match k {
+                                StreamKey::Room(r) => {
+                                    rooms.insert(r);
+                                }
+                                StreamKey::User(u) => {
+                                    members = true;
+                                    touched |= u == user;
+                                }
+                                StreamKey::DeviceKeys(_) => devices = true,
+                                StreamKey::Receipt(r) => {
+                                    receipts.insert(r);
+                                }
+                                StreamKey::Notification(u, r) => {
+                                    if u == user {
+                                        notified.insert(r);
+                                    }
                                 }
                             }
                         }
+                        (rooms, touched, devices, members, Some(receipts), notified)
                     }
-                    (rooms, touched, devices, members, Some(receipts), notified)
-                }
-                None => (
-                    self.store
-                        .rooms_changed(s, upto)
-                        .await?
-                        .into_iter()
-                        .map(|(r, _)| r)
-                        .collect(),
-                    true,
-                    true,
-                    true,
-                    None,
-                    HashSet::new(),
-                ),
-            },
-        };
+                    None => (
+                        self.store
+                            .rooms_changed(s, upto)
+                            .await?
+                            .into_iter()
+                            .map(|(r, _)| r)
+                            .collect(),
+                        true,
+                        true,
+                        true,
+                        None,
+                        HashSet::new(),
+                    ),
+                },
+            };
         let memberships = match known {
             Some(m) if !user_touched => m.to_vec(),
             _ => self.store.user_memberships(user).await?,

@@ -477,7 +477,9 @@ fn read_positions(c: &Connection, user: &str, room: &str) -> rusqlite::Result<(i
          WHERE r.room_id = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private') \
          GROUP BY r.thread_id",
     )?;
-    let rows = st.query_map(params![room, user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+    let rows = st.query_map(params![room, user], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+    })?;
     for row in rows {
         let (thread, pos) = row?;
         let pos = pos.unwrap_or(0);
@@ -1997,7 +1999,14 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(position), 0) FROM notifications), ?6) \
                  ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET pusher_json = excluded.pusher_json, \
                  pushkey_ts = excluded.pushkey_ts",
-                params![p.user_id, p.app_id, p.pushkey, p.pusher_json, p.pushkey_ts as i64, ctx.pos],
+                params![
+                    p.user_id,
+                    p.app_id,
+                    p.pushkey,
+                    p.pusher_json,
+                    p.pushkey_ts as i64,
+                    ctx.pos
+                ],
             )
             .map_err(db_err)?;
             Ok(())

@@ -986,8 +986,14 @@ async fn notifications_take_positions_and_count_after_receipts() {
     store.add_notifications(rows, pos[4]).await.unwrap().unwrap();
     let changes = store.changes_since(before).expect("in memory");
     assert_eq!(changes.len(), 5);
-    assert_eq!(changes[0], (before + 1, StreamKey::Notification("@b:test".into(), "!r:test".into())));
-    assert_eq!(store.get_meta("push_evaluated").await.unwrap(), Some(pos[4].to_string()));
+    assert_eq!(
+        changes[0],
+        (before + 1, StreamKey::Notification("@b:test".into(), "!r:test".into()))
+    );
+    assert_eq!(
+        store.get_meta("push_evaluated").await.unwrap(),
+        Some(pos[4].to_string())
+    );
     let counts = |store: &Arc<dyn Store>| {
         let store = store.clone();
         async move {
@@ -1003,19 +1009,36 @@ async fn notifications_take_positions_and_count_after_receipts() {
     assert_eq!(counts(&store).await, vec![("$e1".into(), 1, 0), ("main".into(), 2, 1)]);
     // A threaded receipt for the thread clears it alone; an unthreaded one
     // at $e2 clears what is at or before it everywhere.
-    store.put_receipt(receipt("@b:test", "m.read", "$e1", "$e3", 1)).await.unwrap().unwrap();
+    store
+        .put_receipt(receipt("@b:test", "m.read", "$e1", "$e3", 1))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(counts(&store).await, vec![("main".into(), 2, 1)]);
-    store.put_receipt(receipt("@b:test", "m.read.private", "", "$e2", 2)).await.unwrap().unwrap();
+    store
+        .put_receipt(receipt("@b:test", "m.read.private", "", "$e2", 2))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(counts(&store).await, Vec::<(String, u64, u64)>::new());
     let listed = store.notifications("@b:test", None, 10, false).await.unwrap();
     let got: Vec<_> = listed.iter().map(|n| (n.event_id.as_str(), n.read)).collect();
     assert_eq!(got, vec![("$e4", false), ("$e3", true), ("$e2", true), ("$e1", true)]);
     let high = store.notifications("@b:test", None, 10, true).await.unwrap();
     assert_eq!(high.len(), 1);
-    let page = store.notifications("@b:test", Some(listed[1].position), 10, false).await.unwrap();
+    let page = store
+        .notifications("@b:test", Some(listed[1].position), 10, false)
+        .await
+        .unwrap();
     assert_eq!(page.len(), 2);
-    let after = store.notifications_after("@b:test", listed[2].position, 10).await.unwrap();
-    assert_eq!(after.iter().map(|n| n.event_id.as_str()).collect::<Vec<_>>(), vec!["$e3", "$e4"]);
+    let after = store
+        .notifications_after("@b:test", listed[2].position, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|n| n.event_id.as_str()).collect::<Vec<_>>(),
+        vec!["$e3", "$e4"]
+    );
     let last = store.current_position();
     drop(store);
     let store = open(&dir);
@@ -1062,7 +1085,10 @@ async fn pushers_replace_append_and_remember_what_they_sent() {
     assert_eq!(store.pushers(None).await.unwrap().len(), 2);
     store.set_pusher(pusher("@b:test", "k"), false).await.unwrap();
     let all = store.pushers(None).await.unwrap();
-    assert_eq!(all.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(), vec!["@b:test"]);
+    assert_eq!(
+        all.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(),
+        vec!["@b:test"]
+    );
     assert!(store.delete_pusher("@b:test", "app", "k").await.unwrap());
     assert!(!store.delete_pusher("@b:test", "app", "k").await.unwrap());
     assert!(store.pushers(None).await.unwrap().is_empty());

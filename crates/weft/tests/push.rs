@@ -41,7 +41,12 @@ impl Gateway {
                 tokio::spawn(serve(stream, g.clone(), r.clone()));
             }
         });
-        Gateway { addr, got, reject, task }
+        Gateway {
+            addr,
+            got,
+            reject,
+            task,
+        }
     }
 
     fn url(&self) -> String {
@@ -100,7 +105,11 @@ async fn serve(mut stream: TcpStream, got: Arc<Mutex<Vec<Value>>>, reject: Arc<M
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let request_line = String::from_utf8_lossy(&buf[..head_end]).lines().next().unwrap_or("").to_owned();
+    let request_line = String::from_utf8_lossy(&buf[..head_end])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
     let (status, answer) = if request_line.starts_with("POST /_matrix/push/v1/notify ") {
         let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
         got.lock().unwrap().push(body);
@@ -139,7 +148,10 @@ async fn set_pusher(c: &Client, url: &str, pushkey: &str, extra: Value) -> (u16,
 
 async fn rule_enabled(c: &Client, kind: &str, id: &str, enabled: bool) {
     let (st, body) = c
-        .put(&format!("pushrules/global/{kind}/{id}/enabled"), json!({ "enabled": enabled }))
+        .put(
+            &format!("pushrules/global/{kind}/{id}/enabled"),
+            json!({ "enabled": enabled }),
+        )
         .await;
     assert_eq!(st, 200, "{body}");
 }
@@ -225,7 +237,10 @@ async fn mention_and_keyword_notify_once_each_others_not_at_all() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let got_after = gw.received();
     assert_eq!(got_after.len(), 3, "exactly three notifications: {got_after:?}");
-    assert_eq!(event_ids_of(&got), vec![keyword.clone(), mentioned.clone(), last.clone()]);
+    assert_eq!(
+        event_ids_of(&got),
+        vec![keyword.clone(), mentioned.clone(), last.clone()]
+    );
 
     let n = &got[1]["notification"];
     assert_eq!(n["room_id"], room.as_str());
@@ -241,7 +256,11 @@ async fn mention_and_keyword_notify_once_each_others_not_at_all() {
     assert!(device["pushkey_ts"].as_u64().is_some_and(|t| t > 1_600_000_000), "{n}");
     assert_eq!(device["data"], json!({ "custom": "x" }), "data without url: {n}");
     assert_eq!(device["tweaks"]["highlight"], true, "{n}");
-    assert_eq!(got[0]["notification"]["prio"], "low", "a plain notify is low: {}", got[0]);
+    assert_eq!(
+        got[0]["notification"]["prio"], "low",
+        "a plain notify is low: {}",
+        got[0]
+    );
     assert_eq!(
         got[0]["notification"]["devices"][0]["tweaks"],
         json!({}),
@@ -276,7 +295,11 @@ async fn master_rule_silences_everything() {
     let got = carol_gw.wait_for(3).await;
     assert_eq!(event_ids_of(&got).last(), Some(&last));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(bob_gw.received().is_empty(), "master rule: no push: {:?}", bob_gw.received());
+    assert!(
+        bob_gw.received().is_empty(),
+        "master rule: no push: {:?}",
+        bob_gw.received()
+    );
     let (st, list) = bob.get("notifications").await;
     assert_eq!(st, 200, "{list}");
     assert_eq!(list["notifications"], json!([]), "{list}");
@@ -351,7 +374,10 @@ async fn unread_counts_rise_and_fall_after_read_receipt() {
     assert_ne!(unread(&s2, &room), Some((4, 1)), "own message counted: {s2}");
 
     let (st, body) = bob
-        .post(&format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&third)), json!({}))
+        .post(
+            &format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&third)),
+            json!({}),
+        )
         .await;
     assert_eq!(st, 200, "{body}");
     let s3 = sync_until(&bob, s2["next_batch"].as_str().map(str::to_owned), &[], |s| {
@@ -398,7 +424,12 @@ async fn thread_counts_and_threaded_receipts() {
     // Without the filter flag everything counts in the room's counts.
     let plain = bob.sync(None, 0).await;
     assert_eq!(unread(&plain, &room), Some((2, 0)), "{plain}");
-    assert!(plain["rooms"]["join"][&room].get("unread_thread_notifications").is_none(), "{plain}");
+    assert!(
+        plain["rooms"]["join"][&room]
+            .get("unread_thread_notifications")
+            .is_none(),
+        "{plain}"
+    );
 
     let (st, body) = bob
         .post(
@@ -430,22 +461,37 @@ async fn notifications_list_with_read_flags_and_pages() {
     let third = alice.send_text(&room, "t3", "three").await;
     sync_until(&bob, None, &[], |s| unread(s, &room) == Some((3, 1))).await;
     let (st, body) = bob
-        .post(&format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&second)), json!({}))
+        .post(
+            &format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&second)),
+            json!({}),
+        )
         .await;
     assert_eq!(st, 200, "{body}");
 
     let (st, list) = bob.get("notifications").await;
     assert_eq!(st, 200, "{list}");
     let items = list["notifications"].as_array().cloned().unwrap_or_default();
-    let ids: Vec<&str> = items.iter().map(|n| n["event"]["event_id"].as_str().unwrap_or("")).collect();
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|n| n["event"]["event_id"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(ids.len(), 4, "three messages and bob's invite: {list}");
     assert_eq!(&ids[..3], &[third.as_str(), second.as_str(), first.as_str()], "{list}");
     assert_eq!(items[3]["event"]["type"], "m.room.member", "{list}");
     assert_eq!(items[3]["event"]["content"]["membership"], "invite", "{list}");
     let read: Vec<bool> = items.iter().map(|n| n["read"].as_bool().unwrap_or(true)).collect();
     assert_eq!(read, vec![false, true, true, true], "{list}");
-    assert!(items.iter().all(|n| n["room_id"] == room.as_str() && n["ts"].as_u64().is_some()));
-    assert!(items[1]["actions"].as_array().is_some_and(|a| a.contains(&json!("notify"))), "{list}");
+    assert!(
+        items
+            .iter()
+            .all(|n| n["room_id"] == room.as_str() && n["ts"].as_u64().is_some())
+    );
+    assert!(
+        items[1]["actions"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("notify"))),
+        "{list}"
+    );
     assert!(list.get("next_token").is_none(), "{list}");
 
     let (_, page1) = bob.get("notifications?limit=2").await;
@@ -454,7 +500,11 @@ async fn notifications_list_with_read_flags_and_pages() {
     let (_, page2) = bob.get(&format!("notifications?limit=2&from={}", enc(&token))).await;
     let p2: Vec<&str> = page2["notifications"]
         .as_array()
-        .map(|a| a.iter().map(|n| n["event"]["event_id"].as_str().unwrap_or("")).collect())
+        .map(|a| {
+            a.iter()
+                .map(|n| n["event"]["event_id"].as_str().unwrap_or(""))
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(p2.len(), 2, "{page2}");
     assert_eq!(p2[0], first.as_str(), "{page2}");
@@ -465,7 +515,11 @@ async fn notifications_list_with_read_flags_and_pages() {
     let (_, high) = bob.get("notifications?only=highlight").await;
     let h: Vec<&str> = high["notifications"]
         .as_array()
-        .map(|a| a.iter().map(|n| n["event"]["event_id"].as_str().unwrap_or("")).collect())
+        .map(|a| {
+            a.iter()
+                .map(|n| n["event"]["event_id"].as_str().unwrap_or(""))
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(h, vec![second.as_str()], "{high}");
     assert_err(&bob.get("notifications?from=nonsense").await, 400, "M_INVALID_PARAM");
@@ -568,7 +622,10 @@ async fn rejected_pushkey_deletes_the_pusher() {
     let got = gw.wait_for(1).await;
     let n = &got[0]["notification"];
     assert_eq!(n["event_id"], first.as_str());
-    assert!(n.get("content").is_none() && n.get("sender").is_none(), "event_id_only: {n}");
+    assert!(
+        n.get("content").is_none() && n.get("sender").is_none(),
+        "event_id_only: {n}"
+    );
     assert_eq!(n["devices"][0]["data"], json!({ "format": "event_id_only" }), "{n}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -583,5 +640,10 @@ async fn rejected_pushkey_deletes_the_pusher() {
     alice.send_text(&room, "t2", "again").await;
     sync_until(&bob, None, &[], |s| unread(s, &room) == Some((2, 0))).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(gw.received().len(), 1, "nothing after the pusher went: {:?}", gw.received());
+    assert_eq!(
+        gw.received().len(),
+        1,
+        "nothing after the pusher went: {:?}",
+        gw.received()
+    );
 }
