@@ -647,3 +647,46 @@ async fn rejected_pushkey_deletes_the_pusher() {
         gw.received()
     );
 }
+
+// A sensor room: a device sends a burst of telemetry to a room its owner
+// is in. No default rule notifies for telemetry, so the owner gets no
+// notification for any of it, and the push worker, walking the whole burst
+// after it was sent, still delivers the one message that mentions the
+// owner right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensor_burst_notifies_nobody_and_a_later_mention_still_arrives() {
+    let server = TestServer::start().await;
+    let owner = server.register("owner").await;
+    let sensor = server.register("sensor").await;
+    let room = room_with(&owner, &sensor, "private_chat").await;
+    let gw = Gateway::start().await;
+    assert_eq!(set_pusher(&owner, &gw.url(), "owner-key", json!({})).await.0, 200);
+    let mut sends = Vec::new();
+    for w in 0..4 {
+        let (sensor, room) = (sensor.clone(), room.clone());
+        sends.push(tokio::spawn(async move {
+            for i in 0..150 {
+                sensor
+                    .send(&room, "org.weft.telemetry", &format!("w{w}-{i}"), json!({ "t": i }))
+                    .await;
+            }
+        }));
+    }
+    for s in sends {
+        s.await.expect("sender");
+    }
+    let mention = sensor
+        .send(&room, "m.room.message", "alarm", mention(&owner.user_id, "owner: too hot"))
+        .await;
+    let got = gw.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(event_ids_of(&gw.received()), vec![mention.clone()], "{got:?}");
+    let (_, list) = owner.get("notifications").await;
+    let types: Vec<&str> = list["notifications"]
+        .as_array()
+        .map(|a| a.iter().map(|n| n["event"]["type"].as_str().unwrap_or("")).collect())
+        .unwrap_or_default();
+    assert!(!types.contains(&"org.weft.telemetry"), "{list}");
+    let s = owner.sync(None, 0).await;
+    assert_eq!(unread(&s, &room), Some((1, 1)), "only the mention: {s}");
+}
