@@ -676,7 +676,12 @@ async fn sensor_burst_notifies_nobody_and_a_later_mention_still_arrives() {
         s.await.expect("sender");
     }
     let mention = sensor
-        .send(&room, "m.room.message", "alarm", mention(&owner.user_id, "owner: too hot"))
+        .send(
+            &room,
+            "m.room.message",
+            "alarm",
+            mention(&owner.user_id, "owner: too hot"),
+        )
         .await;
     let got = gw.wait_for(1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
