@@ -169,6 +169,10 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, media::legacy_config)
         .add(Caller, media::room_files)
         .add(Caller, media::my_uploads)
+        // Push: notifications and pushers.
+        .add(Caller, push::notifications)
+        .add(Caller, push::pushers)
+        .add(Caller, push::set_pusher)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

@@ -1,10 +1,11 @@
 //! Push rules (`/pushrules/…`): each user's ruleset, kept by the services
-//! as the user's `m.push_rules` account data. Stored and editable; not yet
-//! evaluated (no notification counts, no pushers).
+//! as the user's `m.push_rules` account data and evaluated by their push
+//! worker; `/notifications`, `/pushers` and `/pushers/set`.
 
 use ruma::api::client::push::{
-    PushRule, delete_pushrule, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all,
-    get_pushrules_global_scope, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
+    PushRule, delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions,
+    get_pushrule_enabled, get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule,
+    set_pushrule_actions, set_pushrule_enabled,
 };
 use weft_core::Error;
 
@@ -87,4 +88,27 @@ pub async fn set_actions(
     s.set_push_rule_actions(&req.caller, b.kind, b.rule_id, b.actions)
         .await?;
     Ok(set_pushrule_actions::v3::Response::new())
+}
+
+pub async fn notifications(
+    s: AppState,
+    req: Ruma<get_notifications::v3::Request>,
+) -> Result<get_notifications::v3::Response, Error> {
+    let b = req.body;
+    let limit = b.limit.map(u64::from);
+    let (list, next) = s
+        .notifications(&req.caller, b.from.as_deref(), limit, b.only.as_deref())
+        .await?;
+    let mut resp = get_notifications::v3::Response::new(list);
+    resp.next_token = next;
+    Ok(resp)
+}
+
+pub async fn pushers(s: AppState, req: Ruma<get_pushers::v3::Request>) -> Result<get_pushers::v3::Response, Error> {
+    Ok(get_pushers::v3::Response::new(s.pushers(&req.caller).await?))
+}
+
+pub async fn set_pusher(s: AppState, req: Ruma<set_pusher::v3::Request>) -> Result<set_pusher::v3::Response, Error> {
+    s.set_pusher(&req.caller, req.body.action).await?;
+    Ok(set_pusher::v3::Response::new())
 }

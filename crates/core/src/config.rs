@@ -29,6 +29,7 @@ pub struct Config {
     pub coap: CoapConfig,
     pub voip: VoipConfig,
     pub media: MediaConfig,
+    pub push: PushConfig,
 }
 
 /// The media repository (docs/media.md).
@@ -64,6 +65,31 @@ impl Default for MediaConfig {
             legacy_unauthenticated: true,
             max_thumbnail_source_bytes: 32 * 1024 * 1024,
             thumbnail_concurrency: 2,
+        }
+    }
+}
+
+/// Delivery of push notifications to HTTP pushers (push gateways).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PushConfig {
+    /// Requests to push gateways in flight at once, over all pushers.
+    pub max_concurrent_requests: usize,
+    /// How long one request to a push gateway may take.
+    pub request_timeout_secs: u64,
+    /// First wait before retrying a gateway that is down or answered 5xx;
+    /// doubles with each failure up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 16,
+            request_timeout_secs: 10,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 600_000,
         }
     }
 }
@@ -275,6 +301,7 @@ impl Default for Config {
             coap: CoapConfig::default(),
             voip: VoipConfig::default(),
             media: MediaConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -452,6 +479,16 @@ max_retransmit = 4
 turn_uris = []
 # turn_shared_secret = "a long random string"
 turn_ttl_secs = 86400
+
+[push]
+# Push notifications to HTTP pushers (push gateways such as Sygnal).
+# Requests in flight at once, over all pushers, and how long one may take.
+max_concurrent_requests = 16
+request_timeout_secs = 10
+# A gateway that is down or answers 5xx is retried after retry_initial_ms,
+# doubling with each failure up to retry_max_ms; notifications wait, in order.
+retry_initial_ms = 1000
+retry_max_ms = 600000
 "#;
 
 impl Config {

@@ -326,6 +326,7 @@ impl Server {
                 payload: crate::seeds::cbor_of(&serde_json::json!({"name": "fuzz"})),
                 content_format: Some(CF_CBOR),
                 observe: None,
+                block2: None,
             };
             let reply = dispatch(&api, Some(&session), None, &["createRoom"], &req)
                 .await

@@ -1083,3 +1083,71 @@ async fn sdk_attachments_plain_and_encrypted_round_trip() -> Result<()> {
     }
     Ok(())
 }
+
+// Unread counts as matrix-sdk sees them: bob's client shows alice's
+// messages as unread notifications (a mention as a highlight), its own not
+// at all, and none once it sent a read receipt for the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_sees_unread_counts_rise_and_clear_after_a_read_receipt() -> Result<()> {
+    use matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType;
+    use matrix_sdk::ruma::events::receipt::ReceiptThread;
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login(&server, "alice").await?;
+    let bob = login(&server, "bob").await?;
+    alice
+        .sync_once(SyncSettings::default())
+        .await
+        .context("alice initial sync")?;
+    bob.sync_once(SyncSettings::default())
+        .await
+        .context("bob initial sync")?;
+    let room = alice
+        .create_room(create_room::v3::Request::new())
+        .await
+        .context("createRoom")?;
+    let room_id: OwnedRoomId = room.room_id().to_owned();
+    room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
+    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    sync_until(&bob, "bob joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    let bob_room = bob.get_room(&room_id).context("bob's room")?;
+    let counts = bob_room.unread_notification_counts();
+    ensure!(
+        (counts.notification_count, counts.highlight_count) == (0, 0),
+        "nothing unread yet: {counts:?}"
+    );
+
+    room.send(RoomMessageEventContent::text_plain("hello bob"))
+        .await
+        .context("alice sends")?;
+    let mention = json!({ "msgtype": "m.text", "body": "are you there?",
+                          "m.mentions": { "user_ids": [user_id("bob")] } });
+    let last = room
+        .send_raw("m.room.message", mention)
+        .await
+        .context("alice mentions bob")?
+        .response
+        .event_id;
+    bob_room
+        .send(RoomMessageEventContent::text_plain("my own"))
+        .await
+        .context("bob sends")?;
+    sync_until(&bob, "two unread, one highlight", |_| {
+        let c = bob_room.unread_notification_counts();
+        (c.notification_count, c.highlight_count) == (2, 1)
+    })
+    .await?;
+
+    bob_room
+        .send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, last)
+        .await
+        .context("bob's read receipt")?;
+    sync_until(&bob, "nothing unread after the receipt", |_| {
+        let c = bob_room.unread_notification_counts();
+        (c.notification_count, c.highlight_count) == (0, 0)
+    })
+    .await?;
+    Ok(())
+}

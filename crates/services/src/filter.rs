@@ -18,6 +18,8 @@ pub struct EventFilter {
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
     pub lazy_load_members: bool,
+    /// Unread counts per thread (`unread_thread_notifications` in /sync).
+    pub unread_thread_notifications: bool,
 }
 
 fn glob_match(pattern: &str, value: &str) -> bool {

@@ -17,6 +17,7 @@ pub mod files;
 pub mod filter;
 pub mod keys;
 pub mod media;
+pub mod push;
 pub mod push_rules;
 pub mod ratelimit;
 pub mod relations;
@@ -73,6 +74,8 @@ pub struct Services {
     pub connections: Arc<ConnectionLimiter>,
     /// The media repository's blobs and thumbnailing slots.
     pub media: media::Media,
+    /// Push delivery: HTTP client, request limit, pusher tasks.
+    pub(crate) push: push::PushRuntime,
 }
 
 impl Services {
@@ -101,6 +104,7 @@ impl Services {
         );
         let connections = Arc::new(ConnectionLimiter::new(config.limits.max_connections_per_ip));
         let media = media::Media::new(blobs, config.media.thumbnail_concurrency);
+        let push = push::PushRuntime::new(&config.push)?;
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -111,6 +115,7 @@ impl Services {
             login_limiter,
             connections,
             media,
+            push,
         }))
     }
 }

@@ -6,8 +6,8 @@
 //! server brings appear for everyone. Every edit is one read-modify-write
 //! of the store's writer ([`weft_store::Store::edit_account_data`]): edits
 //! racing each other are applied one after the other and none is lost,
-//! with nothing held in memory. Rules are stored, not yet evaluated: no
-//! notification counts, no pushers.
+//! with nothing held in memory. The push worker (push.rs) evaluates them
+//! against every new room event.
 
 use ruma::UserId;
 use ruma::push::{
@@ -165,7 +165,7 @@ fn not_found() -> Error {
 /// order, first of their kind (after `.m.rule.master` for `override`), as
 /// [`Ruleset::insert`] keeps them. A stored ruleset that cannot be read
 /// counts as none.
-fn ruleset_of(user: &UserId, stored: Option<&str>) -> Ruleset {
+pub(crate) fn ruleset_of(user: &UserId, stored: Option<&str>) -> Ruleset {
     let mut rules = Ruleset::server_default(user);
     let Some(stored) = stored
         .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())

@@ -85,6 +85,7 @@ impl Services {
                                     // them is for the built response to say.
                                     StreamKey::DeviceKeys(_) => true,
                                     StreamKey::Receipt(r) => my_rooms.contains(r),
+                                    StreamKey::Notification(u, _) => u == user,
                                 }
                         }),
                     };
@@ -188,48 +189,64 @@ impl Services {
         // `members_touched`: some user-keyed entry (every membership change
         // makes one) is in the window, so room membership may have changed.
         // `receipt_rooms`: rooms with a receipt set in the window (`None`:
-        // not known, look at every joined room).
-        type Window = (HashSet<String>, bool, bool, bool, Option<HashSet<String>>);
-        let (changed, user_touched, devices_touched, members_touched, receipt_rooms): Window = match since {
-            None => (HashSet::new(), true, false, true, None),
-            Some(s) => match recent {
-                Some(changes) => {
-                    let mut rooms = HashSet::new();
-                    let mut receipts = HashSet::new();
-                    let mut touched = false;
-                    let mut devices = false;
-                    let mut members = false;
-                    for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
-                        match k {
-                            StreamKey::Room(r) => {
-                                rooms.insert(r);
-                            }
-                            StreamKey::User(u) => {
-                                members = true;
-                                touched |= u == user;
-                            }
-                            StreamKey::DeviceKeys(_) => devices = true,
-                            StreamKey::Receipt(r) => {
-                                receipts.insert(r);
+        // not known, look at every joined room). `notified_rooms`: rooms
+        // where the user got a notification row (unread counts changed).
+        type Window = (
+            HashSet<String>,
+            bool,
+            bool,
+            bool,
+            Option<HashSet<String>>,
+            HashSet<String>,
+        );
+        let (changed, user_touched, devices_touched, members_touched, receipt_rooms, notified_rooms): Window =
+            match since {
+                None => (HashSet::new(), true, false, true, None, HashSet::new()),
+                Some(s) => match recent {
+                    Some(changes) => {
+                        let mut rooms = HashSet::new();
+                        let mut receipts = HashSet::new();
+                        let mut notified = HashSet::new();
+                        let mut touched = false;
+                        let mut devices = false;
+                        let mut members = false;
+                        for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
+                            match k {
+                                StreamKey::Room(r) => {
+                                    rooms.insert(r);
+                                }
+                                StreamKey::User(u) => {
+                                    members = true;
+                                    touched |= u == user;
+                                }
+                                StreamKey::DeviceKeys(_) => devices = true,
+                                StreamKey::Receipt(r) => {
+                                    receipts.insert(r);
+                                }
+                                StreamKey::Notification(u, r) => {
+                                    if u == user {
+                                        notified.insert(r);
+                                    }
+                                }
                             }
                         }
+                        (rooms, touched, devices, members, Some(receipts), notified)
                     }
-                    (rooms, touched, devices, members, Some(receipts))
-                }
-                None => (
-                    self.store
-                        .rooms_changed(s, upto)
-                        .await?
-                        .into_iter()
-                        .map(|(r, _)| r)
-                        .collect(),
-                    true,
-                    true,
-                    true,
-                    None,
-                ),
-            },
-        };
+                    None => (
+                        self.store
+                            .rooms_changed(s, upto)
+                            .await?
+                            .into_iter()
+                            .map(|(r, _)| r)
+                            .collect(),
+                        true,
+                        true,
+                        true,
+                        None,
+                        HashSet::new(),
+                    ),
+                },
+            };
         let memberships = match known {
             Some(m) if !user_touched => m.to_vec(),
             _ => self.store.user_memberships(user).await?,
@@ -284,7 +301,8 @@ impl Services {
                         || room_changed
                         || req.full_state
                         || room_ad.contains_key(&m.room_id)
-                        || receipts.is_some())
+                        || receipts.is_some()
+                        || notified_rooms.contains(&m.room_id))
                     {
                         continue;
                     }
@@ -322,7 +340,12 @@ impl Services {
                     }
                     let ephemeral: Vec<Value> = receipts.into_iter().collect();
                     section.insert("ephemeral".into(), json!({ "events": ephemeral }));
-                    section.insert("unread_notifications".into(), json!({}));
+                    let by_thread = filter.room.timeline.unread_thread_notifications;
+                    let (unread, by_threads) = self.unread_sections(user, &m.room_id, by_thread).await?;
+                    section.insert("unread_notifications".into(), unread);
+                    if let Some(t) = by_threads {
+                        section.insert("unread_thread_notifications".into(), t);
+                    }
                     join.insert(m.room_id.clone(), Value::Object(section));
                 }
                 "invite" if membership_new => {

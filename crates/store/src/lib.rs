@@ -246,6 +246,44 @@ pub trait Store: MediaStore + Send + Sync + 'static {
     /// Receipts in `room_id` set in (since, upto], oldest first.
     async fn receipts_since(&self, room_id: &str, since: i64, upto: i64) -> Result<Vec<ReceiptRecord>>;
 
+    // ---- push ----
+    /// Adds notification rows, each at the next stream position
+    /// (`StreamKey::Notification(user, room)`), and records in the same
+    /// transaction that events up to `evaluated` have been evaluated
+    /// (`meta` key `push_evaluated`).
+    fn add_notifications(&self, rows: Vec<NewNotification>, evaluated: i64) -> Pending<()>;
+    /// Unread notification counts of `user_id` per room and thread, in
+    /// `room_id` or in every room they have notifications in.
+    async fn unread_counts(&self, user_id: &str, room_id: Option<&str>) -> Result<Vec<UnreadCount>>;
+    /// Notification rows of `user_id` at positions below `before` (all
+    /// when `None`), newest first, at most `limit`; only highlights when
+    /// `only_highlight`.
+    async fn notifications(
+        &self,
+        user_id: &str,
+        before: Option<i64>,
+        limit: usize,
+        only_highlight: bool,
+    ) -> Result<Vec<NotificationRecord>>;
+    /// Notification rows of `user_id` at positions after `after`, oldest
+    /// first, at most `limit` (`read` is not computed: false).
+    async fn notifications_after(&self, user_id: &str, after: i64, limit: usize) -> Result<Vec<NotificationRecord>>;
+    /// Adds or replaces the pusher (`user_id`, `app_id`, `pushkey`); a new
+    /// one starts after the newest notification row. Unless `append`,
+    /// pushers of other users with the same `app_id` and `pushkey` are
+    /// deleted.
+    async fn set_pusher(&self, pusher: PusherRecord, append: bool) -> Result<()>;
+    /// Deletes a pusher; `false` if there was none.
+    async fn delete_pusher(&self, user_id: &str, app_id: &str, pushkey: &str) -> Result<bool>;
+    /// The pushers of `user_id`, or of everyone.
+    async fn pushers(&self, user_id: Option<&str>) -> Result<Vec<PusherRecord>>;
+    /// Records that the pusher has delivered (or given up on) the rows up
+    /// to `position`. Nothing happens if it no longer exists.
+    async fn pusher_sent(&self, user_id: &str, app_id: &str, pushkey: &str, position: i64) -> Result<()>;
+    /// Every event (of every room) at positions in (after, upto], oldest
+    /// first, at most `limit`.
+    async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>>;
+
     // ---- rooms and events ----
     /// Queues one event to be persisted with its effects on state and
     /// membership. Returns at once; the receiver resolves when durable.

@@ -1,7 +1,7 @@
 //! The SQLite backend: one writer thread doing group commit, and a small
 //! pool of read connections (WAL lets reads run beside the writer).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_relations.sql"),
     include_str!("../migrations/0009_search.sql"),
     include_str!("../migrations/0010_receipts.sql"),
+    include_str!("../migrations/0012_push.sql"),
     include_str!("../migrations/0014_media.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
@@ -202,6 +203,7 @@ impl SqliteStore {
                             COALESCE((SELECT MAX(position) FROM device_list_changes), 0),
                             COALESCE((SELECT MAX(position) FROM to_device), 0),
                             COALESCE((SELECT MAX(position) FROM receipts), 0),
+                            COALESCE((SELECT MAX(position) FROM notifications), 0),
                             COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))",
                 [DELETED_MAX],
                 |r| r.get(0),
@@ -465,6 +467,69 @@ fn writer_loop(
             }
         }
     }
+}
+
+/// The newest `m.read`/`m.read.private` receipt positions of `user` in
+/// `room` (the stream positions of the events they point at): unthreaded,
+/// and per thread.
+fn read_positions(c: &Connection, user: &str, room: &str) -> rusqlite::Result<(i64, HashMap<String, i64>)> {
+    let mut floor = 0;
+    let mut threads = HashMap::new();
+    let mut st = c.prepare_cached(
+        "SELECT r.thread_id, MAX(e.position) FROM receipts r JOIN events e ON e.event_id = r.event_id \
+         WHERE r.room_id = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private') \
+         GROUP BY r.thread_id",
+    )?;
+    let rows = st.query_map(params![room, user], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+    })?;
+    for row in rows {
+        let (thread, pos) = row?;
+        let pos = pos.unwrap_or(0);
+        if thread.is_empty() {
+            floor = pos;
+        } else {
+            threads.insert(thread, pos);
+        }
+    }
+    Ok((floor, threads))
+}
+
+/// Whether a row of `thread` at `event_position` is read, given the
+/// receipts [`read_positions`] found.
+fn is_read(read: &(i64, HashMap<String, i64>), thread: &str, event_position: i64) -> bool {
+    let threaded = read.1.get(thread).copied().unwrap_or(0);
+    event_position <= read.0.max(threaded)
+}
+
+const NOTIFICATION_COLS: &str =
+    "position, user_id, room_id, event_id, event_position, thread_id, actions_json, highlight, ts";
+
+fn notification_row(r: &Row<'_>) -> rusqlite::Result<NotificationRecord> {
+    Ok(NotificationRecord {
+        position: r.get(0)?,
+        user_id: r.get(1)?,
+        room_id: r.get(2)?,
+        event_id: r.get(3)?,
+        event_position: r.get(4)?,
+        thread_id: r.get(5)?,
+        actions_json: r.get(6)?,
+        highlight: r.get::<_, i64>(7)? != 0,
+        ts: r.get::<_, i64>(8)?.max(0) as u64,
+        read: false,
+    })
+}
+
+fn pusher_row(r: &Row<'_>) -> rusqlite::Result<PusherRecord> {
+    Ok(PusherRecord {
+        user_id: r.get(0)?,
+        app_id: r.get(1)?,
+        pushkey: r.get(2)?,
+        pusher_json: r.get(3)?,
+        pushkey_ts: r.get::<_, i64>(4)?.max(0) as u64,
+        last_sent: r.get(5)?,
+        from_event: r.get(6)?,
+    })
 }
 
 const EVENT_COLS: &str = "e.position, e.event_id, e.room_id, e.event_type, e.state_key, e.sender, \
@@ -911,6 +976,8 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM backup_keys WHERE user_id = ?1", [&u])
                 .map_err(db_err)?;
             c.execute("UPDATE backup_versions SET deleted = 1 WHERE user_id = ?1", [&u])
+                .map_err(db_err)?;
+            c.execute("DELETE FROM pushers WHERE user_id = ?1", [&u])
                 .map_err(db_err)?;
             if crossed > 0 {
                 device_list_changed(c, ctx, &u).map_err(db_err)?;
@@ -1790,6 +1857,214 @@ impl Store for SqliteStore {
                     })
                 },
             )
+        })
+        .await
+    }
+
+    fn add_notifications(&self, rows: Vec<NewNotification>, evaluated: i64) -> Pending<()> {
+        self.write(move |c, ctx| {
+            for n in rows {
+                let p = ctx.pos + 1;
+                c.prepare_cached(
+                    "INSERT INTO notifications (position, user_id, room_id, event_id, event_position, thread_id, \
+                     actions_json, highlight, ts) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        p,
+                        n.user_id,
+                        n.room_id,
+                        n.event_id,
+                        n.event_position,
+                        n.thread_id,
+                        n.actions_json,
+                        n.highlight as i64,
+                        n.ts as i64
+                    ])
+                })
+                .map_err(db_err)?;
+                ctx.pos = p;
+                ctx.changes.push((p, StreamKey::Notification(n.user_id, n.room_id)));
+            }
+            c.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('push_evaluated', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute([evaluated.to_string()]))
+            .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    async fn unread_counts(&self, user_id: &str, room_id: Option<&str>) -> Result<Vec<UnreadCount>> {
+        let (u, room) = (user_id.to_owned(), room_id.map(str::to_owned));
+        self.read(move |c| {
+            let rooms = match room {
+                Some(r) => vec![r],
+                None => collect(
+                    c,
+                    "SELECT DISTINCT room_id FROM notifications WHERE user_id = ?1",
+                    params![u],
+                    |r| r.get(0),
+                )?,
+            };
+            let mut out = Vec::new();
+            for room in rooms {
+                let read = read_positions(c, &u, &room)?;
+                let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+                let mut st = c.prepare_cached(
+                    "SELECT thread_id, event_position, highlight FROM notifications \
+                     WHERE user_id = ?1 AND room_id = ?2 AND event_position > ?3 AND thread_id != ''",
+                )?;
+                let rows = st.query_map(params![u, room, read.0], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? != 0))
+                })?;
+                for row in rows {
+                    let (thread, pos, highlight) = row?;
+                    if is_read(&read, &thread, pos) {
+                        continue;
+                    }
+                    let slot = counts.entry(thread).or_default();
+                    slot.0 += 1;
+                    slot.1 += highlight as u64;
+                }
+                out.extend(counts.into_iter().map(|(thread_id, (n, h))| UnreadCount {
+                    room_id: room.clone(),
+                    thread_id,
+                    notifications: n,
+                    highlights: h,
+                }));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn notifications(
+        &self,
+        user_id: &str,
+        before: Option<i64>,
+        limit: usize,
+        only_highlight: bool,
+    ) -> Result<Vec<NotificationRecord>> {
+        let u = user_id.to_owned();
+        let before = before.unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT {NOTIFICATION_COLS} FROM notifications WHERE user_id = ?1 AND position < ?2 \
+                 AND (?3 = 0 OR highlight = 1) ORDER BY position DESC LIMIT ?4"
+            );
+            let mut rows = collect(
+                c,
+                &sql,
+                params![u, before, only_highlight as i64, limit as i64],
+                notification_row,
+            )?;
+            let mut reads: HashMap<String, (i64, HashMap<String, i64>)> = HashMap::new();
+            for n in &mut rows {
+                if !reads.contains_key(&n.room_id) {
+                    reads.insert(n.room_id.clone(), read_positions(c, &u, &n.room_id)?);
+                }
+                if let Some(read) = reads.get(&n.room_id) {
+                    n.read = is_read(read, &n.thread_id, n.event_position);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn notifications_after(&self, user_id: &str, after: i64, limit: usize) -> Result<Vec<NotificationRecord>> {
+        let u = user_id.to_owned();
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT {NOTIFICATION_COLS} FROM notifications WHERE user_id = ?1 AND position > ?2 \
+                 ORDER BY position LIMIT ?3"
+            );
+            collect(c, &sql, params![u, after, limit as i64], notification_row)
+        })
+        .await
+    }
+
+    async fn set_pusher(&self, p: PusherRecord, append: bool) -> Result<()> {
+        self.write_wait(move |c, ctx| {
+            if !append {
+                c.execute(
+                    "DELETE FROM pushers WHERE app_id = ?1 AND pushkey = ?2 AND user_id != ?3",
+                    params![p.app_id, p.pushkey, p.user_id],
+                )
+                .map_err(db_err)?;
+            }
+            // A new pusher starts after the newest notification; a
+            // replaced one keeps its place.
+            c.execute(
+                "INSERT INTO pushers (user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent, from_event) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(position), 0) FROM notifications), ?6) \
+                 ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET pusher_json = excluded.pusher_json, \
+                 pushkey_ts = excluded.pushkey_ts",
+                params![
+                    p.user_id,
+                    p.app_id,
+                    p.pushkey,
+                    p.pusher_json,
+                    p.pushkey_ts as i64,
+                    ctx.pos
+                ],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_pusher(&self, user_id: &str, app_id: &str, pushkey: &str) -> Result<bool> {
+        let (u, a, k) = (user_id.to_owned(), app_id.to_owned(), pushkey.to_owned());
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "DELETE FROM pushers WHERE user_id = ?1 AND app_id = ?2 AND pushkey = ?3",
+                    params![u, a, k],
+                )
+                .map_err(db_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn pushers(&self, user_id: Option<&str>) -> Result<Vec<PusherRecord>> {
+        let u = user_id.map(str::to_owned);
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT user_id, app_id, pushkey, pusher_json, pushkey_ts, last_sent, from_event FROM pushers \
+                 WHERE ?1 IS NULL OR user_id = ?1 ORDER BY user_id, app_id, pushkey",
+                params![u],
+                pusher_row,
+            )
+        })
+        .await
+    }
+
+    async fn pusher_sent(&self, user_id: &str, app_id: &str, pushkey: &str, position: i64) -> Result<()> {
+        let (u, a, k) = (user_id.to_owned(), app_id.to_owned(), pushkey.to_owned());
+        self.write_wait(move |c, _| {
+            c.execute(
+                "UPDATE pushers SET last_sent = MAX(last_sent, ?4) WHERE user_id = ?1 AND app_id = ?2 AND pushkey = ?3",
+                params![u, a, k, position],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT {EVENT_COLS} FROM events e WHERE e.position > ?1 AND e.position <= ?2 \
+                 ORDER BY e.position LIMIT ?3"
+            );
+            collect(c, &sql, params![after, upto, limit as i64], event_row)
         })
         .await
     }

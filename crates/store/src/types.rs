@@ -175,6 +175,9 @@ pub enum StreamKey {
     DeviceKeys(String),
     /// A read receipt in this room was set (no new event).
     Receipt(String),
+    /// A notification row for this user (first) in this room (second) was
+    /// added: their unread counts there changed.
+    Notification(String, String),
 }
 
 /// Keys a device uploads in one `/keys/upload`.
@@ -314,4 +317,69 @@ pub enum SearchKey {
     Body,
     Name,
     Topic,
+}
+
+/// A notification row to add: the push rules of `user_id` say the event
+/// notifies them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewNotification {
+    pub user_id: String,
+    pub room_id: String,
+    pub event_id: String,
+    /// The event's stream position.
+    pub event_position: i64,
+    /// `main`, or the thread root's event ID; `""` for an invite of the
+    /// user (not counted as unread).
+    pub thread_id: String,
+    /// The push rule's actions, as JSON.
+    pub actions_json: String,
+    pub highlight: bool,
+    /// When the event was sent (ms since the epoch).
+    pub ts: u64,
+}
+
+/// A stored notification row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotificationRecord {
+    /// Its own stream position.
+    pub position: i64,
+    pub user_id: String,
+    pub room_id: String,
+    pub event_id: String,
+    pub event_position: i64,
+    pub thread_id: String,
+    pub actions_json: String,
+    pub highlight: bool,
+    pub ts: u64,
+    /// Whether the user has read receipts at or after the event (for its
+    /// thread, or unthreaded).
+    pub read: bool,
+}
+
+/// Unread notifications of one thread (`main` for the main timeline) of a
+/// room: rows after the user's newest `m.read`/`m.read.private` receipt
+/// that applies (unthreaded, or of that thread).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadCount {
+    pub room_id: String,
+    pub thread_id: String,
+    pub notifications: u64,
+    pub highlights: u64,
+}
+
+/// An HTTP pusher of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PusherRecord {
+    pub user_id: String,
+    pub app_id: String,
+    pub pushkey: String,
+    /// The spec's Pusher object as the client set it.
+    pub pusher_json: String,
+    /// When the pushkey was set (ms since the epoch).
+    pub pushkey_ts: u64,
+    /// The last notification row position delivered (or given up on).
+    pub last_sent: i64,
+    /// The stream position when the pusher was added (set by the store):
+    /// notifications of events up to it are not for this pusher.
+    pub from_event: i64,
 }

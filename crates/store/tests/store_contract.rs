@@ -948,3 +948,148 @@ async fn receipts_replace_per_key_and_take_positions() {
     assert_eq!(store.current_position(), p4);
     assert_eq!(store.receipts_since("!r:test", 0, p4).await.unwrap(), all);
 }
+
+fn notification(user: &str, n: u32, event_position: i64, thread: &str, highlight: bool) -> weft_store::NewNotification {
+    weft_store::NewNotification {
+        user_id: user.into(),
+        room_id: "!r:test".into(),
+        event_id: format!("$e{n}"),
+        event_position,
+        thread_id: thread.into(),
+        actions_json: r#"["notify"]"#.into(),
+        highlight,
+        ts: 1000 + n as u64,
+    }
+}
+
+// Notification rows take stream positions keyed to (user, room), are
+// written with the evaluated position in one write, and survive a restart
+// (positions never go back); unread counts start after the newest receipt
+// that applies (unthreaded, or of the row's thread); invites ('') never
+// count.
+#[tokio::test]
+async fn notifications_take_positions_and_count_after_receipts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut pos = Vec::new();
+    for n in 0..5 {
+        pos.push(store.persist_event(event("!r:test", n, None)).await.unwrap().unwrap());
+    }
+    let before = store.current_position();
+    let rows = vec![
+        notification("@b:test", 1, pos[1], "main", false),
+        notification("@b:test", 2, pos[2], "main", true),
+        notification("@b:test", 3, pos[3], "$e1", false),
+        notification("@b:test", 4, pos[4], "", false),
+        notification("@c:test", 4, pos[4], "main", false),
+    ];
+    store.add_notifications(rows, pos[4]).await.unwrap().unwrap();
+    let changes = store.changes_since(before).expect("in memory");
+    assert_eq!(changes.len(), 5);
+    assert_eq!(
+        changes[0],
+        (before + 1, StreamKey::Notification("@b:test".into(), "!r:test".into()))
+    );
+    assert_eq!(
+        store.get_meta("push_evaluated").await.unwrap(),
+        Some(pos[4].to_string())
+    );
+    let counts = |store: &Arc<dyn Store>| {
+        let store = store.clone();
+        async move {
+            store
+                .unread_counts("@b:test", Some("!r:test"))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.thread_id, c.notifications, c.highlights))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(counts(&store).await, vec![("$e1".into(), 1, 0), ("main".into(), 2, 1)]);
+    // A threaded receipt for the thread clears it alone; an unthreaded one
+    // at $e2 clears what is at or before it everywhere.
+    store
+        .put_receipt(receipt("@b:test", "m.read", "$e1", "$e3", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counts(&store).await, vec![("main".into(), 2, 1)]);
+    store
+        .put_receipt(receipt("@b:test", "m.read.private", "", "$e2", 2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counts(&store).await, Vec::<(String, u64, u64)>::new());
+    let listed = store.notifications("@b:test", None, 10, false).await.unwrap();
+    let got: Vec<_> = listed.iter().map(|n| (n.event_id.as_str(), n.read)).collect();
+    assert_eq!(got, vec![("$e4", false), ("$e3", true), ("$e2", true), ("$e1", true)]);
+    let high = store.notifications("@b:test", None, 10, true).await.unwrap();
+    assert_eq!(high.len(), 1);
+    let page = store
+        .notifications("@b:test", Some(listed[1].position), 10, false)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    let after = store
+        .notifications_after("@b:test", listed[2].position, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|n| n.event_id.as_str()).collect::<Vec<_>>(),
+        vec!["$e3", "$e4"]
+    );
+    let last = store.current_position();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.current_position(), last, "positions never go back");
+    assert_eq!(store.unread_counts("@c:test", None).await.unwrap().len(), 1);
+}
+
+fn pusher(user: &str, key: &str) -> weft_store::PusherRecord {
+    weft_store::PusherRecord {
+        user_id: user.into(),
+        app_id: "app".into(),
+        pushkey: key.into(),
+        pusher_json: "{}".into(),
+        pushkey_ts: 5,
+        last_sent: 0,
+        from_event: 0,
+    }
+}
+
+// A pusher starts after the newest notification row; setting it again
+// keeps its place; the same app_id and pushkey of another user goes unless
+// appended; last_sent only moves forward.
+#[tokio::test]
+async fn pushers_replace_append_and_remember_what_they_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let p = store.persist_event(event("!r:test", 0, None)).await.unwrap().unwrap();
+    store
+        .add_notifications(vec![notification("@a:test", 0, p, "main", false)], p)
+        .await
+        .unwrap()
+        .unwrap();
+    let newest = store.current_position();
+    store.set_pusher(pusher("@a:test", "k"), false).await.unwrap();
+    let a = store.pushers(Some("@a:test")).await.unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].last_sent, newest);
+    assert_eq!(a[0].from_event, newest);
+    store.pusher_sent("@a:test", "app", "k", newest + 5).await.unwrap();
+    store.pusher_sent("@a:test", "app", "k", newest + 1).await.unwrap();
+    store.set_pusher(pusher("@a:test", "k"), false).await.unwrap();
+    assert_eq!(store.pushers(Some("@a:test")).await.unwrap()[0].last_sent, newest + 5);
+    store.set_pusher(pusher("@b:test", "k"), true).await.unwrap();
+    assert_eq!(store.pushers(None).await.unwrap().len(), 2);
+    store.set_pusher(pusher("@b:test", "k"), false).await.unwrap();
+    let all = store.pushers(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(),
+        vec!["@b:test"]
+    );
+    assert!(store.delete_pusher("@b:test", "app", "k").await.unwrap());
+    assert!(!store.delete_pusher("@b:test", "app", "k").await.unwrap());
+    assert!(store.pushers(None).await.unwrap().is_empty());
+}

@@ -359,6 +359,8 @@ async fn serve(
         None
     };
     let services = open_services(data_dir, config)?;
+    // Push: evaluation of push rules and delivery to push gateways.
+    services.start_push();
     let admin_socket = admin::AdminSocket::start(data_dir, services.clone()).await?;
     let mut app = weft_http::router(services.clone());
     // The MQTT door (TCP, TLS, and WebSocket on this HTTP listener), one
