@@ -153,6 +153,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::set_enabled)
         .add(Caller, push::get_actions)
         .add(Caller, push::set_actions)
+        // Simplified sliding sync (MSC4186).
+        .add(Caller, rooms::sliding_sync)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

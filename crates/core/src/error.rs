@@ -40,6 +40,9 @@ pub enum ErrorKind {
     WrongRoomKeysVersion {
         current_version: Option<String>,
     },
+    /// A sliding sync `pos` the server does not know (any more): the
+    /// client starts the connection afresh (MSC4186).
+    UnknownPos,
     Unknown,
 }
 
@@ -112,6 +115,7 @@ impl Error {
             ErrorKind::Uia(_) => "M_FORBIDDEN",
             ErrorKind::BadState => "M_BAD_STATE",
             ErrorKind::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
+            ErrorKind::UnknownPos => "M_UNKNOWN_POS",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }

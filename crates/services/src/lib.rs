@@ -25,6 +25,8 @@ pub mod search;
 pub mod sign_in;
 pub mod spaces;
 pub mod stream;
+pub mod sliding_stubs;
+pub mod sliding_sync;
 pub mod sync;
 pub mod tls;
 pub mod tokens;
@@ -121,6 +123,8 @@ impl Services {
             low_bandwidth_unstable: None,
             low_bandwidth: None,
         };
+        // Simplified sliding sync (MSC4186), as matrix-sdk looks for it.
+        v.unstable_features.insert("org.matrix.simplified_msc3575".into(), true);
         if self.config.coap.enabled {
             // The DTLS listener's port (its bound address, once it runs).
             let coap = &self.config.coap;
