@@ -649,7 +649,7 @@ impl Services {
             for a in self.store.account_data_since(user, since.unwrap_or(0), upto).await? {
                 match &a.room_id {
                     None => global.push(account_data_json(&a)),
-                    Some(r) if scope.contains(r.as_str()) && !fresh(r) => {
+                    Some(r) if scope.contains(&r.as_str()) && !fresh(r) => {
                         push_to(&mut rooms, r, account_data_json(&a));
                     }
                     Some(_) => {}
