@@ -102,9 +102,9 @@ impl Details {
     /// `$ME` is the user; `$LAZY` members are added by the caller).
     fn wants(&self, user: &str, e: &StoredEvent) -> bool {
         let key = e.state_key.as_deref().unwrap_or_default();
-        self.required_state.iter().any(|(t, k)| {
-            (t == "*" || *t == e.event_type) && (k == "*" || k == key || (k == "$ME" && key == user))
-        })
+        self.required_state
+            .iter()
+            .any(|(t, k)| (t == "*" || *t == e.event_type) && (k == "*" || k == key || (k == "$ME" && key == user)))
     }
 
     fn lazy_members(&self) -> bool {
@@ -227,7 +227,12 @@ impl Services {
         }
         conn.counts = resp.counts.clone();
         self.store
-            .put_sliding_connection(user, device, conn_id, &serde_json::to_string(&conn).map_err(Error::internal)?)
+            .put_sliding_connection(
+                user,
+                device,
+                conn_id,
+                &serde_json::to_string(&conn).map_err(Error::internal)?,
+            )
             .await?;
         let mut body = json!({
             "pos": format!("{}_{}_{}", conn.generation, n, upto),
@@ -292,7 +297,10 @@ impl Services {
         let direct = self.direct_rooms(user).await?;
         // The rooms lists are made of: joined and invited, by recency.
         let mut candidates = Vec::new();
-        for m in memberships.iter().filter(|m| matches!(m.membership.as_str(), "join" | "invite")) {
+        for m in memberships
+            .iter()
+            .filter(|m| matches!(m.membership.as_str(), "join" | "invite"))
+        {
             candidates.push(self.candidate(m.clone(), &direct, upto).await?);
         }
         candidates.sort_by(|a, b| b.bump.cmp(&a.bump).then_with(|| a.m.room_id.cmp(&b.m.room_id)));
@@ -332,7 +340,9 @@ impl Services {
         };
         let default_limit = wanted.values().map(|d| d.timeline_limit).max().unwrap_or(1);
         for c in &candidates {
-            let Some(details) = wanted.get(&c.m.room_id) else { continue };
+            let Some(details) = wanted.get(&c.m.room_id) else {
+                continue;
+            };
             let known = conn.rooms.get(&c.m.room_id).filter(|k| k.membership == c.m.membership);
             let room = match c.m.membership.as_str() {
                 "invite" if known.is_some() => None,
@@ -352,8 +362,13 @@ impl Services {
         }
         // Rooms the client has that the user left (or was removed from)
         // since: sent once, up to the leave, then forgotten.
-        for m in memberships.iter().filter(|m| matches!(m.membership.as_str(), "leave" | "ban")) {
-            let Some(known) = conn.rooms.get(&m.room_id) else { continue };
+        for m in memberships
+            .iter()
+            .filter(|m| matches!(m.membership.as_str(), "leave" | "ban"))
+        {
+            let Some(known) = conn.rooms.get(&m.room_id) else {
+                continue;
+            };
             if m.position <= known.pos {
                 continue;
             }
@@ -389,12 +404,7 @@ impl Services {
     }
 
     /// A room as the lists sort and filter it.
-    async fn candidate(
-        &self,
-        m: MembershipRecord,
-        direct: &HashSet<String>,
-        upto: i64,
-    ) -> Result<Candidate> {
+    async fn candidate(&self, m: MembershipRecord, direct: &HashSet<String>, upto: i64) -> Result<Candidate> {
         let state = self.store.current_state(&m.room_id).await?;
         let encrypted = state.iter().any(|e| e.event_type == "m.room.encryption");
         let room_type = state
@@ -429,7 +439,10 @@ impl Services {
         let mut latest = 0;
         let mut seen = 0;
         while seen < BUMP_SCAN {
-            let page = self.store.room_events(room_id, cursor, 0, Direction::Backward, 50).await?;
+            let page = self
+                .store
+                .room_events(room_id, cursor, 0, Direction::Backward, 50)
+                .await?;
             let Some(last) = page.last() else { break };
             cursor = last.position;
             if latest == 0 {
@@ -507,7 +520,10 @@ impl Services {
         let room_id = c.m.room_id.as_str();
         let viewer = Some((user, session.device_id.as_str()));
         if let Some(k) = known {
-            let newer = self.store.room_events(room_id, upto + 1, k, Direction::Backward, 1).await?;
+            let newer = self
+                .store
+                .room_events(room_id, upto + 1, k, Direction::Backward, 1)
+                .await?;
             if newer.is_empty() {
                 return Ok(None);
             }
@@ -555,8 +571,15 @@ impl Services {
         if let Some(first) = timeline.first() {
             room["prev_batch"] = json!(make_token(first.position - 1));
         }
-        let find = |t: &str| current.iter().find(|e| e.event_type == t && e.state_key.as_deref() == Some(""));
-        match find("m.room.name").and_then(|e| content_str(e, "name")).filter(|n| !n.is_empty()) {
+        let find = |t: &str| {
+            current
+                .iter()
+                .find(|e| e.event_type == t && e.state_key.as_deref() == Some(""))
+        };
+        match find("m.room.name")
+            .and_then(|e| content_str(e, "name"))
+            .filter(|n| !n.is_empty())
+        {
             Some(name) => room["name"] = json!(name),
             None => {
                 let heroes: Vec<Value> = summary["m.heroes"]
@@ -603,9 +626,7 @@ impl Services {
         let ext = &req.extensions;
         let mut out = Map::new();
         // A room is new to the client when this response sends it whole.
-        let fresh = |room: &str| {
-            since.is_none() || built.rooms.get(room).is_some_and(|r| r.get("initial").is_some())
-        };
+        let fresh = |room: &str| since.is_none() || built.rooms.get(room).is_some_and(|r| r.get("initial").is_some());
         if ext.to_device.enabled == Some(true) {
             let from = ext
                 .to_device
@@ -694,7 +715,13 @@ impl Services {
             out.insert("receipts".into(), json!({ "rooms": rooms }));
         }
         if ext.typing.enabled == Some(true) {
-            let scope = ext_scope(ext.typing.lists.as_deref(), ext.typing.rooms.as_deref(), in_list, req, joined);
+            let scope = ext_scope(
+                ext.typing.lists.as_deref(),
+                ext.typing.rooms.as_deref(),
+                in_list,
+                req,
+                joined,
+            );
             let mut rooms = Map::new();
             for r in scope {
                 if !fresh(r) && touched.as_ref().is_some_and(|t| !t.contains(r)) {

@@ -412,7 +412,13 @@ impl Services {
     /// One `m.receipt` event with the receipts of `room_id` set in
     /// (since, upto] that `user` may see (private ones only their own);
     /// `None` when there are none.
-    pub(crate) async fn receipt_event(&self, user: &str, room_id: &str, since: i64, upto: i64) -> Result<Option<Value>> {
+    pub(crate) async fn receipt_event(
+        &self,
+        user: &str,
+        room_id: &str,
+        since: i64,
+        upto: i64,
+    ) -> Result<Option<Value>> {
         let mut content = Map::new();
         for r in self.store.receipts_since(room_id, since, upto).await? {
             if r.receipt_type == RECEIPT_READ_PRIVATE && r.user_id != user {

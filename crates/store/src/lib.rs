@@ -340,8 +340,13 @@ pub trait Store: Send + Sync + 'static {
     /// services wrote), if there is one.
     async fn sliding_connection(&self, user_id: &str, device_id: &str, conn_id: &str) -> Result<Option<String>>;
     /// Stores (replaces) the state of a sliding sync connection.
-    async fn put_sliding_connection(&self, user_id: &str, device_id: &str, conn_id: &str, state_json: &str)
-    -> Result<()>;
+    async fn put_sliding_connection(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        state_json: &str,
+    ) -> Result<()>;
 
     // ---- server ----
     /// A key-value slot for server metadata (e.g. the signing key name).

@@ -2320,8 +2320,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put_sliding_connection(&self, user_id: &str, device_id: &str, conn_id: &str, state_json: &str) -> Result<()> {
-        let (u, d, c, j) = (user_id.to_owned(), device_id.to_owned(), conn_id.to_owned(), state_json.to_owned());
+    async fn put_sliding_connection(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        state_json: &str,
+    ) -> Result<()> {
+        let (u, d, c, j) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            conn_id.to_owned(),
+            state_json.to_owned(),
+        );
         let now = i64::try_from(weft_core::now_ms()).unwrap_or(i64::MAX);
         self.write_wait(move |conn, _| {
             conn.execute(
