@@ -725,3 +725,114 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     assert_eq!(after_json["sender"], bob_id.as_str());
     Ok(())
 }
+
+/// The bodies of the `m.room.message` events matrix-sdk's event cache holds
+/// for a room, oldest first.
+async fn cached_bodies(client: &Client, room_id: &RoomId) -> Result<Vec<String>> {
+    let room = client.get_room(room_id).context("the client knows the room")?;
+    let (cache, _drop) = room.event_cache().await.context("room event cache")?;
+    let mut out = Vec::new();
+    for ev in cache.events().await.context("cached events")? {
+        let json: Value = serde_json::from_str(ev.raw().json().get())?;
+        if json["type"] == "m.room.message" {
+            out.push(json["content"]["body"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+// matrix-sdk's sliding sync (simplified, MSC4186), discovered from
+// `/versions`: one list lists alice's rooms (count, names, recency order)
+// with their latest events; a new message comes in the next response for
+// that room alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_sliding_sync_lists_rooms_and_their_latest_events() -> Result<()> {
+    use matrix_sdk::ruma::events::StateEventType;
+    use matrix_sdk::sliding_sync::{SlidingSyncList, SlidingSyncMode, Version};
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login(&server, "alice").await?;
+    let http = server.with_token(&alice.access_token().context("alice's token")?);
+    let mut rooms = Vec::new();
+    for name in ["first", "second", "third"] {
+        let id = http.create_room(json!({ "name": name, "preset": "private_chat" })).await;
+        http.send_text(&id, &format!("{name}-1"), &format!("{name}: hello")).await;
+        rooms.push(RoomId::parse(&id)?);
+    }
+    // `first` gets the latest message: it leads the list.
+    http.send_text(rooms[0].as_str(), "first-2", "first: latest").await;
+
+    let versions = alice.available_sliding_sync_versions().await;
+    ensure!(
+        versions.iter().any(|v| matches!(v, Version::Native)),
+        "simplified sliding sync should be discovered from /versions: {versions:?}"
+    );
+    alice.event_cache().subscribe().context("event cache")?;
+    let sync = alice
+        .sliding_sync("weft-test")?
+        .version(Version::Native)
+        .add_list(
+            SlidingSyncList::builder("all")
+                .sync_mode(SlidingSyncMode::new_selective().add_range(0..=9))
+                .timeline_limit(5)
+                .required_state(vec![
+                    (StateEventType::RoomName, String::new()),
+                    (StateEventType::RoomMember, "$LAZY".to_owned()),
+                ]),
+        )
+        .build()
+        .await
+        .context("building the sliding sync")?;
+    let summary = sync.sync_once().await.context("first sliding sync")?;
+    let mut got: Vec<_> = summary.rooms.clone();
+    got.sort();
+    let mut want = rooms.clone();
+    want.sort();
+    assert_eq!(got, want, "all three rooms in the first response");
+    let count = sync
+        .on_list("all", |l| std::future::ready(l.maximum_number_of_rooms()))
+        .await
+        .flatten();
+    assert_eq!(count, Some(3), "the list counts alice's rooms");
+
+    let mut by_recency: Vec<(u64, String)> = Vec::new();
+    for id in &rooms {
+        let room = alice.get_room(id).context("room known after sliding sync")?;
+        let stamp = room.recency_stamp().map(u64::from).context("a recency stamp")?;
+        by_recency.push((stamp, room.name().context("room name from required_state")?));
+    }
+    by_recency.sort_by(|a, b| b.0.cmp(&a.0));
+    let names: Vec<&str> = by_recency.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, ["first", "third", "second"], "latest activity first");
+    assert_eq!(
+        cached_bodies(&alice, &rooms[0]).await?,
+        ["first: hello", "first: latest"],
+        "first's latest events"
+    );
+    assert_eq!(cached_bodies(&alice, &rooms[1]).await?, ["second: hello"]);
+    assert_eq!(cached_bodies(&alice, &rooms[2]).await?, ["third: hello"]);
+
+    // A new message in `second`: the next response has that room alone.
+    http.send_text(rooms[1].as_str(), "second-2", "second: news").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let summary = sync.sync_once().await.context("next sliding sync")?;
+        if !summary.rooms.is_empty() {
+            assert_eq!(summary.rooms, vec![rooms[1].clone()], "only the changed room");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the new message never came");
+    }
+    assert_eq!(
+        cached_bodies(&alice, &rooms[1]).await?,
+        ["second: hello", "second: news"]
+    );
+    let second = alice.get_room(&rooms[1]).context("second")?;
+    let first = alice.get_room(&rooms[0]).context("first")?;
+    assert!(
+        second.recency_stamp().map(u64::from) > first.recency_stamp().map(u64::from),
+        "second is now the most recent"
+    );
+    Ok(())
+}
