@@ -77,6 +77,11 @@ struct SentRoom {
     /// The user's membership it was sent with: when that changes (an
     /// invite accepted), the room is sent whole again.
     membership: String,
+    /// The `required_state` it was sent with: when the client asks for
+    /// more (opening a room subscribes to it with more state), the room is
+    /// sent whole again.
+    #[serde(default)]
+    required_state: Vec<(String, String)>,
 }
 
 /// What the client asks to see of a room: the union over the lists it is
@@ -209,11 +214,12 @@ impl Services {
         // Remember what this response tells the client.
         conn.responses += 1;
         let n = conn.responses;
-        for (room, membership) in &resp.sent {
+        for (room, membership, required_state) in &resp.sent {
             let sent = SentRoom {
                 response: n,
                 pos: upto,
                 membership: membership.clone(),
+                required_state: required_state.clone(),
             };
             conn.rooms.insert(room.clone(), sent);
         }
@@ -343,7 +349,11 @@ impl Services {
             let Some(details) = wanted.get(&c.m.room_id) else {
                 continue;
             };
-            let known = conn.rooms.get(&c.m.room_id).filter(|k| k.membership == c.m.membership);
+            let known = conn.rooms.get(&c.m.room_id).filter(|k| {
+                k.membership == c.m.membership
+                    && (c.m.membership == "invite"
+                        || details.required_state.iter().all(|p| k.required_state.contains(p)))
+            });
             let room = match c.m.membership.as_str() {
                 "invite" if known.is_some() => None,
                 "invite" => Some(self.invited_room(c).await?),
@@ -355,7 +365,12 @@ impl Services {
             match room {
                 Some(r) => {
                     built.rooms.insert(c.m.room_id.clone(), r);
-                    built.sent.push((c.m.room_id.clone(), c.m.membership.clone()));
+                    let sent = (
+                        c.m.room_id.clone(),
+                        c.m.membership.clone(),
+                        details.required_state.clone(),
+                    );
+                    built.sent.push(sent);
                 }
                 None => built.unchanged.push(c.m.room_id.clone()),
             }
@@ -744,8 +759,8 @@ struct Built {
     rooms: Map<String, Value>,
     extensions: Value,
     /// Rooms sent (now up to date at the response's position), with the
-    /// user's membership.
-    sent: Vec<(String, String)>,
+    /// user's membership and the required state asked for.
+    sent: Vec<(String, String, Vec<(String, String)>)>,
     /// Rooms the client has that had nothing new.
     unchanged: Vec<String>,
     /// Rooms the user left, sent for the last time.

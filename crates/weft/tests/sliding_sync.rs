@@ -303,6 +303,40 @@ async fn room_subscriptions_and_membership() {
     assert_eq!(room_ids(&fresh), set(&[&newer]), "{fresh}");
 }
 
+// Asking for more state of a room the connection has (a client opening a
+// room subscribes to it with more required state) sends the room whole
+// again at once, with that state; asking again for the same sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_required_state_resends_the_room() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = named_room(&alice, "Topical").await;
+    alice.send_text(&room, "m1", "hi").await;
+    let list = json!({ "l": { "ranges": [[0, 9]], "required_state": [], "timeline_limit": 1 } });
+    let r0 = ss(&alice, None, 0, json!({ "lists": list })).await;
+    assert!(
+        r0["rooms"][&room]["required_state"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{r0}"
+    );
+    let with_sub = json!({
+        "lists": list,
+        "room_subscriptions": { room.as_str(): { "required_state": [["m.room.name", ""]], "timeline_limit": 1 } },
+    });
+    let start = Instant::now();
+    let r1 = ss(&alice, Some(&pos(&r0)), 10_000, with_sub.clone()).await;
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(r1["rooms"][&room]["initial"], true, "{r1}");
+    assert_eq!(state_keys(&r1["rooms"][&room], "m.room.name"), set(&[""]), "{r1}");
+    assert_eq!(bodies(&r1["rooms"][&room]), vec!["hi"], "{r1}");
+    let r2 = ss(&alice, Some(&pos(&r1)), 500, with_sub).await;
+    assert!(room_ids(&r2).is_empty(), "{r2}");
+    // Asking for less again: nothing to send.
+    let r3 = ss(&alice, Some(&pos(&r2)), 500, json!({ "lists": list })).await;
+    assert!(room_ids(&r3).is_empty(), "{r3}");
+}
+
 // An invited room comes with its stripped state (the invite among it) and
 // no timeline; `is_invite` filters lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
