@@ -214,12 +214,11 @@ impl Services {
         // Remember what this response tells the client.
         conn.responses += 1;
         let n = conn.responses;
-        for (room, membership, required_state) in &resp.sent {
+        for (room, sent) in &resp.sent {
             let sent = SentRoom {
                 response: n,
                 pos: upto,
-                membership: membership.clone(),
-                required_state: required_state.clone(),
+                ..sent.clone()
             };
             conn.rooms.insert(room.clone(), sent);
         }
@@ -365,12 +364,13 @@ impl Services {
             match room {
                 Some(r) => {
                     built.rooms.insert(c.m.room_id.clone(), r);
-                    let sent = (
-                        c.m.room_id.clone(),
-                        c.m.membership.clone(),
-                        details.required_state.clone(),
-                    );
-                    built.sent.push(sent);
+                    let sent = SentRoom {
+                        response: 0,
+                        pos: 0,
+                        membership: c.m.membership.clone(),
+                        required_state: details.required_state.clone(),
+                    };
+                    built.sent.push((c.m.room_id.clone(), sent));
                 }
                 None => built.unchanged.push(c.m.room_id.clone()),
             }
@@ -759,8 +759,9 @@ struct Built {
     rooms: Map<String, Value>,
     extensions: Value,
     /// Rooms sent (now up to date at the response's position), with the
-    /// user's membership and the required state asked for.
-    sent: Vec<(String, String, Vec<(String, String)>)>,
+    /// user's membership and the required state asked for (response and
+    /// position are filled in once the response is given).
+    sent: Vec<(String, SentRoom)>,
     /// Rooms the client has that had nothing new.
     unchanged: Vec<String>,
     /// Rooms the user left, sent for the last time.
