@@ -30,7 +30,7 @@ use weft_store::{Direction, MembershipRecord, StoredEvent, StreamKey};
 
 use crate::accounts::random_string;
 use crate::filter::SyncFilter;
-use crate::sync::{account_data_json, content_str};
+use crate::sync::{account_data_json, content_str, wait_for_position};
 use crate::tokens::{make_token, parse_token};
 use crate::{Services, Session};
 
@@ -182,13 +182,15 @@ impl Services {
             .unwrap_or(0)
             .min(self.config.limits.max_sync_timeout_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
-        let mut checked = since_stream;
-        let mut last_upto = None;
+        // The position looked at last: after the first build, a wake
+        // rebuilds the response only when the stream touched this
+        // connection since then.
+        let mut checked_to: Option<i64> = None;
         let (resp, upto) = loop {
             let upto = *rx.borrow_and_update();
-            let relevant = match (checked, last_upto) {
-                (_, None) | (None, _) => true,
-                (Some(c), Some(_)) => self.sliding_relevant(session, req, c, upto).await?,
+            let relevant = match checked_to {
+                None => true,
+                Some(b) => self.sliding_relevant(session, req, b, upto).await?,
             };
             if relevant {
                 let resp = self.build_sliding(session, req, &conn, since_stream, upto).await?;
@@ -196,19 +198,11 @@ impl Services {
                     break (resp, upto);
                 }
             }
-            checked = Some(upto);
-            last_upto = Some(upto);
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return Err(Error::internal("stream closed"));
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let upto = *rx.borrow_and_update();
-                    let resp = self.build_sliding(session, req, &conn, since_stream, upto).await?;
-                    break (resp, upto);
-                }
+            checked_to = Some(upto);
+            if !wait_for_position(&mut rx, deadline).await? {
+                let upto = *rx.borrow_and_update();
+                let resp = self.build_sliding(session, req, &conn, since_stream, upto).await?;
+                break (resp, upto);
             }
         };
         // Remember what this response tells the client.

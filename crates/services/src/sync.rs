@@ -101,22 +101,15 @@ impl Services {
                 }
                 Some(_) => {}
             }
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return Err(Error::internal("stream closed"));
-                    }
+            if !wait_for_position(&mut rx, deadline).await? {
+                let upto = *rx.borrow_and_update();
+                let s = since.unwrap_or(upto);
+                if upto > s {
+                    return self.build_sync(session, Some(s), upto, &req, Some(&memberships)).await;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let upto = *rx.borrow_and_update();
-                    let s = since.unwrap_or(upto);
-                    if upto > s {
-                        return self.build_sync(session, Some(s), upto, &req, Some(&memberships)).await;
-                    }
-                    let mut resp = empty_sync(upto);
-                    self.add_device_fields(session, &mut resp).await?;
-                    return Ok(resp);
-                }
+                let mut resp = empty_sync(upto);
+                self.add_device_fields(session, &mut resp).await?;
+                return Ok(resp);
             }
         }
     }
@@ -620,6 +613,18 @@ impl Services {
         );
         section.insert("state".into(), json!({ "events": state }));
         Ok(section)
+    }
+}
+
+/// Waits until the stream position moves (`true`) or the deadline passes
+/// (`false`): the long-poll of `/sync` and sliding sync.
+pub(crate) async fn wait_for_position(
+    rx: &mut tokio::sync::watch::Receiver<i64>,
+    deadline: tokio::time::Instant,
+) -> Result<bool> {
+    tokio::select! {
+        changed = rx.changed() => changed.map(|_| true).map_err(|_| Error::internal("stream closed")),
+        _ = tokio::time::sleep_until(deadline) => Ok(false),
     }
 }
 
