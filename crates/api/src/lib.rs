@@ -173,6 +173,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::notifications)
         .add(Caller, push::pushers)
         .add(Caller, push::set_pusher)
+        // Simplified sliding sync (MSC4186).
+        .add(Caller, rooms::sliding_sync)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

@@ -528,3 +528,12 @@ pub async fn upgrade(s: AppState, req: Ruma<upgrade_room::v3::Request>) -> Resul
         .await?;
     Ok(upgrade_room::v3::Response::new(room))
 }
+
+/// `POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync`:
+/// simplified sliding sync (MSC4186).
+pub async fn sliding_sync(
+    s: AppState,
+    req: Ruma<ruma::api::client::sync::sync_events::v5::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.sliding_sync(&req.caller, &req.body).await?))
+}

@@ -44,6 +44,9 @@ pub enum ErrorKind {
     CannotOverwriteMedia,
     /// The media ID has no bytes yet and the wait ran out (`504`).
     NotYetUploaded,
+    /// A sliding sync `pos` the server does not know (any more): the
+    /// client starts the connection afresh (MSC4186).
+    UnknownPos,
     Unknown,
 }
 
@@ -118,6 +121,7 @@ impl Error {
             ErrorKind::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             ErrorKind::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             ErrorKind::NotYetUploaded => "M_NOT_YET_UPLOADED",
+            ErrorKind::UnknownPos => "M_UNKNOWN_POS",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }

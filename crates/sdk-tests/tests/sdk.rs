@@ -1151,3 +1151,130 @@ async fn sdk_sees_unread_counts_rise_and_clear_after_a_read_receipt() -> Result<
     .await?;
     Ok(())
 }
+
+/// The bodies of the `m.room.message` events matrix-sdk's event cache holds
+/// for a room, oldest first.
+async fn cached_bodies(client: &Client, room_id: &RoomId) -> Result<Vec<String>> {
+    let room = client.get_room(room_id).context("the client knows the room")?;
+    let (cache, _drop) = room.event_cache().await.context("room event cache")?;
+    let mut out = Vec::new();
+    for ev in cache.events().await.context("cached events")? {
+        let json: Value = serde_json::from_str(ev.raw().json().get())?;
+        if json["type"] == "m.room.message" {
+            out.push(json["content"]["body"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Waits (the event cache takes sync updates in a task of its own) until
+/// the cached message bodies of a room are `want`; fails with what they
+/// were after [`WAIT`].
+async fn wait_for_bodies(client: &Client, room_id: &RoomId, want: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = cached_bodies(client, room_id).await?;
+        if got == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{room_id}: cached messages {got:?}, expected {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// matrix-sdk's sliding sync (simplified, MSC4186), discovered from
+// `/versions`: a list of alice's two most recent rooms (of three) has
+// those (names, recency, latest events) and counts all three; a message in
+// the third moves it into the window, and the next response has that room
+// alone, with its latest events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_sliding_sync_lists_rooms_and_their_latest_events() -> Result<()> {
+    use matrix_sdk::ruma::events::StateEventType;
+    use matrix_sdk::sliding_sync::{SlidingSyncList, SlidingSyncMode, Version};
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login(&server, "alice").await?;
+    let http = server.with_token(&alice.access_token().context("alice's token")?);
+    let mut rooms = Vec::new();
+    for name in ["first", "second", "third"] {
+        let id = http
+            .create_room(json!({ "name": name, "preset": "private_chat" }))
+            .await;
+        http.send_text(&id, &format!("{name}-1"), &format!("{name}: hello"))
+            .await;
+        rooms.push(RoomId::parse(&id)?);
+    }
+    // `first` gets the latest message: it leads the list, then `third`.
+    http.send_text(rooms[0].as_str(), "first-2", "first: latest").await;
+
+    let versions = alice.available_sliding_sync_versions().await;
+    ensure!(
+        versions.iter().any(|v| matches!(v, Version::Native)),
+        "simplified sliding sync should be discovered from /versions: {versions:?}"
+    );
+    alice.event_cache().subscribe().context("event cache")?;
+    let sync = alice
+        .sliding_sync("weft-test")?
+        .version(Version::Native)
+        .add_list(
+            SlidingSyncList::builder("recent")
+                .sync_mode(SlidingSyncMode::new_selective().add_range(0..=1))
+                .timeline_limit(5)
+                .required_state(vec![
+                    (StateEventType::RoomCreate, String::new()),
+                    (StateEventType::RoomName, String::new()),
+                    (StateEventType::RoomMember, "$LAZY".to_owned()),
+                ]),
+        )
+        .build()
+        .await
+        .context("building the sliding sync")?;
+    let summary = sync.sync_once().await.context("first sliding sync")?;
+    // The summary may name a room more than once (once per part of the
+    // response that touched it).
+    let mut got: Vec<_> = summary.rooms.clone();
+    got.sort();
+    got.dedup();
+    let mut want = vec![rooms[0].clone(), rooms[2].clone()];
+    want.sort();
+    assert_eq!(got, want, "the two most recent rooms in the first response");
+    let count = sync
+        .on_list("recent", |l| std::future::ready(l.maximum_number_of_rooms()))
+        .await
+        .flatten();
+    assert_eq!(count, Some(3), "the list counts all of alice's rooms");
+    ensure!(alice.get_room(&rooms[1]).is_none(), "second is out of the window");
+
+    let first = alice.get_room(&rooms[0]).context("first known after sliding sync")?;
+    let third = alice.get_room(&rooms[2]).context("third known after sliding sync")?;
+    assert_eq!(first.name().as_deref(), Some("first"), "name from required_state");
+    assert_eq!(third.name().as_deref(), Some("third"));
+    let stamp = |r: &Room| r.recency_stamp().map(u64::from);
+    ensure!(stamp(&first).is_some(), "a recency stamp");
+    ensure!(stamp(&first) > stamp(&third), "latest activity first");
+    wait_for_bodies(&alice, &rooms[0], &["first: hello", "first: latest"]).await?;
+    wait_for_bodies(&alice, &rooms[2], &["third: hello"]).await?;
+
+    // A new message in `second` moves it into the window: the next
+    // response has that room alone, with its latest events.
+    http.send_text(rooms[1].as_str(), "second-2", "second: news").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let summary = sync.sync_once().await.context("next sliding sync")?;
+        if !summary.rooms.is_empty() {
+            let mut got = summary.rooms.clone();
+            got.dedup();
+            assert_eq!(got, vec![rooms[1].clone()], "only the room that moved in");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the new message never came");
+    }
+    wait_for_bodies(&alice, &rooms[1], &["second: hello", "second: news"]).await?;
+    let second = alice.get_room(&rooms[1]).context("second")?;
+    assert_eq!(second.name().as_deref(), Some("second"));
+    ensure!(stamp(&second) > stamp(&first), "second is now the most recent");
+    Ok(())
+}

@@ -26,6 +26,8 @@ pub mod revocation;
 pub mod room_ops;
 pub mod search;
 pub mod sign_in;
+pub mod sliding_stubs;
+pub mod sliding_sync;
 pub mod spaces;
 pub mod stream;
 pub mod sync;
@@ -133,6 +135,8 @@ impl Services {
             low_bandwidth_unstable: None,
             low_bandwidth: None,
         };
+        // Simplified sliding sync (MSC4186), as matrix-sdk looks for it.
+        v.unstable_features.insert("org.matrix.simplified_msc3575".into(), true);
         if self.config.coap.enabled {
             // The DTLS listener's port (its bound address, once it runs).
             let coap = &self.config.coap;

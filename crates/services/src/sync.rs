@@ -102,34 +102,62 @@ impl Services {
                 }
                 Some(_) => {}
             }
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return Err(Error::internal("stream closed"));
-                    }
+            if !wait_for_position(&mut rx, deadline).await? {
+                let upto = *rx.borrow_and_update();
+                let s = since.unwrap_or(upto);
+                if upto > s {
+                    return self.build_sync(session, Some(s), upto, &req, Some(&memberships)).await;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let upto = *rx.borrow_and_update();
-                    let s = since.unwrap_or(upto);
-                    if upto > s {
-                        return self.build_sync(session, Some(s), upto, &req, Some(&memberships)).await;
-                    }
-                    let mut resp = empty_sync(upto);
-                    self.add_device_fields(session, &mut resp).await?;
-                    return Ok(resp);
-                }
+                let mut resp = empty_sync(upto);
+                self.add_device_fields(session, &mut resp).await?;
+                return Ok(resp);
             }
         }
     }
 
     /// The syncing device's one-time key counts and unused fallback key types.
-    async fn add_device_fields(&self, session: &Session, resp: &mut Value) -> Result<()> {
+    pub(crate) async fn add_device_fields(&self, session: &Session, resp: &mut Value) -> Result<()> {
         let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
         let counts = self.store.one_time_key_counts(user, device).await?;
         let fallback = self.store.unused_fallback_key_types(user, device).await?;
         resp["device_one_time_keys_count"] = counts_json(counts);
         resp["device_unused_fallback_key_types"] = json!(fallback);
         Ok(())
+    }
+
+    /// The to-device messages of the session's device in (since, upto], at
+    /// most `limit`, and the position the batch ends at: `upto`, or the
+    /// last message's when more are pending than one batch carries (so the
+    /// next batch picks up the rest, and only what was sent is acknowledged).
+    pub(crate) async fn to_device_batch(
+        &self,
+        session: &Session,
+        since: i64,
+        upto: i64,
+        limit: usize,
+    ) -> Result<(Vec<Value>, i64)> {
+        let mut upto = upto;
+        let mut msgs = self
+            .store
+            .to_device_messages(session.user_id.as_str(), &session.device_id, since, upto, limit + 1)
+            .await?;
+        if msgs.len() > limit {
+            msgs.truncate(limit);
+            if let Some(last) = msgs.last() {
+                upto = last.position;
+            }
+        }
+        let events = msgs
+            .into_iter()
+            .map(|m| {
+                json!({
+                    "sender": m.sender,
+                    "type": m.event_type,
+                    "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok((events, upto))
     }
 
     /// Builds the response for (since, upto]. `known` are the user's
@@ -161,26 +189,9 @@ impl Services {
         };
         let mut to_device = Vec::new();
         if to_device_new {
-            let mut msgs = self
-                .store
-                .to_device_messages(user, &session.device_id, since.unwrap_or(0), upto, TO_DEVICE_LIMIT + 1)
+            (to_device, upto) = self
+                .to_device_batch(session, since.unwrap_or(0), upto, TO_DEVICE_LIMIT)
                 .await?;
-            if msgs.len() > TO_DEVICE_LIMIT {
-                msgs.truncate(TO_DEVICE_LIMIT);
-                if let Some(last) = msgs.last() {
-                    upto = last.position;
-                }
-            }
-            to_device = msgs
-                .into_iter()
-                .map(|m| {
-                    json!({
-                        "sender": m.sender,
-                        "type": m.event_type,
-                        "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or_default(),
-                    })
-                })
-                .collect();
         }
         // Which rooms changed, and whether anything keyed to this user did
         // (account data, own membership) or any device list did: from the
@@ -349,28 +360,7 @@ impl Services {
                     join.insert(m.room_id.clone(), Value::Object(section));
                 }
                 "invite" if membership_new => {
-                    let mut events: Vec<Value> = self
-                        .store
-                        .current_state(&m.room_id)
-                        .await?
-                        .iter()
-                        .filter(|e| {
-                            matches!(
-                                e.event_type.as_str(),
-                                "m.room.create"
-                                    | "m.room.join_rules"
-                                    | "m.room.name"
-                                    | "m.room.avatar"
-                                    | "m.room.topic"
-                                    | "m.room.canonical_alias"
-                                    | "m.room.encryption"
-                            )
-                        })
-                        .map(strip_state)
-                        .collect();
-                    if let Some(inv) = self.store.get_event(&m.event_id).await? {
-                        events.push(strip_state(&inv));
-                    }
+                    let events = self.invite_state(&m).await?;
                     invite.insert(m.room_id.clone(), json!({ "invite_state": { "events": events } }));
                 }
                 "leave" | "ban" if membership_new => {
@@ -406,10 +396,45 @@ impl Services {
         Ok(resp)
     }
 
+    /// The stripped state an invited user sees of the room (MSC: the
+    /// create event, join rules, name, avatar, topic, canonical alias,
+    /// encryption) and the invite itself.
+    pub(crate) async fn invite_state(&self, m: &MembershipRecord) -> Result<Vec<Value>> {
+        let mut events: Vec<Value> = self
+            .store
+            .current_state(&m.room_id)
+            .await?
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event_type.as_str(),
+                    "m.room.create"
+                        | "m.room.join_rules"
+                        | "m.room.name"
+                        | "m.room.avatar"
+                        | "m.room.topic"
+                        | "m.room.canonical_alias"
+                        | "m.room.encryption"
+                )
+            })
+            .map(strip_state)
+            .collect();
+        if let Some(inv) = self.store.get_event(&m.event_id).await? {
+            events.push(strip_state(&inv));
+        }
+        Ok(events)
+    }
+
     /// One `m.receipt` event with the receipts of `room_id` set in
     /// (since, upto] that `user` may see (private ones only their own);
     /// `None` when there are none.
-    async fn receipt_event(&self, user: &str, room_id: &str, since: i64, upto: i64) -> Result<Option<Value>> {
+    pub(crate) async fn receipt_event(
+        &self,
+        user: &str,
+        room_id: &str,
+        since: i64,
+        upto: i64,
+    ) -> Result<Option<Value>> {
         let mut content = Map::new();
         for r in self.store.receipts_since(room_id, since, upto).await? {
             if r.receipt_type == RECEIPT_READ_PRIVATE && r.user_id != user {
@@ -426,7 +451,7 @@ impl Services {
     }
 
     /// All of a user's account data for one room, up to `upto`.
-    async fn room_account_data(&self, user: &str, room_id: &str, upto: i64) -> Result<Vec<Value>> {
+    pub(crate) async fn room_account_data(&self, user: &str, room_id: &str, upto: i64) -> Result<Vec<Value>> {
         Ok(self
             .store
             .account_data_since(user, 0, upto)
@@ -467,7 +492,7 @@ impl Services {
     /// canonical alias, `m.heroes`: up to five other members, joined or
     /// invited, in the order they became so (stream order); when there are
     /// none, those who left or were banned.
-    async fn room_summary(&self, user: &str, room_id: &str) -> Result<Value> {
+    pub(crate) async fn room_summary(&self, user: &str, room_id: &str) -> Result<Value> {
         let state = self.store.current_state(room_id).await?;
         let (mut joined, mut invited) = (0u64, 0u64);
         let mut present: Vec<(i64, &str)> = Vec::new();
@@ -507,23 +532,21 @@ impl Services {
         Ok(summary)
     }
 
-    /// Timeline and state of one room for (since, upto]. `fresh` means the
-    /// client knows nothing of this room yet: send the full state.
+    /// The last `limit` events of `room_id` in (floor, upto] that `user`
+    /// may see and the filter keeps, oldest first, and whether there were
+    /// more (the timeline is `limited`). `all_visible`: the user was joined
+    /// throughout, no need to load the visibility history.
     #[allow(clippy::too_many_arguments)]
-    async fn room_section(
+    pub(crate) async fn timeline_events(
         &self,
         user: &str,
-        viewer: Option<(&str, &str)>,
         room_id: &str,
-        since: Option<i64>,
+        floor: i64,
         upto: i64,
-        fresh: bool,
         all_visible: bool,
         limit: usize,
         filter: &SyncFilter,
-        now: u64,
-    ) -> Result<Map<String, Value>> {
-        let floor = since.unwrap_or(0);
+    ) -> Result<(Vec<StoredEvent>, bool)> {
         let visibility = if all_visible {
             None
         } else {
@@ -561,6 +584,29 @@ impl Services {
         let limited = picked.len() > limit;
         picked.truncate(limit);
         picked.reverse();
+        Ok((picked, limited))
+    }
+
+    /// Timeline and state of one room for (since, upto]. `fresh` means the
+    /// client knows nothing of this room yet: send the full state.
+    #[allow(clippy::too_many_arguments)]
+    async fn room_section(
+        &self,
+        user: &str,
+        viewer: Option<(&str, &str)>,
+        room_id: &str,
+        since: Option<i64>,
+        upto: i64,
+        fresh: bool,
+        all_visible: bool,
+        limit: usize,
+        filter: &SyncFilter,
+        now: u64,
+    ) -> Result<Map<String, Value>> {
+        let floor = since.unwrap_or(0);
+        let (picked, limited) = self
+            .timeline_events(user, room_id, floor, upto, all_visible, limit, filter)
+            .await?;
         // Events skipped by the filter before the first one returned are
         // covered by prev_batch, so the timeline starts at the oldest returned.
         let timeline_start = picked.first().map(|e| e.position).unwrap_or(upto + 1);
@@ -593,12 +639,24 @@ impl Services {
     }
 }
 
-fn account_data_json(a: &AccountDataRecord) -> Value {
+/// Waits until the stream position moves (`true`) or the deadline passes
+/// (`false`): the long-poll of `/sync` and sliding sync.
+pub(crate) async fn wait_for_position(
+    rx: &mut tokio::sync::watch::Receiver<i64>,
+    deadline: tokio::time::Instant,
+) -> Result<bool> {
+    tokio::select! {
+        changed = rx.changed() => changed.map(|_| true).map_err(|_| Error::internal("stream closed")),
+        _ = tokio::time::sleep_until(deadline) => Ok(false),
+    }
+}
+
+pub(crate) fn account_data_json(a: &AccountDataRecord) -> Value {
     json!({ "type": a.data_type, "content": serde_json::from_str::<Value>(&a.content_json).unwrap_or_default() })
 }
 
 /// A string field of a state event's content.
-fn content_str(e: &StoredEvent, field: &str) -> Option<String> {
+pub(crate) fn content_str(e: &StoredEvent, field: &str) -> Option<String> {
     let v: Value = serde_json::from_str(&e.pdu_json).ok()?;
     v.get("content")?.get(field)?.as_str().map(str::to_owned)
 }

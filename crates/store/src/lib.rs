@@ -375,6 +375,19 @@ pub trait Store: MediaStore + Send + Sync + 'static {
     async fn delete_alias(&self, alias: &str) -> Result<bool>;
     async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>>;
 
+    // ---- sliding sync ----
+    /// The state of a simplified sliding sync connection (JSON the
+    /// services wrote), if there is one.
+    async fn sliding_connection(&self, user_id: &str, device_id: &str, conn_id: &str) -> Result<Option<String>>;
+    /// Stores (replaces) the state of a sliding sync connection.
+    async fn put_sliding_connection(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        state_json: &str,
+    ) -> Result<()>;
+
     // ---- server ----
     /// A key-value slot for server metadata (e.g. the signing key name).
     async fn get_meta(&self, key: &str) -> Result<Option<String>>;

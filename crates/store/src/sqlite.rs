@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0009_search.sql"),
     include_str!("../migrations/0010_receipts.sql"),
     include_str!("../migrations/0012_push.sql"),
+    include_str!("../migrations/0013_sliding_sync.sql"),
     include_str!("../migrations/0014_media.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
@@ -777,6 +778,7 @@ fn purge_devices(
         "fallback_keys",
         "to_device_txns",
         "device_psks",
+        "sliding_sync_connections",
         "devices",
     ] {
         conn.prepare_cached(&format!("DELETE FROM {table} WHERE {SEL}"))?
@@ -2579,6 +2581,46 @@ impl Store for SqliteStore {
                 [r],
                 |r| r.get(0),
             )
+        })
+        .await
+    }
+
+    async fn sliding_connection(&self, user_id: &str, device_id: &str, conn_id: &str) -> Result<Option<String>> {
+        let (u, d, c) = (user_id.to_owned(), device_id.to_owned(), conn_id.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT state_json FROM sliding_sync_connections \
+                 WHERE user_id = ?1 AND device_id = ?2 AND conn_id = ?3",
+            )?
+            .query_row(params![u, d, c], |r| r.get(0))
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_sliding_connection(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        state_json: &str,
+    ) -> Result<()> {
+        let (u, d, c, j) = (
+            user_id.to_owned(),
+            device_id.to_owned(),
+            conn_id.to_owned(),
+            state_json.to_owned(),
+        );
+        let now = i64::try_from(weft_core::now_ms()).unwrap_or(i64::MAX);
+        self.write_wait(move |conn, _| {
+            conn.execute(
+                "INSERT INTO sliding_sync_connections (user_id, device_id, conn_id, state_json, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (user_id, device_id, conn_id) \
+                 DO UPDATE SET state_json = excluded.state_json, updated_ms = excluded.updated_ms",
+                params![u, d, c, j, now],
+            )
+            .map_err(db_err)?;
+            Ok(())
         })
         .await
     }
