@@ -153,6 +153,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::set_enabled)
         .add(Caller, push::get_actions)
         .add(Caller, push::set_actions)
+        // Presence (typing and setting presence are above).
+        .add(Caller, misc::get_presence)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

@@ -28,6 +28,32 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
     pub voip: VoipConfig,
+    pub presence: PresenceConfig,
+}
+
+/// Presence (`/presence/{userId}/status`, `set_presence` on `/sync`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PresenceConfig {
+    /// Off: presence updates are accepted but nothing is stored or relayed
+    /// (as Synapse's `use_presence = false`).
+    pub enabled: bool,
+    /// A user who has not synced (nor set presence) for this long goes
+    /// offline; a long-poll counts until its timeout ends.
+    pub offline_after_ms: u64,
+    /// An online user who has done nothing (sent no event, set no
+    /// presence) for this long becomes unavailable.
+    pub idle_after_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            offline_after_ms: 30_000,
+            idle_after_ms: 300_000,
+        }
+    }
 }
 
 /// TURN servers handed to clients for calls (`GET /voip/turnServer`).
@@ -236,6 +262,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
             voip: VoipConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct Services {
     /// Open TCP connections per client address (`[limits]
     /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
     pub connections: Arc<ConnectionLimiter>,
+    /// Wakes the typing and presence expiry task
+    /// ([`Services::run_ephemeral_expiry`]) when a new deadline is set.
+    pub(crate) ephemeral_wake: tokio::sync::Notify,
 }
 
 impl Services {
@@ -104,6 +107,7 @@ impl Services {
             limiter,
             login_limiter,
             connections,
+            ephemeral_wake: tokio::sync::Notify::new(),
         }))
     }
 }

@@ -135,6 +135,7 @@ pub async fn sync_json(
             timeout_ms,
             full_state,
             filter,
+            set_presence: None,
         },
     )
     .await
