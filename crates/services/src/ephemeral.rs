@@ -273,37 +273,26 @@ impl Services {
         Ok(())
     }
 
-    /// Notes that `user` did something (sent an event): they are active
-    /// now, and online again if they were unavailable or offline. Written
-    /// at most every [`ACTIVE_SLACK_MS`] while nothing else changes, and
-    /// not waited for.
+    /// Notes that `user` did something (sent an event): a user who is
+    /// online or unavailable (that is, syncing or having set presence) is
+    /// active now, and online again if unavailable. An offline user (or
+    /// one who never synced nor set presence) stays offline: sending alone
+    /// does not make one online. Written at most every
+    /// [`ACTIVE_SLACK_MS`] while nothing else changes, and not waited for.
     pub(crate) async fn note_active(&self, user: &UserId) {
         if !self.config.presence.enabled {
             return;
         }
         let now = weft_core::now_ms();
-        let Ok(old) = self.store.presence(user.as_str()).await else { return };
-        if old
-            .as_ref()
-            .is_some_and(|r| r.presence == ONLINE && r.last_active_ms + ACTIVE_SLACK_MS > now)
-        {
+        let Ok(Some(old)) = self.store.presence(user.as_str()).await else { return };
+        if old.presence == OFFLINE || (old.presence == ONLINE && old.last_active_ms + ACTIVE_SLACK_MS > now) {
             return;
         }
-        let until = now + self.config.presence.offline_after_ms;
-        let user_id = user.to_string();
         let edit = Box::new(move |old: Option<PresenceRecord>| {
-            let mut r = old.clone().unwrap_or_else(|| PresenceRecord {
-                user_id,
-                presence: OFFLINE.into(),
-                status_msg: None,
-                last_active_ms: 0,
-                online_until_ms: 0,
-                position: 0,
-            });
+            let mut r = old.filter(|r| r.presence != OFFLINE)?;
             let was_active = r.presence == ONLINE && now.saturating_sub(r.last_active_ms) < CURRENTLY_ACTIVE_MS;
             r.presence = ONLINE.into();
             r.last_active_ms = now;
-            r.online_until_ms = r.online_until_ms.max(until);
             Some((r, !was_active))
         });
         // Queued, not awaited: the send does not wait for this write.
