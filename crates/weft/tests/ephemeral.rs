@@ -419,3 +419,33 @@ async fn presence_disabled_relays_nothing() {
     assert_eq!(g["presence"], "offline", "{g}");
     assert!(g.get("status_msg").is_none(), "{g}");
 }
+
+// An online user who does nothing for `idle_after_ms` (here 1 s) becomes
+// unavailable (syncing does not count as doing something); sending an
+// event makes them online again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_user_becomes_unavailable_and_sending_brings_them_back() {
+    let server = TestServer::builder()
+        .env("WEFT_PRESENCE__IDLE_AFTER_MS", "1000")
+        .start()
+        .await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = room_with(&alice, &bob, "private_chat").await;
+    let b0 = bob.sync_params(&[("set_presence", "offline")]).await.1;
+    let _ = alice.sync(None, 0).await;
+    let state_of = |s: &Value| presence_of(s, &alice.user_id)[0]["content"]["presence"].clone();
+    let offline = [("set_presence", "offline")];
+    let b1 = sync_until(&bob, &next_batch(&b0), &offline, 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    assert_eq!(state_of(&b1), "online", "{b1}");
+    let b2 = sync_until(&bob, &next_batch(&b1), &offline, 4, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    assert_eq!(state_of(&b2), "unavailable", "{b2}");
+    // Still syncing: still unavailable.
+    let _ = alice.sync(None, 0).await;
+    let (_, g) = bob.get(&format!("presence/{}/status", enc(&alice.user_id))).await;
+    assert_eq!(g["presence"], "unavailable", "{g}");
+    alice.send_text(&room, "t1", "back").await;
+    let b3 = sync_until(&bob, &next_batch(&b2), &offline, 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    assert_eq!(state_of(&b3), "online", "{b3}");
+    assert_eq!(presence_of(&b3, &alice.user_id)[0]["content"]["currently_active"], true, "{b3}");
+}
