@@ -222,7 +222,12 @@ impl Services {
     /// (`timeout_ms`) ends plus `[presence] offline_after_ms`; syncing
     /// brings an offline user online (an unavailable one stays so) or,
     /// with `unavailable`, makes them unavailable.
-    pub(crate) async fn presence_from_sync(&self, session: &Session, set_presence: &str, timeout_ms: u64) -> Result<()> {
+    pub(crate) async fn presence_from_sync(
+        &self,
+        session: &Session,
+        set_presence: &str,
+        timeout_ms: u64,
+    ) -> Result<()> {
         if !self.config.presence.enabled || set_presence == OFFLINE {
             return Ok(());
         }
@@ -284,7 +289,9 @@ impl Services {
             return;
         }
         let now = weft_core::now_ms();
-        let Ok(Some(old)) = self.store.presence(user.as_str()).await else { return };
+        let Ok(Some(old)) = self.store.presence(user.as_str()).await else {
+            return;
+        };
         if old.presence == OFFLINE || (old.presence == ONLINE && old.last_active_ms + ACTIVE_SLACK_MS > now) {
             return;
         }

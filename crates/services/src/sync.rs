@@ -302,20 +302,18 @@ impl Services {
                     // room new to the client).
                     let receipts_due = fresh || receipt_rooms.as_ref().is_none_or(|r| r.contains(&m.room_id));
                     let ephemeral_filter = &filter.room.ephemeral;
-                    let receipts = if receipts_due
-                        && ephemeral_filter.matches_parts("m.receipt", None, Some(&m.room_id))
-                    {
-                        let from = if fresh { 0 } else { since.unwrap_or(0) };
-                        self.receipt_event(user, &m.room_id, from, upto).await?
-                    } else {
-                        None
-                    };
+                    let receipts =
+                        if receipts_due && ephemeral_filter.matches_parts("m.receipt", None, Some(&m.room_id)) {
+                            let from = if fresh { 0 } else { since.unwrap_or(0) };
+                            self.receipt_event(user, &m.room_id, from, upto).await?
+                        } else {
+                            None
+                        };
                     // Who types: the full current list when it changed in
                     // the window (the current typers for a new room).
                     let typing_due = fresh || typing_rooms.as_ref().is_none_or(|r| r.contains(&m.room_id));
                     let typing = if typing_due && ephemeral_filter.matches_parts("m.typing", None, Some(&m.room_id)) {
-                        self.typing_since(&m.room_id, if fresh { None } else { since })
-                            .await?
+                        self.typing_since(&m.room_id, if fresh { None } else { since }).await?
                     } else {
                         None
                     };

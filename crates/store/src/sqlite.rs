@@ -1996,7 +1996,16 @@ impl Store for SqliteStore {
                  FROM presence WHERE presence != 'offline' AND ((online_until_ms > 0 AND online_until_ms <= ?1) \
                  OR (presence = 'online' AND last_active_ms + ?2 <= ?1)) ORDER BY user_id",
                 params![now, idle],
-                |r| Ok((r.get(0)?, if r.get::<_, i64>(1)? == 1 { "offline" } else { "unavailable" })),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        if r.get::<_, i64>(1)? == 1 {
+                            "offline"
+                        } else {
+                            "unavailable"
+                        },
+                    ))
+                },
             )
             .map_err(db_err)?;
             let mut changed = Vec::new();

@@ -105,7 +105,11 @@ async fn typing_reaches_members_by_long_poll_and_stops() {
     );
     assert_eq!(typers(&b1, &room), Some(vec![alice.user_id.clone()]), "{b1}");
     assert!(timeline(&b1, &room).is_empty(), "no event, only typing: {b1}");
-    assert!(b1["rooms"]["join"][&room]["ephemeral"]["events"][0].get("room_id").is_none());
+    assert!(
+        b1["rooms"]["join"][&room]["ephemeral"]["events"][0]
+            .get("room_id")
+            .is_none()
+    );
 
     // Renewing the timeout is no change: nothing new for bob.
     let (st, _) = typing(&alice, &room, json!({ "typing": true, "timeout": 30_000 })).await;
@@ -241,7 +245,10 @@ async fn ephemeral_filter_selects_typing_and_receipts() {
     let not_room = json!({ "room": { "ephemeral": { "not_rooms": [room] } } }).to_string();
     let (st, s) = bob.sync_params(&[("since", &since), ("filter", &not_room)]).await;
     assert_eq!(st, 200, "{s}");
-    assert!(ephemeral(&s, &room, "m.typing").is_empty() && ephemeral(&s, &room, "m.receipt").is_empty(), "{s}");
+    assert!(
+        ephemeral(&s, &room, "m.typing").is_empty() && ephemeral(&s, &room, "m.receipt").is_empty(),
+        "{s}"
+    );
 }
 
 // Presence set by PUT reaches a user sharing a room, in the spec's shape,
@@ -264,7 +271,10 @@ async fn presence_reaches_room_sharers_only() {
         )
         .await;
     assert_eq!(st, 200, "{body}");
-    let b1 = sync_until(&bob, &next_batch(&b0), &[], 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    let b1 = sync_until(&bob, &next_batch(&b0), &[], 3, |s| {
+        !presence_of(s, &alice.user_id).is_empty()
+    })
+    .await;
     let p = presence_of(&b1, &alice.user_id);
     assert_eq!(p.len(), 1, "{b1}");
     assert_eq!(p[0]["type"], "m.presence");
@@ -272,7 +282,11 @@ async fn presence_reaches_room_sharers_only() {
     assert_eq!(p[0]["content"]["status_msg"], "out for lunch", "{b1}");
     // Bob's own presence comes too (his syncs made him online).
     let b_all = bob.sync(None, 0).await;
-    assert_eq!(presence_of(&b_all, &bob.user_id)[0]["content"]["presence"], "online", "{b_all}");
+    assert_eq!(
+        presence_of(&b_all, &bob.user_id)[0]["content"]["presence"],
+        "online",
+        "{b_all}"
+    );
     assert_eq!(presence_of(&b_all, &alice.user_id).len(), 1, "{b_all}");
 
     // Carol shares no room with alice: nothing of hers, not even initially.
@@ -290,7 +304,9 @@ async fn presence_reaches_room_sharers_only() {
     assert_eq!(g["currently_active"], false, "{g}");
     let got = carol.get(&format!("presence/{}/status", enc(&alice.user_id))).await;
     assert_err(&got, 403, "M_FORBIDDEN");
-    let got = bob.get(&format!("presence/{}/status", enc(&server.user_id("nobody")))).await;
+    let got = bob
+        .get(&format!("presence/{}/status", enc(&server.user_id("nobody"))))
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     let (st, g) = carol.get(&format!("presence/{}/status", enc(&carol.user_id))).await;
     assert_eq!(st, 200, "own: {g}");
@@ -313,7 +329,10 @@ async fn presence_reaches_room_sharers_only() {
         )
         .await;
     assert_eq!(st, 200);
-    let b2 = sync_until(&bob, &next_batch(&b1), &[], 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    let b2 = sync_until(&bob, &next_batch(&b1), &[], 3, |s| {
+        !presence_of(s, &alice.user_id).is_empty()
+    })
+    .await;
     let p = presence_of(&b2, &alice.user_id);
     assert_eq!(p[0]["content"]["presence"], "online", "{b2}");
     assert_eq!(p[0]["content"]["currently_active"], true, "{b2}");
@@ -331,7 +350,9 @@ async fn set_presence_on_sync_and_presence_filter() {
     let _room = room_with(&alice, &bob, "private_chat").await;
     let b0 = bob.sync(None, 0).await;
 
-    let (st, a) = alice.sync_params(&[("set_presence", "offline"), ("timeout", "0")]).await;
+    let (st, a) = alice
+        .sync_params(&[("set_presence", "offline"), ("timeout", "0")])
+        .await;
     assert_eq!(st, 200, "{a}");
     assert!(presence_of(&a, &alice.user_id).is_empty(), "{a}");
     let (st, g) = bob.get(&format!("presence/{}/status", enc(&alice.user_id))).await;
@@ -340,7 +361,9 @@ async fn set_presence_on_sync_and_presence_filter() {
     let b1 = bob.sync(Some(&next_batch(&b0)), 500).await;
     assert!(presence_of(&b1, &alice.user_id).is_empty(), "{b1}");
 
-    let (st, a) = alice.sync_params(&[("set_presence", "unavailable"), ("timeout", "0")]).await;
+    let (st, a) = alice
+        .sync_params(&[("set_presence", "unavailable"), ("timeout", "0")])
+        .await;
     assert_eq!(st, 200, "{a}");
     let (_, g) = bob.get(&format!("presence/{}/status", enc(&alice.user_id))).await;
     assert_eq!(g["presence"], "unavailable", "{g}");
@@ -352,8 +375,15 @@ async fn set_presence_on_sync_and_presence_filter() {
     let b1 = bob.sync(None, 0).await;
     assert!(b1["rooms"]["join"].get(&room2).is_some());
     let _ = dave.sync(None, 0).await;
-    let b2 = sync_until(&bob, &next_batch(&b1), &[], 3, |s| !presence_of(s, &dave.user_id).is_empty()).await;
-    assert_eq!(presence_of(&b2, &dave.user_id)[0]["content"]["presence"], "online", "{b2}");
+    let b2 = sync_until(&bob, &next_batch(&b1), &[], 3, |s| {
+        !presence_of(s, &dave.user_id).is_empty()
+    })
+    .await;
+    assert_eq!(
+        presence_of(&b2, &dave.user_id)[0]["content"]["presence"],
+        "online",
+        "{b2}"
+    );
 
     let no_presence = json!({ "presence": { "not_types": ["m.presence"] } }).to_string();
     let (st, s) = bob.sync_params(&[("filter", &no_presence)]).await;
@@ -383,12 +413,20 @@ async fn presence_goes_offline_without_sync() {
         !presence_of(s, &alice.user_id).is_empty()
     })
     .await;
-    assert_eq!(presence_of(&b1, &alice.user_id)[0]["content"]["presence"], "online", "{b1}");
+    assert_eq!(
+        presence_of(&b1, &alice.user_id)[0]["content"]["presence"],
+        "online",
+        "{b1}"
+    );
     let b2 = sync_until(&bob, &next_batch(&b1), &[("set_presence", "offline")], 4, |s| {
         !presence_of(s, &alice.user_id).is_empty()
     })
     .await;
-    assert_eq!(presence_of(&b2, &alice.user_id)[0]["content"]["presence"], "offline", "{b2}");
+    assert_eq!(
+        presence_of(&b2, &alice.user_id)[0]["content"]["presence"],
+        "offline",
+        "{b2}"
+    );
 }
 
 // With [presence] enabled = false, PUT is accepted, nothing is relayed and
@@ -436,16 +474,29 @@ async fn idle_user_becomes_unavailable_and_sending_brings_them_back() {
     let _ = alice.sync(None, 0).await;
     let state_of = |s: &Value| presence_of(s, &alice.user_id)[0]["content"]["presence"].clone();
     let offline = [("set_presence", "offline")];
-    let b1 = sync_until(&bob, &next_batch(&b0), &offline, 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    let b1 = sync_until(&bob, &next_batch(&b0), &offline, 3, |s| {
+        !presence_of(s, &alice.user_id).is_empty()
+    })
+    .await;
     assert_eq!(state_of(&b1), "online", "{b1}");
-    let b2 = sync_until(&bob, &next_batch(&b1), &offline, 4, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    let b2 = sync_until(&bob, &next_batch(&b1), &offline, 4, |s| {
+        !presence_of(s, &alice.user_id).is_empty()
+    })
+    .await;
     assert_eq!(state_of(&b2), "unavailable", "{b2}");
     // Still syncing: still unavailable.
     let _ = alice.sync(None, 0).await;
     let (_, g) = bob.get(&format!("presence/{}/status", enc(&alice.user_id))).await;
     assert_eq!(g["presence"], "unavailable", "{g}");
     alice.send_text(&room, "t1", "back").await;
-    let b3 = sync_until(&bob, &next_batch(&b2), &offline, 3, |s| !presence_of(s, &alice.user_id).is_empty()).await;
+    let b3 = sync_until(&bob, &next_batch(&b2), &offline, 3, |s| {
+        !presence_of(s, &alice.user_id).is_empty()
+    })
+    .await;
     assert_eq!(state_of(&b3), "online", "{b3}");
-    assert_eq!(presence_of(&b3, &alice.user_id)[0]["content"]["currently_active"], true, "{b3}");
+    assert_eq!(
+        presence_of(&b3, &alice.user_id)[0]["content"]["currently_active"],
+        true,
+        "{b3}"
+    );
 }

@@ -205,12 +205,7 @@ pub async fn run_feed(
             .collect();
         items.sort_by_key(|(p, _)| *p);
         for (position, publishes) in items {
-            if !publishes.is_empty()
-                && tx
-                    .send(FeedItem::Event { position, publishes })
-                    .await
-                    .is_err()
-            {
+            if !publishes.is_empty() && tx.send(FeedItem::Event { position, publishes }).await.is_err() {
                 return;
             }
         }
