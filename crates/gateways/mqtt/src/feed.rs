@@ -30,6 +30,9 @@ pub struct Sub {
     pub from: i64,
 }
 
+/// The messages of one item of the stream: (topic, QoS, payload).
+type Publishes = Vec<(String, u8, Bytes)>;
+
 /// What the feed hands the connection, in stream order.
 #[derive(Debug)]
 pub enum FeedItem {
@@ -193,7 +196,7 @@ pub async fn run_feed(
             }
         }
         // Events and ephemeral events merged in stream order.
-        let mut items: Vec<(i64, Vec<(String, u8, Bytes)>)> = feed
+        let mut items: Vec<(i64, Publishes)> = feed
             .events
             .iter()
             .map(|ev| (ev.position, publishes(&subs, ev, &session)))
