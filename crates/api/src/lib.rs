@@ -175,6 +175,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, push::set_pusher)
         // Simplified sliding sync (MSC4186).
         .add(Caller, rooms::sliding_sync)
+        // Presence (typing and setting presence are above).
+        .add(Caller, misc::get_presence)
 }
 
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown

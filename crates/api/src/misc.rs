@@ -1,5 +1,5 @@
-//! Discovery, filters, account data, and the ephemeral endpoints Weft
-//! accepts without storing yet (typing, presence), and receipts.
+//! Discovery, filters, account data, and the ephemeral endpoints: typing,
+//! presence, receipts and read markers.
 
 use ruma::api::auth_scheme::NoAuthentication;
 use ruma::api::client::config::{
@@ -13,11 +13,12 @@ use ruma::api::client::discovery::get_capabilities::v3::{
 };
 use ruma::api::client::discovery::{get_capabilities, get_supported_versions};
 use ruma::api::client::filter::{create_filter, get_filter};
-use ruma::api::client::presence::set_presence;
+use ruma::api::client::presence::{get_presence, set_presence};
 use ruma::api::client::read_marker::set_read_marker;
 use ruma::api::client::receipt::create_receipt;
-use ruma::api::client::typing::create_typing_event;
+use ruma::api::client::typing::create_typing_event::{self, v3::Typing};
 use ruma::events::receipt::ReceiptThread;
+use ruma::presence::PresenceState;
 use ruma::profile::ProfileFieldName;
 use weft_core::Error;
 use weft_services::Versions;
@@ -105,19 +106,39 @@ fn profile_fields() -> ProfileFieldsCapability {
 }
 
 /// Typing and presence: checked, accepted, not yet relayed.
+/// Typing: started for `timeout` (capped) or stopped; relayed to the
+/// room's members through the stream.
 pub async fn typing(
     s: AppState,
     req: Ruma<create_typing_event::v3::Request>,
 ) -> Result<create_typing_event::v3::Response, Error> {
     let b = &req.body;
-    s.set_typing(&req.caller, b.room_id.as_str(), b.user_id.as_str())
+    let timeout = match b.state {
+        Typing::Yes(info) => Some(u64::try_from(info.timeout.as_millis()).unwrap_or(u64::MAX)),
+        Typing::No => None,
+    };
+    s.set_typing(&req.caller, b.room_id.as_str(), b.user_id.as_str(), timeout)
         .await?;
     Ok(create_typing_event::v3::Response::new())
 }
 
 pub async fn presence(s: AppState, req: Ruma<set_presence::v3::Request>) -> Result<set_presence::v3::Response, Error> {
-    s.set_presence(&req.caller, req.body.user_id.as_str()).await?;
+    let b = req.body;
+    s.set_presence(&req.caller, b.user_id.as_str(), b.presence.as_str(), b.status_msg)
+        .await?;
     Ok(set_presence::v3::Response::new())
+}
+
+pub async fn get_presence(
+    s: AppState,
+    req: Ruma<get_presence::v3::Request>,
+) -> Result<get_presence::v3::Response, Error> {
+    let v = s.get_presence(&req.caller, req.body.user_id.as_str()).await?;
+    let mut resp = get_presence::v3::Response::new(PresenceState::from(v.presence.as_str()));
+    resp.status_msg = v.status_msg;
+    resp.currently_active = v.currently_active;
+    resp.last_active_ago = v.last_active_ago.map(std::time::Duration::from_millis);
+    Ok(resp)
 }
 
 /// A receipt (`m.read`, `m.read.private`, optionally threaded) or the

@@ -473,6 +473,7 @@ pub async fn sync(s: AppState, req: Ruma<sync_events::v3::Request>) -> Result<Fu
                     .unwrap_or(0),
                 full_state: b.full_state,
                 filter,
+                set_presence: Some(b.set_presence.as_str().to_owned()),
             },
         )
         .await?;

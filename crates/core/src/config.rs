@@ -30,6 +30,7 @@ pub struct Config {
     pub voip: VoipConfig,
     pub media: MediaConfig,
     pub push: PushConfig,
+    pub presence: PresenceConfig,
 }
 
 /// The media repository (docs/media.md).
@@ -90,6 +91,31 @@ impl Default for PushConfig {
             request_timeout_secs: 10,
             retry_initial_ms: 1_000,
             retry_max_ms: 600_000,
+        }
+    }
+}
+
+/// Presence (`/presence/{userId}/status`, `set_presence` on `/sync`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PresenceConfig {
+    /// Off: presence updates are accepted but nothing is stored or relayed
+    /// (as Synapse's `use_presence = false`).
+    pub enabled: bool,
+    /// A user who has not synced (nor set presence) for this long goes
+    /// offline; a long-poll counts until its timeout ends.
+    pub offline_after_ms: u64,
+    /// An online user who has done nothing (sent no event, set no
+    /// presence) for this long becomes unavailable.
+    pub idle_after_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            offline_after_ms: 30_000,
+            idle_after_ms: 300_000,
         }
     }
 }
@@ -302,6 +328,7 @@ impl Default for Config {
             voip: VoipConfig::default(),
             media: MediaConfig::default(),
             push: PushConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

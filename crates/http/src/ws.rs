@@ -367,6 +367,11 @@ impl Conn {
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => return fail(Error::invalid_param("since must be a string")),
         };
+        let set_presence = match frame.get("set_presence") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return fail(Error::invalid_param("set_presence must be a string")),
+        };
         let services = self.services.clone();
         let out = out.clone();
         *sync_loop = Some(tokio::spawn(async move {
@@ -376,6 +381,7 @@ impl Conn {
                     timeout_ms: if since.is_some() { SYNC_TIMEOUT_MS } else { 0 },
                     full_state: false,
                     filter: filter.clone(),
+                    set_presence: set_presence.clone(),
                 };
                 let resp = match services.sync(&session, req).await {
                     // Nothing more reaches a revoked token.

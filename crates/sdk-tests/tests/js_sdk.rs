@@ -316,7 +316,6 @@ async fn js_sdk_shows_the_other_users_read_receipts() {
 // bob's typing notifications as alice's client shows them
 // (`RoomMember.typing`, Element's "bob is typing…").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "enabled when typing relay lands"]
 async fn js_sdk_shows_the_other_user_typing() {
     if !node_ready() {
         return;

@@ -1278,3 +1278,111 @@ async fn sdk_sliding_sync_lists_rooms_and_their_latest_events() -> Result<()> {
     ensure!(stamp(&second) > stamp(&first), "second is now the most recent");
     Ok(())
 }
+
+// Typing and read receipts through matrix-sdk's own APIs: bob's client
+// learns (`subscribe_to_typing_notifications`) that alice types after her
+// `typing_notice(true)`, and that she stopped; alice's
+// `send_single_receipt` on bob's message shows in bob's client as her read
+// receipt (`load_user_receipt`, `load_event_receipts`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_typing_and_read_receipts_reach_the_other_member() -> Result<()> {
+    use matrix_sdk::ruma::api::client::receipt::create_receipt;
+    use matrix_sdk::ruma::events::receipt::{ReceiptThread, ReceiptType};
+
+    init_logging();
+    let server = sdk_tests::weft_with_alice_and_bob().start().await;
+    let alice = login(&server, "alice").await?;
+    let bob = login(&server, "bob").await?;
+    alice
+        .sync_once(SyncSettings::default())
+        .await
+        .context("alice initial sync")?;
+    bob.sync_once(SyncSettings::default())
+        .await
+        .context("bob initial sync")?;
+    let alice_id = user_id("alice");
+
+    let room = alice
+        .create_room(create_room::v3::Request::new())
+        .await
+        .context("createRoom")?;
+    let room_id: OwnedRoomId = room.room_id().to_owned();
+    room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
+    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    sync_until(&bob, "bob's room joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    let bob_room = bob.get_room(&room_id).context("bob's room")?;
+    let sent = bob_room
+        .send(RoomMessageEventContent::text_plain("read me"))
+        .await
+        .context("bob sends")?;
+    let event_id = sent.response.event_id;
+    sync_until(&alice, "bob's message at alice", |r| {
+        timeline_json(r, &room_id)
+            .iter()
+            .any(|ev| ev["event_id"] == event_id.as_str())
+    })
+    .await?;
+
+    // Typing.
+    let (_guard, mut typing) = bob_room.subscribe_to_typing_notifications();
+    room.typing_notice(true).await.context("alice typing_notice(true)")?;
+    let mut seen: Vec<Vec<OwnedUserId>> = Vec::new();
+    sync_until(&bob, "alice typing at bob", |_| {
+        while let Ok(t) = typing.try_recv() {
+            seen.push(t);
+        }
+        seen.last().is_some_and(|t| t == &vec![alice_id.clone()])
+    })
+    .await?;
+    room.typing_notice(false).await.context("alice typing_notice(false)")?;
+    sync_until(&bob, "alice stopped typing at bob", |_| {
+        while let Ok(t) = typing.try_recv() {
+            seen.push(t);
+        }
+        seen.last().is_some_and(|t| t.is_empty())
+    })
+    .await?;
+
+    // A read receipt.
+    ensure!(
+        bob_room
+            .load_user_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, &alice_id)
+            .await?
+            .is_none_or(|(e, _)| e != event_id),
+        "alice's receipt before she sent it"
+    );
+    room.send_single_receipt(
+        create_receipt::v3::ReceiptType::Read,
+        ReceiptThread::Unthreaded,
+        event_id.clone(),
+    )
+    .await
+    .context("alice send_single_receipt")?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        bob.sync_once(SyncSettings::default().timeout(POLL))
+            .await
+            .context("bob sync for the receipt")?;
+        let mine = bob_room
+            .load_user_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, &alice_id)
+            .await?;
+        if let Some((e, receipt)) = mine
+            && e == event_id
+        {
+            ensure!(receipt.ts.is_some(), "receipt without ts");
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("alice's read receipt never reached bob's client");
+        }
+    }
+    let readers = bob_room
+        .load_event_receipts(ReceiptType::Read, ReceiptThread::Unthreaded, &event_id)
+        .await?;
+    ensure!(
+        readers.iter().any(|(u, _)| *u == alice_id),
+        "alice not among the event's readers: {readers:?}"
+    );
+    Ok(())
+}

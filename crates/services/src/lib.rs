@@ -26,7 +26,6 @@ pub mod revocation;
 pub mod room_ops;
 pub mod search;
 pub mod sign_in;
-pub mod sliding_stubs;
 pub mod sliding_sync;
 pub mod spaces;
 pub mod stream;
@@ -78,6 +77,9 @@ pub struct Services {
     pub media: media::Media,
     /// Push delivery: HTTP client, request limit, pusher tasks.
     pub(crate) push: push::PushRuntime,
+    /// Wakes the typing and presence expiry task
+    /// ([`Services::run_ephemeral_expiry`]) when a new deadline is set.
+    pub(crate) ephemeral_wake: tokio::sync::Notify,
 }
 
 impl Services {
@@ -118,6 +120,7 @@ impl Services {
             connections,
             media,
             push,
+            ephemeral_wake: tokio::sync::Notify::new(),
         }))
     }
 }

@@ -293,7 +293,11 @@ impl Services {
             Err(e) => Err(e),
         };
         match sent {
-            Ok(sent) => Ok(sent.event_id),
+            Ok(sent) => {
+                // Sending counts as activity for presence.
+                self.note_active(&session.user_id).await;
+                Ok(sent.event_id)
+            }
             // An unknown room reads as one you are not in.
             Err(e) if e.kind == ErrorKind::NotFound => Err(Error::forbidden("You are not in this room")),
             Err(e) => {

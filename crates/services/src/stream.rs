@@ -18,8 +18,21 @@ use crate::Services;
 #[derive(Debug, Default)]
 pub struct Feed {
     pub events: Vec<StoredEvent>,
+    /// Ephemeral events (typing, receipts) in the same window, oldest
+    /// first, when asked for ([`Services::wait_room_feed`]).
+    pub ephemeral: Vec<EphemeralItem>,
     /// Pass as `since` next time; every event up to it has been considered.
     pub next: i64,
+}
+
+/// An ephemeral event of a room at a stream position: `m.typing` (the
+/// room's full list of typers after a change) or `m.receipt` (one
+/// receipt), in the Client-Server format with `room_id`.
+#[derive(Debug, Clone)]
+pub struct EphemeralItem {
+    pub position: i64,
+    pub room_id: String,
+    pub event: serde_json::Value,
 }
 
 impl Feed {
@@ -53,7 +66,20 @@ impl Services {
         since: i64,
         limit: usize,
     ) -> Result<Feed> {
-        self.room_events_between(user, rooms, since, self.store.current_position(), limit)
+        self.room_events_between(user, rooms, since, self.store.current_position(), limit, false)
+            .await
+    }
+
+    /// [`Services::room_events_after`] with the rooms' ephemeral events
+    /// (typing changes, receipts the user may see) too.
+    pub async fn room_feed_after(
+        &self,
+        user: &UserId,
+        rooms: &[OwnedRoomId],
+        since: i64,
+        limit: usize,
+    ) -> Result<Feed> {
+        self.room_events_between(user, rooms, since, self.store.current_position(), limit, true)
             .await
     }
 
@@ -65,9 +91,12 @@ impl Services {
         since: i64,
         upto: i64,
         limit: usize,
+        with_ephemeral: bool,
     ) -> Result<Feed> {
         let limit = limit.max(1);
         let mut merged: Vec<StoredEvent> = Vec::new();
+        // (room, how far the user may read it)
+        let mut readable: Vec<(String, i64)> = Vec::new();
         for room in rooms {
             let Ok((room_id, view)) = self.read_view(user, room.as_str()).await else {
                 continue;
@@ -76,6 +105,7 @@ impl Services {
             if bound <= since {
                 continue;
             }
+            readable.push((room_id.to_string(), bound));
             let events = self
                 .store
                 .room_events(room_id.as_str(), since, bound + 1, Direction::Forward, limit)
@@ -91,7 +121,63 @@ impl Services {
         } else {
             upto.max(since)
         };
-        Ok(Feed { events: merged, next })
+        let ephemeral = if with_ephemeral {
+            self.ephemeral_between(user.as_str(), &readable, since, next).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Feed {
+            events: merged,
+            ephemeral,
+            next,
+        })
+    }
+
+    /// The ephemeral events of `rooms` (each up to its bound) in
+    /// (since, upto]: every receipt `user` may see, one `m.receipt` each,
+    /// and the room's current typers if they changed; oldest first.
+    async fn ephemeral_between(
+        &self,
+        user: &str,
+        rooms: &[(String, i64)],
+        since: i64,
+        upto: i64,
+    ) -> Result<Vec<EphemeralItem>> {
+        let mut out = Vec::new();
+        let now = weft_core::now_ms();
+        for (room, bound) in rooms {
+            let bound = upto.min(*bound);
+            for r in self.store.receipts_since(room, since, bound).await? {
+                if r.receipt_type == crate::ephemeral::RECEIPT_READ_PRIVATE && r.user_id != user {
+                    continue;
+                }
+                let mut receipt = serde_json::json!({ "ts": r.ts });
+                if !r.thread_id.is_empty() {
+                    receipt["thread_id"] = serde_json::json!(r.thread_id);
+                }
+                let mut content = serde_json::json!({});
+                content[r.event_id.as_str()][r.receipt_type.as_str()][r.user_id.as_str()] = receipt;
+                out.push(EphemeralItem {
+                    position: r.position,
+                    room_id: room.clone(),
+                    event: serde_json::json!({ "type": "m.receipt", "room_id": room, "content": content }),
+                });
+            }
+            let (users, position) = self.store.typing(room, now).await?;
+            if position > since && position <= bound {
+                out.push(EphemeralItem {
+                    position,
+                    room_id: room.clone(),
+                    event: serde_json::json!({
+                        "type": "m.typing",
+                        "room_id": room,
+                        "content": { "user_ids": users },
+                    }),
+                });
+            }
+        }
+        out.sort_by_key(|e| e.position);
+        Ok(out)
     }
 
     /// Like [`Services::room_events_after`], but waits up to `timeout` for
@@ -100,9 +186,35 @@ impl Services {
         &self,
         user: &UserId,
         rooms: &[OwnedRoomId],
+        since: i64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Feed> {
+        self.wait_feed(user, rooms, since, limit, timeout, false).await
+    }
+
+    /// [`Services::wait_room_events`] with the rooms' ephemeral events
+    /// (typing changes, receipts the user may see) too: it also returns
+    /// when only those arrived.
+    pub async fn wait_room_feed(
+        &self,
+        user: &UserId,
+        rooms: &[OwnedRoomId],
+        since: i64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Feed> {
+        self.wait_feed(user, rooms, since, limit, timeout, true).await
+    }
+
+    async fn wait_feed(
+        &self,
+        user: &UserId,
+        rooms: &[OwnedRoomId],
         mut since: i64,
         limit: usize,
         timeout: Duration,
+        with_ephemeral: bool,
     ) -> Result<Feed> {
         let mut rx = self.store.subscribe_position();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -116,9 +228,16 @@ impl Services {
                     Some(changes) => rooms
                         .iter()
                         .filter(|x| {
-                            changes
-                                .iter()
-                                .any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(r) if x.as_str() == r))
+                            changes.iter().any(|(p, k)| {
+                                *p <= upto
+                                    && match k {
+                                        StreamKey::Room(r) => x.as_str() == r,
+                                        StreamKey::Typing(r) | StreamKey::Receipt(r) => {
+                                            with_ephemeral && x.as_str() == r
+                                        }
+                                        _ => false,
+                                    }
+                            })
                         })
                         .cloned()
                         .collect(),
@@ -126,8 +245,10 @@ impl Services {
                 if changed.is_empty() {
                     since = upto;
                 } else {
-                    let feed = self.room_events_between(user, &changed, since, upto, limit).await?;
-                    if !feed.events.is_empty() {
+                    let feed = self
+                        .room_events_between(user, &changed, since, upto, limit, with_ephemeral)
+                        .await?;
+                    if !feed.events.is_empty() || !feed.ephemeral.is_empty() {
                         return Ok(feed);
                     }
                     since = feed.next;
@@ -136,10 +257,10 @@ impl Services {
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
-                        return Ok(Feed { events: vec![], next: since });
+                        return Ok(Feed { next: since, ..Feed::default() });
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return Ok(Feed { events: vec![], next: since }),
+                _ = tokio::time::sleep_until(deadline) => return Ok(Feed { next: since, ..Feed::default() }),
             }
         }
     }

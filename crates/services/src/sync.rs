@@ -24,6 +24,9 @@ pub struct SyncRequest {
     pub timeout_ms: u64,
     pub full_state: bool,
     pub filter: SyncFilter,
+    /// `set_presence`: `online` (`None` means this too), `unavailable`,
+    /// or `offline` (leaves presence alone).
+    pub set_presence: Option<String>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -57,17 +60,22 @@ impl Services {
     /// Runs a sync, long-polling up to `timeout_ms` when nothing is new.
     pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
         let user = session.user_id.as_str();
-        let mut rx = self.store.subscribe_position();
         let mut since = req.since.as_deref().map(parse_token).transpose()?;
+        let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
+        // Syncing keeps the user online (before the position is read, so
+        // the change shows in this very response).
+        self.presence_from_sync(session, req.set_presence.as_deref().unwrap_or("online"), timeout)
+            .await?;
+        let mut rx = self.store.subscribe_position();
         if let Some(s) = since {
             // Syncing from `s` acknowledges the to-device messages up to it.
             let acked = s.min(self.store.current_position());
             self.store.ack_to_device(user, &session.device_id, acked).await?;
         }
-        let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
         let memberships = self.store.user_memberships(user).await?;
         let my_rooms: HashSet<String> = memberships.iter().map(|m| m.room_id.clone()).collect();
+        let presence_on = self.config.presence.enabled;
         loop {
             let upto = *rx.borrow_and_update();
             match since {
@@ -84,8 +92,10 @@ impl Services {
                                     // Whether the user shares a room with
                                     // them is for the built response to say.
                                     StreamKey::DeviceKeys(_) => true,
-                                    StreamKey::Receipt(r) => my_rooms.contains(r),
+                                    StreamKey::Receipt(r) | StreamKey::Typing(r) => my_rooms.contains(r),
                                     StreamKey::Notification(u, _) => u == user,
+                                    // Whether they share a room: as above.
+                                    StreamKey::Presence(_) => presence_on,
                                 }
                         }),
                     };
@@ -200,64 +210,93 @@ impl Services {
         // `members_touched`: some user-keyed entry (every membership change
         // makes one) is in the window, so room membership may have changed.
         // `receipt_rooms`: rooms with a receipt set in the window (`None`:
-        // not known, look at every joined room). `notified_rooms`: rooms
-        // where the user got a notification row (unread counts changed).
+        // not known, look at every joined room); `typing_rooms` the same
+        // for typing; `presence_touched`: some user's presence changed.
+        // `notified_rooms`: rooms where the user got a notification row
+        // (unread counts changed).
         type Window = (
             HashSet<String>,
             bool,
             bool,
             bool,
             Option<HashSet<String>>,
+            Option<HashSet<String>>,
+            bool,
             HashSet<String>,
         );
-        let (changed, user_touched, devices_touched, members_touched, receipt_rooms, notified_rooms): Window =
-            match since {
-                None => (HashSet::new(), true, false, true, None, HashSet::new()),
-                Some(s) => match recent {
-                    Some(changes) => {
-                        let mut rooms = HashSet::new();
-                        let mut receipts = HashSet::new();
-                        let mut notified = HashSet::new();
-                        let mut touched = false;
-                        let mut devices = false;
-                        let mut members = false;
-                        for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
-                            match k {
-                                StreamKey::Room(r) => {
-                                    rooms.insert(r);
-                                }
-                                StreamKey::User(u) => {
-                                    members = true;
-                                    touched |= u == user;
-                                }
-                                StreamKey::DeviceKeys(_) => devices = true,
-                                StreamKey::Receipt(r) => {
-                                    receipts.insert(r);
-                                }
-                                StreamKey::Notification(u, r) => {
-                                    if u == user {
-                                        notified.insert(r);
-                                    }
+        let (
+            changed,
+            user_touched,
+            devices_touched,
+            members_touched,
+            receipt_rooms,
+            typing_rooms,
+            presence_touched,
+            notified_rooms,
+        ): Window = match since {
+            None => (HashSet::new(), true, false, true, None, None, true, HashSet::new()),
+            Some(s) => match recent {
+                Some(changes) => {
+                    let mut rooms = HashSet::new();
+                    let mut receipts = HashSet::new();
+                    let mut typing = HashSet::new();
+                    let mut notified = HashSet::new();
+                    let mut touched = false;
+                    let mut devices = false;
+                    let mut members = false;
+                    let mut presence = false;
+                    for (_, k) in changes.into_iter().filter(|(p, _)| *p <= upto) {
+                        match k {
+                            StreamKey::Room(r) => {
+                                rooms.insert(r);
+                            }
+                            StreamKey::User(u) => {
+                                members = true;
+                                touched |= u == user;
+                            }
+                            StreamKey::DeviceKeys(_) => devices = true,
+                            StreamKey::Receipt(r) => {
+                                receipts.insert(r);
+                            }
+                            StreamKey::Notification(u, r) => {
+                                if u == user {
+                                    notified.insert(r);
                                 }
                             }
+                            StreamKey::Typing(r) => {
+                                typing.insert(r);
+                            }
+                            StreamKey::Presence(_) => presence = true,
                         }
-                        (rooms, touched, devices, members, Some(receipts), notified)
                     }
-                    None => (
-                        self.store
-                            .rooms_changed(s, upto)
-                            .await?
-                            .into_iter()
-                            .map(|(r, _)| r)
-                            .collect(),
-                        true,
-                        true,
-                        true,
-                        None,
-                        HashSet::new(),
-                    ),
-                },
-            };
+                    (
+                        rooms,
+                        touched,
+                        devices,
+                        members,
+                        Some(receipts),
+                        Some(typing),
+                        presence,
+                        notified,
+                    )
+                }
+                None => (
+                    self.store
+                        .rooms_changed(s, upto)
+                        .await?
+                        .into_iter()
+                        .map(|(r, _)| r)
+                        .collect(),
+                    true,
+                    true,
+                    true,
+                    None,
+                    None,
+                    true,
+                    HashSet::new(),
+                ),
+            },
+        };
         let memberships = match known {
             Some(m) if !user_touched => m.to_vec(),
             _ => self.store.user_memberships(user).await?,
@@ -302,17 +341,31 @@ impl Services {
                     // Receipts set in the window (all current ones for a
                     // room new to the client).
                     let receipts_due = fresh || receipt_rooms.as_ref().is_none_or(|r| r.contains(&m.room_id));
-                    let receipts = if receipts_due {
-                        let from = if fresh { 0 } else { since.unwrap_or(0) };
-                        self.receipt_event(user, &m.room_id, from, upto).await?
+                    let ephemeral_filter = &filter.room.ephemeral;
+                    let receipts =
+                        if receipts_due && ephemeral_filter.matches_parts("m.receipt", None, Some(&m.room_id)) {
+                            let from = if fresh { 0 } else { since.unwrap_or(0) };
+                            self.receipt_event(user, &m.room_id, from, upto).await?
+                        } else {
+                            None
+                        };
+                    // Who types: the full current list when it changed in
+                    // the window (the current typers for a new room).
+                    let typing_due = fresh || typing_rooms.as_ref().is_none_or(|r| r.contains(&m.room_id));
+                    let typing = if typing_due && ephemeral_filter.matches_parts("m.typing", None, Some(&m.room_id)) {
+                        self.typing_since(&m.room_id, if fresh { None } else { since }).await?
                     } else {
                         None
                     };
+                    let mut ephemeral: Vec<Value> = typing.into_iter().chain(receipts).collect();
+                    if let Some(limit) = ephemeral_filter.limit {
+                        ephemeral.truncate(limit);
+                    }
                     if !(membership_new
                         || room_changed
                         || req.full_state
                         || room_ad.contains_key(&m.room_id)
-                        || receipts.is_some()
+                        || !ephemeral.is_empty()
                         || notified_rooms.contains(&m.room_id))
                     {
                         continue;
@@ -349,7 +402,6 @@ impl Services {
                     if summary_due {
                         section.insert("summary".into(), self.room_summary(user, &m.room_id).await?);
                     }
-                    let ephemeral: Vec<Value> = receipts.into_iter().collect();
                     section.insert("ephemeral".into(), json!({ "events": ephemeral }));
                     let by_thread = filter.room.timeline.unread_thread_notifications;
                     let (unread, by_threads) = self.unread_sections(user, &m.room_id, by_thread).await?;
@@ -384,11 +436,19 @@ impl Services {
                 _ => {}
             }
         }
+        // Presence of the user and of those sharing a room with them,
+        // changed in the window.
+        let presence = if presence_touched {
+            let events = self.presence_events(user, since.unwrap_or(0), upto).await?;
+            filter.presence.apply(events, None)
+        } else {
+            Vec::new()
+        };
         let mut resp = json!({
             "next_batch": make_token(upto),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
             "account_data": { "events": account_data },
-            "presence": { "events": [] },
+            "presence": { "events": presence },
             "to_device": { "events": to_device },
             "device_lists": { "changed": device_lists_changed, "left": device_lists_left },
         });
@@ -670,6 +730,7 @@ pub fn is_empty(resp: &Value) -> bool {
     let none = |v: &Value| v.as_array().is_none_or(|a| a.is_empty());
     rooms_empty
         && none(&resp["account_data"]["events"])
+        && none(&resp["presence"]["events"])
         && none(&resp["to_device"]["events"])
         && none(&resp["device_lists"]["changed"])
         && none(&resp["device_lists"]["left"])

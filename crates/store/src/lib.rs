@@ -29,6 +29,12 @@ pub type Pending<T> = oneshot::Receiver<Result<T>>;
 /// What [`Store::edit_account_data`] makes of stored account data: the new
 /// content (JSON text) from the old one. It runs on the writer, so it must
 /// be quick and must not wait for anything.
+/// What [`Store::edit_presence`] makes of a user's stored presence: the
+/// record to store and whether it is a change others are told of (a new
+/// stream position), or `None` to leave it. Runs on the writer: quick, no
+/// waiting.
+pub type PresenceEdit = Box<dyn FnOnce(Option<PresenceRecord>) -> Option<(PresenceRecord, bool)> + Send>;
+
 pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Send>;
 
 /// The storage interface. Positions (`i64`) are positions in the one
@@ -283,6 +289,40 @@ pub trait Store: MediaStore + Send + Sync + 'static {
     /// Every event (of every room) at positions in (after, upto], oldest
     /// first, at most `limit`.
     async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>>;
+    // ---- typing ----
+    /// Marks `user_id` typing in `room_id` until `expires_ms` (`None`:
+    /// stops). A start or a stop takes the next stream position
+    /// (`StreamKey::Typing(room)`), answered; renewing the timeout of one
+    /// already typing, or stopping one who was not, takes none (`None`).
+    fn set_typing(&self, room_id: &str, user_id: &str, expires_ms: Option<u64>) -> Pending<Option<i64>>;
+    /// Who types in `room_id` at `now_ms` (in the order they started), and
+    /// the stream position of the last change of the room's typers (0:
+    /// none ever).
+    async fn typing(&self, room_id: &str, now_ms: u64) -> Result<(Vec<String>, i64)>;
+    /// Deletes the typing entries expired at `now_ms`; each room losing
+    /// typers changes at a new stream position. Answers those rooms.
+    fn expire_typing(&self, now_ms: u64) -> Pending<Vec<String>>;
+
+    // ---- presence ----
+    async fn presence(&self, user_id: &str) -> Result<Option<PresenceRecord>>;
+    /// Edits a user's presence on the writer (read and write in one
+    /// transaction); answers the new stream position if the edit asked for
+    /// one (`StreamKey::Presence(user)`).
+    fn edit_presence(&self, user_id: &str, edit: PresenceEdit) -> Pending<Option<i64>>;
+    /// Presence changed in (since, upto] of `viewer` and of the users who
+    /// share a joined room with them.
+    async fn presence_since(&self, viewer: &str, since: i64, upto: i64) -> Result<Vec<PresenceRecord>>;
+    /// Whether the two users are both joined to some room.
+    async fn share_room(&self, a: &str, b: &str) -> Result<bool>;
+    /// Applies the presence timeouts due at `now_ms`: a user past
+    /// `online_until_ms` goes offline; an online one inactive for
+    /// `idle_ms` goes unavailable. Each change takes a stream position.
+    /// Answers the users changed.
+    fn expire_presence(&self, now_ms: u64, idle_ms: u64) -> Pending<Vec<String>>;
+    /// The earliest moment (ms since the epoch) a typing entry or, with
+    /// `idle_ms` given, a presence timeout (as in
+    /// [`Store::expire_presence`]) falls due.
+    async fn next_ephemeral_deadline(&self, idle_ms: Option<u64>) -> Result<Option<u64>>;
 
     // ---- rooms and events ----
     /// Queues one event to be persisted with its effects on state and

@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_relations.sql"),
     include_str!("../migrations/0009_search.sql"),
     include_str!("../migrations/0010_receipts.sql"),
+    include_str!("../migrations/0011_typing_presence.sql"),
     include_str!("../migrations/0012_push.sql"),
     include_str!("../migrations/0013_sliding_sync.sql"),
     include_str!("../migrations/0014_media.sql"),
@@ -205,6 +206,8 @@ impl SqliteStore {
                             COALESCE((SELECT MAX(position) FROM to_device), 0),
                             COALESCE((SELECT MAX(position) FROM receipts), 0),
                             COALESCE((SELECT MAX(position) FROM notifications), 0),
+                            COALESCE((SELECT MAX(position) FROM typing_rooms), 0),
+                            COALESCE((SELECT MAX(position) FROM presence), 0),
                             COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))",
                 [DELETED_MAX],
                 |r| r.get(0),
@@ -714,11 +717,46 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         ctx.redactions
             .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
     }
-    if let (Some(_), Some(target)) = (&ev.membership, &ev.state_key) {
+    if let (Some(m), Some(target)) = (&ev.membership, &ev.state_key) {
         ctx.changes.push((p, StreamKey::User(target.clone())));
+        // Leaving a room (or being kicked or banned) stops typing there:
+        // the room's typers change at this event's position.
+        if m != "join" {
+            let n = conn
+                .prepare_cached("DELETE FROM typing WHERE room_id = ?1 AND user_id = ?2")?
+                .execute(params![ev.room_id, target])?;
+            if n > 0 {
+                typing_changed(conn, ctx, &ev.room_id, p)?;
+            }
+        }
     }
     Ok(p)
 }
+
+/// Records that the typers of `room` changed at stream position `p`
+/// (announced as `Typing`).
+fn typing_changed(conn: &Connection, ctx: &mut WriterCtx, room: &str, p: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO typing_rooms (room_id, position) VALUES (?1, ?2) \
+         ON CONFLICT (room_id) DO UPDATE SET position = excluded.position",
+    )?
+    .execute(params![room, p])?;
+    ctx.changes.push((p, StreamKey::Typing(room.to_owned())));
+    Ok(())
+}
+
+fn presence_row(r: &Row) -> rusqlite::Result<PresenceRecord> {
+    Ok(PresenceRecord {
+        user_id: r.get(0)?,
+        presence: r.get(1)?,
+        status_msg: r.get(2)?,
+        last_active_ms: r.get::<_, i64>(3)?.max(0) as u64,
+        online_until_ms: r.get::<_, i64>(4)?.max(0) as u64,
+        position: r.get(5)?,
+    })
+}
+
+const PRESENCE_COLUMNS: &str = "user_id, presence, status_msg, last_active_ms, online_until_ms, position";
 
 /// Records that `user`'s device list changed: the next stream position,
 /// kept as the user's newest change and announced as `DeviceKeys`.
@@ -2067,6 +2105,224 @@ impl Store for SqliteStore {
                  ORDER BY e.position LIMIT ?3"
             );
             collect(c, &sql, params![after, upto, limit as i64], event_row)
+        })
+        .await
+    }
+
+    fn set_typing(&self, room_id: &str, user_id: &str, expires_ms: Option<u64>) -> Pending<Option<i64>> {
+        let (room, user) = (room_id.to_owned(), user_id.to_owned());
+        self.write(move |c, ctx| {
+            let now = weft_core::now_ms() as i64;
+            // A row past its expiry no longer counts as typing, but its
+            // removal (here or by the expiry task) is still a change.
+            let row: Option<bool> = c
+                .prepare_cached("SELECT expires_ms > ?3 FROM typing WHERE room_id = ?1 AND user_id = ?2")
+                .and_then(|mut s| s.query_row(params![room, user, now], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            match expires_ms {
+                Some(until) => {
+                    c.prepare_cached(
+                        "INSERT INTO typing (room_id, user_id, expires_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (room_id, user_id) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    )
+                    .and_then(|mut s| s.execute(params![room, user, until as i64]))
+                    .map_err(db_err)?;
+                    if row == Some(true) {
+                        return Ok(None);
+                    }
+                }
+                None => {
+                    c.prepare_cached("DELETE FROM typing WHERE room_id = ?1 AND user_id = ?2")
+                        .and_then(|mut s| s.execute(params![room, user]))
+                        .map_err(db_err)?;
+                    if row.is_none() {
+                        return Ok(None);
+                    }
+                }
+            }
+            let p = ctx.pos + 1;
+            ctx.pos = p;
+            typing_changed(c, ctx, &room, p).map_err(db_err)?;
+            Ok(Some(p))
+        })
+    }
+
+    async fn typing(&self, room_id: &str, now_ms: u64) -> Result<(Vec<String>, i64)> {
+        let room = room_id.to_owned();
+        self.read(move |c| {
+            let users = collect(
+                c,
+                "SELECT user_id FROM typing WHERE room_id = ?1 AND expires_ms > ?2 ORDER BY rowid",
+                params![room, now_ms as i64],
+                |r| r.get(0),
+            )?;
+            let position: Option<i64> = c
+                .prepare_cached("SELECT position FROM typing_rooms WHERE room_id = ?1")?
+                .query_row([&room], |r| r.get(0))
+                .optional()?;
+            Ok((users, position.unwrap_or(0)))
+        })
+        .await
+    }
+
+    fn expire_typing(&self, now_ms: u64) -> Pending<Vec<String>> {
+        self.write(move |c, ctx| {
+            let rooms: Vec<String> = collect(
+                c,
+                "SELECT DISTINCT room_id FROM typing WHERE expires_ms <= ?1 ORDER BY room_id",
+                [now_ms as i64],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+            c.prepare_cached("DELETE FROM typing WHERE expires_ms <= ?1")
+                .and_then(|mut s| s.execute([now_ms as i64]))
+                .map_err(db_err)?;
+            for room in &rooms {
+                let p = ctx.pos + 1;
+                ctx.pos = p;
+                typing_changed(c, ctx, room, p).map_err(db_err)?;
+            }
+            Ok(rooms)
+        })
+    }
+
+    async fn presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
+        let user = user_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = ?1"))?
+                .query_row([user], presence_row)
+                .optional()
+        })
+        .await
+    }
+
+    fn edit_presence(&self, user_id: &str, edit: PresenceEdit) -> Pending<Option<i64>> {
+        let user = user_id.to_owned();
+        self.write(move |c, ctx| {
+            let old = c
+                .prepare_cached(&format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = ?1"))
+                .and_then(|mut s| s.query_row([&user], presence_row).optional())
+                .map_err(db_err)?;
+            let old_position = old.as_ref().map(|o| o.position).unwrap_or(0);
+            let edited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || edit(old)))
+                .map_err(|_| Error::internal("presence edit panicked"))?;
+            let Some((new, bump)) = edited else { return Ok(None) };
+            let position = if bump { ctx.pos + 1 } else { old_position };
+            c.prepare_cached(
+                "INSERT INTO presence (user_id, presence, status_msg, last_active_ms, online_until_ms, position) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (user_id) DO UPDATE SET \
+                 presence = excluded.presence, status_msg = excluded.status_msg, \
+                 last_active_ms = excluded.last_active_ms, online_until_ms = excluded.online_until_ms, \
+                 position = excluded.position",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    user,
+                    new.presence,
+                    new.status_msg,
+                    new.last_active_ms as i64,
+                    new.online_until_ms as i64,
+                    position
+                ])
+            })
+            .map_err(db_err)?;
+            if !bump {
+                return Ok(None);
+            }
+            ctx.pos = position;
+            ctx.changes.push((position, StreamKey::Presence(user)));
+            Ok(Some(position))
+        })
+    }
+
+    async fn presence_since(&self, viewer: &str, since: i64, upto: i64) -> Result<Vec<PresenceRecord>> {
+        let viewer = viewer.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!(
+                    "SELECT {PRESENCE_COLUMNS} FROM presence p WHERE position > ?2 AND position <= ?3 \
+                     AND (user_id = ?1 OR EXISTS (SELECT 1 FROM memberships a JOIN memberships b \
+                     ON a.room_id = b.room_id WHERE a.user_id = ?1 AND a.membership = 'join' \
+                     AND b.user_id = p.user_id AND b.membership = 'join')) ORDER BY position"
+                ),
+                params![viewer, since, upto],
+                presence_row,
+            )
+        })
+        .await
+    }
+
+    async fn share_room(&self, a: &str, b: &str) -> Result<bool> {
+        let (a, b) = (a.to_owned(), b.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM memberships x JOIN memberships y ON x.room_id = y.room_id \
+                 WHERE x.user_id = ?1 AND x.membership = 'join' AND y.user_id = ?2 AND y.membership = 'join')",
+            )?
+            .query_row(params![a, b], |r| r.get(0))
+        })
+        .await
+    }
+
+    fn expire_presence(&self, now_ms: u64, idle_ms: u64) -> Pending<Vec<String>> {
+        self.write(move |c, ctx| {
+            let now = now_ms as i64;
+            let idle = idle_ms as i64;
+            // Offline first: a user both idle and gone is just gone.
+            let due: Vec<(String, &'static str)> = collect(
+                c,
+                "SELECT user_id, CASE WHEN online_until_ms > 0 AND online_until_ms <= ?1 THEN 1 ELSE 0 END \
+                 FROM presence WHERE presence != 'offline' AND ((online_until_ms > 0 AND online_until_ms <= ?1) \
+                 OR (presence = 'online' AND last_active_ms + ?2 <= ?1)) ORDER BY user_id",
+                params![now, idle],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        if r.get::<_, i64>(1)? == 1 {
+                            "offline"
+                        } else {
+                            "unavailable"
+                        },
+                    ))
+                },
+            )
+            .map_err(db_err)?;
+            let mut changed = Vec::new();
+            for (user, state) in due {
+                let p = ctx.pos + 1;
+                c.prepare_cached(
+                    "UPDATE presence SET presence = ?2, position = ?3, \
+                     online_until_ms = CASE WHEN ?2 = 'offline' THEN 0 ELSE online_until_ms END WHERE user_id = ?1",
+                )
+                .and_then(|mut s| s.execute(params![user, state, p]))
+                .map_err(db_err)?;
+                ctx.pos = p;
+                ctx.changes.push((p, StreamKey::Presence(user.clone())));
+                changed.push(user);
+            }
+            Ok(changed)
+        })
+    }
+
+    async fn next_ephemeral_deadline(&self, idle_ms: Option<u64>) -> Result<Option<u64>> {
+        self.read(move |c| {
+            let typing: Option<i64> = c
+                .prepare_cached("SELECT MIN(expires_ms) FROM typing")?
+                .query_row([], |r| r.get(0))?;
+            let mut due = typing;
+            if let Some(idle_ms) = idle_ms {
+                let gone: Option<i64> = c
+                    .prepare_cached(
+                        "SELECT MIN(online_until_ms) FROM presence WHERE presence != 'offline' AND online_until_ms > 0",
+                    )?
+                    .query_row([], |r| r.get(0))?;
+                let idle: Option<i64> = c
+                    .prepare_cached("SELECT MIN(last_active_ms) + ?1 FROM presence WHERE presence = 'online'")?
+                    .query_row([idle_ms as i64], |r| r.get(0))?;
+                due = [due, gone, idle].into_iter().flatten().min();
+            }
+            Ok(due.map(|t| t.max(0) as u64))
         })
         .await
     }

@@ -178,6 +178,26 @@ pub enum StreamKey {
     /// A notification row for this user (first) in this room (second) was
     /// added: their unread counts there changed.
     Notification(String, String),
+    /// Who types in this room changed (started, stopped, timed out, left).
+    Typing(String),
+    /// This user's presence changed.
+    Presence(String),
+}
+
+/// A user's presence as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub user_id: String,
+    /// `online`, `unavailable` or `offline`.
+    pub presence: String,
+    pub status_msg: Option<String>,
+    /// When the user last did something (ms since the epoch).
+    pub last_active_ms: u64,
+    /// Past this (ms since the epoch) without a sync the user goes
+    /// offline; 0: no such deadline.
+    pub online_until_ms: u64,
+    /// The stream position of its last change (ignored when storing).
+    pub position: i64,
 }
 
 /// Keys a device uploads in one `/keys/upload`.

@@ -260,6 +260,40 @@ async fn ws_sync_pushes_every_event_once_in_order() {
     }
 }
 
+// The sync push carries what /sync carries: bob's loop gets alice's
+// typing notice (no event in the room) as the room's m.typing.
+#[tokio::test]
+async fn ws_sync_pushes_typing() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = room_with(&alice, &bob, "private_chat").await;
+    let mut ws = connect(&server, Some(&bob.access_token)).await;
+    send_json(&mut ws, json!({"type": "sync"})).await;
+    let first = next_json(&mut ws).await;
+    assert_eq!(first["type"], "sync", "{first}");
+    assert!(first["body"]["rooms"]["join"][&room].is_object(), "{first}");
+
+    let (st, body) = alice
+        .put(
+            &format!("rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Presence changes may come first; the typing notice within a few frames.
+    for _ in 0..4 {
+        let f = next_json(&mut ws).await;
+        assert_eq!(f["type"], "sync", "{f}");
+        let eph = &f["body"]["rooms"]["join"][&room]["ephemeral"]["events"];
+        if let Some(t) = eph.as_array().and_then(|a| a.iter().find(|e| e["type"] == "m.typing")) {
+            assert_eq!(t["content"]["user_ids"], json!([alice.user_id]), "{f}");
+            return;
+        }
+    }
+    panic!("no m.typing pushed");
+}
+
 #[tokio::test]
 async fn ws_slow_consumer_is_closed_with_1008() {
     let server = TestServer::start().await;

@@ -150,6 +150,7 @@ pub async fn sync_json(
             timeout_ms,
             full_state,
             filter,
+            set_presence: None,
         },
     )
     .await

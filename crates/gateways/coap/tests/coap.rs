@@ -436,6 +436,58 @@ async fn observe_sync_pushes_new_events() {
     );
 }
 
+/// Observe on /sync carries what /sync carries: a typing notice (no event
+/// in the room) is notified with the room's `m.typing`.
+#[tokio::test]
+async fn observe_sync_pushes_typing() {
+    let s = Server::start().await;
+    let (alice, alice_id) = register(&s, "alice").await;
+    let (bob, bob_id) = register(&s, "bob").await;
+    let room = create_room(&s, &alice).await;
+    let (st, body) = s
+        .with_token(&alice)
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            json!({"user_id": bob_id}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = s
+        .with_token(&bob)
+        .post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let mut c = Client::new(s.coap).await;
+    let p = c.packet(
+        &Request::new(M::Get, "/_matrix/client/v3/sync")
+            .q("a", &bob)
+            .opt(CoapOption::Observe, vec![]),
+    );
+    let reg = c.send_packet(&p).await;
+    assert_eq!(reg.header.code, MessageClass::Response(R::Content));
+    assert!(reg.get_first_option(CoapOption::Observe).is_some());
+    let (st, body) = s
+        .with_token(&alice)
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice_id)),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Alice's presence may come first; the typing notice within a few.
+    for _ in 0..4 {
+        let n: Packet = c.recv(Duration::from_secs(5)).await.expect("notification");
+        c.ack(&n).await;
+        let v = uncbor(&n.payload);
+        let eph = &v["rooms"]["join"][&room]["ephemeral"]["events"];
+        if let Some(t) = eph.as_array().and_then(|a| a.iter().find(|e| e["type"] == "m.typing")) {
+            assert_eq!(t["content"]["user_ids"], json!([alice_id]), "{v}");
+            return;
+        }
+    }
+    panic!("no m.typing notified");
+}
+
 /// Logging out the token an observer registered with ends the observation
 /// at once, with nothing new to deliver: the observer gets `4.01
 /// M_UNKNOWN_TOKEN` without waiting for the next batch.

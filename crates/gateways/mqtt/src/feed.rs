@@ -1,6 +1,7 @@
 //! The subscription feed of a connection: a task reading the server's one
-//! ordered stream (`Services::wait_room_events`) for the rooms its
-//! subscriptions name, turning each event into the PUBLISHes that match.
+//! ordered stream (`Services::wait_room_feed`) for the rooms its
+//! subscriptions name, turning each event, and each ephemeral event (typing
+//! changes and receipts, on `…/x/{type}`), into the PUBLISHes that match.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use ruma::OwnedRoomId;
 use tokio::sync::{mpsc, watch};
-use weft_services::stream::{StoredEvent, client_event};
+use weft_services::stream::{EphemeralItem, StoredEvent, client_event};
 use weft_services::{Services, Session};
 
-use crate::topics::{FilterRoom, event_topic, matches, prefix, state_topic};
+use crate::topics::{FilterRoom, ephemeral_topic, event_topic, matches, prefix, state_topic};
 
 /// Events read per call.
 const BATCH: usize = 100;
@@ -28,6 +29,9 @@ pub struct Sub {
     /// Only events after this stream position ("from the moment of subscribing").
     pub from: i64,
 }
+
+/// The messages of one item of the stream: (topic, QoS, payload).
+type Publishes = Vec<(String, u8, Bytes)>;
 
 /// What the feed hands the connection, in stream order.
 #[derive(Debug)]
@@ -93,6 +97,33 @@ fn publishes(subs: &[Sub], ev: &StoredEvent, session: &Session) -> Vec<(String, 
     out
 }
 
+/// The messages of an ephemeral event (typing, a receipt): on
+/// `{room}/x/{type}` for every subscription that matches it.
+fn ephemeral_publishes(subs: &[Sub], item: &EphemeralItem) -> Vec<(String, u8, Bytes)> {
+    let mut out: Vec<(String, u8, Bytes)> = Vec::new();
+    let event_type = item.event["type"].as_str().unwrap_or_default();
+    for sub in subs {
+        if item.position <= sub.from || sub.room_id.as_ref().is_some_and(|r| r.as_str() != item.room_id) {
+            continue;
+        }
+        let topic = ephemeral_topic(&prefix(&sub.room, &item.room_id), event_type);
+        if !matches(&sub.filter, &topic) {
+            continue;
+        }
+        match out.iter_mut().find(|(t, _, _)| *t == topic) {
+            Some(m) => m.1 = m.1.max(sub.qos),
+            None => out.push((topic, sub.qos, Bytes::new())),
+        }
+    }
+    if !out.is_empty() {
+        let body = Bytes::from(serde_json::to_vec(&item.event).unwrap_or_default());
+        for m in &mut out {
+            m.2 = body.clone();
+        }
+    }
+    out
+}
+
 /// The current state of the rooms of `sub` that its filter matches, as
 /// (topic, payload), for retained messages on subscribe.
 pub async fn state_publishes(services: &Services, session: &Session, sub: &Sub) -> Vec<(String, Bytes)> {
@@ -137,7 +168,7 @@ pub async fn run_feed(
         // Short waits when following "all joined rooms", to notice joins.
         let wait = Duration::from_secs(if all_rooms { 2 } else { 20 });
         let got = tokio::select! {
-            got = services.wait_room_events(&session.user_id, &rooms, since, BATCH, wait) => got,
+            got = services.wait_room_feed(&session.user_id, &rooms, since, BATCH, wait) => got,
             changed = subs_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -158,23 +189,26 @@ pub async fn run_feed(
             // its events are not skipped.
             let now = rooms_of(&services, &session, &subs).await;
             if now != rooms {
-                match services.room_events_after(&session.user_id, &now, since, BATCH).await {
+                match services.room_feed_after(&session.user_id, &now, since, BATCH).await {
                     Ok(f) => feed = f,
                     Err(_) => continue,
                 }
             }
         }
-        for ev in &feed.events {
-            let publishes = publishes(&subs, ev, &session);
-            if !publishes.is_empty()
-                && tx
-                    .send(FeedItem::Event {
-                        position: ev.position,
-                        publishes,
-                    })
-                    .await
-                    .is_err()
-            {
+        // Events and ephemeral events merged in stream order.
+        let mut items: Vec<(i64, Publishes)> = feed
+            .events
+            .iter()
+            .map(|ev| (ev.position, publishes(&subs, ev, &session)))
+            .chain(
+                feed.ephemeral
+                    .iter()
+                    .map(|item| (item.position, ephemeral_publishes(&subs, item))),
+            )
+            .collect();
+        items.sort_by_key(|(p, _)| *p);
+        for (position, publishes) in items {
+            if !publishes.is_empty() && tx.send(FeedItem::Event { position, publishes }).await.is_err() {
                 return;
             }
         }

@@ -2,6 +2,8 @@
 //!
 //! - `weft/r/{room_id}/e/{event_type}`: events of a room;
 //! - `weft/r/{room_id}/s/{event_type}/{state_key}`: state of a room;
+//! - `weft/r/{room_id}/x/{event_type}`: ephemeral events of a room
+//!   (`m.typing`, `m.receipt`), subscribe only;
 //! - `weft/a/{alias without #}/…`: the same, naming the room by an alias.
 //!
 //! Event types and state keys are any strings a room holds (events stored
@@ -76,6 +78,12 @@ pub fn unescape(s: &str) -> Option<Cow<'_, str>> {
 /// The topic of a room's event: `{prefix}/e/{event_type}`.
 pub fn event_topic(prefix: &str, event_type: &str) -> String {
     format!("{prefix}/e/{}", escape(event_type, false))
+}
+
+/// The topic of a room's ephemeral event (typing, receipts):
+/// `{prefix}/x/{event_type}`.
+pub fn ephemeral_topic(prefix: &str, event_type: &str) -> String {
+    format!("{prefix}/x/{}", escape(event_type, false))
 }
 
 /// The topic of a room's state: `{prefix}/s/{event_type}/{state_key}`.
@@ -252,6 +260,7 @@ mod tests {
             "weft/r/!a:h/e/a/b",
             "weft/r/!a:h/f/",
             "weft/r/!a:h/f/a/b",
+            "weft/r/!a:h/x/m.typing",
         ] {
             assert_eq!(parse_publish(bad), None, "{bad}");
         }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::client::{Mqtt as C4, WAIT, body, closed, room_for, spawn};
-use common::{SERVER_NAME, Server, User};
+use common::{SERVER_NAME, Server, User, enc};
 use rumqttc::v5;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1412,4 +1412,95 @@ async fn a_file_published_over_mqtt_becomes_media_and_an_m_file_message() {
     }
     let (st, v) = mallory.get("/_matrix/client/unstable/org.weft.files/uploads").await;
     assert_eq!((st, v["chunk"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
+}
+
+// Typing and receipts reach MQTT subscribers of the room's `x/` topics
+// (`weft/r/{room}/x/m.typing`, `…/x/m.receipt`), in stream order, as the
+// Client-Server events with `room_id`; a private receipt reaches only its
+// own user, and a user not in the room cannot subscribe.
+#[tokio::test]
+async fn typing_and_receipts_reach_ephemeral_topics() {
+    let srv = Server::start().await;
+    let alice = srv.register("alice").await;
+    let bob = srv.register("bob").await;
+    let carol = srv.register("carol").await;
+    let room = weft_testkit::client::room_with(&alice, &bob, "private_chat").await;
+    let event = bob.send_text(&room, "t1", "hello").await;
+
+    let mut b = c4(&srv, "bob-x", "bob", &bob.access_token, true);
+    b.connack().await;
+    b.client.subscribe(format!("weft/r/{room}/x/#"), q1()).await.unwrap();
+    assert_eq!(b.suback().await, vec![rumqttc::SubscribeReasonCode::Success(q1())]);
+    let mut all = c4(&srv, "bob-all", "bob", &bob.access_token, true);
+    all.connack().await;
+    all.client.subscribe("weft/r/+/x/m.typing", q1()).await.unwrap();
+    assert_eq!(all.suback().await, vec![rumqttc::SubscribeReasonCode::Success(q1())]);
+    let mut c = c4(&srv, "carol-x", "carol", &carol.access_token, true);
+    c.connack().await;
+    c.client.subscribe(format!("weft/r/{room}/x/#"), q1()).await.unwrap();
+    assert_eq!(c.suback().await, vec![rumqttc::SubscribeReasonCode::Failure]);
+
+    let typing = |on: bool| {
+        let alice = alice.clone();
+        let room = room.clone();
+        async move {
+            let body = if on {
+                json!({"typing": true, "timeout": 30000})
+            } else {
+                json!({"typing": false})
+            };
+            let (st, b) = alice
+                .put(&format!("rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)), body)
+                .await;
+            assert_eq!(st, 200, "{b}");
+        }
+    };
+    let receipt = |kind: &'static str| {
+        let alice = alice.clone();
+        let room = room.clone();
+        let event = event.clone();
+        async move {
+            let (st, b) = alice
+                .post(
+                    &format!("rooms/{}/receipt/{kind}/{}", enc(&room), enc(&event)),
+                    json!({}),
+                )
+                .await;
+            assert_eq!(st, 200, "{b}");
+        }
+    };
+    typing(true).await;
+    receipt("m.read.private").await;
+    receipt("m.read").await;
+    typing(false).await;
+
+    let got = b.publishes(3).await;
+    let topics: Vec<String> = got.iter().map(|p| p.topic.clone()).collect();
+    assert_eq!(
+        topics,
+        vec![
+            format!("weft/r/{room}/x/m.typing"),
+            format!("weft/r/{room}/x/m.receipt"),
+            format!("weft/r/{room}/x/m.typing"),
+        ]
+    );
+    let t0 = body(&got[0].payload);
+    assert_eq!(t0["type"], "m.typing");
+    assert_eq!(t0["room_id"], room);
+    assert_eq!(t0["content"]["user_ids"], json!([alice.user_id]));
+    let r = body(&got[1].payload);
+    assert_eq!(r["type"], "m.receipt");
+    assert_eq!(r["room_id"], room);
+    let by_user = r["content"][&event]["m.read"].as_object().expect("m.read receipt");
+    assert_eq!(by_user.len(), 1, "{r}");
+    assert!(by_user[&alice.user_id]["ts"].as_u64().is_some_and(|t| t > 0), "{r}");
+    assert!(r["content"][&event].get("m.read.private").is_none(), "{r}");
+    assert_eq!(body(&got[2].payload)["content"]["user_ids"], json!([]));
+    b.quiet(Duration::from_millis(700)).await;
+
+    let got = all.publishes(2).await;
+    assert!(got.iter().all(|p| p.topic == format!("weft/r/{room}/x/m.typing")));
+    assert_eq!(body(&got[0].payload)["content"]["user_ids"], json!([alice.user_id]));
+    assert_eq!(body(&got[1].payload)["content"]["user_ids"], json!([]));
+    all.quiet(Duration::from_millis(300)).await;
 }
