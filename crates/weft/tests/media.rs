@@ -713,3 +713,56 @@ async fn operators_list_count_quarantine_and_purge_media() {
     assert_eq!(dl(b1).await, 404);
     assert_eq!(files_under(&server.data_dir.join("media/blobs")).len(), 0);
 }
+
+/// A `kill -9` in the middle of an upload leaves no file under a blob name
+/// (the partial upload was only ever in `media/tmp/`), and the restarted
+/// server empties `media/tmp/` and serves uploads as before.
+#[tokio::test]
+async fn a_crash_during_upload_leaves_no_partial_file() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let before = upload(&server, &alice, pattern(1000, 5), "application/octet-stream", None).await;
+    let addr = server.base_url().trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let total = 20 << 20;
+    let head = format!(
+        "POST /_matrix/media/v3/upload?filename=half.bin HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {total}\r\n\r\n",
+        alice.access_token
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&pattern(5 << 20, 6)).await.unwrap();
+    conn.flush().await.unwrap();
+    // The server is writing the upload to media/tmp/ now.
+    let tmp = server.data_dir.join("media/tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while files_under(&tmp).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never reached media/tmp"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.kill();
+    drop(conn);
+    let blobs = server.data_dir.join("media/blobs");
+    assert_eq!(files_under(&blobs).len(), 1, "only the complete upload is a blob");
+    server.restart().await;
+    assert!(files_under(&tmp).is_empty(), "media/tmp is emptied at start-up");
+    assert_eq!(files_under(&blobs).len(), 1);
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &download_path(&server, &before),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!((got.status, got.body), (200, pattern(1000, 5)));
+    let (st, v) = alice.get("/_matrix/client/unstable/org.weft.files/uploads").await;
+    assert_eq!(st, 200);
+    assert_eq!(v["chunk"].as_array().map(Vec::len), Some(1), "{v}");
+}
