@@ -368,11 +368,37 @@ async fn sdk_e2ee_device_keys_are_published() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
+/// A room alice creates (encrypted or not) with bob invited; returns once
+/// bob has joined and alice's client has seen the join: (alice's room,
+/// bob's room).
+async fn room_with_bob(alice: &Client, bob: &Client, encrypted: bool) -> Result<(Room, Room)> {
     use matrix_sdk::ruma::events::InitialStateEvent;
     use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 
+    let mut req = create_room::v3::Request::new();
+    req.invite = vec![user_id("bob")];
+    if encrypted {
+        req.initial_state = vec![
+            InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults())
+                .to_raw_any(),
+        ];
+    }
+    let room = alice.create_room(req).await.context("create room")?;
+    let room_id = room.room_id().to_owned();
+    sync_until(bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
+    let bob_id = user_id("bob");
+    sync_until(alice, "bob's join", |r| {
+        timeline_json(r, &room_id).iter().any(|ev| {
+            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
+        })
+    })
+    .await?;
+    Ok((room, bob_room))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
     init_logging();
     let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login_and_upload_keys(&server, "alice").await?;
@@ -388,22 +414,8 @@ async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
         }
     });
 
-    let mut req = create_room::v3::Request::new();
-    req.invite = vec![user_id("bob")];
-    req.initial_state = vec![
-        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
-    ];
-    let room = alice.create_room(req).await.context("create encrypted room")?;
+    let (room, _) = room_with_bob(&alice, &bob, true).await?;
     let room_id = room.room_id().to_owned();
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
-    bob.join_room_by_id(&room_id).await.context("bob joins")?;
-    let bob_id = user_id("bob");
-    sync_until(&alice, "bob's join", |r| {
-        timeline_json(r, &room_id).iter().any(|ev| {
-            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
-        })
-    })
-    .await?;
     assert!(room.latest_encryption_state().await?.is_encrypted());
 
     // The SDK encrypts (Megolm) and shares the room key with bob's device
@@ -594,30 +606,14 @@ async fn sdk_names_an_unnamed_two_member_room_after_the_other_member() -> Result
 async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     use matrix_sdk::encryption::backups::BackupState;
     use matrix_sdk::encryption::recovery::RecoveryState;
-    use matrix_sdk::ruma::events::InitialStateEvent;
-    use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 
     init_logging();
     let server = sdk_tests::weft_with_alice_and_bob().start().await;
     let alice = login_and_upload_keys(&server, "alice").await?;
     let bob = login_and_upload_keys(&server, "bob").await?;
 
-    let mut req = create_room::v3::Request::new();
-    req.invite = vec![user_id("bob")];
-    req.initial_state = vec![
-        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
-    ];
-    let room = alice.create_room(req).await.context("create encrypted room")?;
+    let (room, bob_room) = room_with_bob(&alice, &bob, true).await?;
     let room_id = room.room_id().to_owned();
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
-    let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
-    let bob_id = user_id("bob");
-    sync_until(&alice, "bob's join", |r| {
-        timeline_json(r, &room_id).iter().any(|ev| {
-            ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
-        })
-    })
-    .await?;
     sync_until(&bob, "the room's encryption state", |_| true).await?;
     ensure!(
         bob_room.latest_encryption_state().await?.is_encrypted(),
@@ -722,7 +718,7 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     );
     assert_eq!(after_json["type"], "m.room.message", "{after_json}");
     assert_eq!(after_json["content"]["body"], BODY);
-    assert_eq!(after_json["sender"], bob_id.as_str());
+    assert_eq!(after_json["sender"], user_id("bob").as_str());
     Ok(())
 }
 
@@ -991,9 +987,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
 async fn sdk_attachments_plain_and_encrypted_round_trip() -> Result<()> {
     use matrix_sdk::attachment::AttachmentConfig;
     use matrix_sdk::media::{MediaFormat, MediaRequestParameters};
-    use matrix_sdk::ruma::events::InitialStateEvent;
     use matrix_sdk::ruma::events::room::MediaSource;
-    use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 
     init_logging();
     let server = sdk_tests::weft_with_alice_and_bob().start().await;
@@ -1010,27 +1004,7 @@ async fn sdk_attachments_plain_and_encrypted_round_trip() -> Result<()> {
     });
 
     for encrypted in [false, true] {
-        let mut req = create_room::v3::Request::new();
-        req.invite = vec![user_id("bob")];
-        if encrypted {
-            req.initial_state = vec![
-                InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults())
-                    .to_raw_any(),
-            ];
-        }
-        let room = alice.create_room(req).await.context("create room")?;
-        let room_id = room.room_id().to_owned();
-        sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
-        bob.join_room_by_id(&room_id).await.context("bob joins")?;
-        let bob_id = user_id("bob");
-        sync_until(&alice, "bob's join", |r| {
-            timeline_json(r, &room_id).iter().any(|ev| {
-                ev["type"] == "m.room.member"
-                    && ev["state_key"] == bob_id.as_str()
-                    && ev["content"]["membership"] == "join"
-            })
-        })
-        .await?;
+        let (room, _) = room_with_bob(&alice, &bob, encrypted).await?;
 
         let data: Vec<u8> = (0..300_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
