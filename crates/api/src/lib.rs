@@ -169,6 +169,8 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, media::legacy_config)
         .add(Caller, media::room_files)
         .add(Caller, media::my_uploads)
+        .add(Caller, media::preview)
+        .add(Caller, media::legacy_preview)
         // Push: notifications and pushers.
         .add(Caller, push::notifications)
         .add(Caller, push::pushers)

@@ -236,3 +236,18 @@ pub async fn my_uploads(
 ) -> Result<Full<serde_json::Value>, Error> {
     Ok(Full(s.my_uploads(&req.caller, &file_filter(req.body.query)).await?))
 }
+
+pub async fn preview(
+    s: AppState,
+    req: Ruma<authed::get_media_preview::v1::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.preview_url(&req.caller, &req.body.url).await?))
+}
+
+#[allow(deprecated)]
+pub async fn legacy_preview(
+    s: AppState,
+    req: Ruma<ruma::api::client::media::get_media_preview::v3::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.preview_url(&req.caller, &req.body.url).await?))
+}

@@ -54,6 +54,13 @@ pub struct MediaConfig {
     pub max_thumbnail_source_bytes: u64,
     /// Thumbnails generated at once; more wait.
     pub thumbnail_concurrency: usize,
+    /// URL previews (`/preview_url`): off unless set, and then only for
+    /// the hosts of `url_preview_allow`.
+    pub url_preview_enabled: bool,
+    /// Hosts a preview may fetch from: `example.org` (that host),
+    /// `*.example.org` (its subdomains), or an IP address. Nothing else,
+    /// so the server cannot be made to fetch from the inside network.
+    pub url_preview_allow: Vec<String>,
 }
 
 impl Default for MediaConfig {
@@ -66,6 +73,8 @@ impl Default for MediaConfig {
             legacy_unauthenticated: true,
             max_thumbnail_source_bytes: 32 * 1024 * 1024,
             thumbnail_concurrency: 2,
+            url_preview_enabled: false,
+            url_preview_allow: vec![],
         }
     }
 }

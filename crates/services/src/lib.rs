@@ -17,6 +17,7 @@ pub mod files;
 pub mod filter;
 pub mod keys;
 pub mod media;
+pub mod preview;
 pub mod push;
 pub mod push_rules;
 pub mod ratelimit;

@@ -766,3 +766,107 @@ async fn a_crash_during_upload_leaves_no_partial_file() {
     assert_eq!(st, 200);
     assert_eq!(v["chunk"].as_array().map(Vec::len), Some(1), "{v}");
 }
+
+/// Serves `pages` (path → (content type, body)) over HTTP on a free port
+/// of 127.0.0.1; answers its address.
+async fn page_server(pages: Vec<(&'static str, &'static str, Vec<u8>)>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pages = std::sync::Arc::new(pages);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let pages = pages.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let (ty, body) = match pages.iter().find(|(p, _, _)| *p == path) {
+                    Some((_, ty, body)) => (*ty, body.clone()),
+                    None => ("text/plain", b"not here".to_vec()),
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+/// URL previews: off by default (404); on, only for allowed hosts (403
+/// otherwise); a page's OpenGraph title, description and image (stored as
+/// media, downloadable) make the answer.
+#[tokio::test]
+async fn url_previews_off_by_default_and_only_for_allowed_hosts() {
+    let off = TestServer::start().await;
+    let a = off.register("alice").await;
+    let got = call(
+        &off,
+        reqwest::Method::GET,
+        "/_matrix/client/v1/media/preview_url?url=http://127.0.0.1/",
+        Some(&a.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (404, json!("M_UNRECOGNIZED"))
+    );
+
+    let png = photo(64, 48, ImageFormat::Png);
+    let page = r#"<html><head><title>Greenhouse</title>
+        <meta property="og:title" content="Greenhouse 3">
+        <meta property="og:description" content="21.5 °C, 61 %">
+        <meta property="og:image" content="/cam.png"></head><body>x</body></html>"#;
+    let site = page_server(vec![
+        ("/", "text/html; charset=utf-8", page.as_bytes().to_vec()),
+        ("/cam.png", "image/png", png.clone()),
+    ])
+    .await;
+    let server = TestServer::builder()
+        .env("WEFT_MEDIA__URL_PREVIEW_ENABLED", "true")
+        .env("WEFT_MEDIA__URL_PREVIEW_ALLOW", "[\"127.0.0.1\"]")
+        .start()
+        .await;
+    let alice = server.register("alice").await;
+    let preview = |url: String| {
+        let server = &server;
+        let token = alice.access_token.clone();
+        async move {
+            let path = format!("/_matrix/client/v1/media/preview_url?url={}", enc(&url));
+            call(server, reqwest::Method::GET, &path, Some(&token), &[], None).await
+        }
+    };
+    let got = preview(format!("http://{site}/")).await;
+    assert_eq!(got.status, 200, "{}", got.json());
+    let v = got.json();
+    assert_eq!(v["og:title"], "Greenhouse 3");
+    assert_eq!(v["og:description"], "21.5 °C, 61 %");
+    assert_eq!(v["og:image:type"], "image/png");
+    let mxc = v["og:image"].as_str().expect("og:image").to_owned();
+    let img = call(
+        &server,
+        reqwest::Method::GET,
+        &download_path(&server, mxc.rsplit('/').next().unwrap()),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(img.body, png);
+
+    // Not on the allow list (localhost is not 127.0.0.1 here), not http.
+    let got = preview(format!("http://localhost:{}/", site.port())).await;
+    assert_eq!((got.status, got.json()["errcode"].clone()), (403, json!("M_FORBIDDEN")));
+    let got = preview("file:///etc/passwd".into()).await;
+    assert_eq!(
+        (got.status, got.json()["errcode"].clone()),
+        (400, json!("M_INVALID_PARAM"))
+    );
+}
