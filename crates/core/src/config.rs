@@ -61,6 +61,15 @@ pub struct MediaConfig {
     /// `*.example.org` (its subdomains), or an IP address. Nothing else,
     /// so the server cannot be made to fetch from the inside network.
     pub url_preview_allow: Vec<String>,
+    /// Where the bytes are kept: `fs` (`media/` in the data directory) or
+    /// `s3` (an S3-compatible bucket, for several processes).
+    pub backend: String,
+    /// The `s3` backend: endpoint URL, bucket, region and credentials.
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_region: String,
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
 }
 
 impl Default for MediaConfig {
@@ -75,6 +84,12 @@ impl Default for MediaConfig {
             thumbnail_concurrency: 2,
             url_preview_enabled: false,
             url_preview_allow: vec![],
+            backend: "fs".into(),
+            s3_endpoint: String::new(),
+            s3_bucket: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
         }
     }
 }

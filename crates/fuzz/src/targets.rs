@@ -304,7 +304,7 @@ impl Server {
         let _rt = rt.enter();
         let key = weft_rooms::keys::load_or_create(dir.path()).expect("signing key");
         let store = weft_store::open(&config, dir.path()).expect("store");
-        let blobs = weft_services::media::data_dir_blobs(dir.path()).expect("media directory");
+        let blobs = weft_services::media::open_blobs(&config, dir.path()).expect("media directory");
         let services = weft_services::Services::new(config, store, key, blobs).expect("services");
         let api = weft_api::dispatcher(&services);
         let (session, room) = rt.block_on(async {

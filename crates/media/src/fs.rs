@@ -24,6 +24,11 @@ pub struct FsBlobStore {
     root: PathBuf,
 }
 
+/// Creates `p` and its parents, owner-only.
+pub(crate) fn make_dirs_private(p: &Path) -> io::Result<()> {
+    make_dirs(p)
+}
+
 impl FsBlobStore {
     /// Opens (creating) the store at `root`, deleting what a crash left in
     /// its `tmp/`.
@@ -51,8 +56,58 @@ fn make_dirs(p: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
 }
 
-/// Removes a temporary file unless the put completed.
-struct TmpGuard(Option<PathBuf>);
+/// Removes a temporary file when dropped.
+pub(crate) struct TmpGuard(Option<PathBuf>);
+
+/// An upload written to a temporary file and hashed.
+pub(crate) struct Spooled {
+    pub(crate) guard: TmpGuard,
+    pub(crate) path: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+}
+
+/// Writes `body` (at most `max_bytes`) to a new file in `tmp_dir`, synced,
+/// hashing it on the way; the file goes when the answer's guard does (or
+/// at once on an error).
+pub(crate) async fn spool(
+    body: &mut (dyn AsyncRead + Send + Unpin),
+    max_bytes: u64,
+    tmp_dir: &Path,
+) -> Result<Spooled, PutError> {
+    let name = format!("{:032x}.part", rand::thread_rng().r#gen::<u128>());
+    let path = tmp_dir.join(name);
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .await?;
+    let guard = TmpGuard(Some(path.clone()));
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = body.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > max_bytes {
+            return Err(PutError::TooLarge(max_bytes));
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).await?;
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    Ok(Spooled {
+        guard,
+        path,
+        sha256: hex(&hasher.finalize()),
+        size,
+    })
+}
 
 impl Drop for TmpGuard {
     fn drop(&mut self) {
@@ -65,34 +120,12 @@ impl Drop for TmpGuard {
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn put(&self, body: &mut (dyn AsyncRead + Send + Unpin), max_bytes: u64) -> Result<Blob, PutError> {
-        let name = format!("{:032x}.part", rand::thread_rng().r#gen::<u128>());
-        let tmp = self.root.join("tmp").join(name);
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .await?;
-        let guard = TmpGuard(Some(tmp.clone()));
-        let mut hasher = Sha256::new();
-        let mut size: u64 = 0;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = body.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            if size > max_bytes {
-                return Err(PutError::TooLarge(max_bytes));
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await?;
-        }
-        file.flush().await?;
-        file.sync_all().await?;
-        drop(file);
-        let sha256 = hex(&hasher.finalize());
+        let Spooled {
+            guard,
+            path: tmp,
+            sha256,
+            size,
+        } = spool(body, max_bytes, &self.root.join("tmp")).await?;
         let dest = self.path_of(&sha256);
         let parent = dest.parent().map(Path::to_path_buf);
         let moved = tokio::task::spawn_blocking(move || -> io::Result<()> {

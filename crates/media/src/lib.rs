@@ -7,7 +7,9 @@
 
 mod blob;
 mod fs;
+mod s3;
 pub mod thumbnail;
 
 pub use blob::{Blob, BlobRead, BlobStore, PutError};
 pub use fs::FsBlobStore;
+pub use s3::{S3BlobStore, S3Config};

@@ -72,11 +72,36 @@ pub struct ThumbnailSpec {
 /// The largest thumbnail side served (clients ask for 32 to 800).
 const MAX_THUMBNAIL_SIDE: u32 = 2048;
 
-/// The embedded blob store: `media/` in the data directory.
-pub fn data_dir_blobs(data_dir: &std::path::Path) -> Result<Arc<dyn BlobStore>> {
-    let store = weft_media::FsBlobStore::open(data_dir.join("media"))
-        .map_err(|e| Error::internal(format!("media directory {}: {e}", data_dir.join("media").display())))?;
-    Ok(Arc::new(store))
+/// The blob store `media.backend` names: `fs` (`media/` in the data
+/// directory, the default) or `s3` (spooling uploads in `media/tmp/`).
+pub fn open_blobs(config: &weft_core::Config, data_dir: &std::path::Path) -> Result<Arc<dyn BlobStore>> {
+    let media = data_dir.join("media");
+    let m = &config.media;
+    match m.backend.as_str() {
+        "fs" => {
+            let store = weft_media::FsBlobStore::open(&media)
+                .map_err(|e| Error::internal(format!("media directory {}: {e}", media.display())))?;
+            Ok(Arc::new(store))
+        }
+        "s3" => {
+            if m.s3_endpoint.is_empty() || m.s3_bucket.is_empty() {
+                return Err(Error::internal(
+                    "media.backend = \"s3\" needs media.s3_endpoint and media.s3_bucket",
+                ));
+            }
+            let cfg = weft_media::S3Config {
+                endpoint: m.s3_endpoint.clone(),
+                bucket: m.s3_bucket.clone(),
+                region: m.s3_region.clone(),
+                access_key_id: m.s3_access_key_id.clone(),
+                secret_access_key: m.s3_secret_access_key.clone(),
+            };
+            let store = weft_media::S3BlobStore::open(&cfg, media.join("tmp"))
+                .map_err(|e| Error::internal(format!("media S3 bucket {}: {e}", m.s3_bucket)))?;
+            Ok(Arc::new(store))
+        }
+        other => Err(Error::internal(format!("unknown media.backend {other:?} (fs or s3)"))),
+    }
 }
 
 fn new_media_id() -> String {

@@ -308,7 +308,7 @@ fn prepare(
 fn open_services(data_dir: &Path, config: Config) -> anyhow::Result<Arc<Services>> {
     let key = weft_rooms::keys::load_or_create(data_dir).map_err(anyhow::Error::msg)?;
     let store = weft_store::open(&config, data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let blobs = weft_services::media::data_dir_blobs(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let blobs = weft_services::media::open_blobs(&config, data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     Services::new(config, store, key, blobs).map_err(|e| anyhow::anyhow!("{e}"))
 }
 

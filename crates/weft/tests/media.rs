@@ -870,3 +870,130 @@ async fn url_previews_off_by_default_and_only_for_allowed_hosts() {
         (400, json!("M_INVALID_PARAM"))
     );
 }
+
+/// A `moto_server` (an S3-compatible server from PyPI) on a free port,
+/// killed when dropped.
+struct Moto {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn moto() -> Option<Moto> {
+    if !weft_testkit::tools_installed(&["moto_server"], ".ci/run: pip install 'moto[server]' in its venv") {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    let m = Moto {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(&m.url).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "moto_server did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Some(m)
+}
+
+/// The S3-compatible backend: uploads (one PUT, and multipart above
+/// 8 MiB) land in the bucket, not in the data directory; downloads,
+/// ranges and thumbnails read them back; a purge deletes the objects.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_s3_backend_keeps_blobs_in_the_bucket() {
+    let Some(s3) = moto().await else { return };
+    let http = reqwest::Client::new();
+    let resp = http.put(format!("{}/weft-media", s3.url)).send().await.unwrap();
+    assert!(resp.status().is_success(), "create bucket: {}", resp.status());
+    let server = TestServer::builder()
+        .env("WEFT_MEDIA__BACKEND", "s3")
+        .env("WEFT_MEDIA__S3_ENDPOINT", &s3.url)
+        .env("WEFT_MEDIA__S3_BUCKET", "weft-media")
+        .env("WEFT_MEDIA__S3_ACCESS_KEY_ID", "testing")
+        .env("WEFT_MEDIA__S3_SECRET_ACCESS_KEY", "testing")
+        .start()
+        .await;
+    let alice = server.register("alice").await;
+    let big = pattern(10 << 20, 8);
+    let small = pattern(1000, 9);
+    let big_id = upload(
+        &server,
+        &alice,
+        big.clone(),
+        "application/octet-stream",
+        Some("big.bin"),
+    )
+    .await;
+    let small_id = upload(&server, &alice, small.clone(), "text/plain", Some("s.txt")).await;
+    for (id, data) in [(&big_id, &big), (&small_id, &small)] {
+        let got = call(
+            &server,
+            reqwest::Method::GET,
+            &download_path(&server, id),
+            Some(&alice.access_token),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        assert!(got.body == *data, "{} bytes came back different", data.len());
+    }
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &download_path(&server, &big_id),
+        Some(&alice.access_token),
+        &[("range", "bytes=9000000-9000009")],
+        None,
+    )
+    .await;
+    assert_eq!((got.status, &got.body[..]), (206, &big[9_000_000..9_000_010]));
+    let png = upload(&server, &alice, photo(200, 100, ImageFormat::Png), "image/png", None).await;
+    let got = call(
+        &server,
+        reqwest::Method::GET,
+        &format!(
+            "/_matrix/client/v1/media/thumbnail/{}/{png}?width=50&height=50&method=scale",
+            server.server_name
+        ),
+        Some(&alice.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(dims_and_format(&got.body).0, 50);
+    // The bytes are in the bucket, none in the data directory.
+    assert!(files_under(&server.data_dir.join("media")).is_empty());
+    let list = || {
+        let http = http.clone();
+        let url = format!("{}/weft-media?list-type=2", s3.url);
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let listing = list().await;
+    assert_eq!(listing.matches("<Key>blobs/").count(), 4, "{listing}");
+    let hex: String = Sha256::digest(&big).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(listing.contains(&format!("<Key>blobs/{hex}</Key>")), "{listing}");
+    // A purge of alice's media deletes the objects.
+    let (ok, out, err) = tokio::task::block_in_place(|| server.cli("media", "purge", &["--user", "alice"]));
+    assert!(ok && out.contains("deleted 3"), "{out}{err}");
+    let listing = list().await;
+    assert_eq!(listing.matches("<Key>blobs/").count(), 0, "{listing}");
+}
