@@ -24,11 +24,6 @@ pub struct FsBlobStore {
     root: PathBuf,
 }
 
-/// Creates `p` and its parents, owner-only.
-pub(crate) fn make_dirs_private(p: &Path) -> io::Result<()> {
-    make_dirs(p)
-}
-
 impl FsBlobStore {
     /// Opens (creating) the store at `root`, deleting what a crash left in
     /// its `tmp/`.
@@ -52,7 +47,8 @@ impl FsBlobStore {
     }
 }
 
-fn make_dirs(p: &Path) -> io::Result<()> {
+/// Creates `p` and its parents, owner-only.
+pub(crate) fn make_dirs(p: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
 }
 

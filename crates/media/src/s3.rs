@@ -19,7 +19,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::blob::{Blob, BlobRead, BlobStore, PutError, valid_name};
-use crate::fs::{Spooled, make_dirs_private, spool};
+use crate::fs::{Spooled, make_dirs, spool};
 
 /// Uploads up to this size are one PUT; larger ones go in parts of it.
 const PART: usize = 8 * 1024 * 1024;
@@ -55,7 +55,7 @@ impl S3BlobStore {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        make_dirs_private(&tmp)?;
+        make_dirs(&tmp)?;
         let store = AmazonS3Builder::new()
             .with_endpoint(&cfg.endpoint)
             .with_bucket_name(&cfg.bucket)
