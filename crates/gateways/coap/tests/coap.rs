@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType as M, ResponseType as R};
-use common::{Client, Request, Server, cbor, coap_client, create_room, enc, register, uncbor};
+use common::{Client, Request, Server, cbor, coap_client, create_room, enc, register, uint_opt, uncbor};
 use serde_json::{Value, json};
 
 fn send_path(room: &str) -> String {
@@ -690,26 +690,9 @@ async fn block1_upload() {
     let text = "y".repeat(2500);
     let body = cbor(&json!({"msgtype": "m.text", "body": text}));
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/big1");
-    let chunks: Vec<&[u8]> = body.chunks(1024).collect();
-    let mut last = None;
-    for (i, chunk) in chunks.iter().enumerate() {
-        let more = i + 1 < chunks.len();
-        let v: u32 = ((i as u32) << 4) | (u32::from(more) << 3) | 6;
-        let vb = v.to_be_bytes();
-        let skip = vb.iter().take_while(|x| **x == 0).count();
-        let mut r = Request::new(M::Put, &path)
-            .q("a", &token)
-            .opt(CoapOption::Block1, vb[skip..].to_vec());
-        r.payload = chunk.to_vec();
-        r.content_format = Some(60);
-        let p = c.packet(&r);
-        let resp = c.send_packet(&p).await;
-        if more {
-            assert_eq!(resp.header.code, MessageClass::Response(R::Continue), "block {i}");
-        }
-        last = Some(resp);
-    }
-    let last = last.unwrap();
+    let mut r = Request::new(M::Put, &path).q("a", &token);
+    r.content_format = Some(60);
+    let last = c.send_block1(&r, &body).await;
     assert_eq!(last.header.code, MessageClass::Response(R::Changed));
     let msgs = s.http_messages(&token, &room, "m.room.message").await;
     assert_eq!(msgs.len(), 1);
@@ -921,29 +904,11 @@ async fn media_upload_block1_and_download_block2() {
         .collect();
     let mut c = Client::new(s.coap).await;
 
-    // Block1 by hand: 1024-byte blocks, Content-Format 22 (image/jpeg).
+    // Block1: 1024-byte blocks, Content-Format 22 (image/jpeg).
     let path = "/_matrix/media/v3/upload";
-    let chunks: Vec<&[u8]> = data.chunks(1024).collect();
-    let mut last = None;
-    for (i, chunk) in chunks.iter().enumerate() {
-        let more = i + 1 < chunks.len();
-        let v: u32 = ((i as u32) << 4) | (u32::from(more) << 3) | 6;
-        let vb = v.to_be_bytes();
-        let skip = vb.iter().take_while(|x| **x == 0).count();
-        let mut r = Request::new(M::Post, path)
-            .q("a", &token)
-            .q("filename", "snap.jpg")
-            .opt(CoapOption::Block1, vb[skip..].to_vec());
-        r.payload = chunk.to_vec();
-        r.content_format = Some(22);
-        let p = c.packet(&r);
-        let resp = c.send_packet(&p).await;
-        if more {
-            assert_eq!(resp.header.code, MessageClass::Response(R::Continue), "block {i}");
-        }
-        last = Some(resp);
-    }
-    let last = last.unwrap();
+    let mut r = Request::new(M::Post, path).q("a", &token).q("filename", "snap.jpg");
+    r.content_format = Some(22);
+    let last = c.send_block1(&r, &data).await;
     assert_eq!(last.header.code, MessageClass::Response(R::Created));
     let mxc = uncbor(&last.payload)["content_uri"]
         .as_str()
@@ -963,31 +928,19 @@ async fn media_upload_block1_and_download_block2() {
     assert_eq!(resp.headers()["content-type"], "image/jpeg");
     assert!(resp.bytes().await.unwrap().as_ref() == data.as_slice());
 
-    // Block2 by hand: block 0 tells the size; each block is a slice.
+    // Block2: block 0 tells the size (Size2); the harness follows the
+    // blocks to the end.
     let dl = format!("/_matrix/client/v1/media/download/{id}");
-    let mut got = Vec::new();
-    for num in 0u32.. {
-        let v = (num << 4) | 6;
-        let vb = v.to_be_bytes();
-        let skip = vb.iter().take_while(|x| **x == 0).count();
-        let r = Request::new(M::Get, &dl)
-            .q("a", &token)
-            .opt(CoapOption::Block2, vb[skip..].to_vec());
-        let p = c.packet(&r);
-        let resp = c.send_packet(&p).await;
-        assert_eq!(resp.header.code, MessageClass::Response(R::Content), "block {num}");
-        let block = resp.get_first_option(CoapOption::Block2).expect("Block2").clone();
-        let more = block.last().is_some_and(|b| b & 0x08 != 0);
-        if num == 0 {
-            let size2 = resp.get_first_option(CoapOption::Size2).expect("Size2 on block 0");
-            let n = size2.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
-            assert_eq!(n, 200_000);
-        }
-        got.extend_from_slice(&resp.payload);
-        if !more {
-            break;
-        }
-    }
+    let r = Request::new(M::Get, &dl)
+        .q("a", &token)
+        .opt(CoapOption::Block2, uint_opt(6));
+    let p = c.packet(&r);
+    let first = c.send_packet(&p).await;
+    assert_eq!(first.header.code, MessageClass::Response(R::Content));
+    let size2 = first.get_first_option(CoapOption::Size2).expect("Size2 on block 0");
+    assert_eq!(size2.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)), 200_000);
+    let (code, got) = c.call(Request::new(M::Get, &dl).q("a", &token)).await;
+    assert_eq!(code, R::Content);
     assert!(got == data, "Block2 download differs: {} bytes", got.len());
 
     // libcoap's client both ways.

@@ -257,15 +257,43 @@ impl Client {
                 .filter(|(o, _)| *o != CoapOption::Observe)
                 .cloned()
                 .collect();
-            let vb = val.to_be_bytes();
-            let skip = vb.iter().take_while(|x| **x == 0).count();
-            next.options.push((CoapOption::Block2, vb[skip..].to_vec()));
+            next.options.push((CoapOption::Block2, uint_opt(val)));
             let np = self.packet(&next);
             let nr = self.send_packet(&np).await;
             body.extend_from_slice(&nr.payload);
             block = nr.get_first_option(CoapOption::Block2).cloned();
         }
         (code, body)
+    }
+
+    /// Sends `body` as `r`'s payload in 1024-byte Block1 blocks, each but
+    /// the last answered 2.31 Continue (asserted); the last answer.
+    pub async fn send_block1(&mut self, r: &Request<'_>, body: &[u8]) -> Packet {
+        let chunks: Vec<&[u8]> = body.chunks(1024).collect();
+        let mut last = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let more = i + 1 < chunks.len();
+            let mut b = Request::new(r.method, r.path);
+            b.query = r.query.clone();
+            b.content_format = r.content_format;
+            b.options = r.options.clone();
+            b.options.push((
+                CoapOption::Block1,
+                uint_opt(((i as u32) << 4) | (u32::from(more) << 3) | 6),
+            ));
+            b.payload = chunk.to_vec();
+            let p = self.packet(&b);
+            let resp = self.send_packet(&p).await;
+            if more {
+                assert_eq!(
+                    resp.header.code,
+                    MessageClass::Response(ResponseType::Continue),
+                    "block {i}"
+                );
+            }
+            last = Some(resp);
+        }
+        last.expect("a body of at least one block")
     }
 
     pub async fn call_cbor(&mut self, r: Request<'_>) -> (ResponseType, Value) {
@@ -311,4 +339,11 @@ pub fn coap_client() -> Option<String> {
         "coap-client-gnutls",
     ])
     .or_else(|| missing("libcoap's coap-client"))
+}
+
+/// A CoAP uint option's value: big-endian, without leading zero bytes.
+pub fn uint_opt(v: u32) -> Vec<u8> {
+    let vb = v.to_be_bytes();
+    let skip = vb.iter().take_while(|x| **x == 0).count();
+    vb[skip..].to_vec()
 }
