@@ -73,8 +73,9 @@ impl Rooms {
             room_id: provisional,
             state: HashMap::new(),
             by_id: HashMap::new(),
-            latest: None,
-            depth: 0,
+            extremities: Vec::new(),
+            group: None,
+            chain: 0,
         };
 
         let mut events: Vec<EventSpec> = Vec::new();
@@ -185,8 +186,8 @@ impl Rooms {
             if i == 0 && v12 {
                 cache.room_id = OwnedRoomId::try_from(new_event.room_id.clone()).map_err(Error::internal)?;
             }
+            cache.advance(Arc::new(pdu), &new_event);
             pendings.push(self.store.persist_event(new_event));
-            cache.apply(Arc::new(pdu));
         }
         for p in pendings {
             p.await.map_err(|_| Error::internal("room creation not persisted"))??;

@@ -8,14 +8,17 @@
 //! doors. Rooms are linear (one forward extremity) while Weft has no
 //! federation: each event's `prev_events` is the room's previous event.
 
+mod cache;
 mod client_event;
 mod create;
+mod input;
 pub mod keys;
 mod pdu;
 mod visibility;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, UserId,
@@ -24,10 +27,12 @@ use ruma::{
     signatures::Ed25519KeyPair,
 };
 use weft_core::{Error, ErrorKind, Result};
-use weft_store::{Direction, NewEvent, NewRoom, Store, StoredEvent};
+use weft_store::{CurrentStateChange, EventKind, NewEvent, NewRoom, NewStateGroup, Store, StoredEvent};
 
+use cache::RoomCache;
 pub use client_event::{client_event, strip_state};
 pub use create::{CreateRoom, Preset};
+pub use input::{Arrival, Outcome, Remote};
 pub use pdu::Pdu;
 pub use visibility::Visibility;
 
@@ -62,78 +67,13 @@ pub struct Sent {
     pub position: i64,
 }
 
-type StateKey = (String, String);
+pub(crate) type StateKey = (String, String);
 
-/// In-memory view of a room the pipeline builds on.
-struct RoomCache {
-    version: RoomVersionId,
-    rules: RoomVersionRules,
-    room_id: OwnedRoomId,
-    state: HashMap<StateKey, Arc<Pdu>>,
-    by_id: HashMap<OwnedEventId, Arc<Pdu>>,
-    latest: Option<OwnedEventId>,
-    depth: u64,
-}
-
-impl RoomCache {
-    fn power_levels(&self) -> Option<serde_json::Value> {
-        let pl = self.state.get(&("m.room.power_levels".to_owned(), String::new()))?;
-        serde_json::from_str(pl.content.get()).ok()
-    }
-
-    fn is_creator(&self, user: &str) -> bool {
-        let Some(create) = self.state.get(&("m.room.create".to_owned(), String::new())) else {
-            return false;
-        };
-        if create.sender.as_str() == user {
-            return true;
-        }
-        self.rules.authorization.additional_room_creators
-            && serde_json::from_str::<serde_json::Value>(create.content.get())
-                .ok()
-                .and_then(|c| c.get("additional_creators").cloned())
-                .and_then(|a| a.as_array().map(|a| a.iter().any(|u| u.as_str() == Some(user))))
-                .unwrap_or(false)
-    }
-
-    /// A user's power level (creators are all-powerful from room v12).
-    fn power_of(&self, user: &str) -> i64 {
-        if self.rules.authorization.explicitly_privilege_room_creators && self.is_creator(user) {
-            return i64::MAX;
-        }
-        match self.power_levels() {
-            Some(pl) => pl["users"][user]
-                .as_i64()
-                .or_else(|| pl["users_default"].as_i64())
-                .unwrap_or(0),
-            // Without power levels the creator has 100, everyone else 0.
-            None => {
-                if self.is_creator(user) {
-                    100
-                } else {
-                    0
-                }
-            }
-        }
-    }
-
-    /// The level a top-level power-levels key requires.
-    fn power_for(&self, key: &str, default: i64) -> i64 {
-        self.power_levels().and_then(|pl| pl[key].as_i64()).unwrap_or(default)
-    }
-
-    fn apply(&mut self, pdu: Arc<Pdu>) {
-        if let Some(key) = &pdu.state_key {
-            let k = (pdu.event_type.to_string(), key.clone());
-            if let Some(old) = self.state.insert(k, pdu.clone()) {
-                self.by_id.remove(&old.event_id);
-            }
-            self.by_id.insert(pdu.event_id.clone(), pdu.clone());
-        }
-        self.latest = Some(pdu.event_id.clone());
-        self.depth = self.depth.max(pdu.depth);
-    }
-}
+/// A new local event is built on at most this many forward extremities
+/// (the deepest), as Synapse does.
+pub(crate) const MAX_PREV_EVENTS: usize = 10;
+/// A new state group past this many deltas is a full snapshot.
+pub(crate) const MAX_CHAIN: i64 = 100;
 
 type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomCache>>>;
 
@@ -172,6 +112,8 @@ pub struct Rooms {
     key: Arc<Ed25519KeyPair>,
     slots: parking_lot::Mutex<HashMap<OwnedRoomId, RoomSlot>>,
     default_version: RoomVersionId,
+    /// The last state group ID handed out.
+    groups: tokio::sync::OnceCell<AtomicI64>,
 }
 
 /// Room versions this server creates and serves.
@@ -206,6 +148,7 @@ impl Rooms {
             key: Arc::new(key),
             slots: Default::default(),
             default_version: parse_room_version(default_version)?,
+            groups: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -235,22 +178,21 @@ impl Rooms {
             room_id: room_id.to_owned(),
             state: HashMap::new(),
             by_id: HashMap::new(),
-            latest: None,
-            depth: 0,
+            extremities: Vec::new(),
+            group: None,
+            chain: 0,
         };
         for ev in self.store.current_state(room_id.as_str()).await? {
             let pdu = Arc::new(parse_stored(&ev)?);
-            cache.apply(pdu);
+            cache.apply_state(pdu);
         }
-        if let Some(last) = self
-            .store
-            .room_events(room_id.as_str(), i64::MAX, 0, Direction::Backward, 1)
-            .await?
-            .pop()
-        {
-            let pdu = parse_stored(&last)?;
-            cache.latest = Some(pdu.event_id);
-            cache.depth = pdu.depth;
+        for (id, depth) in self.store.extremities(room_id.as_str()).await? {
+            let id = OwnedEventId::try_from(id).map_err(Error::internal)?;
+            cache.extremities.push((id, depth.try_into().unwrap_or(0)));
+        }
+        if let Some((group, chain)) = self.store.room_state_group(room_id.as_str()).await? {
+            cache.group = Some(group);
+            cache.chain = chain;
         }
         Ok(cache)
     }
@@ -289,8 +231,8 @@ impl Rooms {
         };
         let (new_event, pdu) = self.build(cache, sender, spec).await?;
         let event_id = pdu.event_id.clone();
+        cache.advance(Arc::new(pdu), &new_event);
         let pending = self.store.persist_event(new_event);
-        cache.apply(Arc::new(pdu));
         drop(guard);
         Ok(Submitted {
             event_id,
@@ -327,11 +269,12 @@ impl Rooms {
             .filter_map(|(t, k)| cache.state.get(&(t.to_string(), k.clone())))
             .map(|p| CanonicalJsonValue::String(p.event_id.to_string()))
             .collect();
-        let prev_events: Vec<CanonicalJsonValue> = cache
-            .latest
+        let prevs = &cache.extremities[..cache.extremities.len().min(MAX_PREV_EVENTS)];
+        let prev_events: Vec<CanonicalJsonValue> = prevs
             .iter()
-            .map(|id| CanonicalJsonValue::String(id.to_string()))
+            .map(|(id, _)| CanonicalJsonValue::String(id.to_string()))
             .collect();
+        let depth = prevs.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
 
         let mut redaction = None;
         if let Some(target) = &redacts {
@@ -346,7 +289,7 @@ impl Rooms {
         obj.insert("content".into(), CanonicalJsonValue::Object(content));
         obj.insert(
             "depth".into(),
-            CanonicalJsonValue::Integer((cache.depth + 1).try_into().map_err(Error::internal)?),
+            CanonicalJsonValue::Integer(depth.try_into().map_err(Error::internal)?),
         );
         obj.insert(
             "origin_server_ts".into(),
@@ -395,44 +338,16 @@ impl Rooms {
         } else {
             cache.room_id.to_string()
         };
-        let content_json: serde_json::Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
-        let membership = (event_type == "m.room.member")
-            .then(|| {
-                content_json
-                    .get("membership")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
-            .flatten();
-        let history_visibility = (event_type == "m.room.history_visibility")
-            .then(|| {
-                content_json
-                    .get("history_visibility")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
-            .flatten();
+        let Derived {
+            membership,
+            history_visibility,
+            relation,
+            search_text,
+        } = derived_fields(&event_type, &pdu.content);
         let redaction = match redaction {
             Some(target) => self.redacted_target(cache, &target, &obj).await?,
             None => None,
         };
-        let relation = content_json.get("m.relates_to").and_then(|r| {
-            Some(weft_store::Relation {
-                rel_type: r.get("rel_type")?.as_str()?.to_owned(),
-                parent_event_id: r.get("event_id")?.as_str()?.to_owned(),
-            })
-        });
-        let search_key = match event_type.as_str() {
-            "m.room.message" => Some("body"),
-            "m.room.name" => Some("name"),
-            "m.room.topic" => Some("topic"),
-            _ => None,
-        };
-        let search_text = search_key
-            .and_then(|k| content_json.get(k))
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned);
         let new_event = NewEvent {
             event_id: event_id.to_string(),
             room_id,
@@ -451,6 +366,18 @@ impl Rooms {
             redaction,
             relation,
             search_text,
+            prev_events: pdu.prev_events.iter().map(|id| id.to_string()).collect(),
+            auth_events: pdu.auth_events.iter().map(|id| id.to_string()).collect(),
+            depth: depth.try_into().map_err(Error::internal)?,
+            kind: EventKind::Timeline,
+            state_before: cache.group,
+            state_after: cache.group,
+            new_groups: Vec::new(),
+            current_state: None,
+        };
+        let new_event = match &pdu.state_key {
+            Some(key) => self.with_new_state(cache, new_event, key.clone()).await?,
+            None => new_event,
         };
         Ok((new_event, pdu))
     }
@@ -464,6 +391,54 @@ impl Rooms {
             cache.state.get(&(t.to_string(), k.to_owned())).cloned().map(ArcPdu)
         })
         .map_err(forbidden)
+    }
+
+    /// A local state event's new state group (a delta on the room's
+    /// current group, or a snapshot past [`MAX_CHAIN`] deltas) and the
+    /// change of the room's current state it makes.
+    async fn with_new_state(&self, cache: &RoomCache, mut ev: NewEvent, state_key: String) -> Result<NewEvent> {
+        let id = self.next_group().await?;
+        let entry = (ev.event_type.clone(), state_key, ev.event_id.clone());
+        let group = match cache.group {
+            Some(prev) if cache.chain < MAX_CHAIN => NewStateGroup {
+                id,
+                prev_group: Some(prev),
+                chain: cache.chain + 1,
+                entries: vec![entry.clone()],
+            },
+            _ => {
+                let mut entries: Vec<_> = cache
+                    .state
+                    .iter()
+                    .filter(|(k, _)| (&k.0, &k.1) != (&entry.0, &entry.1))
+                    .map(|((t, k), p)| (t.clone(), k.clone(), p.event_id.to_string()))
+                    .collect();
+                entries.push(entry.clone());
+                NewStateGroup {
+                    id,
+                    prev_group: None,
+                    chain: 0,
+                    entries,
+                }
+            }
+        };
+        ev.state_after = Some(id);
+        ev.new_groups.push(group);
+        ev.current_state = Some(CurrentStateChange {
+            group: id,
+            changes: vec![entry],
+        });
+        Ok(ev)
+    }
+
+    /// A new state group ID. IDs come from this process's counter, started
+    /// past the highest stored one (docs/operations.md lists it).
+    async fn next_group(&self) -> Result<i64> {
+        let counter = self
+            .groups
+            .get_or_try_init(|| async { Ok::<_, Error>(AtomicI64::new(self.store.max_state_group().await?)) })
+            .await?;
+        Ok(counter.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// For a redaction: the target's redacted JSON, if the target is in this room.
@@ -560,7 +535,7 @@ impl Rooms {
                 .unwrap_or(50),
             None => 0,
         };
-        Ok((c.power_of(user.as_str()) >= needed, c.latest.clone()))
+        Ok((c.power_of(user.as_str()) >= needed, c.latest()))
     }
 
     pub fn default_version(&self) -> &RoomVersionId {
@@ -569,7 +544,8 @@ impl Rooms {
 }
 
 /// `Arc<Pdu>` as a ruma `Event` (ruma wants owned values from its fetchers).
-struct ArcPdu(Arc<Pdu>);
+#[derive(Clone)]
+pub(crate) struct ArcPdu(pub(crate) Arc<Pdu>);
 
 impl ruma::state_res::Event for ArcPdu {
     type Id = OwnedEventId;
@@ -605,6 +581,39 @@ impl ruma::state_res::Event for ArcPdu {
     }
     fn rejected(&self) -> bool {
         false
+    }
+}
+
+/// What the store keeps beside an event's JSON, read from its content.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Derived {
+    pub membership: Option<String>,
+    pub history_visibility: Option<String>,
+    pub relation: Option<weft_store::Relation>,
+    pub search_text: Option<String>,
+}
+
+pub(crate) fn derived_fields(event_type: &str, content: &serde_json::value::RawValue) -> Derived {
+    let content: serde_json::Value = serde_json::from_str(content.get()).unwrap_or_default();
+    let text = |key: &str| content.get(key).and_then(|m| m.as_str()).map(str::to_owned);
+    let search_key = match event_type {
+        "m.room.message" => Some("body"),
+        "m.room.name" => Some("name"),
+        "m.room.topic" => Some("topic"),
+        _ => None,
+    };
+    Derived {
+        membership: (event_type == "m.room.member").then(|| text("membership")).flatten(),
+        history_visibility: (event_type == "m.room.history_visibility")
+            .then(|| text("history_visibility"))
+            .flatten(),
+        relation: content.get("m.relates_to").and_then(|r| {
+            Some(weft_store::Relation {
+                rel_type: r.get("rel_type")?.as_str()?.to_owned(),
+                parent_event_id: r.get("event_id")?.as_str()?.to_owned(),
+            })
+        }),
+        search_text: search_key.and_then(text).filter(|t| !t.is_empty()),
     }
 }
 

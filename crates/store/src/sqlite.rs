@@ -16,6 +16,7 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod graph;
 mod media;
 
 const MIGRATIONS: &[&str] = &[
@@ -33,7 +34,11 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0012_push.sql"),
     include_str!("../migrations/0013_sliding_sync.sql"),
     include_str!("../migrations/0014_media.sql"),
+    DAG_MIGRATION,
 ];
+/// The migration after which rooms stored before the DAG get their state
+/// groups (a Rust step: `graph::fill_state_groups`).
+const DAG_MIGRATION: &str = include_str!("../migrations/0016_room_dag.sql");
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
 const DELETED_MAX: &str = "deleted_stream_max";
@@ -54,6 +59,8 @@ type WriteFn = Box<dyn FnOnce(&Connection, &mut WriterCtx) -> Done + Send>;
 pub(crate) struct WriterCtx {
     /// Last stream position assigned.
     pos: i64,
+    /// Lowest position assigned (to events off the stream; 0 or below).
+    low: i64,
     /// Stream entries this batch adds, published after the commit.
     changes: Vec<(i64, StreamKey)>,
     /// Events this batch adds, for the in-memory tail after the commit.
@@ -182,6 +189,9 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if *sql == DAG_MIGRATION {
+            graph::fill_state_groups(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
@@ -213,6 +223,13 @@ impl SqliteStore {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
+        let min_pos: i64 = conn
+            .query_row(
+                "SELECT MIN(0, COALESCE((SELECT MIN(position) FROM events), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
         let (pos_tx, pos_rx) = watch::channel(max_pos);
         let (tx, rx) = mpsc::channel::<WriteFn>();
         let recent = Arc::new(parking_lot::RwLock::new(RecentChanges::new(max_pos)));
@@ -231,7 +248,7 @@ impl SqliteStore {
         };
         std::thread::Builder::new()
             .name("weft-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, pos_tx, recent_w, max_pos, wal))
+            .spawn(move || writer_loop(conn, rx, pos_tx, recent_w, max_pos, min_pos, wal))
             .map_err(db_err)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
@@ -395,10 +412,12 @@ fn writer_loop(
     pos_tx: watch::Sender<i64>,
     recent: Arc<parking_lot::RwLock<RecentChanges>>,
     pos: i64,
+    low: i64,
     wal: WalControl,
 ) {
     let mut ctx = WriterCtx {
         pos,
+        low,
         changes: Vec::new(),
         events: Vec::new(),
         redactions: Vec::new(),
@@ -425,7 +444,7 @@ fn writer_loop(
                 wal.restart.store(false, Ordering::Relaxed);
             }
         }
-        let start_pos = ctx.pos;
+        let (start_pos, start_low) = (ctx.pos, ctx.low);
         ctx.changes.clear();
         ctx.events.clear();
         ctx.redactions.clear();
@@ -435,12 +454,13 @@ fn writer_loop(
         }
         let mut answers = Vec::with_capacity(batch.len());
         for job in batch {
-            let (before, n_changes) = (ctx.pos, ctx.changes.len());
+            let (before, low, n_changes) = (ctx.pos, ctx.low, ctx.changes.len());
             let (n_events, n_redactions) = (ctx.events.len(), ctx.redactions.len());
             let sp = exec(&conn, "SAVEPOINT job");
             let done = job(&conn, &mut ctx);
             if !done.ok || sp.is_err() {
                 ctx.pos = before;
+                ctx.low = low;
                 ctx.changes.truncate(n_changes);
                 ctx.events.truncate(n_events);
                 ctx.redactions.truncate(n_redactions);
@@ -465,6 +485,7 @@ fn writer_loop(
                 tracing::error!("write batch failed to commit: {e}");
                 let _ = exec(&conn, "ROLLBACK");
                 ctx.pos = start_pos;
+                ctx.low = start_low;
                 for answer in answers {
                     answer(Some(db_err(&e)));
                 }
@@ -539,6 +560,10 @@ fn pusher_row(r: &Row<'_>) -> rusqlite::Result<PusherRecord> {
 const EVENT_COLS: &str = "e.position, e.event_id, e.room_id, e.event_type, e.state_key, e.sender, \
      e.origin_server_ts, e.pdu_json, e.redacted_by, e.txn_device, e.txn_id";
 
+/// The condition on `events e` of an event served as timeline (not an
+/// outlier, not rejected, not soft-failed).
+const SERVED: &str = "e.outlier = 0 AND e.rejected IS NULL AND e.soft_failed = 0";
+
 fn event_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let txn_device: Option<String> = r.get(9)?;
     let txn_id: Option<String> = r.get(10)?;
@@ -609,7 +634,11 @@ fn bump_backup_etag(c: &Connection, user_id: &str, version: i64) -> Result<i64> 
 
 /// Inserts one event and applies its effects; runs inside the writer.
 fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
-    let p = ctx.pos + 1;
+    let on_stream = ev.kind.on_stream();
+    // Events off the stream (backfilled, outliers, rejected, soft-failed)
+    // count down from below every stored position: no stream reader ever
+    // sees them as new.
+    let p = if on_stream { ctx.pos + 1 } else { ctx.low - 1 };
     if let Some(room) = &ev.new_room {
         conn.prepare_cached("INSERT INTO rooms (room_id, room_version, creator) VALUES (?1, ?2, ?3)")?
             .execute(params![ev.room_id, room.room_version, room.creator])?;
@@ -620,7 +649,8 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
     };
     conn.prepare_cached(
         "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
-         origin_server_ts, pdu_json, txn_device, txn_id) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+         origin_server_ts, pdu_json, txn_device, txn_id, depth, outlier, rejected, soft_failed, \
+         state_before, state_after) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
     )?
     .execute(params![
         p,
@@ -632,29 +662,70 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         ev.origin_server_ts as i64,
         ev.pdu_json,
         txn_device,
-        txn_id
+        txn_id,
+        ev.depth,
+        ev.kind == EventKind::Outlier,
+        match &ev.kind {
+            EventKind::Rejected(why) => Some(why.as_str()),
+            _ => None,
+        },
+        ev.kind == EventKind::SoftFailed,
+        ev.state_before,
+        ev.state_after,
     ])?;
-    if let Some(state_key) = &ev.state_key {
-        let detail = ev.membership.as_deref().or(ev.history_visibility.as_deref());
-        conn.prepare_cached(
-            "INSERT INTO state_events (room_id, event_type, state_key, position, detail) VALUES (?1,?2,?3,?4,?5)",
-        )?
-        .execute(params![ev.room_id, ev.event_type, state_key, p, detail])?;
-        conn.prepare_cached(
-            "INSERT INTO current_state (room_id, event_type, state_key, position) VALUES (?1,?2,?3,?4) \
-             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET position = excluded.position",
-        )?
-        .execute(params![ev.room_id, ev.event_type, state_key, p])?;
-        if let Some(membership) = &ev.membership {
+    graph::store_graph(conn, ev)?;
+    if let Some(cs) = &ev.current_state {
+        for (event_type, state_key, event_id) in &cs.changes {
+            // The event the key now points at: this one, or one stored
+            // before (chosen by state resolution, or a join's state).
+            let (event_position, detail) = if *event_id == ev.event_id {
+                (p, ev.membership.clone().or_else(|| ev.history_visibility.clone()))
+            } else {
+                conn.prepare_cached(
+                    "SELECT position, COALESCE(json_extract(pdu_json, '$.content.membership'), \
+                     json_extract(pdu_json, '$.content.history_visibility')) FROM events WHERE event_id = ?1",
+                )?
+                .query_row([event_id], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+                })?
+            };
+            let detail = detail.filter(|_| event_type == "m.room.member" || event_type == "m.room.history_visibility");
             conn.prepare_cached(
-                "INSERT INTO memberships (room_id, user_id, membership, event_id, position) VALUES (?1,?2,?3,?4,?5) \
-                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, \
-                 event_id = excluded.event_id, position = excluded.position",
+                "INSERT OR REPLACE INTO state_events (room_id, event_type, state_key, position, detail, event_position) \
+                 VALUES (?1,?2,?3,?4,?5,?6)",
             )?
-            .execute(params![ev.room_id, state_key, membership, ev.event_id, p])?;
-            if membership == "join" {
-                conn.prepare_cached("DELETE FROM forgotten WHERE user_id = ?1 AND room_id = ?2")?
-                    .execute(params![state_key, ev.room_id])?;
+            .execute(params![ev.room_id, event_type, state_key, p, detail, event_position])?;
+            conn.prepare_cached(
+                "INSERT INTO current_state (room_id, event_type, state_key, position) VALUES (?1,?2,?3,?4) \
+                 ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET position = excluded.position",
+            )?
+            .execute(params![ev.room_id, event_type, state_key, event_position])?;
+            if event_type == "m.room.member" {
+                let membership = detail.unwrap_or_default();
+                conn.prepare_cached(
+                    "INSERT INTO memberships (room_id, user_id, membership, event_id, position) VALUES (?1,?2,?3,?4,?5) \
+                     ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, \
+                     event_id = excluded.event_id, position = excluded.position",
+                )?
+                .execute(params![ev.room_id, state_key, membership, event_id, p])?;
+                if membership == "join" {
+                    conn.prepare_cached("DELETE FROM forgotten WHERE user_id = ?1 AND room_id = ?2")?
+                        .execute(params![state_key, ev.room_id])?;
+                }
+                if on_stream {
+                    ctx.changes.push((p, StreamKey::User(state_key.clone())));
+                    // Leaving a room (or being kicked or banned) stops
+                    // typing there: the room's typers change at this
+                    // event's position.
+                    if membership != "join" {
+                        let n = conn
+                            .prepare_cached("DELETE FROM typing WHERE room_id = ?1 AND user_id = ?2")?
+                            .execute(params![ev.room_id, state_key])?;
+                        if n > 0 {
+                            typing_changed(conn, ctx, &ev.room_id, p)?;
+                        }
+                    }
+                }
             }
         }
     }
@@ -664,7 +735,11 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         )?
         .execute(params![ev.sender, device, ev.room_id, ev.event_type, txn, ev.event_id])?;
     }
-    if let Some(rel) = &ev.relation {
+    let served = matches!(
+        ev.kind,
+        EventKind::Timeline | EventKind::TimelineAfterGap | EventKind::Backfilled
+    );
+    if let Some(rel) = ev.relation.as_ref().filter(|_| served) {
         conn.prepare_cached(
             "INSERT INTO relations (position, room_id, parent_event_id, rel_type, event_type, sender) \
              VALUES (?1,?2,?3,?4,?5,?6)",
@@ -678,7 +753,7 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
             ev.sender
         ])?;
     }
-    if let Some(text) = &ev.search_text {
+    if let Some(text) = ev.search_text.as_ref().filter(|_| served) {
         let sql = match ev.event_type.as_str() {
             "m.room.name" => "INSERT INTO event_search (rowid, name) VALUES (?1, ?2)",
             "m.room.topic" => "INSERT INTO event_search (rowid, topic) VALUES (?1, ?2)",
@@ -698,6 +773,12 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
             "DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = ?1)",
         )?
         .execute([target])?;
+        ctx.redactions
+            .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
+    }
+    if !on_stream {
+        ctx.low = p;
+        return Ok(p);
     }
     ctx.pos = p;
     ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
@@ -713,23 +794,6 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         redacted_by: None,
         txn: ev.txn.clone(),
     });
-    if let Some((target, redacted_json)) = &ev.redaction {
-        ctx.redactions
-            .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
-    }
-    if let (Some(m), Some(target)) = (&ev.membership, &ev.state_key) {
-        ctx.changes.push((p, StreamKey::User(target.clone())));
-        // Leaving a room (or being kicked or banned) stops typing there:
-        // the room's typers change at this event's position.
-        if m != "join" {
-            let n = conn
-                .prepare_cached("DELETE FROM typing WHERE room_id = ?1 AND user_id = ?2")?
-                .execute(params![ev.room_id, target])?;
-            if n > 0 {
-                typing_changed(conn, ctx, &ev.room_id, p)?;
-            }
-        }
-    }
     Ok(p)
 }
 
@@ -2328,7 +2392,16 @@ impl Store for SqliteStore {
     }
 
     fn persist_event(&self, event: NewEvent) -> Pending<i64> {
-        self.write(move |c, ctx| insert_event(c, ctx, &event).map_err(db_err))
+        self.write(move |c, ctx| {
+            // A local event built on one whose write failed is refused:
+            // no stored event points at a parent that is not stored.
+            if event.kind == EventKind::Timeline && !graph::check_prevs(c, &event).map_err(db_err)? {
+                return Err(Error::internal(
+                    "the event it follows failed to be stored; send it again",
+                ));
+            }
+            insert_event(c, ctx, &event).map_err(db_err)
+        })
     }
 
     async fn room_info(&self, room_id: &str) -> Result<Option<RoomRecord>> {
@@ -2379,7 +2452,7 @@ impl Store for SqliteStore {
             collect(
                 c,
                 &format!(
-                    "SELECT {EVENT_COLS} FROM (SELECT MAX(position) AS p FROM state_events \
+                    "SELECT {EVENT_COLS} FROM (SELECT event_position AS p, MAX(position) FROM state_events \
                      WHERE room_id = ?1 AND position <= ?2 GROUP BY event_type, state_key) s \
                      JOIN events e ON e.position = s.p ORDER BY e.position"
                 ),
@@ -2396,7 +2469,7 @@ impl Store for SqliteStore {
             collect(
                 c,
                 &format!(
-                    "SELECT {EVENT_COLS} FROM state_events s JOIN events e ON e.position = s.position \
+                    "SELECT {EVENT_COLS} FROM state_events s JOIN events e ON e.position = s.event_position \
                      WHERE s.room_id = ?1 AND s.position > ?2 AND s.position <= ?3 ORDER BY s.position"
                 ),
                 params![r, after, upto],
@@ -2429,7 +2502,7 @@ impl Store for SqliteStore {
                 c,
                 &format!(
                     "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = ?1 AND e.position > ?2 \
-                     AND e.position < ?3 ORDER BY e.position ASC LIMIT ?4"
+                     AND e.position < ?3 AND {SERVED} ORDER BY e.position ASC LIMIT ?4"
                 ),
                 params![r, from, to, limit],
                 event_row,
@@ -2438,7 +2511,7 @@ impl Store for SqliteStore {
                 c,
                 &format!(
                     "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = ?1 AND e.position < ?2 \
-                     AND e.position > ?3 ORDER BY e.position DESC LIMIT ?4"
+                     AND e.position > ?3 AND {SERVED} ORDER BY e.position DESC LIMIT ?4"
                 ),
                 params![r, from, to, limit],
                 event_row,

@@ -116,6 +116,76 @@ pub struct NewEvent {
     /// `m.room.message`, `content.name` of `m.room.name`, `content.topic`
     /// of `m.room.topic`.
     pub search_text: Option<String>,
+    /// The PDU's `prev_events` (its edges in the room's DAG).
+    pub prev_events: Vec<String>,
+    /// The PDU's `auth_events`.
+    pub auth_events: Vec<String>,
+    /// The PDU's `depth`.
+    pub depth: i64,
+    /// Where the event goes in the room.
+    pub kind: EventKind,
+    /// The state groups of the room's state before and after the event
+    /// (`None` for an outlier).
+    pub state_before: Option<i64>,
+    pub state_after: Option<i64>,
+    /// State groups first used by this event, stored with it.
+    pub new_groups: Vec<NewStateGroup>,
+    /// How the room's current state changes with this event, if it does.
+    pub current_state: Option<CurrentStateChange>,
+}
+
+/// Where an event goes in its room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new event of the timeline: it gets the next stream position, and
+    /// replaces its `prev_events` as a forward extremity. Every prev event
+    /// must be stored already (or earlier in the same batch), so no event
+    /// points at a parent that failed to commit.
+    Timeline,
+    /// A new event whose prev events may be missing (a remote event after
+    /// a gap): as `Timeline` otherwise.
+    TimelineAfterGap,
+    /// An older event (backfill): a timeline event with a position below
+    /// every stored one (the stream never announces it), no extremity.
+    Backfilled,
+    /// Stored without the state before it (auth chains, a join's state):
+    /// no timeline, no extremity.
+    Outlier,
+    /// Failed authorization: kept (so it is not fetched again), never
+    /// served as timeline, never state.
+    Rejected(String),
+    /// Passed authorization at its own state but not at the room's
+    /// current state: kept, not served, not an extremity.
+    SoftFailed,
+}
+
+impl EventKind {
+    /// Whether the event gets a place on the stream (a positive position).
+    pub fn on_stream(&self) -> bool {
+        matches!(self, EventKind::Timeline | EventKind::TimelineAfterGap)
+    }
+}
+
+/// A state group to store: a delta on `prev_group`, or a snapshot.
+#[derive(Debug, Clone)]
+pub struct NewStateGroup {
+    pub id: i64,
+    pub prev_group: Option<i64>,
+    /// Deltas down to the snapshot (0 for a snapshot).
+    pub chain: i64,
+    /// (type, state_key, event_id): what the group changes (a delta) or
+    /// holds (a snapshot).
+    pub entries: Vec<(String, String, String)>,
+}
+
+/// A change of a room's current state.
+#[derive(Debug, Clone)]
+pub struct CurrentStateChange {
+    /// The group of the new current state.
+    pub group: i64,
+    /// The keys that now point at another event: (type, state_key,
+    /// event_id). The event is this one, or one stored before.
+    pub changes: Vec<(String, String, String)>,
 }
 
 #[derive(Debug, Clone)]

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use weft_store::{
-    DeviceTarget, Direction, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice, NewUser, ReceiptRecord,
-    SqliteStore, Store, StreamKey,
+    CurrentStateChange, DeviceTarget, Direction, EventKind, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice,
+    NewUser, ReceiptRecord, SqliteStore, Store, StreamKey,
 };
 
 fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
@@ -20,6 +20,10 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         Some((t, k, m)) => (t.to_owned(), Some(k.to_owned()), m.map(str::to_owned)),
         None => ("org.weft.telemetry".to_owned(), None, None),
     };
+    let current_state = state_key.as_ref().map(|k| CurrentStateChange {
+        group: n as i64,
+        changes: vec![(event_type.clone(), k.clone(), format!("$e{n}"))],
+    });
     NewEvent {
         event_id: format!("$e{n}"),
         room_id: room.to_owned(),
@@ -38,7 +42,26 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         redaction: None,
         relation: None,
         search_text: None,
+        prev_events: Vec::new(),
+        auth_events: Vec::new(),
+        depth: n as i64,
+        kind: EventKind::Timeline,
+        state_before: None,
+        state_after: None,
+        new_groups: Vec::new(),
+        current_state,
     }
+}
+
+/// Gives a test event another ID (its state change names it too).
+fn renamed(mut ev: NewEvent, id: &str) -> NewEvent {
+    ev.event_id = id.to_owned();
+    if let Some(cs) = &mut ev.current_state {
+        for change in &mut cs.changes {
+            change.2 = id.to_owned();
+        }
+    }
+    ev
 }
 
 #[tokio::test]
@@ -428,12 +451,13 @@ async fn device_list_changes_are_scoped_to_shared_rooms() {
     assert!(store.device_list_left("@a:test", p3, p3).await.unwrap().is_empty());
     // A user still sharing another room is not "left".
     let other = "!k2:test";
-    let mut create = event(other, 0, Some(("m.room.create", "", None)));
-    create.event_id = "$o0".into();
+    let create = renamed(event(other, 0, Some(("m.room.create", "", None))), "$o0");
     store.persist_event(create).await.unwrap().unwrap();
     for (n, u) in [(1, "@a:test"), (2, "@c:test")] {
-        let mut ev = event(other, n, Some(("m.room.member", u, Some("join"))));
-        ev.event_id = format!("$o{n}");
+        let mut ev = renamed(
+            event(other, n, Some(("m.room.member", u, Some("join")))),
+            &format!("$o{n}"),
+        );
         ev.txn = None;
         store.persist_event(ev).await.unwrap().unwrap();
     }
@@ -586,8 +610,7 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
     let mut pending = vec![
         store.persist_event(event("!a:test", 0, Some(("m.room.create", "", None)))),
         store.persist_event({
-            let mut e = event("!b:test", 0, Some(("m.room.create", "", None)));
-            e.event_id = "$b0".into();
+            let mut e = renamed(event("!b:test", 0, Some(("m.room.create", "", None))), "$b0");
             e.txn = None;
             e
         }),
@@ -1092,4 +1115,219 @@ async fn pushers_replace_append_and_remember_what_they_sent() {
     assert!(store.delete_pusher("@b:test", "app", "k").await.unwrap());
     assert!(!store.delete_pusher("@b:test", "app", "k").await.unwrap());
     assert!(store.pushers(None).await.unwrap().is_empty());
+}
+
+/// A bare DAG event: `prevs` are its prev events.
+fn dag_event(room: &str, id: &str, prevs: &[&str], depth: i64, kind: EventKind) -> NewEvent {
+    let mut ev = renamed(event(room, 1, None), id);
+    ev.txn = None;
+    ev.prev_events = prevs.iter().map(|p| p.to_string()).collect();
+    ev.depth = depth;
+    ev.kind = kind;
+    ev
+}
+
+/// An event built on one whose write failed (pipelined behind it in the
+/// same batch) is refused: no stored event points at a missing parent.
+#[tokio::test]
+async fn an_event_whose_parent_failed_to_commit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let room = "!p:test";
+    store
+        .persist_event(event(room, 0, Some(("m.room.create", "", None))))
+        .await
+        .unwrap()
+        .unwrap();
+    // The parent re-creates the room: its write fails (the room exists).
+    let mut parent = dag_event(room, "$parent", &["$e0"], 2, EventKind::Timeline);
+    parent.new_room = Some(NewRoom {
+        room_version: "10".into(),
+        creator: "@alice:test".into(),
+    });
+    let child = dag_event(room, "$child", &["$parent"], 3, EventKind::Timeline);
+    let sibling = dag_event(room, "$sibling", &["$e0"], 2, EventKind::Timeline);
+    let (p, c, s) = (
+        store.persist_event(parent),
+        store.persist_event(child),
+        store.persist_event(sibling),
+    );
+    assert!(p.await.unwrap().is_err());
+    assert!(c.await.unwrap().is_err(), "the child of a failed event was stored");
+    s.await.unwrap().unwrap();
+    assert!(store.get_event("$child").await.unwrap().is_none());
+    assert!(store.prev_events("$child").await.unwrap().is_empty());
+    let ext: Vec<String> = store
+        .extremities(room)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(ext, ["$sibling"]);
+}
+
+/// Forward extremities follow the DAG; events off the stream (outliers,
+/// backfill, rejected) get positions below every stored one, are never
+/// announced, and only backfilled ones are served as timeline.
+#[tokio::test]
+async fn extremities_follow_the_dag_and_events_off_the_stream_stay_off_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let room = "!d:test";
+    store
+        .persist_event(event(room, 0, Some(("m.room.create", "", None))))
+        .await
+        .unwrap()
+        .unwrap();
+    let ids = |v: Vec<(String, i64)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+    // Two branches on the create event, then a merge.
+    for (id, prevs) in [("$a", &["$e0"][..]), ("$b", &["$e0"][..])] {
+        store
+            .persist_event(dag_event(room, id, prevs, 2, EventKind::Timeline))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut two = ids(store.extremities(room).await.unwrap());
+    two.sort();
+    assert_eq!(two, ["$a", "$b"]);
+    let before = store.current_position();
+    store
+        .persist_event(dag_event(room, "$m", &["$a", "$b"], 3, EventKind::Timeline))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(store.extremities(room).await.unwrap()), ["$m"]);
+    let mut prevs = store.prev_events("$m").await.unwrap();
+    prevs.sort();
+    assert_eq!(prevs, ["$a", "$b"]);
+    // A remote event after a gap: its prev is unknown, it is stored anyway.
+    store
+        .persist_event(dag_event(room, "$far", &["$unknown"], 9, EventKind::TimelineAfterGap))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ext = ids(store.extremities(room).await.unwrap());
+    ext.sort();
+    assert_eq!(ext, ["$far", "$m"]);
+    let top = store.current_position();
+    // Off the stream: positions count down below zero.
+    let mut off = Vec::new();
+    for (id, kind) in [
+        ("$out", EventKind::Outlier),
+        ("$old", EventKind::Backfilled),
+        ("$bad", EventKind::Rejected("not allowed".into())),
+        ("$soft", EventKind::SoftFailed),
+    ] {
+        off.push(
+            store
+                .persist_event(dag_event(room, id, &["$e0"], 1, kind))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(off, [-1, -2, -3, -4]);
+    assert_eq!(store.current_position(), top, "events off the stream moved it");
+    let announced: Vec<String> = store
+        .changes_since(before)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, k)| match k {
+            StreamKey::Room(_) => None,
+            other => Some(format!("{other:?}")),
+        })
+        .collect();
+    assert!(announced.is_empty(), "{announced:?}");
+    assert_eq!(store.changes_since(before).unwrap().len(), 2);
+    // Served: the timeline and the backfilled event, nothing else.
+    let served: Vec<String> = store
+        .room_events(room, i64::MAX, i64::MIN, Direction::Backward, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(served, ["$far", "$m", "$b", "$a", "$e0", "$old"]);
+    let place = store.event_place("$bad").await.unwrap().unwrap();
+    assert_eq!(place.rejected.as_deref(), Some("not allowed"));
+    assert!(store.event_place("$out").await.unwrap().unwrap().outlier);
+    assert!(store.event_place("$soft").await.unwrap().unwrap().soft_failed);
+    // Extremities unchanged by any of them.
+    assert_eq!(store.extremities(room).await.unwrap().len(), 2);
+    // Positions below zero survive a restart.
+    drop(store);
+    let store = open(&dir);
+    let p = store
+        .persist_event(dag_event(room, "$out2", &[], 1, EventKind::Outlier))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p, -5);
+}
+
+/// The current state may come to point at an event stored before (an
+/// outlier from a join's state): state reads and membership follow it.
+#[tokio::test]
+async fn current_state_can_point_at_an_earlier_outlier() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let room = "!o:test";
+    store
+        .persist_event(event(room, 0, Some(("m.room.create", "", None))))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut member = dag_event(room, "$bob", &[], 1, EventKind::Outlier);
+    member.event_type = "m.room.member".into();
+    member.state_key = Some("@bob:remote".into());
+    member.pdu_json = r#"{"content":{"membership":"join"}}"#.into();
+    let outlier_pos = store.persist_event(member).await.unwrap().unwrap();
+    assert!(outlier_pos < 0);
+    let mut join = dag_event(room, "$join", &["$e0"], 2, EventKind::Timeline);
+    join.event_type = "m.room.member".into();
+    join.state_key = Some("@alice:test".into());
+    join.membership = Some("join".into());
+    join.current_state = Some(CurrentStateChange {
+        group: 7,
+        changes: vec![
+            ("m.room.member".into(), "@bob:remote".into(), "$bob".into()),
+            ("m.room.member".into(), "@alice:test".into(), "$join".into()),
+        ],
+    });
+    let p = store.persist_event(join).await.unwrap().unwrap();
+    let mut state: Vec<String> = store
+        .current_state(room)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    state.sort();
+    assert_eq!(state, ["$bob", "$e0", "$join"]);
+    let at: Vec<String> = store
+        .state_at(room, p)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(at.len(), 3, "{at:?}");
+    let changed: Vec<String> = store
+        .state_changes(room, p - 1, p)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert!(changed.contains(&"$bob".to_owned()));
+    assert_eq!(
+        store.membership_history(room, "@bob:remote").await.unwrap(),
+        [(p, "join".to_owned())]
+    );
+    let bob = store.user_memberships("@bob:remote").await.unwrap();
+    assert_eq!(bob.len(), 1);
+    assert_eq!((bob[0].membership.as_str(), bob[0].event_id.as_str()), ("join", "$bob"));
 }

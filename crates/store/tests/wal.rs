@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weft_store::{Direction, NewEvent, NewRoom, SqliteStore, Store};
+use weft_store::{Direction, EventKind, NewEvent, NewRoom, SqliteStore, Store};
 
 const ROOM: &str = "!wal:test";
 
@@ -29,6 +29,14 @@ fn event(n: u32, body_bytes: usize) -> NewEvent {
         redaction: None,
         relation: None,
         search_text: None,
+        prev_events: Vec::new(),
+        auth_events: Vec::new(),
+        depth: n as i64,
+        kind: EventKind::Timeline,
+        state_before: None,
+        state_after: None,
+        new_groups: Vec::new(),
+        current_state: None,
     }
 }
 

@@ -1,0 +1,371 @@
+//! [`RoomGraphStore`] on SQLite, the writer's part of the DAG, and the
+//! migration step that gives rooms stored before the DAG their state
+//! groups.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{EVENT_COLS, SqliteStore, collect, event_row};
+use crate::Result;
+use crate::graph::*;
+use crate::types::{NewEvent, NewStateGroup, StoredEvent};
+
+/// A new group past this many deltas is a snapshot.
+pub const MAX_CHAIN: i64 = 100;
+
+#[async_trait]
+impl RoomGraphStore for SqliteStore {
+    async fn max_state_group(&self) -> Result<i64> {
+        self.read(|c| c.query_row("SELECT COALESCE(MAX(id), 0) FROM state_groups", [], |r| r.get(0)))
+            .await
+    }
+
+    async fn extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            collect(
+                c,
+                "SELECT x.event_id, e.depth FROM room_extremities x JOIN events e ON e.event_id = x.event_id \
+                 WHERE x.room_id = ?1 ORDER BY e.depth DESC, e.position DESC",
+                [r],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+    }
+
+    async fn room_state_group(&self, room_id: &str) -> Result<Option<(i64, i64)>> {
+        let r = room_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT g.id, g.chain FROM rooms r JOIN state_groups g ON g.id = r.state_group WHERE r.room_id = ?1",
+            )?
+            .query_row([r], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })
+        .await
+    }
+
+    async fn state_group(&self, group: i64) -> Result<StateMap> {
+        self.read(move |c| read_group(c, group)).await
+    }
+
+    async fn event_place(&self, event_id: &str) -> Result<Option<EventPlace>> {
+        let id = event_id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT room_id, position, depth, outlier, rejected, soft_failed, state_before, state_after \
+                 FROM events WHERE event_id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(EventPlace {
+                    room_id: r.get(0)?,
+                    position: r.get(1)?,
+                    depth: r.get(2)?,
+                    outlier: r.get(3)?,
+                    rejected: r.get(4)?,
+                    soft_failed: r.get(5)?,
+                    state_before: r.get(6)?,
+                    state_after: r.get(7)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn state_group_chain(&self, group: i64) -> Result<Option<i64>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT chain FROM state_groups WHERE id = ?1")?
+                .query_row([group], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn auth_chain(&self, event_ids: Vec<String>) -> Result<Vec<String>> {
+        let ids = serde_json::to_string(&event_ids).unwrap_or_default();
+        self.read(move |c| {
+            collect(
+                c,
+                "WITH RECURSIVE chain(id) AS ( \
+                     SELECT a.auth_id FROM event_auth a WHERE a.event_id IN (SELECT value FROM json_each(?1)) \
+                     UNION SELECT a.auth_id FROM event_auth a JOIN chain ON a.event_id = chain.id) \
+                 SELECT id FROM chain",
+                [ids],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn events_by_id(&self, event_ids: Vec<String>) -> Result<Vec<StoredEvent>> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(&event_ids).unwrap_or_default();
+        self.read(move |c| {
+            collect(
+                c,
+                &format!("SELECT {EVENT_COLS} FROM events e WHERE e.event_id IN (SELECT value FROM json_each(?1))"),
+                [ids],
+                event_row,
+            )
+        })
+        .await
+    }
+
+    async fn prev_events(&self, event_id: &str) -> Result<Vec<String>> {
+        let id = event_id.to_owned();
+        self.read(move |c| {
+            collect(c, "SELECT prev_id FROM event_edges WHERE event_id = ?1", [id], |r| {
+                r.get(0)
+            })
+        })
+        .await
+    }
+}
+
+/// The full state of `group`: its deltas down to the snapshot, newest
+/// winning, in one query.
+pub(crate) fn read_group(c: &Connection, group: i64) -> rusqlite::Result<StateMap> {
+    let mut stmt = c.prepare_cached(
+        "WITH RECURSIVE chain(id, prev, n) AS ( \
+             SELECT id, prev_group, 0 FROM state_groups WHERE id = ?1 \
+             UNION ALL SELECT g.id, g.prev_group, chain.n + 1 FROM state_groups g JOIN chain ON g.id = chain.prev) \
+         SELECT s.event_type, s.state_key, s.event_id FROM chain \
+         JOIN state_group_entries s ON s.group_id = chain.id ORDER BY chain.n DESC",
+    )?;
+    let mut state = StateMap::new();
+    let rows = stmt.query_map([group], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?;
+    for row in rows {
+        let (key, id) = row?;
+        state.insert(key, id);
+    }
+    Ok(state)
+}
+
+fn insert_group(c: &Connection, room_id: &str, g: &NewStateGroup) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO state_groups (id, room_id, prev_group, chain) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![g.id, room_id, g.prev_group, g.chain])?;
+    let mut entry = c.prepare_cached(
+        "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (t, k, id) in &g.entries {
+        entry.execute(params![g.id, t, k, id])?;
+    }
+    Ok(())
+}
+
+/// The DAG part of storing `ev` (already inserted at `position`): its
+/// state groups, edges and, for a new timeline event, the room's forward
+/// extremities. (That a `Timeline` event's prev events are stored is
+/// checked by [`check_prevs`] first.)
+pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()> {
+    for g in &ev.new_groups {
+        insert_group(c, &ev.room_id, g)?;
+    }
+    let mut edge = c.prepare_cached("INSERT OR IGNORE INTO event_edges (event_id, prev_id) VALUES (?1, ?2)")?;
+    for prev in &ev.prev_events {
+        edge.execute(params![ev.event_id, prev])?;
+    }
+    let mut auth = c.prepare_cached("INSERT OR IGNORE INTO event_auth (event_id, auth_id) VALUES (?1, ?2)")?;
+    for a in &ev.auth_events {
+        auth.execute(params![ev.event_id, a])?;
+    }
+    if ev.kind.on_stream() {
+        let mut gone = c.prepare_cached("DELETE FROM room_extremities WHERE room_id = ?1 AND event_id = ?2")?;
+        for prev in &ev.prev_events {
+            gone.execute(params![ev.room_id, prev])?;
+        }
+        // An event something already points at (fetched late) is no
+        // extremity.
+        c.prepare_cached(
+            "INSERT OR IGNORE INTO room_extremities (room_id, event_id) \
+             SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM event_edges WHERE prev_id = ?2)",
+        )?
+        .execute(params![ev.room_id, ev.event_id])?;
+    }
+    if let Some(cs) = &ev.current_state {
+        c.prepare_cached("UPDATE rooms SET state_group = ?1 WHERE room_id = ?2")?
+            .execute(params![cs.group, ev.room_id])?;
+    }
+    Ok(())
+}
+
+/// Whether every prev event of `ev` is stored (or earlier in this
+/// transaction).
+pub(crate) fn check_prevs(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
+    let mut known = c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?;
+    for prev in &ev.prev_events {
+        if known.query_row([prev], |_| Ok(())).optional()?.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Migration step after `0016_room_dag.sql`: every room stored before the
+/// DAG was a chain, so replaying its events in stream order gives each its
+/// state before and after, a group per state event (a snapshot every
+/// [`MAX_CHAIN`]), and the room its current group.
+pub(crate) fn fill_state_groups(c: &Connection) -> rusqlite::Result<()> {
+    struct Room {
+        group: Option<i64>,
+        chain: i64,
+        state: HashMap<(String, String), String>,
+    }
+    let mut rooms: HashMap<String, Room> = HashMap::new();
+    let mut next_group = 0i64;
+    let mut stmt =
+        c.prepare("SELECT position, room_id, event_type, state_key, event_id FROM events ORDER BY position")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut set = c.prepare("UPDATE events SET state_before = ?1, state_after = ?2 WHERE position = ?3")?;
+    for row in rows {
+        let (position, room_id, event_type, state_key, event_id) = row?;
+        let room = rooms.entry(room_id.clone()).or_insert_with(|| Room {
+            group: None,
+            chain: 0,
+            state: HashMap::new(),
+        });
+        let before = room.group;
+        if let Some(key) = state_key {
+            room.state.insert((event_type.clone(), key.clone()), event_id.clone());
+            next_group += 1;
+            let group = match before {
+                Some(prev) if room.chain < MAX_CHAIN => NewStateGroup {
+                    id: next_group,
+                    prev_group: Some(prev),
+                    chain: room.chain + 1,
+                    entries: vec![(event_type, key, event_id)],
+                },
+                _ => NewStateGroup {
+                    id: next_group,
+                    prev_group: None,
+                    chain: 0,
+                    entries: room
+                        .state
+                        .iter()
+                        .map(|((t, k), id)| (t.clone(), k.clone(), id.clone()))
+                        .collect(),
+                },
+            };
+            insert_group(c, &room_id, &group)?;
+            room.group = Some(group.id);
+            room.chain = group.chain;
+        }
+        set.execute(params![before, room.group, position])?;
+    }
+    let mut current = c.prepare("UPDATE rooms SET state_group = ?1 WHERE room_id = ?2")?;
+    for (room_id, room) in &rooms {
+        current.execute(params![room.group, room_id])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the schema before the DAG, with one linear room of
+    /// 401 events (every third one a state event), migrated: edges,
+    /// depths, the extremity and the state groups come out as the chain
+    /// implies.
+    #[test]
+    fn rooms_stored_before_the_dag_are_migrated_to_it() {
+        let mut c = Connection::open_in_memory().unwrap();
+        let dag_at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| *m == super::super::DAG_MIGRATION)
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..dag_at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", dag_at as i64).unwrap();
+        c.execute(
+            "INSERT INTO rooms (room_id, room_version, creator) VALUES ('!r:t', '10', '@a:t')",
+            [],
+        )
+        .unwrap();
+        let mut expected = StateMap::new();
+        let mut state_events = 0;
+        for n in 1..=401i64 {
+            let (t, key) = match n {
+                1 => ("m.room.create", Some(String::new())),
+                n if n % 3 == 0 => ("m.room.member", Some(format!("@u{}:t", n % 150))),
+                _ => ("m.room.message", None),
+            };
+            let id = format!("$e{n}");
+            if let Some(k) = &key {
+                expected.insert((t.to_owned(), k.clone()), id.clone());
+                state_events += 1;
+            }
+            let prevs = if n == 1 {
+                "[]".to_owned()
+            } else {
+                format!(r#"["$e{}"]"#, n - 1)
+            };
+            let pdu = format!(r#"{{"depth":{n},"prev_events":{prevs},"content":{{}}}}"#);
+            c.execute(
+                "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, origin_server_ts, pdu_json) \
+                 VALUES (?1, ?2, '!r:t', ?3, ?4, '@a:t', 0, ?5)",
+                params![n, id, t, key, pdu],
+            )
+            .unwrap();
+        }
+        super::super::migrate(&mut c).unwrap();
+
+        let one = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(one("SELECT COUNT(*) FROM event_edges"), 400);
+        assert_eq!(one("SELECT depth FROM events WHERE event_id = '$e77'"), 77);
+        let ext: String = c
+            .query_row(
+                "SELECT event_id FROM room_extremities WHERE room_id = '!r:t'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ext, "$e401");
+        assert_eq!(one("SELECT COUNT(*) FROM state_groups"), state_events);
+        assert!(one("SELECT MAX(chain) FROM state_groups") <= MAX_CHAIN);
+        assert!(one("SELECT COUNT(*) FROM state_groups WHERE prev_group IS NULL") >= 2);
+        let current = one("SELECT state_group FROM rooms WHERE room_id = '!r:t'");
+        assert_eq!(read_group(&c, current).unwrap(), expected);
+        // A message's state before and after are the group of the state
+        // event before it; a state event's after is its own group.
+        let (b, a): (i64, i64) = c
+            .query_row(
+                "SELECT state_before, state_after FROM events WHERE event_id = '$e401'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((b, a), (current, current));
+        let (b, a): (i64, i64) = c
+            .query_row(
+                "SELECT state_before, state_after FROM events WHERE event_id = '$e150'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_ne!(b, a);
+        let at_150 = read_group(&c, a).unwrap();
+        assert_eq!(
+            at_150
+                .get(&("m.room.member".into(), "@u0:t".into()))
+                .map(String::as_str),
+            Some("$e150")
+        );
+        assert_eq!(at_150.len(), 1 + 50);
+    }
+}
