@@ -23,7 +23,8 @@
 //!   federation destination (`ip_range_whitelist`);
 //! - SQLite, registration closed except through the shared-secret admin API
 //!   ([`Synapse::register`]), every rate limit raised far above what a test
-//!   does, cheap password hashing, no stats reporting;
+//!   does, cheap password hashing, no cached `/sync` answers, no stats
+//!   reporting;
 //! - its log (level INFO, with Synapse's stdout and stderr) in one file
 //!   ([`Synapse::log_path`], [`Synapse::log_tail`]; its tail is printed
 //!   when a test panics while the Synapse is alive).
@@ -198,7 +199,9 @@ impl SynapseBuilder {
 }
 
 /// A running Synapse; see the [module docs](self). Killed (with its process
-/// group) when dropped, which also deletes its directory.
+/// group) when dropped, which also deletes its directory (unless the
+/// environment variable `WEFT_SYNAPSE_KEEP` is set, for a look at its log
+/// and database afterwards).
 pub struct Synapse {
     child: Option<Child>,
     client_url: String,
@@ -393,6 +396,14 @@ impl Drop for Synapse {
                 self.server_name,
                 self.log.display(),
                 self.log_tail(60)
+            );
+        }
+        if std::env::var_os("WEFT_SYNAPSE_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "WEFT_SYNAPSE_KEEP: kept Synapse {}'s directory {}",
+                self.server_name,
+                self.dir.path().display()
             );
         }
         if let Some(mut child) = self.child.take() {
@@ -593,6 +604,10 @@ rc_federation:
   reject_limit: 100000
   concurrent: 100000
 federation_rr_transactions_per_room_per_second: 100000
+# Each /sync is computed afresh: by default Synapse answers a repeated
+# identical request (an initial sync, say) from a 2-minute cache.
+caches:
+  sync_response_cache_duration: 0
 {extra_yaml}"#,
         pid = p("homeserver.pid")?,
         tls_crt = p("tls.crt")?,
