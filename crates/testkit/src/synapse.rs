@@ -1,7 +1,9 @@
 //! A live Synapse for federation tests: [`Synapse::start`] runs one
 //! `python -m synapse.app.homeserver` per call, on free loopback ports with
 //! its own temporary directory, and kills it (its whole process group) when
-//! dropped.
+//! dropped, or when the thread that started it ends (so a test process
+//! killed outright leaves no Synapse behind; hence one Synapse per test, not
+//! one shared from a static).
 //!
 //! Synapse comes from the virtualenv `.ci/run` installs
 //! (`/var/tmp/weft-synapse-venv`, or the Python named by the environment
@@ -176,6 +178,25 @@ impl SynapseBuilder {
             .stderr(log2)
             // Its own process group, so Drop kills everything it started.
             .process_group(0);
+        // Being in its own group, Synapse misses a Ctrl-C of the test run,
+        // and a test process killed outright (a nextest timeout) runs no
+        // Drop: have the kernel kill it when the thread that started it
+        // ends (the test's thread or runtime worker), so none is left over.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe system calls (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         let started = Instant::now();
         let child = cmd
             .spawn()
