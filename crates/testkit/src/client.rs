@@ -53,6 +53,15 @@ impl Client {
         }
     }
 
+    /// An anonymous client of any Matrix server at `base_url`
+    /// (`http://HOST:PORT`), e.g. a [`Synapse`](crate::synapse::Synapse)'s
+    /// [`client_url`](crate::synapse::Synapse::client_url). Set
+    /// `access_token` (and `user_id`) to act as a user.
+    pub fn at(base_url: &str) -> Client {
+        let base = base_url.trim_end_matches('/').to_owned();
+        Client::new(crate::server::http_client(), Arc::new(Mutex::new(base)))
+    }
+
     fn url(&self, path: &str) -> String {
         let base = self.base.lock().unwrap().clone();
         if path.starts_with('/') {

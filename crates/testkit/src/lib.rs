@@ -13,6 +13,9 @@
 //!   (plain and TLS) and CoAP on free ports, reads the addresses from its
 //!   `listening on` lines, copies its stdout and stderr into a log file,
 //!   and stops, kills or restarts it.
+//! - [`synapse::Synapse`]: a live Synapse (from the virtualenv `.ci/run`
+//!   installs) on free ports with a TLS federation listener, for
+//!   federation tests; [`synapse_or_skip`] fails under `CI` without it.
 //! - [`tools_installed`] / [`tool_missing`]: external programs a test needs
 //!   (fail under `CI`, skip with a note elsewhere).
 //!
@@ -24,9 +27,11 @@
 
 pub mod client;
 pub mod server;
+pub mod synapse;
 
 pub use client::{BIG_TIMELINE_FILTER, Client, assert_err, event_ids, of_type, query, room_with, timeline};
 pub use server::{DEFAULT_SERVER_NAME, TestServer, TestServerBuilder, data_dir_of};
+pub use synapse::{Synapse, SynapseBuilder, synapse_or_skip, synapse_or_skip_with};
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};

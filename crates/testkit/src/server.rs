@@ -110,7 +110,7 @@ impl TestServerBuilder {
     }
 }
 
-fn http_client() -> reqwest::Client {
+pub(crate) fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(40))
         .pool_max_idle_per_host(16)

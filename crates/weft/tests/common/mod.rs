@@ -9,3 +9,4 @@
 pub use weft_testkit::client::*;
 pub use weft_testkit::enc;
 pub use weft_testkit::server::*;
+pub use weft_testkit::synapse::*;
