@@ -109,7 +109,7 @@ impl Rooms {
         };
         let mut fetches = 0;
         let result = self
-            .input_locked(cache, object, origin, arrival, remote, &mut fetches)
+            .input_locked(cache, object, origin, arrival, remote, &mut fetches, None)
             .await;
         if result.is_err() {
             // A failed write leaves the view ahead of the store.
@@ -140,7 +140,16 @@ impl Rooms {
         }
         let servers = ruma::signatures::required_server_signatures_to_verify_event(&object, &rules.signatures)
             .map_err(|e| bad(e.to_string()))?;
-        let keys = remote.public_keys(servers).await;
+        // Our own events (our join, coming back in a room's state) are
+        // checked against our own key.
+        let ours = servers.contains(&self.server_name);
+        let mut keys = remote.public_keys(servers).await;
+        if ours {
+            keys.entry(self.server_name.to_string()).or_default().insert(
+                format!("ed25519:{}", self.key.version()),
+                ruma::serde::Base64::new(self.key.public_key().to_vec()),
+            );
+        }
         match ruma::signatures::verify_event(&keys, &object, rules) {
             Ok(Verified::All) => {}
             Ok(Verified::Signatures) => {
@@ -159,8 +168,10 @@ impl Rooms {
         Ok(Checked { event_id, object })
     }
 
-    /// [`Rooms::input_pdu`] under the room's lock.
-    fn input_locked<'a>(
+    /// [`Rooms::input_pdu`] under the room's lock. `given`: the state
+    /// before the event, as another server told it (a join's response).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn input_locked<'a>(
         &'a self,
         cache: &'a mut RoomCache,
         object: CanonicalJsonObject,
@@ -168,6 +179,7 @@ impl Rooms {
         arrival: Arrival,
         remote: &'a dyn Remote,
         fetches: &'a mut usize,
+        given: Option<StateIds>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome>> + Send + 'a>> {
         Box::pin(async move {
             let Checked { event_id, object } = self.verify_pdu(cache, object, remote).await?;
@@ -183,7 +195,17 @@ impl Rooms {
             // Check 4: authorization at its own auth events, fetched (as
             // outliers) when missing.
             let mut auth = HashMap::new();
-            for id in &pdu.auth_events {
+            // From room v12 the create event is named by the room ID, not
+            // listed among the auth events.
+            let mut auth_ids = pdu.auth_events.clone();
+            if cache.rules.authorization.room_create_event_id_as_room_id
+                && pdu.event_type.to_string() != "m.room.create"
+                && let Some(opaque) = cache.room_id.as_str().strip_prefix('!')
+                && let Ok(create) = OwnedEventId::try_from(format!("${opaque}"))
+            {
+                auth_ids.push(create);
+            }
+            for id in &auth_ids {
                 if let Some(p) = self.load_pdu(cache, id).await? {
                     auth.insert(id.clone(), p);
                     continue;
@@ -193,7 +215,7 @@ impl Rooms {
                 }
                 *fetches += 1;
                 let fetched = remote.fetch_event(origin, &cache.room_id.clone(), id).await?;
-                self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches)
+                self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
                     .await?;
                 if let Some(p) = self.load_pdu(cache, id).await? {
                     auth.insert(id.clone(), p);
@@ -209,6 +231,16 @@ impl Rooms {
             };
             let derived = derived_fields(pdu.event_type.to_string().as_str(), &pdu.content);
             let room_id = cache.room_id.to_string();
+            // The create event of a room new to this server makes its row.
+            let new_room =
+                if pdu.event_type.to_string() == "m.room.create" && self.store.room_info(&room_id).await?.is_none() {
+                    Some(weft_store::NewRoom {
+                        room_version: cache.version.to_string(),
+                        creator: pdu.sender.to_string(),
+                    })
+                } else {
+                    None
+                };
             let base = |kind: EventKind| NewEvent {
                 event_id: event_id.to_string(),
                 room_id: room_id.clone(),
@@ -217,7 +249,7 @@ impl Rooms {
                 sender: pdu.sender.to_string(),
                 origin_server_ts: pdu.origin_server_ts.get().into(),
                 pdu_json: json.clone(),
-                new_room: None,
+                new_room: new_room.clone(),
                 membership: derived.membership.clone(),
                 history_visibility: derived.history_visibility.clone(),
                 txn: None,
@@ -251,7 +283,10 @@ impl Rooms {
             }
 
             // Check 5: authorization at the state before the event.
-            let (before, before_group) = self.state_before(cache, &pdu, origin, remote, fetches).await?;
+            let (before, before_group) = match given {
+                Some(state) => (state, None),
+                None => self.state_before(cache, &pdu, origin, remote, fetches).await?,
+            };
             let before_pdus = self.load_state(cache, &before).await?;
             if let Err(why) = check_at(&rules, &pdu, &before_pdus) {
                 tracing::info!(%event_id, %origin, "rejected at the state before it: {why}");
@@ -293,8 +328,11 @@ impl Rooms {
                 return Ok(Outcome::Accepted(p));
             }
 
-            // Check 6: soft-fail at the current state.
-            if let Err(why) = check_at(&rules, &pdu, &cache.state) {
+            // Check 6: soft-fail at the current state (none yet when this
+            // is our join of a room new to this server).
+            if !cache.state.is_empty()
+                && let Err(why) = check_at(&rules, &pdu, &cache.state)
+            {
                 tracing::info!(%event_id, %origin, "soft-failed at the current state: {why}");
                 ev.kind = EventKind::SoftFailed;
                 ev.new_groups = new_groups;
@@ -444,7 +482,7 @@ impl Rooms {
             }
             *fetches += 1;
             let fetched = remote.fetch_event(origin, &cache.room_id.clone(), id).await?;
-            self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches)
+            self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
                 .await?;
         }
         let mut state = StateIds::new();

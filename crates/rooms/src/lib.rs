@@ -14,6 +14,8 @@ mod create;
 mod input;
 pub mod keys;
 mod pdu;
+mod perform;
+mod query;
 mod visibility;
 
 use std::collections::HashMap;
@@ -34,6 +36,8 @@ pub use client_event::{client_event, strip_state};
 pub use create::{CreateRoom, Preset};
 pub use input::{Arrival, Outcome, Remote};
 pub use pdu::Pdu;
+pub use perform::room_id_of;
+pub use query::MAX_HISTORY_EVENTS;
 pub use visibility::Visibility;
 
 /// What a caller asks to send.
@@ -243,23 +247,27 @@ impl Rooms {
 
     /// Builds the PDU for `spec` on top of `cache` and checks it against
     /// the authorization rules at the current state.
-    async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
-        let EventSpec {
-            event_type,
-            state_key,
-            mut content,
-            redacts,
-            txn,
-        } = spec;
+    /// The unsigned event `sender` would send now: its auth events from the
+    /// current state, built on the room's forward extremities. Answers the
+    /// event and its depth.
+    pub(crate) fn proto(
+        &self,
+        cache: &RoomCache,
+        sender: &UserId,
+        event_type: &str,
+        state_key: Option<&str>,
+        mut content: CanonicalJsonObject,
+        redacts: Option<&OwnedEventId>,
+    ) -> Result<(CanonicalJsonObject, u64)> {
         let rules = &cache.rules;
         let is_create = event_type == "m.room.create";
-        let timeline_type = TimelineEventType::from(event_type.as_str());
+        let timeline_type = TimelineEventType::from(event_type);
         let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
 
         let auth_types = ruma::state_res::auth_types_for_event(
             &timeline_type,
             sender,
-            state_key.as_deref(),
+            state_key,
             &content_raw,
             &rules.authorization,
         )
@@ -276,12 +284,10 @@ impl Rooms {
             .collect();
         let depth = prevs.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
 
-        let mut redaction = None;
-        if let Some(target) = &redacts {
-            if rules.redaction.keep_room_redaction_redacts {
-                content.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
-            }
-            redaction = Some(target.clone());
+        if let Some(target) = redacts
+            && rules.redaction.keep_room_redaction_redacts
+        {
+            content.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
         }
 
         let mut obj = CanonicalJsonObject::new();
@@ -300,34 +306,67 @@ impl Rooms {
             obj.insert("room_id".into(), CanonicalJsonValue::String(cache.room_id.to_string()));
         }
         obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
-        if let Some(k) = &state_key {
-            obj.insert("state_key".into(), CanonicalJsonValue::String(k.clone()));
+        if let Some(k) = state_key {
+            obj.insert("state_key".into(), CanonicalJsonValue::String(k.to_owned()));
         }
-        obj.insert("type".into(), CanonicalJsonValue::String(event_type.clone()));
-        if let Some(target) = &redacts
+        obj.insert("type".into(), CanonicalJsonValue::String(event_type.to_owned()));
+        if let Some(target) = redacts
             && !rules.redaction.keep_room_redaction_redacts
         {
             obj.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
         }
+        Ok((obj, depth))
+    }
 
-        ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &*self.key, &mut obj, &rules.redaction)
-            .map_err(|e| match e {
+    /// Hashes and signs an event with this server's key and checks its
+    /// format; answers its event ID and reference hash.
+    pub(crate) fn sign(
+        &self,
+        rules: &RoomVersionRules,
+        obj: &mut CanonicalJsonObject,
+    ) -> Result<(OwnedEventId, String)> {
+        ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &*self.key, obj, &rules.redaction).map_err(
+            |e| match e {
                 // Content that fits on its own, but not with the envelope.
                 ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
                 other => Error::internal(other),
-            })?;
-        ruma::state_res::check_pdu_format(&obj, &rules.event_format).map_err(|e| {
+            },
+        )?;
+        ruma::state_res::check_pdu_format(obj, &rules.event_format).map_err(|e| {
             if e.contains("larger than") {
                 Error::new(ErrorKind::TooLarge, "Event is too large")
             } else {
                 Error::bad_json(e)
             }
         })?;
-        let hash = ruma::signatures::reference_hash(&obj, rules).map_err(|e| match e {
+        let hash = ruma::signatures::reference_hash(obj, rules).map_err(|e| match e {
             ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
             other => Error::internal(other),
         })?;
         let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
+        Ok((event_id, hash.to_string()))
+    }
+
+    async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
+        let EventSpec {
+            event_type,
+            state_key,
+            content,
+            redacts,
+            txn,
+        } = spec;
+        let rules = &cache.rules;
+        let is_create = event_type == "m.room.create";
+        let (mut obj, depth) = self.proto(
+            cache,
+            sender,
+            &event_type,
+            state_key.as_deref(),
+            content,
+            redacts.as_ref(),
+        )?;
+        let (event_id, hash) = self.sign(rules, &mut obj)?;
+        let redaction = redacts;
         let pdu_json = serde_json::to_string(&obj).map_err(Error::internal)?;
         let pdu = Pdu::parse(event_id.clone(), &pdu_json).map_err(|e| Error::bad_json(e.to_string()))?;
 
@@ -487,6 +526,19 @@ impl Rooms {
         Ok(guard
             .as_ref()
             .and_then(|c| c.state.get(&(event_type.to_owned(), state_key.to_owned())).cloned()))
+    }
+
+    /// The room's current state events, from the pipeline's view.
+    pub async fn current_state(&self, room_id: &RoomId) -> Result<Vec<Arc<Pdu>>> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load_or_forget(room_id).await?);
+        }
+        Ok(guard
+            .as_ref()
+            .map(|c| c.state.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     /// Current membership of `user_id` in a room (`None` if never a member).

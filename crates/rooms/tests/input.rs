@@ -500,6 +500,7 @@ async fn missing_auth_events_are_fetched_as_outliers_and_a_gap_takes_the_origins
         f.state_id("m.room.power_levels", "").await,
     );
     let jr = f.state_id("m.room.join_rules", "").await;
+    let depth = f.extremities().await[0].1;
     let (rename, _) = f.remote.pdu(
         &f.room,
         BOB,
@@ -508,7 +509,7 @@ async fn missing_auth_events_are_fetched_as_outliers_and_a_gap_takes_the_origins
         json!({"membership": "join", "displayname": "Bob B."}),
         &[&join],
         &[&create, &pl, &jr, &join],
-        7,
+        depth + 1,
     );
     let (talk, obj) = f.remote.pdu(
         &f.room,
@@ -518,7 +519,7 @@ async fn missing_auth_events_are_fetched_as_outliers_and_a_gap_takes_the_origins
         json!({"body": "after the gap"}),
         &[&rename],
         &[&create, &pl, &rename],
-        8,
+        depth + 2,
     );
     // The origin's state before `talk`: ours with the rename.
     let mut state: Vec<OwnedEventId> = f
