@@ -174,7 +174,7 @@ async fn joined(version: &str, before: usize) -> (Server, Server, OwnedRoomId) {
         .unwrap();
     assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
     let (state_ids, mut chain_ids) = one.rooms.state_ids_at(&room, &join_id).await.unwrap();
-    chain_ids.extend(one.rooms.auth_chain_ids(&[join_id.clone()]).await.unwrap());
+    chain_ids.extend(one.rooms.auth_chain_ids(std::slice::from_ref(&join_id)).await.unwrap());
     chain_ids.sort();
     chain_ids.dedup();
     let sent = two
