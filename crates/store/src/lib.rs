@@ -9,6 +9,7 @@
 //! stream. A position is only published to readers once every write up to it
 //! is durable.
 
+mod federation;
 mod media;
 mod sqlite;
 mod types;
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 pub use weft_core::Result;
 
+pub use federation::*;
 pub use media::*;
 pub use sqlite::SqliteStore;
 pub use types::*;
@@ -40,7 +42,7 @@ pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Se
 /// The storage interface. Positions (`i64`) are positions in the one
 /// server-wide stream.
 #[async_trait]
-pub trait Store: MediaStore + Send + Sync + 'static {
+pub trait Store: MediaStore + FederationStore + Send + Sync + 'static {
     // ---- stream ----
     /// Highest durable stream position.
     fn current_position(&self) -> i64;

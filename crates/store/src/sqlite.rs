@@ -16,6 +16,7 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod federation;
 mod media;
 
 const MIGRATIONS: &[&str] = &[
@@ -33,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0012_push.sql"),
     include_str!("../migrations/0013_sliding_sync.sql"),
     include_str!("../migrations/0014_media.sql"),
+    include_str!("../migrations/0015_server_keys.sql"),
 ];
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
