@@ -27,7 +27,9 @@ use bytes::BytesMut;
 use ruma::api::auth_scheme::{
     AccessToken, AccessTokenOptional, AppserviceTokenOptional, AuthScheme, NoAccessToken, NoAuthentication,
 };
+use ruma::OwnedServerName;
 use ruma::api::error::{DeserializationError, FromHttpRequestError};
+use ruma::api::federation::authentication::ServerSignatures;
 use ruma::api::path_builder::PathBuilder;
 use ruma::api::{IncomingRequest, Metadata, OutgoingResponse};
 use weft_core::{Error, ErrorKind};
@@ -69,7 +71,24 @@ pub enum RateClass {
 pub trait CallerAuth: AuthScheme {
     type Caller: Send + Sync + 'static;
 
+    /// Whether the caller is known only with the body: an `X-Matrix`
+    /// signature covers it. Then [`CallerAuth::signed_caller`] decides
+    /// once the body is read, and [`CallerAuth::caller`] is not called;
+    /// otherwise the caller is checked on the head, before the body.
+    const SIGNS_BODY: bool = false;
+
     fn caller(parts: &Parts, s: &AppState) -> impl Future<Output = Result<Self::Caller, Error>> + Send;
+
+    /// The caller of a request whose signature covers its body
+    /// ([`CallerAuth::SIGNS_BODY`]).
+    fn signed_caller(
+        parts: &Parts,
+        body: &[u8],
+        s: &AppState,
+    ) -> impl Future<Output = Result<Self::Caller, Error>> + Send {
+        let _ = (parts, body, s);
+        async { Err(Error::internal("this endpoint's callers sign no body")) }
+    }
 
     /// The user to charge a call to, if authenticated.
     fn user(caller: &Self::Caller) -> Option<&Session>;
@@ -140,6 +159,35 @@ macro_rules! no_caller {
 // Weft has no application services: an appservice token is not looked at.
 no_caller!(NoAuthentication, NoAccessToken, AppserviceTokenOptional);
 
+/// The server that sent a federation request, as its verified `X-Matrix`
+/// signature proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin(pub OwnedServerName);
+
+/// Federation endpoints: the origin server, verified by the services
+/// against the `X-Matrix` header, the method, the URI and the body
+/// (`401 M_UNAUTHORIZED` otherwise), and charged to its rate-limit bucket.
+impl CallerAuth for ServerSignatures {
+    type Caller = Origin;
+    const SIGNS_BODY: bool = true;
+
+    async fn caller(_: &Parts, _: &AppState) -> Result<Origin, Error> {
+        Err(Error::internal("a signed request's caller needs its body"))
+    }
+
+    async fn signed_caller(parts: &Parts, body: &[u8], s: &AppState) -> Result<Origin, Error> {
+        let mut request = axum::http::Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.headers_mut() = parts.headers.clone();
+        s.federation_origin(&request).await.map(Origin)
+    }
+
+    fn user(_: &Origin) -> Option<&Session> {
+        None
+    }
+}
+
 /// Ruma's request `R` declared with another authentication scheme `A`:
 /// an endpoint ruma lets be called without an access token only for forms
 /// Weft does not offer (password change by e-mail token) needs one here,
@@ -196,7 +244,7 @@ where
         let (parts, body) = req.into_parts();
         let head = Head::<R>::read(parts, s).await?;
         let bytes = read_limited(Body::new(body), s.config.limits.max_body_bytes).await?;
-        Ok(head.with_body(bytes)?)
+        Ok(head.with_body(bytes, s).await?)
     }
 }
 
@@ -208,7 +256,8 @@ where
 {
     parts: Parts,
     args: Vec<String>,
-    caller: <R::Authentication as CallerAuth>::Caller,
+    /// `None` until the body is read, for a caller who signs it.
+    caller: Option<<R::Authentication as CallerAuth>::Caller>,
     peer: Option<SocketAddr>,
 }
 
@@ -218,7 +267,11 @@ where
     R::Authentication: CallerAuth,
 {
     pub(crate) async fn read(mut parts: Parts, s: &AppState) -> Result<Self, Error> {
-        let caller = <R::Authentication as CallerAuth>::caller(&parts, s).await?;
+        let caller = if <R::Authentication as CallerAuth>::SIGNS_BODY {
+            None
+        } else {
+            Some(<R::Authentication as CallerAuth>::caller(&parts, s).await?)
+        };
         let args: Vec<String> = RawPathParams::from_request_parts(&mut parts, s)
             .await
             .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?
@@ -234,13 +287,18 @@ where
         })
     }
 
-    /// The typed request, read from the head and `body`.
-    pub(crate) fn with_body(self, body: bytes::Bytes) -> Result<Ruma<R>, Error> {
+    /// The typed request, read from the head and `body` (whose signature
+    /// is checked first, for a caller who signs it).
+    pub(crate) async fn with_body(self, body: bytes::Bytes, s: &AppState) -> Result<Ruma<R>, Error> {
+        let caller = match self.caller {
+            Some(caller) => caller,
+            None => <R::Authentication as CallerAuth>::signed_caller(&self.parts, &body, s).await?,
+        };
         let body = R::try_from_http_request(axum::http::Request::from_parts(self.parts, body), &self.args)
             .map_err(request_error)?;
         Ok(Ruma {
             body,
-            caller: self.caller,
+            caller,
             peer: self.peer,
         })
     }

@@ -14,6 +14,7 @@ mod backup;
 mod directory;
 pub mod endpoint;
 mod extract;
+mod federation;
 mod keys;
 mod media;
 mod misc;
@@ -36,7 +37,7 @@ use axum::{Json, Router};
 use weft_core::{Error, ErrorKind};
 use weft_services::Services;
 
-pub use endpoint::Authenticated;
+pub use endpoint::{Authenticated, Origin};
 pub use extract::{ApiError, TokenChecked, access_token, redacted_uri};
 
 pub type AppState = Arc<Services>;
@@ -181,12 +182,49 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, misc::get_presence)
 }
 
+/// The Server-Server API endpoints, one line each; served on the
+/// federation listener ([`federation_router`]).
+fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
+    use endpoint::RateClass::Caller;
+    r.add(Caller, federation::version)
+        .add(Caller, federation::server_keys)
+        .add(Caller, federation::query_keys)
+        .add(Caller, federation::query_keys_of)
+        .add(Caller, federation::query_profile)
+}
+
+/// The federation listener's API: [`federation_routes`], the Matrix
+/// fallbacks, the body limit, and the rate limit by client address for
+/// every request (a signed one is charged to its origin server too, by
+/// the services). No Client-Server endpoint is served there.
+pub fn federation_router(services: &AppState) -> Router {
+    let limit = services.config.limits.max_body_bytes;
+    federation_routes(endpoint::Routes::new(Router::new()))
+        .into_router()
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(services.clone(), rate_limit_by_ip))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(services.clone())
+}
+
+/// `GET /.well-known/matrix/server` (served on the client listener):
+/// `{"m.server": "<[federation] well_known_server>"}`, or 404 when unset.
+pub async fn well_known_server(State(s): State<AppState>) -> Response {
+    match s.well_known_server() {
+        Some(body) => Json(body).into_response(),
+        None => ApiError(Error::not_found("No server delegation is configured")).into_response(),
+    }
+}
+
 /// The whole Client-Server API: every endpoint, the fallbacks for unknown
 /// paths and methods, the rate limit for requests without a token and the
 /// body limit. `extra` adds a door's own routes (the WebSocket upgrade).
 pub fn router(services: &AppState, extra: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router<AppState> {
     let limit = services.config.limits.max_body_bytes;
-    let app = typed_routes(endpoint::Routes::new(Router::new())).into_router();
+    let app = typed_routes(endpoint::Routes::new(Router::new()))
+        .into_router()
+        .route("/.well-known/matrix/server", axum::routing::get(well_known_server));
     extra(app)
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)

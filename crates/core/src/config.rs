@@ -31,6 +31,53 @@ pub struct Config {
     pub media: MediaConfig,
     pub push: PushConfig,
     pub presence: PresenceConfig,
+    pub federation: FederationConfig,
+}
+
+/// The Server-Server API (docs/federation.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FederationConfig {
+    /// Off: no federation listener, no outgoing federation requests, and
+    /// `/.well-known/matrix/server` is not served.
+    pub enabled: bool,
+    /// `host:port` of the TLS federation listener; port 0 picks a free
+    /// one (printed at start-up); empty: no federation listener.
+    pub listen: String,
+    /// PEM certificate chain and private key of the federation listener;
+    /// relative paths are in the data directory. Unset: the generated
+    /// self-signed pair the MQTT and CoAP doors use (`tls/mqtt.crt`).
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// Verify other servers' certificates (against the system's roots and
+    /// `ca_file`). Off only for tests and local interop.
+    pub verify_certificates: bool,
+    /// A PEM file of extra trusted CA certificates for outgoing requests.
+    pub ca_file: Option<String>,
+    /// Notary servers asked for a server's keys when it cannot be asked
+    /// itself (`/_matrix/key/v2/query`).
+    pub trusted_key_servers: Vec<String>,
+    /// `host[:port]` served as `m.server` in `/.well-known/matrix/server`
+    /// on the client listener; unset: that path answers 404.
+    pub well_known_server: Option<String>,
+    /// How long one outgoing federation request may take.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8448".into(),
+            tls_cert: None,
+            tls_key: None,
+            verify_certificates: true,
+            ca_file: None,
+            trusted_key_servers: vec![],
+            well_known_server: None,
+            request_timeout_secs: 30,
+        }
+    }
 }
 
 /// The media repository (docs/media.md).
@@ -353,6 +400,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             push: PushConfig::default(),
             presence: PresenceConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -540,6 +588,28 @@ request_timeout_secs = 10
 # doubling with each failure up to retry_max_ms; notifications wait, in order.
 retry_initial_ms = 1000
 retry_max_ms = 600000
+
+[federation]
+# The Server-Server API. See docs/federation.md. enabled = false: no
+# federation listener and no requests to other servers.
+enabled = true
+# The TLS federation listener; "" for none.
+listen = "127.0.0.1:8448"
+# PEM certificate chain and key; relative paths are in the data directory.
+# Unset: the generated self-signed tls/mqtt.crt and tls/mqtt.key.
+# tls_cert = "tls/federation.crt"
+# tls_key = "tls/federation.key"
+# Check other servers' certificates (system roots plus ca_file). Turn off
+# only for tests and local interop (a warning is logged at start-up).
+verify_certificates = true
+# ca_file = "/etc/ssl/my-test-ca.pem"
+# Notaries asked for a server's keys when that server cannot be asked.
+trusted_key_servers = []
+# Delegation: served as {"m.server": ...} at /.well-known/matrix/server on
+# the client listener. Unset: that path answers 404.
+# well_known_server = "matrix.example.org:443"
+# How long one outgoing federation request may take, in seconds.
+request_timeout_secs = 30
 "#;
 
 impl Config {

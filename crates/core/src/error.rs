@@ -47,6 +47,12 @@ pub enum ErrorKind {
     /// A sliding sync `pos` the server does not know (any more): the
     /// client starts the connection afresh (MSC4186).
     UnknownPos,
+    /// A federation request without a valid `X-Matrix` signature, or
+    /// addressed to another server (`401 M_UNAUTHORIZED`).
+    Unauthorized,
+    /// Another server could not be reached or answered with nonsense
+    /// (`502`); the message says which server and why.
+    RemoteUnreachable,
     Unknown,
 }
 
@@ -122,6 +128,8 @@ impl Error {
             ErrorKind::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             ErrorKind::NotYetUploaded => "M_NOT_YET_UPLOADED",
             ErrorKind::UnknownPos => "M_UNKNOWN_POS",
+            ErrorKind::Unauthorized => "M_UNAUTHORIZED",
+            ErrorKind::RemoteUnreachable => "M_UNKNOWN",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -132,7 +140,9 @@ impl Error {
             return s;
         }
         match &self.kind {
-            ErrorKind::MissingToken | ErrorKind::UnknownToken { .. } | ErrorKind::Uia(_) => 401,
+            ErrorKind::MissingToken | ErrorKind::UnknownToken { .. } | ErrorKind::Uia(_) | ErrorKind::Unauthorized => {
+                401
+            }
             ErrorKind::Forbidden | ErrorKind::UserDeactivated | ErrorKind::WrongRoomKeysVersion { .. } => 403,
             ErrorKind::Unrecognized {
                 method_not_allowed: true,
@@ -142,6 +152,7 @@ impl Error {
             ErrorKind::LimitExceeded { .. } => 429,
             ErrorKind::CannotOverwriteMedia => 409,
             ErrorKind::NotYetUploaded => 504,
+            ErrorKind::RemoteUnreachable => 502,
             ErrorKind::Unknown => 500,
             _ => 400,
         }

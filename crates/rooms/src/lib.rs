@@ -164,6 +164,12 @@ impl Rooms {
         &self.server_name
     }
 
+    /// The server's signing key, shared with federation (request
+    /// signatures, the key server): loaded once.
+    pub fn signing_key(&self) -> Arc<Ed25519KeyPair> {
+        self.key.clone()
+    }
+
     fn slot(&self, room_id: &RoomId) -> RoomSlot {
         self.slots.lock().entry(room_id.to_owned()).or_default().clone()
     }

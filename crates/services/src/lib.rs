@@ -13,6 +13,7 @@ pub mod devices;
 pub mod directory;
 pub mod ephemeral;
 pub mod events;
+pub mod federation;
 pub mod files;
 pub mod filter;
 pub mod keys;
@@ -65,7 +66,8 @@ pub struct Services {
     pub rooms: Arc<Rooms>,
     pub accounts: Accounts,
     /// The general rate limit (`[rate_limit]` per_second/burst): keys
-    /// `ip:ADDRESS` and user IDs.
+    /// `ip:ADDRESS`, user IDs, and `origin:SERVER` for requests another
+    /// server signed (federation).
     pub limiter: Arc<RateLimiter>,
     /// Sign-in attempts (`/login`, `/register` and its checks) per client
     /// address (`[rate_limit]` login_per_second/login_burst): keys
@@ -76,6 +78,8 @@ pub struct Services {
     pub connections: Arc<ConnectionLimiter>,
     /// The media repository's blobs and thumbnailing slots.
     pub media: media::Media,
+    /// Federation: the key ring, the signed outgoing client, our name.
+    pub federation: weft_federation::Federation,
     /// Push delivery: HTTP client, request limit, pusher tasks.
     pub(crate) push: push::PushRuntime,
     /// Wakes the typing and presence expiry task
@@ -109,6 +113,12 @@ impl Services {
         );
         let connections = Arc::new(ConnectionLimiter::new(config.limits.max_connections_per_ip));
         let media = media::Media::new(blobs, config.media.thumbnail_concurrency);
+        let federation = weft_federation::Federation::new(
+            &config.federation,
+            server_name.clone(),
+            rooms.signing_key(),
+            store.clone(),
+        )?;
         let push = push::PushRuntime::new(&config.push)?;
         Ok(Arc::new(Self {
             config,
@@ -120,6 +130,7 @@ impl Services {
             login_limiter,
             connections,
             media,
+            federation,
             push,
             ephemeral_wake: tokio::sync::Notify::new(),
         }))

@@ -39,8 +39,18 @@ fn own(session: &Session, user_id: &str) -> Result<()> {
 }
 
 impl Services {
-    /// An active user's profile: `displayname` and `avatar_url` where set.
+    /// A user's profile: `displayname` and `avatar_url` where set; a
+    /// user of another server's is asked of that server (federation).
     pub async fn profile(&self, user_id: &str) -> Result<serde_json::Map<String, Value>> {
+        match crate::federation::parse_user_id(user_id) {
+            Ok(id) if id.server_name() != self.server_name => self.remote_profile(id, None).await,
+            _ => self.local_profile(user_id).await,
+        }
+    }
+
+    /// An active local user's profile: `displayname` and `avatar_url`
+    /// where set.
+    pub(crate) async fn local_profile(&self, user_id: &str) -> Result<serde_json::Map<String, Value>> {
         let u = self
             .store
             .get_user(user_id)

@@ -16,6 +16,7 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod federation;
 mod graph;
 mod media;
 
@@ -34,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0012_push.sql"),
     include_str!("../migrations/0013_sliding_sync.sql"),
     include_str!("../migrations/0014_media.sql"),
+    include_str!("../migrations/0015_server_keys.sql"),
     DAG_MIGRATION,
 ];
 /// The migration after which rooms stored before the DAG get their state

@@ -167,6 +167,7 @@ impl ServeSpec {
                 ("WEFT_MQTT__TLS_LISTEN", "127.0.0.1:0"),
                 ("WEFT_COAP__LISTEN", "127.0.0.1:0"),
                 ("WEFT_COAP__DTLS_LISTEN", "127.0.0.1:0"),
+                ("WEFT_FEDERATION__LISTEN", "127.0.0.1:0"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -229,6 +230,9 @@ pub struct Addrs {
     pub coap: Option<SocketAddr>,
     /// The CoAP door's DTLS listener (`coaps://`).
     pub coaps: Option<SocketAddr>,
+    /// The TLS federation listener (printed before the HTTP line, so known
+    /// whenever it runs).
+    pub federation: Option<SocketAddr>,
 }
 
 /// A running (or stopped) `weft serve` child; killed when dropped.
@@ -341,6 +345,7 @@ enum Seen {
     MqttTlsCert(PathBuf),
     Coap(SocketAddr),
     Coaps(SocketAddr),
+    Federation(SocketAddr),
 }
 
 fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
@@ -374,6 +379,7 @@ fn launch(spec: &ServeSpec) -> Result<(Child, Addrs, Duration), String> {
             Ok(Seen::MqttTlsCert(p)) => addrs.mqtt_tls_cert = Some(p),
             Ok(Seen::Coap(a)) => addrs.coap = Some(a),
             Ok(Seen::Coaps(a)) => addrs.coaps = Some(a),
+            Ok(Seen::Federation(a)) => addrs.federation = Some(a),
             Err(e) => {
                 let status = child.try_wait().ok().flatten();
                 let _ = child.kill();
@@ -411,6 +417,8 @@ fn pump<R: Read + Send + 'static>(pipe: R, log: &Path, lock: &Arc<Mutex<()>>, tx
                     Some(Seen::Coaps(a))
                 } else if let Some(a) = parse_door_line(&line, "weft: mqtt tls listening on ") {
                     Some(Seen::MqttTls(a))
+                } else if let Some(a) = parse_door_line(&line, "weft: federation listening on https://") {
+                    Some(Seen::Federation(a))
                 } else if let Some(p) = parse_cert_line(&line) {
                     Some(Seen::MqttTlsCert(p))
                 } else {
@@ -526,6 +534,13 @@ mod tests {
         assert_eq!(
             parse_cert_line("weft: mqtt tls certificate /d/tls/mqtt.crt (self-signed: …)"),
             Some("/d/tls/mqtt.crt".into())
+        );
+        assert_eq!(
+            parse_door_line(
+                "weft: federation listening on https://127.0.0.1:8448",
+                "weft: federation listening on https://"
+            ),
+            Some("127.0.0.1:8448".parse().unwrap())
         );
         assert_eq!(
             parse_cert_line("weft: mqtt tls certificate /etc/c.pem"),

@@ -21,6 +21,7 @@ pub const DEFAULT_SERVER_NAME: &str = "localhost:8008";
 
 /// Settings of a [`TestServer`] before it starts: environment, server name,
 /// which door listeners to wait for, users to create first.
+#[derive(Clone)]
 pub struct TestServerBuilder {
     env: Vec<(String, String)>,
     server_name: Option<String>,
@@ -28,6 +29,7 @@ pub struct TestServerBuilder {
     wait_mqtt: bool,
     wait_coap: bool,
     users: Vec<(String, String)>,
+    federating: bool,
 }
 
 impl TestServerBuilder {
@@ -64,6 +66,16 @@ impl TestServerBuilder {
         self
     }
 
+    /// A server other servers can reach: a free port P is picked first,
+    /// the server name is `localhost:P` and the federation listener is on
+    /// `127.0.0.1:P`; outgoing certificate checks are off (the peers'
+    /// certificates are self-signed). A port taken meanwhile by someone
+    /// else is retried with another.
+    pub fn federating(mut self) -> Self {
+        self.federating = true;
+        self
+    }
+
     /// Creates the account with the admin CLI (`weft user create`) before
     /// the server starts.
     pub fn user(mut self, localpart: &str, password: &str) -> Self {
@@ -72,6 +84,32 @@ impl TestServerBuilder {
     }
 
     pub async fn start(self) -> TestServer {
+        if !self.federating {
+            return self.try_start().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let builder = self
+                .clone()
+                .server_name(&format!("localhost:{port}"))
+                // The admin CLI (`.user(…)`) reads the name from here.
+                .env("WEFT_SERVER_NAME", &format!("localhost:{port}"))
+                .env("WEFT_FEDERATION__LISTEN", &format!("127.0.0.1:{port}"))
+                .env("WEFT_FEDERATION__VERIFY_CERTIFICATES", "false");
+            match builder.try_start().await {
+                Ok(server) => return server,
+                Err(e) if attempt < 5 && e.contains("cannot listen for federation") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    async fn try_start(self) -> Result<TestServer, String> {
         let root = tempfile::Builder::new()
             .prefix("weft-test-")
             .tempdir()
@@ -98,15 +136,15 @@ impl TestServerBuilder {
             let (ok, out, err) = run_cli(&spec, "user", "create", &[name, "--password", password]);
             assert!(ok, "weft user create {name}: {out}{err}");
         }
-        let process = ServerProcess::start(spec).await.unwrap_or_else(|e| panic!("{e}"));
-        TestServer {
+        let process = ServerProcess::start(spec).await?;
+        Ok(TestServer {
             base: Arc::new(Mutex::new(process.addrs.http.clone())),
             process,
             root,
             data_dir,
             server_name,
             http: http_client(),
-        }
+        })
     }
 }
 
@@ -164,6 +202,7 @@ impl TestServer {
             wait_mqtt: false,
             wait_coap: false,
             users: Vec::new(),
+            federating: false,
         }
     }
 
@@ -180,6 +219,17 @@ impl TestServer {
     /// CoAP listeners it was asked to wait for).
     pub fn addrs(&self) -> &Addrs {
         &self.process.addrs
+    }
+
+    /// The TLS federation listener of the current child, if it runs.
+    pub fn federation_addr(&self) -> Option<std::net::SocketAddr> {
+        self.process.addrs.federation
+    }
+
+    /// The server name (`localhost:8008` unless the test chose one, or
+    /// `localhost:P` for a [`TestServerBuilder::federating`] server).
+    pub fn server_name(&self) -> &str {
+        &self.server_name
     }
 
     /// stdout and stderr of every run of the server.

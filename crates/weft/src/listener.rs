@@ -1,7 +1,8 @@
 //! The HTTP listener: accepts TCP connections, admits at most
 //! `[limits] max_connections_per_ip` open ones per client address (shared
 //! with the MQTT listeners), and serves each with hyper's HTTP/1.1
-//! connection, which closes a connection that takes longer than
+//! connection (over TLS on the federation listener), which closes a
+//! connection that takes longer than
 //! `[limits] header_timeout_secs` to send a request's headers, or waits
 //! that long idle for its next request.
 
@@ -20,12 +21,36 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
+use tokio_rustls::TlsAcceptor;
 use weft_services::{ConnectionPermit, Services};
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
 /// requests finish (connections close once idle; WebSocket connections
 /// are not waited for).
 pub async fn serve(listener: TcpListener, app: Router, services: Arc<Services>, shutdown: impl Future<Output = ()>) {
+    serve_with(listener, None, app, services, shutdown).await
+}
+
+/// [`serve`] over TLS (the federation listener): each connection's
+/// handshake must end within `[limits] header_timeout_secs`, in the
+/// connection's own task.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    app: Router,
+    services: Arc<Services>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with(listener, Some(tls), app, services, shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    services: Arc<Services>,
+    shutdown: impl Future<Output = ()>,
+) {
     let header_timeout = Duration::from_secs(services.config.limits.header_timeout_secs.max(1));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
@@ -60,25 +85,20 @@ pub async fn serve(listener: TcpListener, app: Router, services: Arc<Services>, 
             req.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(req)
         });
-        // The permit travels with the socket, into a WebSocket too.
-        let io = TokioIo::new(Counted {
-            stream,
-            _permit: permit,
-        });
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::trace!("http: connection from {peer}: {e}");
+            match tls {
+                None => serve_connection(Counted { stream, _permit: permit }, builder, service, stop, peer).await,
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(Counted { stream, _permit: permit }, builder, service, stop, peer).await
                     }
-                    return;
-                }
-                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+                    Ok(Err(e)) => tracing::debug!("https: TLS handshake with {peer}: {e}"),
+                    Err(_) => tracing::debug!("https: TLS handshake with {peer} timed out"),
+                },
             }
-            let _ = conn.await;
         });
     }
     drop(listener);
@@ -87,19 +107,48 @@ pub async fn serve(listener: TcpListener, app: Router, services: Arc<Services>, 
     stop_tx.closed().await;
 }
 
-/// A connection's socket holding its per-address slot.
-struct Counted {
-    stream: TcpStream,
+/// Serves one connection until it ends, or closes it gracefully once
+/// `stop` turns true. The permit travels with the socket, into a
+/// WebSocket too.
+async fn serve_connection<S, F>(
+    io: Counted<S>,
+    builder: hyper::server::conn::http1::Builder,
+    service: F,
+    mut stop: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: hyper::service::Service<hyper::Request<Incoming>, Response = axum::response::Response> + Send + 'static,
+    F::Future: Send + 'static,
+    F::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::trace!("http: connection from {peer}: {e}");
+            }
+            return;
+        }
+        _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+/// A connection's socket (plain or TLS) holding its per-address slot.
+struct Counted<S = TcpStream> {
+    stream: S,
     _permit: ConnectionPermit,
 }
 
-impl AsyncRead for Counted {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }

@@ -359,6 +359,8 @@ async fn serve(
         None
     };
     let services = open_services(data_dir, config)?;
+    // The TLS federation listener (the Server-Server API).
+    let federation = federation_listener(data_dir, &services).await?;
     // Push: evaluation of push rules and delivery to push gateways.
     services.start_push();
     let admin_socket = admin::AdminSocket::start(data_dir, services.clone()).await?;
@@ -389,6 +391,26 @@ async fn serve(
         );
     }
     println!("weft: server name {server_name}, data in {}", data_dir.display());
+    // Printed before the HTTP line, which tells a launcher start-up is
+    // done.
+    if let Some((listener, tls, files)) = federation {
+        println!("weft: federation listening on https://{}", listener.local_addr()?);
+        println!(
+            "weft: federation tls certificate {}{}",
+            files.cert_path.display(),
+            if files.self_signed { " (self-signed)" } else { "" }
+        );
+        let router = weft_api::federation_router(&services);
+        // It stops with the process; open federation requests are not
+        // waited for.
+        tokio::spawn(listener::serve_tls(
+            listener,
+            tls,
+            router,
+            services.clone(),
+            std::future::pending(),
+        ));
+    }
     println!("weft listening on http://{addr}");
     println!("weft: admin socket {}", admin_socket.path().display());
     // Typing and presence timeouts.
@@ -450,6 +472,39 @@ async fn serve(
     // Removes the socket file; the lock goes with the process.
     drop(admin_socket);
     Ok(())
+}
+
+/// Binds the federation listener (`[federation] listen`, TLS with
+/// `tls_cert`/`tls_key` or the generated pair), unless federation is off or
+/// `listen` is empty. Warns when outgoing certificate checks are off.
+async fn federation_listener(
+    data_dir: &Path,
+    services: &Services,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor, weft_services::tls::CertFiles)>> {
+    let c = &services.config.federation;
+    if !c.enabled {
+        return Ok(None);
+    }
+    if !c.verify_certificates {
+        tracing::warn!(
+            "[federation] verify_certificates = false: other servers' TLS certificates are not checked (tests and local interop only)"
+        );
+    }
+    if c.listen.is_empty() {
+        return Ok(None);
+    }
+    let hosts = weft_services::tls::certificate_hosts(&services.config);
+    let files = weft_services::tls::cert_files(data_dir, c.tls_cert.as_deref(), c.tls_key.as_deref(), &hosts)
+        .map_err(|e| anyhow::anyhow!("federation TLS: {e} (set [federation] tls_cert and tls_key, or neither)"))?;
+    let tls = weft_mqtt::tls::acceptor(&files.cert_path, &files.key_path)
+        .map_err(|e| anyhow::anyhow!("federation TLS: {e} (set [federation] tls_cert/tls_key)"))?;
+    let listener = tokio::net::TcpListener::bind(&c.listen).await.with_context(|| {
+        format!(
+            "cannot listen for federation on {} (set [federation] listen, \"\" for none, or enabled = false)",
+            c.listen
+        )
+    })?;
+    Ok(Some((listener, tls, files)))
 }
 
 /// Starts the MQTT door's TCP and TLS listeners and prints where they (and
