@@ -14,6 +14,7 @@ pub mod directory;
 pub mod ephemeral;
 pub mod events;
 pub mod federation;
+pub mod federation_remote;
 pub mod files;
 pub mod filter;
 pub mod keys;
