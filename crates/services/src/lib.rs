@@ -15,6 +15,7 @@ pub mod ephemeral;
 pub mod events;
 pub mod federation;
 pub mod federation_remote;
+pub mod federation_rooms;
 mod federation_stubs;
 pub mod files;
 pub mod filter;
