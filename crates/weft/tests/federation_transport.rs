@@ -25,7 +25,10 @@ fn https() -> reqwest::Client {
 }
 
 fn fed_url(server: &TestServer, path: &str) -> String {
-    format!("https://{}{path}", server.federation_addr().expect("a federation listener"))
+    format!(
+        "https://{}{path}",
+        server.federation_addr().expect("a federation listener")
+    )
 }
 
 async fn get_json(client: &reqwest::Client, url: &str, auth: Option<&str>) -> (u16, Value) {
@@ -152,7 +155,10 @@ async fn profiles_over_signed_requests() {
     let alice = a.register("alice").await;
     let bob = b.register("bob").await;
     let (status, body) = bob
-        .put(&format!("profile/{}/displayname", enc(&bob.user_id)), json!({"displayname": "Bob B"}))
+        .put(
+            &format!("profile/{}/displayname", enc(&bob.user_id)),
+            json!({"displayname": "Bob B"}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
 
@@ -160,14 +166,16 @@ async fn profiles_over_signed_requests() {
     let (status, profile) = alice.get(&format!("profile/{}", enc(&bob.user_id))).await;
     assert_eq!(status, 200, "{profile}");
     assert_eq!(profile, json!({"displayname": "Bob B"}));
-    let (status, field) = alice
-        .get(&format!("profile/{}/displayname", enc(&bob.user_id)))
-        .await;
+    let (status, field) = alice.get(&format!("profile/{}/displayname", enc(&bob.user_id))).await;
     assert_eq!(status, 200, "{field}");
     assert_eq!(field, json!({"displayname": "Bob B"}));
     // An unknown user of B: B's 404 reaches alice.
     let nobody = format!("@nobody:{}", b.server_name());
-    assert_err(&alice.get(&format!("profile/{}", enc(&nobody))).await, 404, "M_NOT_FOUND");
+    assert_err(
+        &alice.get(&format!("profile/{}", enc(&nobody))).await,
+        404,
+        "M_NOT_FOUND",
+    );
 
     // Straight to B's federation listener.
     let client = https();
@@ -248,14 +256,24 @@ async fn well_known_server_delegation() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"m.server": "fed.example.org:443"}));
     let plain = TestServer::start().await;
-    assert_err(&plain.anon().get("/.well-known/matrix/server").await, 404, "M_NOT_FOUND");
+    assert_err(
+        &plain.anon().get("/.well-known/matrix/server").await,
+        404,
+        "M_NOT_FOUND",
+    );
 }
 
 #[tokio::test]
 async fn federation_listener_speaks_tls() {
     let server = TestServer::start().await;
-    let addr = server.federation_addr().expect("the federation listener's address is printed");
-    assert!(server.log_tail(100).contains(&format!("weft: federation listening on https://{addr}")));
+    let addr = server
+        .federation_addr()
+        .expect("the federation listener's address is printed");
+    assert!(
+        server
+            .log_tail(100)
+            .contains(&format!("weft: federation listening on https://{addr}"))
+    );
     // Plain HTTP gets no answer.
     let plain = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
