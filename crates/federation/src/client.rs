@@ -36,7 +36,7 @@ impl SendAuth for ServerSignatures {
 }
 
 impl SendAuth for NoAuthentication {
-    fn input<'a>(_: &ServerName, _: &ServerName, _: &'a Ed25519KeyPair) {}
+    fn input(_: &ServerName, _: &ServerName, _: &Ed25519KeyPair) {}
 }
 
 /// Which host a TLS name connects to, as discovery decided: reqwest
