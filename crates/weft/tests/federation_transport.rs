@@ -220,7 +220,11 @@ async fn profiles_over_signed_requests() {
     // A changed signature.
     // (The value is quoted only when it needs to be.)
     let sig_at = good.find("sig=").unwrap() + 4;
-    let sig_at = if good.as_bytes()[sig_at] == b'"' { sig_at + 1 } else { sig_at };
+    let sig_at = if good.as_bytes()[sig_at] == b'"' {
+        sig_at + 1
+    } else {
+        sig_at
+    };
     let mut tampered = good.clone().into_bytes();
     tampered[sig_at] = if tampered[sig_at] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
