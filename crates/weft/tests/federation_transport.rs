@@ -88,6 +88,10 @@ fn assert_signed_by(object: &Value, signers: &[(&str, &Value)]) {
 async fn notary_fetches_and_keeps_remote_keys() {
     let mut a = TestServer::builder().federating().start().await;
     let mut b = TestServer::builder().federating().start().await;
+    assert!(
+        a.log_tail(200).contains("verify_certificates = false"),
+        "no warning about unchecked certificates"
+    );
     let client = https();
     let (status, b_keys) = get_json(&client, &fed_url(&b, "/_matrix/key/v2/server"), None).await;
     assert_eq!(status, 200, "{b_keys}");
@@ -176,6 +180,10 @@ async fn profiles_over_signed_requests() {
         404,
         "M_NOT_FOUND",
     );
+    // A server that cannot be reached: a 502 naming it.
+    let (status, body) = alice.get(&format!("profile/{}", enc("@x:localhost:1"))).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("localhost:1"), "{body}");
 
     // Straight to B's federation listener.
     let client = https();
