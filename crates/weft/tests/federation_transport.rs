@@ -152,6 +152,55 @@ async fn notary_fetches_and_keeps_remote_keys() {
     assert_eq!(resp.json::<Value>().await.unwrap()["server_keys"], json!([]));
 }
 
+/// `POST /_matrix/key/v2/query` for `server` on `notary`: its answer.
+async fn ask_notary(client: &reqwest::Client, notary: &TestServer, server: &str) -> Value {
+    let resp = client
+        .post(fed_url(notary, "/_matrix/key/v2/query"))
+        .json(&json!({ "server_keys": { server: {} } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn keys_of_a_server_down_come_from_a_trusted_notary() {
+    let mut b = TestServer::builder().federating().start().await;
+    let c = TestServer::builder().federating().start().await;
+    let client = https();
+    let (_, b_keys) = get_json(&client, &fed_url(&b, "/_matrix/key/v2/server"), None).await;
+    // C learns B's keys, then B goes away.
+    let primed = ask_notary(&client, &c, b.server_name()).await;
+    assert_eq!(primed["server_keys"].as_array().unwrap().len(), 1, "{primed}");
+    b.terminate(Duration::from_secs(10)).await;
+
+    // A cannot ask B; without a notary it finds nothing.
+    let lonely = TestServer::builder().federating().start().await;
+    let answer = ask_notary(&client, &lonely, b.server_name()).await;
+    assert_eq!(answer["server_keys"], json!([]), "{answer}");
+    // With C as its trusted notary, it gets B's keys through C, checks
+    // them (signed by B and by C) and serves them signed by B and itself.
+    let a = TestServer::builder()
+        .federating()
+        .env(
+            "WEFT_FEDERATION__TRUSTED_KEY_SERVERS",
+            &format!("[\"{}\"]", c.server_name()),
+        )
+        .start()
+        .await;
+    let (_, a_keys) = get_json(&client, &fed_url(&a, "/_matrix/key/v2/server"), None).await;
+    let answer = ask_notary(&client, &a, b.server_name()).await;
+    let list = answer["server_keys"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{answer}\n{}", a.log_tail(50));
+    assert_eq!(list[0]["verify_keys"], b_keys["verify_keys"]);
+    assert_signed_by(&list[0], &[(b.server_name(), &b_keys), (a.server_name(), &a_keys)]);
+    // C's signature is C's to give: A passes on only B's and its own.
+    let signers: Vec<&String> = list[0]["signatures"].as_object().unwrap().keys().collect();
+    assert_eq!(signers.len(), 2, "{signers:?}");
+    assert!(!signers.contains(&&c.server_name().to_owned()));
+}
+
 #[tokio::test]
 async fn profiles_over_signed_requests() {
     let a = TestServer::builder().federating().start().await;
