@@ -13,6 +13,7 @@ use weft_core::Error;
 
 use crate::AppState;
 use crate::endpoint::{Ruma, raw};
+use crate::own;
 
 /// `GET /_matrix/federation/v1/version`: `Weft` and the crate version.
 pub async fn version(
@@ -33,6 +34,19 @@ pub async fn server_keys(
     s: AppState,
     _: Ruma<get_server_keys::v2::Request>,
 ) -> Result<get_server_keys::v2::Response, Error> {
+    server_keys_response(&s)
+}
+
+/// `GET /_matrix/key/v2/server/{keyId}` (deprecated): as
+/// [`server_keys`], whatever the key ID.
+pub async fn server_keys_by_id(
+    s: AppState,
+    _: Ruma<own::server_keys_by_id::Request>,
+) -> Result<get_server_keys::v2::Response, Error> {
+    server_keys_response(&s)
+}
+
+fn server_keys_response(s: &AppState) -> Result<get_server_keys::v2::Response, Error> {
     let keys = s.federation.keys.own_keys()?;
     Ok(get_server_keys::v2::Response::new(raw(
         serde_json::to_value(keys).map_err(Error::internal)?

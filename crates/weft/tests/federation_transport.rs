@@ -98,6 +98,10 @@ async fn notary_fetches_and_keeps_remote_keys() {
     assert_eq!(b_keys["server_name"], b.server_name());
     assert_eq!(b_keys["verify_keys"].as_object().unwrap().len(), 1);
     assert_signed_by(&b_keys, &[(b.server_name(), &b_keys)]);
+    // The deprecated form with a key ID answers the same keys.
+    let (status, by_id) = get_json(&client, &fed_url(&b, "/_matrix/key/v2/server/ed25519%3Aany"), None).await;
+    assert_eq!(status, 200, "{by_id}");
+    assert_eq!(by_id["verify_keys"], b_keys["verify_keys"]);
     let (_, a_keys) = get_json(&client, &fed_url(&a, "/_matrix/key/v2/server"), None).await;
     assert_signed_by(&a_keys, &[(a.server_name(), &a_keys)]);
 
