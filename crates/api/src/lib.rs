@@ -15,6 +15,7 @@ mod directory;
 pub mod endpoint;
 mod extract;
 mod federation;
+mod federation_rooms;
 mod keys;
 mod media;
 mod misc;
@@ -192,6 +193,18 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, federation::query_keys)
         .add(Caller, federation::query_keys_of)
         .add(Caller, federation::query_profile)
+        // rooms: reads and membership handshakes
+        .add(Caller, federation_rooms::event)
+        .add(Caller, federation_rooms::state)
+        .add(Caller, federation_rooms::state_ids)
+        .add(Caller, federation_rooms::event_auth)
+        .add(Caller, federation_rooms::backfill)
+        .add(Caller, federation_rooms::missing_events)
+        .add(Caller, federation_rooms::make_join)
+        .add(Caller, federation_rooms::send_join)
+        .add(Caller, federation_rooms::make_leave)
+        .add(Caller, federation_rooms::send_leave)
+        .add(Caller, federation_rooms::invite)
 }
 
 /// The federation listener's API: [`federation_routes`], the Matrix

@@ -47,7 +47,9 @@ pub async fn join_by_id_or_alias(
     s: AppState,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<join_room_by_id_or_alias::v3::Response, Error> {
-    let room_id = s.join(&req.caller.user_id, req.body.room_id_or_alias.as_str()).await?;
+    let room_id = s
+        .join_via(&req.caller.user_id, req.body.room_id_or_alias.as_str(), &req.body.via)
+        .await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 

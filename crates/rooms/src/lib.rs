@@ -353,7 +353,7 @@ impl Rooms {
         Ok((event_id, hash.to_string()))
     }
 
-    async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
+    pub(crate) async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
         let EventSpec {
             event_type,
             state_key,

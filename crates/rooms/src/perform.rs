@@ -66,6 +66,58 @@ impl Rooms {
         Ok((id, template))
     }
 
+    /// Checks the signatures and hash of an event of a room this server
+    /// may not know (an invite): answers its ID and the event (redacted
+    /// if its content hash did not match).
+    pub async fn check_event(
+        &self,
+        version: &RoomVersionId,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        remote: &dyn Remote,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        let cache = RoomCache {
+            version: version.clone(),
+            rules: rules_of(version)?,
+            room_id: room_id.to_owned(),
+            state: HashMap::new(),
+            by_id: HashMap::new(),
+            extremities: Vec::new(),
+            group: None,
+            chain: 0,
+        };
+        let checked = self.verify_pdu(&cache, object, remote).await?;
+        Ok((checked.event_id, checked.object))
+    }
+
+    /// Adds this server's signature to another server's event (an invite
+    /// of one of our users).
+    pub fn countersign(&self, version: &RoomVersionId, object: &mut CanonicalJsonObject) -> Result<()> {
+        let rules = rules_of(version)?;
+        ruma::signatures::sign_event(self.server_name.as_str(), &*self.key, object, &rules.redaction)
+            .map_err(Error::internal)
+    }
+
+    /// Builds, signs and authorizes an event as [`Rooms::send`] does, but
+    /// does not store it (an invite of another server's user, which that
+    /// server signs first; it comes back through [`Rooms::input_pdu`]).
+    pub async fn build_unsent(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        spec: crate::EventSpec,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load_or_forget(room_id).await?);
+        }
+        let cache = guard.as_ref().ok_or_else(|| Error::not_found("Unknown room"))?;
+        let (ev, pdu) = self.build(cache, sender, spec).await?;
+        let object: CanonicalJsonObject = serde_json::from_str(&ev.pdu_json).map_err(Error::internal)?;
+        Ok((pdu.event_id, object))
+    }
+
     /// Our user's join of a room this server is not in, once a resident
     /// server `origin` accepted it: the room's state and auth chain from
     /// its answer are checked and stored (as outliers), then the join with

@@ -5,10 +5,11 @@
 //! while one of its users is in it, and each event only as its history
 //! visibility allows; a server acts only for its own users.
 
-use ruma::api::federation::membership::{create_join_event, create_leave_event, prepare_join_event, prepare_leave_event};
+use ruma::api::federation::membership::{
+    create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+};
 use ruma::{
-    CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName,
-    UserId,
+    CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
 };
 use serde_json::value::RawValue;
 use weft_core::{Error, ErrorKind, Result};
@@ -35,17 +36,26 @@ impl Services {
     /// `origin` may read `room_id`: the room is ours and one of its users
     /// is joined (`403 M_FORBIDDEN` otherwise).
     async fn readable_by(&self, origin: &ServerName, room_id: &RoomId) -> Result<()> {
-        if self.store.room_info(room_id.as_str()).await?.is_none() || !self.rooms.server_in_room(room_id, origin).await? {
+        if self.store.room_info(room_id.as_str()).await?.is_none()
+            || !self.rooms.server_in_room(room_id, origin).await?
+        {
             return Err(Error::forbidden(format!("{origin} is not in room {room_id}")));
         }
         Ok(())
     }
 
     /// Stored events as PDUs, those `origin` may see.
-    async fn visible_pdus(&self, origin: &ServerName, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<Box<RawValue>>> {
+    async fn visible_pdus(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        events: Vec<StoredEvent>,
+    ) -> Result<Vec<Box<RawValue>>> {
         let mut out = Vec::with_capacity(events.len());
         for ev in events {
-            let Ok(id) = OwnedEventId::try_from(ev.event_id.as_str()) else { continue };
+            let Ok(id) = OwnedEventId::try_from(ev.event_id.as_str()) else {
+                continue;
+            };
             if self.rooms.server_can_see(room_id, &id, origin).await.unwrap_or(false) {
                 out.push(raw_pdu(&ev)?);
             }
@@ -258,7 +268,9 @@ impl Services {
         if content.is_allowed(server) {
             Ok(())
         } else {
-            Err(Error::forbidden(format!("{server} is banned from room {room_id} by its server ACL")))
+            Err(Error::forbidden(format!(
+                "{server} is banned from room {room_id} by its server ACL"
+            )))
         }
     }
 
@@ -319,29 +331,41 @@ impl Services {
             )
             .await?;
         let answer = sent.room_state;
-        let state = answer
-            .state
-            .iter()
-            .map(|r| pdu_object(r))
-            .collect::<Result<Vec<_>>>()?;
+        let state = answer.state.iter().map(|r| pdu_object(r)).collect::<Result<Vec<_>>>()?;
         let chain = answer
             .auth_chain
             .iter()
             .map(|r| pdu_object(r))
             .collect::<Result<Vec<_>>>()?;
         self.rooms
-            .complete_remote_join(room_id, &version, join, state, chain, server, &Network(&self.federation))
+            .complete_remote_join(
+                room_id,
+                &version,
+                join,
+                state,
+                chain,
+                server,
+                &Network(&self.federation),
+            )
             .await?;
         Ok(())
     }
 
     /// Our user leaves (or refuses an invite to) a room this server is not
     /// in, through `server`: `make_leave`, sign, `send_leave`.
-    pub async fn leave_remote(&self, user_id: &UserId, room_id: &RoomId, server: &ServerName) -> Result<OwnedEventId> {
+    pub async fn leave_remote(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        server: &ServerName,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
         let made = self
             .federation
             .client
-            .send(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user_id.to_owned()))
+            .send(
+                server,
+                prepare_leave_event::v1::Request::new(room_id.to_owned(), user_id.to_owned()),
+            )
             .await?;
         let version = made.room_version.unwrap_or(RoomVersionId::V1);
         let template = pdu_object(&made.event)?;
@@ -354,13 +378,327 @@ impl Services {
                 create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw),
             )
             .await?;
-        Ok(event_id)
+        Ok((event_id, leave))
+    }
+}
+
+impl Services {
+    /// Fetches older history of a room this server joined late from a
+    /// server in the room (`/backfill` before our earliest timeline event),
+    /// storing it below the stream. Answers how many events were added
+    /// (0: no gap, or no server answered).
+    pub(crate) async fn backfill_room(&self, room_id: &RoomId, limit: usize) -> Result<usize> {
+        let Some(earliest) = self
+            .store
+            .room_events(room_id.as_str(), i64::MIN, i64::MAX, weft_store::Direction::Forward, 1)
+            .await?
+            .pop()
+        else {
+            return Ok(0);
+        };
+        let mut missing = Vec::new();
+        for prev in self.store.prev_events(&earliest.event_id).await? {
+            let held = self.store.event_place(&prev).await?;
+            if held.is_none_or(|p| p.outlier) {
+                missing.extend(OwnedEventId::try_from(prev).ok());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let servers = self.rooms.servers_in_room(room_id).await?;
+        let limit = ruma::UInt::try_from(limit.min(weft_rooms::MAX_HISTORY_EVENTS) as u64).unwrap_or_default();
+        for server in servers.iter().filter(|s| **s != self.server_name) {
+            let request = ruma::api::federation::backfill::get_backfill::v1::Request::new(
+                room_id.to_owned(),
+                missing.clone(),
+                limit,
+            );
+            let pdus = match self.federation.client.send(server, request).await {
+                Ok(r) => r.pdus,
+                Err(e) => {
+                    tracing::info!(%room_id, %server, "backfill failed: {}", e.message);
+                    continue;
+                }
+            };
+            let mut events: Vec<(i64, CanonicalJsonObject)> = pdus
+                .iter()
+                .filter_map(|r| pdu_object(r).ok())
+                .map(|o| {
+                    (
+                        o.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0),
+                        o,
+                    )
+                })
+                .collect();
+            // Newest first: each gets a lower position than the last.
+            events.sort_by_key(|e| std::cmp::Reverse(e.0));
+            let mut added = 0;
+            for (_, o) in events {
+                match self
+                    .rooms
+                    .input_pdu(room_id, o, server, Arrival::Backfill, &Network(&self.federation))
+                    .await
+                {
+                    Ok(Outcome::Accepted(_)) => added += 1,
+                    Ok(_) => {}
+                    Err(e) => tracing::info!(%room_id, %server, "a backfilled event was refused: {}", e.message),
+                }
+            }
+            return Ok(added);
+        }
+        Ok(0)
+    }
+}
+
+impl Services {
+    /// Our user invites a user of another server: the invite is built and
+    /// checked here, signed by the invitee's server (`/invite`), then
+    /// stored and sent into the room like any event.
+    pub(crate) async fn invite_remote(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &UserId,
+        spec: weft_rooms::EventSpec,
+    ) -> Result<weft_rooms::Sent> {
+        let (event_id, object) = self.rooms.build_unsent(room_id, sender, spec).await?;
+        let version = self.rooms.room_version(room_id).await?;
+        let stripped: Vec<ruma::api::federation::membership::RawStrippedState> = self
+            .store
+            .current_state(room_id.as_str())
+            .await?
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event_type.as_str(),
+                    "m.room.create" | "m.room.join_rules" | "m.room.name" | "m.room.avatar" | "m.room.topic"
+                        | "m.room.canonical_alias" | "m.room.encryption"
+                ) || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(sender.as_str()))
+            })
+            .filter_map(|e| raw_pdu(e).ok())
+            .map(ruma::api::federation::membership::RawStrippedState::Pdu)
+            .collect();
+        let raw = serde_json::value::to_raw_value(&object).map_err(Error::internal)?;
+        let request = ruma::api::federation::membership::create_invite::v2::Request::new(
+            room_id.to_owned(),
+            event_id.clone(),
+            version.clone(),
+            raw,
+            stripped,
+        );
+        let answer = self.federation.client.send(target.server_name(), request).await?;
+        let signed = pdu_object(&answer.event)?;
+        // The same event, now with the invitee's server's signature too.
+        let rules = version.rules().ok_or_else(|| Error::internal("unknown room version"))?;
+        let hash = ruma::signatures::reference_hash(&signed, &rules).map_err(|e| Error::bad_json(e.to_string()))?;
+        if format!("${hash}") != event_id.as_str() {
+            return Err(Error::new(
+                ErrorKind::RemoteUnreachable,
+                format!("{} answered the invite with another event", target.server_name()),
+            ));
+        }
+        let server_signed = signed
+            .get("signatures")
+            .and_then(|s| s.as_object())
+            .is_some_and(|s| s.contains_key(target.server_name().as_str()));
+        if !server_signed {
+            return Err(Error::new(
+                ErrorKind::RemoteUnreachable,
+                format!("{} did not sign the invite", target.server_name()),
+            ));
+        }
+        let origin = self.server_name.clone();
+        match self
+            .rooms
+            .input_pdu(room_id, signed, &origin, Arrival::New, &Network(&self.federation))
+            .await?
+        {
+            Outcome::Accepted(position) => Ok(weft_rooms::Sent { event_id, position }),
+            Outcome::Known => Ok(weft_rooms::Sent { event_id, position: 0 }),
+            Outcome::SoftFailed(why) | Outcome::Rejected(why) => Err(Error::forbidden(why)),
+        }
+    }
+
+    /// `PUT /invite/{roomId}/{eventId}` (v2): another server invites one of
+    /// our users. The invite is checked, signed by us and kept (for a room
+    /// this server is not in, with the room's stripped state for `/sync`).
+    pub async fn federation_invite(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        version: &RoomVersionId,
+        event: &RawValue,
+        invite_room_state: &[ruma::api::federation::membership::RawStrippedState],
+    ) -> Result<Box<RawValue>> {
+        if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+            return Err(Error::new(
+                ErrorKind::IncompatibleRoomVersion {
+                    room_version: version.to_string(),
+                },
+                format!("Room version {version} is not supported"),
+            ));
+        }
+        let object = pdu_object(event)?;
+        let (checked_id, mut object) = self
+            .rooms
+            .check_event(version, room_id, object, &Network(&self.federation))
+            .await?;
+        if checked_id != event_id {
+            return Err(Error::bad_json("The event ID does not match the event"));
+        }
+        let field = |k: &str| object.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let membership = object
+            .get("content")
+            .and_then(|c| c.as_object())
+            .and_then(|c| c.get("membership"))
+            .and_then(|m| m.as_str());
+        let sender = field("sender").and_then(|s| UserId::parse(s).ok());
+        let target = field("state_key").and_then(|s| UserId::parse(s).ok());
+        let (Some(sender), Some(target)) = (sender, target) else {
+            return Err(Error::bad_json("Not an invite"));
+        };
+        if field("type").as_deref() != Some("m.room.member")
+            || membership != Some("invite")
+            || field("room_id").as_deref() != Some(room_id.as_str())
+        {
+            return Err(Error::bad_json("Not an invite"));
+        }
+        if sender.server_name() != origin {
+            return Err(Error::forbidden(format!("{origin} cannot invite for {sender}")));
+        }
+        if target.server_name() != self.server_name {
+            return Err(Error::invalid_param(format!("{target} is not a user of this server")));
+        }
+        match self.store.get_user(target.as_str()).await? {
+            Some(u) if !u.deactivated => {}
+            _ => return Err(Error::not_found(format!("{target} does not exist"))),
+        }
+        if self.store.room_info(room_id.as_str()).await?.is_some() {
+            self.acl_allows(room_id, origin).await?;
+        }
+        self.rooms.countersign(version, &mut object)?;
+        let json = serde_json::to_string(&object).map_err(Error::internal)?;
+        let resident = self.store.room_info(room_id.as_str()).await?.is_some()
+            && self.rooms.server_in_room(room_id, &self.server_name).await?;
+        if !resident {
+            // What the invited user is shown of the room.
+            let mut stripped: Vec<serde_json::Value> = invite_room_state
+                .iter()
+                .filter_map(|s| {
+                    let raw = match s {
+                        ruma::api::federation::membership::RawStrippedState::Pdu(p) => p.get(),
+                        #[allow(deprecated)]
+                        ruma::api::federation::membership::RawStrippedState::Stripped(r) => r.json().get(),
+                        _ => return None,
+                    };
+                    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+                    Some(serde_json::json!({
+                        "type": v.get("type")?,
+                        "state_key": v.get("state_key")?,
+                        "sender": v.get("sender")?,
+                        "content": v.get("content")?,
+                    }))
+                })
+                .collect();
+            stripped.push(serde_json::json!({
+                "type": "m.room.member",
+                "state_key": target.as_str(),
+                "sender": sender.as_str(),
+                "content": object.get("content"),
+            }));
+            let depth = object.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0);
+            let event = weft_store::NewEvent {
+                event_id: event_id.to_string(),
+                room_id: room_id.to_string(),
+                event_type: "m.room.member".into(),
+                state_key: Some(target.to_string()),
+                sender: sender.to_string(),
+                origin_server_ts: object
+                    .get("origin_server_ts")
+                    .and_then(|t| t.as_integer())
+                    .and_then(|t| u64::try_from(i64::from(t)).ok())
+                    .unwrap_or_default(),
+                pdu_json: json.clone(),
+                new_room: None,
+                membership: Some("invite".into()),
+                history_visibility: None,
+                txn: None,
+                redaction: None,
+                relation: None,
+                search_text: None,
+                prev_events: Vec::new(),
+                auth_events: Vec::new(),
+                depth,
+                kind: weft_store::EventKind::Outlier,
+                state_before: None,
+                state_after: None,
+                new_groups: Vec::new(),
+                current_state: None,
+            };
+            self.store
+                .remote_membership(
+                    event,
+                    target.to_string(),
+                    "invite".into(),
+                    Some(serde_json::to_string(&stripped).map_err(Error::internal)?),
+                )
+                .await
+                .map_err(|_| Error::internal("invite was not stored"))??;
+        }
+        RawValue::from_string(json).map_err(Error::internal)
+    }
+
+    /// Our user refuses an invite to a room this server is not in (or
+    /// leaves it), through the inviter's server.
+    pub(crate) async fn leave_remote_room(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        server: &ServerName,
+    ) -> Result<weft_rooms::Sent> {
+        let (event_id, leave) = self.leave_remote(user_id, room_id, server).await?;
+        let event = weft_store::NewEvent {
+            event_id: event_id.to_string(),
+            room_id: room_id.to_string(),
+            event_type: "m.room.member".into(),
+            state_key: Some(user_id.to_string()),
+            sender: user_id.to_string(),
+            origin_server_ts: weft_core::now_ms(),
+            pdu_json: serde_json::to_string(&leave).map_err(Error::internal)?,
+            new_room: None,
+            membership: Some("leave".into()),
+            history_visibility: None,
+            txn: None,
+            redaction: None,
+            relation: None,
+            search_text: None,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 0,
+            kind: weft_store::EventKind::Outlier,
+            state_before: None,
+            state_after: None,
+            new_groups: Vec::new(),
+            current_state: None,
+        };
+        let position = self
+            .store
+            .remote_membership(event, user_id.to_string(), "leave".into(), None)
+            .await
+            .map_err(|_| Error::internal("leave was not stored"))??;
+        Ok(weft_rooms::Sent { event_id, position })
     }
 }
 
 /// The servers to try to join a room through: those named, the alias's
 /// server, and the room ID's server (room versions before 12).
-pub fn join_candidates(room_id: &RoomId, named: &[OwnedServerName], alias_server: Option<&ServerName>) -> Vec<OwnedServerName> {
+pub fn join_candidates(
+    room_id: &RoomId,
+    named: &[OwnedServerName],
+    alias_server: Option<&ServerName>,
+) -> Vec<OwnedServerName> {
     let mut out: Vec<OwnedServerName> = Vec::new();
     let mut push = |s: &ServerName| {
         if !out.iter().any(|o| o == s) {

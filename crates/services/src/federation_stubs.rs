@@ -34,7 +34,12 @@ impl Services {
     /// Takes in an end-to-end-encryption EDU from `origin`'s transaction:
     /// `m.device_list_update`, `m.signing_key_update`,
     /// `m.direct_to_device`. Called by the incoming `/send` handler.
-    pub async fn receive_e2ee_edu(&self, origin: &ServerName, edu_type: &str, content: serde_json::Value) -> Result<()> {
+    pub async fn receive_e2ee_edu(
+        &self,
+        origin: &ServerName,
+        edu_type: &str,
+        content: serde_json::Value,
+    ) -> Result<()> {
         let _ = (origin, edu_type, content);
         Ok(())
     }

@@ -11,7 +11,7 @@ use weft_core::{Error, Result};
 use weft_store::{DeviceTarget, KeySignature, KeyUpload, NewToDevice};
 
 use crate::content::canonical_object;
-use crate::tokens::parse_token;
+use crate::tokens::parse_stream_token;
 use crate::{Services, Session};
 
 /// The `/keys/upload` body.
@@ -333,8 +333,8 @@ impl Services {
     /// `GET /keys/changes`: users (sharing a room with the caller) whose
     /// device lists changed between two sync tokens.
     pub async fn key_changes(&self, session: &Session, from: &str, to: &str) -> Result<Value> {
-        let from = parse_token(from)?;
-        let to = parse_token(to)?.min(self.store.current_position());
+        let from = parse_stream_token(from)?;
+        let to = parse_stream_token(to)?.min(self.store.current_position());
         let user = session.user_id.as_str();
         let (changed, left) = if to > from {
             (

@@ -6,7 +6,8 @@
 use ruma::api::client::room::Visibility as RoomVisibility;
 use ruma::api::client::room::create_room::{self, v3::RoomPreset};
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId,
+    RoomId, UserId,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -119,7 +120,7 @@ impl Services {
 
     /// The server of whoever invited `user_id` to `room_id`, if the user
     /// holds an invite there.
-    async fn pending_invite_server(&self, user_id: &UserId, room_id: &ruma::RoomId) -> Result<Option<OwnedServerName>> {
+    pub(crate) async fn pending_invite_server(&self, user_id: &UserId, room_id: &ruma::RoomId) -> Result<Option<OwnedServerName>> {
         let Some(m) = self
             .store
             .user_memberships(user_id.as_str())
@@ -132,7 +133,9 @@ impl Services {
         let Some(ev) = self.store.get_event(&m.event_id).await? else {
             return Ok(None);
         };
-        Ok(UserId::parse(ev.sender.as_str()).ok().map(|u| u.server_name().to_owned()))
+        Ok(UserId::parse(ev.sender.as_str())
+            .ok()
+            .map(|u| u.server_name().to_owned()))
     }
 
     pub(crate) async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
@@ -251,7 +254,12 @@ impl Services {
     /// Joins a room by ID or alias; a room this server is not in is joined
     /// through another server: those in `via`, the alias's, the room ID's,
     /// the inviter's.
-    pub async fn join_via(&self, user_id: &UserId, room_or_alias: &str, via: &[OwnedServerName]) -> Result<OwnedRoomId> {
+    pub async fn join_via(
+        &self,
+        user_id: &UserId,
+        room_or_alias: &str,
+        via: &[OwnedServerName],
+    ) -> Result<OwnedRoomId> {
         let (room_id, mut servers) = self.resolve_room_anywhere(room_or_alias).await?;
         servers.extend(via.iter().cloned());
         let known = self.store.room_info(room_id.as_str()).await?.is_some();
@@ -297,6 +305,15 @@ impl Services {
     ) -> Result<Sent> {
         let room_id = self.room_id(room)?;
         let target = OwnedUserId::try_from(target).map_err(|_| Error::invalid_param("Invalid user_id"))?;
+        let resident = self.store.room_info(room_id.as_str()).await?.is_some()
+            && self.rooms.server_in_room(&room_id, &self.server_name).await?;
+        if membership == "leave" && target == sender && !resident {
+            // Refusing an invite to (or leaving) a room this server is not
+            // in goes through the inviter's server.
+            if let Some(server) = self.pending_invite_server(sender, &room_id).await? {
+                return self.leave_remote_room(sender, &room_id, &server).await;
+            }
+        }
         if self.store.room_info(room_id.as_str()).await?.is_none() {
             return Err(Error::forbidden("You are not in this room"));
         }
@@ -323,6 +340,10 @@ impl Services {
         }
         if membership == "leave" && target == sender && current.is_none() {
             return Err(Error::forbidden("You are not in this room"));
+        }
+        if membership == "invite" && target.server_name() != self.server_name {
+            let spec = EventSpec::new("m.room.member", Some(target.to_string()), content);
+            return self.invite_remote(sender, &room_id, &target, spec).await;
         }
         self.rooms
             .send(
@@ -582,12 +603,16 @@ impl Services {
         let mut chunk = Vec::new();
         let mut cursor = from_pos.min(now);
         let mut end = None;
+        // History older than this server's join of a room comes from
+        // another server in it, a few pages at most per request.
+        let mut backfills = 0;
         // Keep reading until the page is full or history ends; events the
         // user may not see or the filter drops do not count.
         loop {
             let batch = match dir {
                 Direction::Backward => {
-                    let bound = to_pos.unwrap_or(0);
+                    // Backfilled history lies below zero.
+                    let bound = to_pos.unwrap_or(i64::MIN);
                     self.store
                         .room_events(room_id.as_str(), cursor + 1, bound, dir, limit)
                         .await?
@@ -617,6 +642,14 @@ impl Services {
                 break;
             }
             if exhausted {
+                if dir == Direction::Backward
+                    && to_pos.is_none()
+                    && backfills < 3
+                    && self.backfill_room(&room_id, limit.max(20)).await.unwrap_or(0) > 0
+                {
+                    backfills += 1;
+                    continue;
+                }
                 break;
             }
         }

@@ -31,7 +31,7 @@ use weft_store::{Direction, MembershipRecord, StoredEvent, StreamKey};
 use crate::accounts::random_string;
 use crate::filter::SyncFilter;
 use crate::sync::{account_data_json, content_str, wait_for_position};
-use crate::tokens::{make_token, parse_token};
+use crate::tokens::{make_token, parse_stream_token};
 use crate::{Services, Session};
 
 /// Event types that move a room up the list (its `bump_stamp`), besides
@@ -172,7 +172,7 @@ impl Services {
             && let Some(s) = ext.to_device.since.as_deref()
         {
             // Asking from `s` acknowledges the messages up to it.
-            let acked = parse_token(s)?.min(self.store.current_position());
+            let acked = parse_stream_token(s)?.min(self.store.current_position());
             self.store.ack_to_device(user, device, acked).await?;
         }
         let mut rx = self.store.subscribe_position();
@@ -381,7 +381,7 @@ impl Services {
             });
             let room = match c.m.membership.as_str() {
                 "invite" if known.is_some() => None,
-                "invite" => Some(self.invited_room(c).await?),
+                "invite" => Some(self.invited_room(session.user_id.as_str(), c).await?),
                 _ => {
                     let touched = counts_touched.contains(&c.m.room_id);
                     self.joined_room(session, c, details, known.map(|k| k.pos), touched, since, upto, now)
@@ -518,8 +518,8 @@ impl Services {
     }
 
     /// An invited room: its stripped state, always whole.
-    async fn invited_room(&self, c: &Candidate) -> Result<Value> {
-        let invite_state = self.invite_state(&c.m).await?;
+    async fn invited_room(&self, user: &str, c: &Candidate) -> Result<Value> {
+        let invite_state = self.invite_state(user, &c.m).await?;
         let mut room = json!({
             "initial": true,
             "invite_state": invite_state,
@@ -686,7 +686,7 @@ impl Services {
                 .to_device
                 .since
                 .as_deref()
-                .map(parse_token)
+                .map(parse_stream_token)
                 .transpose()?
                 .unwrap_or(0)
                 .min(upto);

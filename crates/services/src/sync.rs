@@ -16,7 +16,7 @@ use crate::ephemeral::RECEIPT_READ_PRIVATE;
 use crate::events::membership_of;
 use crate::filter::SyncFilter;
 use crate::keys::counts_json;
-use crate::tokens::{make_token, parse_token};
+use crate::tokens::{make_token, parse_stream_token};
 use crate::{Services, Session};
 
 pub struct SyncRequest {
@@ -60,7 +60,7 @@ impl Services {
     /// Runs a sync, long-polling up to `timeout_ms` when nothing is new.
     pub async fn sync(&self, session: &Session, req: SyncRequest) -> Result<Value> {
         let user = session.user_id.as_str();
-        let mut since = req.since.as_deref().map(parse_token).transpose()?;
+        let mut since = req.since.as_deref().map(parse_stream_token).transpose()?;
         let timeout = req.timeout_ms.min(self.config.limits.max_sync_timeout_ms);
         // Syncing keeps the user online (before the position is read, so
         // the change shows in this very response).
@@ -412,7 +412,7 @@ impl Services {
                     join.insert(m.room_id.clone(), Value::Object(section));
                 }
                 "invite" if membership_new => {
-                    let events = self.invite_state(&m).await?;
+                    let events = self.invite_state(user, &m).await?;
                     invite.insert(m.room_id.clone(), json!({ "invite_state": { "events": events } }));
                 }
                 "leave" | "ban" if membership_new => {
@@ -459,7 +459,12 @@ impl Services {
     /// The stripped state an invited user sees of the room (MSC: the
     /// create event, join rules, name, avatar, topic, canonical alias,
     /// encryption) and the invite itself.
-    pub(crate) async fn invite_state(&self, m: &MembershipRecord) -> Result<Vec<Value>> {
+    pub(crate) async fn invite_state(&self, user: &str, m: &MembershipRecord) -> Result<Vec<Value>> {
+        // An invite to a room this server is not in: what the inviting
+        // server showed of it.
+        if let Some(state) = self.store.remote_invite_state(&m.room_id, user).await? {
+            return serde_json::from_str(&state).map_err(Error::internal);
+        }
         let mut events: Vec<Value> = self
             .store
             .current_state(&m.room_id)

@@ -78,3 +78,13 @@ ALTER TABLE rooms ADD COLUMN state_group INTEGER;
 -- outlier event when state resolution or a join chose it).
 ALTER TABLE state_events ADD COLUMN event_position INTEGER;
 UPDATE state_events SET event_position = position;
+
+-- The room state an invite from another server showed (stripped state
+-- events as JSON), for a room this server is not in: what `/sync` shows
+-- the invited user.
+CREATE TABLE remote_invites (
+    room_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    state_json TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);

@@ -47,4 +47,18 @@ pub trait RoomGraphStore: Send + Sync {
     async fn events_by_id(&self, event_ids: Vec<String>) -> Result<Vec<crate::StoredEvent>>;
     /// The IDs of an event's prev events (its DAG edges).
     async fn prev_events(&self, event_id: &str) -> Result<Vec<String>>;
+    /// A local user's membership in a room this server is not in (an
+    /// invite from another server, or its refusal): `event` is stored as
+    /// an outlier and the user's membership changes at a new stream
+    /// position, so `/sync` shows it; an invite keeps the room's stripped
+    /// state (`stripped_state`, a JSON array) for the invited user.
+    fn remote_membership(
+        &self,
+        event: crate::NewEvent,
+        user_id: String,
+        membership: String,
+        stripped_state: Option<String>,
+    ) -> crate::Pending<i64>;
+    /// The stripped state kept with a remote invite.
+    async fn remote_invite_state(&self, room_id: &str, user_id: &str) -> Result<Option<String>>;
 }

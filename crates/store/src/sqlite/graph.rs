@@ -117,6 +117,28 @@ impl RoomGraphStore for SqliteStore {
         .await
     }
 
+    fn remote_membership(
+        &self,
+        event: NewEvent,
+        user_id: String,
+        membership: String,
+        stripped_state: Option<String>,
+    ) -> crate::Pending<i64> {
+        self.write(move |c, ctx| {
+            remote_membership_job(c, ctx, event, user_id, membership, stripped_state).map_err(super::db_err)
+        })
+    }
+
+    async fn remote_invite_state(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+        let (r, u) = (room_id.to_owned(), user_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached("SELECT state_json FROM remote_invites WHERE room_id = ?1 AND user_id = ?2")?
+                .query_row(params![r, u], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
     async fn prev_events(&self, event_id: &str) -> Result<Vec<String>> {
         let id = event_id.to_owned();
         self.read(move |c| {
@@ -126,6 +148,45 @@ impl RoomGraphStore for SqliteStore {
         })
         .await
     }
+}
+
+/// The write of [`RoomGraphStore::remote_membership`].
+fn remote_membership_job(
+    c: &Connection,
+    ctx: &mut super::WriterCtx,
+    event: NewEvent,
+    user_id: String,
+    membership: String,
+    stripped_state: Option<String>,
+) -> rusqlite::Result<i64> {
+    let mut event = event;
+    event.kind = crate::EventKind::Outlier;
+    event.current_state = None;
+    if c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?
+        .query_row([&event.event_id], |_| Ok(()))
+        .optional()?
+        .is_none()
+    {
+        super::insert_event(c, ctx, &event)?;
+    }
+    let p = ctx.pos + 1;
+    c.prepare_cached(
+        "INSERT INTO memberships (room_id, user_id, membership, event_id, position) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, \
+                 event_id = excluded.event_id, position = excluded.position",
+    )?
+    .execute(params![event.room_id, user_id, membership, event.event_id, p])?;
+    match &stripped_state {
+        Some(state) => c
+            .prepare_cached("INSERT OR REPLACE INTO remote_invites (room_id, user_id, state_json) VALUES (?1, ?2, ?3)")?
+            .execute(params![event.room_id, user_id, state])?,
+        None => c
+            .prepare_cached("DELETE FROM remote_invites WHERE room_id = ?1 AND user_id = ?2")?
+            .execute(params![event.room_id, user_id])?,
+    };
+    ctx.pos = p;
+    ctx.changes.push((p, crate::StreamKey::User(user_id.clone())));
+    Ok(p)
 }
 
 /// The full state of `group`: its deltas down to the snapshot, newest
