@@ -173,5 +173,7 @@ pub async fn invite(
             &b.invite_room_state,
         )
         .await?;
-    Ok(ruma::api::federation::membership::create_invite::v2::Response::new(event))
+    Ok(ruma::api::federation::membership::create_invite::v2::Response::new(
+        event,
+    ))
 }

@@ -472,8 +472,13 @@ impl Services {
             .filter(|e| {
                 matches!(
                     e.event_type.as_str(),
-                    "m.room.create" | "m.room.join_rules" | "m.room.name" | "m.room.avatar" | "m.room.topic"
-                        | "m.room.canonical_alias" | "m.room.encryption"
+                    "m.room.create"
+                        | "m.room.join_rules"
+                        | "m.room.name"
+                        | "m.room.avatar"
+                        | "m.room.topic"
+                        | "m.room.canonical_alias"
+                        | "m.room.encryption"
                 ) || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(sender.as_str()))
             })
             .filter_map(|e| raw_pdu(e).ok())
@@ -582,7 +587,25 @@ impl Services {
         let json = serde_json::to_string(&object).map_err(Error::internal)?;
         let resident = self.store.room_info(room_id.as_str()).await?.is_some()
             && self.rooms.server_in_room(room_id, &self.server_name).await?;
-        if !resident {
+        if resident {
+            // A room we are in: the invite is an event of it, as any other.
+            match self
+                .rooms
+                .input_pdu(
+                    room_id,
+                    object.clone(),
+                    origin,
+                    Arrival::New,
+                    &Network(&self.federation),
+                )
+                .await?
+            {
+                Outcome::Accepted(_) | Outcome::Known => {}
+                Outcome::SoftFailed(why) | Outcome::Rejected(why) => {
+                    return Err(Error::forbidden(format!("The invite is not allowed: {why}")));
+                }
+            }
+        } else {
             // What the invited user is shown of the room.
             let mut stripped: Vec<serde_json::Value> = invite_room_state
                 .iter()
@@ -608,7 +631,11 @@ impl Services {
                 "sender": sender.as_str(),
                 "content": object.get("content"),
             }));
-            let depth = object.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0);
+            let depth = object
+                .get("depth")
+                .and_then(|d| d.as_integer())
+                .map(i64::from)
+                .unwrap_or(0);
             let event = weft_store::NewEvent {
                 event_id: event_id.to_string(),
                 room_id: room_id.to_string(),

@@ -120,7 +120,11 @@ impl Services {
 
     /// The server of whoever invited `user_id` to `room_id`, if the user
     /// holds an invite there.
-    pub(crate) async fn pending_invite_server(&self, user_id: &UserId, room_id: &ruma::RoomId) -> Result<Option<OwnedServerName>> {
+    pub(crate) async fn pending_invite_server(
+        &self,
+        user_id: &UserId,
+        room_id: &ruma::RoomId,
+    ) -> Result<Option<OwnedServerName>> {
         let Some(m) = self
             .store
             .user_memberships(user_id.as_str())

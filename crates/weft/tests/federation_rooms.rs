@@ -1,0 +1,187 @@
+//! Rooms across two real Weft servers over their TLS federation listeners:
+//! a user of one joins the other's room (make_join/send_join), reads its
+//! history from before the join (backfill through /messages), is invited
+//! across servers (invite v2, with the room's stripped state in /sync),
+//! refuses an invite (make_leave/send_leave); and what the endpoints
+//! refuse.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn pair() -> (TestServer, TestServer) {
+    let a = TestServer::builder().federating().start().await;
+    let b = TestServer::builder().federating().start().await;
+    (a, b)
+}
+
+/// Syncs `client` until `pred` holds for the answer (30 s at most).
+async fn sync_until(client: &Client, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut since: Option<String> = None;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        let s = client.sync(since.as_deref(), 1000).await;
+        if pred(&s) {
+            return s;
+        }
+        since = s["next_batch"].as_str().map(str::to_owned);
+        last = s;
+    }
+    panic!("{what}: not seen in 30 s; last sync {last}");
+}
+
+fn join_path(room: &str, via: &str) -> String {
+    format!("join/{}?via={}", enc(room), enc(via))
+}
+
+#[tokio::test]
+async fn a_user_joins_a_room_of_another_server_and_reads_its_history() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let room = alice
+        .create_room(json!({"preset": "public_chat", "name": "Across", "topic": "federation"}))
+        .await;
+    for n in 0..30 {
+        alice.send_text(&room, &format!("t{n}"), &format!("before {n}")).await;
+    }
+    let (status, body) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["room_id"], room.as_str());
+    // Bob's server now holds the room's state.
+    let (status, name) = bob.state(&room, "m.room.name", "").await;
+    assert_eq!((status, name["name"].as_str()), (200, Some("Across")), "{name}");
+    let (_, members) = bob.get(&format!("rooms/{}/joined_members", enc(&room))).await;
+    let joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
+    assert_eq!(joined.len(), 2, "{members}");
+    // Alice's server took the join in.
+    let bob_id = b.user_id("bob");
+    let (status, m) = alice.state(&room, "m.room.member", &bob_id).await;
+    assert_eq!((status, m["membership"].as_str()), (200, Some("join")), "{m}");
+    // History from before the join, fetched from alice's server as bob
+    // pages back, in order, each message once.
+    let bodies: Vec<String> = bob
+        .all_messages(&room)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expect: Vec<String> = (0..30).map(|n| format!("before {n}")).collect();
+    assert_eq!(bodies, expect);
+    // Joining again is a no-op.
+    let (status, _) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn invites_cross_servers_and_can_be_refused() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let carol = b.register("carol").await;
+    let dave = b.register("dave").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "name": "Invite only"}))
+        .await;
+    let carol_id = b.user_id("carol");
+    alice.invite(&room, &carol_id).await;
+    // Carol sees the invite with the room's name.
+    let s = sync_until(&carol, "carol's invite", |s| !s["rooms"]["invite"][&room].is_null()).await;
+    let events = s["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Invite only"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == carol_id.as_str())
+    );
+    // Alice's room has carol invited, signed by both servers.
+    let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
+    assert_eq!(m["membership"], "invite", "{m}");
+    // Dave refuses his (through alice's server: his own is not in the
+    // room yet).
+    let dave_id = b.user_id("dave");
+    alice.invite(&room, &dave_id).await;
+    sync_until(&dave, "dave's invite", |s| !s["rooms"]["invite"][&room].is_null()).await;
+    let (status, body) = dave.post(&format!("rooms/{}/leave", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, m) = alice.state(&room, "m.room.member", &dave_id).await;
+    assert_eq!(m["membership"], "leave", "{m}");
+    // Gone from dave's invites.
+    let s = dave.sync(None, 0).await;
+    assert!(s["rooms"]["invite"][&room].is_null(), "{s}");
+    // Carol accepts: joined on both sides.
+    let (status, body) = carol.post(&format!("join/{}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
+    assert_eq!(m["membership"], "join", "{m}");
+    // A user that does not exist cannot be invited.
+    let (status, body) = alice
+        .post(
+            &format!("rooms/{}/invite", enc(&room)),
+            json!({"user_id": b.user_id("nobody")}),
+        )
+        .await;
+    assert!(status >= 400, "{status} {body}");
+}
+
+#[tokio::test]
+async fn joins_are_refused_where_the_room_says_so() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    // Not invited: alice's server refuses the join template.
+    let (status, body) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
+    assert_eq!(status, 403, "{body}");
+    // An unknown room on a reachable server: 404.
+    let (status, body) = bob
+        .post(
+            &join_path(&format!("!nothing:{}", a.server_name()), a.server_name()),
+            json!({}),
+        )
+        .await;
+    assert!(status == 404 || status == 403, "{status} {body}");
+    // Through a server that is not there: an error, not a hang.
+    let (status, body) = bob.post(&join_path(&room, "localhost:1"), json!({})).await;
+    assert!(status >= 400, "{status} {body}");
+}
+
+#[tokio::test]
+async fn room_endpoints_refuse_unsigned_requests_and_servers_not_in_the_room() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let fed = a.federation_addr().unwrap();
+    for path in [
+        format!("/_matrix/federation/v1/state_ids/{}?event_id=%24x", enc(&room)),
+        format!(
+            "/_matrix/federation/v1/make_join/{}/{}",
+            enc(&room),
+            enc(&b.user_id("bob"))
+        ),
+        format!("/_matrix/federation/v1/backfill/{}?v=%24x&limit=10", enc(&room)),
+    ] {
+        let resp = http.get(format!("https://{fed}{path}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["errcode"], "M_UNAUTHORIZED");
+    }
+    let _ = b;
+}
