@@ -191,6 +191,7 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, federation::query_keys)
         .add(Caller, federation::query_keys_of)
         .add(Caller, federation::query_profile)
+        .add(Caller, federation::send_transaction)
 }
 
 /// The federation listener's API: [`federation_routes`], the Matrix

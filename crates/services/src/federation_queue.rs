@@ -330,6 +330,40 @@ impl Services {
         Ok(())
     }
 
+    /// Sends a transaction built by the operator (`weft federation
+    /// send-transaction`): `body` is `{"pdus": [...], "edus": [...]}`;
+    /// answers the destination's response as JSON.
+    pub async fn send_transaction_now(&self, destination: &ServerName, txn_id: &str, body: &str) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default)]
+            pdus: Vec<Box<serde_json::value::RawValue>>,
+            #[serde(default)]
+            edus: Vec<Box<serde_json::value::RawValue>>,
+        }
+        let body: Body = serde_json::from_str(body).map_err(|e| Error::bad_json(format!("Invalid transaction: {e}")))?;
+        let mut request = send_transaction_message::v1::Request::new(
+            OwnedTransactionId::from(txn_id),
+            self.server_name.clone(),
+            MilliSecondsSinceUnixEpoch::now(),
+        );
+        request.pdus = body.pdus;
+        request.edus = body.edus.into_iter().map(Raw::from_json).collect();
+        let response = self.federation.client.send(destination, request).await?;
+        let pdus: serde_json::Map<String, Value> = response
+            .pdus
+            .into_iter()
+            .map(|(id, r)| {
+                let v = match r {
+                    Ok(()) => json!({}),
+                    Err(why) => json!({ "error": why }),
+                };
+                (id.to_string(), v)
+            })
+            .collect();
+        Ok(json!({ "pdus": pdus }).to_string())
+    }
+
     /// Sends one transaction of `destination`'s oldest rows. `Ok(false)`:
     /// nothing was queued.
     async fn send_one_transaction(&self, destination: &ServerName) -> Result<bool> {
