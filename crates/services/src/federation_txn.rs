@@ -419,7 +419,7 @@ async fn receive_room_pdus(
             (None, Ok(_)) => Err(Error::not_found(format!("Unknown room {room}"))),
         };
         if let Err(e) = &result {
-            tracing::info!("federation: {event_id} from {origin} not taken: {}", e.message);
+            tracing::debug!("federation: {event_id} from {origin} not taken: {}", e.message);
         }
         tx.send_modify(|p| {
             p.results.insert(event_id, result.map_err(|e| e.message));

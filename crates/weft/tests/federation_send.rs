@@ -21,17 +21,18 @@ use serde_json::{Value, json};
 
 /// A PDU-shaped object for `room` (not validly signed: it never gets past
 /// the room check of a room the receiver does not have, or of a room the
-/// sender is not in).
-fn pdu(room: &str, sender: &str, body: &str) -> Value {
+/// sender is not in). `n` makes its event ID: the ID is the hash of the
+/// redacted event, which keeps `origin_server_ts` but not the body.
+fn pdu(room: &str, sender: &str, n: u64) -> Value {
     json!({
         "room_id": room,
         "type": "m.room.message",
         "sender": sender,
-        "content": { "msgtype": "m.text", "body": body },
+        "content": { "msgtype": "m.text", "body": format!("message {n}") },
         "depth": 5,
         "prev_events": [],
         "auth_events": [],
-        "origin_server_ts": 1_700_000_000_000u64,
+        "origin_server_ts": 1_700_000_000_000u64 + n,
         "hashes": { "sha256": "aGFzaA" },
         "signatures": {},
     })
@@ -52,7 +53,7 @@ async fn a_repeated_transaction_is_answered_as_before_and_processed_once() {
     let sender = format!("@bot:{b_name}");
     let unknown = format!("!nowhere:{b_name}");
 
-    let first = send_transaction(&b, &a_name, "txn-1", &json!({ "pdus": [pdu(&unknown, &sender, "one")] }))
+    let first = send_transaction(&b, &a_name, "txn-1", &json!({ "pdus": [pdu(&unknown, &sender, 1)] }))
         .expect("transaction accepted");
     let (first_id, error) = only_result(&first);
     let error = error.expect("a PDU of an unknown room fails alone");
@@ -60,12 +61,12 @@ async fn a_repeated_transaction_is_answered_as_before_and_processed_once() {
 
     // The same transaction ID with other content: the stored answer, not
     // a new processing of the new PDU.
-    let again = send_transaction(&b, &a_name, "txn-1", &json!({ "pdus": [pdu(&unknown, &sender, "two")] }))
+    let again = send_transaction(&b, &a_name, "txn-1", &json!({ "pdus": [pdu(&unknown, &sender, 2)] }))
         .expect("repeat accepted");
     assert_eq!(again, first, "a repeated transaction is answered as the first time");
 
     // A new transaction ID with that content is processed: another event.
-    let other = send_transaction(&b, &a_name, "txn-2", &json!({ "pdus": [pdu(&unknown, &sender, "two")] }))
+    let other = send_transaction(&b, &a_name, "txn-2", &json!({ "pdus": [pdu(&unknown, &sender, 2)] }))
         .expect("new transaction accepted");
     let (other_id, _) = only_result(&other);
     assert_ne!(other_id, first_id, "txn-2 carried another PDU");
@@ -83,7 +84,7 @@ async fn a_pdu_of_a_room_its_origin_is_not_in_fails_alone() {
     let room = alice.create_room(json!({ "preset": "public_chat" })).await;
     let sender = format!("@bot:{b_name}");
     let body = json!({
-        "pdus": [pdu(&room, &sender, "sneaky"), pdu(&format!("!gone:{b_name}"), &sender, "lost")],
+        "pdus": [pdu(&room, &sender, 1), pdu(&format!("!gone:{b_name}"), &sender, 2)],
         "edus": [
             // Typing of a user B does not own, in a room: ignored.
             { "edu_type": "m.typing", "content": { "room_id": room, "user_id": format!("@alice:{a_name}"), "typing": true } },
@@ -135,7 +136,7 @@ async fn an_unsigned_transaction_is_401_and_an_oversized_one_400() {
 
     let sender = format!("@bot:{b_name}");
     let room = format!("!nowhere:{b_name}");
-    let many: Vec<Value> = (0..51).map(|i| pdu(&room, &sender, &format!("m{i}"))).collect();
+    let many: Vec<Value> = (0..51).map(|i| pdu(&room, &sender, i)).collect();
     let err = send_transaction(&b, &a_name, "too-many-pdus", &json!({ "pdus": many })).expect_err("refused");
     assert!(err.contains("400") && err.contains("M_BAD_JSON"), "{err}");
     let edus: Vec<Value> = (0..101)
@@ -146,7 +147,7 @@ async fn an_unsigned_transaction_is_401_and_an_oversized_one_400() {
     assert!(log_lines(&a, &["received transaction too-many"]).is_empty(), "refused ones are not processed");
 
     // At the limit: fine, one result each.
-    let fifty: Vec<Value> = (0..50).map(|i| pdu(&room, &sender, &format!("m{i}"))).collect();
+    let fifty: Vec<Value> = (0..50).map(|i| pdu(&room, &sender, i)).collect();
     let answer = send_transaction(&b, &a_name, "fifty", &json!({ "pdus": fifty })).expect("50 PDUs accepted");
     assert_eq!(answer["pdus"].as_object().map(|m| m.len()), Some(50), "{answer}");
 }
