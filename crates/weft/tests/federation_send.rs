@@ -194,6 +194,50 @@ async fn queued_edus_wait_for_a_stopped_server_survive_a_restart_and_arrive_once
 }
 
 #[tokio::test]
+async fn an_invite_of_a_remote_user_is_queued_for_their_server_and_nothing_else_is() {
+    let (a, b) = two_servers().await;
+    let (a_name, b_name) = (a.server_name().to_owned(), b.server_name().to_owned());
+    let alice = a.register("alice").await;
+    let room = alice.create_room(json!({ "preset": "private_chat" })).await;
+    let bob = format!("@bob:{b_name}");
+    let (status, body) = alice.post(&format!("rooms/{}/invite", enc(&room)), json!({ "user_id": bob })).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The invite (a membership event of a user of B) goes to B, which does
+    // not know the room: it answers a per-PDU error, and the row is done.
+    let row = wait_destination(&a, &b_name, Duration::from_secs(30), |r| r.last_success != "never").await;
+    assert_eq!((row.pdus, row.edus, row.backoff_ms), (0, 0, 0), "{row:?}");
+    let received = log_lines(&b, &["received transaction", &format!("from {a_name}")]);
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(received[0].contains("1 PDUs, 0 EDUs"), "{received:?}");
+    let refused = log_lines(&a, &[&b_name, "refused", "Unknown room"]);
+    assert_eq!(refused.len(), 1, "A logs B's per-PDU error: {}", a.log_tail(30));
+
+    // B has no joined member: alice's messages, typing and receipts are
+    // for nobody over there.
+    let event = alice.send_text(&room, "m1", "local only").await;
+    let (status, _) = alice
+        .put(
+            &format!("rooms/{}/typing/{}", enc(&room), enc(&a.user_id("alice"))),
+            json!({ "typing": true, "timeout": 10000 }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = alice
+        .post(&format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = destinations(&a).into_iter().find(|r| r.name == b_name).expect("B listed");
+    assert_eq!((row.pdus, row.edus), (0, 0), "{row:?}");
+    assert_eq!(
+        log_lines(&b, &["received transaction", &format!("from {a_name}")]).len(),
+        1,
+        "nothing more was sent to B"
+    );
+}
+
+#[tokio::test]
 async fn the_destinations_command_needs_the_running_server() {
     let mut a = TestServer::builder().federating().start().await;
     assert!(destinations(&a).is_empty(), "nothing sent yet");
