@@ -384,5 +384,6 @@ impl Services {
 }
 
 fn server_name(name: &str) -> Result<ruma::OwnedServerName> {
-    ruma::OwnedServerName::try_from(name).map_err(|e| Error::invalid_param(format!("Invalid server name {name:?}: {e}")))
+    ruma::OwnedServerName::try_from(name)
+        .map_err(|e| Error::invalid_param(format!("Invalid server name {name:?}: {e}")))
 }

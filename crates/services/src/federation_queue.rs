@@ -118,7 +118,12 @@ impl Services {
         {
             let _ = self
                 .store
-                .destination_failed(destination.as_str(), d.last_error.as_deref().unwrap_or(""), d.backoff_ms, 0)
+                .destination_failed(
+                    destination.as_str(),
+                    d.last_error.as_deref().unwrap_or(""),
+                    d.backoff_ms,
+                    0,
+                )
                 .await;
             self.wake_destination(destination);
         }
@@ -203,9 +208,7 @@ impl Services {
             let others = servers.into_iter().filter(|s| *s != self.server_name).collect();
             cache.insert(room.to_owned(), others);
         }
-        cache
-            .get(room)
-            .ok_or_else(|| Error::internal("room servers missing"))
+        cache.get(room).ok_or_else(|| Error::internal("room servers missing"))
     }
 
     async fn queue_event(
@@ -341,7 +344,8 @@ impl Services {
             #[serde(default)]
             edus: Vec<Box<serde_json::value::RawValue>>,
         }
-        let body: Body = serde_json::from_str(body).map_err(|e| Error::bad_json(format!("Invalid transaction: {e}")))?;
+        let body: Body =
+            serde_json::from_str(body).map_err(|e| Error::bad_json(format!("Invalid transaction: {e}")))?;
         let mut request = send_transaction_message::v1::Request::new(
             OwnedTransactionId::from(txn_id),
             self.server_name.clone(),

@@ -14,8 +14,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use ruma::api::federation::event::get_missing_events;
 use ruma::{
-    CanonicalJsonObject, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName, UInt,
-    UserId,
+    CanonicalJsonObject, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName, UInt, UserId,
 };
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -96,7 +95,9 @@ impl Services {
             .await
             .is_ok();
         if !done {
-            tracing::info!("federation: transaction {txn_id} of {origin} still being processed: answered with what is done");
+            tracing::info!(
+                "federation: transaction {txn_id} of {origin} still being processed: answered with what is done"
+            );
         }
         Ok(rx.borrow().results.clone())
     }
@@ -153,7 +154,10 @@ impl Services {
         let events = match self.federation.client.send(origin, request).await {
             Ok(r) => r.events,
             Err(e) => {
-                tracing::info!("federation: missing events of {room_id} not had from {origin}: {}", e.message);
+                tracing::info!(
+                    "federation: missing events of {room_id} not had from {origin}: {}",
+                    e.message
+                );
                 return;
             }
         };
@@ -168,7 +172,10 @@ impl Services {
                 .input_pdu(room_id, object, origin, Arrival::New, network)
                 .await
             {
-                tracing::info!("federation: a missing event of {room_id} from {origin} not taken: {}", e.message);
+                tracing::info!(
+                    "federation: a missing event of {room_id} from {origin} not taken: {}",
+                    e.message
+                );
             }
         }
     }
@@ -228,7 +235,9 @@ impl Services {
 
     /// `{room_id: {"m.read": {user_id: {"event_ids": [...], "data": {...}}}}}`
     async fn receive_receipts(&self, origin: &ServerName, content: &Value) -> Result<()> {
-        let Some(rooms) = content.as_object() else { return Ok(()) };
+        let Some(rooms) = content.as_object() else {
+            return Ok(());
+        };
         for (room, types) in rooms {
             let Some(read) = types.get(crate::ephemeral::RECEIPT_READ).and_then(|r| r.as_object()) else {
                 continue;
@@ -286,7 +295,9 @@ impl Services {
             return Ok(());
         };
         for p in push {
-            let Some(user) = p.get("user_id").and_then(|u| u.as_str()) else { continue };
+            let Some(user) = p.get("user_id").and_then(|u| u.as_str()) else {
+                continue;
+            };
             let Ok(user_id) = UserId::parse(user) else { continue };
             if user_id.server_name() != origin {
                 continue;
@@ -371,7 +382,9 @@ async fn process_transaction(
     }
     while tasks.join_next().await.is_some() {}
     for edu in &edus {
-        let Ok(edu) = serde_json::from_str::<Value>(edu.get()) else { continue };
+        let Ok(edu) = serde_json::from_str::<Value>(edu.get()) else {
+            continue;
+        };
         if let Err(e) = s.receive_edu(&origin, &edu).await {
             tracing::info!("federation: an EDU from {origin} not taken: {}", e.message);
         }
@@ -380,10 +393,20 @@ async fn process_transaction(
     let now = weft_core::now_ms();
     if let Err(e) = s
         .store
-        .put_received_txn(&key.0, &key.1, &results_json(&results), now, now.saturating_sub(KEEP_TXN_MS))
+        .put_received_txn(
+            &key.0,
+            &key.1,
+            &results_json(&results),
+            now,
+            now.saturating_sub(KEEP_TXN_MS),
+        )
         .await
     {
-        tracing::warn!("federation: the answer to transaction {} of {origin} not stored: {}", key.1, e.message);
+        tracing::warn!(
+            "federation: the answer to transaction {} of {origin} not stored: {}",
+            key.1,
+            e.message
+        );
     }
     tracing::info!(
         "federation: received transaction {} from {origin}: {pdu_count} PDUs, {edu_count} EDUs",

@@ -68,7 +68,8 @@ pub trait FederationQueueStore: Send + Sync + 'static {
     /// deleted, its backoff is cleared and `now_ms` is its last success.
     async fn outbox_sent(&self, destination: &str, ids: Vec<i64>, now_ms: u64) -> Result<()>;
     /// A transaction to `destination` failed: why, and when to try again.
-    async fn destination_failed(&self, destination: &str, error: &str, backoff_ms: u64, retry_at_ms: u64) -> Result<()>;
+    async fn destination_failed(&self, destination: &str, error: &str, backoff_ms: u64, retry_at_ms: u64)
+    -> Result<()>;
     /// One destination's state (`None`: never tried, nothing queued).
     async fn destination(&self, name: &str) -> Result<Option<DestinationRecord>>;
     /// Every destination tried or with queued rows, by name.

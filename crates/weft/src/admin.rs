@@ -452,8 +452,14 @@ pub fn print(outcome: &AdminOutcome) {
                     d.queued_pdus,
                     d.queued_edus,
                     d.backoff_ms,
-                    if d.retry_at_ms > *now_ms { when(d.retry_at_ms, *now_ms) } else { "now".into() },
-                    d.last_success_ms.map(|t| when(t, *now_ms)).unwrap_or_else(|| "never".into()),
+                    if d.retry_at_ms > *now_ms {
+                        when(d.retry_at_ms, *now_ms)
+                    } else {
+                        "now".into()
+                    },
+                    d.last_success_ms
+                        .map(|t| when(t, *now_ms))
+                        .unwrap_or_else(|| "never".into()),
                     d.last_error.as_deref().unwrap_or("-").replace(['\n', '\t'], " ")
                 );
             }

@@ -240,7 +240,10 @@ fn main() -> anyhow::Result<()> {
                 };
                 // The queue lives in the running server: never opened here.
                 let outcome = admin::run(&cli.data_dir, command, || {
-                    anyhow::bail!("no weft server is running on {}: start it first", cli.data_dir.display())
+                    anyhow::bail!(
+                        "no weft server is running on {}: start it first",
+                        cli.data_dir.display()
+                    )
                 })
                 .await?;
                 admin::print(&outcome);
@@ -538,7 +541,13 @@ async fn serve(
 async fn federation_listener(
     data_dir: &Path,
     services: &Services,
-) -> anyhow::Result<Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor, weft_services::tls::CertFiles)>> {
+) -> anyhow::Result<
+    Option<(
+        tokio::net::TcpListener,
+        tokio_rustls::TlsAcceptor,
+        weft_services::tls::CertFiles,
+    )>,
+> {
     let c = &services.config.federation;
     if !c.enabled {
         return Ok(None);

@@ -142,9 +142,13 @@ async fn an_unsigned_transaction_is_401_and_an_oversized_one_400() {
     let edus: Vec<Value> = (0..101)
         .map(|i| json!({ "edu_type": "org.example.n", "content": { "n": i } }))
         .collect();
-    let err = send_transaction(&b, &a_name, "too-many-edus", &json!({ "pdus": [], "edus": edus })).expect_err("refused");
+    let err =
+        send_transaction(&b, &a_name, "too-many-edus", &json!({ "pdus": [], "edus": edus })).expect_err("refused");
     assert!(err.contains("400") && err.contains("M_BAD_JSON"), "{err}");
-    assert!(log_lines(&a, &["received transaction too-many"]).is_empty(), "refused ones are not processed");
+    assert!(
+        log_lines(&a, &["received transaction too-many"]).is_empty(),
+        "refused ones are not processed"
+    );
 
     // At the limit: fine, one result each.
     let fifty: Vec<Value> = (0..50).map(|i| pdu(&room, &sender, i)).collect();
@@ -200,7 +204,9 @@ async fn an_invite_of_a_remote_user_is_queued_for_their_server_and_nothing_else_
     let alice = a.register("alice").await;
     let room = alice.create_room(json!({ "preset": "private_chat" })).await;
     let bob = format!("@bob:{b_name}");
-    let (status, body) = alice.post(&format!("rooms/{}/invite", enc(&room)), json!({ "user_id": bob })).await;
+    let (status, body) = alice
+        .post(&format!("rooms/{}/invite", enc(&room)), json!({ "user_id": bob }))
+        .await;
     assert_eq!(status, 200, "{body}");
 
     // The invite (a membership event of a user of B) goes to B, which does
@@ -224,11 +230,17 @@ async fn an_invite_of_a_remote_user_is_queued_for_their_server_and_nothing_else_
         .await;
     assert_eq!(status, 200);
     let (status, _) = alice
-        .post(&format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)), json!({}))
+        .post(
+            &format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)),
+            json!({}),
+        )
         .await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let row = destinations(&a).into_iter().find(|r| r.name == b_name).expect("B listed");
+    let row = destinations(&a)
+        .into_iter()
+        .find(|r| r.name == b_name)
+        .expect("B listed");
     assert_eq!((row.pdus, row.edus), (0, 0), "{row:?}");
     assert_eq!(
         log_lines(&b, &["received transaction", &format!("from {a_name}")]).len(),
@@ -268,7 +280,10 @@ async fn a_message_typing_and_a_receipt_reach_the_other_server() {
         if bodies.iter().any(|b| b == "hello over there") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "bob never got the message: {bodies:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob never got the message: {bodies:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (status, _) = alice
@@ -279,20 +294,33 @@ async fn a_message_typing_and_a_receipt_reach_the_other_server() {
         .await;
     assert_eq!(status, 200);
     let (status, _) = alice
-        .post(&format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)), json!({}))
+        .post(
+            &format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)),
+            json!({}),
+        )
         .await;
     assert_eq!(status, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let (mut typing, mut receipt) = (false, false);
     while !(typing && receipt) {
         let sync = bob.sync(None, 0).await;
-        for e in sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().into_iter().flatten() {
+        for e in sync["rooms"]["join"][&room]["ephemeral"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             typing |= e["type"] == "m.typing" && e["content"]["user_ids"].to_string().contains("alice");
             receipt |= e["type"] == "m.receipt" && e["content"][&event].is_object();
         }
-        assert!(std::time::Instant::now() < deadline, "typing {typing}, receipt {receipt}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "typing {typing}, receipt {receipt}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let row = wait_destination(&a, b.server_name(), Duration::from_secs(10), |r| r.pdus == 0 && r.edus == 0).await;
+    let row = wait_destination(&a, b.server_name(), Duration::from_secs(10), |r| {
+        r.pdus == 0 && r.edus == 0
+    })
+    .await;
     assert_ne!(row.last_success, "never");
 }

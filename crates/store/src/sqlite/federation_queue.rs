@@ -65,7 +65,11 @@ impl FederationQueueStore for SqliteStore {
                 let kind: String = r.get(1)?;
                 Ok(OutboxRecord {
                     id: r.get(0)?,
-                    kind: if kind == "pdu" { OutboxKind::Pdu } else { OutboxKind::Edu },
+                    kind: if kind == "pdu" {
+                        OutboxKind::Pdu
+                    } else {
+                        OutboxKind::Edu
+                    },
                     json: r.get(2)?,
                 })
             };
@@ -111,7 +115,13 @@ impl FederationQueueStore for SqliteStore {
         .await
     }
 
-    async fn destination_failed(&self, destination: &str, error: &str, backoff_ms: u64, retry_at_ms: u64) -> Result<()> {
+    async fn destination_failed(
+        &self,
+        destination: &str,
+        error: &str,
+        backoff_ms: u64,
+        retry_at_ms: u64,
+    ) -> Result<()> {
         let (dest, error) = (destination.to_owned(), error.to_owned());
         self.write_wait(move |c, _| {
             c.prepare_cached(

@@ -75,7 +75,10 @@ pub async fn wait_destination(
         if let Some(row) = rows.iter().find(|r| r.name == name && pred(r)) {
             return row.clone();
         }
-        assert!(Instant::now() < deadline, "destination {name} never as expected; rows: {rows:?}");
+        assert!(
+            Instant::now() < deadline,
+            "destination {name} never as expected; rows: {rows:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -103,9 +106,7 @@ pub fn send_transaction(from: &TestServer, to: &str, txn_id: &str, body: &Value)
 /// (`POST /join/{roomId}?server_name=A`), which needs the join endpoints
 /// (`/make_join`, `/send_join`) on A: until they exist this fails.
 pub async fn make_shared_room(a: &TestServer, a_user: &Client, b_user: &Client) -> String {
-    let room = a_user
-        .create_room(serde_json::json!({ "preset": "public_chat" }))
-        .await;
+    let room = a_user.create_room(serde_json::json!({ "preset": "public_chat" })).await;
     let path = format!("join/{}?server_name={}", enc(&room), enc(a.server_name()));
     let (status, body) = b_user.post(&path, serde_json::json!({})).await;
     assert_eq!(status, 200, "remote join of {room}: {body}");
