@@ -3,7 +3,7 @@
 //! `two.test` joins alice's room on `one.test` through the room pipelines'
 //! federation calls (as crates/rooms/tests/two_servers.rs does), then
 //! - `one`'s queue reader puts alice's message, typing and receipt in the
-//!   outgoing queue for `two` (and not bob's join, which `two` made);
+//!   outgoing queue for `two` (and not bob's message, which `two` made);
 //! - `two` takes in a transaction of `one` holding that message and EDUs:
 //!   the PDU is stored, and only the EDUs about joined users of `one` are.
 //!
@@ -34,8 +34,10 @@ struct Server {
 
 fn server(name: &str) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = weft_core::Config::default();
-    config.server_name = name.into();
+    let mut config = weft_core::Config {
+        server_name: name.into(),
+        ..Default::default()
+    };
     config.rate_limit.enabled = false;
     config.database.synchronous = "normal".into();
     // Sending to these made-up names fails: try again only much later.
@@ -177,6 +179,27 @@ async fn local_events_typing_and_receipts_are_queued_for_the_other_server_in_the
     // Let the reader take its starting position before anything new.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
+    // Bob's message, made by two and taken in by one: two's to send, not
+    // one's.
+    let bob = UserId::parse(BOB).unwrap();
+    let from_two = two
+        .rooms
+        .send(&room, &bob, message("from two"))
+        .await
+        .expect("sent on two");
+    let outcome = one
+        .rooms
+        .input_pdu(
+            &room,
+            pdu(two, from_two.event_id.as_str()).await.expect("pdu"),
+            &two.server_name,
+            Arrival::New,
+            &Peer(two),
+        )
+        .await
+        .expect("taken in by one");
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+
     let alice = UserId::parse(ALICE).unwrap();
     let sent = one.rooms.send(&room, &alice, message("hello two")).await.expect("sent");
     let store = one.rooms.store();
@@ -217,7 +240,7 @@ async fn local_events_typing_and_receipts_are_queued_for_the_other_server_in_the
     assert_eq!(
         pdu_rows.len(),
         1,
-        "only alice's message, not bob's join (two made it): {rows:?}"
+        "only alice's message, not bob's (two made it): {rows:?}"
     );
     assert_eq!(pdu_rows[0]["content"]["body"], "hello two");
     let edus: Vec<Value> = rows
