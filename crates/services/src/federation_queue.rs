@@ -46,6 +46,9 @@ const READ_BATCH: usize = 256;
 /// Most PDUs and EDUs in one transaction (the spec's limits).
 pub const MAX_PDUS: usize = 50;
 pub const MAX_EDUS: usize = 100;
+/// Most bytes of PDUs and EDUs in one transaction (a single larger row
+/// still goes alone).
+const MAX_TXN_BYTES: usize = 900 * 1024;
 /// How often an idle sender task looks at its queue anyway (rows queued
 /// by another process sharing the database).
 const RESCAN: Duration = Duration::from_secs(30);
@@ -371,7 +374,18 @@ impl Services {
     /// Sends one transaction of `destination`'s oldest rows. `Ok(false)`:
     /// nothing was queued.
     async fn send_one_transaction(&self, destination: &ServerName) -> Result<bool> {
-        let rows = self.store.outbox(destination.as_str(), MAX_PDUS, MAX_EDUS).await?;
+        let mut rows = self.store.outbox(destination.as_str(), MAX_PDUS, MAX_EDUS).await?;
+        // Under the usual request body limit (ours is 1 MiB): the oldest
+        // rows up to it, at least one.
+        let mut size = 0;
+        let fits = rows
+            .iter()
+            .take_while(|r| {
+                size += r.json.len() + 1;
+                size <= MAX_TXN_BYTES
+            })
+            .count();
+        rows.truncate(fits.max(1));
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             return Ok(false);
         };

@@ -250,6 +250,39 @@ async fn an_invite_of_a_remote_user_is_queued_for_their_server_and_nothing_else_
 }
 
 #[tokio::test]
+async fn a_queue_larger_than_one_request_goes_in_several_transactions() {
+    let (a, mut b) = two_servers_with(&[("WEFT_FEDERATION__RETRY_MAX_MS", "1000")]).await;
+    let (a_name, b_name) = (a.server_name().to_owned(), b.server_name().to_owned());
+    b.terminate(Duration::from_secs(10)).await;
+    // 20 EDUs of 60 KB: 1.2 MB, more than one request body may hold.
+    let filler = "x".repeat(60_000);
+    for n in 0..20 {
+        queue_edu(&a, &b_name, "org.weft.test", &json!({ "n": n, "filler": filler }));
+    }
+    wait_destination(&a, &b_name, Duration::from_secs(30), |r| {
+        r.edus == 20 && r.backoff_ms > 0
+    })
+    .await;
+    b.restart().await;
+    let row = wait_destination(&a, &b_name, Duration::from_secs(60), |r| r.edus == 0).await;
+    assert_eq!(row.last_error, "-", "{row:?}");
+    let received = log_lines(&b, &["received transaction", &format!("from {a_name}")]);
+    assert!(received.len() >= 2, "split: {received:?}");
+    let edus: usize = received
+        .iter()
+        .map(|l| {
+            let tail = l.rsplit(": ").next().unwrap_or_default();
+            tail.trim_end_matches(" EDUs")
+                .rsplit(", ")
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("EDU count in {l:?}"))
+        })
+        .sum();
+    assert_eq!(edus, 20, "every EDU once: {received:?}");
+}
+
+#[tokio::test]
 async fn the_destinations_command_needs_the_running_server() {
     let mut a = TestServer::builder().federating().start().await;
     assert!(destinations(&a).is_empty(), "nothing sent yet");
