@@ -91,7 +91,9 @@ impl Services {
     /// transaction to that server, retried until it is accepted.
     pub async fn queue_edu(&self, destination: &ServerName, edu_type: &str, content: Value) -> Result<()> {
         if !self.config.federation.enabled {
-            return Err(Error::forbidden("Federation is disabled on this server ([federation] enabled)"));
+            return Err(Error::forbidden(
+                "Federation is disabled on this server ([federation] enabled)",
+            ));
         }
         if destination == self.server_name {
             return Err(Error::invalid_param("An EDU for this server itself"));

@@ -267,6 +267,42 @@ async fn local_events_typing_and_receipts_are_queued_for_the_other_server_in_the
             .iter()
             .all(|d| d.name == "two.test")
     );
+    // Alice's presence goes to the servers sharing a room with her.
+    store
+        .edit_presence(
+            ALICE,
+            Box::new(|_| {
+                Some((
+                    weft_store::PresenceRecord {
+                        user_id: ALICE.into(),
+                        presence: "unavailable".into(),
+                        status_msg: Some("away".into()),
+                        last_active_ms: weft_core::now_ms(),
+                        online_until_ms: 0,
+                        position: 0,
+                    },
+                    true,
+                ))
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let presence = loop {
+        let rows = store.outbox("two.test", 50, 100).await.expect("outbox");
+        if let Some(row) = rows.iter().find(|r| r.json.contains("m.presence")) {
+            break serde_json::from_str::<Value>(&row.json).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no m.presence queued: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let push = &presence["content"]["push"][0];
+    assert_eq!(
+        (&push["user_id"], &push["presence"], &push["status_msg"]),
+        (&json!(ALICE), &json!("unavailable"), &json!("away")),
+        "{presence}"
+    );
     // Alice stops typing: `typing: false` follows.
     store.set_typing(room.as_str(), ALICE, None).await.unwrap().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
