@@ -1,6 +1,7 @@
 //! The Server-Server API endpoints (declared in `federation_routes`):
-//! version, our keys, the notary key queries, and the profile query. Each
-//! only translates between ruma's types and the services.
+//! version, our keys, the notary key queries, the profile query, and
+//! transactions (`/send`). Each only translates between ruma's types and
+//! the services.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +10,7 @@ use ruma::api::federation::discovery::{
     get_remote_server_keys, get_remote_server_keys_batch, get_server_keys, get_server_version,
 };
 use ruma::api::federation::query::get_profile_information;
+use ruma::api::federation::transactions::send_transaction_message;
 use weft_core::Error;
 
 use crate::AppState;
@@ -94,4 +96,25 @@ pub async fn query_profile(
     let field = req.body.field.as_ref().map(|f| f.as_str());
     let profile = s.federation_profile(&req.caller.0, &req.body.user_id, field).await?;
     Ok(profile.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect())
+}
+
+/// `PUT /_matrix/federation/v1/send/{txnId}`: a transaction of the
+/// signing server; a result per PDU.
+pub async fn send_transaction(
+    s: AppState,
+    req: Ruma<send_transaction_message::v1::Request>,
+) -> Result<send_transaction_message::v1::Response, Error> {
+    let origin = req.caller.0;
+    let body = req.body;
+    if body.origin != origin {
+        return Err(Error::forbidden(format!(
+            "The transaction's origin {} is not its signer {origin}",
+            body.origin
+        )));
+    }
+    let edus = body.edus.into_iter().map(|e| e.into_json()).collect();
+    let pdus = s
+        .receive_transaction(&origin, body.transaction_id.as_str(), body.pdus, edus)
+        .await?;
+    Ok(send_transaction_message::v1::Response::new(pdus))
 }

@@ -205,6 +205,7 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, federation_rooms::make_leave)
         .add(Caller, federation_rooms::send_leave)
         .add(Caller, federation_rooms::invite)
+        .add(Caller, federation::send_transaction)
 }
 
 /// The federation listener's API: [`federation_routes`], the Matrix

@@ -62,6 +62,10 @@ pub struct FederationConfig {
     pub well_known_server: Option<String>,
     /// How long one outgoing federation request may take.
     pub request_timeout_secs: u64,
+    /// First wait before sending to a server again after a transaction to
+    /// it failed; doubles with each failure up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -76,6 +80,8 @@ impl Default for FederationConfig {
             trusted_key_servers: vec![],
             well_known_server: None,
             request_timeout_secs: 30,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 3_600_000,
         }
     }
 }
@@ -610,6 +616,10 @@ trusted_key_servers = []
 # well_known_server = "matrix.example.org:443"
 # How long one outgoing federation request may take, in seconds.
 request_timeout_secs = 30
+# A server a transaction could not be sent to is tried again after
+# retry_initial_ms, doubling with each failure up to retry_max_ms.
+retry_initial_ms = 1000
+retry_max_ms = 3600000
 "#;
 
 impl Config {

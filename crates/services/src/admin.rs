@@ -49,6 +49,23 @@ pub enum AdminCommand {
     /// Quarantines a media item (`mxc://…` or its ID): served to no one;
     /// `release` undoes it.
     MediaQuarantine { media: String, release: bool },
+    /// The outgoing federation queue per destination (running server only).
+    FederationDestinations,
+    /// Queues an EDU (`content` is its JSON) for a server, as the server's
+    /// own parts do (running server only; for tests and diagnosis).
+    FederationQueueEdu {
+        destination: String,
+        edu_type: String,
+        content: String,
+    },
+    /// Sends one signed transaction (`body`: `{"pdus": [...], "edus":
+    /// [...]}`) with the given ID to a server now, outside the queue, and
+    /// answers its response (running server only; for tests and diagnosis).
+    FederationSendTransaction {
+        destination: String,
+        txn_id: String,
+        body: String,
+    },
 }
 
 /// A media item as `weft media list` shows it.
@@ -131,6 +148,19 @@ pub enum AdminOutcome {
         mxc: String,
         quarantined: bool,
     },
+    Destinations {
+        /// The server's clock when it answered (ms since the epoch).
+        now_ms: u64,
+        destinations: Vec<weft_store::DestinationRecord>,
+    },
+    EduQueued {
+        destination: String,
+    },
+    /// The destination's answer to a transaction, as JSON.
+    TransactionAnswer {
+        destination: String,
+        response: String,
+    },
 }
 
 impl AdminCommand {
@@ -151,6 +181,9 @@ impl AdminCommand {
             AdminCommand::MediaStats => "media_stats",
             AdminCommand::MediaPurge { .. } => "media_purge",
             AdminCommand::MediaQuarantine { .. } => "media_quarantine",
+            AdminCommand::FederationDestinations => "federation_destinations",
+            AdminCommand::FederationQueueEdu { .. } => "federation_queue_edu",
+            AdminCommand::FederationSendTransaction { .. } => "federation_send_transaction",
         }
     }
 }
@@ -296,6 +329,30 @@ impl Services {
                     quarantined: !release,
                 })
             }
+            AdminCommand::FederationDestinations => Ok(AdminOutcome::Destinations {
+                now_ms: weft_core::now_ms(),
+                destinations: self.federation_destinations().await?,
+            }),
+            AdminCommand::FederationQueueEdu {
+                destination,
+                edu_type,
+                content,
+            } => {
+                let server = server_name(&destination)?;
+                let content = serde_json::from_str(&content)
+                    .map_err(|e| Error::bad_json(format!("The EDU content is not JSON: {e}")))?;
+                self.queue_edu(&server, &edu_type, content).await?;
+                Ok(AdminOutcome::EduQueued { destination })
+            }
+            AdminCommand::FederationSendTransaction {
+                destination,
+                txn_id,
+                body,
+            } => {
+                let server = server_name(&destination)?;
+                let response = self.send_transaction_now(&server, &txn_id, &body).await?;
+                Ok(AdminOutcome::TransactionAnswer { destination, response })
+            }
         }
     }
 
@@ -324,4 +381,9 @@ impl Services {
         }
         self.accounts.deactivate(user_id).await
     }
+}
+
+fn server_name(name: &str) -> Result<ruma::OwnedServerName> {
+    ruma::OwnedServerName::try_from(name)
+        .map_err(|e| Error::invalid_param(format!("Invalid server name {name:?}: {e}")))
 }

@@ -5,18 +5,11 @@
 //! `receive_e2ee_edu` and deletes their stubs here).
 
 use ruma::{OwnedServerName, ServerName, UserId};
-use weft_core::{Error, Result};
+use weft_core::Result;
 
 use crate::Services;
 
 impl Services {
-    /// Queues an EDU for `destination`, durably: it is sent in a later
-    /// transaction to that server, retried until it is accepted.
-    pub async fn queue_edu(&self, destination: &ServerName, edu_type: &str, content: serde_json::Value) -> Result<()> {
-        let _ = (destination, edu_type, content);
-        Err(Error::internal("queue_edu: not built yet"))
-    }
-
     /// The `m.device_list_update` EDUs to send because the device list of
     /// local user `user_id` changed at stream position `position`: one per
     /// server sharing a room with the user (destination, EDU content).

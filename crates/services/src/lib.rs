@@ -14,9 +14,11 @@ pub mod directory;
 pub mod ephemeral;
 pub mod events;
 pub mod federation;
+pub mod federation_queue;
 pub mod federation_remote;
 pub mod federation_rooms;
 mod federation_stubs;
+pub mod federation_txn;
 pub mod files;
 pub mod filter;
 pub mod keys;
@@ -88,6 +90,10 @@ pub struct Services {
     /// Wakes the typing and presence expiry task
     /// ([`Services::run_ephemeral_expiry`]) when a new deadline is set.
     pub(crate) ephemeral_wake: tokio::sync::Notify,
+    /// The outgoing federation queue's wake-ups and announced typers.
+    pub(crate) fed_queue: federation_queue::QueueRuntime,
+    /// Incoming federation transactions being processed.
+    pub(crate) fed_txns: federation_txn::InFlight,
 }
 
 impl Services {
@@ -136,6 +142,8 @@ impl Services {
             federation,
             push,
             ephemeral_wake: tokio::sync::Notify::new(),
+            fed_queue: federation_queue::QueueRuntime::new(),
+            fed_txns: federation_txn::InFlight::default(),
         }))
     }
 }

@@ -10,6 +10,7 @@
 //! is durable.
 
 mod federation;
+mod federation_queue;
 mod graph;
 mod media;
 mod sqlite;
@@ -22,6 +23,7 @@ use tokio::sync::oneshot;
 pub use weft_core::Result;
 
 pub use federation::*;
+pub use federation_queue::*;
 pub use graph::*;
 pub use media::*;
 pub use sqlite::SqliteStore;
@@ -44,7 +46,7 @@ pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Se
 /// The storage interface. Positions (`i64`) are positions in the one
 /// server-wide stream.
 #[async_trait]
-pub trait Store: MediaStore + FederationStore + RoomGraphStore + Send + Sync + 'static {
+pub trait Store: MediaStore + FederationStore + FederationQueueStore + RoomGraphStore + Send + Sync + 'static {
     // ---- stream ----
     /// Highest durable stream position.
     fn current_position(&self) -> i64;

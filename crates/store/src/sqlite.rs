@@ -17,6 +17,7 @@ use weft_core::{Error, ErrorKind, Result};
 use crate::*;
 
 mod federation;
+mod federation_queue;
 mod graph;
 mod media;
 
@@ -37,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0014_media.sql"),
     include_str!("../migrations/0015_server_keys.sql"),
     DAG_MIGRATION,
+    include_str!("../migrations/0017_federation_queue.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).

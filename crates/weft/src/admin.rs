@@ -442,6 +442,30 @@ pub fn print(outcome: &AdminOutcome) {
         AdminOutcome::MediaQuarantined { mxc, quarantined } => {
             println!("{mxc} {}", if *quarantined { "quarantined" } else { "released" })
         }
+        AdminOutcome::Destinations { now_ms, destinations } => {
+            use weft_services::federation_queue::describe_ms_from_now as when;
+            println!("destination\tpdus\tedus\tbackoff_ms\tretry\tlast_success\tlast_error");
+            for d in destinations {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    d.name,
+                    d.queued_pdus,
+                    d.queued_edus,
+                    d.backoff_ms,
+                    if d.retry_at_ms > *now_ms {
+                        when(d.retry_at_ms, *now_ms)
+                    } else {
+                        "now".into()
+                    },
+                    d.last_success_ms
+                        .map(|t| when(t, *now_ms))
+                        .unwrap_or_else(|| "never".into()),
+                    d.last_error.as_deref().unwrap_or("-").replace(['\n', '\t'], " ")
+                );
+            }
+        }
+        AdminOutcome::EduQueued { destination } => println!("queued for {destination}"),
+        AdminOutcome::TransactionAnswer { response, .. } => println!("{response}"),
         AdminOutcome::Psk {
             user_id,
             device_id,

@@ -50,6 +50,31 @@ enum Command {
     /// The media repository (docs/media.md).
     #[command(subcommand)]
     Media(MediaCommand),
+    /// Federation (docs/federation.md); needs the running server.
+    #[command(subcommand)]
+    Federation(FederationCommand),
+}
+
+#[derive(Subcommand)]
+enum FederationCommand {
+    /// The outgoing queue per destination: queued PDUs and EDUs, current
+    /// backoff, next try, last error, last success.
+    Destinations,
+    /// Queue an EDU for a server (content as JSON), sent like any other.
+    #[command(hide = true)]
+    QueueEdu {
+        destination: String,
+        edu_type: String,
+        content: String,
+    },
+    /// Send one signed transaction (`{"pdus": [...], "edus": [...]}`) with
+    /// this ID to a server now, outside the queue; prints its answer.
+    #[command(hide = true)]
+    SendTransaction {
+        destination: String,
+        txn_id: String,
+        body: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +214,40 @@ fn main() -> anyhow::Result<()> {
                     MediaCommand::Quarantine { media, release } => A::MediaQuarantine { media, release },
                 };
                 admin_command(&cli.data_dir, cli.config, command).await
+            }
+            Command::Federation(cmd) => {
+                use weft_services::admin::AdminCommand as A;
+                let command = match cmd {
+                    FederationCommand::Destinations => A::FederationDestinations,
+                    FederationCommand::QueueEdu {
+                        destination,
+                        edu_type,
+                        content,
+                    } => A::FederationQueueEdu {
+                        destination,
+                        edu_type,
+                        content,
+                    },
+                    FederationCommand::SendTransaction {
+                        destination,
+                        txn_id,
+                        body,
+                    } => A::FederationSendTransaction {
+                        destination,
+                        txn_id,
+                        body,
+                    },
+                };
+                // The queue lives in the running server: never opened here.
+                let outcome = admin::run(&cli.data_dir, command, || {
+                    anyhow::bail!(
+                        "no weft server is running on {}: start it first",
+                        cli.data_dir.display()
+                    )
+                })
+                .await?;
+                admin::print(&outcome);
+                Ok(())
             }
             Command::Report(ReportCommand::List { limit }) => {
                 admin_command(
@@ -363,6 +422,8 @@ async fn serve(
     let federation = federation_listener(data_dir, &services).await?;
     // Push: evaluation of push rules and delivery to push gateways.
     services.start_push();
+    // Federation: the outgoing queue's reader and senders.
+    services.start_federation_queue();
     let admin_socket = admin::AdminSocket::start(data_dir, services.clone()).await?;
     let mut app = weft_http::router(services.clone());
     // The MQTT door (TCP, TLS, and WebSocket on this HTTP listener), one

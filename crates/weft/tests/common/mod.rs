@@ -10,3 +10,6 @@ pub use weft_testkit::client::*;
 pub use weft_testkit::enc;
 pub use weft_testkit::server::*;
 pub use weft_testkit::synapse::*;
+
+/// Two federating servers: the outgoing queue's admin commands, a shared room.
+pub mod federation;
