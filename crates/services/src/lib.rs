@@ -14,6 +14,7 @@ pub mod directory;
 pub mod ephemeral;
 pub mod events;
 pub mod federation;
+pub mod federation_e2ee;
 pub mod federation_remote;
 mod federation_stubs;
 pub mod files;
