@@ -24,10 +24,10 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use bytes::BytesMut;
+use ruma::OwnedServerName;
 use ruma::api::auth_scheme::{
     AccessToken, AccessTokenOptional, AppserviceTokenOptional, AuthScheme, NoAccessToken, NoAuthentication,
 };
-use ruma::OwnedServerName;
 use ruma::api::error::{DeserializationError, FromHttpRequestError};
 use ruma::api::federation::authentication::ServerSignatures;
 use ruma::api::path_builder::PathBuilder;

@@ -20,6 +20,7 @@ use weft_services::federation_e2ee::PublicRoomsPage;
 
 use crate::AppState;
 use crate::endpoint::{Full, Ruma, convert, raw};
+use crate::own;
 
 /// `GET /_matrix/federation/v1/version`: `Weft` and the crate version.
 pub async fn version(
@@ -40,9 +41,22 @@ pub async fn server_keys(
     s: AppState,
     _: Ruma<get_server_keys::v2::Request>,
 ) -> Result<get_server_keys::v2::Response, Error> {
+    server_keys_response(&s)
+}
+
+/// `GET /_matrix/key/v2/server/{keyId}` (deprecated): as
+/// [`server_keys`], whatever the key ID.
+pub async fn server_keys_by_id(
+    s: AppState,
+    _: Ruma<own::server_keys_by_id::Request>,
+) -> Result<get_server_keys::v2::Response, Error> {
+    server_keys_response(&s)
+}
+
+fn server_keys_response(s: &AppState) -> Result<get_server_keys::v2::Response, Error> {
     let keys = s.federation.keys.own_keys()?;
     Ok(get_server_keys::v2::Response::new(raw(
-        serde_json::to_value(keys).map_err(Error::internal)?,
+        serde_json::to_value(keys).map_err(Error::internal)?
     )?))
 }
 
@@ -75,11 +89,7 @@ pub async fn query_keys_of(
 ) -> Result<get_remote_server_keys::v2::Response, Error> {
     let minimum = req.body.minimum_valid_until_ts;
     let minimum = (minimum > MilliSecondsSinceUnixEpoch::now()).then(|| u64::from(minimum.get()));
-    let keys = s
-        .federation
-        .keys
-        .notary_response(&req.body.server_name, minimum)
-        .await;
+    let keys = s.federation.keys.notary_response(&req.body.server_name, minimum).await;
     Ok(get_remote_server_keys::v2::Response::new(keys.into_iter().collect()))
 }
 
@@ -89,9 +99,7 @@ pub async fn query_profile(
     req: Ruma<get_profile_information::v1::Request>,
 ) -> Result<get_profile_information::v1::Response, Error> {
     let field = req.body.field.as_ref().map(|f| f.as_str());
-    let profile = s
-        .federation_profile(&req.caller.0, &req.body.user_id, field)
-        .await?;
+    let profile = s.federation_profile(&req.caller.0, &req.body.user_id, field).await?;
     Ok(profile.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect())
 }
 

@@ -189,6 +189,7 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
     use endpoint::RateClass::Caller;
     r.add(Caller, federation::version)
         .add(Caller, federation::server_keys)
+        .add(Caller, federation::server_keys_by_id)
         .add(Caller, federation::query_keys)
         .add(Caller, federation::query_keys_of)
         .add(Caller, federation::query_profile)

@@ -186,3 +186,42 @@ pub mod my_uploads {
         }
     }
 }
+
+/// `GET /_matrix/key/v2/server/{keyId}`: the deprecated form of
+/// `/_matrix/key/v2/server` (servers must ignore the key ID and answer
+/// all keys), which ruma no longer declares.
+pub mod server_keys_by_id {
+    use ruma::api::auth_scheme::NoAuthentication;
+    use ruma::api::error::FromHttpRequestError;
+    use ruma::api::federation::discovery::get_server_keys;
+    use ruma::api::{IncomingRequest, metadata};
+
+    metadata! {
+        method: GET,
+        rate_limited: false,
+        authentication: NoAuthentication,
+        path: "/_matrix/key/v2/server/{key_id}",
+    }
+
+    #[derive(Clone, Debug)]
+    pub struct Request;
+
+    pub type Response = get_server_keys::v2::Response;
+
+    impl IncomingRequest for Request {
+        type EndpointError = ruma::api::error::Error;
+        type OutgoingResponse = Response;
+
+        fn try_from_http_request<B, S>(
+            request: axum::http::Request<B>,
+            _path_args: &[S],
+        ) -> Result<Self, FromHttpRequestError>
+        where
+            B: AsRef<[u8]>,
+            S: AsRef<str>,
+        {
+            Self::check_request_method(request.method())?;
+            Ok(Self)
+        }
+    }
+}

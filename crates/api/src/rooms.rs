@@ -481,8 +481,8 @@ pub async fn sync(s: AppState, req: Ruma<sync_events::v3::Request>) -> Result<Fu
 }
 
 pub async fn get_alias(s: AppState, req: Ruma<get_alias::v3::Request>) -> Result<get_alias::v3::Response, Error> {
-    let room_id = s.alias_room(req.body.room_alias.as_str()).await?;
-    Ok(get_alias::v3::Response::new(room_id, vec![s.server_name.clone()]))
+    let (room_id, servers) = s.alias_directory(&req.body.room_alias).await?;
+    Ok(get_alias::v3::Response::new(room_id, servers))
 }
 
 pub async fn put_alias(s: AppState, req: Ruma<create_alias::v3::Request>) -> Result<create_alias::v3::Response, Error> {

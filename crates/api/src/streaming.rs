@@ -76,7 +76,10 @@ impl Routes {
             let handler = handler.clone();
             async move {
                 let (parts, body) = req.into_parts();
-                let req = Head::<R>::read(parts, &s).await?.with_body(bytes::Bytes::new(), &s).await?;
+                let req = Head::<R>::read(parts, &s)
+                    .await?
+                    .with_body(bytes::Bytes::new(), &s)
+                    .await?;
                 charge(
                     &s,
                     class,

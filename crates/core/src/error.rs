@@ -53,6 +53,11 @@ pub enum ErrorKind {
     /// Another server could not be reached or answered with nonsense
     /// (`502`); the message says which server and why.
     RemoteUnreachable,
+    /// `/make_join`: the joining server supports none of the room's
+    /// version (`400`, with `room_version`).
+    IncompatibleRoomVersion {
+        room_version: String,
+    },
     Unknown,
 }
 
@@ -130,6 +135,7 @@ impl Error {
             ErrorKind::UnknownPos => "M_UNKNOWN_POS",
             ErrorKind::Unauthorized => "M_UNAUTHORIZED",
             ErrorKind::RemoteUnreachable => "M_UNKNOWN",
+            ErrorKind::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -175,6 +181,9 @@ impl Error {
                 current_version: Some(v),
             } => {
                 body["current_version"] = v.as_str().into();
+            }
+            ErrorKind::IncompatibleRoomVersion { room_version } => {
+                body["room_version"] = room_version.as_str().into();
             }
             _ => {}
         }

@@ -36,7 +36,7 @@ impl SendAuth for ServerSignatures {
 }
 
 impl SendAuth for NoAuthentication {
-    fn input<'a>(_: &ServerName, _: &ServerName, _: &'a Ed25519KeyPair) {}
+    fn input(_: &ServerName, _: &ServerName, _: &Ed25519KeyPair) {}
 }
 
 /// Which host a TLS name connects to, as discovery decided: reqwest
@@ -136,7 +136,9 @@ impl FederationClient {
         for<'a> R::PathBuilder: PathBuilder<Input<'a> = ()>,
     {
         if !self.enabled {
-            return Err(Error::forbidden("Federation is disabled on this server ([federation] enabled)"));
+            return Err(Error::forbidden(
+                "Federation is disabled on this server ([federation] enabled)",
+            ));
         }
         let unreachable = |why: String| Error::new(ErrorKind::RemoteUnreachable, format!("{destination}: {why}"));
         let target = self.resolve(destination).await?;
@@ -157,11 +159,14 @@ impl FederationClient {
         if let Ok(host) = http::HeaderValue::from_str(&target.host_header) {
             req.headers_mut().insert(http::header::HOST, host);
         }
-        let resp = self
-            .http
-            .execute(req)
-            .await
-            .map_err(|e| unreachable(format!("unreachable at {}:{}: {}", target.connect_host, target.port, chain(&e))))?;
+        let resp = self.http.execute(req).await.map_err(|e| {
+            unreachable(format!(
+                "unreachable at {}:{}: {}",
+                target.connect_host,
+                target.port,
+                chain(&e)
+            ))
+        })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = read_capped(resp, MAX_RESPONSE_BYTES)

@@ -43,6 +43,9 @@ pub struct KeyRing {
     trusted: Vec<OwnedServerName>,
     /// Servers whose keys could not be fetched, until when not to try again.
     failed: Mutex<HashMap<OwnedServerName, Instant>>,
+    /// One fetch per server at a time: callers needing the same server's
+    /// keys wait for the fetch under way and then read what it stored.
+    fetching: Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl KeyRing {
@@ -70,6 +73,7 @@ impl KeyRing {
             client,
             trusted,
             failed: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashMap::new()),
         }
     }
 
@@ -148,12 +152,19 @@ impl KeyRing {
             own.insert(self.own_key_id(), self.own_public_key());
             return Ok(own);
         }
-        let stored = self.store.server_keys(server.as_str()).await?;
         let now = now_ms();
         let fresh = |keys: &[ServerKeyRecord]| {
             let current = keys.iter().any(|k| k.expired_ts.is_none() && k.valid_until_ts > now);
             current && ids.iter().all(|id| keys.iter().any(|k| &k.key_id == id))
         };
+        let stored = self.store.server_keys(server.as_str()).await?;
+        if fresh(&stored) {
+            return Ok(key_set(stored, ids));
+        }
+        // Wait for a fetch of the same server under way, then look again.
+        let lock = self.fetching.lock().entry(server.to_owned()).or_default().clone();
+        let _one_fetch = lock.lock().await;
+        let stored = self.store.server_keys(server.as_str()).await?;
         let keys = if fresh(&stored) {
             stored
         } else {
@@ -164,14 +175,23 @@ impl KeyRing {
                     tracing::info!("federation: refetching the keys of {server}: {e}; using the stored ones");
                     stored
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.fetch_done(server, &lock);
+                    return Err(e);
+                }
             }
         };
-        Ok(keys
-            .into_iter()
-            .filter(|k| ids.is_empty() || ids.contains(&k.key_id))
-            .filter_map(|k| Some((k.key_id, Base64::parse(&k.public_key).ok()?)))
-            .collect())
+        self.fetch_done(server, &lock);
+        Ok(key_set(keys, ids))
+    }
+
+    /// Forgets `server`'s fetch lock unless others wait on it.
+    fn fetch_done(&self, server: &ServerName, lock: &Arc<tokio::sync::Mutex<()>>) {
+        let mut fetching = self.fetching.lock();
+        // Ours, and the map's: nobody else holds it.
+        if Arc::strong_count(lock) <= 2 {
+            fetching.remove(server);
+        }
     }
 
     /// Fetches `server`'s keys, from itself, else from each trusted
@@ -280,6 +300,14 @@ impl KeyRing {
         object.remove("unsigned");
         serde_json::value::to_raw_value(&object).ok().map(Raw::from_json)
     }
+}
+
+/// The keys of `keys` with the IDs `ids` (all of them when `ids` is empty).
+fn key_set(keys: Vec<ServerKeyRecord>, ids: &[String]) -> PublicKeySet {
+    keys.into_iter()
+        .filter(|k| ids.is_empty() || ids.contains(&k.key_id))
+        .filter_map(|k| Some((k.key_id, Base64::parse(&k.public_key).ok()?)))
+        .collect()
 }
 
 /// Checks a key response for `server`: it names `server`, is signed by one

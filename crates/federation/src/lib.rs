@@ -76,10 +76,7 @@ impl Federation {
             .await
             .map_err(|e| unauthorized(format!("No key {} of {}: {}", x_matrix.key, x_matrix.origin, e.message)))?;
         if keys.is_empty() {
-            return Err(unauthorized(format!(
-                "{} has no key {}",
-                x_matrix.origin, x_matrix.key
-            )));
+            return Err(unauthorized(format!("{} has no key {}", x_matrix.origin, x_matrix.key)));
         }
         let mut map = PublicKeyMap::new();
         map.insert(x_matrix.origin.to_string(), keys);

@@ -70,7 +70,10 @@ pub fn split_host_port(name: &str) -> Option<(String, Option<u16>)> {
 
 /// Whether `host` (as [`split_host_port`] gives it) is an IP literal.
 fn is_ip(host: &str) -> bool {
-    host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok()
 }
 
 /// The `m.server` of a well-known body, if it is a valid `host[:port]`.
@@ -182,7 +185,9 @@ impl NetLookups {
                 return (None, WELL_KNOWN_ERROR_TTL);
             }
         };
-        let ttl = max_age(resp.headers()).unwrap_or(WELL_KNOWN_TTL).min(WELL_KNOWN_MAX_TTL);
+        let ttl = max_age(resp.headers())
+            .unwrap_or(WELL_KNOWN_TTL)
+            .min(WELL_KNOWN_MAX_TTL);
         match read_capped(resp, WELL_KNOWN_MAX_BYTES).await {
             Some(body) => match parse_well_known(&body) {
                 Some(server) => (Some(server), ttl),
@@ -237,7 +242,12 @@ impl Lookups for NetLookups {
             .answers()
             .iter()
             .filter_map(|r| match &r.data {
-                RData::SRV(srv) => Some((srv.priority, std::cmp::Reverse(srv.weight), srv.target.to_utf8(), srv.port)),
+                RData::SRV(srv) => Some((
+                    srv.priority,
+                    std::cmp::Reverse(srv.weight),
+                    srv.target.to_utf8(),
+                    srv.port,
+                )),
                 _ => None,
             })
             .min()
@@ -289,7 +299,10 @@ mod tests {
             resolve_with("[::1]:9000", &f).await.unwrap(),
             r("::1", 9000, "[::1]:9000", "[::1]")
         );
-        assert_eq!(resolve_with("[::1]", &f).await.unwrap(), r("::1", 8448, "[::1]", "[::1]"));
+        assert_eq!(
+            resolve_with("[::1]", &f).await.unwrap(),
+            r("::1", 8448, "[::1]", "[::1]")
+        );
         assert_eq!(
             resolve_with("example.org:8000", &f).await.unwrap(),
             r("example.org", 8000, "example.org:8000", "example.org")
@@ -317,7 +330,8 @@ mod tests {
             .insert("a.org".into(), br#"{"m.server": "matrix.a.org:443"}"#.to_vec());
         f.well_known
             .insert("b.org".into(), br#"{"m.server": "matrix.b.org"}"#.to_vec());
-        f.well_known.insert("c.org".into(), br#"{"m.server": "10.0.0.1"}"#.to_vec());
+        f.well_known
+            .insert("c.org".into(), br#"{"m.server": "10.0.0.1"}"#.to_vec());
         f.srv
             .insert("_matrix-fed._tcp.matrix.b.org".into(), ("host.b.org.".into(), 8449));
         assert_eq!(
@@ -343,15 +357,22 @@ mod tests {
         f.well_known
             .insert("c.org".into(), br#"{"m.server": "bad host:x"}"#.to_vec());
         f.srv.insert("_matrix._tcp.c.org".into(), ("old.c.org".into(), 8000));
-        assert_eq!(resolve_with("a.org", &f).await.unwrap(), r("a.org", 8448, "a.org", "a.org"));
-        assert_eq!(resolve_with("b.org", &f).await.unwrap(), r("b.org", 8448, "b.org", "b.org"));
+        assert_eq!(
+            resolve_with("a.org", &f).await.unwrap(),
+            r("a.org", 8448, "a.org", "a.org")
+        );
+        assert_eq!(
+            resolve_with("b.org", &f).await.unwrap(),
+            r("b.org", 8448, "b.org", "b.org")
+        );
         // The deprecated SRV record when there is no `_matrix-fed` one.
         assert_eq!(
             resolve_with("c.org", &f).await.unwrap(),
             r("old.c.org", 8000, "c.org", "c.org")
         );
         // `_matrix-fed` wins over `_matrix`.
-        f.srv.insert("_matrix-fed._tcp.c.org".into(), ("new.c.org".into(), 8001));
+        f.srv
+            .insert("_matrix-fed._tcp.c.org".into(), ("new.c.org".into(), 8001));
         assert_eq!(
             resolve_with("c.org", &f).await.unwrap(),
             r("new.c.org", 8001, "c.org", "c.org")

@@ -55,11 +55,7 @@ impl Services {
     ) -> Result<serde_json::Map<String, Value>> {
         let mut request = get_profile_information::v1::Request::new(user_id.to_owned());
         request.field = field.map(Into::into);
-        let response = self
-            .federation
-            .client
-            .send(user_id.server_name(), request)
-            .await?;
+        let response = self.federation.client.send(user_id.server_name(), request).await?;
         Ok(response
             .into_iter()
             .filter(|(k, v)| (k == "displayname" || k == "avatar_url") && v.is_string())

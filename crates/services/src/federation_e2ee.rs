@@ -230,6 +230,16 @@ impl Services {
         Ok((room_id, servers))
     }
 
+    /// `GET /directory/room/{roomAlias}`: the room an alias names and
+    /// servers to join it through (ours first for a local alias); another
+    /// server's alias is asked of that server (`/query/directory`).
+    pub async fn alias_directory(&self, alias: &ruma::RoomAliasId) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+        if alias.server_name() != self.server_name {
+            return self.resolve_room_anywhere(alias.as_str()).await;
+        }
+        self.federation_query_directory(&self.server_name, alias).await
+    }
+
     /// One page of the local public room directory: rooms whose name,
     /// topic or canonical alias contain `term` (case-insensitive), `limit`
     /// of them after `since` (a `next_batch`/`prev_batch` of an earlier page).

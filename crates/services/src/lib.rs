@@ -16,6 +16,7 @@ pub mod events;
 pub mod federation;
 pub mod federation_e2ee;
 pub mod federation_remote;
+pub mod federation_rooms;
 mod federation_stubs;
 pub mod files;
 pub mod filter;

@@ -6,7 +6,7 @@
 use ruma::api::client::room::Visibility as RoomVisibility;
 use ruma::api::client::room::create_room::{self, v3::RoomPreset};
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -91,6 +91,48 @@ impl Services {
             return self.room_id(&alias.room_id);
         }
         self.room_id(room_or_alias)
+    }
+
+    /// A room ID or alias to a room ID and servers to join it through: a
+    /// local alias from the database, another server's alias by asking
+    /// that server (`/query/directory`).
+    pub async fn resolve_room_anywhere(&self, room_or_alias: &str) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+        if room_or_alias.starts_with('#') {
+            let alias = ruma::OwnedRoomAliasId::try_from(room_or_alias)
+                .map_err(|_| Error::invalid_param("Invalid room alias"))?;
+            if alias.server_name() != self.server_name {
+                let answer = self
+                    .federation
+                    .client
+                    .send(
+                        alias.server_name(),
+                        ruma::api::federation::query::get_room_information::v1::Request::new(alias.clone()),
+                    )
+                    .await?;
+                let mut servers = answer.servers;
+                servers.insert(0, alias.server_name().to_owned());
+                return Ok((answer.room_id, servers));
+            }
+        }
+        Ok((self.resolve_room(room_or_alias).await?, Vec::new()))
+    }
+
+    /// The server of whoever invited `user_id` to `room_id`, if the user
+    /// holds an invite there.
+    async fn pending_invite_server(&self, user_id: &UserId, room_id: &ruma::RoomId) -> Result<Option<OwnedServerName>> {
+        let Some(m) = self
+            .store
+            .user_memberships(user_id.as_str())
+            .await?
+            .into_iter()
+            .find(|m| m.room_id == room_id.as_str() && m.membership == "invite")
+        else {
+            return Ok(None);
+        };
+        let Some(ev) = self.store.get_event(&m.event_id).await? else {
+            return Ok(None);
+        };
+        Ok(UserId::parse(ev.sender.as_str()).ok().map(|u| u.server_name().to_owned()))
     }
 
     pub(crate) async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
@@ -203,8 +245,30 @@ impl Services {
 
     /// Joins a room by ID or alias.
     pub async fn join(&self, user_id: &UserId, room_or_alias: &str) -> Result<OwnedRoomId> {
-        let room_id = self.resolve_room(room_or_alias).await?;
-        if self.store.room_info(room_id.as_str()).await?.is_none() {
+        self.join_via(user_id, room_or_alias, &[]).await
+    }
+
+    /// Joins a room by ID or alias; a room this server is not in is joined
+    /// through another server: those in `via`, the alias's, the room ID's,
+    /// the inviter's.
+    pub async fn join_via(&self, user_id: &UserId, room_or_alias: &str, via: &[OwnedServerName]) -> Result<OwnedRoomId> {
+        let (room_id, mut servers) = self.resolve_room_anywhere(room_or_alias).await?;
+        servers.extend(via.iter().cloned());
+        let known = self.store.room_info(room_id.as_str()).await?.is_some();
+        let resident = known && self.rooms.server_in_room(&room_id, &self.server_name).await?;
+        let others = known && !self.rooms.servers_in_room(&room_id).await?.is_empty();
+        if !resident && (!known || others) {
+            if let Some(inviter) = self.pending_invite_server(user_id, &room_id).await? {
+                servers.push(inviter);
+            }
+            let candidates = crate::federation_rooms::join_candidates(&room_id, &servers, None);
+            if !known && candidates.iter().all(|s| *s == self.server_name) {
+                return Err(Error::not_found("Room not found"));
+            }
+            self.join_remote(user_id, &room_id, &candidates).await?;
+            return Ok(room_id);
+        }
+        if !known {
             return Err(Error::not_found("Room not found"));
         }
         if self.rooms.membership(&room_id, user_id).await?.as_deref() == Some("join") {

@@ -20,8 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tower::ServiceExt;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 use weft_services::{ConnectionPermit, Services};
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
@@ -90,10 +90,32 @@ async fn serve_with(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(Counted { stream, _permit: permit }, builder, service, stop, peer).await,
+                None => {
+                    serve_connection(
+                        Counted {
+                            stream,
+                            _permit: permit,
+                        },
+                        builder,
+                        service,
+                        stop,
+                        peer,
+                    )
+                    .await
+                }
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        serve_connection(Counted { stream, _permit: permit }, builder, service, stop, peer).await
+                        serve_connection(
+                            Counted {
+                                stream,
+                                _permit: permit,
+                            },
+                            builder,
+                            service,
+                            stop,
+                            peer,
+                        )
+                        .await
                     }
                     Ok(Err(e)) => tracing::debug!("https: TLS handshake with {peer}: {e}"),
                     Err(_) => tracing::debug!("https: TLS handshake with {peer} timed out"),

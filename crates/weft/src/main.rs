@@ -480,7 +480,13 @@ async fn serve(
 async fn federation_listener(
     data_dir: &Path,
     services: &Services,
-) -> anyhow::Result<Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor, weft_services::tls::CertFiles)>> {
+) -> anyhow::Result<
+    Option<(
+        tokio::net::TcpListener,
+        tokio_rustls::TlsAcceptor,
+        weft_services::tls::CertFiles,
+    )>,
+> {
     let c = &services.config.federation;
     if !c.enabled {
         return Ok(None);

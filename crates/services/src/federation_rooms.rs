@@ -1,0 +1,380 @@
+//! Rooms across servers: what other servers may read of our rooms (events,
+//! state, auth chains, history), the membership handshakes they start here
+//! (`make_join`/`send_join`, `make_leave`/`send_leave`), and our users'
+//! joins of rooms this server is not in. Rules: a server reads a room only
+//! while one of its users is in it, and each event only as its history
+//! visibility allows; a server acts only for its own users.
+
+use ruma::api::federation::membership::{create_join_event, create_leave_event, prepare_join_event, prepare_leave_event};
+use ruma::{
+    CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName,
+    UserId,
+};
+use serde_json::value::RawValue;
+use weft_core::{Error, ErrorKind, Result};
+use weft_rooms::{Arrival, Outcome, SUPPORTED_VERSIONS};
+use weft_store::StoredEvent;
+
+use crate::Services;
+use crate::federation_remote::{Network, pdu_object};
+
+/// A stored event as a PDU to hand to another server.
+pub fn raw_pdu(ev: &StoredEvent) -> Result<Box<RawValue>> {
+    RawValue::from_string(ev.pdu_json.clone()).map_err(Error::internal)
+}
+
+/// What `/send_join` answers: the state before the join, the auth chain of
+/// that state and the join, and the servers in the room.
+pub struct JoinAnswer {
+    pub state: Vec<Box<RawValue>>,
+    pub auth_chain: Vec<Box<RawValue>>,
+    pub servers_in_room: Vec<String>,
+}
+
+impl Services {
+    /// `origin` may read `room_id`: the room is ours and one of its users
+    /// is joined (`403 M_FORBIDDEN` otherwise).
+    async fn readable_by(&self, origin: &ServerName, room_id: &RoomId) -> Result<()> {
+        if self.store.room_info(room_id.as_str()).await?.is_none() || !self.rooms.server_in_room(room_id, origin).await? {
+            return Err(Error::forbidden(format!("{origin} is not in room {room_id}")));
+        }
+        Ok(())
+    }
+
+    /// Stored events as PDUs, those `origin` may see.
+    async fn visible_pdus(&self, origin: &ServerName, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<Box<RawValue>>> {
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            let Ok(id) = OwnedEventId::try_from(ev.event_id.as_str()) else { continue };
+            if self.rooms.server_can_see(room_id, &id, origin).await.unwrap_or(false) {
+                out.push(raw_pdu(&ev)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /event/{eventId}`: one event, if `origin` is in its room and
+    /// may see it.
+    pub async fn federation_event(&self, origin: &ServerName, event_id: &EventId) -> Result<Box<RawValue>> {
+        let ev = self
+            .store
+            .get_event(event_id.as_str())
+            .await?
+            .ok_or_else(|| Error::not_found("Unknown event"))?;
+        let room_id = OwnedRoomId::try_from(ev.room_id.as_str()).map_err(Error::internal)?;
+        self.readable_by(origin, &room_id).await?;
+        let place = self.store.event_place(event_id.as_str()).await?;
+        // Outliers and auth events are served too: the state and auth
+        // chains other servers check with are made of them.
+        let visible = match place {
+            Some(p) if p.outlier || p.rejected.is_some() => true,
+            _ => self.rooms.server_can_see(&room_id, event_id, origin).await?,
+        };
+        if !visible {
+            return Err(Error::forbidden("You may not see this event"));
+        }
+        raw_pdu(&ev)
+    }
+
+    /// `GET /state_ids/{roomId}?event_id=`: the state before the event and
+    /// its auth chain, as IDs.
+    pub async fn federation_state_ids(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<(Vec<OwnedEventId>, Vec<OwnedEventId>)> {
+        self.readable_by(origin, room_id).await?;
+        self.rooms.state_ids_at(room_id, event_id).await
+    }
+
+    /// `GET /state/{roomId}?event_id=`: as [`Services::federation_state_ids`], the events.
+    pub async fn federation_state(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<(Vec<Box<RawValue>>, Vec<Box<RawValue>>)> {
+        let (state, chain) = self.federation_state_ids(origin, room_id, event_id).await?;
+        Ok((self.pdus(&state).await?, self.pdus(&chain).await?))
+    }
+
+    async fn pdus(&self, ids: &[OwnedEventId]) -> Result<Vec<Box<RawValue>>> {
+        self.rooms.events_by_id(ids).await?.iter().map(raw_pdu).collect()
+    }
+
+    /// `GET /event_auth/{roomId}/{eventId}`: the event's auth chain.
+    pub async fn federation_event_auth(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.readable_by(origin, room_id).await?;
+        let chain = self.rooms.event_auth(room_id, event_id).await?;
+        self.pdus(&chain).await
+    }
+
+    /// `GET /backfill/{roomId}?v=&limit=`: history before and including
+    /// `from`, as far as `origin` may see it.
+    pub async fn federation_backfill(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.readable_by(origin, room_id).await?;
+        let events = self.rooms.backfill(room_id, from, limit).await?;
+        self.visible_pdus(origin, room_id, events).await
+    }
+
+    /// `POST /get_missing_events/{roomId}`.
+    pub async fn federation_missing_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: i64,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.readable_by(origin, room_id).await?;
+        let events = self
+            .rooms
+            .missing_events(room_id, earliest, latest, limit, min_depth)
+            .await?;
+        self.visible_pdus(origin, room_id, events).await
+    }
+
+    /// `GET /make_join/{roomId}/{userId}?ver=`: the join event template for
+    /// `origin`'s user, in a room version it supports.
+    pub async fn federation_make_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user_id: &UserId,
+        membership: &str,
+        supported: Option<&[RoomVersionId]>,
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        if user_id.server_name() != origin {
+            return Err(Error::forbidden(format!("{origin} cannot act for {user_id}")));
+        }
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::not_found(format!("This server does not know room {room_id}")));
+        }
+        let version = self.rooms.room_version(room_id).await?;
+        if let Some(supported) = supported
+            && !supported.contains(&version)
+        {
+            return Err(Error::new(
+                ErrorKind::IncompatibleRoomVersion {
+                    room_version: version.to_string(),
+                },
+                format!("Your server does not support room version {version}"),
+            ));
+        }
+        self.acl_allows(room_id, origin).await?;
+        let (version, template) = self.rooms.membership_template(room_id, user_id, membership).await?;
+        let raw = serde_json::value::to_raw_value(&template).map_err(Error::internal)?;
+        Ok((version, raw))
+    }
+
+    /// `PUT /send_join` and `/send_leave` (v2): takes in `origin`'s signed
+    /// membership event; for a join, answers the room's state before it.
+    pub async fn federation_send_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        pdu: &RawValue,
+        membership: &str,
+    ) -> Result<Option<JoinAnswer>> {
+        let object = pdu_object(pdu)?;
+        let field = |k: &str| object.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let content_membership = object
+            .get("content")
+            .and_then(|c| c.as_object())
+            .and_then(|c| c.get("membership"))
+            .and_then(|m| m.as_str());
+        let sender = field("sender").and_then(|s| UserId::parse(s).ok());
+        let Some(sender) = sender.filter(|s| s.server_name() == origin) else {
+            return Err(Error::forbidden(format!("{origin} cannot act for the event's sender")));
+        };
+        if field("type").as_deref() != Some("m.room.member")
+            || field("state_key").as_deref() != Some(sender.as_str())
+            || content_membership != Some(membership)
+            || field("room_id").as_deref().is_some_and(|r| r != room_id.as_str())
+        {
+            return Err(Error::bad_json(format!("Not a {membership} event of the sender")));
+        }
+        if self.store.room_info(room_id.as_str()).await?.is_none() {
+            return Err(Error::not_found(format!("This server does not know room {room_id}")));
+        }
+        self.acl_allows(room_id, origin).await?;
+        let version = self.rooms.room_version(room_id).await?;
+        let rules = version.rules().ok_or_else(|| Error::internal("unknown room version"))?;
+        let hash = ruma::signatures::reference_hash(&object, &rules).map_err(|e| Error::bad_json(e.to_string()))?;
+        if event_id.as_str() != format!("${hash}") {
+            return Err(Error::bad_json("The event ID does not match the event"));
+        }
+        let outcome = self
+            .rooms
+            .input_pdu(room_id, object, origin, Arrival::New, &Network(&self.federation))
+            .await?;
+        match outcome {
+            Outcome::Accepted(_) | Outcome::Known => {}
+            Outcome::SoftFailed(why) | Outcome::Rejected(why) => {
+                return Err(Error::forbidden(format!("The {membership} was not allowed: {why}")));
+            }
+        }
+        if membership != "join" {
+            return Ok(None);
+        }
+        let (state, mut chain) = self.rooms.state_ids_at(room_id, event_id).await?;
+        chain.extend(self.rooms.auth_chain_ids(&[event_id.to_owned()]).await?);
+        chain.sort();
+        chain.dedup();
+        Ok(Some(JoinAnswer {
+            state: self.pdus(&state).await?,
+            auth_chain: self.pdus(&chain).await?,
+            servers_in_room: self
+                .rooms
+                .servers_in_room(room_id)
+                .await?
+                .into_iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }))
+    }
+
+    /// Whether the room's server ACL lets `server` in (`403` otherwise).
+    pub(crate) async fn acl_allows(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
+        let Some(acl) = self.rooms.state_event(room_id, "m.room.server_acl", "").await? else {
+            return Ok(());
+        };
+        let content: ruma::events::room::server_acl::RoomServerAclEventContent =
+            serde_json::from_str(acl.content.get()).map_err(Error::internal)?;
+        if content.is_allowed(server) {
+            Ok(())
+        } else {
+            Err(Error::forbidden(format!("{server} is banned from room {room_id} by its server ACL")))
+        }
+    }
+
+    /// Our user joins a room this server is not in, through one of
+    /// `servers` (tried in order): `make_join`, sign, `send_join`, then
+    /// the room's state and the join are checked and stored.
+    pub async fn join_remote(&self, user_id: &UserId, room_id: &RoomId, servers: &[OwnedServerName]) -> Result<()> {
+        let versions: Vec<RoomVersionId> = SUPPORTED_VERSIONS
+            .iter()
+            .filter_map(|v| RoomVersionId::try_from(*v).ok())
+            .collect();
+        let mut last = Error::not_found("No server to join the room through");
+        for server in servers.iter().filter(|s| **s != self.server_name) {
+            match self.join_through(user_id, room_id, server, &versions).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::info!(%room_id, %server, "joining through {server} failed: {}", e.message);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn join_through(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        server: &ServerName,
+        versions: &[RoomVersionId],
+    ) -> Result<()> {
+        let mut make = prepare_join_event::v1::Request::new(room_id.to_owned(), user_id.to_owned());
+        make.ver = versions.to_vec();
+        let made = self.federation.client.send(server, make).await?;
+        let version = made.room_version.unwrap_or(RoomVersionId::V1);
+        if !versions.contains(&version) {
+            return Err(Error::new(
+                ErrorKind::UnsupportedRoomVersion,
+                format!("Room version {version} is not supported"),
+            ));
+        }
+        let mut template: CanonicalJsonObject = pdu_object(&made.event)?;
+        // Our profile in the join, as for local joins.
+        let profile = self.profile_content(user_id).await?;
+        if let Some(ruma::CanonicalJsonValue::Object(content)) = template.get_mut("content") {
+            for (k, v) in profile {
+                content.entry(k).or_insert(v);
+            }
+        }
+        let (event_id, join) = self.rooms.sign_template(&version, template)?;
+        let raw = serde_json::value::to_raw_value(&join).map_err(Error::internal)?;
+        let sent = self
+            .federation
+            .client
+            .send(
+                server,
+                create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw),
+            )
+            .await?;
+        let answer = sent.room_state;
+        let state = answer
+            .state
+            .iter()
+            .map(|r| pdu_object(r))
+            .collect::<Result<Vec<_>>>()?;
+        let chain = answer
+            .auth_chain
+            .iter()
+            .map(|r| pdu_object(r))
+            .collect::<Result<Vec<_>>>()?;
+        self.rooms
+            .complete_remote_join(room_id, &version, join, state, chain, server, &Network(&self.federation))
+            .await?;
+        Ok(())
+    }
+
+    /// Our user leaves (or refuses an invite to) a room this server is not
+    /// in, through `server`: `make_leave`, sign, `send_leave`.
+    pub async fn leave_remote(&self, user_id: &UserId, room_id: &RoomId, server: &ServerName) -> Result<OwnedEventId> {
+        let made = self
+            .federation
+            .client
+            .send(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user_id.to_owned()))
+            .await?;
+        let version = made.room_version.unwrap_or(RoomVersionId::V1);
+        let template = pdu_object(&made.event)?;
+        let (event_id, leave) = self.rooms.sign_template(&version, template)?;
+        let raw = serde_json::value::to_raw_value(&leave).map_err(Error::internal)?;
+        self.federation
+            .client
+            .send(
+                server,
+                create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw),
+            )
+            .await?;
+        Ok(event_id)
+    }
+}
+
+/// The servers to try to join a room through: those named, the alias's
+/// server, and the room ID's server (room versions before 12).
+pub fn join_candidates(room_id: &RoomId, named: &[OwnedServerName], alias_server: Option<&ServerName>) -> Vec<OwnedServerName> {
+    let mut out: Vec<OwnedServerName> = Vec::new();
+    let mut push = |s: &ServerName| {
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_owned());
+        }
+    };
+    for s in named {
+        push(s);
+    }
+    if let Some(s) = alias_server {
+        push(s);
+    }
+    if let Some(s) = room_id.server_name() {
+        push(s);
+    }
+    out
+}
