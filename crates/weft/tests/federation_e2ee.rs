@@ -42,10 +42,11 @@ fn signing_key(server: &TestServer) -> Ed25519KeyPair {
 /// `GET path` on `to`'s federation listener, signed as `from` with its key.
 async fn signed_get(from: &TestServer, to: &TestServer, path: &str) -> (u16, Value) {
     let req = http::Request::get(path).body(Vec::<u8>::new()).unwrap();
+    let key = signing_key(from);
     let input = ServerSignaturesInput::new(
         OwnedServerName::try_from(from.server_name()).unwrap(),
         OwnedServerName::try_from(to.server_name()).unwrap(),
-        &signing_key(from),
+        &key,
     );
     let header = XMatrix::try_from_http_request(&req, input).unwrap();
     let auth = http::HeaderValue::from(&header).to_str().unwrap().to_owned();
