@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 
 use ruma::MilliSecondsSinceUnixEpoch;
+use ruma::api::federation::device::get_devices;
+use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
 use ruma::api::federation::discovery::{
     get_remote_server_keys, get_remote_server_keys_batch, get_server_keys, get_server_version,
 };
-use ruma::api::federation::device::get_devices;
-use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
 use ruma::api::federation::keys::{claim_keys, get_keys};
 use ruma::api::federation::openid::get_openid_userinfo;
 use ruma::api::federation::query::{get_profile_information, get_room_information};
@@ -106,10 +106,7 @@ pub async fn query_profile(
 /// `GET /_matrix/federation/v1/user/devices/{userId}`: a local user's
 /// devices with keys, the list's stream ID, and cross-signing keys.
 pub async fn user_devices(s: AppState, req: Ruma<get_devices::v1::Request>) -> Result<Full<serde_json::Value>, Error> {
-    Ok(Full(
-        s.federation_user_devices(&req.caller.0, &req.body.user_id)
-            .await?,
-    ))
+    Ok(Full(s.federation_user_devices(&req.caller.0, &req.body.user_id).await?))
 }
 
 /// `POST /_matrix/federation/v1/user/keys/query`: local users' keys.
@@ -124,7 +121,10 @@ pub async fn user_keys_query(s: AppState, req: Ruma<get_keys::v1::Request>) -> R
 }
 
 /// `POST /_matrix/federation/v1/user/keys/claim`: local users' one-time keys.
-pub async fn user_keys_claim(s: AppState, req: Ruma<claim_keys::v1::Request>) -> Result<Full<serde_json::Value>, Error> {
+pub async fn user_keys_claim(
+    s: AppState,
+    req: Ruma<claim_keys::v1::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
     let wanted = convert(&req.body.one_time_keys)?;
     Ok(Full(s.federation_claim_keys(&req.caller.0, wanted).await?))
 }

@@ -72,7 +72,11 @@ fn devices_json(list: &RemoteDeviceList, wanted: &[String]) -> Map<String, Value
         if !wanted.is_empty() && !wanted.contains(&d.device_id) {
             continue;
         }
-        let Some(mut keys) = d.keys_json.as_deref().and_then(|k| serde_json::from_str::<Value>(k).ok()) else {
+        let Some(mut keys) = d
+            .keys_json
+            .as_deref()
+            .and_then(|k| serde_json::from_str::<Value>(k).ok())
+        else {
             continue;
         };
         if let (Some(name), Some(obj)) = (&d.display_name, keys.as_object_mut()) {
@@ -125,7 +129,9 @@ impl Services {
             if m.membership != "join" {
                 continue;
             }
-            let Ok(room_id) = RoomId::parse(&m.room_id) else { continue };
+            let Ok(room_id) = RoomId::parse(&m.room_id) else {
+                continue;
+            };
             if self.rooms.servers_in_room(&room_id).await?.contains(&self.server_name) {
                 return Ok(true);
             }
@@ -212,7 +218,11 @@ impl Services {
 
     /// `GET /_matrix/federation/v1/query/directory`: the room a local alias
     /// names and the servers in it (ours first).
-    pub async fn federation_query_directory(&self, origin: &ServerName, alias: &ruma::RoomAliasId) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+    pub async fn federation_query_directory(
+        &self,
+        origin: &ServerName,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
         if alias.server_name() != self.server_name {
             return Err(Error::invalid_param(format!(
                 "{alias} is not an alias of this server (asked by {origin})"
@@ -252,10 +262,14 @@ impl Services {
         let mut rooms = self.public_rooms().await?;
         if let Some(term) = term.map(str::to_lowercase).filter(|t| !t.is_empty()) {
             rooms.retain(|r| {
-                [r.name.as_deref(), r.topic.as_deref(), r.canonical_alias.as_ref().map(|a| a.as_str())]
-                    .into_iter()
-                    .flatten()
-                    .any(|s| s.to_lowercase().contains(&term))
+                [
+                    r.name.as_deref(),
+                    r.topic.as_deref(),
+                    r.canonical_alias.as_ref().map(|a| a.as_str()),
+                ]
+                .into_iter()
+                .flatten()
+                .any(|s| s.to_lowercase().contains(&term))
             });
         }
         let total = rooms.len() as u64;
@@ -286,7 +300,12 @@ impl Services {
             .store
             .openid_token_user(token, weft_core::now_ms())
             .await?
-            .ok_or_else(|| Error::new(ErrorKind::UnknownToken { soft_logout: false }, "Unknown or expired OpenID token"))?;
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::UnknownToken { soft_logout: false },
+                    "Unknown or expired OpenID token",
+                )
+            })?;
         OwnedUserId::try_from(user).map_err(Error::internal)
     }
 
@@ -299,9 +318,7 @@ impl Services {
         }
         let token = random_string(32);
         let expires = weft_core::now_ms() + OPENID_TOKEN_SECS * 1000;
-        self.store
-            .put_openid_token(&token, user_id.as_str(), expires)
-            .await?;
+        self.store.put_openid_token(&token, user_id.as_str(), expires).await?;
         Ok((token, OPENID_TOKEN_SECS))
     }
 
@@ -319,7 +336,9 @@ impl Services {
         let mut out = RemoteKeys::default();
         let mut by_server: BTreeMap<OwnedServerName, Vec<(OwnedUserId, Vec<String>)>> = BTreeMap::new();
         for (user, devices) in wanted {
-            let Ok(user) = OwnedUserId::try_from(user) else { continue };
+            let Ok(user) = OwnedUserId::try_from(user) else {
+                continue;
+            };
             by_server
                 .entry(user.server_name().to_owned())
                 .or_default()
@@ -329,12 +348,10 @@ impl Services {
             return Ok(out);
         }
         let timeout = remote_timeout(timeout_ms);
-        let asks = by_server
-            .into_iter()
-            .map(|(server, users)| async move {
-                let result = self.keys_of_server(&server, &users, timeout).await;
-                (server, result)
-            });
+        let asks = by_server.into_iter().map(|(server, users)| async move {
+            let result = self.keys_of_server(&server, &users, timeout).await;
+            (server, result)
+        });
         for (server, result) in futures_util::future::join_all(asks).await {
             match result {
                 Ok((lists, failed)) => {
@@ -342,7 +359,9 @@ impl Services {
                         out.device_keys
                             .insert(list.user_id.clone(), Value::Object(devices_json(&list, &wanted)));
                         for (key_type, json) in &list.cross_signing {
-                            let Ok(key) = serde_json::from_str::<Value>(json) else { continue };
+                            let Ok(key) = serde_json::from_str::<Value>(json) else {
+                                continue;
+                            };
                             match key_type.as_str() {
                                 "master" => out.master_keys.insert(list.user_id.clone(), key),
                                 "self_signing" => out.self_signing_keys.insert(list.user_id.clone(), key),
@@ -403,7 +422,9 @@ impl Services {
                 cross_signing: Vec::new(),
             };
             for (device_id, keys) in response.device_keys.get(user).into_iter().flatten() {
-                let Some((value, json)) = key_of(user, keys.json()) else { continue };
+                let Some((value, json)) = key_of(user, keys.json()) else {
+                    continue;
+                };
                 if value.get("device_id").and_then(Value::as_str) != Some(device_id.as_str()) {
                     continue;
                 }
@@ -425,9 +446,7 @@ impl Services {
                 self.store.put_remote_device_list(list.clone(), false).await?;
             } else if cached.is_some() {
                 // Not told of its changes any more: never trusted again.
-                self.store
-                    .mark_remote_device_list_stale(user.as_str())
-                    .await?;
+                self.store.mark_remote_device_list_stale(user.as_str()).await?;
             }
             lists.push((list, devices.clone()));
         }
@@ -472,7 +491,9 @@ impl Services {
             cross_signing: Vec::new(),
         };
         for d in response.devices {
-            let Some((value, json)) = key_of(user_id, d.keys.json()) else { continue };
+            let Some((value, json)) = key_of(user_id, d.keys.json()) else {
+                continue;
+            };
             if value.get("device_id").and_then(Value::as_str) != Some(d.device_id.as_str()) {
                 continue;
             }
@@ -482,7 +503,10 @@ impl Services {
                 display_name: d.device_display_name,
             });
         }
-        for (key_type, key) in [("master", response.master_key), ("self_signing", response.self_signing_key)] {
+        for (key_type, key) in [
+            ("master", response.master_key),
+            ("self_signing", response.self_signing_key),
+        ] {
             if let Some((_, json)) = key.and_then(|k| key_of(user_id, k.json())) {
                 list.cross_signing.push((key_type.to_owned(), json));
             }
@@ -497,13 +521,18 @@ impl Services {
         &self,
         wanted: BTreeMap<String, BTreeMap<String, String>>,
         timeout_ms: Option<u64>,
-    ) -> Result<(BTreeMap<String, BTreeMap<String, Map<String, Value>>>, Map<String, Value>)> {
+    ) -> Result<(
+        BTreeMap<String, BTreeMap<String, Map<String, Value>>>,
+        Map<String, Value>,
+    )> {
         let mut by_server: BTreeMap<OwnedServerName, claim_keys::v1::OneTimeKeyClaims> = BTreeMap::new();
         for (user, devices) in wanted {
-            let Ok(user) = OwnedUserId::try_from(user) else { continue };
+            let Ok(user) = OwnedUserId::try_from(user) else {
+                continue;
+            };
             let devices = devices
                 .into_iter()
-                .filter_map(|(d, alg)| Some((d.try_into().ok()?, alg.as_str().into())))
+                .map(|(d, alg)| (d.into(), alg.as_str().into()))
                 .collect();
             by_server
                 .entry(user.server_name().to_owned())
@@ -559,7 +588,9 @@ impl Services {
     ) {
         let mut by_server: BTreeMap<OwnedServerName, Map<String, Value>> = BTreeMap::new();
         for (user, devices) in messages {
-            let Ok(user) = OwnedUserId::try_from(user) else { continue };
+            let Ok(user) = OwnedUserId::try_from(user) else {
+                continue;
+            };
             by_server
                 .entry(user.server_name().to_owned())
                 .or_default()
@@ -816,9 +847,7 @@ impl Services {
                 keys.push((key_type.to_owned(), key.to_string()));
             }
         }
-        self.store
-            .put_remote_cross_signing_keys(user.as_str(), keys)
-            .await?;
+        self.store.put_remote_cross_signing_keys(user.as_str(), keys).await?;
         Ok(())
     }
 }

@@ -26,7 +26,12 @@ impl weft_rooms::Remote for Network<'_> {
         self.0.keys.public_keys(&wanted).await
     }
 
-    async fn fetch_event(&self, origin: &ServerName, _room: &RoomId, event_id: &EventId) -> Result<CanonicalJsonObject> {
+    async fn fetch_event(
+        &self,
+        origin: &ServerName,
+        _room: &RoomId,
+        event_id: &EventId,
+    ) -> Result<CanonicalJsonObject> {
         let response = self
             .0
             .client

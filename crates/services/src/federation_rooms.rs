@@ -5,10 +5,11 @@
 //! while one of its users is in it, and each event only as its history
 //! visibility allows; a server acts only for its own users.
 
-use ruma::api::federation::membership::{create_join_event, create_leave_event, prepare_join_event, prepare_leave_event};
+use ruma::api::federation::membership::{
+    create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+};
 use ruma::{
-    CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName,
-    UserId,
+    CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
 };
 use serde_json::value::RawValue;
 use weft_core::{Error, ErrorKind, Result};
@@ -35,17 +36,26 @@ impl Services {
     /// `origin` may read `room_id`: the room is ours and one of its users
     /// is joined (`403 M_FORBIDDEN` otherwise).
     async fn readable_by(&self, origin: &ServerName, room_id: &RoomId) -> Result<()> {
-        if self.store.room_info(room_id.as_str()).await?.is_none() || !self.rooms.server_in_room(room_id, origin).await? {
+        if self.store.room_info(room_id.as_str()).await?.is_none()
+            || !self.rooms.server_in_room(room_id, origin).await?
+        {
             return Err(Error::forbidden(format!("{origin} is not in room {room_id}")));
         }
         Ok(())
     }
 
     /// Stored events as PDUs, those `origin` may see.
-    async fn visible_pdus(&self, origin: &ServerName, room_id: &RoomId, events: Vec<StoredEvent>) -> Result<Vec<Box<RawValue>>> {
+    async fn visible_pdus(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        events: Vec<StoredEvent>,
+    ) -> Result<Vec<Box<RawValue>>> {
         let mut out = Vec::with_capacity(events.len());
         for ev in events {
-            let Ok(id) = OwnedEventId::try_from(ev.event_id.as_str()) else { continue };
+            let Ok(id) = OwnedEventId::try_from(ev.event_id.as_str()) else {
+                continue;
+            };
             if self.rooms.server_can_see(room_id, &id, origin).await.unwrap_or(false) {
                 out.push(raw_pdu(&ev)?);
             }
@@ -258,7 +268,9 @@ impl Services {
         if content.is_allowed(server) {
             Ok(())
         } else {
-            Err(Error::forbidden(format!("{server} is banned from room {room_id} by its server ACL")))
+            Err(Error::forbidden(format!(
+                "{server} is banned from room {room_id} by its server ACL"
+            )))
         }
     }
 
@@ -319,18 +331,22 @@ impl Services {
             )
             .await?;
         let answer = sent.room_state;
-        let state = answer
-            .state
-            .iter()
-            .map(|r| pdu_object(r))
-            .collect::<Result<Vec<_>>>()?;
+        let state = answer.state.iter().map(|r| pdu_object(r)).collect::<Result<Vec<_>>>()?;
         let chain = answer
             .auth_chain
             .iter()
             .map(|r| pdu_object(r))
             .collect::<Result<Vec<_>>>()?;
         self.rooms
-            .complete_remote_join(room_id, &version, join, state, chain, server, &Network(&self.federation))
+            .complete_remote_join(
+                room_id,
+                &version,
+                join,
+                state,
+                chain,
+                server,
+                &Network(&self.federation),
+            )
             .await?;
         Ok(())
     }
@@ -341,7 +357,10 @@ impl Services {
         let made = self
             .federation
             .client
-            .send(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user_id.to_owned()))
+            .send(
+                server,
+                prepare_leave_event::v1::Request::new(room_id.to_owned(), user_id.to_owned()),
+            )
             .await?;
         let version = made.room_version.unwrap_or(RoomVersionId::V1);
         let template = pdu_object(&made.event)?;
@@ -360,7 +379,11 @@ impl Services {
 
 /// The servers to try to join a room through: those named, the alias's
 /// server, and the room ID's server (room versions before 12).
-pub fn join_candidates(room_id: &RoomId, named: &[OwnedServerName], alias_server: Option<&ServerName>) -> Vec<OwnedServerName> {
+pub fn join_candidates(
+    room_id: &RoomId,
+    named: &[OwnedServerName],
+    alias_server: Option<&ServerName>,
+) -> Vec<OwnedServerName> {
     let mut out: Vec<OwnedServerName> = Vec::new();
     let mut push = |s: &ServerName| {
         if !out.iter().any(|o| o == s) {

@@ -268,7 +268,11 @@ impl Services {
         {
             return Err(Error::invalid_param("No master key uploaded"));
         }
-        let public: Vec<String> = keys.iter().filter(|(t, _)| t != "user_signing").map(|(t, _)| t.clone()).collect();
+        let public: Vec<String> = keys
+            .iter()
+            .filter(|(t, _)| t != "user_signing")
+            .map(|(t, _)| t.clone())
+            .collect();
         self.store.put_cross_signing_keys(user, keys).await?;
         if !public.is_empty() {
             self.send_signing_key_update(&session.user_id).await;
@@ -407,7 +411,10 @@ impl Services {
             if !self.is_local_user(&user) {
                 let mut checked = BTreeMap::new();
                 for (device, content) in devices {
-                    checked.insert(device, serde_json::to_value(canonical_object(content)?).map_err(Error::internal)?);
+                    checked.insert(
+                        device,
+                        serde_json::to_value(canonical_object(content)?).map_err(Error::internal)?,
+                    );
                 }
                 remote.insert(user, checked);
                 continue;

@@ -6,7 +6,8 @@
 use ruma::api::client::room::Visibility as RoomVisibility;
 use ruma::api::client::room::create_room::{self, v3::RoomPreset};
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId,
+    RoomId, UserId,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -132,7 +133,9 @@ impl Services {
         let Some(ev) = self.store.get_event(&m.event_id).await? else {
             return Ok(None);
         };
-        Ok(UserId::parse(ev.sender.as_str()).ok().map(|u| u.server_name().to_owned()))
+        Ok(UserId::parse(ev.sender.as_str())
+            .ok()
+            .map(|u| u.server_name().to_owned()))
     }
 
     pub(crate) async fn profile_content(&self, user_id: &UserId) -> Result<CanonicalJsonObject> {
@@ -251,7 +254,12 @@ impl Services {
     /// Joins a room by ID or alias; a room this server is not in is joined
     /// through another server: those in `via`, the alias's, the room ID's,
     /// the inviter's.
-    pub async fn join_via(&self, user_id: &UserId, room_or_alias: &str, via: &[OwnedServerName]) -> Result<OwnedRoomId> {
+    pub async fn join_via(
+        &self,
+        user_id: &UserId,
+        room_or_alias: &str,
+        via: &[OwnedServerName],
+    ) -> Result<OwnedRoomId> {
         let (room_id, mut servers) = self.resolve_room_anywhere(room_or_alias).await?;
         servers.extend(via.iter().cloned());
         let known = self.store.room_info(room_id.as_str()).await?.is_some();

@@ -83,7 +83,9 @@ fn cross_signing_key(c: &Client, usage: &str, public: &str) -> Value {
 
 /// Bob uploads device keys and master and self-signing keys.
 async fn upload_all_keys(bob: &Client) {
-    let (status, body) = bob.post("keys/upload", json!({ "device_keys": device_keys(bob) })).await;
+    let (status, body) = bob
+        .post("keys/upload", json!({ "device_keys": device_keys(bob) }))
+        .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = bob
         .post(
@@ -105,7 +107,9 @@ async fn keys_of_another_servers_user_are_asked_of_it() {
     let bob = b.register("bob").await;
     let bob2 = b.login_device("bob", &bob.password, "BOBPHONE").await;
     upload_all_keys(&bob).await;
-    let (status, _) = bob2.post("keys/upload", json!({ "device_keys": device_keys(&bob2) })).await;
+    let (status, _) = bob2
+        .post("keys/upload", json!({ "device_keys": device_keys(&bob2) }))
+        .await;
     assert_eq!(status, 200);
 
     // What B itself answers for bob (to a local user who is not bob).
@@ -126,14 +130,18 @@ async fn keys_of_another_servers_user_are_asked_of_it() {
     assert_eq!(status, 200, "{on_a}");
     // Exactly bob's keys as B holds them (display names included).
     assert_eq!(
-        on_a["device_keys"][bob.user_id.as_str()], on_b["device_keys"][bob.user_id.as_str()],
+        on_a["device_keys"][bob.user_id.as_str()],
+        on_b["device_keys"][bob.user_id.as_str()],
         "{on_a}"
     );
     assert_eq!(
         on_a["device_keys"][bob.user_id.as_str()][bob.device_id.as_str()]["keys"],
         device_keys(&bob)["keys"]
     );
-    assert_eq!(on_a["master_keys"][bob.user_id.as_str()], cross_signing_key(&bob, "master", "bobmaster"));
+    assert_eq!(
+        on_a["master_keys"][bob.user_id.as_str()],
+        cross_signing_key(&bob, "master", "bobmaster")
+    );
     assert_eq!(
         on_a["self_signing_keys"][bob.user_id.as_str()],
         cross_signing_key(&bob, "self_signing", "bobselfsigning")
@@ -201,7 +209,11 @@ async fn one_time_keys_of_another_servers_user_are_claimed_once() {
         got.push(id);
     }
     got.sort();
-    assert_eq!(got, vec!["signed_curve25519:AAA", "signed_curve25519:BBB"], "a key was claimed twice");
+    assert_eq!(
+        got,
+        vec!["signed_curve25519:AAA", "signed_curve25519:BBB"],
+        "a key was claimed twice"
+    );
     // None left (and no fallback key): nothing for the device.
     let (_, resp) = alice.post("keys/claim", claim.clone()).await;
     assert!(
@@ -266,7 +278,10 @@ async fn user_devices_answers_the_stream_id_and_keys() {
     let path = format!("/_matrix/federation/v1/user/devices/{}", enc(&nobody));
     assert_err(&signed_get(&a, &b, &path).await, 404, "M_NOT_FOUND");
     let resp = https()
-        .get(fed_url(&b, &format!("/_matrix/federation/v1/user/devices/{}", enc(&bob.user_id))))
+        .get(fed_url(
+            &b,
+            &format!("/_matrix/federation/v1/user/devices/{}", enc(&bob.user_id)),
+        ))
         .send()
         .await
         .unwrap();
@@ -287,9 +302,7 @@ async fn room_directory_and_aliases_of_another_server() {
         .await;
 
     // A's client asks B's directory.
-    let (status, dir) = alice
-        .get(&format!("publicRooms?server={}", enc(b.server_name())))
-        .await;
+    let (status, dir) = alice.get(&format!("publicRooms?server={}", enc(b.server_name()))).await;
     assert_eq!(status, 200, "{dir}");
     let chunk = dir["chunk"].as_array().unwrap();
     assert_eq!(chunk.len(), 1, "{dir}");
@@ -348,10 +361,16 @@ async fn openid_tokens_are_checked_over_federation() {
     assert!(access.len() >= 32);
 
     let userinfo = |t: String| {
-        let url = fed_url(&a, &format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(&t)));
+        let url = fed_url(
+            &a,
+            &format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(&t)),
+        );
         async move {
             let resp = https().get(url).send().await.unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
         }
     };
     let (status, info) = userinfo(access.to_owned()).await;
@@ -427,7 +446,9 @@ async fn device_list_changes_reach_another_server() {
     // Bob adds a device: A hears of it (m.device_list_update), alice's
     // sync names bob in device_lists.changed, and her next query has it.
     let phone = b.login_device("bob", &bob.password, "BOBPHONE").await;
-    let (status, _) = phone.post("keys/upload", json!({ "device_keys": device_keys(&phone) })).await;
+    let (status, _) = phone
+        .post("keys/upload", json!({ "device_keys": device_keys(&phone) }))
+        .await;
     assert_eq!(status, 200);
     let mut changed = false;
     let mut token = since;

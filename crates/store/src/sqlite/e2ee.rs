@@ -62,11 +62,7 @@ impl E2eeFederationStore for SqliteStore {
             let row = c
                 .prepare_cached("SELECT stream_id, stale, fetched_ms FROM remote_device_lists WHERE user_id = ?1")?
                 .query_row([&u], |r| {
-                    Ok((
-                        r.get::<_, Option<i64>>(0)?,
-                        r.get::<_, bool>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
+                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?))
                 })
                 .optional()?;
             let Some((stream_id, stale, fetched_ms)) = row else {
