@@ -41,7 +41,18 @@ fn signing_key(server: &TestServer) -> Ed25519KeyPair {
 
 /// `GET path` on `to`'s federation listener, signed as `from` with its key.
 async fn signed_get(from: &TestServer, to: &TestServer, path: &str) -> (u16, Value) {
-    let req = http::Request::get(path).body(Vec::<u8>::new()).unwrap();
+    signed(from, to, "GET", path, None).await
+}
+
+/// `method path` (with a JSON body) on `to`'s federation listener, signed
+/// as `from` with its key.
+async fn signed(from: &TestServer, to: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(bytes.clone())
+        .unwrap();
     let key = signing_key(from);
     let input = ServerSignaturesInput::new(
         OwnedServerName::try_from(from.server_name()).unwrap(),
@@ -50,12 +61,16 @@ async fn signed_get(from: &TestServer, to: &TestServer, path: &str) -> (u16, Val
     );
     let header = XMatrix::try_from_http_request(&req, input).unwrap();
     let auth = http::HeaderValue::from(&header).to_str().unwrap().to_owned();
-    let resp = https()
-        .get(fed_url(to, path))
-        .header("Authorization", auth)
-        .send()
-        .await
-        .unwrap();
+    let mut out = https()
+        .request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            fed_url(to, path),
+        )
+        .header("Authorization", auth);
+    if !bytes.is_empty() {
+        out = out.header("Content-Type", "application/json").body(bytes);
+    }
+    let resp = out.send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -163,14 +178,36 @@ async fn keys_of_another_servers_user_are_asked_of_it() {
     assert_eq!(devices.keys().collect::<Vec<_>>(), vec!["BOBPHONE"], "{one}");
     assert_eq!(one["failures"], json!({}));
 
-    // B refuses to answer for users that are not its own.
+    // Over federation directly: B answers for its users (never their
+    // user-signing keys), refuses users that are not its own, and
+    // unsigned requests.
+    let path = "/_matrix/federation/v1/user/keys/query";
+    let (status, direct) = signed(
+        &a,
+        &b,
+        "POST",
+        path,
+        Some(json!({ "device_keys": { bob.user_id.as_str(): [] } })),
+    )
+    .await;
+    assert_eq!(status, 200, "{direct}");
+    assert_eq!(
+        direct["device_keys"],
+        json!({ bob.user_id.as_str(): on_a["device_keys"][bob.user_id.as_str()] }),
+        "{direct}"
+    );
+    assert_eq!(
+        direct["master_keys"][bob.user_id.as_str()],
+        on_a["master_keys"][bob.user_id.as_str()]
+    );
+    assert!(direct.get("user_signing_keys").is_none(), "{direct}");
     let body = json!({ "device_keys": { alice.user_id.as_str(): [] } });
-    let resp = https()
-        .post(fed_url(&b, "/_matrix/federation/v1/user/keys/query"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    assert_err(
+        &signed(&a, &b, "POST", path, Some(body.clone())).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    let resp = https().post(fed_url(&b, path)).json(&body).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401, "unsigned request accepted");
 }
 
@@ -222,6 +259,17 @@ async fn one_time_keys_of_another_servers_user_are_claimed_once() {
     );
     let (_, counts) = bob.post("keys/upload", json!({})).await;
     assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 0);
+
+    // B claims only for its own users.
+    let (status, resp) = signed(
+        &a,
+        &b,
+        "POST",
+        "/_matrix/federation/v1/user/keys/claim",
+        Some(json!({ "one_time_keys": { alice.user_id.as_str(): { "D": "signed_curve25519" } } })),
+    )
+    .await;
+    assert_err(&(status, resp), 400, "M_INVALID_PARAM");
 
     // A server that is down: a failure.
     let (status, resp) = alice
@@ -343,6 +391,20 @@ async fn room_directory_and_aliases_of_another_server() {
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["chunk"].as_array().unwrap().len(), 1);
     assert!(page.get("next_batch").is_none(), "{page}");
+    // Filtered (POST): by a search term in the name, topic or alias.
+    let path = "/_matrix/federation/v1/publicRooms";
+    for (term, count) in [("lob", 1), ("LOBBY", 1), ("nothing-like-it", 0)] {
+        let (status, page) = signed(
+            &a,
+            &b,
+            "POST",
+            path,
+            Some(json!({ "filter": { "generic_search_term": term } })),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["chunk"].as_array().unwrap().len(), count, "{term}: {page}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
