@@ -331,3 +331,18 @@ pub async fn delete_devices(
     s.delete_devices(&req.caller, &devices, auth).await?;
     Ok(delete_devices::v3::Response::new())
 }
+
+/// `POST /user/{userId}/openid/request_token`: an OpenID token other
+/// servers check through `/openid/userinfo`.
+pub async fn openid_token(
+    s: AppState,
+    req: Ruma<ruma::api::client::account::request_openid_token::v3::Request>,
+) -> Result<ruma::api::client::account::request_openid_token::v3::Response, Error> {
+    let (token, secs) = s.request_openid_token(&req.caller, &req.body.user_id).await?;
+    Ok(ruma::api::client::account::request_openid_token::v3::Response::new(
+        token,
+        ruma::authentication::TokenType::Bearer,
+        s.server_name.clone(),
+        std::time::Duration::from_secs(secs),
+    ))
+}

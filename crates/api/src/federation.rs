@@ -1,20 +1,26 @@
 //! The Server-Server API endpoints (declared in `federation_routes`):
-//! version, our keys, the notary key queries, the profile query, and
-//! transactions (`/send`). Each only translates between ruma's types and
-//! the services.
+//! version, our keys, the notary key queries, the profile query,
+//! transactions (`/send`), device lists and keys of local users, aliases,
+//! the room directory and OpenID tokens. Each only translates between
+//! ruma's types and the services.
 
 use std::collections::BTreeMap;
 
 use ruma::MilliSecondsSinceUnixEpoch;
+use ruma::api::federation::device::get_devices;
+use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
 use ruma::api::federation::discovery::{
     get_remote_server_keys, get_remote_server_keys_batch, get_server_keys, get_server_version,
 };
-use ruma::api::federation::query::get_profile_information;
+use ruma::api::federation::keys::{claim_keys, get_keys};
+use ruma::api::federation::openid::get_openid_userinfo;
+use ruma::api::federation::query::{get_profile_information, get_room_information};
 use ruma::api::federation::transactions::send_transaction_message;
 use weft_core::Error;
+use weft_services::federation_e2ee::PublicRoomsPage;
 
 use crate::AppState;
-use crate::endpoint::{Ruma, raw};
+use crate::endpoint::{Full, Ruma, convert, raw};
 use crate::own;
 
 /// `GET /_matrix/federation/v1/version`: `Weft` and the crate version.
@@ -117,4 +123,88 @@ pub async fn send_transaction(
         .receive_transaction(&origin, body.transaction_id.as_str(), body.pdus, edus)
         .await?;
     Ok(send_transaction_message::v1::Response::new(pdus))
+}
+
+/// `GET /_matrix/federation/v1/user/devices/{userId}`: a local user's
+/// devices with keys, the list's stream ID, and cross-signing keys.
+pub async fn user_devices(s: AppState, req: Ruma<get_devices::v1::Request>) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.federation_user_devices(&req.caller.0, &req.body.user_id).await?))
+}
+
+/// `POST /_matrix/federation/v1/user/keys/query`: local users' keys.
+pub async fn user_keys_query(s: AppState, req: Ruma<get_keys::v1::Request>) -> Result<Full<serde_json::Value>, Error> {
+    let wanted = req
+        .body
+        .device_keys
+        .into_iter()
+        .map(|(user, devices)| (user, devices.into_iter().map(|d| d.to_string()).collect()))
+        .collect();
+    Ok(Full(s.federation_query_keys(&req.caller.0, wanted).await?))
+}
+
+/// `POST /_matrix/federation/v1/user/keys/claim`: local users' one-time keys.
+pub async fn user_keys_claim(
+    s: AppState,
+    req: Ruma<claim_keys::v1::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    let wanted = convert(&req.body.one_time_keys)?;
+    Ok(Full(s.federation_claim_keys(&req.caller.0, wanted).await?))
+}
+
+/// `GET /_matrix/federation/v1/query/directory`: a local alias's room.
+pub async fn query_directory(
+    s: AppState,
+    req: Ruma<get_room_information::v1::Request>,
+) -> Result<get_room_information::v1::Response, Error> {
+    let (room_id, servers) = s
+        .federation_query_directory(&req.caller.0, &req.body.room_alias)
+        .await?;
+    Ok(get_room_information::v1::Response::new(room_id, servers))
+}
+
+fn page_response(page: PublicRoomsPage) -> get_public_rooms::v1::Response {
+    let mut response = get_public_rooms::v1::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(ruma::UInt::new_saturating(page.total));
+    response
+}
+
+/// `GET /_matrix/federation/v1/publicRooms`: the local room directory.
+pub async fn public_rooms(
+    s: AppState,
+    req: Ruma<get_public_rooms::v1::Request>,
+) -> Result<get_public_rooms::v1::Response, Error> {
+    let page = s
+        .public_rooms_page(req.body.limit.map(u64::from), req.body.since.as_deref(), None)
+        .await?;
+    Ok(page_response(page))
+}
+
+/// `POST /_matrix/federation/v1/publicRooms`: the local room directory,
+/// filtered by a search term.
+pub async fn public_rooms_filtered(
+    s: AppState,
+    req: Ruma<get_public_rooms_filtered::v1::Request>,
+) -> Result<get_public_rooms::v1::Response, Error> {
+    let b = req.body;
+    let page = s
+        .public_rooms_page(
+            b.limit.map(u64::from),
+            b.since.as_deref(),
+            b.filter.generic_search_term.as_deref(),
+        )
+        .await?;
+    Ok(page_response(page))
+}
+
+/// `GET /_matrix/federation/v1/openid/userinfo`: whose OpenID token this is.
+pub async fn openid_userinfo(
+    s: AppState,
+    req: Ruma<get_openid_userinfo::v1::Request>,
+) -> Result<get_openid_userinfo::v1::Response, Error> {
+    Ok(get_openid_userinfo::v1::Response::new(
+        s.openid_userinfo(&req.body.access_token).await?,
+    ))
 }

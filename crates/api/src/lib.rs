@@ -76,6 +76,7 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, rooms::room_aliases)
         .add(Caller, rooms::members)
         .add(Caller, rooms::room_joined_members)
+        .add(Caller, accounts::openid_token)
         .add(Caller, accounts::list_devices)
         .add(Caller, accounts::get_device)
         .add(Caller, misc::put_account_data)
@@ -206,6 +207,13 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, federation_rooms::send_leave)
         .add(Caller, federation_rooms::invite)
         .add(Caller, federation::send_transaction)
+        .add(Caller, federation::user_devices)
+        .add(Caller, federation::user_keys_query)
+        .add(Caller, federation::user_keys_claim)
+        .add(Caller, federation::query_directory)
+        .add(Caller, federation::public_rooms)
+        .add(Caller, federation::public_rooms_filtered)
+        .add(Caller, federation::openid_userinfo)
 }
 
 /// The federation listener's API: [`federation_routes`], the Matrix

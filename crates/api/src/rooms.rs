@@ -483,8 +483,8 @@ pub async fn sync(s: AppState, req: Ruma<sync_events::v3::Request>) -> Result<Fu
 }
 
 pub async fn get_alias(s: AppState, req: Ruma<get_alias::v3::Request>) -> Result<get_alias::v3::Response, Error> {
-    let room_id = s.alias_room(req.body.room_alias.as_str()).await?;
-    Ok(get_alias::v3::Response::new(room_id, vec![s.server_name.clone()]))
+    let (room_id, servers) = s.alias_directory(&req.body.room_alias).await?;
+    Ok(get_alias::v3::Response::new(room_id, servers))
 }
 
 pub async fn put_alias(s: AppState, req: Ruma<create_alias::v3::Request>) -> Result<create_alias::v3::Response, Error> {
@@ -510,8 +510,18 @@ pub async fn room_aliases(s: AppState, req: Ruma<aliases::v3::Request>) -> Resul
 
 pub async fn public_rooms(
     s: AppState,
-    _req: Ruma<get_public_rooms::v3::Request>,
+    req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<get_public_rooms::v3::Response, Error> {
+    let b = req.body;
+    if let Some(server) = b.server.filter(|server| *server != s.server_name) {
+        // Another server's directory, asked over federation.
+        let page = s.remote_public_rooms(&server, b.limit, b.since, None).await?;
+        let mut resp = get_public_rooms::v3::Response::new(page.chunk);
+        resp.next_batch = page.next_batch;
+        resp.prev_batch = page.prev_batch;
+        resp.total_room_count_estimate = Some(ruma::UInt::new_saturating(page.total));
+        return Ok(resp);
+    }
     let chunk = s.public_rooms().await?;
     let total = ruma::UInt::new_saturating(chunk.len() as u64);
     let mut resp = get_public_rooms::v3::Response::new(chunk);

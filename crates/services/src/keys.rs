@@ -94,7 +94,7 @@ pub fn counts_json(mut counts: BTreeMap<String, u64>) -> Value {
 }
 
 impl Services {
-    fn is_local_user(&self, user_id: &str) -> bool {
+    pub(crate) fn is_local_user(&self, user_id: &str) -> bool {
         user_id
             .strip_prefix('@')
             .and_then(|rest| rest.split_once(':'))
@@ -141,43 +141,67 @@ impl Services {
         Ok(json!({ "one_time_key_counts": counts_json(counts) }))
     }
 
+    /// A local user's device keys (all devices for an empty `devices`),
+    /// with their display names as `unsigned.device_display_name` and the
+    /// signatures uploaded later merged in, and their cross-signing keys.
+    pub(crate) async fn local_user_keys(&self, user: &str, devices: &[String]) -> Result<UserKeys> {
+        let signatures = self.store.key_signatures(user).await?;
+        let mut out = UserKeys::default();
+        for record in self.store.get_device_keys(user, devices).await? {
+            let mut keys: Value = serde_json::from_str(&record.keys_json).map_err(Error::internal)?;
+            merge_signatures(&mut keys, &record.device_id, &signatures);
+            if let (Some(name), Some(obj)) = (record.display_name, keys.as_object_mut()) {
+                obj.insert("unsigned".into(), json!({ "device_display_name": name }));
+            }
+            out.devices.insert(record.device_id, keys);
+        }
+        for (key_type, json) in self.store.get_cross_signing_keys(user).await? {
+            let mut key: Value = serde_json::from_str(&json).map_err(Error::internal)?;
+            if let Some(public) = public_key(&key) {
+                merge_signatures(&mut key, &public, &signatures);
+            }
+            match key_type.as_str() {
+                "master" => out.master = Some(key),
+                "self_signing" => out.self_signing = Some(key),
+                "user_signing" => out.user_signing = Some(key),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// `POST /keys/query`: device keys of the users asked for (all their
-    /// devices for an empty list).
+    /// devices for an empty list); users of other servers' are asked of
+    /// their servers or taken from the cache (`federation_e2ee`).
     pub async fn query_keys(&self, session: &Session, req: QueryKeysRequest) -> Result<Value> {
         let mut out = Map::new();
         let (mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new());
+        let mut remote: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (user, devices) in req.device_keys {
             if !self.is_local_user(&user) {
-                continue; // no federation: remote users have no keys here
+                remote.insert(user, devices);
+                continue;
             }
-            let signatures = self.store.key_signatures(&user).await?;
-            let mut by_device = Map::new();
-            for record in self.store.get_device_keys(&user, &devices).await? {
-                let mut keys: Value = serde_json::from_str(&record.keys_json).map_err(Error::internal)?;
-                merge_signatures(&mut keys, &record.device_id, &signatures);
-                if let (Some(name), Some(obj)) = (record.display_name, keys.as_object_mut()) {
-                    obj.insert("unsigned".into(), json!({ "device_display_name": name }));
-                }
-                by_device.insert(record.device_id, keys);
+            let keys = self.local_user_keys(&user, &devices).await?;
+            out.insert(user.clone(), Value::Object(keys.devices));
+            if let Some(k) = keys.master {
+                master.insert(user.clone(), k);
             }
-            out.insert(user.clone(), Value::Object(by_device));
-            for (key_type, json) in self.store.get_cross_signing_keys(&user).await? {
-                let mut key: Value = serde_json::from_str(&json).map_err(Error::internal)?;
-                if let Some(public) = public_key(&key) {
-                    merge_signatures(&mut key, &public, &signatures);
-                }
-                match key_type.as_str() {
-                    "master" => master.insert(user.clone(), key),
-                    "self_signing" => self_signing.insert(user.clone(), key),
-                    // Only the owner sees their user-signing key.
-                    "user_signing" if user == session.user_id.as_str() => user_signing.insert(user.clone(), key),
-                    _ => None,
-                };
+            if let Some(k) = keys.self_signing {
+                self_signing.insert(user.clone(), k);
+            }
+            // Only the owner sees their user-signing key.
+            if let Some(k) = keys.user_signing.filter(|_| user == session.user_id.as_str()) {
+                user_signing.insert(user.clone(), k);
             }
         }
+        let fetched = self.remote_keys_query(remote, req.timeout).await?;
+        out.extend(fetched.device_keys);
+        master.extend(fetched.master_keys);
+        self_signing.extend(fetched.self_signing_keys);
         Ok(json!({
             "device_keys": out,
-            "failures": {},
+            "failures": fetched.failures,
             "master_keys": master,
             "self_signing_keys": self_signing,
             "user_signing_keys": user_signing,
@@ -244,7 +268,15 @@ impl Services {
         {
             return Err(Error::invalid_param("No master key uploaded"));
         }
+        let public: Vec<String> = keys
+            .iter()
+            .filter(|(t, _)| t != "user_signing")
+            .map(|(t, _)| t.clone())
+            .collect();
         self.store.put_cross_signing_keys(user, keys).await?;
+        if !public.is_empty() {
+            self.send_signing_key_update(&session.user_id).await;
+        }
         Ok(json!({}))
     }
 
@@ -306,10 +338,28 @@ impl Services {
         Ok(json!({ "failures": failures }))
     }
 
-    /// `POST /keys/claim`: one key per device asked for.
+    /// `POST /keys/claim`: one key per device asked for; keys of other
+    /// servers' users are claimed from their servers.
     pub async fn claim_keys(&self, _session: &Session, req: ClaimKeysRequest) -> Result<Value> {
-        let wanted: Vec<(String, String, String)> = req
+        let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) = req
             .one_time_keys
+            .into_iter()
+            .partition(|(user, _)| self.is_local_user(user));
+        let mut out = self.claim_local_keys(local).await?;
+        let (claimed, failures) = self.remote_claim_keys(remote, req.timeout).await?;
+        for (user, devices) in claimed {
+            out.entry(user).or_default().extend(devices);
+        }
+        Ok(json!({ "one_time_keys": out, "failures": failures }))
+    }
+
+    /// Claims one key of each asked device of local users (each key is
+    /// handed out once; a fallback key when no one-time key is left).
+    pub(crate) async fn claim_local_keys(
+        &self,
+        wanted: BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, Map<String, Value>>>> {
+        let wanted: Vec<(String, String, String)> = wanted
             .into_iter()
             .filter(|(user, _)| self.is_local_user(user))
             .flat_map(|(user, devices)| {
@@ -327,7 +377,7 @@ impl Services {
                 .or_default()
                 .insert(key.key_id, value);
         }
-        Ok(json!({ "one_time_keys": out, "failures": {} }))
+        Ok(out)
     }
 
     /// `GET /keys/changes`: users (sharing a room with the caller) whose
@@ -356,9 +406,18 @@ impl Services {
         req: SendToDeviceRequest,
     ) -> Result<Value> {
         let mut messages = Vec::new();
+        let mut remote: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         for (user, devices) in req.messages {
             if !self.is_local_user(&user) {
-                continue; // no federation yet
+                let mut checked = BTreeMap::new();
+                for (device, content) in devices {
+                    checked.insert(
+                        device,
+                        serde_json::to_value(canonical_object(content)?).map_err(Error::internal)?,
+                    );
+                }
+                remote.insert(user, checked);
+                continue;
             }
             for (device, content) in devices {
                 let content = canonical_object(content)?;
@@ -375,7 +434,8 @@ impl Services {
                 });
             }
         }
-        self.store
+        let fresh = self
+            .store
             .send_to_device(
                 session.user_id.as_str(),
                 &session.device_id,
@@ -384,8 +444,23 @@ impl Services {
                 messages,
             )
             .await?;
+        // A retried transaction was sent before, to other servers too.
+        if fresh {
+            self.send_remote_to_device(session.user_id.as_str(), event_type, remote)
+                .await;
+        }
         Ok(json!({}))
     }
+}
+
+/// A user's keys as [`Services::local_user_keys`] answers them.
+#[derive(Debug, Default)]
+pub(crate) struct UserKeys {
+    /// Device ID → device keys.
+    pub devices: Map<String, Value>,
+    pub master: Option<Value>,
+    pub self_signing: Option<Value>,
+    pub user_signing: Option<Value>,
 }
 
 /// The public key of a cross-signing key object: the value of its one

@@ -9,6 +9,7 @@
 //! stream. A position is only published to readers once every write up to it
 //! is durable.
 
+mod e2ee;
 mod federation;
 mod federation_queue;
 mod graph;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 pub use weft_core::Result;
 
+pub use e2ee::*;
 pub use federation::*;
 pub use federation_queue::*;
 pub use graph::*;
@@ -46,7 +48,9 @@ pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Se
 /// The storage interface. Positions (`i64`) are positions in the one
 /// server-wide stream.
 #[async_trait]
-pub trait Store: MediaStore + FederationStore + FederationQueueStore + RoomGraphStore + Send + Sync + 'static {
+pub trait Store:
+    MediaStore + FederationStore + FederationQueueStore + E2eeFederationStore + RoomGraphStore + Send + Sync + 'static
+{
     // ---- stream ----
     /// Highest durable stream position.
     fn current_position(&self) -> i64;

@@ -16,6 +16,7 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod e2ee;
 mod federation;
 mod federation_queue;
 mod graph;
@@ -39,6 +40,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0015_server_keys.sql"),
     DAG_MIGRATION,
     include_str!("../migrations/0017_federation_queue.sql"),
+    include_str!("../migrations/0018_federated_e2ee.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).
@@ -840,6 +842,15 @@ fn device_list_changed(conn: &Connection, ctx: &mut WriterCtx, user: &str) -> ru
     Ok(p)
 }
 
+/// Logs that the keys of `user`'s `device` changed (or the device was
+/// deleted) at stream position `p`: the device list's next stream ID, as
+/// `m.device_list_update` EDUs tell other servers.
+fn log_device_change(conn: &Connection, user: &str, device: &str, p: i64, deleted: bool) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO device_list_log (user_id, device_id, position, deleted) VALUES (?1,?2,?3,?4)")?
+        .execute(params![user, device, p, deleted])?;
+    Ok(())
+}
+
 /// Deletes to-device messages matching `filter` (over `?1` user, `?2`
 /// device, `?3` position) and remembers the highest deleted position.
 fn delete_to_device(conn: &Connection, filter: &str, p: impl rusqlite::Params + Clone) -> rusqlite::Result<()> {
@@ -869,6 +880,12 @@ fn purge_devices(
     keep: Option<&str>,
 ) -> rusqlite::Result<()> {
     const SEL: &str = "user_id = ?1 AND (?2 IS NULL OR device_id = ?2) AND (?3 IS NULL OR device_id != ?3)";
+    let with_keys: Vec<String> = collect(
+        conn,
+        &format!("SELECT device_id FROM device_keys WHERE {SEL} ORDER BY device_id"),
+        params![user, only, keep],
+        |r| r.get(0),
+    )?;
     let had_keys = conn
         .prepare_cached(&format!("DELETE FROM device_keys WHERE {SEL}"))?
         .execute(params![user, only, keep])?;
@@ -892,7 +909,10 @@ fn purge_devices(
     }
     delete_to_device(conn, SEL, params![user, only, keep])?;
     if had_keys > 0 {
-        device_list_changed(conn, ctx, user)?;
+        let p = device_list_changed(conn, ctx, user)?;
+        for device in with_keys {
+            log_device_change(conn, user, &device, p, true)?;
+        }
     }
     Ok(())
 }
@@ -926,6 +946,7 @@ fn store_keys(
             .map_err(db_err)?;
         if old.as_deref() != Some(keys.as_str()) {
             let p = device_list_changed(conn, ctx, user).map_err(db_err)?;
+            log_device_change(conn, user, device, p, false).map_err(db_err)?;
             conn.prepare_cached(
                 "INSERT INTO device_keys (user_id, device_id, keys_json, position) VALUES (?1,?2,?3,?4) \
                  ON CONFLICT (user_id, device_id) DO UPDATE SET keys_json = excluded.keys_json, \
@@ -1217,7 +1238,8 @@ impl Store for SqliteStore {
                 )
                 .map_err(db_err)?;
             if has_keys {
-                device_list_changed(c, ctx, &u).map_err(db_err)?;
+                let p = device_list_changed(c, ctx, &u).map_err(db_err)?;
+                log_device_change(c, &u, &d, p, false).map_err(db_err)?;
             }
             Ok(true)
         })
@@ -1774,10 +1796,23 @@ impl Store for SqliteStore {
                     ])
                 })
                 .map_err(db_err)?;
-                targets.insert(sig.target_user);
+                targets.insert((sig.target_user, sig.target_key));
             }
-            for user in targets {
-                device_list_changed(c, ctx, &user).map_err(db_err)?;
+            let users: std::collections::BTreeSet<&String> = targets.iter().map(|(u, _)| u).collect();
+            for user in users {
+                let p = device_list_changed(c, ctx, user).map_err(db_err)?;
+                for (_, key) in targets.iter().filter(|(u, _)| u == user) {
+                    let is_device: bool = c
+                        .query_row(
+                            "SELECT EXISTS (SELECT 1 FROM device_keys WHERE user_id = ?1 AND device_id = ?2)",
+                            params![user, key],
+                            |r| r.get(0),
+                        )
+                        .map_err(db_err)?;
+                    if is_device {
+                        log_device_change(c, user, key, p, false).map_err(db_err)?;
+                    }
+                }
             }
             Ok(())
         })

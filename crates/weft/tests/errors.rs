@@ -798,7 +798,10 @@ async fn read_parameter_errors() {
         "dir=x",
         "dir=backwards",
         "dir=b&from=garbage",
-        "from=s-5",
+        // Below zero is history fetched from other servers (backfill):
+        // valid; the smallest position is not.
+        "from=s-9223372036854775808",
+        "from=s--5",
         "dir=f&to=nope",
         "filter=%7Bnot-json",
         "filter=%5B1%2C2%5D",
