@@ -360,7 +360,28 @@ impl Rooms {
                     .unwrap_or(MAX_CHAIN);
                 (after.clone(), after_group, chain)
             } else {
-                let resolved = self.resolve(cache, vec![current_ids.clone(), after.clone()]).await?;
+                // The state at the room's forward extremities once this
+                // event joins them: each remaining extremity's state after
+                // it, and this event's.
+                let mut states = vec![after.clone()];
+                for (id, _) in cache.extremities.iter().filter(|(id, _)| !pdu.prev_events.contains(id)) {
+                    match self.store.event_place(id.as_str()).await?.and_then(|p| p.state_after) {
+                        Some(g) => states.push(self.group_ids(g).await?),
+                        None => states.push(current_ids.clone()),
+                    }
+                }
+                let mut distinct: Vec<StateIds> = Vec::new();
+                for st in states {
+                    if !distinct.contains(&st) {
+                        distinct.push(st);
+                    }
+                }
+                let mut states = distinct;
+                let resolved = if states.len() == 1 {
+                    states.swap_remove(0)
+                } else {
+                    self.resolve(cache, states, Some(&pdu)).await?
+                };
                 if resolved == after {
                     (after.clone(), after_group, MAX_CHAIN)
                 } else if resolved == current_ids && cache.group.is_some() {
@@ -469,7 +490,7 @@ impl Rooms {
                 let s = states.swap_remove(0);
                 return Ok((s, Some(groups[0])));
             }
-            return Ok((self.resolve(cache, states).await?, None));
+            return Ok((self.resolve(cache, states, None).await?, None));
         }
         // A gap: ask the origin for the state before the event.
         let (state_ids, auth_ids) = remote.state_ids(origin, &cache.room_id.clone(), &pdu.event_id).await?;
@@ -562,7 +583,14 @@ impl Rooms {
     }
 
     /// State resolution (v2) of `states`, loading the events it reads.
-    pub(crate) async fn resolve(&self, cache: &RoomCache, states: Vec<StateIds>) -> Result<StateIds> {
+    /// `pending`: the event being taken in, not stored yet, when a state
+    /// holds it.
+    pub(crate) async fn resolve(
+        &self,
+        cache: &RoomCache,
+        states: Vec<StateIds>,
+        pending: Option<&Pdu>,
+    ) -> Result<StateIds> {
         let rules = &cache.rules;
         let Some(res_rules) = rules.state_res.v2_rules() else {
             return Err(Error::new(ErrorKind::UnsupportedRoomVersion, "no state resolution v2"));
@@ -572,12 +600,29 @@ impl Rooms {
         for s in &states {
             ids.extend(s.values().map(|e| e.to_string()));
         }
+        // The pending event's auth chain: its auth events and theirs.
+        let pending_chain: Vec<String> = match pending {
+            Some(p) => {
+                let mut chain = self
+                    .store
+                    .auth_chain(p.auth_events.iter().map(|e| e.to_string()).collect())
+                    .await?;
+                chain.extend(p.auth_events.iter().map(|e| e.to_string()));
+                chain
+            }
+            None => Vec::new(),
+        };
         let mut chains = Vec::new();
         for s in &states {
-            let chain = self
+            let mut chain = self
                 .store
                 .auth_chain(s.values().map(|e| e.to_string()).collect())
                 .await?;
+            if let Some(p) = pending
+                && s.values().any(|id| *id == p.event_id)
+            {
+                chain.extend(pending_chain.iter().cloned());
+            }
             ids.extend(chain.iter().cloned());
             chains.push(
                 chain
@@ -590,6 +635,9 @@ impl Rooms {
         for ev in self.store.events_by_id(ids.into_iter().collect()).await? {
             let p = crate::parse_stored(&ev)?;
             events.insert(p.event_id.clone(), Arc::new(p));
+        }
+        if let Some(p) = pending {
+            events.insert(p.event_id.clone(), Arc::new(p.clone()));
         }
         let maps: Vec<RumaStateMap<OwnedEventId>> = states
             .iter()

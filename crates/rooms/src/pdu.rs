@@ -6,7 +6,7 @@ use ruma::{
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pdu {
     pub event_id: OwnedEventId,
     pub room_id: Option<OwnedRoomId>,

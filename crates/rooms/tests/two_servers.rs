@@ -367,3 +367,62 @@ async fn a_join_template_is_refused_for_an_invite_only_room_and_a_server_sees_pe
     let three: OwnedServerName = "three.test".try_into().unwrap();
     assert!(!one.rooms.server_in_room(&room, &three).await.unwrap());
 }
+
+async fn put_state(server: &Server, room: &RoomId, user: &str, t: &str, content: serde_json::Value) -> OwnedEventId {
+    let CanonicalJsonValue::Object(c) = CanonicalJsonValue::try_from(content).unwrap() else {
+        unreachable!()
+    };
+    server
+        .rooms
+        .send(
+            room,
+            UserId::parse(user).unwrap().as_ref(),
+            EventSpec::new(t, Some(String::new()), c),
+        )
+        .await
+        .unwrap()
+        .event_id
+}
+
+#[tokio::test]
+async fn branches_made_apart_resolve_to_the_same_state_on_both() {
+    let (one, two, room) = joined("11", 0).await;
+    // Bob gets power first (seen by both).
+    let pl0 = put_state(
+        &one,
+        &room,
+        ALICE,
+        "m.room.power_levels",
+        json!({"users": {ALICE: 100, BOB: 100}}),
+    )
+    .await;
+    assert!(matches!(deliver(&one, &two, &room, &pl0).await, Outcome::Accepted(_)));
+    // Apart: each changes the topic and the power levels.
+    let t1 = put_state(&one, &room, ALICE, "m.room.topic", json!({"topic": "one"})).await;
+    let p1 = put_state(
+        &one,
+        &room,
+        ALICE,
+        "m.room.power_levels",
+        json!({"users": {ALICE: 100, BOB: 100, "@c:x": 10}}),
+    )
+    .await;
+    let t2 = put_state(&two, &room, BOB, "m.room.topic", json!({"topic": "two"})).await;
+    let p2 = put_state(
+        &two,
+        &room,
+        BOB,
+        "m.room.power_levels",
+        json!({"users": {ALICE: 100, BOB: 100, "@d:x": 20}}),
+    )
+    .await;
+    for id in [&t1, &p1] {
+        let o = deliver(&one, &two, &room, id).await;
+        assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+    }
+    for id in [&t2, &p2] {
+        let o = deliver(&two, &one, &room, id).await;
+        assert!(matches!(o, Outcome::Accepted(_)), "{o:?}");
+    }
+    assert_eq!(one.state(&room).await, two.state(&room).await);
+}

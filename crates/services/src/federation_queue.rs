@@ -107,6 +107,46 @@ impl Services {
         Ok(())
     }
 
+    /// Queues a remote server's event for every other server in its room
+    /// (not ours, not `origin`): a join or leave taken in by `send_join` /
+    /// `send_leave`, which only we can pass on.
+    pub async fn forward_pdu(
+        &self,
+        room_id: &ruma::RoomId,
+        event_id: &ruma::EventId,
+        origin: &ServerName,
+    ) -> Result<()> {
+        let Some(ev) = self.store.get_event(event_id.as_str()).await? else {
+            return Ok(());
+        };
+        let rows: Vec<NewOutboxRow> = self
+            .rooms
+            .servers_in_room(room_id)
+            .await?
+            .into_iter()
+            .filter(|s| *s != self.server_name && s != origin)
+            .map(|dest| NewOutboxRow {
+                destination: dest.to_string(),
+                kind: OutboxKind::Pdu,
+                json: ev.pdu_json.clone(),
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let destinations: Vec<String> = rows.iter().map(|r| r.destination.clone()).collect();
+        self.store
+            .queue_federation(rows, None)
+            .await
+            .map_err(|_| Error::internal("PDU not queued"))??;
+        for d in destinations {
+            if let Ok(d) = ruma::OwnedServerName::try_from(d) {
+                self.wake_destination(&d);
+            }
+        }
+        Ok(())
+    }
+
     /// Every destination tried or with queued rows (`weft federation
     /// destinations`).
     pub async fn federation_destinations(&self) -> Result<Vec<DestinationRecord>> {

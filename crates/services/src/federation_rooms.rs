@@ -41,7 +41,7 @@ impl Services {
         {
             return Err(Error::forbidden(format!("{origin} is not in room {room_id}")));
         }
-        Ok(())
+        self.acl_allows(room_id, origin).await
     }
 
     /// Stored events as PDUs, those `origin` may see.
@@ -233,7 +233,13 @@ impl Services {
             .input_pdu(room_id, object, origin, Arrival::New, &Network(&self.federation))
             .await?;
         match outcome {
-            Outcome::Accepted(_) | Outcome::Known => {}
+            Outcome::Accepted(_) => {
+                // The other servers in the room hear of it through us.
+                if let Err(e) = self.forward_pdu(room_id, event_id, origin).await {
+                    tracing::warn!(%room_id, %event_id, "cannot forward the {membership}: {}", e.message);
+                }
+            }
+            Outcome::Known => {}
             Outcome::SoftFailed(why) | Outcome::Rejected(why) => {
                 return Err(Error::forbidden(format!("The {membership} was not allowed: {why}")));
             }

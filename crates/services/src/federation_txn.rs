@@ -109,6 +109,7 @@ impl Services {
         if !self.rooms.server_in_room(room_id, origin).await? {
             return Err(Error::forbidden(format!("{origin} is not in {room_id}")));
         }
+        self.acl_allows(room_id, origin).await?;
         let prevs: Vec<String> = object
             .get("prev_events")
             .and_then(|p| p.as_array())

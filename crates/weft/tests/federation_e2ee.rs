@@ -460,7 +460,6 @@ async fn shared_room(alice: &Client, bob: &Client) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fedsend (the outgoing queue and /send)"]
 async fn to_device_messages_reach_another_server() {
     let a = TestServer::builder().federating().start().await;
     let b = TestServer::builder().federating().start().await;
@@ -491,7 +490,6 @@ async fn to_device_messages_reach_another_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fedsend + joins"]
 async fn device_list_changes_reach_another_server() {
     let a = TestServer::builder().federating().start().await;
     let b = TestServer::builder().federating().start().await;

@@ -185,3 +185,144 @@ async fn room_endpoints_refuse_unsigned_requests_and_servers_not_in_the_room() {
     }
     let _ = b;
 }
+
+/// The bodies of the room's `m.room.message` events as `client` pages
+/// back through them, oldest first.
+async fn bodies(client: &Client, room: &str) -> Vec<String> {
+    client
+        .all_messages(room)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits until `client` holds `n` messages in `room` (60 s at most).
+async fn wait_bodies(client: &Client, room: &str, n: usize, what: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = bodies(client, room).await;
+        if got.len() >= n || Instant::now() > deadline {
+            assert_eq!(got.len(), n, "{what}: {got:?}");
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn five_hundred_messages_cross_both_ways_once_and_in_the_same_order() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let (status, body) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    for n in 0..250 {
+        alice.send_text(&room, &format!("a{n}"), &format!("a{n}")).await;
+    }
+    wait_bodies(&bob, &room, 250, "alice's 250 on B").await;
+    for n in 0..250 {
+        bob.send_text(&room, &format!("b{n}"), &format!("b{n}")).await;
+    }
+    let on_a = wait_bodies(&alice, &room, 500, "all 500 on A").await;
+    let on_b = wait_bodies(&bob, &room, 500, "all 500 on B").await;
+    let expect: Vec<String> = (0..250)
+        .map(|n| format!("a{n}"))
+        .chain((0..250).map(|n| format!("b{n}")))
+        .collect();
+    assert_eq!(on_a, expect);
+    assert_eq!(on_b, expect);
+}
+
+/// The room's state as `client` reads it: (type, state_key, content), sorted.
+async fn state_of(client: &Client, room: &str) -> Vec<(String, String, Value)> {
+    let (status, state) = client.get(&format!("rooms/{}/state", enc(room))).await;
+    assert_eq!(status, 200, "{state}");
+    let mut out: Vec<(String, String, Value)> = state
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["state_key"].as_str().unwrap_or_default().to_owned(),
+                e["content"].clone(),
+            )
+        })
+        .collect();
+    out.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+    out
+}
+
+#[tokio::test]
+async fn a_partition_heals_to_the_same_state_on_both_servers() {
+    let quick = |builder: TestServerBuilder| builder.federating().env("WEFT_FEDERATION__RETRY_MAX_MS", "1000");
+    let mut a = quick(TestServer::builder()).start().await;
+    let mut b = quick(TestServer::builder()).start().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let bob_id = b.user_id("bob");
+    let alice_id = a.user_id("alice");
+    let room = alice
+        .create_room(json!({
+            "preset": "public_chat",
+            "power_level_content_override": {"users": {alice_id.clone(): 100, bob_id.clone(): 100}},
+        }))
+        .await;
+    let (status, body) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    // B goes away; A changes the topic and the power levels.
+    b.terminate(Duration::from_secs(10)).await;
+    alice
+        .put_state(&room, "m.room.topic", "", json!({"topic": "set on A"}))
+        .await;
+    alice
+        .put_state(
+            &room,
+            "m.room.power_levels",
+            "",
+            json!({"users": {alice_id.clone(): 100, bob_id.clone(): 100, "@carol:a.example": 10}}),
+        )
+        .await;
+    // A goes away with its changes unsent; B comes back and changes both.
+    a.terminate(Duration::from_secs(10)).await;
+    b.restart().await;
+    let bob = b.with_token(&bob.access_token);
+    bob.put_state(&room, "m.room.topic", "", json!({"topic": "set on B"}))
+        .await;
+    bob.put_state(
+        &room,
+        "m.room.power_levels",
+        "",
+        json!({"users": {alice_id.clone(): 100, bob_id.clone(): 100, "@dave:b.example": 20}}),
+    )
+    .await;
+    // Both up: each queue delivers the other's branch.
+    a.restart().await;
+    let alice = a.with_token(&alice.access_token);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (sa, sb) = (state_of(&alice, &room).await, state_of(&bob, &room).await);
+        if sa == sb {
+            let topic = sa.iter().find(|s| s.0 == "m.room.topic").unwrap();
+            assert!(
+                topic.2["topic"] == "set on A" || topic.2["topic"] == "set on B",
+                "{topic:?}"
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the servers' states differ after healing:\nA: {sa:?}\nB: {sb:?}\nA's log: {}\nB's log: {}",
+                a.log_tail(40),
+                b.log_tail(40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // And both keep talking in the healed room.
+    alice.send_text(&room, "after", "healed").await;
+    wait_bodies(&bob, &room, 1, "the message after healing").await;
+}

@@ -203,6 +203,8 @@ async fn an_invite_of_a_remote_user_is_queued_for_their_server_and_nothing_else_
     let (a_name, b_name) = (a.server_name().to_owned(), b.server_name().to_owned());
     let alice = a.register("alice").await;
     let room = alice.create_room(json!({ "preset": "private_chat" })).await;
+    // Bob exists on B: B signs the invite (`/invite`) before it is sent.
+    b.register("bob").await;
     let bob = format!("@bob:{b_name}");
     let (status, body) = alice
         .post(&format!("rooms/{}/invite", enc(&room)), json!({ "user_id": bob }))
@@ -295,7 +297,6 @@ async fn the_destinations_command_needs_the_running_server() {
 /// Messages, typing and receipts reach the other server of a shared room.
 /// Needs remote joins (`/make_join`, `/send_join`: the lead's branch).
 #[tokio::test]
-#[ignore = "needs remote joins over federation (make_shared_room)"]
 async fn a_message_typing_and_a_receipt_reach_the_other_server() {
     let (a, b) = two_servers().await;
     let alice = a.register("alice").await;

@@ -49,7 +49,11 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     alice.send_text(&room, "w1", "hello from weft").await;
     let (status, body) = bob
         .post(
-            &format!("/_matrix/client/v3/join/{}?server_name={}", enc(&room), enc(weft.server_name())),
+            &format!(
+                "/_matrix/client/v3/join/{}?server_name={}",
+                enc(&room),
+                enc(weft.server_name())
+            ),
             json!({}),
         )
         .await;
@@ -68,7 +72,9 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     })
     .await;
     assert_eq!(
-        seen.iter().filter(|e| e["content"]["body"] == "hello from weft").count(),
+        seen.iter()
+            .filter(|e| e["content"]["body"] == "hello from weft")
+            .count(),
         1
     );
 
