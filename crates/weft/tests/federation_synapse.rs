@@ -78,6 +78,32 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         1
     );
 
+    // Live messages both ways: Weft's queue to Synapse, Synapse's to Weft.
+    alice.send_text(&room, "w2", "live from weft").await;
+    let (status, _) = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/s1", enc(&room)),
+            json!({"msgtype": "m.text", "body": "live from synapse"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("weft's live message on synapse", || async {
+        let m = bob.messages(&room, None, "b", 20).await;
+        m["chunk"]
+            .as_array()
+            .filter(|c| c.iter().any(|e| e["content"]["body"] == "live from weft"))
+            .map(|_| ())
+    })
+    .await;
+    eventually("synapse's live message on weft", || async {
+        let m = alice.messages(&room, None, "b", 20).await;
+        m["chunk"]
+            .as_array()
+            .filter(|c| c.iter().any(|e| e["content"]["body"] == "live from synapse"))
+            .map(|_| ())
+    })
+    .await;
+
     // Dave (Weft) joins carol's (Synapse) room.
     let carol = synapse.register_client("carol").await;
     let (status, created) = carol
@@ -106,12 +132,35 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     let (status, name) = dave.state(&room2, "m.room.name", "").await;
     assert_eq!((status, name["name"].as_str()), (200, Some("Synapse room")), "{name}");
     let dave_id = weft.user_id("dave");
-    let joined = eventually("dave joined on synapse", || async {
+    eventually("dave joined on synapse", || async {
         (membership(&carol, &room2, &dave_id).await.as_deref() == Some("join")).then_some(())
     })
     .await;
-    let _ = joined;
-    // Carol's message, backfilled from Synapse as dave pages back.
+    let (status, _) = carol
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c2", enc(&room2)),
+            json!({"msgtype": "m.text", "body": "after dave joined"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("carol's live message on weft", || async {
+        let m = dave.messages(&room2, None, "b", 20).await;
+        m["chunk"]
+            .as_array()
+            .filter(|c| c.iter().any(|e| e["content"]["body"] == "after dave joined"))
+            .map(|_| ())
+    })
+    .await;
+    dave.send_text(&room2, "d1", "dave on weft").await;
+    eventually("dave's message on synapse", || async {
+        let m = carol.messages(&room2, None, "b", 20).await;
+        m["chunk"]
+            .as_array()
+            .filter(|c| c.iter().any(|e| e["content"]["body"] == "dave on weft"))
+            .map(|_| ())
+    })
+    .await;
+    // Carol's first message, backfilled from Synapse as dave pages back.
     let bodies: Vec<String> = dave
         .all_messages(&room2)
         .await
@@ -119,5 +168,5 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         .filter(|e| e["type"] == "m.room.message")
         .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(bodies, ["hello from synapse"]);
+    assert_eq!(bodies, ["hello from synapse", "after dave joined", "dave on weft"]);
 }
