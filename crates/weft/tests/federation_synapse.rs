@@ -170,3 +170,95 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         .collect();
     assert_eq!(bodies, ["hello from synapse", "after dave joined", "dave on weft"]);
 }
+
+/// Every `m.room.message` body `client` (on Synapse) reaches by paging
+/// back through `room`, oldest first (Synapse backfills as it goes).
+async fn synapse_history(client: &Client, room: &str) -> Vec<String> {
+    let mut from: Option<String> = None;
+    let mut out = Vec::new();
+    for _ in 0..200 {
+        let page = client.messages(room, from.as_deref(), "b", 100).await;
+        let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
+        for e in &chunk {
+            if e["type"] == "m.room.message" {
+                out.push(e["content"]["body"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    out.reverse();
+    out
+}
+
+#[tokio::test]
+async fn synapse_backfills_three_hundred_older_messages_from_weft_after_a_late_join() {
+    let Some(synapse) = synapse_or_skip().await else { return };
+    let weft = TestServer::builder().federating().start().await;
+    let alice = weft.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    for n in 0..300 {
+        alice.send_text(&room, &format!("t{n}"), &format!("old {n}")).await;
+    }
+    let bob = synapse.register_client("bob").await;
+    let (status, body) = bob
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?server_name={}",
+                enc(&room),
+                enc(weft.server_name())
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let expect: Vec<String> = (0..300).map(|n| format!("old {n}")).collect();
+    // Synapse fetches history in pages as bob scrolls; a page it could not
+    // fetch is tried again on a later scroll.
+    let history = eventually("300 backfilled messages on synapse", || async {
+        let h = synapse_history(&bob, &room).await;
+        (h == expect).then_some(h)
+    })
+    .await;
+    assert_eq!(history.len(), 300);
+}
+
+#[tokio::test]
+async fn weft_backfills_three_hundred_older_messages_from_synapse_after_a_late_join() {
+    let Some(synapse) = synapse_or_skip().await else { return };
+    let weft = TestServer::builder().federating().start().await;
+    let carol = synapse.register_client("carol").await;
+    let (status, created) = carol
+        .post("/_matrix/client/v3/createRoom", json!({"preset": "public_chat"}))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for n in 0..300 {
+        let (status, body) = carol
+            .put(
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/o{n}", enc(&room)),
+                json!({"msgtype": "m.text", "body": format!("old {n}")}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let dave = weft.register("dave").await;
+    let (status, body) = dave
+        .post(
+            &format!("join/{}?via={}", enc(&room), enc(synapse.server_name())),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bodies: Vec<String> = dave
+        .all_messages(&room)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expect: Vec<String> = (0..300).map(|n| format!("old {n}")).collect();
+    assert_eq!(bodies, expect);
+}
