@@ -24,9 +24,27 @@ pub(crate) struct RoomCache {
     /// The state group of `state`, and its chain of deltas.
     pub(crate) group: Option<i64>,
     pub(crate) chain: i64,
+    /// How many joined members each server has in the room now.
+    pub(crate) joined_servers: HashMap<ruma::OwnedServerName, i64>,
 }
 
 impl RoomCache {
+    /// A room with nothing known yet (before its create event, or before
+    /// a join's state is taken in).
+    pub(crate) fn empty(version: RoomVersionId, rules: RoomVersionRules, room_id: OwnedRoomId) -> Self {
+        Self {
+            version,
+            rules,
+            room_id,
+            state: HashMap::new(),
+            by_id: HashMap::new(),
+            extremities: Vec::new(),
+            group: None,
+            chain: 0,
+            joined_servers: HashMap::new(),
+        }
+    }
+
     pub(crate) fn power_levels(&self) -> Option<serde_json::Value> {
         let pl = self.state.get(&("m.room.power_levels".to_owned(), String::new()))?;
         serde_json::from_str(pl.content.get()).ok()
@@ -76,11 +94,28 @@ impl RoomCache {
     /// Puts a current state event into `state`.
     pub(crate) fn apply_state(&mut self, pdu: Arc<Pdu>) {
         if let Some(key) = &pdu.state_key {
+            let member = pdu.event_type.to_string() == "m.room.member";
             let k = (pdu.event_type.to_string(), key.clone());
             if let Some(old) = self.state.insert(k, pdu.clone()) {
                 self.by_id.remove(&old.event_id);
+                if member && crate::query::membership_of(&old).as_deref() == Some("join") {
+                    self.count_server(key, -1);
+                }
+            }
+            if member && crate::query::membership_of(&pdu).as_deref() == Some("join") {
+                self.count_server(key, 1);
             }
             self.by_id.insert(pdu.event_id.clone(), pdu.clone());
+        }
+    }
+
+    /// Keeps `joined_servers` as members join and leave.
+    fn count_server(&mut self, user: &str, by: i64) {
+        let Ok(user) = ruma::UserId::parse(user) else { return };
+        let n = self.joined_servers.entry(user.server_name().to_owned()).or_default();
+        *n += by;
+        if *n <= 0 {
+            self.joined_servers.remove(user.server_name());
         }
     }
 

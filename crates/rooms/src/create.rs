@@ -1,7 +1,6 @@
 //! Room creation: the initial event sequence `/createRoom` specifies, sent
 //! through the same build-authorize-persist path as every other event.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ruma::{
@@ -67,16 +66,7 @@ impl Rooms {
             };
             OwnedRoomId::try_from(format!("!{local}:{}", self.server_name)).map_err(Error::internal)?
         };
-        let mut cache = RoomCache {
-            version: version.clone(),
-            rules: rules.clone(),
-            room_id: provisional,
-            state: HashMap::new(),
-            by_id: HashMap::new(),
-            extremities: Vec::new(),
-            group: None,
-            chain: 0,
-        };
+        let mut cache = RoomCache::empty(version.clone(), rules.clone(), provisional);
 
         let mut events: Vec<EventSpec> = Vec::new();
         let mut create = req.creation_content.clone().unwrap_or_default();

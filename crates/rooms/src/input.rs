@@ -210,13 +210,7 @@ impl Rooms {
                     auth.insert(id.clone(), p);
                     continue;
                 }
-                if *fetches >= MAX_FETCHES {
-                    return Err(Error::forbidden("too many missing auth events"));
-                }
-                *fetches += 1;
-                let fetched = remote.fetch_event(origin, &cache.room_id.clone(), id).await?;
-                self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
-                    .await?;
+                self.fetch_outlier(cache, id, origin, remote, fetches).await?;
                 if let Some(p) = self.load_pdu(cache, id).await? {
                     auth.insert(id.clone(), p);
                 }
@@ -436,6 +430,26 @@ impl Rooms {
         })
     }
 
+    /// Fetches a missing event from `origin` and takes it in as an
+    /// outlier; at most [`MAX_FETCHES`] per input.
+    async fn fetch_outlier(
+        &self,
+        cache: &mut RoomCache,
+        id: &EventId,
+        origin: &ServerName,
+        remote: &dyn Remote,
+        fetches: &mut usize,
+    ) -> Result<()> {
+        if *fetches >= MAX_FETCHES {
+            return Err(Error::forbidden("too many missing events"));
+        }
+        *fetches += 1;
+        let fetched = remote.fetch_event(origin, &cache.room_id.clone(), id).await?;
+        self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
+            .await?;
+        Ok(())
+    }
+
     /// Whether any of `ids` is stored as rejected (the first such).
     async fn rejected_among(&self, ids: &[OwnedEventId]) -> Result<Option<OwnedEventId>> {
         for id in ids {
@@ -498,13 +512,7 @@ impl Rooms {
             if self.store.event_place(id.as_str()).await?.is_some() {
                 continue;
             }
-            if *fetches >= MAX_FETCHES {
-                return Err(Error::forbidden("too many missing state events"));
-            }
-            *fetches += 1;
-            let fetched = remote.fetch_event(origin, &cache.room_id.clone(), id).await?;
-            self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
-                .await?;
+            self.fetch_outlier(cache, id, origin, remote, fetches).await?;
         }
         let mut state = StateIds::new();
         for id in &state_ids {

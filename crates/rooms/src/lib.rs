@@ -182,16 +182,7 @@ impl Rooms {
             .ok_or_else(|| Error::not_found("Unknown room"))?;
         let version = RoomVersionId::try_from(info.room_version.as_str()).map_err(Error::internal)?;
         let rules = rules_of(&version)?;
-        let mut cache = RoomCache {
-            version,
-            rules,
-            room_id: room_id.to_owned(),
-            state: HashMap::new(),
-            by_id: HashMap::new(),
-            extremities: Vec::new(),
-            group: None,
-            chain: 0,
-        };
+        let mut cache = RoomCache::empty(version, rules, room_id.to_owned());
         for ev in self.store.current_state(room_id.as_str()).await? {
             let pdu = Arc::new(parse_stored(&ev)?);
             cache.apply_state(pdu);
@@ -532,6 +523,16 @@ impl Rooms {
         Ok(guard
             .as_ref()
             .and_then(|c| c.state.get(&(event_type.to_owned(), state_key.to_owned())).cloned()))
+    }
+
+    /// Reads the pipeline's view of a room (loaded if needed).
+    pub(crate) async fn with_view<T>(&self, room_id: &RoomId, f: impl FnOnce(&RoomCache) -> T) -> Result<T> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load_or_forget(room_id).await?);
+        }
+        guard.as_ref().map(f).ok_or_else(|| Error::not_found("Unknown room"))
     }
 
     /// The room's current state events, from the pipeline's view.

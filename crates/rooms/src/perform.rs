@@ -3,8 +3,6 @@
 //! template, this server signs it, `send_join` answers the room's state);
 //! the HTTP calls are the federation service's, the room work is here.
 
-use std::collections::HashMap;
-
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UserId,
 };
@@ -76,16 +74,7 @@ impl Rooms {
         object: CanonicalJsonObject,
         remote: &dyn Remote,
     ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
-        let cache = RoomCache {
-            version: version.clone(),
-            rules: rules_of(version)?,
-            room_id: room_id.to_owned(),
-            state: HashMap::new(),
-            by_id: HashMap::new(),
-            extremities: Vec::new(),
-            group: None,
-            chain: 0,
-        };
+        let cache = RoomCache::empty(version.clone(), rules_of(version)?, room_id.to_owned());
         let checked = self.verify_pdu(&cache, object, remote).await?;
         Ok((checked.event_id, checked.object))
     }
@@ -159,16 +148,7 @@ impl Rooms {
                 Outcome::SoftFailed(why) | Outcome::Rejected(why) => Err(Error::forbidden(why)),
             };
         }
-        let mut cache = RoomCache {
-            version: version.clone(),
-            rules: rules.clone(),
-            room_id: room_id.to_owned(),
-            state: HashMap::new(),
-            by_id: HashMap::new(),
-            extremities: Vec::new(),
-            group: None,
-            chain: 0,
-        };
+        let mut cache = RoomCache::empty(version.clone(), rules.clone(), room_id.to_owned());
         // The auth chain and the state, oldest first, as outliers.
         let mut outliers: Vec<CanonicalJsonObject> = auth_chain.into_iter().chain(state.iter().cloned()).collect();
         outliers.sort_by_key(|o| o.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap_or(0));

@@ -162,13 +162,8 @@ impl Rooms {
 
     /// The servers with a joined member in the room now (ours included).
     pub async fn servers_in_room(&self, room_id: &RoomId) -> Result<BTreeSet<OwnedServerName>> {
-        let state = self.current_state(room_id).await?;
-        Ok(state
-            .into_iter()
-            .filter(|p| p.event_type.to_string() == "m.room.member" && membership_of(p).as_deref() == Some("join"))
-            .filter_map(|p| p.state_key.as_deref().and_then(|k| UserId::parse(k).ok()))
-            .map(|u| u.server_name().to_owned())
-            .collect())
+        self.with_view(room_id, |c| c.joined_servers.keys().cloned().collect())
+            .await
     }
 
     /// Whether `server` has a joined member in the room now.

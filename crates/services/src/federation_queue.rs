@@ -60,6 +60,8 @@ pub struct QueueRuntime {
     wake_tx: mpsc::UnboundedSender<OwnedServerName>,
     wake_rx: Mutex<Option<mpsc::UnboundedReceiver<OwnedServerName>>>,
     typing_sent: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// The reader's position last written to the database, and when.
+    position_written: Mutex<(i64, std::time::Instant)>,
 }
 
 impl QueueRuntime {
@@ -69,6 +71,7 @@ impl QueueRuntime {
             wake_tx,
             wake_rx: Mutex::new(Some(wake_rx)),
             typing_sent: Mutex::new(HashMap::new()),
+            position_written: Mutex::new((0, std::time::Instant::now())),
         }
     }
 }
@@ -226,10 +229,23 @@ impl Services {
             .iter()
             .filter_map(|r| OwnedServerName::try_from(r.destination.as_str()).ok())
             .collect();
-        self.store
-            .queue_federation(rows, Some(next))
-            .await
-            .map_err(|_| Error::internal("federation queue not stored"))??;
+        // With nothing to queue, the position is written only now and then
+        // (not a write per batch on the hot path): after a restart the
+        // reader looks again at what it had already found nothing in.
+        let persist = !rows.is_empty() || {
+            let mut last = self.fed_queue.position_written.lock();
+            let due = next - last.0 >= 10_000 || last.1.elapsed() >= Duration::from_secs(5);
+            if due {
+                *last = (next, std::time::Instant::now());
+            }
+            due
+        };
+        if persist {
+            self.store
+                .queue_federation(rows, Some(next))
+                .await
+                .map_err(|_| Error::internal("federation queue not stored"))??;
+        }
         Ok((next, wake))
     }
 

@@ -202,11 +202,7 @@ impl Services {
     ) -> Result<Option<JoinAnswer>> {
         let object = pdu_object(pdu)?;
         let field = |k: &str| object.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        let content_membership = object
-            .get("content")
-            .and_then(|c| c.as_object())
-            .and_then(|c| c.get("membership"))
-            .and_then(|m| m.as_str());
+        let content_membership = membership_in(&object);
         let sender = field("sender").and_then(|s| UserId::parse(s).ok());
         let Some(sender) = sender.filter(|s| s.server_name() == origin) else {
             return Err(Error::forbidden(format!("{origin} cannot act for the event's sender")));
@@ -476,16 +472,8 @@ impl Services {
             .await?
             .iter()
             .filter(|e| {
-                matches!(
-                    e.event_type.as_str(),
-                    "m.room.create"
-                        | "m.room.join_rules"
-                        | "m.room.name"
-                        | "m.room.avatar"
-                        | "m.room.topic"
-                        | "m.room.canonical_alias"
-                        | "m.room.encryption"
-                ) || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(sender.as_str()))
+                crate::sync::STRIPPED_STATE_TYPES.contains(&e.event_type.as_str())
+                    || (e.event_type == "m.room.member" && e.state_key.as_deref() == Some(sender.as_str()))
             })
             .filter_map(|e| raw_pdu(e).ok())
             .map(ruma::api::federation::membership::RawStrippedState::Pdu)
@@ -560,11 +548,7 @@ impl Services {
             return Err(Error::bad_json("The event ID does not match the event"));
         }
         let field = |k: &str| object.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        let membership = object
-            .get("content")
-            .and_then(|c| c.as_object())
-            .and_then(|c| c.get("membership"))
-            .and_then(|m| m.as_str());
+        let membership = membership_in(&object);
         let sender = field("sender").and_then(|s| UserId::parse(s).ok());
         let target = field("state_key").and_then(|s| UserId::parse(s).ok());
         let (Some(sender), Some(target)) = (sender, target) else {
@@ -637,39 +621,7 @@ impl Services {
                 "sender": sender.as_str(),
                 "content": object.get("content"),
             }));
-            let depth = object
-                .get("depth")
-                .and_then(|d| d.as_integer())
-                .map(i64::from)
-                .unwrap_or(0);
-            let event = weft_store::NewEvent {
-                event_id: event_id.to_string(),
-                room_id: room_id.to_string(),
-                event_type: "m.room.member".into(),
-                state_key: Some(target.to_string()),
-                sender: sender.to_string(),
-                origin_server_ts: object
-                    .get("origin_server_ts")
-                    .and_then(|t| t.as_integer())
-                    .and_then(|t| u64::try_from(i64::from(t)).ok())
-                    .unwrap_or_default(),
-                pdu_json: json.clone(),
-                new_room: None,
-                membership: Some("invite".into()),
-                history_visibility: None,
-                txn: None,
-                redaction: None,
-                relation: None,
-                search_text: None,
-                prev_events: Vec::new(),
-                auth_events: Vec::new(),
-                depth,
-                kind: weft_store::EventKind::Outlier,
-                state_before: None,
-                state_after: None,
-                new_groups: Vec::new(),
-                current_state: None,
-            };
+            let event = remote_member_event(event_id, room_id, &target, &object, json.clone(), "invite");
             self.store
                 .remote_membership(
                     event,
@@ -692,36 +644,66 @@ impl Services {
         server: &ServerName,
     ) -> Result<weft_rooms::Sent> {
         let (event_id, leave) = self.leave_remote(user_id, room_id, server).await?;
-        let event = weft_store::NewEvent {
-            event_id: event_id.to_string(),
-            room_id: room_id.to_string(),
-            event_type: "m.room.member".into(),
-            state_key: Some(user_id.to_string()),
-            sender: user_id.to_string(),
-            origin_server_ts: weft_core::now_ms(),
-            pdu_json: serde_json::to_string(&leave).map_err(Error::internal)?,
-            new_room: None,
-            membership: Some("leave".into()),
-            history_visibility: None,
-            txn: None,
-            redaction: None,
-            relation: None,
-            search_text: None,
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 0,
-            kind: weft_store::EventKind::Outlier,
-            state_before: None,
-            state_after: None,
-            new_groups: Vec::new(),
-            current_state: None,
-        };
+        let json = serde_json::to_string(&leave).map_err(Error::internal)?;
+        let event = remote_member_event(&event_id, room_id, user_id, &leave, json, "leave");
         let position = self
             .store
             .remote_membership(event, user_id.to_string(), "leave".into(), None)
             .await
             .map_err(|_| Error::internal("leave was not stored"))??;
         Ok(weft_rooms::Sent { event_id, position })
+    }
+}
+
+/// `content.membership` of a member event.
+fn membership_in(object: &CanonicalJsonObject) -> Option<&str> {
+    object
+        .get("content")
+        .and_then(|c| c.as_object())
+        .and_then(|c| c.get("membership"))
+        .and_then(|m| m.as_str())
+}
+
+/// A member event of another server's room, stored as an outlier for
+/// [`weft_store::RoomGraphStore::remote_membership`].
+fn remote_member_event(
+    event_id: &EventId,
+    room_id: &RoomId,
+    target: &UserId,
+    object: &CanonicalJsonObject,
+    pdu_json: String,
+    membership: &str,
+) -> weft_store::NewEvent {
+    let int = |k: &str| object.get(k).and_then(|d| d.as_integer()).map(i64::from);
+    weft_store::NewEvent {
+        event_id: event_id.to_string(),
+        room_id: room_id.to_string(),
+        event_type: "m.room.member".into(),
+        state_key: Some(target.to_string()),
+        sender: object
+            .get("sender")
+            .and_then(|s| s.as_str())
+            .unwrap_or(target.as_str())
+            .to_owned(),
+        origin_server_ts: int("origin_server_ts")
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or_default(),
+        pdu_json,
+        new_room: None,
+        membership: Some(membership.into()),
+        history_visibility: None,
+        txn: None,
+        redaction: None,
+        relation: None,
+        search_text: None,
+        prev_events: Vec::new(),
+        auth_events: Vec::new(),
+        depth: int("depth").unwrap_or(0),
+        kind: weft_store::EventKind::Outlier,
+        state_before: None,
+        state_after: None,
+        new_groups: Vec::new(),
+        current_state: None,
     }
 }
 

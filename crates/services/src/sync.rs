@@ -37,6 +37,18 @@ const SUMMARY_TYPES: &[&str] = &["m.room.member", "m.room.name", "m.room.canonic
 /// Most to-device messages one sync response carries.
 const TO_DEVICE_LIMIT: usize = 100;
 
+/// The state event types an invited user is shown of a room (with the
+/// invite itself): over federation too, as an invite's room state.
+pub(crate) const STRIPPED_STATE_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.topic",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+];
+
 impl Services {
     /// Resolves the `filter` query parameter: inline JSON or a stored ID.
     pub async fn sync_filter(&self, session: &Session, filter: Option<&str>) -> Result<SyncFilter> {
@@ -470,18 +482,7 @@ impl Services {
             .current_state(&m.room_id)
             .await?
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.event_type.as_str(),
-                    "m.room.create"
-                        | "m.room.join_rules"
-                        | "m.room.name"
-                        | "m.room.avatar"
-                        | "m.room.topic"
-                        | "m.room.canonical_alias"
-                        | "m.room.encryption"
-                )
-            })
+            .filter(|e| STRIPPED_STATE_TYPES.contains(&e.event_type.as_str()))
             .map(strip_state)
             .collect();
         if let Some(inv) = self.store.get_event(&m.event_id).await? {
