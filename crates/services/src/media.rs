@@ -529,8 +529,14 @@ impl Services {
     /// `{server}/{id}`), else fetched from `server` over federation
     /// (signed, at most `media.max_upload_bytes`), kept in the blob store
     /// and the cache. A remote that is down or answers garbage: `502`; one
-    /// that has no such item: `404 M_NOT_FOUND`.
+    /// that has no such item, or `[federation] enabled` off: `404
+    /// M_NOT_FOUND`.
     pub async fn remote_media_file(&self, server: &str, media_id: &str, wait: Duration) -> Result<MediaFile> {
+        if !self.config.federation.enabled {
+            return Err(Error::not_found(
+                "Media of other servers is not fetched: federation is off on this server",
+            ));
+        }
         let name = ruma::ServerName::parse(server).map_err(|_| Error::not_found("No such media"))?;
         if !valid_media_id(media_id) {
             return Err(Error::not_found("No such media"));

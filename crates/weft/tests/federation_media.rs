@@ -229,3 +229,22 @@ async fn legacy_downloads_of_remote_media_follow_the_legacy_switch() {
     assert_eq!(on.status().as_u16(), 200);
     assert_eq!(on.bytes().await.expect("body").to_vec(), pattern(7000));
 }
+
+#[tokio::test]
+async fn with_federation_off_remote_media_is_not_found() {
+    let a = TestServer::builder().federating().start().await;
+    let alice = a.register("alice").await;
+    let id = upload(&a, &alice, pattern(100), "text/plain", "a.txt").await;
+    let off = TestServer::builder()
+        .env("WEFT_FEDERATION__ENABLED", "false")
+        .start()
+        .await;
+    let carol = off.register("carol").await;
+    let got = get(
+        &off,
+        &format!("/_matrix/client/v1/media/download/{}/{id}", a.server_name()),
+        &carol.access_token,
+    )
+    .await;
+    assert_err(&got.err(), 404, "M_NOT_FOUND");
+}
