@@ -349,3 +349,46 @@ async fn the_federation_media_endpoints_answer_local_media_as_multipart() {
         assert_err(&(status, body), 404, "M_NOT_FOUND");
     }
 }
+
+#[tokio::test]
+async fn remote_media_over_the_size_limit_is_refused_and_not_kept() {
+    let a = TestServer::builder().federating().start().await;
+    let b = TestServer::builder()
+        .federating()
+        .env("WEFT_MEDIA__MAX_UPLOAD_BYTES", "10000")
+        .start()
+        .await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    // Just over B's limit (read whole, then refused) and far over it (cut
+    // off while read).
+    for len in [20_000, 300_000] {
+        let id = upload(&a, &alice, pattern(len), "application/octet-stream", "big.bin").await;
+        let path = format!("/_matrix/client/v1/media/download/{}/{id}", a.server_name());
+        let got = get(&b, &path, &bob.access_token).await;
+        assert_eq!(got.status, 502, "{len}: {}", got.json());
+        let code = if len == 20_000 { "M_TOO_LARGE" } else { "M_UNKNOWN" };
+        assert_eq!(got.json()["errcode"], code, "{len}");
+        let (ok, list, err) = b.cli("media", "list", &[]);
+        assert!(ok, "{err}");
+        assert!(!list.contains(&id), "{len}: kept: {list}");
+    }
+    // Within it: fetched.
+    let id = upload(&a, &alice, pattern(9_000), "application/octet-stream", "ok.bin").await;
+    let got = get(
+        &b,
+        &format!("/_matrix/client/v1/media/download/{}/{id}", a.server_name()),
+        &bob.access_token,
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == pattern(9_000));
+    // Kept as a row named `{server}/{id}`, its uploader the server.
+    let (ok, list, err) = b.cli("media", "list", &[]);
+    assert!(ok, "{err}");
+    let row = list
+        .lines()
+        .find(|l| l.contains(&format!("{}/{id}", a.server_name())))
+        .unwrap_or_else(|| panic!("not cached: {list}"));
+    assert!(row.contains(a.server_name()), "{row}");
+}
