@@ -15,6 +15,7 @@ mod directory;
 pub mod endpoint;
 mod extract;
 mod federation;
+mod federation_media;
 mod federation_rooms;
 mod keys;
 mod media;
@@ -214,6 +215,9 @@ fn federation_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, federation::public_rooms)
         .add(Caller, federation::public_rooms_filtered)
         .add(Caller, federation::openid_userinfo)
+        // media: local items for other servers
+        .add(Caller, federation_media::download)
+        .add(Caller, federation_media::thumbnail)
 }
 
 /// The federation listener's API: [`federation_routes`], the Matrix

@@ -108,7 +108,7 @@ pub async fn download_as(
     answer(&s, file, &req.body.headers, Some(&b.filename)).await
 }
 
-fn spec(width: UInt, height: UInt, method: Option<&ruma::media::Method>) -> Result<ThumbnailSpec, Error> {
+pub(crate) fn spec(width: UInt, height: UInt, method: Option<&ruma::media::Method>) -> Result<ThumbnailSpec, Error> {
     let side = |v: UInt| {
         u32::try_from(u64::from(v)).map_err(|_| Error::invalid_param("width and height must be at most 2048"))
     };

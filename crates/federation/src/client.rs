@@ -135,6 +135,23 @@ impl FederationClient {
         R::Authentication: SendAuth,
         for<'a> R::PathBuilder: PathBuilder<Input<'a> = ()>,
     {
+        self.send_capped(destination, request, MAX_RESPONSE_BYTES).await
+    }
+
+    /// As [`FederationClient::send`], reading at most `max_bytes` of the
+    /// answer's body (more: `502`). For remote media, whose limit is
+    /// `[media] max_upload_bytes`.
+    pub async fn send_capped<R>(
+        &self,
+        destination: &ServerName,
+        request: R,
+        max_bytes: usize,
+    ) -> Result<R::IncomingResponse>
+    where
+        R: OutgoingRequest,
+        R::Authentication: SendAuth,
+        for<'a> R::PathBuilder: PathBuilder<Input<'a> = ()>,
+    {
         if !self.enabled {
             return Err(Error::forbidden(
                 "Federation is disabled on this server ([federation] enabled)",
@@ -169,9 +186,9 @@ impl FederationClient {
         })?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = read_capped(resp, MAX_RESPONSE_BYTES)
+        let body = read_capped(resp, max_bytes)
             .await
-            .ok_or_else(|| unreachable(format!("answered more than {MAX_RESPONSE_BYTES} bytes")))?;
+            .ok_or_else(|| unreachable(format!("answered more than {max_bytes} bytes")))?;
         if !status.is_success() {
             return Err(remote_error(destination, status.as_u16(), &body));
         }

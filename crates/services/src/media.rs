@@ -53,6 +53,20 @@ pub struct MediaFile {
     pub filename: Option<String>,
     pub size: u64,
     sha256: String,
+    /// The row's media ID: the ID itself for local media,
+    /// `{server}/{id}` for a cached remote item ([`remote_key`]).
+    key: String,
+}
+
+/// The media row of a cached item of another server: `{server}/{id}`,
+/// which no local media ID can be (they have no `/`).
+fn remote_key(server: &str, media_id: &str) -> String {
+    format!("{server}/{media_id}")
+}
+
+/// Whether `id` can be a media ID (the spec's `[A-Za-z0-9_-]`).
+fn valid_media_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// An open media item or thumbnail.
@@ -269,10 +283,10 @@ impl Services {
     }
 
     /// A local media item, or `404 M_NOT_FOUND` (also for other servers'
-    /// media: fetching remote media comes with federation).
+    /// media: [`Services::media_file`] fetches those).
     async fn local_item(&self, server: &str, media_id: &str) -> Result<MediaRecord> {
         if server != self.server_name.as_str() {
-            return Err(Error::not_found("Media of other servers is not available here yet"));
+            return Err(Error::not_found("No such media on this server"));
         }
         match self.store.media(media_id).await? {
             Some(m) if !m.quarantined => Ok(m),
@@ -281,8 +295,13 @@ impl Services {
     }
 
     /// The item behind `mxc://{server}/{id}`, waiting up to `wait` for the
-    /// bytes of one still pending (`504 M_NOT_YET_UPLOADED` after).
+    /// bytes of one still pending (`504 M_NOT_YET_UPLOADED` after). Media
+    /// of another server comes from this server's cache, or is fetched
+    /// from its server over federation and kept ([`Services::remote_media_file`]).
     pub async fn media_file(&self, server: &str, media_id: &str, wait: Duration) -> Result<MediaFile> {
+        if server != self.server_name.as_str() {
+            return self.remote_media_file(server, media_id, wait).await;
+        }
         let deadline = tokio::time::Instant::now() + wait.min(MAX_PENDING_WAIT);
         loop {
             let item = self.local_item(server, media_id).await?;
@@ -292,6 +311,7 @@ impl Services {
                     filename: c.filename,
                     size: c.size,
                     sha256: c.sha256,
+                    key: item.media_id,
                 });
             }
             if item.pending_until_ms.is_none_or(|t| t < now_ms()) {
@@ -347,7 +367,9 @@ impl Services {
             filename: None,
             size: t.size,
             sha256: t.sha256,
+            key: file.key.clone(),
         };
+        let media_id = file.key.as_str();
         if let Some(t) = self.store.thumbnail(media_id, spec.width, spec.height, method).await? {
             return Ok(cached(t));
         }
@@ -483,5 +505,167 @@ impl Services {
             return Err(Error::invalid_param(format!("{media} is not a media ID")));
         }
         Ok(id.to_owned())
+    }
+}
+
+/// For other servers a pending item does not exist yet: `404`.
+fn pending_is_missing(e: Error) -> Error {
+    match e.kind {
+        ErrorKind::NotYetUploaded => Error::not_found("No such media"),
+        _ => e,
+    }
+}
+
+/// What the federation media endpoints answer: a local item's bytes and
+/// what to say about them.
+pub struct FederationMedia {
+    pub bytes: Vec<u8>,
+    pub content_type: String,
+    pub filename: Option<String>,
+}
+
+impl Services {
+    /// An item of another server: from the cache (a row keyed
+    /// `{server}/{id}`), else fetched from `server` over federation
+    /// (signed, at most `media.max_upload_bytes`), kept in the blob store
+    /// and the cache. A remote that is down or answers garbage: `502`; one
+    /// that has no such item, or `[federation] enabled` off: `404
+    /// M_NOT_FOUND`.
+    pub async fn remote_media_file(&self, server: &str, media_id: &str, wait: Duration) -> Result<MediaFile> {
+        if !self.config.federation.enabled {
+            return Err(Error::not_found(
+                "Media of other servers is not fetched: federation is off on this server",
+            ));
+        }
+        let name = ruma::ServerName::parse(server).map_err(|_| Error::not_found("No such media"))?;
+        if !valid_media_id(media_id) {
+            return Err(Error::not_found("No such media"));
+        }
+        let key = remote_key(server, media_id);
+        if let Some(file) = self.cached_remote(&key).await? {
+            return Ok(file);
+        }
+        use ruma::api::federation::authenticated_media::{FileOrLocation, get_content};
+        let mut request = get_content::v1::Request::new(media_id.to_owned());
+        request.timeout_ms = wait.min(MAX_PENDING_WAIT);
+        let max = self.config.media.max_upload_bytes;
+        // The multipart framing and the metadata part on top of the bytes.
+        let cap = usize::try_from(max.saturating_add(64 * 1024)).unwrap_or(usize::MAX);
+        let answer = self.federation.client.send_capped(&name, request, cap).await?;
+        let content = match answer.content {
+            FileOrLocation::File(c) => c,
+            FileOrLocation::Location(_) => {
+                return Err(Error::new(
+                    ErrorKind::RemoteUnreachable,
+                    format!("{server} answered with a redirect for its media, which Weft does not follow"),
+                ));
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::RemoteUnreachable,
+                    format!("{server} answered with media Weft cannot read"),
+                ));
+            }
+        };
+        if content.file.len() as u64 > max {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("{server}'s media is larger than this server's limit of {max} bytes"),
+            )
+            .with_status(502));
+        }
+        let filename = content.content_disposition.and_then(|d| d.filename);
+        let _gate = self.media.blob_gate.read().await;
+        let blob = self
+            .media
+            .blobs
+            .put(&mut &content.file[..], max)
+            .await
+            .map_err(|e| Error::internal(format!("remote media store: {e}")))?;
+        let record = MediaRecord {
+            media_id: key.clone(),
+            uploader: server.to_owned(),
+            created_ms: now_ms(),
+            content: Some(MediaContent {
+                sha256: blob.sha256,
+                size: blob.size,
+                content_type: content.content_type,
+                filename,
+            }),
+            pending_until_ms: None,
+            quarantined: false,
+        };
+        if let Err(e) = self.store.create_media(record).await {
+            // Another request for the same item stored it first.
+            if let Some(file) = self.cached_remote(&key).await? {
+                return Ok(file);
+            }
+            return Err(e);
+        }
+        self.cached_remote(&key)
+            .await?
+            .ok_or_else(|| Error::not_found("No such media"))
+    }
+
+    /// The cached remote item stored under `key`; a quarantined one is
+    /// `404`.
+    async fn cached_remote(&self, key: &str) -> Result<Option<MediaFile>> {
+        match self.store.media(key).await? {
+            Some(m) if m.quarantined => Err(Error::not_found("No such media")),
+            Some(MediaRecord {
+                media_id,
+                content: Some(c),
+                ..
+            }) => Ok(Some(MediaFile {
+                content_type: c.content_type.unwrap_or_else(|| "application/octet-stream".into()),
+                filename: c.filename,
+                size: c.size,
+                sha256: c.sha256,
+                key: media_id,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// `GET /_matrix/federation/v1/media/download/{mediaId}`: a local
+    /// item for another server (cached remote items are not passed on:
+    /// `404`, as are quarantined, pending and unknown ones).
+    pub async fn federation_media(&self, media_id: &str) -> Result<FederationMedia> {
+        if !valid_media_id(media_id) {
+            return Err(Error::not_found("No such media"));
+        }
+        let file = self
+            .media_file(self.server_name.as_str(), media_id, Duration::ZERO)
+            .await
+            .map_err(pending_is_missing)?;
+        self.federation_bytes(file).await
+    }
+
+    /// `GET /_matrix/federation/v1/media/thumbnail/{mediaId}`: a thumbnail
+    /// of a local item, made and kept as for clients.
+    pub async fn federation_thumbnail(&self, media_id: &str, spec: ThumbnailSpec) -> Result<FederationMedia> {
+        if !valid_media_id(media_id) {
+            return Err(Error::not_found("No such media"));
+        }
+        let file = self
+            .media_thumbnail(self.server_name.as_str(), media_id, spec, Duration::ZERO)
+            .await
+            .map_err(pending_is_missing)?;
+        self.federation_bytes(file).await
+    }
+
+    async fn federation_bytes(&self, file: MediaFile) -> Result<FederationMedia> {
+        let mut bytes = Vec::with_capacity(usize::try_from(file.size).unwrap_or(0));
+        self.media_read(&file, None)
+            .await?
+            .reader
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| Error::internal(format!("media read: {e}")))?;
+        Ok(FederationMedia {
+            bytes,
+            content_type: file.content_type,
+            filename: file.filename,
+        })
     }
 }

@@ -201,10 +201,19 @@ async fn downloads_need_a_token_unknown_ids_are_404_and_ranges_work() {
     assert_eq!(got.status, 200);
     assert!(got.body == data);
 
-    for missing in [
-        download_path(&server, "NoSuchMediaId"),
-        format!("/_matrix/client/v1/media/download/elsewhere.example/{id}"),
-    ] {
+    // Another server's media is fetched from it over federation
+    // (federation_media.rs); one that cannot be reached is a 502, not a 500.
+    let elsewhere = call(
+        &server,
+        reqwest::Method::GET,
+        &format!("/_matrix/client/v1/media/download/elsewhere.invalid/{id}"),
+        Some(&bob.access_token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(elsewhere.status, 502, "{}", elsewhere.json());
+    for missing in [download_path(&server, "NoSuchMediaId")] {
         let got = call(
             &server,
             reqwest::Method::GET,
