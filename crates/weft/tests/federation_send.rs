@@ -71,6 +71,13 @@ async fn a_repeated_transaction_is_answered_as_before_and_processed_once() {
     let (other_id, _) = only_result(&other);
     assert_ne!(other_id, first_id, "txn-2 carried another PDU");
 
+    // The log line comes as processing ends, maybe just after the answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log_lines(&a, &["received transaction txn-2 from", &b_name]).is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let processed = log_lines(&a, &["received transaction txn-1 from", &b_name]);
     assert_eq!(processed.len(), 1, "txn-1 processed once: {processed:?}");
     assert_eq!(log_lines(&a, &["received transaction txn-2 from", &b_name]).len(), 1);

@@ -1001,7 +1001,8 @@ async fn media_upload_block1_and_download_block2() {
     }
 
     // An unknown ID: 4.04.
-    let r = Request::new(M::Get, "/_matrix/client/v1/media/download/localhost/NoSuchMedia").q("a", &token);
+    let path = format!("/_matrix/client/v1/media/download/{}/NoSuchMedia", s.server_name());
+    let r = Request::new(M::Get, &path).q("a", &token);
     let p = c.packet(&r);
     let resp = c.send_packet(&p).await;
     assert_eq!(resp.header.code, MessageClass::Response(R::NotFound));
