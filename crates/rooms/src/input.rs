@@ -261,18 +261,11 @@ impl Rooms {
             };
             if let Err(why) = independent {
                 tracing::info!(%event_id, %origin, "rejected: {why}");
-                self.store
-                    .persist_event(base(EventKind::Rejected(why.clone())))
-                    .await
-                    .map_err(|_| Error::internal("event was not persisted"))??;
+                self.store_event(base(EventKind::Rejected(why.clone()))).await?;
                 return Ok(Outcome::Rejected(why));
             }
             if arrival == Arrival::Outlier {
-                let p = self
-                    .store
-                    .persist_event(base(EventKind::Outlier))
-                    .await
-                    .map_err(|_| Error::internal("event was not persisted"))??;
+                let p = self.store_event(base(EventKind::Outlier)).await?;
                 return Ok(Outcome::Accepted(p));
             }
 
@@ -284,10 +277,7 @@ impl Rooms {
             let before_pdus = self.load_state(cache, &before).await?;
             if let Err(why) = check_at(&rules, &pdu, &before_pdus) {
                 tracing::info!(%event_id, %origin, "rejected at the state before it: {why}");
-                self.store
-                    .persist_event(base(EventKind::Rejected(why.clone())))
-                    .await
-                    .map_err(|_| Error::internal("event was not persisted"))??;
+                self.store_event(base(EventKind::Rejected(why.clone()))).await?;
                 return Ok(Outcome::Rejected(why));
             }
             // The state after it, and its groups.
@@ -314,11 +304,7 @@ impl Rooms {
             if arrival == Arrival::Backfill {
                 ev.kind = EventKind::Backfilled;
                 ev.new_groups = new_groups;
-                let p = self
-                    .store
-                    .persist_event(ev)
-                    .await
-                    .map_err(|_| Error::internal("event was not persisted"))??;
+                let p = self.store_event(ev).await?;
                 return Ok(Outcome::Accepted(p));
             }
 
@@ -330,10 +316,7 @@ impl Rooms {
                 tracing::info!(%event_id, %origin, "soft-failed at the current state: {why}");
                 ev.kind = EventKind::SoftFailed;
                 ev.new_groups = new_groups;
-                self.store
-                    .persist_event(ev)
-                    .await
-                    .map_err(|_| Error::internal("event was not persisted"))??;
+                self.store_event(ev).await?;
                 return Ok(Outcome::SoftFailed(why));
             }
 
@@ -402,11 +385,7 @@ impl Rooms {
                 ev.redaction = self.redacted_target(cache, target, &object).await.unwrap_or(None);
             }
             ev.new_groups = new_groups;
-            let p = self
-                .store
-                .persist_event(ev)
-                .await
-                .map_err(|_| Error::internal("event was not persisted"))??;
+            let p = self.store_event(ev).await?;
             // Move the room's view on.
             cache.extremities.retain(|(id, _)| !pdu.prev_events.contains(id));
             cache.extremities.push((event_id.clone(), pdu.depth));
@@ -448,6 +427,14 @@ impl Rooms {
         self.input_locked(cache, fetched, origin, Arrival::Outlier, remote, fetches, None)
             .await?;
         Ok(())
+    }
+
+    /// Stores an event through the writer; answers its position.
+    async fn store_event(&self, ev: NewEvent) -> Result<i64> {
+        self.store
+            .persist_event(ev)
+            .await
+            .map_err(|_| Error::internal("event was not persisted"))?
     }
 
     /// Whether any of `ids` is stored as rejected (the first such).
