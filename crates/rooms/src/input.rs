@@ -183,10 +183,9 @@ impl Rooms {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome>> + Send + 'a>> {
         Box::pin(async move {
             let Checked { event_id, object } = self.verify_pdu(cache, object, remote).await?;
-            if let Some(place) = self.store.event_place(event_id.as_str()).await? {
+            if self.store.event_place(event_id.as_str()).await?.is_some() {
                 // An outlier may come again as a timeline event; the
                 // outlier stays (see docs/design-federation.md).
-                let _ = place;
                 return Ok(Outcome::Known);
             }
             let json = serde_json::to_string(&object).map_err(Error::internal)?;
@@ -285,7 +284,7 @@ impl Rooms {
             let before_group = match before_group {
                 Some(g) => g,
                 None => {
-                    let g = self.group_for(cache, &before, None, &mut new_groups).await?;
+                    let g = self.group_for(&before, None, &mut new_groups).await?;
                     g.0
                 }
             };
@@ -294,7 +293,7 @@ impl Rooms {
             if let Some(key) = &pdu.state_key {
                 after.insert((pdu.event_type.to_string(), key.clone()), event_id.clone());
                 after_group = self
-                    .group_for(cache, &after, Some((before_group, &before)), &mut new_groups)
+                    .group_for(&after, Some((before_group, &before)), &mut new_groups)
                     .await?
                     .0;
             }
@@ -364,9 +363,9 @@ impl Rooms {
                 } else if resolved == current_ids && cache.group.is_some() {
                     (resolved, cache.group.unwrap_or_default(), cache.chain)
                 } else {
-                    let (g, chain) = self
-                        .group_for_current(cache, &resolved, &current_ids, &mut new_groups)
-                        .await?;
+                    // A delta on the current group when there is one.
+                    let base = cache.group.map(|g| (g, &current_ids));
+                    let (g, chain) = self.group_for(&resolved, base, &mut new_groups).await?;
                     (resolved, g, chain)
                 }
             };
@@ -391,7 +390,7 @@ impl Rooms {
             cache.extremities.push((event_id.clone(), pdu.depth));
             cache.extremities.sort_by_key(|e| std::cmp::Reverse(e.1));
             let pdu = Arc::new(pdu);
-            for (t, k, id) in &changes {
+            for (_, _, id) in &changes {
                 let id = OwnedEventId::try_from(id.as_str()).map_err(Error::internal)?;
                 let p = if id == event_id {
                     pdu.clone()
@@ -400,7 +399,6 @@ impl Rooms {
                         .await?
                         .ok_or_else(|| Error::internal("state event missing"))?
                 };
-                let _ = (t, k);
                 cache.apply_state(p);
             }
             cache.group = Some(new_group);
@@ -526,12 +524,10 @@ impl Rooms {
     /// group and its chain.
     async fn group_for(
         &self,
-        cache: &RoomCache,
         state: &StateIds,
         base: Option<(i64, &StateIds)>,
         new_groups: &mut Vec<NewStateGroup>,
     ) -> Result<(i64, i64)> {
-        let _ = cache;
         let id = self.next_group().await?;
         let base_chain = match base {
             Some((g, _)) => match new_groups.iter().find(|n| n.id == g) {
@@ -562,19 +558,6 @@ impl Rooms {
         let chain = group.chain;
         new_groups.push(group);
         Ok((id, chain))
-    }
-
-    /// A group for a resolved current state, as a delta on the current
-    /// group when there is one.
-    async fn group_for_current(
-        &self,
-        cache: &RoomCache,
-        resolved: &StateIds,
-        current: &StateIds,
-        new_groups: &mut Vec<NewStateGroup>,
-    ) -> Result<(i64, i64)> {
-        let base = cache.group.map(|g| (g, current));
-        self.group_for(cache, resolved, base, new_groups).await
     }
 
     /// State resolution (v2) of `states`, loading the events it reads.

@@ -148,12 +148,8 @@ impl Rooms {
     async fn in_order(&self, ids: Vec<OwnedEventId>) -> Result<Vec<StoredEvent>> {
         let mut events = Vec::new();
         for ev in self.events_by_id(&ids).await? {
-            let depth = self
-                .store
-                .event_place(&ev.event_id)
-                .await?
-                .map(|p| p.depth)
-                .unwrap_or_default();
+            // The depth is the PDU's own: no second read per event.
+            let depth = crate::parse_stored(&ev).map(|p| p.depth).unwrap_or_default();
             events.push((depth, ev));
         }
         events.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.position.cmp(&a.1.position)));

@@ -267,8 +267,13 @@ impl Services {
         let (room_id, mut servers) = self.resolve_room_anywhere(room_or_alias).await?;
         servers.extend(via.iter().cloned());
         let known = self.store.room_info(room_id.as_str()).await?.is_some();
-        let resident = known && self.rooms.server_in_room(&room_id, &self.server_name).await?;
-        let others = known && !self.rooms.servers_in_room(&room_id).await?.is_empty();
+        let in_room = if known {
+            self.rooms.servers_in_room(&room_id).await?
+        } else {
+            Default::default()
+        };
+        let resident = in_room.contains(&self.server_name);
+        let others = !in_room.is_empty();
         if !resident && (!known || others) {
             if let Some(inviter) = self.pending_invite_server(user_id, &room_id).await? {
                 servers.push(inviter);
