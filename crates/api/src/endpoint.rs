@@ -319,6 +319,9 @@ fn request_error(e: FromHttpRequestError) -> Error {
         FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
             Error::bad_json(format!("Invalid request body: {e}"))
         }
+        FromHttpRequestError::Deserialization(e) if e.to_string().starts_with("missing field") => {
+            Error::missing_param(format!("Invalid request: {e}"))
+        }
         FromHttpRequestError::Deserialization(e) => Error::invalid_param(format!("Invalid request: {e}")),
         e => Error::bad_json(format!("Invalid request: {e}")),
     }

@@ -60,6 +60,12 @@ impl Federation {
     /// does not verify with the origin's key (fetched if not known).
     pub async fn verify_request(&self, request: &http::Request<&[u8]>) -> Result<OwnedServerName> {
         let unauthorized = |m: String| Error::new(ErrorKind::Unauthorized, m);
+        // A body that is not JSON cannot have been signed: say so (as for
+        // any other bad body) rather than blame the signature.
+        let body = request.body();
+        if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            return Err(Error::new(ErrorKind::NotJson, "The request body is not valid JSON"));
+        }
         let x_matrix = <ServerSignatures as AuthScheme>::extract_authentication(request)
             .map_err(|e| unauthorized(format!("Missing or malformed X-Matrix authorization: {e}")))?;
         if let Some(destination) = &x_matrix.destination

@@ -203,10 +203,12 @@ impl Services {
         let object = pdu_object(pdu)?;
         let field = |k: &str| object.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let content_membership = membership_in(&object);
-        let sender = field("sender").and_then(|s| UserId::parse(s).ok());
-        let Some(sender) = sender.filter(|s| s.server_name() == origin) else {
-            return Err(Error::forbidden(format!("{origin} cannot act for the event's sender")));
+        let Some(sender) = field("sender").and_then(|s| UserId::parse(s).ok()) else {
+            return Err(Error::bad_json("The event has no valid sender"));
         };
+        if sender.server_name() != origin {
+            return Err(Error::forbidden(format!("{origin} cannot act for the event's sender")));
+        }
         if field("type").as_deref() != Some("m.room.member")
             || field("state_key").as_deref() != Some(sender.as_str())
             || content_membership != Some(membership)

@@ -163,7 +163,7 @@ async fn login_forms_and_bad_login_bodies() {
 
     // The username check needs its parameter.
     let got = anon.get("register/available").await;
-    assert_err(&got, 400, "M_INVALID_PARAM");
+    assert_err(&got, 400, "M_MISSING_PARAM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

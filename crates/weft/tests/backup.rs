@@ -276,7 +276,7 @@ async fn wrong_versions_and_bad_keys_are_refused() {
     assert_err(
         &alice.put(&format!("room_keys/keys/{}", enc(ROOM)), body.clone()).await,
         400,
-        "M_INVALID_PARAM",
+        "M_MISSING_PARAM",
     );
     for bad in [
         json!({"first_message_index": -1, "forwarded_count": 0, "is_verified": false, "session_data": {}}),

@@ -598,7 +598,7 @@ async fn registration_token_mode() {
         assert_eq!((st, r.clone()), (200, json!({"valid": true})), "{path}: {r}");
         let (st, r) = anon.get(&format!("{path}?token=tok2")).await;
         assert_eq!((st, r.clone()), (200, json!({"valid": false})), "{path}: {r}");
-        assert_err(&anon.get(&path).await, 400, "M_INVALID_PARAM");
+        assert_err(&anon.get(&path).await, 400, "M_MISSING_PARAM");
     }
 
     let body = json!({"username": "alice", "password": "a-good-long-password"});

@@ -9,71 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
+use common::federation::*;
 use common::*;
-use ruma::OwnedServerName;
-use ruma::api::federation::authentication::{ServerSignaturesInput, XMatrix};
-use ruma::signatures::Ed25519KeyPair;
 use serde_json::{Value, json};
-
-fn https() -> reqwest::Client {
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn fed_url(server: &TestServer, path: &str) -> String {
-    format!(
-        "https://{}{path}",
-        server.federation_addr().expect("a federation listener")
-    )
-}
-
-/// The server's signing key, read from its data directory.
-fn signing_key(server: &TestServer) -> Ed25519KeyPair {
-    let text = std::fs::read_to_string(server.data_dir.join("signing.key")).unwrap();
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(parts[2]).unwrap();
-    Ed25519KeyPair::from_der(&der, parts[1].to_owned()).unwrap()
-}
-
-/// `GET path` on `to`'s federation listener, signed as `from` with its key.
-async fn signed_get(from: &TestServer, to: &TestServer, path: &str) -> (u16, Value) {
-    signed(from, to, "GET", path, None).await
-}
-
-/// `method path` (with a JSON body) on `to`'s federation listener, signed
-/// as `from` with its key.
-async fn signed(from: &TestServer, to: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .body(bytes.clone())
-        .unwrap();
-    let key = signing_key(from);
-    let input = ServerSignaturesInput::new(
-        OwnedServerName::try_from(from.server_name()).unwrap(),
-        OwnedServerName::try_from(to.server_name()).unwrap(),
-        &key,
-    );
-    let header = XMatrix::try_from_http_request(&req, input).unwrap();
-    let auth = http::HeaderValue::from(&header).to_str().unwrap().to_owned();
-    let mut out = https()
-        .request(
-            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
-            fed_url(to, path),
-        )
-        .header("Authorization", auth);
-    if !bytes.is_empty() {
-        out = out.header("Content-Type", "application/json").body(bytes);
-    }
-    let resp = out.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 fn device_keys(c: &Client) -> Value {
     json!({

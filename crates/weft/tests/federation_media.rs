@@ -8,15 +8,12 @@ mod common;
 
 use std::io::Cursor;
 
-use base64::Engine;
+use common::federation::*;
 use common::*;
 use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
 use reqwest::header;
-use ruma::OwnedServerName;
 use ruma::api::IncomingResponse;
 use ruma::api::federation::authenticated_media::{FileOrLocation, get_content, get_content_thumbnail};
-use ruma::api::federation::authentication::{ServerSignaturesInput, XMatrix};
-use ruma::signatures::Ed25519KeyPair;
 use serde_json::Value;
 
 struct Got {
@@ -255,37 +252,9 @@ async fn with_federation_off_remote_media_is_not_found() {
     assert_err(&got.err(), 404, "M_NOT_FOUND");
 }
 
-/// The server's signing key, read from its data directory.
-fn signing_key(server: &TestServer) -> Ed25519KeyPair {
-    let text = std::fs::read_to_string(server.data_dir.join("signing.key")).expect("signing.key");
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(parts[2])
-        .expect("base64");
-    Ed25519KeyPair::from_der(&der, parts[1].to_owned()).expect("key")
-}
-
 /// `GET uri` on `to`'s federation listener, signed by `from`.
-async fn signed_get(from: &TestServer, to: &TestServer, uri: &str) -> http::Response<Vec<u8>> {
-    let key = signing_key(from);
-    let req = http::Request::get(uri).body(Vec::<u8>::new()).expect("request");
-    let input = ServerSignaturesInput::new(
-        OwnedServerName::try_from(from.server_name()).expect("name"),
-        OwnedServerName::try_from(to.server_name()).expect("name"),
-        &key,
-    );
-    let header = XMatrix::try_from_http_request(&req, input).expect("signature");
-    let auth = http::HeaderValue::from(&header);
-    let https = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .expect("client");
-    let resp = https
-        .get(format!("https://{}{uri}", to.federation_addr().expect("federation")))
-        .header("authorization", auth.to_str().expect("ascii"))
-        .send()
-        .await
-        .expect(uri);
+async fn signed_get_raw(from: &TestServer, to: &TestServer, uri: &str) -> http::Response<Vec<u8>> {
+    let resp = signed_raw(from, to, "GET", uri, b"", Vec::new()).await;
     let mut out = http::Response::builder().status(resp.status().as_u16());
     for (k, v) in resp.headers() {
         out = out.header(k.as_str(), v.as_bytes());
@@ -302,7 +271,7 @@ async fn the_federation_media_endpoints_answer_local_media_as_multipart() {
     let id = upload(&a, &alice, data.clone(), "application/x-weft-test", "f.bin").await;
     let image_id = upload(&a, &alice, png(200, 100), "image/png", "p.png").await;
 
-    let resp = signed_get(&b, &a, &format!("/_matrix/federation/v1/media/download/{id}")).await;
+    let resp = signed_get_raw(&b, &a, &format!("/_matrix/federation/v1/media/download/{id}")).await;
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap_or("").to_owned();
     assert!(ct.starts_with("multipart/mixed"), "{ct}");
@@ -317,7 +286,7 @@ async fn the_federation_media_endpoints_answer_local_media_as_multipart() {
         Some("f.bin")
     );
 
-    let resp = signed_get(
+    let resp = signed_get_raw(
         &b,
         &a,
         &format!("/_matrix/federation/v1/media/thumbnail/{image_id}?width=32&height=32&method=scale"),
@@ -343,7 +312,7 @@ async fn the_federation_media_endpoints_answer_local_media_as_multipart() {
         .expect("content_uri")
         .to_owned();
     for missing in ["NoSuchMedia", pending_id.as_str()] {
-        let resp = signed_get(&b, &a, &format!("/_matrix/federation/v1/media/download/{missing}")).await;
+        let resp = signed_get_raw(&b, &a, &format!("/_matrix/federation/v1/media/download/{missing}")).await;
         let status = resp.status().as_u16();
         let body: Value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
         assert_err(&(status, body), 404, "M_NOT_FOUND");

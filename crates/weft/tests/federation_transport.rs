@@ -7,29 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
+use common::federation::*;
 use common::*;
-use ruma::api::federation::authentication::{ServerSignaturesInput, XMatrix};
+use ruma::CanonicalJsonObject;
 use ruma::serde::Base64;
 use ruma::signatures::{Ed25519KeyPair, PublicKeyMap};
-use ruma::{CanonicalJsonObject, OwnedServerName};
 use serde_json::{Value, json};
-
-/// An HTTPS client for the federation listeners (self-signed certificates).
-fn https() -> reqwest::Client {
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn fed_url(server: &TestServer, path: &str) -> String {
-    format!(
-        "https://{}{path}",
-        server.federation_addr().expect("a federation listener")
-    )
-}
 
 async fn get_json(client: &reqwest::Client, url: &str, auth: Option<&str>) -> (u16, Value) {
     let mut req = client.get(url);
@@ -39,28 +22,6 @@ async fn get_json(client: &reqwest::Client, url: &str, auth: Option<&str>) -> (u
     let resp = req.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// The server's signing key, read from its data directory as the server
-/// keeps it (`ed25519 <version> <base64 PKCS#8>`).
-fn signing_key(server: &TestServer) -> Ed25519KeyPair {
-    let text = std::fs::read_to_string(server.data_dir.join("signing.key")).unwrap();
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(parts[2]).unwrap();
-    Ed25519KeyPair::from_der(&der, parts[1].to_owned()).unwrap()
-}
-
-/// An `Authorization: X-Matrix` value for `GET uri` from `origin` to
-/// `destination`, signed with `key`.
-fn x_matrix(uri: &str, origin: &str, destination: &str, key: &Ed25519KeyPair) -> String {
-    let req = http::Request::get(uri).body(Vec::<u8>::new()).unwrap();
-    let input = ServerSignaturesInput::new(
-        OwnedServerName::try_from(origin).unwrap(),
-        OwnedServerName::try_from(destination).unwrap(),
-        key,
-    );
-    let header = XMatrix::try_from_http_request(&req, input).unwrap();
-    http::HeaderValue::from(&header).to_str().unwrap().to_owned()
 }
 
 /// `server_keys[i]` verified as signed by every `(server, key response)`
@@ -244,19 +205,19 @@ async fn profiles_over_signed_requests() {
     let url = fed_url(&b, &uri);
     let a_key = signing_key(&a);
     // Signed by A's own key, for B: accepted (B fetches A's key).
-    let good = x_matrix(&uri, a.server_name(), b.server_name(), &a_key);
+    let good = x_matrix("GET", &uri, b"", a.server_name(), b.server_name(), &a_key);
     let (status, body) = get_json(&client, &url, Some(&good)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"displayname": "Bob B"}));
     // `field` names one.
     let field_uri = format!("{uri}&field=avatar_url");
-    let signed = x_matrix(&field_uri, a.server_name(), b.server_name(), &a_key);
+    let signed = x_matrix("GET", &field_uri, b"", a.server_name(), b.server_name(), &a_key);
     let (status, body) = get_json(&client, &fed_url(&b, &field_uri), Some(&signed)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({}));
     // A user B does not have.
     let nobody_uri = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&nobody));
-    let signed = x_matrix(&nobody_uri, a.server_name(), b.server_name(), &a_key);
+    let signed = x_matrix("GET", &nobody_uri, b"", a.server_name(), b.server_name(), &a_key);
     assert_err(
         &get_json(&client, &fed_url(&b, &nobody_uri), Some(&signed)).await,
         404,
@@ -298,15 +259,15 @@ async fn profiles_over_signed_requests() {
         "M_UNAUTHORIZED",
     );
     // Correctly signed, but for another destination.
-    let elsewhere = x_matrix(&uri, a.server_name(), "other.example", &a_key);
+    let elsewhere = x_matrix("GET", &uri, b"", a.server_name(), "other.example", &a_key);
     assert_err(&get_json(&client, &url, Some(&elsewhere)).await, 401, "M_UNAUTHORIZED");
     // Signed as a server whose keys cannot be fetched.
     let stranger = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "x".into()).unwrap();
-    let unknown = x_matrix(&uri, "localhost:1", b.server_name(), &stranger);
+    let unknown = x_matrix("GET", &uri, b"", "localhost:1", b.server_name(), &stranger);
     assert_err(&get_json(&client, &url, Some(&unknown)).await, 401, "M_UNAUTHORIZED");
     // Signed as A, but with another key under A's key ID.
     let impostor = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), a_key.version().to_owned()).unwrap();
-    let forged = x_matrix(&uri, a.server_name(), b.server_name(), &impostor);
+    let forged = x_matrix("GET", &uri, b"", a.server_name(), b.server_name(), &impostor);
     assert_err(&get_json(&client, &url, Some(&forged)).await, 401, "M_UNAUTHORIZED");
     // The server keeps serving.
     let (status, _) = get_json(&client, &url, Some(&good)).await;

@@ -6,9 +6,104 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use ruma::OwnedServerName;
+use ruma::api::federation::authentication::{ServerSignaturesInput, XMatrix};
+use ruma::signatures::Ed25519KeyPair;
 use serde_json::Value;
 
 use super::*;
+
+/// An HTTPS client for the federation listeners (self-signed certificates).
+pub fn https() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("an HTTPS client")
+}
+
+/// `path` on `server`'s federation listener.
+pub fn fed_url(server: &TestServer, path: &str) -> String {
+    format!(
+        "https://{}{path}",
+        server.federation_addr().expect("a federation listener")
+    )
+}
+
+/// The server's signing key, read from its data directory as the server
+/// keeps it (`ed25519 <version> <base64 PKCS#8>`).
+pub fn signing_key(server: &TestServer) -> Ed25519KeyPair {
+    let text = std::fs::read_to_string(server.data_dir.join("signing.key")).expect("signing.key");
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(parts[2])
+        .expect("base64 key");
+    Ed25519KeyPair::from_der(&der, parts[1].to_owned()).expect("an ed25519 key")
+}
+
+/// An `Authorization: X-Matrix` value for `method uri` (with `body`, JSON)
+/// from `origin` to `destination`, signed with `key`.
+pub fn x_matrix(method: &str, uri: &str, body: &[u8], origin: &str, destination: &str, key: &Ed25519KeyPair) -> String {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body.to_vec())
+        .expect("a request");
+    let input = ServerSignaturesInput::new(
+        OwnedServerName::try_from(origin).expect("origin"),
+        OwnedServerName::try_from(destination).expect("destination"),
+        key,
+    );
+    let header = XMatrix::try_from_http_request(&req, input).expect("a signature");
+    http::HeaderValue::from(&header).to_str().expect("ascii").to_owned()
+}
+
+/// `method path` with the raw `body` on `to`'s federation listener, signed
+/// as `from` with its key over `signed_body` (the JSON the signature
+/// covers; `body` itself when it is JSON).
+pub async fn signed_raw(
+    from: &TestServer,
+    to: &TestServer,
+    method: &str,
+    path: &str,
+    signed_body: &[u8],
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let auth = x_matrix(
+        method,
+        path,
+        signed_body,
+        from.server_name(),
+        to.server_name(),
+        &signing_key(from),
+    );
+    let mut out = https()
+        .request(
+            reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+            fed_url(to, path),
+        )
+        .header("Authorization", auth);
+    if !body.is_empty() {
+        out = out.header("Content-Type", "application/json").body(body);
+    }
+    out.send().await.expect(path)
+}
+
+/// `method path` (with a JSON body) on `to`'s federation listener, signed
+/// as `from` with its key: the status and the JSON answer (null when not
+/// JSON).
+pub async fn signed(from: &TestServer, to: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let bytes = body.map(|b| serde_json::to_vec(&b).expect("JSON")).unwrap_or_default();
+    let resp = signed_raw(from, to, method, path, &bytes, bytes.clone()).await;
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET path` on `to`'s federation listener, signed as `from`.
+pub async fn signed_get(from: &TestServer, to: &TestServer, path: &str) -> (u16, Value) {
+    signed(from, to, "GET", path, None).await
+}
 
 /// Two federating servers, A and B.
 pub async fn two_servers() -> (TestServer, TestServer) {
