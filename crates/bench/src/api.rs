@@ -116,9 +116,24 @@ impl Api {
 
     /// `POST /rooms/{roomId}/join`.
     pub async fn join(&self, token: &str, room_id: &str) -> Result<()> {
+        self.join_path(token, room_id, &format!("/_matrix/client/v3/rooms/{}/join", encode_segment(room_id)))
+            .await
+    }
+
+    /// `POST /join/{roomId}?via=SERVER`: a room of another server.
+    pub async fn join_via(&self, token: &str, room_id: &str, server: &str) -> Result<()> {
+        let path = format!(
+            "/_matrix/client/v3/join/{}?via={}",
+            encode_segment(room_id),
+            encode_segment(server)
+        );
+        self.join_path(token, room_id, &path).await
+    }
+
+    async fn join_path(&self, token: &str, room_id: &str, path: &str) -> Result<()> {
         let resp = self
             .http
-            .post(self.url(&format!("/_matrix/client/v3/rooms/{}/join", encode_segment(room_id))))
+            .post(self.url(path))
             .bearer_auth(token)
             .json(&json!({}))
             .send()

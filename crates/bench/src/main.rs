@@ -47,6 +47,9 @@ pub enum Scenario {
     /// Media upload and download MB/s beside raw disk writes, and
     /// thumbnail generation time.
     Media,
+    /// Two federating servers: events sent on one, received through the
+    /// other's /sync (PDUs per second, send-to-remote-sync latency).
+    Federation,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -171,6 +174,23 @@ pub struct Opts {
     /// media: size of each, MiB (at most 90, under the upload limit).
     #[arg(long, default_value_t = 32)]
     pub media_file_mib: u64,
+
+    /// federation: subscribers on the receiving server long-polling /sync.
+    #[arg(long, default_value_t = 2)]
+    pub federation_subscribers: usize,
+    /// federation, latency run: publish rate, events per second.
+    #[arg(long, default_value_t = 200)]
+    pub federation_rate: u64,
+    /// federation, latency run: publishing duration, seconds.
+    #[arg(long, default_value_t = 5)]
+    pub federation_secs: u64,
+    /// federation, throughput run: events sent as fast as the sending
+    /// server takes them.
+    #[arg(long, default_value_t = 5_000)]
+    pub federation_events: u64,
+    /// federation, throughput run: requests in flight.
+    #[arg(long, default_value_t = 32)]
+    pub federation_inflight: usize,
 }
 
 /// Microseconds since the benchmark started (the clock carried in events).
@@ -198,6 +218,8 @@ pub struct Target {
     pub coap: Option<std::net::SocketAddr>,
     /// A spawned server's data directory.
     pub data_dir: Option<PathBuf>,
+    /// A federating server's name.
+    pub server_name: Option<String>,
     server: Option<Server>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -233,6 +255,19 @@ impl Bench {
     /// [`Bench::target`]; with `doors`, a spawned server's MQTT and CoAP
     /// addresses are known too (an external server has none).
     pub async fn target_with(&self, users: usize, label: &str, doors: bool) -> Result<Target> {
+        self.make_target(users, label, doors, false).await
+    }
+
+    /// A fresh spawned server with a federation listener (never the --url
+    /// server), with `users` registered users.
+    pub async fn federating_target(&self, users: usize, label: &str) -> Result<Target> {
+        if self.opts.url.is_some() {
+            bail!("the federation scenario spawns its own two servers; it cannot use --url");
+        }
+        self.make_target(users, label, false, true).await
+    }
+
+    async fn make_target(&self, users: usize, label: &str, doors: bool, federating: bool) -> Result<Target> {
         let users = users.max(1);
         let n = self.targets_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let label = format!("{label}{n}x");
@@ -258,20 +293,19 @@ impl Bench {
                 mqtt: None,
                 coap: None,
                 data_dir: None,
+                server_name: None,
                 server: None,
                 _dir: None,
             });
         }
         let launcher = self.launcher.as_ref().context("no weft binary")?;
         let dir = tempfile::Builder::new().prefix("weft-bench-").tempdir()?;
-        let server = launcher
-            .spawn_with(
-                &dir.path().join("data"),
-                &dir.path().join("server.log"),
-                STARTUP_TIMEOUT,
-                doors,
-            )
-            .await?;
+        let (data, log) = (dir.path().join("data"), dir.path().join("server.log"));
+        let server = if federating {
+            launcher.spawn_federating(&data, &log, STARTUP_TIMEOUT).await?
+        } else {
+            launcher.spawn_with(&data, &log, STARTUP_TIMEOUT, doors).await?
+        };
         server.wait_ready(STARTUP_TIMEOUT).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_fresh_kib = server::rss_kib(server.pid).ok().map(|(rss, _)| rss);
@@ -284,6 +318,7 @@ impl Bench {
             mqtt: server.mqtt,
             coap: server.coap,
             data_dir: Some(dir.path().join("data")),
+            server_name: server.server_name.clone(),
             server: Some(server),
             _dir: Some(dir),
         })
@@ -416,6 +451,7 @@ async fn run(opts: Opts) -> (Value, bool) {
             Scenario::Wire => ("wire", doors::wire(&bench).await),
             Scenario::Mqtt => ("mqtt", doors::mqtt(&bench).await),
             Scenario::Media => ("media", media::media(&bench).await),
+            Scenario::Federation => ("federation", scenarios::federation(&bench).await),
         };
         let value = match result {
             Ok(v) => v,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, watch};
 
-use crate::api::Api;
+use crate::api::{Api, Session};
 use crate::server::{cpu_seconds, rss_kib};
 use crate::stats::{r2, summarize};
 use crate::{Bench, PASSWORD, Target, now_us};
@@ -265,12 +265,12 @@ pub async fn latency(bench: &Bench) -> Result<Value> {
         bail!("--latency-rate and --latency-secs must be positive");
     }
     let target = bench.target(subs + 1, "l").await?;
-    let res = latency_run(bench, &target, subs, total).await;
+    let res = latency_on(bench, &target, subs, total).await;
     target.stop().await;
     res
 }
 
-async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) -> Result<Value> {
+async fn latency_on(bench: &Bench, target: &Target, subs: usize, total: usize) -> Result<Value> {
     let o = &bench.opts;
     let setup = Api::new(&target.url, 4)?;
     let publisher = target.session(0).clone();
@@ -281,15 +281,65 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
         )
         .await?;
     // Subscribers: users 1..=subs (reused round-robin with --token).
-    let mut filter = (!o.sync_filter.is_empty()).then(|| o.sync_filter.clone());
-    let mut filter_rejected = false;
-    let mut since_tokens = Vec::with_capacity(subs);
-    for s in 0..subs {
-        let sess = target.session(s + 1);
+    let subscribers: Vec<Session> = (0..subs).map(|s| target.session(s + 1).clone()).collect();
+    for sess in &subscribers {
         // With few --tokens a subscriber may be the publisher itself.
         if sess.token != publisher.token {
             setup.join(&sess.token, &room).await?;
         }
+    }
+    latency_run(
+        bench,
+        Plan {
+            publish_url: target.url.clone(),
+            publisher,
+            subscribe_url: target.url.clone(),
+            subscribers,
+            room,
+            total,
+            rate: o.latency_rate,
+            inflight: o.latency_inflight,
+            max_secs: o.latency_secs * 3 + 10,
+        },
+    )
+    .await
+}
+
+/// A publish-to-receive run: one publisher sends `total` events on one
+/// server at `rate` per second (at most `inflight` at once, for at most
+/// `max_secs`); the subscribers, members of `room`, long-poll `/sync` on
+/// the same server or another.
+struct Plan {
+    publish_url: String,
+    publisher: Session,
+    subscribe_url: String,
+    subscribers: Vec<Session>,
+    room: String,
+    total: usize,
+    rate: u64,
+    inflight: usize,
+    max_secs: u64,
+}
+
+async fn latency_run(bench: &Bench, plan: Plan) -> Result<Value> {
+    let o = &bench.opts;
+    let Plan {
+        publish_url,
+        publisher,
+        subscribe_url,
+        subscribers,
+        room,
+        total,
+        rate,
+        inflight,
+        max_secs,
+    } = plan;
+    let subs = subscribers.len();
+    let setup = Api::new(&subscribe_url, 4)?;
+    let mut filter = (!o.sync_filter.is_empty()).then(|| o.sync_filter.clone());
+    let mut filter_rejected = false;
+    let mut since_tokens = Vec::with_capacity(subs);
+    for sess in &subscribers {
         let first = setup.sync(&sess.token, None, 0, filter.as_deref()).await;
         let (v, _) = match first {
             Ok(r) => r,
@@ -310,8 +360,8 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
     let mut handles = Vec::new();
     let mut seen_counts = Vec::new();
     for (s, since) in since_tokens.into_iter().enumerate() {
-        let api = Api::new(&target.url, 2)?;
-        let token = target.session(s + 1).token.clone();
+        let api = Api::new(&subscribe_url, 2)?;
+        let token = subscribers[s].token.clone();
         let (room, filter, mut stop_rx) = (room.clone(), filter.clone(), stop_rx.clone());
         let seen_count = Arc::new(AtomicUsize::new(0));
         seen_counts.push(seen_count.clone());
@@ -366,14 +416,15 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
 
     // Publisher: event i is due at t0 + i/rate; at most `inflight` in flight.
     let sent: Arc<std::sync::Mutex<Vec<Sent>>> = Arc::new(std::sync::Mutex::new(vec![Sent::default(); total]));
-    let sem = Arc::new(Semaphore::new(o.latency_inflight.max(1)));
-    let api = Api::new(&target.url, o.latency_inflight + 2)?;
+    let sem = Arc::new(Semaphore::new(inflight.max(1)));
+    let api = Api::new(&publish_url, inflight + 2)?;
     let t0 = Instant::now();
-    let publish_deadline = t0 + Duration::from_secs(o.latency_secs * 3 + 10);
+    let t0_us = t0.duration_since(crate::bench_start()).as_micros() as u64;
+    let publish_deadline = t0 + Duration::from_secs(max_secs);
     let mut pubs = Vec::with_capacity(total);
     let run_tag = format!("{:x}", now_us());
     for i in 0..total {
-        let due = t0 + Duration::from_secs_f64(i as f64 / o.latency_rate as f64);
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
         tokio::time::sleep_until(due.into()).await;
         if Instant::now() > publish_deadline {
             break;
@@ -422,6 +473,8 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
     // Analysis.
     let mut all_lat = Vec::new();
     let mut per_sub = Vec::new();
+    // When the last subscriber got its last event, µs after publishing began.
+    let mut last_receive_us = 0u64;
     for log in &logs {
         let mut seen = HashSet::new();
         let (mut dup, mut ooo) = (0u64, 0u64);
@@ -435,6 +488,7 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
                 continue;
             }
             all_lat.push(recv_us.saturating_sub(sent_us));
+            last_receive_us = last_receive_us.max(recv_us.saturating_sub(t0_us));
             if let Some(s) = sent.get(seq as usize) {
                 if s.ack_us > 0 && max_start_seen > s.ack_us {
                     ooo += 1;
@@ -461,14 +515,20 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
     let sum = |k: &str| per_sub.iter().map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
     Ok(json!({
         "subscribers": subs,
-        "target_rate_per_s": o.latency_rate,
-        "duration_s": o.latency_secs,
-        "publisher_inflight_max": o.latency_inflight,
+        "target_rate_per_s": rate,
+        "publisher_inflight_max": inflight,
         "events_planned": total,
         "events_attempted": attempted,
         "events_acked": acked_ok,
         "publish_errors": attempted - acked_ok,
         "achieved_rate_per_s": r2(acked_ok as f64 / publish_elapsed),
+        "publish_s": r2(publish_elapsed),
+        // Events every subscriber received, per second from the first send
+        // to the last receive.
+        "received_per_s": r2(
+            per_sub.iter().map(|v| v["received"].as_u64().unwrap_or(0)).min().unwrap_or(0) as f64
+                / (last_receive_us.max(1) as f64 / 1e6)
+        ),
         "publish_latency_ms": summarize(sent.iter().filter(|s| s.ok).map(|s| s.ack_us - s.start_us).collect()),
         "sync_filter": if filter_rejected { Value::from("rejected by server; ran without") } else { json!(filter) },
         "publish_to_receive_ms": summarize(all_lat),
@@ -478,6 +538,88 @@ async fn latency_run(bench: &Bench, target: &Target, subs: usize, total: usize) 
         "limited_syncs_total": sum("limited_syncs"),
         "per_subscriber": per_sub,
     }))
+}
+
+// ---------------------------------------------------------- federation --
+
+/// Two federating servers on this machine: B's subscribers join a room of
+/// A's publisher over federation, then two runs measured at B's `/sync`:
+/// `latency` (a fixed rate) and `throughput` (as fast as A takes the
+/// sends), each in a fresh room, with both servers' CPU per event.
+pub async fn federation(bench: &Bench) -> Result<Value> {
+    let subs = bench.opts.federation_subscribers.max(1);
+    let a = bench.federating_target(1, "fa").await?;
+    let b = match bench.federating_target(subs, "fb").await {
+        Ok(b) => b,
+        Err(e) => {
+            a.stop().await;
+            return Err(e);
+        }
+    };
+    let res = federation_on(bench, &a, &b).await;
+    a.stop().await;
+    b.stop().await;
+    res
+}
+
+async fn federation_on(bench: &Bench, a: &Target, b: &Target) -> Result<Value> {
+    let o = &bench.opts;
+    let a_name = a.server_name.clone().context("the sending server has no name")?;
+    let (api_a, api_b) = (Api::new(&a.url, 4)?, Api::new(&b.url, 4)?);
+    let publisher = a.session(0).clone();
+    let runs = [
+        (
+            "latency",
+            (o.federation_rate * o.federation_secs) as usize,
+            o.federation_rate,
+            8,
+            o.federation_secs * 3 + 10,
+        ),
+        ("throughput", o.federation_events as usize, 1_000_000, o.federation_inflight, 120),
+    ];
+    let mut out = serde_json::Map::new();
+    for (label, total, rate, inflight, max_secs) in runs {
+        if total == 0 {
+            bail!("--federation-rate, --federation-secs and --federation-events must be positive");
+        }
+        let room = api_a
+            .create_room(
+                &publisher.token,
+                &json!({ "preset": "public_chat", "name": format!("bench federation {label}") }),
+            )
+            .await?;
+        for sub in &b.sessions {
+            api_b.join_via(&sub.token, &room, &a_name).await?;
+        }
+        let cpu = |t: &Target| t.pid.and_then(cpu_seconds);
+        let before = (cpu(a), cpu(b));
+        let mut run = latency_run(
+            bench,
+            Plan {
+                publish_url: a.url.clone(),
+                publisher: publisher.clone(),
+                subscribe_url: b.url.clone(),
+                subscribers: b.sessions.clone(),
+                room,
+                total,
+                rate,
+                inflight,
+                max_secs,
+            },
+        )
+        .await?;
+        let acked = run["events_acked"].as_u64().unwrap_or(0).max(1) as f64;
+        let per_event = |before: Option<f64>, after: Option<f64>| match (before, after) {
+            (Some(x), Some(y)) => json!(r2((y - x) * 1e6 / acked)),
+            _ => Value::Null,
+        };
+        run["server_cpu_us_per_event"] = json!({
+            "sending": per_event(before.0, cpu(a)),
+            "receiving": per_event(before.1, cpu(b)),
+        });
+        out.insert(label.into(), run);
+    }
+    Ok(Value::Object(out))
 }
 
 // ----------------------------------------------------------------- rss --

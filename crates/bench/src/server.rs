@@ -22,6 +22,8 @@ pub struct Server {
     /// From spawn to the `listening on` line.
     pub listen_line_after: Duration,
     pub log: PathBuf,
+    /// The server name (`localhost:PORT`) when spawned federating.
+    pub server_name: Option<String>,
 }
 
 /// How the benchmark starts servers.
@@ -43,11 +45,56 @@ impl Launcher {
     /// [`Launcher::spawn`], also waiting for the MQTT and CoAP `listening
     /// on` lines when `doors` is set.
     pub async fn spawn_with(&self, data_dir: &Path, log: &Path, timeout: Duration, doors: bool) -> Result<Server> {
+        self.spawn_env(data_dir, log, timeout, doors, &[]).await
+    }
+
+    /// [`Launcher::spawn`] with a TLS federation listener: the server name
+    /// is `localhost:PORT` on a free port, other servers' certificates are
+    /// not checked (they are self-signed here).
+    pub async fn spawn_federating(&self, data_dir: &Path, log: &Path, timeout: Duration) -> Result<Server> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("a free port")?
+                .port();
+            let name = format!("localhost:{port}");
+            let env = [
+                ("WEFT_SERVER_NAME", name.clone()),
+                ("WEFT_FEDERATION__LISTEN", format!("127.0.0.1:{port}")),
+                ("WEFT_FEDERATION__VERIFY_CERTIFICATES", "false".into()),
+            ];
+            match self.spawn_env(data_dir, log, timeout, false, &env).await {
+                Ok(mut server) => {
+                    server.server_name = Some(name);
+                    return Ok(server);
+                }
+                // The port was taken between the probe and the start.
+                Err(e) if attempt < 5 && e.to_string().contains("cannot listen for federation") => {
+                    let _ = std::fs::remove_dir_all(data_dir);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn spawn_env(
+        &self,
+        data_dir: &Path,
+        log: &Path,
+        timeout: Duration,
+        doors: bool,
+        env: &[(&str, String)],
+    ) -> Result<Server> {
         // Every bench client connects from 127.0.0.1: no per-address cap
         // (`--rss-syncs` and `--subscribers` can go past the default).
         let mut spec = ServeSpec::new(&self.bin, data_dir, log)
             .env("WEFT_LOG", &self.log_filter)
             .env("WEFT_LIMITS__MAX_CONNECTIONS_PER_IP", "0");
+        for (k, v) in env {
+            spec = spec.env(k, v);
+        }
         spec.clean_env = false;
         spec.timeout = timeout;
         spec.wait_mqtt = doors;
@@ -60,6 +107,7 @@ impl Launcher {
             coap: process.addrs.coap,
             listen_line_after: process.listening_after,
             log: log.to_owned(),
+            server_name: None,
             process,
         })
     }
