@@ -116,8 +116,12 @@ impl Api {
 
     /// `POST /rooms/{roomId}/join`.
     pub async fn join(&self, token: &str, room_id: &str) -> Result<()> {
-        self.join_path(token, room_id, &format!("/_matrix/client/v3/rooms/{}/join", encode_segment(room_id)))
-            .await
+        self.join_path(
+            token,
+            room_id,
+            &format!("/_matrix/client/v3/rooms/{}/join", encode_segment(room_id)),
+        )
+        .await
     }
 
     /// `POST /join/{roomId}?via=SERVER`: a room of another server.

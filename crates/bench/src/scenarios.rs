@@ -575,7 +575,13 @@ async fn federation_on(bench: &Bench, a: &Target, b: &Target) -> Result<Value> {
             8,
             o.federation_secs * 3 + 10,
         ),
-        ("throughput", o.federation_events as usize, 1_000_000, o.federation_inflight, 120),
+        (
+            "throughput",
+            o.federation_events as usize,
+            1_000_000,
+            o.federation_inflight,
+            120,
+        ),
     ];
     let mut out = serde_json::Map::new();
     for (label, total, rate, inflight, max_secs) in runs {

@@ -183,11 +183,15 @@ impl Rooms {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome>> + Send + 'a>> {
         Box::pin(async move {
             let Checked { event_id, object } = self.verify_pdu(cache, object, remote).await?;
-            if self.store.event_place(event_id.as_str()).await?.is_some() {
-                // An outlier may come again as a timeline event; the
-                // outlier stays (see docs/design-federation.md).
-                return Ok(Outcome::Known);
-            }
+            // An outlier (a join's state, an auth event) reached by
+            // backfill takes its place in the timeline; anything else
+            // stored is known (an outlier coming again as a new event
+            // stays an outlier, see docs/design-federation.md).
+            let promote = match self.store.event_place(event_id.as_str()).await? {
+                None => false,
+                Some(p) if arrival == Arrival::Backfill && p.outlier && p.rejected.is_none() => true,
+                Some(_) => return Ok(Outcome::Known),
+            };
             let json = serde_json::to_string(&object).map_err(Error::internal)?;
             let pdu = Pdu::parse(event_id.clone(), &json).map_err(|e| Error::bad_json(e.to_string()))?;
 
@@ -260,7 +264,9 @@ impl Rooms {
             };
             if let Err(why) = independent {
                 tracing::info!(%event_id, %origin, "rejected: {why}");
-                self.store_event(base(EventKind::Rejected(why.clone()))).await?;
+                if !promote {
+                    self.store_event(base(EventKind::Rejected(why.clone()))).await?;
+                }
                 return Ok(Outcome::Rejected(why));
             }
             if arrival == Arrival::Outlier {
@@ -276,7 +282,11 @@ impl Rooms {
             let before_pdus = self.load_state(cache, &before).await?;
             if let Err(why) = check_at(&rules, &pdu, &before_pdus) {
                 tracing::info!(%event_id, %origin, "rejected at the state before it: {why}");
-                self.store_event(base(EventKind::Rejected(why.clone()))).await?;
+                // An outlier failing here stays an outlier (it passed its
+                // own auth events).
+                if !promote {
+                    self.store_event(base(EventKind::Rejected(why.clone()))).await?;
+                }
                 return Ok(Outcome::Rejected(why));
             }
             // The state after it, and its groups.

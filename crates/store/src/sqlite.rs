@@ -638,21 +638,14 @@ fn bump_backup_etag(c: &Connection, user_id: &str, version: i64) -> Result<i64> 
     .map_err(db_err)
 }
 
-/// Inserts one event and applies its effects; runs inside the writer.
-fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
-    let on_stream = ev.kind.on_stream();
-    // Events off the stream (backfilled, outliers, rejected, soft-failed)
-    // count down from below every stored position: no stream reader ever
-    // sees them as new.
-    let p = if on_stream { ctx.pos + 1 } else { ctx.low - 1 };
-    if let Some(room) = &ev.new_room {
-        conn.prepare_cached("INSERT INTO rooms (room_id, room_version, creator) VALUES (?1, ?2, ?3)")?
-            .execute(params![ev.room_id, room.room_version, room.creator])?;
-    }
-    let (txn_device, txn_id) = match &ev.txn {
-        Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
-        None => (None, None),
-    };
+/// The `events` row of a new event at position `p`.
+fn insert_event_row(
+    conn: &Connection,
+    ev: &NewEvent,
+    p: i64,
+    txn_device: Option<&str>,
+    txn_id: Option<&str>,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
          origin_server_ts, pdu_json, txn_device, txn_id, depth, outlier, rejected, soft_failed, \
@@ -679,7 +672,40 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         ev.state_before,
         ev.state_after,
     ])?;
-    graph::store_graph(conn, ev)?;
+    Ok(())
+}
+
+/// Inserts one event and applies its effects; runs inside the writer.
+fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
+    let on_stream = ev.kind.on_stream();
+    // Events off the stream (backfilled, outliers, rejected, soft-failed)
+    // count down from below every stored position: no stream reader ever
+    // sees them as new.
+    let p = if on_stream { ctx.pos + 1 } else { ctx.low - 1 };
+    if let Some(room) = &ev.new_room {
+        conn.prepare_cached("INSERT INTO rooms (room_id, room_version, creator) VALUES (?1, ?2, ?3)")?
+            .execute(params![ev.room_id, room.room_version, room.creator])?;
+    }
+    let (txn_device, txn_id) = match &ev.txn {
+        Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    // A backfilled event stored before as an outlier (a join's state, an
+    // auth event) takes its place in the timeline at its new position.
+    let outlier_at = if ev.kind == EventKind::Backfilled {
+        conn.prepare_cached("SELECT position FROM events WHERE event_id = ?1 AND outlier = 1")?
+            .query_row([&ev.event_id], |r| r.get::<_, i64>(0))
+            .optional()?
+    } else {
+        None
+    };
+    match outlier_at {
+        Some(old) => graph::promote_outlier(conn, ev, old, p)?,
+        None => {
+            insert_event_row(conn, ev, p, txn_device, txn_id)?;
+            graph::store_graph(conn, ev)?;
+        }
+    }
     if let Some(cs) = &ev.current_state {
         for (event_type, state_key, event_id) in &cs.changes {
             // The event the key now points at: this one, or one stored

@@ -146,7 +146,8 @@ pub enum EventKind {
     /// a gap): as `Timeline` otherwise.
     TimelineAfterGap,
     /// An older event (backfill): a timeline event with a position below
-    /// every stored one (the stream never announces it), no extremity.
+    /// every stored one (the stream never announces it), no extremity. An
+    /// event stored as an outlier moves to that position, off the outliers.
     Backfilled,
     /// Stored without the state before it (auth chains, a join's state):
     /// no timeline, no extremity.

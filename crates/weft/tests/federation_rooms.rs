@@ -73,6 +73,29 @@ async fn a_user_joins_a_room_of_another_server_and_reads_its_history() {
         .collect();
     let expect: Vec<String> = (0..30).map(|n| format!("before {n}")).collect();
     assert_eq!(bodies, expect);
+    // The whole timeline, the room's creation and first state included
+    // (held as outliers since the join, until backfill reached them), as
+    // alice's server has it.
+    let timeline = |events: Vec<Value>| -> Vec<(String, String)> {
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_owned(),
+                    e["event_id"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let on_b = timeline(bob.all_messages(&room).await);
+    let on_a = timeline(alice.all_messages(&room).await);
+    assert_eq!(on_b.first().map(|e| e.0.as_str()), Some("m.room.create"), "{on_b:?}");
+    assert_eq!(on_b, on_a);
+    // The current state still reads the events that moved onto the timeline.
+    let (status, name) = bob.state(&room, "m.room.name", "").await;
+    assert_eq!((status, name["name"].as_str()), (200, Some("Across")), "{name}");
+    let (status, m) = bob.state(&room, "m.room.member", &alice.user_id).await;
+    assert_eq!((status, m["membership"].as_str()), (200, Some("join")), "{m}");
     // Joining again is a no-op.
     let (status, _) = bob.post(&join_path(&room, a.server_name()), json!({})).await;
     assert_eq!(status, 200);

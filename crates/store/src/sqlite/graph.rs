@@ -256,6 +256,25 @@ pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()>
     Ok(())
 }
 
+/// A backfilled event stored before as an outlier (at `old`) takes its
+/// place in the timeline at `p`: its row moves, with the state before and
+/// after it, and the current state's references to it follow. Its edges
+/// are stored already.
+pub(crate) fn promote_outlier(c: &Connection, ev: &NewEvent, old: i64, p: i64) -> rusqlite::Result<()> {
+    for g in &ev.new_groups {
+        insert_group(c, &ev.room_id, g)?;
+    }
+    c.prepare_cached(
+        "UPDATE events SET position = ?1, outlier = 0, state_before = ?2, state_after = ?3 WHERE position = ?4",
+    )?
+    .execute(params![p, ev.state_before, ev.state_after, old])?;
+    c.prepare_cached("UPDATE current_state SET position = ?1 WHERE room_id = ?2 AND position = ?3")?
+        .execute(params![p, ev.room_id, old])?;
+    c.prepare_cached("UPDATE state_events SET event_position = ?1 WHERE room_id = ?2 AND event_position = ?3")?
+        .execute(params![p, ev.room_id, old])?;
+    Ok(())
+}
+
 /// Whether every prev event of `ev` is stored (or earlier in this
 /// transaction).
 pub(crate) fn check_prevs(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
