@@ -267,9 +267,10 @@ async fn weft_backfills_three_hundred_older_messages_from_synapse_after_a_late_j
 /// with `body` (the `/messages` of either server).
 async fn has_message(client: &Client, room: &str, body: &str) -> bool {
     let m = client.messages(room, None, "b", 30).await;
-    m["chunk"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|e| e["type"] == "m.room.message" && e["content"]["body"] == body))
+    m["chunk"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|e| e["type"] == "m.room.message" && e["content"]["body"] == body)
+    })
 }
 
 /// Waits until `client` sees `user`'s membership in `room` as `want`.
@@ -328,9 +329,7 @@ async fn users_leave_and_rejoin_rooms_across_weft_and_synapse() {
     })
     .await;
     // Weft's member list: alice and bob joined, nobody else.
-    let (status, members) = alice
-        .get(&format!("rooms/{}/joined_members", enc(&room)))
-        .await;
+    let (status, members) = alice.get(&format!("rooms/{}/joined_members", enc(&room))).await;
     assert_eq!(status, 200, "{members}");
     let mut joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
     joined.sort();
