@@ -86,6 +86,30 @@ async fn sync_until(clients: &[&Client], what: &str, mut done: impl AsyncFnMut()
     }
 }
 
+/// Bootstraps cross-signing, completing `m.login.password` UIA if the
+/// server asks for it.
+async fn bootstrap_cross_signing(client: &Client, localpart: &str) -> Result<()> {
+    use matrix_sdk::ruma::api::client::uiaa;
+    match client.encryption().bootstrap_cross_signing(None).await {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            let info = err
+                .as_uiaa_response()
+                .with_context(|| format!("cross-signing bootstrap failed without a UIA challenge: {err}"))?;
+            let mut password = uiaa::Password::new(
+                uiaa::UserIdentifier::Matrix(uiaa::MatrixUserIdentifier::new(localpart.to_owned())),
+                PASSWORD.to_owned(),
+            );
+            password.session = info.session.clone();
+            client
+                .encryption()
+                .bootstrap_cross_signing(Some(uiaa::AuthData::Password(password)))
+                .await
+                .context("cross-signing bootstrap with m.login.password")
+        }
+    }
+}
+
 /// `owner` creates an encrypted room inviting `guest`; `guest` joins it.
 /// Returns both clients' views of the room once each has seen the join.
 async fn encrypted_room(owner: &Client, guest: &Client) -> Result<(Room, Room)> {
@@ -243,6 +267,82 @@ async fn sdk_clients_on_weft_and_synapse_exchange_encrypted_messages() -> Result
     )
     .await
     .with_context(|| context("weft's room"))?;
+
+    // A new device on each side after the room is shared: its server
+    // tells the other (`m.device_list_update`), whose client then shares
+    // the room key with it too. Alice's new device reads bob's next
+    // message; bob's new device reads alice's.
+    let alice2 = login(&weft_url, "alice", PASSWORD).await?;
+    let alice2_device = alice2.device_id().context("device id")?.to_owned();
+    let alice_id = alice.user_id().context("user id")?.to_owned();
+    sync_until(&[&bob, &alice, &alice2], "alice's new device on synapse", async || {
+        Ok(bob.encryption().get_device(&alice_id, &alice2_device).await?.is_some())
+    })
+    .await
+    .with_context(|| context("alice's new device"))?;
+    let body = "weft's room: for alice's new device";
+    let (_, json) = send_and_decrypt(&bob_room, &bob, &alice2, body)
+        .await
+        .with_context(|| context("bob to alice's new device"))?;
+    assert_eq!(json["content"]["body"], body, "{json}");
+
+    let bob2 = login(&syn_url, "bob", PASSWORD).await?;
+    let bob2_device = bob2.device_id().context("device id")?.to_owned();
+    let bob_id = bob.user_id().context("user id")?.to_owned();
+    sync_until(&[&alice, &bob, &bob2], "bob's new device on weft", async || {
+        Ok(alice.encryption().get_device(&bob_id, &bob2_device).await?.is_some())
+    })
+    .await
+    .with_context(|| context("bob's new device"))?;
+    let body = "weft's room: for bob's new device";
+    let (_, json) = send_and_decrypt(&alice_room, &alice, &bob2, body)
+        .await
+        .with_context(|| context("alice to bob's new device"))?;
+    assert_eq!(json["content"]["body"], body, "{json}");
+
+    // The new devices log out: each server tells the other, whose client
+    // drops the device.
+    for (gone, gone_id, device, watcher) in [
+        (&alice2, &alice_id, &alice2_device, &bob),
+        (&bob2, &bob_id, &bob2_device, &alice),
+    ] {
+        gone.logout().await.context("log the new device out")?;
+        let what = format!("{device} of {gone_id} gone on the other server");
+        sync_until(&[watcher], &what, async || {
+            let seen = watcher.encryption().get_device(gone_id, device).await?;
+            Ok(seen.is_none_or(|d| d.is_deleted()))
+        })
+        .await
+        .with_context(|| context(&what))?;
+    }
+
+    // Cross-signing set up on each side after the room is shared: the
+    // other server learns the keys (`m.signing_key_update`, and the
+    // device's new signature as a device list update), and its client sees
+    // the master key and the device signed by its owner.
+    for (owner, owner_name, watcher) in [(&alice, "alice", &bob), (&bob, "bob", &alice)] {
+        bootstrap_cross_signing(owner, owner_name)
+            .await
+            .with_context(|| context(&format!("{owner_name}'s cross-signing")))?;
+        let owner_id = owner.user_id().context("user id")?.to_owned();
+        let owner_device = owner.device_id().context("device id")?.to_owned();
+        let own = owner
+            .encryption()
+            .get_user_identity(&owner_id)
+            .await?
+            .context("the owner knows its identity")?;
+        let what = format!("{owner_name}'s cross-signing identity on the other server");
+        sync_until(&[watcher, owner], &what, async || {
+            let identity = watcher.encryption().get_user_identity(&owner_id).await?;
+            let device = watcher.encryption().get_device(&owner_id, &owner_device).await?;
+            Ok(
+                identity.is_some_and(|i| i.master_key().get_first_key() == own.master_key().get_first_key())
+                    && device.is_some_and(|d| d.is_cross_signed_by_owner()),
+            )
+        })
+        .await
+        .with_context(|| context(&what))?;
+    }
 
     // An encrypted room created on Synapse, carol (Weft) invited; dave
     // (Synapse) sends first.
