@@ -249,7 +249,14 @@ async fn sdk_clients_on_weft_and_synapse_exchange_encrypted_messages() -> Result
     }
     let weft_url = weft.base_url();
     let syn_url = synapse.client_url().to_owned();
-    let context = |what: &str| format!("{what}; the end of synapse's log:\n{}", synapse.log_tail(60));
+    // A failure returns an error (no panic): both servers' logs go with it.
+    let context = |what: &str| {
+        format!(
+            "{what}\nthe end of synapse's log:\n{}\nthe end of weft's log:\n{}",
+            synapse.log_tail(60),
+            weft.log_tail(60)
+        )
+    };
 
     // An encrypted room created on Weft, bob (Synapse) invited; alice
     // (Weft) sends first.

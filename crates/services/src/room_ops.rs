@@ -182,10 +182,14 @@ impl Services {
         // Users of other servers are invited once the room exists, through
         // their server's `/invite` (which must sign the event): an invite
         // only sent into the room would never reach a server not in it.
-        let (invite, remote_invites): (Vec<_>, Vec<_>) = req
-            .invite
-            .into_iter()
-            .partition(|u| u.server_name() == self.server_name);
+        // (`create_room` makes only local users' invite events; the room's
+        // power levels still count every invitee.)
+        let invite = req.invite;
+        let remote_invites: Vec<OwnedUserId> = invite
+            .iter()
+            .filter(|u| u.server_name() != self.server_name)
+            .cloned()
+            .collect();
         let mut invite_profiles = std::collections::BTreeMap::new();
         for u in &invite {
             if u.server_name() == self.server_name {

@@ -167,6 +167,10 @@ async fn create_room_invites_users_of_other_servers() {
     );
     let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
     assert_eq!(m["membership"], "invite", "{m}");
+    // trusted_private_chat: invitees of other servers are as powerful as
+    // the creator too.
+    let (_, power) = alice.state(&room, "m.room.power_levels", "").await;
+    assert_eq!(power["users"][&carol_id], 100, "{power}");
     let (status, body) = carol.post(&format!("join/{}", enc(&room)), json!({})).await;
     assert_eq!(status, 200, "{body}");
     let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
