@@ -25,6 +25,10 @@ pub struct CreateRoom {
     pub preset: Preset,
     pub name: Option<String>,
     pub topic: Option<String>,
+    /// Everyone invited. Only this server's users get their invite event
+    /// here; users of other servers (given the invitees' power level all
+    /// the same) must be invited by the caller afterwards, through their
+    /// server's `/invite`.
     pub invite: Vec<OwnedUserId>,
     /// Profile fields (`displayname`, `avatar_url`) of invitees for their
     /// invite events, as clients name invited members (and rooms) by them.
@@ -161,7 +165,7 @@ impl Rooms {
                 obj(json!({ "topic": topic }))?,
             ));
         }
-        for u in &req.invite {
+        for u in req.invite.iter().filter(|u| u.server_name() == self.server_name) {
             let mut c = req.invite_profiles.get(u).cloned().unwrap_or_default();
             c.insert("membership".into(), CanonicalJsonValue::String("invite".into()));
             if req.is_direct {

@@ -179,7 +179,17 @@ impl Services {
         if !req.invite_3pid.is_empty() {
             return Err(Error::invalid_param("Third-party invites are not supported"));
         }
+        // Users of other servers are invited once the room exists, through
+        // their server's `/invite` (which must sign the event): an invite
+        // only sent into the room would never reach a server not in it.
+        // (`create_room` makes only local users' invite events; the room's
+        // power levels still count every invitee.)
         let invite = req.invite;
+        let remote_invites: Vec<OwnedUserId> = invite
+            .iter()
+            .filter(|u| u.server_name() != self.server_name)
+            .cloned()
+            .collect();
         let mut invite_profiles = std::collections::BTreeMap::new();
         for u in &invite {
             if u.server_name() == self.server_name {
@@ -246,6 +256,19 @@ impl Services {
         }
         if public {
             self.store.set_room_public(room_id.as_str(), true).await?;
+        }
+        for target in remote_invites {
+            let mut content = CanonicalJsonObject::new();
+            content.insert("membership".into(), CanonicalJsonValue::String("invite".into()));
+            if req.is_direct {
+                content.insert("is_direct".into(), CanonicalJsonValue::Bool(true));
+            }
+            let spec = EventSpec::new("m.room.member", Some(target.to_string()), content);
+            // The room is made either way (as Synapse does); an invite its
+            // server refused or did not answer can be sent again.
+            if let Err(e) = self.invite_remote(&session.user_id, &room_id, &target, spec).await {
+                tracing::warn!(%room_id, %target, "createRoom's invite failed: {}", e.message);
+            }
         }
         Ok(room_id)
     }

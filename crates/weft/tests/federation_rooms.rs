@@ -159,6 +159,47 @@ async fn invites_cross_servers_and_can_be_refused() {
     assert!(status >= 400, "{status} {body}");
 }
 
+/// `createRoom`'s `invite` list with a user of another server goes
+/// through that server's `/invite` (an invite only sent into the room
+/// never reached a server not yet in it); the room is direct when asked.
+#[tokio::test]
+async fn create_room_invites_users_of_other_servers() {
+    let (a, b) = pair().await;
+    let alice = a.register("alice").await;
+    let carol = b.register("carol").await;
+    let carol_id = b.user_id("carol");
+    let room = alice
+        .create_room(json!({"preset": "trusted_private_chat", "name": "Made with an invite", "invite": [carol_id], "is_direct": true}))
+        .await;
+    let s = sync_until(&carol, "carol's invite", |s| !s["rooms"]["invite"][&room].is_null()).await;
+    let events = s["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let own = events
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == carol_id.as_str())
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(own["content"]["membership"], "invite", "{own}");
+    assert_eq!(own["content"]["is_direct"], true, "{own}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Made with an invite"),
+        "{events:?}"
+    );
+    let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
+    assert_eq!(m["membership"], "invite", "{m}");
+    // trusted_private_chat: invitees of other servers are as powerful as
+    // the creator too.
+    let (_, power) = alice.state(&room, "m.room.power_levels", "").await;
+    assert_eq!(power["users"][&carol_id], 100, "{power}");
+    let (status, body) = carol.post(&format!("join/{}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, m) = alice.state(&room, "m.room.member", &carol_id).await;
+    assert_eq!(m["membership"], "join", "{m}");
+}
+
 #[tokio::test]
 async fn joins_are_refused_where_the_room_says_so() {
     let (a, b) = pair().await;

@@ -262,3 +262,132 @@ async fn weft_backfills_three_hundred_older_messages_from_synapse_after_a_late_j
     let expect: Vec<String> = (0..300).map(|n| format!("old {n}")).collect();
     assert_eq!(bodies, expect);
 }
+
+/// Whether `client`'s newest 30 events of `room` hold an `m.room.message`
+/// with `body` (the `/messages` of either server).
+async fn has_message(client: &Client, room: &str, body: &str) -> bool {
+    let m = client.messages(room, None, "b", 30).await;
+    m["chunk"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|e| e["type"] == "m.room.message" && e["content"]["body"] == body)
+    })
+}
+
+/// Waits until `client` sees `user`'s membership in `room` as `want`.
+async fn wait_membership(what: &str, client: &Client, room: &str, user: &str, want: &str) {
+    eventually(what, || async {
+        (membership(client, room, user).await.as_deref() == Some(want)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn users_leave_and_rejoin_rooms_across_weft_and_synapse() {
+    let Some(synapse) = synapse_or_skip().await else { return };
+    let weft = TestServer::builder().federating().start().await;
+
+    // --- bob (Synapse) leaves alice's (Weft) room and rejoins it. ---
+    let alice = weft.register("alice").await;
+    let bob = synapse.register_client("bob").await;
+    let bob_id = synapse.user_id("bob");
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let join_weft_room = format!(
+        "/_matrix/client/v3/join/{}?server_name={}",
+        enc(&room),
+        enc(weft.server_name())
+    );
+    let (status, body) = bob.post(&join_weft_room, json!({})).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail(40));
+    wait_membership("bob joined on weft", &alice, &room, &bob_id, "join").await;
+
+    let (status, body) = bob
+        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_membership("bob's leave on weft", &alice, &room, &bob_id, "leave").await;
+    assert_ne!(membership(&bob, &room, &bob_id).await.as_deref(), Some("join"));
+    alice.send_text(&room, "w-away", "while bob was away").await;
+
+    let (status, body) = bob.post(&join_weft_room, json!({})).await;
+    assert_eq!(status, 200, "rejoin: {body}\n{}", synapse.log_tail(40));
+    wait_membership("bob rejoined on weft", &alice, &room, &bob_id, "join").await;
+    assert_eq!(membership(&bob, &room, &bob_id).await.as_deref(), Some("join"));
+    alice.send_text(&room, "w-back", "welcome back bob").await;
+    let (status, _) = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/s-back", enc(&room)),
+            json!({"msgtype": "m.text", "body": "bob is back"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("weft's message after bob's rejoin, on synapse", || async {
+        has_message(&bob, &room, "welcome back bob").await.then_some(())
+    })
+    .await;
+    eventually("bob's message after his rejoin, on weft", || async {
+        has_message(&alice, &room, "bob is back").await.then_some(())
+    })
+    .await;
+    // Weft's member list: alice and bob joined, nobody else.
+    let (status, members) = alice.get(&format!("rooms/{}/joined_members", enc(&room))).await;
+    assert_eq!(status, 200, "{members}");
+    let mut joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
+    joined.sort();
+    assert_eq!(joined, [&weft.user_id("alice"), &bob_id]);
+
+    // --- dave (Weft) leaves carol's (Synapse) room and rejoins it. ---
+    let carol = synapse.register_client("carol").await;
+    let (status, created) = carol
+        .post("/_matrix/client/v3/createRoom", json!({"preset": "public_chat"}))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room2 = created["room_id"].as_str().unwrap().to_owned();
+    let dave = weft.register("dave").await;
+    let dave_id = weft.user_id("dave");
+    let join_synapse_room = format!("join/{}?via={}", enc(&room2), enc(synapse.server_name()));
+    let (status, body) = dave.post(&join_synapse_room, json!({})).await;
+    assert_eq!(status, 200, "{body}\n{}", weft.log_tail(40));
+    wait_membership("dave joined on synapse", &carol, &room2, &dave_id, "join").await;
+
+    let (status, body) = dave.post(&format!("rooms/{}/leave", enc(&room2)), json!({})).await;
+    assert_eq!(status, 200, "{body}\n{}", weft.log_tail(40));
+    wait_membership("dave's leave on synapse", &carol, &room2, &dave_id, "leave").await;
+    let (status, body) = carol
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c-away", enc(&room2)),
+            json!({"msgtype": "m.text", "body": "while dave was away"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = dave.post(&join_synapse_room, json!({})).await;
+    assert_eq!(status, 200, "rejoin: {body}\n{}", weft.log_tail(40));
+    assert_eq!(membership(&dave, &room2, &dave_id).await.as_deref(), Some("join"));
+    wait_membership("dave rejoined on synapse", &carol, &room2, &dave_id, "join").await;
+    let (status, _) = carol
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c-back", enc(&room2)),
+            json!({"msgtype": "m.text", "body": "welcome back dave"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    dave.send_text(&room2, "d-back", "dave is back").await;
+    eventually("carol's message after dave's rejoin, on weft", || async {
+        has_message(&dave, &room2, "welcome back dave").await.then_some(())
+    })
+    .await;
+    eventually("dave's message after his rejoin, on synapse", || async {
+        has_message(&carol, &room2, "dave is back").await.then_some(())
+    })
+    .await;
+    let (status, members) = carol
+        .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room2)))
+        .await;
+    assert_eq!(status, 200, "{members}");
+    let mut joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
+    joined.sort();
+    let carol_id = synapse.user_id("carol");
+    let mut want = vec![&carol_id, &dave_id];
+    want.sort();
+    assert_eq!(joined, want);
+}
