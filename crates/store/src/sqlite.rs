@@ -129,6 +129,24 @@ impl RecentChanges {
         }
     }
 
+    /// Every room's events at positions in (`after`, `upto`], oldest
+    /// first, at most `limit`; `None` if the tail does not hold all of
+    /// them (`after` is below its floor).
+    fn events_after(&self, after: i64, upto: i64, limit: usize) -> Option<Vec<StoredEvent>> {
+        if after < self.event_floor {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.position <= after);
+        Some(
+            self.events
+                .range(start..)
+                .take_while(|e| e.position <= upto)
+                .take(limit)
+                .map(|e| StoredEvent::clone(e))
+                .collect(),
+        )
+    }
+
     /// The room's events strictly between positions `lo` and `hi`, in
     /// `dir` order, at most `limit`; `None` if the tail does not hold all
     /// of them (`lo` is below its floor).
@@ -2228,6 +2246,11 @@ impl Store for SqliteStore {
     }
 
     async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+        // Stream readers (push rules, the federation queue) mostly ask
+        // for the newest events: the tail has them.
+        if let Some(events) = self.recent.read().events_after(after, upto, limit) {
+            return Ok(events);
+        }
         self.read(move |c| {
             let sql = format!(
                 "SELECT {EVENT_COLS} FROM events e WHERE e.position > ?1 AND e.position <= ?2 \

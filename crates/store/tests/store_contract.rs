@@ -659,6 +659,8 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
         .room_events("!a:test", positions[10], i64::MAX, Direction::Forward, 5)
         .await
         .unwrap();
+    let fresh_all = store.events_after(since, red_pos, 40).await.unwrap();
+    let fresh_end = store.events_after(red_pos - 3, red_pos - 1, 10).await.unwrap();
     drop(store);
     let store = open(&dir);
     let disk = store
@@ -669,6 +671,17 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
         .room_events("!b:test", i64::MAX, since, Direction::Backward, 20)
         .await
         .unwrap();
+    let disk_all = store.events_after(since, red_pos, 40).await.unwrap();
+    let disk_end = store.events_after(red_pos - 3, red_pos - 1, 10).await.unwrap();
+    assert_eq!(check(&fresh_all), check(&disk_all));
+    assert_eq!(check(&fresh_end), check(&disk_end));
+    assert_eq!(fresh_all.len(), 40);
+    assert_eq!(fresh_all[0].position, positions[5901], "every room, from just after `since`");
+    assert_eq!(
+        fresh_end.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![red_pos - 2, red_pos - 1],
+        "up to `upto` included"
+    );
     assert_eq!(check(&fresh), check(&disk));
     assert_eq!(check(&fresh_back), check(&disk_back));
     assert_eq!(fresh.len(), 50);
