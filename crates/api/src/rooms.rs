@@ -170,9 +170,11 @@ async fn send_raw<T>(
     state_key: Option<&str>,
     txn_id: Option<&str>,
     content: &ruma::serde::Raw<T>,
+    ts: Option<ruma::MilliSecondsSinceUnixEpoch>,
 ) -> Result<ruma::OwnedEventId, Error> {
     let content = serde_json::from_str(content.json().get()).map_err(bad_json)?;
-    s.send_event(session, room_id.as_str(), event_type, state_key, txn_id, content)
+    let ts = ts.map(|t| u64::from(t.get()));
+    s.send_event_at(session, room_id.as_str(), event_type, state_key, txn_id, content, ts)
         .await
 }
 
@@ -189,6 +191,7 @@ pub async fn send(
         None,
         Some(body.txn_id.as_str()),
         &body.body,
+        body.timestamp,
     )
     .await?;
     Ok(send_message_event::v3::Response::new(event_id))
@@ -209,6 +212,7 @@ pub async fn send_without_txn(
         None,
         None,
         &body.body,
+        None,
     )
     .await?;
     Ok(send_without_txn::Response::new(event_id))
@@ -267,6 +271,7 @@ pub async fn put_state(
         Some(&b.state_key),
         None,
         &b.body,
+        b.timestamp,
     )
     .await?;
     Ok(send_state_event::v3::Response::new(event_id))
