@@ -192,9 +192,7 @@ pub async fn login(s: AppState, req: Ruma<LoginRequest>) -> Result<login::v3::Re
         b.initial_device_display_name.into(),
     );
     let login: Login = convert(&info)?;
-    let mut answer = s
-        .login(login, req.caller.as_deref(), req.peer.map(|p| p.ip()))
-        .await?;
+    let mut answer = s.login(login, req.caller.as_deref(), req.peer.map(|p| p.ip())).await?;
     let user_id: Option<OwnedUserId> = field(&mut answer, "user_id")?;
     let device_id: Option<OwnedDeviceId> = field(&mut answer, "device_id")?;
     let (Some(user_id), Some(device_id)) = (user_id, device_id) else {

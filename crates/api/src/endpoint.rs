@@ -187,8 +187,7 @@ impl CallerAuth for AppserviceToken {
     type Caller = Arc<AppService>;
 
     async fn caller(parts: &Parts, s: &AppState) -> Result<Self::Caller, Error> {
-        let token =
-            access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
+        let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
         s.appservices.by_token(&token).ok_or_else(|| {
             Error::new(
                 ErrorKind::UnknownToken { soft_logout: false },

@@ -174,8 +174,12 @@ impl AppService {
                 return Err(format!("url {url:?} is not an http(s) URL"));
             }
         }
-        let sender = UserId::parse(format!("@{}:{server_name}", r.sender_localpart))
-            .map_err(|e| format!("sender_localpart {:?} is not a valid user ID localpart: {e}", r.sender_localpart))?;
+        let sender = UserId::parse(format!("@{}:{server_name}", r.sender_localpart)).map_err(|e| {
+            format!(
+                "sender_localpart {:?} is not a valid user ID localpart: {e}",
+                r.sender_localpart
+            )
+        })?;
         let users = compile(&r.namespaces.users, "users")?;
         let aliases = compile(&r.namespaces.aliases, "aliases")?;
         let rooms = compile(&r.namespaces.rooms, "rooms")?;
@@ -210,8 +214,8 @@ impl AppServices {
             let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read it: {e}")))?;
             let registration: Registration =
                 serde_saphyr::from_str(&text).map_err(|e| fail(format!("not a valid registration: {e}")))?;
-            let service = AppService::from_registration(registration, path.display().to_string(), server_name)
-                .map_err(fail)?;
+            let service =
+                AppService::from_registration(registration, path.display().to_string(), server_name).map_err(fail)?;
             for other in &list {
                 let (a, b) = (&service.registration, &other.registration);
                 let clash = if a.id == b.id {
@@ -378,7 +382,9 @@ impl Services {
         inhibit_login: bool,
     ) -> Result<Value> {
         let name = username.ok_or_else(|| Error::missing_param("username is required"))?;
-        let name = name.strip_prefix('@').map_or(name, |n| n.split(':').next().unwrap_or(n));
+        let name = name
+            .strip_prefix('@')
+            .map_or(name, |n| n.split(':').next().unwrap_or(n));
         let user_id = self.accounts.user_id_for(name)?;
         if !service.is_interested_in_user(user_id.as_str()) {
             return Err(Error::new(
@@ -405,11 +411,7 @@ impl Services {
 
     /// `POST /login` with `type: m.login.application_service`: a device of
     /// a user in the service's namespace.
-    pub async fn login_appservice_user(
-        &self,
-        service: &AppService,
-        user: &str,
-    ) -> Result<OwnedUserId> {
+    pub async fn login_appservice_user(&self, service: &AppService, user: &str) -> Result<OwnedUserId> {
         let user_id = if user.starts_with('@') {
             UserId::parse(user).map_err(|_| Error::invalid_param("Invalid user ID"))?
         } else {

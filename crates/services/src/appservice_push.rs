@@ -105,10 +105,7 @@ impl Services {
         let mut out = Vec::new();
         let now = weft_core::now_ms();
         for ev in &events {
-            if matches!(
-                ev.event_type.as_str(),
-                "m.room.member" | "m.room.canonical_alias"
-            ) {
+            if matches!(ev.event_type.as_str(), "m.room.member" | "m.room.canonical_alias") {
                 rooms.remove(&ev.room_id);
             }
             if self.wants_event(service, ev, &mut rooms).await? {
@@ -188,12 +185,20 @@ impl Services {
 
     /// Whether the service is interested in the event: its sender, the
     /// user a membership is about, or its room.
-    async fn wants_event(&self, service: &AppService, ev: &StoredEvent, rooms: &mut HashMap<String, bool>) -> Result<bool> {
+    async fn wants_event(
+        &self,
+        service: &AppService,
+        ev: &StoredEvent,
+        rooms: &mut HashMap<String, bool>,
+    ) -> Result<bool> {
         if service.is_interested_in_user(&ev.sender) {
             return Ok(true);
         }
         if ev.event_type == "m.room.member"
-            && ev.state_key.as_deref().is_some_and(|u| service.is_interested_in_user(u))
+            && ev
+                .state_key
+                .as_deref()
+                .is_some_and(|u| service.is_interested_in_user(u))
         {
             return Ok(true);
         }
@@ -220,15 +225,14 @@ impl Services {
             for ev in self.store.current_state(room).await? {
                 let hit = match ev.event_type.as_str() {
                     "m.room.member" => {
-                        ev.state_key.as_deref().is_some_and(|u| service.is_interested_in_user(u))
-                            && matches!(
-                                crate::events::membership_of(&ev).as_deref(),
-                                Some("join" | "invite")
-                            )
+                        ev.state_key
+                            .as_deref()
+                            .is_some_and(|u| service.is_interested_in_user(u))
+                            && matches!(crate::events::membership_of(&ev).as_deref(), Some("join" | "invite"))
                     }
-                    "m.room.canonical_alias" => canonical_aliases(&ev)
-                        .iter()
-                        .any(|a| service.is_interested_in_alias(a)),
+                    "m.room.canonical_alias" => {
+                        canonical_aliases(&ev).iter().any(|a| service.is_interested_in_alias(a))
+                    }
                     _ => false,
                 };
                 if hit {

@@ -16,8 +16,8 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
-mod e2ee;
 mod appservice;
+mod e2ee;
 mod federation;
 mod federation_queue;
 mod graph;

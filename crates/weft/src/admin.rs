@@ -496,11 +496,17 @@ pub fn print(outcome: &AdminOutcome) {
                         println!("  backoff_ms\t{}", st.backoff_ms);
                         println!(
                             "  retry\t{}",
-                            if st.retry_at_ms > *now_ms { when(st.retry_at_ms, *now_ms) } else { "now".into() }
+                            if st.retry_at_ms > *now_ms {
+                                when(st.retry_at_ms, *now_ms)
+                            } else {
+                                "now".into()
+                            }
                         );
                         println!(
                             "  last_success\t{}",
-                            st.last_success_ms.map(|t| when(t, *now_ms)).unwrap_or_else(|| "never".into())
+                            st.last_success_ms
+                                .map(|t| when(t, *now_ms))
+                                .unwrap_or_else(|| "never".into())
                         );
                         println!(
                             "  last_error\t{}",

@@ -74,6 +74,9 @@ async fn ping(State(s): State<Shared>, h: HeaderMap, Json(body): Json<Value>) ->
     if !authorized(&h, &s) {
         return (StatusCode::FORBIDDEN, Json(json!({"errcode": "M_FORBIDDEN"})));
     }
+    if s.down.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"down": true})));
+    }
     s.seen.lock().unwrap().pings.push(body);
     (StatusCode::OK, Json(json!({})))
 }
@@ -172,7 +175,7 @@ impl Drop for Service {
 fn registration(url: Option<&str>, extra: &str) -> String {
     let url = url.map(|u| format!("{u:?}")).unwrap_or_else(|| "null".into());
     format!(
-        r#"# a bridge
+        r##"# a bridge
 id: "testbridge"
 url: {url}
 as_token: "{AS_TOKEN}"
@@ -189,7 +192,7 @@ namespaces:
 rate_limited: false
 protocols: ["test"]
 {extra}
-"#
+"##
     )
 }
 
@@ -229,7 +232,7 @@ async fn as_register(server: &TestServer, localpart: &str) -> (u16, Value) {
 async fn registration_file_errors_are_reported_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let bin = std::env::var("CARGO_BIN_EXE_weft").unwrap();
+    let bin = weft_testkit::weft_bin();
     let run = |files: &[&std::path::Path]| {
         let list: Vec<String> = files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
         let out = std::process::Command::new(&bin)
@@ -248,19 +251,28 @@ async fn registration_file_errors_are_reported_at_start_up() {
     std::fs::write(&good, registration(Some("http://127.0.0.1:9"), "")).unwrap();
     let (ok, out) = run(&[&good]);
     assert!(ok, "a valid registration is listed: {out}");
-    assert!(out.contains("testbridge") && out.contains("@bridgebot:localhost"), "{out}");
+    assert!(
+        out.contains("testbridge") && out.contains("@bridgebot:localhost"),
+        "{out}"
+    );
     assert!(out.contains("@_bridge_.*:localhost (exclusive)"), "{out}");
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "id: [unclosed\nas_token: x\n").unwrap();
     let (ok, out) = run(&[&bad]);
     assert!(!ok, "a malformed file must fail: {out}");
-    assert!(out.contains("bad.yaml") && out.contains("not a valid registration"), "{out}");
+    assert!(
+        out.contains("bad.yaml") && out.contains("not a valid registration"),
+        "{out}"
+    );
 
     let no_token = dir.path().join("no_token.yaml");
     std::fs::write(&no_token, "id: x\nurl: null\nhs_token: h\nsender_localpart: s\n").unwrap();
     let (ok, out) = run(&[&no_token]);
-    assert!(!ok && out.contains("no_token.yaml") && out.contains("as_token"), "{out}");
+    assert!(
+        !ok && out.contains("no_token.yaml") && out.contains("as_token"),
+        "{out}"
+    );
 
     let bad_regex = dir.path().join("bad_regex.yaml");
     std::fs::write(
@@ -274,11 +286,16 @@ async fn registration_file_errors_are_reported_at_start_up() {
     let twin = dir.path().join("twin.yaml");
     std::fs::write(
         &twin,
-        registration(None, "").replace(AS_TOKEN, "other-as").replace(HS_TOKEN, "other-hs"),
+        registration(None, "")
+            .replace(AS_TOKEN, "other-as")
+            .replace(HS_TOKEN, "other-hs"),
     )
     .unwrap();
     let (ok, out) = run(&[&good, &twin]);
-    assert!(!ok && out.contains("twin.yaml") && out.contains("id is also the id"), "{out}");
+    assert!(
+        !ok && out.contains("twin.yaml") && out.contains("id is also the id"),
+        "{out}"
+    );
 
     let same_token = dir.path().join("same_token.yaml");
     std::fs::write(
@@ -333,7 +350,10 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     // A person cannot take a name in the exclusive namespace...
     let (status, body) = server
         .anon()
-        .post("register", json!({"username": "_bridge_eve", "password": "a-long-password-1"}))
+        .post(
+            "register",
+            json!({"username": "_bridge_eve", "password": "a-long-password-1"}),
+        )
         .await;
     assert_err(&(status, body), 400, "M_EXCLUSIVE");
     // ...nor an alias in its exclusive alias namespace.
@@ -352,7 +372,10 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     assert_err(&(status, body), 400, "M_EXCLUSIVE");
     // Other names and aliases are free.
     let (status, body) = alice
-        .put(&format!("directory/room/{}", enc("#plain:localhost")), json!({"room_id": room}))
+        .put(
+            &format!("directory/room/{}", enc("#plain:localhost")),
+            json!({"room_id": room}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
 
@@ -424,7 +447,11 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
         .await;
     assert_eq!(status, 200, "{body}");
     let (_, ev) = alice
-        .get(&format!("rooms/{}/event/{}", enc(&room), enc(body["event_id"].as_str().unwrap())))
+        .get(&format!(
+            "rooms/{}/event/{}",
+            enc(&room),
+            enc(body["event_id"].as_str().unwrap())
+        ))
         .await;
     assert_ne!(ev["origin_server_ts"], 1234567890);
 
@@ -462,13 +489,14 @@ async fn ping_reaches_the_service() {
         .post("/_matrix/client/v1/appservice/testbridge/ping", json!({}))
         .await;
     assert_err(&(status, body), 401, "M_UNKNOWN_TOKEN");
-    // The service gone: the spec's error for it.
-    drop(service);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The service failing: the spec's error, with its status and body.
+    service.set_down(true);
     let (status, body) = asc
         .post("/_matrix/client/v1/appservice/testbridge/ping", json!({}))
         .await;
-    assert_err(&(status, body), 502, "M_CONNECTION_FAILED");
+    assert_eq!(body["status"], 503, "{body}");
+    assert!(body["body"].as_str().unwrap().contains("down"), "{body}");
+    assert_err(&(status, body), 502, "M_BAD_STATUS");
 }
 
 #[tokio::test]
@@ -496,7 +524,11 @@ async fn events_are_delivered_in_order_across_outage_and_restart() {
     // An unrelated room the service must not hear of.
     let private = alice.create_room(json!({})).await;
     let (status, body) = asc
-        .post(&format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)), json!({})).await;
+        .post(
+            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
+            json!({}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
 
     let mut sent = Vec::new();
@@ -513,24 +545,28 @@ async fn events_are_delivered_in_order_across_outage_and_restart() {
             .map(|e| e["event_id"].as_str().unwrap().to_owned())
             .collect()
     };
-    service.wait_for(60, "1,000 events", |s| messages(s).len() >= 1000).await;
+    service
+        .wait_for(60, "1,000 events", |s| messages(s).len() >= 1000)
+        .await;
     assert_eq!(messages(&service), sent, "every event once, in stream order");
     let all = service.events();
     assert!(all.iter().all(|e| e["room_id"] == room), "only the bridged room");
     assert!(
-        all.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == "@_bridge_bob:localhost"),
+        all.iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == "@_bridge_bob:localhost"),
         "the bridge user's join is delivered"
     );
-    assert!(
-        service.transactions().len() >= 10,
-        "at most 100 events per transaction"
-    );
+    assert!(service.transactions().len() >= 10, "at most 100 events per transaction");
     assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
 
     // The service goes down; Weft keeps retrying the same transaction.
     service.set_down(true);
     for i in 0..50 {
-        sent.push(alice.send_text(&room, &format!("b{i}"), &format!("during outage {i}")).await);
+        sent.push(
+            alice
+                .send_text(&room, &format!("b{i}"), &format!("during outage {i}"))
+                .await,
+        );
     }
     service
         .wait_for(20, "retries while down", |s| s.shared.seen.lock().unwrap().refused >= 3)
@@ -540,7 +576,11 @@ async fn events_are_delivered_in_order_across_outage_and_restart() {
     server.restart().await;
     let alice = server.login("alice", &TestServer::default_password("alice")).await;
     for i in 0..50 {
-        sent.push(alice.send_text(&room, &format!("c{i}"), &format!("after restart {i}")).await);
+        sent.push(
+            alice
+                .send_text(&room, &format!("c{i}"), &format!("after restart {i}"))
+                .await,
+        );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, out, err) = server.cli("appservice", "list", &[]);
@@ -548,7 +588,9 @@ async fn events_are_delivered_in_order_across_outage_and_restart() {
     assert!(out.contains("testbridge") && out.contains("last_error"), "{out}");
     assert!(out.contains("503"), "the outage shows as the last error: {out}");
     service.set_down(false);
-    service.wait_for(60, "everything after the outage", |s| messages(s).len() >= 1100).await;
+    service
+        .wait_for(60, "everything after the outage", |s| messages(s).len() >= 1100)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(messages(&service), sent, "nothing lost, nothing twice, in order");
 }
@@ -567,7 +609,11 @@ async fn ephemeral_events_are_delivered_when_asked_for() {
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     let (status, body) = asc
-        .post(&format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)), json!({})).await;
+        .post(
+            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
+            json!({}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let event_id = alice.send_text(&room, "m1", "hello bridge").await;
     let (status, body) = alice
@@ -618,7 +664,11 @@ async fn ephemeral_events_are_not_delivered_unless_asked_for() {
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     let (status, _) = asc
-        .post(&format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)), json!({})).await;
+        .post(
+            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
+            json!({}),
+        )
+        .await;
     assert_eq!(status, 200);
     let (status, _) = alice
         .put(
@@ -644,7 +694,9 @@ async fn unknown_aliases_and_users_in_a_namespace_are_asked_of_the_service() {
         .get(&format!("directory/room/{}", enc("#_bridge_chan:localhost")))
         .await;
     assert_err(&(status, body), 404, "M_NOT_FOUND");
-    let (status, body) = alice.post(&format!("join/{}", enc("#_bridge_chan:localhost")), json!({})).await;
+    let (status, body) = alice
+        .post(&format!("join/{}", enc("#_bridge_chan:localhost")), json!({}))
+        .await;
     assert_eq!(status, 404, "{body}");
     // Outside the namespace: not asked.
     let (status, _) = alice.get(&format!("directory/room/{}", enc("#other:localhost"))).await;
