@@ -162,6 +162,7 @@ pub async fn room_joined_members(
 
 /// Sends an event whose content came as raw JSON (every send and state
 /// endpoint).
+#[allow(clippy::too_many_arguments)]
 async fn send_raw<T>(
     s: &AppState,
     session: &weft_services::Session,
