@@ -114,7 +114,7 @@ pub async fn register_available(
     s: AppState,
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<get_username_availability::v3::Response, Error> {
-    if s.accounts.is_available(&req.body.username).await? {
+    if s.username_available(&req.body.username).await? {
         Ok(get_username_availability::v3::Response::new(true))
     } else {
         Err(Error::new(ErrorKind::UserInUse, "User ID already taken"))

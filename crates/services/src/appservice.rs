@@ -370,6 +370,15 @@ impl Services {
         }
     }
 
+    /// `GET /register/available`: `M_EXCLUSIVE` for a name an application
+    /// service holds exclusively, else whether it is free.
+    pub async fn username_available(&self, name: &str) -> Result<bool> {
+        if let Ok(user_id) = self.accounts.user_id_for(name) {
+            self.check_user_not_exclusive(user_id.as_str(), None)?;
+        }
+        self.accounts.is_available(name).await
+    }
+
     /// `POST /register` with `type: m.login.application_service`: the
     /// service registers a user of its users namespace (`M_EXCLUSIVE`
     /// outside it); no password. Answers as `/register` does.

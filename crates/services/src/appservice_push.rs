@@ -117,6 +117,7 @@ impl Services {
             }
         }
         let mut ephemeral = Vec::new();
+        let mut to_device = Vec::new();
         if service.wants_ephemeral() {
             let mut seen = HashSet::new();
             for (p, key) in changes.unwrap_or_default() {
@@ -168,11 +169,14 @@ impl Services {
                         }
                         ephemeral.push(json!({ "type": "m.presence", "sender": user, "content": content }));
                     }
+                    StreamKey::User(user) if service.is_interested_in_user(&user) && to_device.len() < MAX_EVENTS => {
+                        self.appservice_to_device(&user, after, next, &mut to_device).await?;
+                    }
                     _ => {}
                 }
             }
         }
-        if out.is_empty() && ephemeral.is_empty() {
+        if out.is_empty() && ephemeral.is_empty() && to_device.is_empty() {
             return Ok((next, None));
         }
         let mut body = json!({ "events": out });
@@ -180,7 +184,32 @@ impl Services {
             body["de.sorunome.msc2409.ephemeral"] = json!(ephemeral);
             body["ephemeral"] = json!(ephemeral);
         }
+        if !to_device.is_empty() {
+            body["de.sorunome.msc2409.to_device"] = json!(to_device);
+        }
         Ok((next, Some(serde_json::to_string(&body).map_err(Error::internal)?)))
+    }
+
+    /// The to-device messages for `user`'s devices at positions in
+    /// (after, upto], as MSC2409/MSC4203 put them in a transaction.
+    async fn appservice_to_device(&self, user: &str, after: i64, upto: i64, out: &mut Vec<Value>) -> Result<()> {
+        for device in self.store.list_devices(user).await? {
+            let messages = self
+                .store
+                .to_device_messages(user, &device.device_id, after, upto, MAX_EVENTS)
+                .await?;
+            for m in messages {
+                let content: Value = serde_json::from_str(&m.content_json).unwrap_or_default();
+                out.push(json!({
+                    "type": m.event_type,
+                    "sender": m.sender,
+                    "content": content,
+                    "to_user_id": user,
+                    "to_device_id": device.device_id,
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the service is interested in the event: its sender, the

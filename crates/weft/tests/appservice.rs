@@ -356,6 +356,10 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
         )
         .await;
     assert_err(&(status, body), 400, "M_EXCLUSIVE");
+    let (status, body) = server.anon().get("register/available?username=_bridge_eve").await;
+    assert_err(&(status, body), 400, "M_EXCLUSIVE");
+    let (status, body) = server.anon().get("register/available?username=eve").await;
+    assert_eq!((status, body["available"].clone()), (200, json!(true)), "{body}");
     // ...nor an alias in its exclusive alias namespace.
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
@@ -644,6 +648,47 @@ async fn ephemeral_events_are_delivered_when_asked_for() {
     assert!(
         receipt["content"][&event_id]["m.read"][&alice.user_id]["ts"].is_u64(),
         "{receipt}"
+    );
+    // To-device messages for a device of a namespaced user (MSC2409 /
+    // MSC4203).
+    let (status, body) = asc
+        .post(
+            "login",
+            json!({"type": "m.login.application_service", "device_id": "BOBPHONE",
+                   "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = alice
+        .put(
+            "sendToDevice/m.test.ping/td1",
+            json!({"messages": {"@_bridge_bob:localhost": {"BOBPHONE": {"hello": "bob"}}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    service
+        .wait_for(20, "the to-device message", |s| {
+            s.transactions()
+                .iter()
+                .any(|t| t.get("de.sorunome.msc2409.to_device").is_some())
+        })
+        .await;
+    let to_device: Vec<Value> = service
+        .transactions()
+        .iter()
+        .flat_map(|t| {
+            t["de.sorunome.msc2409.to_device"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        to_device,
+        vec![
+            json!({"type": "m.test.ping", "sender": alice.user_id, "content": {"hello": "bob"},
+                     "to_user_id": "@_bridge_bob:localhost", "to_device_id": "BOBPHONE"})
+        ]
     );
     // The unstable key carries the same.
     let txn = service
