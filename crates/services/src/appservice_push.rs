@@ -118,6 +118,19 @@ impl Services {
         }
         let mut ephemeral = Vec::new();
         let mut to_device = Vec::new();
+        let mut device_lists: Vec<String> = Vec::new();
+        if service.registration.msc3202 {
+            let mut seen = HashSet::new();
+            for (p, key) in changes.clone().unwrap_or_default() {
+                if let StreamKey::DeviceKeys(user) = key
+                    && p <= next
+                    && seen.insert(user.clone())
+                    && self.wants_presence_of(service, &user, &mut rooms).await?
+                {
+                    device_lists.push(user);
+                }
+            }
+        }
         if service.wants_ephemeral() {
             let mut seen = HashSet::new();
             for (p, key) in changes.unwrap_or_default() {
@@ -176,7 +189,7 @@ impl Services {
                 }
             }
         }
-        if out.is_empty() && ephemeral.is_empty() && to_device.is_empty() {
+        if out.is_empty() && ephemeral.is_empty() && to_device.is_empty() && device_lists.is_empty() {
             return Ok((next, None));
         }
         let mut body = json!({ "events": out });
@@ -186,6 +199,9 @@ impl Services {
         }
         if !to_device.is_empty() {
             body["de.sorunome.msc2409.to_device"] = json!(to_device);
+        }
+        if !device_lists.is_empty() {
+            body["org.matrix.msc3202.device_lists"] = json!({ "changed": device_lists, "left": [] });
         }
         Ok((next, Some(serde_json::to_string(&body).map_err(Error::internal)?)))
     }

@@ -763,3 +763,61 @@ async fn unknown_aliases_and_users_in_a_namespace_are_asked_of_the_service() {
         seen.queries
     );
 }
+
+/// MSC3202: with `org.matrix.msc3202: true`, a device list change of a
+/// user sharing a room with the service's users comes in a transaction;
+/// one of a user sharing no such room does not.
+#[tokio::test]
+async fn device_list_changes_are_delivered_with_msc3202() {
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(Some(&service.url()), "org.matrix.msc3202: true")).await;
+    let asc = as_client(&server);
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let loner = server.register("loner").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let (status, body) = asc
+        .post(
+            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let keys = |c: &Client| {
+        json!({ "device_keys": {
+            "user_id": c.user_id,
+            "device_id": c.device_id,
+            "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+            "keys": {
+                format!("curve25519:{}", c.device_id): "curve-key-of-the-device",
+                format!("ed25519:{}", c.device_id): "ed-key-of-the-device",
+            },
+            "signatures": { c.user_id.as_str(): { format!("ed25519:{}", c.device_id): "the-device-signature" } },
+        }})
+    };
+    let (status, body) = loner.post("keys/upload", keys(&loner)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = alice.post("keys/upload", keys(&alice)).await;
+    assert_eq!(status, 200, "{body}");
+    service
+        .wait_for(20, "alice's device list change", |s| {
+            s.transactions().iter().any(|t| {
+                t["org.matrix.msc3202.device_lists"]["changed"]
+                    .as_array()
+                    .is_some_and(|a| a.contains(&json!(alice.user_id)))
+            })
+        })
+        .await;
+    let changed: Vec<Value> = service
+        .transactions()
+        .iter()
+        .flat_map(|t| {
+            t["org.matrix.msc3202.device_lists"]["changed"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(!changed.contains(&json!(loner.user_id)), "{changed:?}");
+}
