@@ -184,6 +184,12 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         // Presence (typing and setting presence are above).
         .add(Caller, misc::get_presence)
         .add(Caller, misc::appservice_ping)
+        .add(Caller, directory::thirdparty_protocols)
+        .add(Caller, directory::thirdparty_protocol)
+        .add(Caller, directory::thirdparty_locations)
+        .add(Caller, directory::thirdparty_users)
+        .add(Caller, directory::thirdparty_location_for_alias)
+        .add(Caller, directory::thirdparty_user_for_userid)
 }
 
 /// The Server-Server API endpoints, one line each; served on the

@@ -575,6 +575,156 @@ impl Services {
         }
     }
 
+    /// `GET {url}/_matrix/app/v1/thirdparty/{kind}[/{protocol}]?query`
+    /// of each of `services`: the JSON answers of those that answered 2xx
+    /// (one that is down or answers nonsense is left out).
+    async fn thirdparty_ask(
+        &self,
+        services: Vec<&Arc<AppService>>,
+        kind: &str,
+        protocol: Option<&str>,
+        query: &[(String, String)],
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        for service in services {
+            let Some(url) = &service.registration.url else {
+                continue;
+            };
+            let Ok(mut target) = reqwest::Url::parse(&format!(
+                "{}/_matrix/app/v1/thirdparty/{kind}",
+                url.trim_end_matches('/')
+            )) else {
+                continue;
+            };
+            if let Some(p) = protocol
+                && let Ok(mut segments) = target.path_segments_mut()
+            {
+                segments.push(p);
+            }
+            let answer = self
+                .appservices
+                .http
+                .get(target)
+                .query(query)
+                .bearer_auth(&service.registration.hs_token)
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+                    Ok(v) => out.push(v),
+                    Err(e) => tracing::info!("appservice {}: thirdparty {kind}: {e}", service.id()),
+                },
+                Ok(r) => tracing::info!("appservice {}: thirdparty {kind}: {}", service.id(), r.status()),
+                Err(e) => tracing::info!("appservice {}: thirdparty {kind}: {e}", service.id()),
+            }
+        }
+        out
+    }
+
+    fn services_with_protocol(&self, protocol: &str) -> Vec<&Arc<AppService>> {
+        self.appservices
+            .all()
+            .iter()
+            .filter(|s| {
+                s.registration
+                    .protocols
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|x| x == protocol))
+            })
+            .collect()
+    }
+
+    /// `GET /thirdparty/protocol/{protocol}`: the protocol as the services
+    /// offering it describe it, their `instances` put together
+    /// (`404 M_NOT_FOUND` when none does or answers).
+    pub async fn thirdparty_protocol(&self, protocol: &str) -> Result<Value> {
+        let answers = self
+            .thirdparty_ask(self.services_with_protocol(protocol), "protocol", Some(protocol), &[])
+            .await;
+        let mut merged: Option<Value> = None;
+        for a in answers {
+            match &mut merged {
+                None => merged = Some(a),
+                Some(m) => {
+                    let more = a["instances"].as_array().cloned().unwrap_or_default();
+                    if let Some(list) = m["instances"].as_array_mut() {
+                        list.extend(more);
+                    }
+                }
+            }
+        }
+        merged.ok_or_else(|| Error::not_found(format!("No application service offers protocol {protocol}")))
+    }
+
+    /// `GET /thirdparty/protocols`: every protocol a registered service
+    /// offers and answers for.
+    pub async fn thirdparty_protocols(&self) -> Result<std::collections::BTreeMap<String, Value>> {
+        let mut names: Vec<&str> = self
+            .appservices
+            .all()
+            .iter()
+            .flat_map(|s| s.registration.protocols.iter().flatten().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut out = std::collections::BTreeMap::new();
+        for name in names {
+            if let Ok(p) = self.thirdparty_protocol(name).await {
+                out.insert(name.to_owned(), p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /thirdparty/location/{protocol}` and `/thirdparty/user/{protocol}`
+    /// (`kind` `location` or `user`): what the services offering the
+    /// protocol answer for the fields, put together.
+    pub async fn thirdparty_lookup(
+        &self,
+        kind: &str,
+        protocol: &str,
+        fields: &[(String, String)],
+    ) -> Result<Vec<Value>> {
+        let answers = self
+            .thirdparty_ask(self.services_with_protocol(protocol), kind, Some(protocol), fields)
+            .await;
+        Ok(answers
+            .into_iter()
+            .flat_map(|a| a.as_array().cloned().unwrap_or_default())
+            .collect())
+    }
+
+    /// `GET /thirdparty/location?alias=` and `/thirdparty/user?userid=`:
+    /// asked of the services interested in the alias or user.
+    pub async fn thirdparty_reverse(&self, kind: &str, id: &str) -> Result<Vec<Value>> {
+        let (services, key): (Vec<&Arc<AppService>>, &str) = if kind == "location" {
+            (
+                self.appservices
+                    .all()
+                    .iter()
+                    .filter(|s| s.is_interested_in_alias(id))
+                    .collect(),
+                "alias",
+            )
+        } else {
+            (
+                self.appservices
+                    .all()
+                    .iter()
+                    .filter(|s| s.is_interested_in_user(id))
+                    .collect(),
+                "userid",
+            )
+        };
+        let answers = self
+            .thirdparty_ask(services, kind, None, &[(key.to_owned(), id.to_owned())])
+            .await;
+        Ok(answers
+            .into_iter()
+            .flat_map(|a| a.as_array().cloned().unwrap_or_default())
+            .collect())
+    }
+
     /// Every registered service with its delivery state (`weft appservice
     /// list`).
     pub async fn appservice_list(&self) -> Result<Vec<AppserviceInfo>> {

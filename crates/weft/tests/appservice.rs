@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -97,6 +97,61 @@ async fn query_user(State(s): State<Shared>, UrlPath(user): UrlPath<String>, h: 
     StatusCode::NOT_FOUND
 }
 
+async fn tp_protocol(State(s): State<Shared>, UrlPath(p): UrlPath<String>, h: HeaderMap) -> (StatusCode, Json<Value>) {
+    if !authorized(&h, &s) || p != "test" {
+        return (StatusCode::NOT_FOUND, Json(json!({"errcode": "M_NOT_FOUND"})));
+    }
+    (
+        StatusCode::OK,
+        Json(json!({
+            "user_fields": ["nick"], "location_fields": ["channel"], "icon": "mxc://localhost/icon",
+            "field_types": {
+                "nick": {"regexp": ".*", "placeholder": "nick"},
+                "channel": {"regexp": "#.*", "placeholder": "#channel"}
+            },
+            "instances": [{"desc": "Test net", "fields": {}, "network_id": "testnet"}]
+        })),
+    )
+}
+
+async fn tp_location(
+    State(s): State<Shared>,
+    UrlPath(p): UrlPath<String>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+    h: HeaderMap,
+) -> Json<Value> {
+    authorized(&h, &s);
+    Json(json!([{"alias": "#_bridge_chan:localhost", "protocol": p, "fields": q}]))
+}
+
+async fn tp_user(
+    State(s): State<Shared>,
+    UrlPath(p): UrlPath<String>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+    h: HeaderMap,
+) -> Json<Value> {
+    authorized(&h, &s);
+    Json(json!([{"userid": "@_bridge_nick:localhost", "protocol": p, "fields": q}]))
+}
+
+async fn tp_location_by_alias(
+    State(s): State<Shared>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+    h: HeaderMap,
+) -> Json<Value> {
+    authorized(&h, &s);
+    Json(json!([{"alias": q.get("alias"), "protocol": "test", "fields": {"channel": "#chan"}}]))
+}
+
+async fn tp_user_by_id(
+    State(s): State<Shared>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+    h: HeaderMap,
+) -> Json<Value> {
+    authorized(&h, &s);
+    Json(json!([{"userid": q.get("userid"), "protocol": "test", "fields": {"nick": "nick"}}]))
+}
+
 impl Service {
     async fn start() -> Service {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -110,6 +165,11 @@ impl Service {
             .route("/_matrix/app/v1/ping", post(ping))
             .route("/_matrix/app/v1/rooms/{alias}", get(query_room))
             .route("/_matrix/app/v1/users/{user}", get(query_user))
+            .route("/_matrix/app/v1/thirdparty/protocol/{p}", get(tp_protocol))
+            .route("/_matrix/app/v1/thirdparty/location/{p}", get(tp_location))
+            .route("/_matrix/app/v1/thirdparty/user/{p}", get(tp_user))
+            .route("/_matrix/app/v1/thirdparty/location", get(tp_location_by_alias))
+            .route("/_matrix/app/v1/thirdparty/user", get(tp_user_by_id))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -820,4 +880,45 @@ async fn device_list_changes_are_delivered_with_msc3202() {
         })
         .collect();
     assert!(!changed.contains(&json!(loner.user_id)), "{changed:?}");
+}
+
+#[tokio::test]
+async fn thirdparty_lookups_are_asked_of_the_service() {
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
+    let alice = server.register("alice").await;
+    let (status, body) = alice.get("thirdparty/protocols").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["test"]["instances"][0]["network_id"], "testnet", "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    let (status, body) = alice.get("thirdparty/protocol/test").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["location_fields"], json!(["channel"]));
+    assert_err(&alice.get("thirdparty/protocol/nope").await, 404, "M_NOT_FOUND");
+    let (status, body) = alice.get("thirdparty/location/test?channel=%23chan").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!([{"alias": "#_bridge_chan:localhost", "protocol": "test", "fields": {"channel": "#chan"}}])
+    );
+    let (status, body) = alice.get("thirdparty/user/test?nick=bob").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["fields"], json!({"nick": "bob"}));
+    let (status, body) = alice
+        .get(&format!("thirdparty/location?alias={}", enc("#_bridge_chan:localhost")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["alias"], "#_bridge_chan:localhost");
+    // An alias outside every namespace is asked of no one.
+    let (status, body) = alice
+        .get(&format!("thirdparty/location?alias={}", enc("#other:localhost")))
+        .await;
+    assert_eq!((status, body), (200, json!([])));
+    let (status, body) = alice
+        .get(&format!("thirdparty/user?userid={}", enc("@_bridge_nick:localhost")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["userid"], "@_bridge_nick:localhost");
+    assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
 }
