@@ -36,6 +36,10 @@ struct Seen {
 struct Shared {
     seen: Arc<Mutex<Seen>>,
     down: Arc<AtomicBool>,
+    /// The homeserver's base URL: when set, a query for
+    /// `#_bridge_made:localhost` creates that room (as the service's
+    /// sender) before answering 200.
+    homeserver: Arc<Mutex<Option<String>>>,
 }
 
 /// The test's application service.
@@ -86,6 +90,21 @@ async fn query_room(State(s): State<Shared>, UrlPath(alias): UrlPath<String>, h:
         return StatusCode::FORBIDDEN;
     }
     s.seen.lock().unwrap().queries.push(format!("rooms/{alias}"));
+    let hs = s.homeserver.lock().unwrap().clone();
+    if let Some(hs) = hs
+        && alias == "#_bridge_made:localhost"
+    {
+        let made = reqwest::Client::new()
+            .post(format!("{hs}/_matrix/client/v3/createRoom"))
+            .bearer_auth(AS_TOKEN)
+            .json(&json!({"room_alias_name": "_bridge_made", "preset": "public_chat"}))
+            .send()
+            .await
+            .map(|r| r.status().is_success());
+        if made.unwrap_or(false) {
+            return StatusCode::OK;
+        }
+    }
     StatusCode::NOT_FOUND
 }
 
@@ -159,6 +178,7 @@ impl Service {
         let shared = Shared {
             seen: Arc::default(),
             down: Arc::default(),
+            homeserver: Arc::default(),
         };
         let app = Router::new()
             .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
@@ -794,11 +814,20 @@ async fn unknown_aliases_and_users_in_a_namespace_are_asked_of_the_service() {
     let service = Service::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
+    *service.shared.homeserver.lock().unwrap() = Some(server.base_url());
     let alice = server.register("alice").await;
     let (status, body) = alice
         .get(&format!("directory/room/{}", enc("#_bridge_chan:localhost")))
         .await;
     assert_err(&(status, body), 404, "M_NOT_FOUND");
+    // A service that creates the room when asked: the alias resolves, and
+    // joining by it works.
+    let (status, body) = alice
+        .get(&format!("directory/room/{}", enc("#_bridge_made:localhost")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let made = body["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(alice.join("#_bridge_made:localhost").await, made);
     let (status, body) = alice
         .post(&format!("join/{}", enc("#_bridge_chan:localhost")), json!({}))
         .await;
@@ -921,4 +950,40 @@ async fn thirdparty_lookups_are_asked_of_the_service() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body[0]["userid"], "@_bridge_nick:localhost");
     assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
+}
+
+/// With `rate_limited: false`, calls with the service's token are not
+/// rate-limited, while a person's are.
+#[tokio::test]
+async fn a_service_that_is_not_rate_limited_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, registration(None, "")).unwrap();
+    let server = TestServer::builder()
+        .server_name("localhost")
+        .env(
+            "WEFT_APPSERVICE__REGISTRATION_FILES",
+            &format!("[{:?}]", path.display().to_string()),
+        )
+        .env("WEFT_RATE_LIMIT__ENABLED", "true")
+        .env("WEFT_RATE_LIMIT__PER_SECOND", "0.1")
+        .env("WEFT_RATE_LIMIT__BURST", "5")
+        .start()
+        .await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let mut limited = 0;
+    for _ in 0..15 {
+        if alice.whoami().await.0 == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "a person is rate-limited");
+    let asc = as_client(&server);
+    for i in 0..15 {
+        let (status, body) = asc.get("account/whoami?user_id=%40_bridge_bob%3Alocalhost").await;
+        assert_eq!(status, 200, "call {i}: {body}");
+        let (status, body) = asc.get("account/whoami").await;
+        assert_eq!(status, 200, "call {i} as the sender: {body}");
+    }
 }
