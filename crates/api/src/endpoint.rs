@@ -110,8 +110,13 @@ pub(crate) async fn session_of(parts: &Parts, s: &AppState) -> Result<Option<Ses
     } else {
         match access_token(parts) {
             Some(token) => {
-                s.authenticate(&token, query_param(&parts.uri, "user_id").as_deref(), ip)
-                    .await?
+                s.authenticate(
+                    &token,
+                    query_param(&parts.uri, "user_id").as_deref(),
+                    query_param(&parts.uri, MASQUERADE_DEVICE).as_deref(),
+                    ip,
+                )
+                .await?
             }
             None => return Ok(None),
         }
@@ -200,6 +205,10 @@ impl CallerAuth for AppserviceToken {
         None
     }
 }
+
+/// The query parameter naming the device an application service acts as
+/// (MSC3202 device masquerading).
+pub(crate) const MASQUERADE_DEVICE: &str = "org.matrix.msc3202.device_id";
 
 /// The value of query parameter `key` (percent-decoded), if present.
 pub(crate) fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {

@@ -302,7 +302,12 @@ async fn rate_limit_by_ip(State(s): State<AppState>, req: Request, next: Next) -
     let (mut parts, body) = req.into_parts();
     match extract::access_token(&parts) {
         Some(token) => match s
-            .authenticate(&token, endpoint::query_param(&parts.uri, "user_id").as_deref(), ip)
+            .authenticate(
+                &token,
+                endpoint::query_param(&parts.uri, "user_id").as_deref(),
+                endpoint::query_param(&parts.uri, endpoint::MASQUERADE_DEVICE).as_deref(),
+                ip,
+            )
             .await
         {
             Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => return ApiError(e).into_response(),

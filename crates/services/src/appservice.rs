@@ -53,8 +53,8 @@ pub struct Registration {
     /// one-time key counts are not done yet).
     #[serde(default, rename = "org.matrix.msc3202")]
     pub msc3202: bool,
-    /// MSC4190 (device management for namespaced users): read and shown,
-    /// not acted on yet.
+    /// MSC4190: the service creates its users' devices with `PUT
+    /// /devices/{id}` and deletes them without user-interactive auth.
     #[serde(default, rename = "io.element.msc4190")]
     pub msc4190: bool,
 }
@@ -293,7 +293,16 @@ impl Services {
     /// sender, or the user named by `?user_id=` (`masquerade`), who must be
     /// in its users namespace (`403 M_FORBIDDEN` otherwise) and registered.
     /// The sender exists implicitly: it is created when first used.
-    pub async fn appservice_session(&self, service: &AppService, masquerade: Option<&str>) -> Result<Session> {
+    ///
+    /// With `device` (`?org.matrix.msc3202.device_id=`, MSC3202 device
+    /// masquerading) the session is that device of the user, which must
+    /// exist (`403 M_FORBIDDEN` otherwise).
+    pub async fn appservice_session(
+        &self,
+        service: &AppService,
+        masquerade: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Session> {
         let user_id = match masquerade {
             None => service.sender.clone(),
             Some(u) => UserId::parse(u).map_err(|_| Error::invalid_param("Invalid user_id"))?,
@@ -314,8 +323,18 @@ impl Services {
                 Err(e) => return Err(e),
             }
         }
+        let device_id = match device {
+            Some(d) => {
+                let devices = self.store.list_devices(user_id.as_str()).await?;
+                if !devices.iter().any(|x| x.device_id == d) {
+                    return Err(Error::forbidden("The user has no such device"));
+                }
+                d.to_owned()
+            }
+            None => format!("appservice:{}", service.id()),
+        };
         Ok(Session {
-            device_id: format!("appservice:{}", service.id()),
+            device_id,
             user_id,
             appservice: Some(service.id().to_owned()),
         })
@@ -328,12 +347,23 @@ impl Services {
         &self,
         token: &str,
         masquerade: Option<&str>,
+        device: Option<&str>,
         ip: Option<std::net::IpAddr>,
     ) -> Result<Session> {
         if let Some(service) = self.appservices.by_token(token) {
-            return self.appservice_session(&service, masquerade).await;
+            return self.appservice_session(&service, masquerade, device).await;
         }
         self.accounts.authenticate(token, ip).await
+    }
+
+    /// Whether `session` is an application service with MSC4190 (device
+    /// management for its users) on.
+    pub(crate) fn acts_with_msc4190(&self, session: &Session) -> bool {
+        session
+            .appservice
+            .as_deref()
+            .and_then(|id| self.appservices.by_id(id))
+            .is_some_and(|s| s.registration.msc4190)
     }
 
     /// Whether a call by `session` is left out of the rate limits: one by

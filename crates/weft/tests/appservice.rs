@@ -426,6 +426,14 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     let (status, me) = asc.get("account/whoami?user_id=%40_bridge_bob%3Alocalhost").await;
     assert_eq!(status, 200, "{me}");
     assert_eq!(me["user_id"], "@_bridge_bob:localhost");
+    // Without MSC4190 in the registration, a missing device is not made.
+    let (status, body) = asc
+        .put(
+            "devices/NOPE?user_id=%40_bridge_bob%3Alocalhost",
+            json!({"display_name": "x"}),
+        )
+        .await;
+    assert_err(&(status, body), 404, "M_NOT_FOUND");
 
     // A person cannot take a name in the exclusive namespace...
     let (status, body) = server
@@ -986,4 +994,50 @@ async fn a_service_that_is_not_rate_limited_is_not() {
         let (status, body) = asc.get("account/whoami").await;
         assert_eq!(status, 200, "call {i} as the sender: {body}");
     }
+}
+
+/// MSC4190: the service makes and deletes its users' devices (no
+/// user-interactive auth); MSC3202: it acts as one of those devices.
+#[tokio::test]
+async fn device_management_and_device_masquerading() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(None, "io.element.msc4190: true")).await;
+    let asc = as_client(&server);
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    let (status, body) = asc
+        .put(
+            &format!("devices/BRIDGEDEV?{bob}"),
+            json!({"display_name": "Bridge device"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = asc.get(&format!("devices?{bob}")).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["BRIDGEDEV"], "{body}");
+    assert_eq!(body["devices"][0]["display_name"], "Bridge device");
+    let (status, me) = asc
+        .get(&format!("account/whoami?{bob}&org.matrix.msc3202.device_id=BRIDGEDEV"))
+        .await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["device_id"], "BRIDGEDEV");
+    let (status, body) = asc
+        .get(&format!("account/whoami?{bob}&org.matrix.msc3202.device_id=OTHER"))
+        .await;
+    assert_err(&(status, body), 403, "M_FORBIDDEN");
+    // Deleting needs no password (the user has none).
+    let (status, body) = asc.delete(&format!("devices/BRIDGEDEV?{bob}")).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = asc.get(&format!("devices?{bob}")).await;
+    assert_eq!(body["devices"], json!([]), "{body}");
+    // A person still needs user-interactive auth to delete a device.
+    let alice = server.register("alice").await;
+    let (status, body) = alice.delete(&format!("devices/{}", alice.device_id)).await;
+    assert_eq!(status, 401, "{body}");
 }
