@@ -313,8 +313,12 @@ impl Services {
                     "Application service cannot masquerade as this user (not in its namespace)",
                 ));
             }
-            if self.store.get_user(user_id.as_str()).await?.is_none() {
-                return Err(Error::forbidden("Application service has not registered this user"));
+            match self.store.get_user(user_id.as_str()).await? {
+                None => return Err(Error::forbidden("Application service has not registered this user")),
+                Some(u) if u.deactivated => {
+                    return Err(Error::new(ErrorKind::UserDeactivated, "This account is deactivated"));
+                }
+                Some(_) => {}
             }
         } else if self.store.get_user(user_id.as_str()).await?.is_none() {
             match self.accounts.create_user(user_id.localpart(), None, false).await {

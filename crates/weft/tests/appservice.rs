@@ -547,6 +547,12 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
         .await;
     assert_ne!(ev["origin_server_ts"], 1234567890);
 
+    // A deactivated user of the namespace cannot be acted as.
+    let (ok, out, err) = server.cli("user", "deactivate", &["_bridge_bob"]);
+    assert!(ok, "{out}{err}");
+    let (status, body) = asc.get(&format!("account/whoami?{bob_as}")).await;
+    assert_err(&(status, body), 403, "M_USER_DEACTIVATED");
+
     // A wrong token is still an unknown token.
     let (status, body) = server.with_token("not-the-as-token").get("account/whoami").await;
     assert_err(&(status, body), 401, "M_UNKNOWN_TOKEN");
