@@ -88,19 +88,11 @@ impl Services {
     /// changes there, and the position it covers up to. `None`: nothing
     /// there for the service.
     async fn appservice_batch(&self, service: &AppService, after: i64, upto: i64) -> Result<(i64, Option<String>)> {
-        let changes = self.store.changes_since(after);
-        let has_events = changes
-            .as_ref()
-            .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
-        let events = if has_events {
-            self.store.events_after(after, upto, READ_BATCH).await?
-        } else {
-            Vec::new()
-        };
-        let mut next = match events.last() {
-            Some(last) if events.len() == READ_BATCH => last.position,
-            _ => upto,
-        };
+        let crate::federation_queue::StreamWindow {
+            changes,
+            events,
+            mut next,
+        } = self.stream_window(after, upto, READ_BATCH).await?;
         let mut rooms: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();
         let now = weft_core::now_ms();
