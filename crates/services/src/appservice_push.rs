@@ -93,7 +93,7 @@ impl Services {
             events,
             mut next,
         } = self.stream_window(after, upto, READ_BATCH).await?;
-        let mut rooms: HashMap<String, bool> = HashMap::new();
+        let mut rooms = RoomCache::new();
         let mut out = Vec::new();
         let now = weft_core::now_ms();
         for ev in &events {
@@ -221,13 +221,8 @@ impl Services {
     }
 
     /// Whether the service is interested in the event: its sender, the
-    /// user a membership is about, or its room.
-    async fn wants_event(
-        &self,
-        service: &AppService,
-        ev: &StoredEvent,
-        rooms: &mut HashMap<String, bool>,
-    ) -> Result<bool> {
+    /// user a membership is about, or its room as it was at the event.
+    async fn wants_event(&self, service: &AppService, ev: &StoredEvent, rooms: &mut RoomCache) -> Result<bool> {
         if service.is_interested_in_user(&ev.sender) {
             return Ok(true);
         }
@@ -239,57 +234,73 @@ impl Services {
         {
             return Ok(true);
         }
-        self.wants_room(service, &ev.room_id, rooms).await
+        self.wants_room_at(service, &ev.room_id, ev.position, rooms).await
     }
 
-    /// Whether the service is interested in a room: its ID, one of its
-    /// aliases (published or in its `m.room.canonical_alias`), or a member
-    /// (joined or invited) in the service's namespaces. Kept in `cache`.
-    async fn wants_room(&self, service: &AppService, room: &str, cache: &mut HashMap<String, bool>) -> Result<bool> {
-        if let Some(known) = cache.get(room) {
-            return Ok(*known);
+    /// Whether the service is interested in a room now.
+    async fn wants_room(&self, service: &AppService, room: &str, cache: &mut RoomCache) -> Result<bool> {
+        self.wants_room_at(service, room, i64::MAX, cache).await
+    }
+
+    /// Whether the service is interested in a room at stream position
+    /// `at`: its ID or one of its aliases (published, or in its
+    /// `m.room.canonical_alias`) is in the service's namespaces, or a user
+    /// of its users namespace was joined or invited there then (so an
+    /// event sent just before such a user left is still delivered when the
+    /// reader reads it after the leave). Kept in `cache` for the batch.
+    async fn wants_room_at(&self, service: &AppService, room: &str, at: i64, cache: &mut RoomCache) -> Result<bool> {
+        if !cache.contains_key(room) {
+            let interest = self.room_interest(service, room).await?;
+            cache.insert(room.to_owned(), interest);
         }
-        let mut wanted = service.is_interested_in_room(room);
-        if !wanted {
-            wanted = self
+        let Some(interest) = cache.get(room) else {
+            return Ok(false);
+        };
+        Ok(interest.always
+            || interest.members.iter().any(|history| {
+                history
+                    .iter()
+                    .rev()
+                    .find(|(p, _)| *p <= at)
+                    .is_some_and(|(_, m)| m == "join" || m == "invite")
+            }))
+    }
+
+    async fn room_interest(&self, service: &AppService, room: &str) -> Result<RoomInterest> {
+        let mut always = service.is_interested_in_room(room)
+            || self
                 .store
                 .room_aliases(room)
                 .await?
                 .iter()
                 .any(|a| service.is_interested_in_alias(a));
-        }
-        if !wanted {
+        let mut members = Vec::new();
+        if !always {
             for ev in self.store.current_state(room).await? {
-                let hit = match ev.event_type.as_str() {
+                match ev.event_type.as_str() {
                     "m.room.member" => {
-                        ev.state_key
-                            .as_deref()
-                            .is_some_and(|u| service.is_interested_in_user(u))
-                            && matches!(crate::events::membership_of(&ev).as_deref(), Some("join" | "invite"))
+                        if let Some(user) = ev.state_key.as_deref()
+                            && service.is_interested_in_user(user)
+                        {
+                            members.push(self.store.membership_history(room, user).await?);
+                        }
                     }
-                    "m.room.canonical_alias" => {
-                        canonical_aliases(&ev).iter().any(|a| service.is_interested_in_alias(a))
+                    "m.room.canonical_alias"
+                        if canonical_aliases(&ev).iter().any(|a| service.is_interested_in_alias(a)) =>
+                    {
+                        always = true;
+                        break;
                     }
-                    _ => false,
-                };
-                if hit {
-                    wanted = true;
-                    break;
+                    _ => {}
                 }
             }
         }
-        cache.insert(room.to_owned(), wanted);
-        Ok(wanted)
+        Ok(RoomInterest { always, members })
     }
 
     /// Presence goes to a service for its own users and for users joined
     /// to a room it is interested in.
-    async fn wants_presence_of(
-        &self,
-        service: &AppService,
-        user: &str,
-        rooms: &mut HashMap<String, bool>,
-    ) -> Result<bool> {
+    async fn wants_presence_of(&self, service: &AppService, user: &str, rooms: &mut RoomCache) -> Result<bool> {
         if service.is_interested_in_user(user) {
             return Ok(true);
         }
@@ -301,6 +312,16 @@ impl Services {
         Ok(false)
     }
 }
+
+/// What makes a service interested in a room: always (its ID or an
+/// alias), or while one of its users is joined or invited (each such
+/// user's membership history: position, membership).
+struct RoomInterest {
+    always: bool,
+    members: Vec<Vec<(i64, String)>>,
+}
+
+type RoomCache = HashMap<String, RoomInterest>;
 
 /// The aliases an `m.room.canonical_alias` event names.
 fn canonical_aliases(ev: &StoredEvent) -> Vec<String> {

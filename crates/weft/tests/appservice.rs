@@ -1047,3 +1047,55 @@ async fn device_management_and_device_masquerading() {
     let (status, body) = alice.delete(&format!("devices/{}", alice.device_id)).await;
     assert_eq!(status, 401, "{body}");
 }
+
+/// The service is interested in a room while one of its users is in it:
+/// an event sent before that user left is delivered even when the reader
+/// gets to it only after the leave (here: held up by an outage), and one
+/// sent after the leave is not.
+#[tokio::test]
+async fn events_from_before_a_bridged_user_left_are_still_delivered() {
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
+    let asc = as_client(&server);
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    let (status, body) = asc.post(&format!("join/{}?{bob}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let first = alice.send_text(&room, "t0", "before the outage").await;
+    service
+        .wait_for(20, "the first message", |s| {
+            s.events().iter().any(|e| e["event_id"] == first)
+        })
+        .await;
+    service.set_down(true);
+    let m1 = alice.send_text(&room, "t1", "while down 1").await;
+    service
+        .wait_for(20, "a refused transaction", |s| {
+            s.shared.seen.lock().unwrap().refused >= 1
+        })
+        .await;
+    let m2 = alice.send_text(&room, "t2", "while down 2").await;
+    let (status, body) = asc.post(&format!("rooms/{}/leave?{bob}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let after = alice.send_text(&room, "t3", "after the leave").await;
+    let marker = alice.send_text(&room, "t4", "still after").await;
+    service.set_down(false);
+    service
+        .wait_for(30, "bob's leave", |s| {
+            s.events()
+                .iter()
+                .any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "leave")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let messages: Vec<String> = service
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(messages, vec![first, m1, m2], "not {after} nor {marker}");
+}
