@@ -5,7 +5,8 @@
 //! - The reader follows the stream after the service's durable position
 //!   (table `appservice_state`) and picks the events the service is
 //!   interested in: sent by a user of its users namespace (or its sender),
-//!   a membership of such a user, or in a room with such a member, with
+//!   a membership of such a user, or in a room with such a member (at the
+//!   event's position), with
 //!   an alias in its aliases namespace, or whose ID is in its rooms
 //!   namespace. With `receive_ephemeral` (MSC2409), typing and receipts
 //!   of those rooms and presence of its users come along.
