@@ -67,6 +67,30 @@ impl<R: IncomingRequest> IncomingRequest for Uia<R> {
 
 pub async fn register(s: AppState, req: Ruma<Uia<register::v3::Request>>) -> Result<register::v3::Response, Error> {
     let Uia { request: b, auth } = req.body;
+    if b.login_type == Some(register::LoginType::ApplicationService) {
+        let Some(service) = req.caller else {
+            return Err(Error::new(
+                ErrorKind::MissingToken,
+                "m.login.application_service needs the application service's token",
+            ));
+        };
+        let mut answer = s
+            .register_appservice_user(
+                &service,
+                b.username.as_deref(),
+                b.device_id.as_ref().map(|d| d.as_str()),
+                b.initial_device_display_name.as_deref(),
+                b.inhibit_login,
+            )
+            .await?;
+        let mut resp = register::v3::Response::new(
+            field::<Option<OwnedUserId>>(&mut answer, "user_id")?
+                .ok_or_else(|| Error::internal("registration without a user ID"))?,
+        );
+        resp.access_token = field(&mut answer, "access_token")?;
+        resp.device_id = field::<Option<OwnedDeviceId>>(&mut answer, "device_id")?;
+        return Ok(resp);
+    }
     let guest = b.kind == register::RegistrationKind::Guest;
     let registration = Registration {
         username: b.username,
@@ -90,7 +114,7 @@ pub async fn register_available(
     s: AppState,
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<get_username_availability::v3::Response, Error> {
-    if s.accounts.is_available(&req.body.username).await? {
+    if s.username_available(&req.body.username).await? {
         Ok(get_username_availability::v3::Response::new(true))
     } else {
         Err(Error::new(ErrorKind::UserInUse, "User ID already taken"))
@@ -114,9 +138,10 @@ pub async fn login_flows(
     _: Ruma<get_login_types::v3::Request>,
 ) -> Result<get_login_types::v3::Response, Error> {
     use get_login_types::v3::{LoginType, PasswordLoginType};
-    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(
-        PasswordLoginType::new(),
-    )]))
+    Ok(get_login_types::v3::Response::new(vec![
+        LoginType::Password(PasswordLoginType::new()),
+        LoginType::ApplicationService(get_login_types::v3::ApplicationServiceLoginType::new()),
+    ]))
 }
 
 /// ruma's `POST /login` request, read only once the body is known to be
@@ -167,7 +192,7 @@ pub async fn login(s: AppState, req: Ruma<LoginRequest>) -> Result<login::v3::Re
         b.initial_device_display_name.into(),
     );
     let login: Login = convert(&info)?;
-    let mut answer = s.login(login, req.peer.map(|p| p.ip())).await?;
+    let mut answer = s.login(login, req.caller.as_deref(), req.peer.map(|p| p.ip())).await?;
     let user_id: Option<OwnedUserId> = field(&mut answer, "user_id")?;
     let device_id: Option<OwnedDeviceId> = field(&mut answer, "device_id")?;
     let (Some(user_id), Some(device_id)) = (user_id, device_id) else {

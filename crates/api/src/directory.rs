@@ -4,6 +4,10 @@
 use ruma::api::client::account::get_3pids;
 use ruma::api::client::reporting::report_user;
 use ruma::api::client::room::report_content;
+use ruma::api::client::thirdparty::{
+    get_location_for_protocol, get_location_for_room_alias, get_protocol, get_protocols, get_user_for_protocol,
+    get_user_for_user_id,
+};
 use ruma::api::client::user_directory::search_users;
 use ruma::api::client::voip::get_turn_server_info;
 use serde::Serialize;
@@ -70,4 +74,60 @@ pub async fn report_user(s: AppState, req: Ruma<report_user::v3::Request>) -> Re
     let b = req.body;
     s.report_user(&req.caller, &b.user_id, Some(b.reason)).await?;
     Ok(report_user::v3::Response::new())
+}
+
+// Third-party networks (`/thirdparty/*`): asked of the application
+// services that offer the protocol (docs/appservices.md); their answers
+// are passed on as they are.
+
+fn pairs(fields: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+    fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub async fn thirdparty_protocols(
+    s: AppState,
+    _: Ruma<get_protocols::v3::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(
+        serde_json::to_value(s.thirdparty_protocols().await?).map_err(Error::internal)?,
+    ))
+}
+
+pub async fn thirdparty_protocol(
+    s: AppState,
+    req: Ruma<get_protocol::v3::Request>,
+) -> Result<Full<serde_json::Value>, Error> {
+    Ok(Full(s.thirdparty_protocol(&req.body.protocol).await?))
+}
+
+pub async fn thirdparty_locations(
+    s: AppState,
+    req: Ruma<get_location_for_protocol::v3::Request>,
+) -> Result<Full<Vec<serde_json::Value>>, Error> {
+    let b = &req.body;
+    Ok(Full(
+        s.thirdparty_lookup("location", &b.protocol, &pairs(&b.fields)).await?,
+    ))
+}
+
+pub async fn thirdparty_users(
+    s: AppState,
+    req: Ruma<get_user_for_protocol::v3::Request>,
+) -> Result<Full<Vec<serde_json::Value>>, Error> {
+    let b = &req.body;
+    Ok(Full(s.thirdparty_lookup("user", &b.protocol, &pairs(&b.fields)).await?))
+}
+
+pub async fn thirdparty_location_for_alias(
+    s: AppState,
+    req: Ruma<get_location_for_room_alias::v3::Request>,
+) -> Result<Full<Vec<serde_json::Value>>, Error> {
+    Ok(Full(s.thirdparty_reverse("location", req.body.alias.as_str()).await?))
+}
+
+pub async fn thirdparty_user_for_userid(
+    s: AppState,
+    req: Ruma<get_user_for_user_id::v3::Request>,
+) -> Result<Full<Vec<serde_json::Value>>, Error> {
+    Ok(Full(s.thirdparty_reverse("user", req.body.userid.as_str()).await?))
 }

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -26,7 +27,8 @@ use axum::routing::{MethodFilter, on};
 use bytes::BytesMut;
 use ruma::OwnedServerName;
 use ruma::api::auth_scheme::{
-    AccessToken, AccessTokenOptional, AppserviceTokenOptional, AuthScheme, NoAccessToken, NoAuthentication,
+    AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, AuthScheme, NoAccessToken,
+    NoAuthentication,
 };
 use ruma::api::error::{DeserializationError, FromHttpRequestError};
 use ruma::api::federation::authentication::ServerSignatures;
@@ -34,6 +36,7 @@ use ruma::api::path_builder::PathBuilder;
 use ruma::api::{IncomingRequest, Metadata, OutgoingResponse};
 use weft_core::{Error, ErrorKind};
 use weft_services::Session;
+use weft_services::appservice::AppService;
 
 use crate::AppState;
 use crate::extract::{ApiError, TokenChecked, access_token, percent_decode, read_limited};
@@ -106,11 +109,22 @@ pub(crate) async fn session_of(parts: &Parts, s: &AppState) -> Result<Option<Ses
         checked.clone()?
     } else {
         match access_token(parts) {
-            Some(token) => s.accounts.authenticate(&token, ip).await?,
+            Some(token) => {
+                s.authenticate(
+                    &token,
+                    query_param(&parts.uri, "user_id").as_deref(),
+                    query_param(&parts.uri, MASQUERADE_DEVICE).as_deref(),
+                    ip,
+                )
+                .await?
+            }
             None => return Ok(None),
         }
     };
-    s.accounts.touch_device(&session, ip).await;
+    // An application service acting has no device to mark.
+    if session.appservice.is_none() {
+        s.accounts.touch_device(&session, ip).await;
+    }
     Ok(Some(session))
 }
 
@@ -156,8 +170,53 @@ macro_rules! no_caller {
         }
     )*};
 }
-// Weft has no application services: an appservice token is not looked at.
-no_caller!(NoAuthentication, NoAccessToken, AppserviceTokenOptional);
+no_caller!(NoAuthentication, NoAccessToken);
+
+/// Endpoints an application service may call with its `as_token`
+/// (`/register`, `/login`): the service, if the request carries the token
+/// of one; any other token is not looked at.
+impl CallerAuth for AppserviceTokenOptional {
+    type Caller = Option<Arc<AppService>>;
+
+    async fn caller(parts: &Parts, s: &AppState) -> Result<Self::Caller, Error> {
+        Ok(access_token(parts).and_then(|t| s.appservices.by_token(&t)))
+    }
+
+    fn user(_: &Self::Caller) -> Option<&Session> {
+        None
+    }
+}
+
+/// Endpoints only an application service calls (`/appservice/{id}/ping`).
+impl CallerAuth for AppserviceToken {
+    type Caller = Arc<AppService>;
+
+    async fn caller(parts: &Parts, s: &AppState) -> Result<Self::Caller, Error> {
+        let token = access_token(parts).ok_or_else(|| Error::new(ErrorKind::MissingToken, "Missing access token"))?;
+        s.appservices.by_token(&token).ok_or_else(|| {
+            Error::new(
+                ErrorKind::UnknownToken { soft_logout: false },
+                "Unknown application service token",
+            )
+        })
+    }
+
+    fn user(_: &Self::Caller) -> Option<&Session> {
+        None
+    }
+}
+
+/// The query parameter naming the device an application service acts as
+/// (MSC3202 device masquerading).
+pub(crate) const MASQUERADE_DEVICE: &str = "org.matrix.msc3202.device_id";
+
+/// The value of query parameter `key` (percent-decoded), if present.
+pub(crate) fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == key).then(|| percent_decode(v))
+    })
+}
 
 /// The server that sent a federation request, as its verified `X-Matrix`
 /// signature proves.
@@ -464,7 +523,9 @@ pub(crate) fn charge(
     session: Option<&Session>,
     peer: Option<SocketAddr>,
 ) -> Result<(), Error> {
-    if let Some(session) = session {
+    if let Some(session) = session
+        && !s.exempt_from_rate_limits(session)
+    {
         s.limiter.check(session.user_id.as_str())?;
     }
     match class {

@@ -183,6 +183,13 @@ fn typed_routes(r: endpoint::Routes) -> endpoint::Routes {
         .add(Caller, rooms::sliding_sync)
         // Presence (typing and setting presence are above).
         .add(Caller, misc::get_presence)
+        .add(Caller, misc::appservice_ping)
+        .add(Caller, directory::thirdparty_protocols)
+        .add(Caller, directory::thirdparty_protocol)
+        .add(Caller, directory::thirdparty_locations)
+        .add(Caller, directory::thirdparty_users)
+        .add(Caller, directory::thirdparty_location_for_alias)
+        .add(Caller, directory::thirdparty_user_for_userid)
 }
 
 /// The Server-Server API endpoints, one line each; served on the
@@ -294,7 +301,15 @@ async fn rate_limit_by_ip(State(s): State<AppState>, req: Request, next: Next) -
     let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let (mut parts, body) = req.into_parts();
     match extract::access_token(&parts) {
-        Some(token) => match s.accounts.authenticate(&token, ip).await {
+        Some(token) => match s
+            .authenticate(
+                &token,
+                endpoint::query_param(&parts.uri, "user_id").as_deref(),
+                endpoint::query_param(&parts.uri, endpoint::MASQUERADE_DEVICE).as_deref(),
+                ip,
+            )
+            .await
+        {
             Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => return ApiError(e).into_response(),
             // An unknown token: the endpoint answers (401 where it needs one).
             checked => {

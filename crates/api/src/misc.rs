@@ -267,3 +267,21 @@ pub async fn get_room_account_data(
         .await?;
     Ok(get_room_account_data::v3::Response::new(raw(content)?))
 }
+
+/// `POST /appservice/{appserviceId}/ping`: the service asks the server to
+/// ping it (`/_matrix/app/v1/ping`), to check that both can reach each
+/// other.
+pub async fn appservice_ping(
+    s: AppState,
+    req: Ruma<ruma::api::client::appservice::request_ping::v1::Request>,
+) -> Result<ruma::api::client::appservice::request_ping::v1::Response, Error> {
+    let b = &req.body;
+    let took = s
+        .ping_appservice(
+            &req.caller,
+            &b.appservice_id,
+            b.transaction_id.as_ref().map(|t| t.as_str()),
+        )
+        .await?;
+    Ok(ruma::api::client::appservice::request_ping::v1::Response::new(took))
+}

@@ -162,6 +162,7 @@ pub async fn room_joined_members(
 
 /// Sends an event whose content came as raw JSON (every send and state
 /// endpoint).
+#[allow(clippy::too_many_arguments)]
 async fn send_raw<T>(
     s: &AppState,
     session: &weft_services::Session,
@@ -170,9 +171,11 @@ async fn send_raw<T>(
     state_key: Option<&str>,
     txn_id: Option<&str>,
     content: &ruma::serde::Raw<T>,
+    ts: Option<ruma::MilliSecondsSinceUnixEpoch>,
 ) -> Result<ruma::OwnedEventId, Error> {
     let content = serde_json::from_str(content.json().get()).map_err(bad_json)?;
-    s.send_event(session, room_id.as_str(), event_type, state_key, txn_id, content)
+    let ts = ts.map(|t| u64::from(t.get()));
+    s.send_event_at(session, room_id.as_str(), event_type, state_key, txn_id, content, ts)
         .await
 }
 
@@ -189,6 +192,7 @@ pub async fn send(
         None,
         Some(body.txn_id.as_str()),
         &body.body,
+        body.timestamp,
     )
     .await?;
     Ok(send_message_event::v3::Response::new(event_id))
@@ -209,6 +213,7 @@ pub async fn send_without_txn(
         None,
         None,
         &body.body,
+        None,
     )
     .await?;
     Ok(send_without_txn::Response::new(event_id))
@@ -267,6 +272,7 @@ pub async fn put_state(
         Some(&b.state_key),
         None,
         &b.body,
+        b.timestamp,
     )
     .await?;
     Ok(send_state_event::v3::Response::new(event_id))

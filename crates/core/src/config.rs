@@ -32,6 +32,35 @@ pub struct Config {
     pub push: PushConfig,
     pub presence: PresenceConfig,
     pub federation: FederationConfig,
+    pub appservice: AppserviceConfig,
+}
+
+/// Application services (docs/appservices.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppserviceConfig {
+    /// Registration files in Synapse's YAML format; relative paths are in
+    /// the data directory. A malformed file, or two with the same `id`,
+    /// `as_token` or `hs_token`, stops the server at start-up.
+    pub registration_files: Vec<String>,
+    /// First wait before delivering to a service again after a failed
+    /// transaction; doubles with each failure up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// How long one request to a service (a transaction, a query, a
+    /// ping) may take.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            registration_files: vec![],
+            retry_initial_ms: 1_000,
+            retry_max_ms: 300_000,
+            request_timeout_secs: 30,
+        }
+    }
 }
 
 /// The Server-Server API (docs/federation.md).
@@ -407,6 +436,7 @@ impl Default for Config {
             push: PushConfig::default(),
             presence: PresenceConfig::default(),
             federation: FederationConfig::default(),
+            appservice: AppserviceConfig::default(),
         }
     }
 }
@@ -620,6 +650,17 @@ request_timeout_secs = 30
 # retry_initial_ms, doubling with each failure up to retry_max_ms.
 retry_initial_ms = 1000
 retry_max_ms = 3600000
+
+[appservice]
+# Application services' registration files (Synapse's YAML format);
+# relative paths are in the data directory (docs/appservices.md).
+registration_files = []
+# A service that failed a transaction is tried again after
+# retry_initial_ms, doubling with each failure up to retry_max_ms.
+retry_initial_ms = 1000
+retry_max_ms = 300000
+# How long one request to a service may take, in seconds.
+request_timeout_secs = 30
 "#;
 
 impl Config {

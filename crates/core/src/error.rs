@@ -58,6 +58,14 @@ pub enum ErrorKind {
     IncompatibleRoomVersion {
         room_version: String,
     },
+    /// `POST /appservice/{id}/ping` failed: the spec's code for why
+    /// (`M_URL_NOT_SET`, `M_BAD_STATUS` with the service's status and
+    /// body, `M_CONNECTION_FAILED`, `M_CONNECTION_TIMEOUT`).
+    Ping {
+        errcode: &'static str,
+        status: Option<u16>,
+        body: Option<String>,
+    },
     Unknown,
 }
 
@@ -136,6 +144,7 @@ impl Error {
             ErrorKind::Unauthorized => "M_UNAUTHORIZED",
             ErrorKind::RemoteUnreachable => "M_UNKNOWN",
             ErrorKind::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
+            ErrorKind::Ping { errcode, .. } => errcode,
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -159,6 +168,11 @@ impl Error {
             ErrorKind::CannotOverwriteMedia => 409,
             ErrorKind::NotYetUploaded => 504,
             ErrorKind::RemoteUnreachable => 502,
+            ErrorKind::Ping { errcode, .. } => match *errcode {
+                "M_URL_NOT_SET" => 400,
+                "M_CONNECTION_TIMEOUT" => 504,
+                _ => 502,
+            },
             ErrorKind::Unknown => 500,
             _ => 400,
         }
@@ -184,6 +198,14 @@ impl Error {
             }
             ErrorKind::IncompatibleRoomVersion { room_version } => {
                 body["room_version"] = room_version.as_str().into();
+            }
+            ErrorKind::Ping {
+                status: Some(status),
+                body: answer,
+                ..
+            } => {
+                body["status"] = (*status).into();
+                body["body"] = answer.clone().unwrap_or_default().into();
             }
             _ => {}
         }

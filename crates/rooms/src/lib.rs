@@ -50,6 +50,9 @@ pub struct EventSpec {
     pub redacts: Option<OwnedEventId>,
     /// (device_id, txn_id) for idempotent client sends.
     pub txn: Option<(String, String)>,
+    /// `origin_server_ts` instead of now: an application service's `?ts=`
+    /// (timestamp massaging).
+    pub origin_server_ts: Option<u64>,
 }
 
 impl EventSpec {
@@ -60,6 +63,7 @@ impl EventSpec {
             content,
             redacts: None,
             txn: None,
+            origin_server_ts: None,
         }
     }
 }
@@ -351,6 +355,7 @@ impl Rooms {
             content,
             redacts,
             txn,
+            origin_server_ts,
         } = spec;
         let rules = &cache.rules;
         let is_create = event_type == "m.room.create";
@@ -362,6 +367,12 @@ impl Rooms {
             content,
             redacts.as_ref(),
         )?;
+        if let Some(ts) = origin_server_ts {
+            obj.insert(
+                "origin_server_ts".into(),
+                CanonicalJsonValue::Integer(ruma::Int::try_from(ts).map_err(|_| Error::invalid_param("Invalid ts"))?),
+            );
+        }
         let (event_id, hash) = self.sign(rules, &mut obj)?;
         let redaction = redacts;
         let pdu_json = serde_json::to_string(&obj).map_err(Error::internal)?;

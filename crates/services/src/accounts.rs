@@ -23,6 +23,9 @@ use crate::RateLimiter;
 pub struct Session {
     pub user_id: OwnedUserId,
     pub device_id: String,
+    /// The application service acting (with its `as_token`), as itself or
+    /// as a user of its namespace (docs/appservices.md).
+    pub appservice: Option<String>,
 }
 
 /// What a login or registration hands back.
@@ -300,6 +303,7 @@ impl Accounts {
             Session {
                 user_id,
                 device_id: owner.device_id,
+                appservice: None,
             },
             owner.psk,
         )))
@@ -324,6 +328,7 @@ impl Accounts {
         Ok(Session {
             user_id,
             device_id: owner.device_id,
+            appservice: None,
         })
     }
 

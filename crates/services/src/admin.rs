@@ -51,6 +51,8 @@ pub enum AdminCommand {
     MediaQuarantine { media: String, release: bool },
     /// The outgoing federation queue per destination (running server only).
     FederationDestinations,
+    /// The registered application services and their delivery state.
+    AppserviceList,
     /// Queues an EDU (`content` is its JSON) for a server, as the server's
     /// own parts do (running server only; for tests and diagnosis).
     FederationQueueEdu {
@@ -156,6 +158,10 @@ pub enum AdminOutcome {
     EduQueued {
         destination: String,
     },
+    Appservices {
+        now_ms: u64,
+        services: Vec<crate::appservice::AppserviceInfo>,
+    },
     /// The destination's answer to a transaction, as JSON.
     TransactionAnswer {
         destination: String,
@@ -182,6 +188,7 @@ impl AdminCommand {
             AdminCommand::MediaPurge { .. } => "media_purge",
             AdminCommand::MediaQuarantine { .. } => "media_quarantine",
             AdminCommand::FederationDestinations => "federation_destinations",
+            AdminCommand::AppserviceList => "appservice_list",
             AdminCommand::FederationQueueEdu { .. } => "federation_queue_edu",
             AdminCommand::FederationSendTransaction { .. } => "federation_send_transaction",
         }
@@ -329,6 +336,10 @@ impl Services {
                     quarantined: !release,
                 })
             }
+            AdminCommand::AppserviceList => Ok(AdminOutcome::Appservices {
+                now_ms: weft_core::now_ms(),
+                services: self.appservice_list().await?,
+            }),
             AdminCommand::FederationDestinations => Ok(AdminOutcome::Destinations {
                 now_ms: weft_core::now_ms(),
                 destinations: self.federation_destinations().await?,

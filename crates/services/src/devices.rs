@@ -11,7 +11,26 @@ impl Services {
     /// `PUT /devices/{deviceId}`: sets the display name of one of the
     /// session's user's devices (`None` leaves it unchanged). Another
     /// user's device, like a missing one, is `404 M_NOT_FOUND`.
+    ///
+    /// An application service with `io.element.msc4190: true` acting as
+    /// one of its users creates the device when it is missing (MSC4190).
     pub async fn rename_device(&self, session: &Session, device_id: &str, display_name: Option<&str>) -> Result<()> {
+        if self.acts_with_msc4190(session) {
+            let exists = self
+                .store
+                .list_devices(session.user_id.as_str())
+                .await?
+                .iter()
+                .any(|d| d.device_id == device_id);
+            if !exists {
+                // Its access token is never handed out: the service acts
+                // for the device with its own token.
+                self.accounts
+                    .new_device(&session.user_id, Some(device_id), display_name)
+                    .await?;
+                return Ok(());
+            }
+        }
         let found = match display_name {
             Some(name) => {
                 self.store
@@ -39,8 +58,13 @@ impl Services {
     /// to-device messages — and ends its open connections. A device the
     /// user does not have is skipped. Users sharing a room with the user
     /// see the device list change if the device had keys.
+    ///
+    /// An application service with `io.element.msc4190: true` needs no
+    /// user-interactive auth (MSC4190).
     pub async fn delete_devices(&self, session: &Session, devices: &[String], auth: Option<AuthData>) -> Result<()> {
-        self.password_uia(session, auth).await?;
+        if !self.acts_with_msc4190(session) {
+            self.password_uia(session, auth).await?;
+        }
         let own = self.store.list_devices(session.user_id.as_str()).await?;
         for device in devices {
             if own.iter().any(|d| &d.device_id == device) {

@@ -185,19 +185,7 @@ impl Services {
     /// position in one write. Answers that position and the destinations
     /// to wake.
     async fn queue_batch(&self, after: i64, upto: i64) -> Result<(i64, BTreeSet<OwnedServerName>)> {
-        let changes = self.store.changes_since(after);
-        let has_events = changes
-            .as_ref()
-            .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
-        let events = if has_events {
-            self.store.events_after(after, upto, READ_BATCH).await?
-        } else {
-            Vec::new()
-        };
-        let next = match events.last() {
-            Some(last) if events.len() == READ_BATCH => last.position,
-            _ => upto,
-        };
+        let StreamWindow { changes, events, next } = self.stream_window(after, upto, READ_BATCH).await?;
         let mut rows = Vec::new();
         let mut rooms: HashMap<String, BTreeSet<OwnedServerName>> = HashMap::new();
         for ev in &events {
@@ -247,6 +235,28 @@ impl Services {
                 .map_err(|_| Error::internal("federation queue not stored"))??;
         }
         Ok((next, wake))
+    }
+
+    /// What a durable reader of the stream (this queue, the application
+    /// services' delivery) looks at next after `after`: the events in
+    /// (after, upto], at most `limit` (none read when this process's
+    /// record of recent changes shows none), that record, and the position
+    /// the window ends at.
+    pub(crate) async fn stream_window(&self, after: i64, upto: i64, limit: usize) -> Result<StreamWindow> {
+        let changes = self.store.changes_since(after);
+        let has_events = changes
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
+        let events = if has_events {
+            self.store.events_after(after, upto, limit).await?
+        } else {
+            Vec::new()
+        };
+        let next = match events.last() {
+            Some(last) if events.len() == limit => last.position,
+            _ => upto,
+        };
+        Ok(StreamWindow { changes, events, next })
     }
 
     fn is_local(&self, user_id: &str) -> bool {
@@ -477,6 +487,16 @@ impl Services {
             .await?;
         Ok(true)
     }
+}
+
+/// A window of the stream as [`Services::stream_window`] reads it.
+pub(crate) struct StreamWindow {
+    /// The recent changes after the window's start (`None`: older than
+    /// what this process keeps).
+    pub changes: Option<Vec<(i64, StreamKey)>>,
+    pub events: Vec<StoredEvent>,
+    /// Every event up to here has been read.
+    pub next: i64,
 }
 
 /// An EDU row for the queue.

@@ -6,6 +6,8 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod appservice;
+pub mod appservice_push;
 pub mod backup;
 pub mod connections;
 pub mod content;
@@ -94,6 +96,8 @@ pub struct Services {
     pub(crate) fed_queue: federation_queue::QueueRuntime,
     /// Incoming federation transactions being processed.
     pub(crate) fed_txns: federation_txn::InFlight,
+    /// Registered application services (`[appservice]`).
+    pub appservices: appservice::AppServices,
 }
 
 impl Services {
@@ -129,6 +133,7 @@ impl Services {
             store.clone(),
         )?;
         let push = push::PushRuntime::new(&config.push)?;
+        let appservices = appservice::AppServices::load(&config.appservice, None, &server_name)?;
         Ok(Arc::new(Self {
             config,
             server_name,
@@ -144,6 +149,7 @@ impl Services {
             ephemeral_wake: tokio::sync::Notify::new(),
             fed_queue: federation_queue::QueueRuntime::new(),
             fed_txns: federation_txn::InFlight::default(),
+            appservices,
         }))
     }
 }

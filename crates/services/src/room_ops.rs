@@ -85,8 +85,7 @@ impl Services {
     pub async fn resolve_room(&self, room_or_alias: &str) -> Result<OwnedRoomId> {
         if room_or_alias.starts_with('#') {
             let alias = self
-                .store
-                .resolve_alias(room_or_alias)
+                .local_alias(room_or_alias)
                 .await?
                 .ok_or_else(|| Error::not_found("Room alias not found"))?;
             return self.room_id(&alias.room_id);
@@ -207,6 +206,7 @@ impl Services {
                 if self.store.resolve_alias(alias.as_str()).await?.is_some() {
                     return Err(Error::new(ErrorKind::RoomInUse, "Room alias already taken"));
                 }
+                self.check_alias_not_exclusive(alias.as_str(), session.user_id.as_str())?;
                 Some(alias)
             }
             None => None,
@@ -396,11 +396,31 @@ impl Services {
         txn_id: Option<&str>,
         content: Value,
     ) -> Result<OwnedEventId> {
+        self.send_event_at(session, room, event_type, state_key, txn_id, content, None)
+            .await
+    }
+
+    /// [`Services::send_event`] with `origin_server_ts` set to `ts`: only an
+    /// application service may (its `?ts=`); for anyone else it is ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_event_at(
+        &self,
+        session: &Session,
+        room: &str,
+        event_type: &str,
+        state_key: Option<&str>,
+        txn_id: Option<&str>,
+        content: Value,
+        ts: Option<u64>,
+    ) -> Result<OwnedEventId> {
         let room_id = self.room_id(room)?;
         if let Some(id) = self.txn_event(session, &room_id, event_type, txn_id).await? {
             return Ok(id);
         }
-        let spec = event_spec(session, event_type, state_key, txn_id, content)?;
+        let mut spec = event_spec(session, event_type, state_key, txn_id, content)?;
+        if session.appservice.is_some() {
+            spec.origin_server_ts = ts;
+        }
         if event_type == crate::files::FILE_TAGS {
             self.check_tags_target(&session.user_id, room_id.as_str(), state_key)
                 .await?;
@@ -885,8 +905,7 @@ impl Services {
     /// The room an alias of this server names.
     pub async fn alias_room(&self, alias: &str) -> Result<OwnedRoomId> {
         let record = self
-            .store
-            .resolve_alias(alias)
+            .local_alias(alias)
             .await?
             .ok_or_else(|| Error::not_found("Room alias not found"))?;
         self.room_id(&record.room_id)
@@ -903,6 +922,7 @@ impl Services {
         if alias_id.server_name() != self.server_name {
             return Err(Error::invalid_param("Alias must be on this server"));
         }
+        self.check_alias_not_exclusive(alias_id.as_str(), user_id.as_str())?;
         let room_id = self.room_id(room_id)?;
         if self.store.room_info(room_id.as_str()).await?.is_none() {
             return Err(Error::not_found("Room not found"));
@@ -979,6 +999,7 @@ fn event_spec(
         content,
         redacts,
         txn: txn_id.map(|t| (session.device_id.clone(), t.to_owned())),
+        origin_server_ts: None,
     })
 }
 

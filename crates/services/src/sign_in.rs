@@ -99,6 +99,8 @@ impl Services {
         if !self.accounts.is_available(&name).await? {
             return Err(Error::new(ErrorKind::UserInUse, "User ID already taken"));
         }
+        // A name an application service reserved is its alone.
+        self.check_user_not_exclusive(self.accounts.user_id_for(&name)?.as_str(), None)?;
         let Some(password) = req.password.clone() else {
             return Err(Error::missing_param("password is required"));
         };
@@ -162,16 +164,36 @@ impl Services {
 
     /// `POST /login` with `m.login.password`, from the client at `ip` (for
     /// the failed-login limit): a new device and its access token.
-    pub async fn login(&self, req: Login, ip: Option<IpAddr>) -> Result<Value> {
-        if req.kind != "m.login.password" {
-            return Err(Error::new(ErrorKind::Unknown, "Unsupported login type").with_status(400));
-        }
-        let user = user_of(&req.identifier, &req.user)?;
-        let password = req.password.ok_or_else(|| Error::bad_json("password is required"))?;
-        let user_id = self
-            .accounts
-            .check_password(&user.to_lowercase(), &password, ip)
-            .await?;
+    ///
+    /// With `m.login.application_service`, the request must carry a
+    /// service's `as_token` (`appservice`), and the user must be in its
+    /// namespace.
+    pub async fn login(
+        &self,
+        req: Login,
+        appservice: Option<&crate::appservice::AppService>,
+        ip: Option<IpAddr>,
+    ) -> Result<Value> {
+        let user_id = match req.kind.as_str() {
+            "m.login.password" => {
+                let user = user_of(&req.identifier, &req.user)?;
+                let password = req.password.ok_or_else(|| Error::bad_json("password is required"))?;
+                self.accounts
+                    .check_password(&user.to_lowercase(), &password, ip)
+                    .await?
+            }
+            "m.login.application_service" => {
+                let Some(service) = appservice else {
+                    return Err(Error::new(
+                        ErrorKind::MissingToken,
+                        "m.login.application_service needs the application service's token",
+                    ));
+                };
+                let user = user_of(&req.identifier, &req.user)?;
+                self.login_appservice_user(service, &user.to_lowercase()).await?
+            }
+            _ => return Err(Error::new(ErrorKind::Unknown, "Unsupported login type").with_status(400)),
+        };
         let mut answer = self
             .sign_in(
                 &user_id,

@@ -44,7 +44,12 @@ impl Services {
     pub async fn profile(&self, user_id: &str) -> Result<serde_json::Map<String, Value>> {
         match crate::federation::parse_user_id(user_id) {
             Ok(id) if id.server_name() != self.server_name => self.remote_profile(id, None).await,
-            _ => self.local_profile(user_id).await,
+            _ => {
+                // An unknown user of an application service's namespace
+                // is asked of the service, which may create it.
+                self.user_exists_or_queried(user_id).await?;
+                self.local_profile(user_id).await
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 //! stream. A position is only published to readers once every write up to it
 //! is durable.
 
+mod appservice;
 mod e2ee;
 mod federation;
 mod federation_queue;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 pub use weft_core::Result;
 
+pub use appservice::*;
 pub use e2ee::*;
 pub use federation::*;
 pub use federation_queue::*;
@@ -49,7 +51,15 @@ pub type AccountDataEdit = Box<dyn FnOnce(Option<String>) -> Result<String> + Se
 /// server-wide stream.
 #[async_trait]
 pub trait Store:
-    MediaStore + FederationStore + FederationQueueStore + E2eeFederationStore + RoomGraphStore + Send + Sync + 'static
+    MediaStore
+    + FederationStore
+    + FederationQueueStore
+    + E2eeFederationStore
+    + RoomGraphStore
+    + AppserviceStore
+    + Send
+    + Sync
+    + 'static
 {
     // ---- stream ----
     /// Highest durable stream position.

@@ -16,6 +16,7 @@ use weft_core::{Error, ErrorKind, Result};
 
 use crate::*;
 
+mod appservice;
 mod e2ee;
 mod federation;
 mod federation_queue;
@@ -41,6 +42,8 @@ const MIGRATIONS: &[&str] = &[
     DAG_MIGRATION,
     include_str!("../migrations/0017_federation_queue.sql"),
     include_str!("../migrations/0018_federated_e2ee.sql"),
+    // 0019 is another branch's; merged, it comes before this one.
+    include_str!("../migrations/0020_appservices.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).

@@ -465,6 +465,58 @@ pub fn print(outcome: &AdminOutcome) {
             }
         }
         AdminOutcome::EduQueued { destination } => println!("queued for {destination}"),
+        AdminOutcome::Appservices { now_ms, services } => {
+            use weft_services::federation_queue::describe_ms_from_now as when;
+            if services.is_empty() {
+                println!("no application services registered ([appservice] registration_files)");
+            }
+            for s in services {
+                println!("{}", s.id);
+                println!("  file\t{}", s.file);
+                println!("  url\t{}", s.url.as_deref().unwrap_or("(none: no traffic)"));
+                println!("  sender\t{}", s.sender);
+                for (kind, list) in [("users", &s.users), ("aliases", &s.aliases), ("rooms", &s.rooms)] {
+                    for re in list.iter() {
+                        println!("  {kind}\t{re}");
+                    }
+                }
+                println!("  rate_limited\t{}", s.rate_limited);
+                println!("  ephemeral\t{}", s.ephemeral);
+                match &s.state {
+                    Some(st) => {
+                        println!("  position\t{}", st.position);
+                        println!("  next_txn\t{}", st.next_txn);
+                        println!(
+                            "  pending\t{}",
+                            st.pending
+                                .as_ref()
+                                .map(|(upto, _)| format!("transaction {} up to {upto}", st.next_txn))
+                                .unwrap_or_else(|| "-".into())
+                        );
+                        println!("  backoff_ms\t{}", st.backoff_ms);
+                        println!(
+                            "  retry\t{}",
+                            if st.retry_at_ms > *now_ms {
+                                when(st.retry_at_ms, *now_ms)
+                            } else {
+                                "now".into()
+                            }
+                        );
+                        println!(
+                            "  last_success\t{}",
+                            st.last_success_ms
+                                .map(|t| when(t, *now_ms))
+                                .unwrap_or_else(|| "never".into())
+                        );
+                        println!(
+                            "  last_error\t{}",
+                            st.last_error.as_deref().unwrap_or("-").replace(['\n', '\t'], " ")
+                        );
+                    }
+                    None => println!("  position\t(not started yet)"),
+                }
+            }
+        }
         AdminOutcome::TransactionAnswer { response, .. } => println!("{response}"),
         AdminOutcome::Psk {
             user_id,

@@ -53,6 +53,17 @@ enum Command {
     /// Federation (docs/federation.md); needs the running server.
     #[command(subcommand)]
     Federation(FederationCommand),
+    /// Application services (docs/appservices.md).
+    #[command(subcommand)]
+    Appservice(AppserviceCommand),
+}
+
+#[derive(Subcommand)]
+enum AppserviceCommand {
+    /// The registered services (from `[appservice] registration_files`):
+    /// URL, sender, namespaces, and delivery state (stream position,
+    /// pending transaction, backoff, last error).
+    List,
 }
 
 #[derive(Subcommand)]
@@ -249,6 +260,14 @@ fn main() -> anyhow::Result<()> {
                 admin::print(&outcome);
                 Ok(())
             }
+            Command::Appservice(AppserviceCommand::List) => {
+                admin_command(
+                    &cli.data_dir,
+                    cli.config,
+                    weft_services::admin::AdminCommand::AppserviceList,
+                )
+                .await
+            }
             Command::Report(ReportCommand::List { limit }) => {
                 admin_command(
                     &cli.data_dir,
@@ -364,7 +383,13 @@ fn prepare(
     Ok((config, first_run))
 }
 
-fn open_services(data_dir: &Path, config: Config) -> anyhow::Result<Arc<Services>> {
+fn open_services(data_dir: &Path, mut config: Config) -> anyhow::Result<Arc<Services>> {
+    // Registration files: relative paths are in the data directory.
+    for file in &mut config.appservice.registration_files {
+        if Path::new(file.as_str()).is_relative() {
+            *file = data_dir.join(file.as_str()).display().to_string();
+        }
+    }
     let key = weft_rooms::keys::load_or_create(data_dir).map_err(anyhow::Error::msg)?;
     let store = weft_store::open(&config, data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let blobs = weft_services::media::open_blobs(&config, data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -424,6 +449,12 @@ async fn serve(
     services.start_push();
     // Federation: the outgoing queue's reader and senders.
     services.start_federation_queue();
+    // Application services: each one's delivery task (its position stored
+    // first, so nothing sent from now on is missed).
+    services
+        .start_appservices()
+        .await
+        .map_err(|e| anyhow::anyhow!("application services: {e}"))?;
     let admin_socket = admin::AdminSocket::start(data_dir, services.clone()).await?;
     let mut app = weft_http::router(services.clone());
     // The MQTT door (TCP, TLS, and WebSocket on this HTTP listener), one

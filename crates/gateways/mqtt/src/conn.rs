@@ -438,6 +438,7 @@ async fn authenticate(
                 Session {
                     user_id,
                     device_id: login.device_id,
+                    appservice: None,
                 },
                 login.access_token,
             ))
