@@ -41,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     DAG_MIGRATION,
     include_str!("../migrations/0017_federation_queue.sql"),
     include_str!("../migrations/0018_federated_e2ee.sql"),
+    include_str!("../migrations/0019_compact_dag.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).

@@ -1117,11 +1117,13 @@ async fn pushers_replace_append_and_remember_what_they_sent() {
     assert!(store.pushers(None).await.unwrap().is_empty());
 }
 
-/// A bare DAG event: `prevs` are its prev events.
+/// A bare DAG event: `prevs` are its prev events (in its PDU too, where
+/// the store reads them from).
 fn dag_event(room: &str, id: &str, prevs: &[&str], depth: i64, kind: EventKind) -> NewEvent {
     let mut ev = renamed(event(room, 1, None), id);
     ev.txn = None;
     ev.prev_events = prevs.iter().map(|p| p.to_string()).collect();
+    ev.pdu_json = serde_json::json!({ "depth": depth, "prev_events": prevs, "auth_events": [] }).to_string();
     ev.depth = depth;
     ev.kind = kind;
     ev
