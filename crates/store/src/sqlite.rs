@@ -640,7 +640,9 @@ fn bump_backup_etag(c: &Connection, user_id: &str, version: i64) -> Result<i64> 
 }
 
 /// Inserts one event and applies its effects; runs inside the writer.
-fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
+/// `room_done`: the room's row (extremities, current group) was already
+/// moved on past `ev` ([`graph::advance_linear`]).
+fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent, room_done: bool) -> rusqlite::Result<i64> {
     let on_stream = ev.kind.on_stream();
     // Events off the stream (backfilled, outliers, rejected, soft-failed)
     // count down from below every stored position: no stream reader ever
@@ -680,7 +682,7 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         ev.state_before,
         ev.state_after,
     ])?;
-    graph::store_graph(conn, ev)?;
+    graph::store_graph(conn, ev, room_done)?;
     if let Some(cs) = &ev.current_state {
         for (event_type, state_key, event_id) in &cs.changes {
             // The event the key now points at: this one, or one stored
@@ -2435,12 +2437,16 @@ impl Store for SqliteStore {
         self.write(move |c, ctx| {
             // A local event built on one whose write failed is refused:
             // no stored event points at a parent that is not stored.
-            if event.kind == EventKind::Timeline && !graph::check_prevs(c, &event).map_err(db_err)? {
+            // A local event built on exactly the room's forward extremities
+            // (the one of a linear room) moves them on in one statement;
+            // those are stored events, so its prev events are stored.
+            let advanced = graph::advance_linear(c, &event).map_err(db_err)?;
+            if event.kind == EventKind::Timeline && !advanced && !graph::check_prevs(c, &event).map_err(db_err)? {
                 return Err(Error::internal(
                     "the event it follows failed to be stored; send it again",
                 ));
             }
-            insert_event(c, ctx, &event).map_err(db_err)
+            insert_event(c, ctx, &event, advanced).map_err(db_err)
         })
     }
 

@@ -172,7 +172,7 @@ fn remote_membership_job(
         .optional()?
         .is_none()
     {
-        super::insert_event(c, ctx, &event)?;
+        super::insert_event(c, ctx, &event, false)?;
     }
     let p = ctx.pos + 1;
     c.prepare_cached(
@@ -231,9 +231,13 @@ fn insert_group(c: &Connection, room_id: &str, g: &NewStateGroup) -> rusqlite::R
 /// are its PDU's `prev_events` and `auth_events`; no row is written for
 /// them (migration 0019). (That a `Timeline` event's prev events are
 /// stored is checked by [`check_prevs`] first.)
-pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()> {
+/// `room_done`: [`advance_linear`] already moved the room's row on.
+pub(crate) fn store_graph(c: &Connection, ev: &NewEvent, room_done: bool) -> rusqlite::Result<()> {
     for g in &ev.new_groups {
         insert_group(c, &ev.room_id, g)?;
+    }
+    if room_done {
+        return Ok(());
     }
     // An event from another server may follow events this one has not
     // got: remember those edges, the only ones whose target may come
@@ -250,10 +254,12 @@ pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()>
     }
     // Stored at last: the events that follow it no longer dangle. An
     // event something already points at (fetched late) is no extremity.
-    let pointed_at = c
-        .prepare_cached("DELETE FROM dangling_prevs WHERE prev_id = ?1")?
-        .execute([&ev.event_id])?
-        > 0;
+    // (Nothing can point at a new local event: its ID was just made, and
+    // it goes out to other servers only once stored.)
+    let pointed_at = ev.kind != crate::EventKind::Timeline
+        && c.prepare_cached("DELETE FROM dangling_prevs WHERE prev_id = ?1")?
+            .execute([&ev.event_id])?
+            > 0;
     if ev.kind.on_stream() {
         let current: Option<String> = c
             .prepare_cached("SELECT extremities FROM rooms WHERE room_id = ?1")?
@@ -276,6 +282,35 @@ pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()>
             .execute(params![cs.group, ev.room_id])?;
     }
     Ok(())
+}
+
+/// For a local event (`Timeline`) whose prev events are exactly the
+/// room's forward extremities, as stored (the linear room's one): makes
+/// it the room's one extremity and its current group the event's, in one
+/// statement. Answers whether it did; else [`store_graph`] does the
+/// general update.
+pub(crate) fn advance_linear(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
+    if ev.kind != crate::EventKind::Timeline || ev.prev_events.is_empty() {
+        return Ok(false);
+    }
+    let (Ok(expected), Ok(new)) = (
+        serde_json::to_string(&ev.prev_events),
+        serde_json::to_string(&[&ev.event_id]),
+    ) else {
+        return Ok(false);
+    };
+    let n = c
+        .prepare_cached(
+            "UPDATE rooms SET extremities = ?1, state_group = COALESCE(?2, state_group) \
+             WHERE room_id = ?3 AND extremities = ?4",
+        )?
+        .execute(params![
+            new,
+            ev.current_state.as_ref().map(|cs| cs.group),
+            ev.room_id,
+            expected
+        ])?;
+    Ok(n == 1)
 }
 
 /// Whether every prev event of `ev` is stored (or earlier in this
