@@ -153,6 +153,26 @@ impl RecentChanges {
     }
 }
 
+impl RecentChanges {
+    /// Every event with a position after `lo` and up to `hi`, oldest
+    /// first, at most `limit`; `None` if the tail does not hold all of
+    /// them (`lo` is below its floor).
+    fn events_after(&self, lo: i64, hi: i64, limit: usize) -> Option<Vec<StoredEvent>> {
+        if lo < self.event_floor {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.position <= lo);
+        let end = self.events.partition_point(|e| e.position <= hi);
+        Some(
+            self.events
+                .range(start..end.max(start))
+                .take(limit)
+                .map(|e| StoredEvent::clone(e))
+                .collect(),
+        )
+    }
+}
+
 fn event_size(ev: &StoredEvent) -> usize {
     std::mem::size_of::<StoredEvent>() + ev.pdu_json.len() + ev.event_id.len() + ev.room_id.len() + 64
 }
@@ -2205,6 +2225,11 @@ impl Store for SqliteStore {
     }
 
     async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+        // The stream's followers (push evaluator, federation queue) read
+        // just after each commit: from the in-memory tail, no query.
+        if let Some(events) = self.recent.read().events_after(after, upto, limit) {
+            return Ok(events);
+        }
         self.read(move |c| {
             let sql = format!(
                 "SELECT {EVENT_COLS} FROM events e WHERE e.position > ?1 AND e.position <= ?2 \

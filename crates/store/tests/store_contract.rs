@@ -659,8 +659,19 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
         .room_events("!a:test", positions[10], i64::MAX, Direction::Forward, 5)
         .await
         .unwrap();
+    let fresh_after = store.events_after(since, red_pos - 3, 60).await.unwrap();
+    let fresh_after_all = store.events_after(since, red_pos, 1000).await.unwrap();
     drop(store);
     let store = open(&dir);
+    let disk_after = store.events_after(since, red_pos - 3, 60).await.unwrap();
+    let disk_after_all = store.events_after(since, red_pos, 1000).await.unwrap();
+    assert_eq!(check(&fresh_after), check(&disk_after));
+    assert_eq!(check(&fresh_after_all), check(&disk_after_all));
+    assert_eq!(fresh_after.len(), 60);
+    assert_eq!(fresh_after[0].position, since + 1);
+    assert!(fresh_after.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(fresh_after_all.last().map(|e| e.position), Some(red_pos));
+    assert!(fresh_after_all.iter().any(|e| e.pdu_json == r#"{"redacted":true}"#));
     let disk = store
         .room_events("!a:test", since, red_pos + 1, Direction::Forward, 50)
         .await
