@@ -294,16 +294,19 @@ impl Rooms {
             let before_group = match before_group {
                 Some(g) => g,
                 None => {
-                    let g = self.group_for(&before, None, &mut new_groups).await?;
+                    let g = self.group_for(&before, None, None, &mut new_groups).await?;
                     g.0
                 }
             };
             let mut after = before.clone();
             let mut after_group = before_group;
             if let Some(key) = &pdu.state_key {
-                after.insert((pdu.event_type.to_string(), key.clone()), event_id.clone());
+                let (event_type, key) = (pdu.event_type.to_string(), key.clone());
+                after.insert((event_type.clone(), key.clone()), event_id.clone());
+                // The one change is known: no diff of the whole state.
+                let change = (event_type, key, event_id.to_string());
                 after_group = self
-                    .group_for(&after, Some((before_group, &before)), &mut new_groups)
+                    .group_for(&after, Some((before_group, &before)), Some(change), &mut new_groups)
                     .await?
                     .0;
             }
@@ -375,7 +378,7 @@ impl Rooms {
                 } else {
                     // A delta on the current group when there is one.
                     let base = cache.group.map(|g| (g, &current_ids));
-                    let (g, chain) = self.group_for(&resolved, base, &mut new_groups).await?;
+                    let (g, chain) = self.group_for(&resolved, base, None, &mut new_groups).await?;
                     (resolved, g, chain)
                 }
             };
@@ -530,12 +533,16 @@ impl Rooms {
     }
 
     /// A new group holding `state`: a delta on `base` (group and its
-    /// state) when given and its chain allows, else a snapshot. Answers the
-    /// group and its chain.
+    /// state) when given and its chain allows, else a snapshot. `change`:
+    /// the one entry `state` adds to or changes in `base`'s state, when the
+    /// caller knows it (a state event on the state before it), so the
+    /// delta needs no comparison of the two whole states. Answers the group
+    /// and its chain.
     async fn group_for(
         &self,
         state: &StateIds,
         base: Option<(i64, &StateIds)>,
+        change: Option<(String, String, String)>,
         new_groups: &mut Vec<NewStateGroup>,
     ) -> Result<(i64, i64)> {
         let id = self.next_group().await?;
@@ -547,6 +554,12 @@ impl Rooms {
             None => None,
         };
         let group = match (base, base_chain) {
+            (Some((g, _)), Some(chain)) if chain < MAX_CHAIN && change.is_some() => NewStateGroup {
+                id,
+                prev_group: Some(g),
+                chain: chain + 1,
+                entries: change.into_iter().collect(),
+            },
             (Some((g, base_state)), Some(chain)) if chain < MAX_CHAIN && removed_none(base_state, state) => {
                 NewStateGroup {
                     id,

@@ -42,7 +42,7 @@ const MIGRATIONS: &[&str] = &[
     DAG_MIGRATION,
     include_str!("../migrations/0017_federation_queue.sql"),
     include_str!("../migrations/0018_federated_e2ee.sql"),
-    // 0019 is another branch's; merged, it comes before this one.
+    include_str!("../migrations/0019_compact_dag.sql"),
     include_str!("../migrations/0020_appservices.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
@@ -132,24 +132,6 @@ impl RecentChanges {
         }
     }
 
-    /// Every room's events at positions in (`after`, `upto`], oldest
-    /// first, at most `limit`; `None` if the tail does not hold all of
-    /// them (`after` is below its floor).
-    fn events_after(&self, after: i64, upto: i64, limit: usize) -> Option<Vec<StoredEvent>> {
-        if after < self.event_floor {
-            return None;
-        }
-        let start = self.events.partition_point(|e| e.position <= after);
-        Some(
-            self.events
-                .range(start..)
-                .take_while(|e| e.position <= upto)
-                .take(limit)
-                .map(|e| StoredEvent::clone(e))
-                .collect(),
-        )
-    }
-
     /// The room's events strictly between positions `lo` and `hi`, in
     /// `dir` order, at most `limit`; `None` if the tail does not hold all
     /// of them (`lo` is below its floor).
@@ -170,6 +152,26 @@ impl RecentChanges {
                 .map(|e| StoredEvent::clone(e))
                 .collect(),
         })
+    }
+}
+
+impl RecentChanges {
+    /// Every event with a position after `lo` and up to `hi`, oldest
+    /// first, at most `limit`; `None` if the tail does not hold all of
+    /// them (`lo` is below its floor).
+    fn events_after(&self, lo: i64, hi: i64, limit: usize) -> Option<Vec<StoredEvent>> {
+        if lo < self.event_floor {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.position <= lo);
+        let end = self.events.partition_point(|e| e.position <= hi);
+        Some(
+            self.events
+                .range(start..end.max(start))
+                .take(limit)
+                .map(|e| StoredEvent::clone(e))
+                .collect(),
+        )
     }
 }
 
@@ -697,7 +699,9 @@ fn insert_event_row(
 }
 
 /// Inserts one event and applies its effects; runs inside the writer.
-fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqlite::Result<i64> {
+/// `room_done`: the room's row (extremities, current group) was already
+/// moved on past `ev` ([`graph::advance_linear`]).
+fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent, room_done: bool) -> rusqlite::Result<i64> {
     let on_stream = ev.kind.on_stream();
     // Events off the stream (backfilled, outliers, rejected, soft-failed)
     // count down from below every stored position: no stream reader ever
@@ -724,7 +728,7 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent) -> rusqli
         Some(old) => graph::promote_outlier(conn, ev, old, p)?,
         None => {
             insert_event_row(conn, ev, p, txn_device, txn_id)?;
-            graph::store_graph(conn, ev)?;
+            graph::store_graph(conn, ev, room_done)?;
         }
     }
     if let Some(cs) = &ev.current_state {
@@ -2249,8 +2253,8 @@ impl Store for SqliteStore {
     }
 
     async fn events_after(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<StoredEvent>> {
-        // Stream readers (push rules, the federation queue) mostly ask
-        // for the newest events: the tail has them.
+        // The stream's followers (push evaluator, federation queue) read
+        // just after each commit: from the in-memory tail, no query.
         if let Some(events) = self.recent.read().events_after(after, upto, limit) {
             return Ok(events);
         }
@@ -2486,12 +2490,16 @@ impl Store for SqliteStore {
         self.write(move |c, ctx| {
             // A local event built on one whose write failed is refused:
             // no stored event points at a parent that is not stored.
-            if event.kind == EventKind::Timeline && !graph::check_prevs(c, &event).map_err(db_err)? {
+            // A local event built on exactly the room's forward extremities
+            // (the one of a linear room) moves them on in one statement;
+            // those are stored events, so its prev events are stored.
+            let advanced = graph::advance_linear(c, &event).map_err(db_err)?;
+            if event.kind == EventKind::Timeline && !advanced && !graph::check_prevs(c, &event).map_err(db_err)? {
                 return Err(Error::internal(
                     "the event it follows failed to be stored; send it again",
                 ));
             }
-            insert_event(c, ctx, &event).map_err(db_err)
+            insert_event(c, ctx, &event, advanced).map_err(db_err)
         })
     }
 

@@ -116,9 +116,10 @@ pub struct NewEvent {
     /// `m.room.message`, `content.name` of `m.room.name`, `content.topic`
     /// of `m.room.topic`.
     pub search_text: Option<String>,
-    /// The PDU's `prev_events` (its edges in the room's DAG).
+    /// The PDU's `prev_events` (its edges in the room's DAG). Must match
+    /// `pdu_json`: the store reads an event's edges back from its PDU.
     pub prev_events: Vec<String>,
-    /// The PDU's `auth_events`.
+    /// The PDU's `auth_events` (read back from `pdu_json` likewise).
     pub auth_events: Vec<String>,
     /// The PDU's `depth`.
     pub depth: i64,

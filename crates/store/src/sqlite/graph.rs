@@ -25,13 +25,13 @@ impl RoomGraphStore for SqliteStore {
     async fn extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
         let r = room_id.to_owned();
         self.read(move |c| {
-            collect(
-                c,
-                "SELECT x.event_id, e.depth FROM room_extremities x JOIN events e ON e.event_id = x.event_id \
-                 WHERE x.room_id = ?1 ORDER BY e.depth DESC, e.position DESC",
-                [r],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            let mut stmt = c.prepare_cached(
+                "SELECT e.event_id, e.depth FROM rooms r, json_each(r.extremities) x \
+                 JOIN events e ON e.event_id = x.value \
+                 WHERE r.room_id = ?1 ORDER BY e.depth DESC, e.position DESC",
+            )?;
+            let rows = stmt.query_map([r], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
         })
         .await
     }
@@ -91,8 +91,10 @@ impl RoomGraphStore for SqliteStore {
             collect(
                 c,
                 "WITH RECURSIVE chain(id) AS ( \
-                     SELECT a.auth_id FROM event_auth a WHERE a.event_id IN (SELECT value FROM json_each(?1)) \
-                     UNION SELECT a.auth_id FROM event_auth a JOIN chain ON a.event_id = chain.id) \
+                     SELECT a.value FROM events e, json_each(e.pdu_json, '$.auth_events') a \
+                     WHERE e.event_id IN (SELECT value FROM json_each(?1)) \
+                     UNION SELECT a.value FROM chain JOIN events e ON e.event_id = chain.id, \
+                     json_each(e.pdu_json, '$.auth_events') a) \
                  SELECT id FROM chain",
                 [ids],
                 |r| r.get(0),
@@ -142,9 +144,12 @@ impl RoomGraphStore for SqliteStore {
     async fn prev_events(&self, event_id: &str) -> Result<Vec<String>> {
         let id = event_id.to_owned();
         self.read(move |c| {
-            collect(c, "SELECT prev_id FROM event_edges WHERE event_id = ?1", [id], |r| {
-                r.get(0)
-            })
+            collect(
+                c,
+                "SELECT p.value FROM events e, json_each(e.pdu_json, '$.prev_events') p WHERE e.event_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
         })
         .await
     }
@@ -167,7 +172,7 @@ fn remote_membership_job(
         .optional()?
         .is_none()
     {
-        super::insert_event(c, ctx, &event)?;
+        super::insert_event(c, ctx, &event, false)?;
     }
     let p = ctx.pos + 1;
     c.prepare_cached(
@@ -221,35 +226,58 @@ fn insert_group(c: &Connection, room_id: &str, g: &NewStateGroup) -> rusqlite::R
 }
 
 /// The DAG part of storing `ev` (already inserted at `position`): its
-/// state groups, edges and, for a new timeline event, the room's forward
-/// extremities. (That a `Timeline` event's prev events are stored is
-/// checked by [`check_prevs`] first.)
-pub(crate) fn store_graph(c: &Connection, ev: &NewEvent) -> rusqlite::Result<()> {
+/// state groups, the edges to prev events not stored (yet), and, for a new
+/// timeline event, the room's forward extremities. An event's own edges
+/// are its PDU's `prev_events` and `auth_events`; no row is written for
+/// them (migration 0019). (That a `Timeline` event's prev events are
+/// stored is checked by [`check_prevs`] first.)
+/// `room_done`: [`advance_linear`] already moved the room's row on.
+pub(crate) fn store_graph(c: &Connection, ev: &NewEvent, room_done: bool) -> rusqlite::Result<()> {
     for g in &ev.new_groups {
         insert_group(c, &ev.room_id, g)?;
     }
-    let mut edge = c.prepare_cached("INSERT OR IGNORE INTO event_edges (event_id, prev_id) VALUES (?1, ?2)")?;
-    for prev in &ev.prev_events {
-        edge.execute(params![ev.event_id, prev])?;
+    if room_done {
+        return Ok(());
     }
-    let mut auth = c.prepare_cached("INSERT OR IGNORE INTO event_auth (event_id, auth_id) VALUES (?1, ?2)")?;
-    for a in &ev.auth_events {
-        auth.execute(params![ev.event_id, a])?;
-    }
-    if ev.kind.on_stream() {
-        let mut gone = c.prepare_cached("DELETE FROM room_extremities WHERE room_id = ?1 AND event_id = ?2")?;
+    // An event from another server may follow events this one has not
+    // got: remember those edges, the only ones whose target may come
+    // later. A local event's prev events are stored (`check_prevs`).
+    if ev.kind != crate::EventKind::Timeline {
+        let mut known = c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?;
+        let mut dangling =
+            c.prepare_cached("INSERT OR IGNORE INTO dangling_prevs (prev_id, event_id) VALUES (?1, ?2)")?;
         for prev in &ev.prev_events {
-            gone.execute(params![ev.room_id, prev])?;
+            if known.query_row([prev], |_| Ok(())).optional()?.is_none() {
+                dangling.execute(params![prev, ev.event_id])?;
+            }
         }
-        // An event something already points at (fetched late) is no
-        // extremity.
-        c.prepare_cached(
-            "INSERT OR IGNORE INTO room_extremities (room_id, event_id) \
-             SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM event_edges WHERE prev_id = ?2)",
-        )?
-        .execute(params![ev.room_id, ev.event_id])?;
     }
-    if let Some(cs) = &ev.current_state {
+    // Stored at last: the events that follow it no longer dangle. An
+    // event something already points at (fetched late) is no extremity.
+    // (Nothing can point at a new local event: its ID was just made, and
+    // it goes out to other servers only once stored.)
+    let pointed_at = ev.kind != crate::EventKind::Timeline
+        && c.prepare_cached("DELETE FROM dangling_prevs WHERE prev_id = ?1")?
+            .execute([&ev.event_id])?
+            > 0;
+    if ev.kind.on_stream() {
+        let current: Option<String> = c
+            .prepare_cached("SELECT extremities FROM rooms WHERE room_id = ?1")?
+            .query_row([&ev.room_id], |r| r.get(0))
+            .optional()?;
+        let mut extremities: Vec<String> = current
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        extremities.retain(|id| !ev.prev_events.contains(id));
+        if !pointed_at && !extremities.contains(&ev.event_id) {
+            extremities.push(ev.event_id.clone());
+        }
+        let json = serde_json::to_string(&extremities).unwrap_or_else(|_| "[]".to_owned());
+        c.prepare_cached(
+            "UPDATE rooms SET extremities = ?1, state_group = COALESCE(?2, state_group) WHERE room_id = ?3",
+        )?
+        .execute(params![json, ev.current_state.as_ref().map(|cs| cs.group), ev.room_id])?;
+    } else if let Some(cs) = &ev.current_state {
         c.prepare_cached("UPDATE rooms SET state_group = ?1 WHERE room_id = ?2")?
             .execute(params![cs.group, ev.room_id])?;
     }
@@ -273,6 +301,35 @@ pub(crate) fn promote_outlier(c: &Connection, ev: &NewEvent, old: i64, p: i64) -
     c.prepare_cached("UPDATE state_events SET event_position = ?1 WHERE room_id = ?2 AND event_position = ?3")?
         .execute(params![p, ev.room_id, old])?;
     Ok(())
+}
+
+/// For a local event (`Timeline`) whose prev events are exactly the
+/// room's forward extremities, as stored (the linear room's one): makes
+/// it the room's one extremity and its current group the event's, in one
+/// statement. Answers whether it did; else [`store_graph`] does the
+/// general update.
+pub(crate) fn advance_linear(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
+    if ev.kind != crate::EventKind::Timeline || ev.prev_events.is_empty() {
+        return Ok(false);
+    }
+    let (Ok(expected), Ok(new)) = (
+        serde_json::to_string(&ev.prev_events),
+        serde_json::to_string(&[&ev.event_id]),
+    ) else {
+        return Ok(false);
+    };
+    let n = c
+        .prepare_cached(
+            "UPDATE rooms SET extremities = ?1, state_group = COALESCE(?2, state_group) \
+             WHERE room_id = ?3 AND extremities = ?4",
+        )?
+        .execute(params![
+            new,
+            ev.current_state.as_ref().map(|cs| cs.group),
+            ev.room_id,
+            expected
+        ])?;
+    Ok(n == 1)
 }
 
 /// Whether every prev event of `ev` is stored (or earlier in this
@@ -406,16 +463,13 @@ mod tests {
         super::super::migrate(&mut c).unwrap();
 
         let one = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
-        assert_eq!(one("SELECT COUNT(*) FROM event_edges"), 400);
+        // (The edges live in the PDUs since migration 0019; nothing dangles.)
+        assert_eq!(one("SELECT COUNT(*) FROM dangling_prevs"), 0);
         assert_eq!(one("SELECT depth FROM events WHERE event_id = '$e77'"), 77);
         let ext: String = c
-            .query_row(
-                "SELECT event_id FROM room_extremities WHERE room_id = '!r:t'",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT extremities FROM rooms WHERE room_id = '!r:t'", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(ext, "$e401");
+        assert_eq!(ext, r#"["$e401"]"#);
         assert_eq!(one("SELECT COUNT(*) FROM state_groups"), state_events);
         assert!(one("SELECT MAX(chain) FROM state_groups") <= MAX_CHAIN);
         assert!(one("SELECT COUNT(*) FROM state_groups WHERE prev_group IS NULL") >= 2);
@@ -447,5 +501,120 @@ mod tests {
             Some("$e150")
         );
         assert_eq!(at_150.len(), 1 + 50);
+    }
+
+    /// A database of the schema before migration 0019 (edges, auth edges
+    /// and extremities in their own tables), migrated: the extremities
+    /// move into the rooms row, the only edge whose target is missing is
+    /// kept, and prev events, auth chains and extremities read as before,
+    /// also once the missing event comes.
+    #[tokio::test]
+    async fn dag_tables_before_0019_are_compacted() {
+        use crate::{EventKind, NewEvent, RoomGraphStore, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            // Every migration before 0019 (the one that compacts).
+            let before = super::super::MIGRATIONS
+                .iter()
+                .position(|m| m.contains("CREATE TABLE dangling_prevs"))
+                .unwrap();
+            for (i, sql) in super::super::MIGRATIONS[..before].iter().enumerate() {
+                c.execute_batch(sql).unwrap();
+                if *sql == super::super::DAG_MIGRATION {
+                    fill_state_groups(&c).unwrap();
+                }
+                c.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO rooms (room_id, room_version, creator) VALUES ('!r:t', '10', '@a:t'), ('!q:t', '10', '@a:t');
+                 INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, origin_server_ts, pdu_json, depth)
+                 VALUES (1, '$c', '!r:t', 'm.room.create', '', '@a:t', 0, '{\"prev_events\":[],\"auth_events\":[]}', 1),
+                        (2, '$j', '!r:t', 'm.room.member', '@a:t', '@a:t', 0, '{\"prev_events\":[\"$c\"],\"auth_events\":[\"$c\"]}', 2),
+                        (3, '$a', '!r:t', 'm', NULL, '@a:t', 0, '{\"prev_events\":[\"$j\"],\"auth_events\":[\"$c\",\"$j\"]}', 3),
+                        (4, '$b', '!r:t', 'm', NULL, '@b:u', 0, '{\"prev_events\":[\"$j\"],\"auth_events\":[\"$c\",\"$j\"]}', 3),
+                        (5, '$far', '!r:t', 'm', NULL, '@b:u', 0, '{\"prev_events\":[\"$gap\"],\"auth_events\":[\"$c\",\"$j\"]}', 9);
+                 INSERT INTO event_edges (event_id, prev_id) VALUES ('$j', '$c'), ('$a', '$j'), ('$b', '$j'), ('$far', '$gap');
+                 INSERT INTO event_auth (event_id, auth_id) VALUES ('$j', '$c'), ('$a', '$c'), ('$a', '$j'),
+                     ('$b', '$c'), ('$b', '$j'), ('$far', '$c'), ('$far', '$j');
+                 INSERT INTO room_extremities (room_id, event_id) VALUES ('!r:t', '$a'), ('!r:t', '$b'), ('!r:t', '$far');",
+            )
+            .unwrap();
+        }
+        let store = super::super::SqliteStore::open(&path, true).unwrap();
+        {
+            let c = Connection::open(&path).unwrap();
+            let tables: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('event_edges', 'event_auth', 'room_extremities')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(tables, 0);
+            let dangling: Vec<(String, String)> = c
+                .prepare("SELECT prev_id, event_id FROM dangling_prevs")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(dangling, [("$gap".to_owned(), "$far".to_owned())]);
+            let q: String = c
+                .query_row("SELECT extremities FROM rooms WHERE room_id = '!q:t'", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(q, "[]");
+        }
+        let ext = store.extremities("!r:t").await.unwrap();
+        assert_eq!(
+            ext,
+            [("$far".to_owned(), 9), ("$b".to_owned(), 3), ("$a".to_owned(), 3)]
+        );
+        assert!(store.extremities("!q:t").await.unwrap().is_empty());
+        assert_eq!(store.prev_events("$a").await.unwrap(), ["$j"]);
+        let mut chain = store.auth_chain(vec!["$a".into(), "$far".into()]).await.unwrap();
+        chain.sort();
+        assert_eq!(chain, ["$c", "$j"]);
+        // The missing event arrives (fetched late, as timeline after a
+        // gap): it is no extremity, and no longer dangles.
+        let gap = NewEvent {
+            event_id: "$gap".into(),
+            room_id: "!r:t".into(),
+            event_type: "m".into(),
+            state_key: None,
+            sender: "@b:u".into(),
+            origin_server_ts: 0,
+            pdu_json: r#"{"prev_events":["$j"],"auth_events":["$c","$j"]}"#.into(),
+            new_room: None,
+            membership: None,
+            history_visibility: None,
+            txn: None,
+            redaction: None,
+            relation: None,
+            search_text: None,
+            prev_events: vec!["$j".into()],
+            auth_events: vec!["$c".into(), "$j".into()],
+            depth: 8,
+            kind: EventKind::TimelineAfterGap,
+            state_before: None,
+            state_after: None,
+            new_groups: Vec::new(),
+            current_state: None,
+        };
+        store.persist_event(gap).await.unwrap().unwrap();
+        let ext: Vec<String> = store
+            .extremities("!r:t")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(ext, ["$far", "$b", "$a"]);
+        let c = Connection::open(&path).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM dangling_prevs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
     }
 }
