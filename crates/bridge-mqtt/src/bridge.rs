@@ -283,7 +283,6 @@ impl Bridge {
                 "topic": info.unwrap_or_else(|| format!("MQTT device {}, bridged by weft-bridge-mqtt", device.name)),
                 "preset": "private_chat",
                 "invite": self.cfg.bridge.invite,
-                "power_level_content_override": {"users": {puppet.clone(): 100}},
             });
             match self.hs.create_room(&puppet, &body).await {
                 Ok(r) => room = Some(r),
@@ -292,11 +291,14 @@ impl Bridge {
                         .await
                         .flatten();
                 }
-                Err(e) => {
-                    // Try again (once the homeserver is back) by the retry loop.
-                    room = retry(&format!("creating {alias}"), || self.hs.create_room(&puppet, &body)).await;
+                Err(e @ HsError::Refused { .. }) => tracing::warn!("creating {alias}: {e}"),
+                Err(HsError::Retry(_)) => {
+                    // The homeserver is away: look again, then create.
+                    room = retry(&format!("resolving {alias}"), || self.hs.resolve_alias(&alias))
+                        .await
+                        .flatten();
                     if room.is_none() {
-                        tracing::warn!("creating {alias}: {e}");
+                        room = retry(&format!("creating {alias}"), || self.hs.create_room(&puppet, &body)).await;
                     }
                 }
             }

@@ -75,7 +75,11 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
             .arg(&self.conf)
@@ -87,7 +91,11 @@ impl Mosquitto {
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "mosquitto did not listen: {}", weft_testkit::tail(&self.log, 20));
+            assert!(
+                Instant::now() < until,
+                "mosquitto did not listen: {}",
+                weft_testkit::tail(&self.log, 20)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -105,7 +113,17 @@ impl Mosquitto {
     /// one connection.
     fn publish_lines(&self, topic: &str, lines: &[String], retain: bool) {
         let mut cmd = Command::new("mosquitto_pub");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-l"]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ]);
         if retain {
             cmd.arg("-r");
         }
@@ -121,18 +139,43 @@ impl Mosquitto {
 
     fn publish(&self, topic: &str, payload: &str, retain: bool) {
         let mut cmd = Command::new("mosquitto_pub");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            payload,
+        ]);
         if retain {
             cmd.arg("-r");
         }
         let out = cmd.output().expect("mosquitto_pub");
-        assert!(out.status.success(), "mosquitto_pub {topic}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub {topic}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `mosquitto_sub -v` on `topics`, its lines collected.
     fn subscribe(&self, topics: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
         let mut cmd = Command::new("stdbuf");
-        cmd.args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-v"]);
+        cmd.args([
+            "-oL",
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-q",
+            "1",
+            "-v",
+        ]);
         for t in topics {
             cmd.args(["-t", t]);
         }
@@ -214,7 +257,14 @@ fn bridge_bin() -> &'static str {
 impl BridgeProc {
     /// Writes the config and runs `generate-registration`; returns the
     /// bridge (not started) and the registration file.
-    fn configure(dir: &Path, hs_url: &str, server_name: &str, broker_port: u16, alice: &str, extra: &str) -> (BridgeProc, PathBuf) {
+    fn configure(
+        dir: &Path,
+        hs_url: &str,
+        server_name: &str,
+        broker_port: u16,
+        alice: &str,
+        extra: &str,
+    ) -> (BridgeProc, PathBuf) {
         let config = dir.join("bridge.toml");
         let port = free_port();
         std::fs::write(
@@ -253,7 +303,11 @@ command_senders = ["{alice}"]
             .arg(&reg)
             .output()
             .unwrap();
-        assert!(out.status.success(), "generate-registration: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "generate-registration: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (
             BridgeProc {
                 config,
@@ -265,8 +319,15 @@ command_senders = ["{alice}"]
     }
 
     fn start(&mut self) {
-        let before = std::fs::read_to_string(&self.log).unwrap_or_default().matches("subscribed").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let before = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("subscribed")
+            .count();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(bridge_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -376,7 +437,14 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
         .map(|i| format!(r#"{{"state":"ON","brightness":{i},"temperature":21.50}}"#))
         .collect();
     mq.publish_lines("zigbee2mqtt/kitchen_lamp", &lamp, false);
-    mq.publish_lines("tele/plug1/SENSOR", &[r#"{"ENERGY":{"Power":12.5}}"#.into(), r#"{"ENERGY":{"Power":13.0}}"#.into()], false);
+    mq.publish_lines(
+        "tele/plug1/SENSOR",
+        &[
+            r#"{"ENERGY":{"Power":12.5}}"#.into(),
+            r#"{"ENERGY":{"Power":13.0}}"#.into(),
+        ],
+        false,
+    );
     mq.publish_lines("garage/temp/state", &["18.25".into(), "18.5".into()], false);
     // Not bridged: the lamp's own command topic.
     mq.publish("zigbee2mqtt/kitchen_lamp/set", r#"{"state":"OFF"}"#, false);
@@ -421,7 +489,10 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
     assert_eq!(r[1]["content"]["ENERGY"]["Power"], "13.0");
     let (status, lwt) = alice.state(&plug_room, "org.weft.mqtt.availability", "plug1").await;
     assert_eq!(status, 200, "{lwt}");
-    assert_eq!((lwt["online"].clone(), lwt["body"].clone()), (json!(true), json!("Online")));
+    assert_eq!(
+        (lwt["online"].clone(), lwt["body"].clone()),
+        (json!(true), json!("Online"))
+    );
 
     let r = readings(alice, &garage_room).await;
     assert_eq!(r.len(), 2, "{r:#?}");
@@ -437,16 +508,34 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
     let (mut sub, got) = mq.subscribe(&["zigbee2mqtt/kitchen_lamp/set", "cmnd/plug1/#"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     alice
-        .send(&lamp_room, "m.room.message", "c1", json!({"msgtype": "m.text", "body": "!set state OFF"}))
+        .send(
+            &lamp_room,
+            "m.room.message",
+            "c1",
+            json!({"msgtype": "m.text", "body": "!set state OFF"}),
+        )
         .await;
     alice
-        .send(&plug_room, "org.weft.command", "c2", json!({"command": "Power", "value": "OFF"}))
+        .send(
+            &plug_room,
+            "org.weft.command",
+            "c2",
+            json!({"command": "Power", "value": "OFF"}),
+        )
         .await;
     // Not a command: ignored.
     alice
-        .send(&lamp_room, "m.room.message", "c3", json!({"msgtype": "m.text", "body": "hello lamp"}))
+        .send(
+            &lamp_room,
+            "m.room.message",
+            "c3",
+            json!({"msgtype": "m.text", "body": "hello lamp"}),
+        )
         .await;
-    wait_until(20, "the commands on the broker", || async { got.lock().unwrap().len() >= 2 }).await;
+    wait_until(20, "the commands on the broker", || async {
+        got.lock().unwrap().len() >= 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let lines = got.lock().unwrap().clone();
     let _ = sub.kill();
@@ -474,7 +563,10 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
         .filter(|e| e["content"]["msgtype"] == "m.notice")
         .collect();
     assert_eq!(notices.len(), 1, "{notices:#?}");
-    assert_eq!(notices[0]["content"]["org.weft.command.result"]["topic"], "zigbee2mqtt/kitchen_lamp/set");
+    assert_eq!(
+        notices[0]["content"]["org.weft.command.result"]["topic"],
+        "zigbee2mqtt/kitchen_lamp/set"
+    );
     assert_eq!(notices[0]["content"]["org.weft.command.result"]["ok"], true);
 }
 
@@ -498,7 +590,14 @@ async fn presets_and_commands_against_weft() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mq = Mosquitto::start(dir.path());
-    let (mut bridge, reg) = BridgeProc::configure(dir.path(), "http://127.0.0.1:1", "localhost", mq.port, "@alice:localhost", "");
+    let (mut bridge, reg) = BridgeProc::configure(
+        dir.path(),
+        "http://127.0.0.1:1",
+        "localhost",
+        mq.port,
+        "@alice:localhost",
+        "",
+    );
     let server = weft_with(&reg).await;
     // The registration was made before the server's port was known.
     let text = std::fs::read_to_string(&bridge.config).unwrap();
@@ -534,12 +633,19 @@ async fn no_reading_lost_across_restarts() {
     let batch = |from: usize| -> Vec<String> { (from..from + 25).map(|n| format!(r#"{{"n":{n},"v":0.5}}"#)).collect() };
     mq.publish_lines("sensors/k1/state", &batch(0), false);
     let room = join_device(&alice, "#_mqtt_k1:localhost").await;
-    let ns = |r: Vec<Value>| r.iter().map(|e| e["content"]["n"].as_i64().unwrap()).collect::<Vec<_>>();
+    let ns = |r: Vec<Value>| {
+        r.iter()
+            .map(|e| e["content"]["n"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
     let wait_n = |n: usize| {
         let alice = alice.clone();
         let room = room.clone();
         async move {
-            wait_until(60, &format!("{n} readings"), || async { readings(&alice, &room).await.len() >= n }).await;
+            wait_until(60, &format!("{n} readings"), || async {
+                readings(&alice, &room).await.len() >= n
+            })
+            .await;
         }
     };
     wait_n(25).await;
@@ -559,22 +665,37 @@ async fn no_reading_lost_across_restarts() {
     fwd.set(&server.base_url());
     wait_n(75).await;
 
+    // 2b. The homeserver is down and the bridge is killed holding
+    // messages it could not deliver: it had not acknowledged them, so the
+    // broker sends them again to the next bridge.
+    server.terminate(Duration::from_secs(10)).await;
+    mq.publish_lines("sensors/k1/state", &batch(75), false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    bridge.kill();
+    server.restart().await;
+    fwd.set(&server.base_url());
+    bridge.start();
+    wait_n(100).await;
+
     // 3. Bridge down, readings queued at the broker, broker restarted (its
     // persistence keeps the session and the queue), bridge back.
     bridge.kill();
-    mq.publish_lines("sensors/k1/state", &batch(75), false);
+    mq.publish_lines("sensors/k1/state", &batch(100), false);
     mq.restart();
     bridge.start();
     // 4. Broker restarted under a running bridge; it reconnects.
     mq.restart();
-    mq.publish_lines("sensors/k1/state", &batch(100), false);
-    wait_n(125).await;
+    mq.publish_lines("sensors/k1/state", &batch(125), false);
+    wait_n(150).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let got = ns(readings(&alice, &room).await);
-    assert_eq!(got, (0..125).collect::<Vec<i64>>(), "every reading once, in order");
+    assert_eq!(got, (0..150).collect::<Vec<i64>>(), "every reading once, in order");
     let r = readings(&alice, &room).await;
-    assert!(r.iter().all(|e| e["sender"] == "@_mqtt_k1:localhost" && e["content"]["v"] == "0.5"));
+    assert!(
+        r.iter()
+            .all(|e| e["sender"] == "@_mqtt_k1:localhost" && e["content"]["v"] == "0.5")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -592,13 +713,15 @@ async fn presets_and_commands_against_synapse() {
     // Synapse reads the registration at start-up: write one for the name
     // it will have, which Synapse::builder picks itself; so start it with a
     // registration whose namespaces cover any `localhost:PORT`.
-    let (mut bridge, reg) = BridgeProc::configure(dir.path(), &fwd.url(), "localhost:0", mq.port, "@alice:localhost:0", "");
+    let (mut bridge, reg) =
+        BridgeProc::configure(dir.path(), &fwd.url(), "localhost:0", mq.port, "@alice:localhost:0", "");
     assert_eq!(reg, reg_path);
     let text = std::fs::read_to_string(&reg).unwrap();
     std::fs::write(&reg, text.replace(r"localhost:0", r"localhost:[0-9]+")).unwrap();
-    let Some(syn) = weft_testkit::synapse_or_skip_with(
-        Synapse::builder().extra_yaml(&format!("app_service_config_files: [{:?}]\n", reg.display().to_string())),
-    )
+    let Some(syn) = weft_testkit::synapse_or_skip_with(Synapse::builder().extra_yaml(&format!(
+        "app_service_config_files: [{:?}]\n",
+        reg.display().to_string()
+    )))
     .await
     else {
         return;
