@@ -411,7 +411,13 @@ async fn readings(alice: &Client, room: &str) -> Vec<Value> {
 
 /// The presets and commands, against any homeserver: `alice` is a user of
 /// it, `server_name` its name.
-async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &Client, server_name: &str) {
+async fn presets_and_commands(
+    mq: &Mosquitto,
+    bridge: &mut BridgeProc,
+    alice: &Client,
+    bob: &Client,
+    server_name: &str,
+) {
     // Retained before the bridge runs: Zigbee2MQTT's device list and a
     // lamp's availability, a Tasmota plug's LWT, a Home Assistant sensor's
     // discovery config.
@@ -523,6 +529,16 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
             json!({"command": "Power", "value": "OFF"}),
         )
         .await;
+    // From someone not in `command_senders`: refused, said in the room.
+    alice.invite(&lamp_room, &bob.user_id).await;
+    bob.join(&lamp_room).await;
+    bob.send(
+        &lamp_room,
+        "m.room.message",
+        "b1",
+        json!({"msgtype": "m.text", "body": "!set state ON"}),
+    )
+    .await;
     // Not a command: ignored.
     alice
         .send(
@@ -562,12 +578,34 @@ async fn presets_and_commands(mq: &Mosquitto, bridge: &mut BridgeProc, alice: &C
         .into_iter()
         .filter(|e| e["content"]["msgtype"] == "m.notice")
         .collect();
-    assert_eq!(notices.len(), 1, "{notices:#?}");
+    let ok: Vec<&Value> = notices
+        .iter()
+        .filter(|n| n["content"]["org.weft.command.result"]["ok"] == true)
+        .collect();
+    assert_eq!(ok.len(), 1, "{notices:#?}");
     assert_eq!(
-        notices[0]["content"]["org.weft.command.result"]["topic"],
+        ok[0]["content"]["org.weft.command.result"]["topic"],
         "zigbee2mqtt/kitchen_lamp/set"
     );
-    assert_eq!(notices[0]["content"]["org.weft.command.result"]["ok"], true);
+    wait_until(20, "the refusal's notice", || async {
+        alice
+            .all_messages(&lamp_room)
+            .await
+            .iter()
+            .any(|e| e["content"]["msgtype"] == "m.notice" && e["content"]["org.weft.command.result"]["ok"] == false)
+    })
+    .await;
+    let refused: Vec<Value> = alice
+        .all_messages(&lamp_room)
+        .await
+        .into_iter()
+        .filter(|e| e["content"]["msgtype"] == "m.notice" && e["content"]["org.weft.command.result"]["ok"] == false)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert!(
+        refused[0]["content"]["body"].as_str().unwrap().contains(&bob.user_id),
+        "{refused:#?}"
+    );
 }
 
 async fn weft_with(reg: &Path) -> TestServer {
@@ -603,7 +641,8 @@ async fn presets_and_commands_against_weft() {
     let text = std::fs::read_to_string(&bridge.config).unwrap();
     std::fs::write(&bridge.config, text.replace("http://127.0.0.1:1", &server.base_url())).unwrap();
     let alice = server.register("alice").await;
-    presets_and_commands(&mq, &mut bridge, &alice, "localhost").await;
+    let bob = server.register("bob").await;
+    presets_and_commands(&mq, &mut bridge, &alice, &bob, "localhost").await;
 }
 
 /// QoS 1 readings published while the bridge is down, while the
@@ -731,5 +770,136 @@ async fn presets_and_commands_against_synapse() {
     let cfg = std::fs::read_to_string(&bridge.config).unwrap();
     std::fs::write(&bridge.config, cfg.replace("localhost:0", &name)).unwrap();
     let alice = syn.register_client("alice").await;
-    presets_and_commands(&mq, &mut bridge, &alice, &name).await;
+    let bob = syn.register_client("bob").await;
+    presets_and_commands(&mq, &mut bridge, &alice, &bob, &name).await;
+}
+
+/// Publishes `n` readings with QoS 1 from one rumqttc client as fast as
+/// the broker takes them, each stamped with the wall clock at publish;
+/// waits until all are in the room; returns (readings/s from the first
+/// publish to the last event stored, p50 and p99 of origin_server_ts −
+/// stamp in ms).
+async fn bench_run(mq: &Mosquitto, alice: &Client, alias: &str, n: usize) -> (f64, i64, i64) {
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let mut opts = rumqttc::MqttOptions::new("bench-publisher", "127.0.0.1", mq.port);
+    opts.set_inflight(100);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 1000);
+    let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    // Warm-up: the room is made by the first reading.
+    client
+        .publish(
+            "bench/dev1/state",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"warmup":true}"#,
+        )
+        .await
+        .unwrap();
+    let room = join_device(alice, alias).await;
+    let start = now_ms();
+    for i in 0..n {
+        let body = format!(r#"{{"i":{i},"sent_ms":{},"v":21.5}}"#, now_ms());
+        client
+            .publish("bench/dev1/state", rumqttc::QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(600);
+    let events = loop {
+        let events = readings(alice, &room).await;
+        if events.iter().filter(|e| e["content"].get("i").is_some()).count() >= n {
+            break events;
+        }
+        assert!(Instant::now() < until, "timed out waiting for the bench readings");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    poller.abort();
+    let events: Vec<&Value> = events.iter().filter(|e| e["content"].get("i").is_some()).collect();
+    assert_eq!(events.len(), n);
+    for (k, e) in events.iter().enumerate() {
+        assert_eq!(e["content"]["i"], k as i64, "order");
+    }
+    let mut lat: Vec<i64> = events
+        .iter()
+        .map(|e| e["origin_server_ts"].as_i64().unwrap() - e["content"]["sent_ms"].as_i64().unwrap())
+        .collect();
+    let last = events
+        .iter()
+        .map(|e| e["origin_server_ts"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    lat.sort();
+    let rate = n as f64 / ((last - start).max(1) as f64 / 1000.0);
+    (rate, lat[lat.len() / 2], lat[lat.len() * 99 / 100])
+}
+
+/// `cargo nextest run -p weft-bridge-mqtt --test bridge bench --run-ignored only --no-capture`
+/// (env BRIDGE_BENCH_N, default 2000): readings/s from Mosquitto into
+/// rooms, and latency, through Weft and through Synapse.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run by hand"]
+async fn bench_readings_into_rooms() {
+    if !have_mosquitto() {
+        return;
+    }
+    let n: usize = std::env::var("BRIDGE_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mapping = "presets = []\n[[mapping]]\ntopic = \"bench/+device/state\"\n";
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mq = Mosquitto::start(dir.path());
+        let (mut bridge, reg) = BridgeProc::configure(
+            dir.path(),
+            "http://127.0.0.1:1",
+            "localhost",
+            mq.port,
+            "@alice:localhost",
+            mapping,
+        );
+        let server = weft_with(&reg).await;
+        let text = std::fs::read_to_string(&bridge.config).unwrap();
+        std::fs::write(&bridge.config, text.replace("http://127.0.0.1:1", &server.base_url())).unwrap();
+        let alice = server.register("alice").await;
+        bridge.start();
+        let (rate, p50, p99) = bench_run(&mq, &alice, "#_mqtt_dev1:localhost", n).await;
+        println!("BENCH weft: {n} readings, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms");
+    }
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mq = Mosquitto::start(dir.path());
+        let fwd = Forward::start("127.0.0.1:1").await;
+        let (mut bridge, reg) = BridgeProc::configure(
+            dir.path(),
+            &fwd.url(),
+            "localhost:0",
+            mq.port,
+            "@alice:localhost:0",
+            mapping,
+        );
+        let text = std::fs::read_to_string(&reg).unwrap();
+        std::fs::write(&reg, text.replace("localhost:0", "localhost:[0-9]+")).unwrap();
+        let Some(syn) = weft_testkit::synapse_or_skip_with(Synapse::builder().extra_yaml(&format!(
+            "app_service_config_files: [{:?}]\n",
+            reg.display().to_string()
+        )))
+        .await
+        else {
+            return;
+        };
+        let name = syn.server_name().to_string();
+        fwd.set(syn.client_url());
+        let cfg = std::fs::read_to_string(&bridge.config).unwrap();
+        std::fs::write(&bridge.config, cfg.replace("localhost:0", &name)).unwrap();
+        let alice = syn.register_client("alice").await;
+        bridge.start();
+        let (rate, p50, p99) = bench_run(&mq, &alice, &format!("#_mqtt_dev1:{name}"), n).await;
+        println!("BENCH synapse: {n} readings, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms");
+    }
 }
