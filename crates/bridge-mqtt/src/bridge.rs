@@ -145,18 +145,8 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     // The event loop only reads: messages go, in order, to the worker,
     // which acknowledges each once the homeserver has it.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
-    let worker = {
-        let bridge = bridge.clone();
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                bridge.handle(&p).await;
-                if let Err(e) = bridge.mqtt.ack(&p).await {
-                    tracing::warn!("ack: {e}");
-                }
-            }
-        })
-    };
+    let (tx, rx) = mpsc::unbounded_channel::<Publish>();
+    let worker = tokio::spawn(dispatch(bridge.clone(), rx));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -189,6 +179,71 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// How many messages may be on their way to the homeserver at once
+/// (across devices; one device's go one after another).
+const IN_FLIGHT: usize = 256;
+
+/// Takes the broker's messages in order. Each device's readings go to the
+/// homeserver one after another, in order, by a task of that device;
+/// devices run side by side. Acknowledgements go back to the broker in
+/// the order the messages came (as MQTT requires), each once its message
+/// is done: a message is never acknowledged before the homeserver has
+/// it, nor before the messages that came before it.
+async fn dispatch(bridge: Arc<Bridge>, mut rx: mpsc::UnboundedReceiver<Publish>) {
+    type Job = (Publish, Route, tokio::sync::oneshot::Sender<()>);
+    let (ack_tx, mut ack_rx) = mpsc::channel::<(Publish, tokio::sync::oneshot::Receiver<()>)>(IN_FLIGHT);
+    let acker = {
+        let bridge = bridge.clone();
+        tokio::spawn(async move {
+            while let Some((p, done)) = ack_rx.recv().await {
+                if done.await.is_err() {
+                    return; // a device task ended: no ack, the broker sends it again
+                }
+                if let Err(e) = bridge.mqtt.ack(&p).await {
+                    tracing::warn!("ack: {e}");
+                }
+            }
+        })
+    };
+    let mut devices: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
+    while let Some(p) = rx.recv().await {
+        let route = bridge.router.read().map(|r| r.route(&p.topic)).unwrap_or(Route::Ignore);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let key = match &route {
+            Route::Reading { device, .. } | Route::Availability { device, .. } => Some(device.key.clone()),
+            _ => None,
+        };
+        match key {
+            Some(key) => {
+                let queue = devices.entry(key).or_insert_with(|| {
+                    let (q_tx, mut q_rx) = mpsc::unbounded_channel::<Job>();
+                    let bridge = bridge.clone();
+                    tokio::spawn(async move {
+                        while let Some((p, route, done)) = q_rx.recv().await {
+                            bridge.handle(&p, route).await;
+                            let _ = done.send(());
+                        }
+                    });
+                    q_tx
+                });
+                if queue.send((p.clone(), route, done_tx)).is_err() {
+                    break;
+                }
+            }
+            None => {
+                // Device lists and discovery configs change the routing
+                // of what follows: handled here, before the next message.
+                bridge.handle(&p, route).await;
+                let _ = done_tx.send(());
+            }
+        }
+        if ack_tx.send((p, done_rx)).await.is_err() {
+            break;
+        }
+    }
+    acker.abort();
+}
+
 impl Bridge {
     fn puppet(&self, key: &str) -> String {
         self.hs.user_id(&format!("{PREFIX}{key}"))
@@ -196,8 +251,7 @@ impl Bridge {
 
     /// One message from the broker, until the homeserver accepted it (or
     /// refused it for good).
-    async fn handle(&self, p: &Publish) {
-        let route = self.router.read().map(|r| r.route(&p.topic)).unwrap_or(Route::Ignore);
+    async fn handle(&self, p: &Publish, route: Route) {
         match route {
             Route::Ignore => {}
             Route::Z2mDevices => self.z2m_devices(&p.payload).await,

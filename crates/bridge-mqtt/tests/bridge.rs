@@ -670,8 +670,15 @@ async fn no_reading_lost_across_restarts() {
     bridge.start();
 
     let batch = |from: usize| -> Vec<String> { (from..from + 25).map(|n| format!(r#"{{"n":{n},"v":0.5}}"#)).collect() };
-    mq.publish_lines("sensors/k1/state", &batch(0), false);
+    // Two devices, so messages of both are in flight at once; each batch
+    // goes to k1, then k2.
+    let publish = |mq: &Mosquitto, from: usize| {
+        mq.publish_lines("sensors/k1/state", &batch(from), false);
+        mq.publish_lines("sensors/k2/state", &batch(from), false);
+    };
+    publish(&mq, 0);
     let room = join_device(&alice, "#_mqtt_k1:localhost").await;
+    let room2 = join_device(&alice, "#_mqtt_k2:localhost").await;
     let ns = |r: Vec<Value>| {
         r.iter()
             .map(|e| e["content"]["n"].as_i64().unwrap())
@@ -680,9 +687,10 @@ async fn no_reading_lost_across_restarts() {
     let wait_n = |n: usize| {
         let alice = alice.clone();
         let room = room.clone();
+        let room2 = room2.clone();
         async move {
             wait_until(60, &format!("{n} readings"), || async {
-                readings(&alice, &room).await.len() >= n
+                readings(&alice, &room).await.len() >= n && readings(&alice, &room2).await.len() >= n
             })
             .await;
         }
@@ -691,14 +699,14 @@ async fn no_reading_lost_across_restarts() {
 
     // 1. The bridge is killed; readings published meanwhile wait at the broker.
     bridge.kill();
-    mq.publish_lines("sensors/k1/state", &batch(25), false);
+    publish(&mq, 25);
     bridge.start();
     wait_n(50).await;
 
     // 2. The homeserver is down: the bridge holds the messages (unacked)
     // and retries.
     server.terminate(Duration::from_secs(10)).await;
-    mq.publish_lines("sensors/k1/state", &batch(50), false);
+    publish(&mq, 50);
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart().await;
     fwd.set(&server.base_url());
@@ -708,7 +716,7 @@ async fn no_reading_lost_across_restarts() {
     // messages it could not deliver: it had not acknowledged them, so the
     // broker sends them again to the next bridge.
     server.terminate(Duration::from_secs(10)).await;
-    mq.publish_lines("sensors/k1/state", &batch(75), false);
+    publish(&mq, 75);
     tokio::time::sleep(Duration::from_secs(2)).await;
     bridge.kill();
     server.restart().await;
@@ -719,15 +727,21 @@ async fn no_reading_lost_across_restarts() {
     // 3. Bridge down, readings queued at the broker, broker restarted (its
     // persistence keeps the session and the queue), bridge back.
     bridge.kill();
-    mq.publish_lines("sensors/k1/state", &batch(100), false);
+    publish(&mq, 100);
     mq.restart();
     bridge.start();
     // 4. Broker restarted under a running bridge; it reconnects.
     mq.restart();
-    mq.publish_lines("sensors/k1/state", &batch(125), false);
+    publish(&mq, 125);
     wait_n(150).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    let got2 = ns(readings(&alice, &room2).await);
+    assert_eq!(
+        got2,
+        (0..150).collect::<Vec<i64>>(),
+        "every reading of k2 once, in order"
+    );
     let got = ns(readings(&alice, &room).await);
     assert_eq!(got, (0..150).collect::<Vec<i64>>(), "every reading once, in order");
     let r = readings(&alice, &room).await;
@@ -775,11 +789,12 @@ async fn presets_and_commands_against_synapse() {
 }
 
 /// Publishes `n` readings with QoS 1 from one rumqttc client as fast as
-/// the broker takes them, each stamped with the wall clock at publish;
-/// waits until all are in the room; returns (readings/s from the first
+/// the broker takes them, round robin over `devices` devices
+/// (`bench/dev<k>/state`), each stamped with the wall clock at publish;
+/// waits until all are in their rooms; returns (readings/s from the first
 /// publish to the last event stored, p50 and p99 of origin_server_ts −
 /// stamp in ms).
-async fn bench_run(mq: &Mosquitto, alice: &Client, alias: &str, n: usize) -> (f64, i64, i64) {
+async fn bench_run(mq: &Mosquitto, alice: &Client, server_name: &str, n: usize, devices: usize) -> (f64, i64, i64) {
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -790,45 +805,64 @@ async fn bench_run(mq: &Mosquitto, alice: &Client, alias: &str, n: usize) -> (f6
     opts.set_inflight(100);
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 1000);
     let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
-    // Warm-up: the room is made by the first reading.
-    client
-        .publish(
-            "bench/dev1/state",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            r#"{"warmup":true}"#,
-        )
-        .await
-        .unwrap();
-    let room = join_device(alice, alias).await;
+    // Warm-up: each room is made by its device's first reading.
+    let mut rooms = Vec::new();
+    for d in 0..devices {
+        client
+            .publish(
+                format!("bench/dev{d}/state"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                r#"{"warmup":true}"#,
+            )
+            .await
+            .unwrap();
+    }
+    for d in 0..devices {
+        rooms.push(join_device(alice, &format!("#_mqtt_dev{d}:{server_name}")).await);
+    }
     let start = now_ms();
     for i in 0..n {
         let body = format!(r#"{{"i":{i},"sent_ms":{},"v":21.5}}"#, now_ms());
         client
-            .publish("bench/dev1/state", rumqttc::QoS::AtLeastOnce, false, body)
+            .publish(
+                format!("bench/dev{}/state", i % devices),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                body,
+            )
             .await
             .unwrap();
     }
-    let until = Instant::now() + Duration::from_secs(600);
-    let events = loop {
-        let events = readings(alice, &room).await;
-        if events.iter().filter(|e| e["content"].get("i").is_some()).count() >= n {
-            break events;
-        }
-        assert!(Instant::now() < until, "timed out waiting for the bench readings");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    poller.abort();
-    let events: Vec<&Value> = events.iter().filter(|e| e["content"].get("i").is_some()).collect();
-    assert_eq!(events.len(), n);
-    for (k, e) in events.iter().enumerate() {
-        assert_eq!(e["content"]["i"], k as i64, "order");
+    let until = Instant::now() + Duration::from_secs(900);
+    let mut all = Vec::new();
+    for (d, room) in rooms.iter().enumerate() {
+        let want = (0..n).filter(|i| i % devices == d).count();
+        let events = loop {
+            let events: Vec<Value> = readings(alice, room)
+                .await
+                .into_iter()
+                .filter(|e| e["content"].get("i").is_some())
+                .collect();
+            if events.len() >= want {
+                break events;
+            }
+            assert!(Instant::now() < until, "timed out waiting for the bench readings");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_eq!(events.len(), want);
+        let is: Vec<i64> = events.iter().map(|e| e["content"]["i"].as_i64().unwrap()).collect();
+        let mut sorted = is.clone();
+        sorted.sort();
+        assert_eq!(is, sorted, "order within a device");
+        all.extend(events);
     }
-    let mut lat: Vec<i64> = events
+    poller.abort();
+    let mut lat: Vec<i64> = all
         .iter()
         .map(|e| e["origin_server_ts"].as_i64().unwrap() - e["content"]["sent_ms"].as_i64().unwrap())
         .collect();
-    let last = events
+    let last = all
         .iter()
         .map(|e| e["origin_server_ts"].as_i64().unwrap())
         .max()
@@ -839,18 +873,20 @@ async fn bench_run(mq: &Mosquitto, alice: &Client, alias: &str, n: usize) -> (f6
 }
 
 /// `cargo nextest run -p weft-bridge-mqtt --test bridge bench --run-ignored only --no-capture`
-/// (env BRIDGE_BENCH_N, default 2000): readings/s from Mosquitto into
-/// rooms, and latency, through Weft and through Synapse.
+/// (env BRIDGE_BENCH_N readings, default 2000, BRIDGE_BENCH_SYNAPSE_N
+/// through Synapse, default 300, over BRIDGE_BENCH_DEVICES devices,
+/// default 4): readings/s from Mosquitto into rooms, and latency, through
+/// Weft and through Synapse.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark: run by hand"]
 async fn bench_readings_into_rooms() {
     if !have_mosquitto() {
         return;
     }
-    let n: usize = std::env::var("BRIDGE_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let n = env("BRIDGE_BENCH_N", 2000);
+    let devices = env("BRIDGE_BENCH_DEVICES", 4);
+    let syn_n = env("BRIDGE_BENCH_SYNAPSE_N", 300);
     let mapping = "presets = []\n[[mapping]]\ntopic = \"bench/+device/state\"\n";
     {
         let dir = tempfile::tempdir().unwrap();
@@ -868,8 +904,10 @@ async fn bench_readings_into_rooms() {
         std::fs::write(&bridge.config, text.replace("http://127.0.0.1:1", &server.base_url())).unwrap();
         let alice = server.register("alice").await;
         bridge.start();
-        let (rate, p50, p99) = bench_run(&mq, &alice, "#_mqtt_dev1:localhost", n).await;
-        println!("BENCH weft: {n} readings, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms");
+        let (rate, p50, p99) = bench_run(&mq, &alice, "localhost", n, devices).await;
+        println!(
+            "BENCH weft: {n} readings over {devices} devices, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms"
+        );
     }
     {
         let dir = tempfile::tempdir().unwrap();
@@ -899,7 +937,9 @@ async fn bench_readings_into_rooms() {
         std::fs::write(&bridge.config, cfg.replace("localhost:0", &name)).unwrap();
         let alice = syn.register_client("alice").await;
         bridge.start();
-        let (rate, p50, p99) = bench_run(&mq, &alice, &format!("#_mqtt_dev1:{name}"), n).await;
-        println!("BENCH synapse: {n} readings, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms");
+        let (rate, p50, p99) = bench_run(&mq, &alice, &name, syn_n, devices).await;
+        println!(
+            "BENCH synapse: {syn_n} readings over {devices} devices, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms"
+        );
     }
 }
