@@ -275,7 +275,17 @@ impl Bridge {
                     // broker keeps it (no ack while this waits).
                     let txn = loop {
                         let got = self.state.lock().await.txn_id(p.pkid, p.dup, &p.topic, &p.payload);
-                        match got {
+                        let synced = match got {
+                            Ok((t, None)) => Ok(t),
+                            Ok((t, Some(log))) => tokio::task::spawn_blocking(move || log.sync_data())
+                                .await
+                                .map_err(std::io::Error::other)
+                                .and_then(|r| r)
+                                .map(|()| t)
+                                .map_err(anyhow::Error::from),
+                            Err(e) => Err(e),
+                        };
+                        match synced {
                             Ok(t) => break t,
                             Err(e) => {
                                 tracing::error!("delivery log: {e:#}");
@@ -561,24 +571,30 @@ fn merge_commands(saved: &mut Device, new: &Device) -> bool {
     }
 }
 
-fn hs_token_ok(b: &Bridge, h: &HeaderMap, q: &HashMap<String, String>) -> bool {
+/// The homeserver's token check: `Ok` for the right `hs_token`, else the
+/// spec's answer (401 `M_UNAUTHORIZED` without a token, 403 `M_FORBIDDEN`
+/// for a wrong one).
+fn hs_token_ok(b: &Bridge, h: &HeaderMap, q: &HashMap<String, String>) -> Result<(), (StatusCode, Json<Value>)> {
     let given = h
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or(q.get("access_token").map(String::as_str));
-    given.is_some_and(|t| constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()))
+    match given {
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"errcode": "M_UNAUTHORIZED", "error": "no hs_token"})),
+        )),
+        Some(t) if constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()) => Ok(()),
+        Some(_) => Err((
+            StatusCode::FORBIDDEN,
+            Json(json!({"errcode": "M_FORBIDDEN", "error": "wrong hs_token"})),
+        )),
+    }
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn forbidden() -> (StatusCode, Json<Value>) {
-    (
-        StatusCode::FORBIDDEN,
-        Json(json!({"errcode": "M_FORBIDDEN", "error": "wrong hs_token"})),
-    )
 }
 
 async fn transaction(
@@ -588,8 +604,8 @@ async fn transaction(
     h: HeaderMap,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
-    if !hs_token_ok(&b, &h, &q) {
-        return forbidden();
+    if let Err(e) = hs_token_ok(&b, &h, &q) {
+        return e;
     }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return (
@@ -622,8 +638,8 @@ async fn ping(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> (StatusCode, Json<Value>) {
-    if !hs_token_ok(&b, &h, &q) {
-        return forbidden();
+    if let Err(e) = hs_token_ok(&b, &h, &q) {
+        return e;
     }
     (StatusCode::OK, Json(json!({})))
 }
@@ -633,8 +649,8 @@ async fn not_found(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> (StatusCode, Json<Value>) {
-    if !hs_token_ok(&b, &h, &q) {
-        return forbidden();
+    if let Err(e) = hs_token_ok(&b, &h, &q) {
+        return e;
     }
     (
         StatusCode::NOT_FOUND,

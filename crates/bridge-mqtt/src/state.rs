@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,7 @@ const COMPACT_AT: usize = 100_000;
 pub struct State {
     path: PathBuf,
     pub saved: Saved,
-    log: File,
+    log: Arc<File>,
     log_lines: usize,
     counter: u64,
     /// pkid → (counter, hash) of its latest message.
@@ -94,11 +95,13 @@ impl State {
             }
         }
         let recent = order.iter().map(|(p, c, h)| (*p, (*c, h.clone()))).collect();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&lp)
-            .with_context(|| format!("opening {}", lp.display()))?;
+        let log = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&lp)
+                .with_context(|| format!("opening {}", lp.display()))?,
+        );
         let s = State {
             path: path.to_path_buf(),
             saved,
@@ -123,8 +126,11 @@ impl State {
 
     /// The transaction ID for a message from the broker: the one it had
     /// before when the broker sends it again (`dup`), else a new one,
-    /// logged (and synced) before it is returned.
-    pub fn txn_id(&mut self, pkid: u16, dup: bool, topic: &str, payload: &[u8]) -> Result<String> {
+    /// written to the log before it is returned, with the log file to
+    /// sync (`sync_data`) before the ID is used: syncs are left to the
+    /// caller so that several devices' share one flush instead of queuing
+    /// behind this lock.
+    pub fn txn_id(&mut self, pkid: u16, dup: bool, topic: &str, payload: &[u8]) -> Result<(String, Option<Arc<File>>)> {
         let mut h = Sha256::new();
         h.update(topic.as_bytes());
         h.update([0]);
@@ -135,12 +141,11 @@ impl State {
             && let Some((c, old)) = self.recent.get(&pkid)
             && *old == hash
         {
-            return Ok(format!("{}.{c}", self.saved.epoch));
+            return Ok((format!("{}.{c}", self.saved.epoch), None));
         }
         let c = self.counter;
         self.counter += 1;
-        writeln!(self.log, "{c} {pkid} {hash}")?;
-        self.log.sync_data()?;
+        writeln!(&*self.log, "{c} {pkid} {hash}")?;
         self.log_lines += 1;
         self.recent.insert(pkid, (c, hash.clone()));
         self.order.push_back((pkid, c, hash));
@@ -150,7 +155,7 @@ impl State {
         if self.log_lines > COMPACT_AT {
             self.compact()?;
         }
-        Ok(format!("{}.{c}", self.saved.epoch))
+        Ok((format!("{}.{c}", self.saved.epoch), Some(self.log.clone())))
     }
 
     fn compact(&mut self) -> Result<()> {
@@ -162,7 +167,7 @@ impl State {
         }
         f.sync_all()?;
         std::fs::rename(&tmp, &lp)?;
-        self.log = OpenOptions::new().append(true).open(&lp)?;
+        self.log = Arc::new(OpenOptions::new().append(true).open(&lp)?);
         self.log_lines = self.order.len();
         Ok(())
     }
@@ -184,18 +189,18 @@ mod tests {
         let (a, b) = {
             let mut s = State::open(&p).unwrap();
             (
-                s.txn_id(1, false, "t", b"x").unwrap(),
-                s.txn_id(2, false, "t", b"y").unwrap(),
+                s.txn_id(1, false, "t", b"x").unwrap().0,
+                s.txn_id(2, false, "t", b"y").unwrap().0,
             )
         };
         assert_ne!(a, b);
         let mut s = State::open(&p).unwrap();
         // Sent again by the broker: same ID.
-        assert_eq!(s.txn_id(1, true, "t", b"x").unwrap(), a);
+        assert_eq!(s.txn_id(1, true, "t", b"x").unwrap().0, a);
         // A new message reusing packet ID 1: a new ID.
-        let c = s.txn_id(1, false, "t", b"x").unwrap();
+        let c = s.txn_id(1, false, "t", b"x").unwrap().0;
         assert!(c != a && c != b);
         // A DUP with another payload is not the same message.
-        assert_ne!(s.txn_id(2, true, "t", b"z").unwrap(), b);
+        assert_ne!(s.txn_id(2, true, "t", b"z").unwrap().0, b);
     }
 }

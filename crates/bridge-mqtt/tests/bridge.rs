@@ -245,6 +245,8 @@ impl Forward {
 /// The bridge: its config and registration in `dir`, the process started
 /// by [`BridgeProc::start`].
 struct BridgeProc {
+    /// The transactions endpoint's port.
+    port: u16,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -310,6 +312,7 @@ command_senders = ["{alice}"]
         );
         (
             BridgeProc {
+                port,
                 config,
                 log: dir.join("bridge.log"),
                 child: None,
@@ -643,6 +646,38 @@ async fn presets_and_commands_against_weft() {
     let alice = server.register("alice").await;
     let bob = server.register("bob").await;
     presets_and_commands(&mq, &mut bridge, &alice, &bob, "localhost").await;
+
+    // The transactions endpoint wants the hs_token.
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/_matrix/app/v1/transactions/x1", bridge.port);
+    let r = http.put(&url).json(&json!({"events": []})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_UNAUTHORIZED");
+    let r = http
+        .put(&url)
+        .bearer_auth("wrong")
+        .json(&json!({"events": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_FORBIDDEN");
+    let r = http
+        .put(&url)
+        .bearer_auth(HS_TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = http
+        .put(&url)
+        .bearer_auth(HS_TOKEN)
+        .json(&json!({"events": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
 }
 
 /// QoS 1 readings published while the bridge is down, while the
