@@ -252,8 +252,10 @@ struct BridgeProc {
     child: Option<Child>,
 }
 
-fn bridge_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_weft-bridge-mqtt")
+/// The bridge binary: this build's, or `BRIDGE_BIN` (a release build for
+/// the bench; `WEFT_BIN` likewise chooses the `weft` binary).
+fn bridge_bin() -> String {
+    std::env::var("BRIDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_weft-bridge-mqtt").to_string())
 }
 
 impl BridgeProc {
