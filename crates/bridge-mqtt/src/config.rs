@@ -273,3 +273,44 @@ fn regex_escape(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("bridge.toml");
+        std::fs::write(&p, text)?;
+        Config::load(&p)
+    }
+
+    const BASE: &str = "[homeserver]\nurl = \"http://127.0.0.1:8008\"\nserver_name = \"example.org\"\n\
+                        [appservice]\nas_token = \"a\"\nhs_token = \"h\"\n[broker]\n";
+
+    #[test]
+    fn registration_has_exclusive_namespaces_for_the_server() {
+        let cfg = load(BASE).unwrap();
+        let reg = cfg.registration_yaml();
+        assert!(reg.contains(r##"regex: "@_mqtt_.*:example\\.org""##), "{reg}");
+        assert!(reg.contains(r##"regex: "#_mqtt_.*:example\\.org""##), "{reg}");
+        assert!(reg.contains("url: \"http://127.0.0.1:29330\""), "{reg}");
+        assert!(
+            reg.contains("as_token: \"a\"") && reg.contains("hs_token: \"h\""),
+            "{reg}"
+        );
+        assert_eq!(reg.matches("exclusive: true").count(), 2);
+        // Relative paths are next to the config file.
+        assert!(cfg.bridge.state_file.is_absolute());
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        let err = |t: &str| format!("{:#}", load(t).unwrap_err());
+        assert!(err(&format!("{BASE}[bridge]\npresets = [\"shelly\"]\n")).contains("unknown preset"));
+        assert!(err(&format!("{BASE}[bridge]\ninvite = [\"alice\"]\n")).contains("not a user ID"));
+        assert!(err(&format!("{BASE}[[mapping]]\ntopic = \"a/+/b\"\n")).contains("+device"));
+        assert!(err(&BASE.replace("hs_token = \"h\"", "hs_token = \"a\"")).contains("must differ"));
+        assert!(err(&format!("{BASE}typo = 1\n")).contains("unknown field"));
+    }
+}
