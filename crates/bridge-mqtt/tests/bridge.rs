@@ -43,6 +43,8 @@ fn have_mosquitto() -> bool {
 /// restarts) and its own directory; killed when dropped.
 struct Mosquitto {
     port: u16,
+    /// With a TLS listener: its certificate, the clients' CA file.
+    tls_ca: Option<PathBuf>,
     conf: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -50,14 +52,23 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start(dir: &Path) -> Mosquitto {
+        Self::start_with(dir, None)
+    }
+
+    /// With `tls`: (certificate, key) of a TLS listener instead of plain TCP.
+    fn start_with(dir: &Path, tls: Option<(PathBuf, PathBuf)>) -> Mosquitto {
         let port = free_port();
+        let tls_lines = tls
+            .as_ref()
+            .map(|(c, k)| format!("certfile {}\nkeyfile {}\n", c.display(), k.display()))
+            .unwrap_or_default();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).unwrap();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\n{tls_lines}allow_anonymous true\npersistence true\n\
                  persistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n\
                  user root\nlog_dest stderr\n",
                 data.display()
@@ -66,6 +77,7 @@ impl Mosquitto {
         .unwrap();
         let mut m = Mosquitto {
             port,
+            tls_ca: tls.map(|(c, _)| c),
             conf,
             log: dir.join("mosquitto.log"),
             child: None,
@@ -113,6 +125,9 @@ impl Mosquitto {
     /// one connection.
     fn publish_lines(&self, topic: &str, lines: &[String], retain: bool) {
         let mut cmd = Command::new("mosquitto_pub");
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--cafile").arg(ca);
+        }
         cmd.args([
             "-h",
             "127.0.0.1",
@@ -139,6 +154,9 @@ impl Mosquitto {
 
     fn publish(&self, topic: &str, payload: &str, retain: bool) {
         let mut cmd = Command::new("mosquitto_pub");
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--cafile").arg(ca);
+        }
         cmd.args([
             "-h",
             "127.0.0.1",
@@ -979,4 +997,85 @@ async fn bench_readings_into_rooms() {
             "BENCH synapse: {syn_n} readings over {devices} devices, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms"
         );
     }
+}
+
+/// The broker over TLS (`broker.tls`, `broker.ca_file`): a Mosquitto TLS
+/// listener with a self-signed certificate (made with `openssl`), trusted
+/// as the CA file.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_over_tls() {
+    if !have_mosquitto() {
+        return;
+    }
+    if !weft_testkit::tools_installed(&["openssl"], "apt-get install openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("broker.crt"), dir.path().join("broker.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mq = Mosquitto::start_with(dir.path(), Some((cert.clone(), key)));
+    let (mut bridge, reg) = BridgeProc::configure(
+        dir.path(),
+        "http://127.0.0.1:1",
+        "localhost",
+        mq.port,
+        "@alice:localhost",
+        "presets = []\n[[mapping]]\ntopic = \"sensors/+device/state\"\n",
+    );
+    let server = weft_with(&reg).await;
+    let text = std::fs::read_to_string(&bridge.config).unwrap();
+    let text = text.replace("http://127.0.0.1:1", &server.base_url()).replace(
+        "keep_alive_secs = 5\n",
+        &format!(
+            "keep_alive_secs = 5\ntls = true\nca_file = {:?}\n",
+            cert.display().to_string()
+        ),
+    );
+    std::fs::write(&bridge.config, text).unwrap();
+    let alice = server.register("alice").await;
+    bridge.start();
+    mq.publish_lines(
+        "sensors/t1/state",
+        &[r#"{"n":1,"t":20.25}"#.to_string(), r#"{"n":2,"t":20.5}"#.to_string()],
+        false,
+    );
+    let room = join_device(&alice, "#_mqtt_t1:localhost").await;
+    wait_until(30, "two readings over TLS", || async {
+        readings(&alice, &room).await.len() >= 2
+    })
+    .await;
+    let r = readings(&alice, &room).await;
+    assert_eq!(
+        r.iter().map(|e| e["content"]["t"].clone()).collect::<Vec<_>>(),
+        vec![json!("20.25"), json!("20.5")]
+    );
 }
