@@ -175,8 +175,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     }
+    // Only if a device's task died (a bug): exit with an error rather than
+    // run on without acknowledging; what was not acknowledged is sent
+    // again by the broker to the next run.
     worker.abort();
-    Ok(())
+    anyhow::bail!("the message worker stopped")
 }
 
 /// How many messages may be on their way to the homeserver at once
