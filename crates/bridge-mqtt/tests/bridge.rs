@@ -843,13 +843,20 @@ async fn presets_and_commands_against_synapse() {
     presets_and_commands(&mq, &mut bridge, &alice, &bob, &name).await;
 }
 
-/// Publishes `n` readings with QoS 1 from one rumqttc client as fast as
-/// the broker takes them, round robin over `devices` devices
+/// Publishes `n` readings with QoS 1 from one rumqttc client, `rate` per
+/// second (0: as fast as the broker takes them), round robin over `devices` devices
 /// (`bench/dev<k>/state`), each stamped with the wall clock at publish;
 /// waits until all are in their rooms; returns (readings/s from the first
 /// publish to the last event stored, p50 and p99 of origin_server_ts −
 /// stamp in ms).
-async fn bench_run(mq: &Mosquitto, alice: &Client, server_name: &str, n: usize, devices: usize) -> (f64, i64, i64) {
+async fn bench_run(
+    mq: &Mosquitto,
+    alice: &Client,
+    server_name: &str,
+    n: usize,
+    devices: usize,
+    rate: usize,
+) -> (f64, i64, i64) {
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -877,7 +884,11 @@ async fn bench_run(mq: &Mosquitto, alice: &Client, server_name: &str, n: usize, 
         rooms.push(join_device(alice, &format!("#_mqtt_dev{d}:{server_name}")).await);
     }
     let start = now_ms();
+    let paced = Instant::now();
     for i in 0..n {
+        if rate > 0 {
+            tokio::time::sleep_until((paced + Duration::from_secs_f64(i as f64 / rate as f64)).into()).await;
+        }
         let body = format!(r#"{{"i":{i},"sent_ms":{},"v":21.5}}"#, now_ms());
         client
             .publish(
@@ -930,8 +941,9 @@ async fn bench_run(mq: &Mosquitto, alice: &Client, server_name: &str, n: usize, 
 /// `cargo nextest run -p weft-bridge-mqtt --test bridge bench --run-ignored only --no-capture`
 /// (env BRIDGE_BENCH_N readings, default 2000, BRIDGE_BENCH_SYNAPSE_N
 /// through Synapse, default 300, over BRIDGE_BENCH_DEVICES devices,
-/// default 4): readings/s from Mosquitto into rooms, and latency, through
-/// Weft and through Synapse.
+/// default 4, published at BRIDGE_BENCH_RATE per second, default 0: as
+/// fast as the broker takes them): readings/s from Mosquitto into rooms,
+/// and latency, through Weft and through Synapse.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark: run by hand"]
 async fn bench_readings_into_rooms() {
@@ -942,6 +954,8 @@ async fn bench_readings_into_rooms() {
     let n = env("BRIDGE_BENCH_N", 2000);
     let devices = env("BRIDGE_BENCH_DEVICES", 4);
     let syn_n = env("BRIDGE_BENCH_SYNAPSE_N", 300);
+    // Readings per second to publish at (0: as fast as the broker takes them).
+    let rate = env("BRIDGE_BENCH_RATE", 0);
     let mapping = "presets = []\n[[mapping]]\ntopic = \"bench/+device/state\"\n";
     {
         let dir = tempfile::tempdir().unwrap();
@@ -959,9 +973,9 @@ async fn bench_readings_into_rooms() {
         std::fs::write(&bridge.config, text.replace("http://127.0.0.1:1", &server.base_url())).unwrap();
         let alice = server.register("alice").await;
         bridge.start();
-        let (rate, p50, p99) = bench_run(&mq, &alice, "localhost", n, devices).await;
+        let (got, p50, p99) = bench_run(&mq, &alice, "localhost", n, devices, rate).await;
         println!(
-            "BENCH weft: {n} readings over {devices} devices, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms"
+            "BENCH weft: {n} readings over {devices} devices, {got:.0} readings/s (published at {rate}/s, 0: unpaced), latency p50 {p50} ms, p99 {p99} ms"
         );
     }
     {
@@ -992,9 +1006,9 @@ async fn bench_readings_into_rooms() {
         std::fs::write(&bridge.config, cfg.replace("localhost:0", &name)).unwrap();
         let alice = syn.register_client("alice").await;
         bridge.start();
-        let (rate, p50, p99) = bench_run(&mq, &alice, &name, syn_n, devices).await;
+        let (got, p50, p99) = bench_run(&mq, &alice, &name, syn_n, devices, rate).await;
         println!(
-            "BENCH synapse: {syn_n} readings over {devices} devices, {rate:.0} readings/s, latency p50 {p50} ms, p99 {p99} ms"
+            "BENCH synapse: {syn_n} readings over {devices} devices, {got:.0} readings/s (published at {rate}/s, 0: unpaced), latency p50 {p50} ms, p99 {p99} ms"
         );
     }
 }
