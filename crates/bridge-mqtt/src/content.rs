@@ -32,46 +32,7 @@ fn as_object(v: Value) -> Map<String, Value> {
     }
 }
 
-/// Rewrites a JSON text so that every number canonical JSON cannot hold
-/// becomes a string of exactly its digits (the same rule as Weft's doors).
-pub fn quote_non_canonical_numbers(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len() + 8);
-    let mut i = 0;
-    let mut last = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'"' => {
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
-                }
-                i += 1;
-            }
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                i += 1;
-                while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
-                    i += 1;
-                }
-                let token = &text[start..i];
-                let integer_ok = token
-                    .parse::<i64>()
-                    .is_ok_and(|n| n.unsigned_abs() < (1u64 << 53) && !(n == 0 && token.starts_with('-')));
-                if !integer_ok {
-                    out.push_str(&text[last..start]);
-                    out.push('"');
-                    out.push_str(token);
-                    out.push('"');
-                    last = i;
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    out.push_str(&text[last.min(text.len())..]);
-    out
-}
+pub use weft_json_digits::quote_non_canonical_numbers;
 
 /// A command's value as a JSON value: JSON when it parses as a number,
 /// boolean, object or array (numbers as canonical JSON allows), else the
