@@ -25,3 +25,17 @@ pub fn weft() -> TestServerBuilder {
 pub fn weft_with_alice_and_bob() -> TestServerBuilder {
     weft().user("alice", PASSWORD).user("bob", PASSWORD)
 }
+
+/// Routes the SDK's tracing output into the test's captured output:
+/// `SDK_TEST_LOG` (an env-filter), else `default`. With
+/// `SDK_TEST_LOG=matrix_sdk::http_client=debug` every request the client
+/// makes is listed with its status.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SDK_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}

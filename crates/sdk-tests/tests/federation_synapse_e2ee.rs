@@ -32,15 +32,8 @@ const WAIT: Duration = Duration::from_secs(45);
 /// Long-poll timeout of each `/sync` while waiting.
 const POLL: Duration = Duration::from_millis(1000);
 
-/// `SDK_TEST_LOG` as in tests/sdk.rs (default `warn`).
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SDK_TEST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,matrix_sdk_crypto::backups=error"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_test_writer()
-        .try_init();
+    sdk_tests::init_logging("warn,matrix_sdk_crypto::backups=error");
 }
 
 /// A matrix-sdk client (in-memory stores) logged in with a password at

@@ -22,18 +22,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Long-poll timeout of each `/sync` while waiting.
 const POLL: Duration = Duration::from_millis(1000);
 
-/// Routes the SDK's tracing output into the test's captured output:
-/// `SDK_TEST_LOG` (an env-filter; default `warn`, so failed requests show up
-/// with their URI). `SDK_TEST_LOG=matrix_sdk::http_client=debug` lists every
-/// request the client makes and its status.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SDK_TEST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_test_writer()
-        .try_init();
+    sdk_tests::init_logging("warn");
 }
 
 fn user_id(local: &str) -> OwnedUserId {
