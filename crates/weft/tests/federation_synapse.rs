@@ -109,11 +109,19 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     let (status, created) = carol
         .post(
             "/_matrix/client/v3/createRoom",
-            json!({"preset": "public_chat", "name": "Synapse room"}),
+            json!({"preset": "public_chat", "name": "Synapse room", "room_alias_name": "synroom"}),
         )
         .await;
     assert_eq!(status, 200, "{created}");
     let room2 = created["room_id"].as_str().unwrap().to_owned();
+    let carol_id = synapse.user_id("carol");
+    let (status, _) = carol
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&carol_id)),
+            json!({"displayname": "Carol on Synapse"}),
+        )
+        .await;
+    assert_eq!(status, 200);
     let (status, _) = carol
         .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c1", enc(&room2)),
@@ -122,13 +130,15 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         .await;
     assert_eq!(status, 200);
     let dave = weft.register("dave").await;
-    let (status, body) = dave
-        .post(
-            &format!("join/{}?via={}", enc(&room2), enc(synapse.server_name())),
-            json!({}),
-        )
-        .await;
+    // Carol's profile, asked of Synapse through Weft.
+    let (status, profile) = dave.get(&format!("profile/{}", enc(&carol_id))).await;
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(profile["displayname"], "Carol on Synapse", "{profile}");
+    // Dave joins by the room's alias on Synapse (resolved over federation).
+    let alias = format!("#synroom:{}", synapse.server_name());
+    let (status, body) = dave.post(&format!("join/{}", enc(&alias)), json!({})).await;
     assert_eq!(status, 200, "{body}\n{}", weft.log_tail(40));
+    assert_eq!(body["room_id"], room2.as_str(), "{body}");
     let (status, name) = dave.state(&room2, "m.room.name", "").await;
     assert_eq!((status, name["name"].as_str()), (200, Some("Synapse room")), "{name}");
     let dave_id = weft.user_id("dave");
