@@ -402,8 +402,11 @@ pub struct RateLimitConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
-    /// `sqlite` (embedded, default). PostgreSQL comes later.
+    /// `sqlite` (embedded, default) or `postgres` (docs/scale-out.md).
     pub backend: String,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db`)
+    /// for `backend = "postgres"`.
+    pub url: Option<String>,
     /// SQLite file, relative to the data directory.
     pub sqlite_path: String,
     /// `full` (fsync every commit: an acknowledged event survives power
@@ -480,6 +483,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             backend: "sqlite".into(),
+            url: None,
             sqlite_path: "weft.db".into(),
             synchronous: "full".into(),
         }

@@ -15,7 +15,9 @@ mod federation;
 mod federation_queue;
 mod graph;
 mod media;
+mod pg;
 mod sqlite;
+mod stream;
 mod types;
 
 use std::sync::Arc;
@@ -30,7 +32,10 @@ pub use federation::*;
 pub use federation_queue::*;
 pub use graph::*;
 pub use media::*;
+pub use pg::PgStore;
+pub use pg::testing as pg_testing;
 pub use sqlite::SqliteStore;
+pub(crate) use stream::{RecentChanges, WriterCtx};
 pub use types::*;
 
 /// A queued write, resolved once it is durable.
@@ -461,6 +466,12 @@ pub fn open(config: &weft_core::Config, data_dir: &std::path::Path) -> Result<Ar
             &config.sqlite_file(data_dir),
             config.database.synchronous == "full",
         )?)),
+        "postgres" => {
+            let url = config.database.url.as_deref().ok_or_else(|| {
+                weft_core::Error::internal("database.backend = \"postgres\" needs database.url (WEFT_DATABASE__URL)")
+            })?;
+            Ok(Arc::new(PgStore::open(url)?))
+        }
         other => Err(weft_core::Error::internal(format!(
             "unknown database backend {other:?}"
         ))),

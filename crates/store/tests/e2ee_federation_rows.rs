@@ -3,15 +3,20 @@
 //! other servers' users (updates applied in order, stale otherwise), and
 //! OpenID tokens.
 
+mod common;
+use common::Backend;
+
+both!(
+    local_device_changes_are_logged_with_stream_ids,
+    remote_device_updates_apply_in_order_or_mark_the_list_stale,
+    openid_tokens_expire
+);
+
 use std::sync::Arc;
 
 use weft_store::{
-    DeviceUpdateOutcome, KeyUpload, RemoteDevice, RemoteDeviceList, RemoteDeviceUpdate, SqliteStore, Store, StreamKey,
+    DeviceUpdateOutcome, KeyUpload, RemoteDevice, RemoteDeviceList, RemoteDeviceUpdate, Store, StreamKey,
 };
-
-fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.path().join("weft.db"), true).expect("open store"))
-}
 
 fn keys(device: &str) -> KeyUpload {
     KeyUpload {
@@ -21,10 +26,8 @@ fn keys(device: &str) -> KeyUpload {
     }
 }
 
-#[tokio::test]
-async fn local_device_changes_are_logged_with_stream_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn local_device_changes_are_logged_with_stream_ids(b: Backend) {
+    let store = b.open();
     for d in ["D1", "D2"] {
         store.upsert_device("@a:t", d, None, d.as_bytes()).await.unwrap();
     }
@@ -90,10 +93,8 @@ fn announced(store: &Arc<dyn Store>, since: i64) -> bool {
         .any(|(_, k)| *k == StreamKey::DeviceKeys("@r:remote".into()))
 }
 
-#[tokio::test]
-async fn remote_device_updates_apply_in_order_or_mark_the_list_stale() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn remote_device_updates_apply_in_order_or_mark_the_list_stale(b: Backend) {
+    let store = b.open();
     // Not cached: nothing stored, but announced.
     let before = store.current_position();
     assert_eq!(
@@ -204,10 +205,8 @@ async fn remote_device_updates_apply_in_order_or_mark_the_list_stale() {
     assert!(store.remote_device_list("@other:remote").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn openid_tokens_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn openid_tokens_expire(b: Backend) {
+    let store = b.open();
     store.put_openid_token("tok", "@a:t", 2_000).await.unwrap();
     assert_eq!(
         store.openid_token_user("tok", 1_999).await.unwrap().as_deref(),

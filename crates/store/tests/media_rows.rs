@@ -2,13 +2,17 @@
 //! quarantine, deletion (answering the blobs no row names any more) and
 //! thumbnails.
 
-use std::sync::Arc;
+mod common;
+use common::Backend;
 
-use weft_store::{MediaContent, MediaQuery, MediaRecord, MediaUsage, SqliteStore, Store, ThumbnailRecord};
+both!(
+    media_rows_round_trip_usage_and_listing,
+    a_pending_item_is_completed_once_by_its_uploader_in_time,
+    deleting_answers_only_blobs_no_row_names
+);
 
-fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.path().join("weft.db"), true).expect("open store"))
-}
+
+use weft_store::{MediaContent, MediaQuery, MediaRecord, MediaUsage, ThumbnailRecord};
 
 fn content(sha: &str, size: u64) -> MediaContent {
     MediaContent {
@@ -30,10 +34,8 @@ fn item(id: &str, who: &str, at: u64, c: Option<MediaContent>) -> MediaRecord {
     }
 }
 
-#[tokio::test]
-async fn media_rows_round_trip_usage_and_listing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn media_rows_round_trip_usage_and_listing(b: Backend) {
+    let store = b.open();
     store
         .create_media(item("A", "@a:t", 10, Some(content("a", 100))))
         .await
@@ -79,10 +81,8 @@ async fn media_rows_round_trip_usage_and_listing() {
     assert_eq!(ids(store.list_media(mine).await.unwrap()), ["B", "A"]);
 }
 
-#[tokio::test]
-async fn a_pending_item_is_completed_once_by_its_uploader_in_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn a_pending_item_is_completed_once_by_its_uploader_in_time(b: Backend) {
+    let store = b.open();
     store.create_media(item("P", "@a:t", 10, None)).await.unwrap();
     // Someone else, or too late: refused.
     assert!(!store.complete_media("P", "@b:t", content("d", 3), 20).await.unwrap());
@@ -94,10 +94,8 @@ async fn a_pending_item_is_completed_once_by_its_uploader_in_time() {
     assert_eq!((p.content, p.pending_until_ms), (Some(content("d", 3)), None));
 }
 
-#[tokio::test]
-async fn deleting_answers_only_blobs_no_row_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn deleting_answers_only_blobs_no_row_names(b: Backend) {
+    let store = b.open();
     store
         .create_media(item("A", "@a:t", 10, Some(content("a", 1))))
         .await

@@ -4,16 +4,37 @@
 //! in-memory record of what each position touched, end-to-end-encryption
 //! keys and to-device messages.
 
+mod common;
+use common::Backend;
+
+both!(
+    concurrent_writes_get_ordered_positions_and_are_durable,
+    state_at_a_position_and_membership_history,
+    recent_changes_name_rooms_and_users_and_waiters_wake,
+    a_failing_write_does_not_undo_its_batch_neighbours,
+    device_keys_one_time_keys_claims_and_fallback,
+    device_list_changes_are_scoped_to_shared_rooms,
+    to_device_messages_are_positioned_idempotent_and_acked,
+    cross_signing_keys_and_signatures_are_device_list_changes,
+    recent_and_old_event_reads_agree_including_redactions,
+    device_psks_are_found_by_identity_and_die_with_their_device,
+    renaming_a_device_is_a_device_list_change_only_with_keys,
+    account_data_edits_read_and_write_in_one_write,
+    a_panicking_account_data_edit_does_not_stop_the_writer,
+    receipts_replace_per_key_and_take_positions,
+    notifications_take_positions_and_count_after_receipts,
+    pushers_replace_append_and_remember_what_they_sent,
+    an_event_whose_parent_failed_to_commit_is_refused,
+    extremities_follow_the_dag_and_events_off_the_stream_stay_off_it,
+    current_state_can_point_at_an_earlier_outlier
+);
+
 use std::sync::Arc;
 
 use weft_store::{
     CurrentStateChange, DeviceTarget, Direction, EventKind, KeySignature, KeyUpload, NewEvent, NewRoom, NewToDevice,
-    NewUser, ReceiptRecord, SqliteStore, Store, StreamKey,
+    NewUser, ReceiptRecord, Store, StreamKey,
 };
-
-fn open(dir: &tempfile::TempDir) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.path().join("weft.db"), true).expect("open store"))
-}
 
 fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEvent {
     let (event_type, state_key, membership) = match state {
@@ -64,10 +85,8 @@ fn renamed(mut ev: NewEvent, id: &str) -> NewEvent {
     ev
 }
 
-#[tokio::test]
-async fn concurrent_writes_get_ordered_positions_and_are_durable() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn concurrent_writes_get_ordered_positions_and_are_durable(b: Backend) {
+    let store = b.open();
     let mut pending = Vec::new();
     pending.push(store.persist_event(event("!r:test", 0, Some(("m.room.create", "", None)))));
     for n in 1..200 {
@@ -82,7 +101,7 @@ async fn concurrent_writes_get_ordered_positions_and_are_durable() {
     assert_eq!(store.current_position(), *positions.last().unwrap());
     drop(store);
 
-    let store = open(&dir);
+    let store = b.open();
     assert_eq!(store.current_position(), *positions.last().unwrap());
     let back = store
         .room_events("!r:test", i64::MAX, 0, Direction::Backward, 1000)
@@ -114,10 +133,8 @@ async fn concurrent_writes_get_ordered_positions_and_are_durable() {
     );
 }
 
-#[tokio::test]
-async fn state_at_a_position_and_membership_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn state_at_a_position_and_membership_history(b: Backend) {
+    let store = b.open();
     let room = "!s:test";
     let p_create = store
         .persist_event(event(room, 0, Some(("m.room.create", "", None))))
@@ -159,10 +176,8 @@ async fn state_at_a_position_and_membership_history() {
     assert_eq!(changes.len(), 2);
 }
 
-#[tokio::test]
-async fn recent_changes_name_rooms_and_users_and_waiters_wake() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn recent_changes_name_rooms_and_users_and_waiters_wake(b: Backend) {
+    let store = b.open();
     let start = store.current_position();
     let mut rx = store.subscribe_position();
     let p1 = store
@@ -188,15 +203,13 @@ async fn recent_changes_name_rooms_and_users_and_waiters_wake() {
     );
     // Nothing before the process started is in memory: callers must ask the database.
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     assert!(store.changes_since(start).is_none());
     assert_eq!(store.changes_since(p2), Some(vec![]));
 }
 
-#[tokio::test]
-async fn a_failing_write_does_not_undo_its_batch_neighbours() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn a_failing_write_does_not_undo_its_batch_neighbours(b: Backend) {
+    let store = b.open();
     store
         .create_user(NewUser {
             user_id: "@x:test".into(),
@@ -245,10 +258,8 @@ fn otks(ids: &[&str]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn device_keys_one_time_keys_claims_and_fallback() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn device_keys_one_time_keys_claims_and_fallback(b: Backend) {
+    let store = b.open();
     device(&store, "@a:test", "D1").await;
     let start = store.current_position();
     let keys = r#"{"device_id":"D1","keys":{"ed25519:D1":"k"},"signatures":{"@a:test":{"ed25519:D1":"sig"}},"user_id":"@a:test"}"#;
@@ -382,10 +393,8 @@ async fn device_keys_one_time_keys_claims_and_fallback() {
     assert_eq!(store.device_list_changes("@a:test", p1, p2).await.unwrap(), ["@a:test"]);
 }
 
-#[tokio::test]
-async fn device_list_changes_are_scoped_to_shared_rooms() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn device_list_changes_are_scoped_to_shared_rooms(b: Backend) {
+    let store = b.open();
     let room = "!k:test";
     store
         .persist_event(event(room, 0, Some(("m.room.create", "", None))))
@@ -469,10 +478,8 @@ async fn device_list_changes_are_scoped_to_shared_rooms() {
     assert!(store.device_list_left("@a:test", p4, p5).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn to_device_messages_are_positioned_idempotent_and_acked() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn to_device_messages_are_positioned_idempotent_and_acked(b: Backend) {
+    let store = b.open();
     for d in ["D1", "D2"] {
         device(&store, "@b:test", d).await;
     }
@@ -534,14 +541,12 @@ async fn to_device_messages_are_positioned_idempotent_and_acked() {
     // Positions of deleted messages are not reused after a restart.
     store.delete_device("@b:test", "D2").await.unwrap();
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     assert_eq!(store.current_position(), p);
 }
 
-#[tokio::test]
-async fn cross_signing_keys_and_signatures_are_device_list_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn cross_signing_keys_and_signatures_are_device_list_changes(b: Backend) {
+    let store = b.open();
     let p0 = store.current_position();
     store
         .put_cross_signing_keys(
@@ -603,10 +608,8 @@ async fn cross_signing_keys_and_signatures_are_device_list_changes() {
 /// Reads of the newest events (served from memory by SQLite's store) and of
 /// older ones (from the database) give the same answers, across two rooms,
 /// in both directions, with a redaction applied to both.
-#[tokio::test]
-async fn recent_and_old_event_reads_agree_including_redactions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn recent_and_old_event_reads_agree_including_redactions(b: Backend) {
+    let store = b.open();
     let mut pending = vec![
         store.persist_event(event("!a:test", 0, Some(("m.room.create", "", None)))),
         store.persist_event({
@@ -662,7 +665,7 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
     let fresh_after = store.events_after(since, red_pos - 3, 60).await.unwrap();
     let fresh_after_all = store.events_after(since, red_pos, 1000).await.unwrap();
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     let disk_after = store.events_after(since, red_pos - 3, 60).await.unwrap();
     let disk_after_all = store.events_after(since, red_pos, 1000).await.unwrap();
     assert_eq!(check(&fresh_after), check(&disk_after));
@@ -697,10 +700,8 @@ async fn recent_and_old_event_reads_agree_including_redactions() {
     assert_eq!(old_ids, ["$e10", "$e11", "$e13", "$e14", "$e16"]);
 }
 
-#[tokio::test]
-async fn device_psks_are_found_by_identity_and_die_with_their_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn device_psks_are_found_by_identity_and_die_with_their_device(b: Backend) {
+    let store = b.open();
     for u in ["@a:test", "@b:test"] {
         store
             .create_user(NewUser {
@@ -766,14 +767,12 @@ async fn device_psks_are_found_by_identity_and_die_with_their_device() {
     // Keys survive a restart.
     store.set_device_psk("@a:test", "S2", "id-s2", b"ks2").await.unwrap();
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     assert_eq!(store.lookup_psk("id-s2").await.unwrap().unwrap().device_id, "S2");
 }
 
-#[tokio::test]
-async fn renaming_a_device_is_a_device_list_change_only_with_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn renaming_a_device_is_a_device_list_change_only_with_keys(b: Backend) {
+    let store = b.open();
     device(&store, "@a:test", "D1").await;
     device(&store, "@a:test", "D2").await;
     let keys = r#"{"device_id":"D1","keys":{"ed25519:D1":"k"},"user_id":"@a:test"}"#;
@@ -838,10 +837,8 @@ async fn renaming_a_device_is_a_device_list_change_only_with_keys() {
 // An edit of account data sees what the last one stored: many racing
 // edits are all applied; a failing one stores nothing and takes no
 // position.
-#[tokio::test]
-async fn account_data_edits_read_and_write_in_one_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn account_data_edits_read_and_write_in_one_write(b: Backend) {
+    let store = b.open();
     let count = |old: Option<String>| -> weft_core::Result<String> {
         let n: u64 = old.map_or(0, |s| s.parse().unwrap_or(0));
         Ok((n + 1).to_string())
@@ -893,10 +890,8 @@ async fn account_data_edits_read_and_write_in_one_write() {
 }
 
 // An edit that panics is an error of its own; the writer goes on.
-#[tokio::test]
-async fn a_panicking_account_data_edit_does_not_stop_the_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn a_panicking_account_data_edit_does_not_stop_the_writer(b: Backend) {
+    let store = b.open();
     let got = store
         .edit_account_data(
             "@dan:test",
@@ -930,10 +925,8 @@ fn receipt(user: &str, receipt_type: &str, thread: &str, event_id: &str, ts: u64
 // A receipt replaces the one of the same (room, type, user, thread), takes
 // a new position keyed to its room, and survives a restart (which also
 // keeps positions from going back).
-#[tokio::test]
-async fn receipts_replace_per_key_and_take_positions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn receipts_replace_per_key_and_take_positions(b: Backend) {
+    let store = b.open();
     let start = store.current_position();
     let put = |r: ReceiptRecord| store.put_receipt(r);
     let p1 = put(receipt("@a:test", "m.read", "", "$1", 10)).await.unwrap().unwrap();
@@ -978,7 +971,7 @@ async fn receipts_replace_per_key_and_take_positions() {
     assert_eq!(store.receipts_since("!r:test", p3, p4).await.unwrap().len(), 1);
     assert!(store.receipts_since("!other:test", 0, p4).await.unwrap().is_empty());
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     assert_eq!(store.current_position(), p4);
     assert_eq!(store.receipts_since("!r:test", 0, p4).await.unwrap(), all);
 }
@@ -1001,10 +994,8 @@ fn notification(user: &str, n: u32, event_position: i64, thread: &str, highlight
 // (positions never go back); unread counts start after the newest receipt
 // that applies (unthreaded, or of the row's thread); invites ('') never
 // count.
-#[tokio::test]
-async fn notifications_take_positions_and_count_after_receipts() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn notifications_take_positions_and_count_after_receipts(b: Backend) {
+    let store = b.open();
     let mut pos = Vec::new();
     for n in 0..5 {
         pos.push(store.persist_event(event("!r:test", n, None)).await.unwrap().unwrap());
@@ -1075,7 +1066,7 @@ async fn notifications_take_positions_and_count_after_receipts() {
     );
     let last = store.current_position();
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     assert_eq!(store.current_position(), last, "positions never go back");
     assert_eq!(store.unread_counts("@c:test", None).await.unwrap().len(), 1);
 }
@@ -1095,10 +1086,8 @@ fn pusher(user: &str, key: &str) -> weft_store::PusherRecord {
 // A pusher starts after the newest notification row; setting it again
 // keeps its place; the same app_id and pushkey of another user goes unless
 // appended; last_sent only moves forward.
-#[tokio::test]
-async fn pushers_replace_append_and_remember_what_they_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn pushers_replace_append_and_remember_what_they_sent(b: Backend) {
+    let store = b.open();
     let p = store.persist_event(event("!r:test", 0, None)).await.unwrap().unwrap();
     store
         .add_notifications(vec![notification("@a:test", 0, p, "main", false)], p)
@@ -1142,10 +1131,8 @@ fn dag_event(room: &str, id: &str, prevs: &[&str], depth: i64, kind: EventKind) 
 
 /// An event built on one whose write failed (pipelined behind it in the
 /// same batch) is refused: no stored event points at a missing parent.
-#[tokio::test]
-async fn an_event_whose_parent_failed_to_commit_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn an_event_whose_parent_failed_to_commit_is_refused(b: Backend) {
+    let store = b.open();
     let room = "!p:test";
     store
         .persist_event(event(room, 0, Some(("m.room.create", "", None))))
@@ -1183,10 +1170,8 @@ async fn an_event_whose_parent_failed_to_commit_is_refused() {
 /// Forward extremities follow the DAG; events off the stream (outliers,
 /// backfill, rejected) get positions below every stored one, are never
 /// announced, and only backfilled ones are served as timeline.
-#[tokio::test]
-async fn extremities_follow_the_dag_and_events_off_the_stream_stay_off_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn extremities_follow_the_dag_and_events_off_the_stream_stay_off_it(b: Backend) {
+    let store = b.open();
     let room = "!d:test";
     store
         .persist_event(event(room, 0, Some(("m.room.create", "", None))))
@@ -1271,7 +1256,7 @@ async fn extremities_follow_the_dag_and_events_off_the_stream_stay_off_it() {
     assert_eq!(store.extremities(room).await.unwrap().len(), 2);
     // Positions below zero survive a restart.
     drop(store);
-    let store = open(&dir);
+    let store = b.open();
     let p = store
         .persist_event(dag_event(room, "$out2", &[], 1, EventKind::Outlier))
         .await
@@ -1282,10 +1267,8 @@ async fn extremities_follow_the_dag_and_events_off_the_stream_stay_off_it() {
 
 /// The current state may come to point at an event stored before (an
 /// outlier from a join's state): state reads and membership follow it.
-#[tokio::test]
-async fn current_state_can_point_at_an_earlier_outlier() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
+async fn current_state_can_point_at_an_earlier_outlier(b: Backend) {
+    let store = b.open();
     let room = "!o:test";
     store
         .persist_event(event(room, 0, Some(("m.room.create", "", None))))

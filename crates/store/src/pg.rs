@@ -1,0 +1,633 @@
+//! The PostgreSQL backend (docs/scale-out.md): the same shape as the
+//! SQLite one (one writer thread per process doing group commit, reads on
+//! pooled connections), made safe for several `weft serve` processes on
+//! one database:
+//!
+//! - **Positions** come from the database. Each batch begins by locking the
+//!   one row of `stream_head` (`SELECT … FOR UPDATE`), numbers its writes
+//!   after the position found there, stores the new head and commits. The
+//!   row lock makes batches of all processes commit one after the other in
+//!   position order, so a position is never visible before a lower one: the
+//!   committed head *is* the watermark, and no position is ever abandoned
+//!   (a batch that fails to commit leaves the head where it was).
+//! - **What each position touched** (`StreamKey`s) is written to
+//!   `stream_log` in the same transaction, and the commit `NOTIFY`s
+//!   `weft_stream` with the new head. Every process `LISTEN`s: a
+//!   [`Follower`] reads what other processes committed into its in-memory
+//!   tail ([`RecentChanges`]) and only then publishes the position, exactly
+//!   as the SQLite writer does with its own batches.
+//!
+//! Why the synchronous `postgres` crate (tokio-postgres underneath, same
+//! wire code): the writer is a plain thread that runs each job as a
+//! closure on its connection inside one transaction, as the SQLite writer
+//! does, which async jobs borrowing a transaction cannot be boxed as
+//! simply; reads run on tokio's blocking pool. No pool crate is needed for
+//! a `Vec` of connections. (MSRV 1.85; rustc here is 1.95.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
+use tokio::sync::{oneshot, watch};
+use weft_core::{Error, ErrorKind, Result};
+
+use crate::*;
+
+mod accounts;
+mod appservice;
+mod e2ee;
+mod ephemeral;
+mod federation;
+mod federation_queue;
+mod graph;
+mod media;
+mod misc;
+mod rooms;
+mod store_impl;
+pub mod testing;
+
+/// The error of a method not yet ported from the SQLite backend.
+fn not_yet(what: &str) -> Error {
+    Error::internal(format!("{what} is not yet implemented on PostgreSQL"))
+}
+
+/// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
+/// the first is the SQLite schema at its migration 0020.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
+const READERS: usize = 8;
+/// The channel the commit of every batch notifies, with the new head.
+const CHANNEL: &str = "weft_stream";
+/// Arbitrary key of the advisory lock that serializes schema migrations
+/// between processes starting at once.
+const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
+
+pub(crate) type PgResult<T> = std::result::Result<T, postgres::Error>;
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+pub(crate) fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("database: {e}"))
+}
+
+/// A connection with its prepared statements (PostgreSQL prepares per
+/// connection; each statement is parsed and planned once per connection).
+pub(crate) struct PgConn {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
+/// Statements kept per connection; past this the cache starts over (SQL
+/// built with a varying number of parameters would grow it forever).
+const STATEMENT_CACHE: usize = 512;
+
+impl PgConn {
+    fn connect(url: &str) -> PgResult<Self> {
+        Ok(Self {
+            client: Client::connect(url, NoTls)?,
+            stmts: HashMap::new(),
+        })
+    }
+
+    fn prep(&mut self, sql: &str) -> PgResult<Statement> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        if self.stmts.len() >= STATEMENT_CACHE {
+            self.stmts.clear();
+        }
+        self.stmts.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// Runs a fixed statement; answers the rows it changed.
+    pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> PgResult<u64> {
+        let s = self.prep(sql)?;
+        self.client.execute(&s, params)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> PgResult<Vec<Row>> {
+        let s = self.prep(sql)?;
+        self.client.query(&s, params)
+    }
+
+    pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> PgResult<Option<Row>> {
+        let s = self.prep(sql)?;
+        self.client.query_opt(&s, params)
+    }
+
+    pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> PgResult<Row> {
+        let s = self.prep(sql)?;
+        self.client.query_one(&s, params)
+    }
+
+    /// Statements without parameters, as one round trip (`BEGIN`, …).
+    pub(crate) fn batch(&mut self, sql: &str) -> PgResult<()> {
+        self.client.batch_execute(sql)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// What a write job leaves for after the commit (as in the SQLite writer).
+struct Done {
+    ok: bool,
+    answer: Box<dyn FnOnce(Option<Error>) + Send>,
+}
+type WriteFn = Box<dyn FnOnce(&mut PgConn, &mut WriterCtx) -> Done + Send>;
+
+pub struct PgStore {
+    writer: mpsc::Sender<WriteFn>,
+    readers: Arc<Mutex<Vec<PgConn>>>,
+    url: Arc<str>,
+    position: watch::Receiver<i64>,
+    follower: Arc<Follower>,
+    /// Stops the listener thread when the store is dropped.
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn migrate(conn: &mut PgConn) -> PgResult<()> {
+    conn.query_one("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+    let result = (|| {
+        let has_meta = conn
+            .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?
+            .get::<_, bool>(0);
+        let version: i64 = if has_meta {
+            conn.query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])?
+                .and_then(|r| r.get::<_, String>(0).parse().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            conn.batch("BEGIN")?;
+            let step = (|| {
+                conn.batch(sql)?;
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', $1) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&(i as i64 + 1).to_string()],
+                )?;
+                conn.batch("COMMIT")
+            })();
+            if let Err(e) = step {
+                let _ = conn.batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        Ok(())
+    })();
+    conn.query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
+    result
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (creating or migrating its schema)
+    /// and starts this process's writer and follower.
+    pub fn open(url: &str) -> Result<Self> {
+        // The synchronous client runs its own runtime, which may not be
+        // started on a thread of the caller's.
+        let url = url.to_owned();
+        std::thread::spawn(move || Self::open_here(&url))
+            .join()
+            .map_err(|_| Error::internal("opening the database panicked"))?
+    }
+
+    fn open_here(url: &str) -> Result<Self> {
+        let mut conn = PgConn::connect(url).map_err(|e| connect_err(url, e))?;
+        migrate(&mut conn).map_err(db_err)?;
+        let head = conn
+            .query_one("SELECT position, low FROM stream_head WHERE id = 1", &[])
+            .map_err(db_err)?;
+        let (pos, low): (i64, i64) = (head.get(0), head.get(1));
+        let (pos_tx, pos_rx) = watch::channel(pos);
+        let follower = Arc::new(Follower {
+            published: Mutex::new(pos),
+            recent: parking_lot::RwLock::new(RecentChanges::new(pos)),
+            pos_tx,
+        });
+        let (tx, rx) = mpsc::channel::<WriteFn>();
+        let url: Arc<str> = Arc::from(url);
+        let (f, u) = (follower.clone(), url.clone());
+        std::thread::Builder::new()
+            .name("weft-pg-writer".into())
+            .spawn(move || writer_loop(conn, u, rx, f, pos, low))
+            .map_err(db_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let listen = PgConn::connect(&url).map_err(db_err)?;
+        let (f, u, s) = (follower.clone(), url.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("weft-pg-listener".into())
+            .spawn(move || listener_loop(listen, u, f, s))
+            .map_err(db_err)?;
+        Ok(Self {
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            url,
+            position: pos_rx,
+            follower,
+            stop,
+        })
+    }
+
+    /// Runs `f` on a pooled read connection, on tokio's blocking pool.
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut PgConn) -> PgResult<T> + Send + 'static,
+    ) -> Result<T> {
+        let (pool, url) = (self.readers.clone(), self.url.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().pop();
+            let mut conn = match conn {
+                Some(c) => c,
+                None => PgConn::connect(&url).map_err(db_err)?,
+            };
+            let out = f(&mut conn).map_err(db_err);
+            if !conn.is_closed() {
+                let mut pool = pool.lock();
+                if pool.len() < READERS {
+                    pool.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| Error::internal(format!("database read task: {e}")))?
+    }
+
+    /// Queues `f` to run inside the writer's next transaction (in its own
+    /// savepoint), as [`SqliteStore`]'s writer does.
+    pub(crate) fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut PgConn, &mut WriterCtx) -> Result<T> + Send + 'static,
+    ) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: WriteFn = Box::new(move |conn, ctx| {
+            let result = f(conn, ctx);
+            Done {
+                ok: result.is_ok(),
+                answer: Box::new(move |commit_err| {
+                    let _ = tx.send(match commit_err {
+                        Some(e) => Err(e),
+                        None => result,
+                    });
+                }),
+            }
+        });
+        let _ = self.writer.send(job);
+        rx
+    }
+
+    pub(crate) async fn write_wait<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut PgConn, &mut WriterCtx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write(f)
+            .await
+            .map_err(|_| Error::internal("database writer stopped"))?
+    }
+
+    pub(crate) fn current(&self) -> i64 {
+        *self.position.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
+        self.position.clone()
+    }
+
+    pub(crate) fn recent(&self) -> &parking_lot::RwLock<RecentChanges> {
+        &self.follower.recent
+    }
+}
+
+/// A connection failure names the server, never the password.
+fn connect_err(url: &str, e: postgres::Error) -> Error {
+    let shown = match url.parse::<postgres::Config>() {
+        Ok(c) => format!(
+            "{:?} database {:?} as {:?}",
+            c.get_hosts(),
+            c.get_dbname().unwrap_or_default(),
+            c.get_user().unwrap_or_default()
+        ),
+        Err(_) => "the configured database.url".to_owned(),
+    };
+    Error::internal(format!("cannot connect to PostgreSQL at {shown}: {e}"))
+}
+
+/// Publishes stream positions in order, whoever committed them: the
+/// writer its own batches, the listener those of other processes.
+struct Follower {
+    /// Highest position in `recent` and published (a batch boundary).
+    published: Mutex<i64>,
+    recent: parking_lot::RwLock<RecentChanges>,
+    pos_tx: watch::Sender<i64>,
+}
+
+impl Follower {
+    /// After the writer committed the batch (`start`, `ctx.pos`]: first
+    /// whatever other processes committed before it, then the batch from
+    /// memory, then the position.
+    fn committed(&self, conn: &mut PgConn, start: i64, ctx: &mut WriterCtx) {
+        let mut published = self.published.lock();
+        if *published >= ctx.pos {
+            // The listener read it from the database first.
+            ctx.changes.clear();
+            ctx.events.clear();
+            ctx.redactions.clear();
+            return;
+        }
+        if *published < start && !self.catch_up(conn, &mut published, start) {
+            return;
+        }
+        self.recent.write().add(ctx);
+        *published = ctx.pos;
+        self.pos_tx.send_replace(ctx.pos);
+    }
+
+    /// Reads the committed positions (`*published`, `upto`] from the
+    /// database into the tail and publishes `upto`. False if it could not
+    /// (the tail and position stay; the next notification tries again).
+    fn catch_up(&self, conn: &mut PgConn, published: &mut i64, upto: i64) -> bool {
+        if upto <= *published {
+            return true;
+        }
+        match read_range(conn, *published, upto) {
+            Ok(mut ctx) => {
+                self.recent.write().add(&mut ctx);
+                *published = upto;
+                self.pos_tx.send_replace(upto);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("cannot read stream positions {}..={upto}: {e}", *published + 1);
+                false
+            }
+        }
+    }
+}
+
+/// What positions (`from`, `upto`] carried, read back from the database as
+/// a [`WriterCtx`] that [`RecentChanges::add`] takes in.
+fn read_range(conn: &mut PgConn, from: i64, upto: i64) -> PgResult<WriterCtx> {
+    let mut ctx = WriterCtx {
+        pos: upto,
+        low: 0,
+        changes: Vec::new(),
+        events: Vec::new(),
+        redactions: Vec::new(),
+    };
+    for r in conn.query(
+        "SELECT position, kind, a, b FROM stream_log WHERE position > $1 AND position <= $2 ORDER BY position",
+        &[&from, &upto],
+    )? {
+        if let Some(key) = decode_key(r.get(1), r.get(2), r.get(3)) {
+            ctx.changes.push((r.get(0), key));
+        }
+    }
+    ctx.events = conn
+        .query(
+            "SELECT position, event_id, room_id, event_type, state_key, sender, origin_server_ts, pdu_json, \
+             redacted_by, txn_device, txn_id FROM events WHERE position > $1 AND position <= $2 ORDER BY position",
+            &[&from, &upto],
+        )?
+        .iter()
+        .map(event_row)
+        .collect();
+    // Redactions made in the range, of events the tail may hold unredacted.
+    let ids: Vec<&str> = ctx.events.iter().map(|e| e.event_id.as_str()).collect();
+    for r in conn.query(
+        "SELECT event_id, pdu_json, redacted_by FROM events WHERE redacted_by = ANY($1)",
+        &[&ids],
+    )? {
+        ctx.redactions.push((r.get(0), r.get(1), r.get(2)));
+    }
+    Ok(ctx)
+}
+
+/// A stored event from the columns `position, event_id, room_id,
+/// event_type, state_key, sender, origin_server_ts, pdu_json, redacted_by,
+/// txn_device, txn_id` (in that order).
+pub(crate) fn event_row(r: &Row) -> StoredEvent {
+    let txn_device: Option<String> = r.get(9);
+    let txn_id: Option<String> = r.get(10);
+    StoredEvent {
+        position: r.get(0),
+        event_id: r.get(1),
+        room_id: r.get(2),
+        event_type: r.get(3),
+        state_key: r.get(4),
+        sender: r.get(5),
+        origin_server_ts: r.get::<_, i64>(6).max(0) as u64,
+        pdu_json: r.get(7),
+        redacted_by: r.get(8),
+        txn: txn_device.zip(txn_id),
+    }
+}
+
+/// `StreamKey` as a `stream_log` row: (kind, a, b).
+fn encode_key(key: &StreamKey) -> (i16, &str, &str) {
+    match key {
+        StreamKey::Room(r) => (1, r, ""),
+        StreamKey::User(u) => (2, u, ""),
+        StreamKey::DeviceKeys(u) => (3, u, ""),
+        StreamKey::Receipt(r) => (4, r, ""),
+        StreamKey::Notification(u, r) => (5, u, r),
+        StreamKey::Typing(r) => (6, r, ""),
+        StreamKey::Presence(u) => (7, u, ""),
+    }
+}
+
+fn decode_key(kind: i16, a: String, b: String) -> Option<StreamKey> {
+    Some(match kind {
+        1 => StreamKey::Room(a),
+        2 => StreamKey::User(a),
+        3 => StreamKey::DeviceKeys(a),
+        4 => StreamKey::Receipt(a),
+        5 => StreamKey::Notification(a, b),
+        6 => StreamKey::Typing(a),
+        7 => StreamKey::Presence(a),
+        _ => return None,
+    })
+}
+
+/// Writes the batch's stream entries and new head, and notifies the
+/// other processes (delivered when the transaction commits).
+fn finish_batch(conn: &mut PgConn, ctx: &WriterCtx) -> PgResult<()> {
+    let mut positions = Vec::with_capacity(ctx.changes.len());
+    let (mut kinds, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, key) in &ctx.changes {
+        let (k, x, y) = encode_key(key);
+        positions.push(*p);
+        kinds.push(k);
+        a.push(x);
+        b.push(y);
+    }
+    if !positions.is_empty() {
+        conn.execute(
+            "INSERT INTO stream_log (position, kind, a, b) \
+             SELECT * FROM UNNEST($1::BIGINT[], $2::SMALLINT[], $3::TEXT[], $4::TEXT[])",
+            &[&positions, &kinds, &a, &b],
+        )?;
+    }
+    conn.execute(
+        "UPDATE stream_head SET position = $1, low = $2 WHERE id = 1",
+        &[&ctx.pos, &ctx.low],
+    )?;
+    conn.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &ctx.pos.to_string()])?;
+    Ok(())
+}
+
+/// The writer: every job waiting, in one transaction (each in a savepoint
+/// so a failing job does not undo the others), numbered after the head it
+/// locked, then committed, answered and published.
+fn writer_loop(
+    mut conn: PgConn,
+    url: Arc<str>,
+    rx: mpsc::Receiver<WriteFn>,
+    follower: Arc<Follower>,
+    pos: i64,
+    low: i64,
+) {
+    let mut ctx = WriterCtx {
+        pos,
+        low,
+        changes: Vec::new(),
+        events: Vec::new(),
+        redactions: Vec::new(),
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if conn.is_closed() {
+            match PgConn::connect(&url) {
+                Ok(c) => conn = c,
+                Err(e) => {
+                    tracing::error!("cannot reconnect the database writer: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue; // dropping the jobs fails their receivers
+                }
+            }
+        }
+        ctx.changes.clear();
+        ctx.events.clear();
+        ctx.redactions.clear();
+        let head = conn
+            .batch("BEGIN")
+            .and_then(|()| conn.query_one("SELECT position, low FROM stream_head WHERE id = 1 FOR UPDATE", &[]));
+        match head {
+            Ok(row) => {
+                // Other processes may have moved the head on since.
+                ctx.pos = ctx.pos.max(row.get(0));
+                ctx.low = ctx.low.min(row.get(1));
+            }
+            Err(e) => {
+                tracing::error!("cannot begin write transaction: {e}");
+                let _ = conn.batch("ROLLBACK");
+                continue;
+            }
+        }
+        let (start_pos, start_low) = (ctx.pos, ctx.low);
+        let mut answers = Vec::with_capacity(batch.len());
+        for job in batch {
+            let (before, low, n_changes) = (ctx.pos, ctx.low, ctx.changes.len());
+            let (n_events, n_redactions) = (ctx.events.len(), ctx.redactions.len());
+            let sp = conn.batch("SAVEPOINT job");
+            let done = job(&mut conn, &mut ctx);
+            if !done.ok || sp.is_err() {
+                ctx.pos = before;
+                ctx.low = low;
+                ctx.changes.truncate(n_changes);
+                ctx.events.truncate(n_events);
+                ctx.redactions.truncate(n_redactions);
+                let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+            }
+            let _ = conn.batch("RELEASE SAVEPOINT job");
+            answers.push(done.answer);
+        }
+        let moved = ctx.pos != start_pos || ctx.low != start_low;
+        let commit = if moved { finish_batch(&mut conn, &ctx) } else { Ok(()) }.and_then(|()| conn.batch("COMMIT"));
+        match commit {
+            Ok(()) => {
+                if ctx.pos != start_pos {
+                    // In the tail before the position is published, so a
+                    // reader woken by it finds every event up to it.
+                    follower.committed(&mut conn, start_pos, &mut ctx);
+                }
+                for answer in answers {
+                    answer(None);
+                }
+            }
+            Err(e) => {
+                tracing::error!("write batch failed to commit: {e}");
+                let _ = conn.batch("ROLLBACK");
+                ctx.pos = start_pos;
+                ctx.low = start_low;
+                for answer in answers {
+                    answer(Some(db_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// Follows what other processes commit: on each notification (and every
+/// second, in case one was missed while reconnecting) reads the committed
+/// head and catches the tail up to it.
+fn listener_loop(mut conn: PgConn, url: Arc<str>, follower: Arc<Follower>, stop: Arc<AtomicBool>) {
+    let mut listening = false;
+    while !stop.load(Ordering::Relaxed) {
+        if conn.is_closed() {
+            std::thread::sleep(Duration::from_millis(500));
+            match PgConn::connect(&url) {
+                Ok(c) => {
+                    conn = c;
+                    listening = false;
+                }
+                Err(_) => continue,
+            }
+        }
+        if !listening {
+            if let Err(e) = conn.batch(&format!("LISTEN {CHANNEL}")) {
+                tracing::warn!("cannot listen for stream notifications: {e}");
+                continue;
+            }
+            listening = true;
+        }
+        // Wait for a notification (or a second), then take the others
+        // already here: several in a row are one catch-up to the newest head.
+        {
+            let mut notes = conn.client.notifications();
+            let _ = notes.timeout_iter(Duration::from_secs(1)).next();
+            while let Ok(Some(_)) = notes.iter().next() {}
+        }
+        let head = match conn.query_one("SELECT position FROM stream_head WHERE id = 1", &[]) {
+            Ok(r) => r.get::<_, i64>(0),
+            Err(e) => {
+                tracing::warn!("cannot read the stream head: {e}");
+                continue;
+            }
+        };
+        let mut published = follower.published.lock();
+        follower.catch_up(&mut conn, &mut published, head);
+    }
+}
