@@ -553,8 +553,10 @@ login_per_second = 1.0
 login_burst = 30.0
 
 [database]
-# "sqlite" (embedded). PostgreSQL support is planned.
+# "sqlite" (embedded) or "postgres" (in progress: docs/scale-out.md).
 backend = "sqlite"
+# For "postgres": postgres://user:password@host:port/database
+# url = "postgres://weft:change-me@127.0.0.1:5432/weft"
 # Relative to the data directory.
 sqlite_path = "weft.db"
 # "full": every acknowledged write is fsynced (survives power loss).

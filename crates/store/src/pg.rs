@@ -76,6 +76,19 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> Error {
     Error::internal(format!("database: {e}"))
 }
 
+/// A driver error as Weft's: text PostgreSQL cannot store (a NUL
+/// character, which SQLite takes) is the client's bad input, not a server
+/// fault; anything else is internal.
+pub(crate) fn pg_err(e: postgres::Error) -> Error {
+    use postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER => {
+            Error::new(ErrorKind::InvalidParam, "Text may not contain NUL characters")
+        }
+        _ => db_err(e),
+    }
+}
+
 /// A connection with its prepared statements (PostgreSQL prepares per
 /// connection; each statement is parsed and planned once per connection).
 pub(crate) struct PgConn {
@@ -257,7 +270,7 @@ impl PgStore {
                 Some(c) => c,
                 None => PgConn::connect(&url).map_err(db_err)?,
             };
-            let out = f(&mut conn).map_err(db_err);
+            let out = f(&mut conn).map_err(pg_err);
             if !conn.is_closed() {
                 let mut pool = pool.lock();
                 if pool.len() < READERS {
