@@ -125,6 +125,19 @@ impl TestServerBuilder {
         if let Some(name) = &self.server_name {
             spec = spec.arg("--server-name").arg(name);
         }
+        // `WEFT_TEST_BACKEND=postgres` runs the server on a fresh
+        // PostgreSQL database (docs/scale-out.md) instead of SQLite.
+        let pg = match std::env::var("WEFT_TEST_BACKEND").as_deref() {
+            Ok("postgres") => {
+                let db = weft_store::pg_testing::PgTestDb::create()
+                    .ok_or("WEFT_TEST_BACKEND=postgres but PostgreSQL is unreachable")?;
+                spec = spec
+                    .env("WEFT_DATABASE__BACKEND", "postgres")
+                    .env("WEFT_DATABASE__URL", &db.url);
+                Some(db)
+            }
+            _ => None,
+        };
         for (k, v) in &self.env {
             spec = spec.env(k, v);
         }
@@ -144,6 +157,7 @@ impl TestServerBuilder {
             data_dir,
             server_name,
             http: http_client(),
+            _pg: pg,
         })
     }
 }
@@ -189,6 +203,9 @@ pub struct TestServer {
     /// restarts (each start gets a new ephemeral port).
     base: Arc<Mutex<String>>,
     pub http: reqwest::Client,
+    /// The PostgreSQL database under `WEFT_TEST_BACKEND=postgres`, dropped
+    /// after the server (fields drop in order).
+    _pg: Option<weft_store::pg_testing::PgTestDb>,
 }
 
 impl TestServer {
