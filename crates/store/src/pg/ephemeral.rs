@@ -168,16 +168,16 @@ pub(super) async fn receipts_since(s: &PgStore, room_id: &str, since: i64, upto:
     .await
 }
 
+/// What a user has read in a room: the position of the newest unthreaded
+/// read receipt, and per thread.
+type ReadPositions = (i64, HashMap<String, i64>);
+
 /// The newest `m.read`/`m.read.private` receipt positions (the stream
 /// positions of the events they point at) of `user` in each of `rooms`:
 /// unthreaded, and per thread. One query for all the rooms (SQLite asks
 /// per room).
-fn read_positions(
-    c: &mut PgConn,
-    user: &str,
-    rooms: &[&str],
-) -> PgResult<HashMap<String, (i64, HashMap<String, i64>)>> {
-    let mut out: HashMap<String, (i64, HashMap<String, i64>)> = HashMap::new();
+fn read_positions(c: &mut PgConn, user: &str, rooms: &[&str]) -> PgResult<HashMap<String, ReadPositions>> {
+    let mut out: HashMap<String, ReadPositions> = HashMap::new();
     for row in c.query(
         "SELECT r.room_id, r.thread_id, MAX(e.position) FROM receipts r JOIN events e ON e.event_id = r.event_id \
          WHERE r.room_id = ANY($1) AND r.user_id = $2 AND r.receipt_type IN ('m.read', 'm.read.private') \
@@ -198,7 +198,7 @@ fn read_positions(
 
 /// Whether a row of `thread` at `event_position` is read, given the
 /// receipts [`read_positions`] found.
-fn is_read(read: &(i64, HashMap<String, i64>), thread: &str, event_position: i64) -> bool {
+fn is_read(read: &ReadPositions, thread: &str, event_position: i64) -> bool {
     let threaded = read.1.get(thread).copied().unwrap_or(0);
     event_position <= read.0.max(threaded)
 }
