@@ -17,6 +17,7 @@ both!(
     aliases_reports_and_sliding_connections,
     events_after_reads_the_tail_and_the_database,
     rooms_memberships_directory_search_and_presence_visibility,
+    unread_counts_and_read_flags_follow_each_rooms_receipts,
 );
 
 use std::sync::Arc;
@@ -923,4 +924,125 @@ async fn rooms_memberships_directory_search_and_presence_visibility(b: Backend) 
         ]
     );
     assert_eq!(seen("@dave:test").await, vec![("@dave:test".into(), pos[3])]);
+}
+
+fn receipt(room: &str, user: &str, receipt_type: &str, thread: &str, event_id: &str) -> weft_store::ReceiptRecord {
+    weft_store::ReceiptRecord {
+        room_id: room.into(),
+        receipt_type: receipt_type.into(),
+        user_id: user.into(),
+        thread_id: thread.into(),
+        event_id: event_id.into(),
+        ts: 1,
+        position: 0,
+    }
+}
+
+// Needs persist_event (rooms area): receipts count at the position of the
+// event they point at. A room's receipts (unthreaded or of a thread) read
+// that room's rows only; other users' receipts and other receipt types
+// read nothing.
+async fn unread_counts_and_read_flags_follow_each_rooms_receipts(b: Backend) {
+    let store = b.open();
+    let mut pos = std::collections::HashMap::new();
+    for (i, (room, id)) in [
+        ("!a:test", "$a0"),
+        ("!b:test", "$b0"),
+        ("!a:test", "$a1"),
+        ("!b:test", "$b1"),
+        ("!a:test", "$a2"),
+        ("!b:test", "$b2"),
+        ("!a:test", "$a3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = store
+            .persist_event(event(room, id, i as u32, id.ends_with('0'), None))
+            .await
+            .unwrap()
+            .unwrap();
+        pos.insert(id, p);
+    }
+    let row = |room: &str, id: &str, thread: &str, highlight: bool| NewNotification {
+        user_id: "@u:test".into(),
+        room_id: room.into(),
+        event_id: id.into(),
+        event_position: pos[id],
+        thread_id: thread.into(),
+        actions_json: "[]".into(),
+        highlight,
+        ts: 5,
+    };
+    store
+        .add_notifications(
+            vec![
+                row("!a:test", "$a1", "main", false),
+                row("!b:test", "$b1", "main", false),
+                row("!a:test", "$a2", "$t", false),
+                row("!b:test", "$b2", "$t", true),
+                row("!a:test", "$a3", "main", true),
+            ],
+            pos["$a3"],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    for r in [
+        receipt("!a:test", "@u:test", "m.read", "", "$a2"),
+        receipt("!a:test", "@u:test", "m.read.private", "$t", "$a3"),
+        receipt("!b:test", "@u:test", "m.read", "main", "$b1"),
+        receipt("!b:test", "@v:test", "m.read", "", "$b2"),
+        receipt("!b:test", "@u:test", "m.fully_read", "", "$b2"),
+    ] {
+        store.put_receipt(r).await.unwrap().unwrap();
+    }
+    let counts = |room: Option<&'static str>| {
+        let store = store.clone();
+        async move {
+            let mut got: Vec<_> = store
+                .unread_counts("@u:test", room)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.room_id, c.thread_id, c.notifications, c.highlights))
+                .collect();
+            got.sort();
+            got
+        }
+    };
+    assert_eq!(
+        counts(None).await,
+        vec![
+            ("!a:test".into(), "main".into(), 1, 1),
+            ("!b:test".into(), "$t".into(), 1, 1),
+        ]
+    );
+    assert_eq!(
+        counts(Some("!b:test")).await,
+        vec![("!b:test".into(), "$t".into(), 1, 1)]
+    );
+    let listed = store.notifications("@u:test", None, 10, false).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|n| (n.event_id.as_str(), n.read)).collect::<Vec<_>>(),
+        vec![
+            ("$a3", false),
+            ("$b2", false),
+            ("$a2", true),
+            ("$b1", true),
+            ("$a1", true),
+        ]
+    );
+    // Reading the rest of !b: its unthreaded receipt at $b2.
+    store
+        .put_receipt(receipt("!b:test", "@u:test", "m.read", "", "$b2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counts(None).await, vec![("!a:test".into(), "main".into(), 1, 1)]);
+    let high = store.notifications("@u:test", None, 10, true).await.unwrap();
+    assert_eq!(
+        high.iter().map(|n| (n.event_id.as_str(), n.read)).collect::<Vec<_>>(),
+        vec![("$a3", false), ("$b2", true)]
+    );
 }
