@@ -595,7 +595,7 @@ async fn user(store: &Arc<dyn Store>, id: &str) {
 // The requester always finds themselves: no room needed.
 async fn search_users_escapes_like_and_ignores_ascii_case(b: Backend) {
     let store = b.open();
-    for id in ["@Admin_1:test", "@ab%c:test", "@abxc:test"] {
+    for id in ["@Admin_1:test", "@ab%c:test", "@abxc:test", "@Ébc:test"] {
         user(&store, id).await;
     }
     let ids = |found: Vec<weft_store::UserRecord>| found.into_iter().map(|u| u.user_id).collect::<Vec<_>>();
@@ -619,6 +619,14 @@ async fn search_users_escapes_like_and_ignores_ascii_case(b: Backend) {
     );
     assert!(store.search_users("@abxc:test", "b%c", 10).await.unwrap().is_empty());
     assert!(store.search_users("@abxc:test", "\\", 10).await.unwrap().is_empty());
+    // Case folds for ASCII only, on both backends (SQLite's lower() and
+    // LIKE, PostgreSQL's lower() under COLLATE "C").
+    assert!(store.search_users("@Ébc:test", "ébc", 10).await.unwrap().is_empty());
+    assert_eq!(ids(store.search_users("@Ébc:test", "ÉBC", 10).await.unwrap()).len(), 0);
+    assert_eq!(
+        ids(store.search_users("@Ébc:test", "BC", 10).await.unwrap()),
+        vec!["@Ébc:test"]
+    );
     // Other users who share no room are not found; a limit of 0 finds none.
     assert!(store.search_users("@abxc:test", "ab", 0).await.unwrap().is_empty());
     assert_eq!(
