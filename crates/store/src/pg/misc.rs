@@ -3,48 +3,168 @@
 use super::*;
 
 pub(super) async fn search_users(s: &PgStore, requester: &str, term: &str, limit: usize) -> Result<Vec<UserRecord>> {
-    let _ = (s, requester, term, limit);
-    Err(not_yet("search_users"))
+    let me = requester.to_owned();
+    // LIKE's own wildcards in the term match themselves. Both sides are
+    // lowered (the `C` collation's lower() folds ASCII only, as SQLite's),
+    // so PostgreSQL's case-sensitive LIKE finds what SQLite's does.
+    let pattern = format!(
+        "%{}%",
+        term.to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    s.read(move |c| {
+        Ok(c.query(
+            "SELECT u.user_id, u.admin, u.displayname, u.avatar_url, u.created_ms FROM users u \
+             WHERE u.deactivated = 0 \
+             AND (lower(u.user_id) LIKE $2 ESCAPE '\\' OR lower(COALESCE(u.displayname, '')) LIKE $2 ESCAPE '\\') \
+             AND (u.user_id = $1 OR EXISTS ( \
+               SELECT 1 FROM memberships m JOIN memberships mine ON mine.room_id = m.room_id \
+               WHERE m.user_id = u.user_id AND m.membership = 'join' \
+               AND mine.user_id = $1 AND mine.membership = 'join') \
+             OR EXISTS ( \
+               SELECT 1 FROM memberships m JOIN rooms r ON r.room_id = m.room_id \
+               WHERE m.user_id = u.user_id AND m.membership = 'join' AND r.is_public = 1)) \
+             ORDER BY u.user_id LIMIT $3",
+            &[&me, &pattern, &limit],
+        )?
+        .iter()
+        .map(|r| UserRecord {
+            user_id: r.get(0),
+            password_hash: None,
+            admin: r.get::<_, i64>(1) != 0,
+            deactivated: false,
+            displayname: r.get(2),
+            avatar_url: r.get(3),
+            created_ms: r.get::<_, i64>(4).max(0) as u64,
+        })
+        .collect())
+    })
+    .await
 }
 
 pub(super) async fn add_report(s: &PgStore, report: Report) -> Result<i64> {
-    let _ = (s, report);
-    Err(not_yet("add_report"))
+    s.write_wait(move |c, _| {
+        // SQLite answers last_insert_rowid.
+        let row = c
+            .query_one(
+                "INSERT INTO reports (reporter, room_id, event_id, target_user, reason, received_ms) \
+                 VALUES ($1,$2,$3,$4,$5,$6) RETURNING id",
+                &[
+                    &report.reporter,
+                    &report.room_id,
+                    &report.event_id,
+                    &report.target_user,
+                    &report.reason,
+                    &(report.received_ms as i64),
+                ],
+            )
+            .map_err(db_err)?;
+        Ok(row.get(0))
+    })
+    .await
 }
 
 pub(super) async fn reports(s: &PgStore, limit: usize) -> Result<Vec<Report>> {
-    let _ = (s, limit);
-    Err(not_yet("reports"))
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    s.read(move |c| {
+        Ok(c.query(
+            "SELECT id, reporter, room_id, event_id, target_user, reason, received_ms FROM reports \
+             ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )?
+        .iter()
+        .map(|r| Report {
+            id: r.get(0),
+            reporter: r.get(1),
+            room_id: r.get(2),
+            event_id: r.get(3),
+            target_user: r.get(4),
+            reason: r.get(5),
+            received_ms: r.get::<_, i64>(6).max(0) as u64,
+        })
+        .collect())
+    })
+    .await
 }
 
 pub(super) async fn public_rooms(s: &PgStore) -> Result<Vec<String>> {
-    let _ = s;
-    Err(not_yet("public_rooms"))
+    s.read(|c| {
+        Ok(
+            c.query("SELECT room_id FROM rooms WHERE is_public = 1 ORDER BY room_id", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        )
+    })
+    .await
 }
 
 pub(super) async fn set_room_public(s: &PgStore, room_id: &str, public: bool) -> Result<()> {
-    let _ = (s, room_id, public);
-    Err(not_yet("set_room_public"))
+    let r = room_id.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute(
+            "UPDATE rooms SET is_public = $1 WHERE room_id = $2",
+            &[&(public as i64), &r],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    })
+    .await
 }
 
 pub(super) async fn create_alias(s: &PgStore, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
-    let _ = (s, alias, room_id, creator);
-    Err(not_yet("create_alias"))
+    let (a, r, u) = (alias.to_owned(), room_id.to_owned(), creator.to_owned());
+    s.write_wait(move |c, _| {
+        let n = c
+            .execute(
+                "INSERT INTO aliases (alias, room_id, creator) VALUES ($1,$2,$3) ON CONFLICT (alias) DO NOTHING",
+                &[&a, &r, &u],
+            )
+            .map_err(db_err)?;
+        Ok(n == 1)
+    })
+    .await
 }
 
 pub(super) async fn resolve_alias(s: &PgStore, alias: &str) -> Result<Option<AliasRecord>> {
-    let _ = (s, alias);
-    Err(not_yet("resolve_alias"))
+    let a = alias.to_owned();
+    s.read(move |c| {
+        Ok(
+            c.query_opt("SELECT alias, room_id, creator FROM aliases WHERE alias = $1", &[&a])?
+                .map(|r| AliasRecord {
+                    alias: r.get(0),
+                    room_id: r.get(1),
+                    creator: r.get(2),
+                }),
+        )
+    })
+    .await
 }
 
 pub(super) async fn delete_alias(s: &PgStore, alias: &str) -> Result<bool> {
-    let _ = (s, alias);
-    Err(not_yet("delete_alias"))
+    let a = alias.to_owned();
+    s.write_wait(move |c, _| {
+        Ok(c.execute("DELETE FROM aliases WHERE alias = $1", &[&a])
+            .map_err(db_err)?
+            == 1)
+    })
+    .await
 }
 
 pub(super) async fn room_aliases(s: &PgStore, room_id: &str) -> Result<Vec<String>> {
-    let _ = (s, room_id);
-    Err(not_yet("room_aliases"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        Ok(
+            c.query("SELECT alias FROM aliases WHERE room_id = $1 ORDER BY alias", &[&r])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        )
+    })
+    .await
 }
 
 pub(super) async fn sliding_connection(
@@ -53,8 +173,17 @@ pub(super) async fn sliding_connection(
     device_id: &str,
     conn_id: &str,
 ) -> Result<Option<String>> {
-    let _ = (s, user_id, device_id, conn_id);
-    Err(not_yet("sliding_connection"))
+    let (u, d, c) = (user_id.to_owned(), device_id.to_owned(), conn_id.to_owned());
+    s.read(move |conn| {
+        Ok(conn
+            .query_opt(
+                "SELECT state_json FROM sliding_sync_connections \
+                 WHERE user_id = $1 AND device_id = $2 AND conn_id = $3",
+                &[&u, &d, &c],
+            )?
+            .map(|r| r.get(0)))
+    })
+    .await
 }
 
 pub(super) async fn put_sliding_connection(
@@ -64,8 +193,24 @@ pub(super) async fn put_sliding_connection(
     conn_id: &str,
     state_json: &str,
 ) -> Result<()> {
-    let _ = (s, user_id, device_id, conn_id, state_json);
-    Err(not_yet("put_sliding_connection"))
+    let (u, d, c, j) = (
+        user_id.to_owned(),
+        device_id.to_owned(),
+        conn_id.to_owned(),
+        state_json.to_owned(),
+    );
+    let now = i64::try_from(weft_core::now_ms()).unwrap_or(i64::MAX);
+    s.write_wait(move |conn, _| {
+        conn.execute(
+            "INSERT INTO sliding_sync_connections (user_id, device_id, conn_id, state_json, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, device_id, conn_id) \
+             DO UPDATE SET state_json = excluded.state_json, updated_ms = excluded.updated_ms",
+            &[&u, &d, &c, &j, &now],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    })
+    .await
 }
 
 pub(super) async fn get_meta(s: &PgStore, key: &str) -> Result<Option<String>> {
