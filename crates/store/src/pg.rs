@@ -158,6 +158,16 @@ pub struct PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Dropping a `postgres::Client` blocks on the driver's runtime,
+        // which panics on a tokio worker thread (where the last handle of a
+        // store is usually dropped): the pooled read connections are
+        // closed on a thread of their own.
+        let pooled = std::mem::take(&mut *self.readers.lock());
+        if !pooled.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("weft-pg-close".into())
+                .spawn(move || drop(pooled));
+        }
     }
 }
 
