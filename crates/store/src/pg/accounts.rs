@@ -160,9 +160,12 @@ fn purge_devices(
         .into_iter()
         .collect();
     // Signatures of the deleted devices, except of keys that are also a
-    // cross-signing key's public key (SQLite: `json_each(key_json, '$.keys')`;
-    // the guard keeps a `keys` that is not an object from failing the query,
-    // and `replace` a `\u0000` escape, on which every JSON function fails).
+    // cross-signing key's public key (SQLite: `json_each(key_json, '$.keys')`).
+    // `replace` turns a `\u0000` escape, on which every PostgreSQL JSON
+    // function fails, into `\u0001`. A `keys` that is not an object counts
+    // as no keys here (json_each_text would fail the statement; SQLite's
+    // json_each would take an array's elements): services/src/keys.rs only
+    // stores cross-signing keys whose `keys` is an object.
     c.execute(
         "DELETE FROM key_signatures WHERE target_user = $1 AND ($2::TEXT IS NULL OR target_key = $2::TEXT) \
          AND ($3::TEXT IS NULL OR target_key != $3::TEXT) \
