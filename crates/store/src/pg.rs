@@ -158,6 +158,16 @@ pub struct PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Closing a synchronous client blocks on its own runtime, which
+        // panics on a thread driving async tasks (a store dropped in an
+        // async function): close the pooled connections on a thread of
+        // their own.
+        let readers = std::mem::take(&mut *self.readers.lock());
+        if !readers.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("weft-pg-close".into())
+                .spawn(move || drop(readers));
+        }
     }
 }
 
