@@ -217,7 +217,13 @@ async fn relations_and_threads_follow_replies_and_redactions(b: Backend) {
     let mut depth = 1;
     let mut positions = std::collections::HashMap::new();
     // (id, sender, relation (rel_type, parent), event type)
-    let script: [(&str, &str, Option<(&str, &str)>, &str); 8] = [
+    type Step = (
+        &'static str,
+        &'static str,
+        Option<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let script: [Step; 8] = [
         ("$root", "@alice:test", None, "m.room.message"),
         ("$t1", "@bob:test", Some(("m.thread", "$root")), "m.room.message"),
         ("$t2", "@alice:test", Some(("m.thread", "$root")), "m.room.message"),
