@@ -15,6 +15,7 @@ both!(
     remote_memberships_keep_the_invite_state,
     a_late_prev_event_is_no_extremity,
     a_state_change_naming_a_missing_event_fails_alone,
+    a_large_state_change_keeps_the_last_change_of_a_key,
 );
 
 use std::sync::Arc;
@@ -749,4 +750,43 @@ async fn a_state_change_naming_a_missing_event_fails_alone(b: Backend) {
     assert!(store.user_memberships("@x:test").await.unwrap().is_empty());
     assert_eq!(ids(&store.current_state(ROOM).await.unwrap()), ["$c"]);
     assert_eq!(store.extremities(ROOM).await.unwrap(), [("$ok".to_owned(), 2)]);
+}
+
+/// A join's state may change thousands of keys at once; a key named twice
+/// ends at its last change (as SQLite's loop leaves it).
+async fn a_large_state_change_keeps_the_last_change_of_a_key(b: Backend) {
+    let store = b.open();
+    let p_c = put(&store, create()).await;
+    let mut big = state(ev("$big", &["$c"], &["$c"], 2), "m.room.member", "@u0:test", 2);
+    big.membership = Some("join".into());
+    let mut changes: Vec<(String, String, String)> = (0..2000)
+        .map(|i| ("m.room.member".to_owned(), format!("@u{i}:test"), "$big".to_owned()))
+        .collect();
+    changes.push(("m.room.member".into(), "@u5:test".into(), "$c".into()));
+    big.current_state = Some(CurrentStateChange { group: 2, changes });
+    let p = put(&store, big).await;
+    // One row per key: the create event's, 1999 at $big, @u5's at $c.
+    let now = store.current_state(ROOM).await.unwrap();
+    assert_eq!(now.len(), 2001);
+    assert_eq!(now.iter().filter(|e| e.event_id == "$big").count(), 1999);
+    assert_eq!(now.iter().filter(|e| e.event_id == "$c").count(), 2);
+    let mine = store.user_memberships("@u7:test").await.unwrap();
+    assert_eq!(
+        (mine[0].membership.as_str(), mine[0].event_id.as_str(), mine[0].position),
+        ("join", "$big", p)
+    );
+    let u5 = store.user_memberships("@u5:test").await.unwrap();
+    assert_eq!((u5[0].membership.as_str(), u5[0].event_id.as_str()), ("", "$c"));
+    assert_eq!(
+        store.membership_history(ROOM, "@u5:test").await.unwrap(),
+        [(p, String::new())]
+    );
+    assert_eq!(
+        store.membership_history(ROOM, "@u1999:test").await.unwrap(),
+        [(p, "join".to_owned())]
+    );
+    assert_eq!(store.state_changes(ROOM, p_c, p).await.unwrap().len(), 2000);
+    let at = store.state_at(ROOM, p).await.unwrap();
+    assert_eq!(at.len(), 2001);
+    assert_eq!(at.iter().filter(|e| e.event_id == "$c").count(), 2);
 }

@@ -413,15 +413,16 @@ impl<'a> StateRows<'a> {
             members: false,
         };
         if let Some(cs) = &ev.current_state {
+            // One row per key (the last change of a key wins, as in
+            // SQLite's loop): an upsert may not touch a row twice. (A
+            // join's state may change thousands of keys at once.)
+            let mut seen: HashMap<(&str, &str), usize> = HashMap::with_capacity(cs.changes.len());
             for (t, k, id) in &cs.changes {
-                // One row per key (the last change of a key wins, as in
-                // SQLite's loop): an upsert may not touch a row twice.
-                if let Some(i) =
-                    (0..rows.types.len()).find(|&i| rows.types[i] == t.as_str() && rows.keys[i] == k.as_str())
-                {
+                if let Some(&i) = seen.get(&(t.as_str(), k.as_str())) {
                     rows.events[i] = id;
                     continue;
                 }
+                seen.insert((t, k), rows.types.len());
                 rows.members |= t == "m.room.member";
                 rows.types.push(t);
                 rows.keys.push(k);
