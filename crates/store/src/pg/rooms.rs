@@ -110,7 +110,7 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
     let (advanced, typing_stopped) = write_event(c, ev, p, outlier_at.is_none(), linear).map_err(db_err)?;
     if outlier_at.is_none() && !advanced {
         let prevs_stored = super::graph::store_graph(c, ev).map_err(db_err)?;
-        if ev.kind == EventKind::Timeline && !prevs_stored {
+        if linear && ev.kind == EventKind::Timeline && !prevs_stored {
             return Err(Error::internal(
                 "the event it follows failed to be stored; send it again",
             ));
