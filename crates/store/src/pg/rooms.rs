@@ -1,35 +1,601 @@
-//! PostgreSQL: rooms.
+//! PostgreSQL: rooms — the event write path ([`persist_event`] and what
+//! [`insert_event`] does) and the room reads.
+//!
+//! Every statement is a round trip to the server (SQLite's were function
+//! calls), so the write path merges what SQLite runs as several small
+//! statements per event into one statement of data-modifying CTEs: the
+//! event's row, its room, state groups, transaction ID, relation, search
+//! row, redaction, state changes (state log, current state, memberships)
+//! and the linear room's extremities move on in one round trip. The parts
+//! touch different rows, so running them against one snapshot (as CTEs
+//! do) gives what SQLite's statements in sequence give; what must see an
+//! earlier part's effect (the general DAG update of a room that is not
+//! linear, a promoted outlier) runs as its own statement before or after.
+
+use postgres::types::ToSql;
 
 use super::*;
 
+/// The 11 columns [`event_row`] reads, of `events e`.
+pub(crate) const EVENT_COLS: &str = "e.position, e.event_id, e.room_id, e.event_type, e.state_key, e.sender, \
+     e.origin_server_ts, e.pdu_json, e.redacted_by, e.txn_device, e.txn_id";
+
+/// The condition on `events e` of an event served as timeline (not an
+/// outlier, not rejected, not soft-failed).
+const SERVED: &str = "e.outlier = 0 AND e.rejected IS NULL AND e.soft_failed = 0";
+
+/// `pdu_json` of `events e` as `json`. Every PostgreSQL JSON function
+/// fails on a document holding a `\u0000` escape; replacing it by
+/// `\u0001` keeps the JSON valid with the same keys and nulls (see the
+/// schema's comment on `events_files`).
+pub(crate) const PDU_JSON: &str = r"replace(e.pdu_json, '\u0000', '\u0001')::json";
+
+/// A statement built from parts, its parameters numbered as they are
+/// added (every reference written with its type, so the server never has
+/// to infer one).
+pub(super) struct Built<'a> {
+    ctes: Vec<String>,
+    pub(super) params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+impl<'a> Built<'a> {
+    pub(super) fn new() -> Self {
+        Self {
+            ctes: Vec::new(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Adds a parameter; answers its reference (`$n::TYPE`).
+    pub(super) fn p(&mut self, v: &'a (dyn ToSql + Sync), ty: &str) -> String {
+        self.params.push(v);
+        format!("${}::{ty}", self.params.len())
+    }
+
+    pub(super) fn cte(&mut self, name: &str, body: String) {
+        self.ctes.push(format!("{name} AS ({body})"));
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.ctes.is_empty()
+    }
+
+    pub(super) fn sql(&self, select: &str) -> String {
+        if self.ctes.is_empty() {
+            select.to_owned()
+        } else {
+            format!("WITH {} {select}", self.ctes.join(", "))
+        }
+    }
+}
+
 pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
-    let _ = event;
-    s.write(|_, _| Err(not_yet("persist_event")))
+    s.write(move |c, ctx| {
+        // A local event built on one whose write failed is refused: no
+        // stored event points at a parent that is not stored. A local
+        // event built on exactly the room's forward extremities (the one
+        // of a linear room) moves them on in the event's own statement;
+        // those are stored events, so its prev events are stored. (The
+        // check of the others' prev events comes with the DAG update
+        // after the event's row: failing, the job's savepoint undoes it.)
+        insert_event(c, ctx, &event, true)
+    })
+}
+
+/// Inserts one event and applies its effects; runs inside the writer.
+/// `linear`: a `Timeline` event may move the room's extremities on in the
+/// event's own statement (SQLite's `graph::advance_linear`), and its prev
+/// events must be stored; false for [`RoomGraphStore::remote_membership`].
+pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, linear: bool) -> Result<i64> {
+    let on_stream = ev.kind.on_stream();
+    // Events off the stream (backfilled, outliers, rejected, soft-failed)
+    // count down from below every stored position: no stream reader ever
+    // sees them as new.
+    let p = if on_stream { ctx.pos + 1 } else { ctx.low - 1 };
+    // A backfilled event stored before as an outlier (a join's state, an
+    // auth event) takes its place in the timeline at its new position.
+    let outlier_at = if ev.kind == EventKind::Backfilled {
+        c.query_opt(
+            "SELECT position FROM events WHERE event_id = $1 AND outlier = 1",
+            &[&ev.event_id],
+        )
+        .map_err(db_err)?
+        .map(|r| r.get::<_, i64>(0))
+    } else {
+        None
+    };
+    if let Some(old) = outlier_at {
+        super::graph::promote_outlier(c, ev, old, p).map_err(db_err)?;
+    }
+    let (advanced, typing_stopped) = write_event(c, ev, p, outlier_at.is_none(), linear).map_err(db_err)?;
+    if outlier_at.is_none() && !advanced {
+        let prevs_stored = super::graph::store_graph(c, ev).map_err(db_err)?;
+        if linear && ev.kind == EventKind::Timeline && !prevs_stored {
+            return Err(Error::internal(
+                "the event it follows failed to be stored; send it again",
+            ));
+        }
+    }
+    if on_stream {
+        if let Some(cs) = &ev.current_state {
+            for (event_type, state_key, _) in &cs.changes {
+                if event_type == "m.room.member" {
+                    ctx.changes.push((p, StreamKey::User(state_key.clone())));
+                }
+            }
+        }
+        // Leaving a room (or being kicked or banned) stops typing there:
+        // the room's typers change at this event's position. (SQLite
+        // announces it once per leaver who was typing; once is the same
+        // news.)
+        if typing_stopped > 0 {
+            typing_changed(c, ctx, &ev.room_id, p).map_err(db_err)?;
+        }
+    }
+    if let Some((target, redacted_json)) = &ev.redaction {
+        ctx.redactions
+            .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
+    }
+    if !on_stream {
+        ctx.low = p;
+        return Ok(p);
+    }
+    ctx.pos = p;
+    ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
+    ctx.events.push(StoredEvent {
+        position: p,
+        event_id: ev.event_id.clone(),
+        room_id: ev.room_id.clone(),
+        event_type: ev.event_type.clone(),
+        state_key: ev.state_key.clone(),
+        sender: ev.sender.clone(),
+        origin_server_ts: ev.origin_server_ts,
+        pdu_json: ev.pdu_json.clone(),
+        redacted_by: None,
+        txn: ev.txn.clone(),
+    });
+    Ok(p)
+}
+
+/// The event's statement: its row (unless `insert_row` is false: a
+/// promoted outlier's row is there), room, state groups, transaction ID,
+/// relation, search row, redaction, state changes and, for a linear
+/// `Timeline` event, the room's extremities. Answers whether the
+/// extremities moved on and how many typing users it stopped.
+fn write_event(c: &mut PgConn, ev: &NewEvent, p: i64, insert_row: bool, linear: bool) -> PgResult<(bool, i64)> {
+    let ts = ev.origin_server_ts as i64;
+    let outlier = (ev.kind == EventKind::Outlier) as i64;
+    let soft_failed = (ev.kind == EventKind::SoftFailed) as i64;
+    let rejected: Option<&str> = match &ev.kind {
+        EventKind::Rejected(why) => Some(why.as_str()),
+        _ => None,
+    };
+    let (txn_device, txn_id) = match &ev.txn {
+        Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
+        None => (None, None),
+    };
+    let groups = GroupRows::new(&ev.new_groups);
+    let served = matches!(
+        ev.kind,
+        EventKind::Timeline | EventKind::TimelineAfterGap | EventKind::Backfilled
+    );
+    let group = ev.current_state.as_ref().map(|cs| cs.group);
+    // The linear room's extremities, as `advance_linear` compares them.
+    let advance = if linear && ev.kind == EventKind::Timeline && !ev.prev_events.is_empty() {
+        serde_json::to_string(&ev.prev_events)
+            .ok()
+            .zip(serde_json::to_string(&[&ev.event_id]).ok())
+    } else {
+        None
+    };
+    let changes = StateRows::new(ev);
+
+    let mut b = Built::new();
+    let room = b.p(&ev.room_id, "TEXT");
+    let pos = b.p(&p, "BIGINT");
+    let id = b.p(&ev.event_id, "TEXT");
+    if let Some(new_room) = &ev.new_room {
+        let (v, cr) = (b.p(&new_room.room_version, "TEXT"), b.p(&new_room.creator, "TEXT"));
+        b.cte(
+            "ins_room",
+            format!("INSERT INTO rooms (room_id, room_version, creator) VALUES ({room}, {v}, {cr})"),
+        );
+    }
+    if insert_row {
+        let cols = [
+            b.p(&ev.event_type, "TEXT"),
+            b.p(&ev.state_key, "TEXT"),
+            b.p(&ev.sender, "TEXT"),
+            b.p(&ts, "BIGINT"),
+            b.p(&ev.pdu_json, "TEXT"),
+            b.p(&txn_device, "TEXT"),
+            b.p(&txn_id, "TEXT"),
+            b.p(&ev.depth, "BIGINT"),
+            b.p(&outlier, "BIGINT"),
+            b.p(&rejected, "TEXT"),
+            b.p(&soft_failed, "BIGINT"),
+            b.p(&ev.state_before, "BIGINT"),
+            b.p(&ev.state_after, "BIGINT"),
+        ]
+        .join(", ");
+        b.cte(
+            "ins_event",
+            format!(
+                "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
+                 origin_server_ts, pdu_json, txn_device, txn_id, depth, outlier, rejected, soft_failed, \
+                 state_before, state_after) VALUES ({pos}, {id}, {room}, {cols})"
+            ),
+        );
+        groups.add(&mut b, &room);
+    }
+    if let Some((d, t)) = &ev.txn {
+        let vals = [
+            b.p(&ev.sender, "TEXT"),
+            b.p(d, "TEXT"),
+            b.p(&ev.event_type, "TEXT"),
+            b.p(t, "TEXT"),
+        ];
+        b.cte(
+            "ins_txn",
+            format!(
+                "INSERT INTO txns (user_id, device_id, room_id, event_type, txn_id, event_id) \
+                 VALUES ({}, {}, {room}, {}, {}, {id})",
+                vals[0], vals[1], vals[2], vals[3]
+            ),
+        );
+    }
+    if let Some(rel) = ev.relation.as_ref().filter(|_| served) {
+        let vals = [
+            b.p(&rel.parent_event_id, "TEXT"),
+            b.p(&rel.rel_type, "TEXT"),
+            b.p(&ev.event_type, "TEXT"),
+            b.p(&ev.sender, "TEXT"),
+        ];
+        b.cte(
+            "ins_rel",
+            format!(
+                "INSERT INTO relations (position, room_id, parent_event_id, rel_type, event_type, sender) \
+                 VALUES ({pos}, {room}, {}, {}, {}, {})",
+                vals[0], vals[1], vals[2], vals[3]
+            ),
+        );
+    }
+    if let Some(text) = ev.search_text.as_ref().filter(|_| served) {
+        let column = match ev.event_type.as_str() {
+            "m.room.name" => "name",
+            "m.room.topic" => "topic",
+            _ => "body",
+        };
+        let text = b.p(text, "TEXT");
+        b.cte(
+            "ins_search",
+            format!("INSERT INTO event_search (position, {column}) VALUES ({pos}, {text})"),
+        );
+    }
+    if let Some((target, redacted_json)) = &ev.redaction {
+        let target = b.p(target, "TEXT");
+        let json = b.p(redacted_json, "TEXT");
+        b.cte(
+            "red_search",
+            format!(
+                "DELETE FROM event_search WHERE position = (SELECT position FROM events WHERE event_id = {target})"
+            ),
+        );
+        b.cte(
+            "red_event",
+            format!("UPDATE events SET pdu_json = {json}, redacted_by = {id} WHERE event_id = {target}"),
+        );
+        // A redacted event's content, and so its relation, is gone.
+        b.cte(
+            "red_rel",
+            format!("DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = {target})"),
+        );
+    }
+    let typing = changes.add(&mut b, &room, &pos, &id, ev.kind.on_stream());
+    let advanced = match &advance {
+        Some((expected, new)) => {
+            let (expected, new, g) = (b.p(expected, "TEXT"), b.p(new, "TEXT"), b.p(&group, "BIGINT"));
+            b.cte(
+                "adv",
+                format!(
+                    "UPDATE rooms SET extremities = {new}, state_group = COALESCE({g}, state_group) \
+                     WHERE room_id = {room} AND extremities = {expected} RETURNING 1"
+                ),
+            );
+            "EXISTS (SELECT 1 FROM adv)"
+        }
+        None => "false",
+    };
+    let typing = if typing {
+        "(SELECT COUNT(*) FROM st_typing)"
+    } else {
+        "0::BIGINT"
+    };
+    if b.is_empty() {
+        // A promoted outlier with nothing else to write.
+        return Ok((false, 0));
+    }
+    let sql = b.sql(&format!("SELECT {advanced}, {typing}"));
+    let row = c.query_one(&sql, &b.params)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// New state groups as column arrays, for one `INSERT … SELECT FROM UNNEST`.
+pub(crate) struct GroupRows<'a> {
+    ids: Vec<i64>,
+    prevs: Vec<Option<i64>>,
+    chains: Vec<i64>,
+    entry_groups: Vec<i64>,
+    types: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    events: Vec<&'a str>,
+}
+
+impl<'a> GroupRows<'a> {
+    pub(crate) fn new(groups: &'a [NewStateGroup]) -> Self {
+        let mut rows = GroupRows {
+            ids: Vec::new(),
+            prevs: Vec::new(),
+            chains: Vec::new(),
+            entry_groups: Vec::new(),
+            types: Vec::new(),
+            keys: Vec::new(),
+            events: Vec::new(),
+        };
+        for g in groups {
+            rows.ids.push(g.id);
+            rows.prevs.push(g.prev_group);
+            rows.chains.push(g.chain);
+            for (t, k, id) in &g.entries {
+                rows.entry_groups.push(g.id);
+                rows.types.push(t);
+                rows.keys.push(k);
+                rows.events.push(id);
+            }
+        }
+        rows
+    }
+
+    /// The CTEs inserting the groups (of the room `room`, a reference).
+    pub(super) fn add<'b>(&'b self, b: &mut Built<'b>, room: &str) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let (ids, prevs, chains) = (
+            b.p(&self.ids, "BIGINT[]"),
+            b.p(&self.prevs, "BIGINT[]"),
+            b.p(&self.chains, "BIGINT[]"),
+        );
+        b.cte(
+            "ins_groups",
+            format!(
+                "INSERT INTO state_groups (id, room_id, prev_group, chain) \
+                 SELECT g, {room}, pg, ch FROM UNNEST({ids}, {prevs}, {chains}) AS x(g, pg, ch)"
+            ),
+        );
+        if self.entry_groups.is_empty() {
+            return;
+        }
+        let (g, t, k, e) = (
+            b.p(&self.entry_groups, "BIGINT[]"),
+            b.p(&self.types, "TEXT[]"),
+            b.p(&self.keys, "TEXT[]"),
+            b.p(&self.events, "TEXT[]"),
+        );
+        b.cte(
+            "ins_entries",
+            format!(
+                "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) \
+                 SELECT * FROM UNNEST({g}, {t}, {k}, {e})"
+            ),
+        );
+    }
+}
+
+/// The event's changes of the current state, as column arrays.
+struct StateRows<'a> {
+    types: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    events: Vec<&'a str>,
+    /// The detail of a key pointing at this event: its membership (or
+    /// history visibility).
+    own_detail: Option<&'a str>,
+    members: bool,
+}
+
+impl<'a> StateRows<'a> {
+    fn new(ev: &'a NewEvent) -> Self {
+        let mut rows = StateRows {
+            types: Vec::new(),
+            keys: Vec::new(),
+            events: Vec::new(),
+            own_detail: ev.membership.as_deref().or(ev.history_visibility.as_deref()),
+            members: false,
+        };
+        if let Some(cs) = &ev.current_state {
+            // One row per key (the last change of a key wins, as in
+            // SQLite's loop): an upsert may not touch a row twice. (A
+            // join's state may change thousands of keys at once.)
+            let mut seen: HashMap<(&str, &str), usize> = HashMap::with_capacity(cs.changes.len());
+            for (t, k, id) in &cs.changes {
+                if let Some(&i) = seen.get(&(t.as_str(), k.as_str())) {
+                    rows.events[i] = id;
+                    continue;
+                }
+                seen.insert((t, k), rows.types.len());
+                rows.members |= t == "m.room.member";
+                rows.types.push(t);
+                rows.keys.push(k);
+                rows.events.push(id);
+            }
+        }
+        rows
+    }
+
+    /// The CTEs of the state changes: the state log, the current state,
+    /// memberships (a join un-forgets the room; leaving stops typing, on
+    /// the stream). The key's event is this one (`id`, at `pos`) or one
+    /// stored before (a missing one leaves the current state's position
+    /// NULL: the statement fails, as SQLite's lookup does). Answers whether
+    /// `st_typing` (the typing rows deleted) exists.
+    fn add<'b>(&'b self, b: &mut Built<'b>, room: &str, pos: &str, id: &str, on_stream: bool) -> bool {
+        if self.types.is_empty() {
+            return false;
+        }
+        let (t, k, e) = (
+            b.p(&self.types, "TEXT[]"),
+            b.p(&self.keys, "TEXT[]"),
+            b.p(&self.events, "TEXT[]"),
+        );
+        let own = b.p(&self.own_detail, "TEXT");
+        b.cte(
+            "ch",
+            format!(
+                "SELECT c.t, c.k, c.id, CASE WHEN c.id = {id} THEN {pos} ELSE e.position END AS ep, \
+                 CASE WHEN c.t IN ('m.room.member', 'm.room.history_visibility') THEN \
+                   CASE WHEN c.id = {id} THEN {own} ELSE COALESCE({PDU_JSON} -> 'content' ->> 'membership', \
+                   {PDU_JSON} -> 'content' ->> 'history_visibility') END END AS detail \
+                 FROM UNNEST({t}, {k}, {e}) AS c(t, k, id) LEFT JOIN events e ON e.event_id = c.id AND c.id <> {id}"
+            ),
+        );
+        b.cte(
+            "st_log",
+            format!(
+                "INSERT INTO state_events (room_id, event_type, state_key, position, detail, event_position) \
+                 SELECT {room}, t, k, {pos}, detail, ep FROM ch \
+                 ON CONFLICT (room_id, event_type, state_key, position) \
+                 DO UPDATE SET detail = excluded.detail, event_position = excluded.event_position"
+            ),
+        );
+        b.cte(
+            "st_current",
+            format!(
+                "INSERT INTO current_state (room_id, event_type, state_key, position) \
+                 SELECT {room}, t, k, ep FROM ch \
+                 ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET position = excluded.position"
+            ),
+        );
+        if !self.members {
+            return false;
+        }
+        b.cte(
+            "st_members",
+            format!(
+                "INSERT INTO memberships (room_id, user_id, membership, event_id, position) \
+                 SELECT {room}, k, COALESCE(detail, ''), id, {pos} FROM ch WHERE t = 'm.room.member' \
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, \
+                 event_id = excluded.event_id, position = excluded.position"
+            ),
+        );
+        b.cte(
+            "st_forgotten",
+            format!(
+                "DELETE FROM forgotten WHERE room_id = {room} AND user_id IN \
+                 (SELECT k FROM ch WHERE t = 'm.room.member' AND detail = 'join')"
+            ),
+        );
+        if !on_stream {
+            return false;
+        }
+        b.cte(
+            "st_typing",
+            format!(
+                "DELETE FROM typing WHERE room_id = {room} AND user_id IN \
+                 (SELECT k FROM ch WHERE t = 'm.room.member' AND COALESCE(detail, '') <> 'join') RETURNING 1"
+            ),
+        );
+        true
+    }
+}
+
+/// Records that the typers of `room` changed at stream position `p`
+/// (announced as `Typing`).
+pub(crate) fn typing_changed(c: &mut PgConn, ctx: &mut WriterCtx, room: &str, p: i64) -> PgResult<()> {
+    c.execute(
+        "INSERT INTO typing_rooms (room_id, position) VALUES ($1, $2) \
+         ON CONFLICT (room_id) DO UPDATE SET position = excluded.position",
+        &[&room, &p],
+    )?;
+    ctx.changes.push((p, StreamKey::Typing(room.to_owned())));
+    Ok(())
 }
 
 pub(super) async fn room_info(s: &PgStore, room_id: &str) -> Result<Option<RoomRecord>> {
-    let _ = (s, room_id);
-    Err(not_yet("room_info"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        Ok(c.query_opt(
+            "SELECT room_id, room_version, creator FROM rooms WHERE room_id = $1",
+            &[&r],
+        )?
+        .map(|r| RoomRecord {
+            room_id: r.get(0),
+            room_version: r.get(1),
+            creator: r.get(2),
+        }))
+    })
+    .await
 }
 
 pub(super) async fn get_event(s: &PgStore, event_id: &str) -> Result<Option<StoredEvent>> {
-    let _ = (s, event_id);
-    Err(not_yet("get_event"))
+    let id = event_id.to_owned();
+    s.read(move |c| {
+        Ok(c.query_opt(
+            &format!("SELECT {EVENT_COLS} FROM events e WHERE e.event_id = $1"),
+            &[&id],
+        )?
+        .map(|r| event_row(&r)))
+    })
+    .await
+}
+
+fn events(rows: Vec<Row>) -> Vec<StoredEvent> {
+    rows.iter().map(event_row).collect()
 }
 
 pub(super) async fn current_state(s: &PgStore, room_id: &str) -> Result<Vec<StoredEvent>> {
-    let _ = (s, room_id);
-    Err(not_yet("current_state"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        Ok(events(c.query(
+            &format!(
+                "SELECT {EVENT_COLS} FROM current_state s JOIN events e ON e.position = s.position \
+                 WHERE s.room_id = $1 ORDER BY e.position"
+            ),
+            &[&r],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn state_at(s: &PgStore, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>> {
-    let _ = (s, room_id, pos);
-    Err(not_yet("state_at"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        // Per key, the newest change at or before `pos` (SQLite: the bare
+        // column of `MAX(position)`).
+        Ok(events(c.query(
+            &format!(
+                "SELECT {EVENT_COLS} FROM (SELECT DISTINCT ON (event_type, state_key) event_position AS p \
+                 FROM state_events WHERE room_id = $1 AND position <= $2 \
+                 ORDER BY event_type, state_key, position DESC) s \
+                 JOIN events e ON e.position = s.p ORDER BY e.position"
+            ),
+            &[&r, &pos],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn state_changes(s: &PgStore, room_id: &str, after: i64, upto: i64) -> Result<Vec<StoredEvent>> {
-    let _ = (s, room_id, after, upto);
-    Err(not_yet("state_changes"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        Ok(events(c.query(
+            &format!(
+                "SELECT {EVENT_COLS} FROM state_events s JOIN events e ON e.position = s.event_position \
+                 WHERE s.room_id = $1 AND s.position > $2 AND s.position <= $3 ORDER BY s.position"
+            ),
+            &[&r, &after, &upto],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn room_events(
@@ -40,8 +606,30 @@ pub(super) async fn room_events(
     dir: Direction,
     limit: usize,
 ) -> Result<Vec<StoredEvent>> {
-    let _ = (s, room_id, from, to, dir, limit);
-    Err(not_yet("room_events"))
+    // The newest events come from memory.
+    let (lo, hi) = match dir {
+        Direction::Forward => (from, to),
+        Direction::Backward => (to, from),
+    };
+    if let Some(events) = s.recent().read().room_events(room_id, lo, hi, dir, limit) {
+        return Ok(events);
+    }
+    let r = room_id.to_owned();
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    s.read(move |c| {
+        let sql = match dir {
+            Direction::Forward => format!(
+                "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = $1 AND e.position > $2 \
+                 AND e.position < $3 AND {SERVED} ORDER BY e.position ASC LIMIT $4"
+            ),
+            Direction::Backward => format!(
+                "SELECT {EVENT_COLS} FROM events e WHERE e.room_id = $1 AND e.position < $2 \
+                 AND e.position > $3 AND {SERVED} ORDER BY e.position DESC LIMIT $4"
+            ),
+        };
+        Ok(events(c.query(&sql, &[&r, &from, &to, &limit])?))
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -56,8 +644,25 @@ pub(super) async fn relations(
     dir: Direction,
     limit: usize,
 ) -> Result<Vec<StoredEvent>> {
-    let _ = (s, room_id, parent, rel_type, event_type, from, to, dir, limit);
-    Err(not_yet("relations"))
+    let (room, parent) = (room_id.to_owned(), parent.to_owned());
+    let (rel, ty) = (rel_type.map(str::to_owned), event_type.map(str::to_owned));
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let (lo, hi, order) = match dir {
+        Direction::Forward => (from, to, "ASC"),
+        Direction::Backward => (to, from, "DESC"),
+    };
+    s.read(move |c| {
+        Ok(events(c.query(
+            &format!(
+                "SELECT {EVENT_COLS} FROM relations r JOIN events e ON e.position = r.position \
+                 WHERE r.parent_event_id = $1 AND r.room_id = $2 \
+                 AND ($3::TEXT IS NULL OR r.rel_type = $3::TEXT) AND ($4::TEXT IS NULL OR r.event_type = $4::TEXT) \
+                 AND r.position > $5 AND r.position < $6 ORDER BY r.position {order} LIMIT $7"
+            ),
+            &[&parent, &room, &rel, &ty, &lo, &hi, &limit],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn threads(
@@ -68,10 +673,58 @@ pub(super) async fn threads(
     before: i64,
     limit: usize,
 ) -> Result<Vec<ThreadRecord>> {
-    let _ = (s, room_id, user, only_participated, before, limit);
-    Err(not_yet("threads"))
+    let (room, user) = (room_id.to_owned(), user.to_owned());
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    s.read(move |c| {
+        // One query (SQLite looks each root up in turn): the threads with
+        // their root here, newest reply first. A reply to an event that is
+        // not here is no thread.
+        let rows = c.query(
+            &format!(
+                "SELECT {EVENT_COLS}, t.n, t.latest, t.replied FROM ( \
+                   SELECT parent_event_id, COUNT(*) AS n, MAX(position) AS latest, bool_or(sender = $2) AS replied \
+                   FROM relations WHERE room_id = $1 AND rel_type = 'm.thread' GROUP BY parent_event_id \
+                   HAVING MAX(position) < $3) t \
+                 JOIN events e ON e.event_id = t.parent_event_id AND e.room_id = $1 \
+                 WHERE NOT $4 OR t.replied OR e.sender = $2 \
+                 ORDER BY t.latest DESC LIMIT $5"
+            ),
+            &[&room, &user, &before, &only_participated, &limit],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let root = event_row(r);
+                let participated = r.get::<_, bool>(13) || root.sender == user;
+                ThreadRecord {
+                    root,
+                    count: r.get::<_, i64>(11).max(0) as u64,
+                    latest_position: r.get(12),
+                    participated,
+                }
+            })
+            .collect())
+    })
+    .await
 }
 
+/// services' FTS5 query (`"w1"* "w2"*`: every word required, as a prefix)
+/// as a `to_tsquery` text: `'w1':* & 'w2':*`.
+fn ts_query(fts: &str) -> String {
+    fts.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| !w.is_empty())
+        .map(|w| format!("'{}':*", w.replace('\\', "\\\\").replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join(" & ")
+}
+
+/// Full-text search (FTS5 on SQLite, a `tsvector` here): results differ
+/// from SQLite's at the edges: PostgreSQL's parser splits words its own
+/// way (`simple` configuration: lower-cased, no stemming, no stop words)
+/// and folds no accents (FTS5's `remove_diacritics` does); the rank is
+/// `-ts_rank` (lower is better, as FTS5's bm25 `rank`), not bm25.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn search_events(
     s: &PgStore,
@@ -82,28 +735,114 @@ pub(super) async fn search_events(
     offset: usize,
     limit: usize,
 ) -> Result<(Vec<(StoredEvent, f64)>, u64)> {
-    let _ = (s, rooms, query, keys, by_rank, offset, limit);
-    Err(not_yet("search_events"))
+    let tsq = ts_query(query);
+    if rooms.is_empty() || keys.is_empty() || tsq.is_empty() {
+        return Ok((vec![], 0));
+    }
+    // FTS5's column filter `{body name topic}`: a row holds one of them.
+    let columns = keys
+        .iter()
+        .map(|k| match k {
+            SearchKey::Body => "s.body IS NOT NULL",
+            SearchKey::Name => "s.name IS NOT NULL",
+            SearchKey::Topic => "s.topic IS NOT NULL",
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let rooms = rooms.to_vec();
+    let (offset, limit) = (
+        i64::try_from(offset).unwrap_or(i64::MAX),
+        i64::try_from(limit).unwrap_or(i64::MAX),
+    );
+    let order = if by_rank {
+        "rank, e.position DESC"
+    } else {
+        "e.position DESC"
+    };
+    s.read(move |c| {
+        let filter = format!(
+            "FROM event_search s JOIN events e ON e.position = s.position \
+             WHERE s.tsv @@ to_tsquery('simple', $1) AND ({columns}) AND e.room_id = ANY($2)"
+        );
+        let count: i64 = c
+            .query_one(&format!("SELECT COUNT(*) {filter}"), &[&tsq, &rooms])?
+            .get(0);
+        let found = c
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLS}, -ts_rank(s.tsv, to_tsquery('simple', $1))::float8 AS rank {filter} \
+                     ORDER BY {order} LIMIT $3 OFFSET $4"
+                ),
+                &[&tsq, &rooms, &limit, &offset],
+            )?
+            .iter()
+            .map(|r| (event_row(r), r.get::<_, f64>(11)))
+            .collect();
+        Ok((found, count.max(0) as u64))
+    })
+    .await
 }
 
 pub(super) async fn rooms_changed(s: &PgStore, since: i64, upto: i64) -> Result<Vec<(String, i64)>> {
-    let _ = (s, since, upto);
-    Err(not_yet("rooms_changed"))
+    s.read(move |c| {
+        Ok(c.query(
+            "SELECT room_id, MAX(position) FROM events WHERE position > $1 AND position <= $2 GROUP BY room_id",
+            &[&since, &upto],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    })
+    .await
 }
 
 pub(super) async fn user_memberships(s: &PgStore, user_id: &str) -> Result<Vec<MembershipRecord>> {
-    let _ = (s, user_id);
-    Err(not_yet("user_memberships"))
+    let u = user_id.to_owned();
+    s.read(move |c| {
+        Ok(c.query(
+            "SELECT room_id, membership, event_id, position FROM memberships WHERE user_id = $1 ORDER BY position",
+            &[&u],
+        )?
+        .iter()
+        .map(|r| MembershipRecord {
+            room_id: r.get(0),
+            membership: r.get(1),
+            event_id: r.get(2),
+            position: r.get(3),
+        })
+        .collect())
+    })
+    .await
+}
+
+fn history(rows: Vec<Row>) -> Vec<(i64, String)> {
+    rows.iter()
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+        .collect()
 }
 
 pub(super) async fn membership_history(s: &PgStore, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
-    let _ = (s, room_id, user_id);
-    Err(not_yet("membership_history"))
+    let (r, u) = (room_id.to_owned(), user_id.to_owned());
+    s.read(move |c| {
+        Ok(history(c.query(
+            "SELECT position, detail FROM state_events WHERE room_id = $1 AND event_type = 'm.room.member' \
+             AND state_key = $2 ORDER BY position",
+            &[&r, &u],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn visibility_history(s: &PgStore, room_id: &str) -> Result<Vec<(i64, String)>> {
-    let _ = (s, room_id);
-    Err(not_yet("visibility_history"))
+    let r = room_id.to_owned();
+    s.read(move |c| {
+        Ok(history(c.query(
+            "SELECT position, detail FROM state_events WHERE room_id = $1 \
+             AND event_type = 'm.room.history_visibility' AND state_key = '' ORDER BY position",
+            &[&r],
+        )?))
+    })
+    .await
 }
 
 pub(super) async fn txn_event(
@@ -114,16 +853,39 @@ pub(super) async fn txn_event(
     event_type: &str,
     txn_id: &str,
 ) -> Result<Option<String>> {
-    let _ = (s, user_id, device_id, room_id, event_type, txn_id);
-    Err(not_yet("txn_event"))
+    let (u, d, t) = (user_id.to_owned(), device_id.to_owned(), txn_id.to_owned());
+    let (r, e) = (room_id.to_owned(), event_type.to_owned());
+    s.read(move |c| {
+        Ok(c.query_opt(
+            "SELECT event_id FROM txns WHERE user_id = $1 AND device_id = $2 AND room_id = $3 \
+             AND event_type = $4 AND txn_id = $5",
+            &[&u, &d, &r, &e, &t],
+        )?
+        .map(|r| r.get(0)))
+    })
+    .await
 }
 
 pub(super) async fn forget_room(s: &PgStore, user_id: &str, room_id: &str) -> Result<()> {
-    let _ = (s, user_id, room_id);
-    Err(not_yet("forget_room"))
+    let (u, r) = (user_id.to_owned(), room_id.to_owned());
+    s.write_wait(move |c, _| {
+        c.execute(
+            "INSERT INTO forgotten (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&u, &r],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    })
+    .await
 }
 
 pub(super) async fn is_forgotten(s: &PgStore, user_id: &str, room_id: &str) -> Result<bool> {
-    let _ = (s, user_id, room_id);
-    Err(not_yet("is_forgotten"))
+    let (u, r) = (user_id.to_owned(), room_id.to_owned());
+    s.read(move |c| {
+        Ok(
+            c.query_opt("SELECT 1 FROM forgotten WHERE user_id = $1 AND room_id = $2", &[&u, &r])?
+                .is_some(),
+        )
+    })
+    .await
 }
