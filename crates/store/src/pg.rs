@@ -52,11 +52,6 @@ mod rooms;
 mod store_impl;
 pub mod testing;
 
-/// The error of a method not yet ported from the SQLite backend.
-fn not_yet(what: &str) -> Error {
-    Error::internal(format!("{what} is not yet implemented on PostgreSQL"))
-}
-
 /// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
 /// the first is the SQLite schema at its migration 0020.
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
@@ -79,13 +74,24 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> Error {
 /// A driver error as Weft's: text PostgreSQL cannot store (a NUL
 /// character, which SQLite takes) is the client's bad input, not a server
 /// fault; anything else is internal.
+fn pg_err_ref(e: &postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => db_err(format_args!("{} ({})", db.message(), db.code().code())),
+        None => db_err(e),
+    }
+}
+
 pub(crate) fn pg_err(e: postgres::Error) -> Error {
     use postgres::error::SqlState;
     match e.code() {
         Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER => {
             Error::new(ErrorKind::InvalidParam, "Text may not contain NUL characters")
         }
-        _ => db_err(e),
+        // The driver's own message is just "db error": name the server's.
+        _ => match e.as_db_error() {
+            Some(db) => db_err(format_args!("{} ({})", db.message(), db.code().code())),
+            None => db_err(e),
+        },
     }
 }
 
@@ -606,7 +612,7 @@ fn writer_loop(
                 ctx.pos = start_pos;
                 ctx.low = start_low;
                 for answer in answers {
-                    answer(Some(db_err(&e)));
+                    answer(Some(pg_err_ref(&e)));
                 }
             }
         }

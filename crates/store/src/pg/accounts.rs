@@ -21,7 +21,7 @@ pub(super) async fn create_user(s: &PgStore, user: NewUser) -> Result<()> {
                     &(user.created_ms as i64),
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         if n == 0 {
             return Err(Error::new(ErrorKind::UserInUse, "User ID already taken."));
         }
@@ -84,7 +84,7 @@ fn bump_backup_etag(c: &mut PgConn, user_id: &str, version: i64) -> Result<i64> 
         "UPDATE backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2 RETURNING etag",
         &[&user_id, &version],
     )
-    .map_err(db_err)?
+    .map_err(pg_err)?
     .get(0))
 }
 
@@ -221,18 +221,18 @@ fn store_keys(
                 "SELECT keys_json FROM device_keys WHERE user_id = $1 AND device_id = $2",
                 &[&user, &device],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .map(|r| r.get(0));
         if old.as_deref() != Some(keys.as_str()) {
-            let p = device_list_changed(c, ctx, user).map_err(db_err)?;
-            log_device_changes(c, user, &[device.to_owned()], p, false).map_err(db_err)?;
+            let p = device_list_changed(c, ctx, user).map_err(pg_err)?;
+            log_device_changes(c, user, &[device.to_owned()], p, false).map_err(pg_err)?;
             c.execute(
                 "INSERT INTO device_keys (user_id, device_id, keys_json, position) VALUES ($1,$2,$3,$4) \
                  ON CONFLICT (user_id, device_id) DO UPDATE SET keys_json = excluded.keys_json, \
                  position = excluded.position",
                 &[&user, &device, &keys, &p],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         }
     }
     if !up.one_time_keys.is_empty() {
@@ -247,7 +247,7 @@ fn store_keys(
                  AND key_id = ANY($3::TEXT[])",
                 &[&user, &device, &ids],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
@@ -274,7 +274,7 @@ fn store_keys(
                  SELECT $1::TEXT, $2::TEXT, a, k, j FROM UNNEST($3::TEXT[], $4::TEXT[], $5::TEXT[]) AS x(a, k, j)",
                 &[&user, &device, &algs, &new_ids, &jsons],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         }
     }
     for (key_id, json) in up.fallback_keys {
@@ -286,9 +286,9 @@ fn store_keys(
              key_id = excluded.key_id, key_json = excluded.key_json",
             &[&user, &device, &key_algorithm(&key_id), &key_id, &json],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
     }
-    otk_counts(c, user, device).map_err(db_err)
+    otk_counts(c, user, device).map_err(pg_err)
 }
 
 pub(super) async fn list_users(s: &PgStore) -> Result<Vec<UserRecord>> {
@@ -307,7 +307,7 @@ pub(super) async fn set_password_hash(s: &PgStore, user_id: &str, hash: &str) ->
     let (u, h) = (user_id.to_owned(), hash.to_owned());
     s.write_wait(move |c, _| {
         c.execute("UPDATE users SET password_hash = $1 WHERE user_id = $2", &[&h, &u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -320,21 +320,21 @@ pub(super) async fn deactivate_user(s: &PgStore, user_id: &str) -> Result<()> {
             "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1",
             &[&u],
         )
-        .map_err(db_err)?;
-        purge_devices(c, ctx, &u, None, None).map_err(db_err)?;
+        .map_err(pg_err)?;
+        purge_devices(c, ctx, &u, None, None).map_err(pg_err)?;
         let crossed = c
             .execute("DELETE FROM cross_signing_keys WHERE user_id = $1", &[&u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         c.execute("DELETE FROM key_signatures WHERE target_user = $1", &[&u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         c.execute("DELETE FROM backup_keys WHERE user_id = $1", &[&u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         c.execute("UPDATE backup_versions SET deleted = 1 WHERE user_id = $1", &[&u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         c.execute("DELETE FROM pushers WHERE user_id = $1", &[&u])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         if crossed > 0 {
-            device_list_changed(c, ctx, &u).map_err(db_err)?;
+            device_list_changed(c, ctx, &u).map_err(pg_err)?;
         }
         Ok(())
     })
@@ -357,7 +357,7 @@ pub(super) async fn set_profile_field(
             &format!("UPDATE users SET {col} = $1 WHERE user_id = $2"),
             &[&value, &u],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -383,7 +383,7 @@ pub(super) async fn upsert_device(
              display_name = COALESCE(excluded.display_name, devices.display_name)",
             &[&u, &d, &n, &t, &(weft_core::now_ms() as i64)],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -437,7 +437,7 @@ pub(super) async fn touch_device(
              WHERE user_id = $1 AND device_id = $2",
             &[&u, &d, &(ts_ms as i64), &i],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -460,7 +460,7 @@ pub(super) async fn set_device_display_name(
                 "UPDATE devices SET display_name = $3 WHERE user_id = $1 AND device_id = $2",
                 &[&u, &d, &n],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         if changed == 0 {
             return Ok(false);
         }
@@ -469,11 +469,11 @@ pub(super) async fn set_device_display_name(
                 "SELECT EXISTS (SELECT 1 FROM device_keys WHERE user_id = $1 AND device_id = $2)",
                 &[&u, &d],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .get(0);
         if has_keys {
-            let p = device_list_changed(c, ctx, &u).map_err(db_err)?;
-            log_device_changes(c, &u, &[d], p, false).map_err(db_err)?;
+            let p = device_list_changed(c, ctx, &u).map_err(pg_err)?;
+            log_device_changes(c, &u, &[d], p, false).map_err(pg_err)?;
         }
         Ok(true)
     })
@@ -482,13 +482,13 @@ pub(super) async fn set_device_display_name(
 
 pub(super) async fn delete_device(s: &PgStore, user_id: &str, device_id: &str) -> Result<()> {
     let (u, d) = (user_id.to_owned(), device_id.to_owned());
-    s.write_wait(move |c, ctx| purge_devices(c, ctx, &u, Some(&d), None).map_err(db_err))
+    s.write_wait(move |c, ctx| purge_devices(c, ctx, &u, Some(&d), None).map_err(pg_err))
         .await
 }
 
 pub(super) async fn delete_devices_except(s: &PgStore, user_id: &str, keep: Option<&str>) -> Result<()> {
     let (u, k) = (user_id.to_owned(), keep.map(str::to_owned));
-    s.write_wait(move |c, ctx| purge_devices(c, ctx, &u, None, k.as_deref()).map_err(db_err))
+    s.write_wait(move |c, ctx| purge_devices(c, ctx, &u, None, k.as_deref()).map_err(pg_err))
         .await
 }
 
@@ -508,7 +508,7 @@ pub(super) async fn set_device_psk(
     s.write_wait(move |c, _| {
         let deactivated: Option<i64> = c
             .query_opt("SELECT deactivated FROM users WHERE user_id = $1", &[&u])
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .map(|r| r.get(0));
         if deactivated != Some(0) {
             return Err(Error::new(ErrorKind::NotFound, "No such active user"));
@@ -519,14 +519,14 @@ pub(super) async fn set_device_psk(
              ON CONFLICT (user_id, device_id) DO NOTHING",
             &[&u, &d, &now],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         c.execute(
             "INSERT INTO device_psks (identity, user_id, device_id, psk, created_ms) VALUES ($1,$2,$3,$4,$5) \
              ON CONFLICT (user_id, device_id) DO UPDATE SET identity = excluded.identity, psk = excluded.psk, \
              created_ms = excluded.created_ms",
             &[&i, &u, &d, &k, &now],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -560,13 +560,13 @@ pub(super) async fn create_backup_version(s: &PgStore, user_id: &str, algorithm_
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM backup_versions WHERE user_id = $1",
                 &[&u],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .get(0);
         c.execute(
             "INSERT INTO backup_versions (user_id, version, algorithm_json) VALUES ($1,$2,$3)",
             &[&u, &next, &a],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(next)
     })
     .await
@@ -613,7 +613,7 @@ pub(super) async fn update_backup_version(
                  WHERE user_id = $1 AND version = $2 AND deleted = 0",
                 &[&u, &version, &a],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         Ok(n > 0)
     })
     .await
@@ -627,12 +627,12 @@ pub(super) async fn delete_backup_version(s: &PgStore, user_id: &str, version: i
                 "UPDATE backup_versions SET deleted = 1 WHERE user_id = $1 AND version = $2 AND deleted = 0",
                 &[&u, &version],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         c.execute(
             "DELETE FROM backup_keys WHERE user_id = $1 AND version = $2",
             &[&u, &version],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(n > 0)
     })
     .await
@@ -656,7 +656,7 @@ pub(super) async fn put_backup_keys(
 ) -> Result<BackupWrite> {
     let u = user_id.to_owned();
     s.write_wait(move |c, _| {
-        let current = current_backup(c, &u).map_err(db_err)?;
+        let current = current_backup(c, &u).map_err(pg_err)?;
         let etag = match current {
             Some((v, _, etag)) if v == version => etag,
             other => {
@@ -705,7 +705,7 @@ pub(super) async fn put_backup_keys(
                      > (backup_keys.is_verified, -backup_keys.first_message_index, -backup_keys.forwarded_count)",
                     &[&u, &version, &rooms, &sessions, &indexes, &forwards, &verified, &jsons],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             changed = n > 0;
         }
         let etag = if changed {
@@ -713,7 +713,7 @@ pub(super) async fn put_backup_keys(
         } else {
             etag
         };
-        let count = backup_count(c, &u, version).map_err(db_err)?;
+        let count = backup_count(c, &u, version).map_err(pg_err)?;
         Ok(BackupWrite::Done { etag, count })
     })
     .await
@@ -766,7 +766,7 @@ pub(super) async fn delete_backup_keys(
         session_id.map(str::to_owned),
     );
     s.write_wait(move |c, _| {
-        let current = current_backup(c, &u).map_err(db_err)?;
+        let current = current_backup(c, &u).map_err(pg_err)?;
         let etag = match current {
             Some((v, _, etag)) if v == version => etag,
             other => {
@@ -781,9 +781,9 @@ pub(super) async fn delete_backup_keys(
                  AND ($3::TEXT IS NULL OR room_id = $3::TEXT) AND ($4::TEXT IS NULL OR session_id = $4::TEXT)",
                 &[&u, &version, &r, &sid],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         let etag = if n > 0 { bump_backup_etag(c, &u, version)? } else { etag };
-        let count = backup_count(c, &u, version).map_err(db_err)?;
+        let count = backup_count(c, &u, version).map_err(pg_err)?;
         Ok(BackupWrite::Done { etag, count })
     })
     .await
@@ -895,7 +895,7 @@ pub(super) async fn claim_keys(s: &PgStore, wanted: Vec<(String, String, String)
             algs.push(a.as_str());
         }
         Ok(c.query(CLAIM, &[&users, &devices, &algs])
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .iter()
             .map(|r| ClaimedKey {
                 user_id: r.get(0),
@@ -979,7 +979,7 @@ pub(super) async fn send_to_device(
                  ON CONFLICT DO NOTHING",
                 &[&sn, &sd, &t, &x],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         if fresh == 0 {
             return Ok(false);
         }
@@ -993,7 +993,7 @@ pub(super) async fn send_to_device(
                 "SELECT user_id, device_id FROM devices WHERE user_id = ANY($1::TEXT[]) ORDER BY user_id, device_id",
                 &[&users],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
         {
             devices.entry(r.get(0)).or_default().push(r.get(1));
         }
@@ -1025,7 +1025,7 @@ pub(super) async fn send_to_device(
                  AS x(p, u, d, j)",
                 &[&positions, &to_users, &to_devices, &contents, &sn, &t],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         }
         Ok(true)
     })
@@ -1078,7 +1078,7 @@ pub(super) async fn ack_to_device(s: &PgStore, user_id: &str, device_id: &str, u
     if !any {
         return Ok(());
     }
-    s.write_wait(move |c, _| delete_to_device(c, ACKED, &[&u, &d, &upto]).map_err(db_err))
+    s.write_wait(move |c, _| delete_to_device(c, ACKED, &[&u, &d, &upto]).map_err(pg_err))
         .await
 }
 
@@ -1094,11 +1094,11 @@ pub(super) async fn put_cross_signing_keys(s: &PgStore, user_id: &str, keys: Vec
                      WHERE cross_signing_keys.key_json != excluded.key_json",
                     &[&u, &key_type, &json],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             changed |= n > 0;
         }
         if changed {
-            device_list_changed(c, ctx, &u).map_err(db_err)?;
+            device_list_changed(c, ctx, &u).map_err(pg_err)?;
         }
         Ok(())
     })
@@ -1152,7 +1152,7 @@ pub(super) async fn add_key_signatures(s: &PgStore, signatures: Vec<KeySignature
              DO UPDATE SET signature = excluded.signature",
             &[target_users, target_keys, signer_users, signer_keys, sigs],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         // Each target user's list changed; the signed keys that are devices
         // (not cross-signing keys) are logged as changes of those devices.
         let mut targets: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -1163,18 +1163,18 @@ pub(super) async fn add_key_signatures(s: &PgStore, signatures: Vec<KeySignature
             }
         }
         for (user, keys) in targets {
-            let p = device_list_changed(c, ctx, user).map_err(db_err)?;
+            let p = device_list_changed(c, ctx, user).map_err(pg_err)?;
             let devices: Vec<String> = c
                 .query(
                     "SELECT device_id FROM device_keys WHERE user_id = $1 AND device_id = ANY($2::TEXT[]) \
                      ORDER BY device_id",
                     &[&user, &keys],
                 )
-                .map_err(db_err)?
+                .map_err(pg_err)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            log_device_changes(c, user, &devices, p, false).map_err(db_err)?;
+            log_device_changes(c, user, &devices, p, false).map_err(pg_err)?;
         }
         Ok(())
     })
@@ -1211,7 +1211,7 @@ pub(super) async fn put_filter(s: &PgStore, user_id: &str, filter_json: &str) ->
                  (SELECT COALESCE(MAX(filter_id), -1) + 1 FROM filters WHERE user_id = $1), $2) RETURNING filter_id",
                 &[&u, &f],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .get(0);
         Ok(id.to_string())
     })

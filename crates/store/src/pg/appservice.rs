@@ -37,9 +37,9 @@ impl AppserviceStore for PgStore {
                 "INSERT INTO appservice_state (id, position) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
                 &[&id, &position],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             c.query_opt(&format!("{SELECT} WHERE id = $1"), &[&id])
-                .map_err(db_err)?
+                .map_err(pg_err)?
                 .map(|r| state_row(&r))
                 .ok_or_else(|| Error::internal("appservice state missing"))
         })
@@ -63,7 +63,7 @@ impl AppserviceStore for PgStore {
                 "UPDATE appservice_state SET position = GREATEST(position, $2) WHERE id = $1 AND pending_upto IS NULL",
                 &[&id, &position],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -76,7 +76,7 @@ impl AppserviceStore for PgStore {
                 "UPDATE appservice_state SET pending_upto = $2, pending_body = $3 WHERE id = $1",
                 &[&id, &upto, &body],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -91,7 +91,7 @@ impl AppserviceStore for PgStore {
                  backoff_ms = 0, last_error = NULL, last_success_ms = $2 WHERE id = $1",
                 &[&id, &to_i64(now_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -104,7 +104,7 @@ impl AppserviceStore for PgStore {
                 "UPDATE appservice_state SET last_error = $2, backoff_ms = $3, retry_at_ms = $4 WHERE id = $1",
                 &[&id, &error, &to_i64(backoff_ms), &to_i64(retry_at_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await

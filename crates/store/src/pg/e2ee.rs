@@ -19,7 +19,7 @@ fn list_row(c: &mut PgConn, user: &str) -> PgResult<Option<(Option<i64>, bool)>>
 }
 
 fn announce(c: &mut PgConn, ctx: &mut WriterCtx, user: &str) -> Result<()> {
-    device_list_changed(c, ctx, user).map_err(db_err)?;
+    device_list_changed(c, ctx, user).map_err(pg_err)?;
     Ok(())
 }
 
@@ -112,11 +112,11 @@ impl E2eeFederationStore for PgStore {
                  fetched_ms = excluded.fetched_ms",
                 &[u, &list.stream_id, &to_i64(list.fetched_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             c.execute("DELETE FROM remote_device_keys WHERE user_id = $1", &[u])
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             c.execute("DELETE FROM remote_cross_signing_keys WHERE user_id = $1", &[u])
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             // One insert per table (a user may have many devices; SQLite
             // inserts them one by one). A device ID twice fails, as there.
             if !list.devices.is_empty() {
@@ -128,7 +128,7 @@ impl E2eeFederationStore for PgStore {
                      SELECT $1::TEXT, d, k, n FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[]) AS x(d, k, n)",
                     &[u, &ids, &keys, &names],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             if !list.cross_signing.is_empty() {
                 let types: Vec<&str> = list.cross_signing.iter().map(|(t, _)| t.as_str()).collect();
@@ -138,7 +138,7 @@ impl E2eeFederationStore for PgStore {
                      SELECT $1::TEXT, t, j FROM UNNEST($2::TEXT[], $3::TEXT[]) AS x(t, j)",
                     &[u, &types, &jsons],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             if announce_it {
                 announce(c, ctx, u)?;
@@ -151,7 +151,7 @@ impl E2eeFederationStore for PgStore {
     async fn apply_remote_device_update(&self, up: RemoteDeviceUpdate) -> Result<DeviceUpdateOutcome> {
         self.write_wait(move |c, ctx| {
             let u = &up.user_id;
-            let Some((stream_id, stale)) = list_row(c, u).map_err(db_err)? else {
+            let Some((stream_id, stale)) = list_row(c, u).map_err(pg_err)? else {
                 announce(c, ctx, u)?;
                 return Ok(DeviceUpdateOutcome::NotCached);
             };
@@ -161,7 +161,7 @@ impl E2eeFederationStore for PgStore {
             let follows = stream_id.is_some_and(|s| up.prev_ids.contains(&s));
             if stale || !follows {
                 c.execute("UPDATE remote_device_lists SET stale = 1 WHERE user_id = $1", &[u])
-                    .map_err(db_err)?;
+                    .map_err(pg_err)?;
                 announce(c, ctx, u)?;
                 return Ok(DeviceUpdateOutcome::Stale);
             }
@@ -170,7 +170,7 @@ impl E2eeFederationStore for PgStore {
                     "DELETE FROM remote_device_keys WHERE user_id = $1 AND device_id = $2",
                     &[u, &up.device_id],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             } else {
                 c.execute(
                     "INSERT INTO remote_device_keys (user_id, device_id, keys_json, display_name) \
@@ -179,13 +179,13 @@ impl E2eeFederationStore for PgStore {
                      display_name = excluded.display_name",
                     &[u, &up.device_id, &up.keys_json, &up.display_name],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             c.execute(
                 "UPDATE remote_device_lists SET stream_id = $2 WHERE user_id = $1",
                 &[u, &up.stream_id],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             announce(c, ctx, u)?;
             Ok(DeviceUpdateOutcome::Applied)
         })
@@ -195,7 +195,7 @@ impl E2eeFederationStore for PgStore {
     async fn put_remote_cross_signing_keys(&self, user_id: &str, keys: Vec<(String, String)>) -> Result<bool> {
         let u = user_id.to_owned();
         self.write_wait(move |c, ctx| {
-            let cached = list_row(c, &u).map_err(db_err)?.is_some();
+            let cached = list_row(c, &u).map_err(pg_err)?.is_some();
             if cached {
                 for (key_type, json) in &keys {
                     c.execute(
@@ -203,7 +203,7 @@ impl E2eeFederationStore for PgStore {
                          ON CONFLICT (user_id, key_type) DO UPDATE SET key_json = excluded.key_json",
                         &[&u, key_type, json],
                     )
-                    .map_err(db_err)?;
+                    .map_err(pg_err)?;
                 }
             }
             announce(c, ctx, &u)?;
@@ -216,7 +216,7 @@ impl E2eeFederationStore for PgStore {
         let u = user_id.to_owned();
         self.write_wait(move |c, _| {
             c.execute("UPDATE remote_device_lists SET stale = 1 WHERE user_id = $1", &[&u])
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -229,12 +229,12 @@ impl E2eeFederationStore for PgStore {
                 "DELETE FROM openid_tokens WHERE expires_ms < $1",
                 &[&to_i64(weft_core::now_ms())],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             c.execute(
                 "INSERT INTO openid_tokens (token, user_id, expires_ms) VALUES ($1,$2,$3)",
                 &[&t, &u, &to_i64(expires_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await

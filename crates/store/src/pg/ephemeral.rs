@@ -18,7 +18,7 @@ pub(crate) fn upsert_account_data(
          position = excluded.position",
         &[&user, &room, &data_type, &json, &p],
     )
-    .map_err(db_err)?;
+    .map_err(pg_err)?;
     ctx.pos = p;
     ctx.changes.push((p, StreamKey::User(user)));
     Ok(p)
@@ -61,7 +61,7 @@ pub(super) fn edit_account_data(
                 "SELECT content_json FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
                 &[&u, &r, &t],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .map(|row| row.get(0));
         // A panicking edit must not take the writer (and every later
         // write) down with it.
@@ -138,7 +138,7 @@ pub(super) fn put_receipt(s: &PgStore, r: ReceiptRecord) -> Pending<i64> {
                 &p,
             ],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         ctx.pos = p;
         ctx.changes.push((p, StreamKey::Receipt(r.room_id)));
         Ok(p)
@@ -270,7 +270,7 @@ pub(super) fn add_notifications(s: &PgStore, rows: Vec<NewNotification>, evaluat
                     &ts,
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         }
         for (p, row) in positions.into_iter().zip(rows) {
             ctx.pos = p;
@@ -281,7 +281,7 @@ pub(super) fn add_notifications(s: &PgStore, rows: Vec<NewNotification>, evaluat
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             &[&evaluated.to_string()],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
 }
@@ -385,7 +385,7 @@ pub(super) async fn set_pusher(s: &PgStore, p: PusherRecord, append: bool) -> Re
                 "DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id != $3",
                 &[&p.app_id, &p.pushkey, &p.user_id],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         }
         // A new pusher starts after the newest notification; a replaced
         // one keeps its place.
@@ -403,7 +403,7 @@ pub(super) async fn set_pusher(s: &PgStore, p: PusherRecord, append: bool) -> Re
                 &ctx.pos,
             ],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -417,7 +417,7 @@ pub(super) async fn delete_pusher(s: &PgStore, user_id: &str, app_id: &str, push
                 "DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3",
                 &[&u, &a, &k],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         Ok(n > 0)
     })
     .await
@@ -445,7 +445,7 @@ pub(super) async fn pusher_sent(s: &PgStore, user_id: &str, app_id: &str, pushke
             "UPDATE pushers SET last_sent = GREATEST(last_sent, $4) WHERE user_id = $1 AND app_id = $2 AND pushkey = $3",
             &[&u, &a, &k, &position],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -495,7 +495,7 @@ pub(super) fn set_typing(s: &PgStore, room_id: &str, user_id: &str, expires_ms: 
                 "SELECT expires_ms > $3 FROM typing WHERE room_id = $1 AND user_id = $2",
                 &[&room, &user, &now],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .map(|r| r.get(0));
         match expires_ms {
             Some(until) => {
@@ -506,7 +506,7 @@ pub(super) fn set_typing(s: &PgStore, room_id: &str, user_id: &str, expires_ms: 
                      ON CONFLICT (room_id, user_id) DO UPDATE SET expires_ms = excluded.expires_ms",
                     &[&room, &user, &(until as i64)],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
                 if row == Some(true) {
                     return Ok(None);
                 }
@@ -516,7 +516,7 @@ pub(super) fn set_typing(s: &PgStore, room_id: &str, user_id: &str, expires_ms: 
                     "DELETE FROM typing WHERE room_id = $1 AND user_id = $2",
                     &[&room, &user],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
                 if row.is_none() {
                     return Ok(None);
                 }
@@ -524,7 +524,7 @@ pub(super) fn set_typing(s: &PgStore, room_id: &str, user_id: &str, expires_ms: 
         }
         let p = ctx.pos + 1;
         ctx.pos = p;
-        typing_changed(c, ctx, &room, p).map_err(db_err)?;
+        typing_changed(c, ctx, &room, p).map_err(pg_err)?;
         Ok(Some(p))
     })
 }
@@ -557,7 +557,7 @@ pub(super) fn expire_typing(s: &PgStore, now_ms: u64) -> Pending<Vec<String>> {
                 "SELECT DISTINCT room_id FROM typing WHERE expires_ms <= $1 ORDER BY room_id",
                 &[&now],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -565,14 +565,14 @@ pub(super) fn expire_typing(s: &PgStore, now_ms: u64) -> Pending<Vec<String>> {
             return Ok(rooms);
         }
         c.execute("DELETE FROM typing WHERE expires_ms <= $1", &[&now])
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         let positions: Vec<i64> = (1..=rooms.len() as i64).map(|i| ctx.pos + i).collect();
         c.execute(
             "INSERT INTO typing_rooms (room_id, position) SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[]) \
              ON CONFLICT (room_id) DO UPDATE SET position = excluded.position",
             &[&rooms, &positions],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         for (room, p) in rooms.iter().zip(positions) {
             ctx.pos = p;
             ctx.changes.push((p, StreamKey::Typing(room.clone())));
@@ -614,7 +614,7 @@ pub(super) fn edit_presence(s: &PgStore, user_id: &str, edit: PresenceEdit) -> P
                 &format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = $1"),
                 &[&user],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .map(|r| presence_row(&r));
         let old_position = old.as_ref().map(|o| o.position).unwrap_or(0);
         let edited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || edit(old)))
@@ -636,7 +636,7 @@ pub(super) fn edit_presence(s: &PgStore, user_id: &str, edit: PresenceEdit) -> P
                 &position,
             ],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         if !bump {
             return Ok(None);
         }
@@ -690,7 +690,7 @@ pub(super) fn expire_presence(s: &PgStore, now_ms: u64, idle_ms: u64) -> Pending
                  OR (presence = 'online' AND last_active_ms + $2 <= $1)) ORDER BY user_id",
                 &[&now, &idle],
             )
-            .map_err(db_err)?
+            .map_err(pg_err)?
             .iter()
             .map(|r| (r.get(0), if r.get::<_, bool>(1) { "offline" } else { "unavailable" }))
             .collect();
@@ -708,7 +708,7 @@ pub(super) fn expire_presence(s: &PgStore, now_ms: u64, idle_ms: u64) -> Pending
              WHERE p.user_id = d.user_id",
             &[&users, &states, &positions],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         let mut changed = Vec::with_capacity(due.len());
         for ((user, _), p) in due.into_iter().zip(positions) {
             ctx.pos = p;

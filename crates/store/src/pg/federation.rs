@@ -42,7 +42,7 @@ impl FederationStore for PgStore {
                      fetched_ts = excluded.fetched_ts",
                     &[&servers, &ids, &public, &valid, &expired, &fetched],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             c.execute(
                 "INSERT INTO server_key_responses (server_name, json, valid_until_ts, fetched_ts) \
@@ -55,7 +55,7 @@ impl FederationStore for PgStore {
                     &to_i64(response.fetched_ts),
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await

@@ -47,7 +47,7 @@ impl FederationQueueStore for PgStore {
                      WITH ORDINALITY AS u (d, k, j, i) ORDER BY i",
                     &[&dests, &kinds, &jsons, &now],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             if let Some(p) = reader_position {
                 c.execute(
@@ -55,7 +55,7 @@ impl FederationQueueStore for PgStore {
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     &[&p.to_string()],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             }
             Ok(())
         })
@@ -113,14 +113,14 @@ impl FederationQueueStore for PgStore {
                 "DELETE FROM federation_outbox WHERE id = ANY($1) AND destination = $2",
                 &[&ids, &dest],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             c.execute(
                 "INSERT INTO destinations (name, retry_at_ms, backoff_ms, last_error, last_success_ms) \
                  VALUES ($1, 0, 0, NULL, $2) ON CONFLICT (name) DO UPDATE SET retry_at_ms = 0, \
                  backoff_ms = 0, last_error = NULL, last_success_ms = excluded.last_success_ms",
                 &[&dest, &to_i64(now_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -141,7 +141,7 @@ impl FederationQueueStore for PgStore {
                  backoff_ms = excluded.backoff_ms, last_error = excluded.last_error",
                 &[&dest, &to_i64(retry_at_ms), &to_i64(backoff_ms), &error],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -194,13 +194,13 @@ impl FederationQueueStore for PgStore {
                 "DELETE FROM federation_txns_received WHERE received_ms < $1",
                 &[&to_i64(prune_before_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             c.execute(
                 "INSERT INTO federation_txns_received (origin, txn_id, response_json, received_ms) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (origin, txn_id) DO NOTHING",
                 &[&origin, &txn, &json, &to_i64(now_ms)],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await

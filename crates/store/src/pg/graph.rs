@@ -180,7 +180,7 @@ fn remote_membership_job(
     event.current_state = None;
     let stored = c
         .query_opt("SELECT 1 FROM events WHERE event_id = $1", &[&event.event_id])
-        .map_err(db_err)?
+        .map_err(pg_err)?
         .is_some();
     if !stored {
         super::rooms::insert_event(c, ctx, &event, false)?;
@@ -205,7 +205,7 @@ fn remote_membership_job(
             &stripped_state,
         ],
     )
-    .map_err(db_err)?;
+    .map_err(pg_err)?;
     ctx.pos = p;
     ctx.changes.push((p, crate::StreamKey::User(user_id.clone())));
     Ok(p)

@@ -55,7 +55,7 @@ impl MediaStore for PgStore {
                     &(m.quarantined as i64),
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await
@@ -90,7 +90,7 @@ impl MediaStore for PgStore {
                         &to_i64(now_ms),
                     ],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             Ok(n == 1)
         })
         .await
@@ -139,7 +139,7 @@ impl MediaStore for PgStore {
                     "UPDATE media SET quarantined = $2 WHERE media_id = $1",
                     &[&id, &(quarantined as i64)],
                 )
-                .map_err(db_err)?;
+                .map_err(pg_err)?;
             Ok(n == 1)
         })
         .await
@@ -154,7 +154,7 @@ impl MediaStore for PgStore {
                     "DELETE FROM media_thumbnails WHERE media_id = ANY($1) RETURNING sha256",
                     &[&media_ids],
                 )
-                .map_err(db_err)?
+                .map_err(pg_err)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -163,7 +163,7 @@ impl MediaStore for PgStore {
                     "DELETE FROM media WHERE media_id = ANY($1) RETURNING sha256",
                     &[&media_ids],
                 )
-                .map_err(db_err)?
+                .map_err(pg_err)?
             {
                 if let Some(sha) = r.get::<_, Option<String>>(0) {
                     blobs.push(sha);
@@ -181,7 +181,7 @@ impl MediaStore for PgStore {
                      UNION SELECT sha256 FROM media_thumbnails WHERE sha256 = ANY($1)",
                     &[&blobs],
                 )
-                .map_err(db_err)?
+                .map_err(pg_err)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -236,7 +236,7 @@ impl MediaStore for PgStore {
                     &t.content_type,
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
         .await

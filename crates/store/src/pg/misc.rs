@@ -61,7 +61,7 @@ pub(super) async fn add_report(s: &PgStore, report: Report) -> Result<i64> {
                     &(report.received_ms as i64),
                 ],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         Ok(row.get(0))
     })
     .await
@@ -109,7 +109,7 @@ pub(super) async fn set_room_public(s: &PgStore, room_id: &str, public: bool) ->
             "UPDATE rooms SET is_public = $1 WHERE room_id = $2",
             &[&(public as i64), &r],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -123,7 +123,7 @@ pub(super) async fn create_alias(s: &PgStore, alias: &str, room_id: &str, creato
                 "INSERT INTO aliases (alias, room_id, creator) VALUES ($1,$2,$3) ON CONFLICT (alias) DO NOTHING",
                 &[&a, &r, &u],
             )
-            .map_err(db_err)?;
+            .map_err(pg_err)?;
         Ok(n == 1)
     })
     .await
@@ -148,7 +148,7 @@ pub(super) async fn delete_alias(s: &PgStore, alias: &str) -> Result<bool> {
     let a = alias.to_owned();
     s.write_wait(move |c, _| {
         Ok(c.execute("DELETE FROM aliases WHERE alias = $1", &[&a])
-            .map_err(db_err)?
+            .map_err(pg_err)?
             == 1)
     })
     .await
@@ -207,7 +207,7 @@ pub(super) async fn put_sliding_connection(
              DO UPDATE SET state_json = excluded.state_json, updated_ms = excluded.updated_ms",
             &[&u, &d, &c, &j, &now],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
@@ -229,7 +229,7 @@ pub(super) async fn set_meta(s: &PgStore, key: &str, value: &str) -> Result<()> 
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             &[&k, &v],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await

@@ -99,17 +99,17 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
             "SELECT position FROM events WHERE event_id = $1 AND outlier = 1",
             &[&ev.event_id],
         )
-        .map_err(db_err)?
+        .map_err(pg_err)?
         .map(|r| r.get::<_, i64>(0))
     } else {
         None
     };
     if let Some(old) = outlier_at {
-        super::graph::promote_outlier(c, ev, old, p).map_err(db_err)?;
+        super::graph::promote_outlier(c, ev, old, p).map_err(pg_err)?;
     }
-    let (advanced, typing_stopped) = write_event(c, ev, p, outlier_at.is_none(), linear).map_err(db_err)?;
+    let (advanced, typing_stopped) = write_event(c, ev, p, outlier_at.is_none(), linear).map_err(pg_err)?;
     if outlier_at.is_none() && !advanced {
-        let prevs_stored = super::graph::store_graph(c, ev).map_err(db_err)?;
+        let prevs_stored = super::graph::store_graph(c, ev).map_err(pg_err)?;
         if linear && ev.kind == EventKind::Timeline && !prevs_stored {
             return Err(Error::internal(
                 "the event it follows failed to be stored; send it again",
@@ -129,7 +129,7 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
         // announces it once per leaver who was typing; once is the same
         // news.)
         if typing_stopped > 0 {
-            typing_changed(c, ctx, &ev.room_id, p).map_err(db_err)?;
+            typing_changed(c, ctx, &ev.room_id, p).map_err(pg_err)?;
         }
     }
     if let Some((target, redacted_json)) = &ev.redaction {
@@ -873,7 +873,7 @@ pub(super) async fn forget_room(s: &PgStore, user_id: &str, room_id: &str) -> Re
             "INSERT INTO forgotten (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             &[&u, &r],
         )
-        .map_err(db_err)?;
+        .map_err(pg_err)?;
         Ok(())
     })
     .await
