@@ -82,6 +82,11 @@ pub struct Opts {
     /// the temp dir.
     #[arg(long, default_value = "warn")]
     pub server_log: String,
+    /// Storage of spawned servers: `sqlite` (embedded) or `postgres` (a
+    /// fresh database per server, made through WEFT_TEST_POSTGRES_URL,
+    /// default postgres://weft:weft@127.0.0.1:5432/postgres).
+    #[arg(long, default_value = "sqlite")]
+    pub backend: String,
 
     /// send: concurrent clients (each with its own connection pool and user).
     #[arg(long, default_value_t = 4)]
@@ -408,6 +413,7 @@ async fn run(opts: Opts) -> (Value, bool) {
             Ok(bin) => Some(Launcher {
                 bin,
                 log_filter: opts.server_log.clone(),
+                postgres: opts.backend == "postgres",
             }),
             Err(e) => {
                 out.insert("error".into(), json!(format!("{e:#}")));

@@ -24,6 +24,8 @@ pub struct Server {
     pub log: PathBuf,
     /// The server name (`localhost:PORT`) when spawned federating.
     pub server_name: Option<String>,
+    /// Its PostgreSQL database (`--backend postgres`), dropped after it.
+    _pg: Option<weft_testkit::PgTestDb>,
 }
 
 /// How the benchmark starts servers.
@@ -32,6 +34,8 @@ pub struct Launcher {
     pub bin: PathBuf,
     /// `WEFT_LOG` (log filter) for the server.
     pub log_filter: String,
+    /// Each server on a fresh PostgreSQL database instead of SQLite.
+    pub postgres: bool,
 }
 
 impl Launcher {
@@ -92,6 +96,15 @@ impl Launcher {
         let mut spec = ServeSpec::new(&self.bin, data_dir, log)
             .env("WEFT_LOG", &self.log_filter)
             .env("WEFT_LIMITS__MAX_CONNECTIONS_PER_IP", "0");
+        let pg = if self.postgres {
+            let db = weft_testkit::PgTestDb::create().context("PostgreSQL (WEFT_TEST_POSTGRES_URL) is unreachable")?;
+            spec = spec
+                .env("WEFT_DATABASE__BACKEND", "postgres")
+                .env("WEFT_DATABASE__URL", &db.url);
+            Some(db)
+        } else {
+            None
+        };
         for (k, v) in env {
             spec = spec.env(k, v);
         }
@@ -109,6 +122,7 @@ impl Launcher {
             log: log.to_owned(),
             server_name: None,
             process,
+            _pg: pg,
         })
     }
 }

@@ -577,10 +577,17 @@ fn writer_loop(
         }
         let (start_pos, start_low) = (ctx.pos, ctx.low);
         let mut answers = Vec::with_capacity(batch.len());
-        for job in batch {
+        for (i, job) in batch.into_iter().enumerate() {
             let (before, low, n_changes) = (ctx.pos, ctx.low, ctx.changes.len());
             let (n_events, n_redactions) = (ctx.events.len(), ctx.redactions.len());
-            let sp = conn.batch("SAVEPOINT job");
+            // Each job in a savepoint of its own (an error aborts the whole
+            // transaction in PostgreSQL otherwise); the previous job's is
+            // released in the same round trip, and COMMIT releases the last.
+            let sp = conn.batch(if i == 0 {
+                "SAVEPOINT job"
+            } else {
+                "RELEASE SAVEPOINT job; SAVEPOINT job"
+            });
             let done = job(&mut conn, &mut ctx);
             if !done.ok || sp.is_err() {
                 ctx.pos = before;
@@ -590,7 +597,6 @@ fn writer_loop(
                 ctx.redactions.truncate(n_redactions);
                 let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
             }
-            let _ = conn.batch("RELEASE SAVEPOINT job");
             answers.push(done.answer);
         }
         let moved = ctx.pos != start_pos || ctx.low != start_low;
