@@ -48,9 +48,8 @@ pub struct Registration {
     /// MSC2409's unstable name for `receive_ephemeral`.
     #[serde(default, rename = "de.sorunome.msc2409.push_ephemeral")]
     pub push_ephemeral: bool,
-    /// MSC3202: device list changes of users sharing a room with the
-    /// service's users come in transactions (device masquerading and
-    /// one-time key counts are not done yet).
+    /// MSC3202: device list changes (`changed` and `left`), one-time key
+    /// counts and unused fallback key types come in transactions.
     #[serde(default, rename = "org.matrix.msc3202")]
     pub msc3202: bool,
     /// MSC4190: the service creates its users' devices with `PUT

@@ -1099,3 +1099,164 @@ async fn events_from_before_a_bridged_user_left_are_still_delivered() {
         .collect();
     assert_eq!(messages, vec![first, m1, m2], "not {after} nor {marker}");
 }
+
+impl Service {
+    /// The (first) transaction that carries the event `event_id`.
+    fn transaction_with(&self, event_id: &str) -> Value {
+        self.transactions()
+            .into_iter()
+            .find(|t| {
+                t["events"]
+                    .as_array()
+                    .is_some_and(|evs| evs.iter().any(|e| e["event_id"] == event_id))
+            })
+            .unwrap_or_else(|| panic!("no transaction carries {event_id}"))
+    }
+
+    async fn wait_for_event(&self, event_id: &str) -> Value {
+        self.wait_for(20, event_id, |s| s.events().iter().any(|e| e["event_id"] == event_id))
+            .await;
+        self.transaction_with(event_id)
+    }
+}
+
+/// MSC3202: a transaction carries the one-time key counts and unused
+/// fallback key types of its users' devices (user → device → …, under
+/// both names Synapse sends), and `device_lists.left` names the users who
+/// no longer share a room with any of its users.
+#[tokio::test]
+async fn key_counts_and_left_device_lists_with_msc3202() {
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(Some(&service.url()), "org.matrix.msc3202: true")).await;
+    let asc = as_client(&server);
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let (status, body) = asc
+        .post(
+            "login",
+            json!({"type": "m.login.application_service", "device_id": "BOBPHONE",
+                   "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bob_device = server.with_token(body["access_token"].as_str().unwrap());
+    let (status, body) = bob_device
+        .post(
+            "keys/upload",
+            json!({
+                "one_time_keys": {
+                    "signed_curve25519:AAA": {"key": "otk-AAA", "signatures": {}},
+                    "signed_curve25519:BBB": {"key": "otk-BBB", "signatures": {}},
+                },
+                "fallback_keys": {
+                    "signed_curve25519:FB1": {"key": "fb-1", "fallback": true, "signatures": {}},
+                },
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let alice = server.register("alice").await;
+    let carol = server.register("carol").await;
+    let loner = server.register("loner").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    assert_eq!(carol.join(&room).await, room);
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    let (status, body) = asc.post(&format!("join/{}?{bob}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let lonely = loner.create_room(json!({})).await;
+
+    // Counts of bob's one device, as they are when the transaction goes.
+    let counts = |t: &Value, name: &str| t[format!("org.matrix.msc3202.{name}")].clone();
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m1", "two keys").await)
+        .await;
+    let two = json!({"@_bridge_bob:localhost": {"BOBPHONE": {"signed_curve25519": 2}}});
+    assert_eq!(counts(&t, "device_one_time_keys_count"), two, "{t}");
+    assert_eq!(counts(&t, "device_one_time_key_counts"), two, "{t}");
+    assert_eq!(
+        counts(&t, "device_unused_fallback_key_types"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": ["signed_curve25519"]}}),
+        "{t}"
+    );
+    let claim = json!({"one_time_keys": {"@_bridge_bob:localhost": {"BOBPHONE": "signed_curve25519"}}});
+    let (status, body) = alice.post("keys/claim", claim.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m2", "one key").await)
+        .await;
+    assert_eq!(
+        counts(&t, "device_one_time_keys_count"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": {"signed_curve25519": 1}}}),
+        "{t}"
+    );
+    // The last one-time key, then the fallback key.
+    for _ in 0..2 {
+        let (status, body) = alice.post("keys/claim", claim.clone()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m3", "no keys").await)
+        .await;
+    assert_eq!(
+        counts(&t, "device_one_time_keys_count"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": {}}}),
+        "{t}"
+    );
+    assert_eq!(
+        counts(&t, "device_unused_fallback_key_types"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": []}}),
+        "{t}"
+    );
+    assert!(t.get("org.matrix.msc3202.device_lists").is_none(), "{t}");
+
+    // Carol leaves: she shares no room with bob any more.
+    let (status, body) = carol.post(&format!("rooms/{}/leave", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let left = alice.send_text(&room, "m4", "carol left").await;
+    service.wait_for_event(&left).await;
+    let carol_leave = service
+        .events()
+        .into_iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == carol.user_id)
+        .unwrap_or_else(|| panic!("carol's leave is delivered"));
+    let t = service.transaction_with(carol_leave["event_id"].as_str().unwrap());
+    assert_eq!(
+        t["org.matrix.msc3202.device_lists"],
+        json!({"changed": [], "left": [carol.user_id]}),
+        "{t}"
+    );
+    // Bob leaves: alice, the last other member, shares none either.
+    let (status, body) = asc.post(&format!("rooms/{}/leave?{bob}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let is_bob_leave = |e: &Value| e["state_key"] == "@_bridge_bob:localhost" && e["content"]["membership"] == "leave";
+    service
+        .wait_for(20, "bob's leave", |s| s.events().iter().any(is_bob_leave))
+        .await;
+    let bob_leave = service.events().into_iter().find(is_bob_leave).unwrap();
+    let t = service.transaction_with(bob_leave["event_id"].as_str().unwrap());
+    assert_eq!(
+        t["org.matrix.msc3202.device_lists"],
+        json!({"changed": [], "left": [alice.user_id]}),
+        "{t}"
+    );
+    // The loner's leave of a room no user of the service was in is not
+    // the service's business.
+    let (status, body) = loner.post(&format!("rooms/{}/leave", enc(&lonely)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = asc.post(&format!("join/{}?{bob}", enc(&room)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    service
+        .wait_for_event(&alice.send_text(&room, "m5", "bob is back").await)
+        .await;
+    let all_left: Vec<Value> = service
+        .transactions()
+        .iter()
+        .flat_map(|t| {
+            t["org.matrix.msc3202.device_lists"]["left"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(all_left, vec![json!(carol.user_id), json!(alice.user_id)]);
+}
