@@ -53,7 +53,8 @@ pub struct Registration {
     #[serde(default, rename = "org.matrix.msc3202")]
     pub msc3202: bool,
     /// MSC4190: the service creates its users' devices with `PUT
-    /// /devices/{id}` and deletes them without user-interactive auth.
+    /// /devices/{id}` and deletes them without user-interactive auth; it
+    /// cannot log its users in (`M_APPSERVICE_LOGIN_UNSUPPORTED`).
     #[serde(default, rename = "io.element.msc4190")]
     pub msc4190: bool,
 }
@@ -424,6 +425,12 @@ impl Services {
         display_name: Option<&str>,
         inhibit_login: bool,
     ) -> Result<Value> {
+        if service.registration.msc4190 && !inhibit_login {
+            return Err(Error::new(
+                ErrorKind::AppserviceLoginUnsupported,
+                "This application service manages its users' devices (MSC4190): set inhibit_login",
+            ));
+        }
         let name = username.ok_or_else(|| Error::missing_param("username is required"))?;
         let name = name
             .strip_prefix('@')
@@ -454,7 +461,15 @@ impl Services {
 
     /// `POST /login` with `type: m.login.application_service`: a device of
     /// a user in the service's namespace.
+    /// A service with MSC4190 on creates its users' devices with `PUT
+    /// /devices/{id}` instead: `400 M_APPSERVICE_LOGIN_UNSUPPORTED`.
     pub async fn login_appservice_user(&self, service: &AppService, user: &str) -> Result<OwnedUserId> {
+        if service.registration.msc4190 {
+            return Err(Error::new(
+                ErrorKind::AppserviceLoginUnsupported,
+                "This application service manages its users' devices (MSC4190): it cannot log them in",
+            ));
+        }
         let user_id = if user.starts_with('@') {
             UserId::parse(user).map_err(|_| Error::invalid_param("Invalid user ID"))?
         } else {

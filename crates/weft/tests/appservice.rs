@@ -1010,6 +1010,25 @@ async fn device_management_and_device_masquerading() {
     let server = server_with(&dir, &registration(None, "io.element.msc4190: true")).await;
     let asc = as_client(&server);
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    // It makes devices itself: logging its users in, or registering one
+    // with a login, is refused (as Synapse does), and makes nothing.
+    let (status, body) = asc
+        .post(
+            "login",
+            json!({"type": "m.login.application_service", "device_id": "VIALOGIN",
+                   "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
+        )
+        .await;
+    assert_err(&(status, body), 400, "M_APPSERVICE_LOGIN_UNSUPPORTED");
+    let (status, body) = asc
+        .post(
+            "register",
+            json!({"type": "m.login.application_service", "username": "_bridge_carl"}),
+        )
+        .await;
+    assert_err(&(status, body), 400, "M_APPSERVICE_LOGIN_UNSUPPORTED");
+    let (status, body) = asc.get("account/whoami?user_id=%40_bridge_carl%3Alocalhost").await;
+    assert_err(&(status, body), 403, "M_FORBIDDEN");
     let bob = "user_id=%40_bridge_bob%3Alocalhost";
     let (status, body) = asc
         .put(
