@@ -1401,3 +1401,84 @@ async fn as_token_on_the_websocket_door() {
     assert_eq!(status, 200, "{ev}");
     assert_eq!(ev["sender"], "@_bridge_bob:localhost");
 }
+
+/// The "a 30-second outage of the service loses nothing", with
+/// the default backoff (1 s, doubling, up to 5 min): the service answers
+/// 503 for 30 s while events keep coming (one a second). Weft tries the
+/// same transaction at about 0, 1, 3, 7 and 15 s (a fixed 1 s retry would
+/// be 30 tries), and after the service is back the next try comes within
+/// the backoff then in effect (16 s); every event arrives once, in order.
+#[tokio::test]
+async fn a_thirty_second_outage_with_the_default_backoff_loses_nothing() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_builder(&dir, &registration(Some(&service.url()), ""))
+        .start()
+        .await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob_joins(&server, &room).await;
+    let messages = |s: &Service| -> Vec<String> {
+        s.events()
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut sent = vec![alice.send_text(&room, "before", "before the outage").await];
+    service.wait_for(20, "the first message", |s| messages(s) == sent).await;
+
+    service.set_down(true);
+    let down_at = Instant::now();
+    let mut i = 0;
+    while down_at.elapsed() < OUTAGE {
+        sent.push(
+            alice
+                .send_text(&room, &format!("o{i}"), &format!("during the outage {i}"))
+                .await,
+        );
+        i += 1;
+        let next = down_at + Duration::from_secs(i);
+        if next < down_at + OUTAGE {
+            tokio::time::sleep_until(next.into()).await;
+        } else {
+            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+        }
+    }
+    let (ok, out, err) = server.cli("appservice", "list", &[]);
+    assert!(ok, "{out}{err}");
+    let backoff_ms: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("backoff_ms\t"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no backoff_ms in {out}"));
+    let refused = service.shared.seen.lock().unwrap().refused;
+    assert!(
+        (5..=6).contains(&refused),
+        "tries while down, backing off from 1 s doubling: {refused} (backoff now {backoff_ms} ms)"
+    );
+    assert!(
+        (8_000..=16_000).contains(&backoff_ms),
+        "the backoff in effect after 30 s of doubling from 1 s: {backoff_ms} ms\n{out}"
+    );
+
+    service.set_down(false);
+    let up_at = Instant::now();
+    service
+        .wait_for(40, "the first event after the outage", |s| messages(s).len() > 1)
+        .await;
+    let resumed = up_at.elapsed();
+    assert!(
+        resumed <= Duration::from_millis(backoff_ms + 2_000),
+        "delivery resumed {resumed:?} after the service came back; the backoff was {backoff_ms} ms"
+    );
+    service
+        .wait_for(20, "every event of the outage", |s| messages(s).len() >= sent.len())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(messages(&service), sent, "every event once, in order");
+    assert!(sent.len() >= 30, "{} events sent during the outage", sent.len() - 1);
+    assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
+}
