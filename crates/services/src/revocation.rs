@@ -170,7 +170,7 @@ impl SessionWatch {
     /// device while they exist (the user not deactivated).
     async fn appservice_owner(&self) -> Result<Option<(String, String)>> {
         let user = self.session.user_id.as_str();
-        if !self.store.get_user(user).await?.is_some_and(|u| !u.deactivated) {
+        if self.store.get_user(user).await?.is_none_or(|u| u.deactivated) {
             return Ok(None);
         }
         let device = &self.session.device_id;
