@@ -1482,3 +1482,42 @@ async fn a_thirty_second_outage_with_the_default_backoff_loses_nothing() {
     assert!(sent.len() >= 30, "{} events sent during the outage", sent.len() - 1);
     assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
 }
+
+/// A WebSocket the service opened for one of its users is watched like a
+/// device's: once that user is deactivated (here by another process, the
+/// admin CLI) its sync loop delivers nothing more and the socket ends.
+#[tokio::test]
+async fn a_service_socket_ends_when_its_user_is_deactivated() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(None, "")).await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob_joins(&server, &room).await;
+    let mut ws = ws_connect(&server, "?user_id=%40_bridge_bob%3Alocalhost", Some(AS_TOKEN)).await;
+    let r = ws_call(&mut ws, json!({"type": "sync"})).await;
+    assert!(r["body"]["rooms"]["join"][&room].is_object(), "{r}");
+    let (ok, out, err) = server.cli("user", "deactivate", &["_bridge_bob"]);
+    assert!(ok, "{out}{err}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = alice.send_text(&room, "late", "after the deactivation").await;
+    let mut ended = false;
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert!(!t.as_str().contains(&after), "delivered after the deactivation: {t}");
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                if f["body"]["errcode"] == "M_UNKNOWN_TOKEN" {
+                    continue;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                ended = true;
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(ended, "the socket of the deactivated user ends");
+}
