@@ -208,10 +208,10 @@ impl CallerAuth for AppserviceToken {
 
 /// The query parameter naming the device an application service acts as
 /// (MSC3202 device masquerading).
-pub(crate) const MASQUERADE_DEVICE: &str = "org.matrix.msc3202.device_id";
+pub const MASQUERADE_DEVICE: &str = "org.matrix.msc3202.device_id";
 
 /// The value of query parameter `key` (percent-decoded), if present.
-pub(crate) fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {
+pub fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {
     uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(k) == key).then(|| percent_decode(v))

@@ -66,6 +66,10 @@ pub enum ErrorKind {
         status: Option<u16>,
         body: Option<String>,
     },
+    /// MSC4190: an application service that manages its users' devices
+    /// tried `m.login.application_service` (or `/register` without
+    /// `inhibit_login`) (`400`).
+    AppserviceLoginUnsupported,
     Unknown,
 }
 
@@ -145,6 +149,7 @@ impl Error {
             ErrorKind::RemoteUnreachable => "M_UNKNOWN",
             ErrorKind::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
             ErrorKind::Ping { errcode, .. } => errcode,
+            ErrorKind::AppserviceLoginUnsupported => "M_APPSERVICE_LOGIN_UNSUPPORTED",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }

@@ -28,7 +28,8 @@ use weft_services::revocation::SessionWatch;
 use weft_services::sync::SyncRequest;
 use weft_services::{Services, Session};
 
-use weft_api::{ApiError, TokenChecked, access_token};
+use weft_api::endpoint::{MASQUERADE_DEVICE, query_param};
+use weft_api::{ApiError, Authenticated, TokenChecked, access_token};
 
 pub const WS_PATH: &str = "/_matrix/client/unstable/org.weft.ws";
 
@@ -67,7 +68,16 @@ pub async fn upgrade(services: Arc<Services>, dispatch: Router, req: Request) ->
         // Resolved (once) by the rate-limit layer.
         let checked = match parts.extensions.get::<TokenChecked>() {
             Some(TokenChecked(checked)) => checked.clone(),
-            None => services.accounts.authenticate(t, peer.map(|p| p.0.ip())).await,
+            None => {
+                services
+                    .authenticate(
+                        t,
+                        query_param(&parts.uri, "user_id").as_deref(),
+                        query_param(&parts.uri, MASQUERADE_DEVICE).as_deref(),
+                        peer.map(|p| p.0.ip()),
+                    )
+                    .await
+            }
         };
         match checked {
             Ok(s) => session = Some(s),
@@ -318,10 +328,17 @@ impl Conn {
             ));
             return;
         };
+        // An application service's token may act as one of its users
+        // (`user_id`) and device, as `?user_id=` does over HTTP.
+        let str_of = |key: &str| frame.get(key).and_then(Value::as_str);
         match self
             .services
-            .accounts
-            .authenticate(token, self.peer.map(|p| p.0.ip()))
+            .authenticate(
+                token,
+                str_of("user_id"),
+                str_of(MASQUERADE_DEVICE),
+                self.peer.map(|p| p.0.ip()),
+            )
             .await
         {
             Ok(session) => {
@@ -439,10 +456,19 @@ impl Conn {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?;
-        if let Some((_, token)) = &self.auth
-            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}"))
-        {
-            req.headers_mut().insert(header::AUTHORIZATION, v);
+        match &self.auth {
+            // An application service's connection acts as the user (and
+            // device) it authenticated as, unless the request names its
+            // own `?user_id=` (then its token decides, as over HTTP).
+            Some((session, _)) if session.appservice.is_some() && query_param(req.uri(), "user_id").is_none() => {
+                req.extensions_mut().insert(Authenticated(session.clone()));
+            }
+            Some((_, token)) => {
+                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                    req.headers_mut().insert(header::AUTHORIZATION, v);
+                }
+            }
+            None => {}
         }
         if let Some(peer) = self.peer {
             req.extensions_mut().insert(peer);

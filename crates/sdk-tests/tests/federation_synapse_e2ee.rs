@@ -13,9 +13,7 @@
 //! Without Synapse the test fails under `CI` and skips with a note
 //! elsewhere.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::InitialStateEvent;
@@ -23,14 +21,9 @@ use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId, RoomId};
 use matrix_sdk::{Client, Room};
-use sdk_tests::PASSWORD;
+use sdk_tests::{PASSWORD, sync_until};
 use serde_json::Value;
 use weft_testkit::{enc, synapse_or_skip};
-
-/// Upper bound on any wait (federation adds a hop each way).
-const WAIT: Duration = Duration::from_secs(45);
-/// Long-poll timeout of each `/sync` while waiting.
-const POLL: Duration = Duration::from_millis(1000);
 
 fn init_logging() {
     sdk_tests::init_logging("warn,matrix_sdk_crypto::backups=error");
@@ -57,26 +50,6 @@ async fn login(homeserver: &str, localpart: &str, password: &str) -> Result<Clie
         .await
         .with_context(|| format!("{localpart}'s initial sync"))?;
     Ok(client)
-}
-
-/// Syncs `clients` (all at once, so to-device messages and device list
-/// changes flow on every side) until `done` holds, bounded by [`WAIT`].
-async fn sync_until(clients: &[&Client], what: &str, mut done: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if done().await? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {WAIT:?} waiting for {what}");
-        }
-        let syncs = clients
-            .iter()
-            .map(|c| c.sync_once(SyncSettings::default().timeout(POLL)));
-        for r in futures_util::future::join_all(syncs).await {
-            r.with_context(|| format!("sync while waiting for {what}"))?;
-        }
-    }
 }
 
 /// Bootstraps cross-signing, completing `m.login.password` UIA if the

@@ -11,16 +11,12 @@ use matrix_sdk::ruma::api::client::uiaa;
 use matrix_sdk::ruma::events::room::message::{MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent};
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room, RoomState};
-use sdk_tests::PASSWORD;
+use sdk_tests::{PASSWORD, POLL, WAIT, sync_until};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use weft_testkit::TestServer;
 
 const SERVER_NAME: &str = "localhost:8008";
-/// Upper bound on any wait for an event to show up in a sync.
-const WAIT: Duration = Duration::from_secs(30);
-/// Long-poll timeout of each `/sync` while waiting.
-const POLL: Duration = Duration::from_millis(1000);
 
 fn init_logging() {
     sdk_tests::init_logging("warn");
@@ -90,7 +86,7 @@ async fn register(client: &Client, name: &str) -> Result<register::v3::Response>
 }
 
 /// Long-polls `/sync` until `done` returns true, bounded by [`WAIT`].
-async fn sync_until(
+async fn sync_one_until(
     client: &Client,
     what: &str,
     mut done: impl FnMut(&matrix_sdk::sync::SyncResponse) -> bool,
@@ -204,7 +200,7 @@ async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
     room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
 
     // bob sees the invite and joins.
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     let invited = bob.get_room(&room_id).context("bob knows the invited room")?;
     assert_eq!(invited.state(), RoomState::Invited);
     let joined: Room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
@@ -212,7 +208,7 @@ async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
 
     // alice waits for bob's join to be reflected in her sync.
     let bob_id = user_id("bob");
-    sync_until(&alice, "bob's join in alice's timeline", |r| {
+    sync_one_until(&alice, "bob's join in alice's timeline", |r| {
         timeline_json(r, &room_id).iter().any(|ev| {
             ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
         })
@@ -242,7 +238,7 @@ async fn sdk_room_message_and_telemetry_roundtrip() -> Result<()> {
 
     // bob receives both, in order.
     let mut received: Vec<Value> = Vec::new();
-    sync_until(&bob, "alice's two events", |r| {
+    sync_one_until(&bob, "alice's two events", |r| {
         received.extend(timeline_json(r, &room_id));
         received.iter().any(|ev| ev["event_id"] == telemetry_id.as_str())
     })
@@ -375,10 +371,10 @@ async fn room_with_bob(alice: &Client, bob: &Client, encrypted: bool) -> Result<
     }
     let room = alice.create_room(req).await.context("create room")?;
     let room_id = room.room_id().to_owned();
-    sync_until(bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
     let bob_id = user_id("bob");
-    sync_until(alice, "bob's join", |r| {
+    sync_one_until(alice, "bob's join", |r| {
         timeline_json(r, &room_id).iter().any(|ev| {
             ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
         })
@@ -416,7 +412,7 @@ async fn sdk_e2ee_encrypted_room_roundtrip() -> Result<()> {
 
     // bob's client decrypts it.
     let mut decrypted = 0;
-    sync_until(&bob, "the encrypted message", |r| {
+    sync_one_until(&bob, "the encrypted message", |r| {
         if let Some(update) = r.rooms.joined.get(&room_id) {
             decrypted += update
                 .timeline
@@ -560,12 +556,12 @@ async fn sdk_names_an_unnamed_two_member_room_after_the_other_member() -> Result
         .context("createRoom")?;
     let room_id: OwnedRoomId = room.room_id().to_owned();
     // Synced while alice is alone in it: the summary says one member.
-    sync_until(&alice, "alice's new room", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    sync_one_until(&alice, "alice's new room", |r| r.rooms.joined.contains_key(&room_id)).await?;
     room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     bob.join_room_by_id(&room_id).await.context("bob joins")?;
     let bob_id = user_id("bob");
-    sync_until(&alice, "bob's join in alice's timeline", |r| {
+    sync_one_until(&alice, "bob's join in alice's timeline", |r| {
         timeline_json(r, &room_id).iter().any(|ev| {
             ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
         })
@@ -604,7 +600,7 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
 
     let (room, bob_room) = room_with_bob(&alice, &bob, true).await?;
     let room_id = room.room_id().to_owned();
-    sync_until(&bob, "the room's encryption state", |_| true).await?;
+    sync_one_until(&bob, "the room's encryption state", |_| true).await?;
     ensure!(
         bob_room.latest_encryption_state().await?.is_encrypted(),
         "bob should see the room as encrypted"
@@ -620,7 +616,7 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
         .response
         .event_id;
     let mut seen: Option<Value> = None;
-    sync_until(&alice, "bob's encrypted message", |r| {
+    sync_one_until(&alice, "bob's encrypted message", |r| {
         if let Some(update) = r.rooms.joined.get(&room_id) {
             for ev in &update.timeline.events {
                 let json: Value = serde_json::from_str(ev.raw().json().get()).expect("event is JSON");
@@ -712,30 +708,6 @@ async fn sdk_e2ee_key_backup_restores_on_a_new_device() -> Result<()> {
     Ok(())
 }
 
-/// Syncs `clients` (all at once) until the async check `done` holds,
-/// bounded by [`WAIT`].
-async fn sync_all_until<F, Fut>(clients: &[&Client], what: &str, mut done: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if done().await? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {WAIT:?} waiting for {what}");
-        }
-        let syncs = clients
-            .iter()
-            .map(|c| c.sync_once(SyncSettings::default().timeout(POLL)));
-        for r in futures_util::future::join_all(syncs).await {
-            r.with_context(|| format!("sync while waiting for {what}"))?;
-        }
-    }
-}
-
 /// The number of signed_curve25519 one-time keys the server holds for the
 /// device of `client` (an empty `/keys/upload`, over plain HTTP).
 async fn otk_count(server: &TestServer, client: &Client) -> Result<u64> {
@@ -774,15 +746,15 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     ];
     let room = alice.create_room(req).await.context("create encrypted room")?;
     let room_id = room.room_id().to_owned();
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     let bob_room = bob.join_room_by_id(&room_id).await.context("bob joins")?;
-    sync_until(&alice, "bob's join", |r| {
+    sync_one_until(&alice, "bob's join", |r| {
         timeline_json(r, &room_id).iter().any(|ev| {
             ev["type"] == "m.room.member" && ev["state_key"] == bob_id.as_str() && ev["content"]["membership"] == "join"
         })
     })
     .await?;
-    sync_until(&bob, "the room's encryption state", |_| true).await?;
+    sync_one_until(&bob, "the room's encryption state", |_| true).await?;
     ensure!(bob_room.latest_encryption_state().await?.is_encrypted());
     let first_id = alice.device_id().context("alice's first device")?.to_owned();
     let bob_devices = bob.encryption().get_user_devices(&alice_id).await?;
@@ -795,7 +767,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     ensure!(second_id != first_id, "a new login is a new device");
 
     // bob's client hears of alice's device list change and lists it.
-    sync_all_until(&[&bob], "bob's client to list alice's new device", || async {
+    sync_until(&[&bob], "bob's client to list alice's new device", || async {
         Ok(bob.encryption().get_device(&alice_id, &second_id).await?.is_some())
     })
     .await?;
@@ -821,7 +793,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     );
 
     // Both of alice's devices know each other.
-    sync_all_until(&[&alice, &second], "alice's devices to know each other", || async {
+    sync_until(&[&alice, &second], "alice's devices to know each other", || async {
         Ok(alice.encryption().get_device(&alice_id, &second_id).await?.is_some()
             && second.encryption().get_device(&alice_id, &first_id).await?.is_some())
     })
@@ -843,7 +815,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     );
 
     // The first device receives it over to-device and accepts (ready).
-    sync_all_until(&[&alice], "the verification request on the first device", || async {
+    sync_until(&[&alice], "the verification request on the first device", || async {
         Ok(alice
             .encryption()
             .get_verification_request(&alice_id, &flow_id)
@@ -860,7 +832,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     incoming.accept().await.context("accept the request")?;
 
     // The new device sees it ready and starts SAS.
-    sync_all_until(&[&second], "the request to be ready on the new device", || async {
+    sync_until(&[&second], "the request to be ready on the new device", || async {
         Ok(request.is_ready())
     })
     .await?;
@@ -871,7 +843,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
         .context("SAS should start on a ready request")?;
 
     // The first device accepts the SAS start.
-    sync_all_until(&[&alice], "the SAS start on the first device", || async {
+    sync_until(&[&alice], "the SAS start on the first device", || async {
         Ok(alice.encryption().get_verification(&alice_id, &flow_id).await.is_some())
     })
     .await?;
@@ -882,7 +854,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     first_sas.accept().await.context("accept SAS")?;
 
     // Keys are exchanged: both sides show the same emoji.
-    sync_all_until(&[&alice, &second], "both sides to show the emoji", || async {
+    sync_until(&[&alice, &second], "both sides to show the emoji", || async {
         Ok(first_sas.can_be_presented() && second_sas.can_be_presented())
     })
     .await?;
@@ -898,7 +870,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     // Both confirm; the MACs and done go over to-device.
     first_sas.confirm().await.context("first device confirms")?;
     second_sas.confirm().await.context("second device confirms")?;
-    sync_all_until(&[&alice, &second], "both sides to finish SAS", || async {
+    sync_until(&[&alice, &second], "both sides to finish SAS", || async {
         Ok(first_sas.is_done() && second_sas.is_done())
     })
     .await?;
@@ -918,7 +890,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
 
     // The first device signed the new one with its self-signing key: bob and
     // the new device see it cross-signed by alice's identity.
-    sync_all_until(&[&bob, &second], "the new device's cross-signature", || async {
+    sync_until(&[&bob, &second], "the new device's cross-signature", || async {
         let by_bob = bob.encryption().get_device(&alice_id, &second_id).await?;
         let by_second = second.encryption().get_device(&alice_id, &second_id).await?;
         Ok(by_bob.is_some_and(|d| d.is_cross_signed_by_owner())
@@ -951,7 +923,7 @@ async fn sdk_e2ee_second_device_is_verified_by_sas_and_decrypts() -> Result<()> 
     assert_eq!(after, before - 1, "bob's client claimed one key of the new device");
 
     let mut seen: Option<Value> = None;
-    sync_until(&second, "bob's message on the new device", |r| {
+    sync_one_until(&second, "bob's message on the new device", |r| {
         if let Some(update) = r.rooms.joined.get(&room_id) {
             for ev in &update.timeline.events {
                 let json: Value = serde_json::from_str(ev.raw().json().get()).expect("event is JSON");
@@ -1008,7 +980,7 @@ async fn sdk_attachments_plain_and_encrypted_round_trip() -> Result<()> {
         )
         .await
         .context("send attachment")?;
-        sync_until(&bob, "the attachment", |_| !file_rx.is_empty()).await?;
+        sync_one_until(&bob, "the attachment", |_| !file_rx.is_empty()).await?;
         let (body, source) = file_rx.recv().await.context("attachment event")?;
         assert_eq!(body, name);
         assert_eq!(matches!(source, MediaSource::Encrypted(_)), encrypted, "{source:?}");
@@ -1073,9 +1045,9 @@ async fn sdk_sees_unread_counts_rise_and_clear_after_a_read_receipt() -> Result<
         .context("createRoom")?;
     let room_id: OwnedRoomId = room.room_id().to_owned();
     room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     bob.join_room_by_id(&room_id).await.context("bob joins")?;
-    sync_until(&bob, "bob joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
     let bob_room = bob.get_room(&room_id).context("bob's room")?;
     let counts = bob_room.unread_notification_counts();
     ensure!(
@@ -1098,7 +1070,7 @@ async fn sdk_sees_unread_counts_rise_and_clear_after_a_read_receipt() -> Result<
         .send(RoomMessageEventContent::text_plain("my own"))
         .await
         .context("bob sends")?;
-    sync_until(&bob, "two unread, one highlight", |_| {
+    sync_one_until(&bob, "two unread, one highlight", |_| {
         let c = bob_room.unread_notification_counts();
         (c.notification_count, c.highlight_count) == (2, 1)
     })
@@ -1108,7 +1080,7 @@ async fn sdk_sees_unread_counts_rise_and_clear_after_a_read_receipt() -> Result<
         .send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, last)
         .await
         .context("bob's read receipt")?;
-    sync_until(&bob, "nothing unread after the receipt", |_| {
+    sync_one_until(&bob, "nothing unread after the receipt", |_| {
         let c = bob_room.unread_notification_counts();
         (c.notification_count, c.highlight_count) == (0, 0)
     })
@@ -1272,16 +1244,16 @@ async fn sdk_typing_and_read_receipts_reach_the_other_member() -> Result<()> {
         .context("createRoom")?;
     let room_id: OwnedRoomId = room.room_id().to_owned();
     room.invite_user_by_id(&user_id("bob")).await.context("invite bob")?;
-    sync_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's invite", |r| r.rooms.invited.contains_key(&room_id)).await?;
     bob.join_room_by_id(&room_id).await.context("bob joins")?;
-    sync_until(&bob, "bob's room joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
+    sync_one_until(&bob, "bob's room joined", |r| r.rooms.joined.contains_key(&room_id)).await?;
     let bob_room = bob.get_room(&room_id).context("bob's room")?;
     let sent = bob_room
         .send(RoomMessageEventContent::text_plain("read me"))
         .await
         .context("bob sends")?;
     let event_id = sent.response.event_id;
-    sync_until(&alice, "bob's message at alice", |r| {
+    sync_one_until(&alice, "bob's message at alice", |r| {
         timeline_json(r, &room_id)
             .iter()
             .any(|ev| ev["event_id"] == event_id.as_str())
@@ -1292,7 +1264,7 @@ async fn sdk_typing_and_read_receipts_reach_the_other_member() -> Result<()> {
     let (_guard, mut typing) = bob_room.subscribe_to_typing_notifications();
     room.typing_notice(true).await.context("alice typing_notice(true)")?;
     let mut seen: Vec<Vec<OwnedUserId>> = Vec::new();
-    sync_until(&bob, "alice typing at bob", |_| {
+    sync_one_until(&bob, "alice typing at bob", |_| {
         while let Ok(t) = typing.try_recv() {
             seen.push(t);
         }
@@ -1300,7 +1272,7 @@ async fn sdk_typing_and_read_receipts_reach_the_other_member() -> Result<()> {
     })
     .await?;
     room.typing_notice(false).await.context("alice typing_notice(false)")?;
-    sync_until(&bob, "alice stopped typing at bob", |_| {
+    sync_one_until(&bob, "alice stopped typing at bob", |_| {
         while let Ok(t) = typing.try_recv() {
             seen.push(t);
         }

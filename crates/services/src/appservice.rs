@@ -48,13 +48,13 @@ pub struct Registration {
     /// MSC2409's unstable name for `receive_ephemeral`.
     #[serde(default, rename = "de.sorunome.msc2409.push_ephemeral")]
     pub push_ephemeral: bool,
-    /// MSC3202: device list changes of users sharing a room with the
-    /// service's users come in transactions (device masquerading and
-    /// one-time key counts are not done yet).
+    /// MSC3202: device list changes (`changed` and `left`), one-time key
+    /// counts and unused fallback key types come in transactions.
     #[serde(default, rename = "org.matrix.msc3202")]
     pub msc3202: bool,
     /// MSC4190: the service creates its users' devices with `PUT
-    /// /devices/{id}` and deletes them without user-interactive auth.
+    /// /devices/{id}` and deletes them without user-interactive auth; it
+    /// cannot log its users in (`M_APPSERVICE_LOGIN_UNSUPPORTED`).
     #[serde(default, rename = "io.element.msc4190")]
     pub msc4190: bool,
 }
@@ -425,6 +425,12 @@ impl Services {
         display_name: Option<&str>,
         inhibit_login: bool,
     ) -> Result<Value> {
+        if service.registration.msc4190 && !inhibit_login {
+            return Err(Error::new(
+                ErrorKind::AppserviceLoginUnsupported,
+                "This application service manages its users' devices (MSC4190): set inhibit_login",
+            ));
+        }
         let name = username.ok_or_else(|| Error::missing_param("username is required"))?;
         let name = name
             .strip_prefix('@')
@@ -455,7 +461,15 @@ impl Services {
 
     /// `POST /login` with `type: m.login.application_service`: a device of
     /// a user in the service's namespace.
+    /// A service with MSC4190 on creates its users' devices with `PUT
+    /// /devices/{id}` instead: `400 M_APPSERVICE_LOGIN_UNSUPPORTED`.
     pub async fn login_appservice_user(&self, service: &AppService, user: &str) -> Result<OwnedUserId> {
+        if service.registration.msc4190 {
+            return Err(Error::new(
+                ErrorKind::AppserviceLoginUnsupported,
+                "This application service manages its users' devices (MSC4190): it cannot log them in",
+            ));
+        }
         let user_id = if user.starts_with('@') {
             UserId::parse(user).map_err(|_| Error::invalid_param("Invalid user ID"))?
         } else {

@@ -9,7 +9,9 @@
 //!   event's position), with
 //!   an alias in its aliases namespace, or whose ID is in its rooms
 //!   namespace. With `receive_ephemeral` (MSC2409), typing and receipts
-//!   of those rooms and presence of its users come along.
+//!   of those rooms and presence of its users come along; with MSC3202,
+//!   device list changes (`changed`, `left`) and its users' one-time key
+//!   counts and unused fallback key types.
 //! - A batch of at most [`MAX_EVENTS`] events becomes a transaction: its
 //!   body, the position it covers and its ID (the service's counter) are
 //!   stored before it is sent, so it is sent again as it is, with the same
@@ -24,7 +26,7 @@
 //!   changes: those from before a restart are not sent (as for
 //!   federation).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,6 +114,7 @@ impl Services {
         let mut ephemeral = Vec::new();
         let mut to_device = Vec::new();
         let mut device_lists: Vec<String> = Vec::new();
+        let mut left: Vec<String> = Vec::new();
         if service.registration.msc3202 {
             let mut seen = HashSet::new();
             for (p, key) in changes.clone().unwrap_or_default() {
@@ -123,6 +126,9 @@ impl Services {
                     device_lists.push(user);
                 }
             }
+            left = self
+                .appservice_left(service, &events, next, &device_lists, &mut rooms)
+                .await?;
         }
         if service.wants_ephemeral() {
             let mut seen = HashSet::new();
@@ -182,7 +188,8 @@ impl Services {
                 }
             }
         }
-        if out.is_empty() && ephemeral.is_empty() && to_device.is_empty() && device_lists.is_empty() {
+        if out.is_empty() && ephemeral.is_empty() && to_device.is_empty() && device_lists.is_empty() && left.is_empty()
+        {
             return Ok((next, None));
         }
         let mut body = json!({ "events": out });
@@ -193,10 +200,128 @@ impl Services {
         if !to_device.is_empty() {
             body["de.sorunome.msc2409.to_device"] = json!(to_device);
         }
-        if !device_lists.is_empty() {
-            body["org.matrix.msc3202.device_lists"] = json!({ "changed": device_lists, "left": [] });
+        if !device_lists.is_empty() || !left.is_empty() {
+            body["org.matrix.msc3202.device_lists"] = json!({ "changed": device_lists, "left": left });
+        }
+        if service.registration.msc3202 {
+            let (counts, fallback) = self
+                .appservice_key_counts(service, &out, &ephemeral, &to_device, &device_lists)
+                .await?;
+            if !counts.is_empty() {
+                // Synapse sends both spellings (the first is its older one).
+                body["org.matrix.msc3202.device_one_time_key_counts"] = json!(counts);
+                body["org.matrix.msc3202.device_one_time_keys_count"] = json!(counts);
+            }
+            if !fallback.is_empty() {
+                body["org.matrix.msc3202.device_unused_fallback_key_types"] = json!(fallback);
+            }
         }
         Ok((next, Some(serde_json::to_string(&body).map_err(Error::internal)?)))
+    }
+
+    /// MSC3202's `device_lists.left` for the events up to `upto`: users
+    /// who left (or were banned from, or kicked out of) a room the service
+    /// was interested in, and the
+    /// members of a room one of the service's users left, who now share
+    /// no room with any of the service's users (and are not in `changed`).
+    async fn appservice_left(
+        &self,
+        service: &AppService,
+        events: &[StoredEvent],
+        upto: i64,
+        changed: &[String],
+        rooms: &mut RoomCache,
+    ) -> Result<Vec<String>> {
+        let mut candidates: Vec<String> = Vec::new();
+        for ev in events
+            .iter()
+            .filter(|e| e.position <= upto && e.event_type == "m.room.member")
+        {
+            let Some(target) = ev.state_key.as_deref() else {
+                continue;
+            };
+            if matches!(crate::events::membership_of(ev).as_deref(), Some("join" | "invite")) {
+                continue;
+            }
+            if service.is_interested_in_user(target) {
+                candidates.extend(self.joined_members(&ev.room_id).await?);
+            } else if self.wants_room_at(service, &ev.room_id, ev.position - 1, rooms).await? {
+                candidates.push(target.to_owned());
+            }
+        }
+        let mut left = Vec::new();
+        for user in candidates {
+            if service.is_interested_in_user(&user) || changed.contains(&user) || left.contains(&user) {
+                continue;
+            }
+            if !self.wants_presence_of(service, &user, rooms).await? {
+                left.push(user);
+            }
+        }
+        Ok(left)
+    }
+
+    /// The users joined to a room now.
+    async fn joined_members(&self, room: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .current_state(room)
+            .await?
+            .into_iter()
+            .filter(|ev| ev.event_type == "m.room.member")
+            .filter(|ev| crate::events::membership_of(ev).as_deref() == Some("join"))
+            .filter_map(|ev| ev.state_key)
+            .collect())
+    }
+
+    /// MSC3202's one-time key counts and unused fallback key types (user
+    /// → device → …) of every device of the service's users a transaction
+    /// concerns, as Synapse picks them: its sender, its users joined to
+    /// the rooms of the transaction's events and ephemeral events, the
+    /// recipients of its to-device messages and its users whose device
+    /// list changed.
+    async fn appservice_key_counts(
+        &self,
+        service: &AppService,
+        events: &[Value],
+        ephemeral: &[Value],
+        to_device: &[Value],
+        changed: &[String],
+    ) -> Result<(KeyCounts, FallbackTypes)> {
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        users.insert(service.sender.to_string());
+        let rooms: BTreeSet<&str> = events
+            .iter()
+            .chain(ephemeral)
+            .filter_map(|e| e["room_id"].as_str())
+            .collect();
+        for room in rooms {
+            for user in self.joined_members(room).await? {
+                if service.is_interested_in_user(&user) {
+                    users.insert(user);
+                }
+            }
+        }
+        users.extend(
+            to_device
+                .iter()
+                .filter_map(|m| m["to_user_id"].as_str().map(str::to_owned)),
+        );
+        users.extend(changed.iter().filter(|u| service.is_interested_in_user(u)).cloned());
+        let mut counts = KeyCounts::new();
+        let mut fallback = FallbackTypes::new();
+        for user in users {
+            for device in self.store.list_devices(&user).await? {
+                let c = self.store.one_time_key_counts(&user, &device.device_id).await?;
+                let f = self.store.unused_fallback_key_types(&user, &device.device_id).await?;
+                counts
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(device.device_id.clone(), c);
+                fallback.entry(user.clone()).or_default().insert(device.device_id, f);
+            }
+        }
+        Ok((counts, fallback))
     }
 
     /// The to-device messages for `user`'s devices at positions in
@@ -323,6 +448,11 @@ struct RoomInterest {
 }
 
 type RoomCache = HashMap<String, RoomInterest>;
+
+/// User → device → algorithm → count of unused one-time keys.
+type KeyCounts = BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>;
+/// User → device → algorithms with an unused fallback key.
+type FallbackTypes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 
 /// The aliases an `m.room.canonical_alias` event names.
 fn canonical_aliases(ev: &StoredEvent) -> Vec<String> {

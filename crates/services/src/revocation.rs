@@ -64,11 +64,19 @@ enum Held {
     TokenHash(Vec<u8>),
     /// The identity of a device's pre-shared key (a CoAP DTLS session).
     Psk(String),
+    /// An application service's `as_token` (docs/appservices.md): it is
+    /// never revoked while the server runs; the session holds while the
+    /// user it acts as is registered and not deactivated (and the device
+    /// it acts as, with MSC3202 device masquerading, exists).
+    Appservice,
 }
 
 impl crate::Services {
     /// A watch over `session`, authenticated with the access token `token`.
     pub fn watch_session(&self, session: &Session, token: &str) -> Arc<SessionWatch> {
+        if session.appservice.is_some() {
+            return self.watch(session, Held::Appservice);
+        }
         self.watch(session, Held::TokenHash(token_hash(token)))
     }
 
@@ -131,6 +139,7 @@ impl SessionWatch {
                 .lookup_psk(identity)
                 .await
                 .map(|o| o.map(|o| (o.user_id, o.device_id))),
+            Held::Appservice => self.appservice_owner().await,
         };
         let owner = match owner {
             Ok(o) => o,
@@ -155,6 +164,28 @@ impl SessionWatch {
             return Err(revoked_error());
         }
         Ok(())
+    }
+
+    /// Who an application service's session still is: its user and
+    /// device while they exist (the user not deactivated).
+    async fn appservice_owner(&self) -> Result<Option<(String, String)>> {
+        let user = self.session.user_id.as_str();
+        if self.store.get_user(user).await?.is_none_or(|u| u.deactivated) {
+            return Ok(None);
+        }
+        let device = &self.session.device_id;
+        let acts_as_device = self.session.appservice.as_deref().map(|id| format!("appservice:{id}"));
+        if acts_as_device.as_deref() != Some(device.as_str())
+            && !self
+                .store
+                .list_devices(user)
+                .await?
+                .iter()
+                .any(|d| &d.device_id == device)
+        {
+            return Ok(None);
+        }
+        Ok(Some((user.to_owned(), device.clone())))
     }
 
     /// Resolves (with the error to report) once the credential is revoked:

@@ -14,7 +14,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const AS_TOKEN: &str = "as-secret-token-1";
 const HS_TOKEN: &str = "hs-secret-token-1";
@@ -276,20 +279,25 @@ protocols: ["test"]
     )
 }
 
-/// A server with the registration written to a file of `dir`.
+/// A server with the registration written to a file of `dir`, retrying a
+/// failed transaction after 100 ms, up to 400 ms.
 async fn server_with(dir: &tempfile::TempDir, reg: &str) -> TestServer {
-    let path = dir.path().join("bridge.yaml");
-    std::fs::write(&path, reg).unwrap();
-    TestServer::builder()
-        .server_name("localhost")
-        .env(
-            "WEFT_APPSERVICE__REGISTRATION_FILES",
-            &format!("[{:?}]", path.display().to_string()),
-        )
+    server_builder(dir, reg)
         .env("WEFT_APPSERVICE__RETRY_INITIAL_MS", "100")
         .env("WEFT_APPSERVICE__RETRY_MAX_MS", "400")
         .start()
         .await
+}
+
+/// A server with the registration written to a file of `dir`, the
+/// default configuration otherwise.
+fn server_builder(dir: &tempfile::TempDir, reg: &str) -> TestServerBuilder {
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, reg).unwrap();
+    TestServer::builder().server_name("localhost").env(
+        "WEFT_APPSERVICE__REGISTRATION_FILES",
+        &format!("[{:?}]", path.display().to_string()),
+    )
 }
 
 /// The service's own client (its `as_token`), as its sender or, with
@@ -306,6 +314,23 @@ async fn as_register(server: &TestServer, localpart: &str) -> (u16, Value) {
             json!({"type": "m.login.application_service", "username": localpart, "inhibit_login": true}),
         )
         .await
+}
+
+/// The body of a request that must succeed (`200`).
+#[track_caller]
+fn ok((status, body): (u16, Value)) -> Value {
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `@_bridge_bob:localhost` joins `room`, through the service.
+async fn bob_joins(server: &TestServer, room: &str) {
+    ok(as_client(server)
+        .post(
+            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(room)),
+            json!({}),
+        )
+        .await);
 }
 
 #[tokio::test]
@@ -408,8 +433,7 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     assert_err(&(status, body), 403, "M_FORBIDDEN");
 
     // Registering through the service, inside and outside its namespace.
-    let (status, body) = as_register(&server, "_bridge_bob").await;
-    assert_eq!(status, 200, "{body}");
+    let body = ok(as_register(&server, "_bridge_bob").await);
     assert_eq!(body["user_id"], "@_bridge_bob:localhost");
     assert_err(&as_register(&server, "carol").await, 400, "M_EXCLUSIVE");
     // Without the service's token, the type needs one.
@@ -463,23 +487,21 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
         .await;
     assert_err(&(status, body), 400, "M_EXCLUSIVE");
     // Other names and aliases are free.
-    let (status, body) = alice
+    ok(alice
         .put(
             &format!("directory/room/{}", enc("#plain:localhost")),
             json!({"room_id": room}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
 
     // Login of a namespaced user by the service.
-    let (status, body) = asc
+    let body = ok(asc
         .post(
             "login",
             json!({"type": "m.login.application_service",
                    "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     let bob = server.with_token(body["access_token"].as_str().unwrap());
     let (status, me) = bob.whoami().await;
     assert_eq!(status, 200);
@@ -515,15 +537,13 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     // Timestamp massaging: the service's `?ts=` is the event's
     // origin_server_ts; a person's is ignored.
     let bob_as = "user_id=%40_bridge_bob%3Alocalhost";
-    let (status, body) = asc.post(&format!("join/{}?{bob_as}", enc(&room)), json!({})).await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = asc
+    ok(asc.post(&format!("join/{}?{bob_as}", enc(&room)), json!({})).await);
+    let body = ok(asc
         .put(
             &format!("rooms/{}/send/m.room.message/t1?{bob_as}&ts=1234567890", enc(&room)),
             json!({"msgtype": "m.text", "body": "old news"}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     let event_id = body["event_id"].as_str().unwrap().to_owned();
     let (status, ev) = alice
         .get(&format!("rooms/{}/event/{}", enc(&room), enc(&event_id)))
@@ -531,13 +551,12 @@ async fn masquerading_exclusive_namespaces_register_login_and_ts() {
     assert_eq!(status, 200, "{ev}");
     assert_eq!(ev["origin_server_ts"], 1234567890);
     assert_eq!(ev["sender"], "@_bridge_bob:localhost");
-    let (status, body) = alice
+    let body = ok(alice
         .put(
             &format!("rooms/{}/send/m.room.message/t2?ts=1234567890", enc(&room)),
             json!({"msgtype": "m.text", "body": "now"}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     let (_, ev) = alice
         .get(&format!(
             "rooms/{}/event/{}",
@@ -564,13 +583,12 @@ async fn ping_reaches_the_service() {
     let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
     let asc = as_client(&server);
-    let (status, body) = asc
+    let body = ok(asc
         .post(
             "/_matrix/client/v1/appservice/testbridge/ping",
             json!({"transaction_id": "ping-1"}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     assert!(body["duration_ms"].is_u64(), "{body}");
     {
         let seen = service.shared.seen.lock().unwrap();
@@ -615,19 +633,12 @@ async fn events_are_delivered_in_order_across_outage_and_restart() {
     let service = Service::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut server = server_with(&dir, &registration(Some(&service.url()), "")).await;
-    let asc = as_client(&server);
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     // An unrelated room the service must not hear of.
     let private = alice.create_room(json!({})).await;
-    let (status, body) = asc
-        .post(
-            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    bob_joins(&server, &room).await;
 
     let mut sent = Vec::new();
     for i in 0..1000 {
@@ -706,28 +717,20 @@ async fn ephemeral_events_are_delivered_when_asked_for() {
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    let (status, body) = asc
-        .post(
-            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    bob_joins(&server, &room).await;
     let event_id = alice.send_text(&room, "m1", "hello bridge").await;
-    let (status, body) = alice
+    ok(alice
         .put(
             &format!("rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)),
             json!({"typing": true, "timeout": 30000}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = alice
+        .await);
+    ok(alice
         .post(
             &format!("rooms/{}/receipt/m.read/{}", enc(&room), enc(&event_id)),
             json!({}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     service
         .wait_for(20, "typing and receipt", |s| {
             let eph = s.ephemeral();
@@ -745,21 +748,19 @@ async fn ephemeral_events_are_delivered_when_asked_for() {
     );
     // To-device messages for a device of a namespaced user (MSC2409 /
     // MSC4203).
-    let (status, body) = asc
+    ok(asc
         .post(
             "login",
             json!({"type": "m.login.application_service", "device_id": "BOBPHONE",
                    "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = alice
+        .await);
+    ok(alice
         .put(
             "sendToDevice/m.test.ping/td1",
             json!({"messages": {"@_bridge_bob:localhost": {"BOBPHONE": {"hello": "bob"}}}}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     service
         .wait_for(20, "the to-device message", |s| {
             s.transactions()
@@ -798,17 +799,10 @@ async fn ephemeral_events_are_not_delivered_unless_asked_for() {
     let service = Service::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
-    let asc = as_client(&server);
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    let (status, _) = asc
-        .post(
-            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    bob_joins(&server, &room).await;
     let (status, _) = alice
         .put(
             &format!("rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)),
@@ -836,10 +830,9 @@ async fn unknown_aliases_and_users_in_a_namespace_are_asked_of_the_service() {
     assert_err(&(status, body), 404, "M_NOT_FOUND");
     // A service that creates the room when asked: the alias resolves, and
     // joining by it works.
-    let (status, body) = alice
+    let body = ok(alice
         .get(&format!("directory/room/{}", enc("#_bridge_made:localhost")))
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     let made = body["room_id"].as_str().unwrap().to_owned();
     assert_eq!(alice.join("#_bridge_made:localhost").await, made);
     let (status, body) = alice
@@ -875,18 +868,11 @@ async fn device_list_changes_are_delivered_with_msc3202() {
     let service = Service::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir, &registration(Some(&service.url()), "org.matrix.msc3202: true")).await;
-    let asc = as_client(&server);
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
     let alice = server.register("alice").await;
     let loner = server.register("loner").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
-    let (status, body) = asc
-        .post(
-            &format!("join/{}?user_id=%40_bridge_bob%3Alocalhost", enc(&room)),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    bob_joins(&server, &room).await;
     let keys = |c: &Client| {
         json!({ "device_keys": {
             "user_id": c.user_id,
@@ -899,10 +885,8 @@ async fn device_list_changes_are_delivered_with_msc3202() {
             "signatures": { c.user_id.as_str(): { format!("ed25519:{}", c.device_id): "the-device-signature" } },
         }})
     };
-    let (status, body) = loner.post("keys/upload", keys(&loner)).await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = alice.post("keys/upload", keys(&alice)).await;
-    assert_eq!(status, 200, "{body}");
+    ok(loner.post("keys/upload", keys(&loner)).await);
+    ok(alice.post("keys/upload", keys(&alice)).await);
     service
         .wait_for(20, "alice's device list change", |s| {
             s.transactions().iter().any(|t| {
@@ -931,37 +915,31 @@ async fn thirdparty_lookups_are_asked_of_the_service() {
     let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir, &registration(Some(&service.url()), "")).await;
     let alice = server.register("alice").await;
-    let (status, body) = alice.get("thirdparty/protocols").await;
-    assert_eq!(status, 200, "{body}");
+    let body = ok(alice.get("thirdparty/protocols").await);
     assert_eq!(body["test"]["instances"][0]["network_id"], "testnet", "{body}");
     assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
-    let (status, body) = alice.get("thirdparty/protocol/test").await;
-    assert_eq!(status, 200, "{body}");
+    let body = ok(alice.get("thirdparty/protocol/test").await);
     assert_eq!(body["location_fields"], json!(["channel"]));
     assert_err(&alice.get("thirdparty/protocol/nope").await, 404, "M_NOT_FOUND");
-    let (status, body) = alice.get("thirdparty/location/test?channel=%23chan").await;
-    assert_eq!(status, 200, "{body}");
+    let body = ok(alice.get("thirdparty/location/test?channel=%23chan").await);
     assert_eq!(
         body,
         json!([{"alias": "#_bridge_chan:localhost", "protocol": "test", "fields": {"channel": "#chan"}}])
     );
-    let (status, body) = alice.get("thirdparty/user/test?nick=bob").await;
-    assert_eq!(status, 200, "{body}");
+    let body = ok(alice.get("thirdparty/user/test?nick=bob").await);
     assert_eq!(body[0]["fields"], json!({"nick": "bob"}));
-    let (status, body) = alice
+    let body = ok(alice
         .get(&format!("thirdparty/location?alias={}", enc("#_bridge_chan:localhost")))
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     assert_eq!(body[0]["alias"], "#_bridge_chan:localhost");
     // An alias outside every namespace is asked of no one.
     let (status, body) = alice
         .get(&format!("thirdparty/location?alias={}", enc("#other:localhost")))
         .await;
     assert_eq!((status, body), (200, json!([])));
-    let (status, body) = alice
+    let body = ok(alice
         .get(&format!("thirdparty/user?userid={}", enc("@_bridge_nick:localhost")))
-        .await;
-    assert_eq!(status, 200, "{body}");
+        .await);
     assert_eq!(body[0]["userid"], "@_bridge_nick:localhost");
     assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
 }
@@ -1010,16 +988,33 @@ async fn device_management_and_device_masquerading() {
     let server = server_with(&dir, &registration(None, "io.element.msc4190: true")).await;
     let asc = as_client(&server);
     assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
-    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    // It makes devices itself: logging its users in, or registering one
+    // with a login, is refused (as Synapse does), and makes nothing.
     let (status, body) = asc
+        .post(
+            "login",
+            json!({"type": "m.login.application_service", "device_id": "VIALOGIN",
+                   "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
+        )
+        .await;
+    assert_err(&(status, body), 400, "M_APPSERVICE_LOGIN_UNSUPPORTED");
+    let (status, body) = asc
+        .post(
+            "register",
+            json!({"type": "m.login.application_service", "username": "_bridge_carl"}),
+        )
+        .await;
+    assert_err(&(status, body), 400, "M_APPSERVICE_LOGIN_UNSUPPORTED");
+    let (status, body) = asc.get("account/whoami?user_id=%40_bridge_carl%3Alocalhost").await;
+    assert_err(&(status, body), 403, "M_FORBIDDEN");
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    ok(asc
         .put(
             &format!("devices/BRIDGEDEV?{bob}"),
             json!({"display_name": "Bridge device"}),
         )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = asc.get(&format!("devices?{bob}")).await;
-    assert_eq!(status, 200, "{body}");
+        .await);
+    let body = ok(asc.get(&format!("devices?{bob}")).await);
     let ids: Vec<&str> = body["devices"]
         .as_array()
         .unwrap()
@@ -1038,8 +1033,7 @@ async fn device_management_and_device_masquerading() {
         .await;
     assert_err(&(status, body), 403, "M_FORBIDDEN");
     // Deleting needs no password (the user has none).
-    let (status, body) = asc.delete(&format!("devices/BRIDGEDEV?{bob}")).await;
-    assert_eq!(status, 200, "{body}");
+    ok(asc.delete(&format!("devices/BRIDGEDEV?{bob}")).await);
     let (_, body) = asc.get(&format!("devices?{bob}")).await;
     assert_eq!(body["devices"], json!([]), "{body}");
     // A person still needs user-interactive auth to delete a device.
@@ -1062,8 +1056,7 @@ async fn events_from_before_a_bridged_user_left_are_still_delivered() {
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     let bob = "user_id=%40_bridge_bob%3Alocalhost";
-    let (status, body) = asc.post(&format!("join/{}?{bob}", enc(&room)), json!({})).await;
-    assert_eq!(status, 200, "{body}");
+    bob_joins(&server, &room).await;
     let first = alice.send_text(&room, "t0", "before the outage").await;
     service
         .wait_for(20, "the first message", |s| {
@@ -1078,8 +1071,7 @@ async fn events_from_before_a_bridged_user_left_are_still_delivered() {
         })
         .await;
     let m2 = alice.send_text(&room, "t2", "while down 2").await;
-    let (status, body) = asc.post(&format!("rooms/{}/leave?{bob}", enc(&room)), json!({})).await;
-    assert_eq!(status, 200, "{body}");
+    ok(asc.post(&format!("rooms/{}/leave?{bob}", enc(&room)), json!({})).await);
     let after = alice.send_text(&room, "t3", "after the leave").await;
     let marker = alice.send_text(&room, "t4", "still after").await;
     service.set_down(false);
@@ -1098,4 +1090,434 @@ async fn events_from_before_a_bridged_user_left_are_still_delivered() {
         .map(|e| e["event_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(messages, vec![first, m1, m2], "not {after} nor {marker}");
+}
+
+impl Service {
+    /// The (first) transaction that carries the event `event_id`.
+    fn transaction_with(&self, event_id: &str) -> Value {
+        self.transactions()
+            .into_iter()
+            .find(|t| {
+                t["events"]
+                    .as_array()
+                    .is_some_and(|evs| evs.iter().any(|e| e["event_id"] == event_id))
+            })
+            .unwrap_or_else(|| panic!("no transaction carries {event_id}"))
+    }
+
+    async fn wait_for_event(&self, event_id: &str) -> Value {
+        self.wait_for(20, event_id, |s| s.events().iter().any(|e| e["event_id"] == event_id))
+            .await;
+        self.transaction_with(event_id)
+    }
+}
+
+/// MSC3202: a transaction carries the one-time key counts and unused
+/// fallback key types of its users' devices (user → device → …, under
+/// both names Synapse sends), and `device_lists.left` names the users who
+/// no longer share a room with any of its users.
+#[tokio::test]
+async fn key_counts_and_left_device_lists_with_msc3202() {
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(Some(&service.url()), "org.matrix.msc3202: true")).await;
+    let asc = as_client(&server);
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let body = ok(asc
+        .post(
+            "login",
+            json!({"type": "m.login.application_service", "device_id": "BOBPHONE",
+                   "identifier": {"type": "m.id.user", "user": "_bridge_bob"}}),
+        )
+        .await);
+    let bob_device = server.with_token(body["access_token"].as_str().unwrap());
+    ok(bob_device
+        .post(
+            "keys/upload",
+            json!({
+                "one_time_keys": {
+                    "signed_curve25519:AAA": {"key": "otk-AAA", "signatures": {}},
+                    "signed_curve25519:BBB": {"key": "otk-BBB", "signatures": {}},
+                },
+                "fallback_keys": {
+                    "signed_curve25519:FB1": {"key": "fb-1", "fallback": true, "signatures": {}},
+                },
+            }),
+        )
+        .await);
+    let alice = server.register("alice").await;
+    let carol = server.register("carol").await;
+    let loner = server.register("loner").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    assert_eq!(carol.join(&room).await, room);
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    bob_joins(&server, &room).await;
+    let lonely = loner.create_room(json!({})).await;
+
+    // Counts of bob's one device, as they are when the transaction goes.
+    let counts = |t: &Value, name: &str| t[format!("org.matrix.msc3202.{name}")].clone();
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m1", "two keys").await)
+        .await;
+    let two = json!({"@_bridge_bob:localhost": {"BOBPHONE": {"signed_curve25519": 2}}});
+    assert_eq!(counts(&t, "device_one_time_keys_count"), two, "{t}");
+    assert_eq!(counts(&t, "device_one_time_key_counts"), two, "{t}");
+    assert_eq!(
+        counts(&t, "device_unused_fallback_key_types"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": ["signed_curve25519"]}}),
+        "{t}"
+    );
+    let claim = json!({"one_time_keys": {"@_bridge_bob:localhost": {"BOBPHONE": "signed_curve25519"}}});
+    ok(alice.post("keys/claim", claim.clone()).await);
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m2", "one key").await)
+        .await;
+    assert_eq!(
+        counts(&t, "device_one_time_keys_count"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": {"signed_curve25519": 1}}}),
+        "{t}"
+    );
+    // The last one-time key, then the fallback key.
+    for _ in 0..2 {
+        let (status, body) = alice.post("keys/claim", claim.clone()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let t = service
+        .wait_for_event(&alice.send_text(&room, "m3", "no keys").await)
+        .await;
+    assert_eq!(
+        counts(&t, "device_one_time_keys_count"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": {}}}),
+        "{t}"
+    );
+    assert_eq!(
+        counts(&t, "device_unused_fallback_key_types"),
+        json!({"@_bridge_bob:localhost": {"BOBPHONE": []}}),
+        "{t}"
+    );
+    assert!(t.get("org.matrix.msc3202.device_lists").is_none(), "{t}");
+
+    // Carol leaves: she shares no room with bob any more.
+    ok(carol.post(&format!("rooms/{}/leave", enc(&room)), json!({})).await);
+    let left = alice.send_text(&room, "m4", "carol left").await;
+    service.wait_for_event(&left).await;
+    let carol_leave = service
+        .events()
+        .into_iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == carol.user_id)
+        .unwrap_or_else(|| panic!("carol's leave is delivered"));
+    let t = service.transaction_with(carol_leave["event_id"].as_str().unwrap());
+    assert_eq!(
+        t["org.matrix.msc3202.device_lists"],
+        json!({"changed": [], "left": [carol.user_id]}),
+        "{t}"
+    );
+    // Bob leaves: alice, the last other member, shares none either.
+    ok(asc.post(&format!("rooms/{}/leave?{bob}", enc(&room)), json!({})).await);
+    let is_bob_leave = |e: &Value| e["state_key"] == "@_bridge_bob:localhost" && e["content"]["membership"] == "leave";
+    service
+        .wait_for(20, "bob's leave", |s| s.events().iter().any(is_bob_leave))
+        .await;
+    let bob_leave = service.events().into_iter().find(is_bob_leave).unwrap();
+    let t = service.transaction_with(bob_leave["event_id"].as_str().unwrap());
+    assert_eq!(
+        t["org.matrix.msc3202.device_lists"],
+        json!({"changed": [], "left": [alice.user_id]}),
+        "{t}"
+    );
+    // The loner's leave of a room no user of the service was in is not
+    // the service's business.
+    ok(loner.post(&format!("rooms/{}/leave", enc(&lonely)), json!({})).await);
+    bob_joins(&server, &room).await;
+    service
+        .wait_for_event(&alice.send_text(&room, "m5", "bob is back").await)
+        .await;
+    let all_left: Vec<Value> = service
+        .transactions()
+        .iter()
+        .flat_map(|t| {
+            t["org.matrix.msc3202.device_lists"]["left"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(all_left, vec![json!(carol.user_id), json!(alice.user_id)]);
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket-door connection (`query` on the upgrade request), with
+/// `token` as `Authorization: Bearer` when given.
+async fn ws_connect(server: &TestServer, query: &str, token: Option<&str>) -> Ws {
+    let url = format!(
+        "{}/_matrix/client/unstable/org.weft.ws{query}",
+        server.base_url().replacen("http://", "ws://", 1)
+    );
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("ws connect");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+/// Sends a frame and answers the next JSON frame (pings skipped).
+async fn ws_call(ws: &mut Ws, frame: Value) -> Value {
+    ws.send(Message::Text(frame.to_string().into())).await.expect("ws send");
+    ws_next(ws).await
+}
+
+async fn ws_next(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("socket ended")
+            .expect("socket error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("frame is JSON"),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// The user a WebSocket request frame acts as (`whoami`, with `query`).
+async fn ws_whoami(ws: &mut Ws, query: &str) -> Value {
+    ws_call(
+        ws,
+        json!({"id": "who", "method": "GET", "path": format!("/_matrix/client/v3/account/whoami{query}")}),
+    )
+    .await
+}
+
+/// An application service's token authenticates on the WebSocket door as
+/// over HTTP: on the upgrade request (as its sender, or the user its
+/// `?user_id=` names, for the whole connection, its sync loop included),
+/// in an `auth` frame (with `user_id`), and per request frame (its own
+/// `?user_id=`); outside its namespace it is refused the same way.
+#[tokio::test]
+async fn as_token_on_the_websocket_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(None, "")).await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let bob = "user_id=%40_bridge_bob%3Alocalhost";
+    bob_joins(&server, &room).await;
+
+    // The token on the upgrade: the sender; a frame's ?user_id=: that user.
+    let mut ws = ws_connect(&server, "", Some(AS_TOKEN)).await;
+    let r = ws_whoami(&mut ws, "").await;
+    assert_eq!(
+        (r["status"].clone(), r["body"]["user_id"].clone()),
+        (json!(200), json!("@bridgebot:localhost")),
+        "{r}"
+    );
+    let r = ws_whoami(&mut ws, &format!("?{bob}")).await;
+    assert_eq!(r["body"]["user_id"], "@_bridge_bob:localhost", "{r}");
+    let r = ws_whoami(&mut ws, "?user_id=%40alice%3Alocalhost").await;
+    assert_eq!(
+        (r["status"].clone(), r["body"]["errcode"].clone()),
+        (json!(403), json!("M_FORBIDDEN")),
+        "{r}"
+    );
+    // Outside the namespace on the upgrade: refused as over HTTP.
+    let url = format!(
+        "{}/_matrix/client/unstable/org.weft.ws?user_id=%40alice%3Alocalhost",
+        server.base_url().replacen("http://", "ws://", 1)
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {AS_TOKEN}").parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
+        other => panic!(
+            "upgrade as alice through the service: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+
+    // ?user_id= on the upgrade: the connection is bob's, its sync too.
+    let mut ws = ws_connect(&server, &format!("?{bob}"), Some(AS_TOKEN)).await;
+    let r = ws_whoami(&mut ws, "").await;
+    assert_eq!(r["body"]["user_id"], "@_bridge_bob:localhost", "{r}");
+    let r = ws_call(&mut ws, json!({"type": "sync"})).await;
+    assert_eq!(r["type"], "sync", "{r}");
+    assert!(r["body"]["rooms"]["join"][&room].is_object(), "bob's rooms: {r}");
+    let sent = alice.send_text(&room, "w0", "to bob's socket").await;
+    let mut got = false;
+    for _ in 0..5 {
+        let f = ws_next(&mut ws).await;
+        assert_eq!(f["type"], "sync", "{f}");
+        let timeline = &f["body"]["rooms"]["join"][&room]["timeline"]["events"];
+        if timeline
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["event_id"] == sent))
+        {
+            got = true;
+            break;
+        }
+    }
+    assert!(got, "alice's message reaches the service's socket for bob");
+
+    // An auth frame: refused outside the namespace, then bob.
+    let mut ws = ws_connect(&server, "", None).await;
+    let r = ws_call(
+        &mut ws,
+        json!({"type": "auth", "id": 1, "access_token": AS_TOKEN, "user_id": "@alice:localhost"}),
+    )
+    .await;
+    assert_eq!(
+        (r["status"].clone(), r["body"]["errcode"].clone()),
+        (json!(403), json!("M_FORBIDDEN")),
+        "{r}"
+    );
+    let r = ws_call(
+        &mut ws,
+        json!({"type": "auth", "id": 2, "access_token": AS_TOKEN, "user_id": "@_bridge_bob:localhost"}),
+    )
+    .await;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"]["user_id"], "@_bridge_bob:localhost", "{r}");
+    let r = ws_call(
+        &mut ws,
+        json!({"id": "s", "method": "PUT",
+               "path": format!("/_matrix/client/v3/rooms/{}/send/m.room.message/w1", enc(&room)),
+               "body": {"msgtype": "m.text", "body": "from the bridge's socket"}}),
+    )
+    .await;
+    assert_eq!(r["status"], 200, "{r}");
+    let (status, ev) = alice
+        .get(&format!(
+            "rooms/{}/event/{}",
+            enc(&room),
+            enc(r["body"]["event_id"].as_str().unwrap())
+        ))
+        .await;
+    assert_eq!(status, 200, "{ev}");
+    assert_eq!(ev["sender"], "@_bridge_bob:localhost");
+}
+
+/// The "a 30-second outage of the service loses nothing", with
+/// the default backoff (1 s, doubling, up to 5 min): the service answers
+/// 503 for 30 s while events keep coming (one a second). Weft tries the
+/// same transaction at about 0, 1, 3, 7 and 15 s (a fixed 1 s retry would
+/// be 30 tries), and after the service is back the next try comes within
+/// the backoff then in effect (16 s); every event arrives once, in order.
+#[tokio::test]
+async fn a_thirty_second_outage_with_the_default_backoff_loses_nothing() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let service = Service::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_builder(&dir, &registration(Some(&service.url()), ""))
+        .start()
+        .await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob_joins(&server, &room).await;
+    let messages = |s: &Service| -> Vec<String> {
+        s.events()
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut sent = vec![alice.send_text(&room, "before", "before the outage").await];
+    service.wait_for(20, "the first message", |s| messages(s) == sent).await;
+
+    service.set_down(true);
+    let down_at = Instant::now();
+    let mut i = 0;
+    while down_at.elapsed() < OUTAGE {
+        sent.push(
+            alice
+                .send_text(&room, &format!("o{i}"), &format!("during the outage {i}"))
+                .await,
+        );
+        i += 1;
+        let next = down_at + Duration::from_secs(i);
+        if next < down_at + OUTAGE {
+            tokio::time::sleep_until(next.into()).await;
+        } else {
+            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+        }
+    }
+    let (ok, out, err) = server.cli("appservice", "list", &[]);
+    assert!(ok, "{out}{err}");
+    let backoff_ms: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("backoff_ms\t"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no backoff_ms in {out}"));
+    let refused = service.shared.seen.lock().unwrap().refused;
+    assert!(
+        (5..=6).contains(&refused),
+        "tries while down, backing off from 1 s doubling: {refused} (backoff now {backoff_ms} ms)"
+    );
+    assert!(
+        (8_000..=16_000).contains(&backoff_ms),
+        "the backoff in effect after 30 s of doubling from 1 s: {backoff_ms} ms\n{out}"
+    );
+
+    service.set_down(false);
+    let up_at = Instant::now();
+    service
+        .wait_for(40, "the first event after the outage", |s| messages(s).len() > 1)
+        .await;
+    let resumed = up_at.elapsed();
+    assert!(
+        resumed <= Duration::from_millis(backoff_ms + 2_000),
+        "delivery resumed {resumed:?} after the service came back; the backoff was {backoff_ms} ms"
+    );
+    service
+        .wait_for(20, "every event of the outage", |s| messages(s).len() >= sent.len())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(messages(&service), sent, "every event once, in order");
+    assert!(sent.len() >= 30, "{} events sent during the outage", sent.len() - 1);
+    assert_eq!(service.shared.seen.lock().unwrap().bad_auth, 0);
+}
+
+/// A WebSocket the service opened for one of its users is watched like a
+/// device's: once that user is deactivated (here by another process, the
+/// admin CLI) its sync loop delivers nothing more and the socket ends.
+#[tokio::test]
+async fn a_service_socket_ends_when_its_user_is_deactivated() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, &registration(None, "")).await;
+    assert_eq!(as_register(&server, "_bridge_bob").await.0, 200);
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob_joins(&server, &room).await;
+    let mut ws = ws_connect(&server, "?user_id=%40_bridge_bob%3Alocalhost", Some(AS_TOKEN)).await;
+    let r = ws_call(&mut ws, json!({"type": "sync"})).await;
+    assert!(r["body"]["rooms"]["join"][&room].is_object(), "{r}");
+    let (ok, out, err) = server.cli("user", "deactivate", &["_bridge_bob"]);
+    assert!(ok, "{out}{err}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = alice.send_text(&room, "late", "after the deactivation").await;
+    let mut ended = false;
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert!(!t.as_str().contains(&after), "delivered after the deactivation: {t}");
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                if f["body"]["errcode"] == "M_UNKNOWN_TOKEN" {
+                    continue;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                ended = true;
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(ended, "the socket of the deactivated user ends");
 }

@@ -29,6 +29,22 @@ where
     }
 }
 
+/// Waits until `client`'s newest 30 events of `room` (the `/messages` of
+/// either server) hold an `m.room.message` with `body`; answers them.
+async fn wait_message(what: &str, client: &Client, room: &str, body: &str) -> Vec<Value> {
+    eventually(what, || async {
+        let m = client.messages(room, None, "b", 30).await;
+        m["chunk"]
+            .as_array()
+            .filter(|c| {
+                c.iter()
+                    .any(|e| e["type"] == "m.room.message" && e["content"]["body"] == body)
+            })
+            .cloned()
+    })
+    .await
+}
+
 async fn membership(client: &Client, room: &str, user: &str) -> Option<String> {
     let (status, m): (u16, Value) = client.state(room, "m.room.member", user).await;
     (status == 200).then(|| m["membership"].as_str().unwrap_or_default().to_owned())
@@ -63,14 +79,7 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     let (status, name) = bob.state(&room, "m.room.name", "").await;
     assert_eq!((status, name["name"].as_str()), (200, Some("Weft room")), "{name}");
     // ... and alice's message, from the join's history (backfill or state).
-    let seen = eventually("alice's message on synapse", || async {
-        let m = bob.messages(&room, None, "b", 20).await;
-        m["chunk"]
-            .as_array()
-            .filter(|c| c.iter().any(|e| e["content"]["body"] == "hello from weft"))
-            .cloned()
-    })
-    .await;
+    let seen = wait_message("alice's message on synapse", &bob, &room, "hello from weft").await;
     assert_eq!(
         seen.iter()
             .filter(|e| e["content"]["body"] == "hello from weft")
@@ -87,22 +96,8 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         )
         .await;
     assert_eq!(status, 200);
-    eventually("weft's live message on synapse", || async {
-        let m = bob.messages(&room, None, "b", 20).await;
-        m["chunk"]
-            .as_array()
-            .filter(|c| c.iter().any(|e| e["content"]["body"] == "live from weft"))
-            .map(|_| ())
-    })
-    .await;
-    eventually("synapse's live message on weft", || async {
-        let m = alice.messages(&room, None, "b", 20).await;
-        m["chunk"]
-            .as_array()
-            .filter(|c| c.iter().any(|e| e["content"]["body"] == "live from synapse"))
-            .map(|_| ())
-    })
-    .await;
+    wait_message("weft's live message on synapse", &bob, &room, "live from weft").await;
+    wait_message("synapse's live message on weft", &alice, &room, "live from synapse").await;
 
     // Dave (Weft) joins carol's (Synapse) room.
     let carol = synapse.register_client("carol").await;
@@ -153,23 +148,9 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
         )
         .await;
     assert_eq!(status, 200);
-    eventually("carol's live message on weft", || async {
-        let m = dave.messages(&room2, None, "b", 20).await;
-        m["chunk"]
-            .as_array()
-            .filter(|c| c.iter().any(|e| e["content"]["body"] == "after dave joined"))
-            .map(|_| ())
-    })
-    .await;
+    wait_message("carol's live message on weft", &dave, &room2, "after dave joined").await;
     dave.send_text(&room2, "d1", "dave on weft").await;
-    eventually("dave's message on synapse", || async {
-        let m = carol.messages(&room2, None, "b", 20).await;
-        m["chunk"]
-            .as_array()
-            .filter(|c| c.iter().any(|e| e["content"]["body"] == "dave on weft"))
-            .map(|_| ())
-    })
-    .await;
+    wait_message("dave's message on synapse", &carol, &room2, "dave on weft").await;
     // Carol's first message, backfilled from Synapse as dave pages back.
     let bodies: Vec<String> = dave
         .all_messages(&room2)
@@ -273,16 +254,6 @@ async fn weft_backfills_three_hundred_older_messages_from_synapse_after_a_late_j
     assert_eq!(bodies, expect);
 }
 
-/// Whether `client`'s newest 30 events of `room` hold an `m.room.message`
-/// with `body` (the `/messages` of either server).
-async fn has_message(client: &Client, room: &str, body: &str) -> bool {
-    let m = client.messages(room, None, "b", 30).await;
-    m["chunk"].as_array().is_some_and(|c| {
-        c.iter()
-            .any(|e| e["type"] == "m.room.message" && e["content"]["body"] == body)
-    })
-}
-
 /// Waits until `client` sees `user`'s membership in `room` as `want`.
 async fn wait_membership(what: &str, client: &Client, room: &str, user: &str, want: &str) {
     eventually(what, || async {
@@ -330,14 +301,14 @@ async fn users_leave_and_rejoin_rooms_across_weft_and_synapse() {
         )
         .await;
     assert_eq!(status, 200);
-    eventually("weft's message after bob's rejoin, on synapse", || async {
-        has_message(&bob, &room, "welcome back bob").await.then_some(())
-    })
+    wait_message(
+        "weft's message after bob's rejoin, on synapse",
+        &bob,
+        &room,
+        "welcome back bob",
+    )
     .await;
-    eventually("bob's message after his rejoin, on weft", || async {
-        has_message(&alice, &room, "bob is back").await.then_some(())
-    })
-    .await;
+    wait_message("bob's message after his rejoin, on weft", &alice, &room, "bob is back").await;
     // Weft's member list: alice and bob joined, nobody else.
     let (status, members) = alice.get(&format!("rooms/{}/joined_members", enc(&room))).await;
     assert_eq!(status, 200, "{members}");
@@ -382,13 +353,19 @@ async fn users_leave_and_rejoin_rooms_across_weft_and_synapse() {
         .await;
     assert_eq!(status, 200);
     dave.send_text(&room2, "d-back", "dave is back").await;
-    eventually("carol's message after dave's rejoin, on weft", || async {
-        has_message(&dave, &room2, "welcome back dave").await.then_some(())
-    })
+    wait_message(
+        "carol's message after dave's rejoin, on weft",
+        &dave,
+        &room2,
+        "welcome back dave",
+    )
     .await;
-    eventually("dave's message after his rejoin, on synapse", || async {
-        has_message(&carol, &room2, "dave is back").await.then_some(())
-    })
+    wait_message(
+        "dave's message after his rejoin, on synapse",
+        &carol,
+        &room2,
+        "dave is back",
+    )
     .await;
     let (status, members) = carol
         .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room2)))

@@ -692,7 +692,17 @@ impl<T: Transport> Door<T> {
             // is charged to the peer's IP.
             return Ok((run(None).await?, None));
         };
-        let session = self.services.accounts.authenticate(&token, Some(peer.ip())).await?;
+        // An application service's token acts as it does over HTTP: as
+        // its sender, or the user (and device) the request names.
+        let session = self
+            .services
+            .authenticate(
+                &token,
+                r.q("user_id"),
+                r.q(weft_api::endpoint::MASQUERADE_DEVICE),
+                Some(peer.ip()),
+            )
+            .await?;
         if presented.is_some() {
             let mut st = self.state.lock();
             if st.peer_tokens.len() >= MAX_PEERS && !st.peer_tokens.contains_key(&peer) {

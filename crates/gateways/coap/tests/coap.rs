@@ -1007,3 +1007,77 @@ async fn media_upload_block1_and_download_block2() {
     let resp = c.send_packet(&p).await;
     assert_eq!(resp.header.code, MessageClass::Response(R::NotFound));
 }
+
+/// An application service's token authenticates on the CoAP door as over
+/// HTTP (docs/appservices.md): as its sender, or as the user of its
+/// namespace that `?user_id=` names; a user outside it is refused the
+/// same way (4.03 `M_FORBIDDEN`).
+#[tokio::test]
+async fn an_appservice_token_acts_as_over_http() {
+    const AS_TOKEN: &str = "coap-as-token";
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &reg,
+        format!(
+            "id: coapbridge\nurl: null\nas_token: {AS_TOKEN}\nhs_token: coap-hs-token\n\
+             sender_localpart: bridgebot\nnamespaces:\n  users:\n    - exclusive: true\n      regex: \"@_bridge_.*\"\n"
+        ),
+    )
+    .unwrap();
+    let files = format!("[{:?}]", reg.display().to_string());
+    let s = Server::start_with(&[("WEFT_APPSERVICE__REGISTRATION_FILES", &files)]).await;
+    let whoami = "/_matrix/client/v3/account/whoami";
+    let mut c = Client::new(s.coap).await;
+    let (code, v) = c.call_cbor(Request::new(M::Get, whoami).q("a", AS_TOKEN)).await;
+    assert_eq!(code, R::Content, "{v}");
+    let sender = v["user_id"].as_str().unwrap().to_owned();
+    let server_name = sender.split_once(':').unwrap().1.to_owned();
+    assert_eq!(sender, format!("@bridgebot:{server_name}"));
+
+    let (status, body) = s
+        .with_token(AS_TOKEN)
+        .post(
+            "register",
+            json!({"type": "m.login.application_service", "username": "_bridge_bob", "inhibit_login": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bob = format!("@_bridge_bob:{server_name}");
+    let (code, v) = c
+        .call_cbor(Request::new(M::Get, whoami).q("a", AS_TOKEN).q("user_id", &bob))
+        .await;
+    assert_eq!(code, R::Content, "{v}");
+    assert_eq!(v["user_id"], bob.as_str());
+    let (alice_token, alice) = register(&s, "alice").await;
+    let (code, v) = c
+        .call_cbor(Request::new(M::Get, whoami).q("a", AS_TOKEN).q("user_id", &alice))
+        .await;
+    assert_eq!(code, R::Forbidden, "{v}");
+    assert_eq!(v["errcode"], "M_FORBIDDEN");
+
+    // Bob, through the service, posts to alice's room over CoAP.
+    let room = s
+        .with_token(&alice_token)
+        .create_room(json!({"preset": "public_chat"}))
+        .await;
+    let (status, body) = s
+        .with_token(AS_TOKEN)
+        .post(&format!("join/{}?user_id={}", enc(&room), enc(&bob)), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let content = json!({"msgtype": "m.text", "body": "bridged over coap"});
+    let (code, v) = c
+        .call_cbor(
+            Request::new(M::Post, &send_path(&room))
+                .q("a", AS_TOKEN)
+                .q("user_id", &bob)
+                .cbor(&content),
+        )
+        .await;
+    assert_eq!(code, R::Created, "{v}");
+    let msgs = s.http_messages(&alice_token, &room, "m.room.message").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["sender"], bob.as_str());
+    assert_eq!(msgs[0]["content"], content);
+}

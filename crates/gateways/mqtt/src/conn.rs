@@ -402,7 +402,9 @@ async fn put_saved(services: &Services, session: &Session, data_type: &str, save
 }
 
 /// Username is a Matrix user ID or localpart; the password is an access
-/// token of that user, or the account password (then a device with the
+/// token of that user, the token of an application service that may act
+/// as that user (docs/appservices.md), or the account password (then a
+/// device with the
 /// client ID as device ID is created or reused). Returns the session and
 /// its access token (which revocation is checked by).
 async fn authenticate(
@@ -418,7 +420,9 @@ async fn authenticate(
         .accounts
         .user_id_for(user)
         .map_err(|_| Refusal::BadCredentials)?;
-    if let Ok(session) = services.accounts.authenticate(password, ip).await {
+    // An application service's token (as the password) acts as the user
+    // named, its sender or one of its users, as `?user_id=` over HTTP.
+    if let Ok(session) = services.authenticate(password, Some(wanted.as_str()), None, ip).await {
         return if session.user_id == wanted {
             Ok((session, password.clone()))
         } else {

@@ -1504,3 +1504,59 @@ async fn typing_and_receipts_reach_ephemeral_topics() {
     assert_eq!(body(&got[1].payload)["content"]["user_ids"], json!([]));
     all.quiet(Duration::from_millis(300)).await;
 }
+
+/// An application service's token as the password authenticates as over
+/// HTTP (docs/appservices.md): as its sender, or as the user of its
+/// namespace the username names; another user is refused as a wrong
+/// password is.
+#[tokio::test]
+async fn an_appservice_token_connects_as_its_users() {
+    const AS_TOKEN: &str = "mqtt-as-token";
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &reg,
+        format!(
+            "id: mqttbridge\nurl: null\nas_token: {AS_TOKEN}\nhs_token: mqtt-hs-token\n\
+             sender_localpart: bridgebot\nnamespaces:\n  users:\n    - exclusive: true\n      regex: \"@_bridge_.*\"\n"
+        ),
+    )
+    .unwrap();
+    let files = format!("[{:?}]", reg.display().to_string());
+    let srv = Server::start_with(&[("WEFT_APPSERVICE__REGISTRATION_FILES", &files)]).await;
+    let asc = srv.with_token(AS_TOKEN);
+    let (status, body) = asc
+        .post(
+            "register",
+            json!({"type": "m.login.application_service", "username": "_bridge_bob", "inhibit_login": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bob = format!("@_bridge_bob:{SERVER_NAME}");
+    let alice = srv.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let (status, body) = asc
+        .post(&format!("join/{}?user_id={}", enc(&room), enc(&bob)), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut m = c4(&srv, "bridge-bob", &bob, AS_TOKEN, true);
+    assert_eq!(m.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    m.client
+        .publish(format!("weft/r/{room}/e/org.weft.note"), q1(), false, r#"{"n": 1}"#)
+        .await
+        .unwrap();
+    assert!(matches!(m.packet().await, rumqttc::Packet::PubAck(_)));
+    let evs = alice.last_events(&room, 1).await;
+    assert_eq!(evs[0]["type"], "org.weft.note");
+    assert_eq!(evs[0]["sender"], bob.as_str());
+    let mut s = c4(&srv, "bridge-self", "bridgebot", AS_TOKEN, true);
+    assert_eq!(s.connack().await.code, rumqttc::ConnectReturnCode::Success);
+    let mut w = c4(&srv, "bridge-alice", "alice", AS_TOKEN, true);
+    match w.next().await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}

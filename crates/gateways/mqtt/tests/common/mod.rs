@@ -30,7 +30,16 @@ pub struct Server {
 
 impl Server {
     pub async fn start() -> Server {
-        let inner = TestServer::builder().with_mqtt().start().await;
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra environment settings.
+    pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        let mut builder = TestServer::builder().with_mqtt();
+        for (k, v) in env {
+            builder = builder.env(k, v);
+        }
+        let inner = builder.start().await;
         let mut srv = Server {
             inner,
             mqtt_host: String::new(),
