@@ -631,6 +631,159 @@ async fn presets_and_commands(
     );
 }
 
+/// `bridge.spaces`: a device room made before the option was set and one
+/// made after are both listed in the operator's space (`m.space.child`,
+/// sent by the bridge's user, which alice invited and gave power level
+/// 50) and restricted to its members: bob, in the space but invited to
+/// neither room, joins both and reads their readings; carol, not in the
+/// space, is refused with `403 M_FORBIDDEN`.
+async fn shared_with_a_space(
+    mq: &Mosquitto,
+    bridge: &mut BridgeProc,
+    alice: &Client,
+    bob: &Client,
+    carol: &Client,
+    server_name: &str,
+) {
+    bridge.start();
+    mq.publish("sensors/old/state", r#"{"n":1,"t":20.25}"#, false);
+    let old_room = join_device(alice, &format!("#_mqtt_old:{server_name}")).await;
+    wait_until(30, "the old device's reading", || async {
+        readings(alice, &old_room).await.len() == 1
+    })
+    .await;
+    bridge.kill();
+
+    let bot = format!("@_mqtt_bot:{server_name}");
+    let space = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "name": "Lab",
+            "room_alias_name": "lab",
+            "room_version": "10",
+            "creation_content": {"type": "m.space"},
+            "invite": [bot, bob.user_id],
+            "power_level_content_override": {"users": {alice.user_id.clone(): 100, bot.clone(): 50}},
+        }))
+        .await;
+    bob.join(&space).await;
+    let text = std::fs::read_to_string(&bridge.config).unwrap();
+    std::fs::write(
+        &bridge.config,
+        text.replace("[bridge]\n", &format!("[bridge]\nspaces = [\"#lab:{server_name}\"]\n")),
+    )
+    .unwrap();
+    bridge.start();
+    mq.publish("sensors/new/state", r#"{"n":2,"t":20.5}"#, false);
+    let new_room = join_device(alice, &format!("#_mqtt_new:{server_name}")).await;
+
+    for (room, device) in [(&old_room, "old"), (&new_room, "new")] {
+        let path = format!(
+            "rooms/{}/state/m.space.child/{}",
+            weft_testkit::enc(&space),
+            weft_testkit::enc(room)
+        );
+        wait_until(30, &format!("the space's m.space.child for {device}"), || async {
+            alice.get(&path).await.0 == 200
+        })
+        .await;
+        let (_, child) = alice.get(&path).await;
+        assert_eq!(child, json!({"via": [server_name]}), "m.space.child of {device}");
+        let (st, parent) = alice.state(room, "m.space.parent", &space).await;
+        assert_eq!(
+            (st, parent),
+            (200, json!({"via": [server_name]})),
+            "m.space.parent in {device}'s room"
+        );
+        wait_until(30, &format!("{device}'s restricted join rule"), || async {
+            alice.state(room, "m.room.join_rules", "").await.1["join_rule"] == "restricted"
+        })
+        .await;
+        let (_, rule) = alice.state(room, "m.room.join_rules", "").await;
+        assert_eq!(
+            rule,
+            json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]})
+        );
+        let (_, state) = alice.get(&format!("rooms/{}/state", weft_testkit::enc(&space))).await;
+        let senders: Vec<&Value> = state
+            .as_array()
+            .unwrap_or_else(|| panic!("state of the space: {state}"))
+            .iter()
+            .filter(|e| e["type"] == "m.space.child" && e["state_key"] == room.as_str())
+            .map(|e| &e["sender"])
+            .collect();
+        assert_eq!(
+            senders,
+            [&json!(bot)],
+            "one m.space.child for {device}, sent by the bridge's user"
+        );
+
+        // carol is in no room that gives access: refused.
+        let (st, r) = carol
+            .post(
+                &format!("join/{}", weft_testkit::enc(&format!("#_mqtt_{device}:{server_name}"))),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (st, r["errcode"].as_str()),
+            (403, Some("M_FORBIDDEN")),
+            "carol joining {device}: {r}"
+        );
+        // bob, a member of the space, was never invited and gets in.
+        let (st, r) = bob
+            .post(
+                &format!("join/{}", weft_testkit::enc(&format!("#_mqtt_{device}:{server_name}"))),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (st, r["room_id"].as_str()),
+            (200, Some(room.as_str())),
+            "bob joining {device}: {r}"
+        );
+    }
+    wait_until(30, "the new device's reading", || async {
+        readings(bob, &new_room).await.len() == 1
+    })
+    .await;
+    let ts = |r: Vec<Value>| r.iter().map(|e| e["content"]["t"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ts(readings(bob, &old_room).await),
+        [json!("20.25")],
+        "bob reads the old room"
+    );
+    assert_eq!(
+        ts(readings(bob, &new_room).await),
+        [json!("20.5")],
+        "bob reads the new room"
+    );
+    // Restarting shares nothing twice.
+    bridge.kill();
+    bridge.start();
+    mq.publish("sensors/new/state", r#"{"n":3,"t":20.75}"#, false);
+    wait_until(30, "the third reading", || async {
+        readings(bob, &new_room).await.len() == 2
+    })
+    .await;
+    let shared: Vec<(Value, Value)> = alice
+        .all_messages(&new_room)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "m.room.join_rules" || e["type"] == "m.space.parent")
+        .map(|e| (e["type"].clone(), e["content"]["join_rule"].clone()))
+        .collect();
+    assert_eq!(
+        shared,
+        [
+            (json!("m.room.join_rules"), json!("invite")),
+            (json!("m.space.parent"), Value::Null),
+            (json!("m.room.join_rules"), json!("restricted")),
+        ],
+        "the new room's join rule changed once, one parent"
+    );
+}
+
 async fn weft_with(reg: &Path) -> TestServer {
     TestServer::builder()
         .server_name("localhost")
@@ -841,6 +994,68 @@ async fn presets_and_commands_against_synapse() {
     let alice = syn.register_client("alice").await;
     let bob = syn.register_client("bob").await;
     presets_and_commands(&mq, &mut bridge, &alice, &bob, &name).await;
+}
+
+const SENSORS: &str = "presets = []\n[[mapping]]\ntopic = \"sensors/+device/state\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_rooms_shared_with_a_space_against_weft() {
+    if !have_mosquitto() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mq = Mosquitto::start(dir.path());
+    let (mut bridge, reg) = BridgeProc::configure(
+        dir.path(),
+        "http://127.0.0.1:1",
+        "localhost",
+        mq.port,
+        "@alice:localhost",
+        SENSORS,
+    );
+    let server = weft_with(&reg).await;
+    let text = std::fs::read_to_string(&bridge.config).unwrap();
+    std::fs::write(&bridge.config, text.replace("http://127.0.0.1:1", &server.base_url())).unwrap();
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    shared_with_a_space(&mq, &mut bridge, &alice, &bob, &carol, "localhost").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_rooms_shared_with_a_space_against_synapse() {
+    if !have_mosquitto() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mq = Mosquitto::start(dir.path());
+    let fwd = Forward::start("127.0.0.1:1").await;
+    let (mut bridge, reg) = BridgeProc::configure(
+        dir.path(),
+        &fwd.url(),
+        "localhost:0",
+        mq.port,
+        "@alice:localhost:0",
+        SENSORS,
+    );
+    let text = std::fs::read_to_string(&reg).unwrap();
+    std::fs::write(&reg, text.replace(r"localhost:0", r"localhost:[0-9]+")).unwrap();
+    let Some(syn) = weft_testkit::synapse_or_skip_with(Synapse::builder().extra_yaml(&format!(
+        "app_service_config_files: [{:?}]\n",
+        reg.display().to_string()
+    )))
+    .await
+    else {
+        return;
+    };
+    let name = syn.server_name().to_string();
+    fwd.set(syn.client_url());
+    let cfg = std::fs::read_to_string(&bridge.config).unwrap();
+    std::fs::write(&bridge.config, cfg.replace("localhost:0", &name)).unwrap();
+    let alice = syn.register_client("alice").await;
+    let bob = syn.register_client("bob").await;
+    let carol = syn.register_client("carol").await;
+    shared_with_a_space(&mq, &mut bridge, &alice, &bob, &carol, &name).await;
 }
 
 /// Publishes `n` readings with QoS 1 from one rumqttc client, `rate` per
