@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::extract::{Path as UrlPath, Query, State as AxState};
+use axum::extract::{Path as UrlPath, Query, Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router as AxRouter};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
@@ -135,6 +137,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .route("/_matrix/app/v1/ping", post(ping))
         .route("/_matrix/app/v1/users/{id}", get(not_found))
         .route("/_matrix/app/v1/rooms/{alias}", get(not_found))
+        .route_layer(axum::middleware::from_fn_with_state(bridge.clone(), require_hs_token))
         .with_state(bridge.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -717,25 +720,34 @@ fn merge_commands(saved: &mut Device, new: &Device) -> bool {
     }
 }
 
-/// The homeserver's token check: `Ok` for the right `hs_token`, else the
-/// spec's answer (401 `M_UNAUTHORIZED` without a token, 403 `M_FORBIDDEN`
-/// for a wrong one).
-fn hs_token_ok(b: &Bridge, h: &HeaderMap, q: &HashMap<String, String>) -> Result<(), (StatusCode, Json<Value>)> {
+/// The homeserver's token check, in front of every `/_matrix/app` route:
+/// the right `hs_token` (`Authorization: Bearer`, or the older
+/// `?access_token=`) passes; else the spec's answer, 401 `M_UNAUTHORIZED`
+/// without a token, 403 `M_FORBIDDEN` for a wrong one.
+async fn require_hs_token(
+    AxState(b): AxState<Arc<Bridge>>,
+    Query(q): Query<HashMap<String, String>>,
+    h: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = h
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or(q.get("access_token").map(String::as_str));
     match given {
-        None => Err((
+        None => (
             StatusCode::UNAUTHORIZED,
             Json(json!({"errcode": "M_UNAUTHORIZED", "error": "no hs_token"})),
-        )),
-        Some(t) if constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()) => Ok(()),
-        Some(_) => Err((
+        )
+            .into_response(),
+        Some(t) if constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()) => next.run(req).await,
+        Some(_) => (
             StatusCode::FORBIDDEN,
             Json(json!({"errcode": "M_FORBIDDEN", "error": "wrong hs_token"})),
-        )),
+        )
+            .into_response(),
     }
 }
 
@@ -746,13 +758,8 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 async fn transaction(
     AxState(b): AxState<Arc<Bridge>>,
     UrlPath(txn): UrlPath<String>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -779,25 +786,11 @@ async fn transaction(
     (StatusCode::OK, Json(json!({})))
 }
 
-async fn ping(
-    AxState(b): AxState<Arc<Bridge>>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
-    (StatusCode::OK, Json(json!({})))
+async fn ping() -> Json<Value> {
+    Json(json!({}))
 }
 
-async fn not_found(
-    AxState(b): AxState<Arc<Bridge>>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
+async fn not_found() -> (StatusCode, Json<Value>) {
     (
         StatusCode::NOT_FOUND,
         Json(json!({"errcode": "M_NOT_FOUND", "error": "rooms are made when a device first publishes"})),

@@ -851,6 +851,38 @@ async fn presets_and_commands_against_weft() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // Every /_matrix/app route wants it, in the header or the query.
+    let base = format!("http://127.0.0.1:{}/_matrix/app/v1", bridge.port);
+    for (method, path, ok) in [
+        (reqwest::Method::POST, "ping", 200),
+        (reqwest::Method::GET, "users/%40_mqtt_x%3Alocalhost", 404),
+        (reqwest::Method::GET, "rooms/%23_mqtt_x%3Alocalhost", 404),
+    ] {
+        let call = |auth: Option<&str>, query: &str| {
+            let mut req = http
+                .request(method.clone(), format!("{base}/{path}{query}"))
+                .json(&json!({}));
+            if let Some(t) = auth {
+                req = req.bearer_auth(t);
+            }
+            req.send()
+        };
+        let r = call(None, "").await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path} without a token");
+        assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_UNAUTHORIZED");
+        let r = call(Some("wrong"), "").await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path} with a wrong token");
+        assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_FORBIDDEN");
+        let r = call(None, "?access_token=wrong").await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path} with a wrong ?access_token");
+        let r = call(Some(HS_TOKEN), "").await.unwrap();
+        assert_eq!(r.status().as_u16(), ok, "{path} with the hs_token");
+        let r = call(None, &format!("?access_token={HS_TOKEN}")).await.unwrap();
+        assert_eq!(r.status().as_u16(), ok, "{path} with the hs_token in the query");
+        if ok == 404 {
+            assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_NOT_FOUND");
+        }
+    }
 }
 
 /// QoS 1 readings published while the bridge is down, while the
