@@ -39,6 +39,64 @@ fn have_mosquitto() -> bool {
     ok
 }
 
+/// Polls `f` every `every` until it gives `Ok(v)`, and answers `v`;
+/// after `secs` seconds panics with `what` and the last `Err` (what was
+/// there instead). Every wait of these tests goes through it (or
+/// [`poll_blocking`] outside async code).
+async fn poll<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() >= until => panic!("waited {secs} s for {what}; last seen: {seen}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// [`poll`] for code that is not async (it sleeps the thread).
+fn poll_blocking<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() >= until => panic!("waited {secs} s for {what}; last seen: {seen}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// [`poll`] for a condition with nothing to show when it is not met.
+async fn wait_until<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    poll(secs, what, || {
+        let fut = f();
+        async move { if fut.await { Ok(()) } else { Err("not yet".to_string()) } }
+    })
+    .await
+}
+
+/// Polls `room`'s timeline readings until there are `n` (or more); answers
+/// them, oldest first.
+async fn wait_readings(c: &Client, room: &str, n: usize, what: &str) -> Vec<Value> {
+    poll(30, what, || async {
+        let r = readings(c, room).await;
+        if r.len() >= n {
+            Ok(r)
+        } else {
+            Err(format!("{} of {n} readings: {r:?}", r.len()))
+        }
+    })
+    .await
+}
+
 /// A Mosquitto broker with persistence, on a fixed port (kept across
 /// restarts) and its own directory; killed when dropped.
 struct Mosquitto {
@@ -101,15 +159,11 @@ impl Mosquitto {
             .spawn()
             .expect("mosquitto");
         self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "mosquitto did not listen: {}",
-                weft_testkit::tail(&self.log, 20)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll_blocking(10, "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .map(drop)
+                .map_err(|e| format!("{e}; log: {}", weft_testkit::tail(&self.log, 20)))
+        });
     }
 
     /// SIGTERM (Mosquitto saves its database), wait, start again.
@@ -366,15 +420,14 @@ command_senders = ["{alice}"]
 
     /// Waits until the log has `n` lines containing `what`.
     fn wait_log(&self, what: &str, n: usize) {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_blocking(20, &format!("{n}× {what:?} in the bridge log"), || {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             if text.matches(what).count() >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!("the log:\n{text}"))
             }
-            assert!(Instant::now() < until, "bridge log never had {n}× {what:?}:\n{text}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     fn kill(&mut self) {
@@ -394,32 +447,19 @@ impl Drop for BridgeProc {
     }
 }
 
-async fn wait_until<F, Fut>(secs: u64, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Joins the device room by its alias once the bridge has made it (and
 /// invited alice).
 async fn join_device(alice: &Client, alias: &str) -> String {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
+    poll(30, &format!("{} to join {alias}", alice.user_id), || async {
         let (status, resp) = alice
             .post(&format!("join/{}", weft_testkit::enc(alias)), json!({}))
             .await;
-        if status == 200 {
-            return resp["room_id"].as_str().unwrap().to_string();
+        match resp["room_id"].as_str() {
+            Some(room) if status == 200 => Ok(room.to_string()),
+            _ => Err(format!("{status} {resp}")),
         }
-        assert!(Instant::now() < until, "joining {alias}: {status} {resp}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// The timeline (non-state) readings of a room, oldest first.
@@ -482,12 +522,9 @@ async fn presets_and_commands(
     let plug_room = join_device(alice, &format!("#_mqtt_plug1:{server_name}")).await;
     let garage_room = join_device(alice, &format!("#_mqtt_garage1:{server_name}")).await;
 
-    wait_until(30, "the readings", || async {
-        readings(alice, &lamp_room).await.len() >= 3
-            && readings(alice, &plug_room).await.len() >= 2
-            && readings(alice, &garage_room).await.len() >= 2
-    })
-    .await;
+    wait_readings(alice, &lamp_room, 3, "the lamp's readings").await;
+    wait_readings(alice, &plug_room, 2, "the plug's readings").await;
+    wait_readings(alice, &garage_room, 2, "the garage's readings").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let lamp_sender = format!("@_mqtt_kitchen_lamp:{server_name}");
@@ -571,8 +608,13 @@ async fn presets_and_commands(
             json!({"msgtype": "m.text", "body": "hello lamp"}),
         )
         .await;
-    wait_until(20, "the commands on the broker", || async {
-        got.lock().unwrap().len() >= 2
+    poll(20, "two commands on the broker", || async {
+        let lines = got.lock().unwrap().clone();
+        if lines.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{lines:?}"))
+        }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -648,10 +690,7 @@ async fn shared_with_a_space(
     bridge.start();
     mq.publish("sensors/old/state", r#"{"n":1,"t":20.25}"#, false);
     let old_room = join_device(alice, &format!("#_mqtt_old:{server_name}")).await;
-    wait_until(30, "the old device's reading", || async {
-        readings(alice, &old_room).await.len() == 1
-    })
-    .await;
+    wait_readings(alice, &old_room, 1, "the old device's reading").await;
     bridge.kill();
 
     let bot = format!("@_mqtt_bot:{server_name}");
@@ -743,10 +782,7 @@ async fn shared_with_a_space(
             "bob joining {device}: {r}"
         );
     }
-    wait_until(30, "the new device's reading", || async {
-        readings(bob, &new_room).await.len() == 1
-    })
-    .await;
+    wait_readings(bob, &new_room, 1, "the new device's reading").await;
     let ts = |r: Vec<Value>| r.iter().map(|e| e["content"]["t"].clone()).collect::<Vec<_>>();
     assert_eq!(
         ts(readings(bob, &old_room).await),
@@ -762,10 +798,7 @@ async fn shared_with_a_space(
     bridge.kill();
     bridge.start();
     mq.publish("sensors/new/state", r#"{"n":3,"t":20.75}"#, false);
-    wait_until(30, "the third reading", || async {
-        readings(bob, &new_room).await.len() == 2
-    })
-    .await;
+    wait_readings(bob, &new_room, 2, "the third reading").await;
     let shared: Vec<(Value, Value)> = alice
         .all_messages(&new_room)
         .await
@@ -929,8 +962,13 @@ async fn no_reading_lost_across_restarts() {
         let room = room.clone();
         let room2 = room2.clone();
         async move {
-            wait_until(60, &format!("{n} readings"), || async {
-                readings(&alice, &room).await.len() >= n && readings(&alice, &room2).await.len() >= n
+            poll(60, &format!("{n} readings of k1 and of k2"), || async {
+                let (a, b) = (readings(&alice, &room).await, readings(&alice, &room2).await);
+                if a.len() >= n && b.len() >= n {
+                    Ok(())
+                } else {
+                    Err(format!("k1: {:?}, k2: {:?}", ns(a), ns(b)))
+                }
             })
             .await;
         }
@@ -1147,22 +1185,22 @@ async fn bench_run(
             .await
             .unwrap();
     }
-    let until = Instant::now() + Duration::from_secs(900);
     let mut all = Vec::new();
     for (d, room) in rooms.iter().enumerate() {
         let want = (0..n).filter(|i| i % devices == d).count();
-        let events = loop {
+        let events = poll(900, &format!("the {want} bench readings of dev{d}"), || async {
             let events: Vec<Value> = readings(alice, room)
                 .await
                 .into_iter()
                 .filter(|e| e["content"].get("i").is_some())
                 .collect();
             if events.len() >= want {
-                break events;
+                Ok(events)
+            } else {
+                Err(format!("{} so far", events.len()))
             }
-            assert!(Instant::now() < until, "timed out waiting for the bench readings");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
+        })
+        .await;
         assert_eq!(events.len(), want);
         let is: Vec<i64> = events.iter().map(|e| e["content"]["i"].as_i64().unwrap()).collect();
         let mut sorted = is.clone();
@@ -1310,10 +1348,7 @@ async fn broker_over_tls() {
         false,
     );
     let room = join_device(&alice, "#_mqtt_t1:localhost").await;
-    wait_until(30, "two readings over TLS", || async {
-        readings(&alice, &room).await.len() >= 2
-    })
-    .await;
+    wait_readings(&alice, &room, 2, "two readings over TLS").await;
     let r = readings(&alice, &room).await;
     assert_eq!(
         r.iter().map(|e| e["content"]["t"].clone()).collect::<Vec<_>>(),
