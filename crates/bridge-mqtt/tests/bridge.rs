@@ -722,11 +722,13 @@ async fn shared_with_a_space(
             weft_testkit::enc(&space),
             weft_testkit::enc(room)
         );
-        wait_until(30, &format!("the space's m.space.child for {device}"), || async {
-            alice.get(&path).await.0 == 200
+        let child = poll(30, &format!("the space's m.space.child for {device}"), || async {
+            match alice.get(&path).await {
+                (200, c) => Ok(c),
+                (st, r) => Err(format!("{st} {r}")),
+            }
         })
         .await;
-        let (_, child) = alice.get(&path).await;
         assert_eq!(child, json!({"via": [server_name]}), "m.space.child of {device}");
         let (st, parent) = alice.state(room, "m.space.parent", &space).await;
         assert_eq!(
@@ -734,11 +736,13 @@ async fn shared_with_a_space(
             (200, json!({"via": [server_name]})),
             "m.space.parent in {device}'s room"
         );
-        wait_until(30, &format!("{device}'s restricted join rule"), || async {
-            alice.state(room, "m.room.join_rules", "").await.1["join_rule"] == "restricted"
+        let rule = poll(30, &format!("{device}'s restricted join rule"), || async {
+            match alice.state(room, "m.room.join_rules", "").await {
+                (200, r) if r["join_rule"] == "restricted" => Ok(r),
+                (st, r) => Err(format!("{st} {r}")),
+            }
         })
         .await;
-        let (_, rule) = alice.state(room, "m.room.join_rules", "").await;
         assert_eq!(
             rule,
             json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]})
