@@ -124,6 +124,23 @@ impl Api {
         .await
     }
 
+    /// `POST /join/{roomIdOrAlias}`; returns the room ID.
+    pub async fn join_alias(&self, token: &str, alias: &str) -> Result<String> {
+        let resp = self
+            .http
+            .post(self.url(&format!("/_matrix/client/v3/join/{}", encode_segment(alias))))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("join {alias}: {status} {v}");
+        }
+        Ok(v["room_id"].as_str().context("join without room_id")?.to_owned())
+    }
+
     /// `POST /join/{roomId}?via=SERVER`: a room of another server.
     pub async fn join_via(&self, token: &str, room_id: &str, server: &str) -> Result<()> {
         let path = format!(

@@ -8,6 +8,7 @@
 //! 127.0.0.1 (or the given URL), and every loop is bounded in count and time.
 
 mod api;
+mod bridge;
 mod doors;
 mod media;
 mod scenarios;
@@ -50,6 +51,9 @@ pub enum Scenario {
     /// Two federating servers: events sent on one, received through the
     /// other's /sync (PDUs per second, send-to-remote-sync latency).
     Federation,
+    /// MQTT readings from Mosquitto through `weft-bridge-mqtt` into rooms:
+    /// readings/s and publish-to-/sync latency.
+    Bridge,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -196,6 +200,24 @@ pub struct Opts {
     /// federation, throughput run: requests in flight.
     #[arg(long, default_value_t = 32)]
     pub federation_inflight: usize,
+
+    /// bridge: the `weft-bridge-mqtt` binary [default: next to this
+    /// executable, rebuilt first when run through cargo].
+    #[arg(long)]
+    pub bridge_bin: Option<PathBuf>,
+    /// bridge: readings published per run (QoS 1).
+    #[arg(long, default_value_t = 2_000)]
+    pub bridge_readings: u64,
+    /// bridge: devices they are spread over (round robin; one room each).
+    #[arg(long, default_value_t = 4)]
+    pub bridge_devices: usize,
+    /// bridge: publish rates, readings per second, one run each (0: as fast
+    /// as the broker takes them).
+    #[arg(long, value_delimiter = ',', default_value = "0,200")]
+    pub bridge_rates: Vec<u64>,
+    /// bridge: time limit per run (publishing and receiving), seconds.
+    #[arg(long, default_value_t = 120)]
+    pub bridge_max_secs: u64,
 }
 
 /// Microseconds since the benchmark started (the clock carried in events).
@@ -260,7 +282,16 @@ impl Bench {
     /// [`Bench::target`]; with `doors`, a spawned server's MQTT and CoAP
     /// addresses are known too (an external server has none).
     pub async fn target_with(&self, users: usize, label: &str, doors: bool) -> Result<Target> {
-        self.make_target(users, label, doors, false).await
+        self.make_target(users, label, doors, false, &[]).await
+    }
+
+    /// A fresh spawned server (never the --url server) with `env` added
+    /// to its environment, with `users` registered users.
+    pub async fn target_env(&self, users: usize, label: &str, env: &[(&str, String)]) -> Result<Target> {
+        if self.opts.url.is_some() {
+            bail!("this scenario configures the server it spawns; it cannot use --url");
+        }
+        self.make_target(users, label, false, false, env).await
     }
 
     /// A fresh spawned server with a federation listener (never the --url
@@ -269,10 +300,17 @@ impl Bench {
         if self.opts.url.is_some() {
             bail!("the federation scenario spawns its own two servers; it cannot use --url");
         }
-        self.make_target(users, label, false, true).await
+        self.make_target(users, label, false, true, &[]).await
     }
 
-    async fn make_target(&self, users: usize, label: &str, doors: bool, federating: bool) -> Result<Target> {
+    async fn make_target(
+        &self,
+        users: usize,
+        label: &str,
+        doors: bool,
+        federating: bool,
+        env: &[(&str, String)],
+    ) -> Result<Target> {
         let users = users.max(1);
         let n = self.targets_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let label = format!("{label}{n}x");
@@ -308,6 +346,8 @@ impl Bench {
         let (data, log) = (dir.path().join("data"), dir.path().join("server.log"));
         let server = if federating {
             launcher.spawn_federating(&data, &log, STARTUP_TIMEOUT).await?
+        } else if !env.is_empty() {
+            launcher.spawn_env(&data, &log, STARTUP_TIMEOUT, doors, env).await?
         } else {
             launcher.spawn_with(&data, &log, STARTUP_TIMEOUT, doors).await?
         };
@@ -368,7 +408,7 @@ fn find_weft_bin(opts: &Opts) -> Result<PathBuf> {
     let dir = exe.parent().context("executable has no directory")?;
     let bin = dir.join(format!("weft{}", std::env::consts::EXE_SUFFIX));
     if let Some(cargo) = std::env::var_os("CARGO") {
-        build_weft(Path::new(&cargo), dir)?;
+        build_bin(Path::new(&cargo), dir, "weft", "weft")?;
     }
     if !bin.is_file() {
         bail!(
@@ -379,12 +419,37 @@ fn find_weft_bin(opts: &Opts) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// `cargo build -p weft` with the profile and target dir of this executable.
-fn build_weft(cargo: &Path, profile_dir: &Path) -> Result<()> {
+/// Finds the `weft-bridge-mqtt` binary like [`find_weft_bin`]:
+/// --bridge-bin, else next to this executable (rebuilt under cargo).
+pub fn find_bridge_bin(opts: &Opts) -> Result<PathBuf> {
+    if let Some(bin) = &opts.bridge_bin {
+        if !bin.is_file() {
+            bail!("--bridge-bin {} does not exist", bin.display());
+        }
+        return Ok(bin.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    let bin = dir.join(format!("weft-bridge-mqtt{}", std::env::consts::EXE_SUFFIX));
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        build_bin(Path::new(&cargo), dir, "weft-bridge-mqtt", "weft-bridge-mqtt")?;
+    }
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p weft-bridge-mqtt` or pass --bridge-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// `cargo build -p PACKAGE --bin BIN` with the profile and target dir of
+/// this executable.
+fn build_bin(cargo: &Path, profile_dir: &Path, package: &str, bin: &str) -> Result<()> {
     let target_dir = profile_dir.parent().context("no target dir")?;
     let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("release");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "weft", "--bin", "weft"])
+    cmd.args(["build", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", target_dir)
         .stdout(std::process::Stdio::null());
     match profile {
@@ -458,6 +523,7 @@ async fn run(opts: Opts) -> (Value, bool) {
             Scenario::Mqtt => ("mqtt", doors::mqtt(&bench).await),
             Scenario::Media => ("media", media::media(&bench).await),
             Scenario::Federation => ("federation", scenarios::federation(&bench).await),
+            Scenario::Bridge => ("bridge", bridge::bridge(&bench).await),
         };
         let value = match result {
             Ok(v) => v,

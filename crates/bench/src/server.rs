@@ -83,7 +83,7 @@ impl Launcher {
         }
     }
 
-    async fn spawn_env(
+    pub async fn spawn_env(
         &self,
         data_dir: &Path,
         log: &Path,

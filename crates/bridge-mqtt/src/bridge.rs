@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::extract::{Path as UrlPath, Query, State as AxState};
+use axum::extract::{Path as UrlPath, Query, Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router as AxRouter};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
@@ -37,6 +39,12 @@ pub struct Bridge {
     z2m_info: std::sync::Mutex<HashMap<String, String>>,
     /// Events from transactions, to the command worker.
     commands: mpsc::UnboundedSender<Value>,
+    /// The room IDs of `bridge.spaces`, in its order, once the bridge's
+    /// user is in them (`None`: not yet; tried again when needed).
+    spaces: Mutex<Vec<Option<String>>>,
+    /// Held while a device room is being shared (one at a time, so two
+    /// never both find something missing and both send it).
+    sharing: Mutex<()>,
 }
 
 /// Calls `f` until the homeserver answers: a refusal is logged and gives
@@ -119,6 +127,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         mqtt: mqtt.clone(),
         seen_txns: Default::default(),
         z2m_info: Default::default(),
+        spaces: Mutex::new(vec![None; cfg.bridge.spaces.len()]),
+        sharing: Mutex::new(()),
         cfg,
     });
 
@@ -127,12 +137,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         .route("/_matrix/app/v1/ping", post(ping))
         .route("/_matrix/app/v1/users/{id}", get(not_found))
         .route("/_matrix/app/v1/rooms/{alias}", get(not_found))
+        .route_layer(axum::middleware::from_fn_with_state(bridge.clone(), require_hs_token))
         .with_state(bridge.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("transactions endpoint: {e}");
         }
     });
+
+    // Device rooms made before `bridge.spaces` named a room are shared
+    // with it now (nothing is done twice).
+    {
+        let bridge = bridge.clone();
+        tokio::spawn(async move { bridge.share_all().await });
+    }
 
     {
         let bridge = bridge.clone();
@@ -349,6 +367,7 @@ impl Bridge {
                 "name": device.name,
                 "topic": info.unwrap_or_else(|| format!("MQTT device {}, bridged by weft-bridge-mqtt", device.name)),
                 "preset": "private_chat",
+                "room_version": self.cfg.bridge.room_version,
                 "invite": self.cfg.bridge.invite,
             });
             match self.hs.create_room(&puppet, &body).await {
@@ -383,7 +402,125 @@ impl Bridge {
         if let Err(e) = st.save() {
             tracing::error!("state file: {e:#}");
         }
+        drop(st);
+        self.share(&room, &puppet).await;
         Some(room)
+    }
+
+    fn bot(&self) -> String {
+        self.hs.user_id(&self.cfg.appservice.sender_localpart)
+    }
+
+    /// The room IDs of `bridge.spaces` the bridge's user is in: each not
+    /// yet joined is joined now (by ID or alias); one it cannot join (not
+    /// invited) is logged and left out until the next try.
+    async fn spaces(&self) -> Vec<String> {
+        let bot = self.bot();
+        let mut known = self.spaces.lock().await;
+        for (slot, name) in known.iter_mut().zip(&self.cfg.bridge.spaces) {
+            if slot.is_some() {
+                continue;
+            }
+            match self.hs.join(name, &bot).await {
+                Ok(id) => {
+                    eprintln!("weft-bridge-mqtt: sharing device rooms with {name} ({id})");
+                    *slot = Some(id);
+                }
+                Err(e) => tracing::error!(
+                    "bridge.spaces: {bot} cannot join {name} ({e}): invite it there and give it the power \
+                     to send m.space.child; device rooms are not shared with {name} until then"
+                ),
+            }
+        }
+        let mut ids: Vec<String> = Vec::new();
+        for id in known.iter().flatten() {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
+    }
+
+    /// Every known device room, shared with `bridge.spaces` (at start-up,
+    /// and when the bridge's user is invited somewhere).
+    async fn share_all(&self) {
+        if self.cfg.bridge.spaces.is_empty() {
+            return;
+        }
+        let rooms: Vec<(String, String)> = self
+            .state
+            .lock()
+            .await
+            .saved
+            .rooms
+            .values()
+            .map(|r| (r.room_id.clone(), self.puppet(&r.device.key)))
+            .collect();
+        for (room, puppet) in rooms {
+            self.share(&room, &puppet).await;
+        }
+    }
+
+    /// Shares a device room with the rooms of `bridge.spaces`: in each, an
+    /// `m.space.child` for it (sent by the bridge's user); in the device
+    /// room, an `m.space.parent` for each and the join rule `restricted`
+    /// to their members (sent by its puppet, the room's creator). What is
+    /// there already is not sent again; a refusal is logged.
+    async fn share(&self, room: &str, puppet: &str) {
+        if self.cfg.bridge.spaces.is_empty() {
+            return;
+        }
+        let _one_at_a_time = self.sharing.lock().await;
+        let spaces = self.spaces().await;
+        if spaces.is_empty() {
+            return;
+        }
+        let bot = self.bot();
+        let via = json!({"via": [self.hs.server_name]});
+        let has_via = |c: &Option<Option<Value>>| matches!(c, Some(Some(v)) if v["via"].as_array().is_some_and(|a| !a.is_empty()));
+        for space in &spaces {
+            let child = retry(&format!("m.space.child {room} in {space}"), || {
+                self.hs.get_state(space, "m.space.child", room, &bot)
+            })
+            .await;
+            if !has_via(&child)
+                && retry(&format!("adding {room} to {space}"), || {
+                    self.hs.put_state(space, "m.space.child", room, &via, &bot)
+                })
+                .await
+                .is_none()
+            {
+                tracing::error!(
+                    "bridge.spaces: {bot} may not send m.space.child in {space}: give it that power there \
+                     (device room {room} is not listed in it)"
+                );
+            }
+            let parent = retry(&format!("m.space.parent {space} in {room}"), || {
+                self.hs.get_state(room, "m.space.parent", space, puppet)
+            })
+            .await;
+            if !has_via(&parent) {
+                retry(&format!("m.space.parent {space} in {room}"), || {
+                    self.hs.put_state(room, "m.space.parent", space, &via, puppet)
+                })
+                .await;
+            }
+        }
+        let rule = json!({
+            "join_rule": "restricted",
+            "allow": spaces.iter().map(|s| json!({"type": "m.room_membership", "room_id": s})).collect::<Vec<_>>(),
+        });
+        let now = retry(&format!("join rule of {room}"), || {
+            self.hs.get_state(room, "m.room.join_rules", "", puppet)
+        })
+        .await
+        .flatten();
+        if now.as_ref() != Some(&rule) {
+            retry(&format!("restricted join rule of {room}"), || {
+                self.hs.put_state(room, "m.room.join_rules", "", &rule, puppet)
+            })
+            .await;
+        }
     }
 
     async fn z2m_devices(&self, payload: &[u8]) {
@@ -475,6 +612,15 @@ impl Bridge {
     async fn room_event(self: &Arc<Self>, ev: &Value) {
         let sender = ev["sender"].as_str().unwrap_or("");
         let room = ev["room_id"].as_str().unwrap_or("");
+        // Invited (into a room of `bridge.spaces`, say): share there.
+        if ev["type"] == "m.room.member"
+            && ev["content"]["membership"] == "invite"
+            && ev["state_key"].as_str() == Some(self.bot().as_str())
+        {
+            let bridge = self.clone();
+            tokio::spawn(async move { bridge.share_all().await });
+            return;
+        }
         if sender.starts_with(&format!("@{PREFIX}")) || sender == self.hs.user_id(&self.cfg.appservice.sender_localpart)
         {
             return;
@@ -574,25 +720,34 @@ fn merge_commands(saved: &mut Device, new: &Device) -> bool {
     }
 }
 
-/// The homeserver's token check: `Ok` for the right `hs_token`, else the
-/// spec's answer (401 `M_UNAUTHORIZED` without a token, 403 `M_FORBIDDEN`
-/// for a wrong one).
-fn hs_token_ok(b: &Bridge, h: &HeaderMap, q: &HashMap<String, String>) -> Result<(), (StatusCode, Json<Value>)> {
+/// The homeserver's token check, in front of every `/_matrix/app` route:
+/// the right `hs_token` (`Authorization: Bearer`, or the older
+/// `?access_token=`) passes; else the spec's answer, 401 `M_UNAUTHORIZED`
+/// without a token, 403 `M_FORBIDDEN` for a wrong one.
+async fn require_hs_token(
+    AxState(b): AxState<Arc<Bridge>>,
+    Query(q): Query<HashMap<String, String>>,
+    h: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = h
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or(q.get("access_token").map(String::as_str));
     match given {
-        None => Err((
+        None => (
             StatusCode::UNAUTHORIZED,
             Json(json!({"errcode": "M_UNAUTHORIZED", "error": "no hs_token"})),
-        )),
-        Some(t) if constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()) => Ok(()),
-        Some(_) => Err((
+        )
+            .into_response(),
+        Some(t) if constant_eq(t.as_bytes(), b.cfg.appservice.hs_token.as_bytes()) => next.run(req).await,
+        Some(_) => (
             StatusCode::FORBIDDEN,
             Json(json!({"errcode": "M_FORBIDDEN", "error": "wrong hs_token"})),
-        )),
+        )
+            .into_response(),
     }
 }
 
@@ -603,13 +758,8 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 async fn transaction(
     AxState(b): AxState<Arc<Bridge>>,
     UrlPath(txn): UrlPath<String>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -636,25 +786,11 @@ async fn transaction(
     (StatusCode::OK, Json(json!({})))
 }
 
-async fn ping(
-    AxState(b): AxState<Arc<Bridge>>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
-    (StatusCode::OK, Json(json!({})))
+async fn ping() -> Json<Value> {
+    Json(json!({}))
 }
 
-async fn not_found(
-    AxState(b): AxState<Arc<Bridge>>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if let Err(e) = hs_token_ok(&b, &h, &q) {
-        return e;
-    }
+async fn not_found() -> (StatusCode, Json<Value>) {
     (
         StatusCode::NOT_FOUND,
         Json(json!({"errcode": "M_NOT_FOUND", "error": "rooms are made when a device first publishes"})),

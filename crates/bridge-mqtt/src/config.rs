@@ -85,6 +85,15 @@ pub struct Bridge {
     /// Users invited to every device room.
     #[serde(default)]
     pub invite: Vec<String>,
+    /// Rooms (usually spaces; IDs or aliases) every device room is shared
+    /// with: added as their `m.space.child`, and joinable by their members
+    /// (join rule `restricted`).
+    #[serde(default)]
+    pub spaces: Vec<String>,
+    /// The room version of new device rooms (8 or later has restricted
+    /// joins, which `spaces` needs).
+    #[serde(default = "default_room_version")]
+    pub room_version: String,
     /// Users whose commands are published (`"*"`: any member of the room).
     #[serde(default)]
     pub command_senders: Vec<String>,
@@ -102,6 +111,8 @@ impl Default for Bridge {
         Bridge {
             presets: default_presets(),
             invite: Vec::new(),
+            spaces: Vec::new(),
+            room_version: default_room_version(),
             command_senders: Vec::new(),
             state_file: default_state_file(),
             reading_type: default_reading_type(),
@@ -171,6 +182,9 @@ fn default_presets() -> Vec<String> {
 fn default_state_file() -> PathBuf {
     "bridge-mqtt-state".into()
 }
+fn default_room_version() -> String {
+    "10".into()
+}
 fn default_reading_type() -> String {
     "org.weft.mqtt.reading".into()
 }
@@ -220,6 +234,11 @@ impl Config {
             .chain(self.bridge.command_senders.iter().filter(|u| *u != "*"))
         {
             ruma::UserId::parse(u.as_str()).with_context(|| format!("{u:?} is not a user ID"))?;
+        }
+        for r in &self.bridge.spaces {
+            if ruma::RoomId::parse(r.as_str()).is_err() && ruma::RoomAliasId::parse(r.as_str()).is_err() {
+                bail!("bridge.spaces: {r:?} is neither a room ID nor a room alias");
+            }
         }
         for m in &self.mapping {
             crate::mapping::Pattern::parse(&m.topic).with_context(|| format!("mapping topic {:?}", m.topic))?;
@@ -309,6 +328,13 @@ mod tests {
         let err = |t: &str| format!("{:#}", load(t).unwrap_err());
         assert!(err(&format!("{BASE}[bridge]\npresets = [\"shelly\"]\n")).contains("unknown preset"));
         assert!(err(&format!("{BASE}[bridge]\ninvite = [\"alice\"]\n")).contains("not a user ID"));
+        assert!(err(&format!("{BASE}[bridge]\nspaces = [\"lab\"]\n")).contains("neither a room ID"));
+        assert!(
+            load(&format!(
+                "{BASE}[bridge]\nspaces = [\"!a:example.org\", \"#lab:example.org\"]\n"
+            ))
+            .is_ok()
+        );
         assert!(err(&format!("{BASE}[[mapping]]\ntopic = \"a/+/b\"\n")).contains("+device"));
         assert!(err(&BASE.replace("hs_token = \"h\"", "hs_token = \"a\"")).contains("must differ"));
         assert!(err(&format!("{BASE}typo = 1\n")).contains("unknown field"));

@@ -135,4 +135,29 @@ impl Homeserver {
         let v = self.call(Method::PUT, url, Some(content)).await?;
         Ok(v["event_id"].as_str().unwrap_or("").to_string())
     }
+
+    /// Joins a room (by ID or alias) as `as_user`; answers the room ID.
+    pub async fn join(&self, room_or_alias: &str, as_user: &str) -> HsResult<String> {
+        let v = self
+            .call(
+                Method::POST,
+                self.url(&["join", room_or_alias], Some(as_user)),
+                Some(&json!({})),
+            )
+            .await?;
+        v["room_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| HsError::Retry(format!("join answered without room_id: {v}")))
+    }
+
+    /// The content of a current state event, `None` if there is none.
+    pub async fn get_state(&self, room: &str, ty: &str, key: &str, as_user: &str) -> HsResult<Option<Value>> {
+        let url = self.url(&["rooms", room, "state", ty, key], Some(as_user));
+        match self.call(Method::GET, url, None).await {
+            Ok(v) => Ok(Some(v)),
+            Err(HsError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }

@@ -608,6 +608,55 @@ impl Rooms {
         Ok((c.power_of(user.as_str()) >= needed, c.latest()))
     }
 
+    /// For a join to a room with a `restricted` (or `knock_restricted`)
+    /// join rule: the rule's `allow` room IDs (`m.room_membership` entries)
+    /// and a joined member of `server` with the power to invite, who can
+    /// sign for the join (`join_authorised_via_users_server`; the most
+    /// powerful, then the smallest ID). `None` when the room's join rule is
+    /// not one of those or its version has no restricted joins.
+    pub async fn restricted_join(
+        &self,
+        room_id: &RoomId,
+        server: &ruma::ServerName,
+    ) -> Result<Option<(Vec<OwnedRoomId>, Option<ruma::OwnedUserId>)>> {
+        self.with_view(room_id, |c| {
+            let auth = &c.rules.authorization;
+            let rule: serde_json::Value = c
+                .state
+                .get(&("m.room.join_rules".to_owned(), String::new()))
+                .and_then(|p| serde_json::from_str(p.content.get()).ok())
+                .unwrap_or_default();
+            let restricted = match rule["join_rule"].as_str() {
+                Some("restricted") => auth.restricted_join_rule,
+                Some("knock_restricted") => auth.knock_restricted_join_rule,
+                _ => false,
+            };
+            if !restricted {
+                return None;
+            }
+            let allow = rule["allow"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["type"] == "m.room_membership")
+                .filter_map(|a| a["room_id"].as_str().and_then(|r| OwnedRoomId::try_from(r).ok()))
+                .collect();
+            let needed = c.power_for("invite", 0);
+            let authoriser = c
+                .state
+                .iter()
+                .filter(|((t, _), p)| t == "m.room.member" && query::membership_of(p).as_deref() == Some("join"))
+                .filter_map(|((_, k), _)| UserId::parse(k.as_str()).ok())
+                .filter(|u| u.server_name() == server)
+                .map(|u| (c.power_of(u.as_str()), u))
+                .filter(|(p, _)| *p >= needed)
+                .max_by(|(pa, ua), (pb, ub)| pa.cmp(pb).then_with(|| ub.cmp(ua)))
+                .map(|(_, u)| u);
+            Some((allow, authoriser))
+        })
+        .await
+    }
+
     pub fn default_version(&self) -> &RoomVersionId {
         &self.default_version
     }

@@ -311,11 +311,20 @@ impl Services {
         if !known {
             return Err(Error::not_found("Room not found"));
         }
-        if self.rooms.membership(&room_id, user_id).await?.as_deref() == Some("join") {
+        let membership = self.rooms.membership(&room_id, user_id).await?;
+        if membership.as_deref() == Some("join") {
             return Ok(room_id);
         }
         let mut content = self.profile_content(user_id).await?;
         content.insert("membership".into(), CanonicalJsonValue::String("join".into()));
+        if membership.as_deref() != Some("invite")
+            && let Some(authoriser) = self.restricted_join_authoriser(user_id, &room_id).await?
+        {
+            content.insert(
+                "join_authorised_via_users_server".into(),
+                CanonicalJsonValue::String(authoriser.to_string()),
+            );
+        }
         self.rooms
             .send(
                 &room_id,
@@ -324,6 +333,35 @@ impl Services {
             )
             .await?;
         Ok(room_id)
+    }
+
+    /// A join to a room with a `restricted` join rule (spec: "Restricted
+    /// rooms"): allowed for a joined member of one of the rule's `allow`
+    /// rooms (those this server is in), and then signed for by a member of
+    /// ours who may invite (`None`: the room is not restricted, the join
+    /// rule decides). `M_FORBIDDEN` when the user is in none of the rooms or
+    /// no member of ours can invite.
+    async fn restricted_join_authoriser(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<OwnedUserId>> {
+        let Some((allow, authoriser)) = self.rooms.restricted_join(room_id, &self.server_name).await? else {
+            return Ok(None);
+        };
+        let mut allowed = false;
+        for room in &allow {
+            if self.store.room_info(room.as_str()).await?.is_some()
+                && self.rooms.membership(room, user_id).await?.as_deref() == Some("join")
+            {
+                allowed = true;
+                break;
+            }
+        }
+        if !allowed {
+            return Err(Error::forbidden(
+                "You are not invited to this room, nor a member of a room that gives access to it",
+            ));
+        }
+        authoriser
+            .map(Some)
+            .ok_or_else(|| Error::forbidden("No member of this server can let you into this room"))
     }
 
     /// Sends a membership change for `target` (invite, leave, kick, ban, unban).

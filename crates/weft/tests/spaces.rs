@@ -125,3 +125,80 @@ async fn hierarchy_walks_children_the_caller_may_see() {
     );
     assert_err(&alice.get(&format!("{path}?from=x")).await, 400, "M_INVALID_PARAM");
 }
+
+/// A room whose join rule is `restricted` to a space lets the space's
+/// members in without an invite: their join carries
+/// `join_authorised_via_users_server`, a member of ours who may invite
+/// (spec: "Restricted rooms"). Anyone else gets `M_FORBIDDEN`, and so
+/// does a member of the space once they left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restricted_room_lets_members_of_the_allowed_room_join() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    let space = alice
+        .create_room(json!({"preset": "public_chat", "name": "Lab", "creation_content": {"type": "m.space"}}))
+        .await;
+    let room = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "room_version": "10",
+            "initial_state": [{
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]},
+            }],
+        }))
+        .await;
+    add_child(&alice, &space, &room, false).await;
+    alice.send_text(&room, "t1", "inside").await;
+
+    // carol is in no allowed room: refused, and her join left no event.
+    assert_err(
+        &carol.post(&format!("join/{}", enc(&room)), json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let (st, _) = alice.state(&room, "m.room.member", &carol.user_id).await;
+    assert_eq!(st, 404, "carol has no membership in the restricted room");
+
+    // bob joins the space, then the room, uninvited.
+    bob.join(&space).await;
+    let (st, r) = bob.post(&format!("join/{}", enc(&room)), json!({})).await;
+    assert_eq!((st, r["room_id"].as_str()), (200, Some(room.as_str())), "{r}");
+    let (st, member) = alice.state(&room, "m.room.member", &bob.user_id).await;
+    assert_eq!(st, 200, "{member}");
+    assert_eq!(member["membership"], "join");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        alice.user_id.as_str(),
+        "alice (the only member of ours, with the power to invite) signs for it"
+    );
+    let texts: Vec<String> = bob
+        .all_messages(&room)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(texts, ["inside"], "bob reads the room");
+
+    // A member who left the space is no longer let in.
+    let (st, _) = bob.post(&format!("rooms/{}/leave", enc(&room)), json!({})).await;
+    assert_eq!(st, 200);
+    let (st, _) = bob.post(&format!("rooms/{}/leave", enc(&space)), json!({})).await;
+    assert_eq!(st, 200);
+    assert_err(
+        &bob.post(&format!("join/{}", enc(&room)), json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
+
+    // An invited user needs no allowed room (and no authorising user).
+    alice.invite(&room, &carol.user_id).await;
+    carol.join(&room).await;
+    let (_, member) = alice.state(&room, "m.room.member", &carol.user_id).await;
+    assert_eq!(member["membership"], "join");
+    assert!(member.get("join_authorised_via_users_server").is_none(), "{member}");
+}
