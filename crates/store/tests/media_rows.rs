@@ -11,7 +11,6 @@ both!(
     deleting_answers_only_blobs_no_row_names
 );
 
-
 use weft_store::{MediaContent, MediaQuery, MediaRecord, MediaUsage, ThumbnailRecord};
 
 fn content(sha: &str, size: u64) -> MediaContent {

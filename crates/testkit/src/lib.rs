@@ -31,8 +31,8 @@ pub mod synapse;
 
 pub use client::{BIG_TIMELINE_FILTER, Client, assert_err, event_ids, of_type, query, room_with, timeline};
 pub use server::{DEFAULT_SERVER_NAME, TestServer, TestServerBuilder, data_dir_of};
-pub use weft_store::pg_testing::PgTestDb;
 pub use synapse::{Synapse, SynapseBuilder, synapse_or_skip, synapse_or_skip_with};
+pub use weft_store::pg_testing::PgTestDb;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
