@@ -129,7 +129,7 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
         // announces it once per leaver who was typing; once is the same
         // news.)
         if typing_stopped > 0 {
-            typing_changed(c, ctx, &ev.room_id, p).map_err(pg_err)?;
+            super::ephemeral::typing_changed(c, ctx, &ev.room_id, p).map_err(pg_err)?;
         }
     }
     if let Some((target, redacted_json)) = &ev.redaction {
@@ -506,18 +506,6 @@ impl<'a> StateRows<'a> {
         );
         true
     }
-}
-
-/// Records that the typers of `room` changed at stream position `p`
-/// (announced as `Typing`).
-pub(crate) fn typing_changed(c: &mut PgConn, ctx: &mut WriterCtx, room: &str, p: i64) -> PgResult<()> {
-    c.execute(
-        "INSERT INTO typing_rooms (room_id, position) VALUES ($1, $2) \
-         ON CONFLICT (room_id) DO UPDATE SET position = excluded.position",
-        &[&room, &p],
-    )?;
-    ctx.changes.push((p, StreamKey::Typing(room.to_owned())));
-    Ok(())
 }
 
 pub(super) async fn room_info(s: &PgStore, room_id: &str) -> Result<Option<RoomRecord>> {
