@@ -563,8 +563,10 @@ async fn a_backfilled_outlier_takes_its_place_in_the_timeline(b: Backend) {
         .iter()
         .all(|id| *id != "$bob")
     );
-    // ... and backfill brings it as a timeline event.
+    // ... and backfill brings it as a timeline event (with search text,
+    // as a name or topic has).
     bob.kind = EventKind::Backfilled;
+    bob.search_text = Some("bob joins".into());
     bob.state_before = Some(1);
     bob.state_after = Some(4);
     bob.new_groups = vec![NewStateGroup {

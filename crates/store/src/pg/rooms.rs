@@ -36,6 +36,8 @@ pub(crate) const PDU_JSON: &str = r"replace(e.pdu_json, '\u0000', '\u0001')::jso
 pub(super) struct Built<'a> {
     ctes: Vec<String>,
     pub(super) params: Vec<&'a (dyn ToSql + Sync)>,
+    /// Each parameter's reference with its type (`$n::TYPE`).
+    typed: Vec<String>,
 }
 
 impl<'a> Built<'a> {
@@ -43,13 +45,16 @@ impl<'a> Built<'a> {
         Self {
             ctes: Vec::new(),
             params: Vec::new(),
+            typed: Vec::new(),
         }
     }
 
     /// Adds a parameter; answers its reference (`$n::TYPE`).
     pub(super) fn p(&mut self, v: &'a (dyn ToSql + Sync), ty: &str) -> String {
         self.params.push(v);
-        format!("${}::{ty}", self.params.len())
+        let r = format!("${}::{ty}", self.params.len());
+        self.typed.push(r.clone());
+        r
     }
 
     pub(super) fn cte(&mut self, name: &str, body: String) {
@@ -64,7 +69,14 @@ impl<'a> Built<'a> {
         if self.ctes.is_empty() {
             select.to_owned()
         } else {
-            format!("WITH {} {select}", self.ctes.join(", "))
+            // Every parameter named once with its type, even one no part
+            // of this statement uses (PostgreSQL must know each type; an
+            // unreferenced CTE is parsed, never run).
+            format!(
+                "WITH params AS (SELECT {}), {} {select}",
+                self.typed.join(", "),
+                self.ctes.join(", ")
+            )
         }
     }
 }
@@ -189,6 +201,7 @@ fn write_event(c: &mut PgConn, ev: &NewEvent, p: i64, insert_row: bool, linear: 
         None
     };
     let changes = StateRows::new(ev);
+    let search_text = ev.search_text.as_deref().map(fold_diacritics);
 
     let mut b = Built::new();
     let room = b.p(&ev.room_id, "TEXT");
@@ -260,7 +273,7 @@ fn write_event(c: &mut PgConn, ev: &NewEvent, p: i64, insert_row: bool, linear: 
             ),
         );
     }
-    if let Some(text) = ev.search_text.as_ref().filter(|_| served) {
+    if let Some(text) = search_text.as_ref().filter(|_| served) {
         let column = match ev.event_type.as_str() {
             "m.room.name" => "name",
             "m.room.topic" => "topic",
@@ -696,6 +709,16 @@ pub(super) async fn threads(
     .await
 }
 
+/// Text as the search index holds it: without diacritics (`é` → `e`), as
+/// FTS5's `remove_diacritics` folds them on SQLite (PostgreSQL's
+/// `unaccent` is an extension a database may not have). Applied to the
+/// stored text and to the query's words alike.
+pub(crate) fn fold_diacritics(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    use unicode_normalization::char::is_combining_mark;
+    text.nfd().filter(|c| !is_combining_mark(*c)).nfc().collect()
+}
+
 /// services' FTS5 query (`"w1"* "w2"*`: every word required, as a prefix)
 /// as a `to_tsquery` text: `'w1':* & 'w2':*`.
 fn ts_query(fts: &str) -> String {
@@ -703,15 +726,15 @@ fn ts_query(fts: &str) -> String {
         .skip(1)
         .step_by(2)
         .filter(|w| !w.is_empty())
-        .map(|w| format!("'{}':*", w.replace('\\', "\\\\").replace('\'', "''")))
+        .map(|w| format!("'{}':*", fold_diacritics(w).replace('\\', "\\\\").replace('\'', "''")))
         .collect::<Vec<_>>()
         .join(" & ")
 }
 
 /// Full-text search (FTS5 on SQLite, a `tsvector` here): results differ
 /// from SQLite's at the edges: PostgreSQL's parser splits words its own
-/// way (`simple` configuration: lower-cased, no stemming, no stop words)
-/// and folds no accents (FTS5's `remove_diacritics` does); the rank is
+/// way (`simple` configuration: lower-cased, no stemming, no stop words;
+/// diacritics are folded before, see [`fold_diacritics`]); the rank is
 /// `-ts_rank` (lower is better, as FTS5's bm25 `rank`), not bm25.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn search_events(
