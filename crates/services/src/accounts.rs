@@ -100,9 +100,29 @@ fn device_json(d: weft_store::DeviceRecord) -> serde_json::Value {
     v
 }
 
+/// What every access token starts with, and the length of the base64
+/// (URL-safe, unpadded) of its 24 random bytes after it.
+const TOKEN_PREFIX: &str = "wft_";
+const TOKEN_BODY_LEN: usize = 32;
+
 fn new_token() -> String {
     let bytes: [u8; 24] = rand::thread_rng().r#gen();
-    format!("wft_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Whether `token` could be one [`new_token`] made: anything else is
+/// unknown without asking the database (a flood of garbage tokens costs
+/// no query).
+fn may_be_token(token: &str) -> bool {
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|body| {
+        body.len() == TOKEN_BODY_LEN
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// Argon2 takes ~19 MiB per hash: at most this many run at once, so a
@@ -314,7 +334,11 @@ impl Accounts {
     /// flood of made-up tokens gets `M_LIMIT_EXCEEDED` like anonymous
     /// requests do.
     pub async fn authenticate(&self, token: &str, ip: Option<IpAddr>) -> Result<Session> {
-        let owner = self.store.lookup_token(&token_hash(token)).await?;
+        let owner = if may_be_token(token) {
+            self.store.lookup_token(&token_hash(token)).await?
+        } else {
+            None
+        };
         let Some(owner) = owner else {
             if let Some(ip) = ip {
                 self.requests.check(&format!("ip:{ip}"))?;
@@ -531,3 +555,24 @@ impl Accounts {
 /// does not exist.
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$3l3Gd0G+gTrCCUFGJ9Yyj+o8PZ8Dg3w8Bq0l4mRi5Jg";
+
+#[cfg(test)]
+mod token_shape_tests {
+    use super::*;
+
+    #[test]
+    fn every_made_token_has_the_shape_and_garbage_does_not() {
+        for _ in 0..1000 {
+            let t = new_token();
+            assert!(may_be_token(&t), "{t}");
+        }
+        for bad in ["", "x", "wft_", "wft_short", "syt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+            assert!(!may_be_token(bad), "{bad}");
+        }
+        let mut t = new_token();
+        t.push('A');
+        assert!(!may_be_token(&t), "one character too long");
+        let t = new_token().replacen('_', "+", 2);
+        assert!(!may_be_token(&t), "{t}");
+    }
+}
