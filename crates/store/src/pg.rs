@@ -71,9 +71,8 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> Error {
     Error::internal(format!("database: {e}"))
 }
 
-/// A driver error as Weft's: text PostgreSQL cannot store (a NUL
-/// character, which SQLite takes) is the client's bad input, not a server
-/// fault; anything else is internal.
+/// A driver error as an internal one. The driver's own message is just
+/// "db error": this names the server's, with its SQLSTATE.
 fn pg_err_ref(e: &postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) => db_err(format_args!("{} ({})", db.message(), db.code().code())),
@@ -81,17 +80,16 @@ fn pg_err_ref(e: &postgres::Error) -> Error {
     }
 }
 
+/// A driver error as Weft's: text PostgreSQL cannot store (a NUL
+/// character, which SQLite takes) is the client's bad input, not a server
+/// fault; anything else is internal.
 pub(crate) fn pg_err(e: postgres::Error) -> Error {
     use postgres::error::SqlState;
     match e.code() {
         Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER => {
             Error::new(ErrorKind::InvalidParam, "Text may not contain NUL characters")
         }
-        // The driver's own message is just "db error": name the server's.
-        _ => match e.as_db_error() {
-            Some(db) => db_err(format_args!("{} ({})", db.message(), db.code().code())),
-            None => db_err(e),
-        },
+        _ => pg_err_ref(&e),
     }
 }
 

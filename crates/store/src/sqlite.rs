@@ -708,27 +708,8 @@ fn insert_event(conn: &Connection, ctx: &mut WriterCtx, ev: &NewEvent, room_done
             "DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = ?1)",
         )?
         .execute([target])?;
-        ctx.redactions
-            .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
     }
-    if !on_stream {
-        ctx.low = p;
-        return Ok(p);
-    }
-    ctx.pos = p;
-    ctx.changes.push((p, StreamKey::Room(ev.room_id.clone())));
-    ctx.events.push(StoredEvent {
-        position: p,
-        event_id: ev.event_id.clone(),
-        room_id: ev.room_id.clone(),
-        event_type: ev.event_type.clone(),
-        state_key: ev.state_key.clone(),
-        sender: ev.sender.clone(),
-        origin_server_ts: ev.origin_server_ts,
-        pdu_json: ev.pdu_json.clone(),
-        redacted_by: None,
-        txn: ev.txn.clone(),
-    });
+    ctx.record_event(ev, p);
     Ok(p)
 }
 

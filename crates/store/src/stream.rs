@@ -21,6 +21,37 @@ pub(crate) struct WriterCtx {
     pub(crate) redactions: Vec<(String, String, String)>,
 }
 
+impl WriterCtx {
+    /// Records a stored event for after the commit, the same on every
+    /// backend: its redaction (for the tail), and either its place below
+    /// the stream (off-stream events count down) or its stream position
+    /// with the room's change and the event for the tail.
+    pub(crate) fn record_event(&mut self, ev: &NewEvent, p: i64) {
+        if let Some((target, redacted_json)) = &ev.redaction {
+            self.redactions
+                .push((target.clone(), redacted_json.clone(), ev.event_id.clone()));
+        }
+        if !ev.kind.on_stream() {
+            self.low = p;
+            return;
+        }
+        self.pos = p;
+        self.changes.push((p, StreamKey::Room(ev.room_id.clone())));
+        self.events.push(StoredEvent {
+            position: p,
+            event_id: ev.event_id.clone(),
+            room_id: ev.room_id.clone(),
+            event_type: ev.event_type.clone(),
+            state_key: ev.state_key.clone(),
+            sender: ev.sender.clone(),
+            origin_server_ts: ev.origin_server_ts,
+            pdu_json: ev.pdu_json.clone(),
+            redacted_by: None,
+            txn: ev.txn.clone(),
+        });
+    }
+}
+
 /// The newest part of the stream, kept in memory: every entry after
 /// `floor` is in `entries`, and every event after `event_floor` is in
 /// `events`. Readers that follow the stream (subscriptions, observers,
