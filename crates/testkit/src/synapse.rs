@@ -90,9 +90,16 @@ pub async fn synapse_or_skip_with(builder: SynapseBuilder) -> Option<Synapse> {
         tool_missing("Synapse", &format!("{e}; {INSTALL_HINT}"));
         return None;
     }
-    match builder.start().await {
-        Ok(s) => Some(s),
-        Err(e) => panic!("{e}"),
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match builder.clone().start().await {
+            Ok(s) => return Some(s),
+            // A port found free was taken by another test before Synapse
+            // bound it: start again on new ports.
+            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
