@@ -109,7 +109,55 @@ impl TestServerBuilder {
         }
     }
 
+    /// Starts `n` processes of one deployment (docs/scale-out.md): one
+    /// fresh PostgreSQL database, the same server name, the same signing
+    /// key (the first process makes it; the others get a copy in their
+    /// own data directories before they start). Users of [`Self::user`]
+    /// are created once, through the first. `None` (with a printed note)
+    /// when PostgreSQL is unreachable and `CI` is not set; with `CI` set
+    /// that panics.
+    pub async fn start_cluster(self, n: usize) -> Option<Vec<TestServer>> {
+        let db = Arc::new(weft_store::pg_testing::PgTestDb::create()?);
+        let first = self
+            .clone()
+            .try_start_on(Some(db.clone()), None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let key = first.data_dir.join("signing.key");
+        let mut servers = vec![first];
+        let mut rest = self;
+        rest.users.clear();
+        for _ in 1..n {
+            let server = rest
+                .clone()
+                .try_start_on(Some(db.clone()), Some(&key))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            servers.push(server);
+        }
+        Some(servers)
+    }
+
     async fn try_start(self) -> Result<TestServer, String> {
+        // `WEFT_TEST_BACKEND=postgres` runs the server on a fresh
+        // PostgreSQL database (docs/scale-out.md) instead of SQLite.
+        let pg = match std::env::var("WEFT_TEST_BACKEND").as_deref() {
+            Ok("postgres") => Some(Arc::new(
+                weft_store::pg_testing::PgTestDb::create()
+                    .ok_or("WEFT_TEST_BACKEND=postgres but PostgreSQL is unreachable")?,
+            )),
+            _ => None,
+        };
+        self.try_start_on(pg, None).await
+    }
+
+    /// Starts on `pg` (SQLite when `None`), with a copy of the signing
+    /// key at `key` if given.
+    async fn try_start_on(
+        self,
+        pg: Option<Arc<weft_store::pg_testing::PgTestDb>>,
+        key: Option<&Path>,
+    ) -> Result<TestServer, String> {
         let root = tempfile::Builder::new()
             .prefix("weft-test-")
             .tempdir()
@@ -125,19 +173,14 @@ impl TestServerBuilder {
         if let Some(name) = &self.server_name {
             spec = spec.arg("--server-name").arg(name);
         }
-        // `WEFT_TEST_BACKEND=postgres` runs the server on a fresh
-        // PostgreSQL database (docs/scale-out.md) instead of SQLite.
-        let pg = match std::env::var("WEFT_TEST_BACKEND").as_deref() {
-            Ok("postgres") => {
-                let db = weft_store::pg_testing::PgTestDb::create()
-                    .ok_or("WEFT_TEST_BACKEND=postgres but PostgreSQL is unreachable")?;
-                spec = spec
-                    .env("WEFT_DATABASE__BACKEND", "postgres")
-                    .env("WEFT_DATABASE__URL", &db.url);
-                Some(db)
-            }
-            _ => None,
-        };
+        if let Some(db) = &pg {
+            spec = spec
+                .env("WEFT_DATABASE__BACKEND", "postgres")
+                .env("WEFT_DATABASE__URL", &db.url);
+        }
+        if let Some(key) = key {
+            std::fs::copy(key, data_dir.join("signing.key")).map_err(|e| format!("copying the signing key: {e}"))?;
+        }
         for (k, v) in &self.env {
             spec = spec.env(k, v);
         }
@@ -205,7 +248,7 @@ pub struct TestServer {
     pub http: reqwest::Client,
     /// The PostgreSQL database under `WEFT_TEST_BACKEND=postgres`, dropped
     /// after the server (fields drop in order).
-    _pg: Option<weft_store::pg_testing::PgTestDb>,
+    _pg: Option<Arc<weft_store::pg_testing::PgTestDb>>,
 }
 
 impl TestServer {
