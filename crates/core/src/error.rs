@@ -70,6 +70,11 @@ pub enum ErrorKind {
     /// tried `m.login.application_service` (or `/register` without
     /// `inhibit_login`) (`400`).
     AppserviceLoginUnsupported,
+    /// The store refused an event built on forward extremities the room
+    /// no longer has: another process wrote to the room meanwhile. The
+    /// room pipeline rebuilds and resends it; a client sees this (`503`)
+    /// only when that kept failing.
+    RoomMoved,
     Unknown,
 }
 
@@ -150,6 +155,7 @@ impl Error {
             ErrorKind::IncompatibleRoomVersion { .. } => "M_INCOMPATIBLE_ROOM_VERSION",
             ErrorKind::Ping { errcode, .. } => errcode,
             ErrorKind::AppserviceLoginUnsupported => "M_APPSERVICE_LOGIN_UNSUPPORTED",
+            ErrorKind::RoomMoved => "M_UNKNOWN",
             ErrorKind::Unknown => "M_UNKNOWN",
         }
     }
@@ -173,6 +179,7 @@ impl Error {
             ErrorKind::CannotOverwriteMedia => 409,
             ErrorKind::NotYetUploaded => 504,
             ErrorKind::RemoteUnreachable => 502,
+            ErrorKind::RoomMoved => 503,
             ErrorKind::Ping { errcode, .. } => match *errcode {
                 "M_URL_NOT_SET" => 400,
                 "M_CONNECTION_TIMEOUT" => 504,

@@ -26,7 +26,13 @@ pub(crate) struct RoomCache {
     pub(crate) chain: i64,
     /// How many joined members each server has in the room now.
     pub(crate) joined_servers: HashMap<ruma::OwnedServerName, i64>,
+    /// Which reading of the room this is (unique in the process): events
+    /// built on one reading fail together when it was stale.
+    pub(crate) view: u64,
 }
+
+/// The last [`RoomCache::view`] handed out.
+static VIEWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl RoomCache {
     /// A room with nothing known yet (before its create event, or before
@@ -42,6 +48,7 @@ impl RoomCache {
             group: None,
             chain: 0,
             joined_servers: HashMap::new(),
+            view: VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
         }
     }
 

@@ -187,9 +187,9 @@ impl Rooms {
             p.await.map_err(|_| Error::internal("room creation not persisted"))??;
         }
         let room_id = cache.room_id.clone();
-        self.slots
-            .lock()
-            .insert(room_id.clone(), Arc::new(tokio::sync::Mutex::new(Some(cache))));
+        let mut slot = crate::Slot::default();
+        *slot.cache.get_mut() = Some(cache);
+        self.slots.lock().insert(room_id.clone(), Arc::new(slot));
         Ok(room_id)
     }
 }

@@ -100,22 +100,34 @@ impl Rooms {
         remote: &dyn Remote,
     ) -> Result<Outcome> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
+        let mut attempts = 0;
+        loop {
+            let Some(cache) = guard.as_mut() else {
+                return Err(Error::internal("room cache missing"));
+            };
+            let mut fetches = 0;
+            let result = self
+                .input_locked(cache, object.clone(), origin, arrival, remote, &mut fetches, None)
+                .await;
+            match result {
+                // Another process wrote to the room since its view was
+                // read: decided again on the room as stored.
+                Err(e) if e.kind == weft_core::ErrorKind::RoomMoved && attempts < 10 => {
+                    attempts += 1;
+                    *guard = None;
+                    slot.stale.store(false, std::sync::atomic::Ordering::Release);
+                    *guard = Some(self.load_or_forget(room_id).await?);
+                }
+                Err(e) => {
+                    // A failed write leaves the view ahead of the store.
+                    *guard = None;
+                    return Err(e);
+                }
+                Ok(outcome) => return Ok(outcome),
+            }
         }
-        let Some(cache) = guard.as_mut() else {
-            return Err(Error::internal("room cache missing"));
-        };
-        let mut fetches = 0;
-        let result = self
-            .input_locked(cache, object, origin, arrival, remote, &mut fetches, None)
-            .await;
-        if result.is_err() {
-            // A failed write leaves the view ahead of the store.
-            *guard = None;
-        }
-        result
     }
 
     /// Format, signatures and content hash (the spec's checks 1 to 3).
@@ -261,6 +273,7 @@ impl Rooms {
                 state_after: None,
                 new_groups: Vec::new(),
                 current_state: None,
+                expect_extremities: None,
             };
             if let Err(why) = independent {
                 tracing::info!(%event_id, %origin, "rejected: {why}");
@@ -319,6 +332,10 @@ impl Rooms {
                 let p = self.store_event(ev).await?;
                 return Ok(Outcome::Accepted(p));
             }
+
+            // Decided at the room's view from here on: the store refuses it
+            // if another process wrote to the room since the view was read.
+            ev.expect_extremities = Some(cache.extremities.iter().map(|(id, _)| id.to_string()).collect());
 
             // Check 6: soft-fail at the current state (none yet when this
             // is our join of a room new to this server).

@@ -20,7 +20,7 @@ mod visibility;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, UserId,
@@ -80,36 +80,86 @@ pub(crate) type StateKey = (String, String);
 /// A new local event is built on at most this many forward extremities
 /// (the deepest), as Synapse does.
 pub(crate) const MAX_PREV_EVENTS: usize = 10;
+/// State group IDs reserved from the store at once.
+const GROUP_IDS_AT_ONCE: i64 = 32;
 /// A new state group past this many deltas is a full snapshot.
 pub(crate) const MAX_CHAIN: i64 = 100;
 
-type RoomSlot = Arc<tokio::sync::Mutex<Option<RoomCache>>>;
+/// How often a local event is built again on a room another process
+/// wrote to meanwhile (each time after reading the room again) before the
+/// send fails with `503`.
+const MAX_REBUILDS: u32 = 30;
+
+/// One room: the pipeline's view of it, under the room's lock, and the
+/// local events built on that view that are not known durable yet.
+///
+/// With several processes on one database (docs/scale-out.md) the view
+/// can go stale: the store then refuses an event built on it
+/// ([`ErrorKind::RoomMoved`]) and the event is built again on the room as
+/// stored, with every event built after it on the same view (they are
+/// refused too, since they follow it), in the order they were first
+/// built. Other processes' writes also mark the view stale
+/// ([`Store::on_foreign_room_writes`]), so reads of it do not lag.
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub(crate) cache: tokio::sync::Mutex<Option<RoomCache>>,
+    inflight: parking_lot::Mutex<std::collections::BTreeMap<u64, Inflight>>,
+    next_ticket: std::sync::atomic::AtomicU64,
+    /// Another process wrote to the room since the view was read.
+    pub(crate) stale: std::sync::atomic::AtomicBool,
+}
+
+/// A local event handed to the store and not known durable yet: what is
+/// needed to build it again.
+struct Inflight {
+    sender: ruma::OwnedUserId,
+    spec: EventSpec,
+    event_id: OwnedEventId,
+    /// The view ([`RoomCache::view`]) its current attempt was built on.
+    view: u64,
+    /// A new attempt an earlier event's rebuild made, for this event's
+    /// waiter to take.
+    replaced: Option<(OwnedEventId, weft_store::Pending<i64>)>,
+}
+
+type RoomSlot = Arc<Slot>;
+
+/// An in-flight event's place in its room's slot; leaves it when dropped.
+struct Ticket {
+    slot: RoomSlot,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.slot.inflight.lock().remove(&self.id);
+    }
+}
 
 /// An event accepted by [`Rooms::submit`] and queued for the store.
 #[must_use = "an event is only acknowledged once `durable` returns"]
 pub struct Submitted {
+    /// Its ID as first built (a rebuilt event has another: take the one
+    /// [`Submitted::durable`] answers).
     pub event_id: OwnedEventId,
     pending: weft_store::Pending<i64>,
-    slot: RoomSlot,
+    rooms: Arc<Rooms>,
+    room_id: OwnedRoomId,
+    ticket: Ticket,
 }
 
 impl Submitted {
-    /// Waits until the event is committed and returns its stream position.
+    /// Waits until the event is committed and returns its stream position
+    /// (building it again if another process wrote to the room first).
     pub async fn durable(self) -> Result<Sent> {
-        match self.pending.await {
-            Ok(Ok(position)) => Ok(Sent {
-                event_id: self.event_id,
-                position,
-            }),
-            failed => {
-                // The cache ran ahead of the store: rebuild it from disk.
-                *self.slot.lock().await = None;
-                match failed {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(Error::internal("event was not persisted")),
-                }
-            }
-        }
+        let Submitted {
+            event_id,
+            pending,
+            rooms,
+            room_id,
+            ticket,
+        } = self;
+        rooms.settle(&room_id, &ticket, event_id, pending).await
     }
 }
 
@@ -118,10 +168,10 @@ pub struct Rooms {
     store: Arc<dyn Store>,
     server_name: OwnedServerName,
     key: Arc<Ed25519KeyPair>,
-    slots: parking_lot::Mutex<HashMap<OwnedRoomId, RoomSlot>>,
+    slots: Arc<parking_lot::Mutex<HashMap<OwnedRoomId, RoomSlot>>>,
     default_version: RoomVersionId,
-    /// The last state group ID handed out.
-    groups: tokio::sync::OnceCell<AtomicI64>,
+    /// State group IDs reserved from the store and not used yet.
+    groups: parking_lot::Mutex<std::collections::VecDeque<i64>>,
 }
 
 /// Room versions this server creates and serves.
@@ -150,13 +200,25 @@ impl Rooms {
         key: Ed25519KeyPair,
         default_version: &str,
     ) -> Result<Self> {
+        let slots: Arc<parking_lot::Mutex<HashMap<OwnedRoomId, RoomSlot>>> = Default::default();
+        // Other processes' writes make this one's views of their rooms stale.
+        let weak = Arc::downgrade(&slots);
+        store.on_foreign_room_writes(Box::new(move |rooms| {
+            let Some(slots) = weak.upgrade() else { return };
+            let slots = slots.lock();
+            for room in rooms {
+                if let Some(slot) = RoomId::parse(*room).ok().and_then(|r| slots.get(&r)) {
+                    slot.stale.store(true, Ordering::Release);
+                }
+            }
+        }));
         Ok(Self {
             store,
             server_name,
             key: Arc::new(key),
-            slots: Default::default(),
+            slots,
             default_version: parse_room_version(default_version)?,
-            groups: tokio::sync::OnceCell::new(),
+            groups: Default::default(),
         })
     }
 
@@ -174,7 +236,7 @@ impl Rooms {
         self.key.clone()
     }
 
-    fn slot(&self, room_id: &RoomId) -> RoomSlot {
+    pub(crate) fn slot(&self, room_id: &RoomId) -> RoomSlot {
         self.slots.lock().entry(room_id.to_owned()).or_default().clone()
     }
 
@@ -202,6 +264,26 @@ impl Rooms {
         Ok(cache)
     }
 
+    /// Makes the slot's view usable: loaded if missing, read again if
+    /// another process wrote to the room, unless events of this process
+    /// built on the view are in flight (their outcome tells: refused, they
+    /// are rebuilt on the room read again; committed, the other write came
+    /// after them and the next event built on the view is refused).
+    async fn fresh(
+        &self,
+        room_id: &RoomId,
+        slot: &Slot,
+        guard: &mut tokio::sync::MutexGuard<'_, Option<RoomCache>>,
+    ) -> Result<()> {
+        let reread = guard.is_none() || (slot.stale.load(Ordering::Acquire) && slot.inflight.lock().is_empty());
+        if reread {
+            slot.stale.store(false, Ordering::Release);
+            **guard = None;
+            **guard = Some(self.load_or_forget(room_id).await?);
+        }
+        Ok(())
+    }
+
     /// Loads a room into its slot; an unknown room's slot is dropped again
     /// so that probing random room IDs cannot grow memory.
     async fn load_or_forget(&self, room_id: &RoomId) -> Result<RoomCache> {
@@ -217,7 +299,8 @@ impl Rooms {
     /// The one write path: builds, signs, authorizes and persists an event,
     /// returning once it is durable.
     pub async fn send(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Sent> {
-        self.submit(room_id, sender, spec).await?.durable().await
+        let (ticket, event_id, pending) = self.queue(room_id, sender, spec).await?;
+        self.settle(room_id, &ticket, event_id, pending).await
     }
 
     /// The first half of [`Rooms::send`]: builds, signs and authorizes the
@@ -225,25 +308,142 @@ impl Rooms {
     /// queued. The room's next event may then be built on top of it while
     /// this one is being committed, so a door can pipeline many sends per
     /// connection; [`Submitted::durable`] waits for the commit.
-    pub async fn submit(&self, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Submitted> {
-        let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
-        let Some(cache) = guard.as_mut() else {
-            return Err(Error::internal("room cache missing"));
-        };
-        let (new_event, pdu) = self.build(cache, sender, spec).await?;
-        let event_id = pdu.event_id.clone();
-        cache.advance(Arc::new(pdu), &new_event);
-        let pending = self.store.persist_event(new_event);
-        drop(guard);
+    pub async fn submit(self: &Arc<Self>, room_id: &RoomId, sender: &UserId, spec: EventSpec) -> Result<Submitted> {
+        let (ticket, event_id, pending) = self.queue(room_id, sender, spec).await?;
         Ok(Submitted {
             event_id,
             pending,
-            slot,
+            rooms: self.clone(),
+            room_id: room_id.to_owned(),
+            ticket,
         })
+    }
+
+    /// Builds the event on the room's view and hands it to the store,
+    /// keeping what rebuilding it would take.
+    async fn queue(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        spec: EventSpec,
+    ) -> Result<(Ticket, OwnedEventId, weft_store::Pending<i64>)> {
+        let slot = self.slot(room_id);
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
+        let Some(cache) = guard.as_mut() else {
+            return Err(Error::internal("room cache missing"));
+        };
+        let (new_event, pdu) = self.build(cache, sender, spec.clone()).await?;
+        let event_id = pdu.event_id.clone();
+        cache.advance(Arc::new(pdu), &new_event);
+        let view = cache.view;
+        let pending = self.store.persist_event(new_event);
+        let id = slot.next_ticket.fetch_add(1, Ordering::Relaxed);
+        slot.inflight.lock().insert(
+            id,
+            Inflight {
+                sender: sender.to_owned(),
+                spec,
+                event_id: event_id.clone(),
+                view,
+                replaced: None,
+            },
+        );
+        drop(guard);
+        Ok((Ticket { slot, id }, event_id, pending))
+    }
+
+    /// Waits for a queued event's commit, building it again while the
+    /// store refuses it because another process wrote to the room.
+    async fn settle(
+        &self,
+        room_id: &RoomId,
+        ticket: &Ticket,
+        mut event_id: OwnedEventId,
+        mut pending: weft_store::Pending<i64>,
+    ) -> Result<Sent> {
+        let mut rebuilds = 0;
+        loop {
+            match pending.await {
+                Ok(Ok(position)) => return Ok(Sent { event_id, position }),
+                Ok(Err(e)) if e.kind == ErrorKind::RoomMoved && rebuilds < MAX_REBUILDS => {
+                    rebuilds += 1;
+                    // Several processes racing for one room: let one win.
+                    if rebuilds > 2 {
+                        let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=u64::from(rebuilds) * 2);
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
+                    (event_id, pending) = self.rebuild(room_id, ticket).await?;
+                }
+                failed => {
+                    // The cache ran ahead of the store: rebuild it from disk.
+                    *ticket.slot.cache.lock().await = None;
+                    return match failed {
+                        Ok(Err(e)) => Err(e),
+                        _ => Err(Error::internal("event was not persisted")),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A new attempt at the in-flight event `ticket` after the store
+    /// refused it: the one an earlier event's rebuild made, or one built
+    /// now on the room read again, with every later event of the same
+    /// view (in their order).
+    async fn rebuild(&self, room_id: &RoomId, ticket: &Ticket) -> Result<(OwnedEventId, weft_store::Pending<i64>)> {
+        let slot = &ticket.slot;
+        let mut guard = slot.cache.lock().await;
+        let failed_view = {
+            let mut inflight = slot.inflight.lock();
+            let entry = inflight
+                .get_mut(&ticket.id)
+                .ok_or_else(|| Error::internal("in-flight event lost"))?;
+            if let Some(again) = entry.replaced.take() {
+                return Ok(again);
+            }
+            entry.view
+        };
+        *guard = None;
+        slot.stale.store(false, Ordering::Release);
+        let mut cache = self.load_or_forget(room_id).await?;
+        let todo: Vec<(u64, ruma::OwnedUserId, EventSpec, OwnedEventId)> = slot
+            .inflight
+            .lock()
+            .range(ticket.id..)
+            .filter(|(_, e)| e.view == failed_view)
+            .map(|(k, e)| (*k, e.sender.clone(), e.spec.clone(), e.event_id.clone()))
+            .collect();
+        let mut mine = None;
+        for (k, sender, spec, old_id) in todo {
+            let attempt = match self.build(&cache, &sender, spec).await {
+                Ok((ev, pdu)) => {
+                    let id = pdu.event_id.clone();
+                    cache.advance(Arc::new(pdu), &ev);
+                    (id, self.store.persist_event(ev))
+                }
+                // No longer allowed (say, the sender was kicked meanwhile).
+                Err(e) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let _ = tx.send(Err(e));
+                    (old_id, rx)
+                }
+            };
+            let mut inflight = slot.inflight.lock();
+            if let Some(entry) = inflight.get_mut(&k) {
+                entry.view = cache.view;
+                entry.event_id = attempt.0.clone();
+                if k != ticket.id {
+                    entry.replaced = Some(attempt);
+                    continue;
+                }
+            }
+            if k == ticket.id {
+                mine = Some(attempt);
+            }
+        }
+        *guard = Some(cache);
+        mine.ok_or_else(|| Error::internal("in-flight event lost"))
     }
 
     /// Builds the PDU for `spec` on top of `cache` and checks it against
@@ -421,6 +621,7 @@ impl Rooms {
             state_after: cache.group,
             new_groups: Vec::new(),
             current_state: None,
+            expect_extremities: Some(cache.extremities.iter().map(|(id, _)| id.to_string()).collect()),
         };
         let new_event = match &pdu.state_key {
             Some(key) => self.with_new_state(cache, new_event, key.clone()).await?,
@@ -478,14 +679,19 @@ impl Rooms {
         Ok(ev)
     }
 
-    /// A new state group ID. IDs come from this process's counter, started
-    /// past the highest stored one (docs/operations.md lists it).
+    /// A new state group ID, unique across every process on the database:
+    /// reserved from the store [`GROUP_IDS_AT_ONCE`] at a time (so not a
+    /// query per state event). IDs reserved and not used are skipped.
     async fn next_group(&self) -> Result<i64> {
-        let counter = self
-            .groups
-            .get_or_try_init(|| async { Ok::<_, Error>(AtomicI64::new(self.store.max_state_group().await?)) })
-            .await?;
-        Ok(counter.fetch_add(1, Ordering::Relaxed) + 1)
+        if let Some(id) = self.groups.lock().pop_front() {
+            return Ok(id);
+        }
+        let mut ids: std::collections::VecDeque<i64> = self.store.reserve_state_groups(GROUP_IDS_AT_ONCE).await?.into();
+        let id = ids
+            .pop_front()
+            .ok_or_else(|| Error::internal("no state group ID reserved"))?;
+        self.groups.lock().extend(ids);
+        Ok(id)
     }
 
     /// For a redaction: the target's redacted JSON, if the target is in this room.
@@ -527,10 +733,8 @@ impl Rooms {
     /// Current state event of a room, from the pipeline's cache.
     pub async fn state_event(&self, room_id: &RoomId, event_type: &str, state_key: &str) -> Result<Option<Arc<Pdu>>> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         Ok(guard
             .as_ref()
             .and_then(|c| c.state.get(&(event_type.to_owned(), state_key.to_owned())).cloned()))
@@ -539,20 +743,16 @@ impl Rooms {
     /// Reads the pipeline's view of a room (loaded if needed).
     pub(crate) async fn with_view<T>(&self, room_id: &RoomId, f: impl FnOnce(&RoomCache) -> T) -> Result<T> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         guard.as_ref().map(f).ok_or_else(|| Error::not_found("Unknown room"))
     }
 
     /// The room's current state events, from the pipeline's view.
     pub async fn current_state(&self, room_id: &RoomId) -> Result<Vec<Arc<Pdu>>> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         Ok(guard
             .as_ref()
             .map(|c| c.state.values().cloned().collect())
@@ -572,10 +772,8 @@ impl Rooms {
     /// The room's version, if the room exists.
     pub async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         guard
             .as_ref()
             .map(|c| c.version.clone())
@@ -593,10 +791,8 @@ impl Rooms {
         event_type: &str,
     ) -> Result<(bool, Option<OwnedEventId>)> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         let c = guard.as_ref().ok_or_else(|| Error::not_found("Unknown room"))?;
         let needed = match c.power_levels() {
             Some(pl) => pl["events"][event_type]

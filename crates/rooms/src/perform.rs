@@ -24,10 +24,8 @@ impl Rooms {
         membership: &str,
     ) -> Result<(RoomVersionId, CanonicalJsonObject)> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         let cache = guard.as_ref().ok_or_else(|| Error::not_found("Unknown room"))?;
         let mut content = CanonicalJsonObject::new();
         content.insert("membership".into(), CanonicalJsonValue::String(membership.to_owned()));
@@ -97,10 +95,8 @@ impl Rooms {
         spec: crate::EventSpec,
     ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load_or_forget(room_id).await?);
-        }
+        let mut guard = slot.cache.lock().await;
+        self.fresh(room_id, &slot, &mut guard).await?;
         let cache = guard.as_ref().ok_or_else(|| Error::not_found("Unknown room"))?;
         let (ev, pdu) = self.build(cache, sender, spec).await?;
         let object: CanonicalJsonObject = serde_json::from_str(&ev.pdu_json).map_err(Error::internal)?;
@@ -126,7 +122,7 @@ impl Rooms {
         let hash = ruma::signatures::reference_hash(&join, &rules).map_err(|e| Error::bad_json(e.to_string()))?;
         let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
         let slot = self.slot(room_id);
-        let mut guard = slot.lock().await;
+        let mut guard = slot.cache.lock().await;
         let known = match guard.as_ref() {
             Some(_) => true,
             None => self.store.room_info(room_id.as_str()).await?.is_some(),

@@ -706,6 +706,7 @@ fn remote_member_event(
         state_after: None,
         new_groups: Vec::new(),
         current_state: None,
+        expect_extremities: None,
     }
 }
 

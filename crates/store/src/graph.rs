@@ -29,6 +29,9 @@ pub struct EventPlace {
 pub trait RoomGraphStore: Send + Sync {
     /// The highest state group ID in use (0 when there is none).
     async fn max_state_group(&self) -> Result<i64>;
+    /// `n` new state group IDs no other caller (in this process or, on
+    /// PostgreSQL, any process on the database) is given.
+    async fn reserve_state_groups(&self, n: i64) -> Result<Vec<i64>>;
     /// A room's forward extremities with their depths, deepest first.
     async fn extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>>;
     /// The group of a room's current state, with its chain length.

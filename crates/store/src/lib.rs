@@ -41,6 +41,9 @@ pub use types::*;
 /// A queued write, resolved once it is durable.
 pub type Pending<T> = oneshot::Receiver<Result<T>>;
 
+/// See [`Store::on_foreign_room_writes`].
+pub type ForeignRoomsHook = Box<dyn Fn(&[&str]) + Send + Sync>;
+
 /// What [`Store::edit_account_data`] makes of stored account data: the new
 /// content (JSON text) from the old one. It runs on the writer, so it must
 /// be quick and must not wait for anything.
@@ -75,6 +78,13 @@ pub trait Store:
     /// users each position touched. `None` when `since` is older than what
     /// is kept (callers then treat everything as changed).
     fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>>;
+    /// Calls `hook` with the rooms other processes wrote events to,
+    /// before the positions of those events are published (so whatever
+    /// a woken reader asks of a room's view, the view was invalidated
+    /// first). Never called on SQLite, which one process writes.
+    fn on_foreign_room_writes(&self, hook: ForeignRoomsHook) {
+        let _ = hook;
+    }
 
     // ---- accounts ----
     async fn create_user(&self, user: NewUser) -> Result<()>;

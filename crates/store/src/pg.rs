@@ -217,6 +217,15 @@ fn migrate(conn: &mut PgConn) -> PgResult<()> {
                 return Err(e);
             }
         }
+        // Databases made before state group IDs came from the sequence
+        // (a per-process counter took `MAX(id) + 1`): move it past them.
+        // Once past, this never moves it again (so never back under a
+        // running process's `nextval`).
+        conn.query(
+            "SELECT setval('state_group_ids', m) FROM (SELECT MAX(id) AS m FROM state_groups) x \
+             WHERE m > (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM state_group_ids)",
+            &[],
+        )?;
         Ok(())
     })();
     conn.query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
@@ -247,6 +256,7 @@ impl PgStore {
             published: Mutex::new(pos),
             recent: parking_lot::RwLock::new(RecentChanges::new(pos)),
             pos_tx,
+            foreign_rooms: parking_lot::RwLock::new(Vec::new()),
         });
         let (tx, rx) = mpsc::channel::<WriteFn>();
         let url: Arc<str> = Arc::from(url);
@@ -270,6 +280,10 @@ impl PgStore {
             follower,
             stop,
         })
+    }
+
+    pub(crate) fn foreign_room_writes(&self, hook: crate::ForeignRoomsHook) {
+        self.follower.foreign_rooms.write().push(hook);
     }
 
     /// Runs `f` on a pooled read connection, on tokio's blocking pool.
@@ -363,6 +377,9 @@ struct Follower {
     published: Mutex<i64>,
     recent: parking_lot::RwLock<RecentChanges>,
     pos_tx: watch::Sender<i64>,
+    /// Told of the rooms other processes wrote to (the room pipeline's
+    /// views of them are stale).
+    foreign_rooms: parking_lot::RwLock<Vec<crate::ForeignRoomsHook>>,
 }
 
 impl Follower {
@@ -395,6 +412,16 @@ impl Follower {
         }
         match read_range(conn, *published, upto) {
             Ok(mut ctx) => {
+                let hooks = self.foreign_rooms.read();
+                if !hooks.is_empty() && !ctx.events.is_empty() {
+                    let mut rooms: Vec<&str> = ctx.events.iter().map(|e| e.room_id.as_str()).collect();
+                    rooms.sort_unstable();
+                    rooms.dedup();
+                    for hook in hooks.iter() {
+                        hook(&rooms);
+                    }
+                }
+                drop(hooks);
                 self.recent.write().add(&mut ctx);
                 *published = upto;
                 self.pos_tx.send_replace(upto);

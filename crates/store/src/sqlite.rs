@@ -70,6 +70,8 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     position: watch::Receiver<i64>,
     recent: Arc<parking_lot::RwLock<RecentChanges>>,
+    /// The last state group ID handed out ([`RoomGraphStore::reserve_state_groups`]).
+    state_groups: tokio::sync::OnceCell<std::sync::atomic::AtomicI64>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -167,6 +169,7 @@ impl SqliteStore {
             path: path.to_owned(),
             position: pos_rx,
             recent,
+            state_groups: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -2347,7 +2350,15 @@ impl Store for SqliteStore {
             // A local event built on exactly the room's forward extremities
             // (the one of a linear room) moves them on in one statement;
             // those are stored events, so its prev events are stored.
-            let advanced = graph::advance_linear(c, &event).map_err(db_err)?;
+            let advanced = event.builds_on_all_expected() && graph::advance_linear(c, &event).map_err(db_err)?;
+            // Built on a view of the room that is not the stored one (see
+            // `NewEvent::expect_extremities`): refused, to be rebuilt.
+            if !advanced && event.expect_extremities.is_some() {
+                let stored = graph::stored_extremities(c, &event.room_id).map_err(db_err)?;
+                if !event.extremities_match(stored.as_deref()) {
+                    return Err(event.room_moved());
+                }
+            }
             if event.kind == EventKind::Timeline && !advanced && !graph::check_prevs(c, &event).map_err(db_err)? {
                 return Err(Error::internal(
                     "the event it follows failed to be stored; send it again",

@@ -133,6 +133,46 @@ pub struct NewEvent {
     pub new_groups: Vec<NewStateGroup>,
     /// How the room's current state changes with this event, if it does.
     pub current_state: Option<CurrentStateChange>,
+    /// The room's forward extremities as its builder saw them (every one,
+    /// not only the `prev_events`). When set, the store refuses the event
+    /// with [`weft_core::ErrorKind::RoomMoved`] unless the room's stored
+    /// extremities are exactly these, checked in the write itself: with
+    /// several processes on one database, another may have written to
+    /// the room since this one's view of it was made, and an event built
+    /// on a stale view would fork the room's DAG and state.
+    pub expect_extremities: Option<Vec<String>>,
+}
+
+impl NewEvent {
+    /// Whether the room's stored extremities (`stored`, the JSON array
+    /// of `rooms.extremities`) are the ones this event expects: true when
+    /// it expects none in particular.
+    pub fn extremities_match(&self, stored: Option<&str>) -> bool {
+        let Some(expected) = &self.expect_extremities else {
+            return true;
+        };
+        let stored: Vec<String> = stored.and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+        stored.len() == expected.len() && expected.iter().all(|e| stored.contains(e))
+    }
+
+    /// Whether its `prev_events` are every extremity it expects (so a
+    /// linear room's one-statement advance also proves the expectation).
+    pub fn builds_on_all_expected(&self) -> bool {
+        match &self.expect_extremities {
+            None => true,
+            Some(expected) => {
+                expected.len() == self.prev_events.len() && expected.iter().all(|e| self.prev_events.contains(e))
+            }
+        }
+    }
+
+    /// The refusal of an event whose expected extremities moved.
+    pub fn room_moved(&self) -> weft_core::Error {
+        weft_core::Error::new(
+            weft_core::ErrorKind::RoomMoved,
+            format!("room {} was written to meanwhile; build the event again", self.room_id),
+        )
+    }
 }
 
 /// Where an event goes in its room.

@@ -757,6 +757,7 @@ fn event(room: &str, id: &str, n: u32, create: bool, member: Option<(&str, &str)
         state_after: None,
         new_groups: Vec::new(),
         current_state,
+        expect_extremities: None,
     }
 }
 

@@ -509,6 +509,7 @@ fn message(room: &str, id: &str, n: u32, content: &str) -> NewEvent {
             group: 0,
             changes: vec![("m.room.create".into(), String::new(), event_id)],
         }),
+        expect_extremities: None,
     }
 }
 

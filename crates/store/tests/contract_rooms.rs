@@ -16,6 +16,8 @@ both!(
     a_late_prev_event_is_no_extremity,
     a_state_change_naming_a_missing_event_fails_alone,
     a_large_state_change_keeps_the_last_change_of_a_key,
+    an_event_built_on_a_stale_view_of_the_room_is_refused,
+    state_group_ids_are_reserved_once,
 );
 
 use std::sync::Arc;
@@ -54,6 +56,7 @@ fn ev(id: &str, prevs: &[&str], auth: &[&str], depth: i64) -> NewEvent {
         state_after: None,
         new_groups: Vec::new(),
         current_state: None,
+        expect_extremities: None,
     }
 }
 
@@ -791,4 +794,89 @@ async fn a_large_state_change_keeps_the_last_change_of_a_key(b: Backend) {
     let at = store.state_at(ROOM, p).await.unwrap();
     assert_eq!(at.len(), 2001);
     assert_eq!(at.iter().filter(|e| e.event_id == "$c").count(), 2);
+}
+
+/// `expect_extremities`: another process wrote to the room since the
+/// event's builder read it; the event is refused (`RoomMoved`), nothing
+/// of it stored, and the same event built on the right view goes in.
+async fn an_event_built_on_a_stale_view_of_the_room_is_refused(b: Backend) {
+    let store = b.open();
+    let expecting = |mut e: NewEvent, ext: &[&str]| {
+        e.expect_extremities = Some(ext.iter().map(|x| x.to_string()).collect());
+        e
+    };
+    let mut c = create();
+    c.expect_extremities = Some(Vec::new());
+    put(&store, c).await;
+    // Two writers saw the room at `$c`; the first one wins.
+    put(&store, expecting(ev("$a", &["$c"], &["$c"], 2), &["$c"])).await;
+    let before = store.current_position();
+    let stale = store
+        .persist_event(expecting(ev("$b", &["$c"], &["$c"], 2), &["$c"]))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(stale.kind, weft_core::ErrorKind::RoomMoved, "{stale:?}");
+    assert!(store.get_event("$b").await.unwrap().is_none());
+    assert_eq!(store.current_position(), before);
+    let ext = |v: Vec<(String, i64)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$a"]);
+    // A state event on a stale view changes no state either.
+    let st = state(expecting(ev("$s", &["$c"], &["$c"], 2), &["$c"]), "m.room.topic", "", 2);
+    assert_eq!(
+        store.persist_event(st).await.unwrap().unwrap_err().kind,
+        weft_core::ErrorKind::RoomMoved
+    );
+    assert!(
+        store
+            .current_state(ROOM)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.event_type != "m.room.topic")
+    );
+    // Rebuilt on the room as stored, it goes in.
+    put(&store, expecting(ev("$b", &["$a"], &["$c"], 3), &["$a"])).await;
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$b"]);
+    // A view with more extremities than the event builds on: checked as a
+    // set, whatever the order.
+    let mut far = ev("$far", &["$gap"], &["$c"], 9);
+    far.kind = EventKind::TimelineAfterGap;
+    put(&store, far).await;
+    put(&store, expecting(ev("$m", &["$far"], &["$c"], 10), &["$far", "$b"])).await;
+    let mut two = ext(store.extremities(ROOM).await.unwrap());
+    two.sort();
+    assert_eq!(two, ["$b", "$m"]);
+    assert_eq!(
+        store
+            .persist_event(expecting(ev("$x", &["$m"], &["$c"], 11), &["$m"]))
+            .await
+            .unwrap()
+            .unwrap_err()
+            .kind,
+        weft_core::ErrorKind::RoomMoved
+    );
+    put(&store, expecting(ev("$x", &["$m", "$b"], &["$c"], 11), &["$b", "$m"])).await;
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$x"]);
+}
+
+/// State group IDs handed out are never handed out again, and start past
+/// the stored ones (on PostgreSQL, a database whose groups were numbered
+/// before the sequence was used is caught up when a process opens it).
+async fn state_group_ids_are_reserved_once(b: Backend) {
+    let store = b.open();
+    put(&store, create()).await;
+    drop(store);
+    let store = b.open();
+    let mut all = Vec::new();
+    for n in [1, 5, 3] {
+        let got = store.reserve_state_groups(n).await.unwrap();
+        assert_eq!(got.len() as i64, n);
+        all.extend(got);
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), all.len(), "{all:?}");
+    assert!(all.iter().all(|&g| g > 1), "{all:?}");
 }

@@ -71,6 +71,7 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         state_after: None,
         new_groups: Vec::new(),
         current_state,
+        expect_extremities: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn event(n: u32, body_bytes: usize) -> NewEvent {
         state_after: None,
         new_groups: Vec::new(),
         current_state: None,
+        expect_extremities: None,
     }
 }
 

@@ -302,6 +302,11 @@ impl TestServer {
         self.process.log_tail(n)
     }
 
+    /// The PostgreSQL database the server runs on, if it does.
+    pub fn database_url(&self) -> Option<String> {
+        self._pg.as_ref().map(|db| db.url.clone())
+    }
+
     /// The temporary directory holding the data directory and the log.
     pub fn root(&self) -> &Path {
         self.root.path()

@@ -918,10 +918,12 @@ impl Conn {
                         if qos == 2 {
                             self.qos2.insert(pkid);
                         }
-                        self.acks.push_back(Box::pin(async move {
+                        // (Only ever polled through `&mut`: the wrapper
+                        // makes the store's futures inside it `Sync`.)
+                        self.acks.push_back(Box::pin(sync_wrapper::SyncFuture::new(async move {
                             let result = submitted.durable().await.map(|_| ()).map_err(|e| refusal(&e));
                             Ack { qos, pkid, result }
-                        }));
+                        })));
                     }
                     // MQTT 5 refuses a QoS 1 publish in its PUBACK, in turn.
                     Err(r) if qos == 1 && self.writer.version == Version::V5 => {

@@ -26,6 +26,19 @@ impl RoomGraphStore for PgStore {
         .await
     }
 
+    async fn reserve_state_groups(&self, n: i64) -> Result<Vec<i64>> {
+        self.read(move |c| {
+            Ok(c.query(
+                "SELECT nextval('state_group_ids') FROM generate_series(1, $1::BIGINT)",
+                &[&n],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+        .await
+    }
+
     async fn extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
         let r = room_id.to_owned();
         self.read(move |c| {

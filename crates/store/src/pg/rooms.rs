@@ -120,6 +120,18 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
         super::graph::promote_outlier(c, ev, old, p).map_err(pg_err)?;
     }
     let (advanced, typing_stopped) = write_event(c, ev, p, outlier_at.is_none(), linear).map_err(pg_err)?;
+    // Built on a view of the room that is not the stored one (see
+    // `NewEvent::expect_extremities`; another process wrote to the room):
+    // refused, to be rebuilt (the job's savepoint undoes the statement).
+    if !advanced && ev.expect_extremities.is_some() {
+        let stored: Option<String> = c
+            .query_opt("SELECT extremities FROM rooms WHERE room_id = $1", &[&ev.room_id])
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        if !ev.extremities_match(stored.as_deref()) {
+            return Err(ev.room_moved());
+        }
+    }
     if outlier_at.is_none() && !advanced {
         let prevs_stored = super::graph::store_graph(c, ev).map_err(pg_err)?;
         if linear && ev.kind == EventKind::Timeline && !prevs_stored {
@@ -172,13 +184,14 @@ fn write_event(c: &mut PgConn, ev: &NewEvent, p: i64, insert_row: bool, linear: 
     );
     let group = ev.current_state.as_ref().map(|cs| cs.group);
     // The linear room's extremities, as `advance_linear` compares them.
-    let advance = if linear && ev.kind == EventKind::Timeline && !ev.prev_events.is_empty() {
-        serde_json::to_string(&ev.prev_events)
-            .ok()
-            .zip(serde_json::to_string(&[&ev.event_id]).ok())
-    } else {
-        None
-    };
+    let advance =
+        if linear && ev.kind == EventKind::Timeline && !ev.prev_events.is_empty() && ev.builds_on_all_expected() {
+            serde_json::to_string(&ev.prev_events)
+                .ok()
+                .zip(serde_json::to_string(&[&ev.event_id]).ok())
+        } else {
+            None
+        };
     let changes = StateRows::new(ev);
     let search_text = ev.search_text.as_deref().map(fold_diacritics);
 

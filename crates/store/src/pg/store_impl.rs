@@ -16,6 +16,10 @@ impl Store for PgStore {
         self.recent().read().changes_since(since)
     }
 
+    fn on_foreign_room_writes(&self, hook: crate::ForeignRoomsHook) {
+        self.foreign_room_writes(hook)
+    }
+
     async fn create_user(&self, user: NewUser) -> Result<()> {
         accounts::create_user(self, user).await
     }

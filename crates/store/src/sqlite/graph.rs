@@ -22,6 +22,19 @@ impl RoomGraphStore for SqliteStore {
             .await
     }
 
+    async fn reserve_state_groups(&self, n: i64) -> Result<Vec<i64>> {
+        // One process writes an SQLite database: a counter started past
+        // the highest stored group is enough.
+        let last = self
+            .state_groups
+            .get_or_try_init(|| async {
+                Ok::<_, weft_core::Error>(std::sync::atomic::AtomicI64::new(self.max_state_group().await?))
+            })
+            .await?;
+        let first = last.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + 1;
+        Ok((first..first + n).collect())
+    }
+
     async fn extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
         let r = room_id.to_owned();
         self.read(move |c| {
@@ -332,6 +345,13 @@ pub(crate) fn advance_linear(c: &Connection, ev: &NewEvent) -> rusqlite::Result<
     Ok(n == 1)
 }
 
+/// A room's forward extremities as stored (a JSON array), if the room is.
+pub(crate) fn stored_extremities(c: &Connection, room_id: &str) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT extremities FROM rooms WHERE room_id = ?1")?
+        .query_row([room_id], |r| r.get(0))
+        .optional()
+}
+
 /// Whether every prev event of `ev` is stored (or earlier in this
 /// transaction).
 pub(crate) fn check_prevs(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
@@ -601,6 +621,7 @@ mod tests {
             state_after: None,
             new_groups: Vec::new(),
             current_state: None,
+            expect_extremities: None,
         };
         store.persist_event(gap).await.unwrap().unwrap();
         let ext: Vec<String> = store
