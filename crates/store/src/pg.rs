@@ -162,8 +162,55 @@ struct Done {
 }
 type WriteFn = Box<dyn FnOnce(&mut PgConn, &mut WriterCtx) -> Done + Send>;
 
+/// A job the writer may run again ([`PgStore::write_again`]): it runs
+/// without a savepoint of its own (a round trip saved per job on the hot
+/// path); should it or a later one fail, the writer rolls back to the last
+/// savepoint and runs the jobs since again, each in its own.
+trait AgainJob: Send {
+    /// Runs the job; false if it failed (its result is kept either way).
+    fn run(&mut self, conn: &mut PgConn, ctx: &mut WriterCtx) -> bool;
+    /// Answers the last run's result, or the commit's error.
+    fn answer(self: Box<Self>, commit_err: Option<Error>);
+}
+
+struct Again<F, T> {
+    f: F,
+    result: Option<Result<T>>,
+    tx: oneshot::Sender<Result<T>>,
+}
+
+impl<F, T> AgainJob for Again<F, T>
+where
+    F: FnMut(&mut PgConn, &mut WriterCtx) -> Result<T> + Send,
+    T: Send,
+{
+    fn run(&mut self, conn: &mut PgConn, ctx: &mut WriterCtx) -> bool {
+        let r = (self.f)(conn, ctx);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn answer(self: Box<Self>, commit_err: Option<Error>) {
+        let result = match commit_err {
+            Some(e) => Err(e),
+            None => self
+                .result
+                .unwrap_or_else(|| Err(Error::internal("write job never ran"))),
+        };
+        let _ = self.tx.send(result);
+    }
+}
+
+/// What the writer runs.
+enum Job {
+    /// Runs once, in a savepoint of its own.
+    Once(WriteFn),
+    Again(Box<dyn AgainJob>),
+}
+
 pub struct PgStore {
-    writer: mpsc::Sender<WriteFn>,
+    writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<PgConn>>>,
     url: Arc<str>,
     position: watch::Receiver<i64>,
@@ -258,7 +305,7 @@ impl PgStore {
             pos_tx,
             foreign_rooms: parking_lot::RwLock::new(Vec::new()),
         });
-        let (tx, rx) = mpsc::channel::<WriteFn>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let url: Arc<str> = Arc::from(url);
         let (f, u) = (follower.clone(), url.clone());
         std::thread::Builder::new()
@@ -330,7 +377,19 @@ impl PgStore {
                 }),
             }
         });
-        let _ = self.writer.send(job);
+        let _ = self.writer.send(Job::Once(job));
+        rx
+    }
+
+    /// [`PgStore::write`] for a job that can run again (`FnMut`): the
+    /// writer spares it a savepoint (see [`AgainJob`]). For the hot path
+    /// (events).
+    pub(crate) fn write_again<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut PgConn, &mut WriterCtx) -> Result<T> + Send + 'static,
+    ) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.writer.send(Job::Again(Box::new(Again { f, result: None, tx })));
         rx
     }
 
@@ -531,32 +590,30 @@ fn finish_batch(conn: &mut PgConn, ctx: &WriterCtx) -> PgResult<()> {
         a.push(x);
         b.push(y);
     }
-    if !positions.is_empty() {
-        conn.execute(
-            "INSERT INTO stream_log (position, kind, a, b) \
-             SELECT * FROM UNNEST($1::BIGINT[], $2::SMALLINT[], $3::TEXT[], $4::TEXT[])",
-            &[&positions, &kinds, &a, &b],
-        )?;
-    }
-    conn.execute(
-        "UPDATE stream_head SET position = $1, low = $2 WHERE id = 1",
-        &[&ctx.pos, &ctx.low],
+    // One round trip: the log, the head, the notification.
+    conn.query_one(
+        "WITH log AS (INSERT INTO stream_log (position, kind, a, b) \
+           SELECT * FROM UNNEST($1::BIGINT[], $2::SMALLINT[], $3::TEXT[], $4::TEXT[])), \
+         head AS (UPDATE stream_head SET position = $5::BIGINT, low = $6::BIGINT WHERE id = 1) \
+         SELECT pg_notify($7::TEXT, $8::TEXT)",
+        &[
+            &positions,
+            &kinds,
+            &a,
+            &b,
+            &ctx.pos,
+            &ctx.low,
+            &CHANNEL,
+            &ctx.pos.to_string(),
+        ],
     )?;
-    conn.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &ctx.pos.to_string()])?;
     Ok(())
 }
 
 /// The writer: every job waiting, in one transaction (each in a savepoint
 /// so a failing job does not undo the others), numbered after the head it
 /// locked, then committed, answered and published.
-fn writer_loop(
-    mut conn: PgConn,
-    url: Arc<str>,
-    rx: mpsc::Receiver<WriteFn>,
-    follower: Arc<Follower>,
-    pos: i64,
-    low: i64,
-) {
+fn writer_loop(mut conn: PgConn, url: Arc<str>, rx: mpsc::Receiver<Job>, follower: Arc<Follower>, pos: i64, low: i64) {
     let mut ctx = WriterCtx {
         pos,
         low,
@@ -601,29 +658,7 @@ fn writer_loop(
             }
         }
         let (start_pos, start_low) = (ctx.pos, ctx.low);
-        let mut answers = Vec::with_capacity(batch.len());
-        for (i, job) in batch.into_iter().enumerate() {
-            let (before, low, n_changes) = (ctx.pos, ctx.low, ctx.changes.len());
-            let (n_events, n_redactions) = (ctx.events.len(), ctx.redactions.len());
-            // Each job in a savepoint of its own (an error aborts the whole
-            // transaction in PostgreSQL otherwise); the previous job's is
-            // released in the same round trip, and COMMIT releases the last.
-            let sp = conn.batch(if i == 0 {
-                "SAVEPOINT job"
-            } else {
-                "RELEASE SAVEPOINT job; SAVEPOINT job"
-            });
-            let done = job(&mut conn, &mut ctx);
-            if !done.ok || sp.is_err() {
-                ctx.pos = before;
-                ctx.low = low;
-                ctx.changes.truncate(n_changes);
-                ctx.events.truncate(n_events);
-                ctx.redactions.truncate(n_redactions);
-                let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
-            }
-            answers.push(done.answer);
-        }
+        let answers = run_batch(&mut conn, &mut ctx, batch);
         let moved = ctx.pos != start_pos || ctx.low != start_low;
         let commit = if moved { finish_batch(&mut conn, &ctx) } else { Ok(()) }.and_then(|()| conn.batch("COMMIT"));
         match commit {
@@ -634,7 +669,7 @@ fn writer_loop(
                     follower.committed(&mut conn, start_pos, &mut ctx);
                 }
                 for answer in answers {
-                    answer(None);
+                    answer.give(None);
                 }
             }
             Err(e) => {
@@ -643,11 +678,135 @@ fn writer_loop(
                 ctx.pos = start_pos;
                 ctx.low = start_low;
                 for answer in answers {
-                    answer(Some(pg_err_ref(&e)));
+                    answer.give(Some(pg_err_ref(&e)));
                 }
             }
         }
     }
+}
+
+/// How a job's answer is given once the batch commits (or fails to).
+enum Answer {
+    Once(Box<dyn FnOnce(Option<Error>) + Send>),
+    Again(Box<dyn AgainJob>),
+}
+
+impl Answer {
+    fn give(self, commit_err: Option<Error>) {
+        match self {
+            Answer::Once(a) => a(commit_err),
+            Answer::Again(j) => j.answer(commit_err),
+        }
+    }
+}
+
+/// Where the stream context stood (to undo a failed job's part of it).
+#[derive(Clone, Copy)]
+struct Mark {
+    pos: i64,
+    low: i64,
+    changes: usize,
+    events: usize,
+    redactions: usize,
+}
+
+impl Mark {
+    fn of(ctx: &WriterCtx) -> Self {
+        Mark {
+            pos: ctx.pos,
+            low: ctx.low,
+            changes: ctx.changes.len(),
+            events: ctx.events.len(),
+            redactions: ctx.redactions.len(),
+        }
+    }
+
+    fn restore(self, ctx: &mut WriterCtx) {
+        ctx.pos = self.pos;
+        ctx.low = self.low;
+        ctx.changes.truncate(self.changes);
+        ctx.events.truncate(self.events);
+        ctx.redactions.truncate(self.redactions);
+    }
+}
+
+/// Runs a batch's jobs inside the open transaction. A failing job must not
+/// undo the others (and an error aborts the whole transaction in
+/// PostgreSQL), so a job runs after a savepoint: a `Once` job always in
+/// its own, the `Again` jobs in a row share one; when one of those fails,
+/// the writer rolls back to their savepoint and runs them again, each in
+/// its own, so only the failing one is undone.
+fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Answer> {
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    // The `Again` jobs (indexes into `answers`) run since the savepoint
+    // made at `mark`; `None`: no savepoint covers the next `Again` job.
+    let mut shared: Option<(Mark, Vec<usize>)> = None;
+    // Whether a savepoint exists: a new one releases it in the same round
+    // trip (nesting hundreds would overflow PostgreSQL's cache of a
+    // transaction's subtransactions, which slows every session).
+    let mut has_sp = false;
+    let mut savepoint = |conn: &mut PgConn| {
+        let sql = if has_sp {
+            "RELEASE SAVEPOINT job; SAVEPOINT job"
+        } else {
+            "SAVEPOINT job"
+        };
+        has_sp = true;
+        conn.batch(sql)
+    };
+    for job in batch {
+        match job {
+            Job::Once(job) => {
+                shared = None;
+                let mark = Mark::of(ctx);
+                let sp = savepoint(conn);
+                let done = job(conn, ctx);
+                if !done.ok || sp.is_err() {
+                    mark.restore(ctx);
+                    let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                }
+                answers.push(Answer::Once(done.answer));
+            }
+            Job::Again(mut job) => {
+                if shared.is_none() {
+                    let mark = Mark::of(ctx);
+                    if savepoint(conn).is_err() {
+                        // The transaction is unusable: the job fails, and
+                        // so does the commit.
+                        answers.push(Answer::Again(job));
+                        continue;
+                    }
+                    shared = Some((mark, Vec::new()));
+                }
+                if job.run(conn, ctx) {
+                    answers.push(Answer::Again(job));
+                    if let Some((_, run)) = shared.as_mut() {
+                        run.push(answers.len() - 1);
+                    }
+                    continue;
+                }
+                // Undo the row since the savepoint and run each again in a
+                // savepoint of its own (they succeeded before: they
+                // should again), then this one.
+                let Some((mark, run)) = shared.take() else { continue };
+                mark.restore(ctx);
+                let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                answers.push(Answer::Again(job));
+                let again = run.into_iter().chain([answers.len() - 1]);
+                for i in again {
+                    if let Answer::Again(job) = &mut answers[i] {
+                        let mark = Mark::of(ctx);
+                        let sp = savepoint(conn);
+                        if sp.is_err() || !job.run(conn, ctx) {
+                            mark.restore(ctx);
+                            let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    answers
 }
 
 /// Follows what other processes commit: on each notification (and every

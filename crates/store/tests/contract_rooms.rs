@@ -18,6 +18,7 @@ both!(
     a_large_state_change_keeps_the_last_change_of_a_key,
     an_event_built_on_a_stale_view_of_the_room_is_refused,
     state_group_ids_are_reserved_once,
+    a_failing_event_in_a_batch_undoes_only_itself,
 );
 
 use std::sync::Arc;
@@ -879,4 +880,45 @@ async fn state_group_ids_are_reserved_once(b: Backend) {
     sorted.dedup();
     assert_eq!(sorted.len(), all.len(), "{all:?}");
     assert!(all.iter().all(|&g| g > 1), "{all:?}");
+}
+
+/// Events queued together commit in one batch; one that fails there (a
+/// duplicate event ID: a database error; a stale view: refused after its
+/// statement ran) is undone alone, the others keep their places.
+async fn a_failing_event_in_a_batch_undoes_only_itself(b: Backend) {
+    let store = b.open();
+    put(&store, create()).await;
+    let mut m1 = ev("$m1", &["$c"], &["$c"], 2);
+    m1.search_text = Some("first".into());
+    let m1 = store.persist_event(m1);
+    // A duplicate of the create event's ID.
+    let dup = store.persist_event(ev("$c", &["$m1"], &["$c"], 3));
+    let m2 = store.persist_event(ev("$m2", &["$m1"], &["$c"], 3));
+    let mut stale = ev("$stale", &["$m2"], &["$c"], 4);
+    stale.expect_extremities = Some(vec!["$m1".into()]);
+    let stale = store.persist_event(stale);
+    let mut m3 = ev("$m3", &["$m2"], &["$c"], 4);
+    m3.search_text = Some("third".into());
+    let m3 = store.persist_event(m3);
+    let p1 = m1.await.unwrap().unwrap();
+    assert!(dup.await.unwrap().is_err());
+    let p2 = m2.await.unwrap().unwrap();
+    assert_eq!(stale.await.unwrap().unwrap_err().kind, weft_core::ErrorKind::RoomMoved);
+    let p3 = m3.await.unwrap().unwrap();
+    assert!(p1 < p2 && p2 < p3, "{p1} {p2} {p3}");
+    assert!(store.get_event("$stale").await.unwrap().is_none());
+    let ext = |v: Vec<(String, i64)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$m3"]);
+    for (id, p) in [("$m1", p1), ("$m2", p2), ("$m3", p3)] {
+        assert_eq!(store.get_event(id).await.unwrap().unwrap().position, p);
+    }
+    let c = store.get_event("$c").await.unwrap().unwrap();
+    assert_eq!(c.event_type, "m.room.create");
+    // The events' other rows went in once (search), the failed ones' none.
+    let (hits, total) = store
+        .search_events(&[ROOM.to_owned()], r#""third""#, &[SearchKey::Body], false, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!((hits.len(), total), (1, 1));
+    assert_eq!(store.current_position(), p3);
 }

@@ -82,7 +82,7 @@ impl<'a> Built<'a> {
 }
 
 pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
-    s.write(move |c, ctx| {
+    s.write_again(move |c, ctx| {
         // A local event built on one whose write failed is refused: no
         // stored event points at a parent that is not stored. A local
         // event built on exactly the room's forward extremities (the one
