@@ -145,6 +145,25 @@ impl PgConn {
         self.client.query_one(&s, params)
     }
 
+    /// Begins a writer's batch in one round trip: the transaction, the
+    /// lock of the stream head (answered: its position and low mark) and
+    /// the first savepoint (`job`, see [`run_batch`]).
+    fn begin_batch(&mut self) -> Result<(i64, i64)> {
+        let answer = self
+            .client
+            .simple_query("BEGIN; SELECT position, low FROM stream_head WHERE id = 1 FOR UPDATE; SAVEPOINT job")
+            .map_err(|e| pg_err_ref(&e))?;
+        for message in answer {
+            if let postgres::SimpleQueryMessage::Row(row) = message {
+                let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok());
+                if let (Some(pos), Some(low)) = (num(0), num(1)) {
+                    return Ok((pos, low));
+                }
+            }
+        }
+        Err(Error::internal("the stream_head table has no row"))
+    }
+
     /// Statements without parameters, as one round trip (`BEGIN`, …).
     pub(crate) fn batch(&mut self, sql: &str) -> PgResult<()> {
         self.client.batch_execute(sql)
@@ -642,14 +661,11 @@ fn writer_loop(mut conn: PgConn, url: Arc<str>, rx: mpsc::Receiver<Job>, followe
         ctx.changes.clear();
         ctx.events.clear();
         ctx.redactions.clear();
-        let head = conn
-            .batch("BEGIN")
-            .and_then(|()| conn.query_one("SELECT position, low FROM stream_head WHERE id = 1 FOR UPDATE", &[]));
-        match head {
-            Ok(row) => {
+        match conn.begin_batch() {
+            Ok((pos, low)) => {
                 // Other processes may have moved the head on since.
-                ctx.pos = ctx.pos.max(row.get(0));
-                ctx.low = ctx.low.min(row.get(1));
+                ctx.pos = ctx.pos.max(pos);
+                ctx.low = ctx.low.min(low);
             }
             Err(e) => {
                 tracing::error!("cannot begin write transaction: {e}");
@@ -741,36 +757,35 @@ fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Ans
     // The `Again` jobs (indexes into `answers`) run since the savepoint
     // made at `mark`; `None`: no savepoint covers the next `Again` job.
     let mut shared: Option<(Mark, Vec<usize>)> = None;
-    // Whether a savepoint exists: a new one releases it in the same round
-    // trip (nesting hundreds would overflow PostgreSQL's cache of a
-    // transaction's subtransactions, which slows every session).
-    let mut has_sp = false;
-    let mut savepoint = |conn: &mut PgConn| {
-        let sql = if has_sp {
-            "RELEASE SAVEPOINT job; SAVEPOINT job"
-        } else {
-            "SAVEPOINT job"
-        };
-        has_sp = true;
-        conn.batch(sql)
+    // Nothing ran since the last savepoint (the batch began with one).
+    let mut clean = true;
+    // A new savepoint releases the last in the same round trip (nesting
+    // hundreds would overflow PostgreSQL's cache of a transaction's
+    // subtransactions, which slows every session).
+    let savepoint = |conn: &mut PgConn, clean: &mut bool| {
+        if std::mem::replace(clean, true) {
+            return Ok(());
+        }
+        conn.batch("RELEASE SAVEPOINT job; SAVEPOINT job")
     };
     for job in batch {
         match job {
             Job::Once(job) => {
                 shared = None;
                 let mark = Mark::of(ctx);
-                let sp = savepoint(conn);
+                let sp = savepoint(conn, &mut clean);
                 let done = job(conn, ctx);
+                clean = false;
                 if !done.ok || sp.is_err() {
                     mark.restore(ctx);
-                    let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                    clean = conn.batch("ROLLBACK TO SAVEPOINT job").is_ok();
                 }
                 answers.push(Answer::Once(done.answer));
             }
             Job::Again(mut job) => {
                 if shared.is_none() {
                     let mark = Mark::of(ctx);
-                    if savepoint(conn).is_err() {
+                    if savepoint(conn, &mut clean).is_err() {
                         // The transaction is unusable: the job fails, and
                         // so does the commit.
                         answers.push(Answer::Again(job));
@@ -778,6 +793,7 @@ fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Ans
                     }
                     shared = Some((mark, Vec::new()));
                 }
+                clean = false;
                 if job.run(conn, ctx) {
                     answers.push(Answer::Again(job));
                     if let Some((_, run)) = shared.as_mut() {
@@ -790,16 +806,17 @@ fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Ans
                 // should again), then this one.
                 let Some((mark, run)) = shared.take() else { continue };
                 mark.restore(ctx);
-                let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                clean = conn.batch("ROLLBACK TO SAVEPOINT job").is_ok();
                 answers.push(Answer::Again(job));
                 let again = run.into_iter().chain([answers.len() - 1]);
                 for i in again {
                     if let Answer::Again(job) = &mut answers[i] {
                         let mark = Mark::of(ctx);
-                        let sp = savepoint(conn);
+                        let sp = savepoint(conn, &mut clean);
+                        clean = false;
                         if sp.is_err() || !job.run(conn, ctx) {
                             mark.restore(ctx);
-                            let _ = conn.batch("ROLLBACK TO SAVEPOINT job");
+                            clean = conn.batch("ROLLBACK TO SAVEPOINT job").is_ok();
                         }
                     }
                 }
