@@ -57,7 +57,7 @@ pub mod testing;
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
-const READERS: usize = 8;
+const READERS: usize = 16;
 /// The channel the commit of every batch notifies, with the new head.
 const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
@@ -231,6 +231,8 @@ enum Job {
 pub struct PgStore {
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<PgConn>>>,
+    /// One per read connection there may be ([`READERS`]).
+    read_permits: Arc<tokio::sync::Semaphore>,
     url: Arc<str>,
     position: watch::Receiver<i64>,
     follower: Arc<Follower>,
@@ -341,6 +343,7 @@ impl PgStore {
         Ok(Self {
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             url,
             position: pos_rx,
             follower,
@@ -357,8 +360,19 @@ impl PgStore {
         &self,
         f: impl FnOnce(&mut PgConn) -> PgResult<T> + Send + 'static,
     ) -> Result<T> {
+        // At most `READERS` connections, each kept (with its prepared
+        // statements): a read waits for one rather than opening another
+        // (a new connection costs a handshake and every statement's
+        // preparation again, which under load cost more than the reads).
+        let permit = self
+            .read_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("database reads stopped"))?;
         let (pool, url) = (self.readers.clone(), self.url.clone());
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = pool.lock().pop();
             let mut conn = match conn {
                 Some(c) => c,
@@ -366,10 +380,7 @@ impl PgStore {
             };
             let out = f(&mut conn).map_err(pg_err);
             if !conn.is_closed() {
-                let mut pool = pool.lock();
-                if pool.len() < READERS {
-                    pool.push(conn);
-                }
+                pool.lock().push(conn);
             }
             out
         })
