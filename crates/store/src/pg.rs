@@ -52,9 +52,13 @@ mod rooms;
 mod store_impl;
 pub mod testing;
 
+/// The search index's text folding, for `migrate` (which rebuilds the index
+/// as the write path fills it).
+pub(crate) use rooms::fold_diacritics;
+
 /// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
 /// the first is the SQLite schema at its migration 0020.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
+pub(crate) const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 8;
@@ -62,7 +66,7 @@ const READERS: usize = 8;
 const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
 /// between processes starting at once.
-const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
+pub(crate) const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
 
 pub(crate) type PgResult<T> = std::result::Result<T, postgres::Error>;
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -343,7 +347,7 @@ impl PgStore {
 }
 
 /// A connection failure names the server, never the password.
-fn connect_err(url: &str, e: postgres::Error) -> Error {
+pub(crate) fn connect_err(url: &str, e: postgres::Error) -> Error {
     let shown = match url.parse::<postgres::Config>() {
         Ok(c) => format!(
             "{:?} database {:?} as {:?}",
