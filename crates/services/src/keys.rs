@@ -405,6 +405,8 @@ impl Services {
         txn_id: &str,
         req: SendToDeviceRequest,
     ) -> Result<Value> {
+        crate::text::check_text("Event type", event_type)?;
+        crate::text::check_text("Transaction ID", txn_id)?;
         let mut messages = Vec::new();
         let mut remote: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         for (user, devices) in req.messages {

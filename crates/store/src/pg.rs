@@ -97,6 +97,26 @@ pub(crate) fn pg_err(e: postgres::Error) -> Error {
     }
 }
 
+/// An event as PostgreSQL can store it: its `text` holds no NUL (SQLite's
+/// does). What is read from the content may have one (the stored JSON keeps
+/// it as the escape `\u0000`, which is fine): the search text gets a space
+/// instead (the index loses nothing), and a relation whose type or parent
+/// has one (no event ID has) is not indexed. Everything else a client sends
+/// is checked before (crates/services/src/text.rs).
+pub(crate) fn storable_event(mut ev: NewEvent) -> NewEvent {
+    if let Some(text) = ev.search_text.as_mut().filter(|t| t.contains('\0')) {
+        *text = text.replace('\0', " ");
+    }
+    if ev
+        .relation
+        .as_ref()
+        .is_some_and(|r| r.rel_type.contains('\0') || r.parent_event_id.contains('\0'))
+    {
+        ev.relation = None;
+    }
+    ev
+}
+
 /// A connection with its prepared statements (PostgreSQL prepares per
 /// connection; each statement is parsed and planned once per connection).
 pub(crate) struct PgConn {
