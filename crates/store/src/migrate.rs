@@ -586,7 +586,11 @@ fn copy_table(src: &Connection, tx: &mut postgres::Transaction<'_>, table: &str)
         writer.write_raw(vals.iter()).map_err(pg_err)?;
     }
     let written = writer.finish().map_err(pg_err)?;
-    debug_assert_eq!(written, n);
+    if written != n {
+        return Err(Error::internal(format!(
+            "table {table}: read {n} rows from SQLite, PostgreSQL took {written}"
+        )));
+    }
     Ok(written)
 }
 
