@@ -202,6 +202,45 @@ async fn nul_characters_in_stored_text_are_invalid_params_and_nothing_is_stored(
         400,
         "M_INVALID_PARAM",
     );
+    // Keys: one-time key IDs, backed-up sessions; sliding sync connections.
+    assert_err(
+        &alice
+            .post(
+                "keys/upload",
+                json!({"one_time_keys": {"signed_curve25519:A\u{0}": {"key": "k"}}}),
+            )
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    let (status, version) = alice
+        .post(
+            "room_keys/version",
+            json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": "x"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{version}");
+    let version = version["version"].as_str().unwrap().to_owned();
+    assert_err(
+        &alice
+            .put(
+                &format!("room_keys/keys/{r}/{NUL_PATH}?version={version}"),
+                json!({"first_message_index": 0, "forwarded_count": 0, "is_verified": false, "session_data": {}}),
+            )
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &alice
+            .post(
+                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                json!({"conn_id": "a\u{0}b"}),
+            )
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
     let (status, up) = alice
         .request_raw(
             reqwest::Method::POST,
