@@ -716,15 +716,6 @@ fn set_counters(src: &Connection, tx: &mut postgres::Transaction<'_>) -> Result<
     Ok(head)
 }
 
-/// Opens a fresh SQLite database at `path` with every migration applied
-/// (what a new data directory holds), for tests of the table list.
-#[doc(hidden)]
-pub fn sqlite_tables_of_fresh_database(path: &Path) -> Result<Vec<String>> {
-    drop(crate::SqliteStore::open(path, false)?);
-    let conn = Connection::open(path).map_err(sqlite_err)?;
-    sqlite_tables(&conn)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,10 +723,17 @@ mod tests {
     /// Every table a fresh SQLite database has is either copied or
     /// deliberately skipped: a new migration adding a table fails here
     /// until [`SQLITE_TABLES`] says what happens to it.
+    /// The tables of a fresh SQLite database with every migration applied
+    /// (what a new data directory holds).
+    fn tables_of_fresh_database(path: &Path) -> Vec<String> {
+        drop(crate::SqliteStore::open(path, false).unwrap());
+        sqlite_tables(&Connection::open(path).unwrap()).unwrap()
+    }
+
     #[test]
     fn every_sqlite_table_has_a_plan() {
         let dir = tempfile::tempdir().unwrap();
-        let tables = sqlite_tables_of_fresh_database(&dir.path().join("weft.db")).unwrap();
+        let tables = tables_of_fresh_database(&dir.path().join("weft.db"));
         let unknown: Vec<&String> = tables.iter().filter(|t| plan_of(t).is_none()).collect();
         assert!(
             unknown.is_empty(),
