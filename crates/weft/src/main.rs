@@ -60,9 +60,12 @@ enum Command {
     /// database (docs/scale-out.md "Moving an embedded deployment"). The
     /// server must be stopped; the SQLite file is left as it was.
     MigrateFromSqlite {
-        /// The PostgreSQL database to fill: postgres://user:password@host:port/database
+        /// The PostgreSQL database to fill:
+        /// postgres://user:password@host:port/database (default: the
+        /// configured `database.url`, e.g. WEFT_DATABASE__URL, which keeps
+        /// the password off the command line).
         #[arg(long)]
-        to: String,
+        to: Option<String>,
     },
 }
 
@@ -276,7 +279,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
-            Command::MigrateFromSqlite { to } => migrate_from_sqlite(&cli.data_dir, cli.config, &to).await,
+            Command::MigrateFromSqlite { to } => migrate_from_sqlite(&cli.data_dir, cli.config, to).await,
             Command::Report(ReportCommand::List { limit }) => {
                 admin_command(
                     &cli.data_dir,
@@ -694,9 +697,15 @@ async fn admin_command(
 
 /// `weft migrate-from-sqlite`: holds the data directory's lock (so no
 /// server runs on the SQLite database, nor starts, during the copy) and
-/// copies the database into the empty PostgreSQL one at `url`.
-async fn migrate_from_sqlite(data_dir: &Path, config: Option<PathBuf>, url: &str) -> anyhow::Result<()> {
+/// copies the database into the empty PostgreSQL one at `to` (or the
+/// configured `database.url`).
+async fn migrate_from_sqlite(data_dir: &Path, config: Option<PathBuf>, to: Option<String>) -> anyhow::Result<()> {
     let (config, _) = prepare(data_dir, config, None, None, false)?;
+    let Some(url) = to.or_else(|| config.database.url.clone()) else {
+        bail!(
+            "give the PostgreSQL database to fill: --to postgres://user:password@host:port/database (or set database.url)"
+        );
+    };
     let _lock = admin::lock_for_migration(data_dir).await?;
     let sqlite = config.sqlite_file(data_dir);
     println!(
@@ -704,7 +713,7 @@ async fn migrate_from_sqlite(data_dir: &Path, config: Option<PathBuf>, url: &str
         sqlite.display()
     );
     let started = Instant::now();
-    let (src, to) = (sqlite.clone(), url.to_owned());
+    let (src, to) = (sqlite.clone(), url);
     // The PostgreSQL client runs its own runtime: not on one of tokio's threads.
     let report = std::thread::spawn(move || {
         weft_store::migrate::migrate_sqlite_to_postgres(&src, &to, &mut |line| println!("{line}"))
@@ -726,9 +735,8 @@ async fn migrate_from_sqlite(data_dir: &Path, config: Option<PathBuf>, url: &str
         );
     }
     println!(
-        "weft: done. Now set in {} (or the environment):\n  [database]\n  backend = \"postgres\"\n  url = \"<the URL you migrated to>\"\n\
+        "weft: done. Now set in the config file (or the environment):\n  [database]\n  backend = \"postgres\"\n  url = \"<the URL you migrated to>\"\n\
          and start `weft serve` again; {} stays as it was (a backup: do not serve it again).",
-        data_dir.join("weft.toml").display(),
         sqlite.display()
     );
     if config.media.backend == "fs" {

@@ -185,15 +185,16 @@ async fn an_embedded_deployment_moves_to_postgres_with_its_tokens_and_history() 
     let (_, events) = regclass();
     assert!(events.unwrap_or(0) >= 8, "events copied: {events:?}");
 
-    // Again: the target holds data now. Refused, nothing changes.
-    let (ok, out, err) = server.cli_args(&["migrate-from-sqlite", "--to", &db.url]);
+    // Again (the target named by database.url this time, without --to):
+    // the target holds data now. Refused, nothing changes.
+    server.set_env("WEFT_DATABASE__URL", &db.url);
+    let (ok, out, err) = server.cli_args(&["migrate-from-sqlite"]);
     assert!(!ok, "a second migration into a full database must fail: {out}{err}");
     assert!(err.contains("not empty"), "{err}");
     assert_eq!(regclass().1, events);
 
     // Serve on PostgreSQL from the same data directory (same signing key).
     server.set_env("WEFT_DATABASE__BACKEND", "postgres");
-    server.set_env("WEFT_DATABASE__URL", &db.url);
     server.restart().await;
     assert!(
         server.log_tail(400).contains("weft listening on"),
