@@ -267,6 +267,8 @@ impl Accounts {
         device_id: Option<&str>,
         display_name: Option<&str>,
     ) -> Result<LoginResult> {
+        crate::text::check_opt_text("Device ID", device_id)?;
+        crate::text::check_opt_text("Device display name", display_name)?;
         let device_id = match device_id {
             Some(d) if !d.is_empty() && d.len() <= 255 => d.to_owned(),
             Some(_) => return Err(Error::invalid_param("Invalid device_id")),
@@ -292,6 +294,7 @@ impl Accounts {
     /// key. Identity and key are printable, so they can be typed into
     /// `coap-client -u IDENTITY -k KEY`; the key has about 190 bits.
     pub async fn mint_psk(&self, user_id: &UserId, device_id: Option<&str>) -> Result<PskGrant> {
+        crate::text::check_opt_text("Device ID", device_id)?;
         let device_id = match device_id {
             Some(d) if !d.is_empty() && d.len() <= 255 => d.to_owned(),
             Some(_) => return Err(Error::invalid_param("Invalid device_id")),

@@ -75,6 +75,8 @@ fn backup_key(room_id: &str, session_id: &str, data: &Value) -> Result<BackupKey
     if room_id.is_empty() || session_id.is_empty() {
         return Err(Error::invalid_param("Empty room or session ID"));
     }
+    crate::text::check_text("Room ID", room_id)?;
+    crate::text::check_text("Session ID", session_id)?;
     Ok(BackupKey {
         room_id: room_id.to_owned(),
         session_id: session_id.to_owned(),

@@ -15,6 +15,8 @@ impl Services {
     /// An application service with `io.element.msc4190: true` acting as
     /// one of its users creates the device when it is missing (MSC4190).
     pub async fn rename_device(&self, session: &Session, device_id: &str, display_name: Option<&str>) -> Result<()> {
+        crate::text::check_text("Device ID", device_id)?;
+        crate::text::check_opt_text("Device display name", display_name)?;
         if self.acts_with_msc4190(session) {
             let exists = self
                 .store

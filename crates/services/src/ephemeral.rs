@@ -150,6 +150,7 @@ impl Services {
     ) -> Result<()> {
         own_user(session, user_id, "Cannot set another user's presence")?;
         check_presence_state(presence)?;
+        crate::text::check_opt_text("status_msg", status_msg.as_deref())?;
         if !self.config.presence.enabled {
             return Ok(());
         }
@@ -370,6 +371,8 @@ impl Services {
         event_id: &str,
         thread_id: Option<&str>,
     ) -> Result<()> {
+        crate::text::check_text("Event ID", event_id)?;
+        crate::text::check_opt_text("thread_id", thread_id)?;
         self.require_joined(session, room).await?;
         match receipt_type {
             RECEIPT_READ | RECEIPT_READ_PRIVATE => {}

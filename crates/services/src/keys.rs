@@ -70,6 +70,7 @@ const SIGNED_CURVE25519: &str = "signed_curve25519";
 fn key_list(keys: Map<String, Value>, what: &str) -> Result<Vec<(String, String)>> {
     keys.into_iter()
         .map(|(id, key)| {
+            crate::text::check_text(&format!("{what} key ID"), &id)?;
             match id.split_once(':') {
                 Some((alg, rest)) if !alg.is_empty() && !rest.is_empty() => {}
                 _ => {
@@ -288,6 +289,7 @@ impl Services {
         let mut failures: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
         let mut to_store = Vec::new();
         for (user, keys) in req {
+            crate::text::check_text("User ID", &user)?;
             let devices: Vec<String> = if self.is_local_user(&user) {
                 self.store
                     .get_device_keys(&user, &[])
@@ -315,6 +317,8 @@ impl Services {
                     (true, Some(sigs)) => {
                         for (signer_key, sig) in sigs {
                             if let Some(sig) = sig.as_str() {
+                                crate::text::check_text("Signing key ID", signer_key)?;
+                                crate::text::check_text("Signature", sig)?;
                                 to_store.push(KeySignature {
                                     target_user: user.clone(),
                                     target_key: key_id.clone(),
@@ -405,6 +409,8 @@ impl Services {
         txn_id: &str,
         req: SendToDeviceRequest,
     ) -> Result<Value> {
+        crate::text::check_text("Event type", event_type)?;
+        crate::text::check_text("Transaction ID", txn_id)?;
         let mut messages = Vec::new();
         let mut remote: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         for (user, devices) in req.messages {

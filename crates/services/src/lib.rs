@@ -39,6 +39,7 @@ pub mod sliding_sync;
 pub mod spaces;
 pub mod stream;
 pub mod sync;
+pub mod text;
 pub mod tls;
 pub mod tokens;
 pub mod upgrade;

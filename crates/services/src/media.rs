@@ -241,6 +241,8 @@ impl Services {
         filename: Option<&str>,
         body: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<MediaContent> {
+        crate::text::check_opt_text("Content-Type", content_type)?;
+        crate::text::check_opt_text("filename", filename)?;
         let cfg = &self.config.media;
         let mut limit = cfg.max_upload_bytes;
         let mut quota_bound = false;

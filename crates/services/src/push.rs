@@ -305,6 +305,15 @@ impl Services {
     /// `/_matrix/push/v1/notify` (else `400 M_INVALID_PARAM`).
     pub async fn set_pusher(&self, session: &Session, action: PusherAction) -> Result<()> {
         let user = session.user_id.as_str();
+        let ids = match &action {
+            PusherAction::Delete(ids) => Some(ids),
+            PusherAction::Post(post) => Some(&post.pusher.ids),
+            _ => None,
+        };
+        if let Some(ids) = ids {
+            crate::text::check_text("app_id", &ids.app_id)?;
+            crate::text::check_text("pushkey", &ids.pushkey)?;
+        }
         match action {
             PusherAction::Delete(ids) => {
                 self.store.delete_pusher(user, &ids.app_id, &ids.pushkey).await?;

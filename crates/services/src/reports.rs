@@ -12,6 +12,7 @@ use crate::{Services, Session};
 pub const MAX_REASON_BYTES: usize = 4096;
 
 fn reason_of(reason: Option<String>) -> Result<Option<String>> {
+    crate::text::check_opt_text("The reason", reason.as_deref())?;
     match reason {
         Some(r) if r.len() > MAX_REASON_BYTES => Err(Error::invalid_param(format!(
             "The reason is longer than {MAX_REASON_BYTES} bytes"

@@ -3,6 +3,7 @@
 //! checks. Authorization of writes is left to the event pipeline's auth
 //! rules; this layer adds the read checks and the spec's request semantics.
 
+use crate::text::{check_opt_text, check_text};
 use ruma::api::client::room::Visibility as RoomVisibility;
 use ruma::api::client::room::create_room::{self, v3::RoomPreset};
 use ruma::{
@@ -78,11 +79,13 @@ pub struct ReadView {
 
 impl Services {
     fn room_id(&self, room: &str) -> Result<OwnedRoomId> {
+        check_text("Room ID", room)?;
         OwnedRoomId::try_from(room).map_err(|_| Error::invalid_param("Invalid room ID"))
     }
 
     /// Resolves a room ID or alias to a room ID.
     pub async fn resolve_room(&self, room_or_alias: &str) -> Result<OwnedRoomId> {
+        check_text("Room ID or alias", room_or_alias)?;
         if room_or_alias.starts_with('#') {
             let alias = self
                 .local_alias(room_or_alias)
@@ -97,6 +100,7 @@ impl Services {
     /// local alias from the database, another server's alias by asking
     /// that server (`/query/directory`).
     pub async fn resolve_room_anywhere(&self, room_or_alias: &str) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+        check_text("Room ID or alias", room_or_alias)?;
         if room_or_alias.starts_with('#') {
             let alias = ruma::OwnedRoomAliasId::try_from(room_or_alias)
                 .map_err(|_| Error::invalid_param("Invalid room alias"))?;
@@ -197,6 +201,7 @@ impl Services {
         }
         let alias = match &req.room_alias_name {
             Some(local) => {
+                check_text("room_alias_name", local)?;
                 if local.is_empty() || local.contains(':') || local.contains('#') || local.contains(char::is_whitespace)
                 {
                     return Err(Error::invalid_param("Invalid room_alias_name"));
@@ -374,6 +379,7 @@ impl Services {
         reason: Option<String>,
     ) -> Result<Sent> {
         let room_id = self.room_id(room)?;
+        check_text("User ID", target)?;
         let target = OwnedUserId::try_from(target).map_err(|_| Error::invalid_param("Invalid user_id"))?;
         let resident = self.store.room_info(room_id.as_str()).await?.is_some()
             && self.rooms.server_in_room(&room_id, &self.server_name).await?;
@@ -956,6 +962,7 @@ impl Services {
     }
 
     pub async fn put_alias(&self, user_id: &UserId, alias: &str, room_id: &str) -> Result<()> {
+        check_text("Room alias", alias)?;
         let alias_id = OwnedRoomAliasId::try_from(alias).map_err(|_| Error::invalid_param("Invalid room alias"))?;
         if alias_id.server_name() != self.server_name {
             return Err(Error::invalid_param("Alias must be on this server"));
@@ -979,6 +986,7 @@ impl Services {
     }
 
     pub async fn delete_alias(&self, user_id: &UserId, alias: &str) -> Result<()> {
+        check_text("Room alias", alias)?;
         let record = self
             .store
             .resolve_alias(alias)
@@ -1011,6 +1019,7 @@ fn event_spec(
     if let Some(key) = state_key {
         check_state_key(key)?;
     }
+    check_opt_text("Transaction ID", txn_id)?;
     if matches!(event_type, "m.room.create") {
         return Err(Error::forbidden("Cannot send m.room.create"));
     }
@@ -1025,6 +1034,7 @@ fn event_spec(
     let mut redacts = None;
     if event_type == "m.room.redaction" {
         let target = content.get("redacts").and_then(|v| v.as_str()).map(str::to_owned);
+        check_opt_text("redacts", target.as_deref())?;
         redacts = target.map(|t| OwnedEventId::try_from(t).map_err(|_| Error::bad_json("Invalid redacts")));
         if redacts.is_some() {
             content.remove("redacts");

@@ -135,6 +135,7 @@ impl Services {
         let user = session.user_id.as_str();
         let device = session.device_id.as_str();
         let conn_id = req.conn_id.as_deref().unwrap_or_default();
+        crate::text::check_text("conn_id", conn_id)?;
         if conn_id.len() > MAX_CONN_ID {
             return Err(Error::invalid_param("conn_id is too long"));
         }

@@ -99,6 +99,7 @@ impl Services {
         if value.as_ref().is_some_and(|v| v.len() > MAX_PROFILE_VALUE) {
             return Err(Error::invalid_param("Value too long"));
         }
+        crate::text::check_opt_text(name, value.as_deref())?;
         self.store
             .set_profile_field(session.user_id.as_str(), field, value.clone())
             .await?;
@@ -167,6 +168,8 @@ impl Services {
         content: Value,
     ) -> Result<()> {
         own(session, user_id)?;
+        crate::text::check_text("Account data type", data_type)?;
+        crate::text::check_opt_text("Room ID", room)?;
         // The spec's answer for account data the server manages.
         if data_type == crate::push_rules::PUSH_RULES {
             return Err(

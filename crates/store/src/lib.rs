@@ -15,6 +15,7 @@ mod federation;
 mod federation_queue;
 mod graph;
 mod media;
+pub mod migrate;
 mod pg;
 mod sqlite;
 mod stream;

@@ -52,9 +52,13 @@ mod rooms;
 mod store_impl;
 pub mod testing;
 
+/// The search index's text folding, for `migrate` (which rebuilds the index
+/// as the write path fills it).
+pub(crate) use rooms::fold_diacritics;
+
 /// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
 /// the first is the SQLite schema at its migration 0020.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
+pub(crate) const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 16;
@@ -62,7 +66,7 @@ const READERS: usize = 16;
 const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
 /// between processes starting at once.
-const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
+pub(crate) const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
 
 pub(crate) type PgResult<T> = std::result::Result<T, postgres::Error>;
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -91,6 +95,26 @@ pub(crate) fn pg_err(e: postgres::Error) -> Error {
         }
         _ => pg_err_ref(&e),
     }
+}
+
+/// An event as PostgreSQL can store it: its `text` holds no NUL (SQLite's
+/// does). What is read from the content may have one (the stored JSON keeps
+/// it as the escape `\u0000`, which is fine): the search text gets a space
+/// instead (the index loses nothing), and a relation whose type or parent
+/// has one (no event ID has) is not indexed. Everything else a client sends
+/// is checked before (crates/services/src/text.rs).
+pub(crate) fn storable_event(mut ev: NewEvent) -> NewEvent {
+    if let Some(text) = ev.search_text.as_mut().filter(|t| t.contains('\0')) {
+        *text = text.replace('\0', " ");
+    }
+    if ev
+        .relation
+        .as_ref()
+        .is_some_and(|r| r.rel_type.contains('\0') || r.parent_event_id.contains('\0'))
+    {
+        ev.relation = None;
+    }
+    ev
 }
 
 /// A connection with its prepared statements (PostgreSQL prepares per
@@ -446,7 +470,7 @@ impl PgStore {
 }
 
 /// A connection failure names the server, never the password.
-fn connect_err(url: &str, e: postgres::Error) -> Error {
+pub(crate) fn connect_err(url: &str, e: postgres::Error) -> Error {
     let shown = match url.parse::<postgres::Config>() {
         Ok(c) => format!(
             "{:?} database {:?} as {:?}",

@@ -23,7 +23,7 @@ mod federation_queue;
 mod graph;
 mod media;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_e2ee.sql"),
     include_str!("../migrations/0003_cross_signing.sql"),
@@ -50,10 +50,24 @@ const MIGRATIONS: &[&str] = &[
 const DAG_MIGRATION: &str = include_str!("../migrations/0016_room_dag.sql");
 /// `meta` key holding the highest stream position of a deleted row (acked
 /// to-device messages), so positions never go back across a restart.
-const DELETED_MAX: &str = "deleted_stream_max";
+pub(crate) const DELETED_MAX: &str = "deleted_stream_max";
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 4;
+/// The highest stream position a database holds (`?1` is [`DELETED_MAX`]):
+/// where the stream continues when it is opened, and where `migrate` sets
+/// PostgreSQL's `stream_head`.
+pub(crate) const MAX_POSITION_SQL: &str = "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),
+        COALESCE((SELECT MAX(position) FROM account_data), 0),
+        COALESCE((SELECT MAX(position) FROM device_list_changes), 0),
+        COALESCE((SELECT MAX(position) FROM to_device), 0),
+        COALESCE((SELECT MAX(position) FROM receipts), 0),
+        COALESCE((SELECT MAX(position) FROM notifications), 0),
+        COALESCE((SELECT MAX(position) FROM typing_rooms), 0),
+        COALESCE((SELECT MAX(position) FROM presence), 0),
+        COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))";
+/// The lowest position of an event off the stream (0 or below).
+pub(crate) const MIN_POSITION_SQL: &str = "SELECT MIN(0, COALESCE((SELECT MIN(position) FROM events), 0))";
 
 /// What a write job leaves for after the commit: whether it succeeded (so
 /// its savepoint is kept) and how to answer its caller once the batch is
@@ -118,27 +132,9 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
             .map_err(db_err)?;
         let max_pos: i64 = conn
-            .query_row(
-                "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),
-                            COALESCE((SELECT MAX(position) FROM account_data), 0),
-                            COALESCE((SELECT MAX(position) FROM device_list_changes), 0),
-                            COALESCE((SELECT MAX(position) FROM to_device), 0),
-                            COALESCE((SELECT MAX(position) FROM receipts), 0),
-                            COALESCE((SELECT MAX(position) FROM notifications), 0),
-                            COALESCE((SELECT MAX(position) FROM typing_rooms), 0),
-                            COALESCE((SELECT MAX(position) FROM presence), 0),
-                            COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))",
-                [DELETED_MAX],
-                |r| r.get(0),
-            )
+            .query_row(MAX_POSITION_SQL, [DELETED_MAX], |r| r.get(0))
             .map_err(db_err)?;
-        let min_pos: i64 = conn
-            .query_row(
-                "SELECT MIN(0, COALESCE((SELECT MIN(position) FROM events), 0))",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db_err)?;
+        let min_pos: i64 = conn.query_row(MIN_POSITION_SQL, [], |r| r.get(0)).map_err(db_err)?;
         let (pos_tx, pos_rx) = watch::channel(max_pos);
         let (tx, rx) = mpsc::channel::<WriteFn>();
         let recent = Arc::new(parking_lot::RwLock::new(RecentChanges::new(max_pos)));

@@ -283,6 +283,11 @@ impl ServerProcess {
         &self.spec
     }
 
+    /// The settings of the next [`ServerProcess::restart`].
+    pub fn spec_mut(&mut self) -> &mut ServeSpec {
+        &mut self.spec
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -216,6 +216,14 @@ pub(crate) fn http_client() -> reqwest::Client {
 /// Runs `weft <group> <cmd> --data-dir DIR <rest...>` with the server's
 /// environment; (success, stdout, stderr).
 fn run_cli(spec: &ServeSpec, group: &str, cmd_name: &str, rest: &[&str]) -> (bool, String, String) {
+    let mut args = vec![group, cmd_name];
+    args.extend_from_slice(rest);
+    run_cli_args(spec, &args)
+}
+
+/// Runs `weft ARGS… --data-dir DIR` with the server's environment;
+/// (success, stdout, stderr).
+fn run_cli_args(spec: &ServeSpec, args: &[&str]) -> (bool, String, String) {
     let mut cmd = Command::new(&spec.bin);
     // Do not inherit stray WEFT_* settings from the developer's shell.
     for (k, _) in std::env::vars_os() {
@@ -224,8 +232,7 @@ fn run_cli(spec: &ServeSpec, group: &str, cmd_name: &str, rest: &[&str]) -> (boo
         }
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    cmd.arg(group).arg(cmd_name).arg("--data-dir").arg(&spec.data_dir);
-    cmd.args(rest);
+    cmd.args(args).arg("--data-dir").arg(&spec.data_dir);
     let out = cmd.stdin(Stdio::null()).output().expect("run weft cli");
     (
         out.status.success(),
@@ -337,6 +344,22 @@ impl TestServer {
 
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
+    }
+
+    /// Runs `weft ARGS… --data-dir DIR` (e.g. `["migrate-from-sqlite",
+    /// "--to", url]`) with the server's environment and returns (success,
+    /// stdout, stderr).
+    pub fn cli_args(&self, args: &[&str]) -> (bool, String, String) {
+        run_cli_args(self.process.spec(), args)
+    }
+
+    /// Sets an environment variable of the server's next start
+    /// ([`TestServer::restart`]) and of later admin CLI runs, e.g. to
+    /// restart it on another database.
+    pub fn set_env(&mut self, k: &str, v: &str) {
+        let spec = self.process.spec_mut();
+        spec.env.retain(|(key, _)| key != k);
+        spec.env.push((k.to_owned(), v.to_owned()));
     }
 
     /// Runs `weft <group> <cmd> --data-dir DIR <rest...>` (admin CLI) with

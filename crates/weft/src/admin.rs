@@ -124,6 +124,33 @@ pub async fn lock_for_serve(data_dir: &Path) -> anyhow::Result<DataDirLock> {
     }
 }
 
+/// The lock for `weft migrate-from-sqlite`, held for the whole copy: a
+/// running server (whose admin socket answers) is refused at once, a short
+/// admin command is waited for (up to [`LOCK_WAIT`]).
+pub async fn lock_for_migration(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        if let Some(lock) = try_lock(data_dir)? {
+            return Ok(lock);
+        }
+        if UnixStream::connect(socket_path(data_dir)).await.is_ok() {
+            bail!(
+                "a weft server is running on the data directory {} (it holds {}): stop it before migrating its database",
+                data_dir.display(),
+                data_dir.join(LOCK_FILE).display()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the data directory {} is in use by another weft process (it holds {}): stop it before migrating",
+                data_dir.display(),
+                data_dir.join(LOCK_FILE).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The running server's admin socket; the socket file is removed when
 /// this is dropped (clean shutdown).
 pub struct AdminSocket {

@@ -56,6 +56,17 @@ enum Command {
     /// Application services (docs/appservices.md).
     #[command(subcommand)]
     Appservice(AppserviceCommand),
+    /// Copy this data directory's SQLite database into an empty PostgreSQL
+    /// database (docs/scale-out.md "Moving an embedded deployment"). The
+    /// server must be stopped; the SQLite file is left as it was.
+    MigrateFromSqlite {
+        /// The PostgreSQL database to fill:
+        /// postgres://user:password@host:port/database (default: the
+        /// configured `database.url`, e.g. WEFT_DATABASE__URL, which keeps
+        /// the password off the command line).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -268,6 +279,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Command::MigrateFromSqlite { to } => migrate_from_sqlite(&cli.data_dir, cli.config, to).await,
             Command::Report(ReportCommand::List { limit }) => {
                 admin_command(
                     &cli.data_dir,
@@ -680,5 +692,58 @@ async fn admin_command(
     })
     .await?;
     admin::print(&outcome);
+    Ok(())
+}
+
+/// `weft migrate-from-sqlite`: holds the data directory's lock (so no
+/// server runs on the SQLite database, nor starts, during the copy) and
+/// copies the database into the empty PostgreSQL one at `to` (or the
+/// configured `database.url`).
+async fn migrate_from_sqlite(data_dir: &Path, config: Option<PathBuf>, to: Option<String>) -> anyhow::Result<()> {
+    let (config, _) = prepare(data_dir, config, None, None, false)?;
+    let Some(url) = to.or_else(|| config.database.url.clone()) else {
+        bail!(
+            "give the PostgreSQL database to fill: --to postgres://user:password@host:port/database (or set database.url)"
+        );
+    };
+    let _lock = admin::lock_for_migration(data_dir).await?;
+    let sqlite = config.sqlite_file(data_dir);
+    println!(
+        "weft: copying {} into PostgreSQL (one transaction: all or nothing)",
+        sqlite.display()
+    );
+    let started = Instant::now();
+    let (src, to) = (sqlite.clone(), url);
+    // The PostgreSQL client runs its own runtime: not on one of tokio's threads.
+    let report = std::thread::spawn(move || {
+        weft_store::migrate::migrate_sqlite_to_postgres(&src, &to, &mut |line| println!("{line}"))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the migration panicked"))?
+    .map_err(|e| anyhow::anyhow!("migration refused or failed, nothing was written: {}", e.message))?;
+    println!(
+        "weft: copied {} rows of {} tables in {} ms; the stream continues at position {}",
+        report.rows,
+        report.tables.len(),
+        started.elapsed().as_millis(),
+        report.stream_head
+    );
+    if report.search_skipped > 0 {
+        println!(
+            "weft: {} search index entries had no text left in their event and were not copied",
+            report.search_skipped
+        );
+    }
+    println!(
+        "weft: done. Now set in the config file (or the environment):\n  [database]\n  backend = \"postgres\"\n  url = \"<the URL you migrated to>\"\n\
+         and start `weft serve` again; {} stays as it was (a backup: do not serve it again).",
+        sqlite.display()
+    );
+    if config.media.backend == "fs" {
+        println!(
+            "weft: media files stay in {} (media.backend = \"fs\"): every process serving this database needs them there (docs/scale-out.md)",
+            data_dir.join("media").display()
+        );
+    }
     Ok(())
 }

@@ -345,7 +345,7 @@ impl Store for PgStore {
     }
 
     fn persist_event(&self, event: NewEvent) -> Pending<i64> {
-        rooms::persist_event(self, event)
+        rooms::persist_event(self, storable_event(event))
     }
 
     async fn room_info(&self, room_id: &str) -> Result<Option<RoomRecord>> {
