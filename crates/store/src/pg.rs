@@ -257,6 +257,10 @@ pub struct PgStore {
     readers: Arc<Mutex<Vec<PgConn>>>,
     /// One per read connection there may be ([`READERS`]).
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// When the push evaluator's and the federation queue reader's
+    /// positions were last written.
+    pub(crate) push_mark: crate::stream::ReaderMark,
+    pub(crate) federation_mark: crate::stream::ReaderMark,
     url: Arc<str>,
     position: watch::Receiver<i64>,
     follower: Arc<Follower>,
@@ -368,6 +372,8 @@ impl PgStore {
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            push_mark: Default::default(),
+            federation_mark: Default::default(),
             url,
             position: pos_rx,
             follower,
@@ -499,8 +505,7 @@ impl Follower {
     /// After the writer committed the batch (`start`, `ctx.pos`]: first
     /// whatever other processes committed before it, then the batch from
     /// memory, then the position.
-    fn committed(&self, conn: &mut PgConn, start: i64, ctx: &mut WriterCtx) {
-        let mut published = self.published.lock();
+    fn committed(&self, published: &mut i64, conn: &mut PgConn, start: i64, ctx: &mut WriterCtx) {
         if *published >= ctx.pos {
             // The listener read it from the database first.
             ctx.changes.clear();
@@ -508,7 +513,7 @@ impl Follower {
             ctx.redactions.clear();
             return;
         }
-        if *published < start && !self.catch_up(conn, &mut published, start) {
+        if *published < start && !self.catch_up(conn, published, start) {
             return;
         }
         self.recent.write().add(ctx);
@@ -711,19 +716,25 @@ fn writer_loop(mut conn: PgConn, url: Arc<str>, rx: mpsc::Receiver<Job>, followe
         let (start_pos, start_low) = (ctx.pos, ctx.low);
         let answers = run_batch(&mut conn, &mut ctx, batch);
         let moved = ctx.pos != start_pos || ctx.low != start_low;
+        // Held across the commit: the listener, woken by this batch's own
+        // notification, must not read the batch back as another process's
+        // (a needless query, and this process's own rooms marked stale).
+        let mut published = follower.published.lock();
         let commit = if moved { finish_batch(&mut conn, &ctx) } else { Ok(()) }.and_then(|()| conn.batch("COMMIT"));
         match commit {
             Ok(()) => {
                 if ctx.pos != start_pos {
                     // In the tail before the position is published, so a
                     // reader woken by it finds every event up to it.
-                    follower.committed(&mut conn, start_pos, &mut ctx);
+                    follower.committed(&mut published, &mut conn, start_pos, &mut ctx);
                 }
+                drop(published);
                 for answer in answers {
                     answer.give(None);
                 }
             }
             Err(e) => {
+                drop(published);
                 tracing::error!("write batch failed to commit: {e}");
                 let _ = conn.batch("ROLLBACK");
                 ctx.pos = start_pos;

@@ -86,6 +86,10 @@ pub struct SqliteStore {
     recent: Arc<parking_lot::RwLock<RecentChanges>>,
     /// The last state group ID handed out ([`RoomGraphStore::reserve_state_groups`]).
     state_groups: tokio::sync::OnceCell<std::sync::atomic::AtomicI64>,
+    /// When the push evaluator's and the federation queue reader's
+    /// positions were last written.
+    pub(crate) push_mark: crate::stream::ReaderMark,
+    pub(crate) federation_mark: crate::stream::ReaderMark,
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -166,6 +170,8 @@ impl SqliteStore {
             position: pos_rx,
             recent,
             state_groups: tokio::sync::OnceCell::new(),
+            push_mark: Default::default(),
+            federation_mark: Default::default(),
         })
     }
 
@@ -1909,6 +1915,9 @@ impl Store for SqliteStore {
     }
 
     fn add_notifications(&self, rows: Vec<NewNotification>, evaluated: i64) -> Pending<()> {
+        if !self.push_mark.must_write(!rows.is_empty()) {
+            return crate::stream::done(());
+        }
         self.write(move |c, ctx| {
             for n in rows {
                 let p = ctx.pos + 1;

@@ -175,3 +175,35 @@ const RECENT_CHANGES: usize = 65_536;
 /// how many bytes at most.
 const TAIL_EVENTS: usize = 4_096;
 const TAIL_BYTES: usize = 4 << 20;
+
+/// When a stream reader's position (`meta` `push_evaluated`,
+/// `federation_queued`) was last written. A batch of the reader that
+/// produced no rows need not write it more than once a second: after a
+/// crash the reader reads those events again and, as before, makes no row
+/// of them; a batch with rows always writes it (with them, so they are
+/// never made twice). Without this each batch of events cost the reader's
+/// own transaction, and its commit, on top of the events' (on PostgreSQL
+/// a round trip and an fsync each).
+#[derive(Default)]
+pub(crate) struct ReaderMark(std::sync::atomic::AtomicU64);
+
+impl ReaderMark {
+    /// Whether the position must be written now (`rows`: the batch made
+    /// some); records the write when it must.
+    pub(crate) fn must_write(&self, rows: bool) -> bool {
+        let now = weft_core::now_ms();
+        let last = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        if rows || now.saturating_sub(last) >= 1000 {
+            self.0.store(now, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// An answer already given (a write that was not needed).
+pub(crate) fn done<T: Send + 'static>(value: T) -> crate::Pending<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(Ok(value));
+    rx
+}

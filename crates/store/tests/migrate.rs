@@ -44,6 +44,7 @@ fn ev(id: &str, prev: &str, depth: i64) -> NewEvent {
         state_after: None,
         new_groups: Vec::new(),
         current_state: None,
+        expect_extremities: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn ev(id: &str, search: Option<&str>, relation: Option<Relation>) -> NewEvent {
         state_after: None,
         new_groups: vec![],
         current_state: None,
+        expect_extremities: None,
     }
 }
 

@@ -32,6 +32,12 @@ fn destination_row(r: &Row) -> DestinationRecord {
 #[async_trait::async_trait]
 impl FederationQueueStore for PgStore {
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()> {
+        if !self
+            .federation_mark
+            .must_write(!rows.is_empty() || reader_position.is_none())
+        {
+            return crate::stream::done(());
+        }
         self.write(move |c, _| {
             let now = to_i64(weft_core::now_ms());
             if !rows.is_empty() {

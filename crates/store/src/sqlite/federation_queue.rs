@@ -37,6 +37,12 @@ fn destination_row(r: &Row<'_>) -> rusqlite::Result<DestinationRecord> {
 #[async_trait]
 impl FederationQueueStore for SqliteStore {
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()> {
+        if !self
+            .federation_mark
+            .must_write(!rows.is_empty() || reader_position.is_none())
+        {
+            return crate::stream::done(());
+        }
         self.write(move |c, _| {
             let now = to_i64(weft_core::now_ms());
             for row in rows {
