@@ -24,6 +24,7 @@ pub mod federation_txn;
 pub mod files;
 pub mod filter;
 pub mod keys;
+pub mod leader;
 pub mod media;
 pub mod preview;
 pub mod push;

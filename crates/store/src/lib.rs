@@ -75,6 +75,16 @@ pub trait Store:
     /// users each position touched. `None` when `since` is older than what
     /// is kept (callers then treat everything as changed).
     fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>>;
+    /// Whether this process leads the deployment: runs the background
+    /// workers of which exactly one may run per database (push, the
+    /// outgoing federation queue, application-service delivery, typing and
+    /// presence timeouts). True at once on SQLite (one process per
+    /// database). On PostgreSQL the first call starts competing for a
+    /// session advisory lock held on a connection of its own for as long
+    /// as the process lives (docs/scale-out.md, "One leader"): false until
+    /// this process holds it, false again as soon as that connection
+    /// fails, before another process can take over.
+    fn leadership(&self) -> tokio::sync::watch::Receiver<bool>;
 
     // ---- accounts ----
     async fn create_user(&self, user: NewUser) -> Result<()>;

@@ -46,6 +46,7 @@ mod ephemeral;
 mod federation;
 mod federation_queue;
 mod graph;
+mod lease;
 mod media;
 mod misc;
 mod rooms;
@@ -170,6 +171,9 @@ pub struct PgStore {
     follower: Arc<Follower>,
     /// Stops the listener thread when the store is dropped.
     stop: Arc<AtomicBool>,
+    /// Whether this process leads (started by the first
+    /// [`Store::leadership`] call: the admin CLI never competes).
+    lease: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 impl Drop for PgStore {
@@ -269,6 +273,7 @@ impl PgStore {
             position: pos_rx,
             follower,
             stop,
+            lease: std::sync::OnceLock::new(),
         })
     }
 
@@ -335,6 +340,12 @@ impl PgStore {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.position.clone()
+    }
+
+    pub(crate) fn lease(&self) -> watch::Receiver<bool> {
+        self.lease
+            .get_or_init(|| lease::start(self.url.clone(), self.stop.clone()))
+            .clone()
     }
 
     pub(crate) fn recent(&self) -> &parking_lot::RwLock<RecentChanges> {
@@ -476,6 +487,7 @@ fn encode_key(key: &StreamKey) -> (i16, &str, &str) {
         StreamKey::Notification(u, r) => (5, u, r),
         StreamKey::Typing(r) => (6, r, ""),
         StreamKey::Presence(u) => (7, u, ""),
+        StreamKey::Outbox(d) => (8, d, ""),
     }
 }
 
@@ -488,6 +500,7 @@ fn decode_key(kind: i16, a: String, b: String) -> Option<StreamKey> {
         5 => StreamKey::Notification(a, b),
         6 => StreamKey::Typing(a),
         7 => StreamKey::Presence(a),
+        8 => StreamKey::Outbox(a),
         _ => return None,
     })
 }

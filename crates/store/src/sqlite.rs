@@ -70,6 +70,8 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     position: watch::Receiver<i64>,
     recent: Arc<parking_lot::RwLock<RecentChanges>>,
+    /// Always true: one process per database, so it leads at once.
+    leader: watch::Sender<bool>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -167,6 +169,7 @@ impl SqliteStore {
             path: path.to_owned(),
             position: pos_rx,
             recent,
+            leader: watch::Sender::new(true),
         })
     }
 
@@ -942,6 +945,10 @@ impl Store for SqliteStore {
 
     fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>> {
         self.recent.read().changes_since(since)
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
     }
 
     async fn create_user(&self, user: NewUser) -> Result<()> {

@@ -254,6 +254,10 @@ pub enum StreamKey {
     Typing(String),
     /// This user's presence changed.
     Presence(String),
+    /// Rows were queued for this federation destination by someone other
+    /// than the outgoing queue's reader, or it came back after failures:
+    /// wakes its sender on whichever process leads (docs/scale-out.md).
+    Outbox(String),
 }
 
 /// A user's presence as stored.

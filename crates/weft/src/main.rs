@@ -506,7 +506,7 @@ async fn serve(
     println!("weft listening on http://{addr}");
     println!("weft: admin socket {}", admin_socket.path().display());
     // Typing and presence timeouts.
-    tokio::spawn(services.clone().run_ephemeral_expiry());
+    services.start_ephemeral_expiry();
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));

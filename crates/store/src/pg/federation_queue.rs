@@ -32,8 +32,11 @@ fn destination_row(r: &Row) -> DestinationRecord {
 #[async_trait::async_trait]
 impl FederationQueueStore for PgStore {
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()> {
-        self.write(move |c, _| {
+        self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
+            if reader_position.is_none() {
+                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+            }
             if !rows.is_empty() {
                 // One statement for the rows; the identity numbers them in
                 // the order given (`WITH ORDINALITY … ORDER BY`), which is
@@ -57,6 +60,14 @@ impl FederationQueueStore for PgStore {
                 )
                 .map_err(pg_err)?;
             }
+            Ok(())
+        })
+    }
+
+    fn announce_destination(&self, destination: &str) -> Pending<()> {
+        let d = destination.to_owned();
+        self.write(move |_, ctx| {
+            crate::stream::announce_destinations(ctx, [d.as_str()]);
             Ok(())
         })
     }

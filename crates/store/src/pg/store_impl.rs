@@ -16,6 +16,10 @@ impl Store for PgStore {
         self.recent().read().changes_since(since)
     }
 
+    fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lease()
+    }
+
     async fn create_user(&self, user: NewUser) -> Result<()> {
         accounts::create_user(self, user).await
     }

@@ -37,8 +37,11 @@ fn destination_row(r: &Row<'_>) -> rusqlite::Result<DestinationRecord> {
 #[async_trait]
 impl FederationQueueStore for SqliteStore {
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()> {
-        self.write(move |c, _| {
+        self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
+            if reader_position.is_none() {
+                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+            }
             for row in rows {
                 c.prepare_cached(
                     "INSERT INTO federation_outbox (destination, kind, json, queued_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -54,6 +57,14 @@ impl FederationQueueStore for SqliteStore {
                 .and_then(|mut s| s.execute([p.to_string()]))
                 .map_err(db_err)?;
             }
+            Ok(())
+        })
+    }
+
+    fn announce_destination(&self, destination: &str) -> Pending<()> {
+        let d = destination.to_owned();
+        self.write(move |_, ctx| {
+            crate::stream::announce_destinations(ctx, [d.as_str()]);
             Ok(())
         })
     }
