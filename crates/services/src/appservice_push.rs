@@ -486,11 +486,7 @@ async fn delivery_task(s: Arc<Services>, service: Arc<AppService>) {
     let id = service.id().to_owned();
     // As stored (by whichever process led before).
     let mut state: AppserviceState = loop {
-        match s
-            .store
-            .appservice_state_or_init(&id, s.store.current_position())
-            .await
-        {
+        match s.store.appservice_state_or_init(&id, s.store.current_position()).await {
             Ok(state) => break state,
             Err(e) => {
                 tracing::warn!("appservice {id}: cannot read its state: {}", e.message);

@@ -463,6 +463,19 @@ pub trait Store:
         state_json: &str,
     ) -> Result<()>;
 
+    // ---- user-interactive auth ----
+    /// Stores a new UIA session made at `now_ms`; sessions made before
+    /// `prune_before_ms` are deleted in the same write.
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()>;
+    /// The stages completed in a session made at or after
+    /// `not_before_ms`, or `None` if there is no such session.
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>>;
+    /// Records `stage` as completed in the session (if it exists); answers
+    /// the stages completed.
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>>;
+    /// Deletes the session (the flow it guarded is done).
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()>;
+
     // ---- server ----
     /// A key-value slot for server metadata (e.g. the signing key name).
     async fn get_meta(&self, key: &str) -> Result<Option<String>>;

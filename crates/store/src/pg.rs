@@ -55,7 +55,10 @@ pub mod testing;
 
 /// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
 /// the first is the SQLite schema at its migration 0020.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_schema.sql"),
+    include_str!("../migrations/postgres/0002_uia_sessions.sql"),
+];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 8;

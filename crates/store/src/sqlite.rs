@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0018_federated_e2ee.sql"),
     include_str!("../migrations/0019_compact_dag.sql"),
     include_str!("../migrations/0020_appservices.sql"),
+    include_str!("../migrations/0021_uia_sessions.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).
@@ -2909,6 +2910,66 @@ impl Store for SqliteStore {
                 params![u, d, c, j, now],
             )
             .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+        let id = session_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.prepare_cached("DELETE FROM uia_sessions WHERE created_ms < ?1")
+                .and_then(|mut s| s.execute([prune_before_ms.min(i64::MAX as u64) as i64]))
+                .map_err(db_err)?;
+            c.prepare_cached("INSERT INTO uia_sessions (session_id, created_ms) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![id, now_ms.min(i64::MAX as u64) as i64]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+        let id = session_id.to_owned();
+        let completed: Option<String> = self
+            .read(move |c| {
+                c.prepare_cached("SELECT completed FROM uia_sessions WHERE session_id = ?1 AND created_ms >= ?2")?
+                    .query_row(params![id, not_before_ms.min(i64::MAX as u64) as i64], |r| r.get(0))
+                    .optional()
+            })
+            .await?;
+        Ok(completed.map(|c| serde_json::from_str(&c).unwrap_or_default()))
+    }
+
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>> {
+        let (id, stage) = (session_id.to_owned(), stage.to_owned());
+        self.write_wait(move |c, _| {
+            let completed: Option<String> = c
+                .prepare_cached("SELECT completed FROM uia_sessions WHERE session_id = ?1")
+                .and_then(|mut s| s.query_row([&id], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            let Some(completed) = completed else {
+                return Ok(Vec::new());
+            };
+            let mut stages: Vec<String> = serde_json::from_str(&completed).unwrap_or_default();
+            if !stages.contains(&stage) {
+                stages.push(stage);
+                let json = serde_json::to_string(&stages).map_err(db_err)?;
+                c.prepare_cached("UPDATE uia_sessions SET completed = ?2 WHERE session_id = ?1")
+                    .and_then(|mut s| s.execute(params![id, json]))
+                    .map_err(db_err)?;
+            }
+            Ok(stages)
+        })
+        .await
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
+        let id = session_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.prepare_cached("DELETE FROM uia_sessions WHERE session_id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(db_err)?;
             Ok(())
         })
         .await

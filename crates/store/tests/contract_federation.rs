@@ -6,6 +6,7 @@
 
 mod common;
 use common::Backend;
+use std::sync::Arc;
 
 both!(
     server_keys_are_upserted_and_the_response_replaced,
@@ -15,11 +16,13 @@ both!(
     appservice_delivery_state_moves_through_a_transaction,
     media_stats_count_items_blobs_thumbnails_and_pending,
     room_files_are_unredacted_messages_with_a_url_filtered,
+    rows_queued_outside_the_reader_wake_their_destinations_on_every_store,
+    one_leader_per_database_and_another_takes_over
 );
 
 use weft_store::{
     AppserviceState, DestinationRecord, EventKind, MediaContent, MediaRecord, MediaStats, NewEvent, NewOutboxRow,
-    NewRoom, OutboxKind, RoomFilesQuery, ServerKeyRecord, ServerKeyResponse, ThumbnailRecord,
+    NewRoom, OutboxKind, RoomFilesQuery, ServerKeyRecord, ServerKeyResponse, Store, StreamKey, ThumbnailRecord,
 };
 
 fn key(server: &str, id: &str, public: &str, valid: u64, expired: Option<u64>, fetched: u64) -> ServerKeyRecord {
@@ -602,4 +605,80 @@ async fn room_files_are_unredacted_messages_with_a_url_filtered(b: Backend) {
         ["$f6", "$f4", "$f3"]
     );
     assert_eq!(ids(store.room_files("!other:test", q(None)).await.unwrap()), ["$o1"]);
+}
+
+// Rows queued by anyone but the queue reader (and a destination that came
+// back) get a stream position naming their destination, once per
+// destination and write, which every store on the database sees: the
+// leading process's senders are woken by it. The reader's own rows are
+// not announced.
+async fn rows_queued_outside_the_reader_wake_their_destinations_on_every_store(b: Backend) {
+    let a = b.open();
+    let other = b.open();
+    let before = a.current_position();
+    a.queue_federation(
+        vec![
+            row("x.org", OutboxKind::Edu, "{}"),
+            row("x.org", OutboxKind::Pdu, "{}"),
+            row("y.org", OutboxKind::Edu, "{}"),
+        ],
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    a.queue_federation(vec![row("z.org", OutboxKind::Pdu, "{}")], Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    a.announce_destination("w.org").await.unwrap().unwrap();
+    let upto = a.current_position();
+    assert_eq!(upto, before + 3);
+    let outbox = |s: &Arc<dyn Store>| -> Vec<String> {
+        s.changes_since(before)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, k)| match k {
+                StreamKey::Outbox(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(outbox(&a), ["x.org", "y.org", "w.org"]);
+    if matches!(b, Backend::Postgres(_)) {
+        let mut rx = other.subscribe_position();
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.wait_for(|p| *p >= upto))
+            .await
+            .expect("the other store follows")
+            .unwrap();
+        assert_eq!(outbox(&other), ["x.org", "y.org", "w.org"]);
+    }
+}
+
+// On SQLite the one store leads at once. On PostgreSQL exactly one of two
+// stores on a database leads; when it is closed, the other takes over
+// within seconds.
+async fn one_leader_per_database_and_another_takes_over(b: Backend) {
+    use std::time::Duration;
+    let a = b.open();
+    let mut la = a.leadership();
+    if matches!(b, Backend::Sqlite(_)) {
+        assert!(*la.borrow());
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(15), la.wait_for(|l| *l))
+        .await
+        .expect("the first store leads")
+        .unwrap();
+    let other = b.open();
+    let mut lo = other.leadership();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!*lo.borrow(), "the second store does not lead while the first does");
+    assert!(*la.borrow(), "the first store still leads");
+    drop(la);
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(15), lo.wait_for(|l| *l))
+        .await
+        .expect("the second store takes over")
+        .unwrap();
 }

@@ -168,10 +168,18 @@ async fn push_and_appservice_delivered_once_by_one_leader_and_after_it_dies() {
 
     let mut sent = Vec::new();
     for i in 0..3 {
-        sent.push(alice_l.send_text(&room, &format!("l{i}"), &format!("through the leader {i}")).await);
+        sent.push(
+            alice_l
+                .send_text(&room, &format!("l{i}"), &format!("through the leader {i}"))
+                .await,
+        );
     }
     for i in 0..3 {
-        sent.push(alice_f.send_text(&room, &format!("f{i}"), &format!("through the other {i}")).await);
+        sent.push(
+            alice_f
+                .send_text(&room, &format!("f{i}"), &format!("through the other {i}"))
+                .await,
+        );
     }
     wait_delivered(&seen, sent.len()).await;
     // Time for a second delivery to show, if there were one.
@@ -179,7 +187,11 @@ async fn push_and_appservice_delivered_once_by_one_leader_and_after_it_dies() {
     {
         let s = seen.lock().unwrap();
         assert_eq!(s.pushed, sent, "each notification pushed once, in order");
-        assert_eq!(service_messages(&s), sent, "each event sent to the service once, in order");
+        assert_eq!(
+            service_messages(&s),
+            sent,
+            "each event sent to the service once, in order"
+        );
     }
 
     // The leader dies; the survivor takes over.
@@ -187,12 +199,19 @@ async fn push_and_appservice_delivered_once_by_one_leader_and_after_it_dies() {
     let new_lead = leader(&servers, Some(lead)).await;
     assert_eq!(new_lead, follow);
     for i in 0..3 {
-        sent.push(alice_f.send_text(&room, &format!("s{i}"), &format!("after the leader died {i}")).await);
+        sent.push(
+            alice_f
+                .send_text(&room, &format!("s{i}"), &format!("after the leader died {i}"))
+                .await,
+        );
     }
     wait_delivered(&seen, sent.len()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = seen.lock().unwrap();
-    assert_eq!(s.pushed, sent, "each notification pushed once, in order, across the takeover");
+    assert_eq!(
+        s.pushed, sent,
+        "each notification pushed once, in order, across the takeover"
+    );
     assert_eq!(
         service_messages(&s),
         sent,

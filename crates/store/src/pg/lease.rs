@@ -150,7 +150,9 @@ fn lead(conn: &mut PgConn, lease: &Lease, stop: &AtomicBool) {
     }
     lease.last_ok.store(sent, Ordering::Release);
     lease.tx.send_replace(true);
-    tracing::info!("this process now leads: it runs the background workers (push, federation queue, application services, timeouts)");
+    tracing::info!(
+        "this process now leads: it runs the background workers (push, federation queue, application services, timeouts)"
+    );
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(CHECK);
         let sent = lease.now_ms();

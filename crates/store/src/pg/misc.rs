@@ -234,3 +234,78 @@ pub(super) async fn set_meta(s: &PgStore, key: &str, value: &str) -> Result<()> 
     })
     .await
 }
+
+fn ms(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) async fn create_uia_session(s: &PgStore, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+    let id = session_id.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute(
+            "DELETE FROM uia_sessions WHERE created_ms < $1",
+            &[&ms(prune_before_ms)],
+        )
+        .map_err(pg_err)?;
+        c.execute(
+            "INSERT INTO uia_sessions (session_id, created_ms) VALUES ($1, $2)",
+            &[&id, &ms(now_ms)],
+        )
+        .map_err(pg_err)?;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn uia_session(s: &PgStore, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+    let id = session_id.to_owned();
+    let completed: Option<String> = s
+        .read(move |c| {
+            Ok(c.query_opt(
+                "SELECT completed FROM uia_sessions WHERE session_id = $1 AND created_ms >= $2",
+                &[&id, &ms(not_before_ms)],
+            )?
+            .map(|r| r.get(0)))
+        })
+        .await?;
+    Ok(completed.map(|c| serde_json::from_str(&c).unwrap_or_default()))
+}
+
+pub(super) async fn uia_complete_stage(s: &PgStore, session_id: &str, stage: &str) -> Result<Vec<String>> {
+    let (id, stage) = (session_id.to_owned(), stage.to_owned());
+    s.write_wait(move |c, _| {
+        // FOR UPDATE: two processes completing stages of one session at
+        // once each see the other's.
+        let Some(row) = c
+            .query_opt(
+                "SELECT completed FROM uia_sessions WHERE session_id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .map_err(pg_err)?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut stages: Vec<String> = serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default();
+        if !stages.contains(&stage) {
+            stages.push(stage);
+            let json = serde_json::to_string(&stages).map_err(db_err)?;
+            c.execute(
+                "UPDATE uia_sessions SET completed = $2 WHERE session_id = $1",
+                &[&id, &json],
+            )
+            .map_err(pg_err)?;
+        }
+        Ok(stages)
+    })
+    .await
+}
+
+pub(super) async fn delete_uia_session(s: &PgStore, session_id: &str) -> Result<()> {
+    let id = session_id.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute("DELETE FROM uia_sessions WHERE session_id = $1", &[&id])
+            .map_err(pg_err)?;
+        Ok(())
+    })
+    .await
+}

@@ -491,6 +491,22 @@ impl Store for PgStore {
         misc::put_sliding_connection(self, user_id, device_id, conn_id, state_json).await
     }
 
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+        misc::create_uia_session(self, session_id, now_ms, prune_before_ms).await
+    }
+
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+        misc::uia_session(self, session_id, not_before_ms).await
+    }
+
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>> {
+        misc::uia_complete_stage(self, session_id, stage).await
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
+        misc::delete_uia_session(self, session_id).await
+    }
+
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
         misc::get_meta(self, key).await
     }
