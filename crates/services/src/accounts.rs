@@ -187,7 +187,7 @@ impl Accounts {
     }
 
     /// Tells open connections that credentials may have been revoked.
-    fn revoked(&self) {
+    pub(crate) fn revoked(&self) {
         self.revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 

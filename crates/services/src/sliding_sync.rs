@@ -836,7 +836,9 @@ fn key_room(k: &StreamKey) -> Option<&str> {
         | StreamKey::DeviceKeys(_)
         | StreamKey::Notification(..)
         | StreamKey::Presence(_)
-        | StreamKey::Outbox(_) => None,
+        | StreamKey::Outbox(_)
+        | StreamKey::Revoked(_)
+        | StreamKey::MqttClient(..) => None,
     }
 }
 

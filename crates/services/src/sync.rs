@@ -108,7 +108,7 @@ impl Services {
                                     StreamKey::Notification(u, _) => u == user,
                                     // Whether they share a room: as above.
                                     StreamKey::Presence(_) => presence_on,
-                                    StreamKey::Outbox(_) => false,
+                                    StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => false,
                                 }
                         }),
                     };
@@ -280,7 +280,7 @@ impl Services {
                                 typing.insert(r);
                             }
                             StreamKey::Presence(_) => presence = true,
-                            StreamKey::Outbox(_) => {}
+                            StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => {}
                         }
                     }
                     (

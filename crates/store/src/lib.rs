@@ -476,6 +476,18 @@ pub trait Store:
     /// Deletes the session (the flow it guarded is done).
     async fn delete_uia_session(&self, session_id: &str) -> Result<()>;
 
+    // ---- MQTT client IDs (session takeover across processes) ----
+    /// Claims the MQTT client `key` (`USER\nCLIENT_ID`) for the connection
+    /// `owner` (`PROCESS-NONCE/CONNECTION`); answers the owner it had. The
+    /// write carries [`StreamKey::MqttClient`]`(key, "+owner")`: every
+    /// other connection for `key`, on any process, ends.
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>>;
+    /// The connection `owner` of `key` ended, its session saved: the row
+    /// goes if it still owns it, and the stream says so
+    /// ([`StreamKey::MqttClient`]`(key, "-owner")`) to a successor waiting
+    /// for it.
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()>;
+
     // ---- server ----
     /// A key-value slot for server metadata (e.g. the signing key name).
     async fn get_meta(&self, key: &str) -> Result<Option<String>>;

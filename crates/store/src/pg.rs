@@ -57,7 +57,7 @@ pub mod testing;
 /// the first is the SQLite schema at its migration 0020.
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_schema.sql"),
-    include_str!("../migrations/postgres/0002_uia_sessions.sql"),
+    include_str!("../migrations/postgres/0002_process_state.sql"),
 ];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -491,6 +491,8 @@ fn encode_key(key: &StreamKey) -> (i16, &str, &str) {
         StreamKey::Typing(r) => (6, r, ""),
         StreamKey::Presence(u) => (7, u, ""),
         StreamKey::Outbox(d) => (8, d, ""),
+        StreamKey::Revoked(u) => (9, u, ""),
+        StreamKey::MqttClient(k, o) => (10, k, o),
     }
 }
 
@@ -504,6 +506,8 @@ fn decode_key(kind: i16, a: String, b: String) -> Option<StreamKey> {
         6 => StreamKey::Typing(a),
         7 => StreamKey::Presence(a),
         8 => StreamKey::Outbox(a),
+        9 => StreamKey::Revoked(a),
+        10 => StreamKey::MqttClient(a, b),
         _ => return None,
     })
 }

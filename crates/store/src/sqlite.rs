@@ -44,7 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0018_federated_e2ee.sql"),
     include_str!("../migrations/0019_compact_dag.sql"),
     include_str!("../migrations/0020_appservices.sql"),
-    include_str!("../migrations/0021_uia_sessions.sql"),
+    include_str!("../migrations/0021_process_state.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).
@@ -822,6 +822,7 @@ fn purge_devices(
             .execute(params![user, only, keep])?;
     }
     delete_to_device(conn, SEL, params![user, only, keep])?;
+    crate::stream::announce_revocation(ctx, user);
     if had_keys > 0 {
         let p = device_list_changed(conn, ctx, user)?;
         for device in with_keys {
@@ -1178,7 +1179,7 @@ impl Store for SqliteStore {
             identity.to_owned(),
             psk.to_vec(),
         );
-        self.write_wait(move |c, _| {
+        self.write_wait(move |c, ctx| {
             let active: Option<bool> = c
                 .query_row("SELECT deactivated FROM users WHERE user_id = ?1", [&u], |r| r.get(0))
                 .optional()
@@ -1199,6 +1200,8 @@ impl Store for SqliteStore {
                 params![i, u, d, k, weft_core::now_ms() as i64],
             )
             .map_err(db_err)?;
+            // The device's old key no longer holds.
+            crate::stream::announce_revocation(ctx, &u);
             Ok(())
         })
         .await
@@ -2973,6 +2976,35 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>> {
+        let (key, owner) = (key.to_owned(), owner.to_owned());
+        self.write(move |c, ctx| {
+            let before: Option<String> = c
+                .prepare_cached("SELECT owner FROM mqtt_clients WHERE client_key = ?1")
+                .and_then(|mut s| s.query_row([&key], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            c.prepare_cached(
+                "INSERT INTO mqtt_clients (client_key, owner, since_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (client_key) DO UPDATE SET owner = excluded.owner, since_ms = excluded.since_ms",
+            )
+            .and_then(|mut s| s.execute(params![key, owner, weft_core::now_ms() as i64]))
+            .map_err(db_err)?;
+            crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+            Ok(before)
+        })
+    }
+
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()> {
+        let (key, owner) = (key.to_owned(), owner.to_owned());
+        self.write(move |c, ctx| {
+            c.prepare_cached("DELETE FROM mqtt_clients WHERE client_key = ?1 AND owner = ?2")
+                .and_then(|mut s| s.execute(params![key, owner]))
+                .map_err(db_err)?;
+            crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+            Ok(())
+        })
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {

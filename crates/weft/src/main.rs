@@ -507,6 +507,8 @@ async fn serve(
     println!("weft: admin socket {}", admin_socket.path().display());
     // Typing and presence timeouts.
     services.start_ephemeral_expiry();
+    // Revocations written by other processes end this one's connections.
+    services.start_revocation_follower();
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));

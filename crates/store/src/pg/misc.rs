@@ -309,3 +309,34 @@ pub(super) async fn delete_uia_session(s: &PgStore, session_id: &str) -> Result<
     })
     .await
 }
+
+pub(super) fn claim_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<Option<String>> {
+    let (key, owner) = (key.to_owned(), owner.to_owned());
+    s.write(move |c, ctx| {
+        let before: Option<String> = c
+            .query_opt("SELECT owner FROM mqtt_clients WHERE client_key = $1", &[&key])
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        c.execute(
+            "INSERT INTO mqtt_clients (client_key, owner, since_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (client_key) DO UPDATE SET owner = excluded.owner, since_ms = excluded.since_ms",
+            &[&key, &owner, &ms(weft_core::now_ms())],
+        )
+        .map_err(pg_err)?;
+        crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+        Ok(before)
+    })
+}
+
+pub(super) fn release_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<()> {
+    let (key, owner) = (key.to_owned(), owner.to_owned());
+    s.write(move |c, ctx| {
+        c.execute(
+            "DELETE FROM mqtt_clients WHERE client_key = $1 AND owner = $2",
+            &[&key, &owner],
+        )
+        .map_err(pg_err)?;
+        crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+        Ok(())
+    })
+}

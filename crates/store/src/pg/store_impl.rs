@@ -507,6 +507,14 @@ impl Store for PgStore {
         misc::delete_uia_session(self, session_id).await
     }
 
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>> {
+        misc::claim_mqtt_client(self, key, owner)
+    }
+
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()> {
+        misc::release_mqtt_client(self, key, owner)
+    }
+
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
         misc::get_meta(self, key).await
     }
