@@ -13,9 +13,15 @@ use std::sync::Arc;
 use crate::Services;
 
 impl Services {
-    /// Whether this process leads now.
+    /// Whether this process leads now. False in a process that runs no
+    /// led worker (the admin CLI), which never competes for leadership.
     pub fn is_leader(&self) -> bool {
-        *self.store.leadership().borrow()
+        self.leadership.get().is_some_and(|rx| *rx.borrow())
+    }
+
+    /// This process's leadership, competing for it from the first call.
+    fn leading(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leadership.get_or_init(|| self.store.leadership()).clone()
     }
 
     /// Runs `worker` (made anew by `make` each time) whenever this process
@@ -27,7 +33,7 @@ impl Services {
     {
         let s = self.clone();
         tokio::spawn(async move {
-            let mut leading = s.store.leadership();
+            let mut leading = s.leading();
             loop {
                 if leading.wait_for(|l| *l).await.is_err() {
                     return;
@@ -49,7 +55,7 @@ impl Services {
     where
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut leading = self.store.leadership();
+        let mut leading = self.leading();
         if !*leading.borrow_and_update() {
             return;
         }

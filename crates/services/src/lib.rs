@@ -99,6 +99,8 @@ pub struct Services {
     pub(crate) fed_txns: federation_txn::InFlight,
     /// Registered application services (`[appservice]`).
     pub appservices: appservice::AppServices,
+    /// Whether this process leads (leader.rs), once a led worker started.
+    pub(crate) leadership: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Services {
@@ -151,6 +153,7 @@ impl Services {
             fed_queue: federation_queue::QueueRuntime::new(),
             fed_txns: federation_txn::InFlight::default(),
             appservices,
+            leadership: std::sync::OnceLock::new(),
         }))
     }
 }

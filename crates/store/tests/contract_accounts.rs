@@ -694,14 +694,22 @@ async fn signatures_of_cross_signing_keys_outlive_deleted_devices(b: Backend) {
     );
 
     // Deleting every device deletes the signatures of devices, not those
-    // of the master key; one change, logging the device that had keys.
+    // of the master key; one change, logging the device that had keys
+    // (and one position telling every process of the revocation).
     store.delete_devices_except(a, None).await.unwrap();
     assert_eq!(
         store.key_signatures(a).await.unwrap(),
         vec![sig(a, "PUB", "@b:t", "ed25519:BMASTER", "s2")]
     );
     let p = store.current_position();
-    assert_eq!(p, start + 3);
+    assert_eq!(p, start + 4);
+    assert!(
+        store
+            .changes_since(start + 2)
+            .unwrap_or_default()
+            .contains(&(start + 3, StreamKey::Revoked(a.to_owned()))),
+        "the revocation is on the stream"
+    );
     let logged: Vec<(String, bool)> = store
         .device_list_log(a, p)
         .await
