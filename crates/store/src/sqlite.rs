@@ -50,7 +50,9 @@ const MIGRATIONS: &[&str] = &[
 /// groups (a Rust step: `graph::fill_state_groups`).
 const DAG_MIGRATION: &str = include_str!("../migrations/0016_room_dag.sql");
 /// `meta` key holding the highest stream position of a deleted row (acked
-/// to-device messages), so positions never go back across a restart.
+/// to-device messages) or of a stream key without a row (a revocation, a
+/// federation destination's wake-up), so positions never go back across a
+/// restart.
 const DELETED_MAX: &str = "deleted_stream_max";
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -765,6 +767,19 @@ fn log_device_change(conn: &Connection, user: &str, device: &str, p: i64, delete
     Ok(())
 }
 
+/// Remembers `position` as taken although no row keeps it (a stream key
+/// alone: a revocation, a federation destination's wake-up), so positions
+/// never go back across a restart (the same `meta` key as deleted
+/// to-device messages).
+pub(crate) fn remember_position(conn: &Connection, position: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE \
+         SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+    )?
+    .execute(params![DELETED_MAX, position])?;
+    Ok(())
+}
+
 /// Deletes to-device messages matching `filter` (over `?1` user, `?2`
 /// device, `?3` position) and remembers the highest deleted position.
 fn delete_to_device(conn: &Connection, filter: &str, p: impl rusqlite::Params + Clone) -> rusqlite::Result<()> {
@@ -823,6 +838,7 @@ fn purge_devices(
     }
     delete_to_device(conn, SEL, params![user, only, keep])?;
     crate::stream::announce_revocation(ctx, user);
+    remember_position(conn, ctx.pos)?;
     if had_keys > 0 {
         let p = device_list_changed(conn, ctx, user)?;
         for device in with_keys {
@@ -1202,6 +1218,7 @@ impl Store for SqliteStore {
             .map_err(db_err)?;
             // The device's old key no longer holds.
             crate::stream::announce_revocation(ctx, &u);
+            remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
         .await
@@ -2992,6 +3009,7 @@ impl Store for SqliteStore {
             .and_then(|mut s| s.execute(params![key, owner, weft_core::now_ms() as i64]))
             .map_err(db_err)?;
             crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+            remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(before)
         })
     }
@@ -3003,6 +3021,7 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute(params![key, owner]))
                 .map_err(db_err)?;
             crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+            remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
     }

@@ -653,6 +653,10 @@ async fn rows_queued_outside_the_reader_wake_their_destinations_on_every_store(b
             .unwrap();
         assert_eq!(outbox(&other), ["x.org", "y.org", "w.org"]);
     }
+    // Positions without rows are not taken again after a restart.
+    drop(other);
+    drop(a);
+    assert_eq!(b.open().current_position(), upto);
 }
 
 // On SQLite the one store leads at once. On PostgreSQL exactly one of two

@@ -39,8 +39,9 @@ impl FederationQueueStore for SqliteStore {
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()> {
         self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
-            if reader_position.is_none() {
+            if reader_position.is_none() && !rows.is_empty() {
                 crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+                super::remember_position(c, ctx.pos).map_err(db_err)?;
             }
             for row in rows {
                 c.prepare_cached(
@@ -63,8 +64,9 @@ impl FederationQueueStore for SqliteStore {
 
     fn announce_destination(&self, destination: &str) -> Pending<()> {
         let d = destination.to_owned();
-        self.write(move |_, ctx| {
+        self.write(move |c, ctx| {
             crate::stream::announce_destinations(ctx, [d.as_str()]);
+            super::remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
     }
