@@ -80,13 +80,19 @@ impl QueueRuntime {
 impl Services {
     /// Starts the queue reader and a sender task for every destination
     /// with queued rows, while this process leads (docs/scale-out.md).
-    /// Nothing runs with federation off.
-    pub fn start_federation_queue(self: &Arc<Self>) {
+    /// The first start with federation stores the reader's position (from
+    /// now on, not history) before anything is served, so what is sent
+    /// before a leader's reader runs is queued too. Nothing runs with
+    /// federation off.
+    pub async fn start_federation_queue(self: &Arc<Self>) -> Result<()> {
         if !self.config.federation.enabled {
-            return;
+            return Ok(());
         }
+        let now = self.store.current_position().to_string();
+        self.store.init_meta(FEDERATION_QUEUED, &now).await?;
         self.run_led("federation queue reader", queue_reader);
         self.run_led("federation senders", sender_manager);
+        Ok(())
     }
 
     /// Queues an EDU for `destination`, durably: it is sent in a later

@@ -492,6 +492,9 @@ pub trait Store:
     /// A key-value slot for server metadata (e.g. the signing key name).
     async fn get_meta(&self, key: &str) -> Result<Option<String>>;
     async fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+    /// Sets `key` to `value` unless it has a value already (whoever set
+    /// it, on any process); answers whether this call set it.
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool>;
 }
 
 /// Opens the store configured in `config` inside `data_dir`.

@@ -3036,6 +3036,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                    params![k, v],
+                )
+                .map_err(db_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         let (k, v) = (key.to_owned(), value.to_owned());
         self.write_wait(move |c, _| {

@@ -660,16 +660,20 @@ async fn rows_queued_outside_the_reader_wake_their_destinations_on_every_store(b
 }
 
 // On SQLite the one store leads at once. On PostgreSQL exactly one of two
-// stores on a database leads; when it is closed, the other takes over
-// within seconds.
+// stores on a database leads. When the leader's lock connection is killed
+// (`pg_terminate_backend`), it stops leading before the other starts;
+// when the new leader's store is closed, the first leads again.
 async fn one_leader_per_database_and_another_takes_over(b: Backend) {
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
     let a = b.open();
     let mut la = a.leadership();
-    if matches!(b, Backend::Sqlite(_)) {
-        assert!(*la.borrow());
-        return;
-    }
+    let url = match &b {
+        Backend::Sqlite(_) => {
+            assert!(*la.borrow());
+            return;
+        }
+        Backend::Postgres(db) => db.url.clone(),
+    };
     tokio::time::timeout(Duration::from_secs(15), la.wait_for(|l| *l))
         .await
         .expect("the first store leads")
@@ -679,10 +683,49 @@ async fn one_leader_per_database_and_another_takes_over(b: Backend) {
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!*lo.borrow(), "the second store does not lead while the first does");
     assert!(*la.borrow(), "the first store still leads");
-    drop(la);
-    drop(a);
-    tokio::time::timeout(Duration::from_secs(15), lo.wait_for(|l| *l))
+
+    // Kill the session holding the lock (in this database).
+    let killed = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 30565 AND l.objid = 1718878210 \
+             AND d.datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "one session holds the leader lock");
+    let (mut la2, mut lo2) = (la.clone(), lo.clone());
+    let lost = tokio::spawn(async move {
+        la2.wait_for(|l| !*l).await.unwrap();
+        Instant::now()
+    });
+    let gained = tokio::spawn(async move {
+        lo2.wait_for(|l| *l).await.unwrap();
+        Instant::now()
+    });
+    let lost = tokio::time::timeout(Duration::from_secs(15), lost)
+        .await
+        .expect("the first store stops leading")
+        .unwrap();
+    let gained = tokio::time::timeout(Duration::from_secs(15), gained)
         .await
         .expect("the second store takes over")
+        .unwrap();
+    assert!(lost < gained, "the old leader stopped before the new one started");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!*la.borrow(), "one leader at a time");
+    assert!(*lo.borrow());
+
+    // The new leader's store is closed: the first leads again.
+    drop(lo);
+    drop(other);
+    tokio::time::timeout(Duration::from_secs(15), la.wait_for(|l| *l))
+        .await
+        .expect("the first store leads again")
         .unwrap();
 }

@@ -448,7 +448,10 @@ async fn serve(
     // Push: evaluation of push rules and delivery to push gateways.
     services.start_push();
     // Federation: the outgoing queue's reader and senders.
-    services.start_federation_queue();
+    services
+        .start_federation_queue()
+        .await
+        .map_err(|e| anyhow::anyhow!("federation queue: {e}"))?;
     // Application services: each one's delivery task (its position stored
     // first, so nothing sent from now on is missed).
     services

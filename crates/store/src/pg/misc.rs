@@ -222,6 +222,20 @@ pub(super) async fn get_meta(s: &PgStore, key: &str) -> Result<Option<String>> {
     .await
 }
 
+pub(super) async fn init_meta(s: &PgStore, key: &str, value: &str) -> Result<bool> {
+    let (k, v) = (key.to_owned(), value.to_owned());
+    s.write_wait(move |c, _| {
+        let n = c
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &[&k, &v],
+            )
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    })
+    .await
+}
+
 pub(super) async fn set_meta(s: &PgStore, key: &str, value: &str) -> Result<()> {
     let (k, v) = (key.to_owned(), value.to_owned());
     s.write_wait(move |c, _| {

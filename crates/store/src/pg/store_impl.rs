@@ -522,4 +522,8 @@ impl Store for PgStore {
     async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         misc::set_meta(self, key, value).await
     }
+
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool> {
+        misc::init_meta(self, key, value).await
+    }
 }
