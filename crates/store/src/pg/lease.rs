@@ -30,12 +30,12 @@ pub(crate) const LEADER_LOCK: i64 = 0x7765_6674_0002;
 /// How often a process without the lock tries to take it.
 const RETRY: Duration = Duration::from_secs(2);
 /// How often the leader checks its connection.
-const CHECK: Duration = Duration::from_millis(500);
+const CHECK: Duration = Duration::from_millis(250);
 /// No successful check for this long: leadership is lost.
-const TIMEOUT: Duration = Duration::from_secs(2);
+const TIMEOUT: Duration = Duration::from_millis(1000);
 /// Wait after taking the lock before leading (> `TIMEOUT` + a watchdog
 /// tick).
-const GRACE: Duration = Duration::from_secs(3);
+const GRACE: Duration = Duration::from_millis(1500);
 /// The watchdog's tick.
 const WATCH: Duration = Duration::from_millis(100);
 
