@@ -74,26 +74,6 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_each_address_and_frees_on_drop() {
-        let l = Arc::new(ConnectionLimiter::new(2));
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let p1 = l.try_open(a).unwrap();
-        let _p2 = l.try_open(a).unwrap();
-        assert!(l.try_open(a).is_none());
-        assert!(l.try_open("::ffff:127.0.0.1".parse().unwrap()).is_none());
-        let _q = l.try_open(b).unwrap();
-        drop(p1);
-        assert_eq!(l.open_from(a), 1);
-        assert!(l.try_open(a).is_some());
-    }
-}
-
 /// The MQTT door's live client IDs across processes (docs/mqtt.md,
 /// "Several processes"): the database holds which connection has each
 /// client, and the stream tells every process of a claim and of a
@@ -137,5 +117,25 @@ impl crate::Services {
     /// A receiver of the stream's position (every process's writes).
     pub fn subscribe_stream(&self) -> tokio::sync::watch::Receiver<i64> {
         self.store.subscribe_position()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_each_address_and_frees_on_drop() {
+        let l = Arc::new(ConnectionLimiter::new(2));
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let p1 = l.try_open(a).unwrap();
+        let _p2 = l.try_open(a).unwrap();
+        assert!(l.try_open(a).is_none());
+        assert!(l.try_open("::ffff:127.0.0.1".parse().unwrap()).is_none());
+        let _q = l.try_open(b).unwrap();
+        drop(p1);
+        assert_eq!(l.open_from(a), 1);
+        assert!(l.try_open(a).is_some());
     }
 }

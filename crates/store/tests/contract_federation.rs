@@ -679,7 +679,7 @@ async fn one_leader_per_database_and_another_takes_over(b: Backend) {
         .expect("the first store leads")
         .unwrap();
     let other = b.open();
-    let mut lo = other.leadership();
+    let lo = other.leadership();
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!*lo.borrow(), "the second store does not lead while the first does");
     assert!(*la.borrow(), "the first store still leads");
