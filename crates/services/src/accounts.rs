@@ -45,12 +45,13 @@ pub struct PskGrant {
     pub key: String,
 }
 
+/// How long a user-interactive auth session lives (an hour).
+pub const UIA_SESSION_MS: u64 = 3_600_000;
+
 pub struct Accounts {
     store: Arc<dyn Store>,
     server_name: OwnedServerName,
     registration: RegistrationConfig,
-    /// User-interactive auth sessions: session id -> completed stages.
-    uia: Mutex<HashMap<String, (std::time::Instant, Vec<String>)>>,
     /// Bumped by every revocation this process makes (logout, device
     /// deletion, deactivation), so open connections re-check at once
     /// (see [`crate::revocation::SessionWatch`]).
@@ -178,7 +179,6 @@ impl Accounts {
             store,
             server_name,
             registration,
-            uia: Mutex::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
             last_seen: Mutex::new(HashMap::new()),
             requests,
@@ -187,7 +187,7 @@ impl Accounts {
     }
 
     /// Tells open connections that credentials may have been revoked.
-    fn revoked(&self) {
+    pub(crate) fn revoked(&self) {
         self.revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -515,33 +515,33 @@ impl Accounts {
         serde_json::json!({ "flows": flows, "params": {}, "session": session, "completed": completed })
     }
 
-    pub fn new_uia_session(&self) -> String {
+    /// A new UIA session, stored in the database (so the next request of
+    /// the flow may reach any process sharing it); it lives
+    /// [`UIA_SESSION_MS`]. Older ones are deleted meanwhile.
+    pub async fn new_uia_session(&self) -> Result<String> {
         let id = random_string(24);
-        let mut uia = self.uia.lock();
-        let now = std::time::Instant::now();
-        uia.retain(|_, (t, _)| now.duration_since(*t).as_secs() < 3600);
-        uia.insert(id.clone(), (now, Vec::new()));
-        id
+        let now = weft_core::now_ms();
+        self.store
+            .create_uia_session(&id, now, now.saturating_sub(UIA_SESSION_MS))
+            .await?;
+        Ok(id)
     }
 
-    pub fn uia_complete_stage(&self, session: &str, stage: &str) -> Vec<String> {
-        let mut uia = self.uia.lock();
-        let entry = uia
-            .entry(session.to_owned())
-            .or_insert((std::time::Instant::now(), Vec::new()));
-        if !entry.1.iter().any(|s| s == stage) {
-            entry.1.push(stage.to_owned());
-        }
-        entry.1.clone()
+    /// Records `stage` as completed in the session; answers the stages
+    /// completed (none for an unknown session).
+    pub async fn uia_complete_stage(&self, session: &str, stage: &str) -> Result<Vec<String>> {
+        self.store.uia_complete_stage(session, stage).await
     }
 
-    /// Whether `session` is a UIA session this server issued (and has not finished).
-    pub fn uia_known(&self, session: &str) -> bool {
-        self.uia.lock().contains_key(session)
+    /// Whether `session` is a UIA session this server issued (by any
+    /// process), not finished and not expired.
+    pub async fn uia_known(&self, session: &str) -> Result<bool> {
+        let not_before = weft_core::now_ms().saturating_sub(UIA_SESSION_MS);
+        Ok(self.store.uia_session(session, not_before).await?.is_some())
     }
 
-    pub fn uia_finish(&self, session: &str) {
-        self.uia.lock().remove(session);
+    pub async fn uia_finish(&self, session: &str) -> Result<()> {
+        self.store.delete_uia_session(session).await
     }
 
     /// Whether `token` is an accepted registration token.

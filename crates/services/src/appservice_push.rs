@@ -48,16 +48,29 @@ const PERSIST_EVERY: Duration = Duration::from_secs(5);
 impl Services {
     /// Gives every registered service its delivery state (at the current
     /// stream position, the first time: from then on, not history) and
-    /// starts a delivery task for each that has a URL.
+    /// starts a delivery task for each that has a URL, which runs while
+    /// this process leads (docs/scale-out.md) from the state stored then.
     pub async fn start_appservices(self: &Arc<Self>) -> Result<()> {
+        let mut delivered = Vec::new();
         for service in self.appservices.all() {
-            let state = self
-                .store
+            self.store
                 .appservice_state_or_init(service.id(), self.store.current_position())
                 .await?;
             if service.registration.url.is_some() {
-                tokio::spawn(delivery_task(self.clone(), service.clone(), state));
+                delivered.push(service.clone());
             }
+        }
+        if !delivered.is_empty() {
+            self.run_led("application-service delivery", move |s| {
+                let delivered = delivered.clone();
+                async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for service in delivered {
+                        tasks.spawn(delivery_task(s.clone(), service));
+                    }
+                    while tasks.join_next().await.is_some() {}
+                }
+            });
         }
         Ok(())
     }
@@ -469,8 +482,18 @@ fn canonical_aliases(ev: &StoredEvent) -> Vec<String> {
 }
 
 /// Delivers one service's transactions for the life of the process.
-async fn delivery_task(s: Arc<Services>, service: Arc<AppService>, mut state: AppserviceState) {
+async fn delivery_task(s: Arc<Services>, service: Arc<AppService>) {
     let id = service.id().to_owned();
+    // As stored (by whichever process led before).
+    let mut state: AppserviceState = loop {
+        match s.store.appservice_state_or_init(&id, s.store.current_position()).await {
+            Ok(state) => break state,
+            Err(e) => {
+                tracing::warn!("appservice {id}: cannot read its state: {}", e.message);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let initial = s.config.appservice.retry_initial_ms.max(1);
     let max = s.config.appservice.retry_max_ms.max(initial);
     let mut rx = s.store.subscribe_position();

@@ -74,6 +74,52 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The MQTT door's live client IDs across processes (docs/mqtt.md,
+/// "Several processes"): the database holds which connection has each
+/// client, and the stream tells every process of a claim and of a
+/// connection's end.
+impl crate::Services {
+    /// Claims the MQTT client `key` for the connection `owner`; answers
+    /// the owner it had (a connection of this or another process).
+    pub async fn claim_mqtt_client(&self, key: &str, owner: &str) -> weft_core::Result<Option<String>> {
+        self.store
+            .claim_mqtt_client(key, owner)
+            .await
+            .map_err(|_| weft_core::Error::internal("database writer stopped"))?
+    }
+
+    /// The connection `owner` of `key` ended and saved its session.
+    pub async fn release_mqtt_client(&self, key: &str, owner: &str) -> weft_core::Result<()> {
+        self.store
+            .release_mqtt_client(key, owner)
+            .await
+            .map_err(|_| weft_core::Error::internal("database writer stopped"))?
+    }
+
+    /// Follows the stream for MQTT client claims and releases of every
+    /// process: the receiver of stream positions, and the events after a
+    /// position (`None` when this process no longer remembers that far
+    /// back): (key, `+owner` or `-owner`).
+    pub fn mqtt_client_events(&self, after: i64, upto: i64) -> Option<Vec<(String, String)>> {
+        Some(
+            self.store
+                .changes_since(after)?
+                .into_iter()
+                .filter(|(p, _)| *p <= upto)
+                .filter_map(|(_, k)| match k {
+                    weft_store::StreamKey::MqttClient(key, event) => Some((key, event)),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// A receiver of the stream's position (every process's writes).
+    pub fn subscribe_stream(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.store.subscribe_position()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ruma::{OwnedRoomId, UserId};
 use serde_json::{Value, json};
 use weft_core::{Error, Result};
-use weft_store::{PresenceRecord, ReceiptRecord};
+use weft_store::{PresenceRecord, ReceiptRecord, StreamKey};
 
 use crate::{Services, Session};
 
@@ -325,13 +325,22 @@ impl Services {
             .collect())
     }
 
+    /// Starts [`Self::run_ephemeral_expiry`], which runs while this
+    /// process leads (docs/scale-out.md).
+    pub fn start_ephemeral_expiry(self: &Arc<Self>) {
+        self.run_led("typing and presence timeouts", Self::run_ephemeral_expiry);
+    }
+
     /// The background task that applies typing and presence timeouts: it
     /// sleeps until the next deadline in the database (at most
-    /// [`EXPIRY_POLL`], or until a new deadline is set), then writes what
-    /// fell due. Runs for as long as the server does.
+    /// [`EXPIRY_POLL`], or until a new deadline is set: by this process,
+    /// or by any other as a typing or presence change on the stream), then
+    /// writes what fell due.
     pub async fn run_ephemeral_expiry(self: Arc<Self>) {
         let presence = self.config.presence.enabled;
         let idle = self.config.presence.idle_after_ms;
+        let mut rx = self.store.subscribe_position();
+        let mut seen = *rx.borrow_and_update();
         loop {
             let now = weft_core::now_ms();
             let next = self
@@ -353,6 +362,24 @@ impl Services {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.ephemeral_wake.notified() => {}
+                // A deadline set by another process (or any new one).
+                changed = async {
+                    loop {
+                        if rx.changed().await.is_err() {
+                            return false;
+                        }
+                        let upto = *rx.borrow_and_update();
+                        let new_deadline = self.store.changes_since(seen).is_none_or(|c| {
+                            c.iter().any(|(p, k)| {
+                                *p <= upto && matches!(k, StreamKey::Typing(_) | StreamKey::Presence(_))
+                            })
+                        });
+                        seen = upto;
+                        if new_deadline {
+                            return true;
+                        }
+                    }
+                } => if !changed { return },
             }
         }
     }

@@ -58,7 +58,8 @@ const RESCAN: Duration = Duration::from_secs(30);
 /// announced per room (to send `typing: false` for those who stopped).
 pub struct QueueRuntime {
     wake_tx: mpsc::UnboundedSender<OwnedServerName>,
-    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<OwnedServerName>>>,
+    /// Held by the sender manager while it runs (this process leads).
+    wake_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedServerName>>,
     typing_sent: Mutex<HashMap<String, BTreeSet<String>>>,
     /// The reader's position last written to the database, and when.
     position_written: Mutex<(i64, std::time::Instant)>,
@@ -69,7 +70,7 @@ impl QueueRuntime {
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         Self {
             wake_tx,
-            wake_rx: Mutex::new(Some(wake_rx)),
+            wake_rx: tokio::sync::Mutex::new(wake_rx),
             typing_sent: Mutex::new(HashMap::new()),
             position_written: Mutex::new((0, std::time::Instant::now())),
         }
@@ -78,16 +79,20 @@ impl QueueRuntime {
 
 impl Services {
     /// Starts the queue reader and a sender task for every destination
-    /// with queued rows. Nothing runs with federation off.
-    pub fn start_federation_queue(self: &Arc<Self>) {
+    /// with queued rows, while this process leads (docs/scale-out.md).
+    /// The first start with federation stores the reader's position (from
+    /// now on, not history) before anything is served, so what is sent
+    /// before a leader's reader runs is queued too. Nothing runs with
+    /// federation off.
+    pub async fn start_federation_queue(self: &Arc<Self>) -> Result<()> {
         if !self.config.federation.enabled {
-            return;
+            return Ok(());
         }
-        let Some(wake) = self.fed_queue.wake_rx.lock().take() else {
-            return;
-        };
-        tokio::spawn(queue_reader(self.clone()));
-        tokio::spawn(sender_manager(self.clone(), wake));
+        let now = self.store.current_position().to_string();
+        self.store.init_meta(FEDERATION_QUEUED, &now).await?;
+        self.run_led("federation queue reader", queue_reader);
+        self.run_led("federation senders", sender_manager);
+        Ok(())
     }
 
     /// Queues an EDU for `destination`, durably: it is sent in a later
@@ -156,9 +161,13 @@ impl Services {
         self.store.destinations().await
     }
 
-    /// Wakes the sender task of `destination`, starting it if it has none.
+    /// Wakes the sender task of `destination`, starting it if it has none,
+    /// when this process leads. (Rows queued on another process wake it
+    /// through the stream: [`weft_store::StreamKey::Outbox`].)
     pub(crate) fn wake_destination(&self, destination: &ServerName) {
-        let _ = self.fed_queue.wake_tx.send(destination.to_owned());
+        if self.is_leader() {
+            let _ = self.fed_queue.wake_tx.send(destination.to_owned());
+        }
     }
 
     /// A destination we had given up on for a while sent us something: it
@@ -176,7 +185,13 @@ impl Services {
                     0,
                 )
                 .await;
-            self.wake_destination(destination);
+            if self.is_leader() {
+                self.wake_destination(destination);
+            } else {
+                // The leading process's sender waits out the old backoff:
+                // it is told through the stream.
+                let _ = self.store.announce_destination(destination.as_str()).await;
+            }
         }
     }
 
@@ -546,28 +561,69 @@ async fn queue_reader(s: Arc<Services>) {
 
 /// Keeps one sender task per destination: starts one for every destination
 /// with queued rows, then for each destination woken that has none.
-async fn sender_manager(s: Arc<Services>, mut wake: mpsc::UnboundedReceiver<OwnedServerName>) {
+/// Destinations are woken by this process (its own queue reader, rows it
+/// queued) and, through the stream, by rows another process queued
+/// ([`StreamKey::Outbox`]). Runs while this process leads; its sender
+/// tasks end with it.
+async fn sender_manager(s: Arc<Services>) {
+    let mut wake = s.fed_queue.wake_rx.lock().await;
+    // Wake-ups from an earlier time this process led: every destination
+    // with rows is started below anyway.
+    while wake.try_recv().is_ok() {}
+    let mut rx = s.store.subscribe_position();
+    let mut seen = *rx.borrow_and_update();
     let mut tasks: HashMap<OwnedServerName, Arc<Notify>> = HashMap::new();
     let start = |tasks: &mut HashMap<OwnedServerName, Arc<Notify>>, d: OwnedServerName| match tasks.get(&d) {
         Some(n) => n.notify_one(),
         None => {
             let notify = Arc::new(Notify::new());
             tasks.insert(d.clone(), notify.clone());
-            tokio::spawn(sender_task(s.clone(), d, notify));
+            s.spawn_led(sender_task(s.clone(), d, notify));
+        }
+    };
+    let start_queued = |tasks: &mut HashMap<OwnedServerName, Arc<Notify>>, list: Vec<String>| {
+        for d in list {
+            if let Ok(d) = OwnedServerName::try_from(d) {
+                start(tasks, d);
+            }
         }
     };
     match s.store.outbox_destinations().await {
-        Ok(list) => {
-            for d in list {
-                if let Ok(d) = OwnedServerName::try_from(d) {
-                    start(&mut tasks, d);
-                }
-            }
-        }
+        Ok(list) => start_queued(&mut tasks, list),
         Err(e) => tracing::warn!("federation: cannot list queued destinations: {}", e.message),
     }
-    while let Some(d) = wake.recv().await {
-        start(&mut tasks, d);
+    loop {
+        tokio::select! {
+            d = wake.recv() => match d {
+                Some(d) => start(&mut tasks, d),
+                None => return,
+            },
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let upto = *rx.borrow_and_update();
+                match s.store.changes_since(seen) {
+                    Some(changes) => {
+                        for (p, key) in changes {
+                            if let StreamKey::Outbox(d) = key
+                                && p <= upto
+                                && let Ok(d) = OwnedServerName::try_from(d)
+                            {
+                                start(&mut tasks, d);
+                            }
+                        }
+                    }
+                    // Past what this process remembers: ask the database.
+                    None => {
+                        if let Ok(list) = s.store.outbox_destinations().await {
+                            start_queued(&mut tasks, list);
+                        }
+                    }
+                }
+                seen = upto;
+            }
+        }
     }
 }
 

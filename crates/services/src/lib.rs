@@ -24,6 +24,7 @@ pub mod federation_txn;
 pub mod files;
 pub mod filter;
 pub mod keys;
+pub mod leader;
 pub mod media;
 pub mod preview;
 pub mod push;
@@ -99,6 +100,8 @@ pub struct Services {
     pub(crate) fed_txns: federation_txn::InFlight,
     /// Registered application services (`[appservice]`).
     pub appservices: appservice::AppServices,
+    /// Whether this process leads (leader.rs), once a led worker started.
+    pub(crate) leadership: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Services {
@@ -151,6 +154,7 @@ impl Services {
             fed_queue: federation_queue::QueueRuntime::new(),
             fed_txns: federation_txn::InFlight::default(),
             appservices,
+            leadership: std::sync::OnceLock::new(),
         }))
     }
 }

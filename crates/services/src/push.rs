@@ -79,7 +79,8 @@ pub struct PushRuntime {
     permits: Arc<Semaphore>,
     tasks: Mutex<HashMap<PusherKey, Arc<Notify>>>,
     wake_tx: mpsc::UnboundedSender<String>,
-    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// Held by the deliverer while it runs (this process leads).
+    wake_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     config: PushConfig,
 }
 
@@ -98,7 +99,7 @@ impl PushRuntime {
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
             tasks: Mutex::new(HashMap::new()),
             wake_tx,
-            wake_rx: Mutex::new(Some(wake_rx)),
+            wake_rx: tokio::sync::Mutex::new(wake_rx),
             config: config.clone(),
         })
     }
@@ -196,10 +197,11 @@ fn thread_of(content: &Value) -> String {
 }
 
 impl Services {
-    /// Starts the push evaluator and the deliverer (the server does, once).
+    /// Starts the push evaluator and the deliverer (the server does,
+    /// once): they run while this process leads (docs/scale-out.md).
     pub fn start_push(self: &Arc<Self>) {
-        tokio::spawn(evaluator(self.clone()));
-        tokio::spawn(deliverer(self.clone()));
+        self.run_led("push evaluator", evaluator);
+        self.run_led("push deliverer", deliverer);
     }
 
     /// Unread notification and highlight counts of `user_id` in
@@ -342,7 +344,12 @@ impl Services {
                     from_event: 0,
                 };
                 self.store.set_pusher(record, post.append).await?;
-                let _ = self.push.wake_tx.send(user.to_owned());
+                // The leader's deliverer finds a pusher set on another
+                // process when a notification for the user is added (a
+                // stream position it follows), or on its rescan.
+                if self.is_leader() {
+                    let _ = self.push.wake_tx.send(user.to_owned());
+                }
                 Ok(())
             }
             _ => Err(Error::invalid_param("Unknown pusher action")),
@@ -670,7 +677,10 @@ async fn evaluator(s: Arc<Services>) {
 async fn deliverer(s: Arc<Services>) {
     let mut rx = s.store.subscribe_position();
     let mut seen = *rx.borrow_and_update();
-    let mut wake = s.push.wake_rx.lock().take();
+    let mut wake = s.push.wake_rx.lock().await;
+    // Tasks of an earlier time this process led ended with it.
+    s.push.tasks.lock().clear();
+    while wake.try_recv().is_ok() {}
     let mut tick = tokio::time::interval(RESCAN);
     loop {
         tokio::select! {
@@ -697,17 +707,7 @@ async fn deliverer(s: Arc<Services>) {
                 }
                 seen = upto;
             }
-            user = async {
-                match wake.as_mut() {
-                    Some(r) => r.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                match user {
-                    Some(u) => wake_pushers(&s, Some(&u)).await,
-                    None => wake = None,
-                }
-            }
+            Some(user) = wake.recv() => wake_pushers(&s, Some(&user)).await,
             _ = tick.tick() => wake_pushers(&s, None).await,
         }
     }
@@ -731,7 +731,7 @@ async fn wake_pushers(s: &Arc<Services>, user: Option<&str>) {
             None => {
                 let notify = Arc::new(Notify::new());
                 tasks.insert(key.clone(), notify.clone());
-                tokio::spawn(pusher_task(s.clone(), key, notify));
+                s.spawn_led(pusher_task(s.clone(), key, notify));
             }
         }
     }

@@ -5,14 +5,18 @@
 //! when its access token is logged out, its device deleted (`weft user
 //! revoke`) or its user deactivated or logged out by a password change.
 //!
-//! The check is one indexed read of the token. It is made again when this
-//! process revoked anything since (every revocation through
-//! [`crate::Accounts`] bumps a counter the watches follow), before
-//! accepting or delivering if the last check is older than [`RECHECK`], and
-//! by an idle connection every [`IDLE_RECHECK`]. A revocation another
-//! process writes to the database is thus seen within [`RECHECK`] by a
-//! connection in use, and within [`IDLE_RECHECK`] by an idle one. The
-//! counter is in this process's memory only (docs/operations.md).
+//! The check is one indexed read of the token. It is made again when
+//! anything was revoked since (a counter the watches follow, bumped by
+//! every revocation through [`crate::Accounts`] in this process and, for
+//! revocations of any process sharing the database, by
+//! [`crate::Services::start_revocation_follower`] when the stream carries
+//! a [`StreamKey::Revoked`] the revoking write added), before accepting or
+//! delivering if the last check is older than [`RECHECK`], and by an idle
+//! connection every [`IDLE_RECHECK`]. A revocation another process writes
+//! is thus seen as soon as this process follows the stream past it
+//! (milliseconds on PostgreSQL: the commit's notification; at most the
+//! follower's one-second poll of the head if a notification was missed),
+//! and the polling stays as a safety net (docs/operations.md).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use weft_core::{Error, ErrorKind, Result};
-use weft_store::Store;
+use weft_store::{Store, StreamKey};
 
 use crate::Session;
 use crate::accounts::token_hash;
@@ -72,6 +76,29 @@ enum Held {
 }
 
 impl crate::Services {
+    /// Follows the stream for revocations written by any process sharing
+    /// the database ([`StreamKey::Revoked`]) and makes every open
+    /// connection of this process check its credential again. Runs in
+    /// every process (the server starts it once).
+    pub fn start_revocation_follower(self: &Arc<Self>) {
+        let s = self.clone();
+        tokio::spawn(async move {
+            let mut rx = s.store.subscribe_position();
+            let mut seen = *rx.borrow_and_update();
+            while rx.changed().await.is_ok() {
+                let upto = *rx.borrow_and_update();
+                let revoked = s
+                    .store
+                    .changes_since(seen)
+                    .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Revoked(_))));
+                seen = upto;
+                if revoked {
+                    s.accounts.revoked();
+                }
+            }
+        });
+    }
+
     /// A watch over `session`, authenticated with the access token `token`.
     pub fn watch_session(&self, session: &Session, token: &str) -> Arc<SessionWatch> {
         if session.appservice.is_some() {

@@ -106,11 +106,14 @@ impl Services {
         };
         let auth = req.auth.unwrap_or_default();
         if let Some(id) = &auth.session
-            && !self.accounts.uia_known(id)
+            && !self.accounts.uia_known(id).await?
         {
             return Err(Error::new(ErrorKind::Unknown, "Unknown user-interactive auth session").with_status(400));
         }
-        let session = auth.session.clone().unwrap_or_else(|| self.accounts.new_uia_session());
+        let session = match auth.session.clone() {
+            Some(s) => s,
+            None => self.accounts.new_uia_session().await?,
+        };
         let done = match auth.kind.as_deref() {
             Some("m.login.dummy") if stage == "m.login.dummy" => true,
             Some("m.login.registration_token") if stage == "m.login.registration_token" => {
@@ -132,7 +135,7 @@ impl Services {
             let body = self.accounts.uia_body(&session, &[&[stage]], &[]);
             return Err(Error::new(ErrorKind::Uia(body), "Authentication required"));
         }
-        self.accounts.uia_finish(&session);
+        self.accounts.uia_finish(&session).await?;
         let user_id = self.accounts.create_user(&name, Some(&password), false).await?;
         if req.inhibit_login {
             return Ok(json!({ "user_id": user_id }));
@@ -209,7 +212,10 @@ impl Services {
     /// user, or returns the 401 that asks for it.
     pub async fn password_uia(&self, session: &Session, auth: Option<AuthData>) -> Result<()> {
         let auth = auth.unwrap_or_default();
-        let uia_session = auth.session.clone().unwrap_or_else(|| self.accounts.new_uia_session());
+        let uia_session = match auth.session.clone() {
+            Some(s) => s,
+            None => self.accounts.new_uia_session().await?,
+        };
         let ask = |errcode: Option<&str>| {
             let mut body = self.accounts.uia_body(&uia_session, &[&["m.login.password"]], &[]);
             if let Some(code) = errcode {
@@ -227,7 +233,7 @@ impl Services {
         // known here).
         match self.accounts.check_password(&user, &password, None).await {
             Ok(uid) if uid == session.user_id => {
-                self.accounts.uia_finish(&uia_session);
+                self.accounts.uia_finish(&uia_session).await?;
                 Ok(())
             }
             Err(e) if matches!(e.kind, ErrorKind::LimitExceeded { .. }) => Err(e),

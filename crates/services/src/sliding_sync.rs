@@ -833,7 +833,13 @@ impl Built {
 fn key_room(k: &StreamKey) -> Option<&str> {
     match k {
         StreamKey::Room(r) | StreamKey::Receipt(r) | StreamKey::Typing(r) => Some(r),
-        StreamKey::User(_) | StreamKey::DeviceKeys(_) | StreamKey::Notification(..) | StreamKey::Presence(_) => None,
+        StreamKey::User(_)
+        | StreamKey::DeviceKeys(_)
+        | StreamKey::Notification(..)
+        | StreamKey::Presence(_)
+        | StreamKey::Outbox(_)
+        | StreamKey::Revoked(_)
+        | StreamKey::MqttClient(..) => None,
     }
 }
 

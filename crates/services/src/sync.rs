@@ -108,6 +108,7 @@ impl Services {
                                     StreamKey::Notification(u, _) => u == user,
                                     // Whether they share a room: as above.
                                     StreamKey::Presence(_) => presence_on,
+                                    StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => false,
                                 }
                         }),
                     };
@@ -279,6 +280,7 @@ impl Services {
                                 typing.insert(r);
                             }
                             StreamKey::Presence(_) => presence = true,
+                            StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => {}
                         }
                     }
                     (

@@ -175,7 +175,7 @@ async fn local_events_typing_and_receipts_are_queued_for_the_other_server_in_the
     let (one, two) = (server("one.test"), server("two.test"));
     let (one, two) = (&one.s, &two.s);
     let room = shared_room(one, two).await;
-    one.start_federation_queue();
+    one.start_federation_queue().await.unwrap();
     // Let the reader take its starting position before anything new.
     tokio::time::sleep(Duration::from_millis(200)).await;
 

@@ -57,8 +57,14 @@ pub struct DestinationRecord {
 pub trait FederationQueueStore: Send + Sync + 'static {
     /// Adds rows to the queue; with `reader_position`, the outgoing queue's
     /// stream reader's new position (`meta` `federation_queued`) in the
-    /// same write.
+    /// same write. Without it (rows queued by anyone but the reader, on any
+    /// process), each destination of the rows gets a stream position
+    /// ([`crate::StreamKey::Outbox`]) that wakes its sender on the process
+    /// that leads.
     fn queue_federation(&self, rows: Vec<NewOutboxRow>, reader_position: Option<i64>) -> Pending<()>;
+    /// A stream position ([`crate::StreamKey::Outbox`]) that makes the
+    /// leading process's sender for `destination` look at it now.
+    fn announce_destination(&self, destination: &str) -> Pending<()>;
     /// The oldest rows for `destination`: at most `max_pdus` PDUs and
     /// `max_edus` EDUs, in `id` order.
     async fn outbox(&self, destination: &str, max_pdus: usize, max_edus: usize) -> Result<Vec<OutboxRecord>>;

@@ -86,6 +86,16 @@ pub trait Store:
     fn on_foreign_room_writes(&self, hook: ForeignRoomsHook) {
         let _ = hook;
     }
+    /// Whether this process leads the deployment: runs the background
+    /// workers of which exactly one may run per database (push, the
+    /// outgoing federation queue, application-service delivery, typing and
+    /// presence timeouts). True at once on SQLite (one process per
+    /// database). On PostgreSQL the first call starts competing for a
+    /// session advisory lock held on a connection of its own for as long
+    /// as the process lives (docs/scale-out.md, "One leader"): false until
+    /// this process holds it, false again as soon as that connection
+    /// fails, before another process can take over.
+    fn leadership(&self) -> tokio::sync::watch::Receiver<bool>;
 
     // ---- accounts ----
     async fn create_user(&self, user: NewUser) -> Result<()>;
@@ -464,10 +474,38 @@ pub trait Store:
         state_json: &str,
     ) -> Result<()>;
 
+    // ---- user-interactive auth ----
+    /// Stores a new UIA session made at `now_ms`; sessions made before
+    /// `prune_before_ms` are deleted in the same write.
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()>;
+    /// The stages completed in a session made at or after
+    /// `not_before_ms`, or `None` if there is no such session.
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>>;
+    /// Records `stage` as completed in the session (if it exists); answers
+    /// the stages completed.
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>>;
+    /// Deletes the session (the flow it guarded is done).
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()>;
+
+    // ---- MQTT client IDs (session takeover across processes) ----
+    /// Claims the MQTT client `key` (`USER\nCLIENT_ID`) for the connection
+    /// `owner` (`PROCESS-NONCE/CONNECTION`); answers the owner it had. The
+    /// write carries [`StreamKey::MqttClient`]`(key, "+owner")`: every
+    /// other connection for `key`, on any process, ends.
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>>;
+    /// The connection `owner` of `key` ended, its session saved: the row
+    /// goes if it still owns it, and the stream says so
+    /// ([`StreamKey::MqttClient`]`(key, "-owner")`) to a successor waiting
+    /// for it.
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()>;
+
     // ---- server ----
     /// A key-value slot for server metadata (e.g. the signing key name).
     async fn get_meta(&self, key: &str) -> Result<Option<String>>;
     async fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+    /// Sets `key` to `value` unless it has a value already (whoever set
+    /// it, on any process); answers whether this call set it.
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool>;
 }
 
 /// Opens the store configured in `config` inside `data_dir`.

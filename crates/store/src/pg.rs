@@ -46,6 +46,7 @@ mod ephemeral;
 mod federation;
 mod federation_queue;
 mod graph;
+mod lease;
 mod media;
 mod misc;
 mod rooms;
@@ -58,7 +59,10 @@ pub(crate) use rooms::fold_diacritics;
 
 /// PostgreSQL's migrations, numbered on their own (`migrations/postgres/`):
 /// the first is the SQLite schema at its migration 0020.
-pub(crate) const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_schema.sql")];
+pub(crate) const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_schema.sql"),
+    include_str!("../migrations/postgres/0002_process_state.sql"),
+];
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 16;
@@ -266,6 +270,9 @@ pub struct PgStore {
     follower: Arc<Follower>,
     /// Stops the listener thread when the store is dropped.
     stop: Arc<AtomicBool>,
+    /// Whether this process leads (started by the first
+    /// [`Store::leadership`] call: the admin CLI never competes).
+    lease: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 impl Drop for PgStore {
@@ -378,6 +385,7 @@ impl PgStore {
             position: pos_rx,
             follower,
             stop,
+            lease: std::sync::OnceLock::new(),
         })
     }
 
@@ -468,6 +476,12 @@ impl PgStore {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.position.clone()
+    }
+
+    pub(crate) fn lease(&self) -> watch::Receiver<bool> {
+        self.lease
+            .get_or_init(|| lease::start(self.url.clone(), self.stop.clone()))
+            .clone()
     }
 
     pub(crate) fn recent(&self) -> &parking_lot::RwLock<RecentChanges> {
@@ -621,6 +635,9 @@ fn encode_key(key: &StreamKey) -> (i16, &str, &str) {
         StreamKey::Notification(u, r) => (5, u, r),
         StreamKey::Typing(r) => (6, r, ""),
         StreamKey::Presence(u) => (7, u, ""),
+        StreamKey::Outbox(d) => (8, d, ""),
+        StreamKey::Revoked(u) => (9, u, ""),
+        StreamKey::MqttClient(k, o) => (10, k, o),
     }
 }
 
@@ -633,6 +650,9 @@ fn decode_key(kind: i16, a: String, b: String) -> Option<StreamKey> {
         5 => StreamKey::Notification(a, b),
         6 => StreamKey::Typing(a),
         7 => StreamKey::Presence(a),
+        8 => StreamKey::Outbox(a),
+        9 => StreamKey::Revoked(a),
+        10 => StreamKey::MqttClient(a, b),
         _ => return None,
     })
 }

@@ -44,12 +44,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0018_federated_e2ee.sql"),
     include_str!("../migrations/0019_compact_dag.sql"),
     include_str!("../migrations/0020_appservices.sql"),
+    include_str!("../migrations/0021_process_state.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).
 const DAG_MIGRATION: &str = include_str!("../migrations/0016_room_dag.sql");
 /// `meta` key holding the highest stream position of a deleted row (acked
-/// to-device messages), so positions never go back across a restart.
+/// to-device messages) or of a stream key without a row (a revocation, a
+/// federation destination's wake-up), so positions never go back across a
+/// restart.
 pub(crate) const DELETED_MAX: &str = "deleted_stream_max";
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -90,6 +93,8 @@ pub struct SqliteStore {
     /// positions were last written.
     pub(crate) push_mark: crate::stream::ReaderMark,
     pub(crate) federation_mark: crate::stream::ReaderMark,
+    /// Always true: one process per database, so it leads at once.
+    leader: watch::Sender<bool>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -172,6 +177,7 @@ impl SqliteStore {
             state_groups: tokio::sync::OnceCell::new(),
             push_mark: Default::default(),
             federation_mark: Default::default(),
+            leader: watch::Sender::new(true),
         })
     }
 
@@ -766,6 +772,19 @@ fn log_device_change(conn: &Connection, user: &str, device: &str, p: i64, delete
     Ok(())
 }
 
+/// Remembers `position` as taken although no row keeps it (a stream key
+/// alone: a revocation, a federation destination's wake-up), so positions
+/// never go back across a restart (the same `meta` key as deleted
+/// to-device messages).
+pub(crate) fn remember_position(conn: &Connection, position: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE \
+         SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+    )?
+    .execute(params![DELETED_MAX, position])?;
+    Ok(())
+}
+
 /// Deletes to-device messages matching `filter` (over `?1` user, `?2`
 /// device, `?3` position) and remembers the highest deleted position.
 fn delete_to_device(conn: &Connection, filter: &str, p: impl rusqlite::Params + Clone) -> rusqlite::Result<()> {
@@ -823,6 +842,8 @@ fn purge_devices(
             .execute(params![user, only, keep])?;
     }
     delete_to_device(conn, SEL, params![user, only, keep])?;
+    crate::stream::announce_revocation(ctx, user);
+    remember_position(conn, ctx.pos)?;
     if had_keys > 0 {
         let p = device_list_changed(conn, ctx, user)?;
         for device in with_keys {
@@ -947,6 +968,10 @@ impl Store for SqliteStore {
 
     fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>> {
         self.recent.read().changes_since(since)
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
     }
 
     async fn create_user(&self, user: NewUser) -> Result<()> {
@@ -1175,7 +1200,7 @@ impl Store for SqliteStore {
             identity.to_owned(),
             psk.to_vec(),
         );
-        self.write_wait(move |c, _| {
+        self.write_wait(move |c, ctx| {
             let active: Option<bool> = c
                 .query_row("SELECT deactivated FROM users WHERE user_id = ?1", [&u], |r| r.get(0))
                 .optional()
@@ -1196,6 +1221,9 @@ impl Store for SqliteStore {
                 params![i, u, d, k, weft_core::now_ms() as i64],
             )
             .map_err(db_err)?;
+            // The device's old key no longer holds.
+            crate::stream::announce_revocation(ctx, &u);
+            remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
         .await
@@ -2923,12 +2951,117 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+        let id = session_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.prepare_cached("DELETE FROM uia_sessions WHERE created_ms < ?1")
+                .and_then(|mut s| s.execute([prune_before_ms.min(i64::MAX as u64) as i64]))
+                .map_err(db_err)?;
+            c.prepare_cached("INSERT INTO uia_sessions (session_id, created_ms) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![id, now_ms.min(i64::MAX as u64) as i64]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+        let id = session_id.to_owned();
+        let completed: Option<String> = self
+            .read(move |c| {
+                c.prepare_cached("SELECT completed FROM uia_sessions WHERE session_id = ?1 AND created_ms >= ?2")?
+                    .query_row(params![id, not_before_ms.min(i64::MAX as u64) as i64], |r| r.get(0))
+                    .optional()
+            })
+            .await?;
+        Ok(completed.map(|c| serde_json::from_str(&c).unwrap_or_default()))
+    }
+
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>> {
+        let (id, stage) = (session_id.to_owned(), stage.to_owned());
+        self.write_wait(move |c, _| {
+            let completed: Option<String> = c
+                .prepare_cached("SELECT completed FROM uia_sessions WHERE session_id = ?1")
+                .and_then(|mut s| s.query_row([&id], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            let Some(completed) = completed else {
+                return Ok(Vec::new());
+            };
+            let mut stages: Vec<String> = serde_json::from_str(&completed).unwrap_or_default();
+            if !stages.contains(&stage) {
+                stages.push(stage);
+                let json = serde_json::to_string(&stages).map_err(db_err)?;
+                c.prepare_cached("UPDATE uia_sessions SET completed = ?2 WHERE session_id = ?1")
+                    .and_then(|mut s| s.execute(params![id, json]))
+                    .map_err(db_err)?;
+            }
+            Ok(stages)
+        })
+        .await
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
+        let id = session_id.to_owned();
+        self.write_wait(move |c, _| {
+            c.prepare_cached("DELETE FROM uia_sessions WHERE session_id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>> {
+        let (key, owner) = (key.to_owned(), owner.to_owned());
+        self.write(move |c, ctx| {
+            let before: Option<String> = c
+                .prepare_cached("SELECT owner FROM mqtt_clients WHERE client_key = ?1")
+                .and_then(|mut s| s.query_row([&key], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            c.prepare_cached(
+                "INSERT INTO mqtt_clients (client_key, owner, since_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (client_key) DO UPDATE SET owner = excluded.owner, since_ms = excluded.since_ms",
+            )
+            .and_then(|mut s| s.execute(params![key, owner, weft_core::now_ms() as i64]))
+            .map_err(db_err)?;
+            crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+            remember_position(c, ctx.pos).map_err(db_err)?;
+            Ok(before)
+        })
+    }
+
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()> {
+        let (key, owner) = (key.to_owned(), owner.to_owned());
+        self.write(move |c, ctx| {
+            c.prepare_cached("DELETE FROM mqtt_clients WHERE client_key = ?1 AND owner = ?2")
+                .and_then(|mut s| s.execute(params![key, owner]))
+                .map_err(db_err)?;
+            crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+            remember_position(c, ctx.pos).map_err(db_err)?;
+            Ok(())
+        })
+    }
+
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
         let k = key.to_owned();
         self.read(move |c| {
             c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
                 .query_row([k], |r| r.get(0))
                 .optional()
+        })
+        .await
+    }
+
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        self.write_wait(move |c, _| {
+            let n = c
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                    params![k, v],
+                )
+                .map_err(db_err)?;
+            Ok(n > 0)
         })
         .await
     }

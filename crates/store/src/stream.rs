@@ -52,6 +52,33 @@ impl WriterCtx {
     }
 }
 
+/// A stream position telling every process that credentials of `user`
+/// were revoked ([`StreamKey::Revoked`]), in the revoking write.
+pub(crate) fn announce_revocation(ctx: &mut WriterCtx, user: &str) {
+    ctx.pos += 1;
+    ctx.changes.push((ctx.pos, StreamKey::Revoked(user.to_owned())));
+}
+
+/// A stream position for an MQTT client's claim (`+owner`) or release
+/// (`-owner`) ([`StreamKey::MqttClient`]).
+pub(crate) fn announce_mqtt_client(ctx: &mut WriterCtx, key: &str, event: String) {
+    ctx.pos += 1;
+    ctx.changes
+        .push((ctx.pos, StreamKey::MqttClient(key.to_owned(), event)));
+}
+
+/// A stream position for each destination (once each): wakes their
+/// senders on the leading process ([`StreamKey::Outbox`]).
+pub(crate) fn announce_destinations<'a>(ctx: &mut WriterCtx, destinations: impl IntoIterator<Item = &'a str>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for d in destinations {
+        if seen.insert(d) {
+            ctx.pos += 1;
+            ctx.changes.push((ctx.pos, StreamKey::Outbox(d.to_owned())));
+        }
+    }
+}
+
 /// The newest part of the stream, kept in memory: every entry after
 /// `floor` is in `entries`, and every event after `event_floor` is in
 /// `events`. Readers that follow the stream (subscriptions, observers,

@@ -294,6 +294,19 @@ pub enum StreamKey {
     Typing(String),
     /// This user's presence changed.
     Presence(String),
+    /// Rows were queued for this federation destination by someone other
+    /// than the outgoing queue's reader, or it came back after failures:
+    /// wakes its sender on whichever process leads (docs/scale-out.md).
+    Outbox(String),
+    /// Credentials of this user were revoked (a device deleted or logged
+    /// out, the user deactivated, a device's pre-shared key replaced):
+    /// open connections of the user on every process check theirs again.
+    Revoked(String),
+    /// The MQTT client (first: `USER\nCLIENT_ID`) was claimed by a new
+    /// connection (second: `+OWNER`), whose process's broker is the only
+    /// one that may keep a connection for it, or the connection `OWNER`
+    /// ended and saved its session (second: `-OWNER`).
+    MqttClient(String, String),
 }
 
 /// A user's presence as stored.

@@ -15,7 +15,8 @@ both!(
     one_time_keys_in_one_upload_and_claims_of_several_devices,
     to_device_messages_to_several_users_and_devices,
     signatures_of_cross_signing_keys_outlive_deleted_devices,
-    remote_device_lists_replaced_whole_and_marked_stale
+    remote_device_lists_replaced_whole_and_marked_stale,
+    uia_sessions_seen_by_a_second_store_expire_and_finish
 );
 
 use std::sync::Arc;
@@ -693,14 +694,22 @@ async fn signatures_of_cross_signing_keys_outlive_deleted_devices(b: Backend) {
     );
 
     // Deleting every device deletes the signatures of devices, not those
-    // of the master key; one change, logging the device that had keys.
+    // of the master key; one change, logging the device that had keys
+    // (and one position telling every process of the revocation).
     store.delete_devices_except(a, None).await.unwrap();
     assert_eq!(
         store.key_signatures(a).await.unwrap(),
         vec![sig(a, "PUB", "@b:t", "ed25519:BMASTER", "s2")]
     );
     let p = store.current_position();
-    assert_eq!(p, start + 3);
+    assert_eq!(p, start + 4);
+    assert!(
+        store
+            .changes_since(start + 2)
+            .unwrap_or_default()
+            .contains(&(start + 3, StreamKey::Revoked(a.to_owned()))),
+        "the revocation is on the stream"
+    );
     let logged: Vec<(String, bool)> = store
         .device_list_log(a, p)
         .await
@@ -794,4 +803,44 @@ async fn remote_device_lists_replaced_whole_and_marked_stale(b: Backend) {
     // Marking a list not cached stores nothing.
     store.mark_remote_device_list_stale("@x:remote").await.unwrap();
     assert!(store.remote_device_list("@x:remote").await.unwrap().is_none());
+}
+
+// A UIA session made through one store is known to another on the same
+// database (a second process), keeps its completed stages, is not found
+// once older than asked for, is pruned by a later session's creation and
+// is gone once finished.
+async fn uia_sessions_seen_by_a_second_store_expire_and_finish(b: Backend) {
+    let a = b.open();
+    a.create_uia_session("s-old", 1_000, 0).await.unwrap();
+    a.create_uia_session("s1", 5_000, 0).await.unwrap();
+    let other = b.open();
+    assert_eq!(other.uia_session("s1", 0).await.unwrap(), Some(vec![]));
+    assert_eq!(other.uia_session("nope", 0).await.unwrap(), None);
+    // Older than the caller accepts: as good as gone.
+    assert_eq!(other.uia_session("s1", 5_001).await.unwrap(), None);
+    assert_eq!(
+        other.uia_complete_stage("s1", "m.login.dummy").await.unwrap(),
+        vec!["m.login.dummy".to_owned()]
+    );
+    assert_eq!(
+        a.uia_complete_stage("s1", "m.login.password").await.unwrap(),
+        vec!["m.login.dummy".to_owned(), "m.login.password".to_owned()]
+    );
+    assert_eq!(
+        a.uia_complete_stage("nope", "m.login.dummy").await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        a.uia_session("nope", 0).await.unwrap(),
+        None,
+        "completing makes no session"
+    );
+    // A session made at 9000 prunes those made before 2000.
+    other.create_uia_session("s2", 9_000, 2_000).await.unwrap();
+    assert_eq!(a.uia_session("s-old", 0).await.unwrap(), None);
+    assert!(a.uia_session("s1", 0).await.unwrap().is_some());
+    other.delete_uia_session("s1").await.unwrap();
+    assert_eq!(a.uia_session("s1", 0).await.unwrap(), None);
+    assert_eq!(a.uia_session("s2", 0).await.unwrap(), Some(vec![]));
+    drop(other);
 }

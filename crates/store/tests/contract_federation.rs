@@ -6,6 +6,7 @@
 
 mod common;
 use common::Backend;
+use std::sync::Arc;
 
 both!(
     server_keys_are_upserted_and_the_response_replaced,
@@ -15,11 +16,13 @@ both!(
     appservice_delivery_state_moves_through_a_transaction,
     media_stats_count_items_blobs_thumbnails_and_pending,
     room_files_are_unredacted_messages_with_a_url_filtered,
+    rows_queued_outside_the_reader_wake_their_destinations_on_every_store,
+    one_leader_per_database_and_another_takes_over
 );
 
 use weft_store::{
     AppserviceState, DestinationRecord, EventKind, MediaContent, MediaRecord, MediaStats, NewEvent, NewOutboxRow,
-    NewRoom, OutboxKind, RoomFilesQuery, ServerKeyRecord, ServerKeyResponse, ThumbnailRecord,
+    NewRoom, OutboxKind, RoomFilesQuery, ServerKeyRecord, ServerKeyResponse, Store, StreamKey, ThumbnailRecord,
 };
 
 fn key(server: &str, id: &str, public: &str, valid: u64, expired: Option<u64>, fetched: u64) -> ServerKeyRecord {
@@ -608,4 +611,127 @@ async fn room_files_are_unredacted_messages_with_a_url_filtered(b: Backend) {
         ["$f6", "$f4", "$f3"]
     );
     assert_eq!(ids(store.room_files("!other:test", q(None)).await.unwrap()), ["$o1"]);
+}
+
+// Rows queued by anyone but the queue reader (and a destination that came
+// back) get a stream position naming their destination, once per
+// destination and write, which every store on the database sees: the
+// leading process's senders are woken by it. The reader's own rows are
+// not announced.
+async fn rows_queued_outside_the_reader_wake_their_destinations_on_every_store(b: Backend) {
+    let a = b.open();
+    let other = b.open();
+    let before = a.current_position();
+    a.queue_federation(
+        vec![
+            row("x.org", OutboxKind::Edu, "{}"),
+            row("x.org", OutboxKind::Pdu, "{}"),
+            row("y.org", OutboxKind::Edu, "{}"),
+        ],
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    a.queue_federation(vec![row("z.org", OutboxKind::Pdu, "{}")], Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    a.announce_destination("w.org").await.unwrap().unwrap();
+    let upto = a.current_position();
+    assert_eq!(upto, before + 3);
+    let outbox = |s: &Arc<dyn Store>| -> Vec<String> {
+        s.changes_since(before)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, k)| match k {
+                StreamKey::Outbox(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(outbox(&a), ["x.org", "y.org", "w.org"]);
+    if matches!(b, Backend::Postgres(_)) {
+        let mut rx = other.subscribe_position();
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.wait_for(|p| *p >= upto))
+            .await
+            .expect("the other store follows")
+            .unwrap();
+        assert_eq!(outbox(&other), ["x.org", "y.org", "w.org"]);
+    }
+    // Positions without rows are not taken again after a restart.
+    drop(other);
+    drop(a);
+    assert_eq!(b.open().current_position(), upto);
+}
+
+// On SQLite the one store leads at once. On PostgreSQL exactly one of two
+// stores on a database leads. When the leader's lock connection is killed
+// (`pg_terminate_backend`), it stops leading before the other starts;
+// when the new leader's store is closed, the first leads again.
+async fn one_leader_per_database_and_another_takes_over(b: Backend) {
+    use std::time::{Duration, Instant};
+    let a = b.open();
+    let mut la = a.leadership();
+    let url = match &b {
+        Backend::Sqlite(_) => {
+            assert!(*la.borrow());
+            return;
+        }
+        Backend::Postgres(db) => db.url.clone(),
+    };
+    tokio::time::timeout(Duration::from_secs(15), la.wait_for(|l| *l))
+        .await
+        .expect("the first store leads")
+        .unwrap();
+    let other = b.open();
+    let lo = other.leadership();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!*lo.borrow(), "the second store does not lead while the first does");
+    assert!(*la.borrow(), "the first store still leads");
+
+    // Kill the session holding the lock (in this database).
+    let killed = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 30565 AND l.objid = 1718878210 \
+             AND d.datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "one session holds the leader lock");
+    let (mut la2, mut lo2) = (la.clone(), lo.clone());
+    let lost = tokio::spawn(async move {
+        la2.wait_for(|l| !*l).await.unwrap();
+        Instant::now()
+    });
+    let gained = tokio::spawn(async move {
+        lo2.wait_for(|l| *l).await.unwrap();
+        Instant::now()
+    });
+    let lost = tokio::time::timeout(Duration::from_secs(15), lost)
+        .await
+        .expect("the first store stops leading")
+        .unwrap();
+    let gained = tokio::time::timeout(Duration::from_secs(15), gained)
+        .await
+        .expect("the second store takes over")
+        .unwrap();
+    assert!(lost < gained, "the old leader stopped before the new one started");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!*la.borrow(), "one leader at a time");
+    assert!(*lo.borrow());
+
+    // The new leader's store is closed: the first leads again.
+    drop(lo);
+    drop(other);
+    tokio::time::timeout(Duration::from_secs(15), la.wait_for(|l| *l))
+        .await
+        .expect("the first store leads again")
+        .unwrap();
 }

@@ -193,6 +193,16 @@ impl TestServerBuilder {
             assert!(ok, "weft user create {name}: {out}{err}");
         }
         let process = ServerProcess::start(spec).await?;
+        // The first process on a PostgreSQL database becomes the leader
+        // (docs/scale-out.md) after a short grace: wait for it (its log
+        // says so, unless a `WEFT_LOG` filter hides it), so the background
+        // workers run from the test's first request as they do on SQLite.
+        if pg.is_some() && key.is_none() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !process.log_tail(400).contains("this process now leads") && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Ok(TestServer {
             base: Arc::new(Mutex::new(process.addrs.http.clone())),
             process,

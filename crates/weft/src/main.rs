@@ -460,7 +460,10 @@ async fn serve(
     // Push: evaluation of push rules and delivery to push gateways.
     services.start_push();
     // Federation: the outgoing queue's reader and senders.
-    services.start_federation_queue();
+    services
+        .start_federation_queue()
+        .await
+        .map_err(|e| anyhow::anyhow!("federation queue: {e}"))?;
     // Application services: each one's delivery task (its position stored
     // first, so nothing sent from now on is missed).
     services
@@ -518,7 +521,9 @@ async fn serve(
     println!("weft listening on http://{addr}");
     println!("weft: admin socket {}", admin_socket.path().display());
     // Typing and presence timeouts.
-    tokio::spawn(services.clone().run_ephemeral_expiry());
+    services.start_ephemeral_expiry();
+    // Revocations written by other processes end this one's connections.
+    services.start_revocation_follower();
     if let Some(socket) = coap_socket {
         println!("weft: coap listening on {}", socket.local_addr()?);
         tokio::spawn(weft_coap::serve(services.clone(), socket));

@@ -240,6 +240,20 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         broker.unregister(&key, conn_id);
         return;
     };
+    // On a database several processes share, the client ID is claimed
+    // there too: a connection of it on another process ends, and this one
+    // waits for it to have saved the session.
+    let owner = broker.shared.then(|| broker.owner(conn_id));
+    if let Some(owner) = &owner {
+        take_over_elsewhere(&broker, &key, owner).await;
+    }
+    let release = || async {
+        if let Some(owner) = &owner
+            && let Err(e) = broker.services.release_mqtt_client(&key, owner).await
+        {
+            tracing::warn!("mqtt: cannot release client {client_id:?}: {}", e.message);
+        }
+    };
 
     let services = broker.services.clone();
     // The device is seen now (and again with each PUBLISH), as `GET /devices`
@@ -287,6 +301,7 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         .await
         .is_err()
     {
+        release().await;
         broker.unregister(&key, conn_id);
         return;
     }
@@ -363,10 +378,48 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
         tracing::debug!("mqtt: will of {client_id} not published: {r:?}");
     }
     let _ = conn.writer.wr.get_mut().shutdown().await;
+    release().await;
     broker.unregister(&key, conn_id);
     // The session is stored: a reconnect of this client ID need not wait.
     drop(_guard);
     linger(&mut rd).await;
+}
+
+/// Claims the client `key` for `owner` in the database; if a connection of
+/// another process had it, waits (at most [`TAKEOVER_WAIT`]) for that one
+/// to end and save its session (its process ends it on seeing the claim).
+/// A process that died leaves its claim: then the wait runs out.
+async fn take_over_elsewhere(broker: &Broker, key: &str, owner: &str) {
+    let services = &broker.services;
+    let mut rx = services.subscribe_stream();
+    let mut seen = *rx.borrow_and_update();
+    let before = match services.claim_mqtt_client(key, owner).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("mqtt: cannot claim client {key:?}: {}", e.message);
+            return;
+        }
+    };
+    let Some(before) = before.filter(|b| !broker.is_ours(b)) else {
+        return;
+    };
+    let released = format!("-{before}");
+    let wait = async {
+        loop {
+            let upto = *rx.borrow_and_update();
+            let events = services.mqtt_client_events(seen, upto).unwrap_or_default();
+            if events.iter().any(|(k, e)| k == key && *e == released) {
+                return;
+            }
+            seen = upto;
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    if timeout(TAKEOVER_WAIT, wait).await.is_err() {
+        tracing::debug!("mqtt: client {key:?}: its connection elsewhere did not end in {TAKEOVER_WAIT:?}");
+    }
 }
 
 /// After the server half-closed a connection, reads (and drops) what the

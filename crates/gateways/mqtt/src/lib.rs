@@ -52,10 +52,19 @@ pub(crate) struct Broker {
     slots: Arc<Semaphore>,
     /// Set when the server shuts down: connections save their sessions and end.
     shutdown: watch::Sender<bool>,
+    /// This process's part of a connection's owner name in the database
+    /// (`NONCE/ID`), on a backend several processes share.
+    nonce: String,
+    /// Whether connections claim their client IDs in the database (several
+    /// processes may share it: PostgreSQL).
+    pub(crate) shared: bool,
 }
 
 struct Live {
     id: u64,
+    /// Its claim of the client ID has been seen on the stream: a later
+    /// claim by another process ends it.
+    claimed: bool,
     kill: Arc<Notify>,
     /// Held by a connection for its life, so a successor starts only after
     /// its predecessor has saved the session.
@@ -74,6 +83,7 @@ impl Broker {
             key.to_owned(),
             Live {
                 id,
+                claimed: false,
                 kill: kill.clone(),
                 lock: lock.clone(),
             },
@@ -82,6 +92,49 @@ impl Broker {
             old.kill.notify_one();
         }
         (id, kill, lock)
+    }
+
+    /// The name of connection `id` in the database.
+    pub(crate) fn owner(&self, id: u64) -> String {
+        format!("{}/{id}", self.nonce)
+    }
+
+    /// Whether `owner` is a connection of this process.
+    pub(crate) fn is_ours(&self, owner: &str) -> bool {
+        owner
+            .strip_prefix(self.nonce.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+    }
+
+    /// Follows every process's claims of client IDs on the stream, in
+    /// stream order: a claim by another process ends this process's
+    /// connection for that client if that connection's own claim came
+    /// first ([MQTT-3.1.4-2] across processes; if ours came later, the
+    /// other process ends its connection instead).
+    async fn follow_claims(self: Arc<Self>) {
+        let mut rx = self.services.subscribe_stream();
+        let mut seen = *rx.borrow_and_update();
+        while rx.changed().await.is_ok() {
+            let upto = *rx.borrow_and_update();
+            for (key, event) in self.services.mqtt_client_events(seen, upto).unwrap_or_default() {
+                let Some(owner) = event.strip_prefix('+') else {
+                    continue;
+                };
+                let mut live = self.live.lock();
+                let Some(l) = live.get_mut(&key) else {
+                    continue;
+                };
+                if self.is_ours(owner) {
+                    if owner == self.owner(l.id) {
+                        l.claimed = true;
+                    }
+                } else if l.claimed {
+                    tracing::debug!("mqtt: client {key:?} connected to another process: ending it here");
+                    l.kill.notify_one();
+                }
+            }
+            seen = upto;
+        }
     }
 
     fn unregister(&self, key: &str, id: u64) {
@@ -99,16 +152,24 @@ pub struct Mqtt {
 }
 
 impl Mqtt {
+    /// The door of `services`. On a database several processes share
+    /// (PostgreSQL) it follows their claims of client IDs (needs a tokio
+    /// runtime).
     pub fn new(services: Arc<Services>) -> Self {
-        Mqtt {
-            broker: Arc::new(Broker {
-                services,
-                live: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
-                slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-                shutdown: watch::Sender::new(false),
-            }),
+        let shared = services.config.database.backend == "postgres";
+        let broker = Arc::new(Broker {
+            services,
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            shutdown: watch::Sender::new(false),
+            nonce: weft_services::accounts::random_string(16),
+            shared,
+        });
+        if shared {
+            tokio::spawn(broker.clone().follow_claims());
         }
+        Mqtt { broker }
     }
 
     /// A connection slot, if fewer than [`MAX_CONNECTIONS`] are open (and

@@ -1560,3 +1560,45 @@ async fn an_appservice_token_connects_as_its_users() {
         other => panic!("expected refusal, got {other:?}"),
     }
 }
+
+// Two processes on one PostgreSQL database: a client ID connected to the
+// first (persistent session, one subscription) connects to the second.
+// The first connection is closed ([MQTT-3.1.4-2] across processes), and
+// the second resumes the session the first saved when it ended: session
+// present, the subscription delivering without a new SUBSCRIBE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_across_processes_moves_the_persistent_session() {
+    let Some(servers) = Server::cluster(2).await else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let alice = a.register("alice").await;
+    let room = room_for(&alice).await;
+    let topic = format!("weft/r/{room}/e/m.room.message");
+
+    let mut first = c4(a, "twin", "alice", &alice.access_token, false);
+    first.connack().await;
+    first.client.subscribe(&topic, q1()).await.unwrap();
+    assert!(matches!(first.packet().await, rumqttc::Packet::SubAck(_)));
+
+    let mut second = c4(b, "twin", "alice", &alice.access_token, false);
+    let ack = second.connack().await;
+    // The first one is closed (its keep-alive pings would go on forever).
+    timeout(Duration::from_secs(15), async { while first.next().await.is_ok() {} })
+        .await
+        .expect("the connection on the other process was not closed");
+    assert!(ack.session_present, "the session saved by the first process is resumed");
+    // Room writes through one process (the room pipeline's cache is per
+    // process): the one that created it.
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            "t1",
+            json!({"msgtype": "m.text", "body": "moved"}),
+        )
+        .await;
+    let p = &second.publishes(1).await[0];
+    assert_eq!(p.topic, topic);
+    assert_eq!(body(&p.payload)["content"]["body"], "moved");
+}

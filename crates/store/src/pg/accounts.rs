@@ -186,6 +186,7 @@ fn purge_devices(
         c.execute(&format!("DELETE FROM {table} WHERE {SEL}"), &[&user, &only, &keep])?;
     }
     delete_to_device(c, SEL, &[&user, &only, &keep])?;
+    crate::stream::announce_revocation(ctx, user);
     if !with_keys.is_empty() {
         let p = device_list_changed(c, ctx, user)?;
         log_device_changes(c, user, &with_keys, p, true)?;
@@ -505,7 +506,7 @@ pub(super) async fn set_device_psk(
         identity.to_owned(),
         psk.to_vec(),
     );
-    s.write_wait(move |c, _| {
+    s.write_wait(move |c, ctx| {
         let deactivated: Option<i64> = c
             .query_opt("SELECT deactivated FROM users WHERE user_id = $1", &[&u])
             .map_err(pg_err)?
@@ -527,6 +528,8 @@ pub(super) async fn set_device_psk(
             &[&i, &u, &d, &k, &now],
         )
         .map_err(pg_err)?;
+        // The device's old key no longer holds.
+        crate::stream::announce_revocation(ctx, &u);
         Ok(())
     })
     .await

@@ -38,8 +38,11 @@ impl FederationQueueStore for PgStore {
         {
             return crate::stream::done(());
         }
-        self.write(move |c, _| {
+        self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
+            if reader_position.is_none() {
+                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+            }
             if !rows.is_empty() {
                 // One statement for the rows; the identity numbers them in
                 // the order given (`WITH ORDINALITY … ORDER BY`), which is
@@ -63,6 +66,14 @@ impl FederationQueueStore for PgStore {
                 )
                 .map_err(pg_err)?;
             }
+            Ok(())
+        })
+    }
+
+    fn announce_destination(&self, destination: &str) -> Pending<()> {
+        let d = destination.to_owned();
+        self.write(move |_, ctx| {
+            crate::stream::announce_destinations(ctx, [d.as_str()]);
             Ok(())
         })
     }

@@ -222,6 +222,20 @@ pub(super) async fn get_meta(s: &PgStore, key: &str) -> Result<Option<String>> {
     .await
 }
 
+pub(super) async fn init_meta(s: &PgStore, key: &str, value: &str) -> Result<bool> {
+    let (k, v) = (key.to_owned(), value.to_owned());
+    s.write_wait(move |c, _| {
+        let n = c
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &[&k, &v],
+            )
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    })
+    .await
+}
+
 pub(super) async fn set_meta(s: &PgStore, key: &str, value: &str) -> Result<()> {
     let (k, v) = (key.to_owned(), value.to_owned());
     s.write_wait(move |c, _| {
@@ -233,4 +247,110 @@ pub(super) async fn set_meta(s: &PgStore, key: &str, value: &str) -> Result<()> 
         Ok(())
     })
     .await
+}
+
+fn ms(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) async fn create_uia_session(s: &PgStore, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+    let id = session_id.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute(
+            "DELETE FROM uia_sessions WHERE created_ms < $1",
+            &[&ms(prune_before_ms)],
+        )
+        .map_err(pg_err)?;
+        c.execute(
+            "INSERT INTO uia_sessions (session_id, created_ms) VALUES ($1, $2)",
+            &[&id, &ms(now_ms)],
+        )
+        .map_err(pg_err)?;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn uia_session(s: &PgStore, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+    let id = session_id.to_owned();
+    let completed: Option<String> = s
+        .read(move |c| {
+            Ok(c.query_opt(
+                "SELECT completed FROM uia_sessions WHERE session_id = $1 AND created_ms >= $2",
+                &[&id, &ms(not_before_ms)],
+            )?
+            .map(|r| r.get(0)))
+        })
+        .await?;
+    Ok(completed.map(|c| serde_json::from_str(&c).unwrap_or_default()))
+}
+
+pub(super) async fn uia_complete_stage(s: &PgStore, session_id: &str, stage: &str) -> Result<Vec<String>> {
+    let (id, stage) = (session_id.to_owned(), stage.to_owned());
+    s.write_wait(move |c, _| {
+        // FOR UPDATE: two processes completing stages of one session at
+        // once each see the other's.
+        let Some(row) = c
+            .query_opt(
+                "SELECT completed FROM uia_sessions WHERE session_id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .map_err(pg_err)?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut stages: Vec<String> = serde_json::from_str(&row.get::<_, String>(0)).unwrap_or_default();
+        if !stages.contains(&stage) {
+            stages.push(stage);
+            let json = serde_json::to_string(&stages).map_err(db_err)?;
+            c.execute(
+                "UPDATE uia_sessions SET completed = $2 WHERE session_id = $1",
+                &[&id, &json],
+            )
+            .map_err(pg_err)?;
+        }
+        Ok(stages)
+    })
+    .await
+}
+
+pub(super) async fn delete_uia_session(s: &PgStore, session_id: &str) -> Result<()> {
+    let id = session_id.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute("DELETE FROM uia_sessions WHERE session_id = $1", &[&id])
+            .map_err(pg_err)?;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) fn claim_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<Option<String>> {
+    let (key, owner) = (key.to_owned(), owner.to_owned());
+    s.write(move |c, ctx| {
+        let before: Option<String> = c
+            .query_opt("SELECT owner FROM mqtt_clients WHERE client_key = $1", &[&key])
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        c.execute(
+            "INSERT INTO mqtt_clients (client_key, owner, since_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (client_key) DO UPDATE SET owner = excluded.owner, since_ms = excluded.since_ms",
+            &[&key, &owner, &ms(weft_core::now_ms())],
+        )
+        .map_err(pg_err)?;
+        crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+        Ok(before)
+    })
+}
+
+pub(super) fn release_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<()> {
+    let (key, owner) = (key.to_owned(), owner.to_owned());
+    s.write(move |c, ctx| {
+        c.execute(
+            "DELETE FROM mqtt_clients WHERE client_key = $1 AND owner = $2",
+            &[&key, &owner],
+        )
+        .map_err(pg_err)?;
+        crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+        Ok(())
+    })
 }

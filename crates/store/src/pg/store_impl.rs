@@ -20,6 +20,10 @@ impl Store for PgStore {
         self.foreign_room_writes(hook)
     }
 
+    fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lease()
+    }
+
     async fn create_user(&self, user: NewUser) -> Result<()> {
         accounts::create_user(self, user).await
     }
@@ -491,11 +495,39 @@ impl Store for PgStore {
         misc::put_sliding_connection(self, user_id, device_id, conn_id, state_json).await
     }
 
+    async fn create_uia_session(&self, session_id: &str, now_ms: u64, prune_before_ms: u64) -> Result<()> {
+        misc::create_uia_session(self, session_id, now_ms, prune_before_ms).await
+    }
+
+    async fn uia_session(&self, session_id: &str, not_before_ms: u64) -> Result<Option<Vec<String>>> {
+        misc::uia_session(self, session_id, not_before_ms).await
+    }
+
+    async fn uia_complete_stage(&self, session_id: &str, stage: &str) -> Result<Vec<String>> {
+        misc::uia_complete_stage(self, session_id, stage).await
+    }
+
+    async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
+        misc::delete_uia_session(self, session_id).await
+    }
+
+    fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>> {
+        misc::claim_mqtt_client(self, key, owner)
+    }
+
+    fn release_mqtt_client(&self, key: &str, owner: &str) -> Pending<()> {
+        misc::release_mqtt_client(self, key, owner)
+    }
+
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
         misc::get_meta(self, key).await
     }
 
     async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         misc::set_meta(self, key, value).await
+    }
+
+    async fn init_meta(&self, key: &str, value: &str) -> Result<bool> {
+        misc::init_meta(self, key, value).await
     }
 }

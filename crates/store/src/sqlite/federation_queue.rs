@@ -43,8 +43,12 @@ impl FederationQueueStore for SqliteStore {
         {
             return crate::stream::done(());
         }
-        self.write(move |c, _| {
+        self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
+            if reader_position.is_none() && !rows.is_empty() {
+                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+                super::remember_position(c, ctx.pos).map_err(db_err)?;
+            }
             for row in rows {
                 c.prepare_cached(
                     "INSERT INTO federation_outbox (destination, kind, json, queued_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -60,6 +64,15 @@ impl FederationQueueStore for SqliteStore {
                 .and_then(|mut s| s.execute([p.to_string()]))
                 .map_err(db_err)?;
             }
+            Ok(())
+        })
+    }
+
+    fn announce_destination(&self, destination: &str) -> Pending<()> {
+        let d = destination.to_owned();
+        self.write(move |c, ctx| {
+            crate::stream::announce_destinations(ctx, [d.as_str()]);
+            super::remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
     }

@@ -51,6 +51,29 @@ impl Server {
         srv
     }
 
+    /// `n` processes with MQTT on one fresh PostgreSQL database
+    /// (docs/scale-out.md); `None` when PostgreSQL is unreachable and `CI`
+    /// is unset.
+    pub async fn cluster(n: usize) -> Option<Vec<Server>> {
+        let servers = TestServer::builder().with_mqtt().start_cluster(n).await?;
+        Some(
+            servers
+                .into_iter()
+                .map(|inner| {
+                    let mut srv = Server {
+                        inner,
+                        mqtt_host: String::new(),
+                        mqtt_port: 0,
+                        mqtt_tls: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        tls_cert: PathBuf::new(),
+                    };
+                    srv.read_addrs();
+                    srv
+                })
+                .collect(),
+        )
+    }
+
     fn read_addrs(&mut self) {
         let addrs = self.inner.addrs();
         let mqtt = addrs.mqtt.expect("mqtt address");
