@@ -128,6 +128,13 @@ pub const SQLITE_TABLES: &[(&str, TablePlan)] = &[
     // Statistics `ANALYZE` / `PRAGMA optimize` may leave: SQLite's planner's.
     ("sqlite_stat1", TablePlan::Skip),
     ("sqlite_stat4", TablePlan::Skip),
+    // Migration 0021: user-interactive auth sessions (a flow in progress
+    // goes on after the move) and the MQTT door's live client IDs. The
+    // server is stopped while migrating, so any claim left there is of a
+    // connection that is gone: copied, it would only make that client's
+    // next connect wait for a release that never comes.
+    ("uia_sessions", TablePlan::Copy),
+    ("mqtt_clients", TablePlan::Skip),
 ];
 
 /// PostgreSQL tables with no SQLite twin, and what the migration does with
@@ -476,10 +483,11 @@ fn copy_all(
     let mut report = MigrationReport::default();
     let present: BTreeSet<String> = sqlite_tables(src)?.into_iter().collect();
     let pg_tables: BTreeSet<String> = pg_tables(tx)?.into_iter().collect();
-    // Every PostgreSQL table is a copy target or deliberately PostgreSQL's own.
+    // Every PostgreSQL table is a copy target, a twin of a SQLite table
+    // deliberately left empty (`mqtt_clients`), or PostgreSQL's own.
     let targets: BTreeSet<&str> = SQLITE_TABLES
         .iter()
-        .filter(|(_, p)| *p != TablePlan::Skip)
+        .filter(|(t, p)| *p != TablePlan::Skip || *t == "mqtt_clients")
         .map(|(t, _)| *t)
         .collect();
     let unknown: Vec<&String> = pg_tables

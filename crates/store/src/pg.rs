@@ -63,6 +63,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_schema.sql"),
     include_str!("../migrations/postgres/0002_process_state.sql"),
 ];
+/// The schema version this binary migrates a PostgreSQL database to.
+pub fn pg_schema_version() -> usize {
+    MIGRATIONS.len()
+}
+
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
 const READERS: usize = 16;

@@ -671,7 +671,7 @@ async fn a_migrated_store_answers_as_the_sqlite_one_did() {
     // PostgreSQL's own schema version, not SQLite's.
     assert_eq!(
         pg_query(&db.url, "SELECT value FROM meta WHERE key = 'schema_version'"),
-        [Some("1".to_owned())]
+        [Some(weft_store::pg_schema_version().to_string())]
     );
 
     let pg: Arc<dyn Store> = Arc::new(PgStore::open(&db.url).unwrap());
