@@ -316,6 +316,7 @@ async fn a_process_killed_under_load_loses_no_acknowledged_event_and_its_clients
                 let mut at = p;
                 let mut k = 0;
                 let mut failovers = 0;
+                let mut retried = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let txn = format!("p{p}w{w}k{k}");
                     let url = format!("{}/_matrix/client/v3/rooms/{}/send/{TYPE}/{txn}", bases[at], enc(&room));
@@ -335,6 +336,13 @@ async fn a_process_killed_under_load_loses_no_acknowledged_event_and_its_clients
                                 .insert(txn, v["event_id"].as_str().unwrap().to_owned());
                             k += 1;
                         }
+                        // Several processes racing for one room: a send
+                        // may give up with 503 (scale-out.md); a client
+                        // sends the same transaction again.
+                        Ok(r) if r.status() == 503 => {
+                            retried += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                         Ok(r) => panic!("send {txn} through {}: {} {:?}", bases[at], r.status(), r.text().await),
                         Err(e) => {
                             // The process is gone: the next one takes over.
@@ -343,6 +351,9 @@ async fn a_process_killed_under_load_loses_no_acknowledged_event_and_its_clients
                             at = (at + 1) % bases.len();
                         }
                     }
+                }
+                if retried > 0 {
+                    eprintln!("writer p{p}w{w}: {retried} sends retried after 503");
                 }
                 (p, k, failovers)
             }));
