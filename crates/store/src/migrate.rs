@@ -241,9 +241,15 @@ fn open_source(path: &Path) -> Result<Connection> {
 
 /// The tables of the SQLite database (`sqlite_master`, no indexes).
 pub fn sqlite_tables(conn: &Connection) -> Result<Vec<String>> {
-    let mut st = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .map_err(sqlite_err)?;
+    sqlite_names(
+        conn,
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+    )
+}
+
+/// The first column of every row `sql` answers, as text.
+fn sqlite_names(conn: &Connection, sql: &str) -> Result<Vec<String>> {
+    let mut st = conn.prepare(sql).map_err(sqlite_err)?;
     let names = st
         .query_map([], |r| r.get::<_, String>(0))
         .map_err(sqlite_err)?
@@ -397,15 +403,10 @@ fn pg_columns(tx: &mut postgres::Transaction<'_>, table: &str) -> Result<Vec<PgC
 }
 
 fn sqlite_columns(src: &Connection, table: &str) -> Result<Vec<String>> {
-    let mut st = src
-        .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
-        .map_err(sqlite_err)?;
-    let names = st
-        .query_map([], |r| r.get::<_, String>(0))
-        .map_err(sqlite_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(sqlite_err)?;
-    Ok(names)
+    sqlite_names(
+        src,
+        &format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"),
+    )
 }
 
 /// One value on its way to PostgreSQL, already of the column's type.
