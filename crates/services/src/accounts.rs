@@ -56,6 +56,8 @@ pub struct Accounts {
     /// deletion, deactivation), so open connections re-check at once
     /// (see [`crate::revocation::SessionWatch`]).
     pub(crate) revocations: tokio::sync::watch::Sender<u64>,
+    /// Access tokens this process resolved lately (see [`TokenCache`]).
+    tokens: Mutex<TokenCache>,
     /// When each device's last-seen time and address were last written, and
     /// the address written: (user, device) -> (address, when). Kept in this
     /// process's memory only, to write at most once per
@@ -88,6 +90,61 @@ pub fn random_string(len: usize) -> String {
 
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// How long a resolved access token is trusted without reading the store
+/// again. Revocations empty the cache at once (this process's own, and other
+/// processes' through the stream, see [`crate::revocation`]); this bound is
+/// a safety net only.
+const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Past this many tokens the cache starts over.
+const TOKEN_CACHE_MAX: usize = 100_000;
+
+/// Access tokens resolved lately, by hash, so a request's authentication is
+/// a map lookup rather than a database read (the hot path of every door).
+/// Kept in this process's memory (docs/operations.md): valid while the
+/// revocation counter it was filled under stands.
+#[derive(Default)]
+struct TokenCache {
+    /// The revocation counter the entries were read under.
+    generation: u64,
+    entries: HashMap<Vec<u8>, (Session, std::time::Instant)>,
+}
+
+impl TokenCache {
+    fn get(&mut self, hash: &[u8], generation: u64) -> Option<Session> {
+        if self.generation != generation {
+            return None;
+        }
+        match self.entries.get(hash) {
+            Some((session, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(session.clone()),
+            Some(_) => {
+                self.entries.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps `session` for `hash`, read from the store under the revocation
+    /// counter `read_under`; `now` is the counter after the read.
+    fn put(&mut self, hash: Vec<u8>, session: Session, read_under: u64, now: u64) {
+        if read_under != now {
+            return;
+        }
+        if self.generation != now {
+            self.entries.clear();
+            self.generation = now;
+        }
+        if self.entries.len() >= TOKEN_CACHE_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert(hash, (session, std::time::Instant::now()));
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
 }
 
 fn device_json(d: weft_store::DeviceRecord) -> serde_json::Value {
@@ -180,15 +237,18 @@ impl Accounts {
             server_name,
             registration,
             revocations: tokio::sync::watch::Sender::new(0),
+            tokens: Mutex::new(TokenCache::default()),
             last_seen: Mutex::new(HashMap::new()),
             requests,
             failed_logins: RateLimiter::failed_logins(rate_limit),
         }
     }
 
-    /// Tells open connections that credentials may have been revoked.
+    /// Tells open connections that credentials may have been revoked, and
+    /// forgets the access tokens resolved so far.
     pub(crate) fn revoked(&self) {
         self.revocations.send_modify(|n| *n = n.wrapping_add(1));
+        self.tokens.lock().clear();
     }
 
     pub fn registration_mode(&self) -> RegistrationMode {
@@ -275,9 +335,14 @@ impl Accounts {
             None => random_string(10).to_uppercase(),
         };
         let access_token = new_token();
-        self.store
+        let replaced = self
+            .store
             .upsert_device(user_id.as_str(), &device_id, display_name, &token_hash(&access_token))
             .await?;
+        if replaced {
+            // The device's old access token no longer holds.
+            self.revoked();
+        }
         // A re-created device has no address recorded yet.
         self.last_seen
             .lock()
@@ -337,26 +402,31 @@ impl Accounts {
     /// flood of made-up tokens gets `M_LIMIT_EXCEEDED` like anonymous
     /// requests do.
     pub async fn authenticate(&self, token: &str, ip: Option<IpAddr>) -> Result<Session> {
-        let owner = if may_be_token(token) {
-            self.store.lookup_token(&token_hash(token)).await?
-        } else {
-            None
-        };
-        let Some(owner) = owner else {
-            if let Some(ip) = ip {
-                self.requests.check(&format!("ip:{ip}"))?;
+        if may_be_token(token) {
+            let hash = token_hash(token);
+            let generation = *self.revocations.borrow();
+            if let Some(session) = self.tokens.lock().get(&hash, generation) {
+                return Ok(session);
             }
-            return Err(Error::new(
-                ErrorKind::UnknownToken { soft_logout: false },
-                "Unknown access token",
-            ));
-        };
-        let user_id = OwnedUserId::try_from(owner.user_id).map_err(Error::internal)?;
-        Ok(Session {
-            user_id,
-            device_id: owner.device_id,
-            appservice: None,
-        })
+            if let Some(owner) = self.store.lookup_token(&hash).await? {
+                let session = Session {
+                    user_id: OwnedUserId::try_from(owner.user_id).map_err(Error::internal)?,
+                    device_id: owner.device_id,
+                    appservice: None,
+                };
+                // Kept only if nothing was revoked while the store was read.
+                let now = *self.revocations.borrow();
+                self.tokens.lock().put(hash, session.clone(), generation, now);
+                return Ok(session);
+            }
+        }
+        if let Some(ip) = ip {
+            self.requests.check(&format!("ip:{ip}"))?;
+        }
+        Err(Error::new(
+            ErrorKind::UnknownToken { soft_logout: false },
+            "Unknown access token",
+        ))
     }
 
     /// Records that a session's device made a request, from `ip` if the door

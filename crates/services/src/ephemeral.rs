@@ -33,6 +33,11 @@ const EXPIRY_POLL: Duration = Duration::from_secs(5);
 const ONLINE_SLACK_MS: u64 = 5_000;
 /// Activity (an event sent) is written at most this often per user.
 const ACTIVE_SLACK_MS: u64 = 30_000;
+/// How often a sender's presence is read to note its activity (see
+/// [`crate::Services::note_active`]): sends come far more often.
+const ACTIVITY_CHECK_MS: u64 = 1_000;
+/// Past this many users the record of reads starts over.
+const ACTIVITY_CHECKED_MAX: usize = 100_000;
 
 /// `online`, `unavailable` or `offline`.
 pub const ONLINE: &str = "online";
@@ -185,6 +190,7 @@ impl Services {
             .edit_presence(user_id, edit)
             .await
             .map_err(|_| Error::internal("presence not stored"))??;
+        self.activity_checked.lock().remove(user_id);
         self.ephemeral_wake.notify_one();
         Ok(())
     }
@@ -275,6 +281,7 @@ impl Services {
             .edit_presence(user, edit)
             .await
             .map_err(|_| Error::internal("presence not stored"))??;
+        self.activity_checked.lock().remove(user);
         self.ephemeral_wake.notify_one();
         Ok(())
     }
@@ -285,11 +292,27 @@ impl Services {
     /// one who never synced nor set presence) stays offline: sending alone
     /// does not make one online. Written at most every
     /// [`ACTIVE_SLACK_MS`] while nothing else changes, and not waited for.
+    /// The presence is read at most every [`ACTIVITY_CHECK_MS`] per user,
+    /// unless this process changed it since (another process's change is
+    /// seen that much later).
     pub(crate) async fn note_active(&self, user: &UserId) {
         if !self.config.presence.enabled {
             return;
         }
         let now = weft_core::now_ms();
+        {
+            let mut checked = self.activity_checked.lock();
+            if checked
+                .get(user.as_str())
+                .is_some_and(|at| now.saturating_sub(*at) < ACTIVITY_CHECK_MS)
+            {
+                return;
+            }
+            if checked.len() >= ACTIVITY_CHECKED_MAX {
+                checked.clear();
+            }
+            checked.insert(user.as_str().to_owned(), now);
+        }
         let Ok(Some(old)) = self.store.presence(user.as_str()).await else {
             return;
         };

@@ -94,6 +94,13 @@ pub struct Services {
     /// Wakes the typing and presence expiry task
     /// ([`Services::run_ephemeral_expiry`]) when a new deadline is set.
     pub(crate) ephemeral_wake: tokio::sync::Notify,
+    /// When [`Services::note_active`] last read each sender's presence
+    /// (this process's memory only): it reads at most once a second per
+    /// user unless this process changed that user's presence since.
+    pub(crate) activity_checked: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// The transaction IDs sent through this process lately (see
+    /// [`room_ops::SentTxns`]).
+    pub(crate) sent_txns: parking_lot::Mutex<room_ops::SentTxns>,
     /// The outgoing federation queue's wake-ups and announced typers.
     pub(crate) fed_queue: federation_queue::QueueRuntime,
     /// Incoming federation transactions being processed.
@@ -151,6 +158,8 @@ impl Services {
             federation,
             push,
             ephemeral_wake: tokio::sync::Notify::new(),
+            activity_checked: Default::default(),
+            sent_txns: Default::default(),
             fed_queue: federation_queue::QueueRuntime::new(),
             fed_txns: federation_txn::InFlight::default(),
             appservices,

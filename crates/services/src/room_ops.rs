@@ -458,7 +458,13 @@ impl Services {
         ts: Option<u64>,
     ) -> Result<OwnedEventId> {
         let room_id = self.room_id(room)?;
-        if let Some(id) = self.txn_event(session, &room_id, event_type, txn_id).await? {
+        // A transaction ID this process saw lately is looked up first (a
+        // client's retry). Any other cannot have been used here, and one
+        // used through another process is refused by the store (its
+        // transaction IDs are unique) and answered below: the common send
+        // is spared a read.
+        let seen = txn_id.is_some_and(|txn| self.sent_txns.lock().note(session, room_id.as_str(), event_type, txn));
+        if seen && let Some(id) = self.txn_event(session, &room_id, event_type, txn_id).await? {
             return Ok(id);
         }
         let mut spec = event_spec(session, event_type, state_key, txn_id, content)?;
@@ -1104,4 +1110,43 @@ fn check_content_size(content: &CanonicalJsonObject) -> Result<()> {
         return Err(Error::new(ErrorKind::TooLarge, "Event is too large"));
     }
     Ok(())
+}
+
+/// Hashes of the transaction IDs (with their sender, device, room and
+/// event type) sent through this process lately, so a send with a new one
+/// needs no database read to know it is new. Two generations of at most
+/// [`SentTxns::GENERATION`] each: the older is dropped when the newer
+/// fills. A hash shared by chance only costs a read. Kept in this process's
+/// memory (docs/operations.md); the store's unique transaction IDs are what
+/// makes a retry through another process, or after a restart, answer the
+/// first event.
+#[derive(Default)]
+pub(crate) struct SentTxns {
+    hasher: std::hash::RandomState,
+    new: std::collections::HashSet<u64>,
+    old: std::collections::HashSet<u64>,
+}
+
+impl SentTxns {
+    const GENERATION: usize = 50_000;
+
+    /// Notes a transaction; answers whether it was noted before.
+    fn note(&mut self, session: &Session, room: &str, event_type: &str, txn: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one((
+            session.user_id.as_str(),
+            session.device_id.as_str(),
+            room,
+            event_type,
+            txn,
+        ));
+        if self.new.contains(&h) || self.old.contains(&h) {
+            return true;
+        }
+        if self.new.len() >= Self::GENERATION {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(h);
+        false
+    }
 }

@@ -125,7 +125,7 @@ pub trait Store:
         device_id: &str,
         display_name: Option<&str>,
         token_hash: &[u8],
-    ) -> Result<()>;
+    ) -> Result<bool>;
     async fn lookup_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>>;
     async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>>;
     /// Records when (and, if known, from which address) a device was last

@@ -31,9 +31,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Statement};
+use postgres::{NoTls, Row, Statement};
+use std::future::Future;
 use tokio::sync::{oneshot, watch};
 use weft_core::{Error, ErrorKind, Result};
 
@@ -128,8 +128,18 @@ pub(crate) fn storable_event(mut ev: NewEvent) -> NewEvent {
 
 /// A connection with its prepared statements (PostgreSQL prepares per
 /// connection; each statement is parsed and planned once per connection).
+///
+/// tokio-postgres driven by a runtime of the connection's own, called from
+/// plain threads (the writer, the listener, tokio's blocking pool) as the
+/// `postgres` crate does it, so a job stays a synchronous closure; unlike
+/// that crate's client, this one can also send several statements before
+/// reading their answers ([`PgConn::pipeline`], the writer's batches).
 pub(crate) struct PgConn {
-    client: Client,
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    /// Notifications (`LISTEN`), received while a call drives the
+    /// connection.
+    notes: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
     stmts: HashMap<String, Statement>,
 }
 
@@ -138,9 +148,41 @@ pub(crate) struct PgConn {
 const STATEMENT_CACHE: usize = 512;
 
 impl PgConn {
-    fn connect(url: &str) -> PgResult<Self> {
+    /// Connects; the error names the server (never the password).
+    fn connect(url: &str) -> Result<Self> {
+        Self::connect_as(url, None)
+    }
+
+    /// [`PgConn::connect`], named `application_name` in `pg_stat_activity`.
+    pub(crate) fn connect_as(url: &str, application_name: Option<&str>) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| connect_err(url, e))?;
+        if let Some(name) = application_name {
+            config.application_name(name);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start a database connection's runtime: {e}")))?;
+        let (client, mut connection) = rt.block_on(config.connect(NoTls)).map_err(|e| connect_err(url, e))?;
+        let (tx, notes) = tokio::sync::mpsc::unbounded_channel();
+        rt.spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(n);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!("database connection ended: {e}");
+                        break;
+                    }
+                }
+            }
+        });
         Ok(Self {
-            client: Client::connect(url, NoTls)?,
+            rt,
+            client,
+            notes,
             stmts: HashMap::new(),
         })
     }
@@ -149,7 +191,7 @@ impl PgConn {
         if let Some(s) = self.stmts.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let s = self.rt.block_on(self.client.prepare(sql))?;
         if self.stmts.len() >= STATEMENT_CACHE {
             self.stmts.clear();
         }
@@ -160,32 +202,74 @@ impl PgConn {
     /// Runs a fixed statement; answers the rows it changed.
     pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> PgResult<u64> {
         let s = self.prep(sql)?;
-        self.client.execute(&s, params)
+        self.rt.block_on(self.client.execute(&s, params))
     }
 
     pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> PgResult<Vec<Row>> {
         let s = self.prep(sql)?;
-        self.client.query(&s, params)
+        self.rt.block_on(self.client.query(&s, params))
     }
 
     pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> PgResult<Option<Row>> {
         let s = self.prep(sql)?;
-        self.client.query_opt(&s, params)
+        self.rt.block_on(self.client.query_opt(&s, params))
     }
 
     pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> PgResult<Row> {
         let s = self.prep(sql)?;
-        self.client.query_one(&s, params)
+        self.rt.block_on(self.client.query_one(&s, params))
+    }
+
+    /// Runs statements that answer one row each, in order, in one round
+    /// trip: every one is sent before the first answer is read. Answers
+    /// their rows, or the first error (those after a failed one fail too:
+    /// the transaction is aborted).
+    pub(crate) fn pipeline(&mut self, statements: &[(&str, Params<'_>)]) -> PgResult<Vec<Row>> {
+        let mut prepared = Vec::with_capacity(statements.len());
+        for (sql, _) in statements {
+            prepared.push(self.prep(sql)?);
+        }
+        let client = &self.client;
+        let mut pending: Vec<_> = prepared
+            .iter()
+            .zip(statements)
+            .map(|(s, (_, params))| Some(Box::pin(client.query_one(s, params))))
+            .collect();
+        let mut out: Vec<Option<PgResult<Row>>> = (0..statements.len()).map(|_| None).collect();
+        // All polled together (a join): each sends its statement when first
+        // polled, before any answer is awaited.
+        self.rt.block_on(std::future::poll_fn(|cx| {
+            let mut done = true;
+            for (f, slot) in pending.iter_mut().zip(out.iter_mut()) {
+                if let Some(fut) = f {
+                    match fut.as_mut().poll(cx) {
+                        std::task::Poll::Ready(r) => {
+                            *slot = Some(r);
+                            *f = None;
+                        }
+                        std::task::Poll::Pending => done = false,
+                    }
+                }
+            }
+            if done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        }));
+        out.into_iter().flatten().collect()
     }
 
     /// Begins a writer's batch in one round trip: the transaction, the
     /// lock of the stream head (answered: its position and low mark) and
     /// the first savepoint (`job`, see [`run_batch`]).
     fn begin_batch(&mut self) -> Result<(i64, i64)> {
-        let answer = self
-            .client
-            .simple_query("BEGIN; SELECT position, low FROM stream_head WHERE id = 1 FOR UPDATE; SAVEPOINT job")
-            .map_err(|e| pg_err_ref(&e))?;
+        let answer =
+            self.rt
+                .block_on(self.client.simple_query(
+                    "BEGIN; SELECT position, low FROM stream_head WHERE id = 1 FOR UPDATE; SAVEPOINT job",
+                ))
+                .map_err(|e| pg_err_ref(&e))?;
         for message in answer {
             if let postgres::SimpleQueryMessage::Row(row) = message {
                 let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok());
@@ -199,7 +283,24 @@ impl PgConn {
 
     /// Statements without parameters, as one round trip (`BEGIN`, …).
     pub(crate) fn batch(&mut self, sql: &str) -> PgResult<()> {
-        self.client.batch_execute(sql)
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+
+    /// Waits up to `timeout` for a notification, then takes those already
+    /// here; answers them all (none: the time ran out).
+    fn notifications(&mut self, timeout: Duration) -> Vec<tokio_postgres::Notification> {
+        let mut got = Vec::new();
+        let notes = &mut self.notes;
+        // Waiting drives the connection (its task delivers them).
+        self.rt.block_on(async {
+            if let Ok(Some(n)) = tokio::time::timeout(timeout, notes.recv()).await {
+                got.push(n);
+            }
+        });
+        while let Ok(n) = self.notes.try_recv() {
+            got.push(n);
+        }
+        got
     }
 
     fn is_closed(&self) -> bool {
@@ -214,44 +315,22 @@ struct Done {
 }
 type WriteFn = Box<dyn FnOnce(&mut PgConn, &mut WriterCtx) -> Done + Send>;
 
-/// A job the writer may run again ([`PgStore::write_again`]): it runs
+/// A job the writer may run again (a local event's write): it runs
 /// without a savepoint of its own (a round trip saved per job on the hot
 /// path); should it or a later one fail, the writer rolls back to the last
 /// savepoint and runs the jobs since again, each in its own.
-trait AgainJob: Send {
+pub(crate) trait AgainJob: Send {
     /// Runs the job; false if it failed (its result is kept either way).
     fn run(&mut self, conn: &mut PgConn, ctx: &mut WriterCtx) -> bool;
     /// Answers the last run's result, or the commit's error.
     fn answer(self: Box<Self>, commit_err: Option<Error>);
-}
-
-struct Again<F, T> {
-    f: F,
-    result: Option<Result<T>>,
-    tx: oneshot::Sender<Result<T>>,
-}
-
-impl<F, T> AgainJob for Again<F, T>
-where
-    F: FnMut(&mut PgConn, &mut WriterCtx) -> Result<T> + Send,
-    T: Send,
-{
-    fn run(&mut self, conn: &mut PgConn, ctx: &mut WriterCtx) -> bool {
-        let r = (self.f)(conn, ctx);
-        let ok = r.is_ok();
-        self.result = Some(r);
-        ok
+    /// The event this job writes, if it can be sent with its neighbours
+    /// (see [`rooms::pipelined`]).
+    fn event(&self) -> Option<&NewEvent> {
+        None
     }
-
-    fn answer(self: Box<Self>, commit_err: Option<Error>) {
-        let result = match commit_err {
-            Some(e) => Err(e),
-            None => self
-                .result
-                .unwrap_or_else(|| Err(Error::internal("write job never ran"))),
-        };
-        let _ = self.tx.send(result);
-    }
+    /// The job's event was written, pipelined, at `position`.
+    fn stored_at(&mut self, _position: i64) {}
 }
 
 /// What the writer runs.
@@ -353,7 +432,7 @@ impl PgStore {
     }
 
     fn open_here(url: &str) -> Result<Self> {
-        let mut conn = PgConn::connect(url).map_err(|e| connect_err(url, e))?;
+        let mut conn = PgConn::connect(url)?;
         migrate(&mut conn).map_err(db_err)?;
         let head = conn
             .query_one("SELECT position, low FROM stream_head WHERE id = 1", &[])
@@ -374,7 +453,7 @@ impl PgStore {
             .spawn(move || writer_loop(conn, u, rx, f, pos, low))
             .map_err(db_err)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let listen = PgConn::connect(&url).map_err(db_err)?;
+        let listen = PgConn::connect(&url)?;
         let (f, u, s) = (follower.clone(), url.clone(), stop.clone());
         std::thread::Builder::new()
             .name("weft-pg-listener".into())
@@ -419,7 +498,7 @@ impl PgStore {
             let conn = pool.lock().pop();
             let mut conn = match conn {
                 Some(c) => c,
-                None => PgConn::connect(&url).map_err(db_err)?,
+                None => PgConn::connect(&url)?,
             };
             let out = f(&mut conn).map_err(pg_err);
             if !conn.is_closed() {
@@ -454,16 +533,8 @@ impl PgStore {
         rx
     }
 
-    /// [`PgStore::write`] for a job that can run again (`FnMut`): the
-    /// writer spares it a savepoint (see [`AgainJob`]). For the hot path
-    /// (events).
-    pub(crate) fn write_again<T: Send + 'static>(
-        &self,
-        f: impl FnMut(&mut PgConn, &mut WriterCtx) -> Result<T> + Send + 'static,
-    ) -> Pending<T> {
-        let (tx, rx) = oneshot::channel();
-        let _ = self.writer.send(Job::Again(Box::new(Again { f, result: None, tx })));
-        rx
+    fn send_job(&self, job: Job) {
+        let _ = self.writer.send(job);
     }
 
     pub(crate) async fn write_wait<T: Send + 'static>(
@@ -839,7 +910,31 @@ fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Ans
         }
         conn.batch("RELEASE SAVEPOINT job; SAVEPOINT job")
     };
-    for job in batch {
+    let mut jobs = batch.into_iter().peekable();
+    while let Some(job) = jobs.next() {
+        // A row of events that can go in one round trip.
+        let job = match job {
+            Job::Again(first) if first.event().is_some() => {
+                let mut row = vec![first];
+                while let Some(Job::Again(next)) = jobs.peek() {
+                    if next.event().is_none() {
+                        break;
+                    }
+                    if let Some(Job::Again(next)) = jobs.next() {
+                        row.push(next);
+                    }
+                }
+                if row.len() == 1 {
+                    row.pop().map(Job::Again)
+                } else {
+                    shared = None;
+                    run_pipelined(conn, ctx, row, &mut answers, &mut clean);
+                    None
+                }
+            }
+            job => Some(job),
+        };
+        let Some(job) = job else { continue };
         match job {
             Job::Once(job) => {
                 shared = None;
@@ -897,6 +992,50 @@ fn run_batch(conn: &mut PgConn, ctx: &mut WriterCtx, batch: Vec<Job>) -> Vec<Ans
     answers
 }
 
+/// Runs a row of event jobs pipelined ([`rooms::pipelined`]) after a
+/// savepoint of their own; if that fails, undoes it and runs each on its
+/// own, in a savepoint of its own.
+fn run_pipelined(
+    conn: &mut PgConn,
+    ctx: &mut WriterCtx,
+    mut row: Vec<Box<dyn AgainJob>>,
+    answers: &mut Vec<Answer>,
+    clean: &mut bool,
+) {
+    let savepoint = |conn: &mut PgConn, clean: &mut bool| {
+        if std::mem::replace(clean, true) {
+            return Ok(());
+        }
+        conn.batch("RELEASE SAVEPOINT job; SAVEPOINT job")
+    };
+    let mark = Mark::of(ctx);
+    if savepoint(conn, clean).is_ok() {
+        *clean = false;
+        let first = ctx.pos + 1;
+        let events: Vec<&NewEvent> = row.iter().filter_map(|j| j.event()).collect();
+        let written = events.len() == row.len() && rooms::pipelined(conn, ctx, &events);
+        if written {
+            for (job, p) in row.iter_mut().zip(first..) {
+                job.stored_at(p);
+            }
+            answers.extend(row.into_iter().map(Answer::Again));
+            return;
+        }
+        mark.restore(ctx);
+        *clean = conn.batch("ROLLBACK TO SAVEPOINT job").is_ok();
+    }
+    for mut job in row {
+        let mark = Mark::of(ctx);
+        let sp = savepoint(conn, clean);
+        *clean = false;
+        if sp.is_err() || !job.run(conn, ctx) {
+            mark.restore(ctx);
+            *clean = conn.batch("ROLLBACK TO SAVEPOINT job").is_ok();
+        }
+        answers.push(Answer::Again(job));
+    }
+}
+
 /// Follows what other processes commit: on each notification (and every
 /// second, in case one was missed while reconnecting) reads the committed
 /// head and catches the tail up to it.
@@ -922,10 +1061,16 @@ fn listener_loop(mut conn: PgConn, url: Arc<str>, follower: Arc<Follower>, stop:
         }
         // Wait for a notification (or a second), then take the others
         // already here: several in a row are one catch-up to the newest head.
-        {
-            let mut notes = conn.client.notifications();
-            let _ = notes.timeout_iter(Duration::from_secs(1)).next();
-            while let Ok(Some(_)) = notes.iter().next() {}
+        // Each carries the position its batch committed; when none is past
+        // what is published (this process's own batches, mostly), there is
+        // nothing to read. Without one for a second, the head is read.
+        let noted = conn
+            .notifications(Duration::from_secs(1))
+            .iter()
+            .map(|n| n.payload().parse::<i64>().unwrap_or(i64::MAX))
+            .max();
+        if noted.is_some_and(|p| p <= *follower.published.lock()) {
+            continue;
         }
         let head = match conn.query_one("SELECT position FROM stream_head WHERE id = 1", &[]) {
             Ok(r) => r.get::<_, i64>(0),

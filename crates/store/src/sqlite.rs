@@ -1074,14 +1074,23 @@ impl Store for SqliteStore {
         device_id: &str,
         display_name: Option<&str>,
         token_hash: &[u8],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (u, d, n, t) = (
             user_id.to_owned(),
             device_id.to_owned(),
             display_name.map(str::to_owned),
             token_hash.to_vec(),
         );
-        self.write_wait(move |c, _| {
+        self.write_wait(move |c, ctx| {
+            let old: Option<Vec<u8>> = c
+                .query_row(
+                    "SELECT token_hash FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                    params![u, d],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?
+                .flatten();
             c.execute(
                 "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms) VALUES (?1,?2,?3,?4,?5) \
                  ON CONFLICT (user_id, device_id) DO UPDATE SET token_hash = excluded.token_hash, \
@@ -1089,7 +1098,13 @@ impl Store for SqliteStore {
                 params![u, d, n, t, weft_core::now_ms() as i64],
             )
             .map_err(db_err)?;
-            Ok(())
+            // The device's old token no longer holds.
+            let replaced = old.is_some_and(|old| old != t);
+            if replaced {
+                crate::stream::announce_revocation(ctx, &u);
+                remember_position(c, ctx.pos).map_err(db_err)?;
+            }
+            Ok(replaced)
         })
         .await
     }

@@ -101,10 +101,11 @@ async fn users_profiles_passwords_and_deactivation(b: Backend) {
 
 async fn devices_tokens_last_seen_and_purges(b: Backend) {
     let store = b.open();
-    store
+    let replaced = store
         .upsert_device("@a:t", "PHONE", Some("phone"), b"t1")
         .await
         .unwrap();
+    assert!(!replaced, "a new device replaces no token");
     store
         .upsert_device("@a:t", "KEEP", Some("laptop"), b"t2")
         .await
@@ -113,8 +114,17 @@ async fn devices_tokens_last_seen_and_purges(b: Backend) {
     store.upsert_device("@b:t", "PHONE", None, b"t4").await.unwrap();
     let owner = store.lookup_token(b"t1").await.unwrap().unwrap();
     assert_eq!((owner.user_id.as_str(), owner.device_id.as_str()), ("@a:t", "PHONE"));
-    // A new login on the device: new token, name kept when none is given.
-    store.upsert_device("@a:t", "PHONE", None, b"t1b").await.unwrap();
+    // A new login on the device: new token, name kept when none is given;
+    // the old token's end is announced on the stream to every process.
+    let head = store.current_position();
+    assert!(store.upsert_device("@a:t", "PHONE", None, b"t1b").await.unwrap());
+    let changes = store.changes_since(head).unwrap_or_default();
+    assert!(
+        changes
+            .iter()
+            .any(|(_, k)| *k == weft_store::StreamKey::Revoked("@a:t".into())),
+        "no revocation announced: {changes:?}"
+    );
     assert!(store.lookup_token(b"t1").await.unwrap().is_none());
     assert_eq!(store.lookup_token(b"t1b").await.unwrap().unwrap().device_id, "PHONE");
 

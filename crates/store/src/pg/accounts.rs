@@ -370,14 +370,21 @@ pub(super) async fn upsert_device(
     device_id: &str,
     display_name: Option<&str>,
     token_hash: &[u8],
-) -> Result<()> {
+) -> Result<bool> {
     let (u, d, n, t) = (
         user_id.to_owned(),
         device_id.to_owned(),
         display_name.map(str::to_owned),
         token_hash.to_vec(),
     );
-    s.write_wait(move |c, _| {
+    s.write_wait(move |c, ctx| {
+        let old: Option<Vec<u8>> = c
+            .query_opt(
+                "SELECT token_hash FROM devices WHERE user_id = $1 AND device_id = $2",
+                &[&u, &d],
+            )
+            .map_err(pg_err)?
+            .and_then(|r| r.get(0));
         c.execute(
             "INSERT INTO devices (user_id, device_id, display_name, token_hash, last_seen_ms) VALUES ($1,$2,$3,$4,$5) \
              ON CONFLICT (user_id, device_id) DO UPDATE SET token_hash = excluded.token_hash, \
@@ -385,7 +392,12 @@ pub(super) async fn upsert_device(
             &[&u, &d, &n, &t, &(weft_core::now_ms() as i64)],
         )
         .map_err(pg_err)?;
-        Ok(())
+        // The device's old token no longer holds: every process forgets it.
+        let replaced = old.is_some_and(|old| old != t);
+        if replaced {
+            crate::stream::announce_revocation(ctx, &u);
+        }
+        Ok(replaced)
     })
     .await
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use postgres::NoTls;
 use tokio::sync::watch;
 
 use super::PgConn;
@@ -93,14 +92,9 @@ pub(crate) fn start(url: Arc<str>, stop: Arc<AtomicBool>) -> watch::Receiver<boo
     rx
 }
 
-fn connect(url: &str) -> Result<PgConn, postgres::Error> {
-    let mut config: postgres::Config = url.parse()?;
+fn connect(url: &str) -> weft_core::Result<PgConn> {
     // Names the leader in `pg_stat_activity` (docs/scale-out.md).
-    config.application_name(&format!("weft leader {}", std::process::id()));
-    Ok(PgConn {
-        client: config.connect(NoTls)?,
-        stmts: Default::default(),
-    })
+    PgConn::connect_as(url, Some(&format!("weft leader {}", std::process::id())))
 }
 
 fn lease_loop(url: &str, lease: &Lease, stop: &AtomicBool) {

@@ -82,7 +82,26 @@ impl<'a> Built<'a> {
 }
 
 pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
-    s.write_again(move |c, ctx| {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.send_job(Job::Again(Box::new(EventJob {
+        event,
+        result: None,
+        tx,
+    })));
+    rx
+}
+
+/// A local event's write, the hot path: an [`AgainJob`] the writer runs
+/// alone, or with the events queued next to it in one round trip
+/// ([`pipelined`]).
+struct EventJob {
+    event: NewEvent,
+    result: Option<Result<i64>>,
+    tx: tokio::sync::oneshot::Sender<Result<i64>>,
+}
+
+impl AgainJob for EventJob {
+    fn run(&mut self, conn: &mut PgConn, ctx: &mut WriterCtx) -> bool {
         // A local event built on one whose write failed is refused: no
         // stored event points at a parent that is not stored. A local
         // event built on exactly the room's forward extremities (the one
@@ -90,8 +109,74 @@ pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
         // those are stored events, so its prev events are stored. (The
         // check of the others' prev events comes with the DAG update
         // after the event's row: failing, the job's savepoint undoes it.)
-        insert_event(c, ctx, &event, true)
-    })
+        let r = insert_event(conn, ctx, &self.event, true);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn answer(self: Box<Self>, commit_err: Option<Error>) {
+        let result = match commit_err {
+            Some(e) => Err(e),
+            None => self
+                .result
+                .unwrap_or_else(|| Err(Error::internal("write job never ran"))),
+        };
+        let _ = self.tx.send(result);
+    }
+
+    fn event(&self) -> Option<&NewEvent> {
+        Some(&self.event).filter(|ev| pipelinable(ev))
+    }
+
+    fn stored_at(&mut self, position: i64) {
+        self.result = Some(Ok(position));
+    }
+}
+
+/// Whether an event's whole write is its one statement when it moves the
+/// room on ([`insert_event`] has nothing more to do than note it): a
+/// timeline event of a linear room built on its extremities, changing no
+/// membership (which may stop typing). Such events are sent together.
+fn pipelinable(ev: &NewEvent) -> bool {
+    let row = EventRow::new(ev, 0, true, true);
+    ev.kind == EventKind::Timeline && row.advances() && !row.changes_members()
+}
+
+/// Writes a row of [`pipelinable`] events, numbered on from `ctx.pos`, in
+/// one round trip. True if every one moved its room on (they are then
+/// recorded in `ctx`); false if any failed or found its room moved (the
+/// caller undoes them all and runs each on its own, which handles those).
+pub(crate) fn pipelined(c: &mut PgConn, ctx: &mut WriterCtx, events: &[&NewEvent]) -> bool {
+    let first = ctx.pos + 1;
+    let rows: Vec<EventRow> = events
+        .iter()
+        .zip(first..)
+        .map(|(ev, p)| EventRow::new(ev, p, true, true))
+        .collect();
+    let Some(statements) = rows.iter().map(|r| r.statement()).collect::<Option<Vec<_>>>() else {
+        return false;
+    };
+    let sent: Vec<(&str, Params<'_>)> = statements
+        .iter()
+        .map(|(sql, b)| (sql.as_str(), &b.params[..]))
+        .collect();
+    let all_moved_on = match c.pipeline(&sent) {
+        Ok(answers) => answers
+            .iter()
+            .map(EventRow::answer)
+            .all(|(advanced, typing)| advanced && typing == 0),
+        Err(e) => {
+            tracing::debug!("a pipelined event write failed, writing each alone: {e}");
+            false
+        }
+    };
+    if all_moved_on {
+        for (ev, p) in events.iter().zip(first..) {
+            ctx.record_event(ev, p);
+        }
+    }
+    all_moved_on
 }
 
 /// Inserts one event and applies its effects; runs inside the writer.
@@ -166,163 +251,229 @@ pub(crate) fn insert_event(c: &mut PgConn, ctx: &mut WriterCtx, ev: &NewEvent, l
 /// `Timeline` event, the room's extremities. Answers whether the
 /// extremities moved on and how many typing users it stopped.
 fn write_event(c: &mut PgConn, ev: &NewEvent, p: i64, insert_row: bool, linear: bool) -> PgResult<(bool, i64)> {
-    let ts = ev.origin_server_ts as i64;
-    let outlier = (ev.kind == EventKind::Outlier) as i64;
-    let soft_failed = (ev.kind == EventKind::SoftFailed) as i64;
-    let rejected: Option<&str> = match &ev.kind {
-        EventKind::Rejected(why) => Some(why.as_str()),
-        _ => None,
-    };
-    let (txn_device, txn_id) = match &ev.txn {
-        Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
-        None => (None, None),
-    };
-    let groups = GroupRows::new(&ev.new_groups);
-    let served = matches!(
-        ev.kind,
-        EventKind::Timeline | EventKind::TimelineAfterGap | EventKind::Backfilled
-    );
-    let group = ev.current_state.as_ref().map(|cs| cs.group);
-    // The linear room's extremities, as `advance_linear` compares them.
-    let advance =
-        if linear && ev.kind == EventKind::Timeline && !ev.prev_events.is_empty() && ev.builds_on_all_expected() {
-            serde_json::to_string(&ev.prev_events)
-                .ok()
-                .zip(serde_json::to_string(&[&ev.event_id]).ok())
-        } else {
-            None
-        };
-    let changes = StateRows::new(ev);
-    let search_text = ev.search_text.as_deref().map(fold_diacritics);
-
-    let mut b = Built::new();
-    let room = b.p(&ev.room_id, "TEXT");
-    let pos = b.p(&p, "BIGINT");
-    let id = b.p(&ev.event_id, "TEXT");
-    if let Some(new_room) = &ev.new_room {
-        let (v, cr) = (b.p(&new_room.room_version, "TEXT"), b.p(&new_room.creator, "TEXT"));
-        b.cte(
-            "ins_room",
-            format!("INSERT INTO rooms (room_id, room_version, creator) VALUES ({room}, {v}, {cr})"),
-        );
-    }
-    if insert_row {
-        let cols = [
-            b.p(&ev.event_type, "TEXT"),
-            b.p(&ev.state_key, "TEXT"),
-            b.p(&ev.sender, "TEXT"),
-            b.p(&ts, "BIGINT"),
-            b.p(&ev.pdu_json, "TEXT"),
-            b.p(&txn_device, "TEXT"),
-            b.p(&txn_id, "TEXT"),
-            b.p(&ev.depth, "BIGINT"),
-            b.p(&outlier, "BIGINT"),
-            b.p(&rejected, "TEXT"),
-            b.p(&soft_failed, "BIGINT"),
-            b.p(&ev.state_before, "BIGINT"),
-            b.p(&ev.state_after, "BIGINT"),
-        ]
-        .join(", ");
-        b.cte(
-            "ins_event",
-            format!(
-                "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
-                 origin_server_ts, pdu_json, txn_device, txn_id, depth, outlier, rejected, soft_failed, \
-                 state_before, state_after) VALUES ({pos}, {id}, {room}, {cols})"
-            ),
-        );
-        groups.add(&mut b, &room);
-    }
-    if let Some((d, t)) = &ev.txn {
-        let vals = [
-            b.p(&ev.sender, "TEXT"),
-            b.p(d, "TEXT"),
-            b.p(&ev.event_type, "TEXT"),
-            b.p(t, "TEXT"),
-        ];
-        b.cte(
-            "ins_txn",
-            format!(
-                "INSERT INTO txns (user_id, device_id, room_id, event_type, txn_id, event_id) \
-                 VALUES ({}, {}, {room}, {}, {}, {id})",
-                vals[0], vals[1], vals[2], vals[3]
-            ),
-        );
-    }
-    if let Some(rel) = ev.relation.as_ref().filter(|_| served) {
-        let vals = [
-            b.p(&rel.parent_event_id, "TEXT"),
-            b.p(&rel.rel_type, "TEXT"),
-            b.p(&ev.event_type, "TEXT"),
-            b.p(&ev.sender, "TEXT"),
-        ];
-        b.cte(
-            "ins_rel",
-            format!(
-                "INSERT INTO relations (position, room_id, parent_event_id, rel_type, event_type, sender) \
-                 VALUES ({pos}, {room}, {}, {}, {}, {})",
-                vals[0], vals[1], vals[2], vals[3]
-            ),
-        );
-    }
-    if let Some(text) = search_text.as_ref().filter(|_| served) {
-        let column = match ev.event_type.as_str() {
-            "m.room.name" => "name",
-            "m.room.topic" => "topic",
-            _ => "body",
-        };
-        let text = b.p(text, "TEXT");
-        b.cte(
-            "ins_search",
-            format!("INSERT INTO event_search (position, {column}) VALUES ({pos}, {text})"),
-        );
-    }
-    if let Some((target, redacted_json)) = &ev.redaction {
-        let target = b.p(target, "TEXT");
-        let json = b.p(redacted_json, "TEXT");
-        b.cte(
-            "red_search",
-            format!(
-                "DELETE FROM event_search WHERE position = (SELECT position FROM events WHERE event_id = {target})"
-            ),
-        );
-        b.cte(
-            "red_event",
-            format!("UPDATE events SET pdu_json = {json}, redacted_by = {id} WHERE event_id = {target}"),
-        );
-        // A redacted event's content, and so its relation, is gone.
-        b.cte(
-            "red_rel",
-            format!("DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = {target})"),
-        );
-    }
-    let typing = changes.add(&mut b, &room, &pos, &id, ev.kind.on_stream());
-    let advanced = match &advance {
-        Some((expected, new)) => {
-            let (expected, new, g) = (b.p(expected, "TEXT"), b.p(new, "TEXT"), b.p(&group, "BIGINT"));
-            b.cte(
-                "adv",
-                format!(
-                    "UPDATE rooms SET extremities = {new}, state_group = COALESCE({g}, state_group) \
-                     WHERE room_id = {room} AND extremities = {expected} RETURNING 1"
-                ),
-            );
-            "EXISTS (SELECT 1 FROM adv)"
-        }
-        None => "false",
-    };
-    let typing = if typing {
-        "(SELECT COUNT(*) FROM st_typing)"
-    } else {
-        "0::BIGINT"
-    };
-    if b.is_empty() {
+    let row = EventRow::new(ev, p, insert_row, linear);
+    let Some((sql, b)) = row.statement() else {
         // A promoted outlier with nothing else to write.
         return Ok((false, 0));
+    };
+    let answer = c.query_one(&sql, &b.params)?;
+    Ok(EventRow::answer(&answer))
+}
+
+/// What an event's statement is built from ([`write_event`]), kept so the
+/// writer can build the statements of several events before it sends them
+/// ([`pipelinable`]).
+pub(super) struct EventRow<'e> {
+    ev: &'e NewEvent,
+    p: i64,
+    insert_row: bool,
+    ts: i64,
+    outlier: i64,
+    soft_failed: i64,
+    rejected: Option<&'e str>,
+    txn_device: Option<&'e str>,
+    txn_id: Option<&'e str>,
+    groups: GroupRows<'e>,
+    served: bool,
+    group: Option<i64>,
+    /// The linear room's extremities, as `advance_linear` compares them:
+    /// (expected, new).
+    advance: Option<(String, String)>,
+    changes: StateRows<'e>,
+    search_text: Option<String>,
+}
+
+impl<'e> EventRow<'e> {
+    pub(super) fn new(ev: &'e NewEvent, p: i64, insert_row: bool, linear: bool) -> Self {
+        let (txn_device, txn_id) = match &ev.txn {
+            Some((d, t)) => (Some(d.as_str()), Some(t.as_str())),
+            None => (None, None),
+        };
+        let advance =
+            if linear && ev.kind == EventKind::Timeline && !ev.prev_events.is_empty() && ev.builds_on_all_expected() {
+                serde_json::to_string(&ev.prev_events)
+                    .ok()
+                    .zip(serde_json::to_string(&[&ev.event_id]).ok())
+            } else {
+                None
+            };
+        EventRow {
+            ev,
+            p,
+            insert_row,
+            ts: ev.origin_server_ts as i64,
+            outlier: (ev.kind == EventKind::Outlier) as i64,
+            soft_failed: (ev.kind == EventKind::SoftFailed) as i64,
+            rejected: match &ev.kind {
+                EventKind::Rejected(why) => Some(why.as_str()),
+                _ => None,
+            },
+            txn_device,
+            txn_id,
+            groups: GroupRows::new(&ev.new_groups),
+            served: matches!(
+                ev.kind,
+                EventKind::Timeline | EventKind::TimelineAfterGap | EventKind::Backfilled
+            ),
+            group: ev.current_state.as_ref().map(|cs| cs.group),
+            advance,
+            changes: StateRows::new(ev),
+            search_text: ev.search_text.as_deref().map(fold_diacritics),
+        }
     }
-    let sql = b.sql(&format!("SELECT {advanced}, {typing}"));
-    let row = c.query_one(&sql, &b.params)?;
-    Ok((row.get(0), row.get(1)))
+
+    /// Whether the statement moves a linear room's extremities on.
+    pub(super) fn advances(&self) -> bool {
+        self.advance.is_some()
+    }
+
+    /// Whether the statement may stop typing (a membership change).
+    pub(super) fn changes_members(&self) -> bool {
+        self.changes.members
+    }
+
+    /// The statement's answer: whether the extremities moved on, and how
+    /// many typing users it stopped.
+    pub(super) fn answer(row: &Row) -> (bool, i64) {
+        (row.get(0), row.get(1))
+    }
+
+    /// The statement and its parameters (`None`: nothing to write).
+    pub(super) fn statement(&self) -> Option<(String, Built<'_>)> {
+        let ev = self.ev;
+        let (ts, outlier, soft_failed, rejected) = (&self.ts, &self.outlier, &self.soft_failed, &self.rejected);
+        let (txn_device, txn_id) = (&self.txn_device, &self.txn_id);
+        let (groups, served, group, advance) = (&self.groups, self.served, &self.group, &self.advance);
+        let (changes, search_text, insert_row) = (&self.changes, &self.search_text, self.insert_row);
+        let mut b = Built::new();
+        let room = b.p(&ev.room_id, "TEXT");
+        let pos = b.p(&self.p, "BIGINT");
+        let id = b.p(&ev.event_id, "TEXT");
+        if let Some(new_room) = &ev.new_room {
+            let (v, cr) = (b.p(&new_room.room_version, "TEXT"), b.p(&new_room.creator, "TEXT"));
+            b.cte(
+                "ins_room",
+                format!("INSERT INTO rooms (room_id, room_version, creator) VALUES ({room}, {v}, {cr})"),
+            );
+        }
+        if insert_row {
+            let cols = [
+                b.p(&ev.event_type, "TEXT"),
+                b.p(&ev.state_key, "TEXT"),
+                b.p(&ev.sender, "TEXT"),
+                b.p(ts, "BIGINT"),
+                b.p(&ev.pdu_json, "TEXT"),
+                b.p(txn_device, "TEXT"),
+                b.p(txn_id, "TEXT"),
+                b.p(&ev.depth, "BIGINT"),
+                b.p(outlier, "BIGINT"),
+                b.p(rejected, "TEXT"),
+                b.p(soft_failed, "BIGINT"),
+                b.p(&ev.state_before, "BIGINT"),
+                b.p(&ev.state_after, "BIGINT"),
+            ]
+            .join(", ");
+            b.cte(
+                "ins_event",
+                format!(
+                    "INSERT INTO events (position, event_id, room_id, event_type, state_key, sender, \
+                 origin_server_ts, pdu_json, txn_device, txn_id, depth, outlier, rejected, soft_failed, \
+                 state_before, state_after) VALUES ({pos}, {id}, {room}, {cols})"
+                ),
+            );
+            groups.add(&mut b, &room);
+        }
+        if let Some((d, t)) = &ev.txn {
+            let vals = [
+                b.p(&ev.sender, "TEXT"),
+                b.p(d, "TEXT"),
+                b.p(&ev.event_type, "TEXT"),
+                b.p(t, "TEXT"),
+            ];
+            b.cte(
+                "ins_txn",
+                format!(
+                    "INSERT INTO txns (user_id, device_id, room_id, event_type, txn_id, event_id) \
+                 VALUES ({}, {}, {room}, {}, {}, {id})",
+                    vals[0], vals[1], vals[2], vals[3]
+                ),
+            );
+        }
+        if let Some(rel) = ev.relation.as_ref().filter(|_| served) {
+            let vals = [
+                b.p(&rel.parent_event_id, "TEXT"),
+                b.p(&rel.rel_type, "TEXT"),
+                b.p(&ev.event_type, "TEXT"),
+                b.p(&ev.sender, "TEXT"),
+            ];
+            b.cte(
+                "ins_rel",
+                format!(
+                    "INSERT INTO relations (position, room_id, parent_event_id, rel_type, event_type, sender) \
+                 VALUES ({pos}, {room}, {}, {}, {}, {})",
+                    vals[0], vals[1], vals[2], vals[3]
+                ),
+            );
+        }
+        if let Some(text) = search_text.as_ref().filter(|_| served) {
+            let column = match ev.event_type.as_str() {
+                "m.room.name" => "name",
+                "m.room.topic" => "topic",
+                _ => "body",
+            };
+            let text = b.p(text, "TEXT");
+            b.cte(
+                "ins_search",
+                format!("INSERT INTO event_search (position, {column}) VALUES ({pos}, {text})"),
+            );
+        }
+        if let Some((target, redacted_json)) = &ev.redaction {
+            let target = b.p(target, "TEXT");
+            let json = b.p(redacted_json, "TEXT");
+            b.cte(
+                "red_search",
+                format!(
+                    "DELETE FROM event_search WHERE position = (SELECT position FROM events WHERE event_id = {target})"
+                ),
+            );
+            b.cte(
+                "red_event",
+                format!("UPDATE events SET pdu_json = {json}, redacted_by = {id} WHERE event_id = {target}"),
+            );
+            // A redacted event's content, and so its relation, is gone.
+            b.cte(
+                "red_rel",
+                format!(
+                    "DELETE FROM relations WHERE position = (SELECT position FROM events WHERE event_id = {target})"
+                ),
+            );
+        }
+        let typing = changes.add(&mut b, &room, &pos, &id, ev.kind.on_stream());
+        let advanced = match advance {
+            Some((expected, new)) => {
+                let (expected, new, g) = (b.p(expected, "TEXT"), b.p(new, "TEXT"), b.p(group, "BIGINT"));
+                b.cte(
+                    "adv",
+                    format!(
+                        "UPDATE rooms SET extremities = {new}, state_group = COALESCE({g}, state_group) \
+                     WHERE room_id = {room} AND extremities = {expected} RETURNING 1"
+                    ),
+                );
+                "EXISTS (SELECT 1 FROM adv)"
+            }
+            None => "false",
+        };
+        let typing = if typing {
+            "(SELECT COUNT(*) FROM st_typing)"
+        } else {
+            "0::BIGINT"
+        };
+        if b.is_empty() {
+            return None;
+        }
+        let sql = b.sql(&format!("SELECT {advanced}, {typing}"));
+        Some((sql, b))
+    }
 }
 
 /// New state groups as column arrays, for one `INSERT … SELECT FROM UNNEST`.

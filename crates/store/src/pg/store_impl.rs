@@ -66,7 +66,7 @@ impl Store for PgStore {
         device_id: &str,
         display_name: Option<&str>,
         token_hash: &[u8],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         accounts::upsert_device(self, user_id, device_id, display_name, token_hash).await
     }
 
