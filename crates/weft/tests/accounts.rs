@@ -44,6 +44,13 @@ async fn whoami_login_and_logout() {
     let (_, who) = phone.whoami().await;
     assert_eq!(who["device_id"], "MYPHONE");
 
+    // Logging in again as MYPHONE replaces its token: the old one (used
+    // just now, so remembered by the server) no longer works.
+    let again = server.login_device("alice", &alice.password, "MYPHONE").await;
+    let (st, who) = again.whoami().await;
+    assert_eq!((st, who["device_id"].as_str()), (200, Some("MYPHONE")), "{who}");
+    assert_err(&phone.whoami().await, 401, "M_UNKNOWN_TOKEN");
+
     // Wrong password / unknown user.
     let got = server.login_raw("alice", "not-the-password").await;
     assert_err(&got, 403, "M_FORBIDDEN");

@@ -198,3 +198,57 @@ async fn admin_cli_on_the_database_is_seen_by_running_servers_at_once() {
         .unwrap_or_else(|| panic!("alice listed: {out}"));
     assert!(line.contains("deactivated"), "{out}");
 }
+
+/// Polls `whoami` on `server` with `token` until it answers `status`;
+/// panics after [`PROMPT`]. Answers how long it took.
+async fn whoami_becomes(server: &TestServer, token: &str, status: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (st, v) = server.with_token(token).get("account/whoami").await;
+        if st == status {
+            if status == 401 {
+                assert_eq!(v["errcode"], "M_UNKNOWN_TOKEN", "{v}");
+            }
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < PROMPT, "whoami still {st} after {PROMPT:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// Each process keeps the access tokens it resolved in memory; a token
+// ended on another process stops working here at once: by a logout, and
+// by a new login on the same device ID (which replaces the device's
+// token). Tokens of other devices keep working throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_ended_on_one_process_stop_on_the_other() {
+    let Some(servers) = cluster().await else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let alice = a.register("alice").await;
+    let phone = a.login_device("alice", &alice.password, "PHONE").await;
+    let laptop = a.login("alice", &alice.password).await;
+    // Resolved (and so cached) on A.
+    for token in [&alice.access_token, &phone.access_token, &laptop.access_token] {
+        whoami_becomes(a, token, 200).await;
+    }
+
+    // A new login on B with PHONE's device ID replaces PHONE's token.
+    let phone2 = b.login_device("alice", &alice.password, "PHONE").await;
+    let took = whoami_becomes(a, &phone.access_token, 401).await;
+    eprintln!("the replaced token failed on the other process after {took:?}");
+    let (st, v) = a.with_token(&phone2.access_token).get("account/whoami").await;
+    assert_eq!((st, v["device_id"].as_str()), (200, Some("PHONE")), "{v}");
+
+    // A logout on B (the token used on A again just before).
+    whoami_becomes(a, &alice.access_token, 200).await;
+    let (st, v) = b.with_token(&alice.access_token).post("logout", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let took = whoami_becomes(a, &alice.access_token, 401).await;
+    eprintln!("the logged-out token failed on the other process after {took:?}");
+
+    // The other device was never touched.
+    let (st, v) = a.with_token(&laptop.access_token).get("account/whoami").await;
+    assert_eq!(st, 200, "{v}");
+}
