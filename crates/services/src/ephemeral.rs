@@ -191,6 +191,7 @@ impl Services {
             .await
             .map_err(|_| Error::internal("presence not stored"))??;
         self.activity_checked.lock().remove(user_id);
+        self.sync_memo.presence_seen.lock().remove(user_id);
         self.ephemeral_wake.notify_one();
         Ok(())
     }
@@ -241,6 +242,13 @@ impl Services {
         check_presence_state(set_presence)?;
         let user = session.user_id.as_str();
         let now = weft_core::now_ms();
+        // A long-polling client syncs many times a second under load: its
+        // presence is looked at once a second at most (its deadline moves
+        // on by less than the slack meanwhile), unless set since.
+        let within = self.config.presence.offline_after_ms / 4;
+        if self.sync_memo.presence_seen_lately(user, set_presence, now, within) {
+            return Ok(());
+        }
         let until = now + timeout_ms + self.config.presence.offline_after_ms;
         let away = set_presence == UNAVAILABLE;
         let target = move |old: &Option<PresenceRecord>| -> &'static str {

@@ -138,7 +138,11 @@ impl Services {
             one_time_keys: key_list(req.one_time_keys, "one-time")?,
             fallback_keys: key_list(fallback, "fallback")?,
         };
-        let counts = self.store.upload_keys(user, &session.device_id, upload).await?;
+        let counts = self.store.upload_keys(user, &session.device_id, upload).await;
+        self.sync_memo
+            .keys_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let counts = counts?;
         Ok(json!({ "one_time_key_counts": counts_json(counts) }))
     }
 
@@ -373,7 +377,11 @@ impl Services {
             })
             .collect();
         let mut out: BTreeMap<String, BTreeMap<String, Map<String, Value>>> = BTreeMap::new();
-        for key in self.store.claim_keys(wanted).await? {
+        let claimed = self.store.claim_keys(wanted).await;
+        self.sync_memo
+            .keys_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for key in claimed? {
             let value: Value = serde_json::from_str(&key.key_json).map_err(Error::internal)?;
             out.entry(key.user_id)
                 .or_default()

@@ -101,6 +101,8 @@ pub struct Services {
     /// The transaction IDs sent through this process lately (see
     /// [`room_ops::SentTxns`]).
     pub(crate) sent_txns: parking_lot::Mutex<room_ops::SentTxns>,
+    /// What `/sync` remembers between syncs (see [`sync::SyncMemo`]).
+    pub(crate) sync_memo: sync::SyncMemo,
     /// The outgoing federation queue's wake-ups and announced typers.
     pub(crate) fed_queue: federation_queue::QueueRuntime,
     /// Incoming federation transactions being processed.
@@ -160,6 +162,7 @@ impl Services {
             ephemeral_wake: tokio::sync::Notify::new(),
             activity_checked: Default::default(),
             sent_txns: Default::default(),
+            sync_memo: Default::default(),
             fed_queue: federation_queue::QueueRuntime::new(),
             fed_txns: federation_txn::InFlight::default(),
             appservices,

@@ -5,6 +5,7 @@
 //! which rooms and users each new position touched before reading anything.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -30,6 +31,52 @@ pub struct SyncRequest {
 }
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// How long a device's key counts are kept without reading them again.
+const MEMO_MS: u64 = 1_000;
+/// Past this many entries a memo starts over.
+const MEMO_MAX: usize = 100_000;
+
+/// What `/sync` keeps in this process's memory between one sync and the
+/// next (docs/operations.md), so a long-polling client's steady loop does
+/// not read the same rows every time:
+/// - each user's memberships, with the position they were read at: valid
+///   while the stream record shows no position keyed to the user since
+///   (every membership change makes one, on every process);
+/// - each device's key counts, for at most [`MEMO_MS`] and only while no
+///   keys were uploaded or claimed through this process (a claim through
+///   another process shows at most that much later);
+/// - the position each device's to-device messages were acknowledged up
+///   to (a new message is a position keyed to its recipient).
+#[derive(Default)]
+pub(crate) struct SyncMemo {
+    memberships: parking_lot::Mutex<HashMap<String, (i64, std::sync::Arc<Vec<MembershipRecord>>)>>,
+    device_keys: parking_lot::Mutex<HashMap<(String, String), (u64, u64, Value, Value)>>,
+    /// Bumped by every key upload and claim through this process.
+    pub(crate) keys_generation: std::sync::atomic::AtomicU64,
+    acked: parking_lot::Mutex<HashMap<(String, String), i64>>,
+    /// When each user's sync last looked at their presence, and with which
+    /// `set_presence` (see `Services::presence_from_sync`).
+    pub(crate) presence_seen: parking_lot::Mutex<HashMap<String, (u64, String)>>,
+}
+
+impl SyncMemo {
+    /// Whether `user`'s sync with `set_presence` looked at their presence
+    /// less than `within` ms ago (and notes that it looks now if not).
+    pub(crate) fn presence_seen_lately(&self, user: &str, set_presence: &str, now: u64, within: u64) -> bool {
+        let mut seen = self.presence_seen.lock();
+        if let Some((at, how)) = seen.get(user)
+            && how == set_presence
+            && now.saturating_sub(*at) < within.min(MEMO_MS)
+        {
+            return true;
+        }
+        if seen.len() >= MEMO_MAX {
+            seen.clear();
+        }
+        seen.insert(user.to_owned(), (now, set_presence.to_owned()));
+        false
+    }
+}
 /// How many members `m.heroes` names at most.
 const MAX_HEROES: usize = 5;
 /// State event types the room summary depends on.
@@ -82,10 +129,10 @@ impl Services {
         if let Some(s) = since {
             // Syncing from `s` acknowledges the to-device messages up to it.
             let acked = s.min(self.store.current_position());
-            self.store.ack_to_device(user, &session.device_id, acked).await?;
+            self.ack_to_device(session, acked).await?;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
-        let memberships = self.store.user_memberships(user).await?;
+        let memberships = self.user_memberships(user).await?;
         let my_rooms: HashSet<String> = memberships.iter().map(|m| m.room_id.clone()).collect();
         let presence_on = self.config.presence.enabled;
         loop {
@@ -94,24 +141,21 @@ impl Services {
                 None => return self.build_sync(session, None, upto, &req, None).await,
                 Some(s) if req.full_state => return self.build_sync(session, Some(s), upto, &req, None).await,
                 Some(s) if upto > s => {
-                    let relevant = match self.store.changes_since(s) {
-                        None => true,
-                        Some(changes) => changes.iter().any(|(p, k)| {
-                            *p <= upto
-                                && match k {
-                                    StreamKey::Room(r) => my_rooms.contains(r),
-                                    StreamKey::User(u) => u == user,
-                                    // Whether the user shares a room with
-                                    // them is for the built response to say.
-                                    StreamKey::DeviceKeys(_) => true,
-                                    StreamKey::Receipt(r) | StreamKey::Typing(r) => my_rooms.contains(r),
-                                    StreamKey::Notification(u, _) => u == user,
-                                    // Whether they share a room: as above.
-                                    StreamKey::Presence(_) => presence_on,
-                                    StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => false,
-                                }
-                        }),
-                    };
+                    let relevant = self
+                        .store
+                        .any_change(s, upto, &mut |k| match k {
+                            StreamKey::Room(r) => my_rooms.contains(r),
+                            StreamKey::User(u) => u == user,
+                            // Whether the user shares a room with
+                            // them is for the built response to say.
+                            StreamKey::DeviceKeys(_) => true,
+                            StreamKey::Receipt(r) | StreamKey::Typing(r) => my_rooms.contains(r),
+                            StreamKey::Notification(u, _) => u == user,
+                            // Whether they share a room: as above.
+                            StreamKey::Presence(_) => presence_on,
+                            StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => false,
+                        })
+                        .unwrap_or(true);
                     if relevant {
                         let resp = self
                             .build_sync(session, Some(s), upto, &req, Some(&memberships))
@@ -138,13 +182,97 @@ impl Services {
         }
     }
 
-    /// The syncing device's one-time key counts and unused fallback key types.
+    /// The syncing device's one-time key counts and unused fallback key
+    /// types: read at most once a second per device unless keys were
+    /// uploaded or claimed through this process since (see [`SyncMemo`]).
     pub(crate) async fn add_device_fields(&self, session: &Session, resp: &mut Value) -> Result<()> {
         let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
-        let counts = self.store.one_time_key_counts(user, device).await?;
-        let fallback = self.store.unused_fallback_key_types(user, device).await?;
-        resp["device_one_time_keys_count"] = counts_json(counts);
-        resp["device_unused_fallback_key_types"] = json!(fallback);
+        let key = (user.to_owned(), device.to_owned());
+        let generation = self.sync_memo.keys_generation.load(Ordering::Acquire);
+        let now = weft_core::now_ms();
+        let memo = self.sync_memo.device_keys.lock().get(&key).cloned();
+        let (counts, fallback) = match memo {
+            Some((at, g, counts, fallback)) if g == generation && now.saturating_sub(at) < MEMO_MS => {
+                (counts, fallback)
+            }
+            _ => {
+                let counts = counts_json(self.store.one_time_key_counts(user, device).await?);
+                let fallback = json!(self.store.unused_fallback_key_types(user, device).await?);
+                let mut memo = self.sync_memo.device_keys.lock();
+                if memo.len() >= MEMO_MAX {
+                    memo.clear();
+                }
+                memo.insert(key, (now, generation, counts.clone(), fallback.clone()));
+                (counts, fallback)
+            }
+        };
+        resp["device_one_time_keys_count"] = counts;
+        resp["device_unused_fallback_key_types"] = fallback;
+        Ok(())
+    }
+
+    /// The rooms `user` is a member of (any membership): from memory when
+    /// no position since it was read touched the user, else read (see
+    /// [`SyncMemo`]).
+    pub(crate) async fn user_memberships(&self, user: &str) -> Result<Vec<MembershipRecord>> {
+        let memo = self.sync_memo.memberships.lock().get(user).cloned();
+        if let Some((checked, list)) = memo {
+            let now = self.store.current_position();
+            let touched = self
+                .store
+                .any_change(checked, now, &mut |k| matches!(k, StreamKey::User(u) if u == user));
+            if touched == Some(false) {
+                // Still true at `now`: the next look starts there.
+                if let Some(entry) = self.sync_memo.memberships.lock().get_mut(user)
+                    && entry.0 == checked
+                {
+                    entry.0 = now;
+                }
+                return Ok(list.as_ref().clone());
+            }
+        }
+        // Positions up to this one are committed: a membership written
+        // after it shows in the stream record at the next look.
+        let read_at = self.store.current_position();
+        let list = self.store.user_memberships(user).await?;
+        let mut memo = self.sync_memo.memberships.lock();
+        if memo.len() >= MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(user.to_owned(), (read_at, std::sync::Arc::new(list.clone())));
+        Ok(list)
+    }
+
+    /// Acknowledges the session's device's to-device messages up to
+    /// `upto`, unless it acknowledged up to there before, or no message
+    /// for the user came since its last acknowledgement (every one is a
+    /// stream position keyed to its recipient).
+    async fn ack_to_device(&self, session: &Session, upto: i64) -> Result<()> {
+        let user = session.user_id.as_str();
+        let key = (user.to_owned(), session.device_id.clone());
+        let last = self.sync_memo.acked.lock().get(&key).copied();
+        if let Some(last) = last {
+            if last >= upto {
+                return Ok(());
+            }
+            let touched = self
+                .store
+                .any_change(last, upto, &mut |k| matches!(k, StreamKey::User(u) if u == user));
+            if touched == Some(false) {
+                // Nothing to acknowledge in (last, upto] either.
+                if let Some(entry) = self.sync_memo.acked.lock().get_mut(&key) {
+                    *entry = (*entry).max(upto);
+                }
+                return Ok(());
+            }
+        }
+        self.store.ack_to_device(user, &session.device_id, upto).await?;
+        let mut acked = self.sync_memo.acked.lock();
+        if acked.len() >= MEMO_MAX {
+            acked.clear();
+        }
+        let entry = acked.entry(key).or_insert(upto);
+        *entry = (*entry).max(upto);
         Ok(())
     }
 
@@ -313,7 +441,7 @@ impl Services {
         };
         let memberships = match known {
             Some(m) if !user_touched => m.to_vec(),
-            _ => self.store.user_memberships(user).await?,
+            _ => self.user_memberships(user).await?,
         };
         // Device lists: changed keys of users sharing a room, and members
         // who joined a shared room (their devices are now to be tracked).

@@ -79,6 +79,11 @@ pub trait Store:
     /// users each position touched. `None` when `since` is older than what
     /// is kept (callers then treat everything as changed).
     fn changes_since(&self, since: i64) -> Option<Vec<(i64, StreamKey)>>;
+    /// Whether a position in (`since`, `upto`] touched something `pred`
+    /// accepts, looked up in the same record as [`Store::changes_since`]
+    /// without copying it; `None` if the record does not reach back to
+    /// `since`.
+    fn any_change(&self, since: i64, upto: i64, pred: &mut dyn FnMut(&StreamKey) -> bool) -> Option<bool>;
     /// Calls `hook` with the rooms other processes wrote events to,
     /// before the positions of those events are published (so whatever
     /// a woken reader asks of a room's view, the view was invalidated

@@ -970,6 +970,10 @@ impl Store for SqliteStore {
         self.recent.read().changes_since(since)
     }
 
+    fn any_change(&self, since: i64, upto: i64, pred: &mut dyn FnMut(&StreamKey) -> bool) -> Option<bool> {
+        self.recent.read().any_change(since, upto, pred)
+    }
+
     fn leadership(&self) -> watch::Receiver<bool> {
         self.leader.subscribe()
     }

@@ -173,6 +173,20 @@ impl RecentChanges {
         Some(self.entries.range(start..).cloned().collect())
     }
 
+    /// See [`crate::Store::any_change`].
+    pub(crate) fn any_change(&self, since: i64, upto: i64, pred: &mut dyn FnMut(&StreamKey) -> bool) -> Option<bool> {
+        if since < self.floor {
+            return None;
+        }
+        let start = self.entries.partition_point(|(p, _)| *p <= since);
+        Some(
+            self.entries
+                .range(start..)
+                .take_while(|(p, _)| *p <= upto)
+                .any(|(_, k)| pred(k)),
+        )
+    }
+
     /// Every event with a position after `lo` and up to `hi`, oldest
     /// first, at most `limit`; `None` if the tail does not hold all of
     /// them (`lo` is below its floor).

@@ -16,6 +16,10 @@ impl Store for PgStore {
         self.recent().read().changes_since(since)
     }
 
+    fn any_change(&self, since: i64, upto: i64, pred: &mut dyn FnMut(&StreamKey) -> bool) -> Option<bool> {
+        self.recent().read().any_change(since, upto, pred)
+    }
+
     fn on_foreign_room_writes(&self, hook: crate::ForeignRoomsHook) {
         self.foreign_room_writes(hook)
     }
