@@ -36,6 +36,10 @@ const MEMO_MS: u64 = 1_000;
 /// Past this many entries a memo starts over.
 const MEMO_MAX: usize = 100_000;
 
+type MembershipList = std::sync::Arc<Vec<MembershipRecord>>;
+/// (user, device).
+type DeviceKey = (String, String);
+
 /// What `/sync` keeps in this process's memory between one sync and the
 /// next (docs/operations.md), so a long-polling client's steady loop does
 /// not read the same rows every time:
@@ -49,11 +53,13 @@ const MEMO_MAX: usize = 100_000;
 ///   to (a new message is a position keyed to its recipient).
 #[derive(Default)]
 pub(crate) struct SyncMemo {
-    memberships: parking_lot::Mutex<HashMap<String, (i64, std::sync::Arc<Vec<MembershipRecord>>)>>,
-    device_keys: parking_lot::Mutex<HashMap<(String, String), (u64, u64, Value, Value)>>,
+    /// User → (position the list holds at, the list).
+    memberships: parking_lot::Mutex<HashMap<String, (i64, MembershipList)>>,
+    /// (user, device) → (when read, key generation, counts, fallback types).
+    device_keys: parking_lot::Mutex<HashMap<DeviceKey, (u64, u64, Value, Value)>>,
     /// Bumped by every key upload and claim through this process.
     pub(crate) keys_generation: std::sync::atomic::AtomicU64,
-    acked: parking_lot::Mutex<HashMap<(String, String), i64>>,
+    acked: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
     /// When each user's sync last looked at their presence, and with which
     /// `set_presence` (see `Services::presence_from_sync`).
     pub(crate) presence_seen: parking_lot::Mutex<HashMap<String, (u64, String)>>,
