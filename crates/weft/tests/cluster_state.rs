@@ -252,3 +252,34 @@ async fn tokens_ended_on_one_process_stop_on_the_other() {
     let (st, v) = a.with_token(&laptop.access_token).get("account/whoami").await;
     assert_eq!(st, 200, "{v}");
 }
+
+// A client's retry may reach another process: the same transaction ID
+// answers the first event's ID on every process, before and after
+// messages in between, and the room holds the event once. A transaction
+// ID reused in another room is a new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_another_process_answers_the_first_event() {
+    let Some(servers) = cluster().await else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let alice = a.register("alice").await;
+    let on_b = b.with_token(&alice.access_token);
+    let room = alice.create_room(json!({})).await;
+    let first = alice.send_text(&room, "t1", "once").await;
+    assert_eq!(on_b.send_text(&room, "t1", "once").await, first);
+    let between = on_b.send_text(&room, "t2", "between").await;
+    assert_ne!(between, first);
+    assert_eq!(alice.send_text(&room, "t1", "once").await, first);
+    assert_eq!(on_b.send_text(&room, "t1", "once").await, first);
+    let other_room = alice.create_room(json!({})).await;
+    assert_ne!(on_b.send_text(&other_room, "t1", "once").await, first);
+    let bodies: Vec<String> = alice
+        .all_messages(&room)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(bodies, ["once", "between"]);
+}
