@@ -224,14 +224,14 @@ impl Services {
         room_id: &str,
         by_thread: bool,
     ) -> Result<(Value, Option<Value>)> {
-        let counts = self.store.unread_counts(user, Some(room_id)).await?;
+        let counts = self.room_unread_counts(user, room_id).await?;
         let (mut n, mut h) = (0u64, 0u64);
         let mut threads = Map::new();
-        for c in counts {
+        for c in counts.iter() {
             if by_thread && c.thread_id != "main" {
                 if c.notifications > 0 {
                     threads.insert(
-                        c.thread_id,
+                        c.thread_id.clone(),
                         json!({ "notification_count": c.notifications, "highlight_count": c.highlights }),
                     );
                 }

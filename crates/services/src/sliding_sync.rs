@@ -832,7 +832,7 @@ impl Built {
 /// The room a stream entry is about, if any.
 fn key_room(k: &StreamKey) -> Option<&str> {
     match k {
-        StreamKey::Room(r) | StreamKey::Receipt(r) | StreamKey::Typing(r) => Some(r),
+        StreamKey::Room(r) | StreamKey::State(r) | StreamKey::Receipt(r) | StreamKey::Typing(r) => Some(r),
         StreamKey::User(_)
         | StreamKey::DeviceKeys(_)
         | StreamKey::Notification(..)

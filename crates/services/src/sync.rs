@@ -37,6 +37,7 @@ const MEMO_MS: u64 = 1_000;
 const MEMO_MAX: usize = 100_000;
 
 type MembershipList = std::sync::Arc<Vec<MembershipRecord>>;
+pub(crate) type UnreadList = std::sync::Arc<Vec<weft_store::UnreadCount>>;
 /// (user, device).
 type DeviceKey = (String, String);
 
@@ -50,7 +51,9 @@ type DeviceKey = (String, String);
 ///   keys were uploaded or claimed through this process (a claim through
 ///   another process shows at most that much later);
 /// - the position each device's to-device messages were acknowledged up
-///   to (a new message is a position keyed to its recipient).
+///   to (a new message is a position keyed to its recipient);
+/// - each user's unread counts per room, valid while no notification row of
+///   the user in the room and no receipt in the room came since.
 #[derive(Default)]
 pub(crate) struct SyncMemo {
     /// User → (position the list holds at, the list).
@@ -60,6 +63,8 @@ pub(crate) struct SyncMemo {
     /// Bumped by every key upload and claim through this process.
     pub(crate) keys_generation: std::sync::atomic::AtomicU64,
     acked: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
+    /// (user, room) → (position the counts hold at, the counts).
+    unread: parking_lot::Mutex<HashMap<(String, String), (i64, UnreadList)>>,
     /// When each user's sync last looked at their presence, and with which
     /// `set_presence` (see `Services::presence_from_sync`).
     pub(crate) presence_seen: parking_lot::Mutex<HashMap<String, (u64, String)>>,
@@ -155,7 +160,7 @@ impl Services {
                             // Whether the user shares a room with
                             // them is for the built response to say.
                             StreamKey::DeviceKeys(_) => true,
-                            StreamKey::Receipt(r) | StreamKey::Typing(r) => my_rooms.contains(r),
+                            StreamKey::Receipt(r) | StreamKey::Typing(r) | StreamKey::State(r) => my_rooms.contains(r),
                             StreamKey::Notification(u, _) => u == user,
                             // Whether they share a room: as above.
                             StreamKey::Presence(_) => presence_on,
@@ -247,6 +252,38 @@ impl Services {
         }
         memo.insert(user.to_owned(), (read_at, std::sync::Arc::new(list.clone())));
         Ok(list)
+    }
+
+    /// The user's unread counts in one room: from memory when no position
+    /// since they were read added a notification row of the user there or
+    /// set a receipt in the room (nothing else changes them), else read.
+    pub(crate) async fn room_unread_counts(&self, user: &str, room_id: &str) -> Result<UnreadList> {
+        let key = (user.to_owned(), room_id.to_owned());
+        let memo = self.sync_memo.unread.lock().get(&key).cloned();
+        if let Some((checked, counts)) = memo {
+            let now = self.store.current_position();
+            let touched = self.store.any_change(checked, now, &mut |k| match k {
+                StreamKey::Notification(u, r) => u == user && r == room_id,
+                StreamKey::Receipt(r) => r == room_id,
+                _ => false,
+            });
+            if touched == Some(false) {
+                if let Some(entry) = self.sync_memo.unread.lock().get_mut(&key)
+                    && entry.0 == checked
+                {
+                    entry.0 = now;
+                }
+                return Ok(counts);
+            }
+        }
+        let read_at = self.store.current_position();
+        let counts = std::sync::Arc::new(self.store.unread_counts(user, Some(room_id)).await?);
+        let mut memo = self.sync_memo.unread.lock();
+        if memo.len() >= MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(key, (read_at, counts.clone()));
+        Ok(counts)
     }
 
     /// Acknowledges the session's device's to-device messages up to
@@ -414,7 +451,11 @@ impl Services {
                                 typing.insert(r);
                             }
                             StreamKey::Presence(_) => presence = true,
-                            StreamKey::Outbox(_) | StreamKey::Revoked(_) | StreamKey::MqttClient(..) => {}
+                            // The event's own `Room` key counts it.
+                            StreamKey::State(_)
+                            | StreamKey::Outbox(_)
+                            | StreamKey::Revoked(_)
+                            | StreamKey::MqttClient(..) => {}
                         }
                     }
                     (
@@ -681,6 +722,14 @@ impl Services {
     /// room's name or canonical alias, which decide whether heroes are
     /// needed) changed in (since, upto].
     async fn summary_changed(&self, room_id: &str, since: i64, upto: i64) -> Result<bool> {
+        // No change of the room's state at all in the window: none of those.
+        if self
+            .store
+            .any_change(since, upto, &mut |k| matches!(k, StreamKey::State(r) if r == room_id))
+            == Some(false)
+        {
+            return Ok(false);
+        }
         Ok(self
             .store
             .state_changes(room_id, since, upto)

@@ -260,6 +260,42 @@ impl PgConn {
         out.into_iter().flatten().collect()
     }
 
+    /// Runs a statement answering one row and then `COMMIT`, in one round
+    /// trip. Should the statement fail, the `COMMIT` ends the (aborted)
+    /// transaction as a rollback, and the statement's error is answered.
+    pub(crate) fn query_one_then_commit(&mut self, sql: &str, params: Params<'_>) -> PgResult<()> {
+        let statement = self.prep(sql)?;
+        let client = &self.client;
+        let mut query = Box::pin(client.query_one(&statement, params));
+        let mut commit = Box::pin(client.batch_execute("COMMIT"));
+        let (mut queried, mut committed) = (None, None);
+        // Both polled together: the second is sent before the first's
+        // answer is awaited.
+        self.rt.block_on(std::future::poll_fn(|cx| {
+            if queried.is_none()
+                && let std::task::Poll::Ready(r) = query.as_mut().poll(cx)
+            {
+                queried = Some(r);
+            }
+            if committed.is_none()
+                && let std::task::Poll::Ready(r) = commit.as_mut().poll(cx)
+            {
+                committed = Some(r);
+            }
+            if queried.is_some() && committed.is_some() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        }));
+        match (queried, committed) {
+            (Some(Ok(_)), Some(c)) => c,
+            (Some(Err(e)), _) => Err(e),
+            // Both are set once the loop above ends.
+            _ => unreachable!("both futures completed"),
+        }
+    }
+
     /// Begins a writer's batch in one round trip: the transaction, the
     /// lock of the stream head (answered: its position and low mark) and
     /// the first savepoint (`job`, see [`run_batch`]).
@@ -714,6 +750,7 @@ fn encode_key(key: &StreamKey) -> (i16, &str, &str) {
         StreamKey::Outbox(d) => (8, d, ""),
         StreamKey::Revoked(u) => (9, u, ""),
         StreamKey::MqttClient(k, o) => (10, k, o),
+        StreamKey::State(r) => (11, r, ""),
     }
 }
 
@@ -729,12 +766,14 @@ fn decode_key(kind: i16, a: String, b: String) -> Option<StreamKey> {
         8 => StreamKey::Outbox(a),
         9 => StreamKey::Revoked(a),
         10 => StreamKey::MqttClient(a, b),
+        11 => StreamKey::State(a),
         _ => return None,
     })
 }
 
-/// Writes the batch's stream entries and new head, and notifies the
-/// other processes (delivered when the transaction commits).
+/// Writes the batch's stream entries and new head, notifies the other
+/// processes (delivered when the transaction commits)
+/// and commits, in one round trip.
 fn finish_batch(conn: &mut PgConn, ctx: &WriterCtx) -> PgResult<()> {
     let mut positions = Vec::with_capacity(ctx.changes.len());
     let (mut kinds, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
@@ -745,8 +784,8 @@ fn finish_batch(conn: &mut PgConn, ctx: &WriterCtx) -> PgResult<()> {
         a.push(x);
         b.push(y);
     }
-    // One round trip: the log, the head, the notification.
-    conn.query_one(
+    // One round trip: the log, the head, the notification; the commit.
+    conn.query_one_then_commit(
         "WITH log AS (INSERT INTO stream_log (position, kind, a, b) \
            SELECT * FROM UNNEST($1::BIGINT[], $2::SMALLINT[], $3::TEXT[], $4::TEXT[])), \
          head AS (UPDATE stream_head SET position = $5::BIGINT, low = $6::BIGINT WHERE id = 1) \
@@ -761,8 +800,7 @@ fn finish_batch(conn: &mut PgConn, ctx: &WriterCtx) -> PgResult<()> {
             &CHANNEL,
             &ctx.pos.to_string(),
         ],
-    )?;
-    Ok(())
+    )
 }
 
 /// The writer: every job waiting, in one transaction (each in a savepoint
@@ -816,7 +854,11 @@ fn writer_loop(mut conn: PgConn, url: Arc<str>, rx: mpsc::Receiver<Job>, followe
         // notification, must not read the batch back as another process's
         // (a needless query, and this process's own rooms marked stale).
         let mut published = follower.published.lock();
-        let commit = if moved { finish_batch(&mut conn, &ctx) } else { Ok(()) }.and_then(|()| conn.batch("COMMIT"));
+        let commit = if moved {
+            finish_batch(&mut conn, &ctx)
+        } else {
+            conn.batch("COMMIT")
+        };
         match commit {
             Ok(()) => {
                 if ctx.pos != start_pos {

@@ -37,6 +37,9 @@ impl WriterCtx {
         }
         self.pos = p;
         self.changes.push((p, StreamKey::Room(ev.room_id.clone())));
+        if ev.current_state.as_ref().is_some_and(|cs| !cs.changes.is_empty()) {
+            self.changes.push((p, StreamKey::State(ev.room_id.clone())));
+        }
         self.events.push(StoredEvent {
             position: p,
             event_id: ev.event_id.clone(),

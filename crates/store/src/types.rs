@@ -280,6 +280,9 @@ pub struct AliasRecord {
 pub enum StreamKey {
     /// An event in this room.
     Room(String),
+    /// The current state of this room changed (with the event at this
+    /// position, besides its `Room` key).
+    State(String),
     /// Something for this user: account data, a membership change of them,
     /// or a to-device message for one of their devices.
     User(String),

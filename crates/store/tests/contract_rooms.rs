@@ -19,6 +19,7 @@ both!(
     an_event_built_on_a_stale_view_of_the_room_is_refused,
     state_group_ids_are_reserved_once,
     a_failing_event_in_a_batch_undoes_only_itself,
+    the_stream_names_the_state_changes_of_a_room,
 );
 
 use std::sync::Arc;
@@ -921,4 +922,34 @@ async fn a_failing_event_in_a_batch_undoes_only_itself(b: Backend) {
         .unwrap();
     assert_eq!((hits.len(), total), (1, 1));
     assert_eq!(store.current_position(), p3);
+}
+
+/// A state change of a room is a `StreamKey::State` at its event's
+/// position (besides the `Room` key every event has); a message is not.
+/// `any_change` answers from the same record as `changes_since`.
+async fn the_stream_names_the_state_changes_of_a_room(b: Backend) {
+    let store = b.open();
+    let start = store.current_position();
+    let c = put(&store, create()).await;
+    let mut m = ev("$m", &["$c"], &["$c"], 2);
+    m.state_before = Some(1);
+    m.state_after = Some(1);
+    let mp = put(&store, m).await;
+    let is_state = |k: &StreamKey| *k == StreamKey::State(ROOM.into());
+    let state_at: Vec<i64> = store
+        .changes_since(start)
+        .unwrap()
+        .iter()
+        .filter(|(_, k)| is_state(k))
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(state_at, [c]);
+    assert_eq!(store.any_change(start, mp, &mut |k| is_state(k)), Some(true));
+    assert_eq!(store.any_change(c, mp, &mut |k| is_state(k)), Some(false));
+    assert_eq!(
+        store.any_change(c, mp, &mut |k| *k == StreamKey::Room(ROOM.into())),
+        Some(true)
+    );
+    // Not before the record's start.
+    assert_eq!(store.any_change(start - 1, mp, &mut |_| true), None);
 }
