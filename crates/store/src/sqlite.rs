@@ -842,7 +842,7 @@ fn purge_devices(
             .execute(params![user, only, keep])?;
     }
     delete_to_device(conn, SEL, params![user, only, keep])?;
-    crate::stream::announce_revocation(ctx, user);
+    ctx.announce(StreamKey::Revoked(user.to_owned()));
     remember_position(conn, ctx.pos)?;
     if had_keys > 0 {
         let p = device_list_changed(conn, ctx, user)?;
@@ -1105,7 +1105,7 @@ impl Store for SqliteStore {
             // The device's old token no longer holds.
             let replaced = old.is_some_and(|old| old != t);
             if replaced {
-                crate::stream::announce_revocation(ctx, &u);
+                ctx.announce(StreamKey::Revoked(u.to_owned()));
                 remember_position(c, ctx.pos).map_err(db_err)?;
             }
             Ok(replaced)
@@ -1241,7 +1241,7 @@ impl Store for SqliteStore {
             )
             .map_err(db_err)?;
             // The device's old key no longer holds.
-            crate::stream::announce_revocation(ctx, &u);
+            ctx.announce(StreamKey::Revoked(u.to_owned()));
             remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
@@ -3043,7 +3043,7 @@ impl Store for SqliteStore {
             )
             .and_then(|mut s| s.execute(params![key, owner, weft_core::now_ms() as i64]))
             .map_err(db_err)?;
-            crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+            ctx.announce(StreamKey::MqttClient(key.to_owned(), format!("+{owner}")));
             remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(before)
         })
@@ -3055,7 +3055,7 @@ impl Store for SqliteStore {
             c.prepare_cached("DELETE FROM mqtt_clients WHERE client_key = ?1 AND owner = ?2")
                 .and_then(|mut s| s.execute(params![key, owner]))
                 .map_err(db_err)?;
-            crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+            ctx.announce(StreamKey::MqttClient(key.to_owned(), format!("-{owner}")));
             remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })

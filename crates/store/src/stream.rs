@@ -22,6 +22,26 @@ pub(crate) struct WriterCtx {
 }
 
 impl WriterCtx {
+    /// Takes the next stream position for `key` alone (no event): a
+    /// revocation, an MQTT client's claim or release, a destination's
+    /// wake-up. Answers the position.
+    pub(crate) fn announce(&mut self, key: StreamKey) -> i64 {
+        self.pos += 1;
+        self.changes.push((self.pos, key));
+        self.pos
+    }
+
+    /// [`WriterCtx::announce`] of a wake-up for each destination, once
+    /// each ([`StreamKey::Outbox`]).
+    pub(crate) fn announce_destinations<'a>(&mut self, destinations: impl IntoIterator<Item = &'a str>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for d in destinations {
+            if seen.insert(d) {
+                self.announce(StreamKey::Outbox(d.to_owned()));
+            }
+        }
+    }
+
     /// Records a stored event for after the commit, the same on every
     /// backend: its redaction (for the tail), and either its place below
     /// the stream (off-stream events count down) or its stream position
@@ -52,33 +72,6 @@ impl WriterCtx {
             redacted_by: None,
             txn: ev.txn.clone(),
         });
-    }
-}
-
-/// A stream position telling every process that credentials of `user`
-/// were revoked ([`StreamKey::Revoked`]), in the revoking write.
-pub(crate) fn announce_revocation(ctx: &mut WriterCtx, user: &str) {
-    ctx.pos += 1;
-    ctx.changes.push((ctx.pos, StreamKey::Revoked(user.to_owned())));
-}
-
-/// A stream position for an MQTT client's claim (`+owner`) or release
-/// (`-owner`) ([`StreamKey::MqttClient`]).
-pub(crate) fn announce_mqtt_client(ctx: &mut WriterCtx, key: &str, event: String) {
-    ctx.pos += 1;
-    ctx.changes
-        .push((ctx.pos, StreamKey::MqttClient(key.to_owned(), event)));
-}
-
-/// A stream position for each destination (once each): wakes their
-/// senders on the leading process ([`StreamKey::Outbox`]).
-pub(crate) fn announce_destinations<'a>(ctx: &mut WriterCtx, destinations: impl IntoIterator<Item = &'a str>) {
-    let mut seen = std::collections::BTreeSet::new();
-    for d in destinations {
-        if seen.insert(d) {
-            ctx.pos += 1;
-            ctx.changes.push((ctx.pos, StreamKey::Outbox(d.to_owned())));
-        }
     }
 }
 

@@ -186,7 +186,7 @@ fn purge_devices(
         c.execute(&format!("DELETE FROM {table} WHERE {SEL}"), &[&user, &only, &keep])?;
     }
     delete_to_device(c, SEL, &[&user, &only, &keep])?;
-    crate::stream::announce_revocation(ctx, user);
+    ctx.announce(StreamKey::Revoked(user.to_owned()));
     if !with_keys.is_empty() {
         let p = device_list_changed(c, ctx, user)?;
         log_device_changes(c, user, &with_keys, p, true)?;
@@ -395,7 +395,7 @@ pub(super) async fn upsert_device(
         // The device's old token no longer holds: every process forgets it.
         let replaced = old.is_some_and(|old| old != t);
         if replaced {
-            crate::stream::announce_revocation(ctx, &u);
+            ctx.announce(StreamKey::Revoked(u.to_owned()));
         }
         Ok(replaced)
     })
@@ -541,7 +541,7 @@ pub(super) async fn set_device_psk(
         )
         .map_err(pg_err)?;
         // The device's old key no longer holds.
-        crate::stream::announce_revocation(ctx, &u);
+        ctx.announce(StreamKey::Revoked(u.to_owned()));
         Ok(())
     })
     .await

@@ -41,7 +41,7 @@ impl FederationQueueStore for PgStore {
         self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
             if reader_position.is_none() {
-                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+                ctx.announce_destinations(rows.iter().map(|r| r.destination.as_str()));
             }
             if !rows.is_empty() {
                 // One statement for the rows; the identity numbers them in
@@ -73,7 +73,7 @@ impl FederationQueueStore for PgStore {
     fn announce_destination(&self, destination: &str) -> Pending<()> {
         let d = destination.to_owned();
         self.write(move |_, ctx| {
-            crate::stream::announce_destinations(ctx, [d.as_str()]);
+            ctx.announce_destinations([d.as_str()]);
             Ok(())
         })
     }

@@ -337,7 +337,7 @@ pub(super) fn claim_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<
             &[&key, &owner, &ms(weft_core::now_ms())],
         )
         .map_err(pg_err)?;
-        crate::stream::announce_mqtt_client(ctx, &key, format!("+{owner}"));
+        ctx.announce(StreamKey::MqttClient(key.to_owned(), format!("+{owner}")));
         Ok(before)
     })
 }
@@ -350,7 +350,7 @@ pub(super) fn release_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pendin
             &[&key, &owner],
         )
         .map_err(pg_err)?;
-        crate::stream::announce_mqtt_client(ctx, &key, format!("-{owner}"));
+        ctx.announce(StreamKey::MqttClient(key.to_owned(), format!("-{owner}")));
         Ok(())
     })
 }

@@ -46,7 +46,7 @@ impl FederationQueueStore for SqliteStore {
         self.write(move |c, ctx| {
             let now = to_i64(weft_core::now_ms());
             if reader_position.is_none() && !rows.is_empty() {
-                crate::stream::announce_destinations(ctx, rows.iter().map(|r| r.destination.as_str()));
+                ctx.announce_destinations(rows.iter().map(|r| r.destination.as_str()));
                 super::remember_position(c, ctx.pos).map_err(db_err)?;
             }
             for row in rows {
@@ -71,7 +71,7 @@ impl FederationQueueStore for SqliteStore {
     fn announce_destination(&self, destination: &str) -> Pending<()> {
         let d = destination.to_owned();
         self.write(move |c, ctx| {
-            crate::stream::announce_destinations(ctx, [d.as_str()]);
+            ctx.announce_destinations([d.as_str()]);
             super::remember_position(c, ctx.pos).map_err(db_err)?;
             Ok(())
         })
