@@ -17,12 +17,16 @@
 //!   tail ([`RecentChanges`]) and only then publishes the position, exactly
 //!   as the SQLite writer does with its own batches.
 //!
-//! Why the synchronous `postgres` crate (tokio-postgres underneath, same
-//! wire code): the writer is a plain thread that runs each job as a
-//! closure on its connection inside one transaction, as the SQLite writer
-//! does, which async jobs borrowing a transaction cannot be boxed as
-//! simply; reads run on tokio's blocking pool. No pool crate is needed for
-//! a `Vec` of connections. (MSRV 1.85; rustc here is 1.95.)
+//! The driver is tokio-postgres, called synchronously ([`PgConn`]: each
+//! connection drives itself on a runtime of its own, as the `postgres`
+//! crate does, which `migrate-from-sqlite` and the tests still use): the
+//! writer is a plain thread that runs each job as a closure on its
+//! connection inside one transaction, as the SQLite writer does, which
+//! async jobs borrowing a transaction cannot be boxed as simply; and unlike
+//! the `postgres` crate's client this one can pipeline, which the writer
+//! does with a batch's events. Reads run on tokio's blocking pool. No pool
+//! crate is needed for a `Vec` of connections. (MSRV 1.85; rustc here is
+//! 1.95.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
