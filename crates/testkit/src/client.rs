@@ -286,6 +286,17 @@ impl Client {
         panic!("backwards pagination did not terminate");
     }
 
+    /// The bodies of the room's `m.room.message` events, oldest first
+    /// (the whole history, see [`Client::all_messages`]).
+    pub async fn message_bodies(&self, room: &str) -> Vec<String> {
+        self.all_messages(room)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     pub async fn whoami(&self) -> (u16, Value) {
         self.get("account/whoami").await
     }

@@ -64,13 +64,7 @@ async fn a_user_joins_a_room_of_another_server_and_reads_its_history() {
     assert_eq!((status, m["membership"].as_str()), (200, Some("join")), "{m}");
     // History from before the join, fetched from alice's server as bob
     // pages back, in order, each message once.
-    let bodies: Vec<String> = bob
-        .all_messages(&room)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let bodies = bob.message_bodies(&room).await;
     let expect: Vec<String> = (0..30).map(|n| format!("before {n}")).collect();
     assert_eq!(bodies, expect);
     // The whole timeline, the room's creation and first state included

@@ -152,13 +152,7 @@ async fn a_synapse_user_joins_a_weft_room_and_a_weft_user_joins_a_synapse_room()
     dave.send_text(&room2, "d1", "dave on weft").await;
     wait_message("dave's message on synapse", &carol, &room2, "dave on weft").await;
     // Carol's first message, backfilled from Synapse as dave pages back.
-    let bodies: Vec<String> = dave
-        .all_messages(&room2)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let bodies = dave.message_bodies(&room2).await;
     assert_eq!(bodies, ["hello from synapse", "after dave joined", "dave on weft"]);
 }
 
@@ -243,13 +237,7 @@ async fn weft_backfills_three_hundred_older_messages_from_synapse_after_a_late_j
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let bodies: Vec<String> = dave
-        .all_messages(&room)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let bodies = dave.message_bodies(&room).await;
     let expect: Vec<String> = (0..300).map(|n| format!("old {n}")).collect();
     assert_eq!(bodies, expect);
 }
