@@ -36,8 +36,6 @@ const ACTIVE_SLACK_MS: u64 = 30_000;
 /// How often a sender's presence is read to note its activity (see
 /// [`crate::Services::note_active`]): sends come far more often.
 const ACTIVITY_CHECK_MS: u64 = 1_000;
-/// Past this many users the record of reads starts over.
-const ACTIVITY_CHECKED_MAX: usize = 100_000;
 
 /// `online`, `unavailable` or `offline`.
 pub const ONLINE: &str = "online";
@@ -190,8 +188,8 @@ impl Services {
             .edit_presence(user_id, edit)
             .await
             .map_err(|_| Error::internal("presence not stored"))??;
-        self.activity_checked.lock().remove(user_id);
-        self.sync_memo.presence_seen.lock().remove(user_id);
+        self.activity_checked.forget(user_id);
+        self.sync_memo.presence_seen.forget(user_id);
         self.ephemeral_wake.notify_one();
         Ok(())
     }
@@ -246,7 +244,16 @@ impl Services {
         // presence is looked at once a second at most (its deadline moves
         // on by less than the slack meanwhile), unless set since.
         let within = self.config.presence.offline_after_ms / 4;
-        if self.sync_memo.presence_seen_lately(user, set_presence, now, within) {
+        let how = if set_presence == UNAVAILABLE {
+            UNAVAILABLE
+        } else {
+            ONLINE
+        };
+        if self
+            .sync_memo
+            .presence_seen
+            .seen_lately(user, how, now, within.min(crate::sync::MEMO_MS))
+        {
             return Ok(());
         }
         let until = now + timeout_ms + self.config.presence.offline_after_ms;
@@ -289,7 +296,7 @@ impl Services {
             .edit_presence(user, edit)
             .await
             .map_err(|_| Error::internal("presence not stored"))??;
-        self.activity_checked.lock().remove(user);
+        self.activity_checked.forget(user);
         self.ephemeral_wake.notify_one();
         Ok(())
     }
@@ -308,18 +315,11 @@ impl Services {
             return;
         }
         let now = weft_core::now_ms();
+        if self
+            .activity_checked
+            .seen_lately(user.as_str(), (), now, ACTIVITY_CHECK_MS)
         {
-            let mut checked = self.activity_checked.lock();
-            if checked
-                .get(user.as_str())
-                .is_some_and(|at| now.saturating_sub(*at) < ACTIVITY_CHECK_MS)
-            {
-                return;
-            }
-            if checked.len() >= ACTIVITY_CHECKED_MAX {
-                checked.clear();
-            }
-            checked.insert(user.as_str().to_owned(), now);
+            return;
         }
         let Ok(Some(old)) = self.store.presence(user.as_str()).await else {
             return;

@@ -26,6 +26,7 @@ pub mod filter;
 pub mod keys;
 pub mod leader;
 pub mod media;
+mod memo;
 pub mod preview;
 pub mod push;
 pub mod push_rules;
@@ -97,7 +98,7 @@ pub struct Services {
     /// When [`Services::note_active`] last read each sender's presence
     /// (this process's memory only): it reads at most once a second per
     /// user unless this process changed that user's presence since.
-    pub(crate) activity_checked: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    pub(crate) activity_checked: memo::Throttle<()>,
     /// The transaction IDs sent through this process lately (see
     /// [`room_ops::SentTxns`]).
     pub(crate) sent_txns: parking_lot::Mutex<room_ops::SentTxns>,

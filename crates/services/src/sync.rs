@@ -17,6 +17,7 @@ use crate::ephemeral::RECEIPT_READ_PRIVATE;
 use crate::events::membership_of;
 use crate::filter::SyncFilter;
 use crate::keys::counts_json;
+use crate::memo::{PositionedMemo, Throttle};
 use crate::tokens::{make_token, parse_stream_token};
 use crate::{Services, Session};
 
@@ -32,7 +33,7 @@ pub struct SyncRequest {
 
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 /// How long a device's key counts are kept without reading them again.
-const MEMO_MS: u64 = 1_000;
+pub(crate) const MEMO_MS: u64 = 1_000;
 /// Past this many entries a memo starts over.
 const MEMO_MAX: usize = 100_000;
 
@@ -56,38 +57,20 @@ type DeviceKey = (String, String);
 ///   the user in the room and no receipt in the room came since.
 #[derive(Default)]
 pub(crate) struct SyncMemo {
-    /// User → (position the list holds at, the list).
-    memberships: parking_lot::Mutex<HashMap<String, (i64, MembershipList)>>,
+    /// User → the list.
+    memberships: PositionedMemo<String, MembershipList>,
     /// (user, device) → (when read, key generation, counts, fallback types).
     device_keys: parking_lot::Mutex<HashMap<DeviceKey, (u64, u64, Value, Value)>>,
     /// Bumped by every key upload and claim through this process.
     pub(crate) keys_generation: std::sync::atomic::AtomicU64,
     acked: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
-    /// (user, room) → (position the counts hold at, the counts).
-    unread: parking_lot::Mutex<HashMap<(String, String), (i64, UnreadList)>>,
+    /// (user, room) → the counts.
+    unread: PositionedMemo<(String, String), UnreadList>,
     /// When each user's sync last looked at their presence, and with which
     /// `set_presence` (see `Services::presence_from_sync`).
-    pub(crate) presence_seen: parking_lot::Mutex<HashMap<String, (u64, String)>>,
+    pub(crate) presence_seen: Throttle<&'static str>,
 }
 
-impl SyncMemo {
-    /// Whether `user`'s sync with `set_presence` looked at their presence
-    /// less than `within` ms ago (and notes that it looks now if not).
-    pub(crate) fn presence_seen_lately(&self, user: &str, set_presence: &str, now: u64, within: u64) -> bool {
-        let mut seen = self.presence_seen.lock();
-        if let Some((at, how)) = seen.get(user)
-            && how == set_presence
-            && now.saturating_sub(*at) < within.min(MEMO_MS)
-        {
-            return true;
-        }
-        if seen.len() >= MEMO_MAX {
-            seen.clear();
-        }
-        seen.insert(user.to_owned(), (now, set_presence.to_owned()));
-        false
-    }
-}
 /// How many members `m.heroes` names at most.
 const MAX_HEROES: usize = 5;
 /// State event types the room summary depends on.
@@ -223,67 +206,42 @@ impl Services {
     }
 
     /// The rooms `user` is a member of (any membership): from memory when
-    /// no position since it was read touched the user, else read (see
-    /// [`SyncMemo`]).
+    /// no position since it was read touched the user (see [`SyncMemo`]).
     pub(crate) async fn user_memberships(&self, user: &str) -> Result<Vec<MembershipRecord>> {
-        let memo = self.sync_memo.memberships.lock().get(user).cloned();
-        if let Some((checked, list)) = memo {
-            let now = self.store.current_position();
-            let touched = self
-                .store
-                .any_change(checked, now, &mut |k| matches!(k, StreamKey::User(u) if u == user));
-            if touched == Some(false) {
-                // Still true at `now`: the next look starts there.
-                if let Some(entry) = self.sync_memo.memberships.lock().get_mut(user)
-                    && entry.0 == checked
-                {
-                    entry.0 = now;
-                }
-                return Ok(list.as_ref().clone());
-            }
-        }
-        // Positions up to this one are committed: a membership written
-        // after it shows in the stream record at the next look.
-        let read_at = self.store.current_position();
-        let list = self.store.user_memberships(user).await?;
-        let mut memo = self.sync_memo.memberships.lock();
-        if memo.len() >= MEMO_MAX {
-            memo.clear();
-        }
-        memo.insert(user.to_owned(), (read_at, std::sync::Arc::new(list.clone())));
-        Ok(list)
+        let list = self
+            .sync_memo
+            .memberships
+            .get_or_read(
+                self.store.as_ref(),
+                &user.to_owned(),
+                |k| matches!(k, StreamKey::User(u) if u == user),
+                || async { Ok(std::sync::Arc::new(self.store.user_memberships(user).await?)) },
+            )
+            .await?;
+        Ok(list.as_ref().clone())
     }
 
     /// The user's unread counts in one room: from memory when no position
     /// since they were read added a notification row of the user there or
     /// set a receipt in the room (nothing else changes them), else read.
     pub(crate) async fn room_unread_counts(&self, user: &str, room_id: &str) -> Result<UnreadList> {
-        let key = (user.to_owned(), room_id.to_owned());
-        let memo = self.sync_memo.unread.lock().get(&key).cloned();
-        if let Some((checked, counts)) = memo {
-            let now = self.store.current_position();
-            let touched = self.store.any_change(checked, now, &mut |k| match k {
-                StreamKey::Notification(u, r) => u == user && r == room_id,
-                StreamKey::Receipt(r) => r == room_id,
-                _ => false,
-            });
-            if touched == Some(false) {
-                if let Some(entry) = self.sync_memo.unread.lock().get_mut(&key)
-                    && entry.0 == checked
-                {
-                    entry.0 = now;
-                }
-                return Ok(counts);
-            }
-        }
-        let read_at = self.store.current_position();
-        let counts = std::sync::Arc::new(self.store.unread_counts(user, Some(room_id)).await?);
-        let mut memo = self.sync_memo.unread.lock();
-        if memo.len() >= MEMO_MAX {
-            memo.clear();
-        }
-        memo.insert(key, (read_at, counts.clone()));
-        Ok(counts)
+        self.sync_memo
+            .unread
+            .get_or_read(
+                self.store.as_ref(),
+                &(user.to_owned(), room_id.to_owned()),
+                |k| match k {
+                    StreamKey::Notification(u, r) => u == user && r == room_id,
+                    StreamKey::Receipt(r) => r == room_id,
+                    _ => false,
+                },
+                || async {
+                    Ok(std::sync::Arc::new(
+                        self.store.unread_counts(user, Some(room_id)).await?,
+                    ))
+                },
+            )
+            .await
     }
 
     /// Acknowledges the session's device's to-device messages up to

@@ -270,34 +270,11 @@ impl PgConn {
     pub(crate) fn query_one_then_commit(&mut self, sql: &str, params: Params<'_>) -> PgResult<()> {
         let statement = self.prep(sql)?;
         let client = &self.client;
-        let mut query = Box::pin(client.query_one(&statement, params));
-        let mut commit = Box::pin(client.batch_execute("COMMIT"));
-        let (mut queried, mut committed) = (None, None);
-        // Both polled together: the second is sent before the first's
-        // answer is awaited.
-        self.rt.block_on(std::future::poll_fn(|cx| {
-            if queried.is_none()
-                && let std::task::Poll::Ready(r) = query.as_mut().poll(cx)
-            {
-                queried = Some(r);
-            }
-            if committed.is_none()
-                && let std::task::Poll::Ready(r) = commit.as_mut().poll(cx)
-            {
-                committed = Some(r);
-            }
-            if queried.is_some() && committed.is_some() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        }));
-        match (queried, committed) {
-            (Some(Ok(_)), Some(c)) => c,
-            (Some(Err(e)), _) => Err(e),
-            // Both are set once the loop above ends.
-            _ => unreachable!("both futures completed"),
-        }
+        // Joined: both are sent before the first's answer is awaited.
+        let (queried, committed) = self
+            .rt
+            .block_on(async { tokio::join!(client.query_one(&statement, params), client.batch_execute("COMMIT")) });
+        queried.and(committed)
     }
 
     /// Begins a writer's batch in one round trip: the transaction, the

@@ -84,6 +84,7 @@ impl<'a> Built<'a> {
 pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     s.send_job(Job::Again(Box::new(EventJob {
+        pipelinable: pipelinable(&event),
         event,
         result: None,
         tx,
@@ -96,6 +97,8 @@ pub(super) fn persist_event(s: &PgStore, event: NewEvent) -> Pending<i64> {
 /// ([`pipelined`]).
 struct EventJob {
     event: NewEvent,
+    /// [`pipelinable`], asked once: the writer looks several times.
+    pipelinable: bool,
     result: Option<Result<i64>>,
     tx: tokio::sync::oneshot::Sender<Result<i64>>,
 }
@@ -126,7 +129,7 @@ impl AgainJob for EventJob {
     }
 
     fn event(&self) -> Option<&NewEvent> {
-        Some(&self.event).filter(|ev| pipelinable(ev))
+        Some(&self.event).filter(|_| self.pipelinable)
     }
 
     fn stored_at(&mut self, position: i64) {
