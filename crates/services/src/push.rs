@@ -37,7 +37,7 @@ use ruma::api::client::push::get_notifications::v3::Notification;
 use ruma::api::client::push::set_pusher::v3::PusherAction;
 use ruma::api::client::push::{Pusher, PusherKind};
 use ruma::power_levels::NotificationPowerLevels;
-use ruma::push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, PushFormat, Ruleset};
+use ruma::push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, PushFormat, Ruleset};
 use ruma::room_version_rules::{AuthorizationRules, RoomPowerLevelsRules};
 use ruma::serde::Raw;
 use ruma::{Int, MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt};
@@ -47,6 +47,7 @@ use weft_core::config::PushConfig;
 use weft_core::{Error, Result};
 use weft_store::{NewNotification, NotificationRecord, PusherRecord, StoredEvent, StreamKey};
 
+use crate::memo::PositionedMemo;
 use crate::push_rules::{PUSH_RULES, ruleset_of};
 use crate::{Services, Session};
 
@@ -82,6 +83,11 @@ pub struct PushRuntime {
     /// Held by the deliverer while it runs (this process leads).
     wake_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     config: PushConfig,
+    /// Each user's push rules as the evaluator last read them, valid
+    /// while no position keyed to the user came since (setting account
+    /// data makes one): the evaluator looks at every member's rules for
+    /// every event.
+    rulesets: PositionedMemo<String, Arc<Ruleset>>,
 }
 
 impl PushRuntime {
@@ -101,6 +107,7 @@ impl PushRuntime {
             wake_tx,
             wake_rx: tokio::sync::Mutex::new(wake_rx),
             config: config.clone(),
+            rulesets: Default::default(),
         })
     }
 }
@@ -369,7 +376,7 @@ impl Services {
             return Ok(next);
         }
         let suffix = format!(":{}", self.server_name);
-        let mut rulesets: HashMap<String, Ruleset> = HashMap::new();
+        let mut rulesets: HashMap<String, Arc<Ruleset>> = HashMap::new();
         let mut rows = Vec::new();
         for ev in &events {
             let pdu: Value = serde_json::from_str(&ev.pdu_json).unwrap_or_default();
@@ -409,6 +416,9 @@ impl Services {
                 )
             {
                 let raw: Raw<Value> = Raw::from_json(raw);
+                // Flattened once for all the targets (ruma's `get_actions`
+                // would flatten it for each).
+                let flat = FlattenedJson::from_raw(&raw);
                 let member_count = UInt::new_saturating(ctx.joined().count() as u64);
                 let power = ctx.power_ctx();
                 let thread = thread_of(content);
@@ -426,8 +436,20 @@ impl Services {
                         continue;
                     };
                     if !rulesets.contains_key(&target) {
-                        let stored = self.store.get_account_data(&target, None, PUSH_RULES).await?;
-                        rulesets.insert(target.clone(), ruleset_of(&user_id, stored.as_deref()));
+                        let rules = self
+                            .push
+                            .rulesets
+                            .get_or_read(
+                                self.store.as_ref(),
+                                &target,
+                                |k| matches!(k, StreamKey::User(u) if *u == target),
+                                || async {
+                                    let stored = self.store.get_account_data(&target, None, PUSH_RULES).await?;
+                                    Ok(Arc::new(ruleset_of(&user_id, stored.as_deref())))
+                                },
+                            )
+                            .await?;
+                        rulesets.insert(target.clone(), rules);
                     }
                     let Some(rules) = rulesets.get(&target) else { continue };
                     let name = ctx
@@ -441,7 +463,7 @@ impl Services {
                         .unwrap_or_else(|| user_id.to_string());
                     let pctx = PushConditionRoomCtx::new(room_id.clone(), member_count, user_id, name)
                         .with_power_levels(power.clone());
-                    let actions = rules.get_actions(&raw, &pctx).await;
+                    let actions = first_match_actions(rules, &flat, &pctx).await;
                     if !actions.iter().any(Action::should_notify) {
                         continue;
                     }
@@ -796,4 +818,20 @@ async fn pusher_task(s: Arc<Services>, key: PusherKey, notify: Arc<Notify>) {
             }
         }
     }
+}
+
+/// The actions of the first of `rules` that applies to the event (none if
+/// none does): ruma's `Ruleset::get_actions` on an event flattened once.
+/// The targets are never the sender (whom `get_actions` skips).
+async fn first_match_actions<'r>(
+    rules: &'r Ruleset,
+    event: &FlattenedJson,
+    ctx: &PushConditionRoomCtx,
+) -> &'r [Action] {
+    for rule in rules {
+        if rule.applies(event, ctx).await {
+            return rule.actions();
+        }
+    }
+    &[]
 }
