@@ -274,6 +274,7 @@ impl Rooms {
                 new_groups: Vec::new(),
                 current_state: None,
                 expect_extremities: None,
+                rebase: None,
             };
             if let Err(why) = independent {
                 tracing::info!(%event_id, %origin, "rejected: {why}");

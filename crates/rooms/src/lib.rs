@@ -87,7 +87,9 @@ pub(crate) const MAX_CHAIN: i64 = 100;
 
 /// How often a local event is built again on a room another process
 /// wrote to meanwhile (each time after reading the room again) before the
-/// send fails with `503`.
+/// send fails with `503`. Only state events and events on a room whose
+/// state changed meanwhile come back here: the store's writer builds a
+/// message again itself ([`MessageRebase`]).
 const MAX_REBUILDS: u32 = 30;
 
 /// One room: the pipeline's view of it, under the room's lock, and the
@@ -172,6 +174,9 @@ pub struct Rooms {
     default_version: RoomVersionId,
     /// State group IDs reserved from the store and not used yet.
     groups: parking_lot::Mutex<std::collections::VecDeque<i64>>,
+    /// Queued message events the store's writer built again (see
+    /// [`MessageRebase`]).
+    rebased: RebasedIds,
 }
 
 /// Room versions this server creates and serves.
@@ -219,6 +224,7 @@ impl Rooms {
             slots,
             default_version: parse_room_version(default_version)?,
             groups: Default::default(),
+            rebased: Default::default(),
         })
     }
 
@@ -333,7 +339,8 @@ impl Rooms {
         let Some(cache) = guard.as_mut() else {
             return Err(Error::internal("room cache missing"));
         };
-        let (new_event, pdu) = self.build(cache, sender, spec.clone()).await?;
+        let (mut new_event, pdu) = self.build(cache, sender, spec.clone()).await?;
+        new_event.rebase = self.rebaser(cache, &new_event);
         let event_id = pdu.event_id.clone();
         cache.advance(Arc::new(pdu), &new_event);
         let view = cache.view;
@@ -353,6 +360,19 @@ impl Rooms {
         Ok((Ticket { slot, id }, event_id, pending))
     }
 
+    /// How the store's writer may build a queued message event again
+    /// ([`MessageRebase`]); state events are never rebuilt there.
+    fn rebaser(&self, cache: &RoomCache, ev: &NewEvent) -> Option<weft_store::Rebaser> {
+        (ev.state_key.is_none() && ev.kind == EventKind::Timeline).then(|| {
+            weft_store::Rebaser(Arc::new(MessageRebase {
+                server_name: self.server_name.clone(),
+                key: self.key.clone(),
+                rules: cache.rules.clone(),
+                ids: self.rebased.clone(),
+            }))
+        })
+    }
+
     /// Waits for a queued event's commit, building it again while the
     /// store refuses it because another process wrote to the room.
     async fn settle(
@@ -364,8 +384,18 @@ impl Rooms {
     ) -> Result<Sent> {
         let mut rebuilds = 0;
         loop {
-            match pending.await {
-                Ok(Ok(position)) => return Ok(Sent { event_id, position }),
+            let result = pending.await;
+            let rebased = self.rebased.lock().remove(event_id.as_str());
+            match result {
+                Ok(Ok(position)) => {
+                    if let Some(again) = rebased {
+                        // Stored on top of another process's messages: the
+                        // view this process built it on is not the room's.
+                        ticket.slot.stale.store(true, Ordering::Release);
+                        event_id = again;
+                    }
+                    return Ok(Sent { event_id, position });
+                }
                 Ok(Err(e)) if e.kind == ErrorKind::RoomMoved && rebuilds < MAX_REBUILDS => {
                     rebuilds += 1;
                     // Several processes racing for one room: let one win.
@@ -417,7 +447,8 @@ impl Rooms {
         let mut mine = None;
         for (k, sender, spec, old_id) in todo {
             let attempt = match self.build(&cache, &sender, spec).await {
-                Ok((ev, pdu)) => {
+                Ok((mut ev, pdu)) => {
+                    ev.rebase = self.rebaser(&cache, &ev);
                     let id = pdu.event_id.clone();
                     cache.advance(Arc::new(pdu), &ev);
                     (id, self.store.persist_event(ev))
@@ -526,26 +557,7 @@ impl Rooms {
         rules: &RoomVersionRules,
         obj: &mut CanonicalJsonObject,
     ) -> Result<(OwnedEventId, String)> {
-        ruma::signatures::hash_and_sign_event(self.server_name.as_str(), &*self.key, obj, &rules.redaction).map_err(
-            |e| match e {
-                // Content that fits on its own, but not with the envelope.
-                ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
-                other => Error::internal(other),
-            },
-        )?;
-        ruma::state_res::check_pdu_format(obj, &rules.event_format).map_err(|e| {
-            if e.contains("larger than") {
-                Error::new(ErrorKind::TooLarge, "Event is too large")
-            } else {
-                Error::bad_json(e)
-            }
-        })?;
-        let hash = ruma::signatures::reference_hash(obj, rules).map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
-            other => Error::internal(other),
-        })?;
-        let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
-        Ok((event_id, hash.to_string()))
+        sign_event(&self.server_name, &self.key, rules, obj)
     }
 
     pub(crate) async fn build(&self, cache: &RoomCache, sender: &UserId, spec: EventSpec) -> Result<(NewEvent, Pdu)> {
@@ -622,6 +634,7 @@ impl Rooms {
             new_groups: Vec::new(),
             current_state: None,
             expect_extremities: Some(cache.extremities.iter().map(|(id, _)| id.to_string()).collect()),
+            rebase: None,
         };
         let new_event = match &pdu.state_key {
             Some(key) => self.with_new_state(cache, new_event, key.clone()).await?,
@@ -936,4 +949,83 @@ pub(crate) fn derived_fields(event_type: &str, content: &serde_json::value::RawV
 pub fn parse_stored(ev: &StoredEvent) -> Result<Pdu> {
     let id = OwnedEventId::try_from(ev.event_id.as_str()).map_err(Error::internal)?;
     Pdu::parse(id, &ev.pdu_json).map_err(Error::internal)
+}
+
+/// Hashes and signs an event with `server`'s key and checks its format;
+/// answers its event ID and reference hash.
+fn sign_event(
+    server: &OwnedServerName,
+    key: &Ed25519KeyPair,
+    rules: &RoomVersionRules,
+    obj: &mut CanonicalJsonObject,
+) -> Result<(OwnedEventId, String)> {
+    ruma::signatures::hash_and_sign_event(server.as_str(), key, obj, &rules.redaction).map_err(|e| match e {
+        // Content that fits on its own, but not with the envelope.
+        ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
+        other => Error::internal(other),
+    })?;
+    ruma::state_res::check_pdu_format(obj, &rules.event_format).map_err(|e| {
+        if e.contains("larger than") {
+            Error::new(ErrorKind::TooLarge, "Event is too large")
+        } else {
+            Error::bad_json(e)
+        }
+    })?;
+    let hash = ruma::signatures::reference_hash(obj, rules).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => Error::new(ErrorKind::TooLarge, "Event is too large"),
+        other => Error::internal(other),
+    })?;
+    let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
+    Ok((event_id, hash.to_string()))
+}
+
+/// Old event ID → the ID of the same event built again by the store's
+/// writer on the room as stored ([`weft_store::Rebase`]), until the
+/// event's sender takes it ([`Rooms::settle`]).
+type RebasedIds = Arc<parking_lot::Mutex<HashMap<String, OwnedEventId>>>;
+
+/// How a queued local message event is built again on other
+/// `prev_events` ([`weft_store::Rebase`]): the same content, sender, auth
+/// events and timestamp, the new prev events and depth, hashed and signed
+/// again with this server's key (so a new event ID). The writer asks only
+/// when the room's state is the one the event was authorized against.
+struct MessageRebase {
+    server_name: OwnedServerName,
+    key: Arc<Ed25519KeyPair>,
+    rules: RoomVersionRules,
+    ids: RebasedIds,
+}
+
+impl weft_store::Rebase for MessageRebase {
+    fn rebase(&self, ev: &NewEvent, extremities: &[String], max_depth: i64) -> Option<NewEvent> {
+        let mut obj: CanonicalJsonObject = serde_json::from_str(&ev.pdu_json).ok()?;
+        for field in ["hashes", "signatures", "unsigned"] {
+            obj.remove(field);
+        }
+        let prevs = &extremities[..extremities.len().min(MAX_PREV_EVENTS)];
+        obj.insert(
+            "prev_events".into(),
+            CanonicalJsonValue::Array(prevs.iter().map(|id| CanonicalJsonValue::String(id.clone())).collect()),
+        );
+        let depth = max_depth.checked_add(1)?;
+        obj.insert(
+            "depth".into(),
+            CanonicalJsonValue::Integer(ruma::Int::try_from(depth).ok()?),
+        );
+        let (event_id, _) = sign_event(&self.server_name, &self.key, &self.rules, &mut obj).ok()?;
+        let mut again = ev.clone();
+        again.event_id = event_id.to_string();
+        again.pdu_json = serde_json::to_string(&obj).ok()?;
+        again.prev_events = prevs.to_vec();
+        again.depth = depth;
+        again.expect_extremities = Some(extremities.to_vec());
+        let mut ids = self.ids.lock();
+        // Each entry is taken by its sender's settle; should one never
+        // be (its sender gone), the map does not grow without bound.
+        if ids.len() >= 100_000 {
+            ids.clear();
+        }
+        ids.insert(ev.event_id.clone(), event_id);
+        Some(again)
+    }
 }

@@ -707,6 +707,7 @@ fn remote_member_event(
         new_groups: Vec::new(),
         current_state: None,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

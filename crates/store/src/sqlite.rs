@@ -2397,18 +2397,24 @@ impl Store for SqliteStore {
 
     fn persist_event(&self, event: NewEvent) -> Pending<i64> {
         self.write(move |c, ctx| {
+            let mut event = event;
             // A local event built on one whose write failed is refused:
             // no stored event points at a parent that is not stored.
             // A local event built on exactly the room's forward extremities
             // (the one of a linear room) moves them on in one statement;
             // those are stored events, so its prev events are stored.
-            let advanced = event.builds_on_all_expected() && graph::advance_linear(c, &event).map_err(db_err)?;
+            let mut advanced = event.builds_on_all_expected() && graph::advance_linear(c, &event).map_err(db_err)?;
             // Built on a view of the room that is not the stored one (see
-            // `NewEvent::expect_extremities`): refused, to be rebuilt.
+            // `NewEvent::expect_extremities`): refused, to be rebuilt,
+            // unless only messages moved the room ([`Rebase`]).
             if !advanced && event.expect_extremities.is_some() {
                 let stored = graph::stored_extremities(c, &event.room_id).map_err(db_err)?;
                 if !event.extremities_match(stored.as_deref()) {
-                    return Err(event.room_moved());
+                    match graph::rebased(c, &event).map_err(db_err)? {
+                        Some(again) => event = again,
+                        None => return Err(event.room_moved()),
+                    }
+                    advanced = event.builds_on_all_expected() && graph::advance_linear(c, &event).map_err(db_err)?;
                 }
             }
             if event.kind == EventKind::Timeline && !advanced && !graph::check_prevs(c, &event).map_err(db_err)? {

@@ -141,6 +141,33 @@ pub struct NewEvent {
     /// the room since this one's view of it was made, and an event built
     /// on a stale view would fork the room's DAG and state.
     pub expect_extremities: Option<Vec<String>>,
+    /// For a local message event: how to build it again on the room as
+    /// stored, should it be refused as [`NewEvent::room_moved`] (see
+    /// [`Rebase`]).
+    pub rebase: Option<Rebaser>,
+}
+
+/// Builds a local message event again on other `prev_events`: new depth,
+/// hashes, signature and event ID, the same content, sender, auth events
+/// and timestamp. The PostgreSQL writer asks it, under the stream-head
+/// lock, when another process moved the event's room on by message events
+/// only (the room's state is the one the event was authorized against),
+/// so an event refused once is never refused again: several processes
+/// sending to one room at full speed cannot starve each other.
+pub trait Rebase: Send + Sync {
+    /// `ev` built on `extremities` (the room's, every one; the greatest
+    /// depth among them `max_depth`), or `None` if it cannot be.
+    fn rebase(&self, ev: &NewEvent, extremities: &[String], max_depth: i64) -> Option<NewEvent>;
+}
+
+/// A shared [`Rebase`].
+#[derive(Clone)]
+pub struct Rebaser(pub std::sync::Arc<dyn Rebase>);
+
+impl std::fmt::Debug for Rebaser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rebaser")
+    }
 }
 
 impl NewEvent {
@@ -164,6 +191,22 @@ impl NewEvent {
                 expected.len() == self.prev_events.len() && expected.iter().all(|e| self.prev_events.contains(e))
             }
         }
+    }
+
+    /// Whether the writer may build it again on the room's extremities
+    /// ([`Rebase`]) when it finds the room moved: a local timeline event
+    /// that changes no state, on a room whose state group is still the
+    /// one the event was authorized against (`current_group`).
+    pub fn rebaseable(&self, current_group: Option<i64>) -> bool {
+        self.rebase.is_some()
+            && self.kind == EventKind::Timeline
+            && self.state_key.is_none()
+            && self.new_room.is_none()
+            && self.current_state.is_none()
+            && self.new_groups.is_empty()
+            && self.state_before.is_some()
+            && self.state_before == self.state_after
+            && self.state_after == current_group
     }
 
     /// The refusal of an event whose expected extremities moved.

@@ -758,6 +758,7 @@ fn event(room: &str, id: &str, n: u32, create: bool, member: Option<(&str, &str)
         new_groups: Vec::new(),
         current_state,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

@@ -518,6 +518,7 @@ fn message(room: &str, id: &str, n: u32, content: &str) -> NewEvent {
             changes: vec![("m.room.create".into(), String::new(), event_id)],
         }),
         expect_extremities: None,
+        rebase: None,
     }
 }
 

@@ -20,6 +20,7 @@ both!(
     state_group_ids_are_reserved_once,
     a_failing_event_in_a_batch_undoes_only_itself,
     the_stream_names_the_state_changes_of_a_room,
+    a_message_on_a_room_moved_by_messages_is_built_again_on_it,
 );
 
 use std::sync::Arc;
@@ -59,6 +60,7 @@ fn ev(id: &str, prevs: &[&str], auth: &[&str], depth: i64) -> NewEvent {
         new_groups: Vec::new(),
         current_state: None,
         expect_extremities: None,
+        rebase: None,
     }
 }
 
@@ -952,4 +954,91 @@ async fn the_stream_names_the_state_changes_of_a_room(b: Backend) {
     );
     // Not before the record's start.
     assert_eq!(store.any_change(start - 1, mp, &mut |_| true), None);
+}
+
+/// A [`weft_store::Rebase`] as the room service's: the same event on the
+/// new prev events and depth, under a new ID (`$x` → `$x+`). It notes what
+/// it was asked.
+struct Renamer(std::sync::Mutex<Vec<(String, Vec<String>, i64)>>);
+
+impl weft_store::Rebase for Renamer {
+    fn rebase(&self, ev: &NewEvent, extremities: &[String], max_depth: i64) -> Option<NewEvent> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((ev.event_id.clone(), extremities.to_vec(), max_depth));
+        let prevs: Vec<&str> = extremities.iter().map(String::as_str).collect();
+        let mut again = ev.clone();
+        again.event_id = format!("{}+", ev.event_id);
+        again.pdu_json = serde_json::json!({
+            "depth": max_depth + 1, "prev_events": prevs, "auth_events": ev.auth_events, "content": { "n": ev.event_id }
+        })
+        .to_string();
+        again.prev_events = extremities.to_vec();
+        again.depth = max_depth + 1;
+        again.expect_extremities = Some(extremities.to_vec());
+        Some(again)
+    }
+}
+
+/// `NewEvent::rebase`: a message built on a stale view of a room that
+/// only messages moved on since (its state group is the room's) is built
+/// again on the room's extremities by the writer and stored, in the place
+/// of the refusal; a state change since, or a state event, is still
+/// refused (`RoomMoved`).
+async fn a_message_on_a_room_moved_by_messages_is_built_again_on_it(b: Backend) {
+    let store = b.open();
+    let renamer = Arc::new(Renamer(Default::default()));
+    let rebasing = |mut e: NewEvent, ext: &[&str], group: i64| {
+        e.expect_extremities = Some(ext.iter().map(|x| x.to_string()).collect());
+        e.state_before = Some(group);
+        e.state_after = Some(group);
+        e.rebase = Some(weft_store::Rebaser(renamer.clone()));
+        e
+    };
+    put(&store, create()).await;
+    // Another process's message `$a` went in first; `$b` was built on `$c`.
+    put(&store, ev("$a", &["$c"], &["$c"], 2)).await;
+    let p_b = put(&store, rebasing(ev("$b", &["$c"], &["$c"], 2), &["$c"], 1)).await;
+    assert_eq!(
+        *renamer.0.lock().unwrap(),
+        [("$b".to_owned(), vec!["$a".to_owned()], 2)]
+    );
+    assert!(store.get_event("$b").await.unwrap().is_none());
+    let b2 = store.get_event("$b+").await.unwrap().unwrap();
+    assert_eq!(b2.position, p_b);
+    let ext = |v: Vec<(String, i64)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$b+"]);
+    assert_eq!(store.extremities(ROOM).await.unwrap()[0].1, 3);
+    // A chain built on the stale view: each goes on top of the last.
+    let p_d = put(&store, rebasing(ev("$d", &["$b"], &["$c"], 3), &["$b"], 1)).await;
+    assert!(p_d > p_b);
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$d+"]);
+    // The room's state changed since the view (group 2): refused.
+    let mut topic = state(ev("$t", &["$d+"], &["$c"], 5), "m.room.topic", "", 2);
+    topic.new_groups = vec![NewStateGroup {
+        id: 2,
+        prev_group: Some(1),
+        chain: 1,
+        entries: vec![("m.room.topic".into(), "".into(), "$t".into())],
+    }];
+    topic.state_before = Some(1);
+    topic.state_after = Some(2);
+    put(&store, topic).await;
+    let asked = renamer.0.lock().unwrap().len();
+    let stale = store
+        .persist_event(rebasing(ev("$e", &["$d+"], &["$c"], 5), &["$d+"], 1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(stale.kind, weft_core::ErrorKind::RoomMoved, "{stale:?}");
+    assert_eq!(renamer.0.lock().unwrap().len(), asked, "not asked");
+    assert!(store.get_event("$e+").await.unwrap().is_none());
+    // A state event on a stale view, even with a rebaser: refused.
+    let st = rebasing(state(ev("$s", &["$d+"], &["$c"], 5), "m.room.name", "", 3), &["$d+"], 2);
+    assert_eq!(
+        store.persist_event(st).await.unwrap().unwrap_err().kind,
+        weft_core::ErrorKind::RoomMoved
+    );
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$t"]);
 }

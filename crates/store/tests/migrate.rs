@@ -45,6 +45,7 @@ fn ev(id: &str, prev: &str, depth: i64) -> NewEvent {
         new_groups: Vec::new(),
         current_state: None,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

@@ -38,6 +38,7 @@ fn ev(id: &str, search: Option<&str>, relation: Option<Relation>) -> NewEvent {
         new_groups: vec![],
         current_state: None,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

@@ -72,6 +72,7 @@ fn event(room: &str, n: u32, state: Option<(&str, &str, Option<&str>)>) -> NewEv
         new_groups: Vec::new(),
         current_state,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

@@ -38,6 +38,7 @@ fn event(n: u32, body_bytes: usize) -> NewEvent {
         new_groups: Vec::new(),
         current_state: None,
         expect_extremities: None,
+        rebase: None,
     }
 }
 

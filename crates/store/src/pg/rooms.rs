@@ -112,7 +112,20 @@ impl AgainJob for EventJob {
         // those are stored events, so its prev events are stored. (The
         // check of the others' prev events comes with the DAG update
         // after the event's row: failing, the job's savepoint undoes it.)
-        let r = insert_event(conn, ctx, &self.event, true);
+        let mut r = insert_event(conn, ctx, &self.event, true);
+        if r.as_ref().is_err_and(|e| e.kind == ErrorKind::RoomMoved)
+            && let Some(rebased) = rebased(conn, &self.event)
+        {
+            // Another process moved the room on by messages only: this
+            // event goes on top of them, rather than back to its builder
+            // to lose the race again (`Rebase`). Under the stream-head
+            // lock nothing moves the room meanwhile.
+            r = conn
+                .batch("ROLLBACK TO SAVEPOINT job")
+                .map_err(pg_err)
+                .and_then(|()| insert_event(conn, ctx, &rebased, true));
+            self.event = rebased;
+        }
         let ok = r.is_ok();
         self.result = Some(r);
         ok
@@ -135,6 +148,29 @@ impl AgainJob for EventJob {
     fn stored_at(&mut self, position: i64) {
         self.result = Some(Ok(position));
     }
+}
+
+/// `ev`, refused because its room moved, built again on the room as stored
+/// if it may be ([`NewEvent::rebaseable`]).
+fn rebased(c: &mut PgConn, ev: &NewEvent) -> Option<NewEvent> {
+    let rebase = ev.rebase.as_ref()?;
+    let row = c
+        .query_opt(
+            "SELECT r.extremities, r.state_group, (SELECT max(e.depth) FROM events e \
+             WHERE e.event_id IN (SELECT jsonb_array_elements_text(r.extremities::jsonb))) \
+             FROM rooms r WHERE r.room_id = $1",
+            &[&ev.room_id],
+        )
+        .ok()??;
+    let (extremities, group, depth): (String, Option<i64>, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+    if !ev.rebaseable(group) {
+        return None;
+    }
+    let extremities: Vec<String> = serde_json::from_str(&extremities).ok()?;
+    if extremities.is_empty() {
+        return None;
+    }
+    rebase.0.rebase(ev, &extremities, depth?)
 }
 
 /// Whether an event's whole write is its one statement when it moves the

@@ -352,6 +352,33 @@ pub(crate) fn stored_extremities(c: &Connection, room_id: &str) -> rusqlite::Res
         .optional()
 }
 
+/// `ev`, refused because its room moved, built again on the room as stored
+/// if it may be ([`NewEvent::rebaseable`], [`crate::Rebase`]).
+pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<NewEvent>> {
+    let Some(rebase) = ev.rebase.as_ref() else {
+        return Ok(None);
+    };
+    let row: Option<(String, Option<i64>, Option<i64>)> = c
+        .prepare_cached(
+            "SELECT r.extremities, r.state_group, (SELECT max(e.depth) FROM events e \
+             WHERE e.event_id IN (SELECT value FROM json_each(r.extremities))) \
+             FROM rooms r WHERE r.room_id = ?1",
+        )?
+        .query_row([&ev.room_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((extremities, group, Some(depth))) = row else {
+        return Ok(None);
+    };
+    if !ev.rebaseable(group) {
+        return Ok(None);
+    }
+    let extremities: Vec<String> = serde_json::from_str(&extremities).unwrap_or_default();
+    if extremities.is_empty() {
+        return Ok(None);
+    }
+    Ok(rebase.0.rebase(ev, &extremities, depth))
+}
+
 /// Whether every prev event of `ev` is stored (or earlier in this
 /// transaction).
 pub(crate) fn check_prevs(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
@@ -622,6 +649,7 @@ mod tests {
             new_groups: Vec::new(),
             current_state: None,
             expect_extremities: None,
+            rebase: None,
         };
         store.persist_event(gap).await.unwrap().unwrap();
         let ext: Vec<String> = store
