@@ -114,6 +114,12 @@ impl crate::Services {
         )
     }
 
+    /// This process's name among those on the database
+    /// ([`weft_store::Store::process_tag`]).
+    pub fn process_tag(&self) -> &str {
+        self.store.process_tag()
+    }
+
     /// A receiver of the stream's position (every process's writes).
     pub fn subscribe_stream(&self) -> tokio::sync::watch::Receiver<i64> {
         self.store.subscribe_position()

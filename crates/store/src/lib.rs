@@ -27,6 +27,16 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 pub use weft_core::Result;
 
+/// A new [`Store::process_tag`]: 16 hex digits from the process's random
+/// hash seed, its ID and the time (a name, not a secret).
+pub fn process_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(weft_core::now_ms());
+    format!("{:016x}", h.finish())
+}
+
 pub use appservice::*;
 pub use e2ee::*;
 pub use federation::*;
@@ -73,6 +83,11 @@ pub trait Store:
     // ---- stream ----
     /// Highest durable stream position.
     fn current_position(&self) -> i64;
+    /// A name of this process's store, unique among the processes on one
+    /// database ([`process_tag`]): on PostgreSQL every connection of the
+    /// store carries it (`application_name` `weft TAG`), so another
+    /// process can tell whether this one is still there.
+    fn process_tag(&self) -> &str;
     /// A receiver that changes whenever the durable stream position advances.
     fn subscribe_position(&self) -> tokio::sync::watch::Receiver<i64>;
     /// What the stream carried after `since`, from memory: which rooms and
@@ -494,7 +509,9 @@ pub trait Store:
 
     // ---- MQTT client IDs (session takeover across processes) ----
     /// Claims the MQTT client `key` (`USER\nCLIENT_ID`) for the connection
-    /// `owner` (`PROCESS-NONCE/CONNECTION`); answers the owner it had. The
+    /// `owner` (`PROCESS-TAG/CONNECTION`, the tag of the claiming
+    /// process's store: [`Store::process_tag`]); answers the owner it had,
+    /// unless that owner's process is gone (it crashed). The
     /// write carries [`StreamKey::MqttClient`]`(key, "+owner")`: every
     /// other connection for `key`, on any process, ends.
     fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>>;

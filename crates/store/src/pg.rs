@@ -358,6 +358,8 @@ enum Job {
 }
 
 pub struct PgStore {
+    /// [`Store::process_tag`], in every connection's URL.
+    tag: String,
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<PgConn>>>,
     /// One per read connection there may be ([`READERS`]).
@@ -449,6 +451,18 @@ impl PgStore {
     }
 
     fn open_here(url: &str) -> Result<Self> {
+        // Every connection this store opens (and opens again) is named
+        // after it in `pg_stat_activity`: another process sees whether
+        // this one is still there (`claim_mqtt_client`).
+        let tag = crate::process_tag();
+        let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}application_name=weft%20{tag}")
+        } else {
+            // The `key=value` form.
+            format!("{url} application_name='weft {tag}'")
+        };
+        let url = url.as_str();
         let mut conn = PgConn::connect(url)?;
         migrate(&mut conn).map_err(db_err)?;
         let head = conn
@@ -477,6 +491,7 @@ impl PgStore {
             .spawn(move || listener_loop(listen, u, f, s))
             .map_err(db_err)?;
         Ok(Self {
+            tag,
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),

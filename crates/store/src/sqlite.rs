@@ -82,6 +82,8 @@ struct Done {
 type WriteFn = Box<dyn FnOnce(&Connection, &mut WriterCtx) -> Done + Send>;
 
 pub struct SqliteStore {
+    /// [`Store::process_tag`].
+    tag: String,
     writer: mpsc::Sender<WriteFn>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: std::path::PathBuf,
@@ -178,6 +180,7 @@ impl SqliteStore {
             push_mark: Default::default(),
             federation_mark: Default::default(),
             leader: watch::Sender::new(true),
+            tag: crate::process_tag(),
         })
     }
 
@@ -960,6 +963,10 @@ fn claim_one(conn: &Connection, user: &str, device: &str, alg: &str) -> rusqlite
 impl Store for SqliteStore {
     fn current_position(&self) -> i64 {
         *self.position.borrow()
+    }
+
+    fn process_tag(&self) -> &str {
+        &self.tag
     }
 
     fn subscribe_position(&self) -> watch::Receiver<i64> {

@@ -388,7 +388,9 @@ pub async fn run(broker: Arc<Broker>, mut rd: Reader, wr: WriteHalf, peer: Optio
 /// Claims the client `key` for `owner` in the database; if a connection of
 /// another process had it, waits (at most [`TAKEOVER_WAIT`]) for that one
 /// to end and save its session (its process ends it on seeing the claim).
-/// A process that died leaves its claim: then the wait runs out.
+/// A process that died leaves its claim, but the store answers no owner
+/// for it (none of that process's connections to the database is left),
+/// so the new connection does not wait.
 async fn take_over_elsewhere(broker: &Broker, key: &str, owner: &str) {
     let services = &broker.services;
     let mut rx = services.subscribe_stream();

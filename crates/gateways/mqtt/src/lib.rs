@@ -157,13 +157,16 @@ impl Mqtt {
     /// runtime).
     pub fn new(services: Arc<Services>) -> Self {
         let shared = services.config.database.backend == "postgres";
+        // The store's tag: a claim whose process is gone is seen so
+        // (`Store::claim_mqtt_client`).
+        let nonce = services.process_tag().to_owned();
         let broker = Arc::new(Broker {
             services,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             shutdown: watch::Sender::new(false),
-            nonce: weft_services::accounts::random_string(16),
+            nonce,
             shared,
         });
         if shared {

@@ -1602,3 +1602,30 @@ async fn takeover_across_processes_moves_the_persistent_session() {
     assert_eq!(p.topic, topic);
     assert_eq!(body(&p.payload)["content"]["body"], "moved");
 }
+
+// Two processes on one PostgreSQL database: the process holding a
+// client's connection is killed (SIGKILL), so it never releases its claim
+// of the client ID. The client reconnecting through the other process is
+// not kept waiting for that release (the claim's process has no
+// connection to the database left): its CONNACK comes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_killed_process_reconnects_through_another_at_once() {
+    let Some(mut servers) = Server::cluster(2).await else {
+        return;
+    };
+    let alice = servers[0].register("alice").await;
+    let room = room_for(&alice).await;
+    let topic = format!("weft/r/{room}/e/m.room.message");
+    let mut first = c4(&servers[0], "phoenix", "alice", &alice.access_token, false);
+    first.connack().await;
+    first.client.subscribe(&topic, q1()).await.unwrap();
+    assert!(matches!(first.packet().await, rumqttc::Packet::SubAck(_)));
+    servers[0].kill();
+    let started = std::time::Instant::now();
+    let mut second = c4(&servers[1], "phoenix", "alice", &alice.access_token, false);
+    let ack = second.connack().await;
+    let took = started.elapsed();
+    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+    // A wait for the dead process's release would run 5 s.
+    assert!(took < Duration::from_secs(2), "CONNACK after {took:?}");
+}

@@ -327,8 +327,14 @@ pub(super) async fn delete_uia_session(s: &PgStore, session_id: &str) -> Result<
 pub(super) fn claim_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<Option<String>> {
     let (key, owner) = (key.to_owned(), owner.to_owned());
     s.write(move |c, ctx| {
+        // An owner whose process is gone (no connection of its store is
+        // open: it crashed) is answered as none: nobody will release it.
         let before: Option<String> = c
-            .query_opt("SELECT owner FROM mqtt_clients WHERE client_key = $1", &[&key])
+            .query_opt(
+                "SELECT owner FROM mqtt_clients m WHERE client_key = $1 AND EXISTS (SELECT 1 FROM \
+                 pg_stat_activity a WHERE a.application_name = 'weft ' || split_part(m.owner, '/', 1))",
+                &[&key],
+            )
             .map_err(pg_err)?
             .map(|r| r.get(0));
         c.execute(

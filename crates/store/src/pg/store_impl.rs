@@ -8,6 +8,10 @@ impl Store for PgStore {
         self.current()
     }
 
+    fn process_tag(&self) -> &str {
+        &self.tag
+    }
+
     fn subscribe_position(&self) -> tokio::sync::watch::Receiver<i64> {
         self.subscribe()
     }
