@@ -27,12 +27,6 @@ pub const MAX_PENDING_WAIT: Duration = Duration::from_secs(20);
 pub struct Media {
     pub(crate) blobs: Arc<dyn BlobStore>,
     thumbnailing: Semaphore,
-    /// Uploads hold it shared from storing their blob until their row
-    /// names it; deletions hold it alone from deleting rows until the
-    /// blobs they left unused are gone. So a deletion never removes a blob
-    /// that an upload of the same bytes is about to name. One process's
-    /// memory: docs/operations.md.
-    blob_gate: tokio::sync::RwLock<()>,
 }
 
 impl Media {
@@ -40,7 +34,6 @@ impl Media {
         Self {
             blobs,
             thumbnailing: Semaphore::new(thumbnail_concurrency.max(1)),
-            blob_gate: tokio::sync::RwLock::new(()),
         }
     }
 }
@@ -142,7 +135,7 @@ impl Services {
         filename: Option<&str>,
         body: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<String> {
-        let _gate = self.media.blob_gate.read().await;
+        let _gate = self.store.blob_gate(false).await?;
         let content = self.store_upload(session, content_type, filename, body).await?;
         let media_id = new_media_id();
         self.store
@@ -212,7 +205,7 @@ impl Services {
         if item.pending_until_ms.is_none_or(|t| t < now_ms()) {
             return Err(Error::forbidden("This media ID expired before its upload"));
         }
-        let _gate = self.media.blob_gate.read().await;
+        let _gate = self.store.blob_gate(false).await?;
         let content = self.store_upload(session, content_type, filename, body).await?;
         if self
             .store
@@ -412,7 +405,7 @@ impl Services {
             }
             Err(ThumbnailError::BadSize) => return Err(Error::invalid_param("width and height must be positive")),
         };
-        let _gate = self.media.blob_gate.read().await;
+        let _gate = self.store.blob_gate(false).await?;
         let blob = self
             .media
             .blobs
@@ -452,7 +445,7 @@ impl Services {
     /// Deletes items, their thumbnails and the blobs no other item uses.
     pub async fn delete_media(&self, media_ids: Vec<String>) -> Result<usize> {
         let n = media_ids.len();
-        let _gate = self.media.blob_gate.write().await;
+        let _gate = self.store.blob_gate(true).await?;
         let unused = self.store.delete_media(media_ids).await?;
         for sha in unused {
             if let Err(e) = self.media.blobs.delete(&sha).await {
@@ -577,7 +570,7 @@ impl Services {
             .with_status(502));
         }
         let filename = content.content_disposition.and_then(|d| d.filename);
-        let _gate = self.media.blob_gate.read().await;
+        let _gate = self.store.blob_gate(false).await?;
         let blob = self
             .media
             .blobs

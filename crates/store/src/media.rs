@@ -92,6 +92,10 @@ pub struct RoomFilesQuery {
     pub limit: usize,
 }
 
+/// A hold on the blob gate ([`MediaStore::blob_gate`]): released when
+/// dropped.
+pub struct BlobGate(pub Box<dyn Send + Sync>);
+
 #[async_trait]
 pub trait MediaStore: Send + Sync + 'static {
     /// Records a new item (uploaded or pending).
@@ -106,6 +110,15 @@ pub trait MediaStore: Send + Sync + 'static {
     /// Deletes items and their thumbnails; answers the blobs no row names
     /// any longer (the caller deletes those from the blob store).
     async fn delete_media(&self, media_ids: Vec<String>) -> Result<Vec<String>>;
+    /// Takes the blob gate, for every process on the database: uploads
+    /// hold it shared from storing their blob until their row names it,
+    /// deletions alone from deleting rows until the blobs they left unused
+    /// are gone, so a deletion never removes a blob an upload of the same
+    /// bytes (through any process) is about to name. Released when the
+    /// answer is dropped. SQLite: a lock in the one process; PostgreSQL: a
+    /// session advisory lock on a connection of its own (a process that
+    /// dies releases it with its connection).
+    async fn blob_gate(&self, exclusive: bool) -> Result<BlobGate>;
     async fn thumbnail(&self, media_id: &str, width: u32, height: u32, method: &str)
     -> Result<Option<ThumbnailRecord>>;
     async fn put_thumbnail(&self, thumbnail: ThumbnailRecord) -> Result<()>;

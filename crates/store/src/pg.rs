@@ -80,6 +80,9 @@ const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
 /// between processes starting at once.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
+/// The advisory lock of the media blob gate ([`MediaStore::blob_gate`]).
+/// (The leader lock is `…_0002`: `lease::LEADER_LOCK`.)
+pub(crate) const BLOB_GATE_LOCK: i64 = 0x7765_6674_0003;
 
 pub(crate) type PgResult<T> = std::result::Result<T, postgres::Error>;
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -360,6 +363,9 @@ enum Job {
 pub struct PgStore {
     /// [`Store::process_tag`], in every connection's URL.
     tag: String,
+    /// Connections kept for [`MediaStore::blob_gate`] (its locks are held
+    /// for an upload's length: not on a read connection).
+    gates: Arc<Mutex<Vec<PgConn>>>,
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<PgConn>>>,
     /// One per read connection there may be ([`READERS`]).
@@ -385,7 +391,8 @@ impl Drop for PgStore {
         // which panics on a tokio worker thread (where the last handle of a
         // store is usually dropped): the pooled read connections are
         // closed on a thread of their own.
-        let pooled = std::mem::take(&mut *self.readers.lock());
+        let mut pooled = std::mem::take(&mut *self.readers.lock());
+        pooled.append(&mut self.gates.lock());
         if !pooled.is_empty() {
             let _ = std::thread::Builder::new()
                 .name("weft-pg-close".into())
@@ -492,6 +499,7 @@ impl PgStore {
             .map_err(db_err)?;
         Ok(Self {
             tag,
+            gates: Default::default(),
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),

@@ -84,6 +84,8 @@ type WriteFn = Box<dyn FnOnce(&Connection, &mut WriterCtx) -> Done + Send>;
 pub struct SqliteStore {
     /// [`Store::process_tag`].
     tag: String,
+    /// [`MediaStore::blob_gate`]: one process per database.
+    blob_gate: Arc<tokio::sync::RwLock<()>>,
     writer: mpsc::Sender<WriteFn>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: std::path::PathBuf,
@@ -181,6 +183,7 @@ impl SqliteStore {
             federation_mark: Default::default(),
             leader: watch::Sender::new(true),
             tag: crate::process_tag(),
+            blob_gate: Default::default(),
         })
     }
 

@@ -8,7 +8,8 @@ use common::Backend;
 both!(
     media_rows_round_trip_usage_and_listing,
     a_pending_item_is_completed_once_by_its_uploader_in_time,
-    deleting_answers_only_blobs_no_row_names
+    deleting_answers_only_blobs_no_row_names,
+    the_blob_gate_is_shared_by_uploads_and_held_alone_by_a_deletion
 );
 
 use weft_store::{MediaContent, MediaQuery, MediaRecord, MediaUsage, ThumbnailRecord};
@@ -122,4 +123,39 @@ async fn deleting_answers_only_blobs_no_row_names(b: Backend) {
     assert!(store.media("A").await.unwrap().is_none());
     assert!(store.thumbnail("A", 32, 32, "crop").await.unwrap().is_none());
     assert_eq!(store.delete_media(vec!["B".into()]).await.unwrap(), ["a".repeat(64)]);
+}
+
+/// `blob_gate`: uploads share it, a deletion waits for them and holds it
+/// alone (new uploads wait for it), for every process on the database:
+/// on PostgreSQL the deletion is a second store, as another process.
+async fn the_blob_gate_is_shared_by_uploads_and_held_alone_by_a_deletion(b: Backend) {
+    use std::time::Duration;
+    let store = b.open();
+    let other = match &b {
+        Backend::Sqlite(_) => store.clone(),
+        Backend::Postgres(_) => b.open(),
+    };
+    let up1 = store.blob_gate(false).await.unwrap();
+    let up2 = other.blob_gate(false).await.unwrap();
+    let o = other.clone();
+    let mut deletion = tokio::spawn(async move { o.blob_gate(true).await.unwrap() });
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut deletion).await;
+    assert!(waited.is_err(), "a deletion waits for the uploads");
+    drop(up1);
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut deletion).await;
+    assert!(waited.is_err(), "a deletion waits for every upload");
+    drop(up2);
+    let held = tokio::time::timeout(Duration::from_secs(10), deletion)
+        .await
+        .expect("the deletion gets the gate once the uploads are done")
+        .unwrap();
+    let s = store.clone();
+    let mut upload = tokio::spawn(async move { s.blob_gate(false).await.unwrap() });
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut upload).await;
+    assert!(waited.is_err(), "an upload waits for the deletion");
+    drop(held);
+    let _up = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload gets the gate after the deletion")
+        .unwrap();
 }

@@ -36,6 +36,15 @@ fn to_i64(n: u64) -> i64 {
 
 #[async_trait]
 impl MediaStore for SqliteStore {
+    async fn blob_gate(&self, exclusive: bool) -> Result<BlobGate> {
+        let gate = self.blob_gate.clone();
+        Ok(BlobGate(if exclusive {
+            Box::new(gate.write_owned().await)
+        } else {
+            Box::new(gate.read_owned().await)
+        }))
+    }
+
     async fn create_media(&self, m: MediaRecord) -> Result<()> {
         self.write_wait(move |c, _| {
             let content = m.content.as_ref();
