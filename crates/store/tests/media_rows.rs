@@ -135,7 +135,17 @@ async fn the_blob_gate_is_shared_by_uploads_and_held_alone_by_a_deletion(b: Back
         Backend::Sqlite(_) => store.clone(),
         Backend::Postgres(_) => b.open(),
     };
-    let up1 = store.blob_gate(false).await.unwrap();
+    // The process leads (on PostgreSQL: holds the leader's advisory lock,
+    // which the gate's must not be).
+    let mut lead = store.leadership();
+    tokio::time::timeout(Duration::from_secs(15), lead.wait_for(|l| *l))
+        .await
+        .expect("the store leads")
+        .unwrap();
+    let up1 = tokio::time::timeout(Duration::from_secs(5), store.blob_gate(false))
+        .await
+        .expect("the gate is free")
+        .unwrap();
     let up2 = other.blob_gate(false).await.unwrap();
     let o = other.clone();
     let mut deletion = tokio::spawn(async move { o.blob_gate(true).await.unwrap() });
