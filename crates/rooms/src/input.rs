@@ -140,6 +140,27 @@ impl Rooms {
         let rules = &cache.rules;
         let bad = |e: String| Error::bad_json(format!("Invalid PDU: {e}"));
         state_res::check_pdu_format(&object, &rules.event_format).map_err(bad)?;
+        // These are stored as text, which on PostgreSQL cannot hold NUL:
+        // refused on every backend alike. (Content is JSON, which keeps a
+        // NUL escaped; what is derived from it is cleaned.)
+        let nul = |v: &ruma::CanonicalJsonValue| match v {
+            ruma::CanonicalJsonValue::String(s) => s.contains('\0'),
+            ruma::CanonicalJsonValue::Array(a) => a.iter().any(|e| e.as_str().is_some_and(|s| s.contains('\0'))),
+            _ => false,
+        };
+        for field in [
+            "type",
+            "state_key",
+            "sender",
+            "room_id",
+            "redacts",
+            "prev_events",
+            "auth_events",
+        ] {
+            if object.get(field).is_some_and(nul) {
+                return Err(bad(format!("its {field} holds a NUL character")));
+            }
+        }
         // Fields of another server's making that are not the event's.
         object.remove("unsigned");
         let hash = ruma::signatures::reference_hash(&object, rules).map_err(|e| bad(e.to_string()))?;

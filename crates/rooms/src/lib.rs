@@ -923,7 +923,13 @@ pub(crate) struct Derived {
 
 pub(crate) fn derived_fields(event_type: &str, content: &serde_json::value::RawValue) -> Derived {
     let content: serde_json::Value = serde_json::from_str(content.get()).unwrap_or_default();
-    let text = |key: &str| content.get(key).and_then(|m| m.as_str()).map(str::to_owned);
+    // Stored as text, which on PostgreSQL cannot hold NUL (another
+    // server's event may have one in its content): a value with one is no
+    // valid membership, visibility or event ID, and search text does
+    // without it.
+    let clean = |s: &str| (!s.contains('\0')).then(|| s.to_owned());
+    let text = |key: &str| content.get(key).and_then(|m| m.as_str()).and_then(clean);
+    let search = |key: &str| content.get(key).and_then(|m| m.as_str()).map(|s| s.replace('\0', " "));
     let search_key = match event_type {
         "m.room.message" => Some("body"),
         "m.room.name" => Some("name"),
@@ -937,11 +943,11 @@ pub(crate) fn derived_fields(event_type: &str, content: &serde_json::value::RawV
             .flatten(),
         relation: content.get("m.relates_to").and_then(|r| {
             Some(weft_store::Relation {
-                rel_type: r.get("rel_type")?.as_str()?.to_owned(),
-                parent_event_id: r.get("event_id")?.as_str()?.to_owned(),
+                rel_type: clean(r.get("rel_type")?.as_str()?)?,
+                parent_event_id: clean(r.get("event_id")?.as_str()?)?,
             })
         }),
-        search_text: search_key.and_then(text).filter(|t| !t.is_empty()),
+        search_text: search_key.and_then(search).filter(|t| !t.is_empty()),
     }
 }
 

@@ -191,6 +191,76 @@ async fn forged_tampered_and_unauthorized_pdus_are_refused_and_a_genuine_one_lan
     );
 }
 
+/// NUL (U+0000), which PostgreSQL's text cannot hold, in a peer's PDUs:
+/// in the content (JSON keeps it escaped; a relation naming such an ID is
+/// no relation) the event lands, whole, and its body is found by search;
+/// in a field stored as text (the state key, the type) the PDU is refused
+/// as malformed. The same on both backends.
+#[tokio::test]
+async fn nul_in_a_peers_pdu_lands_in_content_and_is_refused_in_its_keys() {
+    let (a, b) = two_servers().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let room = make_shared_room(&a, &alice, &bob).await;
+    let a_name = a.server_name().to_owned();
+    let forge = Forge {
+        a: &a,
+        b: &b,
+        alice: &alice,
+        room: room.clone(),
+    };
+    let b_key = signing_key(&b);
+    let body = json!({
+        "msgtype": "m.text",
+        "body": "nulled\u{0}reading 42",
+        "m.relates_to": { "rel_type": "org.example.re\u{0}l", "event_id": "$nul\u{0}led" },
+    });
+    let (text_id, text) = forge
+        .pdu(&bob.user_id, "m.room.message", None, body.clone(), &b_key, |_| {})
+        .await;
+    let answer = send_transaction(&b, &a_name, "nul-body", &json!({ "pdus": [text] })).expect("answered");
+    assert_eq!(result_of(&answer, &text_id), None, "{answer}");
+    let (status, ev) = alice
+        .get(&format!("rooms/{}/event/{}", enc(&room), enc(&text_id)))
+        .await;
+    assert_eq!(status, 200, "{ev}");
+    assert_eq!(ev["content"], body, "the content whole, NUL included");
+    let (status, found) = alice
+        .post(
+            "search",
+            json!({"search_categories": {"room_events": {"search_term": "nulled"}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{found}");
+    let hits: Vec<&str> = found["search_categories"]["room_events"]["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter_map(|r| r["result"]["event_id"].as_str())
+        .collect();
+    assert_eq!(hits, [text_id.as_str()], "{found}");
+
+    let (key_id, key) = forge
+        .pdu(
+            &bob.user_id,
+            "org.example.note",
+            Some("k\u{0}ey"),
+            json!({}),
+            &b_key,
+            |_| {},
+        )
+        .await;
+    let (type_id, kind) = forge
+        .pdu(&bob.user_id, "org.example\u{0}note", None, json!({}), &b_key, |_| {})
+        .await;
+    let answer = send_transaction(&b, &a_name, "nul-keys", &json!({ "pdus": [key, kind] })).expect("answered");
+    for id in [&key_id, &type_id] {
+        let error = result_of(&answer, id).expect("refused");
+        assert!(error.contains("NUL"), "{error}");
+        assert!(!forge.a_has(id).await, "{id} is not stored");
+    }
+}
+
 /// A request and the answer it must get: method, path, body, status,
 /// errcode.
 type Case = (&'static str, String, Option<Vec<u8>>, u16, &'static str);
