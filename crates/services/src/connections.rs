@@ -101,17 +101,10 @@ impl crate::Services {
     /// position (`None` when this process no longer remembers that far
     /// back): (key, `+owner` or `-owner`).
     pub fn mqtt_client_events(&self, after: i64, upto: i64) -> Option<Vec<(String, String)>> {
-        Some(
-            self.store
-                .changes_since(after)?
-                .into_iter()
-                .filter(|(p, _)| *p <= upto)
-                .filter_map(|(_, k)| match k {
-                    weft_store::StreamKey::MqttClient(key, event) => Some((key, event)),
-                    _ => None,
-                })
-                .collect(),
-        )
+        self.stream_keys(after, upto, |k| match k {
+            weft_store::StreamKey::MqttClient(key, event) => Some((key, event)),
+            _ => None,
+        })
     }
 
     /// This process's name among those on the database

@@ -400,10 +400,8 @@ impl Services {
                             return false;
                         }
                         let upto = *rx.borrow_and_update();
-                        let new_deadline = self.store.changes_since(seen).is_none_or(|c| {
-                            c.iter().any(|(p, k)| {
-                                *p <= upto && matches!(k, StreamKey::Typing(_) | StreamKey::Presence(_))
-                            })
+                        let new_deadline = self.stream_touched(seen, upto, |k| {
+                            matches!(k, StreamKey::Typing(_) | StreamKey::Presence(_))
                         });
                         seen = upto;
                         if new_deadline {

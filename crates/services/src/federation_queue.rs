@@ -603,15 +603,14 @@ async fn sender_manager(s: Arc<Services>) {
                     return;
                 }
                 let upto = *rx.borrow_and_update();
-                match s.store.changes_since(seen) {
-                    Some(changes) => {
-                        for (p, key) in changes {
-                            if let StreamKey::Outbox(d) = key
-                                && p <= upto
-                                && let Ok(d) = OwnedServerName::try_from(d)
-                            {
-                                start(&mut tasks, d);
-                            }
+                let woken = s.stream_keys(seen, upto, |k| match k {
+                    StreamKey::Outbox(d) => OwnedServerName::try_from(d).ok(),
+                    _ => None,
+                });
+                match woken {
+                    Some(destinations) => {
+                        for d in destinations {
+                            start(&mut tasks, d);
                         }
                     }
                     // Past what this process remembers: ask the database.

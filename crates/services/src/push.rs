@@ -667,10 +667,7 @@ async fn evaluator(s: Arc<Services>) {
         if upto > pos {
             // Positions that carried no event (receipts, account data,
             // notification rows) need no reading.
-            let has_events = behind
-                || s.store
-                    .changes_since(pos)
-                    .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Room(_))));
+            let has_events = behind || s.stream_touched(pos, upto, |k| matches!(k, StreamKey::Room(_)));
             if !has_events {
                 pos = upto;
                 continue;
@@ -711,16 +708,13 @@ async fn deliverer(s: Arc<Services>) {
                     return;
                 }
                 let upto = *rx.borrow_and_update();
-                match s.store.changes_since(seen) {
-                    Some(changes) => {
-                        let users: HashSet<String> = changes
-                            .into_iter()
-                            .filter(|(p, _)| *p <= upto)
-                            .filter_map(|(_, k)| match k {
-                                StreamKey::Notification(u, _) => Some(u),
-                                _ => None,
-                            })
-                            .collect();
+                let notified = s.stream_keys(seen, upto, |k| match k {
+                    StreamKey::Notification(u, _) => Some(u),
+                    _ => None,
+                });
+                match notified {
+                    Some(users) => {
+                        let users: HashSet<String> = users.into_iter().collect();
                         for u in users {
                             wake_pushers(&s, Some(&u)).await;
                         }

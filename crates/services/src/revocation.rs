@@ -87,10 +87,7 @@ impl crate::Services {
             let mut seen = *rx.borrow_and_update();
             while rx.changed().await.is_ok() {
                 let upto = *rx.borrow_and_update();
-                let revoked = s
-                    .store
-                    .changes_since(seen)
-                    .is_none_or(|c| c.iter().any(|(p, k)| *p <= upto && matches!(k, StreamKey::Revoked(_))));
+                let revoked = s.stream_touched(seen, upto, |k| matches!(k, StreamKey::Revoked(_)));
                 seen = upto;
                 if revoked {
                     s.accounts.revoked();

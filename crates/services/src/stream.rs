@@ -55,6 +55,33 @@ pub(crate) fn client_event_at(event: &StoredEvent, session: &crate::Session, now
 }
 
 impl Services {
+    /// What the stream positions in (`seen`, `upto`] carried that `pick`
+    /// picks, in stream order: `None` when this process's record of the
+    /// stream no longer reaches back to `seen` (the caller asks the
+    /// database instead). The followers of the stream (revocations, the
+    /// federation queue, push, MQTT claims) read their keys through it.
+    pub(crate) fn stream_keys<T>(
+        &self,
+        seen: i64,
+        upto: i64,
+        mut pick: impl FnMut(StreamKey) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        Some(
+            self.store
+                .changes_since(seen)?
+                .into_iter()
+                .filter(|(p, _)| *p <= upto)
+                .filter_map(|(_, k)| pick(k))
+                .collect(),
+        )
+    }
+
+    /// Whether a position in (`seen`, `upto`] carried a key `pred` takes,
+    /// true when this process's record no longer reaches back to `seen`.
+    pub(crate) fn stream_touched(&self, seen: i64, upto: i64, mut pred: impl FnMut(&StreamKey) -> bool) -> bool {
+        self.store.any_change(seen, upto, &mut pred).unwrap_or(true)
+    }
+
     /// Events after `since` in `rooms` that `user` may see, oldest first,
     /// at most `limit`. Rooms the user may not read are skipped (a door
     /// checks access when subscribing; this keeps a later leave or ban
