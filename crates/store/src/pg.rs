@@ -80,6 +80,9 @@ const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
 /// between processes starting at once.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
+/// Most connections holding the media blob gate at once: uploads past it
+/// wait for one.
+const GATES: usize = 8;
 /// The advisory lock of the media blob gate ([`MediaStore::blob_gate`]).
 /// (The leader lock is `…_0002`: `lease::LEADER_LOCK`.)
 pub(crate) const BLOB_GATE_LOCK: i64 = 0x7765_6674_0003;
@@ -364,8 +367,10 @@ pub struct PgStore {
     /// [`Store::process_tag`], in every connection's URL.
     tag: String,
     /// Connections kept for [`MediaStore::blob_gate`] (its locks are held
-    /// for an upload's length: not on a read connection).
+    /// for an upload's length: not on a read connection), at most
+    /// [`GATES`] at once.
     gates: Arc<Mutex<Vec<PgConn>>>,
+    gate_permits: Arc<tokio::sync::Semaphore>,
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<PgConn>>>,
     /// One per read connection there may be ([`READERS`]).
@@ -500,6 +505,7 @@ impl PgStore {
         Ok(Self {
             tag,
             gates: Default::default(),
+            gate_permits: Arc::new(tokio::sync::Semaphore::new(GATES)),
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),

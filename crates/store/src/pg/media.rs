@@ -41,6 +41,12 @@ impl MediaStore for PgStore {
     async fn blob_gate(&self, exclusive: bool) -> Result<BlobGate> {
         let gates = self.gates.clone();
         let url = self.url.clone();
+        let permit = self
+            .gate_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("media gate closed"))?;
         tokio::task::spawn_blocking(move || {
             let conn = gates.lock().pop();
             let mut conn = match conn {
@@ -57,6 +63,7 @@ impl MediaStore for PgStore {
                 conn: Some(conn),
                 gates,
                 exclusive,
+                permit: Some(permit),
             })))
         })
         .await
@@ -346,13 +353,16 @@ struct PgGate {
     conn: Option<PgConn>,
     gates: Arc<Mutex<Vec<PgConn>>>,
     exclusive: bool,
+    /// Given back once the connection is pooled again.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for PgGate {
     fn drop(&mut self) {
         let Some(mut conn) = self.conn.take() else { return };
-        let (gates, exclusive) = (self.gates.clone(), self.exclusive);
+        let (gates, exclusive, permit) = (self.gates.clone(), self.exclusive, self.permit.take());
         let unlock = move || {
+            let _permit = permit;
             let sql = if exclusive {
                 "SELECT pg_advisory_unlock($1)"
             } else {
