@@ -22,6 +22,26 @@ struct Forge<'a> {
     room: String,
 }
 
+/// Two federating servers, alice on A and bob on B, in a room A made.
+async fn alice_and_bob_in_a_room() -> (TestServer, TestServer, Client, Client, String) {
+    let (a, b) = two_servers().await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let room = make_shared_room(&a, &alice, &bob).await;
+    (a, b, alice, bob, room)
+}
+
+impl<'a> Forge<'a> {
+    fn new(a: &'a TestServer, b: &'a TestServer, alice: &'a Client, room: &str) -> Self {
+        Forge {
+            a,
+            b,
+            alice,
+            room: room.to_owned(),
+        }
+    }
+}
+
 impl Forge<'_> {
     /// The newest event of the room on A and its depth.
     async fn newest(&self) -> (String, u64) {
@@ -110,17 +130,9 @@ fn result_of(answer: &Value, id: &str) -> Option<String> {
 
 #[tokio::test]
 async fn forged_tampered_and_unauthorized_pdus_are_refused_and_a_genuine_one_lands() {
-    let (a, b) = two_servers().await;
-    let alice = a.register("alice").await;
-    let bob = b.register("bob").await;
-    let room = make_shared_room(&a, &alice, &bob).await;
+    let (a, b, alice, bob, room) = alice_and_bob_in_a_room().await;
     let a_name = a.server_name().to_owned();
-    let forge = Forge {
-        a: &a,
-        b: &b,
-        alice: &alice,
-        room: room.clone(),
-    };
+    let forge = Forge::new(&a, &b, &alice, &room);
     let b_key = signing_key(&b);
 
     // Forged: signed under B's name and key ID with another key.
@@ -198,17 +210,9 @@ async fn forged_tampered_and_unauthorized_pdus_are_refused_and_a_genuine_one_lan
 /// as malformed. The same on both backends.
 #[tokio::test]
 async fn nul_in_a_peers_pdu_lands_in_content_and_is_refused_in_its_keys() {
-    let (a, b) = two_servers().await;
-    let alice = a.register("alice").await;
-    let bob = b.register("bob").await;
-    let room = make_shared_room(&a, &alice, &bob).await;
+    let (a, b, alice, bob, room) = alice_and_bob_in_a_room().await;
     let a_name = a.server_name().to_owned();
-    let forge = Forge {
-        a: &a,
-        b: &b,
-        alice: &alice,
-        room: room.clone(),
-    };
+    let forge = Forge::new(&a, &b, &alice, &room);
     let b_key = signing_key(&b);
     let body = json!({
         "msgtype": "m.text",
