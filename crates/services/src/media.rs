@@ -135,8 +135,7 @@ impl Services {
         filename: Option<&str>,
         body: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<String> {
-        let _gate = self.store.blob_gate(false).await?;
-        let content = self.store_upload(session, content_type, filename, body).await?;
+        let (content, _gate) = self.store_upload(session, content_type, filename, body).await?;
         let media_id = new_media_id();
         self.store
             .create_media(MediaRecord {
@@ -205,8 +204,7 @@ impl Services {
         if item.pending_until_ms.is_none_or(|t| t < now_ms()) {
             return Err(Error::forbidden("This media ID expired before its upload"));
         }
-        let _gate = self.store.blob_gate(false).await?;
-        let content = self.store_upload(session, content_type, filename, body).await?;
+        let (content, _gate) = self.store_upload(session, content_type, filename, body).await?;
         if self
             .store
             .complete_media(media_id, session.user_id.as_str(), content.clone(), now_ms())
@@ -226,14 +224,20 @@ impl Services {
     }
 
     /// Streams an upload into the blob store within the size limit and
-    /// the uploader's quota.
+    /// the uploader's quota, then takes the blob gate (shared, for every
+    /// process: [`weft_store::MediaStore::blob_gate`]) for the caller to
+    /// hold until its row names the blob. The gate is not held while the
+    /// bytes come in (a slow client would hold it, and the connection
+    /// behind it, for as long as it likes): a deletion may have removed
+    /// an equal blob meanwhile, which the check under the gate finds
+    /// (`503`: the client sends the upload again).
     async fn store_upload(
         &self,
         session: &Session,
         content_type: Option<&str>,
         filename: Option<&str>,
         body: &mut (dyn AsyncRead + Send + Unpin),
-    ) -> Result<MediaContent> {
+    ) -> Result<(MediaContent, weft_store::BlobGate)> {
         crate::text::check_opt_text("Content-Type", content_type)?;
         crate::text::check_opt_text("filename", filename)?;
         let cfg = &self.config.media;
@@ -269,12 +273,25 @@ impl Services {
                 return Err(Error::bad_json(format!("The upload could not be read: {e}")));
             }
         };
-        Ok(MediaContent {
+        let gate = self.store.blob_gate(false).await?;
+        match self.media.blobs.size(&blob.sha256).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(Error::new(
+                    ErrorKind::Unknown,
+                    "Equal bytes were deleted while this upload came in: send it again",
+                )
+                .with_status(503));
+            }
+            Err(e) => return Err(Error::internal(format!("media blob store: {e}"))),
+        }
+        let content = MediaContent {
             sha256: blob.sha256,
             size: blob.size,
             content_type: content_type.map(str::to_owned),
             filename: filename.map(str::to_owned),
-        })
+        };
+        Ok((content, gate))
     }
 
     /// A local media item, or `404 M_NOT_FOUND` (also for other servers'
