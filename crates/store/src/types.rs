@@ -149,9 +149,9 @@ pub struct NewEvent {
 
 /// Builds a local message event again on other `prev_events`: new depth,
 /// hashes, signature and event ID, the same content, sender, auth events
-/// and timestamp. The PostgreSQL writer asks it, under the stream-head
-/// lock, when another process moved the event's room on by message events
-/// only (the room's state is the one the event was authorized against),
+/// and timestamp. The store's writer asks it (PostgreSQL: under the
+/// stream-head lock) when another writer moved the event's room on by
+/// message events only (the room's state is the one the event was authorized against),
 /// so an event refused once is never refused again: several processes
 /// sending to one room at full speed cannot starve each other.
 pub trait Rebase: Send + Sync {
@@ -207,6 +207,22 @@ impl NewEvent {
             && self.state_before.is_some()
             && self.state_before == self.state_after
             && self.state_after == current_group
+    }
+
+    /// This event built again ([`Rebase`]) on the room as the writer read
+    /// it: its extremities (`extremities`, the JSON array of
+    /// `rooms.extremities`), its state group and the greatest depth among
+    /// the extremities. `None` if it may not be ([`NewEvent::rebaseable`]).
+    pub fn rebased_on(&self, extremities: &str, group: Option<i64>, max_depth: Option<i64>) -> Option<NewEvent> {
+        let rebase = self.rebase.as_ref()?;
+        if !self.rebaseable(group) {
+            return None;
+        }
+        let extremities: Vec<String> = serde_json::from_str(extremities).ok()?;
+        if extremities.is_empty() {
+            return None;
+        }
+        rebase.0.rebase(self, &extremities, max_depth?)
     }
 
     /// The refusal of an event whose expected extremities moved.

@@ -153,7 +153,7 @@ impl AgainJob for EventJob {
 /// `ev`, refused because its room moved, built again on the room as stored
 /// if it may be ([`NewEvent::rebaseable`]).
 fn rebased(c: &mut PgConn, ev: &NewEvent) -> Option<NewEvent> {
-    let rebase = ev.rebase.as_ref()?;
+    ev.rebase.as_ref()?;
     let row = c
         .query_opt(
             "SELECT r.extremities, r.state_group, (SELECT max(e.depth) FROM events e \
@@ -162,15 +162,7 @@ fn rebased(c: &mut PgConn, ev: &NewEvent) -> Option<NewEvent> {
             &[&ev.room_id],
         )
         .ok()??;
-    let (extremities, group, depth): (String, Option<i64>, Option<i64>) = (row.get(0), row.get(1), row.get(2));
-    if !ev.rebaseable(group) {
-        return None;
-    }
-    let extremities: Vec<String> = serde_json::from_str(&extremities).ok()?;
-    if extremities.is_empty() {
-        return None;
-    }
-    rebase.0.rebase(ev, &extremities, depth?)
+    ev.rebased_on(row.get::<_, &str>(0), row.get(1), row.get(2))
 }
 
 /// Whether an event's whole write is its one statement when it moves the

@@ -355,9 +355,9 @@ pub(crate) fn stored_extremities(c: &Connection, room_id: &str) -> rusqlite::Res
 /// `ev`, refused because its room moved, built again on the room as stored
 /// if it may be ([`NewEvent::rebaseable`], [`crate::Rebase`]).
 pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<NewEvent>> {
-    let Some(rebase) = ev.rebase.as_ref() else {
+    if ev.rebase.is_none() {
         return Ok(None);
-    };
+    }
     let row: Option<(String, Option<i64>, Option<i64>)> = c
         .prepare_cached(
             "SELECT r.extremities, r.state_group, (SELECT max(e.depth) FROM events e \
@@ -366,17 +366,7 @@ pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<
         )?
         .query_row([&ev.room_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((extremities, group, Some(depth))) = row else {
-        return Ok(None);
-    };
-    if !ev.rebaseable(group) {
-        return Ok(None);
-    }
-    let extremities: Vec<String> = serde_json::from_str(&extremities).unwrap_or_default();
-    if extremities.is_empty() {
-        return Ok(None);
-    }
-    Ok(rebase.0.rebase(ev, &extremities, depth))
+    Ok(row.and_then(|(extremities, group, depth)| ev.rebased_on(&extremities, group, depth)))
 }
 
 /// Whether every prev event of `ev` is stored (or earlier in this
