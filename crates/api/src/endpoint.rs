@@ -495,7 +495,8 @@ impl Routes {
                     class,
                     <R::Authentication as CallerAuth>::user(&req.caller),
                     req.peer,
-                )?;
+                )
+                .await?;
                 handler(s, req).await.map(RumaResponse).map_err(ApiError)
             }
         };
@@ -517,7 +518,7 @@ impl Routes {
 /// Takes a call from the caller's bucket (calls without a session were
 /// charged to their IP by the IP layer already), and from the class's own
 /// buckets.
-pub(crate) fn charge(
+pub(crate) async fn charge(
     s: &AppState,
     class: RateClass,
     session: Option<&Session>,
@@ -530,7 +531,7 @@ pub(crate) fn charge(
     }
     match class {
         RateClass::Caller => Ok(()),
-        RateClass::Login => s.charge_sign_in(peer.map(|p| p.ip())),
+        RateClass::Login => s.charge_sign_in(peer.map(|p| p.ip())).await,
     }
 }
 

@@ -85,7 +85,8 @@ impl Routes {
                     class,
                     <R::Authentication as CallerAuth>::user(&req.caller),
                     req.peer,
-                )?;
+                )
+                .await?;
                 handler(s, req, Body::new(body)).await.map(RumaResponse)
             }
         };

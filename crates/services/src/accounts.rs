@@ -17,6 +17,7 @@ use weft_core::{Error, ErrorKind, Result};
 use weft_store::{NewUser, Store};
 
 use crate::RateLimiter;
+use crate::ratelimit::SharedLimiter;
 
 /// An authenticated device.
 #[derive(Debug, Clone)]
@@ -67,8 +68,8 @@ pub struct Accounts {
     /// are charged to the client address's bucket.
     requests: Arc<RateLimiter>,
     /// Failed password logins, a bucket per address (`ip:…`) and per
-    /// account (`user:…`).
-    failed_logins: RateLimiter,
+    /// account (`user:…`), in the database: shared by every process.
+    failed_logins: SharedLimiter,
 }
 
 /// (user ID, device ID).
@@ -233,6 +234,7 @@ impl Accounts {
         rate_limit: &RateLimitConfig,
     ) -> Self {
         Self {
+            failed_logins: SharedLimiter::failed_logins(store.clone(), rate_limit),
             store,
             server_name,
             registration,
@@ -240,7 +242,6 @@ impl Accounts {
             tokens: Mutex::new(TokenCache::default()),
             last_seen: Mutex::new(HashMap::new()),
             requests,
-            failed_logins: RateLimiter::failed_logins(rate_limit),
         }
     }
 
@@ -499,20 +500,20 @@ impl Accounts {
         };
         let address = ip.map(|ip| format!("ip:{ip}"));
         if let Some(a) = &address {
-            self.failed_logins.check(a)?;
+            self.failed_logins.check(a).await?;
         }
-        if let Err(e) = self.failed_logins.check(&account) {
+        if let Err(e) = self.failed_logins.check(&account).await {
             if let Some(a) = &address {
-                self.failed_logins.refund(a);
+                self.failed_logins.refund(a).await?;
             }
             return Err(e);
         }
         let checked = self.verify_login(user, password).await;
         if checked.is_ok() {
             if let Some(a) = &address {
-                self.failed_logins.refund(a);
+                self.failed_logins.refund(a).await?;
             }
-            self.failed_logins.refund(&account);
+            self.failed_logins.refund(&account).await?;
         }
         checked
     }

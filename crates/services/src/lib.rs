@@ -81,8 +81,9 @@ pub struct Services {
     pub limiter: Arc<RateLimiter>,
     /// Sign-in attempts (`/login`, `/register` and its checks) per client
     /// address (`[rate_limit]` login_per_second/login_burst): keys
-    /// `login:ADDRESS`, whether or not the caller has a session.
-    pub login_limiter: RateLimiter,
+    /// `login:ADDRESS`, whether or not the caller has a session. In the
+    /// database: shared by every process.
+    pub login_limiter: ratelimit::SharedLimiter,
     /// Open TCP connections per client address (`[limits]
     /// max_connections_per_ip`), shared by the HTTP and MQTT listeners.
     pub connections: Arc<ConnectionLimiter>,
@@ -130,7 +131,7 @@ impl Services {
             &config.rooms.default_room_version,
         )?);
         let limiter = Arc::new(RateLimiter::new(&config.rate_limit));
-        let login_limiter = RateLimiter::logins(&config.rate_limit);
+        let login_limiter = ratelimit::SharedLimiter::logins(store.clone(), &config.rate_limit);
         let accounts = Accounts::new(
             store.clone(),
             server_name.clone(),
@@ -220,11 +221,11 @@ impl Services {
 
     /// Takes one sign-in attempt from the client address's bucket
     /// (`login_limiter`); callers without a known address share one.
-    pub fn charge_sign_in(&self, ip: Option<std::net::IpAddr>) -> Result<()> {
+    pub async fn charge_sign_in(&self, ip: Option<std::net::IpAddr>) -> Result<()> {
         let key = ip
             .map(|ip| format!("login:{ip}"))
             .unwrap_or_else(|| "login:".to_owned());
-        self.login_limiter.check(&key)
+        self.login_limiter.check(&key).await
     }
 }
 

@@ -507,6 +507,20 @@ pub trait Store:
     /// Deletes the session (the flow it guarded is done).
     async fn delete_uia_session(&self, session_id: &str) -> Result<()>;
 
+    // ---- rate limits shared by processes (migration 0022) ----
+    /// Takes one request from the rate-limit bucket `bucket`, a generic
+    /// cell rate algorithm kept in one row: at the sustained rate one
+    /// request per `interval_us`, and a burst of `tolerance_us /
+    /// interval_us + 1`. Answers `None` when the request is let through,
+    /// or the microseconds until it would be. The clock is the database's
+    /// (PostgreSQL's, so processes with skewed clocks agree).
+    async fn take_rate_token(&self, bucket: &str, interval_us: i64, tolerance_us: i64) -> Result<Option<u64>>;
+    /// Gives back a request [`Store::take_rate_token`] let through.
+    async fn refund_rate_token(&self, bucket: &str, interval_us: i64) -> Result<()>;
+    /// Deletes the buckets that are full again (as good as no row);
+    /// answers how many.
+    async fn prune_rate_buckets(&self) -> Result<u64>;
+
     // ---- MQTT client IDs (session takeover across processes) ----
     /// Claims the MQTT client `key` (`USER\nCLIENT_ID`) for the connection
     /// `owner` (`PROCESS-TAG/CONNECTION`, the tag of the claiming

@@ -135,6 +135,10 @@ pub const SQLITE_TABLES: &[(&str, TablePlan)] = &[
     // next connect wait for a release that never comes.
     ("uia_sessions", TablePlan::Copy),
     ("mqtt_clients", TablePlan::Skip),
+    // Migration 0022: the sign-in rate-limit buckets. Copied, so an
+    // account or address that was being limited stays limited after the
+    // move (a row is at most a few minutes' worth of waiting).
+    ("rate_buckets", TablePlan::Copy),
 ];
 
 /// PostgreSQL tables with no SQLite twin, and what the migration does with

@@ -45,6 +45,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0019_compact_dag.sql"),
     include_str!("../migrations/0020_appservices.sql"),
     include_str!("../migrations/0021_process_state.sql"),
+    include_str!("../migrations/0022_rate_buckets.sql"),
 ];
 /// The migration after which rooms stored before the DAG get their state
 /// groups (a Rust step: `graph::fill_state_groups`).
@@ -71,6 +72,15 @@ pub(crate) const MAX_POSITION_SQL: &str = "SELECT MAX(COALESCE((SELECT MAX(posit
         COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0))";
 /// The lowest position of an event off the stream (0 or below).
 pub(crate) const MIN_POSITION_SQL: &str = "SELECT MIN(0, COALESCE((SELECT MIN(position) FROM events), 0))";
+
+/// Microseconds since the epoch: the clock of SQLite's rate-limit buckets
+/// (one process owns the database, so its clock is the only one).
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// What a write job leaves for after the commit: whether it succeeded (so
 /// its savepoint is kept) and how to answer its caller once the batch is
@@ -3042,6 +3052,60 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute([id]))
                 .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn take_rate_token(&self, bucket: &str, interval_us: i64, tolerance_us: i64) -> Result<Option<u64>> {
+        let bucket = bucket.to_owned();
+        self.write_wait(move |c, _| {
+            // The clock is read in the writer, where the row is changed.
+            let now = now_us();
+            // `excluded.tat_us` is `now + interval`: the new arrival time
+            // of a bucket that was full.
+            let taken = c
+                .prepare_cached(
+                    "INSERT INTO rate_buckets (bucket, tat_us) VALUES (?1, ?2 + ?3)
+                     ON CONFLICT (bucket) DO UPDATE
+                     SET tat_us = max(rate_buckets.tat_us + ?3, excluded.tat_us)
+                     WHERE rate_buckets.tat_us <= ?2 + ?4
+                     RETURNING tat_us",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![bucket, now, interval_us, tolerance_us], |_| Ok(()))
+                        .optional()
+                })
+                .map_err(db_err)?;
+            if taken.is_some() {
+                return Ok(None);
+            }
+            let tat: i64 = c
+                .prepare_cached("SELECT tat_us FROM rate_buckets WHERE bucket = ?1")
+                .and_then(|mut st| st.query_row([&bucket], |r| r.get(0)))
+                .map_err(db_err)?;
+            Ok(Some(tat.saturating_sub(now).saturating_sub(tolerance_us).max(1) as u64))
+        })
+        .await
+    }
+
+    async fn refund_rate_token(&self, bucket: &str, interval_us: i64) -> Result<()> {
+        let bucket = bucket.to_owned();
+        self.write_wait(move |c, _| {
+            c.prepare_cached("UPDATE rate_buckets SET tat_us = tat_us - ?2 WHERE bucket = ?1")
+                .and_then(|mut st| st.execute(params![bucket, interval_us]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_rate_buckets(&self) -> Result<u64> {
+        self.write_wait(move |c, _| {
+            let n = c
+                .prepare_cached("DELETE FROM rate_buckets WHERE tat_us < ?1")
+                .and_then(|mut st| st.execute([now_us()]))
+                .map_err(db_err)?;
+            Ok(n as u64)
         })
         .await
     }

@@ -16,7 +16,8 @@ both!(
     to_device_messages_to_several_users_and_devices,
     signatures_of_cross_signing_keys_outlive_deleted_devices,
     remote_device_lists_replaced_whole_and_marked_stale,
-    uia_sessions_seen_by_a_second_store_expire_and_finish
+    uia_sessions_seen_by_a_second_store_expire_and_finish,
+    rate_buckets_are_shared_by_stores_refunded_and_pruned_when_full
 );
 
 use std::sync::Arc;
@@ -853,4 +854,45 @@ async fn uia_sessions_seen_by_a_second_store_expire_and_finish(b: Backend) {
     assert_eq!(a.uia_session("s1", 0).await.unwrap(), None);
     assert_eq!(a.uia_session("s2", 0).await.unwrap(), Some(vec![]));
     drop(other);
+}
+
+// A rate-limit bucket taken from through one store is the same bucket for
+// another on the same database (a second process): a burst of three, then
+// refusals saying how long to wait; a refund gives one back; buckets are
+// apart by name; pruning deletes only buckets that are full again.
+async fn rate_buckets_are_shared_by_stores_refunded_and_pruned_when_full(b: Backend) {
+    const TEN_S: i64 = 10_000_000;
+    let a = b.open();
+    let other = b.open();
+    // A burst of 3: a tolerance of two intervals.
+    let take = |s: &Arc<dyn Store>, bucket: &'static str| {
+        let s = s.clone();
+        async move { s.take_rate_token(bucket, TEN_S, 2 * TEN_S).await.unwrap() }
+    };
+    assert_eq!(take(&a, "k1").await, None);
+    assert_eq!(take(&other, "k1").await, None);
+    assert_eq!(take(&a, "k1").await, None);
+    for s in [&a, &other] {
+        let wait = take(s, "k1").await.expect("the fourth is refused");
+        assert!(wait > 9_000_000 && wait <= 10_000_000, "wait {wait} µs");
+    }
+    // Refused requests took nothing: one refund lets exactly one through.
+    other.refund_rate_token("k1", TEN_S).await.unwrap();
+    assert_eq!(take(&a, "k1").await, None);
+    assert!(take(&other, "k1").await.is_some());
+    // Another bucket is full.
+    assert_eq!(take(&other, "k2").await, None);
+    // A bucket of one per microsecond is full again at once.
+    assert_eq!(a.take_rate_token("fast", 1, 0).await.unwrap(), None);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(
+        other.prune_rate_buckets().await.unwrap(),
+        1,
+        "only the full bucket goes"
+    );
+    assert_eq!(a.prune_rate_buckets().await.unwrap(), 0);
+    assert!(take(&a, "k1").await.is_some(), "k1 is still empty");
+    assert_eq!(take(&a, "k2").await, None);
+    assert_eq!(take(&a, "k2").await, None);
+    assert!(take(&a, "k2").await.is_some(), "k2 kept its first request");
 }

@@ -326,6 +326,58 @@ async fn wrong_password_series_on_one_account_is_limited_across_addresses() {
     assert_eq!(statuses, [403, 403, 403, 429, 429]);
 }
 
+// Two processes on one PostgreSQL database (docs/scale-out.md): the
+// sign-in buckets are rows of the database, so guesses and sign-ins spread
+// over both processes empty one bucket, not one per process (which would
+// let through twice the configured burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_limits_hold_across_processes() {
+    let Some(servers) = TestServer::builder()
+        .env("WEFT_RATE_LIMIT__ENABLED", "true")
+        .env("WEFT_RATE_LIMIT__FAILED_LOGIN_PER_SECOND", "0.01")
+        .env("WEFT_RATE_LIMIT__FAILED_LOGIN_BURST", "4")
+        .env("WEFT_RATE_LIMIT__LOGIN_PER_SECOND", "0.01")
+        .env("WEFT_RATE_LIMIT__LOGIN_BURST", "3")
+        .user("target", "the-right-password")
+        .user("walker", "walkers-own-password")
+        .start_cluster(2)
+        .await
+    else {
+        return;
+    };
+    let bases = [servers[0].base_url(), servers[1].base_url()];
+
+    // Wrong guesses at one account, each from another address and
+    // alternately through either process: the account's one bucket of 4.
+    let mut statuses = Vec::new();
+    for i in 0..6u8 {
+        let base = &bases[usize::from(i % 2)];
+        let (st, body) = login_from(&client_from(loopback(70 + i)), base, "target", "wrong-guess", None).await;
+        if st == 429 {
+            assert_limited(st, &body);
+        } else {
+            assert_eq!(body["errcode"], "M_FORBIDDEN", "{body}");
+        }
+        statuses.push(st);
+    }
+    assert_eq!(statuses, [403, 403, 403, 403, 429, 429]);
+    for base in &bases {
+        let (st, body) = login_from(&client_from(loopback(80)), base, "target", "the-right-password", None).await;
+        assert_limited(st, &body);
+    }
+
+    // Sign-ins from one address, alternately through either process: the
+    // address's one bucket of 3, right password or not.
+    let http = client_from(loopback(90));
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let (st, body) = login_from(&http, &bases[i % 2], "walker", "walkers-own-password", None).await;
+        assert!(st == 200 || st == 429, "{st} {body}");
+        statuses.push(st);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+}
+
 /// Reads from `s` until EOF or error; true if the server closed it
 /// within `within`.
 async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {

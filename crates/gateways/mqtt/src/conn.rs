@@ -485,7 +485,7 @@ async fn authenticate(
         };
     }
     // A password CONNECT is a sign-in, limited per address as `/login` is.
-    services.charge_sign_in(ip).map_err(|e| refusal(&e))?;
+    services.charge_sign_in(ip).await.map_err(|e| refusal(&e))?;
     match services.accounts.check_password(user, password, ip).await {
         Ok(user_id) => {
             let login = services

@@ -324,6 +324,74 @@ pub(super) async fn delete_uia_session(s: &PgStore, session_id: &str) -> Result<
     .await
 }
 
+/// The database's clock in microseconds since the epoch: every process's
+/// rate-limit buckets read the same clock.
+macro_rules! now_us {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+    };
+}
+
+pub(super) async fn take_rate_token(
+    s: &PgStore,
+    bucket: &str,
+    interval_us: i64,
+    tolerance_us: i64,
+) -> Result<Option<u64>> {
+    let bucket = bucket.to_owned();
+    s.write_wait(move |c, _| {
+        // As SQLite's: `excluded.tat_us` is `now + interval`, and the row
+        // lock of the upsert orders two processes taking from one bucket.
+        let taken = c
+            .query_opt(
+                concat!(
+                    "INSERT INTO rate_buckets (bucket, tat_us) VALUES ($1, ",
+                    now_us!(),
+                    " + $2)
+                     ON CONFLICT (bucket) DO UPDATE
+                     SET tat_us = GREATEST(rate_buckets.tat_us + $2, excluded.tat_us)
+                     WHERE rate_buckets.tat_us <= excluded.tat_us - $2 + $3
+                     RETURNING tat_us"
+                ),
+                &[&bucket, &interval_us, &tolerance_us],
+            )
+            .map_err(pg_err)?;
+        if taken.is_some() {
+            return Ok(None);
+        }
+        let ahead: i64 = c
+            .query_one(
+                concat!("SELECT tat_us - ", now_us!(), " FROM rate_buckets WHERE bucket = $1"),
+                &[&bucket],
+            )
+            .map_err(pg_err)?
+            .get(0);
+        Ok(Some(ahead.saturating_sub(tolerance_us).max(1) as u64))
+    })
+    .await
+}
+
+pub(super) async fn refund_rate_token(s: &PgStore, bucket: &str, interval_us: i64) -> Result<()> {
+    let bucket = bucket.to_owned();
+    s.write_wait(move |c, _| {
+        c.execute(
+            "UPDATE rate_buckets SET tat_us = tat_us - $2 WHERE bucket = $1",
+            &[&bucket, &interval_us],
+        )
+        .map_err(pg_err)?;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn prune_rate_buckets(s: &PgStore) -> Result<u64> {
+    s.write_wait(move |c, _| {
+        c.execute(concat!("DELETE FROM rate_buckets WHERE tat_us < ", now_us!()), &[])
+            .map_err(pg_err)
+    })
+    .await
+}
+
 pub(super) fn claim_mqtt_client(s: &PgStore, key: &str, owner: &str) -> Pending<Option<String>> {
     let (key, owner) = (key.to_owned(), owner.to_owned());
     s.write(move |c, ctx| {

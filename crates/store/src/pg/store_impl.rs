@@ -519,6 +519,18 @@ impl Store for PgStore {
         misc::delete_uia_session(self, session_id).await
     }
 
+    async fn take_rate_token(&self, bucket: &str, interval_us: i64, tolerance_us: i64) -> Result<Option<u64>> {
+        misc::take_rate_token(self, bucket, interval_us, tolerance_us).await
+    }
+
+    async fn refund_rate_token(&self, bucket: &str, interval_us: i64) -> Result<()> {
+        misc::refund_rate_token(self, bucket, interval_us).await
+    }
+
+    async fn prune_rate_buckets(&self) -> Result<u64> {
+        misc::prune_rate_buckets(self).await
+    }
+
     fn claim_mqtt_client(&self, key: &str, owner: &str) -> Pending<Option<String>> {
         misc::claim_mqtt_client(self, key, owner)
     }
