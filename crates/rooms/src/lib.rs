@@ -16,6 +16,7 @@ pub mod keys;
 mod pdu;
 mod perform;
 mod query;
+mod turn;
 mod visibility;
 
 use std::collections::HashMap;
@@ -177,6 +178,8 @@ pub struct Rooms {
     /// Queued message events the store's writer built again (see
     /// [`MessageRebase`]).
     rebased: RebasedIds,
+    /// This process's turns at rooms' state ([`turn`]).
+    turns: Arc<turn::Turns>,
 }
 
 /// Room versions this server creates and serves.
@@ -225,6 +228,7 @@ impl Rooms {
             default_version: parse_room_version(default_version)?,
             groups: Default::default(),
             rebased: Default::default(),
+            turns: Default::default(),
         })
     }
 
@@ -334,6 +338,12 @@ impl Rooms {
         spec: EventSpec,
     ) -> Result<(Ticket, OwnedEventId, weft_store::Pending<i64>)> {
         let slot = self.slot(room_id);
+        // A state event is built in this process's turn at the room's
+        // state (taken before the view's lock: see `rebuild`).
+        let share = match spec.state_key {
+            Some(_) => self.take_turn(room_id, &slot).await?,
+            None => None,
+        };
         let mut guard = slot.cache.lock().await;
         self.fresh(room_id, &slot, &mut guard).await?;
         let Some(cache) = guard.as_mut() else {
@@ -344,7 +354,7 @@ impl Rooms {
         let event_id = pdu.event_id.clone();
         cache.advance(Arc::new(pdu), &new_event);
         let view = cache.view;
-        let pending = self.store.persist_event(new_event);
+        let pending = turn::give_back_on_answer(self.store.persist_event(new_event), share);
         let id = slot.next_ticket.fetch_add(1, Ordering::Relaxed);
         slot.inflight.lock().insert(
             id,
@@ -358,6 +368,21 @@ impl Rooms {
         );
         drop(guard);
         Ok((Ticket { slot, id }, event_id, pending))
+    }
+
+    /// A share of this process's turn at the room's state ([`turn`]).
+    /// A turn just taken from the store makes the view stale: the process
+    /// that had it may have written to the room.
+    async fn take_turn(&self, room_id: &RoomId, slot: &Slot) -> Result<Option<Arc<turn::TurnShare>>> {
+        Ok(match self.turns.share(&*self.store, room_id).await? {
+            Some((share, taken)) => {
+                if taken {
+                    slot.stale.store(true, Ordering::Release);
+                }
+                Some(share)
+            }
+            None => None,
+        })
     }
 
     /// How the store's writer may build a queued message event again
@@ -423,6 +448,14 @@ impl Rooms {
     /// view (in their order).
     async fn rebuild(&self, room_id: &RoomId, ticket: &Ticket) -> Result<(OwnedEventId, weft_store::Pending<i64>)> {
         let slot = &ticket.slot;
+        // State events among those it may build again are built in this
+        // process's turn, taken before the view's lock (as `queue` does:
+        // the turn waits for shares that a holder of the lock would hold).
+        let states = slot.inflight.lock().values().any(|e| e.spec.state_key.is_some());
+        let share = match states {
+            true => self.take_turn(room_id, slot).await?,
+            false => None,
+        };
         let mut guard = slot.cache.lock().await;
         let failed_view = {
             let mut inflight = slot.inflight.lock();
@@ -451,7 +484,8 @@ impl Rooms {
                     ev.rebase = self.rebaser(&cache, &ev);
                     let id = pdu.event_id.clone();
                     cache.advance(Arc::new(pdu), &ev);
-                    (id, self.store.persist_event(ev))
+                    let share = ev.state_key.as_ref().and(share.clone());
+                    (id, turn::give_back_on_answer(self.store.persist_event(ev), share))
                 }
                 // No longer allowed (say, the sender was kicked meanwhile).
                 Err(e) => {

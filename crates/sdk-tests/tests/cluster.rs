@@ -323,6 +323,76 @@ async fn senders_racing_for_one_room_on_three_processes_all_succeed() {
     assert_linear(&servers[0], &alice[0], &room).await;
 }
 
+/// Devices on three processes setting state in one room at full speed
+/// (each its own state key, as sensors publishing their current value
+/// over MQTT do) while others send messages to it: every send answers
+/// `200`, none gives up with `503` (state events are built in turns, one
+/// process at a time: without them this fails within seconds), the
+/// room's current state holds each device's last value, and the room
+/// stays linear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
+    let Some(servers) = cluster(3).await else { return };
+    const WRITERS_PER_PROCESS: usize = 16;
+    const PER_WRITER: usize = 40;
+    let mut alice = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        alice.push(s.login_device("alice", PASSWORD, &format!("ALICE{i}")).await);
+    }
+    let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
+    let mut writers = Vec::new();
+    for (p, a) in alice.iter().enumerate() {
+        for w in 0..WRITERS_PER_PROCESS {
+            let (a, room) = (a.clone(), room.clone());
+            writers.push(tokio::spawn(async move {
+                for k in 0..PER_WRITER {
+                    let (st, v) = a
+                        .put(
+                            &format!("rooms/{}/state/org.weft.sensor/p{p}w{w}", enc(&room)),
+                            json!({"k": k}),
+                        )
+                        .await;
+                    assert_eq!(st, 200, "state {k} of writer {w} through process {p}: {v}");
+                }
+            }));
+        }
+    }
+    for (p, a) in alice.iter().enumerate() {
+        for w in 0..8 {
+            let (a, room) = (a.clone(), room.clone());
+            writers.push(tokio::spawn(async move {
+                for k in 0..40 {
+                    let (st, v) = a
+                        .put(
+                            &format!("rooms/{}/send/{TYPE}/mix{p}w{w}k{k}", enc(&room)),
+                            json!({"k": k}),
+                        )
+                        .await;
+                    assert_eq!(st, 200, "message {k} of writer {w} through process {p}: {v}");
+                }
+            }));
+        }
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    for (p, a) in alice.iter().enumerate() {
+        let (st, state) = a.get(&format!("rooms/{}/state", enc(&room))).await;
+        assert_eq!(st, 200, "{state}");
+        let sensors: Vec<&serde_json::Value> = state
+            .as_array()
+            .expect("state array")
+            .iter()
+            .filter(|e| e["type"] == "org.weft.sensor")
+            .collect();
+        assert_eq!(sensors.len(), 3 * WRITERS_PER_PROCESS, "through process {p}");
+        for e in sensors {
+            assert_eq!(e["content"]["k"], PER_WRITER - 1, "through process {p}: {e}");
+        }
+    }
+    assert_linear(&servers[0], &alice[0], &room).await;
+}
+
 /// The room's DAG has one forward extremity and no event has more than
 /// one prev event: our own processes never forked it (read from the
 /// shared database).

@@ -99,6 +99,19 @@ pub trait Store:
     /// without copying it; `None` if the record does not reach back to
     /// `since`.
     fn any_change(&self, since: i64, upto: i64, pred: &mut dyn FnMut(&StreamKey) -> bool) -> Option<bool>;
+    /// This process's turn at building state events for `room_id`, held
+    /// until the answer is dropped. With several processes on one
+    /// database their state events for one room are built one process at
+    /// a time, each on the state the previous one left, so none is
+    /// refused because another changed the room's state meanwhile
+    /// ([`weft_core::ErrorKind::RoomMoved`]) again and again. `None` where
+    /// one process writes the database (SQLite), whose room pipeline
+    /// takes turns in memory. PostgreSQL: a session advisory lock on a
+    /// connection of its own, released by a process that dies with it.
+    async fn room_turn(&self, room_id: &str) -> Result<Option<RoomTurn>> {
+        let _ = room_id;
+        Ok(None)
+    }
     /// Calls `hook` with the rooms other processes wrote events to,
     /// before the positions of those events are published (so whatever
     /// a woken reader asks of a room's view, the view was invalidated

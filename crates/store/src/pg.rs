@@ -66,6 +66,7 @@ pub(crate) use rooms::fold_diacritics;
 pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_schema.sql"),
     include_str!("../migrations/postgres/0002_process_state.sql"),
+    include_str!("../migrations/postgres/0003_rate_buckets.sql"),
 ];
 /// The schema version this binary migrates a PostgreSQL database to.
 pub fn pg_schema_version() -> usize {
@@ -80,12 +81,71 @@ const CHANNEL: &str = "weft_stream";
 /// Arbitrary key of the advisory lock that serializes schema migrations
 /// between processes starting at once.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7765_6674_0001;
-/// Most connections holding the media blob gate at once: uploads past it
-/// wait for one.
+/// Most connections holding a gate lock ([`GateLock`]: the media blob
+/// gate, rooms' state turns) at once: a lock past it waits for one.
 const GATES: usize = 8;
 /// The advisory lock of the media blob gate ([`MediaStore::blob_gate`]).
 /// (The leader lock is `…_0002`: `lease::LEADER_LOCK`.)
 pub(crate) const BLOB_GATE_LOCK: i64 = 0x7765_6674_0003;
+/// The first key of a room's state turn ([`Store::room_turn`]), whose
+/// second is a hash of the room ID: the two-key form, apart from every
+/// one-key lock above.
+const ROOM_TURN_CLASS: i32 = 0x7765_6674;
+
+/// A session advisory lock held on a gate connection of its own for as
+/// long as something (an upload, a room's state turn) needs it: not on a
+/// read connection, which it would keep.
+#[derive(Clone, Copy)]
+pub(crate) enum GateLock {
+    Shared(i64),
+    Exclusive(i64),
+    /// (class, object): the two-key form.
+    Pair(i32, i32),
+}
+
+impl GateLock {
+    fn run(self, conn: &mut PgConn, lock: bool) -> PgResult<postgres::Row> {
+        match (self, lock) {
+            (GateLock::Shared(k), true) => conn.query_one("SELECT pg_advisory_lock_shared($1)", &[&k]),
+            (GateLock::Shared(k), false) => conn.query_one("SELECT pg_advisory_unlock_shared($1)", &[&k]),
+            (GateLock::Exclusive(k), true) => conn.query_one("SELECT pg_advisory_lock($1)", &[&k]),
+            (GateLock::Exclusive(k), false) => conn.query_one("SELECT pg_advisory_unlock($1)", &[&k]),
+            (GateLock::Pair(a, b), true) => conn.query_one("SELECT pg_advisory_lock($1, $2)", &[&a, &b]),
+            (GateLock::Pair(a, b), false) => conn.query_one("SELECT pg_advisory_unlock($1, $2)", &[&a, &b]),
+        }
+    }
+}
+
+/// A held [`GateLock`]: its connection, unlocked and pooled again on a
+/// thread of its own when dropped (a connection may not be used, nor
+/// dropped, on a tokio worker: it blocks on its own runtime).
+pub(crate) struct GateHold {
+    conn: Option<PgConn>,
+    gates: Arc<Mutex<Vec<PgConn>>>,
+    lock: GateLock,
+    /// Given back once the connection is pooled again.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for GateHold {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        let (gates, lock, permit) = (self.gates.clone(), self.lock, self.permit.take());
+        let unlock = move || {
+            let _permit = permit;
+            // A connection that cannot unlock is closed, which unlocks.
+            if lock.run(&mut conn, false).is_ok() && !conn.is_closed() {
+                gates.lock().push(conn);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(unlock)),
+            Err(_) => {
+                let _ = std::thread::Builder::new().name("weft-pg-gate".into()).spawn(unlock);
+            }
+        }
+    }
+}
 
 pub(crate) type PgResult<T> = std::result::Result<T, postgres::Error>;
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -581,6 +641,46 @@ impl PgStore {
 
     fn send_job(&self, job: Job) {
         let _ = self.writer.send(job);
+    }
+
+    /// Takes `lock` on a gate connection, waiting for one of [`GATES`]
+    /// and then for the lock.
+    pub(crate) async fn gate_lock(&self, lock: GateLock) -> Result<GateHold> {
+        let gates = self.gates.clone();
+        let url = self.url.clone();
+        let permit = self
+            .gate_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("gate connections closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let conn = gates.lock().pop();
+            let mut conn = match conn {
+                Some(c) => c,
+                None => PgConn::connect(&url)?,
+            };
+            lock.run(&mut conn, true).map_err(pg_err)?;
+            Ok(GateHold {
+                conn: Some(conn),
+                gates,
+                lock,
+                permit: Some(permit),
+            })
+        })
+        .await
+        .map_err(|e| Error::internal(format!("gate lock task: {e}")))?
+    }
+
+    /// A room's state turn ([`Store::room_turn`]): its lock key is a hash
+    /// of the room ID (two rooms sharing one only take turns together).
+    pub(crate) async fn room_turn_lock(&self, room_id: &str) -> Result<GateHold> {
+        // FNV-1a, written out: every process, of any build, must hash a
+        // room alike (std's hasher may change between Rust releases).
+        let object = room_id
+            .bytes()
+            .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+        self.gate_lock(GateLock::Pair(ROOM_TURN_CLASS, object as i32)).await
     }
 
     pub(crate) async fn write_wait<T: Send + 'static>(

@@ -160,6 +160,10 @@ pub trait Rebase: Send + Sync {
     fn rebase(&self, ev: &NewEvent, extremities: &[String], max_depth: i64) -> Option<NewEvent>;
 }
 
+/// A hold on a room's state turn ([`crate::Store::room_turn`]): released
+/// when dropped.
+pub struct RoomTurn(pub Box<dyn Send + Sync>);
+
 /// A shared [`Rebase`].
 #[derive(Clone)]
 pub struct Rebaser(pub std::sync::Arc<dyn Rebase>);

@@ -39,35 +39,12 @@ fn limit(n: usize) -> i64 {
 #[async_trait::async_trait]
 impl MediaStore for PgStore {
     async fn blob_gate(&self, exclusive: bool) -> Result<BlobGate> {
-        let gates = self.gates.clone();
-        let url = self.url.clone();
-        let permit = self
-            .gate_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::internal("media gate closed"))?;
-        tokio::task::spawn_blocking(move || {
-            let conn = gates.lock().pop();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => PgConn::connect(&url)?,
-            };
-            let sql = if exclusive {
-                "SELECT pg_advisory_lock($1)"
-            } else {
-                "SELECT pg_advisory_lock_shared($1)"
-            };
-            conn.query_one(sql, &[&BLOB_GATE_LOCK]).map_err(pg_err)?;
-            Ok(BlobGate(Box::new(PgGate {
-                conn: Some(conn),
-                gates,
-                exclusive,
-                permit: Some(permit),
-            })))
-        })
-        .await
-        .map_err(|e| Error::internal(format!("blob gate task: {e}")))?
+        let lock = if exclusive {
+            GateLock::Exclusive(BLOB_GATE_LOCK)
+        } else {
+            GateLock::Shared(BLOB_GATE_LOCK)
+        };
+        Ok(BlobGate(Box::new(self.gate_lock(lock).await?)))
     }
 
     async fn create_media(&self, m: MediaRecord) -> Result<()> {
@@ -343,41 +320,5 @@ impl MediaStore for PgStore {
             .collect())
         })
         .await
-    }
-}
-
-/// A held blob gate: its connection, unlocked and pooled again on a
-/// thread of its own when dropped (a connection may not be used, nor
-/// dropped, on a tokio worker: it blocks on its own runtime).
-struct PgGate {
-    conn: Option<PgConn>,
-    gates: Arc<Mutex<Vec<PgConn>>>,
-    exclusive: bool,
-    /// Given back once the connection is pooled again.
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Drop for PgGate {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
-        let (gates, exclusive, permit) = (self.gates.clone(), self.exclusive, self.permit.take());
-        let unlock = move || {
-            let _permit = permit;
-            let sql = if exclusive {
-                "SELECT pg_advisory_unlock($1)"
-            } else {
-                "SELECT pg_advisory_unlock_shared($1)"
-            };
-            // A connection that cannot unlock is closed, which unlocks.
-            if conn.query_one(sql, &[&BLOB_GATE_LOCK]).is_ok() && !conn.is_closed() {
-                gates.lock().push(conn);
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(unlock)),
-            Err(_) => {
-                let _ = std::thread::Builder::new().name("weft-pg-gate".into()).spawn(unlock);
-            }
-        }
     }
 }

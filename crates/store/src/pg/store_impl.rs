@@ -519,6 +519,10 @@ impl Store for PgStore {
         misc::delete_uia_session(self, session_id).await
     }
 
+    async fn room_turn(&self, room_id: &str) -> Result<Option<RoomTurn>> {
+        Ok(Some(RoomTurn(Box::new(self.room_turn_lock(room_id).await?))))
+    }
+
     async fn take_rate_token(&self, bucket: &str, interval_us: i64, tolerance_us: i64) -> Result<Option<u64>> {
         misc::take_rate_token(self, bucket, interval_us, tolerance_us).await
     }
