@@ -270,31 +270,9 @@ async fn senders_racing_for_one_room_on_three_processes_all_succeed() {
     let Some(servers) = cluster(3).await else { return };
     const WRITERS_PER_PROCESS: usize = 8;
     const PER_WRITER: usize = 40;
-    let mut alice = Vec::new();
-    for (i, s) in servers.iter().enumerate() {
-        alice.push(s.login_device("alice", PASSWORD, &format!("ALICE{i}")).await);
-    }
+    let alice = alice_on_each(&servers).await;
     let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
-    let mut writers = Vec::new();
-    for (p, a) in alice.iter().enumerate() {
-        for w in 0..WRITERS_PER_PROCESS {
-            let (a, room) = (a.clone(), room.clone());
-            writers.push(tokio::spawn(async move {
-                let mut ids = Vec::new();
-                for k in 0..PER_WRITER {
-                    let (st, v) = a
-                        .put(
-                            &format!("rooms/{}/send/{TYPE}/race{p}w{w}k{k}", enc(&room)),
-                            json!({"p": p, "w": w, "k": k}),
-                        )
-                        .await;
-                    assert_eq!(st, 200, "send {k} of writer {w} through process {p}: {v}");
-                    ids.push(v["event_id"].as_str().unwrap().to_owned());
-                }
-                ids
-            }));
-        }
-    }
+    let writers = spawn_senders(&alice, &room, WRITERS_PER_PROCESS, PER_WRITER);
     let mut sent = HashSet::new();
     for w in writers {
         sent.extend(w.await.expect("writer"));
@@ -335,10 +313,7 @@ async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
     let Some(servers) = cluster(3).await else { return };
     const WRITERS_PER_PROCESS: usize = 16;
     const PER_WRITER: usize = 40;
-    let mut alice = Vec::new();
-    for (i, s) in servers.iter().enumerate() {
-        alice.push(s.login_device("alice", PASSWORD, &format!("ALICE{i}")).await);
-    }
+    let alice = alice_on_each(&servers).await;
     let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
     let mut writers = Vec::new();
     for (p, a) in alice.iter().enumerate() {
@@ -357,24 +332,12 @@ async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
             }));
         }
     }
-    for (p, a) in alice.iter().enumerate() {
-        for w in 0..8 {
-            let (a, room) = (a.clone(), room.clone());
-            writers.push(tokio::spawn(async move {
-                for k in 0..40 {
-                    let (st, v) = a
-                        .put(
-                            &format!("rooms/{}/send/{TYPE}/mix{p}w{w}k{k}", enc(&room)),
-                            json!({"k": k}),
-                        )
-                        .await;
-                    assert_eq!(st, 200, "message {k} of writer {w} through process {p}: {v}");
-                }
-            }));
-        }
-    }
+    let senders = spawn_senders(&alice, &room, 8, 40);
     for w in writers {
-        w.await.expect("writer");
+        w.await.expect("state setter");
+    }
+    for s in senders {
+        assert_eq!(s.await.expect("sender").len(), 40);
     }
     for (p, a) in alice.iter().enumerate() {
         let (st, state) = a.get(&format!("rooms/{}/state", enc(&room))).await;
@@ -391,6 +354,47 @@ async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
         }
     }
     assert_linear(&servers[0], &alice[0], &room).await;
+}
+
+/// Alice logged in on each process (device `ALICE{i}` on process `i`).
+async fn alice_on_each(servers: &[TestServer]) -> Vec<Client> {
+    let mut alice = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        alice.push(s.login_device("alice", PASSWORD, &format!("ALICE{i}")).await);
+    }
+    alice
+}
+
+/// `per_process` senders through each of `alice`'s processes, each
+/// sending `per_sender` messages to `room` one after the other, every one
+/// of which must answer `200`; each task answers its event IDs.
+fn spawn_senders(
+    alice: &[Client],
+    room: &str,
+    per_process: usize,
+    per_sender: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    let mut senders = Vec::new();
+    for (p, a) in alice.iter().enumerate() {
+        for w in 0..per_process {
+            let (a, room) = (a.clone(), room.to_owned());
+            senders.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for k in 0..per_sender {
+                    let (st, v) = a
+                        .put(
+                            &format!("rooms/{}/send/{TYPE}/race{p}w{w}k{k}", enc(&room)),
+                            json!({"p": p, "w": w, "k": k}),
+                        )
+                        .await;
+                    assert_eq!(st, 200, "send {k} of sender {w} through process {p}: {v}");
+                    ids.push(v["event_id"].as_str().unwrap().to_owned());
+                }
+                ids
+            }));
+        }
+    }
+    senders
 }
 
 /// The room's DAG has one forward extremity and no event has more than
@@ -424,10 +428,7 @@ async fn assert_linear(server: &TestServer, _client: &Client, room: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_process_killed_under_load_loses_no_acknowledged_event_and_its_clients_carry_on() {
     let Some(mut servers) = cluster(3).await else { return };
-    let mut alice = Vec::new();
-    for (i, s) in servers.iter().enumerate() {
-        alice.push(s.login_device("alice", PASSWORD, &format!("ALICE{i}")).await);
-    }
+    let alice = alice_on_each(&servers).await;
     let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
     let bases: Vec<String> = servers.iter().map(|s| s.base_url()).collect();
 
