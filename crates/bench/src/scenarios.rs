@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::api::{Api, Session};
-use crate::server::{cpu_seconds, rss_kib};
+use crate::server::{cpu_seconds, rss_kib, rss_split_kib};
 use crate::stats::{r2, summarize};
 use crate::{Bench, PASSWORD, Target, now_us};
 
@@ -645,6 +645,7 @@ async fn rss_run(bench: &Bench, target: &Target) -> Result<Value> {
     let read = |pid: Option<u32>| pid.and_then(|p| rss_kib(p).ok());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = read(target.pid);
+    let idle_split = target.pid.and_then(rss_split_kib);
 
     // A since token per user, so the long-polls actually wait.
     let api = Api::new(&target.url, o.rss_syncs + 16)?;
@@ -703,7 +704,9 @@ async fn rss_run(bench: &Bench, target: &Target) -> Result<Value> {
         "settle_s": settle.as_secs(),
         "rss_fresh_kib": target.rss_fresh_kib,
         "rss_idle_kib": idle.map(|v| v.0),
-        "rss_idle_note": "fresh: ready, no users yet; idle: after registering the users (password hashing), before the syncs",
+        "rss_idle_anon_kib": idle_split.map(|v| v.0),
+        "rss_idle_file_kib": idle_split.map(|v| v.1),
+        "rss_idle_note": "fresh: ready, no users yet; idle: after registering the users (password hashing), before the syncs; anon: heap and stacks, file: pages of the binary and libraries (shared, reclaimable)",
         "rss_with_syncs_kib": with_syncs.map(|v| v.0),
         "rss_per_open_sync_kib": per_sync,
         "rss_after_release_kib": after.map(|v| v.0),

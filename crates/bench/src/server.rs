@@ -171,6 +171,23 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:").context("no VmRSS")?, field("VmHWM:").unwrap_or(0)))
 }
 
+/// The anonymous (heap, stacks) and file-backed (the binary's and
+/// libraries' pages, shared and reclaimable) parts of `pid`'s resident set
+/// (RssAnon, RssFile), in KiB.
+pub fn rss_split_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// User + system CPU time consumed so far by `pid`, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
