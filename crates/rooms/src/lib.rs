@@ -341,7 +341,7 @@ impl Rooms {
         // A state event is built in this process's turn at the room's
         // state (taken before the view's lock: see `rebuild`).
         let share = match spec.state_key {
-            Some(_) => self.take_turn(room_id, &slot).await?,
+            Some(_) => self.take_turn(room_id, &slot).await,
             None => None,
         };
         let mut guard = slot.cache.lock().await;
@@ -373,16 +373,23 @@ impl Rooms {
     /// A share of this process's turn at the room's state ([`turn`]).
     /// A turn just taken from the store makes the view stale: the process
     /// that had it may have written to the room.
-    async fn take_turn(&self, room_id: &RoomId, slot: &Slot) -> Result<Option<Arc<turn::TurnShare>>> {
-        Ok(match self.turns.share(&*self.store, room_id).await? {
-            Some((share, taken)) => {
+    /// Without one (the store could not give it, say another process
+    /// holding it stopped answering), the event is built all the same: the
+    /// database still refuses it if the room moved meanwhile.
+    async fn take_turn(&self, room_id: &RoomId, slot: &Slot) -> Option<Arc<turn::TurnShare>> {
+        match self.turns.share(&*self.store, room_id).await {
+            Ok(Some((share, taken))) => {
                 if taken {
                     slot.stale.store(true, Ordering::Release);
                 }
                 Some(share)
             }
-            None => None,
-        })
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("room {room_id}: no state turn ({}); building without one", e.message);
+                None
+            }
+        }
     }
 
     /// How the store's writer may build a queued message event again
@@ -453,7 +460,7 @@ impl Rooms {
         // the turn waits for shares that a holder of the lock would hold).
         let states = slot.inflight.lock().values().any(|e| e.spec.state_key.is_some());
         let share = match states {
-            true => self.take_turn(room_id, slot).await?,
+            true => self.take_turn(room_id, slot).await,
             false => None,
         };
         let mut guard = slot.cache.lock().await;

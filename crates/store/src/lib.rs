@@ -107,7 +107,8 @@ pub trait Store:
     /// ([`weft_core::ErrorKind::RoomMoved`]) again and again. `None` where
     /// one process writes the database (SQLite), whose room pipeline
     /// takes turns in memory. PostgreSQL: a session advisory lock on a
-    /// connection of its own, released by a process that dies with it.
+    /// connection of its own, released by a process that dies with it; an
+    /// error after waiting 5 s for it (the caller goes on without a turn).
     async fn room_turn(&self, room_id: &str) -> Result<Option<RoomTurn>> {
         let _ = room_id;
         Ok(None)

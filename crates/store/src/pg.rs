@@ -91,6 +91,12 @@ pub(crate) const BLOB_GATE_LOCK: i64 = 0x7765_6674_0003;
 /// second is a hash of the room ID: the two-key form, apart from every
 /// one-key lock above.
 const ROOM_TURN_CLASS: i32 = 0x7765_6674;
+/// Longest wait for a room's state turn. A process that holds one and
+/// has stopped without closing its connection (frozen, cut off from the
+/// database) keeps it until PostgreSQL notices; past this wait the others
+/// build their state events without a turn, as before turns existed
+/// (checked by the database all the same, only more often refused).
+const ROOM_TURN_WAIT: &str = "SET lock_timeout = '5s'";
 
 /// A session advisory lock held on a gate connection of its own for as
 /// long as something (an upload, a room's state turn) needs it: not on a
@@ -110,7 +116,13 @@ impl GateLock {
             (GateLock::Shared(k), false) => conn.query_one("SELECT pg_advisory_unlock_shared($1)", &[&k]),
             (GateLock::Exclusive(k), true) => conn.query_one("SELECT pg_advisory_lock($1)", &[&k]),
             (GateLock::Exclusive(k), false) => conn.query_one("SELECT pg_advisory_unlock($1)", &[&k]),
-            (GateLock::Pair(a, b), true) => conn.query_one("SELECT pg_advisory_lock($1, $2)", &[&a, &b]),
+            (GateLock::Pair(a, b), true) => {
+                conn.batch(ROOM_TURN_WAIT)?;
+                let locked = conn.query_one("SELECT pg_advisory_lock($1, $2)", &[&a, &b]);
+                // Other gate locks on this connection wait as long as it takes.
+                conn.batch("SET lock_timeout = 0")?;
+                locked
+            }
             (GateLock::Pair(a, b), false) => conn.query_one("SELECT pg_advisory_unlock($1, $2)", &[&a, &b]),
         }
     }

@@ -7,6 +7,7 @@ mod common;
 use common::Backend;
 
 both!(
+    room_turns_are_one_process_at_a_time_and_waited_for_at_most_five_seconds,
     room_and_event_reads_and_forgetting,
     relations_and_threads_follow_replies_and_redactions,
     search_finds_word_prefixes_in_the_keys_asked,
@@ -1041,4 +1042,51 @@ async fn a_message_on_a_room_moved_by_messages_is_built_again_on_it(b: Backend) 
         weft_core::ErrorKind::RoomMoved
     );
     assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$t"]);
+}
+
+// A room's state turn (`Store::room_turn`): none on SQLite (one process).
+// On PostgreSQL one store (process) at a time holds a room's turn; others
+// wait for it, take other rooms' turns at once, and give up after 5 s of
+// waiting for one whose holder does not give it back.
+async fn room_turns_are_one_process_at_a_time_and_waited_for_at_most_five_seconds(b: Backend) {
+    use std::time::{Duration, Instant};
+    let a = b.open();
+    let Some(held) = a.room_turn("!r:t").await.unwrap() else {
+        assert!(matches!(b, Backend::Sqlite(_)), "only SQLite has no turns");
+        return;
+    };
+    let other = b.open();
+    let quick = Instant::now();
+    let elsewhere = other.room_turn("!s:t").await.unwrap().expect("a turn");
+    assert!(quick.elapsed() < Duration::from_secs(2), "another room's turn is free");
+    drop(elsewhere);
+    // Given back while the other waits: it gets it.
+    let waiter = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let turn = other.room_turn("!r:t").await;
+            (turn.map(|t| t.is_some()), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the turn is held");
+    drop(held);
+    let (got, waited) = waiter.await.unwrap();
+    assert!(got.unwrap(), "the turn once given back");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Held and never given back: the wait ends with an error after 5 s.
+    let _held = a.room_turn("!r:t").await;
+    // (The waiter's turn was dropped with its answer: `a` takes it again.)
+    let started = Instant::now();
+    let stuck = other.room_turn("!r:t").await;
+    let waited = started.elapsed();
+    assert!(stuck.is_err(), "no turn while another holds it");
+    assert!(
+        waited >= Duration::from_millis(4_500) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
 }
