@@ -159,16 +159,21 @@ impl Server {
 pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Ok((field("VmRSS:").context("no VmRSS")?, field("VmHWM:").unwrap_or(0)))
+    Ok((
+        status_kib(&status, "VmRSS:").context("no VmRSS")?,
+        status_kib(&status, "VmHWM:").unwrap_or(0),
+    ))
+}
+
+/// The figure (KiB) of the `name` line of a `/proc/PID/status` text.
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The anonymous (heap, stacks) and file-backed (the binary's and
@@ -176,16 +181,7 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
 /// (RssAnon, RssFile), in KiB.
 pub fn rss_split_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some((field("RssAnon:")?, field("RssFile:")?))
+    Some((status_kib(&status, "RssAnon:")?, status_kib(&status, "RssFile:")?))
 }
 
 /// User + system CPU time consumed so far by `pid`, in seconds.
