@@ -455,6 +455,11 @@ impl Rooms {
     /// view (in their order).
     async fn rebuild(&self, room_id: &RoomId, ticket: &Ticket) -> Result<(OwnedEventId, weft_store::Pending<i64>)> {
         let slot = &ticket.slot;
+        // Most refused events were built again already, by the rebuild of
+        // the first refused one: no turn to wait for then.
+        if let Ok(again) = replaced_or_view(slot, ticket.id)? {
+            return Ok(again);
+        }
         // State events among those it may build again are built in this
         // process's turn, taken before the view's lock (as `queue` does:
         // the turn waits for shares that a holder of the lock would hold).
@@ -464,15 +469,9 @@ impl Rooms {
             false => None,
         };
         let mut guard = slot.cache.lock().await;
-        let failed_view = {
-            let mut inflight = slot.inflight.lock();
-            let entry = inflight
-                .get_mut(&ticket.id)
-                .ok_or_else(|| Error::internal("in-flight event lost"))?;
-            if let Some(again) = entry.replaced.take() {
-                return Ok(again);
-            }
-            entry.view
+        let failed_view = match replaced_or_view(slot, ticket.id)? {
+            Ok(again) => return Ok(again),
+            Err(view) => view,
         };
         *guard = None;
         slot.stale.store(false, Ordering::Release);
@@ -1024,6 +1023,19 @@ fn sign_event(
     })?;
     let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
     Ok((event_id, hash.to_string()))
+}
+
+/// The new attempt an earlier event's rebuild made for the in-flight event
+/// `id` (taken), or else the view its last attempt was built on.
+fn replaced_or_view(
+    slot: &Slot,
+    id: u64,
+) -> Result<std::result::Result<(OwnedEventId, weft_store::Pending<i64>), u64>> {
+    let mut inflight = slot.inflight.lock();
+    let entry = inflight
+        .get_mut(&id)
+        .ok_or_else(|| Error::internal("in-flight event lost"))?;
+    Ok(entry.replaced.take().ok_or(entry.view))
 }
 
 /// Old event ID → the ID of the same event built again by the store's
