@@ -88,9 +88,10 @@ pub(crate) const MAX_CHAIN: i64 = 100;
 
 /// How often a local event is built again on a room another process
 /// wrote to meanwhile (each time after reading the room again) before the
-/// send fails with `503`. Only state events and events on a room whose
-/// state changed meanwhile come back here: the store's writer builds a
-/// message again itself ([`MessageRebase`]).
+/// send fails with `503`. Only events on a room whose state changed
+/// meanwhile (and a few others: see [`weft_store::NewEvent::rebaseable`])
+/// come back here: the store's writer builds the rest again itself
+/// ([`LocalRebase`]).
 const MAX_REBUILDS: u32 = 30;
 
 /// One room: the pipeline's view of it, under the room's lock, and the
@@ -175,8 +176,8 @@ pub struct Rooms {
     default_version: RoomVersionId,
     /// State group IDs reserved from the store and not used yet.
     groups: parking_lot::Mutex<std::collections::VecDeque<i64>>,
-    /// Queued message events the store's writer built again (see
-    /// [`MessageRebase`]).
+    /// Queued events the store's writer built again (see
+    /// [`LocalRebase`]).
     rebased: RebasedIds,
     /// This process's turns at rooms' state ([`turn`]).
     turns: Arc<turn::Turns>,
@@ -392,11 +393,12 @@ impl Rooms {
         }
     }
 
-    /// How the store's writer may build a queued message event again
-    /// ([`MessageRebase`]); state events are never rebuilt there.
+    /// How the store's writer may build a queued event again
+    /// ([`LocalRebase`]); it does only while the room's state is the one
+    /// the event was authorized against ([`NewEvent::rebaseable`]).
     fn rebaser(&self, cache: &RoomCache, ev: &NewEvent) -> Option<weft_store::Rebaser> {
-        (ev.state_key.is_none() && ev.kind == EventKind::Timeline).then(|| {
-            weft_store::Rebaser(Arc::new(MessageRebase {
+        (ev.kind == EventKind::Timeline && ev.new_room.is_none()).then(|| {
+            weft_store::Rebaser(Arc::new(LocalRebase {
                 server_name: self.server_name.clone(),
                 key: self.key.clone(),
                 rules: cache.rules.clone(),
@@ -460,14 +462,16 @@ impl Rooms {
         if let Ok(again) = replaced_or_view(slot, ticket.id)? {
             return Ok(again);
         }
-        // State events among those it may build again are built in this
-        // process's turn, taken before the view's lock (as `queue` does:
-        // the turn waits for shares that a holder of the lock would hold).
-        let states = slot.inflight.lock().values().any(|e| e.spec.state_key.is_some());
-        let share = match states {
-            true => self.take_turn(room_id, slot).await,
-            false => None,
-        };
+        // What comes back here was refused because the room's state
+        // changed (on messages only, the writer builds it again itself):
+        // built again in this process's turn at the room's state, taken
+        // before the view's lock (as `queue` does: the turn waits for
+        // shares that a holder of the lock would hold), and held until
+        // the writer answered for it, so no other process's state event
+        // can come between again. Without it, messages in a room that
+        // other processes set state in at full speed lose the race 30
+        // times in a row.
+        let share = self.take_turn(room_id, slot).await;
         let mut guard = slot.cache.lock().await;
         let failed_view = match replaced_or_view(slot, ticket.id)? {
             Ok(again) => return Ok(again),
@@ -490,8 +494,10 @@ impl Rooms {
                     ev.rebase = self.rebaser(&cache, &ev);
                     let id = pdu.event_id.clone();
                     cache.advance(Arc::new(pdu), &ev);
-                    let share = ev.state_key.as_ref().and(share.clone());
-                    (id, turn::give_back_on_answer(self.store.persist_event(ev), share))
+                    (
+                        id,
+                        turn::give_back_on_answer(self.store.persist_event(ev), share.clone()),
+                    )
                 }
                 // No longer allowed (say, the sender was kicked meanwhile).
                 Err(e) => {
@@ -1043,19 +1049,21 @@ fn replaced_or_view(
 /// event's sender takes it ([`Rooms::settle`]).
 type RebasedIds = Arc<parking_lot::Mutex<HashMap<String, OwnedEventId>>>;
 
-/// How a queued local message event is built again on other
-/// `prev_events` ([`weft_store::Rebase`]): the same content, sender, auth
-/// events and timestamp, the new prev events and depth, hashed and signed
-/// again with this server's key (so a new event ID). The writer asks only
-/// when the room's state is the one the event was authorized against.
-struct MessageRebase {
+/// How a queued local event is built again on other `prev_events`
+/// ([`weft_store::Rebase`]): the same content, sender, auth events and
+/// timestamp, the new prev events and depth, hashed and signed again with
+/// this server's key (so a new event ID). The writer asks only when the
+/// room's state is the one the event was authorized against, so the same
+/// auth events still allow it; a state event's new state group is renamed
+/// to its new ID by the store ([`NewEvent::rebased_on`]).
+struct LocalRebase {
     server_name: OwnedServerName,
     key: Arc<Ed25519KeyPair>,
     rules: RoomVersionRules,
     ids: RebasedIds,
 }
 
-impl weft_store::Rebase for MessageRebase {
+impl weft_store::Rebase for LocalRebase {
     fn rebase(&self, ev: &NewEvent, extremities: &[String], max_depth: i64) -> Option<NewEvent> {
         let mut obj: CanonicalJsonObject = serde_json::from_str(&ev.pdu_json).ok()?;
         for field in ["hashes", "signatures", "unsigned"] {

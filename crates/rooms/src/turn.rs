@@ -4,7 +4,9 @@
 //! through several processes at full speed keep refusing each other's
 //! events ([`weft_core::ErrorKind::RoomMoved`]: each was built on a state
 //! another changed meanwhile), and a send could give up after its
-//! rebuilds.
+//! rebuilds. Any event refused because another process changed the
+//! room's state is built again in a turn too (a message as well), so
+//! that no other process's state change comes between again.
 //!
 //! One process's state events for a room share its turn: the first takes
 //! it from the store (PostgreSQL: an advisory lock), later ones join it

@@ -272,7 +272,7 @@ async fn senders_racing_for_one_room_on_three_processes_all_succeed() {
     const PER_WRITER: usize = 40;
     let alice = alice_on_each(&servers).await;
     let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
-    let writers = spawn_senders(&alice, &room, WRITERS_PER_PROCESS, PER_WRITER);
+    let writers = spawn_senders(&alice, &room, &[WRITERS_PER_PROCESS; 3], PER_WRITER);
     let mut sent = HashSet::new();
     for w in writers {
         sent.extend(w.await.expect("writer"));
@@ -304,20 +304,40 @@ async fn senders_racing_for_one_room_on_three_processes_all_succeed() {
 /// Devices on three processes setting state in one room at full speed
 /// (each its own state key, as sensors publishing their current value
 /// over MQTT do) while others send messages to it: every send answers
-/// `200`, none gives up with `503` (state events are built in turns, one
-/// process at a time: without them this fails within seconds), the
-/// room's current state holds each device's last value, and the room
-/// stays linear.
+/// `200`, none gives up with `503`, the room's current state holds each
+/// device's last value, and the room stays linear. State events are built
+/// in turns, one process at a time (without them this fails within
+/// seconds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
+    state_and_messages_race([16, 16, 16], [8, 8, 8]).await;
+}
+
+/// Devices setting state in one room through one process, while senders
+/// on the two others send messages to it at full speed: no turn is ever
+/// waited for, so each side's events keep landing under the other's.
+/// Every send answers `200`: an event refused because the state changed
+/// is built again in its process's turn (without that, sends of both
+/// kinds fail with `503` within seconds), and the writer builds a state
+/// event again on top of other processes' messages itself (the store's
+/// contract test `a_message_on_a_room_moved_by_messages_is_built_again_on_it`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_through_one_process_and_messages_through_two_others_all_succeed() {
+    state_and_messages_race([24, 0, 0], [0, 12, 12]).await;
+}
+
+/// `setters[p]` devices on process `p` each set their own state key in
+/// one room 40 times, while `senders[p]` senders on it send 40 messages
+/// each; every request must answer `200`, the state read through each
+/// process must hold each device's last value, and the room stay linear.
+async fn state_and_messages_race(setters: [usize; 3], senders: [usize; 3]) {
     let Some(servers) = cluster(3).await else { return };
-    const WRITERS_PER_PROCESS: usize = 16;
     const PER_WRITER: usize = 40;
     let alice = alice_on_each(&servers).await;
     let room = alice[0].create_room(json!({"preset": "private_chat"})).await;
     let mut writers = Vec::new();
     for (p, a) in alice.iter().enumerate() {
-        for w in 0..WRITERS_PER_PROCESS {
+        for w in 0..setters[p] {
             let (a, room) = (a.clone(), room.clone());
             writers.push(tokio::spawn(async move {
                 for k in 0..PER_WRITER {
@@ -332,7 +352,7 @@ async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
             }));
         }
     }
-    let senders = spawn_senders(&alice, &room, 8, 40);
+    let senders = spawn_senders(&alice, &room, &senders, 40);
     for w in writers {
         w.await.expect("state setter");
     }
@@ -348,7 +368,7 @@ async fn state_setters_racing_for_one_room_on_three_processes_all_succeed() {
             .iter()
             .filter(|e| e["type"] == "org.weft.sensor")
             .collect();
-        assert_eq!(sensors.len(), 3 * WRITERS_PER_PROCESS, "through process {p}");
+        assert_eq!(sensors.len(), setters.iter().sum::<usize>(), "through process {p}");
         for e in sensors {
             assert_eq!(e["content"]["k"], PER_WRITER - 1, "through process {p}: {e}");
         }
@@ -365,18 +385,18 @@ async fn alice_on_each(servers: &[TestServer]) -> Vec<Client> {
     alice
 }
 
-/// `per_process` senders through each of `alice`'s processes, each
+/// `per_process[p]` senders through each of `alice`'s processes `p`, each
 /// sending `per_sender` messages to `room` one after the other, every one
 /// of which must answer `200`; each task answers its event IDs.
 fn spawn_senders(
     alice: &[Client],
     room: &str,
-    per_process: usize,
+    per_process: &[usize],
     per_sender: usize,
 ) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
     let mut senders = Vec::new();
     for (p, a) in alice.iter().enumerate() {
-        for w in 0..per_process {
+        for w in 0..per_process[p] {
             let (a, room) = (a.clone(), room.to_owned());
             senders.push(tokio::spawn(async move {
                 let mut ids = Vec::new();

@@ -141,19 +141,21 @@ pub struct NewEvent {
     /// the room since this one's view of it was made, and an event built
     /// on a stale view would fork the room's DAG and state.
     pub expect_extremities: Option<Vec<String>>,
-    /// For a local message event: how to build it again on the room as
-    /// stored, should it be refused as [`NewEvent::room_moved`] (see
-    /// [`Rebase`]).
+    /// For a local event: how to build it again on the room as stored,
+    /// should it be refused as [`NewEvent::room_moved`] (see [`Rebase`]
+    /// and [`NewEvent::rebaseable`]).
     pub rebase: Option<Rebaser>,
 }
 
-/// Builds a local message event again on other `prev_events`: new depth,
-/// hashes, signature and event ID, the same content, sender, auth events
-/// and timestamp. The store's writer asks it (PostgreSQL: under the
+/// Builds a local event again on other `prev_events`: new depth, hashes,
+/// signature and event ID, the same content, sender, auth events and
+/// timestamp. The store's writer asks it (PostgreSQL: under the
 /// stream-head lock) when another writer moved the event's room on by
-/// message events only (the room's state is the one the event was authorized against),
-/// so an event refused once is never refused again: several processes
-/// sending to one room at full speed cannot starve each other.
+/// message events only (the room's state is the one the event was
+/// authorized against: see [`NewEvent::rebaseable`]), so an event refused
+/// once is never refused again: several processes sending to one room at
+/// full speed cannot starve each other, nor starve a state event of
+/// theirs.
 pub trait Rebase: Send + Sync {
     /// `ev` built on `extremities` (the room's, every one; the greatest
     /// depth among them `max_depth`), or `None` if it cannot be.
@@ -199,24 +201,31 @@ impl NewEvent {
 
     /// Whether the writer may build it again on the room's extremities
     /// ([`Rebase`]) when it finds the room moved: a local timeline event
-    /// that changes no state, on a room whose state group is still the
-    /// one the event was authorized against (`current_group`).
+    /// on a room whose state group is still the one the event was
+    /// authorized against (`current_group`), so only messages moved it.
+    /// A state event may be too: its new state group and current-state
+    /// change are renamed with it ([`NewEvent::rebased_on`]). (The writer
+    /// also checks that every other event it names is stored:
+    /// [`NewEvent::names`].)
     pub fn rebaseable(&self, current_group: Option<i64>) -> bool {
+        let state = match &self.current_state {
+            None => self.new_groups.is_empty() && self.state_after == self.state_before,
+            Some(change) => self.state_key.is_some() && self.state_after == Some(change.group),
+        };
         self.rebase.is_some()
             && self.kind == EventKind::Timeline
-            && self.state_key.is_none()
             && self.new_room.is_none()
-            && self.current_state.is_none()
-            && self.new_groups.is_empty()
             && self.state_before.is_some()
-            && self.state_before == self.state_after
-            && self.state_after == current_group
+            && self.state_before == current_group
+            && state
     }
 
     /// This event built again ([`Rebase`]) on the room as the writer read
     /// it: its extremities (`extremities`, the JSON array of
     /// `rooms.extremities`), its state group and the greatest depth among
     /// the extremities. `None` if it may not be ([`NewEvent::rebaseable`]).
+    /// A state event's new groups and current-state change name it by its
+    /// new ID.
     pub fn rebased_on(&self, extremities: &str, group: Option<i64>, max_depth: Option<i64>) -> Option<NewEvent> {
         let rebase = self.rebase.as_ref()?;
         if !self.rebaseable(group) {
@@ -226,7 +235,42 @@ impl NewEvent {
         if extremities.is_empty() {
             return None;
         }
-        rebase.0.rebase(self, &extremities, max_depth?)
+        let mut again = rebase.0.rebase(self, &extremities, max_depth?)?;
+        let renamed = again.event_id.clone();
+        let rename = |e: &mut (String, String, String)| {
+            if e.2 == self.event_id {
+                e.2.clone_from(&renamed);
+            }
+        };
+        again
+            .new_groups
+            .iter_mut()
+            .flat_map(|g| g.entries.iter_mut())
+            .for_each(rename);
+        if let Some(change) = again.current_state.as_mut() {
+            change.changes.iter_mut().for_each(rename);
+        }
+        Some(again)
+    }
+
+    /// The other events it names as its auth events or in the state it
+    /// makes (a snapshot group holds the whole state), which must be
+    /// stored for it to be built again on the room as stored
+    /// ([`NewEvent::rebased_on`]): one this process built on top of another
+    /// of its events that was itself built again names that one's old ID,
+    /// never stored, and goes back to its builder.
+    pub fn names(&self) -> Vec<&str> {
+        let state = self.new_groups.iter().flat_map(|g| &g.entries);
+        let changes = self.current_state.iter().flat_map(|c| &c.changes);
+        let mut ids: Vec<&str> = state
+            .chain(changes)
+            .map(|e| e.2.as_str())
+            .chain(self.auth_events.iter().map(String::as_str))
+            .filter(|id| *id != self.event_id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// The refusal of an event whose expected extremities moved.

@@ -985,8 +985,9 @@ impl weft_store::Rebase for Renamer {
 /// `NewEvent::rebase`: a message built on a stale view of a room that
 /// only messages moved on since (its state group is the room's) is built
 /// again on the room's extremities by the writer and stored, in the place
-/// of the refusal; a state change since, or a state event, is still
-/// refused (`RoomMoved`).
+/// of the refusal, and so is a state event; a state change since, an
+/// auth event built again meanwhile, or a snapshot group is still refused
+/// (`RoomMoved`).
 async fn a_message_on_a_room_moved_by_messages_is_built_again_on_it(b: Backend) {
     let store = b.open();
     let renamer = Arc::new(Renamer(Default::default()));
@@ -1035,13 +1036,81 @@ async fn a_message_on_a_room_moved_by_messages_is_built_again_on_it(b: Backend) 
     assert_eq!(stale.kind, weft_core::ErrorKind::RoomMoved, "{stale:?}");
     assert_eq!(renamer.0.lock().unwrap().len(), asked, "not asked");
     assert!(store.get_event("$e+").await.unwrap().is_none());
-    // A state event on a stale view, even with a rebaser: refused.
-    let st = rebasing(state(ev("$s", &["$d+"], &["$c"], 5), "m.room.name", "", 3), &["$d+"], 2);
+    // A state event on a view that only messages made stale (the room's
+    // group is still 2): built again too, its new group and the current
+    // state naming it by its new ID.
+    let asked = renamer.0.lock().unwrap().len();
+    let name = |id: &str, prevs: &[&str], group: i64| {
+        let mut st = rebasing(state(ev(id, prevs, &["$c"], 5), "m.room.name", "", group), prevs, 2);
+        st.state_after = Some(group);
+        st.new_groups = vec![NewStateGroup {
+            id: group,
+            prev_group: Some(2),
+            chain: 2,
+            entries: vec![("m.room.name".into(), "".into(), id.into())],
+        }];
+        st
+    };
+    put(&store, ev("$f", &["$t"], &["$c"], 6)).await;
+    let p_s = put(&store, name("$s", &["$t"], 3)).await;
+    assert_eq!(renamer.0.lock().unwrap().len(), asked + 1);
+    assert!(store.get_event("$s").await.unwrap().is_none());
+    assert_eq!(store.get_event("$s+").await.unwrap().unwrap().position, p_s);
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$s+"]);
+    let named = |evs: Vec<weft_store::StoredEvent>| {
+        evs.into_iter()
+            .filter(|e| e.event_type == "m.room.name")
+            .map(|e| e.event_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named(store.current_state(ROOM).await.unwrap()), ["$s+"]);
+    assert_eq!(named(store.state_at(ROOM, p_s).await.unwrap()), ["$s+"]);
+    // One built on `$s` by its process, with `$s` (never stored) among
+    // its auth events: the state is group 3 all the same, but it goes
+    // back to its builder.
+    put(&store, ev("$g", &["$s+"], &["$c"], 7)).await;
+    let mut on_old = rebasing(ev("$h", &["$s"], &["$c", "$s"], 7), &["$s"], 3);
+    on_old.state_before = Some(3);
+    let refused = store.persist_event(on_old).await.unwrap().unwrap_err();
+    assert_eq!(refused.kind, weft_core::ErrorKind::RoomMoved, "{refused:?}");
+    assert!(store.get_event("$h+").await.unwrap().is_none());
+    // A state event whose new group is a snapshot (the whole state):
+    // built again when every event it names is stored, refused when one
+    // is not; one on a state group that is not the room's, refused.
+    let snapshot = |id: &str, topic: &str, group: i64| {
+        let mut st = name(id, &["$s+"], group);
+        st.state_before = Some(3);
+        st.new_groups[0].prev_group = None;
+        st.new_groups[0].chain = 0;
+        for (t, e) in [("m.room.create", "$c"), ("m.room.topic", topic), ("m.room.name", "$s+")] {
+            st.new_groups[0].entries.push((t.into(), "".into(), e.into()));
+        }
+        st.new_groups[0].entries.retain(|e| e.0 != "m.room.name" || e.2 == id);
+        st
+    };
+    for st in [snapshot("$i", "$t0", 4), name("$j", &["$s+"], 5)] {
+        let refused = store.persist_event(st).await.unwrap().unwrap_err();
+        assert_eq!(refused.kind, weft_core::ErrorKind::RoomMoved, "{refused:?}");
+    }
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$g"]);
+    let p_k = put(&store, snapshot("$k", "$t", 6)).await;
+    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$k+"]);
+    let mut at_k: Vec<(String, String)> = store
+        .state_at(ROOM, p_k)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.event_id))
+        .collect();
+    at_k.sort();
     assert_eq!(
-        store.persist_event(st).await.unwrap().unwrap_err().kind,
-        weft_core::ErrorKind::RoomMoved
+        at_k,
+        [
+            ("m.room.create".to_owned(), "$c".to_owned()),
+            ("m.room.name".to_owned(), "$k+".to_owned()),
+            ("m.room.topic".to_owned(), "$t".to_owned())
+        ]
     );
-    assert_eq!(ext(store.extremities(ROOM).await.unwrap()), ["$t"]);
 }
 
 // A room's state turn (`Store::room_turn`): none on SQLite (one process).

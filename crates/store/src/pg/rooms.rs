@@ -151,7 +151,8 @@ impl AgainJob for EventJob {
 }
 
 /// `ev`, refused because its room moved, built again on the room as stored
-/// if it may be ([`NewEvent::rebaseable`]).
+/// if it may be ([`NewEvent::rebaseable`]) and every other event it names
+/// is stored ([`NewEvent::names`]).
 fn rebased(c: &mut PgConn, ev: &NewEvent) -> Option<NewEvent> {
     ev.rebase.as_ref()?;
     let row = c
@@ -162,7 +163,16 @@ fn rebased(c: &mut PgConn, ev: &NewEvent) -> Option<NewEvent> {
             &[&ev.room_id],
         )
         .ok()??;
-    ev.rebased_on(row.get::<_, &str>(0), row.get(1), row.get(2))
+    let again = ev.rebased_on(row.get::<_, &str>(0), row.get(1), row.get(2))?;
+    let stored: bool = c
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM unnest($1::text[]) a(id) \
+             WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = a.id))",
+            &[&again.names()],
+        )
+        .ok()?
+        .get(0);
+    stored.then_some(again)
 }
 
 /// Whether an event's whole write is its one statement when it moves the

@@ -353,7 +353,8 @@ pub(crate) fn stored_extremities(c: &Connection, room_id: &str) -> rusqlite::Res
 }
 
 /// `ev`, refused because its room moved, built again on the room as stored
-/// if it may be ([`NewEvent::rebaseable`], [`crate::Rebase`]).
+/// if it may be ([`NewEvent::rebaseable`], [`crate::Rebase`]) and every
+/// other event it names is stored ([`NewEvent::names`]).
 pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<NewEvent>> {
     if ev.rebase.is_none() {
         return Ok(None);
@@ -366,7 +367,16 @@ pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<
         )?
         .query_row([&ev.room_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    Ok(row.and_then(|(extremities, group, depth)| ev.rebased_on(&extremities, group, depth)))
+    let Some(again) = row.and_then(|(extremities, group, depth)| ev.rebased_on(&extremities, group, depth)) else {
+        return Ok(None);
+    };
+    let mut stored = c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?;
+    for id in again.names() {
+        if !stored.exists([id])? {
+            return Ok(None);
+        }
+    }
+    Ok(Some(again))
 }
 
 /// Whether every prev event of `ev` is stored (or earlier in this
