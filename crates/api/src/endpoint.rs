@@ -337,6 +337,12 @@ where
             .iter()
             .map(|(_, v)| v.to_owned())
             .collect();
+        // No stored text holds a NUL (crates/services/src/text.rs): a path
+        // naming one names nothing, and is refused alike on every backend
+        // (SQLite would look it up and find nothing, PostgreSQL refuse it).
+        for arg in &args {
+            weft_services::text::check_text("A path parameter", arg)?;
+        }
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
         Ok(Self {
             parts,

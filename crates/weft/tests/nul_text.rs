@@ -251,3 +251,39 @@ async fn nul_characters_in_stored_text_are_invalid_params_and_nothing_is_stored(
         .await;
     assert_eq!((status, up["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{up}");
 }
+
+/// A lookup whose path names a NUL (an event, a room, a user, a state key,
+/// an alias, a media ID) names nothing that can be stored: `400
+/// M_INVALID_PARAM` on every backend (SQLite would find nothing and answer
+/// `404`, PostgreSQL refuse the text), for client and federation paths.
+#[tokio::test]
+async fn lookups_naming_a_nul_are_invalid_params_on_every_backend() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let (uid, r) = (enc(&alice.user_id), enc(&room));
+    let nul_room = enc("!a\u{0}b:localhost:8008");
+    for path in [
+        format!("rooms/{r}/event/{NUL_PATH}"),
+        format!("rooms/{r}/context/{NUL_PATH}"),
+        format!("rooms/{r}/state/m.room.topic/{NUL_PATH}"),
+        format!("rooms/{r}/state/{NUL_PATH}/"),
+        format!("rooms/{nul_room}/state"),
+        format!("rooms/{nul_room}/messages"),
+        format!("profile/{}", enc("@a\u{0}b:localhost:8008")),
+        format!("user/{uid}/account_data/{NUL_PATH}"),
+        format!("user/{uid}/rooms/{r}/account_data/{NUL_PATH}"),
+        format!("directory/room/{}", enc("#a\u{0}b:localhost:8008")),
+        format!("devices/{NUL_PATH}"),
+        "/_matrix/client/v1/media/download/localhost:8008/a%00b".to_owned(),
+        format!("/_matrix/client/v1/rooms/{r}/relations/{NUL_PATH}"),
+    ] {
+        let got = alice.get(&path).await;
+        assert_eq!(
+            (got.0, got.1["errcode"].as_str()),
+            (400, Some("M_INVALID_PARAM")),
+            "GET {path}: {}",
+            got.1
+        );
+    }
+}
