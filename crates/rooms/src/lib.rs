@@ -260,6 +260,16 @@ impl Rooms {
         let version = RoomVersionId::try_from(info.room_version.as_str()).map_err(Error::internal)?;
         let rules = rules_of(&version)?;
         let mut cache = RoomCache::empty(version, rules, room_id.to_owned());
+        // The group first: these are separate reads, and a state change
+        // committed between them (another process's, or one of this
+        // process's in flight) must leave the view with the older group,
+        // so that what is built on it is refused, rather than a newer
+        // group over an older state, which the store would take (a
+        // snapshot group built from that state would lose the change).
+        if let Some((group, chain)) = self.store.room_state_group(room_id.as_str()).await? {
+            cache.group = Some(group);
+            cache.chain = chain;
+        }
         for ev in self.store.current_state(room_id.as_str()).await? {
             let pdu = Arc::new(parse_stored(&ev)?);
             cache.apply_state(pdu);
@@ -267,10 +277,6 @@ impl Rooms {
         for (id, depth) in self.store.extremities(room_id.as_str()).await? {
             let id = OwnedEventId::try_from(id).map_err(Error::internal)?;
             cache.extremities.push((id, depth.try_into().unwrap_or(0)));
-        }
-        if let Some((group, chain)) = self.store.room_state_group(room_id.as_str()).await? {
-            cache.group = Some(group);
-            cache.chain = chain;
         }
         Ok(cache)
     }
@@ -341,11 +347,18 @@ impl Rooms {
         let slot = self.slot(room_id);
         // A state event is built in this process's turn at the room's
         // state (taken before the view's lock: see `rebuild`).
-        let share = match spec.state_key {
+        let (share, taken) = match spec.state_key {
             Some(_) => self.take_turn(room_id, &slot).await,
-            None => None,
+            None => (None, false),
         };
         let mut guard = slot.cache.lock().await;
+        if taken {
+            // The process that had the turn likely changed the state: an
+            // event built on the view would be refused for sure, even with
+            // events of this process in flight on it (those are refused
+            // too, or built again by the writer on top of messages).
+            *guard = None;
+        }
         self.fresh(room_id, &slot, &mut guard).await?;
         let Some(cache) = guard.as_mut() else {
             return Err(Error::internal("room cache missing"));
@@ -377,18 +390,19 @@ impl Rooms {
     /// Without one (the store could not give it, say another process
     /// holding it stopped answering), the event is built all the same: the
     /// database still refuses it if the room moved meanwhile.
-    async fn take_turn(&self, room_id: &RoomId, slot: &Slot) -> Option<Arc<turn::TurnShare>> {
+    /// Answers whether the turn was taken from the store just now.
+    async fn take_turn(&self, room_id: &RoomId, slot: &Slot) -> (Option<Arc<turn::TurnShare>>, bool) {
         match self.turns.share(&*self.store, room_id).await {
             Ok(Some((share, taken))) => {
                 if taken {
                     slot.stale.store(true, Ordering::Release);
                 }
-                Some(share)
+                (Some(share), taken)
             }
-            Ok(None) => None,
+            Ok(None) => (None, false),
             Err(e) => {
                 tracing::warn!("room {room_id}: no state turn ({}); building without one", e.message);
-                None
+                (None, false)
             }
         }
     }
@@ -432,6 +446,9 @@ impl Rooms {
                 }
                 Ok(Err(e)) if e.kind == ErrorKind::RoomMoved && rebuilds < MAX_REBUILDS => {
                     rebuilds += 1;
+                    tracing::debug!(
+                        "room {room_id}: {event_id} refused, the room moved: building it again ({rebuilds})"
+                    );
                     // Several processes racing for one room: let one win.
                     if rebuilds > 2 {
                         let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=u64::from(rebuilds) * 2);
@@ -471,15 +488,26 @@ impl Rooms {
         // can come between again. Without it, messages in a room that
         // other processes set state in at full speed lose the race 30
         // times in a row.
-        let share = self.take_turn(room_id, slot).await;
+        let (share, taken) = self.take_turn(room_id, slot).await;
         let mut guard = slot.cache.lock().await;
         let failed_view = match replaced_or_view(slot, ticket.id)? {
             Ok(again) => return Ok(again),
             Err(view) => view,
         };
-        *guard = None;
-        slot.stale.store(false, Ordering::Release);
-        let mut cache = self.load_or_forget(room_id).await?;
+        // The room is read again when the refused attempt was built on the
+        // view (which the refusal proves stale), or another process just
+        // had the turn. A view read since (by the rebuild of an event of
+        // an older view) is built on instead, after the events in flight
+        // on it: read again under them, it would refuse them in turn (they
+        // commit, unknown to it), and so on, the process's own events
+        // refusing each other.
+        let mut cache = match guard.take() {
+            Some(current) if current.view != failed_view && !taken => current,
+            _ => {
+                slot.stale.store(false, Ordering::Release);
+                self.load_or_forget(room_id).await?
+            }
+        };
         let todo: Vec<(u64, ruma::OwnedUserId, EventSpec, OwnedEventId)> = slot
             .inflight
             .lock()
