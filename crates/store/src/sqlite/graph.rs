@@ -370,21 +370,20 @@ pub(crate) fn rebased(c: &Connection, ev: &NewEvent) -> rusqlite::Result<Option<
     let Some(again) = row.and_then(|(extremities, group, depth)| ev.rebased_on(&extremities, group, depth)) else {
         return Ok(None);
     };
-    let mut stored = c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?;
-    for id in again.names() {
-        if !stored.exists([id])? {
-            return Ok(None);
-        }
-    }
-    Ok(Some(again))
+    Ok(all_stored(c, again.names())?.then_some(again))
 }
 
 /// Whether every prev event of `ev` is stored (or earlier in this
 /// transaction).
 pub(crate) fn check_prevs(c: &Connection, ev: &NewEvent) -> rusqlite::Result<bool> {
+    all_stored(c, ev.prev_events.iter().map(String::as_str))
+}
+
+/// Whether every one of the events `ids` is stored.
+fn all_stored<'a>(c: &Connection, ids: impl IntoIterator<Item = &'a str>) -> rusqlite::Result<bool> {
     let mut known = c.prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?;
-    for prev in &ev.prev_events {
-        if known.query_row([prev], |_| Ok(())).optional()?.is_none() {
+    for id in ids {
+        if !known.exists([id])? {
             return Ok(false);
         }
     }
